@@ -1,0 +1,1388 @@
+"""chatsvc: a chat-assistant backend that runs as a sidecar.
+
+It keeps conversations in a database, builds the model context from history, calls
+DashScope's OpenAI-compatible Chat Completions API (or any compatible server) and streams
+answers over Server-Sent Events. The HTTP contract lives in CONTRACT.md.
+
+The module reads top to bottom in the order data flows:
+configuration -> store -> upstream client -> generations -> HTTP handlers -> app factory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hmac
+import json
+import logging
+import os
+import re
+import sqlite3
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+from databases import Database
+from starlette.applications import Starlette
+from starlette.config import Config
+from starlette.datastructures import CommaSeparatedStrings
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+__version__ = "0.1.0"
+log = logging.getLogger("chatsvc")
+
+
+# ── Configuration ──────────────────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the service reads from its environment (or `.env`), read once at start."""
+
+    dashscope_api_key: str | None = None
+    dashscope_base_url: str = "https://dashscope.aliyuncs.com/compatible-mode/v1"
+    chat_model: str = "qwen-plus"
+    system_prompt: str = "You are a helpful assistant."
+    database_url: str = "sqlite+aiosqlite:///./chatsvc.db"
+    api_token: str | None = None
+    cors_origins: tuple[str, ...] = ()
+    allowed_models: tuple[str, ...] = ()
+    max_context_messages: int = 20
+    max_context_tokens: int = 6000
+    max_message_chars: int = 32000
+    max_body_bytes: int = 262144
+    upstream_connect_timeout: float = 10.0
+    upstream_idle_timeout: float = 60.0
+    upstream_total_timeout: float = 300.0
+    upstream_retries: int = 2
+    replay_seconds: float = 30.0
+    checkpoint_seconds: float = 1.0
+    ping_seconds: float = 15.0
+    shutdown_grace: float = 10.0
+    host: str = "0.0.0.0"
+    port: int = 8000
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, env_file: str | None = ".env") -> Settings:
+        """Read settings with Starlette's Config: the environment wins over `.env`."""
+        if env_file is not None and not os.path.isfile(env_file):
+            env_file = None  # a missing .env is normal, not worth Config's warning
+        c = Config(env_file, environ=os.environ if environ is None else environ)
+
+        def csv(name: str) -> tuple[str, ...]:
+            return tuple(s for s in c(name, cast=CommaSeparatedStrings, default="") if s)
+
+        d = cls()
+        return cls(
+            dashscope_api_key=c("DASHSCOPE_API_KEY", default=None) or None,
+            dashscope_base_url=c("DASHSCOPE_BASE_URL", default=d.dashscope_base_url).rstrip("/"),
+            chat_model=c("CHAT_MODEL", default=d.chat_model),
+            system_prompt=c("SYSTEM_PROMPT", default=d.system_prompt),
+            database_url=c("DATABASE_URL", default=d.database_url),
+            api_token=c("CHATSVC_API_TOKEN", default=None) or None,
+            cors_origins=csv("CHATSVC_CORS_ORIGINS"),
+            allowed_models=csv("CHATSVC_ALLOWED_MODELS"),
+            max_context_messages=c("CHATSVC_MAX_CONTEXT_MESSAGES", cast=int, default=d.max_context_messages),
+            max_context_tokens=c("CHATSVC_MAX_CONTEXT_TOKENS", cast=int, default=d.max_context_tokens),
+            max_message_chars=c("CHATSVC_MAX_MESSAGE_CHARS", cast=int, default=d.max_message_chars),
+            max_body_bytes=c("CHATSVC_MAX_BODY_BYTES", cast=int, default=d.max_body_bytes),
+            upstream_connect_timeout=c(
+                "CHATSVC_UPSTREAM_CONNECT_TIMEOUT", cast=float, default=d.upstream_connect_timeout
+            ),
+            upstream_idle_timeout=c("CHATSVC_UPSTREAM_IDLE_TIMEOUT", cast=float, default=d.upstream_idle_timeout),
+            upstream_total_timeout=c("CHATSVC_UPSTREAM_TOTAL_TIMEOUT", cast=float, default=d.upstream_total_timeout),
+            upstream_retries=c("CHATSVC_UPSTREAM_RETRIES", cast=int, default=d.upstream_retries),
+            replay_seconds=c("CHATSVC_REPLAY_SECONDS", cast=float, default=d.replay_seconds),
+            checkpoint_seconds=c("CHATSVC_CHECKPOINT_SECONDS", cast=float, default=d.checkpoint_seconds),
+            ping_seconds=c("CHATSVC_PING_SECONDS", cast=float, default=d.ping_seconds),
+            shutdown_grace=c("CHATSVC_SHUTDOWN_GRACE", cast=float, default=d.shutdown_grace),
+            host=c("HOST", default=d.host),
+            port=c("PORT", cast=int, default=d.port),
+            log_level=c("LOG_LEVEL", default=d.log_level).lower(),
+        )
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        return (self.chat_model, *self.allowed_models)
+
+
+# ── Errors (every non-2xx answer is {"detail", "code"}) ───────────────────────────────
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str, headers: dict[str, str] | None = None, **extra: Any):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers, self.extra = status, code, detail, headers, extra
+
+    def response(self) -> JSONResponse:
+        body = {"detail": self.detail, "code": self.code, **self.extra}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+def invalid(detail: str) -> ApiError:
+    return ApiError(422, "invalid_request", detail)
+
+
+# ── Store: raw SQL through `databases` ─────────────────────────────────────────────────
+
+STREAMING, COMPLETE, STOPPED, INTERRUPTED, FAILED = "streaming", "complete", "stopped", "interrupted", "failed"
+
+
+def utcnow() -> str:
+    """RFC 3339 UTC with milliseconds: sorts as text, portable across databases."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_last_id_us = 0
+
+
+def new_message_id() -> str:
+    """A time-ordered id (microseconds, then randomness): sorting by id sorts by creation."""
+    global _last_id_us
+    _last_id_us = max(time.time_ns() // 1000, _last_id_us + 1)  # strictly increasing in-process
+    return f"{_last_id_us:014x}{uuid.uuid4().hex[:10]}"
+
+
+def schema_path() -> Path:
+    """schema.sql sits next to the module in a checkout; the wheel installs it as chatsvc_schema.sql."""
+    here = Path(__file__).resolve().parent
+    for name in ("chatsvc_schema.sql", "schema.sql"):
+        if (here / name).is_file():
+            return here / name
+    raise FileNotFoundError(f"schema.sql not found next to {__file__}")
+
+
+class _SQLiteConnection(sqlite3.Connection):
+    """Connection factory: PRAGMAs are per connection, so they are set where it is opened."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for pragma in ("journal_mode=WAL", "busy_timeout=5000", "foreign_keys=ON", "synchronous=NORMAL"):
+            self.execute(f"PRAGMA {pragma}")
+
+
+def _violation(exc: BaseException) -> str | None:
+    """'unique' / 'foreign_key' for a constraint violation from SQLite or PostgreSQL, else None."""
+    text, kind = str(exc).lower(), type(exc).__name__
+    if "unique" in text or "duplicate key" in text or kind == "UniqueViolationError":
+        return "unique"
+    if "foreign key" in text or kind == "ForeignKeyViolationError":
+        return "foreign_key"
+    return None
+
+
+_CONVERSATION_SQL = """
+SELECT c.session_id, c.title, c.system_prompt, c.model, c.context_start, c.created_at, c.updated_at,
+       (SELECT COUNT(*) FROM messages m WHERE m.session_id = c.session_id) AS message_count,
+       (SELECT COUNT(*) FROM messages m
+         WHERE m.session_id = c.session_id AND m.id > c.context_start) AS context_message_count,
+       EXISTS (SELECT 1 FROM messages m
+                WHERE m.session_id = c.session_id AND m.status = 'streaming') AS generating
+  FROM conversations c
+"""
+
+_MESSAGE_COLUMNS = (
+    "id, role, content, reasoning_content, status, model, finish_reason, error_code, error_message,"
+    " prompt_tokens, completion_tokens, total_tokens, last_seq, created_at"
+)
+
+
+class Store:
+    """The conversation store. Every write is one atomic statement: SQLite cannot upgrade a read
+    lock to a write lock under concurrency (busy_timeout does not apply), so no read-modify-write."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        options: dict[str, Any] = {"factory": _SQLiteConnection} if self.is_sqlite else {}
+        self.db = Database(url, **options)
+        self._conn: Any = None
+        self.q: Any = self.db  # what queries go through: the pool, or SQLite's one connection
+
+    async def open(self) -> None:
+        await self.db.connect()
+        if self.is_sqlite:
+            # One long-lived connection: `databases` otherwise opens a connection (and a
+            # thread) per task, ~7 ms per chat instead of ~0.4 ms.
+            self._conn = self.db.connection()
+            await self._conn.__aenter__()
+            self.q = self._conn
+        for statement in schema_path().read_text(encoding="utf-8").split(";"):
+            lines = [ln for ln in statement.splitlines() if not ln.strip().startswith("--")]
+            if "".join(lines).strip():
+                await self.q.execute("\n".join(lines))
+
+    async def close(self) -> None:
+        # aiosqlite's threads are not daemons: a connection left open keeps the process alive.
+        if self._conn is not None:
+            await self._conn.__aexit__(None, None, None)
+            self._conn, self.q = None, self.db
+        await self.db.disconnect()
+
+    async def ping(self) -> None:
+        await self.q.fetch_val("SELECT 1")
+
+    async def recover_interrupted(self) -> int:
+        """Answers left `streaming` by a crash become `interrupted`, keeping their text."""
+        rows = await self.q.fetch_all(
+            "UPDATE messages SET status = 'interrupted', error_code = 'interrupted',"
+            " error_message = 'The service stopped before this answer was finished.', updated_at = :now"
+            " WHERE status = 'streaming' RETURNING id",
+            {"now": utcnow()},
+        )
+        return len(rows)
+
+    # conversations
+
+    async def conversation(self, session_id: str) -> dict | None:
+        row = await self.q.fetch_one(_CONVERSATION_SQL + " WHERE c.session_id = :sid", {"sid": session_id})
+        return dict(row._mapping) if row else None
+
+    async def conversations(self, limit: int, after: tuple[str, str] | None) -> list[dict]:
+        where, values = "", {"limit": limit}
+        if after:
+            where = " WHERE c.updated_at < :u OR (c.updated_at = :u AND c.session_id < :s)"
+            values.update(u=after[0], s=after[1])
+        rows = await self.q.fetch_all(
+            _CONVERSATION_SQL + where + " ORDER BY c.updated_at DESC, c.session_id DESC LIMIT :limit", values
+        )
+        return [dict(r._mapping) for r in rows]
+
+    async def create_conversation(
+        self, session_id: str, title: str | None, system_prompt: str | None, model: str | None
+    ) -> bool:
+        now = utcnow()
+        row = await self.q.fetch_one(
+            "INSERT INTO conversations (session_id, title, system_prompt, model, created_at, updated_at)"
+            " VALUES (:sid, :title, :prompt, :model, :now, :now)"
+            " ON CONFLICT (session_id) DO NOTHING RETURNING session_id",
+            {"sid": session_id, "title": title, "prompt": system_prompt, "model": model, "now": now},
+        )
+        return row is not None
+
+    async def update_conversation(self, session_id: str, changes: dict[str, Any]) -> bool:
+        sets = ", ".join(f"{column} = :{column}" for column in changes)  # columns come from a fixed list
+        row = await self.q.fetch_one(
+            f"UPDATE conversations SET {sets}, updated_at = :now WHERE session_id = :sid RETURNING session_id",
+            {**changes, "sid": session_id, "now": utcnow()},
+        )
+        return row is not None
+
+    async def delete_conversation(self, session_id: str) -> bool:
+        row = await self.q.fetch_one(
+            "DELETE FROM conversations WHERE session_id = :sid RETURNING session_id", {"sid": session_id}
+        )
+        return row is not None
+
+    async def clear_context(self, session_id: str, purge: bool) -> bool:
+        """Everything up to now leaves the model's context; `purge` deletes it instead of hiding it."""
+        marker = new_message_id()
+        row = await self.q.fetch_one(
+            "UPDATE conversations SET context_start = :marker, updated_at = :now"
+            " WHERE session_id = :sid RETURNING session_id",
+            {"marker": marker, "now": utcnow(), "sid": session_id},
+        )
+        if row and purge:
+            await self.q.execute(
+                "DELETE FROM messages WHERE session_id = :sid AND id <= :marker AND status != 'streaming'",
+                {"sid": session_id, "marker": marker},
+            )
+        return row is not None
+
+    # messages
+
+    async def messages(self, session_id: str, limit: int, before: str | None = None) -> list[dict]:
+        """The newest `limit` messages (before a message id, if given), newest first."""
+        values: dict[str, Any] = {"sid": session_id, "limit": limit}
+        where = ""
+        if before is not None:
+            where, values["before"] = " AND id < :before", before
+        rows = await self.q.fetch_all(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = :sid{where} ORDER BY id DESC LIMIT :limit",
+            values,
+        )
+        return [dict(r._mapping) for r in rows]
+
+    async def message(self, message_id: str) -> dict | None:
+        row = await self.q.fetch_one(
+            f"SELECT session_id, {_MESSAGE_COLUMNS} FROM messages WHERE id = :id", {"id": message_id}
+        )
+        return dict(row._mapping) if row else None
+
+    async def begin_turn(self, session_id: str, user_id: str, text: str, answer_id: str, model: str) -> None:
+        """Store the user's message and claim the conversation's answer slot, in one statement.
+
+        The partial unique index over `streaming` answers makes a second concurrent turn fail
+        here, before anything of it is stored."""
+        now = utcnow()
+        title = text.strip().splitlines()[0][:60]
+        await self.q.execute(
+            "INSERT INTO conversations (session_id, title, created_at, updated_at) VALUES (:sid, :title, :now, :now)"
+            " ON CONFLICT (session_id) DO UPDATE SET updated_at = excluded.updated_at,"
+            " title = COALESCE(conversations.title, excluded.title)",
+            {"sid": session_id, "title": title, "now": now},
+        )
+        try:
+            await self.q.execute(
+                "INSERT INTO messages (id, session_id, role, content, status, model, created_at, updated_at)"
+                " VALUES (:uid, :sid, 'user', :text, 'complete', NULL, :now, :now),"
+                " (:aid, :sid, 'assistant', '', 'streaming', :model, :now, :now)",
+                {"uid": user_id, "aid": answer_id, "sid": session_id, "text": text, "model": model, "now": now},
+            )
+        except Exception as exc:
+            kind = _violation(exc)
+            if kind == "unique":
+                raise busy(session_id) from None
+            if kind == "foreign_key":  # deleted between the two statements
+                raise not_found(session_id) from None
+            raise
+
+    async def context_rows(self, session_id: str, after: str, before: str, limit: int) -> list[dict]:
+        rows = await self.q.fetch_all(
+            "SELECT role, content, status FROM messages WHERE session_id = :sid AND id > :after AND id < :before"
+            " ORDER BY id DESC LIMIT :limit",
+            {"sid": session_id, "after": after, "before": before, "limit": limit},
+        )
+        return [dict(r._mapping) for r in rows]
+
+    async def checkpoint(self, answer_id: str, content: str, reasoning: str | None) -> None:
+        await self.q.execute(
+            "UPDATE messages SET content = :c, reasoning_content = :r, updated_at = :now"
+            " WHERE id = :id AND status = 'streaming'",
+            {"c": content, "r": reasoning, "now": utcnow(), "id": answer_id},
+        )
+
+    async def finish_answer(self, answer_id: str, **fields: Any) -> None:
+        """The answer's final state, written once, whatever ended it."""
+        usage = fields.pop("usage", None) or {}
+        values = {
+            **fields,
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "total_tokens": usage.get("total_tokens"),
+            "now": utcnow(),
+            "id": answer_id,
+        }
+        await self.q.execute(
+            "UPDATE messages SET content = :content, reasoning_content = :reasoning_content, status = :status,"
+            " finish_reason = :finish_reason, error_code = :error_code, error_message = :error_message,"
+            " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,"
+            " total_tokens = :total_tokens, last_seq = :last_seq, updated_at = :now WHERE id = :id",
+            values,
+        )
+
+
+def busy(session_id: str) -> ApiError:
+    return ApiError(
+        409,
+        "conversation_busy",
+        f"An answer is already being generated in conversation '{session_id}'. "
+        "Wait for it to finish, or stop it with POST /api/v1/chat/{session_id}/stop.",
+    )
+
+
+def not_found(session_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"No conversation with session_id '{session_id}'.")
+
+
+# ── Context: what the model sees ───────────────────────────────────────────────────────
+
+
+def estimate_tokens(text: str) -> int:
+    """Conservative token estimate: a non-ASCII (e.g. CJK) character is about one token,
+    ASCII text about four characters a token, plus a few tokens of per-message framing."""
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    return (len(text) - ascii_chars) + (ascii_chars + 3) // 4 + 4
+
+
+def build_context(
+    system_prompt: str, history_newest_first: list[dict], message: str, max_messages: int, max_tokens: int
+) -> list[dict[str, str]]:
+    """System prompt, then the newest usable history within both budgets (in order), then the
+    new message. Failed turns and empty answers are left out, with the question that led to them."""
+    budget = max_tokens - estimate_tokens(system_prompt) - estimate_tokens(message)
+    if budget < 0:
+        raise ApiError(
+            422,
+            "context_too_long",
+            f"The message is too long for the model's context budget ({max_tokens} tokens, about "
+            f"{estimate_tokens(message)} needed for the message alone). Shorten it.",
+        )
+    picked: list[dict[str, str]] = []
+    skip_question = False
+    for row in history_newest_first:
+        if row["role"] == "assistant" and (row["status"] in (FAILED, STREAMING) or not row["content"]):
+            skip_question = True  # drop the answer and the user message it answered
+            continue
+        if row["role"] == "user" and skip_question:
+            skip_question = False
+            continue
+        if len(picked) >= max_messages:
+            break
+        cost = estimate_tokens(row["content"])
+        if cost > budget:
+            break
+        budget -= cost
+        picked.append({"role": row["role"], "content": row["content"]})
+    picked.reverse()
+    while picked and picked[0]["role"] != "user":  # the model expects a user turn first
+        picked.pop(0)
+    return [{"role": "system", "content": system_prompt}, *picked, {"role": "user", "content": message}]
+
+
+# ── Upstream: DashScope's OpenAI-compatible streaming API ──────────────────────────────
+
+
+class UpstreamError(Exception):
+    """A failure of the model service, already mapped to the contract's status and code."""
+
+    def __init__(self, status: int, code: str, detail: str, retryable: bool = False, retry_after: float | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail = status, code, detail
+        self.retryable, self.retry_after = retryable, retry_after
+
+    def api_error(self) -> ApiError:
+        headers = {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after else None
+        return ApiError(self.status, self.code, self.detail, headers=headers)
+
+
+# The HTTP status DashScope gives each error code, for errors that arrive inside a stream.
+_CODE_STATUS = {
+    "invalid_parameter_error": 400,
+    "data_inspection_failed": 400,
+    "Arrearage": 400,
+    "invalid_api_key": 401,
+    "AccessDenied": 403,
+    "Model.AccessDenied": 403,
+    "AllocationQuota.FreeTierOnly": 403,
+    "model_not_found": 404,
+    "model_not_supported": 404,
+    "limit_requests": 429,
+    "limit_burst_rate": 429,
+    "insufficient_quota": 429,
+    "internal_error": 500,
+    "ModelServingError": 503,
+    "ModelUnavailable": 503,
+}
+
+
+def upstream_error(status: int, error: Any, retry_after: float | None = None) -> UpstreamError:
+    """Map a DashScope error (HTTP status + `{"code", "message"}`) to the contract. Keyed on
+    `code` and status, never on `type`."""
+    error = error if isinstance(error, dict) else {}
+    code = str(error.get("code") or "")
+    said = str(error.get("message") or "").strip() or f"HTTP {status}"
+    where = f"The model service answered {status}" + (f" ({code})" if code else "") + f": {said}"
+    if code == "data_inspection_failed":
+        return UpstreamError(
+            422, "content_filtered", "The model service's content moderation rejected this conversation. " + where
+        )
+    if status == 400 and ("input length" in said or "context length" in said or "too long" in said):
+        return UpstreamError(
+            422, "context_too_long", "The conversation is longer than the model accepts; clear the context. " + where
+        )
+    if status in (401, 403) or code == "Arrearage":  # key, permission or billing: retrying cannot help
+        return UpstreamError(
+            502, "upstream_auth", "The model service rejected the configured API key or account. " + where
+        )
+    if status == 429:
+        if code == "insufficient_quota":
+            return UpstreamError(429, "upstream_rate_limited", "The model service's quota is used up. " + where)
+        return UpstreamError(
+            429,
+            "upstream_rate_limited",
+            "The model service is throttling requests. " + where,
+            retryable=True,
+            retry_after=retry_after,
+        )
+    if status in (502, 503, 504) or code in ("ModelServingError", "ModelUnavailable"):
+        return UpstreamError(
+            503,
+            "upstream_unavailable",
+            "The model service is overloaded. " + where,
+            retryable=True,
+            retry_after=retry_after,
+        )
+    if status >= 500:
+        return UpstreamError(
+            502, "upstream_error", "The model service failed. " + where, retryable=True, retry_after=retry_after
+        )
+    return UpstreamError(502, "upstream_error", "The model service refused the request. " + where)
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    try:
+        return max(0.0, float(headers.get("retry-after", "")))
+    except ValueError:
+        return None  # an HTTP-date or garbage: fall back to our own backoff
+
+
+class SSEDecoder:
+    """Incremental text/event-stream decoder over raw bytes.
+
+    Works on bytes, not `aiter_lines()`, because str.splitlines() also splits on U+2028 and
+    friends, which may occur inside JSON text. Takes `\\r\\n`, `\\r` and `\\n` line ends,
+    lines split across reads (also between `\\r` and `\\n`), comment lines, `data:` with or
+    without a space, and several `data:` lines per event (joined with `\\n`). Other fields
+    (`event`, `id`, `retry`) are ignored: DashScope sends none."""
+
+    _LINE_END = re.compile(rb"\r\n|\r|\n")
+
+    def __init__(self) -> None:
+        self._tail = b""  # an unfinished line
+        self._data: list[bytes] = []  # data lines of the event being read
+        self._after_cr = False  # the last read ended in \r: a leading \n is its other half
+
+    def feed(self, chunk: bytes) -> list[str]:
+        if self._after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        buf = self._tail + chunk
+        self._after_cr = buf.endswith(b"\r")
+        lines = buf.split(b"\n") if b"\r" not in buf else self._LINE_END.split(buf)
+        self._tail = lines.pop()
+        events: list[str] = []
+        for line in lines:
+            if not line:  # a blank line ends the event
+                if self._data:
+                    events.append(b"\n".join(self._data).decode("utf-8"))
+                    self._data = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+            # comment lines (":...") and other fields are ignored
+        return events
+
+
+@dataclass
+class Delta:
+    """What one upstream chunk adds to the answer."""
+
+    content: str = ""
+    reasoning: str = ""
+    finish_reason: str | None = None
+    usage: dict | None = None
+
+
+def parse_chunk(data: str) -> Delta:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise UpstreamError(502, "upstream_error", "The model service sent a stream event that is not JSON.") from None
+    if not isinstance(obj, dict):
+        raise UpstreamError(502, "upstream_error", "The model service sent a stream event that is not an object.")
+    if "error" in obj:  # an error in place of a chunk, mid-stream
+        error = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
+        raise upstream_error(_CODE_STATUS.get(str(error.get("code")), 500), error)
+    delta = Delta(usage=obj.get("usage") or None)
+    for choice in obj.get("choices") or ():
+        d = choice.get("delta") or {}
+        delta.content += d.get("content") or ""
+        delta.reasoning += d.get("reasoning_content") or ""
+        delta.finish_reason = choice.get("finish_reason") or delta.finish_reason
+    return delta
+
+
+async def stream_completion(client: httpx.AsyncClient, settings: Settings, payload: dict) -> AsyncIterator[Delta]:
+    """One streaming Chat Completions call. Yields deltas; raises UpstreamError for every failure."""
+    headers = {"Authorization": f"Bearer {settings.dashscope_api_key}", "Accept": "text/event-stream"}
+    finished = False
+    try:
+        async with client.stream(
+            "POST", settings.dashscope_base_url + "/chat/completions", json=payload, headers=headers
+        ) as response:
+            if response.status_code != 200:
+                body = await response.aread()
+                try:
+                    error = json.loads(body).get("error")
+                except (ValueError, AttributeError):
+                    error = {"message": body[:200].decode("utf-8", "replace")}
+                raise upstream_error(response.status_code, error, _retry_after(response.headers))
+            decoder = SSEDecoder()
+            async for raw in response.aiter_bytes():
+                for data in decoder.feed(raw):
+                    if data == "[DONE]":
+                        return
+                    delta = parse_chunk(data)
+                    finished = finished or delta.finish_reason is not None
+                    yield delta
+    except httpx.ConnectTimeout:
+        raise UpstreamError(
+            504,
+            "upstream_timeout",
+            f"Could not connect to the model service within {settings.upstream_connect_timeout:g} s.",
+            retryable=True,
+        ) from None
+    except httpx.ReadTimeout:
+        raise UpstreamError(
+            504,
+            "upstream_timeout",
+            f"The model service sent nothing for {settings.upstream_idle_timeout:g} s.",
+            retryable=True,
+        ) from None
+    except (httpx.ConnectError, httpx.PoolTimeout) as exc:
+        raise UpstreamError(
+            503,
+            "upstream_unavailable",
+            f"The model service at {settings.dashscope_base_url} is unreachable ({exc}).",
+            retryable=True,
+        ) from None
+    except httpx.TransportError as exc:
+        raise UpstreamError(
+            502,
+            "upstream_error",
+            f"The connection to the model service failed mid-answer ({type(exc).__name__}).",
+            retryable=True,
+        ) from None
+    if not finished:  # closed without [DONE] and without a finish_reason: the answer is cut off
+        raise UpstreamError(
+            502, "upstream_error", "The model service closed the stream before the answer was complete.", retryable=True
+        )
+
+
+def new_upstream_client(settings: Settings) -> httpx.AsyncClient:
+    """One shared client: connections are reused across answers, and bounded."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(settings.upstream_idle_timeout, connect=settings.upstream_connect_timeout),
+        limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
+        trust_env=False,
+    )
+
+
+# ── Generations: the running answer, its event log, its readers ────────────────────────
+
+
+def sse_event(event_id: str, payload: dict) -> bytes:
+    """One SSE event, without an `event:` line (the seed client listens with onmessage)."""
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return f"id: {event_id}\ndata: {data}\n\n".encode()
+
+
+def backoff(attempt: int, retry_after: float | None) -> float:
+    return retry_after if retry_after is not None else min(8.0, 0.5 * 2**attempt)
+
+
+@dataclass
+class Generation:
+    """One answer being produced. It belongs to the server, not to a connection: readers
+    (the POST that started it, any number of channel listeners) follow its event log from
+    their own position and can never slow it down or make it lose events."""
+
+    session_id: str
+    message_id: str
+    model: str
+    started: float = field(default_factory=time.monotonic)
+    log: list[bytes] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    status: str = STREAMING
+    finish_reason: str | None = None
+    usage: dict | None = None
+    error: UpstreamError | None = None
+    retries: int = 0
+    delivered: bool = False  # a channel listener has received it (replay rule 3 of the contract)
+    stop_reason: str | None = None  # why the task was cancelled: stopped / timeout / interrupted
+    task: asyncio.Task | None = None
+    _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def full_text(self) -> str:
+        return "".join(self.text)
+
+    def emit(self, type_: str, data: dict) -> None:
+        self.log.append(sse_event(f"{self.message_id}:{len(self.log)}", {"type": type_, "data": data}))
+        wake, self._wake = self._wake, asyncio.Event()
+        wake.set()
+
+    async def events(self, start: int = 0) -> AsyncIterator[bytes]:
+        """The log from `start` on, live, as byte batches (everything already logged at once)."""
+        position = start
+        while True:
+            wake = self._wake
+            if position < len(self.log):
+                end = len(self.log)
+                yield b"".join(self.log[position:end])
+                position = end
+            elif self.done.is_set():
+                return
+            else:
+                await wake.wait()
+
+    def cancel(self, reason: str) -> None:
+        if self.task is not None and not self.task.done() and self.stop_reason is None:
+            self.stop_reason = reason
+            self.task.cancel()
+
+
+class Generations:
+    """This process's running answers and, for `replay_seconds` after they end, their logs."""
+
+    def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient):
+        self.settings, self.store, self.client = settings, store, client
+        self.running: dict[str, Generation] = {}  # by session_id
+        self.recent: dict[str, Generation] = {}  # by message_id, running or finished
+        self.latest: dict[str, Generation] = {}  # by session_id, the newest kept
+        self._waiters: dict[str, set[asyncio.Future]] = {}  # channel listeners waiting for an answer
+
+    def start(self, session_id: str, message_id: str, model: str, payload: dict) -> Generation:
+        gen = Generation(session_id, message_id, model)
+        gen.emit("start", {"session_id": session_id, "message_id": message_id, "model": model})
+        self.running[session_id] = self.recent[message_id] = self.latest[session_id] = gen
+        gen.task = asyncio.create_task(self._run(gen, payload), name=f"answer {message_id}")
+        for waiter in self._waiters.pop(session_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+        return gen
+
+    async def next_after(self, session_id: str, previous: Generation | None) -> Generation:
+        """Wait for an answer in this conversation newer than `previous`."""
+        while True:
+            gen = self.latest.get(session_id)
+            if gen is not None and gen is not previous and (previous is None or gen.started >= previous.started):
+                return gen
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(session_id, set()).add(waiter)
+            try:
+                await waiter
+            finally:
+                waiters = self._waiters.get(session_id)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._waiters[session_id]
+
+    async def stop(self, session_id: str, reason: str = STOPPED) -> Generation | None:
+        """Cancel the running answer; returns once it is stored and its readers got `end`."""
+        gen = self.running.get(session_id)
+        if gen is None:
+            return None
+        gen.cancel(reason)
+        await gen.done.wait()
+        return gen
+
+    async def shutdown(self, grace: float) -> None:
+        """Give running answers `grace` seconds, then store the rest as interrupted."""
+        running = list(self.running.values())
+        if running:
+            await asyncio.wait([g.done.wait() for g in running], timeout=grace) if grace > 0 else None
+            for gen in list(self.running.values()):
+                gen.cancel(INTERRUPTED)
+            await asyncio.gather(*(g.done.wait() for g in running))
+
+    async def _run(self, gen: Generation, payload: dict) -> None:
+        s = self.settings
+        deadline = asyncio.get_running_loop().call_later(s.upstream_total_timeout, gen.cancel, "timeout")
+        saved_at = time.monotonic()
+        try:
+            for attempt in range(s.upstream_retries + 1):
+                try:
+                    async for delta in stream_completion(self.client, s, payload):
+                        if delta.reasoning:
+                            gen.reasoning.append(delta.reasoning)
+                            gen.emit("reasoning", {"content": delta.reasoning})
+                        if delta.content:
+                            gen.text.append(delta.content)
+                            gen.emit("chunk", {"content": delta.content})
+                        gen.finish_reason = delta.finish_reason or gen.finish_reason
+                        gen.usage = delta.usage or gen.usage
+                        if time.monotonic() - saved_at >= s.checkpoint_seconds:
+                            saved_at = time.monotonic()
+                            await self._checkpoint(gen)
+                    break
+                except UpstreamError as exc:
+                    # Retry only while nothing has reached a reader.
+                    if gen.text or gen.reasoning or not exc.retryable or attempt == s.upstream_retries:
+                        raise
+                    gen.retries += 1
+                    await asyncio.sleep(backoff(attempt, exc.retry_after))
+            gen.status = COMPLETE
+        except UpstreamError as exc:
+            gen.status, gen.error = FAILED, exc
+        except asyncio.CancelledError:
+            if gen.stop_reason == "timeout":
+                gen.status, gen.error = (
+                    FAILED,
+                    UpstreamError(
+                        504,
+                        "upstream_timeout",
+                        f"The model service did not finish the answer within {s.upstream_total_timeout:g} s.",
+                    ),
+                )
+            elif gen.stop_reason == STOPPED:
+                gen.status, gen.finish_reason = STOPPED, STOPPED
+            else:
+                gen.status = INTERRUPTED
+                gen.error = UpstreamError(503, "interrupted", "The service stopped before this answer was finished.")
+        except Exception:
+            log.exception("answer %s failed", gen.message_id)
+            gen.status, gen.error = FAILED, UpstreamError(502, "upstream_error", "The answer failed unexpectedly.")
+        finally:
+            deadline.cancel()
+            await self._finish(gen)
+
+    async def _checkpoint(self, gen: Generation) -> None:
+        try:
+            await self.store.checkpoint(gen.message_id, gen.full_text, "".join(gen.reasoning) or None)
+        except Exception:  # a missed checkpoint must not end the answer; the final write follows
+            log.warning("checkpoint of answer %s failed", gen.message_id, exc_info=True)
+
+    async def _finish(self, gen: Generation) -> None:
+        """Store the answer's final state, then tell the readers: a reload after `end` shows it."""
+        error = gen.error
+        last_seq = len(gen.log)
+        try:
+            await self.store.finish_answer(
+                gen.message_id,
+                content=gen.full_text,
+                reasoning_content="".join(gen.reasoning) or None,
+                status=gen.status,
+                finish_reason=gen.finish_reason,
+                usage=gen.usage,
+                error_code=error.code if error else None,
+                error_message=error.detail if error else None,
+                last_seq=last_seq,
+            )
+        except Exception:
+            log.exception("could not store the end of answer %s", gen.message_id)
+        gen.emit(
+            *final_event(
+                gen.session_id,
+                gen.message_id,
+                gen.status,
+                gen.full_text,
+                gen.finish_reason,
+                gen.usage,
+                error.code if error else None,
+                error.detail if error else None,
+            )
+        )
+        gen.done.set()
+        if self.running.get(gen.session_id) is gen:
+            del self.running[gen.session_id]
+        log.info(
+            "answer session=%s message=%s model=%s status=%s duration_ms=%d retries=%d tokens=%s",
+            gen.session_id,
+            gen.message_id,
+            gen.model,
+            gen.status,
+            (time.monotonic() - gen.started) * 1000,
+            gen.retries,
+            (gen.usage or {}).get("total_tokens"),
+        )
+        asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, gen)
+
+    def _forget(self, gen: Generation) -> None:
+        self.recent.pop(gen.message_id, None)
+        if self.latest.get(gen.session_id) is gen:
+            del self.latest[gen.session_id]
+
+
+def final_event(
+    session_id: str,
+    message_id: str,
+    status: str,
+    text: str,
+    finish_reason: str | None,
+    usage: dict | None,
+    error_code: str | None,
+    error_message: str | None,
+) -> tuple[str, dict]:
+    """The `end` or `error` event that closes an answer (also rebuilt from a stored message)."""
+    if status in (COMPLETE, STOPPED):
+        return "end", {
+            "full_text": text,
+            "message_id": message_id,
+            "finish_reason": finish_reason or ("stopped" if status == STOPPED else "stop"),
+            "usage": usage,
+        }
+    return "error", {
+        "message": error_message or "The answer failed.",
+        "code": error_code or "upstream_error",
+        "message_id": message_id,
+        "partial_text": text,
+    }
+
+
+# ── HTTP: request parsing and validation ───────────────────────────────────────────────
+
+SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_SESSION_ID_RULE = "1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-'"
+
+
+def check_session_id(value: Any) -> str:
+    if not isinstance(value, str) or not SESSION_ID.fullmatch(value):
+        raise invalid(f"session_id must be {_SESSION_ID_RULE}.")
+    return value
+
+
+async def read_json(request: Request, limit: int, optional: bool = False) -> dict:
+    """The body as a JSON object; 413 past `limit` bytes (counted, not trusted from headers)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(limit)
+    body = bytearray()
+    async for piece in request.stream():
+        body += piece
+        if len(body) > limit:
+            raise too_large(limit)
+    if not body.strip() and optional:
+        return {}
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
+    return data
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"The request body is larger than {limit} bytes.")
+
+
+def check_fields(body: dict, allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise invalid(f"Unknown field '{unknown[0]}'. Allowed fields: {', '.join(allowed)}.")
+
+
+def optional_text(body: dict, name: str, max_chars: int) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        raise invalid(f"'{name}' must be a string or null.")
+    if value is not None and len(value) > max_chars:
+        raise invalid(f"'{name}' is longer than {max_chars} characters.")
+    return value
+
+
+def number(body: dict, name: str, low: float, high: float, low_open: bool, high_open: bool, rule: str):
+    value = body.get(name)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        raise invalid(f"'{name}' must be {rule}.")
+    return value
+
+
+def check_model(settings: Settings, value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in settings.models:
+        raise invalid(
+            f"Unknown model {json.dumps(value, ensure_ascii=False)}. Available: {', '.join(settings.models)}."
+        )
+    return value
+
+
+def query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"\d{1,9}", raw) or not low <= int(raw) <= high:
+        raise invalid(f"'{name}' must be a whole number from {low} to {high}.")
+    return int(raw)
+
+
+@dataclass
+class ChatRequest:
+    message: str
+    model: str | None
+    options: dict[str, Any]
+
+
+def parse_chat(settings: Settings, body: dict) -> ChatRequest:
+    check_fields(body, ("message", "model", "temperature", "top_p", "max_tokens", "enable_thinking"))
+    message = body.get("message")
+    if not isinstance(message, str):
+        raise invalid("'message' is required and must be a string.")
+    if not message.strip():
+        raise invalid("'message' must not be blank.")
+    if len(message) > settings.max_message_chars:
+        raise invalid(f"'message' is longer than {settings.max_message_chars} characters.")
+    options = {
+        "temperature": number(body, "temperature", 0, 2, False, True, "a number from 0 up to (not including) 2"),
+        "top_p": number(body, "top_p", 0, 1, True, False, "a number above 0 and at most 1"),
+        "max_tokens": body.get("max_tokens"),
+        "enable_thinking": body.get("enable_thinking"),
+    }
+    if options["max_tokens"] is not None and (type(options["max_tokens"]) is not int or options["max_tokens"] < 1):
+        raise invalid("'max_tokens' must be a whole number of at least 1.")
+    if options["enable_thinking"] is not None and not isinstance(options["enable_thinking"], bool):
+        raise invalid("'enable_thinking' must be true or false.")
+    return ChatRequest(
+        message, check_model(settings, body.get("model")), {k: v for k, v in options.items() if v is not None}
+    )
+
+
+# ── HTTP: presenting rows ──────────────────────────────────────────────────────────────
+
+
+def present_conversation(settings: Settings, row: dict) -> dict:
+    return {
+        "session_id": row["session_id"],
+        "title": row["title"],
+        "system_prompt": row["system_prompt"],
+        "model": row["model"] or settings.chat_model,
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "message_count": int(row["message_count"]),
+        "context_message_count": int(row["context_message_count"]),
+        "generating": bool(row["generating"]),
+    }
+
+
+def present_message(row: dict, context_start: str) -> dict:
+    usage = None
+    if row["total_tokens"] is not None or row["prompt_tokens"] is not None:
+        usage = {k: row[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    return {
+        "id": row["id"],
+        "role": row["role"],
+        "content": row["content"],
+        "reasoning_content": row["reasoning_content"],
+        "status": row["status"],
+        "in_context": row["id"] > context_start,
+        "model": row["model"],
+        "finish_reason": row["finish_reason"],
+        "error": {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None,
+        "usage": usage,
+        "created_at": row["created_at"],
+    }
+
+
+def encode_cursor(*parts: str) -> str:
+    return base64.urlsafe_b64encode("\n".join(parts).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, parts: int) -> list[str]:
+    try:
+        values = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("\n")
+    except (ValueError, UnicodeDecodeError):
+        values = []
+    if len(values) != parts:
+        raise invalid("'cursor' is not a cursor this service returned.")
+    return values
+
+
+# ── HTTP: handlers ─────────────────────────────────────────────────────────────────────
+
+
+def state(request: Request) -> Any:
+    return request.app.state
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    try:
+        await asyncio.wait_for(state(request).store.ping(), timeout=2)
+    except Exception as exc:
+        return JSONResponse(
+            {
+                "status": "unavailable",
+                "detail": f"The database does not answer ({type(exc).__name__}).",
+                "code": "database_unavailable",
+            },
+            status_code=503,
+        )
+    return JSONResponse({"status": "ready"})
+
+
+async def conversation_or_404(request: Request, session_id: str) -> dict:
+    row = await state(request).store.conversation(session_id)
+    if row is None:
+        raise not_found(session_id)
+    return row
+
+
+async def list_conversations(request: Request) -> Response:
+    st = state(request)
+    limit = query_int(request, "limit", 50, 1, 200)
+    cursor = request.query_params.get("cursor")
+    after = tuple(decode_cursor(cursor, 2)) if cursor else None
+    rows = await st.store.conversations(limit + 1, after)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(rows[-1]["updated_at"], rows[-1]["session_id"]) if more else None
+    return JSONResponse(
+        {"conversations": [present_conversation(st.settings, r) for r in rows], "next_cursor": next_cursor}
+    )
+
+
+async def create_conversation(request: Request) -> Response:
+    st = state(request)
+    body = await read_json(request, st.settings.max_body_bytes, optional=True)
+    check_fields(body, ("session_id", "title", "system_prompt", "model"))
+    session_id = check_session_id(body["session_id"]) if body.get("session_id") is not None else str(uuid.uuid4())
+    title = optional_text(body, "title", 200)
+    prompt = optional_text(body, "system_prompt", st.settings.max_message_chars)
+    model = check_model(st.settings, body.get("model"))
+    if not await st.store.create_conversation(session_id, title, prompt, model):
+        raise ApiError(409, "conversation_exists", f"A conversation with session_id '{session_id}' already exists.")
+    row = await conversation_or_404(request, session_id)
+    return JSONResponse(present_conversation(st.settings, row), status_code=201)
+
+
+async def get_conversation(request: Request) -> Response:
+    st = state(request)
+    session_id = check_session_id(request.path_params["session_id"])
+    limit = query_int(request, "limit", 50, 1, 500)
+    row = await conversation_or_404(request, session_id)
+    messages = await st.store.messages(session_id, limit)
+    body = present_conversation(st.settings, row)
+    body["messages"] = [present_message(m, row["context_start"]) for m in reversed(messages)]
+    return JSONResponse(body)
+
+
+async def list_messages(request: Request) -> Response:
+    st = state(request)
+    session_id = check_session_id(request.path_params["session_id"])
+    limit = query_int(request, "limit", 50, 1, 500)
+    before = request.query_params.get("before") or request.query_params.get("cursor")
+    row = await conversation_or_404(request, session_id)
+    rows = await st.store.messages(session_id, limit + 1, before)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return JSONResponse(
+        {
+            "messages": [present_message(m, row["context_start"]) for m in reversed(rows)],
+            "next_cursor": rows[-1]["id"] if more else None,
+        }
+    )
+
+
+async def update_conversation(request: Request) -> Response:
+    st = state(request)
+    session_id = check_session_id(request.path_params["session_id"])
+    body = await read_json(request, st.settings.max_body_bytes)
+    check_fields(body, ("title", "system_prompt", "model"))
+    changes: dict[str, Any] = {}
+    if "title" in body:
+        changes["title"] = optional_text(body, "title", 200)
+    if "system_prompt" in body:
+        changes["system_prompt"] = optional_text(body, "system_prompt", st.settings.max_message_chars)
+    if "model" in body:
+        changes["model"] = check_model(st.settings, body["model"])
+    if changes and not await st.store.update_conversation(session_id, changes):
+        raise not_found(session_id)
+    row = await conversation_or_404(request, session_id)
+    return JSONResponse(present_conversation(st.settings, row))
+
+
+async def delete_conversation(request: Request) -> Response:
+    st = state(request)
+    session_id = check_session_id(request.path_params["session_id"])
+    await st.generations.stop(session_id)  # its answer ends first, so nothing writes after the delete
+    if not await st.store.delete_conversation(session_id):
+        raise not_found(session_id)
+    return Response(status_code=204)
+
+
+async def clear_context(request: Request) -> Response:
+    st = state(request)
+    session_id = check_session_id(request.path_params["session_id"])
+    purge = request.query_params.get("purge", "false").lower()
+    if purge not in ("true", "false", "1", "0"):
+        raise invalid("'purge' must be true or false.")
+    if not await st.store.clear_context(session_id, purge in ("true", "1")):
+        raise not_found(session_id)
+    row = await conversation_or_404(request, session_id)
+    return JSONResponse(present_conversation(st.settings, row))
+
+
+async def start_answer(request: Request) -> Generation:
+    """Validate a chat request, store the user's message, and start the answer."""
+    st = state(request)
+    s: Settings = st.settings
+    session_id = check_session_id(request.path_params["session_id"])
+    chat = parse_chat(s, await read_json(request, s.max_body_bytes))
+    if not s.dashscope_api_key:
+        raise ApiError(503, "not_configured", "No model service is configured: set DASHSCOPE_API_KEY.")
+    conversation = await st.store.conversation(session_id)
+    model = chat.model or (conversation and conversation["model"]) or s.chat_model
+    system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
+    build_context(system_prompt, [], chat.message, 0, s.max_context_tokens)  # 422 before anything is stored
+    user_id, answer_id = new_message_id(), new_message_id()
+    await st.store.begin_turn(session_id, user_id, chat.message, answer_id, model)
+    history = await st.store.context_rows(
+        session_id, conversation["context_start"] if conversation else "", user_id, 2 * s.max_context_messages + 2
+    )
+    messages = build_context(system_prompt, history, chat.message, s.max_context_messages, s.max_context_tokens)
+    payload = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **chat.options,
+    }
+    return st.generations.start(session_id, answer_id, model, payload)
+
+
+async def chat(request: Request) -> Response:
+    gen = await start_answer(request)
+    await gen.done.wait()
+    if gen.status in (FAILED, INTERRUPTED) and gen.error is not None:
+        error = gen.error.api_error()
+        error.extra.update(message_id=gen.message_id, partial_text=gen.full_text)
+        raise error
+    return JSONResponse(
+        {
+            "session_id": gen.session_id,
+            "response": gen.full_text,
+            "message_id": gen.message_id,
+            "model": gen.model,
+            "finish_reason": gen.finish_reason,
+            "usage": gen.usage,
+        }
+    )
+
+
+# ── App factory ────────────────────────────────────────────────────────────────────────
+
+
+async def api_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        return ApiError(404, "not_found", f"There is no route {request.url.path}.").response()
+    if exc.status_code == 405:
+        return ApiError(
+            405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}.", headers=exc.headers
+        ).response()
+    return ApiError(exc.status_code, "http_error", str(exc.detail), headers=exc.headers).response()
+
+
+async def internal_error_handler(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return ApiError(500, "internal_error", "Something went wrong inside chatsvc; the error is in its log.").response()
+
+
+class TokenAuth:
+    """With CHATSVC_API_TOKEN set, every /api/ request must carry it (constant-time compare)."""
+
+    def __init__(self, app: Any, token: str | None):
+        self.app, self.token = app, token.encode() if token else None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if (
+            self.token
+            and scope["type"] == "http"
+            and scope["path"].startswith("/api/")
+            and scope["method"] != "OPTIONS"
+            and not self._authorized(scope)
+        ):
+            response = ApiError(
+                401,
+                "unauthorized",
+                "This API needs 'Authorization: Bearer <token>' (or ?access_token=<token> for EventSource).",
+                headers={"WWW-Authenticate": "Bearer"},
+            ).response()
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: Any) -> bool:
+        assert self.token is not None
+        for name, value in scope["headers"]:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                return hmac.compare_digest(value[7:].strip(), self.token)
+        query = Request(scope).query_params.get("access_token")
+        return query is not None and hmac.compare_digest(query.encode(), self.token)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = Store(settings.database_url)
+        await store.open()
+        recovered = await store.recover_interrupted()
+        if recovered:
+            log.warning("marked %d answer(s) left streaming by an earlier process as interrupted", recovered)
+        client = new_upstream_client(settings)
+        app.state.settings, app.state.store = settings, store
+        app.state.generations = Generations(settings, store, client)
+        try:
+            yield
+        finally:
+            await app.state.generations.shutdown(settings.shutdown_grace)
+            await client.aclose()
+            await store.close()
+
+    api = "/api/v1"
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route(f"{api}/context/conversations", list_conversations, methods=["GET"]),
+        Route(f"{api}/context/conversations", create_conversation, methods=["POST"]),
+        Route(f"{api}/context/conversations/{{session_id}}", get_conversation, methods=["GET"]),
+        Route(f"{api}/context/conversations/{{session_id}}", update_conversation, methods=["PATCH"]),
+        Route(f"{api}/context/conversations/{{session_id}}", delete_conversation, methods=["DELETE"]),
+        Route(f"{api}/context/conversations/{{session_id}}/messages", list_messages, methods=["GET"]),
+        Route(f"{api}/context/conversations/{{session_id}}/context", clear_context, methods=["DELETE"]),
+        Route(f"{api}/chat/{{session_id}}", chat, methods=["POST"]),
+    ]
+    middleware = [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            expose_headers=["Retry-After"],
+            max_age=600,
+        ),
+        Middleware(TokenAuth, token=settings.api_token),
+    ]
+    handlers = {ApiError: api_error_handler, HTTPException: http_error_handler, Exception: internal_error_handler}
+    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `chatsvc` command: start the server with HOST / PORT / LOG_LEVEL."""
+    import uvicorn
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv:
+        print(
+            __doc__.strip().splitlines()[0] + "\n\nusage: chatsvc  (configure with environment variables"
+            " or .env; see README.md)",
+            file=sys.stderr if argv[0] not in ("-h", "--help") else sys.stdout,
+        )
+        return 0 if argv[0] in ("-h", "--help") else 2
+    settings = Settings.from_env()
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn chatsvc:app` builds the app on first access, so importing the module reads no settings.
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""A fake DashScope (OpenAI-compatible mode) server for tests and benchmarks.
+
+It speaks the real wire format (the transcripts in tests/dashscope/ are copied from Alibaba
+Cloud's documentation) over a real socket, written with plain asyncio streams so that it can
+misbehave at the byte level: error bodies, stalls, cut streams, CRLF, split lines, comments.
+It runs on its own event loop in a background thread, so sync and async tests can share it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TRANSCRIPTS = Path(__file__).resolve().parent / "dashscope"
+
+
+def transcript_events(name: str) -> list[bytes]:
+    """The `data:` events of a transcript file, each with its blank line."""
+    text = (TRANSCRIPTS / name).read_bytes().replace(b"\r\n", b"\n")
+    return [block.strip(b"\n") + b"\n\n" for block in text.split(b"\n\n") if block.strip()]
+
+
+def chunk_event(content=None, *, reasoning=None, role=None, finish=None, usage=None, model="qwen-plus") -> bytes:
+    """One chat.completion.chunk shaped like DashScope's."""
+    if usage is not None and content is None and reasoning is None and finish is None:
+        choices = []
+    else:
+        delta = {"content": content}
+        if role:
+            delta["role"] = role
+        if reasoning is not None:
+            delta["reasoning_content"] = reasoning
+        choices = [{"delta": delta, "finish_reason": finish, "index": 0, "logprobs": None}]
+    obj = {
+        "choices": choices,
+        "object": "chat.completion.chunk",
+        "usage": usage,
+        "created": 1726132850,
+        "system_fingerprint": None,
+        "model": model,
+        "id": "chatcmpl-fake",
+    }
+    return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Reply:
+    """What the fake answers to one request."""
+
+    status: int = 200
+    pieces: list[bytes] = field(default_factory=list)  # body writes, one chunked-encoding chunk each
+    headers: dict[str, str] = field(default_factory=dict)
+    pause: float = 0.0  # seconds between pieces
+    stall_headers: float = 0.0  # seconds to wait before the status line
+    stall_at: int | None = None  # wait `stall` seconds before this piece
+    stall: float = 0.0
+    cut: bool = False  # drop the connection after the pieces, without the final chunk
+
+    @classmethod
+    def transcript(
+        cls, name: str = "stream_usage.sse", *, crlf=False, split=False, comments=False, done=True, pause=0.0
+    ) -> Reply:
+        events = transcript_events(name)
+        if not done:
+            events = [e for e in events if e != DONE]
+        return cls.of_events(events, crlf=crlf, split=split, comments=comments, pause=pause)
+
+    @classmethod
+    def answer(
+        cls,
+        chunks: list[str],
+        *,
+        reasoning: list[str] = (),
+        finish="stop",
+        usage: dict | None = None,
+        pause=0.0,
+        done=True,
+        model="qwen-plus",
+        **kw,
+    ) -> Reply:
+        events = [
+            chunk_event(
+                "" if not reasoning else None, role="assistant", reasoning="" if reasoning else None, model=model
+            )
+        ]
+        events += [chunk_event(None, reasoning=r, model=model) for r in reasoning]
+        events += [chunk_event(c, model=model) for c in chunks]
+        if finish:
+            events.append(chunk_event("", finish=finish, model=model))
+        if usage is not False:
+            usage = usage or {"prompt_tokens": 10, "completion_tokens": len(chunks), "total_tokens": 10 + len(chunks)}
+            events.append(chunk_event(usage=usage, model=model))
+        if done:
+            events.append(DONE)
+        return cls.of_events(events, pause=pause, **kw)
+
+    @classmethod
+    def of_events(cls, events: list[bytes], *, crlf=False, split=False, comments=False, pause=0.0, **kw) -> Reply:
+        if comments:
+            events = [b": keep-alive\n\n" + e if i % 2 else b":comment\n" + e for i, e in enumerate(events)]
+        if crlf:
+            events = [e.replace(b"\n", b"\r\n") for e in events]
+        if split:  # cut every event at three awkward places, including between \r and \n
+            pieces = []
+            for e in events:
+                cuts = sorted({1, len(e) // 2, len(e) - 1})
+                pieces += [e[a:b] for a, b in zip([0, *cuts], [*cuts, len(e)], strict=True) if e[a:b]]
+            return cls(pieces=pieces, pause=max(pause, 0.002), **kw)
+        return cls(pieces=events, pause=pause, **kw)
+
+    @classmethod
+    def error(cls, status: int, code: str, message: str = "error", *, retry_after: str | None = None) -> Reply:
+        body = json.dumps(
+            {
+                "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code},
+                "request_id": "fake-request",
+            }
+        ).encode()
+        headers = {"Retry-After": retry_after} if retry_after is not None else {}
+        return cls(status=status, pieces=[body], headers=headers)
+
+
+@dataclass
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: dict | None
+    at: float
+
+
+class FakeDashScope:
+    def __init__(self) -> None:
+        self.replies: deque[Reply] = deque()
+        self.default = Reply.transcript("stream_usage.sse")
+        self.requests: list[Seen] = []
+        self.loop = asyncio.new_event_loop()
+        self.port = 0
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="fake-dashscope", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/compatible-mode/v1"
+
+    def start(self) -> FakeDashScope:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._listen(), self.loop).result(5)
+        return self
+
+    def stop(self) -> None:
+        async def close() -> None:
+            assert self._server is not None
+            self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+
+    def reset(self) -> None:
+        self.replies.clear()
+        self.requests.clear()
+        self.default = Reply.transcript("stream_usage.sse")
+
+    def push(self, *replies: Reply) -> None:
+        """Answer the next requests with these, in order; then with `default`."""
+        self.replies.extend(replies)
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                request_line = await reader.readline()
+                if not request_line:
+                    return
+                method, path, _ = request_line.decode().split(" ", 2)
+                headers = {}
+                while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    headers[name.strip().lower()] = value.strip()
+                raw = await reader.readexactly(int(headers.get("content-length", 0)))
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = None
+                self.requests.append(Seen(method, path, headers, body, self.loop.time()))
+                reply = self.replies.popleft() if self.replies else self.default
+                if not await self._answer(reply, writer):
+                    return
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _answer(self, reply: Reply, writer: asyncio.StreamWriter) -> bool:
+        """Write one reply; False when the connection must close."""
+        if reply.stall_headers:
+            await asyncio.sleep(reply.stall_headers)
+        if reply.status != 200:
+            body = b"".join(reply.pieces)
+            head = [
+                f"HTTP/1.1 {reply.status} Error",
+                "Content-Type: application/json",
+                f"Content-Length: {len(body)}",
+                *(f"{k}: {v}" for k, v in reply.headers.items()),
+            ]
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
+            await writer.drain()
+            return True
+        head = [
+            "HTTP/1.1 200 OK",
+            "Content-Type: text/event-stream;charset=UTF-8",
+            "Transfer-Encoding: chunked",
+            *(f"{k}: {v}" for k, v in reply.headers.items()),
+        ]
+        writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+        for i, piece in enumerate(reply.pieces):
+            if reply.stall_at == i:
+                await writer.drain()
+                await asyncio.sleep(reply.stall)
+            elif reply.pause and i:
+                await asyncio.sleep(reply.pause)
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            if reply.pause or reply.stall_at is not None:
+                await writer.drain()
+        if reply.cut:
+            await writer.drain()
+            writer.transport.abort()
+            return False
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
