@@ -918,8 +918,9 @@ def final_event(
 
 # ── HTTP: request parsing and validation ───────────────────────────────────────────────
 
-SESSION_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
-_SESSION_ID_RULE = "1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-'"
+# "." and ".." are excluded: browsers and proxies normalise them out of URLs.
+SESSION_ID = re.compile(r"(?!\.+$)[A-Za-z0-9._-]{1,128}")
+_SESSION_ID_RULE = "1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-' (not only dots)"
 
 
 def check_session_id(value: Any) -> str:

@@ -166,6 +166,7 @@ class FakeDashScope:
         asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(5)
+        self.loop.close()
 
     def reset(self) -> None:
         self.replies.clear()
