@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx2 as httpx
 from databases import Database
+from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.config import Config
 from starlette.datastructures import CommaSeparatedStrings
@@ -694,6 +695,7 @@ class Generation:
     retries: int = 0
     delivered: bool = False  # a channel listener has received it (replay rule 3 of the contract)
     stop_reason: str | None = None  # why the task was cancelled: stopped / timeout / interrupted
+    finishing: bool = False  # the final write has begun: cancelling now would lose it
     task: asyncio.Task | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -722,7 +724,7 @@ class Generation:
                 await wake.wait()
 
     def cancel(self, reason: str) -> None:
-        if self.task is not None and not self.task.done() and self.stop_reason is None:
+        if self.task is not None and not self.finishing and self.stop_reason is None:
             self.stop_reason = reason
             self.task.cancel()
 
@@ -831,7 +833,8 @@ class Generations:
             gen.status, gen.error = FAILED, UpstreamError(502, "upstream_error", "The answer failed unexpectedly.")
         finally:
             deadline.cancel()
-            await self._finish(gen)
+            gen.finishing = True
+            await asyncio.shield(self._finish(gen))
 
     async def _checkpoint(self, gen: Generation) -> None:
         try:
@@ -1255,6 +1258,111 @@ async def chat(request: Request) -> Response:
     )
 
 
+RETRY = b"retry: 1000\n\n"  # once per connection: EventSource reconnects after 1 s
+
+
+def event_stream(request: Request, body: AsyncIterator[bytes]) -> EventSourceResponse:
+    """An SSE response: pings keep proxies from closing it, and nothing may buffer or compress it."""
+    return EventSourceResponse(
+        body,
+        ping=state(request).settings.ping_seconds,
+        sep="\n",
+        ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
+        headers={"Cache-Control": "no-store, no-transform"},
+    )
+
+
+async def chat_stream(request: Request) -> Response:
+    gen = await start_answer(request)  # validation and busy errors are plain JSON, before the stream
+
+    async def body() -> AsyncIterator[bytes]:
+        yield RETRY
+        async for batch in gen.events():
+            yield batch
+
+    return event_stream(request, body())
+
+
+def parse_event_id(value: str | None) -> tuple[str, int] | None:
+    message_id, _, seq = (value or "").rpartition(":")
+    return (message_id, int(seq)) if message_id and seq.isdigit() else None
+
+
+async def channel(request: Request) -> Response:
+    """The conversation's event channel for EventSource (CONTRACT.md, "GET .../stream")."""
+    st = state(request)
+    session_id = check_session_id(request.path_params["session_id"])
+    last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
+    return event_stream(request, channel_events(st.generations, st.store, session_id, parse_event_id(last)))
+
+
+# How long a fresh listener waits for a new answer before replaying an unseen finished one: the
+# seed client opens its EventSource and sends its POST together, so a new answer may be on its way.
+REPLAY_WAIT = 0.5
+
+
+async def channel_events(
+    gens: Generations, store: Store, session_id: str, resume: tuple[str, int] | None
+) -> AsyncIterator[bytes]:
+    yield RETRY
+    previous = gens.latest.get(session_id)  # by default nothing that exists now is replayed
+    gen, position = None, 0
+    if resume is not None:  # 1. after the last event the client saw
+        message_id, seq = resume
+        gen = gens.recent.get(message_id)
+        if gen is not None and gen.session_id == session_id:
+            position = seq + 1
+        else:
+            gen = None
+            row = await store.message(message_id)
+            if row and row["session_id"] == session_id and row["status"] != STREAMING:
+                if row["last_seq"] is not None and seq < row["last_seq"]:  # its log is gone: send its end
+                    yield stored_final_event(session_id, row)
+                if previous is not None and previous.message_id > message_id:
+                    previous = None  # a newer answer than the one named: deliver it whole
+    elif session_id in gens.running:  # 2. the running answer, from its start
+        gen = gens.running[session_id]
+    elif (
+        previous is not None
+        and not previous.delivered
+        and time.monotonic() - previous.started < (gens.settings.replay_seconds)
+    ):  # 3. a finished answer nobody on the channel has seen, unless a new one starts now
+        try:
+            gen = await asyncio.wait_for(gens.next_after(session_id, previous), REPLAY_WAIT)
+        except asyncio.TimeoutError:
+            gen = previous
+    while True:  # 4. then every later answer, live
+        if gen is None:
+            gen, position = await gens.next_after(session_id, previous), 0
+        gen.delivered = True
+        async for batch in gen.events(position):
+            yield batch
+        previous, gen = gen, None
+
+
+def stored_final_event(session_id: str, row: dict) -> bytes:
+    usage = None
+    if row["total_tokens"] is not None:
+        usage = {k: row[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    type_, data = final_event(
+        session_id, row["id"], row["status"], row["content"], row["finish_reason"], usage,
+        row["error_code"], row["error_message"],
+    )  # fmt: skip
+    return sse_event(f"{row['id']}:{row['last_seq']}", {"type": type_, "data": data})
+
+
+async def stop_answer(request: Request) -> Response:
+    st = state(request)
+    session_id = check_session_id(request.path_params["session_id"])
+    gen = await st.generations.stop(session_id)
+    if gen is None:
+        await conversation_or_404(request, session_id)
+    return JSONResponse(
+        {"session_id": session_id, "stopped": bool(gen and gen.status == STOPPED),
+         "message_id": gen.message_id if gen else None}
+    )  # fmt: skip
+
+
 # ── App factory ────────────────────────────────────────────────────────────────────────
 
 
@@ -1344,6 +1452,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route(f"{api}/context/conversations/{{session_id}}/messages", list_messages, methods=["GET"]),
         Route(f"{api}/context/conversations/{{session_id}}/context", clear_context, methods=["DELETE"]),
         Route(f"{api}/chat/{{session_id}}", chat, methods=["POST"]),
+        Route(f"{api}/chat/{{session_id}}/stream", chat_stream, methods=["POST"]),
+        Route(f"{api}/chat/{{session_id}}/stream", channel, methods=["GET"]),
+        Route(f"{api}/chat/{{session_id}}/stop", stop_answer, methods=["POST"]),
     ]
     middleware = [
         Middleware(
