@@ -1,0 +1,132 @@
+"""The seed document's JavaScript ChatClient, verbatim, in headless Chromium against chatsvc.
+
+Needs Debian's chromium (/usr/bin/chromium) and Python's playwright. Without them the tests skip,
+except under CI=true, where a missing browser is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+from fake_dashscope import Reply
+from live import LiveServer
+
+CHROMIUM = os.environ.get("CHATSVC_CHROMIUM", "/usr/bin/chromium")
+CHAT_CLIENT = (Path(__file__).parent / "chat_client.js").read_text(encoding="utf-8")
+PAGE = f"""<!doctype html><meta charset="utf-8"><title>seed client</title>
+<script>
+{CHAT_CLIENT}
+// Run one streamChat call and collect what each callback received.
+window.runChat = (sessionId, message) => new Promise((resolve) => {{
+    const calls = [];
+    const chat = new ChatClient(sessionId);
+    chat.streamChat(message, {{
+        onStart: () => calls.push(["start"]),
+        onChunk: (chunk, fullText) => calls.push(["chunk", chunk, fullText]),
+        onEnd: (fullText) => {{ calls.push(["end", fullText]); resolve(calls); }},
+        onError: (error) => {{
+            calls.push(["error", error && error.message !== undefined ? error.message : String(error)]);
+            resolve(calls);
+        }},
+    }}).catch((error) => {{ calls.push(["throw", error.message]); resolve(calls); }});
+}});
+</script>"""
+
+
+def browser_available() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "Python package 'playwright' is not installed"
+    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def browser():
+    reason = browser_available()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"browser tests must run under CI=true: {reason}")
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync"]  # fmt: skip
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, service):
+    with LiveServer(service.settings) as live:
+        context = browser.new_context()
+        page = context.new_page()
+        # The seed client uses relative URLs, so the page is served from chatsvc's own origin.
+        page.route(f"{live.url}/seed-client.html", lambda route: route.fulfill(body=PAGE, content_type="text/html"))
+        page.goto(f"{live.url}/seed-client.html")
+        page.live = live
+        yield page
+        context.close()
+
+
+def run_chat(page, session_id: str, message: str):
+    return page.evaluate("([s, m]) => runChat(s, m)", [session_id, message])
+
+
+def expected_calls(chunks: list[str]) -> list[list[str]]:
+    calls, text = [["start"]], ""
+    for chunk in chunks:
+        text += chunk
+        calls.append(["chunk", chunk, text])
+    return [*calls, ["end", text]]
+
+
+def test_normal_answer(page, fake):
+    chunks = ["从前", "有座山，", "山里有座庙。"]  # noqa: RUF001 (full-width punctuation is the point)
+    fake.push(Reply.answer(chunks, pause=0.05))
+    assert run_chat(page, "test-session", "请给我讲个故事") == expected_calls(chunks)
+
+
+def test_instant_answer_and_the_next_message(page, fake):
+    fake.push(Reply.answer(["quick"]), Reply.answer(["second", " answer"], pause=0.01))
+    assert run_chat(page, "s-instant", "hi") == expected_calls(["quick"])
+    assert run_chat(page, "s-instant", "again") == expected_calls(["second", " answer"])  # never the first again
+
+
+def test_reasoning_answer(page, fake):
+    fake.push(Reply.answer(["4"], reasoning=["2+2", "=4"], pause=0.02))
+    assert run_chat(page, "s-think", "2+2?") == expected_calls(["4"])
+
+
+def test_upstream_error(page, fake):
+    fake.push(Reply.error(401, "invalid_api_key", "Incorrect API key provided."))
+    calls = run_chat(page, "s-error", "hi")
+    assert calls[0] == ["start"] and calls[-1][0] == "error" and len(calls) == 2
+    assert "rejected the configured API key" in calls[-1][1]
+
+
+def test_busy_conversation_throws_the_detail(page, fake):
+    fake.push(Reply.answer(["slow"] * 50, pause=0.05))
+
+    def occupy():
+        with page.live.client() as client:
+            client.post("/api/v1/chat/s-busy", json={"message": "first"})
+
+    thread = threading.Thread(target=occupy)
+    thread.start()
+    while "s-busy" not in page.live.generations.running:
+        threading.Event().wait(0.01)
+    calls = run_chat(page, "s-busy", "second")
+    assert calls[-1][0] == "throw" and "already being generated" in calls[-1][1]
+    with page.live.client() as client:
+        client.post("/api/v1/chat/s-busy/stop")
+    thread.join(10)
