@@ -1,0 +1,63 @@
+"""Smoke test of an installed chatsvc: run the given start command from the current directory
+(not the checkout), then check /healthz, one chat against the fake DashScope, and a clean exit
+on SIGTERM. Used by .ci/run after installing the built wheel into a fresh venv.
+
+    python tests/smoke_installed.py chatsvc
+    python tests/smoke_installed.py uvicorn chatsvc:app --port {port}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fake_dashscope import FakeDashScope
+
+
+def request(url: str, body: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.status, json.loads(r.read())
+
+
+def main(command: list[str]) -> int:
+    fake = FakeDashScope().start()
+    port = 18000 + os.getpid() % 1000
+    env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "DASHSCOPE_API_KEY": "sk-smoke",
+           "DASHSCOPE_BASE_URL": fake.url}  # fmt: skip
+    env.pop("DATABASE_URL", None)  # the default: a SQLite file in the working directory
+    command = [arg.replace("{port}", str(port)) for arg in command]
+    server = subprocess.Popen(command, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                assert request(f"{base}/healthz") == (200, {"status": "ok"})
+                break
+            except OSError:
+                assert server.poll() is None, f"{command} exited with {server.returncode}"
+                assert time.monotonic() < deadline, "chatsvc did not answer /healthz within 20 s"
+                time.sleep(0.2)
+        status, body = request(f"{base}/api/v1/chat/smoke", {"message": "Who are you?"})
+        assert status == 200 and body["response"].startswith("I am a large-scale language model"), body
+        assert Path("chatsvc.db").is_file(), "the default database is ./chatsvc.db"
+        print(f"smoke: {' '.join(command)} served /healthz and a chat from {os.getcwd()}")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(20)
+        fake.stop()
+    assert code == 0, f"chatsvc exited with {code} after SIGTERM"
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:] or ["chatsvc"]))
