@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sqlite3
 import sys
 import time
@@ -1484,6 +1485,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0 if argv[0] in ("-h", "--help") else 2
     settings = Settings.from_env()
+    # uvicorn re-raises SIGTERM/SIGINT once it has shut down; a no-op handler there makes a clean
+    # shutdown exit 0, which is what container runtimes and supervisors expect.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
     return 0
 
