@@ -59,6 +59,7 @@ class Settings:
     system_prompt: str = "You are a helpful assistant."
     database_url: str = "sqlite+aiosqlite:///./chatsvc.db"
     api_token: str | None = None
+    user_header: str | None = None
     cors_origins: tuple[str, ...] = ()
     allowed_models: tuple[str, ...] = ()
     max_context_messages: int = 20
@@ -95,6 +96,7 @@ class Settings:
             system_prompt=c("SYSTEM_PROMPT", default=d.system_prompt),
             database_url=c("DATABASE_URL", default=d.database_url),
             api_token=c("CHATSVC_API_TOKEN", default=None) or None,
+            user_header=c("CHATSVC_USER_HEADER", default=None) or None,
             cors_origins=csv("CHATSVC_CORS_ORIGINS"),
             allowed_models=csv("CHATSVC_ALLOWED_MODELS"),
             max_context_messages=c("CHATSVC_MAX_CONTEXT_MESSAGES", cast=int, default=d.max_context_messages),
@@ -188,13 +190,14 @@ def _violation(exc: BaseException) -> str | None:
 
 _CONVERSATION_SQL = """
 SELECT c.session_id, c.title, c.system_prompt, c.model, c.context_start, c.created_at, c.updated_at,
-       (SELECT COUNT(*) FROM messages m WHERE m.session_id = c.session_id) AS message_count,
        (SELECT COUNT(*) FROM messages m
-         WHERE m.session_id = c.session_id AND m.id > c.context_start) AS context_message_count,
+         WHERE m.owner = c.owner AND m.session_id = c.session_id) AS message_count,
+       (SELECT COUNT(*) FROM messages m
+         WHERE m.owner = c.owner AND m.session_id = c.session_id AND m.id > c.context_start) AS context_message_count,
        EXISTS (SELECT 1 FROM messages m
-                WHERE m.session_id = c.session_id AND m.status = 'streaming') AS generating
+                WHERE m.owner = c.owner AND m.session_id = c.session_id AND m.status = 'streaming') AS generating
   FROM conversations c
-"""
+ WHERE c.owner = :owner"""
 
 _MESSAGE_COLUMNS = (
     "id, role, content, reasoning_content, status, model, finish_reason, error_code, error_message,"
@@ -204,7 +207,8 @@ _MESSAGE_COLUMNS = (
 
 class Store:
     """The conversation store. Every write is one atomic statement: SQLite cannot upgrade a read
-    lock to a write lock under concurrency (busy_timeout does not apply), so no read-modify-write."""
+    lock to a write lock under concurrency (busy_timeout does not apply), so no read-modify-write.
+    Every query is scoped to an owner (CHATSVC_USER_HEADER's value, '' without it)."""
 
     def __init__(self, url: str):
         self.url = url
@@ -249,14 +253,16 @@ class Store:
 
     # conversations
 
-    async def conversation(self, session_id: str) -> dict | None:
-        row = await self.q.fetch_one(_CONVERSATION_SQL + " WHERE c.session_id = :sid", {"sid": session_id})
+    async def conversation(self, owner: str, session_id: str) -> dict | None:
+        row = await self.q.fetch_one(
+            _CONVERSATION_SQL + " AND c.session_id = :sid", {"owner": owner, "sid": session_id}
+        )
         return dict(row._mapping) if row else None
 
-    async def conversations(self, limit: int, after: tuple[str, str] | None) -> list[dict]:
-        where, values = "", {"limit": limit}
+    async def conversations(self, owner: str, limit: int, after: tuple[str, str] | None) -> list[dict]:
+        where, values = "", {"owner": owner, "limit": limit}
         if after:
-            where = " WHERE c.updated_at < :u OR (c.updated_at = :u AND c.session_id < :s)"
+            where = " AND (c.updated_at < :u OR (c.updated_at = :u AND c.session_id < :s))"
             values.update(u=after[0], s=after[1])
         rows = await self.q.fetch_all(
             _CONVERSATION_SQL + where + " ORDER BY c.updated_at DESC, c.session_id DESC LIMIT :limit", values
@@ -264,85 +270,92 @@ class Store:
         return [dict(r._mapping) for r in rows]
 
     async def create_conversation(
-        self, session_id: str, title: str | None, system_prompt: str | None, model: str | None
+        self, owner: str, session_id: str, title: str | None, system_prompt: str | None, model: str | None
     ) -> bool:
-        now = utcnow()
         row = await self.q.fetch_one(
-            "INSERT INTO conversations (session_id, title, system_prompt, model, created_at, updated_at)"
-            " VALUES (:sid, :title, :prompt, :model, :now, :now)"
-            " ON CONFLICT (session_id) DO NOTHING RETURNING session_id",
-            {"sid": session_id, "title": title, "prompt": system_prompt, "model": model, "now": now},
-        )
+            "INSERT INTO conversations (owner, session_id, title, system_prompt, model, created_at, updated_at)"
+            " VALUES (:owner, :sid, :title, :prompt, :model, :now, :now)"
+            " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
+            {"owner": owner, "sid": session_id, "title": title, "prompt": system_prompt, "model": model,
+             "now": utcnow()},
+        )  # fmt: skip
         return row is not None
 
-    async def update_conversation(self, session_id: str, changes: dict[str, Any]) -> bool:
+    async def update_conversation(self, owner: str, session_id: str, changes: dict[str, Any]) -> bool:
         sets = ", ".join(f"{column} = :{column}" for column in changes)  # columns come from a fixed list
         row = await self.q.fetch_one(
-            f"UPDATE conversations SET {sets}, updated_at = :now WHERE session_id = :sid RETURNING session_id",
-            {**changes, "sid": session_id, "now": utcnow()},
+            f"UPDATE conversations SET {sets}, updated_at = :now"
+            " WHERE owner = :owner AND session_id = :sid RETURNING session_id",
+            {**changes, "owner": owner, "sid": session_id, "now": utcnow()},
         )
         return row is not None
 
-    async def delete_conversation(self, session_id: str) -> bool:
+    async def delete_conversation(self, owner: str, session_id: str) -> bool:
         row = await self.q.fetch_one(
-            "DELETE FROM conversations WHERE session_id = :sid RETURNING session_id", {"sid": session_id}
+            "DELETE FROM conversations WHERE owner = :owner AND session_id = :sid RETURNING session_id",
+            {"owner": owner, "sid": session_id},
         )
         return row is not None
 
-    async def clear_context(self, session_id: str, purge: bool) -> bool:
+    async def clear_context(self, owner: str, session_id: str, purge: bool) -> bool:
         """Everything up to now leaves the model's context; `purge` deletes it instead of hiding it."""
-        marker = new_message_id()
+        values = {"owner": owner, "sid": session_id, "marker": new_message_id()}
         row = await self.q.fetch_one(
             "UPDATE conversations SET context_start = :marker, updated_at = :now"
-            " WHERE session_id = :sid RETURNING session_id",
-            {"marker": marker, "now": utcnow(), "sid": session_id},
+            " WHERE owner = :owner AND session_id = :sid RETURNING session_id",
+            {**values, "now": utcnow()},
         )
         if row and purge:
             await self.q.execute(
-                "DELETE FROM messages WHERE session_id = :sid AND id <= :marker AND status != 'streaming'",
-                {"sid": session_id, "marker": marker},
+                "DELETE FROM messages WHERE owner = :owner AND session_id = :sid AND id <= :marker"
+                " AND status != 'streaming'",
+                values,
             )
         return row is not None
 
     # messages
 
-    async def messages(self, session_id: str, limit: int, before: str | None = None) -> list[dict]:
+    async def messages(self, owner: str, session_id: str, limit: int, before: str | None = None) -> list[dict]:
         """The newest `limit` messages (before a message id, if given), newest first."""
-        values: dict[str, Any] = {"sid": session_id, "limit": limit}
+        values: dict[str, Any] = {"owner": owner, "sid": session_id, "limit": limit}
         where = ""
         if before is not None:
             where, values["before"] = " AND id < :before", before
         rows = await self.q.fetch_all(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE session_id = :sid{where} ORDER BY id DESC LIMIT :limit",
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE owner = :owner AND session_id = :sid{where}"
+            " ORDER BY id DESC LIMIT :limit",
             values,
         )
         return [dict(r._mapping) for r in rows]
 
-    async def message(self, message_id: str) -> dict | None:
+    async def message(self, owner: str, session_id: str, message_id: str) -> dict | None:
         row = await self.q.fetch_one(
-            f"SELECT session_id, {_MESSAGE_COLUMNS} FROM messages WHERE id = :id", {"id": message_id}
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = :id AND owner = :owner AND session_id = :sid",
+            {"id": message_id, "owner": owner, "sid": session_id},
         )
         return dict(row._mapping) if row else None
 
-    async def begin_turn(self, session_id: str, user_id: str, text: str, answer_id: str, model: str) -> None:
+    async def begin_turn(
+        self, owner: str, session_id: str, user_id: str, text: str, answer_id: str, model: str
+    ) -> None:
         """Store the user's message and claim the conversation's answer slot, in one statement.
 
         The partial unique index over `streaming` answers makes a second concurrent turn fail
         here, before anything of it is stored."""
-        now = utcnow()
-        title = text.strip().splitlines()[0][:60]
+        values = {"owner": owner, "sid": session_id, "now": utcnow()}
         await self.q.execute(
-            "INSERT INTO conversations (session_id, title, created_at, updated_at) VALUES (:sid, :title, :now, :now)"
-            " ON CONFLICT (session_id) DO UPDATE SET updated_at = excluded.updated_at,"
+            "INSERT INTO conversations (owner, session_id, title, created_at, updated_at)"
+            " VALUES (:owner, :sid, :title, :now, :now)"
+            " ON CONFLICT (owner, session_id) DO UPDATE SET updated_at = excluded.updated_at,"
             " title = COALESCE(conversations.title, excluded.title)",
-            {"sid": session_id, "title": title, "now": now},
+            {**values, "title": text.strip().splitlines()[0][:60]},
         )
         try:
             await self.q.execute(
-                "INSERT INTO messages (id, session_id, role, content, status, model, created_at, updated_at)"
-                " VALUES (:uid, :sid, 'user', :text, 'complete', NULL, :now, :now),"
-                " (:aid, :sid, 'assistant', '', 'streaming', :model, :now, :now)",
-                {"uid": user_id, "aid": answer_id, "sid": session_id, "text": text, "model": model, "now": now},
+                "INSERT INTO messages (id, owner, session_id, role, content, status, model, created_at, updated_at)"
+                " VALUES (:uid, :owner, :sid, 'user', :text, 'complete', NULL, :now, :now),"
+                " (:aid, :owner, :sid, 'assistant', '', 'streaming', :model, :now, :now)",
+                {**values, "uid": user_id, "aid": answer_id, "text": text, "model": model},
             )
         except Exception as exc:
             kind = _violation(exc)
@@ -352,11 +365,11 @@ class Store:
                 raise not_found(session_id) from None
             raise
 
-    async def context_rows(self, session_id: str, after: str, before: str, limit: int) -> list[dict]:
+    async def context_rows(self, owner: str, session_id: str, after: str, before: str, limit: int) -> list[dict]:
         rows = await self.q.fetch_all(
-            "SELECT role, content, status FROM messages WHERE session_id = :sid AND id > :after AND id < :before"
-            " ORDER BY id DESC LIMIT :limit",
-            {"sid": session_id, "after": after, "before": before, "limit": limit},
+            "SELECT role, content, status FROM messages WHERE owner = :owner AND session_id = :sid"
+            " AND id > :after AND id < :before ORDER BY id DESC LIMIT :limit",
+            {"owner": owner, "sid": session_id, "after": after, "before": before, "limit": limit},
         )
         return [dict(r._mapping) for r in rows]
 
@@ -682,6 +695,7 @@ class Generation:
     (the POST that started it, any number of channel listeners) follow its event log from
     their own position and can never slow it down or make it lose events."""
 
+    owner: str
     session_id: str
     message_id: str
     model: str
@@ -700,6 +714,10 @@ class Generation:
     task: asyncio.Task | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.owner, self.session_id
 
     @property
     def full_text(self) -> str:
@@ -735,41 +753,42 @@ class Generations:
 
     def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient):
         self.settings, self.store, self.client = settings, store, client
-        self.running: dict[str, Generation] = {}  # by session_id
+        # Conversations are keyed by (owner, session_id).
+        self.running: dict[tuple[str, str], Generation] = {}
         self.recent: dict[str, Generation] = {}  # by message_id, running or finished
-        self.latest: dict[str, Generation] = {}  # by session_id, the newest kept
-        self._waiters: dict[str, set[asyncio.Future]] = {}  # channel listeners waiting for an answer
+        self.latest: dict[tuple[str, str], Generation] = {}  # the newest kept
+        self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}  # channel listeners waiting
 
-    def start(self, session_id: str, message_id: str, model: str, payload: dict) -> Generation:
-        gen = Generation(session_id, message_id, model)
+    def start(self, owner: str, session_id: str, message_id: str, model: str, payload: dict) -> Generation:
+        gen = Generation(owner, session_id, message_id, model)
         gen.emit("start", {"session_id": session_id, "message_id": message_id, "model": model})
-        self.running[session_id] = self.recent[message_id] = self.latest[session_id] = gen
+        self.running[gen.key] = self.recent[message_id] = self.latest[gen.key] = gen
         gen.task = asyncio.create_task(self._run(gen, payload), name=f"answer {message_id}")
-        for waiter in self._waiters.pop(session_id, ()):
+        for waiter in self._waiters.pop(gen.key, ()):
             if not waiter.done():
                 waiter.set_result(None)
         return gen
 
-    async def next_after(self, session_id: str, previous: Generation | None) -> Generation:
+    async def next_after(self, key: tuple[str, str], previous: Generation | None) -> Generation:
         """Wait for an answer in this conversation newer than `previous`."""
         while True:
-            gen = self.latest.get(session_id)
+            gen = self.latest.get(key)
             if gen is not None and gen is not previous and (previous is None or gen.started >= previous.started):
                 return gen
             waiter = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(session_id, set()).add(waiter)
+            self._waiters.setdefault(key, set()).add(waiter)
             try:
                 await waiter
             finally:
-                waiters = self._waiters.get(session_id)
+                waiters = self._waiters.get(key)
                 if waiters is not None:
                     waiters.discard(waiter)
                     if not waiters:
-                        del self._waiters[session_id]
+                        del self._waiters[key]
 
-    async def stop(self, session_id: str, reason: str = STOPPED) -> Generation | None:
+    async def stop(self, key: tuple[str, str], reason: str = STOPPED) -> Generation | None:
         """Cancel the running answer; returns once it is stored and its readers got `end`."""
-        gen = self.running.get(session_id)
+        gen = self.running.get(key)
         if gen is None:
             return None
         gen.cancel(reason)
@@ -874,8 +893,8 @@ class Generations:
             )
         )
         gen.done.set()
-        if self.running.get(gen.session_id) is gen:
-            del self.running[gen.session_id]
+        if self.running.get(gen.key) is gen:
+            del self.running[gen.key]
         log.info(
             "answer session=%s message=%s model=%s status=%s duration_ms=%d retries=%d tokens=%s",
             gen.session_id,
@@ -890,8 +909,8 @@ class Generations:
 
     def _forget(self, gen: Generation) -> None:
         self.recent.pop(gen.message_id, None)
-        if self.latest.get(gen.session_id) is gen:
-            del self.latest[gen.session_id]
+        if self.latest.get(gen.key) is gen:
+            del self.latest[gen.key]
 
 
 def final_event(
@@ -1091,6 +1110,27 @@ def state(request: Request) -> Any:
     return request.app.state
 
 
+def owner_of(request: Request) -> str:
+    """Whose conversations this request sees: CHATSVC_USER_HEADER's value, set by the trusted host
+    app or proxy in front of the sidecar ('' for everyone when that is not configured)."""
+    header = state(request).settings.user_header
+    if not header:
+        return ""
+    owner = request.headers.get(header, "").strip()
+    if not owner:
+        raise ApiError(
+            401, "unauthorized", f"This service needs the {header} header to know whose conversations to use."
+        )
+    if len(owner) > 256:
+        raise invalid(f"The {header} header is longer than 256 characters.")
+    return owner
+
+
+def conversation_key(request: Request) -> tuple[str, str]:
+    """(owner, session_id) of the conversation a route's path names."""
+    return owner_of(request), check_session_id(request.path_params["session_id"])
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -1099,30 +1139,27 @@ async def readyz(request: Request) -> Response:
     try:
         await asyncio.wait_for(state(request).store.ping(), timeout=2)
     except Exception as exc:
+        detail = f"The database does not answer ({type(exc).__name__})."
         return JSONResponse(
-            {
-                "status": "unavailable",
-                "detail": f"The database does not answer ({type(exc).__name__}).",
-                "code": "database_unavailable",
-            },
-            status_code=503,
+            {"status": "unavailable", "detail": detail, "code": "database_unavailable"}, status_code=503
         )
     return JSONResponse({"status": "ready"})
 
 
-async def conversation_or_404(request: Request, session_id: str) -> dict:
-    row = await state(request).store.conversation(session_id)
+async def conversation_or_404(request: Request, key: tuple[str, str]) -> dict:
+    row = await state(request).store.conversation(*key)
     if row is None:
-        raise not_found(session_id)
+        raise not_found(key[1])
     return row
 
 
 async def list_conversations(request: Request) -> Response:
     st = state(request)
+    owner = owner_of(request)
     limit = query_int(request, "limit", 50, 1, 200)
     cursor = request.query_params.get("cursor")
     after = tuple(decode_cursor(cursor, 2)) if cursor else None
-    rows = await st.store.conversations(limit + 1, after)
+    rows = await st.store.conversations(owner, limit + 1, after)
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = encode_cursor(rows[-1]["updated_at"], rows[-1]["session_id"]) if more else None
@@ -1133,24 +1170,25 @@ async def list_conversations(request: Request) -> Response:
 
 async def create_conversation(request: Request) -> Response:
     st = state(request)
+    owner = owner_of(request)
     body = await read_json(request, st.settings.max_body_bytes, optional=True)
     check_fields(body, ("session_id", "title", "system_prompt", "model"))
     session_id = check_session_id(body["session_id"]) if body.get("session_id") is not None else str(uuid.uuid4())
     title = optional_text(body, "title", 200)
     prompt = optional_text(body, "system_prompt", st.settings.max_message_chars)
     model = check_model(st.settings, body.get("model"))
-    if not await st.store.create_conversation(session_id, title, prompt, model):
+    if not await st.store.create_conversation(owner, session_id, title, prompt, model):
         raise ApiError(409, "conversation_exists", f"A conversation with session_id '{session_id}' already exists.")
-    row = await conversation_or_404(request, session_id)
+    row = await conversation_or_404(request, (owner, session_id))
     return JSONResponse(present_conversation(st.settings, row), status_code=201)
 
 
 async def get_conversation(request: Request) -> Response:
     st = state(request)
-    session_id = check_session_id(request.path_params["session_id"])
+    key = conversation_key(request)
     limit = query_int(request, "limit", 50, 1, 500)
-    row = await conversation_or_404(request, session_id)
-    messages = await st.store.messages(session_id, limit)
+    row = await conversation_or_404(request, key)
+    messages = await st.store.messages(*key, limit)
     body = present_conversation(st.settings, row)
     body["messages"] = [present_message(m, row["context_start"]) for m in reversed(messages)]
     return JSONResponse(body)
@@ -1158,24 +1196,20 @@ async def get_conversation(request: Request) -> Response:
 
 async def list_messages(request: Request) -> Response:
     st = state(request)
-    session_id = check_session_id(request.path_params["session_id"])
+    key = conversation_key(request)
     limit = query_int(request, "limit", 50, 1, 500)
     before = request.query_params.get("before") or request.query_params.get("cursor")
-    row = await conversation_or_404(request, session_id)
-    rows = await st.store.messages(session_id, limit + 1, before)
+    row = await conversation_or_404(request, key)
+    rows = await st.store.messages(*key, limit + 1, before)
     more = len(rows) > limit
     rows = rows[:limit]
-    return JSONResponse(
-        {
-            "messages": [present_message(m, row["context_start"]) for m in reversed(rows)],
-            "next_cursor": rows[-1]["id"] if more else None,
-        }
-    )
+    messages = [present_message(m, row["context_start"]) for m in reversed(rows)]
+    return JSONResponse({"messages": messages, "next_cursor": rows[-1]["id"] if more else None})
 
 
 async def update_conversation(request: Request) -> Response:
     st = state(request)
-    session_id = check_session_id(request.path_params["session_id"])
+    key = conversation_key(request)
     body = await read_json(request, st.settings.max_body_bytes)
     check_fields(body, ("title", "system_prompt", "model"))
     changes: dict[str, Any] = {}
@@ -1185,30 +1219,30 @@ async def update_conversation(request: Request) -> Response:
         changes["system_prompt"] = optional_text(body, "system_prompt", st.settings.max_message_chars)
     if "model" in body:
         changes["model"] = check_model(st.settings, body["model"])
-    if changes and not await st.store.update_conversation(session_id, changes):
-        raise not_found(session_id)
-    row = await conversation_or_404(request, session_id)
+    if changes and not await st.store.update_conversation(*key, changes):
+        raise not_found(key[1])
+    row = await conversation_or_404(request, key)
     return JSONResponse(present_conversation(st.settings, row))
 
 
 async def delete_conversation(request: Request) -> Response:
     st = state(request)
-    session_id = check_session_id(request.path_params["session_id"])
-    await st.generations.stop(session_id)  # its answer ends first, so nothing writes after the delete
-    if not await st.store.delete_conversation(session_id):
-        raise not_found(session_id)
+    key = conversation_key(request)
+    await st.generations.stop(key)  # its answer ends first, so nothing writes after the delete
+    if not await st.store.delete_conversation(*key):
+        raise not_found(key[1])
     return Response(status_code=204)
 
 
 async def clear_context(request: Request) -> Response:
     st = state(request)
-    session_id = check_session_id(request.path_params["session_id"])
+    key = conversation_key(request)
     purge = request.query_params.get("purge", "false").lower()
     if purge not in ("true", "false", "1", "0"):
         raise invalid("'purge' must be true or false.")
-    if not await st.store.clear_context(session_id, purge in ("true", "1")):
-        raise not_found(session_id)
-    row = await conversation_or_404(request, session_id)
+    if not await st.store.clear_context(*key, purge in ("true", "1")):
+        raise not_found(key[1])
+    row = await conversation_or_404(request, key)
     return JSONResponse(present_conversation(st.settings, row))
 
 
@@ -1216,28 +1250,21 @@ async def start_answer(request: Request) -> Generation:
     """Validate a chat request, store the user's message, and start the answer."""
     st = state(request)
     s: Settings = st.settings
-    session_id = check_session_id(request.path_params["session_id"])
+    owner, session_id = conversation_key(request)
     chat = parse_chat(s, await read_json(request, s.max_body_bytes))
     if not s.dashscope_api_key:
         raise ApiError(503, "not_configured", "No model service is configured: set DASHSCOPE_API_KEY.")
-    conversation = await st.store.conversation(session_id)
+    conversation = await st.store.conversation(owner, session_id)
     model = chat.model or (conversation and conversation["model"]) or s.chat_model
     system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
     build_context(system_prompt, [], chat.message, 0, s.max_context_tokens)  # 422 before anything is stored
     user_id, answer_id = new_message_id(), new_message_id()
-    await st.store.begin_turn(session_id, user_id, chat.message, answer_id, model)
-    history = await st.store.context_rows(
-        session_id, conversation["context_start"] if conversation else "", user_id, 2 * s.max_context_messages + 2
-    )
+    await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
+    context_start = conversation["context_start"] if conversation else ""
+    history = await st.store.context_rows(owner, session_id, context_start, user_id, 2 * s.max_context_messages + 2)
     messages = build_context(system_prompt, history, chat.message, s.max_context_messages, s.max_context_tokens)
-    payload = {
-        "model": model,
-        "messages": messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-        **chat.options,
-    }
-    return st.generations.start(session_id, answer_id, model, payload)
+    payload = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+    return st.generations.start(owner, session_id, answer_id, model, {**payload, **chat.options})
 
 
 async def chat(request: Request) -> Response:
@@ -1248,15 +1275,9 @@ async def chat(request: Request) -> Response:
         error.extra.update(message_id=gen.message_id, partial_text=gen.full_text)
         raise error
     return JSONResponse(
-        {
-            "session_id": gen.session_id,
-            "response": gen.full_text,
-            "message_id": gen.message_id,
-            "model": gen.model,
-            "finish_reason": gen.finish_reason,
-            "usage": gen.usage,
-        }
-    )
+        {"session_id": gen.session_id, "response": gen.full_text, "message_id": gen.message_id, "model": gen.model,
+         "finish_reason": gen.finish_reason, "usage": gen.usage}
+    )  # fmt: skip
 
 
 RETRY = b"retry: 1000\n\n"  # once per connection: EventSource reconnects after 1 s
@@ -1292,9 +1313,9 @@ def parse_event_id(value: str | None) -> tuple[str, int] | None:
 async def channel(request: Request) -> Response:
     """The conversation's event channel for EventSource (CONTRACT.md, "GET .../stream")."""
     st = state(request)
-    session_id = check_session_id(request.path_params["session_id"])
+    key = conversation_key(request)
     last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    return event_stream(request, channel_events(st.generations, st.store, session_id, parse_event_id(last)))
+    return event_stream(request, channel_events(st.generations, st.store, key, parse_event_id(last)))
 
 
 # How long a fresh listener waits for a new answer before replaying an unseen finished one: the
@@ -1303,38 +1324,38 @@ REPLAY_WAIT = 0.5
 
 
 async def channel_events(
-    gens: Generations, store: Store, session_id: str, resume: tuple[str, int] | None
+    gens: Generations, store: Store, key: tuple[str, str], resume: tuple[str, int] | None
 ) -> AsyncIterator[bytes]:
     yield RETRY
-    previous = gens.latest.get(session_id)  # by default nothing that exists now is replayed
+    previous = gens.latest.get(key)  # by default nothing that exists now is replayed
     gen, position = None, 0
     if resume is not None:  # 1. after the last event the client saw
         message_id, seq = resume
         gen = gens.recent.get(message_id)
-        if gen is not None and gen.session_id == session_id:
+        if gen is not None and gen.key == key:
             position = seq + 1
         else:
             gen = None
-            row = await store.message(message_id)
-            if row and row["session_id"] == session_id and row["status"] != STREAMING:
+            row = await store.message(*key, message_id)
+            if row and row["status"] != STREAMING:
                 if row["last_seq"] is not None and seq < row["last_seq"]:  # its log is gone: send its end
-                    yield stored_final_event(session_id, row)
+                    yield stored_final_event(key[1], row)
                 if previous is not None and previous.message_id > message_id:
                     previous = None  # a newer answer than the one named: deliver it whole
-    elif session_id in gens.running:  # 2. the running answer, from its start
-        gen = gens.running[session_id]
+    elif key in gens.running:  # 2. the running answer, from its start
+        gen = gens.running[key]
     elif (
         previous is not None
         and not previous.delivered
         and time.monotonic() - previous.started < (gens.settings.replay_seconds)
     ):  # 3. a finished answer nobody on the channel has seen, unless a new one starts now
         try:
-            gen = await asyncio.wait_for(gens.next_after(session_id, previous), REPLAY_WAIT)
+            gen = await asyncio.wait_for(gens.next_after(key, previous), REPLAY_WAIT)
         except asyncio.TimeoutError:
             gen = previous
     while True:  # 4. then every later answer, live
         if gen is None:
-            gen, position = await gens.next_after(session_id, previous), 0
+            gen, position = await gens.next_after(key, previous), 0
         gen.delivered = True
         async for batch in gen.events(position):
             yield batch
@@ -1354,12 +1375,12 @@ def stored_final_event(session_id: str, row: dict) -> bytes:
 
 async def stop_answer(request: Request) -> Response:
     st = state(request)
-    session_id = check_session_id(request.path_params["session_id"])
-    gen = await st.generations.stop(session_id)
+    key = conversation_key(request)
+    gen = await st.generations.stop(key)
     if gen is None:
-        await conversation_or_404(request, session_id)
+        await conversation_or_404(request, key)
     return JSONResponse(
-        {"session_id": session_id, "stopped": bool(gen and gen.status == STOPPED),
+        {"session_id": key[1], "stopped": bool(gen and gen.status == STOPPED),
          "message_id": gen.message_id if gen else None}
     )  # fmt: skip
 
