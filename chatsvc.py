@@ -21,6 +21,7 @@ import re
 import signal
 import sqlite3
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -711,6 +712,8 @@ class Generation:
     delivered: bool = False  # a channel listener has received it (replay rule 3 of the contract)
     stop_reason: str | None = None  # why the task was cancelled: stopped / timeout / interrupted
     finishing: bool = False  # the final write has begun: cancelling now would lose it
+    first_token_at: float | None = None
+    request_id: str | None = None
     task: asyncio.Task | None = None
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -758,6 +761,8 @@ class Generations:
         self.recent: dict[str, Generation] = {}  # by message_id, running or finished
         self.latest: dict[tuple[str, str], Generation] = {}  # the newest kept
         self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}  # channel listeners waiting
+        self.draining = False  # shutting down: no new answers
+        self.closed = False  # shut down: channel streams end
 
     def start(self, owner: str, session_id: str, message_id: str, model: str, payload: dict) -> Generation:
         gen = Generation(owner, session_id, message_id, model)
@@ -769,9 +774,9 @@ class Generations:
                 waiter.set_result(None)
         return gen
 
-    async def next_after(self, key: tuple[str, str], previous: Generation | None) -> Generation:
-        """Wait for an answer in this conversation newer than `previous`."""
-        while True:
+    async def next_after(self, key: tuple[str, str], previous: Generation | None) -> Generation | None:
+        """Wait for an answer in this conversation newer than `previous` (None once shut down)."""
+        while not self.closed:
             gen = self.latest.get(key)
             if gen is not None and gen is not previous and (previous is None or gen.started >= previous.started):
                 return gen
@@ -785,6 +790,7 @@ class Generations:
                     waiters.discard(waiter)
                     if not waiters:
                         del self._waiters[key]
+        return None
 
     async def stop(self, key: tuple[str, str], reason: str = STOPPED) -> Generation | None:
         """Cancel the running answer; returns once it is stored and its readers got `end`."""
@@ -796,13 +802,20 @@ class Generations:
         return gen
 
     async def shutdown(self, grace: float) -> None:
-        """Give running answers `grace` seconds, then store the rest as interrupted."""
-        running = list(self.running.values())
+        """Refuse new answers, give running ones `grace` seconds, store the rest as interrupted
+        (their readers get an `error` event), then end every channel stream."""
+        self.draining = True
+        running = [asyncio.ensure_future(g.done.wait()) for g in self.running.values()]
         if running:
-            await asyncio.wait([g.done.wait() for g in running], timeout=grace) if grace > 0 else None
+            await asyncio.wait(running, timeout=grace) if grace > 0 else None
             for gen in list(self.running.values()):
                 gen.cancel(INTERRUPTED)
-            await asyncio.gather(*(g.done.wait() for g in running))
+            await asyncio.gather(*running)
+        self.closed = True
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def _run(self, gen: Generation, payload: dict) -> None:
         s = self.settings
@@ -812,6 +825,8 @@ class Generations:
             for attempt in range(s.upstream_retries + 1):
                 try:
                     async for delta in stream_completion(self.client, s, payload):
+                        if gen.first_token_at is None and (delta.content or delta.reasoning):
+                            gen.first_token_at = time.monotonic()
                         if delta.reasoning:
                             gen.reasoning.append(delta.reasoning)
                             gen.emit("reasoning", {"content": delta.reasoning})
@@ -895,16 +910,15 @@ class Generations:
         gen.done.set()
         if self.running.get(gen.key) is gen:
             del self.running[gen.key]
+        usage = gen.usage or {}
+        ttft = f"{(gen.first_token_at - gen.started) * 1000:.1f}" if gen.first_token_at else "-"
         log.info(
-            "answer session=%s message=%s model=%s status=%s duration_ms=%d retries=%d tokens=%s",
-            gen.session_id,
-            gen.message_id,
-            gen.model,
-            gen.status,
-            (time.monotonic() - gen.started) * 1000,
-            gen.retries,
-            (gen.usage or {}).get("total_tokens"),
-        )
+            "answer session=%s message=%s request_id=%s model=%s status=%s code=%s ttft_ms=%s duration_ms=%.1f"
+            " prompt_tokens=%s completion_tokens=%s retries=%d",
+            gen.session_id, gen.message_id, gen.request_id or "-", gen.model, gen.status,
+            error.code if error else "-", ttft, (time.monotonic() - gen.started) * 1000,
+            usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"), gen.retries,
+        )  # fmt: skip
         asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, gen)
 
     def _forget(self, gen: Generation) -> None:
@@ -1131,11 +1145,20 @@ def conversation_key(request: Request) -> tuple[str, str]:
     return owner_of(request), check_session_id(request.path_params["session_id"])
 
 
+def refuse_while_draining(request: Request) -> None:
+    if state(request).generations.draining:
+        raise ApiError(503, "shutting_down", "chatsvc is shutting down; try again in a moment.",
+                       headers={"Retry-After": "1"})  # fmt: skip
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
+    if state(request).generations.draining:  # load balancers stop sending new work here
+        body = {"status": "draining", "detail": "chatsvc is shutting down.", "code": "shutting_down"}
+        return JSONResponse(body, status_code=503)
     try:
         await asyncio.wait_for(state(request).store.ping(), timeout=2)
     except Exception as exc:
@@ -1251,6 +1274,7 @@ async def start_answer(request: Request) -> Generation:
     st = state(request)
     s: Settings = st.settings
     owner, session_id = conversation_key(request)
+    refuse_while_draining(request)
     chat = parse_chat(s, await read_json(request, s.max_body_bytes))
     if not s.dashscope_api_key:
         raise ApiError(503, "not_configured", "No model service is configured: set DASHSCOPE_API_KEY.")
@@ -1264,7 +1288,9 @@ async def start_answer(request: Request) -> Generation:
     history = await st.store.context_rows(owner, session_id, context_start, user_id, 2 * s.max_context_messages + 2)
     messages = build_context(system_prompt, history, chat.message, s.max_context_messages, s.max_context_tokens)
     payload = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
-    return st.generations.start(owner, session_id, answer_id, model, {**payload, **chat.options})
+    gen = st.generations.start(owner, session_id, answer_id, model, {**payload, **chat.options})
+    gen.request_id = request.scope.get("request_id")
+    return gen
 
 
 async def chat(request: Request) -> Response:
@@ -1314,6 +1340,7 @@ async def channel(request: Request) -> Response:
     """The conversation's event channel for EventSource (CONTRACT.md, "GET .../stream")."""
     st = state(request)
     key = conversation_key(request)
+    refuse_while_draining(request)
     last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     return event_stream(request, channel_events(st.generations, st.store, key, parse_event_id(last)))
 
@@ -1350,12 +1377,14 @@ async def channel_events(
         and time.monotonic() - previous.started < (gens.settings.replay_seconds)
     ):  # 3. a finished answer nobody on the channel has seen, unless a new one starts now
         try:
-            gen = await asyncio.wait_for(gens.next_after(key, previous), REPLAY_WAIT)
+            gen = await asyncio.wait_for(gens.next_after(key, previous), REPLAY_WAIT) or previous
         except asyncio.TimeoutError:
             gen = previous
     while True:  # 4. then every later answer, live
         if gen is None:
             gen, position = await gens.next_after(key, previous), 0
+            if gen is None:  # the service is shutting down: EventSource reconnects elsewhere
+                return
         gen.delivered = True
         async for batch in gen.events(position):
             yield batch
@@ -1409,6 +1438,30 @@ async def internal_error_handler(request: Request, exc: Exception) -> Response:
     return ApiError(500, "internal_error", "Something went wrong inside chatsvc; the error is in its log.").response()
 
 
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestID:
+    """Echo the caller's X-Request-ID (or a new one) on the response, and keep it for the logs."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex.encode()
+        scope["request_id"] = request_id.decode()
+
+        async def send_with_id(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
 class TokenAuth:
     """With CHATSVC_API_TOKEN set, every /api/ request must carry it (constant-time compare)."""
 
@@ -1442,6 +1495,34 @@ class TokenAuth:
         return query is not None and hmac.compare_digest(query.encode(), self.token)
 
 
+def drain_on_sigterm(gens: Generations, grace: float) -> None:
+    """Under uvicorn (which handles SIGTERM in the main thread), a SIGTERM first drains: new
+    answers are refused, running ones get `grace` seconds, the rest are stored as interrupted
+    and their readers told so. Only then does the server's own handler start its shutdown,
+    which closes what streams remain. A second SIGTERM shuts down at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    server_handler = signal.getsignal(signal.SIGTERM)
+    if not callable(server_handler):
+        return
+    loop = asyncio.get_running_loop()
+
+    async def drain() -> None:
+        log.info("SIGTERM: draining %d running answer(s) for up to %g s", len(gens.running), grace)
+        await gens.shutdown(grace)
+        await asyncio.sleep(0.1)  # let the streams write their last events
+        server_handler(signal.SIGTERM, None)
+
+    def on_sigterm(sig: int, frame: Any) -> None:
+        if gens.draining:
+            server_handler(sig, frame)
+        else:
+            gens.draining = True
+            loop.call_soon_threadsafe(lambda: setattr(gens, "drain_task", loop.create_task(drain())))
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
 
@@ -1455,6 +1536,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         client = new_upstream_client(settings)
         app.state.settings, app.state.store = settings, store
         app.state.generations = Generations(settings, store, client)
+        drain_on_sigterm(app.state.generations, settings.shutdown_grace)
         try:
             yield
         finally:
@@ -1483,10 +1565,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
-            expose_headers=["Retry-After"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
+            expose_headers=["Retry-After", "X-Request-ID"],
             max_age=600,
         ),
+        Middleware(RequestID),
         Middleware(TokenAuth, token=settings.api_token),
     ]
     handlers = {ApiError: api_error_handler, HTTPException: http_error_handler, Exception: internal_error_handler}
@@ -1506,12 +1589,32 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 0 if argv[0] in ("-h", "--help") else 2
     settings = Settings.from_env()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(settings.log_level.upper())
+    raise_open_file_limit()
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down; a no-op handler there makes a clean
     # shutdown exit 0, which is what container runtimes and supervisors expect.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+        timeout_graceful_shutdown=5,  # after the drain (see drain_on_sigterm), what is left goes
+    )  # fmt: skip
     return 0
+
+
+def raise_open_file_limit() -> None:
+    """Every held stream costs two sockets (client and upstream): allow as many as the system does."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def __getattr__(name: str) -> Any:
