@@ -39,7 +39,7 @@ from starlette.datastructures import CommaSeparatedStrings
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -972,10 +972,13 @@ async def read_json(request: Request, limit: int, optional: bool = False) -> dic
     if declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
     body = bytearray()
-    async for piece in request.stream():
-        body += piece
-        if len(body) > limit:
-            raise too_large(limit)
+    try:
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise too_large(limit)
+    except ClientDisconnect:  # nobody is left to answer; not a server error
+        raise ApiError(400, "client_disconnected", "The connection closed before the body was complete.") from None
     if not body.strip() and optional:
         return {}
     try:
@@ -997,13 +1000,24 @@ def check_fields(body: dict, allowed: tuple[str, ...]) -> None:
         raise invalid(f"Unknown field '{unknown[0]}'. Allowed fields: {', '.join(allowed)}.")
 
 
+def storable(name: str, value: str, max_chars: int) -> str:
+    """Text every database can store and every client can read back exactly."""
+    if len(value) > max_chars:
+        raise invalid(f"'{name}' is longer than {max_chars} characters.")
+    if "\x00" in value:
+        raise invalid(f"'{name}' must not contain NUL characters (U+0000).")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise invalid(f"'{name}' contains an unpaired surrogate (\\ud800-\\udfff): it is not valid Unicode.") from None
+    return value
+
+
 def optional_text(body: dict, name: str, max_chars: int) -> str | None:
     value = body.get(name)
     if value is not None and not isinstance(value, str):
         raise invalid(f"'{name}' must be a string or null.")
-    if value is not None and len(value) > max_chars:
-        raise invalid(f"'{name}' is longer than {max_chars} characters.")
-    return value
+    return None if value is None else storable(name, value, max_chars)
 
 
 def number(body: dict, name: str, low: float, high: float, low_open: bool, high_open: bool, rule: str):
@@ -1050,8 +1064,7 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
         raise invalid("'message' is required and must be a string.")
     if not message.strip():
         raise invalid("'message' must not be blank.")
-    if len(message) > settings.max_message_chars:
-        raise invalid(f"'message' is longer than {settings.max_message_chars} characters.")
+    storable("message", message, settings.max_message_chars)
     options = {
         "temperature": number(body, "temperature", 0, 2, False, True, "a number from 0 up to (not including) 2"),
         "top_p": number(body, "top_p", 0, 1, True, False, "a number above 0 and at most 1"),
@@ -1438,6 +1451,22 @@ async def internal_error_handler(request: Request, exc: Exception) -> Response:
     return ApiError(500, "internal_error", "Something went wrong inside chatsvc; the error is in its log.").response()
 
 
+MAX_HEADER_BYTES = 65536
+
+
+class HeaderLimit:
+    """431 for requests whose headers total over 64 KiB (uvicorn's httptools parser sets no bound)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+            detail = f"The request headers are larger than {MAX_HEADER_BYTES} bytes."
+            return await ApiError(431, "headers_too_large", detail).response()(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -1495,6 +1524,18 @@ class TokenAuth:
         return query is not None and hmac.compare_digest(query.encode(), self.token)
 
 
+_ACCESS_TOKEN_IN_URL = re.compile(r"(access_token=)[^&\s]*")
+
+
+def redact_access_tokens(record: logging.LogRecord) -> bool:
+    """A logging filter: EventSource sends the API token in the query string; access logs must not show it."""
+    if isinstance(record.args, tuple):
+        record.args = tuple(
+            _ACCESS_TOKEN_IN_URL.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args
+        )
+    return True
+
+
 def drain_on_sigterm(gens: Generations, grace: float) -> None:
     """Under uvicorn (which handles SIGTERM in the main thread), a SIGTERM first drains: new
     answers are refused, running ones get `grace` seconds, the rest are stored as interrupted
@@ -1537,6 +1578,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         app.state.settings, app.state.store = settings, store
         app.state.generations = Generations(settings, store, client)
         drain_on_sigterm(app.state.generations, settings.shutdown_grace)
+        logging.getLogger("uvicorn.access").addFilter(redact_access_tokens)
         try:
             yield
         finally:
@@ -1570,6 +1612,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             max_age=600,
         ),
         Middleware(RequestID),
+        Middleware(HeaderLimit),
         Middleware(TokenAuth, token=settings.api_token),
     ]
     handlers = {ApiError: api_error_handler, HTTPException: http_error_handler, Exception: internal_error_handler}

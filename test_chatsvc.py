@@ -430,6 +430,8 @@ def test_token_estimate_counts_cjk_as_one_token_each():
         ({"json": {"message": "hi", "enable_thinking": "yes"}}, 422, "invalid_request", "'enable_thinking'"),
         ({"json": {"message": "hi", "mesage": "typo"}}, 422, "invalid_request", "Unknown field 'mesage'"),
         ({"content": b'{"message": "' + b"x" * 300 + b'"}'}, 413, "payload_too_large", "larger than 256 bytes"),
+        ({"content": b'{"message": "\\ud800"}'}, 422, "invalid_request", "unpaired surrogate"),
+        ({"json": {"message": "a\x00b"}}, 422, "invalid_request", "NUL"),
     ],
 )
 def test_bad_chat_input(make_service, fake, kwargs, status, code, words):
@@ -591,7 +593,7 @@ def test_message_object_shape(client):
 
 
 def test_sql_metacharacters_round_trip(client):
-    nasty = "'; DROP TABLE messages; -- 100% \\ :name %(x)s \x00\x07 😀 \u2028"
+    nasty = "'; DROP TABLE messages; -- 100% \\ :name %(x)s \x01\x07 😀 \u2028"
     client.post(f"{API}/context/conversations", json={"session_id": "q", "title": nasty, "system_prompt": nasty})
     r = client.post(f"{API}/chat/q", json={"message": nasty})
     assert r.status_code == 200

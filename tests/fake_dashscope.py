@@ -12,6 +12,7 @@ import asyncio
 import json
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,7 +140,7 @@ class Seen:
 class FakeDashScope:
     def __init__(self) -> None:
         self.replies: deque[Reply] = deque()
-        self.default = Reply.transcript("stream_usage.sse")
+        self.default: Reply | Callable[[Seen], Reply] = Reply.transcript("stream_usage.sse")  # or made per request
         self.requests: list[Seen] = []
         self.loop = asyncio.new_event_loop()
         self.port = 0
@@ -199,7 +200,9 @@ class FakeDashScope:
                 except ValueError:
                     body = None
                 self.requests.append(Seen(method, path, headers, body, self.loop.time()))
+                seen = self.requests[-1]
                 reply = self.replies.popleft() if self.replies else self.default
+                reply = reply(seen) if callable(reply) else reply
                 if not await self._answer(reply, writer):
                     return
         except (ConnectionError, asyncio.IncompleteReadError):

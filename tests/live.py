@@ -18,7 +18,10 @@ class LiveServer:
 
     def __init__(self, settings: chatsvc.Settings):
         self.app = chatsvc.create_app(settings)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=2)
+        # log_config=None: uvicorn's records reach the root logger, where the test run scans them for secrets
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=0, log_level="info", log_config=None, timeout_graceful_shutdown=2
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="chatsvc-live", daemon=True)
         self._readers: list[SSEReader] = []
@@ -54,7 +57,7 @@ class LiveServer:
         return len(self.generations._waiters.get(("", session_id), ()))
 
     def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=10, **kw)
+        return httpx.Client(**{"base_url": self.url, "timeout": 10, **kw})
 
 
 class Event(dict):

@@ -4,6 +4,7 @@ Loaded as a pytest plugin (`-p support` in pyproject.toml), so every test file g
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -72,3 +73,37 @@ def service(make_service):
 def client(service):
     with service.client() as c:
         yield c
+
+
+# ── every log line of the run, scanned for secrets at the end ─────────────────────────
+
+SECRETS = ("sk-test-key", "s3cret", "tok-secret-123", "tok-do-not-log", "sk-do-not-log")
+
+
+class _Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name} {record.getMessage()}")
+
+
+_recorder = _Recorder()
+
+
+def pytest_configure(config):
+    logging.getLogger().addHandler(_recorder)
+    for name in ("chatsvc", "uvicorn", "httpx", "databases", "sse_starlette"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    leaks = [line for line in _recorder.lines if any(secret in line for secret in SECRETS)]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"log scan: {len(_recorder.lines)} log lines at INFO and above, {len(leaks)} with a secret")
+    if leaks:
+        for line in leaks[:20]:
+            reporter.write_line(f"SECRET IN LOG: {line}", red=True)
+        session.exitstatus = 1
