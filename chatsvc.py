@@ -41,7 +41,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 
 __version__ = "0.1.0"
 log = logging.getLogger("chatsvc")
@@ -161,13 +161,14 @@ def new_message_id() -> str:
     return f"{_last_id_us:014x}{uuid.uuid4().hex[:10]}"
 
 
-def schema_path() -> Path:
-    """schema.sql sits next to the module in a checkout; the wheel installs it as chatsvc_schema.sql."""
+def data_file(in_checkout: str, in_wheel: str) -> Path:
+    """A file shipped with the module: at its checkout path, or where the wheel installs it
+    (next to chatsvc.py, with a chatsvc_ prefix; see pyproject.toml)."""
     here = Path(__file__).resolve().parent
-    for name in ("chatsvc_schema.sql", "schema.sql"):
-        if (here / name).is_file():
-            return here / name
-    raise FileNotFoundError(f"schema.sql not found next to {__file__}")
+    for path in (here / in_wheel, here / in_checkout):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{in_checkout} not found next to {__file__}")
 
 
 class _SQLiteConnection(sqlite3.Connection):
@@ -231,7 +232,7 @@ class Store:
             await self._conn.__aenter__()
             self._raw = self._conn.raw_connection
             self._raw.row_factory = sqlite3.Row
-        for statement in schema_path().read_text(encoding="utf-8").split(";"):
+        for statement in data_file("schema.sql", "chatsvc_schema.sql").read_text(encoding="utf-8").split(";"):
             lines = [ln for ln in statement.splitlines() if not ln.strip().startswith("--")]
             if "".join(lines).strip():
                 await self._run("\n".join(lines))
@@ -447,6 +448,13 @@ def build_context(
     """System prompt, then the newest usable history within both budgets (in order), then the
     new message. Failed turns and empty answers are left out, with the question that led to them."""
     budget = max_tokens - estimate_tokens(system_prompt) - estimate_tokens(message)
+    if estimate_tokens(system_prompt) >= max_tokens:
+        raise ApiError(
+            422,
+            "context_too_long",
+            f"The conversation's system prompt (about {estimate_tokens(system_prompt)} tokens) leaves no room in the"
+            f" context budget ({max_tokens} tokens, CHATSVC_MAX_CONTEXT_TOKENS). Shorten the system prompt.",
+        )
     if budget < 0:
         raise ApiError(
             422,
@@ -1088,7 +1096,10 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
         "max_tokens": body.get("max_tokens"),
         "enable_thinking": body.get("enable_thinking"),
     }
-    if options["max_tokens"] is not None and (type(options["max_tokens"]) is not int or options["max_tokens"] < 1):
+    max_tokens = options["max_tokens"]
+    if isinstance(max_tokens, float) and max_tokens.is_integer():  # 100.0 is a whole number in JSON
+        options["max_tokens"] = max_tokens = int(max_tokens)
+    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
         raise invalid("'max_tokens' must be a whole number of at least 1.")
     if options["enable_thinking"] is not None and not isinstance(options["enable_thinking"], bool):
         raise invalid("'enable_thinking' must be true or false.")
@@ -1179,6 +1190,19 @@ def refuse_while_draining(request: Request) -> None:
     if state(request).generations.draining:
         raise ApiError(503, "shutting_down", "chatsvc is shutting down; try again in a moment.",
                        headers={"Retry-After": "1"})  # fmt: skip
+
+
+def openapi_document(settings: Settings) -> bytes:
+    """docs/openapi.json, with the models this configuration accepts filled in."""
+    doc = json.loads(data_file("docs/openapi.json", "chatsvc_openapi.json").read_bytes())
+    schemas = doc["components"]["schemas"]
+    for name in ("ChatRequest", "ConversationCreate", "ConversationPatch"):
+        schemas[name]["properties"]["model"]["enum"] = [*settings.models, None]
+    return json.dumps(doc, ensure_ascii=False).encode()
+
+
+async def openapi(request: Request) -> Response:
+    return Response(state(request).openapi, media_type="application/json")
 
 
 async def healthz(request: Request) -> Response:
@@ -1456,10 +1480,10 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
         return ApiError(404, "not_found", f"There is no route {request.url.path}.").response()
-    if exc.status_code == 405:
-        return ApiError(
-            405, "method_not_allowed", f"{request.method} is not allowed on {request.url.path}.", headers=exc.headers
-        ).response()
+    if exc.status_code == 405:  # Allow lists the methods of every route on this path, not just the first
+        allowed = {m for r in request.app.routes if r.matches(request.scope)[0] != Match.NONE for m in r.methods or ()}
+        detail = f"{request.method} is not allowed on {request.url.path}; use {', '.join(sorted(allowed))}."
+        return ApiError(405, "method_not_allowed", detail, headers={"Allow": ", ".join(sorted(allowed))}).response()
     return ApiError(exc.status_code, "http_error", str(exc.detail), headers=exc.headers).response()
 
 
@@ -1593,6 +1617,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             log.warning("marked %d answer(s) left streaming by an earlier process as interrupted", recovered)
         client = new_upstream_client(settings)
         app.state.settings, app.state.store = settings, store
+        app.state.openapi = openapi_document(settings)
         app.state.generations = Generations(settings, store, client)
         drain_on_sigterm(app.state.generations, settings.shutdown_grace)
         logging.getLogger("uvicorn.access").addFilter(redact_access_tokens)
@@ -1607,6 +1632,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/openapi.json", openapi),
         Route(f"{api}/context/conversations", list_conversations, methods=["GET"]),
         Route(f"{api}/context/conversations", create_conversation, methods=["POST"]),
         Route(f"{api}/context/conversations/{{session_id}}", get_conversation, methods=["GET"]),

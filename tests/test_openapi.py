@@ -1,0 +1,60 @@
+"""The OpenAPI document at /openapi.json matches the app, and schemathesis finds no 5xx and no
+response that breaks the document, against the running service and the fake DashScope."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fake_dashscope import Reply
+from live import LiveServer
+from starlette.routing import Route
+
+import chatsvc
+
+DOC = json.loads((Path(__file__).resolve().parent.parent / "docs" / "openapi.json").read_text())
+
+
+def test_every_route_is_documented_and_every_documented_route_exists():
+    app = chatsvc.create_app(chatsvc.Settings.from_env({}, env_file=None))
+    served = {(m.lower(), r.path) for r in app.routes if isinstance(r, Route) for m in r.methods - {"HEAD"}}
+    documented = {(m, path) for path, ops in DOC["paths"].items() for m in ops}
+    assert served == documented
+
+
+def test_the_document_is_served(client):
+    r = client.get("/openapi.json")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    served = r.json()
+    for name in ("ChatRequest", "ConversationCreate", "ConversationPatch"):
+        assert served["components"]["schemas"][name]["properties"]["model"].pop("enum") == ["qwen-plus", None]
+    assert served == DOC
+
+
+def test_schemathesis_finds_no_5xx_and_no_nonconforming_response(tmp_path, fake, make_service):
+    """Runs the schemathesis CLI against the running service: every check, a bounded number of
+    examples per operation, the stateful phase included."""
+    fake.default = Reply.answer(["fuzzed", " answer"])
+    # A context budget large enough for any schema-valid message and system prompt: the budget is a
+    # limit on their sum, which no schema can state (test_chatsvc.py tests it).
+    service = make_service(CHATSVC_MAX_BODY_BYTES="65536", CHATSVC_MAX_CONTEXT_TOKENS="100000")
+    with LiveServer(service.settings) as live:
+        command = [
+            sys.executable, "-m", "schemathesis.cli", "--config-file", str(Path(__file__).parent / "schemathesis.toml"),
+            "run", f"{live.url}/openapi.json",
+            "--checks", "all", "--max-examples", "25", "--seed", "1", "--workers", "1",
+            # Two stateful heuristics misread the contract's "a chat to an unknown session_id creates
+            # it": a conversation made by POST /chat/{id} then deleted reads as "created resource not
+            # found", and one deleted then made again by a chat as "deleted resource still available".
+            # (Both chains, replayed by hand, answer 404 where they should.)
+            "--exclude-checks", "ensure_resource_availability,use_after_free",
+            "--exclude-operation-id", "channel",
+            "--request-timeout", "10", "--max-time", "120", "--suppress-health-check", "all",
+            "--report", "junit", "--report-dir", str(tmp_path),
+        ]  # fmt: skip
+        # The event channel (GET .../stream) never ends by design; test_streaming.py covers it.
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    print(run.stdout[-3000:])
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
