@@ -229,7 +229,12 @@ class Store:
             # against 0.63 ms through `databases`' query path (and 0.06 ms against 0.75 ms with
             # 500 in flight, as `databases` serialises them behind a lock). See bench/store.py.
             self._conn = self.db.connection()
-            await self._conn.__aenter__()
+            try:
+                await self._conn.__aenter__()
+            except Exception:
+                self._conn = None
+                await asyncio.sleep(0.1)  # aiosqlite's thread reports its stop on this loop: let it, before it closes
+                raise
             self._raw = self._conn.raw_connection
             self._raw.row_factory = sqlite3.Row
         for statement in data_file("schema.sql", "chatsvc_schema.sql").read_text(encoding="utf-8").split(";"):
@@ -1662,19 +1667,80 @@ def create_app(settings: Settings | None = None) -> Starlette:
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
 
 
+CONFIGURATION_HELP = """\
+configuration (environment variables, or a .env file in the working directory):
+  DASHSCOPE_API_KEY                 the model service key (required to chat)
+  DASHSCOPE_BASE_URL                https://dashscope.aliyuncs.com/compatible-mode/v1 (any OpenAI-compatible URL)
+  CHAT_MODEL, CHATSVC_ALLOWED_MODELS  qwen-plus; further models clients may pick (comma-separated)
+  SYSTEM_PROMPT                     You are a helpful assistant.
+  DATABASE_URL                      sqlite+aiosqlite:///./chatsvc.db (or postgresql://...)
+  CHATSVC_API_TOKEN                 bearer token required on /api/ (none)
+  CHATSVC_USER_HEADER               header naming the user who owns conversations (none)
+  CHATSVC_CORS_ORIGINS              browser origins allowed to call (none)
+  CHATSVC_MAX_CONTEXT_MESSAGES / _TOKENS   20 / 6000
+  CHATSVC_MAX_MESSAGE_CHARS / CHATSVC_MAX_BODY_BYTES   32000 / 262144
+  CHATSVC_UPSTREAM_CONNECT_TIMEOUT / _IDLE_TIMEOUT / _TOTAL_TIMEOUT   10 / 60 / 300 s
+  CHATSVC_UPSTREAM_RETRIES          2
+  CHATSVC_REPLAY_SECONDS / CHATSVC_CHECKPOINT_SECONDS / CHATSVC_PING_SECONDS   30 / 1 / 15
+  CHATSVC_SHUTDOWN_GRACE            10 s for running answers after SIGTERM
+  HOST / PORT / LOG_LEVEL           0.0.0.0 / 8000 / info
+"""
+
+
+async def check(settings: Settings, upstream: bool) -> list[str]:
+    """What keeps this configuration from working, as sentences; empty when all is well."""
+    problems = []
+    if not settings.dashscope_api_key:
+        problems.append("DASHSCOPE_API_KEY is not set: chat requests would answer 503 not_configured.")
+    store = Store(settings.database_url)
+    try:
+        await asyncio.wait_for(store.open(), timeout=10)
+        await store.ping()
+    except Exception as exc:
+        problems.append(f"The database at DATABASE_URL cannot be used: {type(exc).__name__}: {exc}")
+    finally:
+        with contextlib.suppress(Exception):
+            await store.close()
+    if upstream and settings.dashscope_api_key:
+        payload = {"model": settings.chat_model, "messages": [{"role": "user", "content": "ping"}], "stream": True,
+                   "max_tokens": 1, "stream_options": {"include_usage": True}}  # fmt: skip
+        async with new_upstream_client(settings) as client:
+            try:
+                async for _ in stream_completion(client, settings, payload):
+                    pass
+            except UpstreamError as exc:
+                problems.append(f"The model service at DASHSCOPE_BASE_URL did not answer a test call: {exc.detail}")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The `chatsvc` command: start the server with HOST / PORT / LOG_LEVEL."""
+    """The `chatsvc` command: start the server (HOST / PORT / LOG_LEVEL), or check the configuration."""
+    import argparse
+
     import uvicorn
 
-    argv = sys.argv[1:] if argv is None else argv
-    if argv:
-        print(
-            __doc__.strip().splitlines()[0] + "\n\nusage: chatsvc  (configure with environment variables"
-            " or .env; see README.md)",
-            file=sys.stderr if argv[0] not in ("-h", "--help") else sys.stdout,
-        )
-        return 0 if argv[0] in ("-h", "--help") else 2
-    settings = Settings.from_env()
+    parser = argparse.ArgumentParser(
+        prog="chatsvc", description=__doc__.strip().splitlines()[0], epilog=CONFIGURATION_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    parser.add_argument("--check", action="store_true", help="check the configuration and the database, then exit")
+    parser.add_argument("--check-upstream", action="store_true",
+                        help="also make one tiny model call with the key (costs a few tokens)")  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"chatsvc {__version__}")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = Settings.from_env()
+    except (ValueError, KeyError) as exc:
+        print(f"chatsvc: bad configuration: {exc}", file=sys.stderr)
+        return 2
+    if args.check or args.check_upstream:
+        problems = asyncio.run(check(settings, upstream=args.check_upstream))
+        for problem in problems:
+            print(f"chatsvc: {problem}", file=sys.stderr)
+        if not problems:
+            checked = "configuration, database" + (" and model service" if args.check_upstream else "")
+            print(f"chatsvc: {checked} OK ({settings.dashscope_base_url}, model {settings.chat_model})")
+        return 1 if problems else 0
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     log.addHandler(handler)

@@ -4,12 +4,17 @@ on SIGTERM. Used by .ci/run after installing the built wheel into a fresh venv.
 
     python tests/smoke_installed.py chatsvc
     python tests/smoke_installed.py uvicorn chatsvc:app --port {port}
+    python tests/smoke_installed.py --dockerfile Dockerfile
+
+With --dockerfile, the command is the image's CMD, run with the image's ENV (its /data volume
+mapped to ./data), and the image's HEALTHCHECK command must pass against it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,12 +33,36 @@ def request(url: str, body: dict | None = None) -> tuple[int, dict]:
         return r.status, json.loads(r.read())
 
 
-def main(command: list[str]) -> int:
+def dockerfile_instructions(path: str) -> dict[str, str]:
+    """The last CMD, HEALTHCHECK and ENV instructions of a Dockerfile (line continuations joined)."""
+    text = re.sub(r"\\\n\s*", " ", Path(path).read_text())
+    found = {}
+    for line in text.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word in ("CMD", "HEALTHCHECK", "ENV"):
+            found[word] = rest.strip()
+    return found
+
+
+def main(argv: list[str]) -> int:
     fake = FakeDashScope().start()
     port = 18000 + os.getpid() % 1000
     env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(port), "DASHSCOPE_API_KEY": "sk-smoke",
            "DASHSCOPE_BASE_URL": fake.url}  # fmt: skip
     env.pop("DATABASE_URL", None)  # the default: a SQLite file in the working directory
+    database = Path("chatsvc.db")
+    healthcheck = None
+    if argv[0] == "--dockerfile":
+        image = dockerfile_instructions(argv[1])
+        command = json.loads(image["CMD"])
+        healthcheck = json.loads(image["HEALTHCHECK"].split(" CMD ", 1)[1])
+        for name, value in re.findall(r"(\w+)=(\S+)", image["ENV"]):
+            if name not in ("HOST", "PORT"):  # loopback and a free port here
+                env[name] = value.replace("/data/", f"{Path.cwd()}/data/")
+        Path("data").mkdir(exist_ok=True)
+        database = Path("data/chatsvc.db")
+    else:
+        command = argv
     command = [arg.replace("{port}", str(port)) for arg in command]
     server = subprocess.Popen(command, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -49,7 +78,10 @@ def main(command: list[str]) -> int:
                 time.sleep(0.2)
         status, body = request(f"{base}/api/v1/chat/smoke", {"message": "Who are you?"})
         assert status == 200 and body["response"].startswith("I am a large-scale language model"), body
-        assert Path("chatsvc.db").is_file(), "the default database is ./chatsvc.db"
+        assert database.is_file(), f"the database is {database}"
+        if healthcheck:
+            subprocess.run(healthcheck, env=env, check=True, timeout=10)
+            print(f"smoke: the image's HEALTHCHECK passed: {healthcheck[:2]}")
         print(f"smoke: {' '.join(command)} served /healthz and a chat from {os.getcwd()}")
     finally:
         server.send_signal(signal.SIGTERM)
