@@ -1009,7 +1009,7 @@ async def read_json(request: Request, limit: int, optional: bool = False) -> dic
                 raise too_large(limit)
     except ClientDisconnect:  # nobody is left to answer; not a server error
         raise ApiError(400, "client_disconnected", "The connection closed before the body was complete.") from None
-    if not body.strip() and optional:
+    if not body and optional:  # no body at all; whitespace is not JSON
         return {}
     try:
         data = json.loads(body)

@@ -546,6 +546,8 @@ def test_create_without_body_makes_a_random_id(client):
     a = client.post(f"{API}/context/conversations").json()["session_id"]
     b = client.post(f"{API}/context/conversations", json={}).json()["session_id"]
     assert a != b and len(a) == 36
+    r = client.post(f"{API}/context/conversations", content=b"\t")
+    assert r.status_code == 400 and r.json()["code"] == "invalid_json"
 
 
 def test_title_comes_from_the_first_line_cut_to_60(client):
