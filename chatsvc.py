@@ -283,6 +283,13 @@ class Store:
         row = await self._one(_CONVERSATION_SQL + " AND c.session_id = :sid", {"owner": owner, "sid": session_id})
         return row
 
+    async def chat_settings(self, owner: str, session_id: str) -> dict | None:
+        """What a chat needs of its conversation; no message counts, so its cost does not grow with history."""
+        return await self._one(
+            "SELECT system_prompt, model, context_start FROM conversations WHERE owner = :owner AND session_id = :sid",
+            {"owner": owner, "sid": session_id},
+        )
+
     async def conversations(self, owner: str, limit: int, after: tuple[str, str] | None) -> list[dict]:
         where, values = "", {"owner": owner, "limit": limit}
         if after:
@@ -1337,7 +1344,7 @@ async def start_answer(request: Request) -> Generation:
     chat = parse_chat(s, await read_json(request, s.max_body_bytes))
     if not s.dashscope_api_key:
         raise ApiError(503, "not_configured", "No model service is configured: set DASHSCOPE_API_KEY.")
-    conversation = await st.store.conversation(owner, session_id)
+    conversation = await st.store.chat_settings(owner, session_id)
     model = chat.model or (conversation and conversation["model"]) or s.chat_model
     system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
     build_context(system_prompt, [], chat.message, 0, s.max_context_tokens)  # 422 before anything is stored

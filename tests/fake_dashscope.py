@@ -249,3 +249,24 @@ class FakeDashScope:
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
+
+
+def bench_reply(seen: Seen) -> Reply:
+    """For benchmarks: the user's message "bench <chunks> <pause seconds>" sets the answer."""
+    _, chunks, pause = seen.body["messages"][-1]["content"].split()
+    return Reply.answer([f"t{i} " for i in range(int(chunks))], pause=float(pause), usage={"total_tokens": 1})
+
+
+if __name__ == "__main__":  # python tests/fake_dashscope.py: a standalone fake on its own process
+    import time
+
+    server = FakeDashScope()
+    server.default = bench_reply
+    server.start()
+    print(server.port, flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+            server.requests.clear()
+    except KeyboardInterrupt:
+        server.stop()

@@ -24,7 +24,14 @@ def words(message: str) -> list[str]:
 
 
 def test_500_concurrent_answers_with_reads_and_writes(service, fake, tmp_path):
-    fake.default = lambda seen: Reply.answer(words(seen.body["messages"][-1]["content"]), pause=0.05)
+    def reply(seen):
+        message = seen.body["messages"][-1]["content"]
+        # every tenth answer is probed with a second message while it runs: it holds for 5 s mid-way,
+        # so the probe meets it running however slowly the machine reads the `start` event
+        hold = {"stall_at": 10, "stall": 5.0} if int(message[1:]) % 10 == 0 else {}
+        return Reply.answer(words(message), pause=0.05, **hold)
+
+    fake.default = reply
     env = {**service.env, "CHATSVC_CHECKPOINT_SECONDS": "0.2", "CHATSVC_UPSTREAM_IDLE_TIMEOUT": "30"}
     server = ServerProcess(env, tmp_path).start()
     statuses: list[int] = []  # of the chats

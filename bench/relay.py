@@ -1,0 +1,276 @@
+"""What chatsvc costs between the model and the screen, measured side by side with the direct
+upstream in ONE run: the same load generator reads the fake DashScope directly (the limit, ratio
+1.0) and through chatsvc's POST /api/v1/chat/{id}/stream, alternating, scenario by scenario.
+
+    python bench/relay.py            # all scenarios, a few minutes on 2 cores
+    python bench/relay.py --quick    # smaller counts, for a smoke run
+
+Reports chunks/s, time to first chunk, added delay per chunk (arrival lateness through chatsvc
+minus directly, under the same pacing), chatsvc's CPU time per chunk and peak RSS, and the load
+generator's own CPU next to every figure. Loopback only; every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from procs import free_port  # noqa: E402
+from rawhttp import request  # noqa: E402
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def reset_peak_rss(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Result:
+    chunks: int = 0
+    ttfc: list[float] = field(default_factory=list)  # seconds from request to first chunk
+    lateness: list[float] = field(default_factory=list)  # per chunk: arrival - (first + i * pause)
+    errors: list[str] = field(default_factory=list)
+
+
+async def read_answer(port: int, path: str, body: dict, chunks: int, pause: float, via_chatsvc: bool,
+                      result: Result, listener_port_path: tuple | None = None) -> None:  # fmt: skip
+    started = time.perf_counter()
+    response = await request("127.0.0.1", port, "POST", path, body)
+    arrivals: list[float] = []
+    text: list[str] = []
+    full_text = None
+    buffer = b""
+    async for data in response.chunks():
+        now = time.perf_counter()
+        buffer += data
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            line = event[event.find(b"data: ") + 6 :] if b"data: " in event else b""
+            if not line or line == b"[DONE]":
+                continue
+            if via_chatsvc:
+                if b'"type":"chunk"' in line:
+                    arrivals.append(now)
+                elif b'"type":"end"' in line:
+                    full_text = json.loads(line)["data"]["full_text"]
+            else:
+                obj = json.loads(line)
+                content = "".join((c.get("delta") or {}).get("content") or "" for c in obj.get("choices") or ())
+                if content:
+                    arrivals.append(now)
+                    text.append(content)
+    if not via_chatsvc:
+        full_text = "".join(text)
+    expected = "".join(f"t{i} " for i in range(chunks))
+    if full_text != expected or len(arrivals) != chunks:
+        result.errors.append(f"{path}: {len(arrivals)} chunks, text ok: {full_text == expected}")
+        return
+    result.chunks += chunks
+    result.ttfc.append(arrivals[0] - started)
+    if pause:
+        result.lateness += [t - (arrivals[0] + i * pause) for i, t in enumerate(arrivals)]
+
+
+async def listen_once(port: int, session_id: str) -> int:
+    """A GET channel listener that reads one whole answer; returns the chunk events it saw."""
+    response = await request("127.0.0.1", port, "GET", f"/api/v1/chat/{session_id}/stream")
+    seen, buffer = 0, b""
+    async for data in response.chunks():
+        buffer += data
+        seen += buffer.count(b'"type":"chunk"')
+        if b'"type":"end"' in buffer or b'"type":"error"' in buffer:
+            response.close()
+            return seen
+        buffer = buffer[buffer.rfind(b"\n\n") + 2 :] if b"\n\n" in buffer else buffer
+    return seen
+
+
+async def run_scenario(target: str, ports: dict, answers: int, clients: int, chunks: int, pause: float,
+                       listeners: bool = False, tag: str = "") -> tuple[Result, float]:  # fmt: skip
+    result = Result()
+    queue = list(range(answers))
+    via = target == "chatsvc"
+
+    async def client_loop() -> None:
+        while queue:
+            i = queue.pop()
+            message = f"bench {chunks} {pause}"
+            if via:
+                sid = f"{tag}-{i}-{time.monotonic_ns()}"
+                listener = asyncio.ensure_future(listen_once(ports["chatsvc"], sid)) if listeners else None
+                if listener:
+                    await asyncio.sleep(0)  # let it connect first
+                await read_answer(ports["chatsvc"], f"/api/v1/chat/{sid}/stream", {"message": message}, chunks, pause,
+                                  True, result)  # fmt: skip
+                if listener and await asyncio.wait_for(listener, 30) != chunks:
+                    result.errors.append(f"listener of {sid} missed chunks")
+            else:
+                body = {"model": "qwen-plus", "stream": True, "messages": [{"role": "user", "content": message}]}
+                await read_answer(ports["fake"], "/compatible-mode/v1/chat/completions", body, chunks, pause, False,
+                                  result)  # fmt: skip
+
+    started = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(client_loop() for _ in range(clients))), timeout=300)
+    return result, time.perf_counter() - started
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def run(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="chatsvc-bench-"))
+    fake = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_dashscope.py")], stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    fake_port = int(fake.stdout.readline())
+    port = free_port()
+    env = {**os.environ, "DASHSCOPE_API_KEY": "sk-bench", "PORT": str(port), "HOST": "127.0.0.1",
+           "DASHSCOPE_BASE_URL": f"http://127.0.0.1:{fake_port}/compatible-mode/v1", "LOG_LEVEL": "warning",
+           "DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/bench.db", "PYTHONPATH": str(ROOT)}  # fmt: skip
+    prepare_history(workdir / "bench.db", args.history)
+    server = subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"], env=env,
+                              cwd=workdir)  # fmt: skip
+    ports = {"fake": fake_port, "chatsvc": port}
+    try:
+        wait_ready(port)
+        q = 10 if args.quick else 1
+        scenarios = [  # key, title, answers, concurrent clients, chunks, pause, GET listener per answer
+            ("a", "1 client, 20 answers x 1000 chunks, no pause", 20 // q or 1, 1, 1000, 0, False),
+            ("b", "50 clients, 500 answers x 100 chunks, no pause", 500 // q, 50, 100, 0, False),
+            ("c", "200 concurrent x 300 chunks, 20 ms apart", 200 // q, 200 // q, 300, 0.02, False),
+            ("d", "20 concurrent x 300 chunks, 20 ms apart", 20, 20, 300, 0.02, False),
+            ("e", "(b) plus a GET channel listener on every answer", 500 // q, 50, 100, 0, True),
+        ]
+        rows = []
+        for key, title, params in scenarios:
+            figures = {}
+            for target in ("chatsvc",) if params.get("listeners") else ("direct", "chatsvc"):
+                reset_peak_rss(server.pid)
+                cpu0, own0 = cpu_seconds(server.pid), own_cpu()
+                result, wall = asyncio.run(run_scenario(target, ports, tag=key, **params))
+                cpu = cpu_seconds(server.pid) - cpu0
+                figures[target] = dict(result=result, wall=wall, cpu=cpu, own=own_cpu() - own0,
+                                       rss=peak_rss_mb(server.pid))  # fmt: skip
+            rows.append((key, title, figures))
+            report_row(key, title, figures)
+        history_row(ports, args)
+    finally:
+        server.terminate()
+        server.wait(30)
+        fake.terminate()
+        fake.wait(10)
+
+
+def report_row(key: str, title: str, figures: dict) -> None:
+    print(f"\n({key}) {title}")
+    direct = figures.get("direct")
+    for target, f in figures.items():
+        r: Result = f["result"]
+        rate = r.chunks / f["wall"] if f["wall"] else 0
+        line = (f"  {target:8} {rate:10,.0f} chunks/s"
+                f"  ttfc p50 {pct(r.ttfc, .5) * 1000:7.2f} ms p99 {pct(r.ttfc, .99) * 1000:7.2f} ms"
+                f"  loadgen cpu {f['own'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk")  # fmt: skip
+        if target == "chatsvc":
+            line += f"  chatsvc cpu {f['cpu'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk  peak rss {f['rss']:6.1f} MB"
+            if direct:
+                d = direct["result"]
+                line += f"  ratio {rate / (d.chunks / direct['wall']):.2f}"
+                line += f"  added ttfc p50 {(pct(r.ttfc, 0.5) - pct(d.ttfc, 0.5)) * 1000:+.2f} ms"
+                if r.lateness:
+                    line += (f"  added delay/chunk p50 {(pct(r.lateness, .5) - pct(d.lateness, .5)) * 1000:+.2f} ms"
+                             f" p99 {(pct(r.lateness, .99) - pct(d.lateness, .99)) * 1000:+.2f} ms")  # fmt: skip
+        if r.errors:
+            line += f"  ERRORS {len(r.errors)}: {r.errors[:2]}"
+        print(line, flush=True)
+
+
+def prepare_history(db: Path, messages: int) -> None:
+    """(f): one conversation with `messages` stored messages and one with 10, before chatsvc starts."""
+    schema = (ROOT / "schema.sql").read_text()
+    with sqlite3.connect(db) as conn:
+        conn.executescript(schema)
+        for sid, n in (("history-big", messages), ("history-small", 10)):
+            conn.execute("INSERT INTO conversations (session_id, created_at, updated_at) VALUES (?, 'x', 'x')", (sid,))
+            conn.executemany(
+                "INSERT INTO messages (id, session_id, role, content, status, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, 'complete', 'x', 'x')",
+                ((f"{sid}-{i:09d}", sid, ("user", "assistant")[i % 2], f"message {i}") for i in range(n)),
+            )
+
+
+def history_row(ports: dict, args: argparse.Namespace) -> None:
+    async def chats(sid: str, n: int) -> list[float]:
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            response = await request(
+                "127.0.0.1", ports["chatsvc"], "POST", f"/api/v1/chat/{sid}", {"message": "bench 5 0"}
+            )
+            await response.read()
+            times.append(time.perf_counter() - started)
+        return times
+
+    n = 10 if args.quick else 50
+    small = asyncio.run(chats("history-small", n))
+    big = asyncio.run(chats("history-big", n))
+    print(f"\n(f) time per chat, {args.history:,} stored messages against 10 (median of {n}):"
+          f" {statistics.median(big) * 1000:.2f} ms vs {statistics.median(small) * 1000:.2f} ms,"
+          f" ratio {statistics.median(big) / statistics.median(small):.2f}")  # fmt: skip
+
+
+def wait_ready(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+
+            async def ping() -> int:
+                response = await request("127.0.0.1", port, "GET", "/healthz")
+                await response.read()
+                return response.status
+
+            if asyncio.run(ping()) == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("chatsvc did not start")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tenth of the answers, for a smoke run")
+    parser.add_argument("--history", type=int, default=100_000, help="stored messages in the long conversation of (f)")
+    run(parser.parse_args())
