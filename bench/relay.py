@@ -176,9 +176,10 @@ def run(args: argparse.Namespace) -> None:
             ("e", "(b) plus a GET channel listener on every answer", 500 // q, 50, 100, 0, True),
         ]
         rows = []
-        for key, title, params in scenarios:
+        for key, title, answers, clients, chunks, pause, listeners in scenarios:
+            params = dict(answers=answers, clients=clients, chunks=chunks, pause=pause, listeners=listeners)
             figures = {}
-            for target in ("chatsvc",) if params.get("listeners") else ("direct", "chatsvc"):
+            for target in ("chatsvc",) if listeners else ("direct", "chatsvc"):
                 reset_peak_rss(server.pid)
                 cpu0, own0 = cpu_seconds(server.pid), own_cpu()
                 result, wall = asyncio.run(run_scenario(target, ports, tag=key, **params))
