@@ -12,6 +12,7 @@ import time
 
 import pytest
 from fake_dashscope import Reply, chunk_event
+from support import wait_for
 
 import chatsvc
 
@@ -249,16 +250,6 @@ def run_in_thread(fn):
     thread = threading.Thread(target=lambda: result.setdefault("value", fn()))
     thread.start()
     return thread, result
-
-
-def wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def test_answer_is_checkpointed_while_streaming(make_service, fake):

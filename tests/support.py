@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,16 @@ from fake_dashscope import FakeDashScope
 from starlette.testclient import TestClient
 
 import chatsvc
+
+
+def wait_for(condition, timeout: float = 10.0):
+    """Poll `condition` until it returns something true (and return that), or fail after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.005)
+    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture(scope="session")

@@ -12,17 +12,9 @@ from fake_dashscope import Reply
 from live import LiveServer, SSEReader, parse_events
 from procs import ServerProcess
 from starlette.routing import Route
+from support import wait_for
 
 API = "/api/v1"
-
-
-def wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.01)
-    raise AssertionError("condition not met in time")
 
 
 def by_message(answers: dict[str, Reply]):

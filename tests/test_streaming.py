@@ -10,6 +10,7 @@ import time
 import pytest
 from fake_dashscope import Reply
 from live import LiveServer, SSEReader, parse_events
+from support import wait_for
 
 API = "/api/v1"
 USAGE = {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}
@@ -19,15 +20,6 @@ USAGE = {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}
 def live(service):
     with LiveServer(service.settings) as server:
         yield server
-
-
-def wait_for(condition, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.005)
-    raise AssertionError("condition not met in time")
 
 
 def listen(live, session_id="s1", **kw) -> SSEReader:
