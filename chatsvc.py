@@ -934,7 +934,6 @@ class Generations:
             log.exception("could not store the end of answer %s", gen.message_id)
         gen.emit(
             *final_event(
-                gen.session_id,
                 gen.message_id,
                 gen.status,
                 gen.full_text,
@@ -965,7 +964,6 @@ class Generations:
 
 
 def final_event(
-    session_id: str,
     message_id: str,
     status: str,
     text: str,
@@ -1137,10 +1135,14 @@ def present_conversation(settings: Settings, row: dict) -> dict:
     }
 
 
+def row_usage(row: dict) -> dict | None:
+    if row["total_tokens"] is None and row["prompt_tokens"] is None:
+        return None
+    return {k: row[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
 def present_message(row: dict, context_start: str) -> dict:
-    usage = None
-    if row["total_tokens"] is not None or row["prompt_tokens"] is not None:
-        usage = {k: row[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    usage = row_usage(row)
     return {
         "id": row["id"],
         "role": row["role"],
@@ -1432,7 +1434,7 @@ async def channel_events(
             row = await store.message(*key, message_id)
             if row and row["status"] != STREAMING:
                 if row["last_seq"] is not None and seq < row["last_seq"]:  # its log is gone: send its end
-                    yield stored_final_event(key[1], row)
+                    yield stored_final_event(row)
                 if previous is not None and previous.message_id > message_id:
                     previous = None  # a newer answer than the one named: deliver it whole
     elif key in gens.running:  # 2. the running answer, from its start
@@ -1457,13 +1459,10 @@ async def channel_events(
         previous, gen = gen, None
 
 
-def stored_final_event(session_id: str, row: dict) -> bytes:
-    usage = None
-    if row["total_tokens"] is not None:
-        usage = {k: row[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+def stored_final_event(row: dict) -> bytes:
     type_, data = final_event(
-        session_id, row["id"], row["status"], row["content"], row["finish_reason"], usage,
-        row["error_code"], row["error_message"],
+        row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row), row["error_code"],
+        row["error_message"],
     )  # fmt: skip
     return sse_event(f"{row['id']}:{row['last_seq']}", {"type": type_, "data": data})
 
