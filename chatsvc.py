@@ -459,20 +459,21 @@ def build_context(
 ) -> list[dict[str, str]]:
     """System prompt, then the newest usable history within both budgets (in order), then the
     new message. Failed turns and empty answers are left out, with the question that led to them."""
-    budget = max_tokens - estimate_tokens(system_prompt) - estimate_tokens(message)
-    if estimate_tokens(system_prompt) >= max_tokens:
+    system_cost, message_cost = estimate_tokens(system_prompt), estimate_tokens(message)
+    if system_cost >= max_tokens:
         raise ApiError(
             422,
             "context_too_long",
-            f"The conversation's system prompt (about {estimate_tokens(system_prompt)} tokens) leaves no room in the"
+            f"The conversation's system prompt (about {system_cost} tokens) leaves no room in the"
             f" context budget ({max_tokens} tokens, CHATSVC_MAX_CONTEXT_TOKENS). Shorten the system prompt.",
         )
+    budget = max_tokens - system_cost - message_cost
     if budget < 0:
         raise ApiError(
             422,
             "context_too_long",
             f"The message is too long for the model's context budget ({max_tokens} tokens, about "
-            f"{estimate_tokens(message)} needed for the message alone). Shorten it.",
+            f"{message_cost} needed for the message alone). Shorten it.",
         )
     picked: list[dict[str, str]] = []
     skip_question = False
@@ -763,6 +764,10 @@ class Generation:
     def full_text(self) -> str:
         return "".join(self.text)
 
+    @property
+    def full_reasoning(self) -> str | None:
+        return "".join(self.reasoning) or None
+
     def emit(self, type_: str, data: dict) -> None:
         self.log.append(sse_event(f"{self.message_id}:{len(self.log)}", {"type": type_, "data": data}))
         wake, self._wake = self._wake, asyncio.Event()
@@ -872,8 +877,9 @@ class Generations:
                             gen.emit("chunk", {"content": delta.content})
                         gen.finish_reason = delta.finish_reason or gen.finish_reason
                         gen.usage = delta.usage or gen.usage
-                        if time.monotonic() - saved_at >= s.checkpoint_seconds:
-                            saved_at = time.monotonic()
+                        now = time.monotonic()
+                        if now - saved_at >= s.checkpoint_seconds:
+                            saved_at = now
                             await self._checkpoint(gen)
                     break
                 except UpstreamError as exc:
@@ -910,7 +916,7 @@ class Generations:
 
     async def _checkpoint(self, gen: Generation) -> None:
         try:
-            await self.store.checkpoint(gen.message_id, gen.full_text, "".join(gen.reasoning) or None)
+            await self.store.checkpoint(gen.message_id, gen.full_text, gen.full_reasoning)
         except Exception:  # a missed checkpoint must not end the answer; the final write follows
             log.warning("checkpoint of answer %s failed", gen.message_id, exc_info=True)
 
@@ -922,7 +928,7 @@ class Generations:
             await self.store.finish_answer(
                 gen.message_id,
                 content=gen.full_text,
-                reasoning_content="".join(gen.reasoning) or None,
+                reasoning_content=gen.full_reasoning,
                 status=gen.status,
                 finish_reason=gen.finish_reason,
                 usage=gen.usage,
@@ -1599,6 +1605,7 @@ def drain_on_sigterm(gens: Generations, grace: float) -> None:
     if not callable(server_handler):
         return
     loop = asyncio.get_running_loop()
+    drains: list[asyncio.Task] = []  # a strong reference: the loop keeps only weak ones to tasks
 
     async def drain() -> None:
         log.info("SIGTERM: draining %d running answer(s) for up to %g s", len(gens.running), grace)
@@ -1611,7 +1618,7 @@ def drain_on_sigterm(gens: Generations, grace: float) -> None:
             server_handler(sig, frame)
         else:
             gens.draining = True
-            loop.call_soon_threadsafe(lambda: setattr(gens, "drain_task", loop.create_task(drain())))
+            loop.call_soon_threadsafe(lambda: drains.append(loop.create_task(drain())))
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
