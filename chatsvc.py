@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2 as httpx
 from databases import Database
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -283,12 +284,17 @@ class Store:
         row = await self._one(_CONVERSATION_SQL + " AND c.session_id = :sid", {"owner": owner, "sid": session_id})
         return row
 
-    async def chat_settings(self, owner: str, session_id: str) -> dict | None:
-        """What a chat needs of its conversation; no message counts, so its cost does not grow with history."""
-        return await self._one(
-            "SELECT system_prompt, model, context_start FROM conversations WHERE owner = :owner AND session_id = :sid",
-            {"owner": owner, "sid": session_id},
+    async def chat_context(self, owner: str, session_id: str, limit: int) -> tuple[dict | None, list[dict]]:
+        """What a chat needs, in one read: the conversation's settings (None if it is new) and its
+        newest `limit` messages since the context start, newest first. No counts, so its cost
+        does not grow with history (bench/relay.py, scenario f)."""
+        rows = await self._all(
+            "SELECT c.system_prompt, c.model, m.role, m.content, m.status FROM conversations c"
+            " LEFT JOIN messages m ON m.owner = c.owner AND m.session_id = c.session_id AND m.id > c.context_start"
+            " WHERE c.owner = :owner AND c.session_id = :sid ORDER BY m.id DESC LIMIT :limit",
+            {"owner": owner, "sid": session_id, "limit": limit},
         )
+        return (rows[0] if rows else None), [row for row in rows if row["role"] is not None]
 
     async def conversations(self, owner: str, limit: int, after: tuple[str, str] | None) -> list[dict]:
         where, values = "", {"owner": owner, "limit": limit}
@@ -395,14 +401,6 @@ class Store:
             if kind == "foreign_key":  # deleted between the two statements
                 raise not_found(session_id) from None
             raise
-
-    async def context_rows(self, owner: str, session_id: str, after: str, before: str, limit: int) -> list[dict]:
-        rows = await self._all(
-            "SELECT role, content, status FROM messages WHERE owner = :owner AND session_id = :sid"
-            " AND id > :after AND id < :before ORDER BY id DESC LIMIT :limit",
-            {"owner": owner, "sid": session_id, "after": after, "before": before, "limit": limit},
-        )
-        return rows
 
     async def checkpoint(self, answer_id: str, content: str, reasoning: str | None) -> None:
         await self._run(
@@ -646,12 +644,23 @@ def parse_chunk(data: str) -> Delta:
         delta.content += d.get("content") or ""
         delta.reasoning += d.get("reasoning_content") or ""
         delta.finish_reason = choice.get("finish_reason") or delta.finish_reason
+    if "\\ud" in data or "\\uD" in data:  # an escaped surrogate: a lone one cannot be stored or sent as UTF-8
+        delta.content = _LONE_SURROGATE.sub("\ufffd", delta.content)
+        delta.reasoning = _LONE_SURROGATE.sub("\ufffd", delta.reasoning)
     return delta
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left is alone
 
 
 async def stream_completion(client: httpx.AsyncClient, settings: Settings, payload: dict) -> AsyncIterator[Delta]:
     """One streaming Chat Completions call. Yields deltas; raises UpstreamError for every failure."""
-    headers = {"Authorization": f"Bearer {settings.dashscope_api_key}", "Accept": "text/event-stream"}
+    # identity: the raw body is the event stream (no decoder layer per read; proxies may ignore it, see below)
+    headers = {
+        "Authorization": f"Bearer {settings.dashscope_api_key}",
+        "Accept": "text/event-stream",
+        "Accept-Encoding": "identity",
+    }
     finished = False
     try:
         async with client.stream(
@@ -665,13 +674,23 @@ async def stream_completion(client: httpx.AsyncClient, settings: Settings, paylo
                     error = {"message": body[:200].decode("utf-8", "replace")}
                 raise upstream_error(response.status_code, error, _retry_after(response.headers))
             decoder = SSEDecoder()
-            async for raw in response.aiter_bytes():
-                for data in decoder.feed(raw):
+            chunks = response.aiter_bytes() if "content-encoding" in response.headers else response.aiter_raw()
+            async for raw in chunks:
+                events = decoder.feed(raw)
+                for data in events:
                     if data == "[DONE]":
-                        return
+                        break
                     delta = parse_chunk(data)
                     finished = finished or delta.finish_reason is not None
                     yield delta
+                else:
+                    continue
+                # [DONE]: the body's end follows at once. Read it, so that the connection goes back
+                # to the pool; leaving it unread costs a new TCP (and TLS) handshake per answer.
+                with anyio.move_on_after(1):
+                    async for _ in chunks:
+                        pass
+                return
     except httpx.ConnectTimeout:
         raise UpstreamError(
             504,
@@ -724,6 +743,15 @@ def sse_event(event_id: str, payload: dict) -> bytes:
     return f"id: {event_id}\ndata: {data}\n\n".encode()
 
 
+_json_string = json.encoder.encode_basestring  # what json.dumps(ensure_ascii=False) does to a str
+
+
+def delta_event(event_id: str, type_: str, content: str) -> bytes:
+    """sse_event(event_id, {"type": type_, "data": {"content": content}}), byte for byte, without
+    json.dumps' dict walk: this is the one event per token."""
+    return f'id: {event_id}\ndata: {{"type":"{type_}","data":{{"content":{_json_string(content)}}}}}\n\n'.encode()
+
+
 def backoff(attempt: int, retry_after: float | None) -> float:
     return retry_after if retry_after is not None else min(8.0, 0.5 * 2**attempt)
 
@@ -769,7 +797,13 @@ class Generation:
         return "".join(self.reasoning) or None
 
     def emit(self, type_: str, data: dict) -> None:
-        self.log.append(sse_event(f"{self.message_id}:{len(self.log)}", {"type": type_, "data": data}))
+        self._append(sse_event(f"{self.message_id}:{len(self.log)}", {"type": type_, "data": data}))
+
+    def emit_delta(self, type_: str, content: str) -> None:
+        self._append(delta_event(f"{self.message_id}:{len(self.log)}", type_, content))
+
+    def _append(self, event: bytes) -> None:
+        self.log.append(event)
         wake, self._wake = self._wake, asyncio.Event()
         wake.set()
 
@@ -871,10 +905,10 @@ class Generations:
                             gen.first_token_at = time.monotonic()
                         if delta.reasoning:
                             gen.reasoning.append(delta.reasoning)
-                            gen.emit("reasoning", {"content": delta.reasoning})
+                            gen.emit_delta("reasoning", delta.reasoning)
                         if delta.content:
                             gen.text.append(delta.content)
-                            gen.emit("chunk", {"content": delta.content})
+                            gen.emit_delta("chunk", delta.content)
                         gen.finish_reason = delta.finish_reason or gen.finish_reason
                         gen.usage = delta.usage or gen.usage
                         now = time.monotonic()
@@ -1352,15 +1386,12 @@ async def start_answer(request: Request) -> Generation:
     chat = parse_chat(s, await read_json(request, s.max_body_bytes))
     if not s.dashscope_api_key:
         raise ApiError(503, "not_configured", "No model service is configured: set DASHSCOPE_API_KEY.")
-    conversation = await st.store.chat_settings(owner, session_id)
+    conversation, history = await st.store.chat_context(owner, session_id, 2 * s.max_context_messages + 2)
     model = chat.model or (conversation and conversation["model"]) or s.chat_model
     system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
-    build_context(system_prompt, [], chat.message, 0, s.max_context_tokens)  # 422 before anything is stored
-    user_id, answer_id = new_message_id(), new_message_id()
-    await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
-    context_start = conversation["context_start"] if conversation else ""
-    history = await st.store.context_rows(owner, session_id, context_start, user_id, 2 * s.max_context_messages + 2)
     messages = build_context(system_prompt, history, chat.message, s.max_context_messages, s.max_context_tokens)
+    user_id, answer_id = new_message_id(), new_message_id()
+    await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)  # 409 if busy
     payload = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
     gen = st.generations.start(owner, session_id, answer_id, model, {**payload, **chat.options})
     gen.request_id = request.scope.get("request_id")
@@ -1383,9 +1414,17 @@ async def chat(request: Request) -> Response:
 RETRY = b"retry: 1000\n\n"  # once per connection: EventSource reconnects after 1 s
 
 
+class _EventStream(EventSourceResponse):
+    # sse-starlette wraps every send in a cancel scope for its `send_timeout`, which we leave unset
+    # (a stalled reader cannot slow an answer: readers follow its log); per event that scope cost
+    # more than the send itself (bench/relay.py).
+    async def _send_with_timeout(self, send: Any, message: Any) -> None:
+        await send(message)
+
+
 def event_stream(request: Request, body: AsyncIterator[bytes]) -> EventSourceResponse:
     """An SSE response: pings keep proxies from closing it, and nothing may buffer or compress it."""
-    return EventSourceResponse(
+    return _EventStream(
         body,
         ping=state(request).settings.ping_seconds,
         sep="\n",

@@ -112,6 +112,35 @@ def test_unicode_line_separators_inside_json_survive(client, fake):
     assert client.post(f"{API}/chat/s1", json={"message": "x"}).json()["response"] == tricky
 
 
+def test_lone_surrogate_from_upstream_becomes_a_replacement_character(client, service, fake):
+    # json.loads turns "\ud800" into a lone surrogate: it cannot be written as UTF-8 to a reader or the database
+    events = [
+        b'data: {"choices":[{"delta":{"content":"a\\ud800b"},"finish_reason":null,"index":0}]}\n\n',
+        b'data: {"choices":[{"delta":{"content":" \\ud83d\\ude00"},"finish_reason":"stop","index":0}]}\n\n',
+        b"data: [DONE]\n\n",
+    ]
+    fake.push(Reply.of_events(events))
+    r = client.post(f"{API}/chat/s1", json={"message": "x"})
+    assert r.status_code == 200, r.text
+    assert r.json()["response"] == "a\ufffdb 😀"
+    assert answer_rows(service)[1]["content"] == "a\ufffdb 😀"
+    assert answer_rows(service)[1]["status"] == "complete"
+
+
+def test_upstream_connection_is_reused_across_answers(client, fake):
+    # Reading the body to its end after [DONE] returns the connection to the pool: against DashScope a
+    # new connection per answer would mean a TLS handshake before every first token.
+    for i in range(5):
+        assert client.post(f"{API}/chat/s{i}", json={"message": "hi"}).status_code == 200
+    assert fake.connections == 1
+    assert fake.requests[0].headers["accept-encoding"] == "identity"
+
+
+def test_gzip_from_upstream_is_decoded(client, fake):
+    fake.push(Reply.answer(["Hello", ", world"], gzip=True))
+    assert client.post(f"{API}/chat/s1", json={"message": "hi"}).json()["response"] == "Hello, world"
+
+
 # ── upstream failures: mapped, stored, and the service stays healthy ─────────────────
 
 

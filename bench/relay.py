@@ -5,9 +5,12 @@ upstream in ONE run: the same load generator reads the fake DashScope directly (
     python bench/relay.py            # all scenarios, a few minutes on 2 cores
     python bench/relay.py --quick    # smaller counts, for a smoke run
 
-Reports chunks/s, time to first chunk, added delay per chunk (arrival lateness through chatsvc
-minus directly, under the same pacing), chatsvc's CPU time per chunk and peak RSS, and the load
-generator's own CPU next to every figure. Loopback only; every loop is bounded in count and time.
+    python bench/relay.py --only dt  # some scenarios; --profile FILE records chatsvc with py-spy
+
+Reports chunks/s, time to first chunk, added delay per chunk (paced answers carry the fake's send
+time in each chunk: arrival minus send time, through chatsvc against directly), chatsvc's CPU time
+per chunk and peak RSS, and the load generator's own CPU next to every figure. Loopback only; every
+loop is bounded in count and time.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import resource
 import sqlite3
 import statistics
@@ -59,47 +63,61 @@ def own_cpu() -> float:
 class Result:
     chunks: int = 0
     ttfc: list[float] = field(default_factory=list)  # seconds from request to first chunk
-    lateness: list[float] = field(default_factory=list)  # per chunk: arrival - (first + i * pause)
+    delay: list[float] = field(default_factory=list)  # paced answers, per chunk: arrival - the fake's send time
     errors: list[str] = field(default_factory=list)
 
 
+STAMPED = re.compile(r"t(\d+)@(\d+) ")
+
+
 async def read_answer(port: int, path: str, body: dict, chunks: int, pause: float, via_chatsvc: bool,
-                      result: Result, listener_port_path: tuple | None = None) -> None:  # fmt: skip
+                      result: Result) -> None:  # fmt: skip
+    """One answer, read to its end; every chunk's text is checked. Paced answers are stamped: the
+    fake writes each chunk's send time (CLOCK_MONOTONIC, shared by the processes) into its text."""
     started = time.perf_counter()
     response = await request("127.0.0.1", port, "POST", path, body)
     arrivals: list[float] = []
+    delays: list[float] = []
     text: list[str] = []
     full_text = None
     buffer = b""
     async for data in response.chunks():
-        now = time.perf_counter()
+        now, now_ns = time.perf_counter(), time.monotonic_ns()
         buffer += data
         *events, buffer = buffer.split(b"\n\n")
         for event in events:
             line = event[event.find(b"data: ") + 6 :] if b"data: " in event else b""
             if not line or line == b"[DONE]":
                 continue
+            content = ""
             if via_chatsvc:
                 if b'"type":"chunk"' in line:
-                    arrivals.append(now)
+                    content = json.loads(line)["data"]["content"]
                 elif b'"type":"end"' in line:
                     full_text = json.loads(line)["data"]["full_text"]
             else:
                 obj = json.loads(line)
                 content = "".join((c.get("delta") or {}).get("content") or "" for c in obj.get("choices") or ())
-                if content:
-                    arrivals.append(now)
-                    text.append(content)
+            if content:
+                arrivals.append(now)
+                text.append(content)
+                if pause:
+                    stamp = STAMPED.fullmatch(content)
+                    delays.append((now_ns - int(stamp[2])) / 1e9 if stamp else float("nan"))
     if not via_chatsvc:
         full_text = "".join(text)
-    expected = "".join(f"t{i} " for i in range(chunks))
-    if full_text != expected or len(arrivals) != chunks:
-        result.errors.append(f"{path}: {len(arrivals)} chunks, text ok: {full_text == expected}")
+    if pause:
+        ok = full_text == "".join(text) and all(
+            (m := STAMPED.fullmatch(c)) and int(m[1]) == i for i, c in enumerate(text)
+        )
+    else:
+        ok = full_text == "".join(f"t{i} " for i in range(chunks))
+    if not ok or len(arrivals) != chunks:
+        result.errors.append(f"{path}: {len(arrivals)} chunks, text ok: {ok}")
         return
     result.chunks += chunks
     result.ttfc.append(arrivals[0] - started)
-    if pause:
-        result.lateness += [t - (arrivals[0] + i * pause) for i, t in enumerate(arrivals)]
+    result.delay += delays
 
 
 async def listen_once(port: int, session_id: str) -> int:
@@ -125,7 +143,7 @@ async def run_scenario(target: str, ports: dict, answers: int, clients: int, chu
     async def client_loop() -> None:
         while queue:
             i = queue.pop()
-            message = f"bench {chunks} {pause}"
+            message = f"bench {chunks} {pause}" + (" stamp" if pause else "")
             if via:
                 sid = f"{tag}-{i}-{time.monotonic_ns()}"
                 listener = asyncio.ensure_future(listen_once(ports["chatsvc"], sid)) if listeners else None
@@ -160,7 +178,8 @@ def run(args: argparse.Namespace) -> None:
     port = free_port()
     env = {**os.environ, "DASHSCOPE_API_KEY": "sk-bench", "PORT": str(port), "HOST": "127.0.0.1",
            "DASHSCOPE_BASE_URL": f"http://127.0.0.1:{fake_port}/compatible-mode/v1", "LOG_LEVEL": "warning",
-           "DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/bench.db", "PYTHONPATH": str(ROOT)}  # fmt: skip
+           "DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/bench.db", "PYTHONPATH": str(ROOT),
+           "CHATSVC_REPLAY_SECONDS": "2"}  # fmt: skip
     prepare_history(workdir / "bench.db", args.history)
     server = subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"], env=env,
                               cwd=workdir)  # fmt: skip
@@ -174,7 +193,14 @@ def run(args: argparse.Namespace) -> None:
             ("c", "200 concurrent x 300 chunks, 20 ms apart", 200 // q, 200 // q, 300, 0.02, False),
             ("d", "20 concurrent x 300 chunks, 20 ms apart", 20, 20, 300, 0.02, False),
             ("e", "(b) plus a GET channel listener on every answer", 500 // q, 50, 100, 0, True),
+            ("t", "time to first chunk at low load: 1 client, 100 answers x 5 chunks", 100 // q, 1, 5, 0, False),
         ]
+        scenarios = [s for s in scenarios if s[0] in args.only]
+        profiler = None
+        if args.profile:  # py-spy's collapsed stacks of the chatsvc process, for flame graphs or grep
+            profiler = subprocess.Popen(["py-spy", "record", "-p", str(server.pid), "-f", "raw", "-o", args.profile,
+                                         "-r", "200", "--nonblocking"], stdout=subprocess.DEVNULL)  # fmt: skip
+            time.sleep(1)
         rows = []
         for key, title, answers, clients, chunks, pause, listeners in scenarios:
             params = dict(answers=answers, clients=clients, chunks=chunks, pause=pause, listeners=listeners)
@@ -188,7 +214,13 @@ def run(args: argparse.Namespace) -> None:
                                        rss=peak_rss_mb(server.pid))  # fmt: skip
             rows.append((key, title, figures))
             report_row(key, title, figures)
-        history_row(ports, args)
+        if profiler:
+            profiler.send_signal(2)
+            profiler.wait(30)
+        if "g" in args.only:
+            leak_row(ports, server.pid, q)
+        if "f" in args.only:
+            history_row(ports, args)
     finally:
         server.terminate()
         server.wait(30)
@@ -205,18 +237,40 @@ def report_row(key: str, title: str, figures: dict) -> None:
         line = (f"  {target:8} {rate:10,.0f} chunks/s"
                 f"  ttfc p50 {pct(r.ttfc, .5) * 1000:7.2f} ms p99 {pct(r.ttfc, .99) * 1000:7.2f} ms"
                 f"  loadgen cpu {f['own'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk")  # fmt: skip
+        if r.delay:
+            line += f"  delay/chunk p50 {pct(r.delay, 0.5) * 1000:.2f} ms p99 {pct(r.delay, 0.99) * 1000:.2f} ms"
         if target == "chatsvc":
             line += f"  chatsvc cpu {f['cpu'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk  peak rss {f['rss']:6.1f} MB"
             if direct:
                 d = direct["result"]
                 line += f"  ratio {rate / (d.chunks / direct['wall']):.2f}"
                 line += f"  added ttfc p50 {(pct(r.ttfc, 0.5) - pct(d.ttfc, 0.5)) * 1000:+.2f} ms"
-                if r.lateness:
-                    line += (f"  added delay/chunk p50 {(pct(r.lateness, .5) - pct(d.lateness, .5)) * 1000:+.2f} ms"
-                             f" p99 {(pct(r.lateness, .99) - pct(d.lateness, .99)) * 1000:+.2f} ms")  # fmt: skip
+                if r.delay:
+                    line += (f"  added delay/chunk p50 {(pct(r.delay, .5) - pct(d.delay, .5)) * 1000:+.2f} ms"
+                             f" p99 {(pct(r.delay, .99) - pct(d.delay, .99)) * 1000:+.2f} ms")  # fmt: skip
         if r.errors:
             line += f"  ERRORS {len(r.errors)}: {r.errors[:2]}"
         print(line, flush=True)
+
+
+def current_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def leak_row(ports: dict, pid: int, q: int) -> None:
+    """(g): (b) five times more; chatsvc's RSS after each, once the replay logs are dropped
+    (CHATSVC_REPLAY_SECONDS=2 here). A leak shows as growth from run to run."""
+    sizes = []
+    for run_no in range(5):
+        result, _ = asyncio.run(run_scenario("chatsvc", ports, 500 // q, 50, 100, 0, tag=f"g{run_no}"))
+        time.sleep(3)
+        sizes.append(current_rss_mb(pid))
+        if result.errors:
+            print(f"  ERRORS {len(result.errors)}: {result.errors[:2]}")
+    print(f"\n(g) RSS after each of 5 repeated (b) runs: {', '.join(f'{mb:.1f}' for mb in sizes)} MB")
 
 
 def prepare_history(db: Path, messages: int) -> None:
@@ -274,4 +328,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the answers, for a smoke run")
     parser.add_argument("--history", type=int, default=100_000, help="stored messages in the long conversation of (f)")
+    parser.add_argument("--only", default="abcdefgt", help="the scenarios to run, e.g. --only bd")
+    parser.add_argument("--profile", metavar="FILE", help="record chatsvc with py-spy (collapsed stacks) into FILE")
     run(parser.parse_args())

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
+import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +65,8 @@ class Reply:
     stall_at: int | None = None  # wait `stall` seconds before this piece
     stall: float = 0.0
     cut: bool = False  # drop the connection after the pieces, without the final chunk
+    stamp: bool = False  # write the send time (time.monotonic_ns()) in place of each piece's "@T"
+    gzip: bool = False  # Content-Encoding: gzip whatever the request asked (as some proxies do)
 
     @classmethod
     def transcript(
@@ -142,6 +146,7 @@ class FakeDashScope:
         self.replies: deque[Reply] = deque()
         self.default: Reply | Callable[[Seen], Reply] = Reply.transcript("stream_usage.sse")  # or made per request
         self.requests: list[Seen] = []
+        self.connections = 0  # TCP connections accepted
         self.loop = asyncio.new_event_loop()
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
@@ -172,6 +177,7 @@ class FakeDashScope:
     def reset(self) -> None:
         self.replies.clear()
         self.requests.clear()
+        self.connections = 0
         self.default = Reply.transcript("stream_usage.sse")
 
     def push(self, *replies: Reply) -> None:
@@ -184,6 +190,7 @@ class FakeDashScope:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        self.connections += 1
         try:
             while True:
                 request_line = await reader.readline()
@@ -230,15 +237,21 @@ class FakeDashScope:
             "HTTP/1.1 200 OK",
             "Content-Type: text/event-stream;charset=UTF-8",
             "Transfer-Encoding: chunked",
+            *(["Content-Encoding: gzip"] if reply.gzip else []),
             *(f"{k}: {v}" for k, v in reply.headers.items()),
         ]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
+        gzip = zlib.compressobj(wbits=31) if reply.gzip else None
         for i, piece in enumerate(reply.pieces):
             if reply.stall_at == i:
                 await writer.drain()
                 await asyncio.sleep(reply.stall)
             elif reply.pause and i:
                 await asyncio.sleep(reply.pause)
+            if reply.stamp:
+                piece = piece.replace(b"@T", b"@%d" % time.monotonic_ns())
+            if gzip:
+                piece = gzip.compress(piece) + gzip.flush(zlib.Z_SYNC_FLUSH)
             writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
             if reply.pause or reply.stall_at is not None:
                 await writer.drain()
@@ -246,20 +259,24 @@ class FakeDashScope:
             await writer.drain()
             writer.transport.abort()
             return False
+        if gzip:
+            tail = gzip.flush()
+            writer.write(b"%x\r\n%s\r\n" % (len(tail), tail))
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         return True
 
 
 def bench_reply(seen: Seen) -> Reply:
-    """For benchmarks: the user's message "bench <chunks> <pause seconds>" sets the answer."""
-    _, chunks, pause = seen.body["messages"][-1]["content"].split()
-    return Reply.answer([f"t{i} " for i in range(int(chunks))], pause=float(pause), usage={"total_tokens": 1})
+    """For benchmarks: the user's message "bench <chunks> <pause seconds> [stamp]" sets the answer:
+    chunks "t0 ", "t1 ", ... or, with "stamp", "t0@<send time in ns> ", ..."""
+    _, chunks, pause, *stamp = seen.body["messages"][-1]["content"].split()
+    form = "t{}@T " if stamp else "t{} "
+    return Reply.answer([form.format(i) for i in range(int(chunks))], pause=float(pause), usage={"total_tokens": 1},
+                        stamp=bool(stamp))  # fmt: skip
 
 
 if __name__ == "__main__":  # python tests/fake_dashscope.py: a standalone fake on its own process
-    import time
-
     server = FakeDashScope()
     server.default = bench_reply
     server.start()
