@@ -24,9 +24,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ class Settings:
     upstream_retries: int = 2
     replay_seconds: float = 30.0
     checkpoint_seconds: float = 1.0
+    heartbeat_seconds: float = 5.0
     ping_seconds: float = 15.0
     shutdown_grace: float = 10.0
     host: str = "0.0.0.0"
@@ -113,6 +114,7 @@ class Settings:
             upstream_retries=c("CHATSVC_UPSTREAM_RETRIES", cast=int, default=d.upstream_retries),
             replay_seconds=c("CHATSVC_REPLAY_SECONDS", cast=float, default=d.replay_seconds),
             checkpoint_seconds=c("CHATSVC_CHECKPOINT_SECONDS", cast=float, default=d.checkpoint_seconds),
+            heartbeat_seconds=c("CHATSVC_HEARTBEAT_SECONDS", cast=float, default=d.heartbeat_seconds),
             ping_seconds=c("CHATSVC_PING_SECONDS", cast=float, default=d.ping_seconds),
             shutdown_grace=c("CHATSVC_SHUTDOWN_GRACE", cast=float, default=d.shutdown_grace),
             host=c("HOST", default=d.host),
@@ -147,9 +149,10 @@ def invalid(detail: str) -> ApiError:
 STREAMING, COMPLETE, STOPPED, INTERRUPTED, FAILED = "streaming", "complete", "stopped", "interrupted", "failed"
 
 
-def utcnow() -> str:
+def utcnow(seconds_ago: float = 0.0) -> str:
     """RFC 3339 UTC with milliseconds: sorts as text, portable across databases."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    moment = datetime.now(timezone.utc) - timedelta(seconds=seconds_ago)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 _last_id_us = 0
@@ -268,15 +271,25 @@ class Store:
     async def ping(self) -> None:
         await self._one("SELECT 1 AS ok")
 
-    async def recover_interrupted(self) -> int:
-        """Answers left `streaming` by a crash become `interrupted`, keeping their text."""
-        rows = await self._all(
+    async def recover_interrupted(self, stale_before: str) -> list[dict]:
+        """Answers still `streaming` whose heartbeat (`updated_at`) is older than `stale_before`:
+        the process producing them is gone. They become `interrupted`, keeping their text."""
+        return await self._all(
             "UPDATE messages SET status = 'interrupted', error_code = 'interrupted',"
             " error_message = 'The service stopped before this answer was finished.', updated_at = :now"
-            " WHERE status = 'streaming' RETURNING id",
-            {"now": utcnow()},
+            " WHERE status = 'streaming' AND updated_at < :stale RETURNING id, owner, session_id",
+            {"now": utcnow(), "stale": stale_before},
         )
-        return len(rows)
+
+    async def heartbeat(self, answer_ids: list[str]) -> None:
+        """This process is alive and still producing these answers."""
+        for start in range(0, len(answer_ids), 500):
+            ids = {f"id{n}": answer_id for n, answer_id in enumerate(answer_ids[start : start + 500])}
+            await self._run(
+                f"UPDATE messages SET updated_at = :now WHERE status = 'streaming'"
+                f" AND id IN ({', '.join(':' + name for name in ids)})",
+                {**ids, "now": utcnow()},
+            )
 
     # conversations
 
@@ -402,11 +415,12 @@ class Store:
                 raise not_found(session_id) from None
             raise
 
-    async def checkpoint(self, answer_id: str, content: str, reasoning: str | None) -> None:
+    async def checkpoint(self, answer_id: str, content: str, reasoning: str | None, seq: int) -> None:
+        """The text so far: events 0 to seq - 1 of the answer's log carry exactly this."""
         await self._run(
-            "UPDATE messages SET content = :c, reasoning_content = :r, updated_at = :now"
+            "UPDATE messages SET content = :c, reasoning_content = :r, last_seq = :seq, updated_at = :now"
             " WHERE id = :id AND status = 'streaming'",
-            {"c": content, "r": reasoning, "now": utcnow(), "id": answer_id},
+            {"c": content, "r": reasoning, "seq": seq, "now": utcnow(), "id": answer_id},
         )
 
     async def finish_answer(self, answer_id: str, **fields: Any) -> None:
@@ -752,6 +766,10 @@ def delta_event(event_id: str, type_: str, content: str) -> bytes:
     return f'id: {event_id}\ndata: {{"type":"{type_}","data":{{"content":{_json_string(content)}}}}}\n\n'.encode()
 
 
+FINAL = ("end", "error")
+DELTA_CHARS = 1000  # a delta event's text, at most: even all escaped, it fits a notification
+
+
 def backoff(attempt: int, retry_after: float | None) -> float:
     return retry_after if retry_after is not None else min(8.0, 0.5 * 2**attempt)
 
@@ -780,9 +798,15 @@ class Generation:
     finishing: bool = False  # the final write has begun: cancelling now would lose it
     first_token_at: float | None = None
     request_id: str | None = None
-    task: asyncio.Task | None = None
+    task: asyncio.Task | None = None  # None for a mirror of another replica's answer
+    publish: Callable[[Generation, bytes, bool], None] | None = None  # to the other replicas
+    pending: list[tuple[str, int, str]] | None = None  # a mirror catching up: the live tail meanwhile
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def remote(self) -> bool:
+        return self.task is None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -797,12 +821,16 @@ class Generation:
         return "".join(self.reasoning) or None
 
     def emit(self, type_: str, data: dict) -> None:
-        self._append(sse_event(f"{self.message_id}:{len(self.log)}", {"type": type_, "data": data}))
+        self.append(sse_event(f"{self.message_id}:{len(self.log)}", {"type": type_, "data": data}), type_ in FINAL)
 
     def emit_delta(self, type_: str, content: str) -> None:
-        self._append(delta_event(f"{self.message_id}:{len(self.log)}", type_, content))
+        # Long deltas go out in pieces, each small enough for one PostgreSQL notification.
+        for start in range(0, len(content), DELTA_CHARS):
+            self.append(delta_event(f"{self.message_id}:{len(self.log)}", type_, content[start : start + DELTA_CHARS]))
 
-    def _append(self, event: bytes) -> None:
+    def append(self, event: bytes, final: bool = False) -> None:
+        if self.publish is not None:
+            self.publish(self, event, final)
         self.log.append(event)
         wake, self._wake = self._wake, asyncio.Event()
         wake.set()
@@ -814,8 +842,10 @@ class Generation:
             wake = self._wake
             if position < len(self.log):
                 end = len(self.log)
-                yield b"".join(self.log[position:end])
+                batch = b"".join(self.log[position:end])
                 position = end
+                if batch:  # a caught-up mirror has empty places for events its catch-up event carries
+                    yield batch
             elif self.done.is_set():
                 return
             else:
@@ -827,11 +857,80 @@ class Generation:
             self.task.cancel()
 
 
+# Replicas on one PostgreSQL database follow each other's answers through LISTEN/NOTIFY: each
+# publishes its answers' events, and keeps a mirror (a Generation without a task) of the others',
+# so the channel, Last-Event-ID and stop work on any replica. On SQLite there is one process.
+CHANNEL = "chatsvc"
+NOTIFY_BYTES = 7900  # PostgreSQL refuses notifications of 8000 bytes or more
+SEP = "\x1f"  # between a notification's fields; JSON escapes it, session ids cannot hold it
+
+
+class Bus:
+    """This replica's end of the channel. One connection listens; one task publishes whatever is
+    pending in one statement, so a burst of events costs one round trip. A notification is
+    origin, kind, message id, seq, session id, event, owner; kinds: "e" an event, "f" an answer's
+    final event, "s" a stop request. An empty event means "read it from the store" (too long, or
+    the answer was interrupted by a replica that is gone)."""
+
+    def __init__(self, store: Store, on_notification: Callable[..., None]):
+        self.store, self.on_notification = store, on_notification
+        self.origin = uuid.uuid4().hex[:12]
+        self._pending: list[str] = []
+        self._wake = asyncio.Event()
+        self._connections: list[Any] = []
+        self._task: asyncio.Task | None = None
+
+    async def open(self) -> None:
+        for _ in range(2):  # one to listen, one to publish: both held from `databases`' pool
+            conn = self.store.db.connection()
+            await conn.__aenter__()
+            self._connections.append(conn)
+        await self._connections[0].raw_connection.add_listener(CHANNEL, self._received)
+        self._task = asyncio.create_task(self._publish_loop(self._connections[1].raw_connection))
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._connections:
+            await self._connections[0].raw_connection.remove_listener(CHANNEL, self._received)
+        while self._connections:
+            await self._connections.pop().__aexit__(None, None, None)
+
+    def publish(self, kind: str, message_id: str, seq: int | str, session_id: str, event: str, owner: str) -> None:
+        note = SEP.join((self.origin, kind, message_id, str(seq), session_id, event, owner))
+        if len(note.encode()) > NOTIFY_BYTES:
+            note = SEP.join((self.origin, kind, message_id, str(seq), session_id, "", owner))
+        self._pending.append(note)
+        self._wake.set()
+
+    async def _publish_loop(self, conn: Any) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._pending = self._pending, []
+            try:
+                await conn.execute("SELECT pg_notify($1, note) FROM unnest($2::text[]) AS note", CHANNEL, batch)
+            except Exception:  # mirrors see the gap at the next event and catch up from the store
+                log.warning("could not publish %d event(s) to the other replicas", len(batch), exc_info=True)
+
+    def _received(self, conn: Any, pid: int, channel: str, note: str) -> None:
+        origin, kind, message_id, seq, session_id, event, owner = note.split(SEP, 6)
+        if origin != self.origin:
+            self.on_notification(kind, message_id, int(seq) if seq else None, session_id, event, owner)
+
+
+HEARTBEAT_MISSES = 3  # an answer whose heartbeat is this many intervals old has lost its process
+
+
 class Generations:
-    """This process's running answers and, for `replay_seconds` after they end, their logs."""
+    """This process's running answers (and, with replicas, mirrors of the others') and, for
+    `replay_seconds` after they end, their logs."""
 
     def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient):
         self.settings, self.store, self.client = settings, store, client
+        self.bus: Bus | None = None if store.is_sqlite else Bus(store, self._on_notification)
+        self._tasks: set[asyncio.Task] = set()  # heartbeat, catch-ups: held until they end
         # Conversations are keyed by (owner, session_id).
         self.running: dict[tuple[str, str], Generation] = {}
         self.recent: dict[str, Generation] = {}  # by message_id, running or finished
@@ -840,15 +939,157 @@ class Generations:
         self.draining = False  # shutting down: no new answers
         self.closed = False  # shut down: channel streams end
 
+    async def open(self) -> None:
+        if self.bus is not None:
+            await self.bus.open()
+        await self.recover()
+        self._spawn(self._keep_alive())
+
     def start(self, owner: str, session_id: str, message_id: str, model: str, payload: dict) -> Generation:
         gen = Generation(owner, session_id, message_id, model)
-        gen.emit("start", {"session_id": session_id, "message_id": message_id, "model": model})
-        self.running[gen.key] = self.recent[message_id] = self.latest[gen.key] = gen
         gen.task = asyncio.create_task(self._run(gen, payload), name=f"answer {message_id}")
+        if self.bus is not None:
+            gen.publish = self._publish
+        gen.emit("start", {"session_id": session_id, "message_id": message_id, "model": model})
+        self._register(gen)
+        return gen
+
+    def _register(self, gen: Generation) -> None:
+        self.running[gen.key] = self.recent[gen.message_id] = self.latest[gen.key] = gen
         for waiter in self._waiters.pop(gen.key, ()):
             if not waiter.done():
                 waiter.set_result(None)
-        return gen
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ── heartbeat and recovery
+
+    async def _keep_alive(self) -> None:
+        """Every heartbeat: this process's answers are marked alive, and answers whose process is
+        gone (no heartbeat for HEARTBEAT_MISSES intervals) become interrupted."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            try:
+                await self.recover()
+            except Exception:
+                log.warning("heartbeat failed", exc_info=True)
+
+    async def recover(self) -> int:
+        ids = [gen.message_id for gen in self.running.values() if not gen.remote]
+        if ids:  # first our own, so that a late heartbeat never makes us interrupt them
+            await self.store.heartbeat(ids)
+        rows = await self.store.recover_interrupted(utcnow(HEARTBEAT_MISSES * self.settings.heartbeat_seconds))
+        for row in rows:
+            log.warning("answer %s lost its process (no heartbeat): stored as interrupted", row["id"])
+            if self.bus is not None:
+                self.bus.publish("f", row["id"], "", row["session_id"], "", row["owner"])
+            mirror = self.recent.get(row["id"])
+            if mirror is not None and mirror.remote:
+                self._spawn(self._end_from_store(mirror))
+        return len(rows)
+
+    # ── mirrors of the other replicas' answers
+
+    def _publish(self, gen: Generation, event: bytes, final: bool) -> None:
+        assert self.bus is not None
+        self.bus.publish("f" if final else "e", gen.message_id, len(gen.log), gen.session_id, event.decode(),
+                         gen.owner)  # fmt: skip
+
+    def _on_notification(self, kind: str, message_id: str, seq: int | None, session_id: str, event: str,
+                         owner: str) -> None:  # fmt: skip
+        if kind == "s":  # stop, sent to another replica
+            gen = self.running.get((owner, session_id))
+            if gen is not None and not gen.remote:
+                gen.cancel(STOPPED)
+            return
+        mirror = self.recent.get(message_id)
+        if mirror is None:
+            if self.closed:
+                return
+            mirror = Generation(owner, session_id, message_id, model="")
+            self._register(mirror)
+        if mirror.remote and not mirror.done.is_set():
+            self._mirror_event(mirror, kind, seq, event)
+
+    def _mirror_event(self, mirror: Generation, kind: str, seq: int | None, event: str) -> None:
+        if mirror.pending is not None:  # catching up: keep the tail
+            mirror.pending.append((kind, -1 if seq is None else seq, event))
+        elif seq is not None and seq < len(mirror.log):
+            pass  # had it
+        elif seq == len(mirror.log) and event:
+            mirror.append(event.encode())
+            if kind == "f":
+                self._end_mirror(mirror)
+        elif kind == "f" and seq is None:  # interrupted by a replica's recovery: the store has its end
+            self._spawn(self._end_from_store(mirror))
+        else:  # a gap (joined mid-answer, or notifications lost) or an event too long to notify
+            mirror.pending = [(kind, -1 if seq is None else seq, event)]
+            self._spawn(self._catch_up(mirror))
+
+    async def _catch_up(self, mirror: Generation) -> None:
+        """Fill a mirror's gap from the stored checkpoint, then go on with the live tail: the
+        checkpoint says which events its text covers, so nothing is sent twice or left out."""
+        assert mirror.pending is not None
+        for _ in range(20):
+            row = await self.store.message(mirror.owner, mirror.session_id, mirror.message_id)
+            if row is None or row["status"] != STREAMING:
+                mirror.pending = None
+                await self._end_from_store(mirror, row)
+                return
+            covered = row["last_seq"] or 0
+            tail = [item for item in mirror.pending if item[1] >= 0]
+            if covered >= len(mirror.log) and (not tail or covered >= tail[0][1]):
+                self._fill(mirror, row, covered)
+                pending, mirror.pending = mirror.pending, None
+                for kind, seq, event in pending:
+                    self._mirror_event(mirror, kind, None if seq < 0 else seq, event)
+                return
+            await asyncio.sleep(self.settings.checkpoint_seconds / 2)  # the next checkpoint will cover it
+        log.warning("answer %s: no checkpoint covers the gap; its mirror ends here", mirror.message_id)
+        mirror.pending = None
+        await self._end_from_store(mirror)
+
+    def _fill(self, mirror: Generation, row: dict, covered: int) -> None:
+        """Events len(log)..covered-1 as empty places plus one event with the text they carried."""
+        if not mirror.log:
+            mirror.model = row["model"] or ""
+            data = {"session_id": mirror.session_id, "message_id": mirror.message_id, "model": mirror.model}
+            mirror.append(sse_event(f"{mirror.message_id}:0", {"type": "start", "data": data}))
+        if covered <= len(mirror.log):
+            return
+        had_text, had_reasoning = [], []
+        for event in mirror.log:
+            if b'"type":"chunk"' in event or b'"type":"reasoning"' in event:
+                payload = json.loads(event[event.index(b"data: ") + 6 :])
+                (had_text if payload["type"] == "chunk" else had_reasoning).append(payload["data"]["content"])
+        event_id = f"{mirror.message_id}:{covered - 1}"
+        missing = b""
+        if reasoning := (row["reasoning_content"] or "")[len("".join(had_reasoning)) :]:
+            missing += delta_event(event_id, "reasoning", reasoning)
+        if text := (row["content"] or "")[len("".join(had_text)) :]:
+            missing += delta_event(event_id, "chunk", text)
+        mirror.log.extend([b""] * (covered - 1 - len(mirror.log)))
+        mirror.append(missing)
+
+    async def _end_from_store(self, mirror: Generation, row: dict | None = None) -> None:
+        row = row or await self.store.message(mirror.owner, mirror.session_id, mirror.message_id)
+        if row is not None and row["status"] != STREAMING and not mirror.done.is_set():
+            mirror.append(stored_final_event(row))
+        self._end_mirror(mirror)
+
+    def _end_mirror(self, mirror: Generation) -> None:
+        if mirror.done.is_set():
+            return
+        final = mirror.log[-1] if mirror.log else b""
+        stopped = b'"finish_reason":"stopped"' in final
+        mirror.status = STOPPED if stopped else COMPLETE if b'"type":"end"' in final else INTERRUPTED
+        mirror.done.set()
+        if self.running.get(mirror.key) is mirror:
+            del self.running[mirror.key]
+        asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, mirror)
 
     async def next_after(self, key: tuple[str, str], previous: Generation | None) -> Generation | None:
         """Wait for an answer in this conversation newer than `previous` (None once shut down)."""
@@ -869,10 +1110,17 @@ class Generations:
         return None
 
     async def stop(self, key: tuple[str, str], reason: str = STOPPED) -> Generation | None:
-        """Cancel the running answer; returns once it is stored and its readers got `end`."""
+        """Cancel the running answer; returns once it is stored and its readers got `end`.
+        Another replica's answer is asked to stop, and awaited (for up to 10 s)."""
         gen = self.running.get(key)
         if gen is None:
             return None
+        if gen.remote:
+            assert self.bus is not None
+            self.bus.publish("s", "", "", key[1], "", key[0])
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(gen.done.wait()), 10)
+            return gen
         gen.cancel(reason)
         await gen.done.wait()
         return gen
@@ -881,13 +1129,20 @@ class Generations:
         """Refuse new answers, give running ones `grace` seconds, store the rest as interrupted
         (their readers get an `error` event), then end every channel stream."""
         self.draining = True
-        running = [asyncio.ensure_future(g.done.wait()) for g in self.running.values()]
+        running = [asyncio.ensure_future(g.done.wait()) for g in self.running.values() if not g.remote]
         if running:
             await asyncio.wait(running, timeout=grace) if grace > 0 else None
             for gen in list(self.running.values()):
-                gen.cancel(INTERRUPTED)
+                if not gen.remote:
+                    gen.cancel(INTERRUPTED)
             await asyncio.gather(*running)
         self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        for gen in list(self.running.values()):  # mirrors: their listeners reconnect to another replica
+            gen.done.set()
+        if self.bus is not None:
+            await self.bus.close()
         for waiters in self._waiters.values():
             for waiter in waiters:
                 if not waiter.done():
@@ -950,7 +1205,7 @@ class Generations:
 
     async def _checkpoint(self, gen: Generation) -> None:
         try:
-            await self.store.checkpoint(gen.message_id, gen.full_text, gen.full_reasoning)
+            await self.store.checkpoint(gen.message_id, gen.full_text, gen.full_reasoning, len(gen.log))
         except Exception:  # a missed checkpoint must not end the answer; the final write follows
             log.warning("checkpoint of answer %s failed", gen.message_id, exc_info=True)
 
@@ -1391,7 +1646,12 @@ async def start_answer(request: Request) -> Generation:
     system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
     messages = build_context(system_prompt, history, chat.message, s.max_context_messages, s.max_context_tokens)
     user_id, answer_id = new_message_id(), new_message_id()
-    await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)  # 409 if busy
+    try:
+        await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
+    except ApiError as exc:  # busy: unless the answer holding it has lost its process just now
+        if exc.code != "conversation_busy" or not await st.generations.recover():
+            raise
+        await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
     payload = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
     gen = st.generations.start(owner, session_id, answer_id, model, {**payload, **chat.options})
     gen.request_id = request.scope.get("request_id")
@@ -1669,13 +1929,11 @@ def create_app(settings: Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = Store(settings.database_url)
         await store.open()
-        recovered = await store.recover_interrupted()
-        if recovered:
-            log.warning("marked %d answer(s) left streaming by an earlier process as interrupted", recovered)
         client = new_upstream_client(settings)
         app.state.settings, app.state.store = settings, store
         app.state.openapi = openapi_document(settings)
         app.state.generations = Generations(settings, store, client)
+        await app.state.generations.open()
         drain_on_sigterm(app.state.generations, settings.shutdown_grace)
         logging.getLogger("uvicorn.access").addFilter(redact_access_tokens)
         try:

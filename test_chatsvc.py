@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from fake_dashscope import Reply, chunk_event
@@ -311,27 +312,36 @@ def test_second_chat_while_answering_is_409_and_stores_nothing(client, service, 
 
 
 def test_busy_is_enforced_by_the_database(client, service):
-    """Another process's running answer (a row, not an in-memory task) also makes chat 409."""
+    """Another replica's running answer (a row with a fresh heartbeat, no task here) also makes chat 409."""
     client.post(f"{API}/context/conversations", json={"session_id": "s1"})
-    with __import__("sqlite3").connect(service.db_path) as db:
-        db.execute("INSERT INTO messages (id, session_id, role, status, created_at, updated_at)"
-                   " VALUES ('zz', 's1', 'assistant', 'streaming', 'x', 'x')")  # fmt: skip
+    service.rows(
+        "INSERT INTO messages (id, owner, session_id, role, status, created_at, updated_at)"
+        " VALUES ('zz', '', 's1', 'assistant', 'streaming', ?, ?)",
+        chatsvc.utcnow(), chatsvc.utcnow(),
+    )  # fmt: skip
     r = client.post(f"{API}/chat/s1", json={"message": "hi"})
     assert r.status_code == 409 and r.json()["code"] == "conversation_busy"
 
 
-def test_startup_marks_crashed_answers_interrupted_and_schema_is_idempotent(service, fake):
+def test_startup_marks_only_stale_answers_interrupted_and_schema_is_idempotent(service, fake):
     with service.client() as client:
         client.post(f"{API}/chat/s1", json={"message": "hi"})
-    schema = service.rows("SELECT type, name, sql FROM sqlite_master ORDER BY name")
-    with __import__("sqlite3").connect(service.db_path) as db:  # what a crash mid-answer leaves behind
-        db.execute("UPDATE messages SET status = 'streaming', content = 'half' WHERE role = 'assistant'")
+        client.post(f"{API}/chat/s2", json={"message": "hi"})
+    schema = service.schema()
+    # What a crash mid-answer leaves behind (a heartbeat a minute old), and another replica's
+    # running answer (a fresh heartbeat): only the first is interrupted by this start.
+    stale = (datetime.now(timezone.utc) - timedelta(minutes=1)).isoformat(timespec="milliseconds")[:-6] + "Z"
+    service.rows("UPDATE messages SET status = 'streaming', content = 'half', updated_at = ?"
+                 " WHERE role = 'assistant' AND session_id = 's1'", stale)  # fmt: skip
+    service.rows("UPDATE messages SET status = 'streaming', updated_at = ?"
+                 " WHERE role = 'assistant' AND session_id = 's2'", chatsvc.utcnow())  # fmt: skip
     with service.client() as client:
         messages = client.get(f"{API}/context/conversations/s1").json()["messages"]
         assert messages[1]["status"] == "interrupted" and messages[1]["content"] == "half"
         assert messages[1]["error"]["code"] == "interrupted"
         assert client.post(f"{API}/chat/s1", json={"message": "again"}).status_code == 200
-    assert service.rows("SELECT type, name, sql FROM sqlite_master ORDER BY name") == schema
+        assert client.get(f"{API}/context/conversations/s2").json()["messages"][1]["status"] == "streaming"
+    assert service.schema() == schema
 
 
 # ── context: exactly what the model receives ─────────────────────────────────────────

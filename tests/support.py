@@ -1,13 +1,22 @@
-"""Test support: a fake DashScope on a real port, and chatsvc instances on a temporary SQLite file.
+"""Test support: a fake DashScope on a real port, and chatsvc instances on a temporary database.
+
+Every test that makes a service runs twice: on a temporary SQLite file and on a throw-away
+PostgreSQL database (on the server at CHATSVC_TEST_POSTGRES, default
+postgresql://postgres@127.0.0.1/postgres). Without a reachable PostgreSQL the second run skips,
+with the reason; under CI=true it fails instead.
 
 Loaded as a pytest plugin (`-p support` in pyproject.toml), so every test file gets these fixtures."""
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
+import os
+import re
 import sqlite3
 import time
-from pathlib import Path
+import uuid
 
 import pytest
 from fake_dashscope import FakeDashScope
@@ -40,15 +49,59 @@ def fake(fake_server):
     fake_server.reset()
 
 
-class Service:
-    """One chatsvc configuration: its settings, its database file, a way to run it."""
+POSTGRES = os.environ.get("CHATSVC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1/postgres")
 
-    def __init__(self, tmp_path: Path, fake: FakeDashScope, **env: str):
-        self.db_path = tmp_path / "chatsvc.db"
+
+def pg(url: str, sql: str, *args) -> list[dict]:
+    """One statement on PostgreSQL, from synchronous test code."""
+
+    async def run() -> list[dict]:
+        import asyncpg
+
+        conn = await asyncpg.connect(url, timeout=5)
+        try:
+            return [dict(r) for r in await conn.fetch(sql, *args)]
+        finally:
+            await conn.close()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as worker:  # a loop of its own, whatever this thread runs
+        return worker.submit(lambda: asyncio.run(run())).result()
+
+
+@pytest.fixture(scope="session")
+def postgres_database():
+    """A throw-away database for this run."""
+    try:
+        pg(POSTGRES, "SELECT 1")
+    except Exception as exc:
+        reason = f"no PostgreSQL at {POSTGRES} ({type(exc).__name__}: {exc}); set CHATSVC_TEST_POSTGRES"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the PostgreSQL runs must not skip under CI=true: {reason}")
+        pytest.skip(reason)
+    name = f"chatsvc_test_{uuid.uuid4().hex[:12]}"
+    pg(POSTGRES, f"CREATE DATABASE {name}")
+    yield POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+    pg(POSTGRES, f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request, tmp_path) -> str:
+    """The DATABASE_URL of one test: a new SQLite file, or the run's PostgreSQL database emptied."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'chatsvc.db'}"
+    url = request.getfixturevalue("postgres_database")
+    pg(url, "DROP TABLE IF EXISTS messages, conversations CASCADE")
+    return url
+
+
+class Service:
+    """One chatsvc configuration: its settings, its database, a way to run it."""
+
+    def __init__(self, database: str, fake: FakeDashScope, **env: str):
         self.env = {
             "DASHSCOPE_API_KEY": "sk-test-key",
             "DASHSCOPE_BASE_URL": fake.url,
-            "DATABASE_URL": f"sqlite+aiosqlite:///{self.db_path}",
+            "DATABASE_URL": database,
             "CHATSVC_UPSTREAM_RETRIES": "0",
             "CHATSVC_UPSTREAM_IDLE_TIMEOUT": "5",
             "CHATSVC_REPLAY_SECONDS": "5",
@@ -57,20 +110,36 @@ class Service:
         }
         self.env = {k: v for k, v in self.env.items() if v is not None}
         self.settings = chatsvc.Settings.from_env(self.env, env_file=None)
+        self.url = self.settings.database_url
+        self.is_sqlite = self.url.startswith("sqlite")
 
     def client(self) -> TestClient:
         return TestClient(chatsvc.create_app(self.settings), raise_server_exceptions=True)
 
     def rows(self, sql: str, *args) -> list[dict]:
-        with sqlite3.connect(self.db_path) as db:
-            db.row_factory = sqlite3.Row
-            return [dict(r) for r in db.execute(sql, args)]
+        """Run one statement on the service's database (`?` placeholders), as another process would."""
+        if self.is_sqlite:
+            with sqlite3.connect(self.url.split("///", 1)[1]) as db:
+                db.row_factory = sqlite3.Row
+                return [dict(r) for r in db.execute(sql, args)]
+        numbered = iter(range(1, len(args) + 1))
+        return pg(self.url, re.sub(r"\?", lambda _: f"${next(numbered)}", sql), *args)
+
+    def schema(self) -> list[dict]:
+        """The tables, columns and indexes, to compare across restarts."""
+        if self.is_sqlite:
+            return self.rows("SELECT type, name, sql FROM sqlite_master ORDER BY name")
+        return self.rows(
+            "SELECT table_name AS name, column_name AS sql FROM information_schema.columns"
+            " WHERE table_schema = 'public' UNION ALL SELECT indexname, indexdef FROM pg_indexes"
+            " WHERE schemaname = 'public' ORDER BY 1, 2"
+        )
 
 
 @pytest.fixture
-def make_service(tmp_path, fake):
+def make_service(database, fake):
     def make(**env: str) -> Service:
-        return Service(tmp_path, fake, **env)
+        return Service(database, fake, **env)
 
     return make
 

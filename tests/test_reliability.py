@@ -29,7 +29,7 @@ def by_message(answers: dict[str, Reply]):
 def test_sigkill_mid_answer_then_restart(service, fake, tmp_path, kill_after_chunks):
     words = [f"k{i} " for i in range(80)]
     fake.default = by_message({"count": Reply.answer(words, pause=0.03), "again": Reply.answer(["fine"])})
-    env = {**service.env, "CHATSVC_CHECKPOINT_SECONDS": "0.1"}
+    env = {**service.env, "CHATSVC_CHECKPOINT_SECONDS": "0.1", "CHATSVC_HEARTBEAT_SECONDS": "0.2"}
     server = ServerProcess(env, tmp_path).start()
     with server.client() as client:
         reader = SSEReader(client, "POST", f"{API}/chat/s1/stream", json={"message": "count"})
@@ -42,6 +42,8 @@ def test_sigkill_mid_answer_then_restart(service, fake, tmp_path, kill_after_chu
     server = ServerProcess(env, tmp_path).start()
     try:
         with server.client() as client:
+            # interrupted once its heartbeat is 3 intervals old: at this start, or by the next heartbeat
+            wait_for(lambda: client.get(f"{API}/context/conversations/s1").json()["generating"] is False, 5)
             conv = client.get(f"{API}/context/conversations/s1").json()
             user, answer = conv["messages"]
             assert user["content"] == "count" and user["status"] == "complete"
