@@ -241,10 +241,21 @@ class Store:
                 raise
             self._raw = self._conn.raw_connection
             self._raw.row_factory = sqlite3.Row
+        statements = []
         for statement in data_file("schema.sql", "chatsvc_schema.sql").read_text(encoding="utf-8").split(";"):
             lines = [ln for ln in statement.splitlines() if not ln.strip().startswith("--")]
             if "".join(lines).strip():
-                await self._run("\n".join(lines))
+                statements.append("\n".join(lines))
+        if self.is_sqlite:
+            for statement in statements:
+                await self._run(statement)
+            return
+        # Replicas start together: concurrent CREATE ... IF NOT EXISTS can still collide in
+        # PostgreSQL's catalog, so one applies the schema at a time (a transaction-scoped lock).
+        async with self.db.transaction():
+            await self._run("SELECT pg_advisory_xact_lock(7468372)")
+            for statement in statements:
+                await self._run(statement)
 
     async def close(self) -> None:
         # aiosqlite's threads are not daemons: a connection left open keeps the process alive.
@@ -767,6 +778,7 @@ def delta_event(event_id: str, type_: str, content: str) -> bytes:
 
 
 FINAL = ("end", "error")
+ABANDONED = "abandoned"  # the turn could not be stored (409): the answer is dropped unseen
 DELTA_CHARS = 1000  # a delta event's text, at most: even all escaped, it fits a notification
 
 
@@ -802,6 +814,7 @@ class Generation:
     publish: Callable[[Generation, bytes, bool], None] | None = None  # to the other replicas
     pending: list[tuple[str, int, str]] | None = None  # a mirror catching up: the live tail meanwhile
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
+    stored: asyncio.Event = field(default_factory=asyncio.Event)  # its turn is in the database
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -946,13 +959,24 @@ class Generations:
         self._spawn(self._keep_alive())
 
     def start(self, owner: str, session_id: str, message_id: str, model: str, payload: dict) -> Generation:
+        """Call the model at once, while the turn is being stored: `begin` once it is, or
+        `abandon` if it is not (409). Nothing is shown or stored of the answer before `begin`."""
         gen = Generation(owner, session_id, message_id, model)
         gen.task = asyncio.create_task(self._run(gen, payload), name=f"answer {message_id}")
+        return gen
+
+    def begin(self, gen: Generation) -> None:
         if self.bus is not None:
             gen.publish = self._publish
-        gen.emit("start", {"session_id": session_id, "message_id": message_id, "model": model})
+        gen.emit("start", {"session_id": gen.session_id, "message_id": gen.message_id, "model": gen.model})
         self._register(gen)
-        return gen
+        gen.stored.set()
+
+    def abandon(self, gen: Generation) -> None:
+        assert gen.task is not None
+        gen.stop_reason = ABANDONED
+        gen.task.cancel()
+        gen.stored.set()
 
     def _register(self, gen: Generation) -> None:
         self.running[gen.key] = self.recent[gen.message_id] = self.latest[gen.key] = gen
@@ -1156,6 +1180,8 @@ class Generations:
             for attempt in range(s.upstream_retries + 1):
                 try:
                     async for delta in stream_completion(self.client, s, payload):
+                        if not gen.stored.is_set():  # the model answered before the turn was stored
+                            await gen.stored.wait()
                         if gen.first_token_at is None and (delta.content or delta.reasoning):
                             gen.first_token_at = time.monotonic()
                         if delta.reasoning:
@@ -1200,8 +1226,10 @@ class Generations:
             gen.status, gen.error = FAILED, UpstreamError(502, "upstream_error", "The answer failed unexpectedly.")
         finally:
             deadline.cancel()
-            gen.finishing = True
-            await asyncio.shield(self._finish(gen))
+            await gen.stored.wait()  # set by begin or abandon, right after the turn's write
+            if gen.stop_reason != ABANDONED:
+                gen.finishing = True
+                await asyncio.shield(self._finish(gen))
 
     async def _checkpoint(self, gen: Generation) -> None:
         try:
@@ -1641,19 +1669,27 @@ async def start_answer(request: Request) -> Generation:
     chat = parse_chat(s, await read_json(request, s.max_body_bytes))
     if not s.dashscope_api_key:
         raise ApiError(503, "not_configured", "No model service is configured: set DASHSCOPE_API_KEY.")
+    if (owner, session_id) in st.generations.running:
+        raise busy(session_id)  # known here: neither the database nor the model need asking
     conversation, history = await st.store.chat_context(owner, session_id, 2 * s.max_context_messages + 2)
     model = chat.model or (conversation and conversation["model"]) or s.chat_model
     system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
     messages = build_context(system_prompt, history, chat.message, s.max_context_messages, s.max_context_tokens)
     user_id, answer_id = new_message_id(), new_message_id()
-    try:
-        await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
-    except ApiError as exc:  # busy: unless the answer holding it has lost its process just now
-        if exc.code != "conversation_busy" or not await st.generations.recover():
-            raise
-        await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
     payload = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+    # The model is called while the turn is stored: the two round trips overlap.
     gen = st.generations.start(owner, session_id, answer_id, model, {**payload, **chat.options})
+    try:
+        try:
+            await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
+        except ApiError as exc:  # busy: unless the answer holding it has lost its process just now
+            if exc.code != "conversation_busy" or not await st.generations.recover():
+                raise
+            await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
+    except BaseException:
+        st.generations.abandon(gen)
+        raise
+    st.generations.begin(gen)
     gen.request_id = request.scope.get("request_id")
     return gen
 

@@ -321,6 +321,10 @@ def test_busy_is_enforced_by_the_database(client, service):
     )  # fmt: skip
     r = client.post(f"{API}/chat/s1", json={"message": "hi"})
     assert r.status_code == 409 and r.json()["code"] == "conversation_busy"
+    # the model call made while the turn was being stored is dropped: nothing of it is kept
+    assert service.rows("SELECT id, role, status FROM messages") == [
+        {"id": "zz", "role": "assistant", "status": "streaming"}
+    ]
 
 
 def test_startup_marks_only_stale_answers_interrupted_and_schema_is_idempotent(service, fake):

@@ -178,9 +178,12 @@ def run(args: argparse.Namespace) -> None:
     port = free_port()
     env = {**os.environ, "DASHSCOPE_API_KEY": "sk-bench", "PORT": str(port), "HOST": "127.0.0.1",
            "DASHSCOPE_BASE_URL": f"http://127.0.0.1:{fake_port}/compatible-mode/v1", "LOG_LEVEL": "warning",
-           "DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/bench.db", "PYTHONPATH": str(ROOT),
+           "DATABASE_URL": args.database or f"sqlite+aiosqlite:///{workdir}/bench.db", "PYTHONPATH": str(ROOT),
            "CHATSVC_REPLAY_SECONDS": "2"}  # fmt: skip
-    prepare_history(workdir / "bench.db", args.history)
+    if args.database:  # PostgreSQL: an empty database of its own; (f) needs SQLite's prepared history
+        args.only = args.only.replace("f", "")
+    else:
+        prepare_history(workdir / "bench.db", args.history)
     server = subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"], env=env,
                               cwd=workdir)  # fmt: skip
     ports = {"fake": fake_port, "chatsvc": port}
@@ -329,5 +332,6 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="a tenth of the answers, for a smoke run")
     parser.add_argument("--history", type=int, default=100_000, help="stored messages in the long conversation of (f)")
     parser.add_argument("--only", default="abcdefgt", help="the scenarios to run, e.g. --only bd")
+    parser.add_argument("--database", metavar="URL", help="chatsvc's DATABASE_URL, e.g. an empty PostgreSQL database")
     parser.add_argument("--profile", metavar="FILE", help="record chatsvc with py-spy (collapsed stacks) into FILE")
     run(parser.parse_args())

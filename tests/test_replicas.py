@@ -1,0 +1,220 @@
+"""Several replicas on one PostgreSQL database: two (or three) `chatsvc` processes on their own
+ports, one throw-away database. They share conversations through the database and follow each
+other's answers through LISTEN/NOTIFY. Without PostgreSQL these tests skip (not under CI=true)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from fake_dashscope import Reply
+from live import SSEReader
+from procs import ServerProcess
+from rawhttp import request, sse_events
+from support import Service, pg, wait_for
+
+API = "/api/v1"
+
+
+def slow(n: int, pause: float = 0.05, prefix: str = "w") -> Reply:
+    return Reply.answer([f"{prefix}{i} " for i in range(n)], pause=pause)
+
+
+def start_together(*servers: ServerProcess) -> None:
+    """Replicas usually start at the same moment (a deployment): so do these."""
+    errors = []
+    threads = [threading.Thread(target=lambda s=s: errors.append(None) if s.start() else None) for s in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(errors) == len(servers), "a replica did not start"
+
+
+@pytest.fixture
+def cluster(postgres_database, fake, tmp_path):
+    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations CASCADE")
+    service = Service(postgres_database, fake, CHATSVC_HEARTBEAT_SECONDS="0.3", CHATSVC_CHECKPOINT_SECONDS="0.1",
+                      CHATSVC_UPSTREAM_IDLE_TIMEOUT="30")  # fmt: skip
+    servers: list[ServerProcess] = []
+
+    def replica() -> ServerProcess:
+        servers.append(ServerProcess(service.env, tmp_path))
+        return servers[-1]
+
+    a, b = replica(), replica()
+    start_together(a, b)
+    yield service, a, b, replica
+    for server in servers:
+        server.stop()
+    for server in servers:
+        assert "Traceback" not in server.log(), server.log()
+
+
+def chunk_text(events) -> str:
+    return "".join(e["data"]["content"] for e in events if e["type"] == "chunk")
+
+
+def test_one_answer_at_a_time_across_replicas(cluster, fake):
+    service, a, b, _ = cluster
+    fake.push(slow(20))
+    with a.client() as ca, b.client() as cb:
+        reader = SSEReader(ca, "POST", f"{API}/chat/s1/stream", json={"message": "first"})
+        assert reader.next_event()["type"] == "start"
+        refused = cb.post(f"{API}/chat/s1", json={"message": "second"})
+        assert refused.status_code == 409 and refused.json()["code"] == "conversation_busy"
+        assert reader.until_end()[-1]["type"] == "end"
+        assert cb.post(f"{API}/chat/s1", json={"message": "third"}).status_code == 200
+    users = service.rows("SELECT content FROM messages WHERE role = 'user' ORDER BY id")
+    assert [r["content"] for r in users] == ["first", "third"]
+
+
+def test_channel_on_one_replica_follows_an_answer_started_on_the_other(cluster, fake):
+    _, a, b, _ = cluster
+    fake.push(slow(30, 0.02))
+    listener = SSEReader(a.client(), "GET", f"{API}/chat/s1/stream")
+    time.sleep(0.2)  # listening before the answer starts
+    poster = SSEReader(b.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
+    posted = poster.until_end()
+    heard = listener.until_end()
+    assert heard == posted  # the same ids, types and data, none missing, none twice
+    assert [e["id"] for e in heard] == [f"{posted[0]['data']['message_id']}:{i}" for i in range(len(posted))]
+    assert chunk_text(heard) == "".join(f"w{i} " for i in range(30)) == posted[-1]["data"]["full_text"]
+    listener.close()
+    poster.close()
+
+
+def test_late_listeners_and_last_event_id_on_either_replica(cluster, fake):
+    _, a, b, _ = cluster
+    fake.push(slow(40))
+    poster = SSEReader(b.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
+    for _ in range(11):
+        poster.next_event()
+    late = SSEReader(a.client(), "GET", f"{API}/chat/s1/stream")  # after events were published: from the start
+    first = SSEReader(a.client(), "GET", f"{API}/chat/s1/stream")
+    seen = [first.next_event() for _ in range(6)]
+    first.close()
+    # resumed on the other replica, then back on this one: no gap, no duplicate
+    middle = SSEReader(b.client(), "GET", f"{API}/chat/s1/stream", headers={"Last-Event-ID": seen[-1]["id"]})
+    seen += [middle.next_event() for _ in range(10)]
+    middle.close()
+    rest = SSEReader(a.client(), "GET", f"{API}/chat/s1/stream", headers={"Last-Event-ID": seen[-1]["id"]})
+    seen += rest.until_end()
+    posted = poster.until_end()
+    all_posted = poster.events
+    assert seen == all_posted == late.until_end()
+    assert chunk_text(seen) == posted[-1]["data"]["full_text"]
+    for reader in (poster, late, rest):
+        reader.close()
+
+
+def test_replica_started_mid_answer_catches_up_from_the_checkpoint(cluster, fake):
+    _, a, _, replica = cluster
+    fake.push(slow(60))
+    poster = SSEReader(a.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
+    for _ in range(20):
+        poster.next_event()
+    c = replica().start()  # it never saw this answer's first events
+    joined = SSEReader(c.client(), "GET", f"{API}/chat/s1/stream").until_end()
+    posted = poster.until_end()
+    full_text = posted[-1]["data"]["full_text"]
+    assert joined[0]["type"] == "start" and joined[-1] == posted[-1]
+    assert chunk_text(joined) == full_text  # the checkpoint's text, then the live tail: nothing twice or missing
+    seqs = [int(e["id"].rsplit(":", 1)[1]) for e in joined]
+    assert seqs == sorted(set(seqs))  # ids only go forward, so Last-Event-ID resumes cleanly
+    poster.close()
+
+
+@pytest.mark.parametrize("stop_on", ["same", "other"])
+def test_stop_sent_to_either_replica(cluster, fake, stop_on):
+    service, a, b, _ = cluster
+    fake.push(slow(200))
+    poster = SSEReader(b.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
+    for _ in range(5):
+        poster.next_event()
+    with (a if stop_on == "other" else b).client() as client:
+        r = client.post(f"{API}/chat/s1/stop")
+    assert r.status_code == 200 and r.json()["stopped"] is True
+    end = poster.until_end()[-1]
+    assert end["type"] == "end" and end["data"]["finish_reason"] == "stopped"
+    stored = service.rows("SELECT content, status FROM messages WHERE role = 'assistant'")
+    assert stored == [{"content": chunk_text(poster.events), "status": "stopped"}]
+    poster.close()
+
+
+def test_restarting_a_replica_never_interrupts_another_ones_answer(cluster, fake):
+    service, a, b, replica = cluster
+    fake.push(slow(40))
+    poster = SSEReader(b.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
+    poster.next_event()
+    a.stop()
+    replica().start()  # a new replica starts (and recovers) while b's answer runs
+    assert poster.until_end()[-1]["type"] == "end"
+    assert service.rows("SELECT status FROM messages WHERE role = 'assistant'") == [{"status": "complete"}]
+    poster.close()
+
+
+def test_a_dead_replicas_answer_is_interrupted_by_the_others(cluster, fake):
+    service, a, b, _ = cluster
+    fake.push(slow(400), Reply.answer(["fine"]))
+    poster = SSEReader(b.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
+    listener = SSEReader(a.client(), "GET", f"{API}/chat/s1/stream")
+    for _ in range(5):
+        poster.next_event()
+    b.kill()  # SIGKILL: no drain, no last word
+    started = time.monotonic()
+    end = listener.until_end()[-1]  # a notices b's heartbeat is gone, and tells its listeners
+    assert end["type"] == "error" and end["data"]["code"] == "interrupted"
+    assert time.monotonic() - started < 3  # 3 heartbeats of 0.3 s, plus one to notice
+    stored = service.rows("SELECT status, content FROM messages WHERE role = 'assistant'")[0]
+    assert stored["status"] == "interrupted" and stored["content"] == end["data"]["partial_text"]
+    with a.client() as client:
+        assert client.post(f"{API}/chat/s1", json={"message": "again"}).json()["response"] == "fine"
+    listener.close()
+
+
+def test_load_across_two_replicas_loses_and_duplicates_nothing(cluster, fake):
+    service, a, b, _ = cluster
+    answers, chunks = 100, 20
+    fake.default = lambda seen: Reply.answer([f"{seen.body['messages'][-1]['content']}.{i} " for i in range(chunks)],
+                                             pause=0.02)  # fmt: skip
+    heard: dict[str, str] = {}
+    posted: dict[str, str] = {}
+
+    async def text_of(port: int, method: str, path: str, body: dict | None, into: dict, sid: str) -> None:
+        response = await request("127.0.0.1", port, method, path, body)
+        assert response.status == 200
+        text = []
+        async for event in sse_events(response):
+            if event["type"] == "chunk":
+                text.append(event["data"]["content"])
+            if event["type"] in ("end", "error"):
+                assert event["type"] == "end" and event["data"]["full_text"] == "".join(text)
+                into[sid] = "".join(text)
+                response.close()
+                return
+
+    async def one(i: int) -> None:
+        post_to, listen_on = (a, b) if i % 2 else (b, a)
+        sid = f"load-{i}"
+        listener = asyncio.ensure_future(text_of(listen_on.port, "GET", f"{API}/chat/{sid}/stream", None, heard, sid))
+        await asyncio.sleep(0.3)  # the listener is on before the answer starts
+        await text_of(post_to.port, "POST", f"{API}/chat/{sid}/stream", {"message": f"m{i}"}, posted, sid)
+        await asyncio.wait_for(listener, 30)
+
+    async def run() -> None:
+        await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(answers))), 90)
+
+    started = time.monotonic()
+    asyncio.run(run())
+    print(f"replicas: {answers} answers of {chunks} chunks, each heard on the other replica, "
+          f"in {time.monotonic() - started:.1f} s")  # fmt: skip
+    expected = {f"load-{i}": "".join(f"m{i}.{n} " for n in range(chunks)) for i in range(answers)}
+    assert posted == expected and heard == expected
+    rows = service.rows("SELECT id, session_id, role, content, status FROM messages ORDER BY id")
+    assert len(rows) == 2 * answers and len({r["id"] for r in rows}) == 2 * answers
+    stored = {r["session_id"]: r["content"] for r in rows if r["role"] == "assistant" and r["status"] == "complete"}
+    assert stored == expected
+    assert wait_for(lambda: all(s.proc.poll() is None for s in (a, b)))
