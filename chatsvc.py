@@ -778,7 +778,6 @@ def delta_event(event_id: str, type_: str, content: str) -> bytes:
 
 
 FINAL = ("end", "error")
-ABANDONED = "abandoned"  # the turn could not be stored (409): the answer is dropped unseen
 DELTA_CHARS = 1000  # a delta event's text, at most: even all escaped, it fits a notification
 
 
@@ -814,7 +813,6 @@ class Generation:
     publish: Callable[[Generation, bytes, bool], None] | None = None  # to the other replicas
     pending: list[tuple[str, int, str]] | None = None  # a mirror catching up: the live tail meanwhile
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
-    stored: asyncio.Event = field(default_factory=asyncio.Event)  # its turn is in the database
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -959,24 +957,13 @@ class Generations:
         self._spawn(self._keep_alive())
 
     def start(self, owner: str, session_id: str, message_id: str, model: str, payload: dict) -> Generation:
-        """Call the model at once, while the turn is being stored: `begin` once it is, or
-        `abandon` if it is not (409). Nothing is shown or stored of the answer before `begin`."""
         gen = Generation(owner, session_id, message_id, model)
         gen.task = asyncio.create_task(self._run(gen, payload), name=f"answer {message_id}")
-        return gen
-
-    def begin(self, gen: Generation) -> None:
         if self.bus is not None:
             gen.publish = self._publish
-        gen.emit("start", {"session_id": gen.session_id, "message_id": gen.message_id, "model": gen.model})
+        gen.emit("start", {"session_id": session_id, "message_id": message_id, "model": model})
         self._register(gen)
-        gen.stored.set()
-
-    def abandon(self, gen: Generation) -> None:
-        assert gen.task is not None
-        gen.stop_reason = ABANDONED
-        gen.task.cancel()
-        gen.stored.set()
+        return gen
 
     def _register(self, gen: Generation) -> None:
         self.running[gen.key] = self.recent[gen.message_id] = self.latest[gen.key] = gen
@@ -1180,8 +1167,6 @@ class Generations:
             for attempt in range(s.upstream_retries + 1):
                 try:
                     async for delta in stream_completion(self.client, s, payload):
-                        if not gen.stored.is_set():  # the model answered before the turn was stored
-                            await gen.stored.wait()
                         if gen.first_token_at is None and (delta.content or delta.reasoning):
                             gen.first_token_at = time.monotonic()
                         if delta.reasoning:
@@ -1226,10 +1211,8 @@ class Generations:
             gen.status, gen.error = FAILED, UpstreamError(502, "upstream_error", "The answer failed unexpectedly.")
         finally:
             deadline.cancel()
-            await gen.stored.wait()  # set by begin or abandon, right after the turn's write
-            if gen.stop_reason != ABANDONED:
-                gen.finishing = True
-                await asyncio.shield(self._finish(gen))
+            gen.finishing = True
+            await asyncio.shield(self._finish(gen))
 
     async def _checkpoint(self, gen: Generation) -> None:
         try:
@@ -1676,20 +1659,14 @@ async def start_answer(request: Request) -> Generation:
     system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
     messages = build_context(system_prompt, history, chat.message, s.max_context_messages, s.max_context_tokens)
     user_id, answer_id = new_message_id(), new_message_id()
-    payload = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
-    # The model is called while the turn is stored: the two round trips overlap.
-    gen = st.generations.start(owner, session_id, answer_id, model, {**payload, **chat.options})
     try:
-        try:
-            await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
-        except ApiError as exc:  # busy: unless the answer holding it has lost its process just now
-            if exc.code != "conversation_busy" or not await st.generations.recover():
-                raise
-            await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
-    except BaseException:
-        st.generations.abandon(gen)
-        raise
-    st.generations.begin(gen)
+        await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
+    except ApiError as exc:  # busy: unless the answer holding it has lost its process just now
+        if exc.code != "conversation_busy" or not await st.generations.recover():
+            raise
+        await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
+    payload = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+    gen = st.generations.start(owner, session_id, answer_id, model, {**payload, **chat.options})
     gen.request_id = request.scope.get("request_id")
     return gen
 
@@ -2028,6 +2005,7 @@ configuration (environment variables, or a .env file in the working directory):
   CHATSVC_UPSTREAM_CONNECT_TIMEOUT / _IDLE_TIMEOUT / _TOTAL_TIMEOUT   10 / 60 / 300 s
   CHATSVC_UPSTREAM_RETRIES          2
   CHATSVC_REPLAY_SECONDS / CHATSVC_CHECKPOINT_SECONDS / CHATSVC_PING_SECONDS   30 / 1 / 15
+  CHATSVC_HEARTBEAT_SECONDS         5: an answer whose process sent none for 3 of these is interrupted
   CHATSVC_SHUTDOWN_GRACE            10 s for running answers after SIGTERM
   HOST / PORT / LOG_LEVEL           0.0.0.0 / 8000 / info
 """

@@ -311,7 +311,7 @@ def test_second_chat_while_answering_is_409_and_stores_nothing(client, service, 
     assert [row["content"] for row in answer_rows(service) if row["role"] == "user"] == ["first"]
 
 
-def test_busy_is_enforced_by_the_database(client, service):
+def test_busy_is_enforced_by_the_database(client, service, fake):
     """Another replica's running answer (a row with a fresh heartbeat, no task here) also makes chat 409."""
     client.post(f"{API}/context/conversations", json={"session_id": "s1"})
     service.rows(
@@ -321,7 +321,8 @@ def test_busy_is_enforced_by_the_database(client, service):
     )  # fmt: skip
     r = client.post(f"{API}/chat/s1", json={"message": "hi"})
     assert r.status_code == 409 and r.json()["code"] == "conversation_busy"
-    # the model call made while the turn was being stored is dropped: nothing of it is kept
+    # the user's message is stored before the model is called: refused, neither happened
+    assert fake.requests == []
     assert service.rows("SELECT id, role, status FROM messages") == [
         {"id": "zz", "role": "assistant", "status": "streaming"}
     ]

@@ -43,6 +43,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
 
 
+def postgres_cpu_seconds() -> float:
+    """The CPU time of every PostgreSQL server process on this machine (for --database)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        if "(postgres)" in text:
+            fields = text.rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
 def reset_peak_rss(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
@@ -210,11 +224,12 @@ def run(args: argparse.Namespace) -> None:
             figures = {}
             for target in ("chatsvc",) if listeners else ("direct", "chatsvc"):
                 reset_peak_rss(server.pid)
-                cpu0, own0 = cpu_seconds(server.pid), own_cpu()
+                cpu0, own0, pg0 = cpu_seconds(server.pid), own_cpu(), postgres_cpu_seconds()
                 result, wall = asyncio.run(run_scenario(target, ports, tag=key, **params))
                 cpu = cpu_seconds(server.pid) - cpu0
                 figures[target] = dict(result=result, wall=wall, cpu=cpu, own=own_cpu() - own0,
-                                       rss=peak_rss_mb(server.pid))  # fmt: skip
+                                       rss=peak_rss_mb(server.pid),
+                                       pg=postgres_cpu_seconds() - pg0 if args.database else None)  # fmt: skip
             rows.append((key, title, figures))
             report_row(key, title, figures)
         if profiler:
@@ -244,6 +259,8 @@ def report_row(key: str, title: str, figures: dict) -> None:
             line += f"  delay/chunk p50 {pct(r.delay, 0.5) * 1000:.2f} ms p99 {pct(r.delay, 0.99) * 1000:.2f} ms"
         if target == "chatsvc":
             line += f"  chatsvc cpu {f['cpu'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk  peak rss {f['rss']:6.1f} MB"
+            if f["pg"] is not None:
+                line += f"  postgres cpu {f['pg'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk"
             if direct:
                 d = direct["result"]
                 line += f"  ratio {rate / (d.chunks / direct['wall']):.2f}"
