@@ -292,6 +292,17 @@ class Store:
             {"now": utcnow(), "stale": stale_before},
         )
 
+    async def streaming(self, answer_ids: list[str]) -> set[str]:
+        """Which of these answers are still `streaming`."""
+        found: set[str] = set()
+        for start in range(0, len(answer_ids), 500):
+            ids = {f"id{n}": answer_id for n, answer_id in enumerate(answer_ids[start : start + 500])}
+            rows = await self._all(
+                f"SELECT id FROM messages WHERE status = 'streaming' AND id IN ({', '.join(':' + k for k in ids)})", ids
+            )
+            found.update(row["id"] for row in rows)
+        return found
+
     async def heartbeat(self, answer_ids: list[str]) -> None:
         """This process is alive and still producing these answers."""
         for start in range(0, len(answer_ids), 500):
@@ -812,6 +823,7 @@ class Generation:
     task: asyncio.Task | None = None  # None for a mirror of another replica's answer
     publish: Callable[[Generation, bytes, bool], None] | None = None  # to the other replicas
     pending: list[tuple[str, int, str]] | None = None  # a mirror catching up: the live tail meanwhile
+    heard_at: float = 0.0  # a mirror: when its last notification came
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -888,25 +900,65 @@ class Bus:
         self.origin = uuid.uuid4().hex[:12]
         self._pending: list[str] = []
         self._wake = asyncio.Event()
-        self._connections: list[Any] = []
+        self._connections: list[Any] = []  # [listening, publishing]
         self._task: asyncio.Task | None = None
+        self._reconnecting: asyncio.Task | None = None
 
     async def open(self) -> None:
-        for _ in range(2):  # one to listen, one to publish: both held from `databases`' pool
+        self._connections = [await self._connect(), await self._connect()]  # held from `databases`' pool
+        await self._listen()
+        self._task = asyncio.create_task(self._publish_loop())
+
+    async def _connect(self) -> Any:
+        """A connection of the pool for the bus alone: `databases` gives each task its own."""
+
+        async def acquire() -> Any:
             conn = self.store.db.connection()
             await conn.__aenter__()
-            self._connections.append(conn)
-        await self._connections[0].raw_connection.add_listener(CHANNEL, self._received)
-        self._task = asyncio.create_task(self._publish_loop(self._connections[1].raw_connection))
+            return conn
+
+        return await asyncio.create_task(acquire())
+
+    async def _listen(self) -> None:
+        raw = self._connections[0].raw_connection
+        await raw.add_listener(CHANNEL, self._received)
+        raw.add_termination_listener(self._listener_lost)
+
+    def _listener_lost(self, raw: Any) -> None:
+        if self._task is not None and not self._task.done():
+            log.warning("the connection listening to the other replicas was lost; reconnecting")
+            self._reconnecting = asyncio.create_task(self._reconnect(0))
+
+    async def _reconnect(self, index: int) -> None:
+        """A lost connection (a database restart, a failover) is replaced, once a second, until it is.
+        What the listener missed meanwhile, mirrors take from the store (gaps, and the heartbeat)."""
+        with contextlib.suppress(Exception):
+            await self._connections[index].__aexit__(None, None, None)
+        while True:
+            try:
+                self._connections[index] = await self._connect()
+                if index == 0:
+                    await self._listen()
+                log.info("reconnected to the other replicas")
+                return
+            except Exception as exc:
+                log.warning("cannot reach the database for the other replicas yet (%s)", type(exc).__name__)
+                await asyncio.sleep(1)
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
+            await asyncio.gather(self._reconnecting, return_exceptions=True)
         if self._connections:
-            await self._connections[0].raw_connection.remove_listener(CHANNEL, self._received)
+            with contextlib.suppress(Exception):
+                self._connections[0].raw_connection.remove_termination_listener(self._listener_lost)
+                await self._connections[0].raw_connection.remove_listener(CHANNEL, self._received)
         while self._connections:
-            await self._connections.pop().__aexit__(None, None, None)
+            with contextlib.suppress(Exception):
+                await self._connections.pop().__aexit__(None, None, None)
 
     def publish(self, kind: str, message_id: str, seq: int | str, session_id: str, event: str, owner: str) -> None:
         note = SEP.join((self.origin, kind, message_id, str(seq), session_id, event, owner))
@@ -915,15 +967,21 @@ class Bus:
         self._pending.append(note)
         self._wake.set()
 
-    async def _publish_loop(self, conn: Any) -> None:
+    async def _publish_loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
             batch, self._pending = self._pending, []
-            try:
-                await conn.execute("SELECT pg_notify($1, note) FROM unnest($2::text[]) AS note", CHANNEL, batch)
-            except Exception:  # mirrors see the gap at the next event and catch up from the store
-                log.warning("could not publish %d event(s) to the other replicas", len(batch), exc_info=True)
+            for attempt in range(2):  # once more on a new connection if this one was lost
+                try:
+                    await self._connections[1].raw_connection.execute(
+                        "SELECT pg_notify($1, note) FROM unnest($2::text[]) AS note", CHANNEL, batch
+                    )
+                    break
+                except Exception as exc:  # else mirrors see the gap at the next event and catch up from the store
+                    log.warning("could not publish %d event(s) to the other replicas (%s)", len(batch), exc)
+                    if attempt == 0:
+                        await self._reconnect(1)
 
     def _received(self, conn: Any, pid: int, channel: str, note: str) -> None:
         origin, kind, message_id, seq, session_id, event, owner = note.split(SEP, 6)
@@ -985,8 +1043,24 @@ class Generations:
             await asyncio.sleep(self.settings.heartbeat_seconds)
             try:
                 await self.recover()
+                await self._check_mirrors()
             except Exception:
                 log.warning("heartbeat failed", exc_info=True)
+
+    async def _check_mirrors(self) -> None:
+        """A mirror whose answer has ended in the store, though its final event never came (a lost
+        notification, a lost listening connection), ends from the store."""
+        quiet = time.monotonic() - self.settings.heartbeat_seconds  # not while its events still arrive
+        mirrors = {
+            gen.message_id: gen
+            for gen in self.running.values()
+            if gen.remote and gen.pending is None and gen.heard_at < quiet
+        }
+        if mirrors:
+            still = await self.store.streaming(list(mirrors))
+            for message_id, mirror in mirrors.items():
+                if message_id not in still:
+                    await self._end_from_store(mirror)
 
     async def recover(self) -> int:
         ids = [gen.message_id for gen in self.running.values() if not gen.remote]
@@ -1023,6 +1097,7 @@ class Generations:
             mirror = Generation(owner, session_id, message_id, model="")
             self._register(mirror)
         if mirror.remote and not mirror.done.is_set():
+            mirror.heard_at = time.monotonic()
             self._mirror_event(mirror, kind, seq, event)
 
     def _mirror_event(self, mirror: Generation, kind: str, seq: int | None, event: str) -> None:
@@ -1652,8 +1727,9 @@ async def start_answer(request: Request) -> Generation:
     chat = parse_chat(s, await read_json(request, s.max_body_bytes))
     if not s.dashscope_api_key:
         raise ApiError(503, "not_configured", "No model service is configured: set DASHSCOPE_API_KEY.")
-    if (owner, session_id) in st.generations.running:
-        raise busy(session_id)  # known here: neither the database nor the model need asking
+    running = st.generations.running.get((owner, session_id))
+    if running is not None and not running.remote:  # known here; another replica's, the database decides
+        raise busy(session_id)
     conversation, history = await st.store.chat_context(owner, session_id, 2 * s.max_context_messages + 2)
     model = chat.model or (conversation and conversation["model"]) or s.chat_model
     system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
@@ -1973,18 +2049,20 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route(f"{api}/chat/{{session_id}}/stream", channel, methods=["GET"]),
         Route(f"{api}/chat/{{session_id}}/stop", stop_answer, methods=["POST"]),
     ]
+    # Only what is configured: each layer costs every request and every streamed event a call.
+    cors = Middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "POST", "PATCH", "DELETE"],
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
+        expose_headers=["Retry-After", "X-Request-ID"],
+        max_age=600,
+    )
     middleware = [
-        Middleware(
-            CORSMiddleware,
-            allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "PATCH", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
-            expose_headers=["Retry-After", "X-Request-ID"],
-            max_age=600,
-        ),
+        *([cors] if settings.cors_origins else []),
         Middleware(RequestID),
         Middleware(HeaderLimit),
-        Middleware(TokenAuth, token=settings.api_token),
+        *([Middleware(TokenAuth, token=settings.api_token)] if settings.api_token else []),
     ]
     handlers = {ApiError: api_error_handler, HTTPException: http_error_handler, Exception: internal_error_handler}
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)

@@ -10,10 +10,12 @@ import time
 
 import pytest
 from fake_dashscope import Reply
-from live import SSEReader
+from live import LiveServer, SSEReader
 from procs import ServerProcess
 from rawhttp import request, sse_events
 from support import Service, pg, wait_for
+
+import chatsvc
 
 API = "/api/v1"
 
@@ -84,6 +86,21 @@ def test_channel_on_one_replica_follows_an_answer_started_on_the_other(cluster, 
     assert chunk_text(heard) == "".join(f"w{i} " for i in range(30)) == posted[-1]["data"]["full_text"]
     listener.close()
     poster.close()
+
+
+def test_replicas_reconnect_when_the_database_drops_their_connections(cluster, fake):
+    service, a, b, _ = cluster
+    # what a database restart or failover does to every connection: here, to all of the replicas'
+    assert len(pg(service.url, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                               " WHERE datname = current_database() AND pid <> pg_backend_pid()")) >= 4  # fmt: skip
+    wait_for(lambda: "reconnected to the other replicas" in a.log() and "reconnected" in b.log(), 10)
+    fake.push(slow(10, 0.02))
+    listener = SSEReader(a.client(), "GET", f"{API}/chat/s1/stream")
+    time.sleep(0.2)
+    with b.client() as client:
+        assert client.post(f"{API}/chat/s1", json={"message": "hi"}).status_code == 200
+    assert chunk_text(listener.until_end()) == "".join(f"w{i} " for i in range(10))
+    listener.close()
 
 
 def test_late_listeners_and_last_event_id_on_either_replica(cluster, fake):
@@ -218,3 +235,29 @@ def test_load_across_two_replicas_loses_and_duplicates_nothing(cluster, fake):
     stored = {r["session_id"]: r["content"] for r in rows if r["role"] == "assistant" and r["status"] == "complete"}
     assert stored == expected
     assert wait_for(lambda: all(s.proc.poll() is None for s in (a, b)))
+
+
+def test_a_mirror_whose_final_event_was_lost_ends_from_the_store(postgres_database, fake):
+    """A notification can be lost (a publisher or a listening connection failing): the heartbeat
+    then finds the answer ended in the store and ends its mirror, so no listener waits forever."""
+    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations CASCADE")
+    service = Service(postgres_database, fake, CHATSVC_HEARTBEAT_SECONDS="0.2")
+    with LiveServer(service.settings) as live:
+        gens = live.generations
+        loop = next(iter(gens._tasks)).get_loop()
+        now = chatsvc.utcnow()
+        service.rows("INSERT INTO conversations (owner, session_id, created_at, updated_at) VALUES ('', 's1', ?, ?)",
+                     now, now)  # fmt: skip
+        service.rows(
+            "INSERT INTO messages (id, owner, session_id, role, content, status, finish_reason, last_seq,"
+            " created_at, updated_at) VALUES ('m1', '', 's1', 'assistant', 'all of it', 'complete', 'stop', 2, ?, ?)",
+            now, now,
+        )  # fmt: skip
+        listener = live.reader("GET", f"{API}/chat/s1/stream")
+        wait_for(lambda: live.listeners("s1"))
+        start = chatsvc.sse_event("m1:0", {"type": "start", "data": {"session_id": "s1", "message_id": "m1"}})
+        # what another replica published: its start, and then nothing more
+        loop.call_soon_threadsafe(gens._on_notification, "e", "m1", 0, "s1", start.decode(), "")
+        events = listener.until_end()
+    assert [e["type"] for e in events] == ["start", "end"]
+    assert events[-1]["id"] == "m1:2" and events[-1]["data"]["full_text"] == "all of it"
