@@ -1543,12 +1543,15 @@ def encode_cursor(*parts: str) -> str:
     return base64.urlsafe_b64encode("\n".join(parts).encode()).decode().rstrip("=")
 
 
+MESSAGE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
 def decode_cursor(cursor: str, parts: int) -> list[str]:
     try:
         values = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("\n")
     except (ValueError, UnicodeDecodeError):
         values = []
-    if len(values) != parts:
+    if len(values) != parts or any("\x00" in value for value in values):  # PostgreSQL refuses NUL in text
         raise invalid("'cursor' is not a cursor this service returned.")
     return values
 
@@ -1671,6 +1674,8 @@ async def list_messages(request: Request) -> Response:
     key = conversation_key(request)
     limit = query_int(request, "limit", 50, 1, 500)
     before = request.query_params.get("before") or request.query_params.get("cursor")
+    if before is not None and not MESSAGE_ID.fullmatch(before):
+        raise invalid("'before' is not a message id this service returned.")
     row = await conversation_or_404(request, key)
     rows = await st.store.messages(*key, limit + 1, before)
     more = len(rows) > limit
@@ -1795,7 +1800,7 @@ async def chat_stream(request: Request) -> Response:
 
 def parse_event_id(value: str | None) -> tuple[str, int] | None:
     message_id, _, seq = (value or "").rpartition(":")
-    return (message_id, int(seq)) if message_id and seq.isdigit() else None
+    return (message_id, int(seq)) if MESSAGE_ID.fullmatch(message_id) and seq.isdigit() else None
 
 
 async def channel(request: Request) -> Response:

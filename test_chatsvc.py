@@ -602,7 +602,8 @@ def test_list_conversations_newest_first_with_cursor(client):
         page = client.get(f"{API}/context/conversations?limit=2&cursor={page['next_cursor']}").json()
         seen += [c["session_id"] for c in page["conversations"]]
     assert seen == ["c1", "c4", "c3", "c2", "c0"]
-    for bad in ("limit=0", "limit=201", "limit=x", "cursor=garbage!"):
+    nul_cursor = chatsvc.encode_cursor("2026-01-01T00:00:00.000Z", "a\x00b")  # PostgreSQL cannot take NUL in text
+    for bad in ("limit=0", "limit=201", "limit=x", "cursor=garbage!", f"cursor={nul_cursor}"):
         r = client.get(f"{API}/context/conversations?{bad}")
         assert r.status_code == 422 and r.json()["code"] == "invalid_request", bad
 
@@ -618,6 +619,9 @@ def test_messages_are_paged_oldest_first(client, fake):
     assert [m["content"] for m in older["messages"]] == ["q1", "ok", "q2"]
     oldest = client.get(f"{API}/context/conversations/s1/messages?limit=3&before={older['next_cursor']}").json()
     assert [m["content"] for m in oldest["messages"]] == ["q0", "ok"] and oldest["next_cursor"] is None
+    for bad in ("%00", "a%00b", "x" * 200, "%C3%BB"):  # found by schemathesis on PostgreSQL: NUL was a 500
+        r = client.get(f"{API}/context/conversations/s1/messages?before={bad}")
+        assert r.status_code == 422 and "'before'" in r.json()["detail"], bad
 
 
 def test_message_object_shape(client):

@@ -132,6 +132,15 @@ def test_last_event_id_resumes_at_every_position(live, fake):
         reader.close()
 
 
+def test_a_malformed_last_event_id_is_a_fresh_listener(live, fake):
+    # NUL and such never reach the database (PostgreSQL refuses NUL in text): the id is just not one of ours
+    reader = live.reader("GET", f"{API}/chat/s1/stream", params={"last_event_id": "a\x00b:3"})
+    wait_for(lambda: live.listeners("s1"))
+    with live.client() as client:
+        posted = parse_events(client.post(f"{API}/chat/s1/stream", json={"message": "hi"}).content)
+    assert reader.until_end() == posted
+
+
 def test_reconnect_mid_answer_has_no_gap_and_no_duplicate(live, fake):
     fake.push(Reply.answer([f"w{i} " for i in range(30)], pause=0.01))
     first = listen(live)
