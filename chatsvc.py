@@ -292,6 +292,13 @@ class Store:
             {"now": utcnow(), "stale": stale_before},
         )
 
+    async def streaming_answer(self, owner: str, session_id: str) -> str | None:
+        row = await self._one(
+            "SELECT id FROM messages WHERE owner = :owner AND session_id = :sid AND status = 'streaming'",
+            {"owner": owner, "sid": session_id},
+        )
+        return row["id"] if row else None
+
     async def streaming(self, answer_ids: list[str]) -> set[str]:
         """Which of these answers are still `streaming`."""
         found: set[str] = set()
@@ -1195,21 +1202,39 @@ class Generations:
                         del self._waiters[key]
         return None
 
-    async def stop(self, key: tuple[str, str], reason: str = STOPPED) -> Generation | None:
-        """Cancel the running answer; returns once it is stored and its readers got `end`.
-        Another replica's answer is asked to stop, and awaited (for up to 10 s)."""
+    async def stop(self, key: tuple[str, str]) -> tuple[str | None, bool]:
+        """Stop the conversation's running answer: (its message id, whether this stopped it).
+        Returns once it is stored and its readers got `end`. Another replica's answer is asked
+        to stop, and awaited for up to 10 s."""
         gen = self.running.get(key)
         if gen is None:
-            return None
+            return await self._stop_elsewhere(key) if self.bus is not None else (None, False)
         if gen.remote:
             assert self.bus is not None
             self.bus.publish("s", "", "", key[1], "", key[0])
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(gen.done.wait()), 10)
-            return gen
-        gen.cancel(reason)
-        await gen.done.wait()
-        return gen
+        else:
+            gen.cancel(STOPPED)
+            await gen.done.wait()
+        return gen.message_id, gen.status == STOPPED
+
+    async def _stop_elsewhere(self, key: tuple[str, str]) -> tuple[str | None, bool]:
+        """An answer this replica has not heard of (it started before this replica did, and has
+        sent nothing since): the database knows it; its replica is asked to stop it."""
+        await self.recover()  # one whose replica is gone is interrupted now, not asked
+        answer_id = await self.store.streaming_answer(*key)
+        if answer_id is None:
+            return None, False
+        assert self.bus is not None
+        self.bus.publish("s", "", "", key[1], "", key[0])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+            row = await self.store.message(*key, answer_id)
+            if row is None or row["status"] != STREAMING:
+                return answer_id, row is not None and row["status"] == STOPPED
+        return answer_id, False
 
     async def shutdown(self, grace: float) -> None:
         """Refuse new answers, give running ones `grace` seconds, store the rest as interrupted
@@ -1869,13 +1894,10 @@ def stored_final_event(row: dict) -> bytes:
 async def stop_answer(request: Request) -> Response:
     st = state(request)
     key = conversation_key(request)
-    gen = await st.generations.stop(key)
-    if gen is None:
+    message_id, stopped = await st.generations.stop(key)
+    if message_id is None:
         await conversation_or_404(request, key)
-    return JSONResponse(
-        {"session_id": key[1], "stopped": bool(gen and gen.status == STOPPED),
-         "message_id": gen.message_id if gen else None}
-    )  # fmt: skip
+    return JSONResponse({"session_id": key[1], "stopped": stopped, "message_id": message_id})
 
 
 # ── App factory ────────────────────────────────────────────────────────────────────────
