@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -302,21 +302,16 @@ class Store:
     async def streaming(self, answer_ids: list[str]) -> set[str]:
         """Which of these answers are still `streaming`."""
         found: set[str] = set()
-        for start in range(0, len(answer_ids), 500):
-            ids = {f"id{n}": answer_id for n, answer_id in enumerate(answer_ids[start : start + 500])}
-            rows = await self._all(
-                f"SELECT id FROM messages WHERE status = 'streaming' AND id IN ({', '.join(':' + k for k in ids)})", ids
-            )
+        for names, ids in _id_batches(answer_ids):
+            rows = await self._all(f"SELECT id FROM messages WHERE status = 'streaming' AND id IN ({names})", ids)
             found.update(row["id"] for row in rows)
         return found
 
     async def heartbeat(self, answer_ids: list[str]) -> None:
         """This process is alive and still producing these answers."""
-        for start in range(0, len(answer_ids), 500):
-            ids = {f"id{n}": answer_id for n, answer_id in enumerate(answer_ids[start : start + 500])}
+        for names, ids in _id_batches(answer_ids):
             await self._run(
-                f"UPDATE messages SET updated_at = :now WHERE status = 'streaming'"
-                f" AND id IN ({', '.join(':' + name for name in ids)})",
+                f"UPDATE messages SET updated_at = :now WHERE status = 'streaming' AND id IN ({names})",
                 {**ids, "now": utcnow()},
             )
 
@@ -470,6 +465,13 @@ class Store:
             " total_tokens = :total_tokens, last_seq = :last_seq, updated_at = :now WHERE id = :id",
             values,
         )
+
+
+def _id_batches(ids: list[str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """`IN (...)` placeholders and their values, 500 ids at a time."""
+    for start in range(0, len(ids), 500):
+        values = {f"id{n}": value for n, value in enumerate(ids[start : start + 500])}
+        yield ", ".join(":" + name for name in values), values
 
 
 def busy(session_id: str) -> ApiError:
@@ -1076,11 +1078,9 @@ class Generations:
         rows = await self.store.recover_interrupted(utcnow(HEARTBEAT_MISSES * self.settings.heartbeat_seconds))
         for row in rows:
             log.warning("answer %s lost its process (no heartbeat): stored as interrupted", row["id"])
-            if self.bus is not None:
+            if self.bus is not None:  # the other replicas' mirrors end, and this one's, the same way
                 self.bus.publish("f", row["id"], "", row["session_id"], "", row["owner"])
-            mirror = self.recent.get(row["id"])
-            if mirror is not None and mirror.remote:
-                self._spawn(self._end_from_store(mirror))
+                self._on_notification("f", row["id"], None, row["session_id"], "", row["owner"])
         return len(rows)
 
     # ── mirrors of the other replicas' answers
@@ -1210,14 +1210,17 @@ class Generations:
         if gen is None:
             return await self._stop_elsewhere(key) if self.bus is not None else (None, False)
         if gen.remote:
-            assert self.bus is not None
-            self.bus.publish("s", "", "", key[1], "", key[0])
+            self._ask_to_stop(key)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(gen.done.wait()), 10)
         else:
             gen.cancel(STOPPED)
             await gen.done.wait()
         return gen.message_id, gen.status == STOPPED
+
+    def _ask_to_stop(self, key: tuple[str, str]) -> None:
+        assert self.bus is not None
+        self.bus.publish("s", "", "", key[1], "", key[0])
 
     async def _stop_elsewhere(self, key: tuple[str, str]) -> tuple[str | None, bool]:
         """An answer this replica has not heard of (it started before this replica did, and has
@@ -1226,8 +1229,7 @@ class Generations:
         answer_id = await self.store.streaming_answer(*key)
         if answer_id is None:
             return None, False
-        assert self.bus is not None
-        self.bus.publish("s", "", "", key[1], "", key[0])
+        self._ask_to_stop(key)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             await asyncio.sleep(0.05)
