@@ -38,9 +38,14 @@ from rawhttp import request  # noqa: E402
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
+def stat_cpu(stat: str) -> float:
+    """utime + stime in seconds, from the text of a /proc/<pid>/stat."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    return stat_cpu(Path(f"/proc/{pid}/stat").read_text())
 
 
 def postgres_cpu_seconds() -> float:
@@ -52,8 +57,7 @@ def postgres_cpu_seconds() -> float:
         except OSError:
             continue
         if "(postgres)" in text:
-            fields = text.rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            total += stat_cpu(text)
     return total
 
 
@@ -61,9 +65,10 @@ def reset_peak_rss(pid: int) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def peak_rss_mb(pid: int) -> float:
+def rss_mb(pid: int, kind: str = "VmHWM") -> float:
+    """Peak (VmHWM, since the last reset) or current (VmRSS) resident memory."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(kind + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -224,12 +229,13 @@ def run(args: argparse.Namespace) -> None:
             figures = {}
             for target in ("chatsvc",) if listeners else ("direct", "chatsvc"):
                 reset_peak_rss(server.pid)
-                cpu0, own0, pg0 = cpu_seconds(server.pid), own_cpu(), postgres_cpu_seconds()
+                pg0 = postgres_cpu_seconds() if args.database else None
+                cpu0, own0 = cpu_seconds(server.pid), own_cpu()
                 result, wall = asyncio.run(run_scenario(target, ports, tag=key, **params))
                 cpu = cpu_seconds(server.pid) - cpu0
                 figures[target] = dict(result=result, wall=wall, cpu=cpu, own=own_cpu() - own0,
-                                       rss=peak_rss_mb(server.pid),
-                                       pg=postgres_cpu_seconds() - pg0 if args.database else None)  # fmt: skip
+                                       rss=rss_mb(server.pid),
+                                       pg=postgres_cpu_seconds() - pg0 if pg0 is not None else None)  # fmt: skip
             rows.append((key, title, figures))
             report_row(key, title, figures)
         if profiler:
@@ -273,13 +279,6 @@ def report_row(key: str, title: str, figures: dict) -> None:
         print(line, flush=True)
 
 
-def current_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def leak_row(ports: dict, pid: int, q: int) -> None:
     """(g): (b) five times more; chatsvc's RSS after each, once the replay logs are dropped
     (CHATSVC_REPLAY_SECONDS=2 here). A leak shows as growth from run to run."""
@@ -287,7 +286,7 @@ def leak_row(ports: dict, pid: int, q: int) -> None:
     for run_no in range(5):
         result, _ = asyncio.run(run_scenario("chatsvc", ports, 500 // q, 50, 100, 0, tag=f"g{run_no}"))
         time.sleep(3)
-        sizes.append(current_rss_mb(pid))
+        sizes.append(rss_mb(pid, "VmRSS"))
         if result.errors:
             print(f"  ERRORS {len(result.errors)}: {result.errors[:2]}")
     print(f"\n(g) RSS after each of 5 repeated (b) runs: {', '.join(f'{mb:.1f}' for mb in sizes)} MB")
