@@ -4,8 +4,8 @@ It keeps conversations in a database, builds the model context from history, cal
 DashScope's OpenAI-compatible Chat Completions API (or any compatible server) and streams
 answers over Server-Sent Events. The HTTP contract lives in CONTRACT.md.
 
-The module reads top to bottom in the order data flows:
-configuration -> store -> upstream client -> generations -> HTTP handlers -> app factory.
+The module reads top to bottom in the order data flows: configuration -> errors -> store ->
+context -> upstream -> answers -> replicas -> HTTP in/out -> handlers -> middleware -> app and CLI.
 """
 
 from __future__ import annotations
@@ -13,9 +13,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
+import fcntl
 import hmac
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -25,14 +29,15 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import httpx2 as httpx
-from databases import Database
+from databases import Database, DatabaseURL
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.config import Config
@@ -51,83 +56,114 @@ log = logging.getLogger("chatsvc")
 # ── Configuration ──────────────────────────────────────────────────────────────────────
 
 
+def setting(env: str, default: Any, help: str, cast: Callable[[str], Any] | None = None) -> Any:
+    """One setting, declared once: its variable, default and help. `Settings.from_env` reads it and
+    `chatsvc --help` lists it from this declaration."""
+    return field(default=default, metadata={"env": env, "help": help, "cast": cast})
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(s for s in CommaSeparatedStrings(value) if s)
+
+
+# The cast of each field type, unless its declaration names one.
+_CASTS: dict[str, Callable[[str], Any]] = {
+    "str": str,
+    "str | None": lambda value: value or None,
+    "int": int,
+    "float": float,
+    "tuple[str, ...]": _csv,
+}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment (or `.env`), read once at start."""
 
-    dashscope_api_key: str | None = None
-    dashscope_base_url: str = "https://dashscope.aliyuncs.com/compatible-mode/v1"
-    chat_model: str = "qwen-plus"
-    system_prompt: str = "You are a helpful assistant."
-    database_url: str = "sqlite+aiosqlite:///./chatsvc.db"
-    api_token: str | None = None
-    user_header: str | None = None
-    cors_origins: tuple[str, ...] = ()
-    allowed_models: tuple[str, ...] = ()
-    max_context_messages: int = 20
-    max_context_tokens: int = 6000
-    max_message_chars: int = 32000
-    max_body_bytes: int = 262144
-    upstream_connect_timeout: float = 10.0
-    upstream_idle_timeout: float = 60.0
-    upstream_total_timeout: float = 300.0
-    upstream_retries: int = 2
-    replay_seconds: float = 30.0
-    checkpoint_seconds: float = 1.0
-    heartbeat_seconds: float = 5.0
-    ping_seconds: float = 15.0
-    shutdown_grace: float = 10.0
-    host: str = "0.0.0.0"
-    port: int = 8000
-    log_level: str = "info"
+    dashscope_api_key: str | None = setting("DASHSCOPE_API_KEY", None, "the model service's key (required to chat)")
+    dashscope_base_url: str = setting(
+        "DASHSCOPE_BASE_URL", "https://dashscope.aliyuncs.com/compatible-mode/v1",
+        "the OpenAI-compatible endpoint (any compatible server works)", cast=lambda v: v.rstrip("/"),
+    )  # fmt: skip
+    chat_model: str = setting("CHAT_MODEL", "qwen-plus", "the default model")
+    system_prompt: str = setting("SYSTEM_PROMPT", "You are a helpful assistant.", "the default system prompt")
+    database_url: str = setting("DATABASE_URL", "sqlite+aiosqlite:///./chatsvc.db", "SQLite file, or postgresql://…")
+    api_token: str | None = setting("CHATSVC_API_TOKEN", None, "bearer token required on /api/")
+    user_header: str | None = setting("CHATSVC_USER_HEADER", None, "header naming the user who owns conversations")
+    cors_origins: tuple[str, ...] = setting("CHATSVC_CORS_ORIGINS", (), "browser origins allowed to call (a,b)")
+    allowed_models: tuple[str, ...] = setting("CHATSVC_ALLOWED_MODELS", (), "further models clients may pick (a,b)")
+    max_context_messages: int = setting("CHATSVC_MAX_CONTEXT_MESSAGES", 20, "history messages sent to the model")
+    max_context_tokens: int = setting("CHATSVC_MAX_CONTEXT_TOKENS", 6000, "estimated tokens sent to the model")
+    max_message_chars: int = setting("CHATSVC_MAX_MESSAGE_CHARS", 32000, "longest message a user may send")
+    max_body_bytes: int = setting("CHATSVC_MAX_BODY_BYTES", 262144, "largest request body")
+    max_answer_chars: int = setting(
+        "CHATSVC_MAX_ANSWER_CHARS", 1_000_000, "longest answer (text + reasoning); past it it ends with 'length'"
+    )
+    upstream_connect_timeout: float = setting("CHATSVC_UPSTREAM_CONNECT_TIMEOUT", 10.0, "s to connect to the model")
+    upstream_idle_timeout: float = setting("CHATSVC_UPSTREAM_IDLE_TIMEOUT", 60.0, "s the model may send nothing")
+    upstream_total_timeout: float = setting("CHATSVC_UPSTREAM_TOTAL_TIMEOUT", 300.0, "s one answer may take")
+    upstream_retries: int = setting("CHATSVC_UPSTREAM_RETRIES", 2, "retries before the first token (429/5xx)")
+    replay_seconds: float = setting("CHATSVC_REPLAY_SECONDS", 30.0, "s a finished answer's events stay in memory")
+    checkpoint_seconds: float = setting(
+        "CHATSVC_CHECKPOINT_SECONDS", 1.0, "a running answer's new text is saved within this many s"
+    )
+    heartbeat_seconds: float = setting(
+        "CHATSVC_HEARTBEAT_SECONDS", 5.0, "PostgreSQL: an answer whose process beat none for 3 of these is interrupted"
+    )
+    storage_timeout: float = setting(
+        "CHATSVC_STORAGE_TIMEOUT", 10.0, "s an answer's final write is retried before readers get storage_failed"
+    )
+    ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
+    shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 10.0, "s running answers get after SIGTERM")
+    host: str = setting("HOST", "0.0.0.0", "address to listen on")
+    port: int = setting("PORT", 8000, "port to listen on")
+    log_level: str = setting("LOG_LEVEL", "info", "debug, info, warning or error", cast=lambda v: v.lower())
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, env_file: str | None = ".env") -> Settings:
         """Read settings with Starlette's Config: the environment wins over `.env`."""
         if env_file is not None and not os.path.isfile(env_file):
             env_file = None  # a missing .env is normal, not worth Config's warning
-        c = Config(env_file, environ=os.environ if environ is None else environ)
+        config = Config(env_file, environ=os.environ if environ is None else environ)
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            env = f.metadata["env"]
+            raw = config(env, default=None)
+            if raw is None or (raw == "" and f.default is None):
+                continue
+            try:
+                values[f.name] = (f.metadata["cast"] or _CASTS[f.type])(raw)
+            except ValueError:
+                raise ValueError(f"{env}={raw!r} is not a valid {f.type}.") from None
+        return cls(**values)
 
-        def csv(name: str) -> tuple[str, ...]:
-            return tuple(s for s in c(name, cast=CommaSeparatedStrings, default="") if s)
-
-        d = cls()
-        return cls(
-            dashscope_api_key=c("DASHSCOPE_API_KEY", default=None) or None,
-            dashscope_base_url=c("DASHSCOPE_BASE_URL", default=d.dashscope_base_url).rstrip("/"),
-            chat_model=c("CHAT_MODEL", default=d.chat_model),
-            system_prompt=c("SYSTEM_PROMPT", default=d.system_prompt),
-            database_url=c("DATABASE_URL", default=d.database_url),
-            api_token=c("CHATSVC_API_TOKEN", default=None) or None,
-            user_header=c("CHATSVC_USER_HEADER", default=None) or None,
-            cors_origins=csv("CHATSVC_CORS_ORIGINS"),
-            allowed_models=csv("CHATSVC_ALLOWED_MODELS"),
-            max_context_messages=c("CHATSVC_MAX_CONTEXT_MESSAGES", cast=int, default=d.max_context_messages),
-            max_context_tokens=c("CHATSVC_MAX_CONTEXT_TOKENS", cast=int, default=d.max_context_tokens),
-            max_message_chars=c("CHATSVC_MAX_MESSAGE_CHARS", cast=int, default=d.max_message_chars),
-            max_body_bytes=c("CHATSVC_MAX_BODY_BYTES", cast=int, default=d.max_body_bytes),
-            upstream_connect_timeout=c(
-                "CHATSVC_UPSTREAM_CONNECT_TIMEOUT", cast=float, default=d.upstream_connect_timeout
-            ),
-            upstream_idle_timeout=c("CHATSVC_UPSTREAM_IDLE_TIMEOUT", cast=float, default=d.upstream_idle_timeout),
-            upstream_total_timeout=c("CHATSVC_UPSTREAM_TOTAL_TIMEOUT", cast=float, default=d.upstream_total_timeout),
-            upstream_retries=c("CHATSVC_UPSTREAM_RETRIES", cast=int, default=d.upstream_retries),
-            replay_seconds=c("CHATSVC_REPLAY_SECONDS", cast=float, default=d.replay_seconds),
-            checkpoint_seconds=c("CHATSVC_CHECKPOINT_SECONDS", cast=float, default=d.checkpoint_seconds),
-            heartbeat_seconds=c("CHATSVC_HEARTBEAT_SECONDS", cast=float, default=d.heartbeat_seconds),
-            ping_seconds=c("CHATSVC_PING_SECONDS", cast=float, default=d.ping_seconds),
-            shutdown_grace=c("CHATSVC_SHUTDOWN_GRACE", cast=float, default=d.shutdown_grace),
-            host=c("HOST", default=d.host),
-            port=c("PORT", cast=int, default=d.port),
-            log_level=c("LOG_LEVEL", default=d.log_level).lower(),
-        )
+    @classmethod
+    def help(cls) -> str:
+        """The configuration part of `chatsvc --help`."""
+        lines = ["configuration (environment variables, or a .env file in the working directory):"]
+        for f in fields(cls):
+            default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+            shown = "none" if default in (None, "") else f"{default:g}" if isinstance(default, float) else default
+            lines.append(f"  {f.metadata['env']:<33} {f.metadata['help']} [{shown}]")
+        return "\n".join(lines) + "\n"
 
     @property
     def models(self) -> tuple[str, ...]:
         return (self.chat_model, *self.allowed_models)
 
+    @property
+    def heartbeat_stale(self) -> float:
+        """How old a heartbeat is when its process is taken for gone."""
+        return HEARTBEAT_MISSES * self.heartbeat_seconds
+
+
+HEARTBEAT_MISSES = 3
+
 
 # ── Errors (every non-2xx answer is {"detail", "code"}) ───────────────────────────────
+# The store, the context builder, the upstream client and the answers raise `Refusal`s: domain
+# errors with a contract code and a sentence for a person. `api_error` maps them to HTTP here, in
+# one place; every other `ApiError` the handlers and middleware answer is made by a function below.
 
 
 class ApiError(Exception):
@@ -140,8 +176,136 @@ class ApiError(Exception):
         return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
+class Refusal(Exception):
+    """A domain error: what went wrong (`code`, `detail`) and, if trying again may help, when."""
+
+    code = "error"
+
+    def __init__(self, detail: str, code: str | None = None, retry_after: float | None = None):
+        super().__init__(detail)
+        self.detail, self.retry_after = detail, retry_after
+        if code is not None:
+            self.code = code
+
+
+class NotFound(Refusal):
+    code = "not_found"
+
+
+class ConversationBusy(Refusal):
+    code = "conversation_busy"
+
+
+class ContextTooLong(Refusal):
+    code = "context_too_long"
+
+
+class StorageUnavailable(Refusal):
+    """The database cannot take a write (or answer a read) now: locked, full, unreachable."""
+
+    code = "storage_unavailable"
+
+    def __init__(self, detail: str, retry_after: float = 2):
+        super().__init__(detail, retry_after=retry_after)
+
+
+class StorageFailed(Refusal):
+    """An answer's final state could not be stored in time: its readers are told, the write goes on."""
+
+    code = "storage_failed"
+
+
+class AnswerInterrupted(Refusal):
+    code = "interrupted"
+
+
+# The HTTP status of each domain code; an UpstreamError carries its own (see upstream_error).
+HTTP_STATUS = {
+    "not_found": 404,
+    "conversation_busy": 409,
+    "context_too_long": 422,
+    "storage_unavailable": 503,
+    "storage_failed": 503,
+    "interrupted": 503,
+}
+
+
+def api_error(exc: Refusal) -> ApiError:
+    status = getattr(exc, "status", None) or HTTP_STATUS.get(exc.code, 500)
+    headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
+    return ApiError(status, exc.code, exc.detail, headers=headers)
+
+
 def invalid(detail: str) -> ApiError:
     return ApiError(422, "invalid_request", detail)
+
+
+def not_found(session_id: str) -> NotFound:
+    return NotFound(f"No conversation with session_id '{session_id}'.")
+
+
+def busy(session_id: str) -> ConversationBusy:
+    return ConversationBusy(
+        f"An answer is already being generated in conversation '{session_id}'. "
+        "Wait for it to finish, or stop it with POST /api/v1/chat/{session_id}/stop."
+    )
+
+
+def not_stored_yet(session_id: str) -> StorageUnavailable:
+    return StorageUnavailable(
+        f"The last answer in conversation '{session_id}' is not stored yet (the database is failing); chatsvc"
+        " keeps trying. Try again once GET /readyz answers 200."
+    )
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"The request body is larger than {limit} bytes.")
+
+
+def not_json(detail: str = "The request body is not valid JSON.") -> ApiError:
+    return ApiError(400, "invalid_json", detail)
+
+
+def client_disconnected() -> ApiError:
+    return ApiError(400, "client_disconnected", "The connection closed before the body was complete.")
+
+
+def unauthorized(detail: str, headers: dict[str, str] | None = None) -> ApiError:
+    return ApiError(401, "unauthorized", detail, headers=headers)
+
+
+def conversation_exists(session_id: str) -> ApiError:
+    return ApiError(409, "conversation_exists", f"A conversation with session_id '{session_id}' already exists.")
+
+
+def not_configured() -> ApiError:
+    return ApiError(503, "not_configured", "No model service is configured: set DASHSCOPE_API_KEY.")
+
+
+def shutting_down() -> ApiError:
+    return ApiError(503, "shutting_down", "chatsvc is shutting down; try again in a moment.",
+                    headers={"Retry-After": "1"})  # fmt: skip
+
+
+def no_route(path: str) -> ApiError:
+    return ApiError(404, "not_found", f"There is no route {path}.")
+
+
+def method_not_allowed(method: str, path: str, allowed: list[str]) -> ApiError:
+    detail = f"{method} is not allowed on {path}; use {', '.join(allowed)}."
+    return ApiError(405, "method_not_allowed", detail, headers={"Allow": ", ".join(allowed)})
+
+
+def headers_too_large(limit: int) -> ApiError:
+    return ApiError(431, "headers_too_large", f"The request headers are larger than {limit} bytes.")
+
+
+def http_error(status: int, detail: str, headers: Any = None) -> ApiError:
+    return ApiError(status, "http_error", detail, headers=headers)
+
+
+def internal_error() -> ApiError:
+    return ApiError(500, "internal_error", "Something went wrong inside chatsvc; the error is in its log.")
 
 
 # ── Store: raw SQL through `databases` ─────────────────────────────────────────────────
@@ -175,12 +339,15 @@ def data_file(in_checkout: str, in_wheel: str) -> Path:
     raise FileNotFoundError(f"{in_checkout} not found next to {__file__}")
 
 
+SQLITE_BUSY_MS = 5000  # how long a statement waits for another process's write lock
+
+
 class _SQLiteConnection(sqlite3.Connection):
     """Connection factory: PRAGMAs are per connection, so they are set where it is opened."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for pragma in ("journal_mode=WAL", "busy_timeout=5000", "foreign_keys=ON", "synchronous=NORMAL"):
+        for pragma in ("journal_mode=WAL", f"busy_timeout={SQLITE_BUSY_MS}", "foreign_keys=ON", "synchronous=NORMAL"):
             self.execute(f"PRAGMA {pragma}")
 
 
@@ -192,6 +359,60 @@ def _violation(exc: BaseException) -> str | None:
     if "foreign key" in text or kind == "ForeignKeyViolationError":
         return "foreign_key"
     return None
+
+
+def storage_fault(exc: BaseException) -> str:
+    """What a database failure means, as a sentence a person can act on."""
+    text = str(exc).lower()
+    if "locked" in text or "lock timeout" in text or type(exc).__name__ == "LockNotAvailableError":
+        return ("The database is locked by another process (a backup, or an open sqlite3 shell?) and could not be"
+                " written in time; try again in a moment.")  # fmt: skip
+    if "full" in text or "no space" in text or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        return "The database's disk is full: free space on it, and chatsvc recovers by itself."
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "The database did not answer in time; try again in a moment."
+    return f"The database cannot be used right now ({type(exc).__name__}: {str(exc)[:200]}); try again in a moment."
+
+
+class SQLiteFileInUse(Exception):
+    """Another process serves this SQLite file."""
+
+
+_held_files: dict[str, list] = {}  # realpath -> [lock file, holders in this process]
+
+
+def hold_sqlite_file(database: str) -> Callable[[], None]:
+    """Take the file's lock for this process (again, if it holds it already): one SQLite file serves
+    one chatsvc process, which is what lets it interrupt every `streaming` answer at start. Returns
+    the release. The lock is `flock` on `<database>.lock`, which the kernel drops with the process."""
+    path = os.path.realpath(database)
+    held = _held_files.get(path)
+    if held is None:
+        lock = open(path + ".lock", "a+")  # held for the process's life
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            pid = lock.read().strip() or "unknown"
+            lock.close()
+            raise SQLiteFileInUse(
+                f"Another chatsvc process (pid {pid}) is already serving the SQLite database {path}; one SQLite"
+                " file serves one process: stop the other one, or give this one another DATABASE_URL (use"
+                " PostgreSQL to run several replicas)."
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        held = _held_files[path] = [lock, 0]
+    held[1] += 1
+
+    def release() -> None:
+        held[1] -= 1
+        if held[1] == 0 and _held_files.get(path) is held:
+            del _held_files[path]
+            held[0].close()
+
+    return release
 
 
 _CONVERSATION_SQL = """
@@ -210,37 +431,105 @@ _MESSAGE_COLUMNS = (
     " prompt_tokens, completion_tokens, total_tokens, last_seq, created_at"
 )
 
+# Also run by the heartbeat's own connection (asyncpg, numbered parameters).
+HEARTBEAT_SQL = "UPDATE messages SET updated_at = $1 WHERE status = 'streaming' AND id = ANY($2::text[]) RETURNING id"
+
+# The id of the final event of an answer interrupted because its process was gone (`last_seq`): no
+# event that process sent has it, so a reader that resumes after any of them is sent this end.
+INTERRUPTED_SEQ = 2**31 - 1
+
+READ, WRITE, BACKGROUND = "read", "write", "background"  # SQLite: which of the store's connections
+
+
+@dataclass
+class Checkpoint:
+    """A running answer's text so far: events 0 to seq - 1 of its log carry exactly this."""
+
+    answer_id: str
+    content: str
+    reasoning: str | None
+    seq: int
+
+
+@dataclass
+class FinalState:
+    """An answer's last write."""
+
+    status: str
+    content: str
+    reasoning: str | None
+    finish_reason: str | None
+    usage: dict | None
+    error_code: str | None
+    error_message: str | None
+    last_seq: int
+
 
 class Store:
     """The conversation store. Every write is one atomic statement: SQLite cannot upgrade a read
     lock to a write lock under concurrency (busy_timeout does not apply), so no read-modify-write.
-    Every query is scoped to an owner (CHATSVC_USER_HEADER's value, '' without it)."""
+    Every query is scoped to an owner (CHATSVC_USER_HEADER's value, '' without it).
 
-    def __init__(self, url: str):
+    A database failure (locked, full, unreachable) is raised as `StorageUnavailable`; `fault`
+    says what the last write met, until a write succeeds again (GET /readyz shows it)."""
+
+    def __init__(self, url: str, exclusive: bool = False):
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
-        options: dict[str, Any] = {"factory": _SQLiteConnection} if self.is_sqlite else {}
+        self.exclusive = exclusive  # SQLite: this process serves the file (see hold_sqlite_file)
+        if self.is_sqlite:
+            options: dict[str, Any] = {"factory": _SQLiteConnection}
+        else:  # a write that waits for a lock, or a statement the server never answers, fails in bounded time
+            options = {"server_settings": {"lock_timeout": str(SQLITE_BUSY_MS)}, "command_timeout": 30}
         self.db = Database(url, **options)
-        self._conn: Any = None  # SQLite: the one long-lived `databases` connection
-        self._raw: Any = None  # ... and its aiosqlite handle
+        self._conns: list[Any] = []  # SQLite: the `databases` connections held open
+        self._raw: dict[str, Any] = {}  # SQLite: READ / WRITE / BACKGROUND -> aiosqlite handle
+        self._release: Callable[[], None] | None = None
+        self.fault: str | None = None
+
+    @property
+    def sqlite_path(self) -> str | None:
+        database = DatabaseURL(self.url).database
+        return database if self.is_sqlite and database and database != ":memory:" else None
 
     async def open(self) -> None:
-        await self.db.connect()
-        if self.is_sqlite:
-            # One long-lived connection: `databases` otherwise opens a connection (and a thread)
-            # per task, ~7 ms per chat instead of ~0.4 ms. Statements go to its aiosqlite handle
-            # directly: one hop to its thread and no SQLAlchemy compile, about 4x cheaper a
-            # statement than `databases`' query path, and 10x with hundreds in flight (which
-            # `databases` serialises behind a lock). bench/store.py measures it.
-            self._conn = self.db.connection()
-            try:
-                await self._conn.__aenter__()
-            except Exception:
-                self._conn = None
-                await asyncio.sleep(0.1)  # aiosqlite's thread reports its stop on this loop: let it, before it closes
-                raise
-            self._raw = self._conn.raw_connection
-            self._raw.row_factory = sqlite3.Row
+        if self.exclusive and self.sqlite_path:
+            self._release = hold_sqlite_file(self.sqlite_path)
+        try:
+            await self.db.connect()
+            if self.is_sqlite:
+                await self._open_sqlite()
+            await self._apply_schema()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open_sqlite(self) -> None:
+        # Long-lived connections: `databases` otherwise opens a connection (and a thread) per task,
+        # ~7 ms per chat instead of ~0.4 ms. Statements go to their aiosqlite handles directly: one
+        # hop to the thread and no SQLAlchemy compile, about 4x cheaper a statement than `databases`'
+        # query path (bench/store.py). Three of them, so that reads never wait behind a write that
+        # waits for another process's lock (WAL lets them read meanwhile), and request writes never
+        # wait behind the background checkpoints. In memory there is one database per connection.
+        roles = (READ, WRITE, BACKGROUND) if self.sqlite_path else (READ,)
+        for role in roles:
+            conn = await asyncio.create_task(self._acquire())  # a task of its own: `databases` keys connections by task
+            self._conns.append(conn)
+            self._raw[role] = conn.raw_connection
+            self._raw[role].row_factory = sqlite3.Row
+        for role in (WRITE, BACKGROUND):
+            self._raw.setdefault(role, self._raw[READ])
+
+    async def _acquire(self) -> Any:
+        conn = self.db.connection()
+        try:
+            await conn.__aenter__()
+        except Exception:
+            await asyncio.sleep(0.1)  # aiosqlite's thread reports its stop on this loop: let it, before it closes
+            raise
+        return conn
+
+    async def _apply_schema(self) -> None:
         statements = []
         for statement in data_file("schema.sql", "chatsvc_schema.sql").read_text(encoding="utf-8").split(";"):
             lines = [ln for ln in statement.splitlines() if not ln.strip().startswith("--")]
@@ -259,37 +548,70 @@ class Store:
 
     async def close(self) -> None:
         # aiosqlite's threads are not daemons: a connection left open keeps the process alive.
-        if self._conn is not None:
-            await self._conn.__aexit__(None, None, None)
-            self._conn = self._raw = None
-        await self.db.disconnect()
+        while self._conns:
+            with contextlib.suppress(Exception):
+                await self._conns.pop().__aexit__(None, None, None)
+        self._raw = {}
+        with contextlib.suppress(Exception):
+            await self.db.disconnect()
+        if self._release is not None:
+            self._release()
+            self._release = None
 
-    async def _all(self, sql: str, values: dict[str, Any] | None = None) -> list[dict]:
-        if self._raw is not None:  # SQLite takes the same `:name` parameters natively
-            return [dict(row) for row in await self._raw.execute_fetchall(sql, values or {})]
-        return [dict(row._mapping) for row in await self.db.fetch_all(sql, values)]
+    async def _all(self, sql: str, values: dict[str, Any] | None = None, role: str = READ) -> list[dict]:
+        try:
+            if self._raw:  # SQLite takes the same `:name` parameters natively
+                rows = [dict(row) for row in await self._raw[role].execute_fetchall(sql, values or {})]
+            else:
+                rows = [dict(row._mapping) for row in await self.db.fetch_all(sql, values)]
+        except Exception as exc:
+            self._failed(exc, role)
+        if role != READ:
+            self.fault = None
+        return rows
 
-    async def _one(self, sql: str, values: dict[str, Any] | None = None) -> dict | None:
-        rows = await self._all(sql, values)
+    def _failed(self, exc: Exception, role: str) -> NoReturn:
+        if _violation(exc):
+            raise exc
+        detail = storage_fault(exc)
+        if role != READ:
+            self.fault = detail
+        raise StorageUnavailable(detail) from exc
+
+    async def _one(self, sql: str, values: dict[str, Any] | None = None, role: str = READ) -> dict | None:
+        rows = await self._all(sql, values, role)
         return rows[0] if rows else None
 
-    async def _run(self, sql: str, values: dict[str, Any] | None = None) -> None:
-        if self._raw is not None:
-            await self._raw.execute_fetchall(sql, values or {})
-        else:
-            await self.db.execute(sql, values)
+    async def _run(self, sql: str, values: dict[str, Any] | None = None, role: str = WRITE) -> None:
+        await self._all(sql, values, role)
 
     async def ping(self) -> None:
+        """The database answers a read, and, after a failed write, takes a write again."""
         await self._one("SELECT 1 AS ok")
+        if self.fault is None:
+            return
+        if self.is_sqlite:  # rewrites one row as it is: that fails while the file is locked or its disk full
+            await self._run("UPDATE conversations SET updated_at = updated_at WHERE session_id IN"
+                            " (SELECT session_id FROM conversations LIMIT 1)")  # fmt: skip
+        else:  # a row lock on the messages: it waits for (and fails on) a lock that keeps writers out
+            await self._run("SELECT id FROM messages LIMIT 1 FOR UPDATE")
 
-    async def recover_interrupted(self, stale_before: str) -> list[dict]:
-        """Answers still `streaming` whose heartbeat (`updated_at`) is older than `stale_before`:
-        the process producing them is gone. They become `interrupted`, keeping their text."""
+    async def recover_interrupted(self, stale_before: str | None, own: list[str] = ()) -> list[dict]:
+        """Answers still `streaming` whose heartbeat (`updated_at`) is older than `stale_before`
+        (all of them, for None): the process producing them is gone. They become `interrupted`,
+        keeping their text. This process's `own` answers are never among them."""
+        where, values = "", {"now": utcnow(), "end_seq": INTERRUPTED_SEQ}
+        if stale_before is not None:
+            where, values["stale"] = " AND updated_at < :stale", stale_before
+        for names, ids in _id_batches(list(own), 100_000):
+            where += f" AND id NOT IN ({names})"
+            values.update(ids)
         return await self._all(
             "UPDATE messages SET status = 'interrupted', error_code = 'interrupted',"
-            " error_message = 'The service stopped before this answer was finished.', updated_at = :now"
-            " WHERE status = 'streaming' AND updated_at < :stale RETURNING id, owner, session_id",
-            {"now": utcnow(), "stale": stale_before},
+            " error_message = 'The service stopped before this answer was finished.', last_seq = :end_seq,"
+            f" updated_at = :now WHERE status = 'streaming'{where} RETURNING id, owner, session_id",
+            values,
+            role=WRITE,
         )
 
     async def streaming_answer(self, owner: str, session_id: str) -> str | None:
@@ -306,14 +628,6 @@ class Store:
             rows = await self._all(f"SELECT id FROM messages WHERE status = 'streaming' AND id IN ({names})", ids)
             found.update(row["id"] for row in rows)
         return found
-
-    async def heartbeat(self, answer_ids: list[str]) -> None:
-        """This process is alive and still producing these answers."""
-        for names, ids in _id_batches(answer_ids):
-            await self._run(
-                f"UPDATE messages SET updated_at = :now WHERE status = 'streaming' AND id IN ({names})",
-                {**ids, "now": utcnow()},
-            )
 
     # conversations
 
@@ -351,7 +665,7 @@ class Store:
             " VALUES (:owner, :sid, :title, :prompt, :model, :now, :now)"
             " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
             {"owner": owner, "sid": session_id, "title": title, "prompt": system_prompt, "model": model,
-             "now": utcnow()},
+             "now": utcnow()}, role=WRITE,
         )  # fmt: skip
         return row is not None
 
@@ -361,6 +675,7 @@ class Store:
             f"UPDATE conversations SET {sets}, updated_at = :now"
             " WHERE owner = :owner AND session_id = :sid RETURNING session_id",
             {**changes, "owner": owner, "sid": session_id, "now": utcnow()},
+            role=WRITE,
         )
         return row is not None
 
@@ -368,6 +683,7 @@ class Store:
         row = await self._one(
             "DELETE FROM conversations WHERE owner = :owner AND session_id = :sid RETURNING session_id",
             {"owner": owner, "sid": session_id},
+            role=WRITE,
         )
         return row is not None
 
@@ -378,6 +694,7 @@ class Store:
             "UPDATE conversations SET context_start = :marker, updated_at = :now"
             " WHERE owner = :owner AND session_id = :sid RETURNING session_id",
             {**values, "now": utcnow()},
+            role=WRITE,
         )
         if row and purge:
             await self._run(
@@ -439,52 +756,61 @@ class Store:
                 raise not_found(session_id) from None
             raise
 
-    async def checkpoint(self, answer_id: str, content: str, reasoning: str | None, seq: int) -> None:
-        """The text so far: events 0 to seq - 1 of the answer's log carry exactly this."""
-        await self._run(
-            "UPDATE messages SET content = :c, reasoning_content = :r, last_seq = :seq, updated_at = :now"
-            " WHERE id = :id AND status = 'streaming'",
-            {"c": content, "r": reasoning, "seq": seq, "now": utcnow(), "id": answer_id},
+    async def checkpoint(self, checkpoints: list[Checkpoint]) -> None:
+        """The running answers' texts so far, in one round trip (the background connection on SQLite)."""
+        now = utcnow()
+        rows = [(cp.content, cp.reasoning, cp.seq, now, cp.answer_id) for cp in checkpoints]
+        sql = (
+            "UPDATE messages SET content = $1, reasoning_content = $2, last_seq = $3, updated_at = $4"
+            " WHERE id = $5 AND status = 'streaming'"
         )
+        try:
+            if self._raw:  # sqlite3 reads $1 as the first parameter too
+                await self._raw[BACKGROUND].executemany(sql, rows)
+            else:  # asyncpg pipelines the rows: one round trip
+                async with self.db.connection() as conn:
+                    await conn.raw_connection.executemany(sql, rows)
+        except Exception as exc:
+            self._failed(exc, BACKGROUND)
+        self.fault = None
 
-    async def finish_answer(self, answer_id: str, **fields: Any) -> None:
-        """The answer's final state, written once, whatever ended it."""
-        usage = fields.pop("usage", None) or {}
-        values = {
-            **fields,
-            "prompt_tokens": usage.get("prompt_tokens"),
-            "completion_tokens": usage.get("completion_tokens"),
-            "total_tokens": usage.get("total_tokens"),
-            "now": utcnow(),
-            "id": answer_id,
-        }
-        await self._run(
-            "UPDATE messages SET content = :content, reasoning_content = :reasoning_content, status = :status,"
+    async def finish_answer(self, answer_id: str, final: FinalState) -> bool:
+        """The answer's final state, written once, whatever ended it. False if the answer is no longer
+        `streaming`: another process took it for dead and stored its verdict, which stands."""
+        usage = final.usage or {}
+        row = await self._one(
+            "UPDATE messages SET content = :content, reasoning_content = :reasoning, status = :status,"
             " finish_reason = :finish_reason, error_code = :error_code, error_message = :error_message,"
             " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,"
-            " total_tokens = :total_tokens, last_seq = :last_seq, updated_at = :now WHERE id = :id",
-            values,
-        )
+            " total_tokens = :total_tokens, last_seq = :last_seq, updated_at = :now"
+            " WHERE id = :id AND status = 'streaming' RETURNING id",
+            {
+                "content": final.content, "reasoning": final.reasoning, "status": final.status,
+                "finish_reason": final.finish_reason, "error_code": final.error_code,
+                "error_message": final.error_message, "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"), "total_tokens": usage.get("total_tokens"),
+                "last_seq": final.last_seq, "now": utcnow(), "id": answer_id,
+            },
+            role=WRITE,
+        )  # fmt: skip
+        return row is not None
+
+    async def answer(self, answer_id: str) -> dict | None:
+        """An answer by id alone: its producer reads back the verdict another process stored."""
+        return await self._one(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = :id", {"id": answer_id})
 
 
-def _id_batches(ids: list[str]) -> Iterator[tuple[str, dict[str, str]]]:
-    """`IN (...)` placeholders and their values, 500 ids at a time."""
-    for start in range(0, len(ids), 500):
-        values = {f"id{n}": value for n, value in enumerate(ids[start : start + 500])}
+def row_usage(row: dict) -> dict | None:
+    if row["total_tokens"] is None and row["prompt_tokens"] is None:
+        return None
+    return {k: row[k] for k in USAGE_FIELDS}
+
+
+def _id_batches(ids: list[str], size: int = 500) -> Iterator[tuple[str, dict[str, str]]]:
+    """`IN (...)` placeholders and their values, `size` ids at a time."""
+    for start in range(0, len(ids), size):
+        values = {f"id{n}": value for n, value in enumerate(ids[start : start + size], start)}
         yield ", ".join(":" + name for name in values), values
-
-
-def busy(session_id: str) -> ApiError:
-    return ApiError(
-        409,
-        "conversation_busy",
-        f"An answer is already being generated in conversation '{session_id}'. "
-        "Wait for it to finish, or stop it with POST /api/v1/chat/{session_id}/stop.",
-    )
-
-
-def not_found(session_id: str) -> ApiError:
-    return ApiError(404, "not_found", f"No conversation with session_id '{session_id}'.")
 
 
 # ── Context: what the model sees ───────────────────────────────────────────────────────
@@ -504,19 +830,15 @@ def build_context(
     new message. Failed turns and empty answers are left out, with the question that led to them."""
     system_cost, message_cost = estimate_tokens(system_prompt), estimate_tokens(message)
     if system_cost >= max_tokens:
-        raise ApiError(
-            422,
-            "context_too_long",
+        raise ContextTooLong(
             f"The conversation's system prompt (about {system_cost} tokens) leaves no room in the"
-            f" context budget ({max_tokens} tokens, CHATSVC_MAX_CONTEXT_TOKENS). Shorten the system prompt.",
+            f" context budget ({max_tokens} tokens, CHATSVC_MAX_CONTEXT_TOKENS). Shorten the system prompt."
         )
     budget = max_tokens - system_cost - message_cost
     if budget < 0:
-        raise ApiError(
-            422,
-            "context_too_long",
+        raise ContextTooLong(
             f"The message is too long for the model's context budget ({max_tokens} tokens, about "
-            f"{message_cost} needed for the message alone). Shorten it.",
+            f"{message_cost} needed for the message alone). Shorten it."
         )
     picked: list[dict[str, str]] = []
     skip_question = False
@@ -543,17 +865,12 @@ def build_context(
 # ── Upstream: DashScope's OpenAI-compatible streaming API ──────────────────────────────
 
 
-class UpstreamError(Exception):
+class UpstreamError(Refusal):
     """A failure of the model service, already mapped to the contract's status and code."""
 
     def __init__(self, status: int, code: str, detail: str, retryable: bool = False, retry_after: float | None = None):
-        super().__init__(detail)
-        self.status, self.code, self.detail = status, code, detail
-        self.retryable, self.retry_after = retryable, retry_after
-
-    def api_error(self) -> ApiError:
-        headers = {"Retry-After": str(max(1, round(self.retry_after)))} if self.retry_after else None
-        return ApiError(self.status, self.code, self.detail, headers=headers)
+        super().__init__(detail, code, retry_after)
+        self.status, self.retryable = status, retryable
 
 
 # The HTTP status DashScope gives each error code, for errors that arrive inside a stream.
@@ -683,19 +1000,43 @@ def parse_chunk(data: str) -> Delta:
     if "error" in obj:  # an error in place of a chunk, mid-stream
         error = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
         raise upstream_error(_CODE_STATUS.get(str(error.get("code")), 500), error)
-    delta = Delta(usage=obj.get("usage") or None)
+    delta = Delta(usage=sane_usage(obj.get("usage")))
     for choice in obj.get("choices") or ():
         d = choice.get("delta") or {}
         delta.content += d.get("content") or ""
         delta.reasoning += d.get("reasoning_content") or ""
         delta.finish_reason = choice.get("finish_reason") or delta.finish_reason
-    if "\\ud" in data or "\\uD" in data:  # an escaped surrogate: a lone one cannot be stored or sent as UTF-8
-        delta.content = _LONE_SURROGATE.sub("\ufffd", delta.content)
-        delta.reasoning = _LONE_SURROGATE.sub("\ufffd", delta.reasoning)
+    if (
+        "\\u0000" in data or "\\ud" in data or "\\uD" in data
+    ):  # an escaped NUL or lone surrogate: neither can be stored everywhere or sent as UTF-8
+        delta.content = _UNSTORABLE.sub("\ufffd", delta.content)
+        delta.reasoning = _UNSTORABLE.sub("\ufffd", delta.reasoning)
     return delta
 
 
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left is alone
+# NUL (PostgreSQL's text refuses it) and lone surrogates (json.loads joins valid pairs, so any left is
+# alone; UTF-8 cannot hold one).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+MAX_TOKENS_STORED = 2**31 - 1  # an INTEGER column on PostgreSQL
+
+
+def sane_usage(usage: Any) -> dict | None:
+    """The usage the model service reported, keeping only counts a database column can hold: a
+    usage that is not an object, or a count that is not a non-negative integer, is dropped (and logged)."""
+    if not usage:
+        return None
+    if not isinstance(usage, dict):
+        log.warning("the model service sent a usage that is not an object; dropped: %.200r", usage)
+        return None
+    kept = {}
+    for name in USAGE_FIELDS:
+        value = usage.get(name)
+        if type(value) is int and 0 <= value <= MAX_TOKENS_STORED:
+            kept[name] = value
+        elif value is not None:
+            log.warning("the model service sent usage %s=%.100r; dropped", name, value)
+    return kept or None
 
 
 async def stream_completion(client: httpx.AsyncClient, settings: Settings, payload: dict) -> AsyncIterator[Delta]:
@@ -779,7 +1120,13 @@ def new_upstream_client(settings: Settings) -> httpx.AsyncClient:
     )
 
 
-# ── Generations: the running answer, its event log, its readers ────────────────────────
+# ── Answers: one answer's life, from the model to its readers and the store ────────────
+# An answer belongs to the server, not to a connection. Its producer (a task) relays the model's
+# deltas into the answer's event log at the model's pace and never waits for the database there;
+# readers (the POST that started it, any number of channel listeners) follow the log from their
+# own place. The text is saved on a clock by one checkpoint writer for all answers; the end goes
+# to the readers only once the final state is stored (or, when the database fails for longer than
+# CHATSVC_STORAGE_TIMEOUT, as `storage_failed` while the write goes on in the background).
 
 
 def sse_event(event_id: str, payload: dict) -> bytes:
@@ -797,19 +1144,50 @@ def delta_event(event_id: str, type_: str, content: str) -> bytes:
     return f'id: {event_id}\ndata: {{"type":"{type_}","data":{{"content":{_json_string(content)}}}}}\n\n'.encode()
 
 
-FINAL = ("end", "error")
 DELTA_CHARS = 1000  # a delta event's text, at most: even all escaped, it fits a notification
+BATCH_EVENTS = 64  # a reader catching up copies at most this many events per write
 
 
-def backoff(attempt: int, retry_after: float | None) -> float:
+def final_event(
+    message_id: str, status: str, text: str, finish_reason: str | None, usage: dict | None, error: Refusal | None
+) -> tuple[str, dict]:
+    """The `end` or `error` event that closes an answer (also rebuilt from a stored message)."""
+    if error is None and status in (COMPLETE, STOPPED):
+        return "end", {
+            "full_text": text,
+            "message_id": message_id,
+            "finish_reason": finish_reason or ("stopped" if status == STOPPED else "stop"),
+            "usage": usage,
+        }
+    return "error", {
+        "message": error.detail if error else "The answer failed.",
+        "code": error.code if error else "upstream_error",
+        "message_id": message_id,
+        "partial_text": text,
+    }
+
+
+def stored_error(row: dict) -> Refusal | None:
+    if row["error_code"] is None:
+        return None
+    return Refusal(row["error_message"] or "The answer failed.", row["error_code"])
+
+
+def stored_final_event(row: dict) -> bytes:
+    """The final event of a stored answer, with the id of the last event its text covers."""
+    type_, data = final_event(
+        row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row), stored_error(row)
+    )
+    return sse_event(f"{row['id']}:{row['last_seq']}", {"type": type_, "data": data})
+
+
+def backoff(attempt: int, retry_after: float | None = None) -> float:
     return retry_after if retry_after is not None else min(8.0, 0.5 * 2**attempt)
 
 
-@dataclass
-class Generation:
-    """One answer being produced. It belongs to the server, not to a connection: readers
-    (the POST that started it, any number of channel listeners) follow its event log from
-    their own position and can never slow it down or make it lose events."""
+@dataclass(eq=False)
+class Answer:
+    """One answer: its event log, which its readers follow, and what it has said so far."""
 
     owner: str
     session_id: str
@@ -819,26 +1197,26 @@ class Generation:
     log: list[bytes] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
     reasoning: list[str] = field(default_factory=list)
+    text_chars: int = 0
+    reasoning_chars: int = 0
     status: str = STREAMING
     finish_reason: str | None = None
     usage: dict | None = None
-    error: UpstreamError | None = None
-    retries: int = 0
+    error: Refusal | None = None  # why it failed, or was not stored
+    final: bytes | None = None  # its `end` or `error` event, once sent
+    final_seq: int | None = None  # ... and that event's sequence number
     delivered: bool = False  # a channel listener has received it (replay rule 3 of the contract)
-    stop_reason: str | None = None  # why the task was cancelled: stopped / timeout / interrupted
+    # This process's own answers (a replica's mirror has none of these):
+    task: asyncio.Task | None = None
+    stop_reason: str | None = None  # why the task was cancelled: stopped / timeout / interrupted / taken
     finishing: bool = False  # the final write has begun: cancelling now would lose it
+    saved_seq: int = 0  # events the stored checkpoint covers
+    retries: int = 0
     first_token_at: float | None = None
     request_id: str | None = None
-    task: asyncio.Task | None = None  # None for a mirror of another replica's answer
-    publish: Callable[[Generation, bytes, bool], None] | None = None  # to the other replicas
-    pending: list[tuple[str, int, str]] | None = None  # a mirror catching up: the live tail meanwhile
-    heard_at: float = 0.0  # a mirror: when its last notification came
+    on_event: Callable[[Answer, bytes, bool], None] | None = None  # to the other replicas
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def remote(self) -> bool:
-        return self.task is None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -855,25 +1233,34 @@ class Generation:
     def emit(self, type_: str, data: dict) -> None:
         self.append(sse_event(f"{self.message_id}:{len(self.log)}", {"type": type_, "data": data}), type_ in FINAL)
 
-    def emit_delta(self, type_: str, content: str) -> None:
-        # Long deltas go out in pieces, each small enough for one PostgreSQL notification.
+    def add(self, type_: str, content: str) -> None:
+        """New text (`chunk`) or reasoning, into the log. Long deltas go out in pieces, each small
+        enough for one PostgreSQL notification, which says how much the answer carries up to it."""
+        (self.text if type_ == "chunk" else self.reasoning).append(content)
         for start in range(0, len(content), DELTA_CHARS):
-            self.append(delta_event(f"{self.message_id}:{len(self.log)}", type_, content[start : start + DELTA_CHARS]))
+            piece = content[start : start + DELTA_CHARS]
+            if type_ == "chunk":
+                self.text_chars += len(piece)
+            else:
+                self.reasoning_chars += len(piece)
+            self.append(delta_event(f"{self.message_id}:{len(self.log)}", type_, piece))
 
-    def append(self, event: bytes, final: bool = False) -> None:
-        if self.publish is not None:
-            self.publish(self, event, final)
+    def append(self, event: bytes, final: bool = False, seq: int | None = None) -> None:
+        if final:
+            self.final, self.final_seq = event, len(self.log) if seq is None else seq
+        if self.on_event is not None:
+            self.on_event(self, event, final)
         self.log.append(event)
         wake, self._wake = self._wake, asyncio.Event()
         wake.set()
 
     async def events(self, start: int = 0) -> AsyncIterator[bytes]:
-        """The log from `start` on, live, as byte batches (everything already logged at once)."""
+        """The log from `start` on, live, as byte batches of at most BATCH_EVENTS events."""
         position = start
         while True:
             wake = self._wake
             if position < len(self.log):
-                end = len(self.log)
+                end = min(len(self.log), position + BATCH_EVENTS)
                 batch = b"".join(self.log[position:end])
                 position = end
                 if batch:  # a caught-up mirror has empty places for events its catch-up event carries
@@ -883,28 +1270,448 @@ class Generation:
             else:
                 await wake.wait()
 
-    def cancel(self, reason: str) -> None:
-        if self.task is not None and not self.finishing and self.stop_reason is None:
-            self.stop_reason = reason
-            self.task.cancel()
+    def cancel(self, reason: str) -> bool:
+        """Stop producing it; True if this call is the one that did."""
+        if self.task is None or self.finishing or self.stop_reason is not None:
+            return False
+        self.stop_reason = reason
+        self.task.cancel()
+        return True
 
 
-# Replicas on one PostgreSQL database follow each other's answers through LISTEN/NOTIFY: each
-# publishes its answers' events, and keeps a mirror (a Generation without a task) of the others',
-# so the channel, Last-Event-ID and stop work on any replica. On SQLite there is one process.
+FINAL = ("end", "error")
+
+
+class Relay:
+    """This process's answers, from start to forget: start -> run -> checkpoint -> finish -> forget;
+    then stop, shutdown, and (on PostgreSQL) the heartbeat. Readers find answers here: `running`
+    by conversation, `recent` by id and `latest` by conversation for CHATSVC_REPLAY_SECONDS after
+    they end, the other replicas' answers (mirrors, see Replicas) included."""
+
+    def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient):
+        self.settings, self.store, self.client = settings, store, client
+        self.running: dict[tuple[str, str], Answer] = {}  # conversations are keyed by (owner, session_id)
+        self.recent: dict[str, Answer] = {}  # by message_id, running or finished
+        self.latest: dict[tuple[str, str], Answer] = {}  # the newest kept
+        self.unstored: dict[tuple[str, str], Answer] = {}  # final state not stored yet, the write retried
+        self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}  # channel listeners waiting
+        self._tasks: set[asyncio.Task] = set()  # checkpoints, sweeps, retries: held until they end
+        self.replicas: Replicas | None = None if store.is_sqlite else Replicas(self)
+        self.heartbeat: Heartbeat | None = None
+        self.loop_tick = time.monotonic()  # the event loop is alive: the heartbeat thread reads it
+        self.draining = False  # shutting down: no new answers
+        self.closed = False  # shut down: channel streams end
+
+    async def open(self) -> None:
+        if self.replicas is None:  # SQLite: this process alone serves the file, so none is running
+            for row in await self.store.recover_interrupted(None):
+                log.warning("answer %s was cut by the last stop: stored as interrupted", row["id"])
+        else:
+            await self.replicas.open()
+            await self.recover()
+            self.heartbeat = Heartbeat(self, asyncio.get_running_loop())
+            self._spawn(self._sweep())
+        self._spawn(self._checkpoints())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ── start
+
+    def start(self, owner: str, session_id: str, message_id: str, model: str, payload: dict) -> Answer:
+        answer = Answer(owner, session_id, message_id, model)
+        answer.task = asyncio.create_task(self._run(answer, payload), name=f"answer {message_id}")
+        if self.replicas is not None:
+            answer.on_event = self.replicas.publish
+        answer.emit("start", {"session_id": session_id, "message_id": message_id, "model": model})
+        answer.saved_seq = len(answer.log)  # the row holds what `start` says
+        self.register(answer)
+        return answer
+
+    def register(self, answer: Answer) -> None:
+        self.running[answer.key] = self.recent[answer.message_id] = self.latest[answer.key] = answer
+        for waiter in self._waiters.pop(answer.key, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def next_after(self, key: tuple[str, str], previous: Answer | None) -> Answer | None:
+        """Wait for an answer in this conversation newer than `previous` (None once shut down)."""
+        while not self.closed:
+            answer = self.latest.get(key)
+            if (
+                answer is not None
+                and answer is not previous
+                and (previous is None or answer.started >= previous.started)
+            ):
+                return answer
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(key, set()).add(waiter)
+            try:
+                await waiter
+            finally:
+                waiters = self._waiters.get(key)
+                if waiters is not None:
+                    waiters.discard(waiter)
+                    if not waiters:
+                        del self._waiters[key]
+        return None
+
+    # ── run
+
+    async def _run(self, answer: Answer, payload: dict) -> None:
+        s = self.settings
+        deadline = asyncio.get_running_loop().call_later(s.upstream_total_timeout, answer.cancel, "timeout")
+        try:
+            for attempt in range(s.upstream_retries + 1):
+                try:
+                    async with contextlib.aclosing(stream_completion(self.client, s, payload)) as deltas:
+                        async for delta in deltas:
+                            if not self._relay(answer, delta):
+                                break  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here
+                    break
+                except UpstreamError as exc:
+                    # Retry only while nothing has reached a reader.
+                    if answer.text or answer.reasoning or not exc.retryable or attempt == s.upstream_retries:
+                        raise
+                    answer.retries += 1
+                    await asyncio.sleep(backoff(attempt, exc.retry_after))
+            answer.status = COMPLETE
+        except UpstreamError as exc:
+            answer.status, answer.error = FAILED, exc
+        except asyncio.CancelledError:
+            if answer.stop_reason == "timeout":
+                answer.status, answer.error = FAILED, UpstreamError(
+                    504, "upstream_timeout",
+                    f"The model service did not finish the answer within {s.upstream_total_timeout:g} s.",
+                )  # fmt: skip
+            elif answer.stop_reason == STOPPED:
+                answer.status, answer.finish_reason = STOPPED, STOPPED
+            else:  # shutting down, or taken for dead by another replica (its verdict is read back)
+                answer.status = INTERRUPTED
+                answer.error = AnswerInterrupted("The service stopped before this answer was finished.")
+        except Exception:
+            log.exception("answer %s failed", answer.message_id)
+            answer.status = FAILED
+            answer.error = UpstreamError(502, "upstream_error", "The answer failed unexpectedly.")
+        finally:
+            deadline.cancel()
+            answer.finishing = True
+            await asyncio.shield(self._finish(answer))
+
+    def _relay(self, answer: Answer, delta: Delta) -> bool:
+        """One delta into the answer's log; False once the answer is as long as it may be."""
+        if answer.first_token_at is None and (delta.content or delta.reasoning):
+            answer.first_token_at = time.monotonic()
+        room = self.settings.max_answer_chars - answer.text_chars - answer.reasoning_chars
+        if delta.reasoning:
+            answer.add("reasoning", delta.reasoning[:room])
+            room -= len(delta.reasoning)
+        if delta.content and room > 0:
+            answer.add("chunk", delta.content[:room])
+            room -= len(delta.content)
+        answer.finish_reason = delta.finish_reason or answer.finish_reason
+        answer.usage = delta.usage or answer.usage
+        if room <= 0 and (delta.content or delta.reasoning):
+            log.warning("answer %s reached CHATSVC_MAX_ANSWER_CHARS; its upstream call is closed", answer.message_id)
+            answer.finish_reason = "length"
+            return False
+        return True
+
+    # ── checkpoint
+
+    async def _checkpoints(self) -> None:
+        """The one checkpoint writer: every CHATSVC_CHECKPOINT_SECONDS, the new text of every running
+        answer in one write. A slow or failing database delays this, never the relay."""
+        while True:
+            await asyncio.sleep(self.settings.checkpoint_seconds)
+            self.loop_tick = time.monotonic()
+            due = [
+                a for a in self.running.values() if a.task is not None and not a.finishing and len(a.log) > a.saved_seq
+            ]
+            if not due:
+                continue
+            batch = [Checkpoint(a.message_id, a.full_text, a.full_reasoning, len(a.log)) for a in due]
+            try:
+                await self.store.checkpoint(batch)
+            except StorageUnavailable as exc:
+                log.warning("checkpoint of %d answer(s) failed, tried again in %g s: %s", len(batch),
+                            self.settings.checkpoint_seconds, exc.detail)  # fmt: skip
+                continue
+            for answer, checkpoint in zip(due, batch, strict=True):
+                answer.saved_seq = checkpoint.seq
+
+    # ── finish
+
+    async def _finish(self, answer: Answer) -> None:
+        """Store the answer's final state, then tell the readers: a reload after `end` shows it."""
+        error = answer.error
+        final = FinalState(
+            answer.status, answer.full_text, answer.full_reasoning, answer.finish_reason, answer.usage,
+            error.code if error else None, error.detail if error else None, last_seq=len(answer.log),
+        )  # fmt: skip
+        stored = await self._store_final(answer, final, self.settings.storage_timeout)
+        if stored is False:  # another process took it for dead: its verdict stands, and is what readers get
+            row = await self._verdict(answer)
+            if row is not None:
+                answer.status, answer.error = row["status"], stored_error(row)
+                answer.text, answer.reasoning = [row["content"]], [row["reasoning_content"] or ""]
+                log.warning("answer %s was taken for dead by another process; its verdict stands", answer.message_id)
+        elif stored is None:
+            answer.error = StorageFailed(
+                f"The answer could not be stored: {self.store.fault or 'the database failed'} chatsvc keeps trying"
+                " to store it; reload the conversation once GET /readyz answers 200."
+            )
+            self.unstored[answer.key] = answer
+            self._spawn(self._store_later(answer, final))
+        answer.emit(*final_event(answer.message_id, answer.status, answer.full_text, answer.finish_reason,
+                                 answer.usage, answer.error))  # fmt: skip
+        answer.done.set()
+        if self.running.get(answer.key) is answer:
+            del self.running[answer.key]
+        self._log_answer(answer)
+        if stored is not None:
+            asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, answer)
+
+    async def _store_final(self, answer: Answer, final: FinalState, within: float | None) -> bool | None:
+        """finish_answer, retried with backoff while the database fails; None once `within` s have
+        passed (None: until it succeeds)."""
+        deadline = None if within is None else time.monotonic() + within
+        for attempt in itertools.count():
+            try:
+                return await self.store.finish_answer(answer.message_id, final)
+            except StorageUnavailable as exc:
+                left = math.inf if deadline is None else deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                if attempt == 0 or attempt % 10 == 0:
+                    log.warning("could not store the end of answer %s yet (%s); retrying", answer.message_id,
+                                exc.detail)  # fmt: skip
+                await asyncio.sleep(min(backoff(attempt), 2.0, left))
+        raise AssertionError("unreachable")
+
+    async def _store_later(self, answer: Answer, final: FinalState) -> None:
+        """The final write of an answer whose readers were told `storage_failed`, until it is stored
+        or the process stops (then the next start, or another replica, stores it interrupted)."""
+        await self._store_final(answer, final, None)
+        log.info("answer %s is stored at last (status=%s)", answer.message_id, final.status)
+        if self.unstored.get(answer.key) is answer:
+            del self.unstored[answer.key]
+        asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, answer)
+
+    async def _verdict(self, answer: Answer) -> dict | None:
+        for attempt in range(5):
+            try:
+                return await self.store.answer(answer.message_id)
+            except StorageUnavailable:
+                await asyncio.sleep(backoff(attempt))
+        return None
+
+    def _log_answer(self, answer: Answer) -> None:
+        usage, error = answer.usage or {}, answer.error
+        ttft = f"{(answer.first_token_at - answer.started) * 1000:.1f}" if answer.first_token_at else "-"
+        log.info(
+            "answer session=%s message=%s request_id=%s model=%s status=%s code=%s ttft_ms=%s duration_ms=%.1f"
+            " prompt_tokens=%s completion_tokens=%s retries=%d",
+            answer.session_id, answer.message_id, answer.request_id or "-", answer.model, answer.status,
+            error.code if error else "-", ttft, (time.monotonic() - answer.started) * 1000,
+            usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"), answer.retries,
+        )  # fmt: skip
+
+    # ── forget
+
+    def _forget(self, answer: Answer) -> None:
+        self.recent.pop(answer.message_id, None)
+        if self.latest.get(answer.key) is answer:
+            del self.latest[answer.key]
+
+    # ── stop
+
+    async def stop(self, key: tuple[str, str]) -> tuple[str | None, bool]:
+        """Stop the conversation's running answer: (its message id, whether this call stopped it).
+        Returns once it is stored and its readers got `end`."""
+        answer = self.running.get(key)
+        if answer is None or answer.task is None:  # another replica's answer, or none
+            return await self.replicas.stop(key, answer) if self.replicas is not None else (None, False)
+        stopped = answer.cancel(STOPPED)
+        await answer.done.wait()
+        if isinstance(answer.error, StorageFailed):
+            raise not_stored_yet(key[1])
+        return answer.message_id, stopped and answer.status == STOPPED
+
+    # ── shutdown
+
+    async def shutdown(self, grace: float) -> None:
+        """Refuse new answers, give running ones `grace` seconds, store the rest as interrupted
+        (their readers get an `error` event), then end every channel stream."""
+        self.draining = True
+        own = [a for a in self.running.values() if a.task is not None]
+        if own:
+            waiting = [asyncio.ensure_future(a.done.wait()) for a in own]
+            if grace > 0:
+                await asyncio.wait(waiting, timeout=grace)
+            for answer in own:
+                answer.cancel(INTERRUPTED)
+            await asyncio.gather(*waiting)
+        self.closed = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.heartbeat is not None:
+            await asyncio.to_thread(self.heartbeat.stop)
+        if self.replicas is not None:
+            await self.replicas.close()
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    # ── the heartbeat (PostgreSQL: several processes share the database)
+
+    def own_ids(self) -> list[str]:
+        """The answers this process vouches for: running, or ended and not stored yet."""
+        running = [a.message_id for a in list(self.running.values()) if a.task is not None]
+        return running + [a.message_id for a in list(self.unstored.values())]
+
+    def taken(self, ids: set[str]) -> None:
+        """The heartbeat found these rows no longer `streaming`: another process took them for dead."""
+        for answer in list(self.running.values()):
+            if answer.message_id in ids and answer.cancel("taken"):
+                log.warning("answer %s was taken for dead by another process; it stops here", answer.message_id)
+
+    async def _sweep(self) -> None:
+        """Every heartbeat: answers whose process is gone (no heartbeat for HEARTBEAT_MISSES
+        intervals) become interrupted, and mirrors whose answer ended unheard end from the store."""
+        assert self.replicas is not None
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            try:
+                await self.recover()
+                await self.replicas.check_mirrors()
+            except Exception:
+                log.warning("heartbeat sweep failed", exc_info=True)
+
+    async def recover(self) -> int:
+        """Interrupt the answers whose process stopped beating; how many there were."""
+        rows = await self.store.recover_interrupted(utcnow(self.settings.heartbeat_stale), self.own_ids())
+        for row in rows:
+            log.warning("answer %s lost its process (no heartbeat): stored as interrupted", row["id"])
+        if rows and self.replicas is not None:
+            self.replicas.ended(rows)
+        return len(rows)
+
+
+class Heartbeat:
+    """PostgreSQL: this process's answers are marked alive every CHATSVC_HEARTBEAT_SECONDS from a
+    thread of its own, on a connection of its own, so the heartbeat never queues behind the work it
+    vouches for (a busy event loop, a busy pool). It beats only while the event loop still turns.
+    Rows it finds no longer `streaming` were taken by another process: their producers are told."""
+
+    def __init__(self, relay: Relay, loop: asyncio.AbstractEventLoop):
+        self.relay, self.loop = relay, loop
+        self.interval = relay.settings.heartbeat_seconds
+        self.stalled_after = max(30.0, 2 * relay.settings.heartbeat_stale)  # a loop this late is hung
+        self._stopping = threading.Event()
+        self._conn: Any = None
+        self._thread = threading.Thread(target=self._run, name="chatsvc-heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            while not self._stopping.wait(self.interval):
+                loop.run_until_complete(self._beat())
+            if self._conn is not None:
+                loop.run_until_complete(self._conn.close())
+        finally:
+            loop.close()
+
+    async def _beat(self) -> None:
+        import asyncpg
+
+        ids = self.relay.own_ids()
+        if not ids or time.monotonic() - self.relay.loop_tick > self.stalled_after:
+            return
+        try:
+            if self._conn is None or self._conn.is_closed():
+                url = DatabaseURL(self.relay.store.url)
+                self._conn = await asyncpg.connect(
+                    host=url.hostname, port=url.port, user=url.username, password=url.password,
+                    database=url.database, timeout=self.interval, command_timeout=self.interval,
+                )  # fmt: skip
+            rows = await self._conn.fetch(HEARTBEAT_SQL, utcnow(), ids)
+        except Exception as exc:
+            log.warning("heartbeat failed (%s); trying again", type(exc).__name__)
+            if self._conn is not None:
+                self._conn.terminate()
+                self._conn = None
+            return
+        taken = set(ids) - {row["id"] for row in rows}
+        if taken:
+            self.loop.call_soon_threadsafe(self.relay.taken, taken)
+
+
+# ── Replicas: answers followed across processes on one PostgreSQL database ─────────────
+# Each replica publishes its answers' events on one LISTEN/NOTIFY channel and keeps a mirror of the
+# others' answers, registered with its Relay like its own, so the channel, Last-Event-ID and stop
+# work on any replica. The Relay reaches this section through `publish`, `ended`, `stop`, `follow`
+# and `check_mirrors`. On SQLite there is one process, and none of this runs.
+
 CHANNEL = "chatsvc"
 NOTIFY_BYTES = 7900  # PostgreSQL refuses notifications of 8000 bytes or more
-SEP = "\x1f"  # between a notification's fields; JSON escapes it, session ids cannot hold it
+SEP = "\x1f"  # between a notification's fields; JSON escapes it, session ids and owners cannot hold it
+
+
+class Kind(str, Enum):
+    EVENT = "e"  # one event of an answer
+    FINAL = "f"  # an answer's final event
+    ENDED = "x"  # an answer ended in the store without a final event (taken for dead): read it there
+    STOP = "s"  # a request to stop the conversation's answer, to whichever replica produces it
+
+
+@dataclass
+class Notification:
+    """One message between replicas. `event` is the SSE event itself; empty when it was too long to
+    notify (the receiver reads the store). `text_chars`/`reasoning_chars`: how much text and
+    reasoning the answer carries up to and including this event."""
+
+    origin: str
+    kind: Kind
+    owner: str
+    session_id: str
+    message_id: str = ""
+    seq: int | None = None
+    status: str = ""
+    text_chars: int = 0
+    reasoning_chars: int = 0
+    event: str = ""
+
+    def encode(self) -> str:
+        fields_ = (self.origin, self.kind.value, self.owner, self.session_id, self.message_id,
+                   "" if self.seq is None else str(self.seq), self.status, str(self.text_chars),
+                   str(self.reasoning_chars))  # fmt: skip
+        note = SEP.join((*fields_, self.event))
+        return note if len(note.encode()) <= NOTIFY_BYTES else SEP.join((*fields_, ""))
+
+    @classmethod
+    def decode(cls, note: str) -> Notification:
+        origin, kind, owner, session_id, message_id, seq, status, text_chars, reasoning_chars, event = note.split(
+            SEP, 9
+        )
+        return cls(origin, Kind(kind), owner, session_id, message_id, int(seq) if seq else None, status,
+                   int(text_chars), int(reasoning_chars), event)  # fmt: skip
 
 
 class Bus:
     """This replica's end of the channel. One connection listens; one task publishes whatever is
-    pending in one statement, so a burst of events costs one round trip. A notification is
-    origin, kind, message id, seq, session id, event, owner; kinds: "e" an event, "f" an answer's
-    final event, "s" a stop request. An empty event means "read it from the store" (too long, or
-    the answer was interrupted by a replica that is gone)."""
+    pending in one statement, so a burst of events costs one round trip."""
 
-    def __init__(self, store: Store, on_notification: Callable[..., None]):
+    def __init__(self, store: Store, on_notification: Callable[[Notification], None]):
         self.store, self.on_notification = store, on_notification
         self.origin = uuid.uuid4().hex[:12]
         self._pending: list[str] = []
@@ -969,11 +1776,8 @@ class Bus:
             with contextlib.suppress(Exception):
                 await self._connections.pop().__aexit__(None, None, None)
 
-    def publish(self, kind: str, message_id: str, seq: int | str, session_id: str, event: str, owner: str) -> None:
-        note = SEP.join((self.origin, kind, message_id, str(seq), session_id, event, owner))
-        if len(note.encode()) > NOTIFY_BYTES:
-            note = SEP.join((self.origin, kind, message_id, str(seq), session_id, "", owner))
-        self._pending.append(note)
+    def publish(self, note: Notification) -> None:
+        self._pending.append(note.encode())
         self._wake.set()
 
     async def _publish_loop(self) -> None:
@@ -993,159 +1797,132 @@ class Bus:
                         await self._reconnect(1)
 
     def _received(self, conn: Any, pid: int, channel: str, note: str) -> None:
-        origin, kind, message_id, seq, session_id, event, owner = note.split(SEP, 6)
-        if origin != self.origin:
-            self.on_notification(kind, message_id, int(seq) if seq else None, session_id, event, owner)
+        notification = Notification.decode(note)
+        if notification.origin != self.origin:
+            self.on_notification(notification)
 
 
-HEARTBEAT_MISSES = 3  # an answer whose heartbeat is this many intervals old has lost its process
+@dataclass(eq=False)
+class Mirror(Answer):
+    """Another replica's answer, as this replica follows it: the events it was told, filled from the
+    stored checkpoint where it was not told (it joined late, or notifications were lost)."""
+
+    pending: list[Notification] | None = None  # catching up from the store: the live tail meanwhile
+    heard_at: float = 0.0  # when its last notification came
 
 
-class Generations:
-    """This process's running answers (and, with replicas, mirrors of the others') and, for
-    `replay_seconds` after they end, their logs."""
+class Replicas:
+    """This replica's part in a group on one PostgreSQL database: publishing its answers, mirroring
+    the others', and stopping an answer wherever it runs."""
 
-    def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient):
-        self.settings, self.store, self.client = settings, store, client
-        self.bus: Bus | None = None if store.is_sqlite else Bus(store, self._on_notification)
-        self._tasks: set[asyncio.Task] = set()  # heartbeat, catch-ups: held until they end
-        # Conversations are keyed by (owner, session_id).
-        self.running: dict[tuple[str, str], Generation] = {}
-        self.recent: dict[str, Generation] = {}  # by message_id, running or finished
-        self.latest: dict[tuple[str, str], Generation] = {}  # the newest kept
-        self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}  # channel listeners waiting
-        self.draining = False  # shutting down: no new answers
-        self.closed = False  # shut down: channel streams end
+    def __init__(self, relay: Relay):
+        self.relay, self.settings, self.store = relay, relay.settings, relay.store
+        self.bus = Bus(relay.store, self._on_notification)
 
     async def open(self) -> None:
-        if self.bus is not None:
-            await self.bus.open()
-        await self.recover()
-        self._spawn(self._keep_alive())
+        await self.bus.open()
 
-    def start(self, owner: str, session_id: str, message_id: str, model: str, payload: dict) -> Generation:
-        gen = Generation(owner, session_id, message_id, model)
-        gen.task = asyncio.create_task(self._run(gen, payload), name=f"answer {message_id}")
-        if self.bus is not None:
-            gen.publish = self._publish
-        gen.emit("start", {"session_id": session_id, "message_id": message_id, "model": model})
-        self._register(gen)
-        return gen
+    async def close(self) -> None:
+        for answer in list(self.relay.running.values()):  # mirrors: their listeners reconnect to another replica
+            if isinstance(answer, Mirror):
+                answer.done.set()
+        await self.bus.close()
 
-    def _register(self, gen: Generation) -> None:
-        self.running[gen.key] = self.recent[gen.message_id] = self.latest[gen.key] = gen
-        for waiter in self._waiters.pop(gen.key, ()):
-            if not waiter.done():
-                waiter.set_result(None)
+    def _note(self, kind: Kind, owner: str, session_id: str, message_id: str = "", **more: Any) -> Notification:
+        return Notification(self.bus.origin, kind, owner, session_id, message_id, **more)
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    # ── what this replica tells the others
 
-    # ── heartbeat and recovery
+    def publish(self, answer: Answer, event: bytes, final: bool) -> None:
+        """An event of this replica's answer (called as it is appended: its seq is the log's length)."""
+        self.bus.publish(self._note(
+            Kind.FINAL if final else Kind.EVENT, answer.owner, answer.session_id, answer.message_id,
+            seq=len(answer.log), status=answer.status if final else "", text_chars=answer.text_chars,
+            reasoning_chars=answer.reasoning_chars, event=event.decode(),
+        ))  # fmt: skip
 
-    async def _keep_alive(self) -> None:
-        """Every heartbeat: this process's answers are marked alive, and answers whose process is
-        gone (no heartbeat for HEARTBEAT_MISSES intervals) become interrupted."""
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_seconds)
-            try:
-                await self.recover()
-                await self._check_mirrors()
-            except Exception:
-                log.warning("heartbeat failed", exc_info=True)
-
-    async def _check_mirrors(self) -> None:
-        """A mirror whose answer has ended in the store, though its final event never came (a lost
-        notification, a lost listening connection), ends from the store."""
-        quiet = time.monotonic() - self.settings.heartbeat_seconds  # not while its events still arrive
-        mirrors = {
-            gen.message_id: gen
-            for gen in self.running.values()
-            if gen.remote and gen.pending is None and gen.heard_at < quiet
-        }
-        if mirrors:
-            still = await self.store.streaming(list(mirrors))
-            for message_id, mirror in mirrors.items():
-                if message_id not in still:
-                    await self._end_from_store(mirror)
-
-    async def recover(self) -> int:
-        ids = [gen.message_id for gen in self.running.values() if not gen.remote]
-        if ids:  # first our own, so that a late heartbeat never makes us interrupt them
-            await self.store.heartbeat(ids)
-        rows = await self.store.recover_interrupted(utcnow(HEARTBEAT_MISSES * self.settings.heartbeat_seconds))
+    def ended(self, rows: list[dict]) -> None:
+        """Answers this replica interrupted (their process is gone): every replica's mirror ends from
+        the store, this one's too."""
         for row in rows:
-            log.warning("answer %s lost its process (no heartbeat): stored as interrupted", row["id"])
-            if self.bus is not None:  # the other replicas' mirrors end, and this one's, the same way
-                self.bus.publish("f", row["id"], "", row["session_id"], "", row["owner"])
-                self._on_notification("f", row["id"], None, row["session_id"], "", row["owner"])
-        return len(rows)
+            note = self._note(Kind.ENDED, row["owner"], row["session_id"], row["id"])
+            self.bus.publish(note)
+            self._on_notification(note)
 
-    # ── mirrors of the other replicas' answers
+    def _ask_to_stop(self, key: tuple[str, str]) -> None:
+        self.bus.publish(self._note(Kind.STOP, *key))
 
-    def _publish(self, gen: Generation, event: bytes, final: bool) -> None:
-        assert self.bus is not None
-        self.bus.publish("f" if final else "e", gen.message_id, len(gen.log), gen.session_id, event.decode(),
-                         gen.owner)  # fmt: skip
+    # ── what the others tell it
 
-    def _on_notification(self, kind: str, message_id: str, seq: int | None, session_id: str, event: str,
-                         owner: str) -> None:  # fmt: skip
-        if kind == "s":  # stop, sent to another replica
-            gen = self.running.get((owner, session_id))
-            if gen is not None and not gen.remote:
-                gen.cancel(STOPPED)
+    def _on_notification(self, note: Notification) -> None:
+        if note.kind is Kind.STOP:
+            answer = self.relay.running.get((note.owner, note.session_id))
+            if answer is not None and answer.task is not None:
+                answer.cancel(STOPPED)
             return
-        mirror = self.recent.get(message_id)
+        mirror = self.relay.recent.get(note.message_id)
         if mirror is None:
-            if self.closed:
+            if self.relay.closed:
                 return
-            mirror = Generation(owner, session_id, message_id, model="")
-            self._register(mirror)
-        if mirror.remote and not mirror.done.is_set():
+            mirror = Mirror(note.owner, note.session_id, note.message_id, model="")
+            self.relay.register(mirror)
+        if isinstance(mirror, Mirror) and not mirror.done.is_set():
             mirror.heard_at = time.monotonic()
-            self._mirror_event(mirror, kind, seq, event)
+            self._mirror(mirror, note)
 
-    def _mirror_event(self, mirror: Generation, kind: str, seq: int | None, event: str) -> None:
+    def _mirror(self, mirror: Mirror, note: Notification) -> None:
         if mirror.pending is not None:  # catching up: keep the tail
-            mirror.pending.append((kind, -1 if seq is None else seq, event))
-        elif seq is not None and seq < len(mirror.log):
+            mirror.pending.append(note)
+        elif note.kind is Kind.ENDED:  # the store has its end
+            self.relay._spawn(self._end_from_store(mirror))
+        elif note.seq is not None and note.seq < len(mirror.log):
             pass  # had it
-        elif seq == len(mirror.log) and event:
-            mirror.append(event.encode())
-            if kind == "f":
-                self._end_mirror(mirror)
-        elif kind == "f" and seq is None:  # interrupted by a replica's recovery: the store has its end
-            self._spawn(self._end_from_store(mirror))
+        elif note.seq == len(mirror.log) and note.event:
+            mirror.text_chars, mirror.reasoning_chars = note.text_chars, note.reasoning_chars
+            mirror.append(note.event.encode(), final=note.kind is Kind.FINAL)
+            if note.kind is Kind.FINAL:
+                mirror.status = note.status
+                self._end(mirror)
         else:  # a gap (joined mid-answer, or notifications lost) or an event too long to notify
-            mirror.pending = [(kind, -1 if seq is None else seq, event)]
-            self._spawn(self._catch_up(mirror))
+            mirror.pending = [note]
+            self.relay._spawn(self._catch_up(mirror))
 
-    async def _catch_up(self, mirror: Generation) -> None:
+    def follow(self, owner: str, session_id: str, message_id: str) -> Mirror:
+        """A mirror of an answer this replica has not heard of (a reader resumes it here), caught
+        up from the store and then followed live."""
+        mirror = Mirror(owner, session_id, message_id, model="", pending=[], heard_at=time.monotonic())
+        self.relay.register(mirror)
+        self.relay._spawn(self._catch_up(mirror))
+        return mirror
+
+    async def _catch_up(self, mirror: Mirror) -> None:
         """Fill a mirror's gap from the stored checkpoint, then go on with the live tail: the
         checkpoint says which events its text covers, so nothing is sent twice or left out."""
         assert mirror.pending is not None
         for _ in range(20):
-            row = await self.store.message(mirror.owner, mirror.session_id, mirror.message_id)
+            try:
+                row = await self.store.message(mirror.owner, mirror.session_id, mirror.message_id)
+            except StorageUnavailable:
+                await asyncio.sleep(self.settings.checkpoint_seconds)
+                continue
             if row is None or row["status"] != STREAMING:
                 mirror.pending = None
                 await self._end_from_store(mirror, row)
                 return
             covered = row["last_seq"] or 0
-            tail = [item for item in mirror.pending if item[1] >= 0]
-            if covered >= len(mirror.log) and (not tail or covered >= tail[0][1]):
+            tail = [note for note in mirror.pending if note.seq is not None]
+            if covered >= len(mirror.log) and (not tail or covered >= tail[0].seq):
                 self._fill(mirror, row, covered)
                 pending, mirror.pending = mirror.pending, None
-                for kind, seq, event in pending:
-                    self._mirror_event(mirror, kind, None if seq < 0 else seq, event)
+                for note in pending:
+                    self._mirror(mirror, note)
                 return
             await asyncio.sleep(self.settings.checkpoint_seconds / 2)  # the next checkpoint will cover it
         log.warning("answer %s: no checkpoint covers the gap; its mirror ends here", mirror.message_id)
         mirror.pending = None
         await self._end_from_store(mirror)
 
-    def _fill(self, mirror: Generation, row: dict, covered: int) -> None:
+    def _fill(self, mirror: Mirror, row: dict, covered: int) -> None:
         """Events len(log)..covered-1 as empty places plus one event with the text they carried."""
         if not mirror.log:
             mirror.model = row["model"] or ""
@@ -1153,79 +1930,63 @@ class Generations:
             mirror.append(sse_event(f"{mirror.message_id}:0", {"type": "start", "data": data}))
         if covered <= len(mirror.log):
             return
-        had_text, had_reasoning = [], []
-        for event in mirror.log:
-            if b'"type":"chunk"' in event or b'"type":"reasoning"' in event:
-                payload = json.loads(event[event.index(b"data: ") + 6 :])
-                (had_text if payload["type"] == "chunk" else had_reasoning).append(payload["data"]["content"])
         event_id = f"{mirror.message_id}:{covered - 1}"
+        content, reasoning = row["content"] or "", row["reasoning_content"] or ""
         missing = b""
-        if reasoning := (row["reasoning_content"] or "")[len("".join(had_reasoning)) :]:
-            missing += delta_event(event_id, "reasoning", reasoning)
-        if text := (row["content"] or "")[len("".join(had_text)) :]:
-            missing += delta_event(event_id, "chunk", text)
+        if reasoning[mirror.reasoning_chars :]:
+            missing += delta_event(event_id, "reasoning", reasoning[mirror.reasoning_chars :])
+        if content[mirror.text_chars :]:
+            missing += delta_event(event_id, "chunk", content[mirror.text_chars :])
+        mirror.text_chars, mirror.reasoning_chars = len(content), len(reasoning)
         mirror.log.extend([b""] * (covered - 1 - len(mirror.log)))
         mirror.append(missing)
 
-    async def _end_from_store(self, mirror: Generation, row: dict | None = None) -> None:
-        row = row or await self.store.message(mirror.owner, mirror.session_id, mirror.message_id)
+    async def _end_from_store(self, mirror: Mirror, row: dict | None = None) -> None:
+        if row is None:
+            with contextlib.suppress(StorageUnavailable):
+                row = await self.store.message(mirror.owner, mirror.session_id, mirror.message_id)
         if row is not None and row["status"] != STREAMING and not mirror.done.is_set():
-            mirror.append(stored_final_event(row))
-        self._end_mirror(mirror)
+            mirror.status = row["status"]
+            mirror.append(stored_final_event(row), final=True, seq=row["last_seq"])
+        self._end(mirror)
 
-    def _end_mirror(self, mirror: Generation) -> None:
+    def _end(self, mirror: Mirror) -> None:
         if mirror.done.is_set():
             return
-        final = mirror.log[-1] if mirror.log else b""
-        stopped = b'"finish_reason":"stopped"' in final
-        mirror.status = STOPPED if stopped else COMPLETE if b'"type":"end"' in final else INTERRUPTED
+        if mirror.status == STREAMING:  # ended without a final event (its replica shut down)
+            mirror.status = INTERRUPTED
         mirror.done.set()
-        if self.running.get(mirror.key) is mirror:
-            del self.running[mirror.key]
-        asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, mirror)
+        if self.relay.running.get(mirror.key) is mirror:
+            del self.relay.running[mirror.key]
+        asyncio.get_running_loop().call_later(self.settings.replay_seconds, self.relay._forget, mirror)
 
-    async def next_after(self, key: tuple[str, str], previous: Generation | None) -> Generation | None:
-        """Wait for an answer in this conversation newer than `previous` (None once shut down)."""
-        while not self.closed:
-            gen = self.latest.get(key)
-            if gen is not None and gen is not previous and (previous is None or gen.started >= previous.started):
-                return gen
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.setdefault(key, set()).add(waiter)
-            try:
-                await waiter
-            finally:
-                waiters = self._waiters.get(key)
-                if waiters is not None:
-                    waiters.discard(waiter)
-                    if not waiters:
-                        del self._waiters[key]
-        return None
+    async def check_mirrors(self) -> None:
+        """A mirror whose answer has ended in the store, though its final event never came (a lost
+        notification, a lost listening connection), ends from the store."""
+        quiet = time.monotonic() - self.settings.heartbeat_seconds  # not while its events still arrive
+        mirrors = {
+            answer.message_id: answer
+            for answer in self.relay.running.values()
+            if isinstance(answer, Mirror) and answer.pending is None and answer.heard_at < quiet
+        }
+        if mirrors:
+            still = await self.store.streaming(list(mirrors))
+            for message_id, mirror in mirrors.items():
+                if message_id not in still:
+                    await self._end_from_store(mirror)
 
-    async def stop(self, key: tuple[str, str]) -> tuple[str | None, bool]:
-        """Stop the conversation's running answer: (its message id, whether this stopped it).
-        Returns once it is stored and its readers got `end`. Another replica's answer is asked
-        to stop, and awaited for up to 10 s."""
-        gen = self.running.get(key)
-        if gen is None:
-            return await self._stop_elsewhere(key) if self.bus is not None else (None, False)
-        if gen.remote:
+    # ── stop, wherever the answer runs
+
+    async def stop(self, key: tuple[str, str], mirror: Answer | None) -> tuple[str | None, bool]:
+        """Another replica's answer is asked to stop, and awaited for up to 10 s. One this replica
+        has not heard of (it started before this replica did, and has sent nothing since): the
+        database knows it."""
+        if mirror is not None:
             self._ask_to_stop(key)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(gen.done.wait()), 10)
-        else:
-            gen.cancel(STOPPED)
-            await gen.done.wait()
-        return gen.message_id, gen.status == STOPPED
-
-    def _ask_to_stop(self, key: tuple[str, str]) -> None:
-        assert self.bus is not None
-        self.bus.publish("s", "", "", key[1], "", key[0])
-
-    async def _stop_elsewhere(self, key: tuple[str, str]) -> tuple[str | None, bool]:
-        """An answer this replica has not heard of (it started before this replica did, and has
-        sent nothing since): the database knows it; its replica is asked to stop it."""
-        await self.recover()  # one whose replica is gone is interrupted now, not asked
+                await asyncio.wait_for(asyncio.shield(mirror.done.wait()), 10)
+            return mirror.message_id, mirror.status == STOPPED
+        await self.relay.recover()  # one whose replica is gone is interrupted now, not asked
         answer_id = await self.store.streaming_answer(*key)
         if answer_id is None:
             return None, False
@@ -1237,163 +1998,6 @@ class Generations:
             if row is None or row["status"] != STREAMING:
                 return answer_id, row is not None and row["status"] == STOPPED
         return answer_id, False
-
-    async def shutdown(self, grace: float) -> None:
-        """Refuse new answers, give running ones `grace` seconds, store the rest as interrupted
-        (their readers get an `error` event), then end every channel stream."""
-        self.draining = True
-        running = [asyncio.ensure_future(g.done.wait()) for g in self.running.values() if not g.remote]
-        if running:
-            await asyncio.wait(running, timeout=grace) if grace > 0 else None
-            for gen in list(self.running.values()):
-                if not gen.remote:
-                    gen.cancel(INTERRUPTED)
-            await asyncio.gather(*running)
-        self.closed = True
-        for task in list(self._tasks):
-            task.cancel()
-        for gen in list(self.running.values()):  # mirrors: their listeners reconnect to another replica
-            gen.done.set()
-        if self.bus is not None:
-            await self.bus.close()
-        for waiters in self._waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
-
-    async def _run(self, gen: Generation, payload: dict) -> None:
-        s = self.settings
-        deadline = asyncio.get_running_loop().call_later(s.upstream_total_timeout, gen.cancel, "timeout")
-        saved_at = time.monotonic()
-        try:
-            for attempt in range(s.upstream_retries + 1):
-                try:
-                    async for delta in stream_completion(self.client, s, payload):
-                        if gen.first_token_at is None and (delta.content or delta.reasoning):
-                            gen.first_token_at = time.monotonic()
-                        if delta.reasoning:
-                            gen.reasoning.append(delta.reasoning)
-                            gen.emit_delta("reasoning", delta.reasoning)
-                        if delta.content:
-                            gen.text.append(delta.content)
-                            gen.emit_delta("chunk", delta.content)
-                        gen.finish_reason = delta.finish_reason or gen.finish_reason
-                        gen.usage = delta.usage or gen.usage
-                        now = time.monotonic()
-                        if now - saved_at >= s.checkpoint_seconds:
-                            saved_at = now
-                            await self._checkpoint(gen)
-                    break
-                except UpstreamError as exc:
-                    # Retry only while nothing has reached a reader.
-                    if gen.text or gen.reasoning or not exc.retryable or attempt == s.upstream_retries:
-                        raise
-                    gen.retries += 1
-                    await asyncio.sleep(backoff(attempt, exc.retry_after))
-            gen.status = COMPLETE
-        except UpstreamError as exc:
-            gen.status, gen.error = FAILED, exc
-        except asyncio.CancelledError:
-            if gen.stop_reason == "timeout":
-                gen.status, gen.error = (
-                    FAILED,
-                    UpstreamError(
-                        504,
-                        "upstream_timeout",
-                        f"The model service did not finish the answer within {s.upstream_total_timeout:g} s.",
-                    ),
-                )
-            elif gen.stop_reason == STOPPED:
-                gen.status, gen.finish_reason = STOPPED, STOPPED
-            else:
-                gen.status = INTERRUPTED
-                gen.error = UpstreamError(503, "interrupted", "The service stopped before this answer was finished.")
-        except Exception:
-            log.exception("answer %s failed", gen.message_id)
-            gen.status, gen.error = FAILED, UpstreamError(502, "upstream_error", "The answer failed unexpectedly.")
-        finally:
-            deadline.cancel()
-            gen.finishing = True
-            await asyncio.shield(self._finish(gen))
-
-    async def _checkpoint(self, gen: Generation) -> None:
-        try:
-            await self.store.checkpoint(gen.message_id, gen.full_text, gen.full_reasoning, len(gen.log))
-        except Exception:  # a missed checkpoint must not end the answer; the final write follows
-            log.warning("checkpoint of answer %s failed", gen.message_id, exc_info=True)
-
-    async def _finish(self, gen: Generation) -> None:
-        """Store the answer's final state, then tell the readers: a reload after `end` shows it."""
-        error = gen.error
-        last_seq = len(gen.log)
-        try:
-            await self.store.finish_answer(
-                gen.message_id,
-                content=gen.full_text,
-                reasoning_content=gen.full_reasoning,
-                status=gen.status,
-                finish_reason=gen.finish_reason,
-                usage=gen.usage,
-                error_code=error.code if error else None,
-                error_message=error.detail if error else None,
-                last_seq=last_seq,
-            )
-        except Exception:
-            log.exception("could not store the end of answer %s", gen.message_id)
-        gen.emit(
-            *final_event(
-                gen.message_id,
-                gen.status,
-                gen.full_text,
-                gen.finish_reason,
-                gen.usage,
-                error.code if error else None,
-                error.detail if error else None,
-            )
-        )
-        gen.done.set()
-        if self.running.get(gen.key) is gen:
-            del self.running[gen.key]
-        usage = gen.usage or {}
-        ttft = f"{(gen.first_token_at - gen.started) * 1000:.1f}" if gen.first_token_at else "-"
-        log.info(
-            "answer session=%s message=%s request_id=%s model=%s status=%s code=%s ttft_ms=%s duration_ms=%.1f"
-            " prompt_tokens=%s completion_tokens=%s retries=%d",
-            gen.session_id, gen.message_id, gen.request_id or "-", gen.model, gen.status,
-            error.code if error else "-", ttft, (time.monotonic() - gen.started) * 1000,
-            usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"), gen.retries,
-        )  # fmt: skip
-        asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, gen)
-
-    def _forget(self, gen: Generation) -> None:
-        self.recent.pop(gen.message_id, None)
-        if self.latest.get(gen.key) is gen:
-            del self.latest[gen.key]
-
-
-def final_event(
-    message_id: str,
-    status: str,
-    text: str,
-    finish_reason: str | None,
-    usage: dict | None,
-    error_code: str | None,
-    error_message: str | None,
-) -> tuple[str, dict]:
-    """The `end` or `error` event that closes an answer (also rebuilt from a stored message)."""
-    if status in (COMPLETE, STOPPED):
-        return "end", {
-            "full_text": text,
-            "message_id": message_id,
-            "finish_reason": finish_reason or ("stopped" if status == STOPPED else "stop"),
-            "usage": usage,
-        }
-    return "error", {
-        "message": error_message or "The answer failed.",
-        "code": error_code or "upstream_error",
-        "message_id": message_id,
-        "partial_text": text,
-    }
 
 
 # ── HTTP: request parsing and validation ───────────────────────────────────────────────
@@ -1421,20 +2025,16 @@ async def read_json(request: Request, limit: int, optional: bool = False) -> dic
             if len(body) > limit:
                 raise too_large(limit)
     except ClientDisconnect:  # nobody is left to answer; not a server error
-        raise ApiError(400, "client_disconnected", "The connection closed before the body was complete.") from None
+        raise client_disconnected() from None
     if not body and optional:  # no body at all; whitespace is not JSON
         return {}
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
+        raise not_json() from None
     if not isinstance(data, dict):
-        raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
+        raise not_json("The request body must be a JSON object.")
     return data
-
-
-def too_large(limit: int) -> ApiError:
-    return ApiError(413, "payload_too_large", f"The request body is larger than {limit} bytes.")
 
 
 def check_fields(body: dict, allowed: tuple[str, ...]) -> None:
@@ -1543,12 +2143,6 @@ def present_conversation(settings: Settings, row: dict) -> dict:
     }
 
 
-def row_usage(row: dict) -> dict | None:
-    if row["total_tokens"] is None and row["prompt_tokens"] is None:
-        return None
-    return {k: row[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
-
-
 def present_message(row: dict, context_start: str) -> dict:
     usage = row_usage(row)
     return {
@@ -1598,11 +2192,11 @@ def owner_of(request: Request) -> str:
         return ""
     owner = request.headers.get(header, "").strip()
     if not owner:
-        raise ApiError(
-            401, "unauthorized", f"This service needs the {header} header to know whose conversations to use."
-        )
+        raise unauthorized(f"This service needs the {header} header to know whose conversations to use.")
     if len(owner) > 256:
         raise invalid(f"The {header} header is longer than 256 characters.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in owner):
+        raise invalid(f"The {header} header must not hold control characters.")
     return owner
 
 
@@ -1612,9 +2206,8 @@ def conversation_key(request: Request) -> tuple[str, str]:
 
 
 def refuse_while_draining(request: Request) -> None:
-    if state(request).generations.draining:
-        raise ApiError(503, "shutting_down", "chatsvc is shutting down; try again in a moment.",
-                       headers={"Retry-After": "1"})  # fmt: skip
+    if state(request).relay.draining:
+        raise shutting_down()
 
 
 def openapi_document(settings: Settings) -> bytes:
@@ -1635,17 +2228,25 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    if state(request).generations.draining:  # load balancers stop sending new work here
+    st = state(request)
+    if st.relay.draining:  # load balancers stop sending new work here
         body = {"status": "draining", "detail": "chatsvc is shutting down.", "code": "shutting_down"}
         return JSONResponse(body, status_code=503)
     try:
-        await asyncio.wait_for(state(request).store.ping(), timeout=2)
-    except Exception as exc:
-        detail = f"The database does not answer ({type(exc).__name__})."
-        return JSONResponse(
-            {"status": "unavailable", "detail": detail, "code": "database_unavailable"}, status_code=503
-        )
-    return JSONResponse({"status": "ready"})
+        await asyncio.wait_for(st.store.ping(), timeout=2)
+        if st.relay.unstored:
+            raise StorageUnavailable(
+                f"{len(st.relay.unstored)} finished answer(s) are not stored yet: {st.store.fault or 'the database'}"
+                " failed; chatsvc keeps trying."
+            )
+    except StorageUnavailable as exc:
+        detail = exc.detail
+    except asyncio.TimeoutError:
+        detail = "The database did not answer within 2 s."
+    else:
+        return JSONResponse({"status": "ready"})
+    body = {"status": "unavailable", "detail": detail, "code": "storage_unavailable"}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
 
 
 async def conversation_or_404(request: Request, key: tuple[str, str]) -> dict:
@@ -1680,7 +2281,7 @@ async def create_conversation(request: Request) -> Response:
     prompt = optional_text(body, "system_prompt", st.settings.max_message_chars)
     model = check_model(st.settings, body.get("model"))
     if not await st.store.create_conversation(owner, session_id, title, prompt, model):
-        raise ApiError(409, "conversation_exists", f"A conversation with session_id '{session_id}' already exists.")
+        raise conversation_exists(session_id)
     row = await conversation_or_404(request, (owner, session_id))
     return JSONResponse(present_conversation(st.settings, row), status_code=201)
 
@@ -1732,7 +2333,7 @@ async def update_conversation(request: Request) -> Response:
 async def delete_conversation(request: Request) -> Response:
     st = state(request)
     key = conversation_key(request)
-    await st.generations.stop(key)  # its answer ends first, so nothing writes after the delete
+    await st.relay.stop(key)  # its answer ends first, so nothing writes after the delete
     if not await st.store.delete_conversation(*key):
         raise not_found(key[1])
     return Response(status_code=204)
@@ -1750,17 +2351,20 @@ async def clear_context(request: Request) -> Response:
     return JSONResponse(present_conversation(st.settings, row))
 
 
-async def start_answer(request: Request) -> Generation:
+async def start_answer(request: Request) -> Answer:
     """Validate a chat request, store the user's message, and start the answer."""
     st = state(request)
     s: Settings = st.settings
-    owner, session_id = conversation_key(request)
+    relay: Relay = st.relay
+    owner, session_id = key = conversation_key(request)
     refuse_while_draining(request)
     chat = parse_chat(s, await read_json(request, s.max_body_bytes))
     if not s.dashscope_api_key:
-        raise ApiError(503, "not_configured", "No model service is configured: set DASHSCOPE_API_KEY.")
-    running = st.generations.running.get((owner, session_id))
-    if running is not None and not running.remote:  # known here; another replica's, the database decides
+        raise not_configured()
+    if key in relay.unstored:  # its last answer still holds the conversation's slot in the database
+        raise not_stored_yet(session_id)
+    running = relay.running.get(key)
+    if running is not None and running.task is not None:  # known here; another replica's, the database decides
         raise busy(session_id)
     conversation, history = await st.store.chat_context(owner, session_id, 2 * s.max_context_messages + 2)
     model = chat.model or (conversation and conversation["model"]) or s.chat_model
@@ -1769,26 +2373,26 @@ async def start_answer(request: Request) -> Generation:
     user_id, answer_id = new_message_id(), new_message_id()
     try:
         await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
-    except ApiError as exc:  # busy: unless the answer holding it has lost its process just now
-        if exc.code != "conversation_busy" or not await st.generations.recover():
+    except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
+        if relay.replicas is None or not await relay.recover():
             raise
         await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
     payload = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
-    gen = st.generations.start(owner, session_id, answer_id, model, {**payload, **chat.options})
-    gen.request_id = request.scope.get("request_id")
-    return gen
+    answer = relay.start(owner, session_id, answer_id, model, {**payload, **chat.options})
+    answer.request_id = request.scope.get("request_id")
+    return answer
 
 
 async def chat(request: Request) -> Response:
-    gen = await start_answer(request)
-    await gen.done.wait()
-    if gen.status in (FAILED, INTERRUPTED) and gen.error is not None:
-        error = gen.error.api_error()
-        error.extra.update(message_id=gen.message_id, partial_text=gen.full_text)
+    answer = await start_answer(request)
+    await answer.done.wait()
+    if answer.error is not None:
+        error = api_error(answer.error)
+        error.extra.update(message_id=answer.message_id, partial_text=answer.full_text)
         raise error
     return JSONResponse(
-        {"session_id": gen.session_id, "response": gen.full_text, "message_id": gen.message_id, "model": gen.model,
-         "finish_reason": gen.finish_reason, "usage": gen.usage}
+        {"session_id": answer.session_id, "response": answer.full_text, "message_id": answer.message_id,
+         "model": answer.model, "finish_reason": answer.finish_reason, "usage": answer.usage}
     )  # fmt: skip
 
 
@@ -1815,11 +2419,11 @@ def event_stream(request: Request, body: AsyncIterator[bytes]) -> EventSourceRes
 
 
 async def chat_stream(request: Request) -> Response:
-    gen = await start_answer(request)  # validation and busy errors are plain JSON, before the stream
+    answer = await start_answer(request)  # validation and busy errors are plain JSON, before the stream
 
     async def body() -> AsyncIterator[bytes]:
         yield RETRY
-        async for batch in gen.events():
+        async for batch in answer.events():
             yield batch
 
     return event_stream(request, body())
@@ -1836,7 +2440,7 @@ async def channel(request: Request) -> Response:
     key = conversation_key(request)
     refuse_while_draining(request)
     last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    return event_stream(request, channel_events(st.generations, st.store, key, parse_event_id(last)))
+    return event_stream(request, channel_events(st.relay, st.store, key, parse_event_id(last)))
 
 
 # How long a fresh listener waits for a new answer before replaying an unseen finished one: the
@@ -1845,64 +2449,57 @@ REPLAY_WAIT = 0.5
 
 
 async def channel_events(
-    gens: Generations, store: Store, key: tuple[str, str], resume: tuple[str, int] | None
+    relay: Relay, store: Store, key: tuple[str, str], resume: tuple[str, int] | None
 ) -> AsyncIterator[bytes]:
     yield RETRY
-    previous = gens.latest.get(key)  # by default nothing that exists now is replayed
-    gen, position = None, 0
+    previous = relay.latest.get(key)  # by default nothing that exists now is replayed
+    answer, position = None, 0
     if resume is not None:  # 1. after the last event the client saw
         message_id, seq = resume
-        gen = gens.recent.get(message_id)
-        if gen is not None and gen.key == key:
+        answer = relay.recent.get(message_id)
+        if answer is not None and answer.key == key:
             position = seq + 1
+            if answer.done.is_set() and position >= len(answer.log) and seq != answer.final_seq and answer.final:
+                yield answer.final  # it saw more than this replica holds, but not the end
         else:
-            gen = None
+            answer = None
             row = await store.message(*key, message_id)
             if row and row["status"] != STREAMING:
-                if row["last_seq"] is not None and seq < row["last_seq"]:  # its log is gone: send its end
+                if seq != row["last_seq"]:  # its log is gone: send its end, unless that is what it saw last
                     yield stored_final_event(row)
                 if previous is not None and previous.message_id > message_id:
                     previous = None  # a newer answer than the one named: deliver it whole
-    elif key in gens.running:  # 2. the running answer, from its start
-        gen = gens.running[key]
+            elif row and relay.replicas is not None:  # another replica's, unheard of here: follow it
+                answer, position = relay.replicas.follow(*key, message_id), seq + 1
+    elif key in relay.running:  # 2. the running answer, from its start
+        answer = relay.running[key]
     elif (
         previous is not None
         and not previous.delivered
-        and time.monotonic() - previous.started < (gens.settings.replay_seconds)
+        and time.monotonic() - previous.started < (relay.settings.replay_seconds)
     ):  # 3. a finished answer nobody on the channel has seen, unless a new one starts now
         try:
-            gen = await asyncio.wait_for(gens.next_after(key, previous), REPLAY_WAIT) or previous
+            answer = await asyncio.wait_for(relay.next_after(key, previous), REPLAY_WAIT) or previous
         except asyncio.TimeoutError:
-            gen = previous
+            answer = previous
     while True:  # 4. then every later answer, live
-        if gen is None:
-            gen, position = await gens.next_after(key, previous), 0
-            if gen is None:  # the service is shutting down: EventSource reconnects elsewhere
+        if answer is None:
+            answer, position = await relay.next_after(key, previous), 0
+            if answer is None:  # the service is shutting down: EventSource reconnects elsewhere
                 return
-        gen.delivered = True
-        async for batch in gen.events(position):
+        answer.delivered = True
+        async for batch in answer.events(position):
             yield batch
-        previous, gen = gen, None
-
-
-def stored_final_event(row: dict) -> bytes:
-    type_, data = final_event(
-        row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row), row["error_code"],
-        row["error_message"],
-    )  # fmt: skip
-    return sse_event(f"{row['id']}:{row['last_seq']}", {"type": type_, "data": data})
+        previous, answer = answer, None
 
 
 async def stop_answer(request: Request) -> Response:
     st = state(request)
     key = conversation_key(request)
-    message_id, stopped = await st.generations.stop(key)
+    message_id, stopped = await st.relay.stop(key)
     if message_id is None:
         await conversation_or_404(request, key)
     return JSONResponse({"session_id": key[1], "stopped": stopped, "message_id": message_id})
-
-
-# ── App factory ────────────────────────────────────────────────────────────────────────
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:
@@ -1910,20 +2507,27 @@ async def api_error_handler(request: Request, exc: Exception) -> Response:
     return exc.response()
 
 
+async def refusal_handler(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, Refusal)
+    return api_error(exc).response()
+
+
 async def http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        return ApiError(404, "not_found", f"There is no route {request.url.path}.").response()
+        return no_route(request.url.path).response()
     if exc.status_code == 405:  # Allow lists the methods of every route on this path, not just the first
         allowed = {m for r in request.app.routes if r.matches(request.scope)[0] != Match.NONE for m in r.methods or ()}
-        detail = f"{request.method} is not allowed on {request.url.path}; use {', '.join(sorted(allowed))}."
-        return ApiError(405, "method_not_allowed", detail, headers={"Allow": ", ".join(sorted(allowed))}).response()
-    return ApiError(exc.status_code, "http_error", str(exc.detail), headers=exc.headers).response()
+        return method_not_allowed(request.method, request.url.path, sorted(allowed)).response()
+    return http_error(exc.status_code, str(exc.detail), exc.headers).response()
 
 
 async def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return ApiError(500, "internal_error", "Something went wrong inside chatsvc; the error is in its log.").response()
+    return internal_error().response()
+
+
+# ── Middleware ─────────────────────────────────────────────────────────────────────────
 
 
 MAX_HEADER_BYTES = 65536
@@ -1937,8 +2541,7 @@ class HeaderLimit:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
-            detail = f"The request headers are larger than {MAX_HEADER_BYTES} bytes."
-            return await ApiError(431, "headers_too_large", detail).response()(scope, receive, send)
+            return await headers_too_large(MAX_HEADER_BYTES).response()(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -1980,9 +2583,7 @@ class TokenAuth:
             and scope["method"] != "OPTIONS"
             and not self._authorized(scope)
         ):
-            response = ApiError(
-                401,
-                "unauthorized",
+            response = unauthorized(
                 "This API needs 'Authorization: Bearer <token>' (or ?access_token=<token> for EventSource).",
                 headers={"WWW-Authenticate": "Bearer"},
             ).response()
@@ -2011,7 +2612,10 @@ def redact_access_tokens(record: logging.LogRecord) -> bool:
     return True
 
 
-def drain_on_sigterm(gens: Generations, grace: float) -> None:
+# ── App and CLI ────────────────────────────────────────────────────────────────────────
+
+
+def drain_on_sigterm(relay: Relay, grace: float) -> None:
     """Under uvicorn (which handles SIGTERM in the main thread), a SIGTERM first drains: new
     answers are refused, running ones get `grace` seconds, the rest are stored as interrupted
     and their readers told so. Only then does the server's own handler start its shutdown,
@@ -2025,16 +2629,16 @@ def drain_on_sigterm(gens: Generations, grace: float) -> None:
     drains: list[asyncio.Task] = []  # a strong reference: the loop keeps only weak ones to tasks
 
     async def drain() -> None:
-        log.info("SIGTERM: draining %d running answer(s) for up to %g s", len(gens.running), grace)
-        await gens.shutdown(grace)
+        log.info("SIGTERM: draining %d running answer(s) for up to %g s", len(relay.running), grace)
+        await relay.shutdown(grace)
         await asyncio.sleep(0.1)  # let the streams write their last events
         server_handler(signal.SIGTERM, None)
 
     def on_sigterm(sig: int, frame: Any) -> None:
-        if gens.draining:
+        if relay.draining:
             server_handler(sig, frame)
         else:
-            gens.draining = True
+            relay.draining = True
             loop.call_soon_threadsafe(lambda: drains.append(loop.create_task(drain())))
 
     signal.signal(signal.SIGTERM, on_sigterm)
@@ -2045,19 +2649,29 @@ def create_app(settings: Settings | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(settings.database_url)
-        await store.open()
+        store = Store(settings.database_url, exclusive=True)
+        try:
+            await store.open()
+        except SQLiteFileInUse as exc:
+            log.error("%s", exc)
+            raise
         client = new_upstream_client(settings)
         app.state.settings, app.state.store = settings, store
         app.state.openapi = openapi_document(settings)
-        app.state.generations = Generations(settings, store, client)
-        await app.state.generations.open()
-        drain_on_sigterm(app.state.generations, settings.shutdown_grace)
+        app.state.relay = relay = Relay(settings, store, client)
+        try:
+            await relay.open()
+        except BaseException:
+            await relay.shutdown(0)
+            await client.aclose()
+            await store.close()
+            raise
+        drain_on_sigterm(relay, settings.shutdown_grace)
         logging.getLogger("uvicorn.access").addFilter(redact_access_tokens)
         try:
             yield
         finally:
-            await app.state.generations.shutdown(settings.shutdown_grace)
+            await relay.shutdown(settings.shutdown_grace)
             await client.aclose()
             await store.close()
 
@@ -2093,29 +2707,9 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Middleware(HeaderLimit),
         *([Middleware(TokenAuth, token=settings.api_token)] if settings.api_token else []),
     ]
-    handlers = {ApiError: api_error_handler, HTTPException: http_error_handler, Exception: internal_error_handler}
+    handlers = {ApiError: api_error_handler, Refusal: refusal_handler, HTTPException: http_error_handler,
+                Exception: internal_error_handler}  # fmt: skip
     return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
-
-
-CONFIGURATION_HELP = """\
-configuration (environment variables, or a .env file in the working directory):
-  DASHSCOPE_API_KEY                 the model service key (required to chat)
-  DASHSCOPE_BASE_URL                https://dashscope.aliyuncs.com/compatible-mode/v1 (any OpenAI-compatible URL)
-  CHAT_MODEL, CHATSVC_ALLOWED_MODELS  qwen-plus; further models clients may pick (comma-separated)
-  SYSTEM_PROMPT                     You are a helpful assistant.
-  DATABASE_URL                      sqlite+aiosqlite:///./chatsvc.db (or postgresql://...)
-  CHATSVC_API_TOKEN                 bearer token required on /api/ (none)
-  CHATSVC_USER_HEADER               header naming the user who owns conversations (none)
-  CHATSVC_CORS_ORIGINS              browser origins allowed to call (none)
-  CHATSVC_MAX_CONTEXT_MESSAGES / _TOKENS   20 / 6000
-  CHATSVC_MAX_MESSAGE_CHARS / CHATSVC_MAX_BODY_BYTES   32000 / 262144
-  CHATSVC_UPSTREAM_CONNECT_TIMEOUT / _IDLE_TIMEOUT / _TOTAL_TIMEOUT   10 / 60 / 300 s
-  CHATSVC_UPSTREAM_RETRIES          2
-  CHATSVC_REPLAY_SECONDS / CHATSVC_CHECKPOINT_SECONDS / CHATSVC_PING_SECONDS   30 / 1 / 15
-  CHATSVC_HEARTBEAT_SECONDS         5: an answer whose process sent none for 3 of these is interrupted
-  CHATSVC_SHUTDOWN_GRACE            10 s for running answers after SIGTERM
-  HOST / PORT / LOG_LEVEL           0.0.0.0 / 8000 / info
-"""
 
 
 async def check(settings: Settings, upstream: bool) -> list[str]:
@@ -2151,7 +2745,7 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     parser = argparse.ArgumentParser(
-        prog="chatsvc", description=__doc__.strip().splitlines()[0], epilog=CONFIGURATION_HELP,
+        prog="chatsvc", description=__doc__.strip().splitlines()[0], epilog=Settings.help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--check", action="store_true", help="check the configuration and the database, then exit")
@@ -2181,6 +2775,13 @@ def main(argv: list[str] | None = None) -> int:
     # shutdown exit 0, which is what container runtimes and supervisors expect.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
+    store = Store(settings.database_url)
+    if store.sqlite_path:  # refused here in one sentence, before the server starts (the app takes it again)
+        try:
+            hold_sqlite_file(store.sqlite_path)
+        except SQLiteFileInUse as exc:
+            print(f"chatsvc: {exc}", file=sys.stderr)
+            return 2
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=5,  # after the drain (see drain_on_sigterm), what is left goes

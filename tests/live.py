@@ -49,12 +49,12 @@ class LiveServer:
         self.thread.join(10)
 
     @property
-    def generations(self) -> chatsvc.Generations:
-        return self.app.state.generations
+    def relay(self) -> chatsvc.Relay:
+        return self.app.state.relay
 
     def listeners(self, session_id: str) -> int:
         """Channel listeners currently waiting for the next answer of a conversation."""
-        return len(self.generations._waiters.get(("", session_id), ()))
+        return len(self.relay._waiters.get(("", session_id), ()))
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(**{"base_url": self.url, "timeout": 10, **kw})

@@ -10,6 +10,7 @@ import asyncio
 import random
 import time
 
+import pytest
 from fake_dashscope import Reply
 from procs import ServerProcess
 from rawhttp import request, sse_events
@@ -17,6 +18,8 @@ from rawhttp import request, sse_events
 ANSWERS = 500
 CHUNKS = 20
 API = "/api/v1"
+
+pytestmark = pytest.mark.slow
 
 
 def words(message: str) -> list[str]:

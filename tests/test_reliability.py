@@ -25,6 +25,7 @@ def by_message(answers: dict[str, Reply]):
 # ── crash and restart ────────────────────────────────────────────────────────────────
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kill_after_chunks", [0, 5, 30])
 def test_sigkill_mid_answer_then_restart(service, fake, tmp_path, kill_after_chunks):
     words = [f"k{i} " for i in range(80)]
@@ -61,6 +62,7 @@ def test_sigkill_mid_answer_then_restart(service, fake, tmp_path, kill_after_chu
 # ── graceful shutdown ────────────────────────────────────────────────────────────────
 
 
+@pytest.mark.slow
 def test_sigterm_drains_running_answers_then_exits_0(service, fake, tmp_path):
     fake.default = by_message({
         "short": Reply.answer(["a", "b", "c", "d"], pause=0.1),
@@ -270,10 +272,10 @@ def test_owners_channels_are_separate(make_service, fake):
     with LiveServer(service.settings) as live:
         bob = live.reader("GET", f"{API}/chat/s1/stream", headers={"X-User-Id": "bob"})
         alice = live.reader("GET", f"{API}/chat/s1/stream", headers={"X-User-Id": "alice"})
-        wait_for(lambda: len(live.generations._waiters.get(("alice", "s1"), ())) == 1)
+        wait_for(lambda: len(live.relay._waiters.get(("alice", "s1"), ())) == 1)
         with live.client(headers={"X-User-Id": "alice"}) as client:
             client.post(f"{API}/chat/s1", json={"message": "hi"})
         assert alice.until_end()[-1]["data"]["full_text"] == "for alice"
         # bob's channel is still waiting for its first answer: it delivered nothing of alice's
-        assert len(live.generations._waiters.get(("bob", "s1"), ())) == 1
+        assert len(live.relay._waiters.get(("bob", "s1"), ())) == 1
         assert bob.events == []
