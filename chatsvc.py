@@ -1236,10 +1236,18 @@ class Answer:
     def add(self, type_: str, content: str) -> None:
         """New text (`chunk`) or reasoning, into the log. Long deltas go out in pieces, each small
         enough for one PostgreSQL notification, which says how much the answer carries up to it."""
-        (self.text if type_ == "chunk" else self.reasoning).append(content)
+        chunk = type_ == "chunk"
+        (self.text if chunk else self.reasoning).append(content)
+        if len(content) <= DELTA_CHARS:  # nearly every delta: one event
+            if chunk:
+                self.text_chars += len(content)
+            else:
+                self.reasoning_chars += len(content)
+            self.append(delta_event(f"{self.message_id}:{len(self.log)}", type_, content))
+            return
         for start in range(0, len(content), DELTA_CHARS):
             piece = content[start : start + DELTA_CHARS]
-            if type_ == "chunk":
+            if chunk:
                 self.text_chars += len(piece)
             else:
                 self.reasoning_chars += len(piece)
@@ -1426,7 +1434,6 @@ class Relay:
         answer in one write. A slow or failing database delays this, never the relay."""
         while True:
             await asyncio.sleep(self.settings.checkpoint_seconds)
-            self.loop_tick = time.monotonic()
             due = [
                 a for a in self.running.values() if a.task is not None and not a.finishing and len(a.log) > a.saved_seq
             ]
@@ -1586,6 +1593,7 @@ class Relay:
         assert self.replicas is not None
         while True:
             await asyncio.sleep(self.settings.heartbeat_seconds)
+            self.loop_tick = time.monotonic()
             try:
                 await self.recover()
                 await self.replicas.check_mirrors()
@@ -1642,7 +1650,7 @@ class Heartbeat:
                 url = DatabaseURL(self.relay.store.url)
                 self._conn = await asyncpg.connect(
                     host=url.hostname, port=url.port, user=url.username, password=url.password,
-                    database=url.database, timeout=self.interval, command_timeout=self.interval,
+                    database=url.database, timeout=10, command_timeout=max(1.0, self.relay.settings.heartbeat_stale),
                 )  # fmt: skip
             rows = await self._conn.fetch(HEARTBEAT_SQL, utcnow(), ids)
         except Exception as exc:

@@ -6,6 +6,7 @@ upstream in ONE run: the same load generator reads the fake DashScope directly (
     python bench/relay.py --quick    # smaller counts, for a smoke run
 
     python bench/relay.py --only dt  # some scenarios; --profile FILE records chatsvc with py-spy
+    python bench/relay.py --only s   # the database stalls for 5 s mid-answer: the longest gap a reader sees
 
 Reports chunks/s, time to first chunk, added delay per chunk (paced answers carry the fake's send
 time in each chunk: arrival minus send time, through chatsvc against directly), chatsvc's CPU time
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import re
@@ -84,6 +86,7 @@ class Result:
     ttfc: list[float] = field(default_factory=list)  # seconds from request to first chunk
     delay: list[float] = field(default_factory=list)  # paced answers, per chunk: arrival - the fake's send time
     errors: list[str] = field(default_factory=list)
+    gaps: list[float] = field(default_factory=list)  # per answer: the longest wait between two chunks
 
 
 STAMPED = re.compile(r"t(\d+)@(\d+) ")
@@ -136,6 +139,7 @@ async def read_answer(port: int, path: str, body: dict, chunks: int, pause: floa
         return
     result.chunks += chunks
     result.ttfc.append(arrivals[0] - started)
+    result.gaps.append(max((b - a for a, b in itertools.pairwise(arrivals)), default=0.0))
     result.delay += delays
 
 
@@ -245,6 +249,8 @@ def run(args: argparse.Namespace) -> None:
             leak_row(ports, server.pid, q)
         if "f" in args.only:
             history_row(ports, args)
+        if "s" in args.only:
+            stall_row(ports, env["DATABASE_URL"], q)
     finally:
         server.terminate()
         server.wait(30)
@@ -326,6 +332,45 @@ def history_row(ports: dict, args: argparse.Namespace) -> None:
           f" ratio {statistics.median(big) / statistics.median(small):.2f}")  # fmt: skip
 
 
+HOLD_LOCK = {  # another process holds the database's write lock for argv[2] seconds
+    "sqlite": "import sqlite3, sys, time\ndb = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+              "db.execute('BEGIN IMMEDIATE')\ntime.sleep(float(sys.argv[2]))\ndb.execute('ROLLBACK')",
+    "postgresql": "import asyncio, sys, asyncpg\nasync def main():\n    conn = await asyncpg.connect(sys.argv[1])\n"
+                  "    async with conn.transaction():\n"
+                  "        await conn.execute('LOCK TABLE messages IN EXCLUSIVE MODE')\n"
+                  "        await asyncio.sleep(float(sys.argv[2]))\nasyncio.run(main())",
+}  # fmt: skip
+
+
+def stall_row(ports: dict, database: str, q: int) -> None:
+    """(s): 10 answers x 200 chunks 20 ms apart (4 s each), twice: as they are, and with the database
+    stalled for 5 s from 1 s in (another process holds its write lock). The longest gap between two
+    chunks that a reader sees must not grow with the stall: the relay never waits for the database."""
+    kind = "sqlite" if database.startswith("sqlite") else "postgresql"
+    target = database.split("///", 1)[1] if kind == "sqlite" else database
+
+    async def scenario(stall: bool) -> Result:
+        async def hold() -> None:
+            await asyncio.sleep(1)
+            holder = await asyncio.create_subprocess_exec(sys.executable, "-c", HOLD_LOCK[kind], target, "5")
+            await holder.wait()
+
+        holding = asyncio.ensure_future(hold()) if stall else None
+        result, _ = await run_scenario("chatsvc", ports, 10, 10, 200, 0.02, tag=f"s{stall}")
+        if holding:
+            await holding
+        return result
+
+    direct, _ = asyncio.run(run_scenario("direct", ports, 10, 10, 200, 0.02))
+    calm, stalled = asyncio.run(scenario(False)), asyncio.run(scenario(True))
+    print("\n(s) the database stalls for 5 s mid-answer: 10 answers x 200 chunks, 20 ms apart; longest gap"
+          f" between chunks: direct {max(direct.gaps) * 1000:.1f} ms, chatsvc {max(calm.gaps) * 1000:.1f} ms,"
+          f" chatsvc with the stall {max(stalled.gaps) * 1000:.1f} ms")  # fmt: skip
+    for result in (direct, calm, stalled):
+        if result.errors:
+            print(f"  ERRORS {len(result.errors)}: {result.errors[:2]}")
+
+
 def wait_ready(port: int) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -347,7 +392,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the answers, for a smoke run")
     parser.add_argument("--history", type=int, default=100_000, help="stored messages in the long conversation of (f)")
-    parser.add_argument("--only", default="abcdefgt", help="the scenarios to run, e.g. --only bd")
+    parser.add_argument("--only", default="abcdefgst", help="the scenarios to run, e.g. --only bd")
     parser.add_argument("--database", metavar="URL", help="chatsvc's DATABASE_URL, e.g. an empty PostgreSQL database")
     parser.add_argument("--profile", metavar="FILE", help="record chatsvc with py-spy (collapsed stacks) into FILE")
     run(parser.parse_args())
