@@ -733,6 +733,14 @@ class Store:
 
         The partial unique index over `streaming` answers makes a second concurrent turn fail
         here, before anything of it is stored."""
+        async with contextlib.AsyncExitStack() as stack:
+            if not self.is_sqlite:  # the pool's connection first: the new row's heartbeat is when it is written
+                await stack.enter_async_context(self.db.connection())
+            await self._begin_turn(owner, session_id, user_id, text, answer_id, model)
+
+    async def _begin_turn(
+        self, owner: str, session_id: str, user_id: str, text: str, answer_id: str, model: str
+    ) -> None:
         values = {"owner": owner, "sid": session_id, "now": utcnow()}
         await self._run(
             "INSERT INTO conversations (owner, session_id, title, created_at, updated_at)"
@@ -1302,6 +1310,7 @@ class Relay:
         self.recent: dict[str, Answer] = {}  # by message_id, running or finished
         self.latest: dict[tuple[str, str], Answer] = {}  # the newest kept
         self.unstored: dict[tuple[str, str], Answer] = {}  # final state not stored yet, the write retried
+        self.claiming: set[str] = set()  # answers being written as `streaming`, not started yet
         self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}  # channel listeners waiting
         self._tasks: set[asyncio.Task] = set()  # checkpoints, sweeps, retries: held until they end
         self.replicas: Replicas | None = None if store.is_sqlite else Replicas(self)
@@ -1579,7 +1588,7 @@ class Relay:
     def own_ids(self) -> list[str]:
         """The answers this process vouches for: running, or ended and not stored yet."""
         running = [a.message_id for a in list(self.running.values()) if a.task is not None]
-        return running + [a.message_id for a in list(self.unstored.values())]
+        return running + [a.message_id for a in list(self.unstored.values())] + list(self.claiming)
 
     def taken(self, ids: set[str]) -> None:
         """The heartbeat found these rows no longer `streaming`: another process took them for dead."""
@@ -2379,14 +2388,18 @@ async def start_answer(request: Request) -> Answer:
     system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
     messages = build_context(system_prompt, history, chat.message, s.max_context_messages, s.max_context_tokens)
     user_id, answer_id = new_message_id(), new_message_id()
+    relay.claiming.add(answer_id)  # vouched for by the heartbeat from the moment its row exists
     try:
-        await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
-    except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
-        if relay.replicas is None or not await relay.recover():
-            raise
-        await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
-    payload = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
-    answer = relay.start(owner, session_id, answer_id, model, {**payload, **chat.options})
+        try:
+            await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
+        except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
+            if relay.replicas is None or not await relay.recover():
+                raise
+            await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
+        payload = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+        answer = relay.start(owner, session_id, answer_id, model, {**payload, **chat.options})
+    finally:
+        relay.claiming.discard(answer_id)
     answer.request_id = request.scope.get("request_id")
     return answer
 

@@ -227,7 +227,7 @@ def test_load_across_two_replicas_loses_and_duplicates_nothing(cluster, fake):
             if event["type"] == "chunk":
                 text.append(event["data"]["content"])
             if event["type"] in ("end", "error"):
-                assert event["type"] == "end" and event["data"]["full_text"] == "".join(text)
+                assert event["type"] == "end" and event["data"]["full_text"] == "".join(text), (sid, event)
                 into[sid] = "".join(text)
                 response.close()
                 return
