@@ -34,6 +34,7 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import unquote_plus
 
 import anyio
 import httpx2 as httpx
@@ -112,6 +113,9 @@ class Settings:
     )
     storage_timeout: float = setting(
         "CHATSVC_STORAGE_TIMEOUT", 10.0, "s an answer's final write is retried before readers get storage_failed"
+    )
+    read_timeout: float = setting(
+        "CHATSVC_READ_TIMEOUT", 30.0, "s a request's headers, and then its body, may take to arrive (408)"
     )
     ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
     shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 10.0, "s running answers get after SIGTERM")
@@ -256,6 +260,27 @@ def not_stored_yet(session_id: str) -> StorageUnavailable:
         f"The last answer in conversation '{session_id}' is not stored yet (the database is failing); chatsvc"
         " keeps trying. Try again once GET /readyz answers 200."
     )
+
+
+def unsupported_media_type(content_type: str | None) -> ApiError:
+    given = f"'{content_type[:100]}'" if content_type else "none"
+    return ApiError(
+        415, "unsupported_media_type", f"The body must be JSON, sent as 'Content-Type: application/json' (got {given})."
+    )
+
+
+def request_timeout(seconds: float) -> ApiError:
+    return ApiError(
+        408, "request_timeout", f"The request body did not arrive within {seconds:g} s (CHATSVC_READ_TIMEOUT)."
+    )
+
+
+def cors_rejected(reason: str) -> ApiError:
+    return ApiError(
+        400, "cors_rejected",
+        f"This browser request is not allowed ({reason}): its origin, method or headers are not in chatsvc's CORS"
+        " settings (CHATSVC_CORS_ORIGINS).",
+    )  # fmt: skip
 
 
 def too_large(limit: int) -> ApiError:
@@ -1688,7 +1713,8 @@ class Kind(str, Enum):
     EVENT = "e"  # one event of an answer
     FINAL = "f"  # an answer's final event
     ENDED = "x"  # an answer ended in the store without a final event (taken for dead): read it there
-    STOP = "s"  # a request to stop the conversation's answer, to whichever replica produces it
+    STOP = "s"  # a request to stop the conversation's answer, to whichever replica produces it (event: its token)
+    STOPPED = "t"  # the producer stopped its answer for the request whose token `event` carries
 
 
 @dataclass
@@ -1835,6 +1861,7 @@ class Replicas:
     def __init__(self, relay: Relay):
         self.relay, self.settings, self.store = relay, relay.settings, relay.store
         self.bus = Bus(relay.store, self._on_notification)
+        self._stops: dict[str, asyncio.Future] = {}  # this replica's stop requests, by token
 
     async def open(self) -> None:
         await self.bus.open()
@@ -1866,16 +1893,28 @@ class Replicas:
             self.bus.publish(note)
             self._on_notification(note)
 
-    def _ask_to_stop(self, key: tuple[str, str]) -> None:
-        self.bus.publish(self._note(Kind.STOP, *key))
+    def _ask_to_stop(self, key: tuple[str, str]) -> asyncio.Future:
+        """Ask whichever replica produces the conversation's answer to stop it; the future is set
+        if this request is the one that stopped it (only one of several concurrent stops is)."""
+        token = uuid.uuid4().hex
+        won = self._stops[token] = asyncio.get_running_loop().create_future()
+        won.add_done_callback(lambda _: self._stops.pop(token, None))
+        self.bus.publish(self._note(Kind.STOP, *key, event=token))
+        return won
 
     # ── what the others tell it
 
     def _on_notification(self, note: Notification) -> None:
         if note.kind is Kind.STOP:
             answer = self.relay.running.get((note.owner, note.session_id))
-            if answer is not None and answer.task is not None:
-                answer.cancel(STOPPED)
+            if answer is not None and answer.task is not None and answer.cancel(STOPPED):
+                self.bus.publish(self._note(Kind.STOPPED, note.owner, note.session_id, answer.message_id,
+                                            event=note.event))  # fmt: skip
+            return
+        if note.kind is Kind.STOPPED:
+            won = self._stops.get(note.event)
+            if won is not None and not won.done():
+                won.set_result(True)
             return
         mirror = self.relay.recent.get(note.message_id)
         if mirror is None:
@@ -1999,22 +2038,30 @@ class Replicas:
         has not heard of (it started before this replica did, and has sent nothing since): the
         database knows it."""
         if mirror is not None:
-            self._ask_to_stop(key)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(mirror.done.wait()), 10)
-            return mirror.message_id, mirror.status == STOPPED
+            won = self._ask_to_stop(key)
+            try:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(mirror.done.wait()), 10)
+                return mirror.message_id, won.done() and not won.cancelled() and mirror.status == STOPPED
+            finally:
+                won.cancel()
         await self.relay.recover()  # one whose replica is gone is interrupted now, not asked
         answer_id = await self.store.streaming_answer(*key)
         if answer_id is None:
             return None, False
-        self._ask_to_stop(key)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-            row = await self.store.message(*key, answer_id)
-            if row is None or row["status"] != STREAMING:
-                return answer_id, row is not None and row["status"] == STOPPED
-        return answer_id, False
+        won = self._ask_to_stop(key)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                row = await self.store.message(*key, answer_id)
+                if row is None or row["status"] != STREAMING:
+                    return answer_id, won.done() and not won.cancelled() and row is not None and row[
+                        "status"
+                    ] == STOPPED
+            return answer_id, False
+        finally:
+            won.cancel()
 
 
 # ── HTTP: request parsing and validation ───────────────────────────────────────────────
@@ -2030,25 +2077,43 @@ def check_session_id(value: Any) -> str:
     return value
 
 
-async def read_json(request: Request, limit: int, optional: bool = False) -> dict:
-    """The body as a JSON object; 413 past `limit` bytes (counted, not trusted from headers)."""
+ASCII_NUMBER = re.compile(r"[0-9]{1,18}")  # what int() takes from a header or query: ASCII only ("²" is a digit too)
+
+
+def is_json(content_type: str | None) -> bool:
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+async def read_json(request: Request, settings: Settings, optional: bool = False) -> dict:
+    """The body as a JSON object: only as `application/json` (415: a cross-site form or `text/plain`
+    POST must not run a chat), at most CHATSVC_MAX_BODY_BYTES (413, counted, not trusted from
+    headers), arriving within CHATSVC_READ_TIMEOUT (408)."""
+    limit = settings.max_body_bytes
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if ASCII_NUMBER.fullmatch(declared) and int(declared) > limit:
         raise too_large(limit)
     body = bytearray()
     try:
-        async for piece in request.stream():
-            body += piece
-            if len(body) > limit:
-                raise too_large(limit)
+        with anyio.fail_after(settings.read_timeout):
+            async for piece in request.stream():
+                body += piece
+                if len(body) > limit:
+                    raise too_large(limit)
     except ClientDisconnect:  # nobody is left to answer; not a server error
         raise client_disconnected() from None
+    except TimeoutError:
+        raise request_timeout(settings.read_timeout) from None
     if not body and optional:  # no body at all; whitespace is not JSON
         return {}
+    if not is_json(request.headers.get("content-type")):
+        raise unsupported_media_type(request.headers.get("content-type"))
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise not_json() from None
+    except RecursionError:
+        raise not_json("The request body is nested too deeply.") from None
     if not isinstance(data, dict):
         raise not_json("The request body must be a JSON object.")
     return data
@@ -2094,9 +2159,11 @@ def number(body: dict, name: str, low: float, high: float, low_open: bool, high_
 def check_model(settings: Settings, value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or value not in settings.models:
+    if not isinstance(value, str):
+        raise invalid(f"'model' must be a string. Available: {', '.join(settings.models)}.")
+    if value not in settings.models:
         raise invalid(
-            f"Unknown model {json.dumps(value, ensure_ascii=False)}. Available: {', '.join(settings.models)}."
+            f"Unknown model {json.dumps(value[:200], ensure_ascii=False)}. Available: {', '.join(settings.models)}."
         )
     return value
 
@@ -2105,7 +2172,7 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    if not re.fullmatch(r"\d{1,9}", raw) or not low <= int(raw) <= high:
+    if not re.fullmatch(r"[0-9]{1,9}", raw) or not low <= int(raw) <= high:
         raise invalid(f"'{name}' must be a whole number from {low} to {high}.")
     return int(raw)
 
@@ -2291,7 +2358,7 @@ async def list_conversations(request: Request) -> Response:
 async def create_conversation(request: Request) -> Response:
     st = state(request)
     owner = owner_of(request)
-    body = await read_json(request, st.settings.max_body_bytes, optional=True)
+    body = await read_json(request, st.settings, optional=True)
     check_fields(body, ("session_id", "title", "system_prompt", "model"))
     session_id = check_session_id(body["session_id"]) if body.get("session_id") is not None else str(uuid.uuid4())
     title = optional_text(body, "title", 200)
@@ -2332,7 +2399,7 @@ async def list_messages(request: Request) -> Response:
 async def update_conversation(request: Request) -> Response:
     st = state(request)
     key = conversation_key(request)
-    body = await read_json(request, st.settings.max_body_bytes)
+    body = await read_json(request, st.settings)
     check_fields(body, ("title", "system_prompt", "model"))
     changes: dict[str, Any] = {}
     if "title" in body:
@@ -2375,7 +2442,7 @@ async def start_answer(request: Request) -> Answer:
     relay: Relay = st.relay
     owner, session_id = key = conversation_key(request)
     refuse_while_draining(request)
-    chat = parse_chat(s, await read_json(request, s.max_body_bytes))
+    chat = parse_chat(s, await read_json(request, s))
     if not s.dashscope_api_key:
         raise not_configured()
     if key in relay.unstored:  # its last answer still holds the conversation's slot in the database
@@ -2452,7 +2519,7 @@ async def chat_stream(request: Request) -> Response:
 
 def parse_event_id(value: str | None) -> tuple[str, int] | None:
     message_id, _, seq = (value or "").rpartition(":")
-    return (message_id, int(seq)) if MESSAGE_ID.fullmatch(message_id) and seq.isdigit() else None
+    return (message_id, int(seq)) if MESSAGE_ID.fullmatch(message_id) and ASCII_NUMBER.fullmatch(seq) else None
 
 
 async def channel(request: Request) -> Response:
@@ -2590,6 +2657,20 @@ class RequestID:
         await self.app(scope, receive, send_with_id)
 
 
+class JSONCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS middleware, whose refused preflight is JSON {"detail", "code"} like every other error."""
+
+    def preflight_response(self, request_headers: Any) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code == 200:
+            return response
+        refused = cors_rejected(bytes(response.body).decode("utf-8", "replace")).response()
+        refused.headers.update(
+            {k: v for k, v in response.headers.items() if k.lower() not in ("content-type", "content-length")}
+        )
+        return refused
+
+
 class TokenAuth:
     """With CHATSVC_API_TOKEN set, every /api/ request must carry it (constant-time compare)."""
 
@@ -2621,15 +2702,25 @@ class TokenAuth:
         return query is not None and hmac.compare_digest(query.encode(), self.token)
 
 
-_ACCESS_TOKEN_IN_URL = re.compile(r"(access_token=)[^&\s]*")
+def redact_query(text: str) -> str:
+    """`text` with the value of every query parameter whose name decodes to `access_token` (as the
+    app reads it: `access%5Ftoken`, `%61ccess_token`, ...) replaced by `[redacted]`."""
+    if "?" not in text:
+        return text
+    head, _, query = text.partition("?")
+    query, space, tail = query.partition(" ")
+    parts = query.split("&")
+    for i, part in enumerate(parts):
+        name, equals, _ = part.partition("=")
+        if unquote_plus(name) == "access_token":
+            parts[i] = f"{name}{equals}[redacted]"
+    return f"{head}?{'&'.join(parts)}{space}{tail}"
 
 
 def redact_access_tokens(record: logging.LogRecord) -> bool:
     """A logging filter: EventSource sends the API token in the query string; access logs must not show it."""
     if isinstance(record.args, tuple):
-        record.args = tuple(
-            _ACCESS_TOKEN_IN_URL.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args
-        )
+        record.args = tuple(redact_query(a) if isinstance(a, str) else a for a in record.args)
     return True
 
 
@@ -2715,7 +2806,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     ]
     # Only what is configured: each layer costs every request and every streamed event a call.
     cors = Middleware(
-        CORSMiddleware,
+        JSONCORSMiddleware,
         allow_origins=list(settings.cors_origins),
         allow_methods=["GET", "POST", "PATCH", "DELETE"],
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
@@ -2723,14 +2814,18 @@ def create_app(settings: Settings | None = None) -> Starlette:
         max_age=600,
     )
     middleware = [
+        Middleware(RequestID),  # outermost: every answer carries X-Request-ID, the CORS middleware's too
         *([cors] if settings.cors_origins else []),
-        Middleware(RequestID),
         Middleware(HeaderLimit),
         *([Middleware(TokenAuth, token=settings.api_token)] if settings.api_token else []),
     ]
     handlers = {ApiError: api_error_handler, Refusal: refusal_handler, HTTPException: http_error_handler,
                 Exception: internal_error_handler}  # fmt: skip
-    return Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+    # A trailing slash is a 404 like any unknown path: Starlette's redirect would be built from the
+    # request's Host header (and carry ?access_token= to whatever host that names).
+    app.router.redirect_slashes = False
+    return app
 
 
 async def check(settings: Settings, upstream: bool) -> list[str]:
@@ -2806,8 +2901,57 @@ def main(argv: list[str] | None = None) -> int:
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=5,  # after the drain (see drain_on_sigterm), what is left goes
+        http=header_deadline(settings.read_timeout),
     )  # fmt: skip
     return 0
+
+
+def header_deadline(seconds: float) -> Any:
+    """uvicorn's HTTP protocol (httptools), with a deadline for a request's headers, which uvicorn
+    does not set: a connection whose request has not finished its headers `seconds` after it began
+    (or after the connection opened) is answered 408 and closed, so slow clients cannot hold the
+    service's sockets. Between requests uvicorn's keep-alive timeout (5 s) applies."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    timeout = json.dumps({"detail": f"The request headers did not arrive within {seconds:g} s (CHATSVC_READ_TIMEOUT).",
+                          "code": "request_timeout"}).encode()  # fmt: skip
+    expired = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+               b"content-length: %d\r\n\r\n%s" % (len(timeout), timeout))  # fmt: skip
+
+    class Protocol(HttpToolsProtocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(seconds, self._expire)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expire(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.write(expired)
+                self.transport.close()
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return Protocol
 
 
 def raise_open_file_limit() -> None:

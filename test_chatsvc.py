@@ -477,7 +477,8 @@ def test_token_estimate_counts_cjk_as_one_token_each():
 def test_bad_chat_input(make_service, fake, kwargs, status, code, words):
     service = make_service(CHATSVC_MAX_MESSAGE_CHARS="100", CHATSVC_MAX_BODY_BYTES="256")
     with service.client() as client:
-        r = client.post(f"{API}/chat/s1", **kwargs)
+        headers = {"Content-Type": "application/json"} if "content" in kwargs else None
+        r = client.post(f"{API}/chat/s1", headers=headers, **kwargs)
         assert r.status_code == status
         assert r.json()["code"] == code and words in r.json()["detail"]
     assert service.rows("SELECT COUNT(*) AS n FROM messages")[0]["n"] == 0
@@ -487,7 +488,8 @@ def test_bad_chat_input(make_service, fake, kwargs, status, code, words):
 def test_oversized_body_without_content_length_is_413(make_service):
     service = make_service(CHATSVC_MAX_BODY_BYTES="256")
     with service.client() as client:
-        r = client.post(f"{API}/chat/s1", content=iter([b'{"message": "', b"x" * 200, b"y" * 200, b'"}']))
+        body = iter([b'{"message": "', b"x" * 200, b"y" * 200, b'"}'])
+        r = client.post(f"{API}/chat/s1", content=body, headers={"Content-Type": "application/json"})
         assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
 
 
@@ -586,7 +588,7 @@ def test_create_without_body_makes_a_random_id(client):
     a = client.post(f"{API}/context/conversations").json()["session_id"]
     b = client.post(f"{API}/context/conversations", json={}).json()["session_id"]
     assert a != b and len(a) == 36
-    r = client.post(f"{API}/context/conversations", content=b"\t")
+    r = client.post(f"{API}/context/conversations", content=b"\t", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["code"] == "invalid_json"
 
 

@@ -290,3 +290,26 @@ def test_a_mirror_whose_final_event_was_lost_ends_from_the_store(postgres_databa
         events = listener.until_end()
     assert [e["type"] for e in events] == ["start", "end"]
     assert events[-1]["id"] == "m1:2" and events[-1]["data"]["full_text"] == "all of it"
+
+
+def test_of_concurrent_stops_on_both_replicas_exactly_one_says_it_stopped(cluster, fake):
+    service, a, b, _ = cluster
+    fake.push(slow(400))
+    poster = SSEReader(b.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
+    poster.next_event(), poster.next_event()
+    replies, go = [], threading.Barrier(6)
+
+    def stop(server: ServerProcess) -> None:
+        with server.client() as client:
+            go.wait()
+            replies.append(client.post(f"{API}/chat/s1/stop").json())
+
+    threads = [threading.Thread(target=stop, args=(server,)) for server in (a, b, a, b, a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert len(replies) == 6 and sum(r["stopped"] for r in replies) == 1, replies
+    assert poster.until_end()[-1]["data"]["finish_reason"] == "stopped"
+    assert service.rows("SELECT status FROM messages WHERE role = 'assistant'") == [{"status": "stopped"}]
+    poster.close()
