@@ -28,41 +28,43 @@ import chatsvc
 API = "/api/v1"
 pytestmark = pytest.mark.slow
 
+# Each holds the lock until its standard input closes (or 60 s pass).
 HOLD_SQLITE_LOCK = """
-import sqlite3, sys, time
+import select, sqlite3, sys
 db = sqlite3.connect(sys.argv[1], isolation_level=None)
 db.execute("BEGIN IMMEDIATE")
 print("locked", flush=True)
-time.sleep(float(sys.argv[2]))
+select.select([sys.stdin], [], [], 60)
 db.execute("ROLLBACK")
 """
 
 HOLD_POSTGRES_LOCK = """
-import asyncio, sys, asyncpg
+import asyncio, select, sys, asyncpg
 async def main():
     conn = await asyncpg.connect(sys.argv[1])
     async with conn.transaction():
         await conn.execute("LOCK TABLE messages IN EXCLUSIVE MODE")  # reads go on, writes wait
         print("locked", flush=True)
-        await asyncio.sleep(float(sys.argv[2]))
+        await asyncio.to_thread(select.select, [sys.stdin], [], [], 60)
 asyncio.run(main())
 """
 
 
 @contextlib.contextmanager
-def write_lock(service: Service, seconds: float):
-    """Another process holds the database's write lock for `seconds` (from now), then lets go."""
+def write_lock(service: Service):
+    """Another process holds the database's write lock until the block ends."""
     if service.is_sqlite:
         script, target = HOLD_SQLITE_LOCK, service.url.split("///", 1)[1]
     else:
         script, target = HOLD_POSTGRES_LOCK, service.url
-    holder = subprocess.Popen([sys.executable, "-c", script, target, str(seconds)], stdout=subprocess.PIPE)
+    holder = subprocess.Popen([sys.executable, "-c", script, target], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert holder.stdout is not None and holder.stdout.readline().strip() == b"locked"
     try:
         yield holder
     finally:
+        holder.stdin.close()
         holder.stdout.close()
-        assert holder.wait(seconds + 15) == 0
+        assert holder.wait(15) == 0
 
 
 def answer_row(service: Service, session_id: str = "s1") -> dict:
@@ -89,7 +91,7 @@ def test_a_locked_database_delays_storage_never_chunks(make_service, fake):
     with LiveServer(service.settings) as live, live.client(timeout=30) as client:
         reader = live.reader("POST", f"{API}/chat/s1/stream", json={"message": "long"})
         reader.next_event(), reader.next_event()
-        with write_lock(service, 9):
+        with write_lock(service):
             arrivals = []
             while len(arrivals) < 20:  # 2 s of chunks while the database is locked
                 reader.next_event()
@@ -120,7 +122,7 @@ def test_a_final_write_that_keeps_failing_is_storage_failed_then_stored(make_ser
         reader = live.reader("POST", f"{API}/chat/s1/stream", json={"message": "q"})
         listener = live.reader("GET", f"{API}/chat/s1/stream")
         reader.next_event()
-        with write_lock(service, 10):
+        with write_lock(service):
             end = reader.until_end()[-1]
             assert end["type"] == "error" and end["data"]["code"] == "storage_failed"
             assert end["data"]["partial_text"] == "a b c " == chunk_text(reader.events)  # all it saw

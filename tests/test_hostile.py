@@ -23,7 +23,10 @@ from support import wait_for
 import chatsvc
 
 API = "/api/v1"
-HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Derandomized: the same examples every run, so that CI stays deterministic (a new failure is found
+# by raising max_examples locally, then kept as an explicit case).
+HYPOTHESIS = settings(max_examples=40, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 
 # Any text a URL or a header can carry (no lone surrogates: they have no UTF-8), long ones included.
 any_text = st.one_of(
@@ -105,7 +108,8 @@ def test_deeply_nested_bodies_are_a_400(client, depth):
     healthy(client)
 
 
-@given(value=st.text())
+@settings(max_examples=500, derandomize=True, database=None)
+@given(value=st.text() | st.from_regex(r"[A-Za-z0-9._:-]{1,20}:[0-9²٣]{1,30}", fullmatch=True))
 def test_any_last_event_id_parses_or_is_ignored(value):
     parsed = chatsvc.parse_event_id(value)
     assert parsed is None or (chatsvc.MESSAGE_ID.fullmatch(parsed[0]) and 0 <= parsed[1] < 10**18)
