@@ -1501,7 +1501,7 @@ class Relay:
                 log.warning("answer %s was taken for dead by another process; its verdict stands", answer.message_id)
         elif stored is None:
             answer.error = StorageFailed(
-                f"The answer could not be stored: {self.store.fault or 'the database failed'} chatsvc keeps trying"
+                f"The answer could not be stored: {self.store.fault or 'the database failed.'} chatsvc keeps trying"
                 " to store it; reload the conversation once GET /readyz answers 200."
             )
             self.unstored[answer.key] = answer
