@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from fake_dashscope import Reply
 from live import LiveServer
 from starlette.routing import Route
@@ -33,6 +34,7 @@ def test_the_document_is_served(client):
     assert served == DOC
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_5xx_and_no_nonconforming_response(tmp_path, fake, make_service):
     """Runs the schemathesis CLI against the running service: every check, a bounded number of
     examples per operation, the stateful phase included."""
