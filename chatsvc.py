@@ -403,7 +403,13 @@ class SQLiteFileInUse(Exception):
     """Another process serves this SQLite file."""
 
 
-_held_files: dict[str, list] = {}  # realpath -> [lock file, holders in this process]
+@dataclass
+class _HeldFile:
+    lock: Any  # the open lock file
+    holders: int = 0  # in this process
+
+
+_held_files: dict[str, _HeldFile] = {}  # by real path
 
 
 def hold_sqlite_file(database: str) -> Callable[[], None]:
@@ -428,14 +434,14 @@ def hold_sqlite_file(database: str) -> Callable[[], None]:
         lock.truncate(0)
         lock.write(str(os.getpid()))
         lock.flush()
-        held = _held_files[path] = [lock, 0]
-    held[1] += 1
+        held = _held_files[path] = _HeldFile(lock)
+    held.holders += 1
 
     def release() -> None:
-        held[1] -= 1
-        if held[1] == 0 and _held_files.get(path) is held:
+        held.holders -= 1
+        if held.holders == 0 and _held_files.get(path) is held:
             del _held_files[path]
-            held[0].close()
+            held.lock.close()
 
     return release
 
@@ -462,6 +468,7 @@ HEARTBEAT_SQL = "UPDATE messages SET updated_at = $1 WHERE status = 'streaming' 
 # The id of the final event of an answer interrupted because its process was gone (`last_seq`): no
 # event that process sent has it, so a reader that resumes after any of them is sent this end.
 INTERRUPTED_SEQ = 2**31 - 1
+INTERRUPTED_DETAIL = "The service stopped before this answer was finished."
 
 READ, WRITE, BACKGROUND = "read", "write", "background"  # SQLite: which of the store's connections
 
@@ -625,16 +632,16 @@ class Store:
         """Answers still `streaming` whose heartbeat (`updated_at`) is older than `stale_before`
         (all of them, for None): the process producing them is gone. They become `interrupted`,
         keeping their text. This process's `own` answers are never among them."""
-        where, values = "", {"now": utcnow(), "end_seq": INTERRUPTED_SEQ}
+        where, values = "", {"now": utcnow(), "end_seq": INTERRUPTED_SEQ, "detail": INTERRUPTED_DETAIL}
         if stale_before is not None:
             where, values["stale"] = " AND updated_at < :stale", stale_before
         for names, ids in _id_batches(list(own), 100_000):
             where += f" AND id NOT IN ({names})"
             values.update(ids)
         return await self._all(
-            "UPDATE messages SET status = 'interrupted', error_code = 'interrupted',"
-            " error_message = 'The service stopped before this answer was finished.', last_seq = :end_seq,"
-            f" updated_at = :now WHERE status = 'streaming'{where} RETURNING id, owner, session_id",
+            "UPDATE messages SET status = 'interrupted', error_code = 'interrupted', error_message = :detail,"
+            f" last_seq = :end_seq, updated_at = :now WHERE status = 'streaming'{where}"
+            " RETURNING id, owner, session_id",
             values,
             role=WRITE,
         )
@@ -758,12 +765,11 @@ class Store:
 
         The partial unique index over `streaming` answers makes a second concurrent turn fail
         here, before anything of it is stored."""
-        async with contextlib.AsyncExitStack() as stack:
-            if not self.is_sqlite:  # the pool's connection first: the new row's heartbeat is when it is written
-                await stack.enter_async_context(self.db.connection())
-            await self._begin_turn(owner, session_id, user_id, text, answer_id, model)
+        # PostgreSQL: the pool's connection first, so that the new row's heartbeat is when it is written
+        async with contextlib.nullcontext() if self.is_sqlite else self.db.connection():
+            await self._claim_turn(owner, session_id, user_id, text, answer_id, model)
 
-    async def _begin_turn(
+    async def _claim_turn(
         self, owner: str, session_id: str, user_id: str, text: str, answer_id: str, model: str
     ) -> None:
         values = {"owner": owner, "sid": session_id, "now": utcnow()}
@@ -1179,6 +1185,7 @@ def delta_event(event_id: str, type_: str, content: str) -> bytes:
 
 DELTA_CHARS = 1000  # a delta event's text, at most: even all escaped, it fits a notification
 BATCH_EVENTS = 64  # a reader catching up copies at most this many events per write
+FINAL = ("end", "error")  # the event types that close an answer
 
 
 def final_event(
@@ -1271,13 +1278,6 @@ class Answer:
         enough for one PostgreSQL notification, which says how much the answer carries up to it."""
         chunk = type_ == "chunk"
         (self.text if chunk else self.reasoning).append(content)
-        if len(content) <= DELTA_CHARS:  # nearly every delta: one event
-            if chunk:
-                self.text_chars += len(content)
-            else:
-                self.reasoning_chars += len(content)
-            self.append(delta_event(f"{self.message_id}:{len(self.log)}", type_, content))
-            return
         for start in range(0, len(content), DELTA_CHARS):
             piece = content[start : start + DELTA_CHARS]
             if chunk:
@@ -1320,9 +1320,6 @@ class Answer:
         return True
 
 
-FINAL = ("end", "error")
-
-
 class Relay:
     """This process's answers, from start to forget: start -> run -> checkpoint -> finish -> forget;
     then stop, shutdown, and (on PostgreSQL) the heartbeat. Readers find answers here: `running`
@@ -1352,10 +1349,11 @@ class Relay:
             await self.replicas.open()
             await self.recover()
             self.heartbeat = Heartbeat(self, asyncio.get_running_loop())
-            self._spawn(self._sweep())
-        self._spawn(self._checkpoints())
+            self.spawn(self._sweep())
+        self.spawn(self._checkpoints())
 
-    def _spawn(self, coro: Any) -> None:
+    def spawn(self, coro: Any) -> None:
+        """Run `coro` as a task the relay holds until it ends, and cancels at shutdown."""
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -1432,7 +1430,7 @@ class Relay:
                 answer.status, answer.finish_reason = STOPPED, STOPPED
             else:  # shutting down, or taken for dead by another replica (its verdict is read back)
                 answer.status = INTERRUPTED
-                answer.error = AnswerInterrupted("The service stopped before this answer was finished.")
+                answer.error = AnswerInterrupted(INTERRUPTED_DETAIL)
         except Exception:
             log.exception("answer %s failed", answer.message_id)
             answer.status = FAILED
@@ -1505,7 +1503,7 @@ class Relay:
                 " to store it; reload the conversation once GET /readyz answers 200."
             )
             self.unstored[answer.key] = answer
-            self._spawn(self._store_later(answer, final))
+            self.spawn(self._store_later(answer, final))
         answer.emit(*final_event(answer.message_id, answer.status, answer.full_text, answer.finish_reason,
                                  answer.usage, answer.error))  # fmt: skip
         answer.done.set()
@@ -1513,7 +1511,7 @@ class Relay:
             del self.running[answer.key]
         self._log_answer(answer)
         if stored is not None:
-            asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, answer)
+            self.forget_later(answer)
 
     async def _store_final(self, answer: Answer, final: FinalState, within: float | None) -> bool | None:
         """finish_answer, retried with backoff while the database fails; None once `within` s have
@@ -1539,7 +1537,7 @@ class Relay:
         log.info("answer %s is stored at last (status=%s)", answer.message_id, final.status)
         if self.unstored.get(answer.key) is answer:
             del self.unstored[answer.key]
-        asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, answer)
+        self.forget_later(answer)
 
     async def _verdict(self, answer: Answer) -> dict | None:
         for attempt in range(5):
@@ -1561,6 +1559,10 @@ class Relay:
         )  # fmt: skip
 
     # ── forget
+
+    def forget_later(self, answer: Answer) -> None:
+        """Its log stays for CHATSVC_REPLAY_SECONDS after it ends, for late and resuming readers."""
+        asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, answer)
 
     def _forget(self, answer: Answer) -> None:
         self.recent.pop(answer.message_id, None)
@@ -1930,7 +1932,7 @@ class Replicas:
         if mirror.pending is not None:  # catching up: keep the tail
             mirror.pending.append(note)
         elif note.kind is Kind.ENDED:  # the store has its end
-            self.relay._spawn(self._end_from_store(mirror))
+            self.relay.spawn(self._end_from_store(mirror))
         elif note.seq is not None and note.seq < len(mirror.log):
             pass  # had it
         elif note.seq == len(mirror.log) and note.event:
@@ -1941,14 +1943,14 @@ class Replicas:
                 self._end(mirror)
         else:  # a gap (joined mid-answer, or notifications lost) or an event too long to notify
             mirror.pending = [note]
-            self.relay._spawn(self._catch_up(mirror))
+            self.relay.spawn(self._catch_up(mirror))
 
     def follow(self, owner: str, session_id: str, message_id: str) -> Mirror:
         """A mirror of an answer this replica has not heard of (a reader resumes it here), caught
         up from the store and then followed live."""
         mirror = Mirror(owner, session_id, message_id, model="", pending=[], heard_at=time.monotonic())
         self.relay.register(mirror)
-        self.relay._spawn(self._catch_up(mirror))
+        self.relay.spawn(self._catch_up(mirror))
         return mirror
 
     async def _catch_up(self, mirror: Mirror) -> None:
@@ -2014,7 +2016,7 @@ class Replicas:
         mirror.done.set()
         if self.relay.running.get(mirror.key) is mirror:
             del self.relay.running[mirror.key]
-        asyncio.get_running_loop().call_later(self.settings.replay_seconds, self.relay._forget, mirror)
+        self.relay.forget_later(mirror)
 
     async def check_mirrors(self) -> None:
         """A mirror whose answer has ended in the store, though its final event never came (a lost
