@@ -1633,6 +1633,8 @@ class Relay:
             try:
                 await self.recover()
                 await self.replicas.check_mirrors()
+            except StorageUnavailable as exc:  # a database fault: said in its sentence, tried again next beat
+                log.warning("heartbeat sweep failed: %s", exc.detail)
             except Exception:
                 log.warning("heartbeat sweep failed", exc_info=True)
 
