@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import errno
 import fcntl
+import functools
 import hmac
 import itertools
 import json
@@ -248,6 +250,10 @@ def not_found(session_id: str) -> NotFound:
     return NotFound(f"No conversation with session_id '{session_id}'.")
 
 
+def message_not_found(session_id: str, message_id: str) -> NotFound:
+    return NotFound(f"Conversation '{session_id}' has no message '{message_id}'.")
+
+
 def busy(session_id: str) -> ConversationBusy:
     return ConversationBusy(
         f"An answer is already being generated in conversation '{session_id}'. "
@@ -447,7 +453,8 @@ def hold_sqlite_file(database: str) -> Callable[[], None]:
 
 
 _CONVERSATION_SQL = """
-SELECT c.session_id, c.title, c.system_prompt, c.model, c.context_start, c.created_at, c.updated_at,
+SELECT c.session_id, c.title, c.system_prompt, c.model, c.context_start, c.current_message_id,
+       c.created_at, c.updated_at,
        (SELECT COUNT(*) FROM messages m
          WHERE m.owner = c.owner AND m.session_id = c.session_id) AS message_count,
        (SELECT COUNT(*) FROM messages m
@@ -458,9 +465,27 @@ SELECT c.session_id, c.title, c.system_prompt, c.model, c.context_start, c.creat
  WHERE c.owner = :owner"""
 
 _MESSAGE_COLUMNS = (
-    "id, role, content, reasoning_content, status, model, finish_reason, error_code, error_message,"
+    "id, parent_id, role, content, reasoning_content, status, model, finish_reason, error_code, error_message,"
     " prompt_tokens, completion_tokens, total_tokens, last_seq, created_at"
 )
+
+_M_COLUMNS = ", ".join("m." + name.strip() for name in _MESSAGE_COLUMNS.split(","))
+
+# The leaf a branch switch lands on: from message :mid (the newest root when :mid is NULL) down,
+# taking the newest child at each step. Ids grow along every path, so the leaf is the largest.
+_NEWEST_LEAF = """WITH RECURSIVE down (id) AS (
+    SELECT id FROM messages WHERE owner = :owner AND session_id = :sid AND id = COALESCE(:mid,
+        (SELECT MAX(r.id) FROM messages r WHERE r.owner = :owner AND r.session_id = :sid AND r.parent_id IS NULL))
+    UNION ALL
+    SELECT (SELECT MAX(c.id) FROM messages c WHERE c.parent_id = down.id) FROM down WHERE down.id IS NOT NULL)
+"""
+
+# A message and everything below it.
+_SUBTREE = """WITH RECURSIVE sub (id) AS (
+    SELECT id FROM messages WHERE id = :mid AND owner = :owner AND session_id = :sid
+    UNION ALL
+    SELECT m.id FROM messages m JOIN sub ON m.parent_id = sub.id)
+"""
 
 # Also run by the heartbeat's own connection (asyncpg, numbered parameters).
 HEARTBEAT_SQL = "UPDATE messages SET updated_at = $1 WHERE status = 'streaming' AND id = ANY($2::text[]) RETURNING id"
@@ -471,6 +496,42 @@ INTERRUPTED_SEQ = 2**31 - 1
 INTERRUPTED_DETAIL = "The service stopped before this answer was finished."
 
 READ, WRITE, BACKGROUND = "read", "write", "background"  # SQLite: which of the store's connections
+
+
+class SchemaError(Exception):
+    """The database's schema cannot be brought to this release's: it is newer (a downgrade), or a
+    step failed (and was rolled back)."""
+
+
+@dataclass
+class SchemaStep:
+    version: int
+    title: str
+    statements: list[str]
+
+
+SCHEMA_STEP = re.compile(r"-- step ([0-9]+): (.*)")
+
+
+def schema_steps() -> list[SchemaStep]:
+    """schema.sql's steps, in order: each starts at a `-- step N: title` line."""
+    steps: list[SchemaStep] = []
+    statement: list[str] = []
+    for line in data_file("schema.sql", "chatsvc_schema.sql").read_text(encoding="utf-8").splitlines():
+        if match := SCHEMA_STEP.fullmatch(line):
+            steps.append(SchemaStep(int(match[1]), match[2], []))
+            assert steps[-1].version == len(steps), f"schema.sql: step {match[1]} is out of order"
+        elif steps and line.strip() and not line.strip().startswith("--"):
+            statement.append(line)
+            if line.rstrip().endswith(";"):
+                steps[-1].statements.append("\n".join(statement).rstrip().rstrip(";"))
+                statement = []
+    assert not statement, "schema.sql: its last statement has no ';'"
+    return steps
+
+
+# The store whose transaction this task is in (SQLite: its statements go to the write connection).
+_in_transaction: contextvars.ContextVar[Any] = contextvars.ContextVar("in_transaction", default=None)
 
 
 @dataclass
@@ -497,10 +558,26 @@ class FinalState:
     last_seq: int
 
 
+@dataclass
+class Turn:
+    """What a chat writes before the model is called: the answer's row (`streaming`) and, unless it
+    regenerates an answer, the user message it answers."""
+
+    owner: str
+    session_id: str
+    answer_id: str
+    model: str
+    question_id: str  # the user message the answer answers (the answer's parent)
+    question: str  # its text
+    new_question: bool  # False for a regeneration: that user message exists
+    parent_id: str | None  # a new user message's parent (None: a first message)
+
+
 class Store:
-    """The conversation store. Every write is one atomic statement: SQLite cannot upgrade a read
-    lock to a write lock under concurrency (busy_timeout does not apply), so no read-modify-write.
-    Every query is scoped to an owner (CHATSVC_USER_HEADER's value, '' without it).
+    """The conversation store. A write is one atomic statement, or several in `transaction()`, which
+    on SQLite takes the write lock first (BEGIN IMMEDIATE: SQLite cannot upgrade a read lock to a
+    write lock under concurrency, busy_timeout does not apply). Every query is scoped to an owner
+    (CHATSVC_USER_HEADER's value, '' without it).
 
     A database failure (locked, full, unreachable) is raised as `StorageUnavailable`; `fault`
     says what the last write met, until a write succeeds again (GET /readyz shows it)."""
@@ -517,6 +594,7 @@ class Store:
         self._conns: list[Any] = []  # SQLite: the `databases` connections held open
         self._raw: dict[str, Any] = {}  # SQLite: READ / WRITE / BACKGROUND -> aiosqlite handle
         self._release: Callable[[], None] | None = None
+        self._write_lock = asyncio.Lock()  # SQLite: a transaction holds the write connection
         self.fault: str | None = None
 
     @property
@@ -562,21 +640,65 @@ class Store:
         return conn
 
     async def _apply_schema(self) -> None:
-        statements = []
-        for statement in data_file("schema.sql", "chatsvc_schema.sql").read_text(encoding="utf-8").split(";"):
-            lines = [ln for ln in statement.splitlines() if not ln.strip().startswith("--")]
-            if "".join(lines).strip():
-                statements.append("\n".join(lines))
+        """Apply, in order, one transaction each, the schema steps this database has not had
+        (schema.sql). Under a lock: replicas that start together on an old database upgrade it once."""
+        steps = schema_steps()
+        while True:
+            async with self.transaction(schema=True):
+                await self._run(
+                    "CREATE TABLE IF NOT EXISTS schema_versions (version INTEGER PRIMARY KEY,"
+                    " applied_at TEXT NOT NULL, release TEXT NOT NULL)"
+                )
+                row = await self._one("SELECT MAX(version) AS version FROM schema_versions", role=WRITE)
+                version = (row and row["version"]) or 0
+                if version > len(steps):
+                    raise SchemaError(
+                        f"The database at DATABASE_URL has schema version {version}, newer than this chatsvc"
+                        f" ({__version__}, schema version {len(steps)}) knows: run the chatsvc release that"
+                        " upgraded it (or a newer one), or restore a backup made before that upgrade."
+                    )
+                if version == len(steps):
+                    return
+                step = steps[version]
+                try:
+                    for statement in step.statements:
+                        await self._run(statement)
+                except Exception as exc:
+                    reason = exc.detail if isinstance(exc, StorageUnavailable) else f"{type(exc).__name__}: {exc}"
+                    raise SchemaError(
+                        f"Upgrading the database to schema version {step.version} ({step.title}) failed, and"
+                        f" left it as it was (version {version}): {reason}"
+                    ) from exc
+                await self._run(
+                    "INSERT INTO schema_versions (version, applied_at, release) VALUES (:v, :now, :release)",
+                    {"v": step.version, "now": utcnow(), "release": __version__},
+                )
+            log.info("database schema: step %d applied (%s)", step.version, step.title)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, schema: bool = False) -> AsyncIterator[None]:
+        """Several statements as one: all or nothing. On SQLite every statement of the transaction
+        goes to the write connection, which no other task's statement enters meanwhile. `schema`:
+        PostgreSQL also takes the lock that makes replicas apply schema steps one at a time."""
         if self.is_sqlite:
-            for statement in statements:
-                await self._run(statement)
+            async with self._write_lock:
+                token = _in_transaction.set(self)
+                try:
+                    await self._run("BEGIN IMMEDIATE")
+                    try:
+                        yield
+                        await self._run("COMMIT")
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await self._raw[WRITE].execute("ROLLBACK")
+                        raise
+                finally:
+                    _in_transaction.reset(token)
             return
-        # Replicas start together: concurrent CREATE ... IF NOT EXISTS can still collide in
-        # PostgreSQL's catalog, so one applies the schema at a time (a transaction-scoped lock).
-        async with self.db.transaction():
-            await self._run("SELECT pg_advisory_xact_lock(7468372)")
-            for statement in statements:
-                await self._run(statement)
+        async with self.db.connection(), self.db.transaction():
+            if schema:
+                await self._run("SELECT pg_advisory_xact_lock(7468372)")
+            yield
 
     async def close(self) -> None:
         # aiosqlite's threads are not daemons: a connection left open keeps the process alive.
@@ -593,14 +715,27 @@ class Store:
     async def _all(self, sql: str, values: dict[str, Any] | None = None, role: str = READ) -> list[dict]:
         try:
             if self._raw:  # SQLite takes the same `:name` parameters natively
-                rows = [dict(row) for row in await self._raw[role].execute_fetchall(sql, values or {})]
+                rows = await self._sqlite(sql, values or {}, role)
             else:
+                if values:  # SQLAlchemy's text() refuses a value the statement does not name
+                    names = _parameters(sql)
+                    values = {name: value for name, value in values.items() if name in names}
                 rows = [dict(row._mapping) for row in await self.db.fetch_all(sql, values)]
         except Exception as exc:
             self._failed(exc, role)
         if role != READ:
             self.fault = None
         return rows
+
+    async def _sqlite(self, sql: str, values: dict[str, Any], role: str) -> list[dict]:
+        if _in_transaction.get() is self:  # this task's transaction
+            conn = self._raw[WRITE]
+        elif self._raw[role] is self._raw[WRITE]:  # outside another task's transaction, if one is open
+            async with self._write_lock:
+                return [dict(row) for row in await self._raw[WRITE].execute_fetchall(sql, values)]
+        else:
+            conn = self._raw[role]
+        return [dict(row) for row in await conn.execute_fetchall(sql, values)]
 
     def _failed(self, exc: Exception, role: str) -> NoReturn:
         if _violation(exc):
@@ -667,15 +802,26 @@ class Store:
         row = await self._one(_CONVERSATION_SQL + " AND c.session_id = :sid", {"owner": owner, "sid": session_id})
         return row
 
-    async def chat_context(self, owner: str, session_id: str, limit: int) -> tuple[dict | None, list[dict]]:
-        """What a chat needs, in one read: the conversation's settings (None if it is new) and its
-        newest `limit` messages since the context start, newest first. No counts, so its cost
-        does not grow with history (bench/relay.py, scenario f)."""
+    async def chat_context(
+        self, owner: str, session_id: str, limit: int, start: str | None = None, current: bool = True
+    ) -> tuple[dict | None, list[dict]]:
+        """What a chat needs, in one read: the conversation's settings (None if it is new) and the
+        path that leads to the new message, newest first: from the current leaf (`current`), or from
+        message `start` (None: the new message is a first one), up to `limit` messages since the
+        context start. It reads only that path, so its cost does not grow with the conversation's
+        size or the path's depth (bench/relay.py, scenario f)."""
         rows = await self._all(
-            "SELECT c.system_prompt, c.model, m.role, m.content, m.status FROM conversations c"
-            " LEFT JOIN messages m ON m.owner = c.owner AND m.session_id = c.session_id AND m.id > c.context_start"
-            " WHERE c.owner = :owner AND c.session_id = :sid ORDER BY m.id DESC LIMIT :limit",
-            {"owner": owner, "sid": session_id, "limit": limit},
+            "WITH RECURSIVE path (id, parent_id, role, content, status, depth, context_start) AS ("
+            " SELECT m.id, m.parent_id, m.role, m.content, m.status, 1, c.context_start FROM conversations c"
+            " JOIN messages m ON m.id = CASE WHEN :current THEN c.current_message_id ELSE :start END"
+            " WHERE c.owner = :owner AND c.session_id = :sid AND m.owner = :owner AND m.session_id = :sid"
+            " AND m.id > c.context_start"
+            " UNION ALL SELECT m.id, m.parent_id, m.role, m.content, m.status, p.depth + 1, p.context_start"
+            " FROM path p JOIN messages m ON m.id = p.parent_id WHERE p.depth < :limit AND m.id > p.context_start)"
+            " SELECT c.system_prompt, c.model, c.current_message_id, p.role, p.content, p.status"
+            " FROM conversations c LEFT JOIN path p ON 1 = 1 WHERE c.owner = :owner AND c.session_id = :sid"
+            " ORDER BY p.depth",
+            {"owner": owner, "sid": session_id, "limit": limit, "start": start, "current": current},
         )
         return (rows[0] if rows else None), [row for row in rows if row["role"] is not None]
 
@@ -720,36 +866,72 @@ class Store:
         return row is not None
 
     async def clear_context(self, owner: str, session_id: str, purge: bool) -> bool:
-        """Everything up to now leaves the model's context; `purge` deletes it instead of hiding it."""
-        values = {"owner": owner, "sid": session_id, "marker": new_message_id()}
-        row = await self._one(
-            "UPDATE conversations SET context_start = :marker, updated_at = :now"
-            " WHERE owner = :owner AND session_id = :sid RETURNING session_id",
-            {**values, "now": utcnow()},
-            role=WRITE,
-        )
-        if row and purge:
-            await self._run(
-                "DELETE FROM messages WHERE owner = :owner AND session_id = :sid AND id <= :marker"
-                " AND status != 'streaming'",
+        """Everything up to now leaves the model's context; `purge` deletes it instead of hiding it,
+        except a running answer, which becomes a first message (its question is gone)."""
+        values = {"owner": owner, "sid": session_id, "marker": new_message_id(), "now": utcnow()}
+        async with self.transaction():
+            row = await self._one(
+                "UPDATE conversations SET context_start = :marker, updated_at = :now"
+                " WHERE owner = :owner AND session_id = :sid RETURNING session_id",
                 values,
+                role=WRITE,
             )
+            if row and purge:
+                where = "owner = :owner AND session_id = :sid"
+                await self._run(f"UPDATE messages SET parent_id = NULL WHERE {where} AND status = 'streaming'", values)
+                await self._run(
+                    f"DELETE FROM messages WHERE {where} AND id <= :marker AND status != 'streaming'", values
+                )
+                await self._run(
+                    "UPDATE conversations SET current_message_id = (SELECT MAX(m.id) FROM messages m"
+                    f" WHERE m.owner = :owner AND m.session_id = :sid) WHERE {where}",
+                    values,
+                )
         return row is not None
 
     # messages
 
-    async def messages(self, owner: str, session_id: str, limit: int, before: str | None = None) -> list[dict]:
-        """The newest `limit` messages (before a message id, if given), newest first."""
-        values: dict[str, Any] = {"owner": owner, "sid": session_id, "limit": limit}
-        where = ""
-        if before is not None:
-            where, values["before"] = " AND id < :before", before
-        rows = await self._all(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE owner = :owner AND session_id = :sid{where}"
-            " ORDER BY id DESC LIMIT :limit",
-            values,
+    async def branch(self, owner: str, session_id: str, limit: int, before: str | None = None) -> list[dict]:
+        """The current branch's newest `limit` messages, newest first: from the current leaf up, or
+        from the parent of message `before` (a page further up)."""
+        scope = "owner = :owner AND session_id = :sid"
+        if before is None:
+            anchor = f"(SELECT current_message_id FROM conversations WHERE {scope})"
+        else:
+            anchor = f"(SELECT parent_id FROM messages WHERE id = :before AND {scope})"
+        return await self._all(
+            f"WITH RECURSIVE path AS (SELECT {_MESSAGE_COLUMNS}, 1 AS depth FROM messages WHERE id = {anchor}"
+            f" AND {scope} UNION ALL SELECT {_M_COLUMNS}, p.depth + 1 FROM path p JOIN messages m"
+            f" ON m.id = p.parent_id WHERE p.depth < :limit) SELECT {_MESSAGE_COLUMNS} FROM path ORDER BY depth",
+            {"owner": owner, "sid": session_id, "limit": limit, "before": before},
         )
-        return rows
+
+    async def tree(self, owner: str, session_id: str, limit: int, after: str | None = None) -> list[dict]:
+        """Every message of the conversation, oldest first (after message id `after`, if given)."""
+        return await self._all(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE owner = :owner AND session_id = :sid AND id > :after"
+            " ORDER BY id LIMIT :limit",
+            {"owner": owner, "sid": session_id, "limit": limit, "after": after or ""},
+        )
+
+    async def siblings(self, owner: str, session_id: str, parents: set[str | None]) -> dict[str | None, list[str]]:
+        """The children of each of these messages (None: the conversation's first messages), oldest first."""
+        found: dict[str | None, list[str]] = {}
+        scope = {"owner": owner, "sid": session_id}
+        for names, ids in _id_batches(sorted(p for p in parents if p is not None)):
+            for row in await self._all(
+                "SELECT parent_id, id FROM messages WHERE owner = :owner AND session_id = :sid"
+                f" AND parent_id IN ({names}) ORDER BY id",
+                {**scope, **ids},
+            ):
+                found.setdefault(row["parent_id"], []).append(row["id"])
+        if None in parents:
+            rows = await self._all(
+                "SELECT id FROM messages WHERE owner = :owner AND session_id = :sid AND parent_id IS NULL ORDER BY id",
+                scope,
+            )
+            found[None] = [row["id"] for row in rows]
+        return found
 
     async def message(self, owner: str, session_id: str, message_id: str) -> dict | None:
         row = await self._one(
@@ -758,42 +940,159 @@ class Store:
         )
         return row
 
-    async def begin_turn(
-        self, owner: str, session_id: str, user_id: str, text: str, answer_id: str, model: str
-    ) -> None:
-        """Store the user's message and claim the conversation's answer slot, in one statement.
+    async def message_and_parent(self, owner: str, session_id: str, message_id: str) -> dict | None:
+        """A message's role, status and parent, with its parent's text and parent (what a
+        regeneration or an edit starts from)."""
+        return await self._one(
+            "SELECT m.id, m.role, m.status, m.parent_id, q.content AS parent_content, q.parent_id AS grandparent_id"
+            " FROM messages m LEFT JOIN messages q ON q.id = m.parent_id"
+            " WHERE m.id = :id AND m.owner = :owner AND m.session_id = :sid",
+            {"id": message_id, "owner": owner, "sid": session_id},
+        )
+
+    async def begin_turn(self, turn: Turn) -> None:
+        """Store the user's message (unless the turn regenerates an answer) and claim the
+        conversation's answer slot with the answer's row, which becomes the current leaf; all or nothing.
 
         The partial unique index over `streaming` answers makes a second concurrent turn fail
         here, before anything of it is stored."""
         # PostgreSQL: the pool's connection first, so that the new row's heartbeat is when it is written
-        async with contextlib.nullcontext() if self.is_sqlite else self.db.connection():
-            await self._claim_turn(owner, session_id, user_id, text, answer_id, model)
-
-    async def _claim_turn(
-        self, owner: str, session_id: str, user_id: str, text: str, answer_id: str, model: str
-    ) -> None:
-        values = {"owner": owner, "sid": session_id, "now": utcnow()}
-        await self._run(
-            "INSERT INTO conversations (owner, session_id, title, created_at, updated_at)"
-            " VALUES (:owner, :sid, :title, :now, :now)"
-            " ON CONFLICT (owner, session_id) DO UPDATE SET updated_at = excluded.updated_at,"
-            " title = COALESCE(conversations.title, excluded.title)",
-            {**values, "title": text.strip().splitlines()[0][:60]},
-        )
-        try:
+        async with self.transaction():
+            values = {"owner": turn.owner, "sid": turn.session_id, "now": utcnow(), "aid": turn.answer_id,
+                      "uid": turn.question_id, "text": turn.question, "parent": turn.parent_id,
+                      "model": turn.model}  # fmt: skip
             await self._run(
-                "INSERT INTO messages (id, owner, session_id, role, content, status, model, created_at, updated_at)"
-                " VALUES (:uid, :owner, :sid, 'user', :text, 'complete', NULL, :now, :now),"
-                " (:aid, :owner, :sid, 'assistant', '', 'streaming', :model, :now, :now)",
-                {**values, "uid": user_id, "aid": answer_id, "text": text, "model": model},
+                "INSERT INTO conversations (owner, session_id, title, current_message_id, created_at, updated_at)"
+                " VALUES (:owner, :sid, :title, :aid, :now, :now)"
+                " ON CONFLICT (owner, session_id) DO UPDATE SET updated_at = excluded.updated_at,"
+                " title = COALESCE(conversations.title, excluded.title),"
+                " current_message_id = excluded.current_message_id",
+                {**values, "title": turn.question.strip().splitlines()[0][:60]},
             )
-        except Exception as exc:
-            kind = _violation(exc)
-            if kind == "unique":
-                raise busy(session_id) from None
-            if kind == "foreign_key":  # deleted between the two statements
-                raise not_found(session_id) from None
-            raise
+            rows = "(:aid, :uid, :owner, :sid, 'assistant', '', 'streaming', :model, :now, :now)"
+            if turn.new_question:
+                rows = f"(:uid, :parent, :owner, :sid, 'user', :text, 'complete', NULL, :now, :now), {rows}"
+            try:
+                await self._run(
+                    "INSERT INTO messages (id, parent_id, owner, session_id, role, content, status, model,"
+                    f" created_at, updated_at) VALUES {rows}",
+                    values,
+                )
+            except Exception as exc:
+                kind = _violation(exc)
+                if kind == "unique":
+                    raise busy(turn.session_id) from None
+                if kind == "foreign_key":  # the message it follows was deleted meanwhile
+                    raise message_not_found(turn.session_id, turn.parent_id or turn.question_id) from None
+                raise
+
+    async def switch_branch(self, owner: str, session_id: str, message_id: str) -> bool:
+        """The branch through this message becomes the current one, down to its newest leaf."""
+        row = await self._one(
+            _NEWEST_LEAF + "UPDATE conversations SET current_message_id = (SELECT MAX(id) FROM down),"
+            " updated_at = :now WHERE owner = :owner AND session_id = :sid AND EXISTS (SELECT 1 FROM down)"
+            " RETURNING session_id",
+            {"owner": owner, "sid": session_id, "mid": message_id, "now": utcnow()},
+            role=WRITE,
+        )
+        return row is not None
+
+    async def delete_branch(self, owner: str, session_id: str, message_id: str) -> int:
+        """Delete this message and everything below it; returns how many. A current leaf among them
+        moves to the message's parent, down to that one's newest leaf."""
+        values = {"owner": owner, "sid": session_id, "mid": message_id, "now": utcnow()}
+        async with self.transaction():
+            rows = await self._all(
+                _SUBTREE + "SELECT m.id, m.parent_id, m.status FROM sub JOIN messages m ON m.id = sub.id", values
+            )
+            if not rows:
+                raise message_not_found(session_id, message_id)
+            if any(row["status"] == STREAMING for row in rows):
+                raise ConversationBusy(
+                    f"An answer below message '{message_id}' is still being written: stop it first"
+                    f" (POST /api/v1/chat/{session_id}/stop), then delete."
+                )
+            try:
+                await self._run(_SUBTREE + "DELETE FROM messages WHERE id IN (SELECT id FROM sub)", values)
+            except Exception as exc:
+                if _violation(exc) != "foreign_key":
+                    raise
+                raise ConversationBusy(  # PostgreSQL: a message below it was written meanwhile
+                    f"Conversation '{session_id}' changed while its message '{message_id}' was being deleted;"
+                    " try again."
+                ) from None
+            conversation = await self._one(
+                "SELECT current_message_id FROM conversations WHERE owner = :owner AND session_id = :sid", values
+            )
+            if conversation and conversation["current_message_id"] in {row["id"] for row in rows}:
+                await self._run(
+                    _NEWEST_LEAF + "UPDATE conversations SET current_message_id = (SELECT MAX(id) FROM down),"
+                    " updated_at = :now WHERE owner = :owner AND session_id = :sid",
+                    {**values, "mid": rows[0]["parent_id"]},
+                )
+            else:
+                await self._run(
+                    "UPDATE conversations SET updated_at = :now WHERE owner = :owner AND session_id = :sid", values
+                )
+        return len(rows)
+
+    async def fork(self, owner: str, session_id: str, message_id: str, new_session_id: str, title: str | None) -> bool:
+        """A new conversation holding copies of the path from the root to this message (new ids; the
+        same texts, usage, statuses and times; what was out of the context stays out). False if
+        `new_session_id` exists."""
+        scope = {"owner": owner, "sid": session_id}
+        async with self.transaction():
+            source = await self._one(
+                "SELECT title, system_prompt, model, context_start FROM conversations"
+                " WHERE owner = :owner AND session_id = :sid",
+                scope,
+            )
+            path = await self._all(
+                "WITH RECURSIVE path AS (SELECT *, 1 AS depth FROM messages"
+                " WHERE id = :mid AND owner = :owner AND session_id = :sid"
+                " UNION ALL SELECT m.*, p.depth + 1 FROM path p JOIN messages m ON m.id = p.parent_id)"
+                " SELECT * FROM path ORDER BY depth DESC",
+                {**scope, "mid": message_id},
+            )
+            if source is None or not path:
+                raise message_not_found(session_id, message_id)
+            if path[-1]["status"] == STREAMING:
+                raise ConversationBusy(
+                    f"Answer '{message_id}' is still being written: fork it once it has ended (or stop it)."
+                )
+            new_ids = {row["id"]: new_message_id() for row in path}
+            outside = [new_ids[row["id"]] for row in path if row["id"] <= source["context_start"]]
+            now = utcnow()
+            created = await self._one(
+                "INSERT INTO conversations (owner, session_id, title, system_prompt, model, context_start,"
+                " current_message_id, created_at, updated_at)"
+                " VALUES (:owner, :sid, :title, :prompt, :model, :start, :leaf, :now, :now)"
+                " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
+                {"owner": owner, "sid": new_session_id, "title": title if title is not None else source["title"],
+                 "prompt": source["system_prompt"], "model": source["model"], "start": outside[-1] if outside else "",
+                 "leaf": new_ids[message_id], "now": now},
+                role=WRITE,
+            )  # fmt: skip
+            if created is None:
+                return False
+            copies = [
+                {**row, "id": new_ids[row["id"]], "parent_id": new_ids.get(row["parent_id"]), "owner": owner,
+                 "session_id": new_session_id, "updated_at": now}
+                for row in path
+            ]  # fmt: skip
+            await self.insert_messages(copies)
+        return True
+
+    async def insert_messages(self, rows: list[dict]) -> None:
+        """Write these messages as they are (parents before children), 100 rows a statement."""
+        names = (*[n.strip() for n in _MESSAGE_COLUMNS.split(",")], "owner", "session_id", "updated_at")
+        for start in range(0, len(rows), 100):
+            values: dict[str, Any] = {}
+            tuples = []
+            for n, row in enumerate(rows[start : start + 100]):
+                values.update({f"{name}_{n}": row[name] for name in names})
+                tuples.append("(" + ", ".join(f":{name}_{n}" for name in names) + ")")
+            await self._run(f"INSERT INTO messages ({', '.join(names)}) VALUES {', '.join(tuples)}", values)
 
     async def checkpoint(self, checkpoints: list[Checkpoint]) -> None:
         """The running answers' texts so far, in one round trip (the background connection on SQLite)."""
@@ -804,7 +1103,10 @@ class Store:
             " WHERE id = $5 AND status = 'streaming'"
         )
         try:
-            if self._raw:  # sqlite3 reads $1 as the first parameter too
+            if self._raw and self._raw[BACKGROUND] is self._raw[WRITE]:  # in memory: one connection for all
+                async with self._write_lock:
+                    await self._raw[WRITE].executemany(sql, rows)
+            elif self._raw:  # sqlite3 reads $1 as the first parameter too
                 await self._raw[BACKGROUND].executemany(sql, rows)
             else:  # asyncpg pipelines the rows: one round trip
                 async with self.db.connection() as conn:
@@ -837,6 +1139,11 @@ class Store:
     async def answer(self, answer_id: str) -> dict | None:
         """An answer by id alone: its producer reads back the verdict another process stored."""
         return await self._one(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = :id", {"id": answer_id})
+
+
+@functools.lru_cache(maxsize=256)
+def _parameters(sql: str) -> frozenset[str]:
+    return frozenset(re.findall(r"(?<![:\w]):(\w+)", sql))
 
 
 def row_usage(row: dict) -> dict | None:
@@ -1233,6 +1540,7 @@ class Answer:
     session_id: str
     message_id: str
     model: str
+    parent_id: str | None = None  # the user message it answers
     started: float = field(default_factory=time.monotonic)
     log: list[bytes] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
@@ -1360,12 +1668,14 @@ class Relay:
 
     # ── start
 
-    def start(self, owner: str, session_id: str, message_id: str, model: str, payload: dict) -> Answer:
-        answer = Answer(owner, session_id, message_id, model)
+    def start(self, turn: Turn, payload: dict) -> Answer:
+        owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
+        answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id)
         answer.task = asyncio.create_task(self._run(answer, payload), name=f"answer {message_id}")
         if self.replicas is not None:
             answer.on_event = self.replicas.publish
-        answer.emit("start", {"session_id": session_id, "message_id": message_id, "model": model})
+        answer.emit("start", {"session_id": session_id, "message_id": message_id, "model": model,
+                              "parent_id": turn.question_id})  # fmt: skip
         answer.saved_seq = len(answer.log)  # the row holds what `start` says
         self.register(answer)
         return answer
@@ -1986,7 +2296,9 @@ class Replicas:
         """Events len(log)..covered-1 as empty places plus one event with the text they carried."""
         if not mirror.log:
             mirror.model = row["model"] or ""
-            data = {"session_id": mirror.session_id, "message_id": mirror.message_id, "model": mirror.model}
+            mirror.parent_id = row["parent_id"]
+            data = {"session_id": mirror.session_id, "message_id": mirror.message_id, "model": mirror.model,
+                    "parent_id": mirror.parent_id}  # fmt: skip
             mirror.append(sse_event(f"{mirror.message_id}:0", {"type": "start", "data": data}))
         if covered <= len(mirror.log):
             return
@@ -2181,21 +2493,44 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     return int(raw)
 
 
+def message_id_field(body: dict, name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not (isinstance(value, str) and MESSAGE_ID.fullmatch(value)):
+        raise invalid(f"'{name}' must be the id of a message (a string this service returned), or null.")
+    return value
+
+
 @dataclass
 class ChatRequest:
-    message: str
+    message: str | None  # None: a regeneration (the question is the stored one)
     model: str | None
     options: dict[str, Any]
+    # where in the conversation's tree it goes (at most one; none: after the current leaf)
+    parent_id: str | None = None  # the new message follows this answer
+    edit: str | None = None  # the new message replaces this user message (becomes its sibling)
+    regenerate: str | None = None  # a new answer to the question this answer answered
+
+
+CHAT_FIELDS = ("message", "model", "temperature", "top_p", "max_tokens", "enable_thinking", "parent_id", "edit",
+               "regenerate")  # fmt: skip
 
 
 def parse_chat(settings: Settings, body: dict) -> ChatRequest:
-    check_fields(body, ("message", "model", "temperature", "top_p", "max_tokens", "enable_thinking"))
+    check_fields(body, CHAT_FIELDS)
+    places = {name: message_id_field(body, name) for name in ("parent_id", "edit", "regenerate")}
+    if sum(value is not None for value in places.values()) > 1:
+        raise invalid("At most one of 'parent_id', 'edit' and 'regenerate' may be given.")
     message = body.get("message")
-    if not isinstance(message, str):
+    if places["regenerate"] is not None:
+        if message is not None:
+            raise invalid("'regenerate' answers the stored question again: leave 'message' out (to change the"
+                          " question, send it with 'edit').")  # fmt: skip
+    elif not isinstance(message, str):
         raise invalid("'message' is required and must be a string.")
-    if not message.strip():
+    elif not message.strip():
         raise invalid("'message' must not be blank.")
-    storable("message", message, settings.max_message_chars)
+    else:
+        storable("message", message, settings.max_message_chars)
     options = {
         "temperature": number(body, "temperature", 0, 2, False, True, "a number from 0 up to (not including) 2"),
         "top_p": number(body, "top_p", 0, 1, True, False, "a number above 0 and at most 1"),
@@ -2210,7 +2545,10 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
     if options["enable_thinking"] is not None and not isinstance(options["enable_thinking"], bool):
         raise invalid("'enable_thinking' must be true or false.")
     return ChatRequest(
-        message, check_model(settings, body.get("model")), {k: v for k, v in options.items() if v is not None}
+        message,
+        check_model(settings, body.get("model")),
+        {k: v for k, v in options.items() if v is not None},
+        **places,
     )
 
 
@@ -2225,16 +2563,19 @@ def present_conversation(settings: Settings, row: dict) -> dict:
         "model": row["model"] or settings.chat_model,
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
+        "current_message_id": row["current_message_id"],
         "message_count": int(row["message_count"]),
         "context_message_count": int(row["context_message_count"]),
         "generating": bool(row["generating"]),
     }
 
 
-def present_message(row: dict, context_start: str) -> dict:
+def present_message(row: dict, context_start: str, siblings: dict[str | None, list[str]]) -> dict:
     usage = row_usage(row)
     return {
         "id": row["id"],
+        "parent_id": row["parent_id"],
+        "sibling_ids": siblings.get(row["parent_id"]) or [row["id"]],
         "role": row["role"],
         "content": row["content"],
         "reasoning_content": row["reasoning_content"],
@@ -2374,29 +2715,54 @@ async def create_conversation(request: Request) -> Response:
     return JSONResponse(present_conversation(st.settings, row), status_code=201)
 
 
+async def present_messages(request: Request, key: tuple[str, str], rows: list[dict], context_start: str) -> list:
+    siblings = await state(request).store.siblings(*key, {row["parent_id"] for row in rows})
+    return [present_message(row, context_start, siblings) for row in rows]
+
+
 async def get_conversation(request: Request) -> Response:
     st = state(request)
     key = conversation_key(request)
     limit = query_int(request, "limit", 50, 1, 500)
     row = await conversation_or_404(request, key)
-    messages = await st.store.messages(*key, limit)
+    messages = await st.store.branch(*key, limit)
     body = present_conversation(st.settings, row)
-    body["messages"] = [present_message(m, row["context_start"]) for m in reversed(messages)]
+    body["messages"] = await present_messages(request, key, messages[::-1], row["context_start"])
     return JSONResponse(body)
 
 
+def query_bool(request: Request, name: str) -> bool:
+    value = request.query_params.get(name, "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise invalid(f"'{name}' must be true or false.")
+    return value in ("true", "1")
+
+
+def query_message_id(request: Request, name: str) -> str | None:
+    value = request.query_params.get(name) or None  # empty: absent
+    if value is not None and not MESSAGE_ID.fullmatch(value):
+        raise invalid(f"'{name}' is not a message id this service returned.")
+    return value
+
+
 async def list_messages(request: Request) -> Response:
+    """The current branch, newest page first (`before`), or with `tree=true` every message, oldest
+    first (`cursor`)."""
     st = state(request)
     key = conversation_key(request)
     limit = query_int(request, "limit", 50, 1, 500)
-    before = request.query_params.get("before") or request.query_params.get("cursor")
-    if before is not None and not MESSAGE_ID.fullmatch(before):
-        raise invalid("'before' is not a message id this service returned.")
+    tree = query_bool(request, "tree")
+    if tree and "before" in request.query_params:
+        raise invalid("'before' pages the current branch; with tree=true, page with 'cursor'.")
+    cursor = query_message_id(request, "before") or query_message_id(request, "cursor")
     row = await conversation_or_404(request, key)
-    rows = await st.store.messages(*key, limit + 1, before)
+    if tree:
+        rows = await st.store.tree(*key, limit + 1, cursor)
+    else:
+        rows = await st.store.branch(*key, limit + 1, cursor)
     more = len(rows) > limit
     rows = rows[:limit]
-    messages = [present_message(m, row["context_start"]) for m in reversed(rows)]
+    messages = await present_messages(request, key, rows if tree else rows[::-1], row["context_start"])
     return JSONResponse({"messages": messages, "next_cursor": rows[-1]["id"] if more else None})
 
 
@@ -2404,7 +2770,7 @@ async def update_conversation(request: Request) -> Response:
     st = state(request)
     key = conversation_key(request)
     body = await read_json(request, st.settings)
-    check_fields(body, ("title", "system_prompt", "model"))
+    check_fields(body, ("title", "system_prompt", "model", "current_message_id"))
     changes: dict[str, Any] = {}
     if "title" in body:
         changes["title"] = optional_text(body, "title", 200)
@@ -2412,10 +2778,52 @@ async def update_conversation(request: Request) -> Response:
         changes["system_prompt"] = optional_text(body, "system_prompt", st.settings.max_message_chars)
     if "model" in body:
         changes["model"] = check_model(st.settings, body["model"])
+    current = body.get("current_message_id")
+    if "current_message_id" in body and not (isinstance(current, str) and MESSAGE_ID.fullmatch(current)):
+        raise invalid("'current_message_id' must be the id of a message of this conversation.")
+    if current is not None and not await st.store.switch_branch(*key, current):
+        await conversation_or_404(request, key)
+        raise message_not_found(key[1], current)
     if changes and not await st.store.update_conversation(*key, changes):
         raise not_found(key[1])
     row = await conversation_or_404(request, key)
     return JSONResponse(present_conversation(st.settings, row))
+
+
+def message_key(request: Request) -> tuple[str, str, str]:
+    """(owner, session_id, message_id) of the message a route's path names."""
+    message_id = request.path_params["message_id"]
+    owner, session_id = conversation_key(request)
+    if not MESSAGE_ID.fullmatch(message_id):
+        raise message_not_found(session_id, message_id[:200])
+    return owner, session_id, message_id
+
+
+async def delete_message(request: Request) -> Response:
+    """The message and everything below it; answers the conversation as it is then."""
+    st = state(request)
+    owner, session_id, message_id = message_key(request)
+    await conversation_or_404(request, (owner, session_id))
+    await st.store.delete_branch(owner, session_id, message_id)
+    row = await conversation_or_404(request, (owner, session_id))
+    return JSONResponse(present_conversation(st.settings, row))
+
+
+async def fork_conversation(request: Request) -> Response:
+    st = state(request)
+    key = conversation_key(request)
+    body = await read_json(request, st.settings)
+    check_fields(body, ("message_id", "session_id", "title"))
+    message_id = body.get("message_id")
+    if not (isinstance(message_id, str) and MESSAGE_ID.fullmatch(message_id)):
+        raise invalid("'message_id' is required: the id of the message the new conversation ends with.")
+    new_session_id = check_session_id(body["session_id"]) if body.get("session_id") is not None else str(uuid.uuid4())
+    title = optional_text(body, "title", 200)
+    await conversation_or_404(request, key)
+    if not await st.store.fork(*key, message_id, new_session_id, title):
+        raise conversation_exists(new_session_id)
+    row = await conversation_or_404(request, (key[0], new_session_id))
+    return JSONResponse(present_conversation(st.settings, row), status_code=201)
 
 
 async def delete_conversation(request: Request) -> Response:
@@ -2430,13 +2838,54 @@ async def delete_conversation(request: Request) -> Response:
 async def clear_context(request: Request) -> Response:
     st = state(request)
     key = conversation_key(request)
-    purge = request.query_params.get("purge", "false").lower()
-    if purge not in ("true", "false", "1", "0"):
-        raise invalid("'purge' must be true or false.")
-    if not await st.store.clear_context(*key, purge in ("true", "1")):
+    if not await st.store.clear_context(*key, query_bool(request, "purge")):
         raise not_found(key[1])
     row = await conversation_or_404(request, key)
     return JSONResponse(present_conversation(st.settings, row))
+
+
+async def plan_turn(request: Request, key: tuple[str, str], chat: ChatRequest) -> tuple[Turn, list[dict]]:
+    """Where the new answer goes in the conversation's tree, and the messages the model gets."""
+    st = state(request)
+    s: Settings = st.settings
+    owner, session_id = key
+    question, question_id, new_question = chat.message, new_message_id(), True
+    target_id = chat.parent_id or chat.edit or chat.regenerate
+    start: str | None = None
+    if target_id is not None:
+        target = await st.store.message_and_parent(owner, session_id, target_id)
+        if target is None:
+            raise message_not_found(session_id, target_id)
+        field_name = "parent_id" if chat.parent_id else "edit" if chat.edit else "regenerate"
+        role = "user" if chat.edit else "assistant"
+        if target["role"] != role:
+            hint = {"parent_id": "a user message is followed by its answers; to change it, send it with 'edit'",
+                    "edit": "to answer again, use 'regenerate'",
+                    "regenerate": "to send a user message again changed, use 'edit'"}[field_name]  # fmt: skip
+            raise invalid(f"'{field_name}' must name {'an answer' if role == 'assistant' else 'a user message'};"
+                          f" '{target_id}' is {'an answer' if target['role'] == 'assistant' else 'a user message'}"
+                          f" ({hint}).")  # fmt: skip
+        if chat.parent_id:
+            start = target_id
+        elif chat.edit:
+            start = target["parent_id"]
+        else:
+            if target["parent_id"] is None:
+                raise invalid(f"Answer '{target_id}' answers no stored message (its question was purged), so it"
+                              " cannot be regenerated.")  # fmt: skip
+            question, question_id, new_question = target["parent_content"], target["parent_id"], False
+            start = target["grandparent_id"]
+    conversation, history = await st.store.chat_context(
+        owner, session_id, 2 * s.max_context_messages + 2, start, current=target_id is None
+    )
+    if target_id is None:
+        start = conversation and conversation["current_message_id"]
+    model = chat.model or (conversation and conversation["model"]) or s.chat_model
+    system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
+    assert question is not None
+    messages = build_context(system_prompt, history, question, s.max_context_messages, s.max_context_tokens)
+    turn = Turn(owner, session_id, new_message_id(), model, question_id, question, new_question, start)
+    return turn, messages
 
 
 async def start_answer(request: Request) -> Answer:
@@ -2444,33 +2893,30 @@ async def start_answer(request: Request) -> Answer:
     st = state(request)
     s: Settings = st.settings
     relay: Relay = st.relay
-    owner, session_id = key = conversation_key(request)
+    key = conversation_key(request)
     refuse_while_draining(request)
     chat = parse_chat(s, await read_json(request, s))
     if not s.dashscope_api_key:
         raise not_configured()
     if key in relay.unstored:  # its last answer still holds the conversation's slot in the database
-        raise not_stored_yet(session_id)
+        raise not_stored_yet(key[1])
     running = relay.running.get(key)
     if running is not None and running.task is not None:  # known here; another replica's, the database decides
-        raise busy(session_id)
-    conversation, history = await st.store.chat_context(owner, session_id, 2 * s.max_context_messages + 2)
-    model = chat.model or (conversation and conversation["model"]) or s.chat_model
-    system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
-    messages = build_context(system_prompt, history, chat.message, s.max_context_messages, s.max_context_tokens)
-    user_id, answer_id = new_message_id(), new_message_id()
-    relay.claiming.add(answer_id)  # vouched for by the heartbeat from the moment its row exists
+        raise busy(key[1])
+    turn, messages = await plan_turn(request, key, chat)
+    relay.claiming.add(turn.answer_id)  # vouched for by the heartbeat from the moment its row exists
     try:
         try:
-            await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
+            await st.store.begin_turn(turn)
         except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
             if relay.replicas is None or not await relay.recover():
                 raise
-            await st.store.begin_turn(owner, session_id, user_id, chat.message, answer_id, model)
-        payload = {"model": model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
-        answer = relay.start(owner, session_id, answer_id, model, {**payload, **chat.options})
+            await st.store.begin_turn(turn)
+        payload = {"model": turn.model, "messages": messages, "stream": True,
+                   "stream_options": {"include_usage": True}}  # fmt: skip
+        answer = relay.start(turn, {**payload, **chat.options})
     finally:
-        relay.claiming.discard(answer_id)
+        relay.claiming.discard(turn.answer_id)
     answer.request_id = request.scope.get("request_id")
     return answer
 
@@ -2484,7 +2930,8 @@ async def chat(request: Request) -> Response:
         raise error
     return JSONResponse(
         {"session_id": answer.session_id, "response": answer.full_text, "message_id": answer.message_id,
-         "model": answer.model, "finish_reason": answer.finish_reason, "usage": answer.usage}
+         "parent_id": answer.parent_id, "model": answer.model, "finish_reason": answer.finish_reason,
+         "usage": answer.usage}
     )  # fmt: skip
 
 
@@ -2768,7 +3215,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         store = Store(settings.database_url, exclusive=True)
         try:
             await store.open()
-        except SQLiteFileInUse as exc:
+        except (SQLiteFileInUse, SchemaError) as exc:
             log.error("%s", exc)
             raise
         client = new_upstream_client(settings)
@@ -2802,6 +3249,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route(f"{api}/context/conversations/{{session_id}}", update_conversation, methods=["PATCH"]),
         Route(f"{api}/context/conversations/{{session_id}}", delete_conversation, methods=["DELETE"]),
         Route(f"{api}/context/conversations/{{session_id}}/messages", list_messages, methods=["GET"]),
+        Route(
+            f"{api}/context/conversations/{{session_id}}/messages/{{message_id}}", delete_message, methods=["DELETE"]
+        ),
+        Route(f"{api}/context/conversations/{{session_id}}/fork", fork_conversation, methods=["POST"]),
         Route(f"{api}/context/conversations/{{session_id}}/context", clear_context, methods=["DELETE"]),
         Route(f"{api}/chat/{{session_id}}", chat, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}/stream", chat_stream, methods=["POST"]),
@@ -2902,12 +3353,27 @@ def main(argv: list[str] | None = None) -> int:
         except SQLiteFileInUse as exc:
             print(f"chatsvc: {exc}", file=sys.stderr)
             return 2
+    try:  # a database this release cannot use is refused here in one sentence too; else it is upgraded now
+        asyncio.run(open_and_close(store))
+    except SchemaError as exc:
+        print(f"chatsvc: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        print(f"chatsvc: the database at DATABASE_URL cannot be used: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
         timeout_graceful_shutdown=5,  # after the drain (see drain_on_sigterm), what is left goes
         http=header_deadline(settings.read_timeout),
     )  # fmt: skip
     return 0
+
+
+async def open_and_close(store: Store) -> None:
+    try:
+        await store.open()
+    finally:
+        await store.close()
 
 
 def header_deadline(seconds: float) -> Any:

@@ -1,6 +1,12 @@
--- chatsvc schema. Applied at every start, so every statement must be idempotent.
+-- chatsvc schema, as numbered steps. A database records the steps it has had (schema_versions);
+-- at start chatsvc applies, in order, each step it has not had, in one transaction each. A new
+-- database gets every step, so the path an existing database takes is the path every database takes.
+-- A released step is never edited: a change of the schema is a new step at the end.
 -- Portable between SQLite and PostgreSQL. Times are RFC 3339 UTC text, which sorts in time order.
 -- (No colons or percent signs in this file, the statements go through bind-parameter parsing.)
+
+-- step 1: conversations and their messages
+-- (the first release's schema: its databases recorded no version, and take this step as a no-op)
 
 -- owner is the CHATSVC_USER_HEADER value ('' when that is not set), each owner has its own session ids
 CREATE TABLE IF NOT EXISTS conversations (
@@ -47,3 +53,25 @@ CREATE INDEX IF NOT EXISTS messages_by_session ON messages (owner, session_id, i
 -- One answer at a time per conversation, enforced by the database (so also across processes).
 CREATE UNIQUE INDEX IF NOT EXISTS one_streaming_answer ON messages (owner, session_id)
     WHERE status = 'streaming';
+
+-- step 2: conversations as trees
+-- A message follows its parent (NULL for a first message: a root); a conversation's current_message_id is the leaf of the branch the user is on. Each conversation's
+-- existing messages become one chain in the order they were written, its newest message the leaf.
+
+-- no cascade: a delete takes a whole branch in one statement (the key is checked at its end)
+ALTER TABLE messages ADD COLUMN parent_id TEXT REFERENCES messages (id);
+
+ALTER TABLE conversations ADD COLUMN current_message_id TEXT;
+
+UPDATE messages SET parent_id = (
+    SELECT MAX(p.id) FROM messages p
+     WHERE p.owner = messages.owner AND p.session_id = messages.session_id AND p.id < messages.id);
+
+UPDATE conversations SET current_message_id = (
+    SELECT MAX(m.id) FROM messages m WHERE m.owner = conversations.owner AND m.session_id = conversations.session_id);
+
+-- a message's children (its siblings' lookup, a branch's walk down, the key's check on delete)
+CREATE INDEX messages_by_parent ON messages (parent_id, id);
+
+-- a conversation's roots: the siblings of its first message
+CREATE INDEX messages_roots ON messages (owner, session_id, id) WHERE parent_id IS NULL;

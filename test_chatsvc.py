@@ -634,10 +634,12 @@ def test_messages_are_paged_oldest_first(client, fake):
 def test_message_object_shape(client):
     client.post(f"{API}/chat/s1", json={"message": "hi"})
     user, answer = client.get(f"{API}/context/conversations/s1").json()["messages"]
-    assert set(answer) == {"id", "role", "content", "reasoning_content", "status", "in_context", "model",
-                           "finish_reason", "error", "usage", "created_at"}  # fmt: skip
+    assert set(answer) == {"id", "parent_id", "sibling_ids", "role", "content", "reasoning_content", "status",
+                           "in_context", "model", "finish_reason", "error", "usage", "created_at"}  # fmt: skip
     assert answer["usage"] == {"prompt_tokens": 22, "completion_tokens": 17, "total_tokens": 39}
     assert user["role"] == "user" and user["id"] < answer["id"]
+    assert user["parent_id"] is None and answer["parent_id"] == user["id"]
+    assert user["sibling_ids"] == [user["id"]] and answer["sibling_ids"] == [answer["id"]]
 
 
 def test_sql_metacharacters_round_trip(client):

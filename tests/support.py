@@ -90,7 +90,7 @@ def database(request, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'chatsvc.db'}"
     url = request.getfixturevalue("postgres_database")
-    pg(url, "DROP TABLE IF EXISTS messages, conversations CASCADE")
+    pg(url, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
     return url
 
 

@@ -319,7 +319,7 @@ def test_an_answer_taken_for_dead_is_told_to_its_readers_and_the_verdict_stands(
     """PostgreSQL (on SQLite one process serves the file): another replica stored this answer
     `interrupted` (its heartbeat looked stale): the producer learns it from its next heartbeat,
     stops, tells its readers, and never overwrites the verdict."""
-    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations CASCADE")
+    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
     service = Service(postgres_database, fake, CHATSVC_HEARTBEAT_SECONDS="0.2", CHATSVC_CHECKPOINT_SECONDS="0.1")
     fake.push(Reply.answer([f"t{i} " for i in range(200)], pause=0.05))
     fake.default = Reply.answer(["fine"])

@@ -46,7 +46,7 @@ def texts(events):
     return [(e["type"], e["data"].get("content", e["data"].get("full_text"))) for e in events]
 
 
-def test_post_stream_bytes_on_the_wire(live, fake):
+def test_post_stream_bytes_on_the_wire(live, fake, service):
     fake.push(Reply.answer(["Hel", "lo ✓"], usage=USAGE))
     with live.client() as client:
         r = client.post(f"{API}/chat/s1/stream", json={"message": "hi"})
@@ -56,6 +56,7 @@ def test_post_stream_bytes_on_the_wire(live, fake):
     assert "no-store" in r.headers["cache-control"] and "no-transform" in r.headers["cache-control"]
     assert "content-encoding" not in r.headers
     mid = parse_events(r.content)[0]["data"]["message_id"]
+    question = service.rows("SELECT id FROM messages WHERE role = 'user'")[0]["id"]
 
     def event(seq, type_, data):
         payload = json.dumps({"type": type_, "data": data}, ensure_ascii=False, separators=(",", ":"))
@@ -63,7 +64,7 @@ def test_post_stream_bytes_on_the_wire(live, fake):
 
     assert r.content.decode() == (
         "retry: 1000\n\n"
-        + event(0, "start", {"session_id": "s1", "message_id": mid, "model": "qwen-plus"})
+        + event(0, "start", {"session_id": "s1", "message_id": mid, "model": "qwen-plus", "parent_id": question})
         + event(1, "chunk", {"content": "Hel"})
         + event(2, "chunk", {"content": "lo ✓"})
         + event(3, "end", {"full_text": "Hello ✓", "message_id": mid, "finish_reason": "stop", "usage": USAGE})

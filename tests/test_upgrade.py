@@ -1,0 +1,191 @@
+"""Databases that upgrade in place. tests/releases/v1.db was written by the first release (schema
+version 1, no version recorded) through its own API (tests/releases/make_v1.py); v1.json is what
+that API answered. On PostgreSQL the same rows go into the first release's schema
+(schema_v1.sql). Today's chatsvc upgrades either in place, reads every conversation back as the
+first release did, and then takes regenerations and edits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from fake_dashscope import Reply
+from procs import ServerProcess
+from support import Service, pg
+from test_cli import chatsvc as run_chatsvc
+
+import chatsvc
+
+API = "/api/v1"
+RELEASES = Path(__file__).resolve().parent / "releases"
+EXPECTED = json.loads((RELEASES / "v1.json").read_text())
+NEW_FIELDS = {"parent_id", "sibling_ids", "current_message_id"}
+OLD_COLUMNS = ("id", "owner", "session_id", "role", "content", "reasoning_content", "status", "model",
+               "finish_reason", "error_code", "error_message", "prompt_tokens", "completion_tokens", "total_tokens",
+               "last_seq", "created_at", "updated_at")  # fmt: skip
+CONVERSATION_COLUMNS = ("owner", "session_id", "title", "system_prompt", "model", "context_start", "created_at",
+                        "updated_at")  # fmt: skip
+
+
+def v1_rows(table: str, columns: tuple[str, ...]) -> list[dict]:
+    with sqlite3.connect(RELEASES / "v1.db") as db:
+        db.row_factory = sqlite3.Row
+        return [dict(r) for r in db.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY 1, 2")]
+
+
+def v1_statements() -> list[str]:
+    text = "\n".join(ln for ln in (RELEASES / "schema_v1.sql").read_text().splitlines() if not ln.startswith("--"))
+    return [st for st in text.split(";") if st.strip()]
+
+
+@pytest.fixture
+def v1_database(database, tmp_path) -> str:
+    """The test's database, as the first release left it."""
+    if database.startswith("sqlite"):
+        shutil.copyfile(RELEASES / "v1.db", tmp_path / "chatsvc.db")
+        return database
+    for statement in v1_statements():
+        pg(database, statement)
+    for table, columns in (("conversations", CONVERSATION_COLUMNS), ("messages", OLD_COLUMNS)):
+        for row in v1_rows(table, columns):
+            marks = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
+            pg(database, f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", *row.values())
+    return database
+
+
+def without_new_fields(value):
+    if isinstance(value, dict):
+        return {k: without_new_fields(v) for k, v in value.items() if k not in NEW_FIELDS}
+    if isinstance(value, list):
+        return [without_new_fields(v) for v in value]
+    return value
+
+
+def test_a_first_release_database_upgrades_in_place_and_reads_back_the_same(v1_database, fake, service_env):
+    service = Service(v1_database, fake, **service_env)
+    with service.client() as client:
+        assert [r["version"] for r in service.rows("SELECT version FROM schema_versions ORDER BY version")] == [1, 2]
+        for key, before in EXPECTED.items():
+            owner, session_id = key.split("/")
+            after = client.get(f"{API}/context/conversations/{session_id}", headers={"X-User-Id": owner}).json()
+            assert without_new_fields(after) == before, key
+            # each conversation's messages are one chain in their order, the newest the current leaf
+            ids = [m["id"] for m in after["messages"]]
+            assert [m["parent_id"] for m in after["messages"]] == [None, *ids[:-1]][: len(ids)], key
+            assert all(m["sibling_ids"] == [m["id"]] for m in after["messages"]), key
+            assert after["current_message_id"] == (ids[-1] if ids else None), key
+        # every row as it was, but the answer the crash cut, which is now `interrupted` with its text
+        rows = service.rows(f"SELECT {', '.join(OLD_COLUMNS)} FROM messages ORDER BY owner, session_id")
+        old = v1_rows("messages", OLD_COLUMNS)
+        (cut,) = [r for r in old if r["status"] == "streaming"]
+        assert sorted(rows, key=lambda r: r["id"]) == sorted(
+            [r for r in old if r is not cut] + [{**cut, "status": "interrupted", "error_code": "interrupted",
+             "error_message": chatsvc.INTERRUPTED_DETAIL, "last_seq": chatsvc.INTERRUPTED_SEQ,
+             "updated_at": next(x["updated_at"] for x in rows if x["id"] == cut["id"])}],
+            key=lambda r: r["id"],
+        )  # fmt: skip
+        assert cut["content"].startswith("cut cut")
+        conversations = service.rows(f"SELECT {', '.join(CONVERSATION_COLUMNS)} FROM conversations ORDER BY 1, 2")
+        assert conversations == v1_rows("conversations", CONVERSATION_COLUMNS)
+        # and the old history takes the new operations
+        alice = {"X-User-Id": "alice"}
+        plain = client.get(f"{API}/context/conversations/plain", headers=alice).json()["messages"]
+        fake.push(Reply.answer(["regenerated"]))
+        r = client.post(f"{API}/chat/plain", json={"regenerate": plain[-1]["id"]}, headers=alice)
+        assert r.status_code == 200, r.text
+        assert [m["content"] for m in fake.requests[-1].body["messages"][1:]] == [m["content"] for m in plain[:-1]]
+        fake.push(Reply.answer(["edited"]))
+        r = client.post(f"{API}/chat/plain", json={"message": "2+2, again?", "edit": plain[2]["id"]}, headers=alice)
+        assert r.status_code == 200, r.text
+        assert [m["content"] for m in fake.requests[-1].body["messages"][1:]] == ["Who are you?", "Hello, I am Qwen.",
+                                                                                   "2+2, again?"]  # fmt: skip
+        branch = client.get(f"{API}/context/conversations/plain", headers=alice).json()["messages"]
+        assert [m["content"] for m in branch] == ["Who are you?", "Hello, I am Qwen.", "2+2, again?", "edited"]
+        assert branch[2]["sibling_ids"] == [plain[2]["id"], branch[2]["id"]]
+    # a second start finds the database current: nothing is applied again
+    with Service(v1_database, fake, **service_env).client():
+        assert len(service.rows("SELECT version FROM schema_versions")) == 2
+
+
+@pytest.fixture
+def service_env():
+    return {"CHATSVC_USER_HEADER": "X-User-Id"}
+
+
+def test_a_failed_step_leaves_the_database_as_it_was(v1_database, fake, monkeypatch):
+    service = Service(v1_database, fake, CHATSVC_USER_HEADER="X-User-Id")
+    before = service.rows(f"SELECT {', '.join(OLD_COLUMNS)} FROM messages ORDER BY id")
+    real = chatsvc.schema_steps()
+    failing = "INSERT INTO nowhere VALUES (1)"
+    broken = chatsvc.SchemaStep(2, "a step that fails half-way", [*real[1].statements, failing])
+    monkeypatch.setattr(chatsvc, "schema_steps", lambda: [real[0], broken])
+    with pytest.raises(chatsvc.SchemaError) as failed:
+        with service.client():
+            pass
+    assert "schema version 2 (a step that fails half-way) failed, and left it as it was (version 1)" in str(
+        failed.value
+    )
+    assert service.rows("SELECT version FROM schema_versions") == [{"version": 1}]
+    assert service.rows(f"SELECT {', '.join(OLD_COLUMNS)} FROM messages ORDER BY id") == before
+    columns = (
+        [r["name"] for r in service.rows("SELECT name FROM pragma_table_info('messages')")]
+        if service.is_sqlite
+        else [r["column_name"] for r in service.rows(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'messages'")]
+    )  # fmt: skip
+    assert "parent_id" not in columns  # the step's first statements were rolled back with it
+    monkeypatch.undo()
+    with service.client() as client:  # the real step then applies
+        assert client.get(f"{API}/context/conversations/plain", headers={"X-User-Id": "alice"}).status_code == 200
+
+
+def test_a_database_newer_than_the_code_is_refused_in_one_sentence(v1_database, fake, tmp_path):
+    service = Service(v1_database, fake)
+    with service.client():
+        pass
+    service.rows("INSERT INTO schema_versions (version, applied_at, release) VALUES (3, 'later', '9.0')")
+    out = run_chatsvc(env={**service.env, "PORT": "1"}, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == (
+        "chatsvc: The database at DATABASE_URL has schema version 3, newer than this chatsvc"
+        f" ({chatsvc.__version__}, schema version 2) knows: run the chatsvc release that upgraded it (or a newer"
+        " one), or restore a backup made before that upgrade."
+    )
+    with pytest.raises(chatsvc.SchemaError, match="schema version 3, newer"):
+        with service.client():
+            pass
+    assert len(service.rows("SELECT * FROM messages")) == len(v1_rows("messages", OLD_COLUMNS))
+
+
+@pytest.mark.slow
+def test_replicas_starting_together_on_an_old_database_upgrade_it_once(postgres_database, fake, tmp_path):
+    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    for statement in v1_statements():
+        pg(postgres_database, statement)
+    for table, columns in (("conversations", CONVERSATION_COLUMNS), ("messages", OLD_COLUMNS)):
+        for row in v1_rows(table, columns):
+            marks = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
+            pg(postgres_database, f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", *row.values())
+    service = Service(postgres_database, fake, CHATSVC_USER_HEADER="X-User-Id", LOG_LEVEL="info")
+    from test_replicas import start_together
+
+    servers = [ServerProcess(service.env, tmp_path) for _ in range(3)]
+    try:
+        start_together(*servers)
+        logs = [server.log() for server in servers]
+        assert sum("step 2 applied" in text for text in logs) == 1, logs
+        assert not any("Traceback" in text for text in logs), logs
+        assert service.rows("SELECT version FROM schema_versions ORDER BY version") == [{"version": 1}, {"version": 2}]
+        for server in servers:
+            with server.client() as client:
+                r = client.get(f"{API}/context/conversations/plain", headers={"X-User-Id": "alice"})
+                assert without_new_fields(r.json()) == EXPECTED["alice/plain"]
+        roots = service.rows("SELECT owner, session_id FROM messages WHERE parent_id IS NULL ORDER BY 1, 2")
+        chains = {(r["owner"], r["session_id"]) for r in v1_rows("messages", OLD_COLUMNS)}
+        assert [(r["owner"], r["session_id"]) for r in roots] == sorted(chains)  # one chain a conversation
+    finally:
+        for server in servers:
+            server.stop()
