@@ -906,23 +906,27 @@ class Store:
             {"owner": owner, "sid": session_id, "limit": limit, "before": before},
         )
 
-    async def tree(self, owner: str, session_id: str, limit: int, after: str | None = None) -> list[dict]:
-        """Every message of the conversation, oldest first (after message id `after`, if given)."""
+    async def tree(
+        self, owner: str, session_id: str, limit: int, after: str | None = None, before: str | None = None
+    ) -> list[dict]:
+        """Every message of the conversation, oldest first (after message id `after`, and before
+        `before`, if given)."""
+        where = " AND id < :before" if before is not None else ""
         return await self._all(
             f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE owner = :owner AND session_id = :sid AND id > :after"
-            " ORDER BY id LIMIT :limit",
-            {"owner": owner, "sid": session_id, "limit": limit, "after": after or ""},
+            f"{where} ORDER BY id LIMIT :limit",
+            {"owner": owner, "sid": session_id, "limit": limit, "after": after or "", "before": before},
         )
 
     async def siblings(self, owner: str, session_id: str, parents: set[str | None]) -> dict[str | None, list[str]]:
         """The children of each of these messages (None: the conversation's first messages), oldest first."""
         found: dict[str | None, list[str]] = {}
         scope = {"owner": owner, "sid": session_id}
+        # by parent alone: a message's children are in its conversation, and these parents were read from
+        # it (with the conversation in the WHERE, SQLite walks the conversation's index instead)
         for names, ids in _id_batches(sorted(p for p in parents if p is not None)):
             for row in await self._all(
-                "SELECT parent_id, id FROM messages WHERE owner = :owner AND session_id = :sid"
-                f" AND parent_id IN ({names}) ORDER BY id",
-                {**scope, **ids},
+                f"SELECT parent_id, id FROM messages WHERE parent_id IN ({names}) ORDER BY id", ids
             ):
                 found.setdefault(row["parent_id"], []).append(row["id"])
         if None in parents:
@@ -2746,20 +2750,18 @@ def query_message_id(request: Request, name: str) -> str | None:
 
 
 async def list_messages(request: Request) -> Response:
-    """The current branch, newest page first (`before`), or with `tree=true` every message, oldest
-    first (`cursor`)."""
+    """The current branch, newest page first (`before`, or the `cursor` of the last page), or with
+    `tree=true` every message, oldest first (after `cursor`, and older than `before` if given)."""
     st = state(request)
     key = conversation_key(request)
     limit = query_int(request, "limit", 50, 1, 500)
     tree = query_bool(request, "tree")
-    if tree and "before" in request.query_params:
-        raise invalid("'before' pages the current branch; with tree=true, page with 'cursor'.")
-    cursor = query_message_id(request, "before") or query_message_id(request, "cursor")
+    before, cursor = query_message_id(request, "before"), query_message_id(request, "cursor")
     row = await conversation_or_404(request, key)
     if tree:
-        rows = await st.store.tree(*key, limit + 1, cursor)
+        rows = await st.store.tree(*key, limit + 1, after=cursor, before=before)
     else:
-        rows = await st.store.branch(*key, limit + 1, cursor)
+        rows = await st.store.branch(*key, limit + 1, before or cursor)
     more = len(rows) > limit
     rows = rows[:limit]
     messages = await present_messages(request, key, rows if tree else rows[::-1], row["context_start"])

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from procs import free_port  # noqa: E402
 from rawhttp import request  # noqa: E402
 
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> None:
     if args.database:  # PostgreSQL: an empty database of its own; (f) needs SQLite's prepared history
         args.only = args.only.replace("f", "")
     else:
-        prepare_history(workdir / "bench.db", args.history)
+        prepare_history(env["DATABASE_URL"], args.history, args.depth)
     server = subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"], env=env,
                               cwd=workdir)  # fmt: skip
     ports = {"fake": fake_port, "chatsvc": port}
@@ -298,38 +298,90 @@ def leak_row(ports: dict, pid: int, q: int) -> None:
     print(f"\n(g) RSS after each of 5 repeated (b) runs: {', '.join(f'{mb:.1f}' for mb in sizes)} MB")
 
 
-def prepare_history(db: Path, messages: int) -> None:
-    """(f): one conversation with `messages` stored messages and one with 10, before chatsvc starts."""
-    schema = (ROOT / "schema.sql").read_text()
-    with sqlite3.connect(db) as conn:
-        conn.executescript(schema)
-        for sid, n in (("history-big", messages), ("history-small", 10)):
-            conn.execute("INSERT INTO conversations (session_id, created_at, updated_at) VALUES (?, 'x', 'x')", (sid,))
+HISTORIES = {  # (f): session id -> what its tree looks like
+    "history-small": "a chain of 10 messages",
+    "history-big": "{n:,} messages on {branches:,} branches",
+    "history-deep": "a path {depth:,} messages deep",
+}
+
+
+def history_tree(sid: str, n: int, branches: int = 1, seed: int = 7) -> list[tuple[str, str | None, str]]:
+    """(id, parent id, role) of `n` messages: `branches` branches of n / branches messages, each after
+    a random answer of an earlier one (the first from the root). Ids grow along every path."""
+    import random
+
+    rng = random.Random(seed)
+    rows: list[tuple[str, str | None, str]] = []
+    answers: list[str] = []
+    per_branch = max(2, n // branches) // 2 * 2
+    while len(rows) < n:
+        parent = rng.choice(answers) if answers else None
+        for step in range(min(per_branch, n - len(rows))):
+            mid = f"{sid}-{len(rows):09d}"
+            role = ("user", "assistant")[step % 2]
+            rows.append((mid, parent, role))
+            if role == "assistant":
+                answers.append(mid)
+            parent = mid
+    return rows
+
+
+def prepare_history(database: str, messages: int, depth: int) -> None:
+    """(f): conversations of `messages` stored messages on many branches, of a path `depth` deep, and
+    of 10, written before chatsvc starts (the schema by chatsvc's own store, so it is current)."""
+    import chatsvc
+
+    async def schema() -> None:
+        store = chatsvc.Store(database)
+        await store.open()
+        await store.close()
+
+    asyncio.run(schema())
+    trees = {"history-small": history_tree("history-small", 10),
+             "history-big": history_tree("history-big", messages, branches=messages // 100),
+             "history-deep": history_tree("history-deep", depth)}  # fmt: skip
+    with sqlite3.connect(database.split("///", 1)[1]) as conn:
+        for sid, rows in trees.items():
+            conn.execute("INSERT INTO conversations (session_id, current_message_id, created_at, updated_at)"
+                         " VALUES (?, ?, 'x', 'x')", (sid, rows[-1][0]))  # fmt: skip
             conn.executemany(
-                "INSERT INTO messages (id, session_id, role, content, status, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, 'complete', 'x', 'x')",
-                ((f"{sid}-{i:09d}", sid, ("user", "assistant")[i % 2], f"message {i}") for i in range(n)),
+                "INSERT INTO messages (id, parent_id, session_id, role, content, status, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, 'complete', 'x', 'x')",
+                ((mid, parent, sid, role, f"message {mid}") for mid, parent, role in rows),
             )
 
 
 def history_row(ports: dict, args: argparse.Namespace) -> None:
-    async def chats(sid: str, n: int) -> list[float]:
+    async def timed(n: int, method: str, path: str, body: dict | None) -> list[float]:
         times = []
         for _ in range(n):
             started = time.perf_counter()
-            response = await request(
-                "127.0.0.1", ports["chatsvc"], "POST", f"/api/v1/chat/{sid}", {"message": "bench 5 0"}
-            )
+            response = await request("127.0.0.1", ports["chatsvc"], method, path, body)
             await response.read()
+            assert response.status == 200, (path, response.status)
             times.append(time.perf_counter() - started)
         return times
 
     n = 10 if args.quick else 50
-    small = asyncio.run(chats("history-small", n))
-    big = asyncio.run(chats("history-big", n))
-    print(f"\n(f) time per chat, {args.history:,} stored messages against 10 (median of {n}):"
-          f" {statistics.median(big) * 1000:.2f} ms vs {statistics.median(small) * 1000:.2f} ms,"
-          f" ratio {statistics.median(big) / statistics.median(small):.2f}")  # fmt: skip
+    conv = "/api/v1/context/conversations"
+    results = {}
+    for sid in HISTORIES:  # a chat (the context is built from the current leaf up), and a read of the branch
+        results[sid] = {
+            "chat": statistics.median(asyncio.run(timed(n, "POST", f"/api/v1/chat/{sid}", {"message": "bench 5 0"}))),
+            "read": statistics.median(asyncio.run(timed(n, "GET", f"{conv}/{sid}?limit=50", None))),
+        }
+    small = results["history-small"]
+    print(f"\n(f) median of {n}, against {HISTORIES['history-small']}:")
+    for sid, title in HISTORIES.items():
+        title = title.format(n=args.history, branches=args.history // 100, depth=args.depth)
+        r = results[sid]
+        print(f"  {title:<40} chat {r['chat'] * 1000:7.2f} ms (ratio {r['chat'] / small['chat']:.2f})"
+              f"   GET branch {r['read'] * 1000:6.2f} ms (ratio {r['read'] / small['read']:.2f})")  # fmt: skip
+    # a switch to the deep path's first message walks down all of it to its newest leaf
+    root = "history-deep-000000000"
+    switch = asyncio.run(timed(n, "PATCH", f"{conv}/history-deep", {"current_message_id": root}))
+    print(f"  switch to the first message of the deep path (down {args.depth:,}): "
+          f"{statistics.median(switch) * 1000:.2f} ms")  # fmt: skip
 
 
 HOLD_LOCK = {  # another process holds the database's write lock for argv[2] seconds
@@ -392,6 +444,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tenth of the answers, for a smoke run")
     parser.add_argument("--history", type=int, default=100_000, help="stored messages in the long conversation of (f)")
+    parser.add_argument("--depth", type=int, default=1_000, help="the deep path's length in (f)")
     parser.add_argument("--only", default="abcdefgst", help="the scenarios to run, e.g. --only bd")
     parser.add_argument("--database", metavar="URL", help="chatsvc's DATABASE_URL, e.g. an empty PostgreSQL database")
     parser.add_argument("--profile", metavar="FILE", help="record chatsvc with py-spy (collapsed stacks) into FILE")

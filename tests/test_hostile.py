@@ -69,6 +69,12 @@ def test_every_parameter_and_header_takes_any_text(client, fake, text, header):
         ("GET", f"{API}/context/conversations/{path}", {"params": {"limit": text}}),
         ("GET", f"{API}/context/conversations/s1/messages", {"params": {"before": text, "limit": text}}),
         ("GET", f"{API}/context/conversations/s1/messages", {"params": {"cursor": text}}),
+        ("GET", f"{API}/context/conversations/s1/messages", {"params": {"tree": text, "cursor": text}}),
+        ("DELETE", f"{API}/context/conversations/s1/messages/{path}", {}),
+        ("PATCH", f"{API}/context/conversations/s1", {"content": json.dumps({"current_message_id": text})}),
+        ("POST", f"{API}/context/conversations/s1/fork", {"content": json.dumps({"message_id": text})}),
+        ("POST", f"{API}/chat/s1", {"content": json.dumps({"message": "hi", "parent_id": text})}),
+        ("POST", f"{API}/chat/s1", {"content": json.dumps({"regenerate": text})}),
         ("DELETE", f"{API}/context/conversations/s1/context", {"params": {"purge": text}}),
         ("PATCH", f"{API}/context/conversations/{path}", {"content": json.dumps({"title": text})}),
         ("POST", f"{API}/chat/{path}/stop", {}),
@@ -94,6 +100,7 @@ def test_every_body_takes_any_json(client, fake, body):
         ("POST", f"{API}/chat/s1/stream"),
         ("POST", f"{API}/context/conversations"),
         ("PATCH", f"{API}/context/conversations/s1"),
+        ("POST", f"{API}/context/conversations/s1/fork"),
     ]:
         check(client.request(method, url, content=raw, headers={"Content-Type": "application/json"}))
     healthy(client)

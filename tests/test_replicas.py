@@ -313,3 +313,28 @@ def test_of_concurrent_stops_on_both_replicas_exactly_one_says_it_stopped(cluste
     assert poster.until_end()[-1]["data"]["finish_reason"] == "stopped"
     assert service.rows("SELECT status FROM messages WHERE role = 'assistant'") == [{"status": "stopped"}]
     poster.close()
+
+
+def test_a_regeneration_started_on_one_replica_is_followed_on_the_other(cluster, fake):
+    service, a, b, _ = cluster
+    with a.client() as ca, b.client() as cb:
+        first = ca.post(f"{API}/chat/s1", json={"message": "q1"}).json()
+        fake.push(slow(30, 0.02))
+        listener = SSEReader(a.client(), "GET", f"{API}/chat/s1/stream")
+        time.sleep(0.2)  # listening before the answer starts
+        poster = SSEReader(b.client(), "POST", f"{API}/chat/s1/stream", json={"regenerate": first["message_id"]})
+        start = poster.next_event()
+        assert start["data"]["parent_id"] == first["parent_id"]
+        refused = ca.post(f"{API}/chat/s1", json={"message": "x", "edit": first["parent_id"]})
+        assert refused.status_code == 409 and refused.json()["code"] == "conversation_busy"
+        posted = [start, *poster.until_end()]
+        assert listener.until_end() == posted
+        conv = cb.get(f"{API}/context/conversations/s1").json()
+        assert conv == ca.get(f"{API}/context/conversations/s1").json()
+        assert conv["current_message_id"] == start["data"]["message_id"]
+        rows = service.rows("SELECT parent_id, status FROM messages WHERE role = 'assistant' ORDER BY id")
+        assert rows == [{"parent_id": first["parent_id"], "status": "complete"}] * 2
+        assert conv["messages"][-1]["sibling_ids"] == [first["message_id"], start["data"]["message_id"]]
+        assert conv["messages"][-1]["content"] == chunk_text(posted)
+    listener.close()
+    poster.close()
