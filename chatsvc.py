@@ -498,6 +498,10 @@ INTERRUPTED_DETAIL = "The service stopped before this answer was finished."
 READ, WRITE, BACKGROUND = "read", "write", "background"  # SQLite: which of the store's connections
 
 
+class _Rollback(Exception):
+    """Leaves a transaction without its writes."""
+
+
 class SchemaError(Exception):
     """The database's schema cannot be brought to this release's: it is newer (a downgrade), or a
     step failed (and was rolled back)."""
@@ -602,14 +606,16 @@ class Store:
         database = DatabaseURL(self.url).database
         return database if self.is_sqlite and database and database != ":memory:" else None
 
-    async def open(self) -> None:
+    async def open(self, upgrade: bool = True) -> None:
+        """Connect, and bring the schema up to date (`upgrade`), or only check that this release can
+        (a database newer than it is a SchemaError either way)."""
         if self.exclusive and self.sqlite_path:
             self._release = hold_sqlite_file(self.sqlite_path)
         try:
             await self.db.connect()
             if self.is_sqlite:
                 await self._open_sqlite()
-            await self._apply_schema()
+            await self._apply_schema(upgrade)
         except BaseException:
             await self.close()
             raise
@@ -639,41 +645,49 @@ class Store:
             raise
         return conn
 
-    async def _apply_schema(self) -> None:
+    async def _apply_schema(self, upgrade: bool = True) -> None:
         """Apply, in order, one transaction each, the schema steps this database has not had
-        (schema.sql). Under a lock: replicas that start together on an old database upgrade it once."""
+        (schema.sql). Under a lock: replicas that start together on an old database upgrade it once.
+        Without `upgrade`, nothing is written (the transaction is rolled back)."""
         steps = schema_steps()
         while True:
-            async with self.transaction(schema=True):
-                await self._run(
-                    "CREATE TABLE IF NOT EXISTS schema_versions (version INTEGER PRIMARY KEY,"
-                    " applied_at TEXT NOT NULL, release TEXT NOT NULL)"
+            with contextlib.suppress(_Rollback):
+                await self._schema_step(steps, upgrade)
+                continue
+            return
+
+    async def _schema_step(self, steps: list[SchemaStep], upgrade: bool) -> None:
+        """The next step this database has not had; _Rollback when there is none (or not `upgrade`)."""
+        async with self.transaction(schema=True):
+            await self._run(
+                "CREATE TABLE IF NOT EXISTS schema_versions (version INTEGER PRIMARY KEY,"
+                " applied_at TEXT NOT NULL, release TEXT NOT NULL)"
+            )
+            row = await self._one("SELECT MAX(version) AS version FROM schema_versions", role=WRITE)
+            version = (row and row["version"]) or 0
+            if version > len(steps):
+                raise SchemaError(
+                    f"The database at DATABASE_URL has schema version {version}, newer than this chatsvc"
+                    f" ({__version__}, schema version {len(steps)}) knows: run the chatsvc release that"
+                    " upgraded it (or a newer one), or restore a backup made before that upgrade."
                 )
-                row = await self._one("SELECT MAX(version) AS version FROM schema_versions", role=WRITE)
-                version = (row and row["version"]) or 0
-                if version > len(steps):
-                    raise SchemaError(
-                        f"The database at DATABASE_URL has schema version {version}, newer than this chatsvc"
-                        f" ({__version__}, schema version {len(steps)}) knows: run the chatsvc release that"
-                        " upgraded it (or a newer one), or restore a backup made before that upgrade."
-                    )
-                if version == len(steps):
-                    return
-                step = steps[version]
-                try:
-                    for statement in step.statements:
-                        await self._run(statement)
-                except Exception as exc:
-                    reason = exc.detail if isinstance(exc, StorageUnavailable) else f"{type(exc).__name__}: {exc}"
-                    raise SchemaError(
-                        f"Upgrading the database to schema version {step.version} ({step.title}) failed, and"
-                        f" left it as it was (version {version}): {reason}"
-                    ) from exc
-                await self._run(
-                    "INSERT INTO schema_versions (version, applied_at, release) VALUES (:v, :now, :release)",
-                    {"v": step.version, "now": utcnow(), "release": __version__},
-                )
-            log.info("database schema: step %d applied (%s)", step.version, step.title)
+            if version == len(steps) or not upgrade:
+                raise _Rollback
+            step = steps[version]
+            try:
+                for statement in step.statements:
+                    await self._run(statement)
+            except Exception as exc:
+                reason = exc.detail if isinstance(exc, StorageUnavailable) else f"{type(exc).__name__}: {exc}"
+                raise SchemaError(
+                    f"Upgrading the database to schema version {step.version} ({step.title}) failed, and"
+                    f" left it as it was (version {version}): {reason}"
+                ) from exc
+            await self._run(
+                "INSERT INTO schema_versions (version, applied_at, release) VALUES (:v, :now, :release)",
+                {"v": step.version, "now": utcnow(), "release": __version__},
+            )
+        log.info("database schema: step %d applied (%s)", step.version, step.title)
 
     @contextlib.asynccontextmanager
     async def transaction(self, schema: bool = False) -> AsyncIterator[None]:
@@ -3292,7 +3306,7 @@ async def check(settings: Settings, upstream: bool) -> list[str]:
         problems.append("DASHSCOPE_API_KEY is not set: chat requests would answer 503 not_configured.")
     store = Store(settings.database_url)
     try:
-        await asyncio.wait_for(store.open(), timeout=10)
+        await asyncio.wait_for(store.open(upgrade=False), timeout=10)
         await store.ping()
     except Exception as exc:
         problems.append(f"The database at DATABASE_URL cannot be used: {type(exc).__name__}: {exc}")
@@ -3321,7 +3335,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="chatsvc", description=__doc__.strip().splitlines()[0], epilog=Settings.help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    parser.add_argument("--check", action="store_true", help="check the configuration and the database, then exit")
+    parser.add_argument("--check", action="store_true",
+                        help="check the configuration and the database (changing nothing), then exit")  # fmt: skip
     parser.add_argument("--check-upstream", action="store_true",
                         help="also make one tiny model call with the key (costs a few tokens)")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"chatsvc {__version__}")

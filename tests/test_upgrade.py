@@ -56,6 +56,13 @@ def v1_database(database, tmp_path) -> str:
     return database
 
 
+def message_columns(service: Service) -> list[str]:
+    if service.is_sqlite:
+        return [r["name"] for r in service.rows("SELECT name FROM pragma_table_info('messages')")]
+    sql = "SELECT column_name FROM information_schema.columns WHERE table_name = 'messages'"
+    return [r["column_name"] for r in service.rows(sql)]
+
+
 def without_new_fields(value):
     if isinstance(value, dict):
         return {k: without_new_fields(v) for k, v in value.items() if k not in NEW_FIELDS}
@@ -130,12 +137,7 @@ def test_a_failed_step_leaves_the_database_as_it_was(v1_database, fake, monkeypa
     )
     assert service.rows("SELECT version FROM schema_versions") == [{"version": 1}]
     assert service.rows(f"SELECT {', '.join(OLD_COLUMNS)} FROM messages ORDER BY id") == before
-    columns = (
-        [r["name"] for r in service.rows("SELECT name FROM pragma_table_info('messages')")]
-        if service.is_sqlite
-        else [r["column_name"] for r in service.rows(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'messages'")]
-    )  # fmt: skip
+    columns = message_columns(service)
     assert "parent_id" not in columns  # the step's first statements were rolled back with it
     monkeypatch.undo()
     with service.client() as client:  # the real step then applies
@@ -189,3 +191,16 @@ def test_replicas_starting_together_on_an_old_database_upgrade_it_once(postgres_
     finally:
         for server in servers:
             server.stop()
+
+
+def test_check_does_not_upgrade_and_names_a_database_too_new(v1_database, fake, tmp_path):
+    service = Service(v1_database, fake)
+    out = run_chatsvc("--check", env=service.env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    columns = message_columns(service)
+    assert "parent_id" not in columns  # --check looks, the start upgrades
+    with service.client():
+        pass
+    service.rows("INSERT INTO schema_versions (version, applied_at, release) VALUES (3, 'later', '9.0')")
+    out = run_chatsvc("--check", env=service.env, cwd=tmp_path)
+    assert out.returncode == 1 and "schema version 3, newer than this chatsvc" in out.stderr, out.stderr
