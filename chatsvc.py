@@ -650,44 +650,49 @@ class Store:
         (schema.sql). Under a lock: replicas that start together on an old database upgrade it once.
         Without `upgrade`, nothing is written (the transaction is rolled back)."""
         steps = schema_steps()
-        while True:
-            with contextlib.suppress(_Rollback):
-                await self._schema_step(steps, upgrade)
-                continue
-            return
+        while await self._schema_step(steps, upgrade):
+            pass
 
-    async def _schema_step(self, steps: list[SchemaStep], upgrade: bool) -> None:
-        """The next step this database has not had; _Rollback when there is none (or not `upgrade`)."""
-        async with self.transaction(schema=True):
-            await self._run(
-                "CREATE TABLE IF NOT EXISTS schema_versions (version INTEGER PRIMARY KEY,"
-                " applied_at TEXT NOT NULL, release TEXT NOT NULL)"
-            )
-            row = await self._one("SELECT MAX(version) AS version FROM schema_versions", role=WRITE)
-            version = (row and row["version"]) or 0
-            if version > len(steps):
-                raise SchemaError(
-                    f"The database at DATABASE_URL has schema version {version}, newer than this chatsvc"
-                    f" ({__version__}, schema version {len(steps)}) knows: run the chatsvc release that"
-                    " upgraded it (or a newer one), or restore a backup made before that upgrade."
-                )
-            if version == len(steps) or not upgrade:
-                raise _Rollback
-            step = steps[version]
-            try:
-                for statement in step.statements:
-                    await self._run(statement)
-            except Exception as exc:
-                reason = exc.detail if isinstance(exc, StorageUnavailable) else f"{type(exc).__name__}: {exc}"
-                raise SchemaError(
-                    f"Upgrading the database to schema version {step.version} ({step.title}) failed, and"
-                    f" left it as it was (version {version}): {reason}"
-                ) from exc
-            await self._run(
-                "INSERT INTO schema_versions (version, applied_at, release) VALUES (:v, :now, :release)",
-                {"v": step.version, "now": utcnow(), "release": __version__},
-            )
+    async def _schema_step(self, steps: list[SchemaStep], upgrade: bool) -> bool:
+        """Apply the next step this database has not had; False if there is none (or not `upgrade`)."""
+        try:
+            async with self.transaction(schema=True):
+                step = await self._next_step(steps, upgrade)
+        except _Rollback:
+            return False
         log.info("database schema: step %d applied (%s)", step.version, step.title)
+        return True
+
+    async def _next_step(self, steps: list[SchemaStep], upgrade: bool) -> SchemaStep:
+        await self._run(
+            "CREATE TABLE IF NOT EXISTS schema_versions (version INTEGER PRIMARY KEY,"
+            " applied_at TEXT NOT NULL, release TEXT NOT NULL)"
+        )
+        row = await self._one("SELECT MAX(version) AS version FROM schema_versions", role=WRITE)
+        version = (row and row["version"]) or 0
+        if version > len(steps):
+            raise SchemaError(
+                f"The database at DATABASE_URL has schema version {version}, newer than this chatsvc"
+                f" ({__version__}, schema version {len(steps)}) knows: run the chatsvc release that"
+                " upgraded it (or a newer one), or restore a backup made before that upgrade."
+            )
+        if version == len(steps) or not upgrade:
+            raise _Rollback  # nothing to write: the version table too stays as it was
+        step = steps[version]
+        try:
+            for statement in step.statements:
+                await self._run(statement)
+        except Exception as exc:
+            reason = exc.detail if isinstance(exc, StorageUnavailable) else f"{type(exc).__name__}: {exc}"
+            raise SchemaError(
+                f"Upgrading the database to schema version {step.version} ({step.title}) failed, and"
+                f" left it as it was (version {version}): {reason}"
+            ) from exc
+        await self._run(
+            "INSERT INTO schema_versions (version, applied_at, release) VALUES (:v, :now, :release)",
+            {"v": step.version, "now": utcnow(), "release": __version__},
+        )
+        return step
 
     @contextlib.asynccontextmanager
     async def transaction(self, schema: bool = False) -> AsyncIterator[None]:

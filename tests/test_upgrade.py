@@ -47,13 +47,18 @@ def v1_database(database, tmp_path) -> str:
     if database.startswith("sqlite"):
         shutil.copyfile(RELEASES / "v1.db", tmp_path / "chatsvc.db")
         return database
+    v1_on_postgres(database)
+    return database
+
+
+def v1_on_postgres(url: str) -> None:
+    """The first release's schema, holding v1.db's rows."""
     for statement in v1_statements():
-        pg(database, statement)
+        pg(url, statement)
     for table, columns in (("conversations", CONVERSATION_COLUMNS), ("messages", OLD_COLUMNS)):
         for row in v1_rows(table, columns):
             marks = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
-            pg(database, f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", *row.values())
-    return database
+            pg(url, f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", *row.values())
 
 
 def message_columns(service: Service) -> list[str]:
@@ -165,12 +170,7 @@ def test_a_database_newer_than_the_code_is_refused_in_one_sentence(v1_database, 
 @pytest.mark.slow
 def test_replicas_starting_together_on_an_old_database_upgrade_it_once(postgres_database, fake, tmp_path):
     pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
-    for statement in v1_statements():
-        pg(postgres_database, statement)
-    for table, columns in (("conversations", CONVERSATION_COLUMNS), ("messages", OLD_COLUMNS)):
-        for row in v1_rows(table, columns):
-            marks = ", ".join(f"${n}" for n in range(1, len(columns) + 1))
-            pg(postgres_database, f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", *row.values())
+    v1_on_postgres(postgres_database)
     service = Service(postgres_database, fake, CHATSVC_USER_HEADER="X-User-Id", LOG_LEVEL="info")
     from test_replicas import start_together
 
