@@ -65,6 +65,12 @@ def setting(env: str, default: Any, help: str, cast: Callable[[str], Any] | None
     return field(default=default, metadata={"env": env, "help": help, "cast": cast})
 
 
+def _choice(value: str, choices: tuple[str, ...], name: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
+    return value
+
+
 def _csv(value: str) -> tuple[str, ...]:
     return tuple(s for s in CommaSeparatedStrings(value) if s)
 
@@ -95,6 +101,12 @@ class Settings:
     user_header: str | None = setting("CHATSVC_USER_HEADER", None, "header naming the user who owns conversations")
     cors_origins: tuple[str, ...] = setting("CHATSVC_CORS_ORIGINS", (), "browser origins allowed to call (a,b)")
     allowed_models: tuple[str, ...] = setting("CHATSVC_ALLOWED_MODELS", (), "further models clients may pick (a,b)")
+    titles: str = setting(
+        "CHATSVC_TITLES", "model", "model (the model titles a conversation after its first answer), first-line or off",
+        cast=lambda v: _choice(v.lower(), ("model", "first-line", "off"), "CHATSVC_TITLES"),
+    )  # fmt: skip
+    title_model: str | None = setting("CHATSVC_TITLE_MODEL", None, "the model that writes titles (CHAT_MODEL if unset)")
+    max_import_bytes: int = setting("CHATSVC_MAX_IMPORT_BYTES", 16 * 1024 * 1024, "largest conversation to import")
     max_context_messages: int = setting("CHATSVC_MAX_CONTEXT_MESSAGES", 20, "history messages sent to the model")
     max_context_tokens: int = setting("CHATSVC_MAX_CONTEXT_TOKENS", 6000, "estimated tokens sent to the model")
     max_message_chars: int = setting("CHATSVC_MAX_MESSAGE_CHARS", 32000, "longest message a user may send")
@@ -139,8 +151,9 @@ class Settings:
                 continue
             try:
                 values[f.name] = (f.metadata["cast"] or _CASTS[f.type])(raw)
-            except ValueError:
-                raise ValueError(f"{env}={raw!r} is not a valid {f.type}.") from None
+            except ValueError as exc:
+                reason = str(exc) if f.metadata["cast"] else f"not a valid {f.type}"
+                raise ValueError(f"{env}={raw!r}: {reason}.") from None
         return cls(**values)
 
     @classmethod
@@ -454,7 +467,7 @@ def hold_sqlite_file(database: str) -> Callable[[], None]:
 
 _CONVERSATION_SQL = """
 SELECT c.session_id, c.title, c.system_prompt, c.model, c.context_start, c.current_message_id,
-       c.created_at, c.updated_at,
+       c.title_prompt_tokens, c.title_completion_tokens, c.title_total_tokens, c.created_at, c.updated_at,
        (SELECT COUNT(*) FROM messages m
          WHERE m.owner = c.owner AND m.session_id = c.session_id) AS message_count,
        (SELECT COUNT(*) FROM messages m
@@ -463,6 +476,16 @@ SELECT c.session_id, c.title, c.system_prompt, c.model, c.context_start, c.curre
                 WHERE m.owner = c.owner AND m.session_id = c.session_id AND m.status = 'streaming') AS generating
   FROM conversations c
  WHERE c.owner = :owner"""
+_PAGE_AFTER = " AND (c.updated_at < :u OR (c.updated_at = :u AND c.session_id < :s))"
+_NEWEST_FIRST = " ORDER BY c.updated_at DESC, c.session_id DESC LIMIT :limit"
+
+
+def like_pattern(text: str) -> str:
+    """A LIKE pattern matching `text` anywhere, every character of it literal (ESCAPE '\\')."""
+    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+SEARCH_MIN_INDEXED = 3  # SQLite's trigram index finds substrings of 3 characters or more
 
 _MESSAGE_COLUMNS = (
     "id, parent_id, role, content, reasoning_content, status, model, finish_reason, error_code, error_message,"
@@ -508,28 +531,40 @@ class SchemaError(Exception):
 
 
 @dataclass
+class SchemaStatement:
+    sql: str
+    dialect: str | None  # "sqlite" or "postgresql" only; None: both
+
+
+@dataclass
 class SchemaStep:
     version: int
     title: str
-    statements: list[str]
+    statements: list[SchemaStatement]
 
 
 SCHEMA_STEP = re.compile(r"-- step ([0-9]+): (.*)")
+SCHEMA_DIALECT = re.compile(r"-- (sqlite|postgresql) only")
 
 
 def schema_steps() -> list[SchemaStep]:
-    """schema.sql's steps, in order: each starts at a `-- step N: title` line."""
+    """schema.sql's steps, in order: each starts at a `-- step N: title` line. A statement ends with
+    the line that ends with ';'; a line `-- sqlite only` (`-- postgresql only`) before it keeps it
+    to that database."""
     steps: list[SchemaStep] = []
     statement: list[str] = []
+    dialect = None
     for line in data_file("schema.sql", "chatsvc_schema.sql").read_text(encoding="utf-8").splitlines():
         if match := SCHEMA_STEP.fullmatch(line):
             steps.append(SchemaStep(int(match[1]), match[2], []))
             assert steps[-1].version == len(steps), f"schema.sql: step {match[1]} is out of order"
+        elif match := SCHEMA_DIALECT.fullmatch(line):
+            dialect = match[1]
         elif steps and line.strip() and not line.strip().startswith("--"):
             statement.append(line)
             if line.rstrip().endswith(";"):
-                steps[-1].statements.append("\n".join(statement).rstrip().rstrip(";"))
-                statement = []
+                steps[-1].statements.append(SchemaStatement("\n".join(statement).rstrip().rstrip(";"), dialect))
+                statement, dialect = [], None
     assert not statement, "schema.sql: its last statement has no ';'"
     return steps
 
@@ -575,6 +610,7 @@ class Turn:
     question: str  # its text
     new_question: bool  # False for a regeneration: that user message exists
     parent_id: str | None  # a new user message's parent (None: a first message)
+    title: str | None = None  # the conversation's title if it has none yet (CHATSVC_TITLES=off: None)
 
 
 class Store:
@@ -681,7 +717,8 @@ class Store:
         step = steps[version]
         try:
             for statement in step.statements:
-                await self._run(statement)
+                if statement.dialect in (None, "sqlite" if self.is_sqlite else "postgresql"):
+                    await self._run(statement.sql)
         except Exception as exc:
             reason = exc.detail if isinstance(exc, StorageUnavailable) else f"{type(exc).__name__}: {exc}"
             raise SchemaError(
@@ -837,7 +874,7 @@ class Store:
             " AND m.id > c.context_start"
             " UNION ALL SELECT m.id, m.parent_id, m.role, m.content, m.status, p.depth + 1, p.context_start"
             " FROM path p JOIN messages m ON m.id = p.parent_id WHERE p.depth < :limit AND m.id > p.context_start)"
-            " SELECT c.system_prompt, c.model, c.current_message_id, p.role, p.content, p.status"
+            " SELECT c.system_prompt, c.model, c.title, c.current_message_id, p.role, p.content, p.status"
             " FROM conversations c LEFT JOIN path p ON 1 = 1 WHERE c.owner = :owner AND c.session_id = :sid"
             " ORDER BY p.depth",
             {"owner": owner, "sid": session_id, "limit": limit, "start": start, "current": current},
@@ -847,22 +884,61 @@ class Store:
     async def conversations(self, owner: str, limit: int, after: tuple[str, str] | None) -> list[dict]:
         where, values = "", {"owner": owner, "limit": limit}
         if after:
-            where = " AND (c.updated_at < :u OR (c.updated_at = :u AND c.session_id < :s))"
+            where = _PAGE_AFTER
             values.update(u=after[0], s=after[1])
-        rows = await self._all(
-            _CONVERSATION_SQL + where + " ORDER BY c.updated_at DESC, c.session_id DESC LIMIT :limit", values
+        return await self._all(_CONVERSATION_SQL + where + _NEWEST_FIRST, values)
+
+    async def search(self, owner: str, query: str, limit: int, after: tuple[str, str] | None) -> list[dict]:
+        """The owner's conversations whose title or a message (not `streaming`) contains `query`, as
+        text, newest first; `match_id` is the first message that contains it (None if only the title
+        does), `title_match` whether the title does. SQLite: the trigram index for 3 characters or
+        more, a scan of the owner's messages below; PostgreSQL: ILIKE, which pg_trgm's index serves."""
+        values: dict[str, Any] = {"owner": owner, "limit": limit, "q": query, "pattern": like_pattern(query)}
+        if not self.is_sqlite:
+            found = "content ILIKE :pattern ESCAPE '\\'"
+            title = "c.title ILIKE :pattern ESCAPE '\\'"
+        else:
+            found, title = "instr(lower(content), lower(:q)) > 0", "instr(lower(c.title), lower(:q)) > 0"
+        hits = (
+            "SELECT session_id, MIN(id) AS match_id FROM messages"
+            f" WHERE owner = :owner AND status != 'streaming' AND {found} GROUP BY session_id"
         )
-        return rows
+        if self.is_sqlite and len(query) >= SEARCH_MIN_INDEXED:
+            values["phrase"] = '"' + query.replace('"', '""') + '"'  # an FTS5 string: every character literal
+            # CROSS JOIN: the index first (SQLite would walk the owner's messages, a MATCH each)
+            hits = (
+                "SELECT m.session_id, MIN(m.id) AS match_id FROM messages_search s"
+                " CROSS JOIN messages m ON m.search_id = s.rowid"
+                " WHERE messages_search MATCH :phrase AND m.owner = :owner GROUP BY m.session_id"
+            )
+        select = _CONVERSATION_SQL.replace(
+            "  FROM conversations c\n",
+            f", h.match_id, ({title}) AS title_match FROM conversations c"
+            " LEFT JOIN hits h ON h.session_id = c.session_id\n",
+        )
+        where = f" AND (h.match_id IS NOT NULL OR {title})"
+        if after:
+            where += _PAGE_AFTER
+            values.update(u=after[0], s=after[1])
+        # MATERIALIZED: found once, not once a conversation (SQLite would run the MATCH per row)
+        return await self._all(f"WITH hits AS MATERIALIZED ({hits}) {select}{where}{_NEWEST_FIRST}", values)
+
+    async def texts(self, message_ids: list[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for names, ids in _id_batches(message_ids):
+            for row in await self._all(f"SELECT id, content FROM messages WHERE id IN ({names})", ids):
+                found[row["id"]] = row["content"]
+        return found
 
     async def create_conversation(
         self, owner: str, session_id: str, title: str | None, system_prompt: str | None, model: str | None
     ) -> bool:
         row = await self._one(
-            "INSERT INTO conversations (owner, session_id, title, system_prompt, model, created_at, updated_at)"
-            " VALUES (:owner, :sid, :title, :prompt, :model, :now, :now)"
+            "INSERT INTO conversations (owner, session_id, title, title_source, system_prompt, model, created_at,"
+            " updated_at) VALUES (:owner, :sid, :title, :source, :prompt, :model, :now, :now)"
             " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
-            {"owner": owner, "sid": session_id, "title": title, "prompt": system_prompt, "model": model,
-             "now": utcnow()}, role=WRITE,
+            {"owner": owner, "sid": session_id, "title": title, "source": "client" if title is not None else None,
+             "prompt": system_prompt, "model": model, "now": utcnow()}, role=WRITE,
         )  # fmt: skip
         return row is not None
 
@@ -874,6 +950,20 @@ class Store:
             {**changes, "owner": owner, "sid": session_id, "now": utcnow()},
             role=WRITE,
         )
+        return row is not None
+
+    async def set_model_title(self, owner: str, session_id: str, title: str | None, usage: dict | None) -> bool:
+        """The model's title (None: it gave none, its cost is kept), unless a client has set one since."""
+        usage = usage or {}
+        row = await self._one(
+            "UPDATE conversations SET title = COALESCE(:title, title), title_source = CASE WHEN :title IS NULL"
+            " THEN title_source ELSE 'model' END, title_prompt_tokens = :prompt, title_completion_tokens = :completion,"
+            " title_total_tokens = :total WHERE owner = :owner AND session_id = :sid AND title_source = 'first_line'"
+            " RETURNING session_id",
+            {"owner": owner, "sid": session_id, "title": title, "prompt": usage.get("prompt_tokens"),
+             "completion": usage.get("completion_tokens"), "total": usage.get("total_tokens")},
+            role=WRITE,
+        )  # fmt: skip
         return row is not None
 
     async def delete_conversation(self, owner: str, session_id: str) -> bool:
@@ -985,12 +1075,13 @@ class Store:
                       "uid": turn.question_id, "text": turn.question, "parent": turn.parent_id,
                       "model": turn.model}  # fmt: skip
             await self._run(
-                "INSERT INTO conversations (owner, session_id, title, current_message_id, created_at, updated_at)"
-                " VALUES (:owner, :sid, :title, :aid, :now, :now)"
+                "INSERT INTO conversations (owner, session_id, title, title_source, current_message_id, created_at,"
+                " updated_at) VALUES (:owner, :sid, :title, :source, :aid, :now, :now)"
                 " ON CONFLICT (owner, session_id) DO UPDATE SET updated_at = excluded.updated_at,"
-                " title = COALESCE(conversations.title, excluded.title),"
+                " title = COALESCE(conversations.title, excluded.title), title_source = CASE WHEN"
+                " conversations.title IS NULL THEN excluded.title_source ELSE conversations.title_source END,"
                 " current_message_id = excluded.current_message_id",
-                {**values, "title": turn.question.strip().splitlines()[0][:60]},
+                {**values, "title": turn.title, "source": "first_line" if turn.title else None},
             )
             rows = "(:aid, :uid, :owner, :sid, 'assistant', '', 'streaming', :model, :now, :now)"
             if turn.new_question:
@@ -1104,6 +1195,35 @@ class Store:
                 for row in path
             ]  # fmt: skip
             await self.insert_messages(copies)
+        return True
+
+    async def import_conversation(self, owner: str, session_id: str, file: ImportedConversation) -> bool:
+        """A new conversation holding the file's messages, with new ids and the same tree; False if
+        `session_id` is taken. All or nothing."""
+        new_ids = {row["id"]: new_message_id() for row in file.messages}
+        outside = [new_ids[row["id"]] for row in file.messages if not row["in_context"]]
+        now = utcnow()
+        async with self.transaction():
+            created = await self._one(
+                "INSERT INTO conversations (owner, session_id, title, title_source, system_prompt, model,"
+                " context_start, created_at, updated_at)"
+                " VALUES (:owner, :sid, :title, :source, :prompt, :model, :start, :now, :now)"
+                " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
+                {"owner": owner, "sid": session_id, "title": file.title,
+                 "source": "client" if file.title is not None else None, "prompt": file.system_prompt,
+                 "model": file.model, "start": outside[-1] if outside else "", "now": now},
+                role=WRITE,
+            )  # fmt: skip
+            if created is None:
+                return False
+            await self.insert_messages([
+                {**row, "id": new_ids[row["id"]], "parent_id": new_ids.get(row["parent_id"]), "owner": owner,
+                 "session_id": session_id, "updated_at": now}
+                for row in file.messages
+            ])  # fmt: skip
+            if file.messages:
+                leaf = new_ids[file.current_message_id or file.messages[-1]["id"]]
+                await self.switch_branch(owner, session_id, leaf)
         return True
 
     async def insert_messages(self, rows: list[dict]) -> None:
@@ -1564,6 +1684,7 @@ class Answer:
     message_id: str
     model: str
     parent_id: str | None = None  # the user message it answers
+    title_question: str | None = None  # the question, when its end should title the conversation
     started: float = field(default_factory=time.monotonic)
     log: list[bytes] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
@@ -1694,6 +1815,8 @@ class Relay:
     def start(self, turn: Turn, payload: dict) -> Answer:
         owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
         answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id)
+        if turn.title and self.settings.titles == "model":  # its first answer names the conversation
+            answer.title_question = turn.question
         answer.task = asyncio.create_task(self._run(answer, payload), name=f"answer {message_id}")
         if self.replicas is not None:
             answer.on_event = self.replicas.publish
@@ -1845,6 +1968,8 @@ class Relay:
         self._log_answer(answer)
         if stored is not None:
             self.forget_later(answer)
+        if stored and answer.status == COMPLETE and answer.title_question is not None:
+            self.spawn(write_title(self, answer))
 
     async def _store_final(self, answer: Answer, final: FinalState, within: float | None) -> bool | None:
         """finish_answer, retried with backoff while the database fails; None once `within` s have
@@ -2033,6 +2158,82 @@ class Heartbeat:
         taken = set(ids) - {row["id"] for row in rows}
         if taken:
             self.loop.call_soon_threadsafe(self.relay.taken, taken)
+
+
+# ── Titles: a conversation's name, written by the model ────────────────────────────────
+# Once a conversation's first answer is stored `complete`, and unless a client has named it since,
+# the model names it in the conversation's language (CHATSVC_TITLES=model). A background task of the
+# relay: it never delays an answer or its `end`, and never holds the conversation's answer slot.
+
+TITLE_PROMPT = (
+    "Name this conversation. Reply with its title only: at most 8 words, in the language the user"
+    " writes in, with no quotes, no Markdown and no punctuation at the end."
+)
+TITLE_CHARS = 60
+_THINKING = re.compile(r"<think>.*?(?:</think>|$)", re.S | re.I)
+_TITLE_LABEL = re.compile(r"^(?:title|标题|題目|标题是)\s*[:：]\s*", re.I)  # noqa: RUF001 (the full-width forms are the point)
+_MARKDOWN = re.compile(r"^(?:#+|>|[-*+]|\d+[.)])\s+|[*_`~]{1,3}")
+_QUOTES = "\"'`“”‘’「」『』《》〈〉«»【】"  # noqa: RUF001 (the full-width forms are the point)
+_END_PUNCTUATION = ".。!！?？:：;；,，、…·"  # noqa: RUF001 (the full-width forms are the point)
+
+
+def clean_title(text: str) -> str | None:
+    """The title in what the model wrote: its first line, without thinking, a label, Markdown,
+    quotes or final punctuation, at most TITLE_CHARS characters; None if nothing is left."""
+    lines = [line.strip() for line in _THINKING.sub("", text).splitlines() if line.strip()]
+    if not lines:
+        return None
+    title, previous = lines[0], None
+    while title != previous:  # `**"Title".**` takes several rounds
+        previous = title
+        title = _MARKDOWN.sub("", _TITLE_LABEL.sub("", title)).strip()
+        title = title.strip(_QUOTES + " ").rstrip(_END_PUNCTUATION + " ")
+    return " ".join(title.split())[:TITLE_CHARS].rstrip() or None
+
+
+async def write_title(relay: Relay, answer: Answer) -> None:
+    """Ask the model for the conversation's title and store it (and what it cost), through the same
+    upstream client, retries and timeouts as an answer. A failure leaves the first-line title."""
+    s = relay.settings
+    model = s.title_model or s.chat_model
+    conversation = f"User: {(answer.title_question or '')[:2000]}\n\nAssistant: {answer.full_text[:2000]}"
+    payload = {"model": model, "messages": [{"role": "system", "content": TITLE_PROMPT},
+                                            {"role": "user", "content": conversation}],
+               "stream": True, "stream_options": {"include_usage": True}, "enable_thinking": False,
+               "max_tokens": 40}  # fmt: skip
+    text: list[str] = []
+    usage, status, code = None, "ok", "-"
+    try:
+        with anyio.fail_after(s.upstream_total_timeout):
+            for attempt in range(s.upstream_retries + 1):
+                try:
+                    async for delta in stream_completion(relay.client, s, payload):
+                        text.append(delta.content)
+                        usage = delta.usage or usage
+                    break
+                except UpstreamError as exc:
+                    if text or not exc.retryable or attempt == s.upstream_retries:
+                        raise
+                    await asyncio.sleep(backoff(attempt, exc.retry_after))
+    except UpstreamError as exc:
+        status, code = "failed", exc.code
+    except TimeoutError:
+        status, code = "failed", "upstream_timeout"
+    title = clean_title("".join(text)) if status == "ok" else None
+    if status == "ok" and title is None:
+        status = "empty"
+    try:
+        if not await relay.store.set_model_title(answer.owner, answer.session_id, title, usage):
+            status = "kept"  # a client named it meanwhile
+    except StorageUnavailable as exc:
+        status, code = "unstored", "storage_unavailable"
+        log.warning("title of session %s not stored: %s", answer.session_id, exc.detail)
+    usage = usage or {}
+    log.info(
+        "title session=%s message=%s model=%s status=%s code=%s prompt_tokens=%s completion_tokens=%s",
+        answer.session_id, answer.message_id, model, status, code, usage.get("prompt_tokens", "-"),
+        usage.get("completion_tokens", "-"),
+    )  # fmt: skip
 
 
 # ── Replicas: answers followed across processes on one PostgreSQL database ─────────────
@@ -2424,11 +2625,11 @@ def is_json(content_type: str | None) -> bool:
     return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
 
 
-async def read_json(request: Request, settings: Settings, optional: bool = False) -> dict:
+async def read_json(request: Request, settings: Settings, optional: bool = False, limit: int | None = None) -> dict:
     """The body as a JSON object: only as `application/json` (415: a cross-site form or `text/plain`
-    POST must not run a chat), at most CHATSVC_MAX_BODY_BYTES (413, counted, not trusted from
-    headers), arriving within CHATSVC_READ_TIMEOUT (408)."""
-    limit = settings.max_body_bytes
+    POST must not run a chat), at most CHATSVC_MAX_BODY_BYTES (or `limit`; 413, counted, not trusted
+    from headers), arriving within CHATSVC_READ_TIMEOUT (408)."""
+    limit = limit or settings.max_body_bytes
     declared = request.headers.get("content-length", "")
     if ASCII_NUMBER.fullmatch(declared) and int(declared) > limit:
         raise too_large(limit)
@@ -2575,6 +2776,123 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
     )
 
 
+EXPORT_FORMAT, EXPORT_VERSION = "chatsvc.conversation", 1
+IMPORT_MAX_MESSAGES = 100_000
+IMPORTED_STATUSES = (COMPLETE, STOPPED, INTERRUPTED, FAILED)
+MAX_COUNT = 2**31 - 1
+
+
+@dataclass
+class ImportedConversation:
+    """A conversation file, checked: its messages' parents come before them."""
+
+    session_id: str | None
+    title: str | None
+    system_prompt: str | None
+    model: str | None
+    current_message_id: str | None
+    messages: list[dict]  # the messages' rows, with the file's ids
+
+
+def parse_import(settings: Settings, body: dict) -> ImportedConversation:
+    """A file of GET .../export, every field checked; the first bad one is a 422 naming its path."""
+
+    def fail(path: str, what: str) -> NoReturn:
+        raise invalid(f"{path}: {what}")
+
+    def text(value: Any, path: str, max_chars: int, optional: bool = True) -> str | None:
+        if value is None and optional:
+            return None
+        if not isinstance(value, str):
+            fail(path, "must be a string" + (" or null." if optional else "."))
+        try:
+            return storable(path, value, max_chars)
+        except ApiError as exc:
+            fail(path, exc.detail.split("' ", 1)[-1])
+
+    def fields_of(value: Any, path: str, allowed: tuple[str, ...]) -> dict:
+        if not isinstance(value, dict):
+            fail(path, "must be an object.")
+        unknown = sorted(set(value) - set(allowed))
+        if unknown:
+            fail(f"{path}.{unknown[0]}" if path else unknown[0], f"unknown field; allowed: {', '.join(allowed)}.")
+        return value
+
+    fields_of(body, "", ("format", "version", "exported_at", "conversation", "messages"))
+    if body.get("format") != EXPORT_FORMAT or body.get("version") != EXPORT_VERSION or type(body["version"]) is not int:
+        fail("format", f"this is not a chatsvc conversation file (format {EXPORT_FORMAT!r}, version {EXPORT_VERSION}).")
+    conv = fields_of(body.get("conversation"), "conversation", ("session_id", "title", "system_prompt", "model",
+                     "created_at", "updated_at", "current_message_id"))  # fmt: skip
+    text(body.get("exported_at"), "exported_at", 40)
+    for name in ("created_at", "updated_at"):  # the import's own times are its own
+        text(conv.get(name), f"conversation.{name}", 40)
+    session_id = conv.get("session_id")
+    if session_id is not None and not (isinstance(session_id, str) and SESSION_ID.fullmatch(session_id)):
+        fail("conversation.session_id", f"must be {_SESSION_ID_RULE}, or null.")
+    model = text(conv.get("model"), "conversation.model", 200)
+    if model is not None and model not in settings.models:
+        fail("conversation.model", f"unknown model {json.dumps(model)}; available: {', '.join(settings.models)}.")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        fail("messages", "must be a list.")
+    if len(messages) > IMPORT_MAX_MESSAGES:
+        fail("messages", f"more than {IMPORT_MAX_MESSAGES} messages.")
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for n, message in enumerate(messages):
+        path = f"messages[{n}]"
+        m = fields_of(message, path, ("id", "parent_id", "role", "content", "reasoning_content", "status", "model",
+                      "finish_reason", "error", "usage", "created_at", "in_context"))  # fmt: skip
+        message_id = text(m.get("id"), f"{path}.id", 128, optional=False)
+        if message_id in seen:
+            fail(f"{path}.id", "is the id of an earlier message of the file.")
+        parent_id = m.get("parent_id")
+        if parent_id is not None and parent_id not in seen:
+            fail(f"{path}.parent_id", "must be null or the id of an earlier message of the file.")
+        if m.get("role") not in ("user", "assistant"):
+            fail(f"{path}.role", "must be 'user' or 'assistant'.")
+        if m.get("status") not in IMPORTED_STATUSES:
+            fail(f"{path}.status", f"must be one of {', '.join(IMPORTED_STATUSES)} (an answer still being"
+                 " written cannot be imported).")  # fmt: skip
+        error = m.get("error")
+        if error is not None:
+            fields_of(error, f"{path}.error", ("code", "message"))
+            text(error.get("code"), f"{path}.error.code", 64, optional=False)
+            text(error.get("message"), f"{path}.error.message", 2000)
+        usage = m.get("usage")
+        if usage is not None:
+            fields_of(usage, f"{path}.usage", USAGE_FIELDS)
+            for name in USAGE_FIELDS:
+                count = usage.get(name)
+                if count is not None and (type(count) is not int or not 0 <= count <= MAX_COUNT):
+                    fail(f"{path}.usage.{name}", f"must be a whole number from 0 to {MAX_COUNT}, or null.")
+        if not isinstance(m.get("in_context", True), bool):
+            fail(f"{path}.in_context", "must be true or false.")
+        usage = usage or {}
+        rows.append({
+            "id": message_id, "parent_id": parent_id, "role": m["role"],
+            "content": text(m.get("content"), f"{path}.content", settings.max_answer_chars, optional=False),
+            "reasoning_content": text(m.get("reasoning_content"), f"{path}.reasoning_content",
+                                      settings.max_answer_chars),
+            "status": m["status"], "model": text(m.get("model"), f"{path}.model", 200),
+            "finish_reason": text(m.get("finish_reason"), f"{path}.finish_reason", 64),
+            "error_code": error and error["code"], "error_message": error and error.get("message"),
+            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+            "total_tokens": usage.get("total_tokens"), "last_seq": None,
+            "created_at": text(m.get("created_at"), f"{path}.created_at", 40, optional=False),
+            "in_context": m.get("in_context", True),
+        })  # fmt: skip
+        seen.add(message_id)
+    current = conv.get("current_message_id")
+    if current is not None and current not in seen:
+        fail("conversation.current_message_id", "must be null or the id of a message of the file.")
+    return ImportedConversation(
+        session_id, text(conv.get("title"), "conversation.title", 200),
+        text(conv.get("system_prompt"), "conversation.system_prompt", settings.max_message_chars), model, current,
+        rows,
+    )  # fmt: skip
+
+
 # ── HTTP: presenting rows ──────────────────────────────────────────────────────────────
 
 
@@ -2587,6 +2905,9 @@ def present_conversation(settings: Settings, row: dict) -> dict:
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
         "current_message_id": row["current_message_id"],
+        "title_usage": {name: row[f"title_{name}"] for name in USAGE_FIELDS}
+        if row["title_total_tokens"] is not None or row["title_prompt_tokens"] is not None
+        else None,
         "message_count": int(row["message_count"]),
         "context_message_count": int(row["context_message_count"]),
         "generating": bool(row["generating"]),
@@ -2668,6 +2989,7 @@ def openapi_document(settings: Settings) -> bytes:
     schemas = doc["components"]["schemas"]
     for name in ("ChatRequest", "ConversationCreate", "ConversationPatch"):
         schemas[name]["properties"]["model"]["enum"] = [*settings.models, None]
+    schemas["ConversationFile"]["properties"]["conversation"]["properties"]["model"]["enum"] = [*settings.models, None]
     return json.dumps(doc, ensure_ascii=False).encode()
 
 
@@ -2708,19 +3030,43 @@ async def conversation_or_404(request: Request, key: tuple[str, str]) -> dict:
     return row
 
 
+def snippet(text: str, query: str, before: int = 30, after: int = 60) -> str:
+    """A short excerpt of `text` around the first place that contains `query` (any case)."""
+    folded = text.lower()
+    at = folded.find(query.lower()) if len(folded) == len(text) else text.find(query)
+    at = max(at, 0)
+    start, end = max(0, at - before), min(len(text), at + len(query) + after)
+    excerpt = " ".join(text[start:end].split())
+    return ("…" if start > 0 else "") + excerpt + ("…" if end < len(text) else "")
+
+
 async def list_conversations(request: Request) -> Response:
+    """The owner's conversations, newest first; with `q`, those whose title or any message contains
+    it (as text: no character of it is an operator), each with where it matched."""
     st = state(request)
     owner = owner_of(request)
     limit = query_int(request, "limit", 50, 1, 200)
     cursor = request.query_params.get("cursor")
     after = tuple(decode_cursor(cursor, 2)) if cursor else None
-    rows = await st.store.conversations(owner, limit + 1, after)
+    query = request.query_params.get("q")
+    if query is None:
+        rows = await st.store.conversations(owner, limit + 1, after)
+    else:
+        if not query.strip():
+            raise invalid("'q' must not be blank.")
+        rows = await st.store.search(owner, storable("q", query, 200), limit + 1, after)
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = encode_cursor(rows[-1]["updated_at"], rows[-1]["session_id"]) if more else None
-    return JSONResponse(
-        {"conversations": [present_conversation(st.settings, r) for r in rows], "next_cursor": next_cursor}
-    )
+    conversations = [present_conversation(st.settings, r) for r in rows]
+    if query is not None:
+        texts = await st.store.texts([r["match_id"] for r in rows if r["match_id"] and not r["title_match"]])
+        for body, row in zip(conversations, rows, strict=True):
+            if row["title_match"] or row["match_id"] not in texts:
+                body["match"] = {"field": "title"}
+            else:
+                body["match"] = {"message_id": row["match_id"], "snippet": snippet(texts[row["match_id"]], query)}
+    return JSONResponse({"conversations": conversations, "next_cursor": next_cursor})
 
 
 async def create_conversation(request: Request) -> Response:
@@ -2795,6 +3141,7 @@ async def update_conversation(request: Request) -> Response:
     changes: dict[str, Any] = {}
     if "title" in body:
         changes["title"] = optional_text(body, "title", 200)
+        changes["title_source"] = "client" if changes["title"] is not None else None
     if "system_prompt" in body:
         changes["system_prompt"] = optional_text(body, "system_prompt", st.settings.max_message_chars)
     if "model" in body:
@@ -2828,6 +3175,73 @@ async def delete_message(request: Request) -> Response:
     await st.store.delete_branch(owner, session_id, message_id)
     row = await conversation_or_404(request, (owner, session_id))
     return JSONResponse(present_conversation(st.settings, row))
+
+
+def exported_message(row: dict, context_start: str) -> dict:
+    return {
+        "id": row["id"], "parent_id": row["parent_id"], "role": row["role"], "content": row["content"],
+        "reasoning_content": row["reasoning_content"], "status": row["status"], "model": row["model"],
+        "finish_reason": row["finish_reason"],
+        "error": {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None,
+        "usage": row_usage(row), "created_at": row["created_at"], "in_context": row["id"] > context_start,
+    }  # fmt: skip
+
+
+def markdown_document(conversation: dict, branch: list[dict]) -> str:
+    """The current branch as a document a person reads."""
+    lines = [f"# {conversation['title'] or conversation['session_id']}", "",
+             f"*{len(branch)} messages, exported from chatsvc on {utcnow()[:10]}.*", ""]  # fmt: skip
+    for row in branch:
+        who = "User" if row["role"] == "user" else f"Assistant ({row['model']})" if row["model"] else "Assistant"
+        lines += [f"## {who} · {row['created_at'][:16].replace('T', ' ')}", ""]
+        if row["reasoning_content"]:
+            lines += ["<details><summary>Reasoning</summary>", "", row["reasoning_content"], "", "</details>", ""]
+        lines += [row["content"], ""]
+        if row["status"] not in (COMPLETE,):
+            lines += [f"*({row['status']}{': ' + row['error_message'] if row['error_message'] else ''})*", ""]
+    return "\n".join(lines)
+
+
+async def export_conversation(request: Request) -> Response:
+    """The conversation and every message of its tree as JSON (what POST .../import takes), or with
+    `format=markdown` its current branch as a document."""
+    st = state(request)
+    key = conversation_key(request)
+    kind = request.query_params.get("format", "json")
+    if kind not in ("json", "markdown"):
+        raise invalid("'format' must be json or markdown.")
+    row = await conversation_or_404(request, key)
+    if kind == "markdown":
+        branch = await st.store.branch(*key, 2**31 - 1)
+        return Response(
+            markdown_document(row, branch[::-1]), media_type="text/markdown; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{key[1]}.md"'},
+        )  # fmt: skip
+    messages = await st.store.tree(*key, 2**31 - 1)
+    return JSONResponse({
+        "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported_at": utcnow(),
+        "conversation": {name: row[name] for name in ("session_id", "title", "system_prompt", "model", "created_at",
+                                                      "updated_at", "current_message_id")},
+        "messages": [exported_message(m, row["context_start"]) for m in messages],
+    })  # fmt: skip
+
+
+async def import_conversation(request: Request) -> Response:
+    """A new conversation of the caller from an export: every message copied with new ids and the
+    same tree. `?session_id=` asks for an id (409 if taken); else the file's, or a new one if taken."""
+    st = state(request)
+    owner = owner_of(request)
+    asked = request.query_params.get("session_id")
+    if asked is not None:
+        check_session_id(asked)
+    file = parse_import(st.settings, await read_json(request, st.settings, limit=st.settings.max_import_bytes))
+    session_id = asked or file.session_id or str(uuid.uuid4())
+    while not await st.store.import_conversation(owner, session_id, file):
+        if asked is not None:
+            raise conversation_exists(session_id)
+        session_id = str(uuid.uuid4())
+    row = await conversation_or_404(request, (owner, session_id))
+    return JSONResponse(present_conversation(st.settings, row), status_code=201)
 
 
 async def fork_conversation(request: Request) -> Response:
@@ -2905,7 +3319,10 @@ async def plan_turn(request: Request, key: tuple[str, str], chat: ChatRequest) -
     system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
     assert question is not None
     messages = build_context(system_prompt, history, question, s.max_context_messages, s.max_context_tokens)
-    turn = Turn(owner, session_id, new_message_id(), model, question_id, question, new_question, start)
+    title = None
+    if s.titles != "off" and (conversation is None or conversation["title"] is None):
+        title = question.strip().splitlines()[0][:TITLE_CHARS]
+    turn = Turn(owner, session_id, new_message_id(), model, question_id, question, new_question, start, title)
     return turn, messages
 
 
@@ -3266,6 +3683,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/openapi.json", openapi),
         Route(f"{api}/context/conversations", list_conversations, methods=["GET"]),
         Route(f"{api}/context/conversations", create_conversation, methods=["POST"]),
+        Route(f"{api}/context/conversations/import", import_conversation, methods=["POST"]),
         Route(f"{api}/context/conversations/{{session_id}}", get_conversation, methods=["GET"]),
         Route(f"{api}/context/conversations/{{session_id}}", update_conversation, methods=["PATCH"]),
         Route(f"{api}/context/conversations/{{session_id}}", delete_conversation, methods=["DELETE"]),
@@ -3274,6 +3692,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
             f"{api}/context/conversations/{{session_id}}/messages/{{message_id}}", delete_message, methods=["DELETE"]
         ),
         Route(f"{api}/context/conversations/{{session_id}}/fork", fork_conversation, methods=["POST"]),
+        Route(f"{api}/context/conversations/{{session_id}}/export", export_conversation, methods=["GET"]),
         Route(f"{api}/context/conversations/{{session_id}}/context", clear_context, methods=["DELETE"]),
         Route(f"{api}/chat/{{session_id}}", chat, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}/stream", chat_stream, methods=["POST"]),

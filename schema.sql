@@ -75,3 +75,52 @@ CREATE INDEX messages_by_parent ON messages (parent_id, id);
 
 -- a conversation's roots: the siblings of its first message
 CREATE INDEX messages_roots ON messages (owner, session_id, id) WHERE parent_id IS NULL;
+
+-- step 3: titles written by the model, and search over what was said
+-- title_source says who wrote the title: 'client' (create or PATCH), 'first_line' (the first
+-- message's first line, until the model's title replaces it) or 'model'; NULL for a conversation
+-- from before this step, whose title stays as it is. title_*_tokens: what the model's title cost.
+ALTER TABLE conversations ADD COLUMN title_source TEXT;
+
+ALTER TABLE conversations ADD COLUMN title_prompt_tokens INTEGER;
+
+ALTER TABLE conversations ADD COLUMN title_completion_tokens INTEGER;
+
+ALTER TABLE conversations ADD COLUMN title_total_tokens INTEGER;
+
+-- SQLite: a full-text index with the trigram tokenizer (substrings of 3 characters or more, any
+-- script, case-insensitive) of every message not `streaming`, kept in step by triggers. It holds
+-- its own copy of the text: messages.search_id is the message's row in it (a column, so VACUUM,
+-- which may renumber rowids, cannot break the link).
+-- sqlite only
+ALTER TABLE messages ADD COLUMN search_id INTEGER;
+
+-- sqlite only
+CREATE VIRTUAL TABLE messages_search USING fts5 (content, tokenize = 'trigram');
+
+-- sqlite only
+INSERT INTO messages_search (rowid, content) SELECT rowid, content FROM messages WHERE status != 'streaming';
+
+-- sqlite only
+UPDATE messages SET search_id = rowid WHERE status != 'streaming';
+
+-- sqlite only
+CREATE INDEX messages_by_search_id ON messages (search_id) WHERE search_id IS NOT NULL;
+
+-- sqlite only
+CREATE TRIGGER messages_search_insert AFTER INSERT ON messages WHEN new.status != 'streaming'
+BEGIN INSERT INTO messages_search (content) VALUES (new.content); UPDATE messages SET search_id = last_insert_rowid() WHERE id = new.id; END;
+
+-- sqlite only
+CREATE TRIGGER messages_search_update AFTER UPDATE OF content, status ON messages
+WHEN old.search_id IS NOT NULL OR new.status != 'streaming'
+BEGIN DELETE FROM messages_search WHERE rowid = old.search_id; INSERT INTO messages_search (content) SELECT new.content WHERE new.status != 'streaming'; UPDATE messages SET search_id = CASE WHEN new.status != 'streaming' THEN last_insert_rowid() END WHERE id = new.id; END;
+
+-- sqlite only
+CREATE TRIGGER messages_search_delete AFTER DELETE ON messages WHEN old.search_id IS NOT NULL
+BEGIN DELETE FROM messages_search WHERE rowid = old.search_id; END;
+
+-- PostgreSQL: a trigram index (pg_trgm) that serves ILIKE; where the extension cannot be installed,
+-- search still works, by scanning the owner's messages.
+-- postgresql only
+DO $$ BEGIN CREATE EXTENSION IF NOT EXISTS pg_trgm; CREATE INDEX messages_text_search ON messages USING gin (content gin_trgm_ops); EXCEPTION WHEN OTHERS THEN RAISE NOTICE 'pg_trgm is not available, search scans'; END $$;

@@ -106,6 +106,9 @@ class Service:
             "CHATSVC_UPSTREAM_IDLE_TIMEOUT": "5",
             "CHATSVC_REPLAY_SECONDS": "5",
             "CHATSVC_SHUTDOWN_GRACE": "1",
+            # the model's titles are one more upstream request after a conversation's first answer:
+            # tests/test_titles.py asks for them; every other test counts the requests it makes
+            "CHATSVC_TITLES": "first-line",
             **env,
         }
         self.env = {k: v for k, v in self.env.items() if v is not None}

@@ -66,6 +66,9 @@ def test_every_parameter_and_header_takes_any_text(client, fake, text, header):
     headers = {"X-Request-ID": header, "Last-Event-ID": header, "Content-Type": "application/json"}
     requests = [
         ("GET", f"{API}/context/conversations", {"params": {"limit": text, "cursor": text}}),
+        ("GET", f"{API}/context/conversations", {"params": {"q": text}}),
+        ("GET", f"{API}/context/conversations/s1/export", {"params": {"format": text}}),
+        ("POST", f"{API}/context/conversations/import", {"params": {"session_id": text}, "content": b"{}"}),
         ("GET", f"{API}/context/conversations/{path}", {"params": {"limit": text}}),
         ("GET", f"{API}/context/conversations/s1/messages", {"params": {"before": text, "limit": text}}),
         ("GET", f"{API}/context/conversations/s1/messages", {"params": {"cursor": text}}),
@@ -101,6 +104,7 @@ def test_every_body_takes_any_json(client, fake, body):
         ("POST", f"{API}/context/conversations"),
         ("PATCH", f"{API}/context/conversations/s1"),
         ("POST", f"{API}/context/conversations/s1/fork"),
+        ("POST", f"{API}/context/conversations/import"),
     ]:
         check(client.request(method, url, content=raw, headers={"Content-Type": "application/json"}))
     healthy(client)

@@ -31,6 +31,10 @@ def test_the_document_is_served(client):
     served = r.json()
     for name in ("ChatRequest", "ConversationCreate", "ConversationPatch"):
         assert served["components"]["schemas"][name]["properties"]["model"].pop("enum") == ["qwen-plus", None]
+    schemas = served["components"]["schemas"]
+    file_model = schemas["ConversationFile"]["properties"]["conversation"]["properties"]["model"]
+    assert file_model["enum"] == ["qwen-plus", None]
+    file_model["enum"] = None  # as docs/openapi.json has it
     assert served == DOC
 
 
@@ -43,20 +47,36 @@ def test_schemathesis_finds_no_5xx_and_no_nonconforming_response(tmp_path, fake,
     # limit on their sum, which no schema can state (test_chatsvc.py tests it).
     service = make_service(CHATSVC_MAX_BODY_BYTES="65536", CHATSVC_MAX_CONTEXT_TOKENS="100000")
     with LiveServer(service.settings) as live:
-        command = [
-            sys.executable, "-m", "schemathesis.cli", "--config-file", str(Path(__file__).parent / "schemathesis.toml"),
-            "run", f"{live.url}/openapi.json",
-            "--checks", "all", "--max-examples", "25", "--seed", "1", "--workers", "1",
+
+        def schemathesis(*args: str, seconds: int) -> None:
+            command = [
+                sys.executable, "-m", "schemathesis.cli", "--config-file",
+                str(Path(__file__).parent / "schemathesis.toml"), "run", f"{live.url}/openapi.json",
+                "--max-examples", "25", "--seed", "1", "--workers", "1", "--request-timeout", "10",
+                "--max-time", str(seconds), "--suppress-health-check", "all",
+                "--report", "junit", "--report-dir", str(tmp_path), *args,
+            ]  # fmt: skip
+            run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            print(run.stdout[-3000:])
+            assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+        schemathesis(
+            "--checks", "all",
             # Two stateful heuristics misread the contract's "a chat to an unknown session_id creates
             # it": a conversation made by POST /chat/{id} then deleted reads as "created resource not
             # found", and one deleted then made again by a chat as "deleted resource still available".
             # (Both chains, replayed by hand, answer 404 where they should.)
             "--exclude-checks", "ensure_resource_availability,use_after_free",
-            "--exclude-operation-id", "channel",
-            "--request-timeout", "10", "--max-time", "120", "--suppress-health-check", "all",
-            "--report", "junit", "--report-dir", str(tmp_path),
-        ]  # fmt: skip
-        # The event channel (GET .../stream) never ends by design; test_streaming.py covers it.
-        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    print(run.stdout[-3000:])
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+            # The event channel (GET .../stream) never ends by design; test_streaming.py covers it.
+            "--exclude-operation-id", "channel", "--exclude-operation-id", "importConversation",
+            seconds=120,
+        )  # fmt: skip
+        # An import on its own, with every check but two. A conversation file refers to its own
+        # messages (a parent is an earlier message of the file), which no schema can say, so a
+        # generated file is mostly a 422 naming that field, rightly (tests/test_export.py). And
+        # /conversations/import is also the path of a conversation named "import": its Allow header
+        # truthfully lists GET, PATCH and DELETE too.
+        schemathesis(
+            "--checks", "all", "--exclude-checks", "positive_data_acceptance,allow_header_conformance",
+            "--include-operation-id", "importConversation", "--phases", "examples,coverage,fuzzing", seconds=60,
+        )  # fmt: skip

@@ -22,7 +22,7 @@ import chatsvc
 API = "/api/v1"
 RELEASES = Path(__file__).resolve().parent / "releases"
 EXPECTED = json.loads((RELEASES / "v1.json").read_text())
-NEW_FIELDS = {"parent_id", "sibling_ids", "current_message_id"}
+NEW_FIELDS = {"parent_id", "sibling_ids", "current_message_id", "title_usage"}
 OLD_COLUMNS = ("id", "owner", "session_id", "role", "content", "reasoning_content", "status", "model",
                "finish_reason", "error_code", "error_message", "prompt_tokens", "completion_tokens", "total_tokens",
                "last_seq", "created_at", "updated_at")  # fmt: skip
@@ -79,7 +79,8 @@ def without_new_fields(value):
 def test_a_first_release_database_upgrades_in_place_and_reads_back_the_same(v1_database, fake, service_env):
     service = Service(v1_database, fake, **service_env)
     with service.client() as client:
-        assert [r["version"] for r in service.rows("SELECT version FROM schema_versions ORDER BY version")] == [1, 2]
+        versions = service.rows("SELECT version FROM schema_versions ORDER BY version")
+        assert [r["version"] for r in versions] == list(range(1, len(chatsvc.schema_steps()) + 1))
         for key, before in EXPECTED.items():
             owner, session_id = key.split("/")
             after = client.get(f"{API}/context/conversations/{session_id}", headers={"X-User-Id": owner}).json()
@@ -117,9 +118,16 @@ def test_a_first_release_database_upgrades_in_place_and_reads_back_the_same(v1_d
         branch = client.get(f"{API}/context/conversations/plain", headers=alice).json()["messages"]
         assert [m["content"] for m in branch] == ["Who are you?", "Hello, I am Qwen.", "2+2, again?", "edited"]
         assert branch[2]["sibling_ids"] == [plain[2]["id"], branch[2]["id"]]
+        # the old messages are found by search (the index was built by the upgrade)
+        found = client.get(f"{API}/context/conversations", params={"q": "有座山"}, headers=alice).json()
+        assert [(c["session_id"], c["match"]["snippet"]) for c in found["conversations"]] == [("zh", "从前有座山")]
+        found = client.get(f"{API}/context/conversations", params={"q": "cut cut"}, headers=alice).json()
+        assert [c["session_id"] for c in found["conversations"]] == ["crashed"]  # interrupted at the start: found
+        found = client.get(f"{API}/context/conversations", params={"q": "question"}, headers={"X-User-Id": "bob"})
+        assert [c["session_id"] for c in found.json()["conversations"]] == ["plain"]
     # a second start finds the database current: nothing is applied again
     with Service(v1_database, fake, **service_env).client():
-        assert len(service.rows("SELECT version FROM schema_versions")) == 2
+        assert len(service.rows("SELECT version FROM schema_versions")) == len(chatsvc.schema_steps())
 
 
 @pytest.fixture
@@ -131,9 +139,9 @@ def test_a_failed_step_leaves_the_database_as_it_was(v1_database, fake, monkeypa
     service = Service(v1_database, fake, CHATSVC_USER_HEADER="X-User-Id")
     before = service.rows(f"SELECT {', '.join(OLD_COLUMNS)} FROM messages ORDER BY id")
     real = chatsvc.schema_steps()
-    failing = "INSERT INTO nowhere VALUES (1)"
+    failing = chatsvc.SchemaStatement("INSERT INTO nowhere VALUES (1)", None)
     broken = chatsvc.SchemaStep(2, "a step that fails half-way", [*real[1].statements, failing])
-    monkeypatch.setattr(chatsvc, "schema_steps", lambda: [real[0], broken])
+    monkeypatch.setattr(chatsvc, "schema_steps", lambda: [real[0], broken, *real[2:]])
     with pytest.raises(chatsvc.SchemaError) as failed:
         with service.client():
             pass
@@ -153,15 +161,15 @@ def test_a_database_newer_than_the_code_is_refused_in_one_sentence(v1_database, 
     service = Service(v1_database, fake)
     with service.client():
         pass
-    service.rows("INSERT INTO schema_versions (version, applied_at, release) VALUES (3, 'later', '9.0')")
+    service.rows("INSERT INTO schema_versions (version, applied_at, release) VALUES (99, 'later', '9.0')")
     out = run_chatsvc(env={**service.env, "PORT": "1"}, cwd=tmp_path)
     assert out.returncode == 2, out.stderr
     assert out.stderr.strip() == (
-        "chatsvc: The database at DATABASE_URL has schema version 3, newer than this chatsvc"
-        f" ({chatsvc.__version__}, schema version 2) knows: run the chatsvc release that upgraded it (or a newer"
-        " one), or restore a backup made before that upgrade."
+        "chatsvc: The database at DATABASE_URL has schema version 99, newer than this chatsvc"
+        f" ({chatsvc.__version__}, schema version {len(chatsvc.schema_steps())}) knows: run the chatsvc release"
+        " that upgraded it (or a newer one), or restore a backup made before that upgrade."
     )
-    with pytest.raises(chatsvc.SchemaError, match="schema version 3, newer"):
+    with pytest.raises(chatsvc.SchemaError, match="schema version 99, newer"):
         with service.client():
             pass
     assert len(service.rows("SELECT * FROM messages")) == len(v1_rows("messages", OLD_COLUMNS))
@@ -178,9 +186,11 @@ def test_replicas_starting_together_on_an_old_database_upgrade_it_once(postgres_
     try:
         start_together(*servers)
         logs = [server.log() for server in servers]
-        assert sum("step 2 applied" in text for text in logs) == 1, logs
+        for step in chatsvc.schema_steps():
+            assert sum(f"step {step.version} applied" in text for text in logs) == 1, logs
         assert not any("Traceback" in text for text in logs), logs
-        assert service.rows("SELECT version FROM schema_versions ORDER BY version") == [{"version": 1}, {"version": 2}]
+        versions = service.rows("SELECT version FROM schema_versions ORDER BY version")
+        assert versions == [{"version": n} for n in range(1, len(chatsvc.schema_steps()) + 1)]
         for server in servers:
             with server.client() as client:
                 r = client.get(f"{API}/context/conversations/plain", headers={"X-User-Id": "alice"})
@@ -201,6 +211,6 @@ def test_check_does_not_upgrade_and_names_a_database_too_new(v1_database, fake, 
     assert "parent_id" not in columns  # --check looks, the start upgrades
     with service.client():
         pass
-    service.rows("INSERT INTO schema_versions (version, applied_at, release) VALUES (3, 'later', '9.0')")
+    service.rows("INSERT INTO schema_versions (version, applied_at, release) VALUES (99, 'later', '9.0')")
     out = run_chatsvc("--check", env=service.env, cwd=tmp_path)
-    assert out.returncode == 1 and "schema version 3, newer than this chatsvc" in out.stderr, out.stderr
+    assert out.returncode == 1 and "schema version 99, newer than this chatsvc" in out.stderr, out.stderr

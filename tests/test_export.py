@@ -1,0 +1,197 @@
+"""Export and import: a conversation's whole tree as JSON (and its current branch as Markdown),
+imported as a new conversation of the caller with new ids and the same tree; hostile files are
+422s naming the first bad field, and an import is all or nothing."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from fake_dashscope import Reply
+
+API = "/api/v1"
+CONV = f"{API}/context/conversations"
+VOLATILE = ("exported_at",)
+
+
+def say(client, fake, session_id, reply, headers=None, **body):
+    fake.push(reply)
+    r = client.post(f"{API}/chat/{session_id}", json=body, headers=headers or {})
+    return r.json()
+
+
+@pytest.fixture
+def tree(client, fake):
+    """A conversation with branches, reasoning, a failed answer and a context clear."""
+    client.post(CONV, json={"session_id": "t", "system_prompt": "Be brief.", "title": "A tree"})
+    first = say(client, fake, "t", Reply.answer(["4"], reasoning=["2+2", "=4"]), message="2+2?", enable_thinking=True)
+    say(client, fake, "t", Reply.error(500, "InternalError", "boom"), message="and 3+3?")
+    assert client.delete(f"{CONV}/t/context").status_code == 200
+    again = say(client, fake, "t", Reply.answer(["six"]), message="3+3, please", parent_id=first["message_id"])
+    say(client, fake, "t", Reply.answer(["4, still"]), regenerate=first["message_id"])
+    client.patch(f"{CONV}/t", json={"current_message_id": again["message_id"]})
+    return client
+
+
+def export(client, session_id="t", headers=None):
+    r = client.get(f"{CONV}/{session_id}/export", headers=headers or {})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def same_but_ids_and_times(a: dict, b: dict) -> None:
+    """Equal once the ids are renamed in order and the times of the conversation dropped."""
+
+    def normal(doc):
+        doc = copy.deepcopy(doc)
+        names = {m["id"]: f"m{n}" for n, m in enumerate(doc["messages"])}
+        for m in doc["messages"]:
+            m["id"], m["parent_id"] = names[m["id"]], names.get(m["parent_id"])
+        conv = doc["conversation"]
+        conv["current_message_id"] = names.get(conv["current_message_id"])
+        for name in ("session_id", "created_at", "updated_at"):
+            conv.pop(name)
+        for name in VOLATILE:
+            doc.pop(name)
+        return doc
+
+    assert normal(a) == normal(b)
+
+
+def test_export_holds_the_whole_tree(tree):
+    doc = export(tree)
+    assert doc["format"] == "chatsvc.conversation" and doc["version"] == 1
+    assert doc["conversation"]["title"] == "A tree" and doc["conversation"]["system_prompt"] == "Be brief."
+    messages = doc["messages"]
+    assert len(messages) == 7 and [m["role"] for m in messages].count("assistant") == 4
+    assert messages[1]["reasoning_content"] == "2+2=4"
+    failed = [m for m in messages if m["status"] == "failed"]
+    assert failed[0]["error"]["code"] == "upstream_error" and failed[0]["content"] == ""
+    assert [m["in_context"] for m in messages] == [False] * 4 + [True] * 3
+    assert messages[6]["parent_id"] == messages[0]["id"]  # the regeneration, a sibling of the first answer
+    assert doc["conversation"]["current_message_id"] == messages[5]["id"]
+
+
+def test_export_import_export_is_the_same_but_ids_and_times(tree, service):
+    doc = export(tree)
+    r = tree.post(f"{CONV}/import", json=doc)
+    assert r.status_code == 201, r.text
+    imported = r.json()
+    assert imported["session_id"] not in ("t", None)  # "t" is taken: a new id
+    again = export(tree, imported["session_id"])
+    same_but_ids_and_times(doc, again)
+    assert not {m["id"] for m in doc["messages"]} & {m["id"] for m in again["messages"]}
+    # the import is a conversation like any other: its branch, its context
+    branch = [m["content"] for m in tree.get(f"{CONV}/{imported['session_id']}").json()["messages"]]
+    assert branch == ["2+2?", "4", "3+3, please", "six"]
+    # the id asked for; taken is 409
+    r = tree.post(f"{CONV}/import?session_id=copy-2", json=doc)
+    assert r.status_code == 201 and r.json()["session_id"] == "copy-2"
+    r = tree.post(f"{CONV}/import?session_id=copy-2", json=doc)
+    assert r.status_code == 409 and r.json()["code"] == "conversation_exists"
+    # the file's own id when it is free
+    tree.delete(f"{CONV}/t")
+    r = tree.post(f"{CONV}/import", json=doc)
+    assert r.status_code == 201 and r.json()["session_id"] == "t"
+
+
+def test_import_continues_like_the_original(tree, fake):
+    doc = export(tree)
+    sid = tree.post(f"{CONV}/import", json=doc).json()["session_id"]
+    fake.push(Reply.answer(["ok"]))
+    assert tree.post(f"{API}/chat/{sid}", json={"message": "next"}).status_code == 200
+    assert fake.requests[-1].body["messages"] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "3+3, please"},
+        {"role": "assistant", "content": "six"}, {"role": "user", "content": "next"}]  # fmt: skip
+
+
+def test_markdown_is_the_current_branch(tree):
+    r = tree.get(f"{CONV}/t/export?format=markdown")
+    assert r.status_code == 200
+    assert r.headers["content-type"] == "text/markdown; charset=utf-8"
+    assert r.headers["content-disposition"] == 'attachment; filename="t.md"'
+    text = r.text
+    assert text.startswith("# A tree\n")
+    assert (
+        text.index("2+2?") < text.index("<summary>Reasoning</summary>") < text.index("3+3, please") < text.index("six")
+    )
+    assert "4, still" not in text and "and 3+3?" not in text  # other branches stay out
+    assert tree.get(f"{CONV}/t/export?format=pdf").status_code == 422
+    assert tree.get(f"{CONV}/missing/export").status_code == 404
+
+
+def test_import_is_the_callers_and_never_touches_another_owners_ids(make_service, fake):
+    with make_service(CHATSVC_USER_HEADER="X-User-Id").client() as client:
+        alice, bob = {"X-User-Id": "alice"}, {"X-User-Id": "bob"}
+        say(client, fake, "s1", Reply.answer(["alice's answer"]), headers=alice, message="alice's question")
+        doc = export(client, "s1", alice)
+        r = client.post(f"{CONV}/import", json=doc, headers=bob)  # alice's ids, in bob's file
+        assert r.status_code == 201 and r.json()["session_id"] == "s1"  # bob has no s1: the file's id
+        bobs = export(client, "s1", bob)
+        assert not {m["id"] for m in bobs["messages"]} & {m["id"] for m in doc["messages"]}
+        assert export(client, "s1", alice) | {"exported_at": None} == doc | {"exported_at": None}
+        assert client.get(f"{CONV}/s1/export", headers={"X-User-Id": "eve"}).status_code == 404
+
+
+def message(**fields):
+    return {"id": "a", "parent_id": None, "role": "user", "content": "hi", "reasoning_content": None,
+            "status": "complete", "model": None, "finish_reason": None, "error": None, "usage": None,
+            "created_at": "2026-01-01T00:00:00.000Z", "in_context": True, **fields}  # fmt: skip
+
+
+def file(*messages, **conversation):
+    return {"format": "chatsvc.conversation", "version": 1,
+            "conversation": {"session_id": None, "title": None, **conversation},
+            "messages": list(messages) or [message()]}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "doc, detail",
+    [
+        ({"format": "other", "version": 1}, "format: this is not a chatsvc conversation file"),
+        (file() | {"version": True}, "format: this is not a chatsvc conversation file"),
+        (file() | {"extra": 1}, "extra: unknown field"),
+        (file() | {"messages": {"a": 1}}, "messages: must be a list"),
+        (file(message(id=7)), "messages[0].id: must be a string"),
+        (file(message(), message()), "messages[1].id: is the id of an earlier message"),
+        (file(message(parent_id="b")), "messages[0].parent_id: must be null or the id of an earlier message"),
+        (file(message(id="b", parent_id="b")), "messages[0].parent_id"),
+        (file(message(role="system")), "messages[0].role: must be 'user' or 'assistant'"),
+        (file(message(status="streaming")), "messages[0].status: must be one of"),
+        (file(message(content=None)), "messages[0].content: must be a string."),
+        (file(message(content="a\x00b")), "messages[0].content: must not contain NUL"),
+        (file(message(content="\ud800")), "messages[0].content: contains an unpaired surrogate"),
+        (file(message(usage={"total_tokens": -1})), "messages[0].usage.total_tokens: must be a whole number"),
+        (file(message(usage={"total_tokens": 2**31})), "messages[0].usage.total_tokens"),
+        (file(message(usage={"tokens": 1})), "messages[0].usage.tokens: unknown field"),
+        (file(message(error={"code": 5})), "messages[0].error.code: must be a string"),
+        (file(message(in_context="yes")), "messages[0].in_context: must be true or false"),
+        (file(message(), model="gpt-9"), "conversation.model: unknown model"),
+        (file(message(), session_id="a/b"), "conversation.session_id: must be 1 to 128"),
+        (file(message(), current_message_id="zz"), "conversation.current_message_id"),
+        (file(message(created_at=["x"])), "messages[0].created_at: must be a string"),
+    ],
+)
+def test_a_bad_file_is_a_422_naming_the_first_bad_field_and_stores_nothing(client, service, doc, detail):
+    r = client.post(f"{CONV}/import", content=json.dumps(doc), headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["code"] == "invalid_request", r.text
+    assert r.json()["detail"].startswith(detail), r.json()["detail"]
+    assert service.rows("SELECT COUNT(*) AS n FROM conversations") == [{"n": 0}]
+
+
+def test_big_deep_and_nested_files(make_service, fake):
+    service = make_service(CHATSVC_MAX_IMPORT_BYTES="2000000")
+    with service.client() as client:
+        chain = [message(id=f"m{n}", parent_id=f"m{n - 1}" if n else None, role=("user", "assistant")[n % 2])
+                 for n in range(3000)]  # fmt: skip
+        r = client.post(f"{CONV}/import", json=file(*chain))
+        assert r.status_code == 201, r.text
+        conv = client.get(f"{CONV}/{r.json()['session_id']}?limit=2").json()
+        assert conv["message_count"] == 3000 and len(conv["messages"]) == 2
+        r = client.post(f"{CONV}/import", json=file(message(content="x" * 2_100_000)))
+        assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
+        nested = b'{"format": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        r = client.post(f"{CONV}/import", content=nested, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and r.json()["code"] == "invalid_json"
+        assert service.rows("SELECT COUNT(*) AS n FROM conversations") == [{"n": 1}]

@@ -1,0 +1,128 @@
+"""Titles written by the model (CHATSVC_TITLES=model): after a conversation's first answer, in
+the background, cleaned, never over a client's title; asserted on the request the fake DashScope
+receives and on the stored conversation."""
+
+from __future__ import annotations
+
+import pytest
+from fake_dashscope import Reply
+from support import wait_for
+
+import chatsvc
+
+API = "/api/v1"
+CONV = f"{API}/context/conversations"
+TITLE_USAGE = {"prompt_tokens": 30, "completion_tokens": 5, "total_tokens": 35}
+
+
+@pytest.fixture
+def titled(make_service):
+    service = make_service(CHATSVC_TITLES="model", CHATSVC_TITLE_MODEL="qwen-flash")
+    with service.client() as client:
+        yield service, client
+
+
+def title_of(client, session_id="s1"):
+    return client.get(f"{CONV}/{session_id}").json()
+
+
+def wait_for_title_request(fake, n=2):
+    return wait_for(lambda: len(fake.requests) >= n and fake.requests[n - 1])
+
+
+def test_the_first_answer_is_followed_by_a_title_request(titled, fake):
+    _, client = titled
+    fake.push(Reply.answer(["Once upon a time"]), Reply.answer(['**"A Story', ' of Old".**'], usage=TITLE_USAGE))
+    r = client.post(f"{API}/chat/s1", json={"message": "Tell me a story\nabout the sea"})
+    assert r.status_code == 200 and r.json()["response"] == "Once upon a time"
+    seen = wait_for_title_request(fake)
+    assert seen.body["model"] == "qwen-flash"
+    assert seen.body["enable_thinking"] is False and seen.body["max_tokens"] <= 64 and seen.body["stream"] is True
+    assert seen.body["messages"][0] == {"role": "system", "content": chatsvc.TITLE_PROMPT}
+    assert "Tell me a story" in seen.body["messages"][1]["content"]
+    assert "Once upon a time" in seen.body["messages"][1]["content"]
+    conv = wait_for(lambda: (c := title_of(client))["title"] == "A Story of Old" and c)
+    assert conv["title_usage"] == TITLE_USAGE
+    # only the first answer: the second turn asks for no title
+    fake.push(Reply.answer(["more"]))
+    client.post(f"{API}/chat/s1", json={"message": "more"})
+    assert len(fake.requests) == 3 and title_of(client)["title"] == "A Story of Old"
+
+
+def test_a_chinese_conversation_gets_the_chinese_title_the_model_wrote(titled, fake):
+    _, client = titled
+    fake.push(Reply.answer(["从前有座山"]), Reply.answer(["<think>想一想</think>标题：「山中的故事」。"]))  # noqa: RUF001
+    client.post(f"{API}/chat/s1", json={"message": "请给我讲个故事"})
+    assert title_of(client)["title"] in ("请给我讲个故事", "山中的故事")  # first line until the model's lands
+    wait_for(lambda: title_of(client)["title"] == "山中的故事")
+
+
+@pytest.mark.parametrize(
+    "written, title",
+    [
+        ("Ocean Tales", "Ocean Tales"),
+        ("  # Ocean *Tales*  \n\nsecond line", "Ocean Tales"),
+        ('"Ocean Tales."', "Ocean Tales"),
+        ("Title: Ocean Tales!", "Ocean Tales"),
+        ("<think>\nlet me see\n</think>\n\n《大海的故事》", "大海的故事"),
+        ("x" * 100, "x" * 60),
+        ("<think>never closed", None),
+        ("  \n ", None),
+        ("“...”", None),
+    ],
+)
+def test_titles_are_cleaned(written, title):
+    assert chatsvc.clean_title(written) == title
+
+
+def test_a_failed_or_empty_title_leaves_the_first_line(titled, fake):
+    _, client = titled
+    fake.push(Reply.answer(["ok"]), Reply.error(400, "invalid_parameter_error", "bad"))
+    client.post(f"{API}/chat/s1", json={"message": "What is the weather?"})
+    wait_for_title_request(fake)
+    fake.push(Reply.answer(["ok"]), Reply.answer(["  "], usage=TITLE_USAGE))
+    client.post(f"{API}/chat/s2", json={"message": "Second question"})
+    wait_for_title_request(fake, 4)
+    wait_for(lambda: title_of(client, "s2")["title_usage"] == TITLE_USAGE)  # the tokens spent are kept
+    assert title_of(client)["title"] == "What is the weather?" and title_of(client)["title_usage"] is None
+    assert title_of(client, "s2")["title"] == "Second question"
+
+
+def test_a_title_a_client_set_is_never_replaced(titled, fake):
+    _, client = titled
+    client.post(CONV, json={"session_id": "named", "title": "Mine"})
+    fake.push(Reply.answer(["ok"]))
+    client.post(f"{API}/chat/named", json={"message": "hello"})
+    assert len(fake.requests) == 1 and title_of(client, "named")["title"] == "Mine"
+    # a PATCH while the title request is on its way wins over it
+    fake.push(Reply.answer(["ok"]), Reply.answer(["Model Title"], pause=0.3))
+    client.post(f"{API}/chat/s1", json={"message": "hello"})
+    wait_for_title_request(fake, 3)
+    client.patch(f"{CONV}/s1", json={"title": "Client Title"})
+    wait_for(lambda: fake.requests[-1] and True)
+    for _ in range(20):
+        assert title_of(client)["title"] == "Client Title"
+        wait_for(lambda: True, 0.05)
+
+
+def test_the_title_request_never_holds_the_conversation(titled, fake):
+    _, client = titled
+    fake.push(Reply.answer(["ok"]), Reply.answer(["Slow Title"], pause=0.5))
+    client.post(f"{API}/chat/s1", json={"message": "first"})
+    wait_for_title_request(fake)
+    fake.push(Reply.answer(["second answer"]))
+    r = client.post(f"{API}/chat/s1", json={"message": "second"})  # while the title request runs
+    assert r.status_code == 200 and r.json()["response"] == "second answer"
+    wait_for(lambda: title_of(client)["title"] == "Slow Title")
+
+
+@pytest.mark.parametrize("mode, title", [("first-line", "first line only"), ("off", None)])
+def test_other_title_modes(make_service, fake, mode, title):
+    with make_service(CHATSVC_TITLES=mode).client() as client:
+        client.post(f"{API}/chat/s1", json={"message": "first line only\nsecond"})
+        assert len(fake.requests) == 1 and title_of(client)["title"] == title
+
+
+def test_a_bad_titles_setting_is_a_clear_error():
+    with pytest.raises(ValueError, match="CHATSVC_TITLES='sometimes': CHATSVC_TITLES must be one of model"):
+        chatsvc.Settings.from_env({"CHATSVC_TITLES": "sometimes"}, env_file=None)
