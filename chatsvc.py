@@ -2847,7 +2847,7 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
         if message_id in seen:
             fail(f"{path}.id", "is the id of an earlier message of the file.")
         parent_id = m.get("parent_id")
-        if parent_id is not None and parent_id not in seen:
+        if parent_id is not None and not (isinstance(parent_id, str) and parent_id in seen):
             fail(f"{path}.parent_id", "must be null or the id of an earlier message of the file.")
         if m.get("role") not in ("user", "assistant"):
             fail(f"{path}.role", "must be 'user' or 'assistant'.")
@@ -2884,7 +2884,7 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
         })  # fmt: skip
         seen.add(message_id)
     current = conv.get("current_message_id")
-    if current is not None and current not in seen:
+    if current is not None and not (isinstance(current, str) and current in seen):
         fail("conversation.current_message_id", "must be null or the id of a message of the file.")
     return ImportedConversation(
         session_id, text(conv.get("title"), "conversation.title", 200),
@@ -2931,6 +2931,41 @@ def present_message(row: dict, context_start: str, siblings: dict[str | None, li
         "usage": usage,
         "created_at": row["created_at"],
     }
+
+
+def snippet(text: str, query: str, before: int = 30, after: int = 60) -> str:
+    """A short excerpt of `text` around the first place that contains `query` (any case)."""
+    folded = text.lower()
+    at = folded.find(query.lower()) if len(folded) == len(text) else text.find(query)
+    at = max(at, 0)
+    start, end = max(0, at - before), min(len(text), at + len(query) + after)
+    excerpt = " ".join(text[start:end].split())
+    return ("…" if start > 0 else "") + excerpt + ("…" if end < len(text) else "")
+
+
+def exported_message(row: dict, context_start: str) -> dict:
+    return {
+        "id": row["id"], "parent_id": row["parent_id"], "role": row["role"], "content": row["content"],
+        "reasoning_content": row["reasoning_content"], "status": row["status"], "model": row["model"],
+        "finish_reason": row["finish_reason"],
+        "error": {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None,
+        "usage": row_usage(row), "created_at": row["created_at"], "in_context": row["id"] > context_start,
+    }  # fmt: skip
+
+
+def markdown_document(conversation: dict, branch: list[dict]) -> str:
+    """The current branch as a document a person reads."""
+    lines = [f"# {conversation['title'] or conversation['session_id']}", "",
+             f"*{len(branch)} messages, exported from chatsvc on {utcnow()[:10]}.*", ""]  # fmt: skip
+    for row in branch:
+        who = "User" if row["role"] == "user" else f"Assistant ({row['model']})" if row["model"] else "Assistant"
+        lines += [f"## {who} · {row['created_at'][:16].replace('T', ' ')}", ""]
+        if row["reasoning_content"]:
+            lines += ["<details><summary>Reasoning</summary>", "", row["reasoning_content"], "", "</details>", ""]
+        lines += [row["content"], ""]
+        if row["status"] not in (COMPLETE,):
+            lines += [f"*({row['status']}{': ' + row['error_message'] if row['error_message'] else ''})*", ""]
+    return "\n".join(lines)
 
 
 def encode_cursor(*parts: str) -> str:
@@ -3028,16 +3063,6 @@ async def conversation_or_404(request: Request, key: tuple[str, str]) -> dict:
     if row is None:
         raise not_found(key[1])
     return row
-
-
-def snippet(text: str, query: str, before: int = 30, after: int = 60) -> str:
-    """A short excerpt of `text` around the first place that contains `query` (any case)."""
-    folded = text.lower()
-    at = folded.find(query.lower()) if len(folded) == len(text) else text.find(query)
-    at = max(at, 0)
-    start, end = max(0, at - before), min(len(text), at + len(query) + after)
-    excerpt = " ".join(text[start:end].split())
-    return ("…" if start > 0 else "") + excerpt + ("…" if end < len(text) else "")
 
 
 async def list_conversations(request: Request) -> Response:
@@ -3175,31 +3200,6 @@ async def delete_message(request: Request) -> Response:
     await st.store.delete_branch(owner, session_id, message_id)
     row = await conversation_or_404(request, (owner, session_id))
     return JSONResponse(present_conversation(st.settings, row))
-
-
-def exported_message(row: dict, context_start: str) -> dict:
-    return {
-        "id": row["id"], "parent_id": row["parent_id"], "role": row["role"], "content": row["content"],
-        "reasoning_content": row["reasoning_content"], "status": row["status"], "model": row["model"],
-        "finish_reason": row["finish_reason"],
-        "error": {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None,
-        "usage": row_usage(row), "created_at": row["created_at"], "in_context": row["id"] > context_start,
-    }  # fmt: skip
-
-
-def markdown_document(conversation: dict, branch: list[dict]) -> str:
-    """The current branch as a document a person reads."""
-    lines = [f"# {conversation['title'] or conversation['session_id']}", "",
-             f"*{len(branch)} messages, exported from chatsvc on {utcnow()[:10]}.*", ""]  # fmt: skip
-    for row in branch:
-        who = "User" if row["role"] == "user" else f"Assistant ({row['model']})" if row["model"] else "Assistant"
-        lines += [f"## {who} · {row['created_at'][:16].replace('T', ' ')}", ""]
-        if row["reasoning_content"]:
-            lines += ["<details><summary>Reasoning</summary>", "", row["reasoning_content"], "", "</details>", ""]
-        lines += [row["content"], ""]
-        if row["status"] not in (COMPLETE,):
-            lines += [f"*({row['status']}{': ' + row['error_message'] if row['error_message'] else ''})*", ""]
-    return "\n".join(lines)
 
 
 async def export_conversation(request: Request) -> Response:

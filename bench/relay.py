@@ -202,7 +202,10 @@ def run(args: argparse.Namespace) -> None:
     env = {**os.environ, "DASHSCOPE_API_KEY": "sk-bench", "PORT": str(port), "HOST": "127.0.0.1",
            "DASHSCOPE_BASE_URL": f"http://127.0.0.1:{fake_port}/compatible-mode/v1", "LOG_LEVEL": "warning",
            "DATABASE_URL": args.database or f"sqlite+aiosqlite:///{workdir}/bench.db", "PYTHONPATH": str(ROOT),
-           "CHATSVC_REPLAY_SECONDS": "2"}  # fmt: skip
+           "CHATSVC_REPLAY_SECONDS": "2",
+           # every answer here starts a conversation: the model's title would be a second upstream
+           # request each, which the fake cannot answer in its bench mode; this measures the relay
+           "CHATSVC_TITLES": "first-line"}  # fmt: skip
     if args.database:  # PostgreSQL: an empty database of its own; (f) needs SQLite's prepared history
         args.only = args.only.replace("f", "")
     else:

@@ -156,6 +156,8 @@ def file(*messages, **conversation):
         (file(message(id=7)), "messages[0].id: must be a string"),
         (file(message(), message()), "messages[1].id: is the id of an earlier message"),
         (file(message(parent_id="b")), "messages[0].parent_id: must be null or the id of an earlier message"),
+        (file(message(parent_id=["a"])), "messages[0].parent_id: must be null or the id of an earlier message"),
+        (file(message(), current_message_id={"a": 1}), "conversation.current_message_id"),
         (file(message(id="b", parent_id="b")), "messages[0].parent_id"),
         (file(message(role="system")), "messages[0].role: must be 'user' or 'assistant'"),
         (file(message(status="streaming")), "messages[0].status: must be one of"),
