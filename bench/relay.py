@@ -341,7 +341,7 @@ def prepare_history(database: str, messages: int, depth: int) -> None:
 
     asyncio.run(schema())
     trees = {"history-small": history_tree("history-small", 10),
-             "history-big": history_tree("history-big", messages, branches=messages // 100),
+             "history-big": history_tree("history-big", messages, branches=max(1, messages // 100)),
              "history-deep": history_tree("history-deep", depth)}  # fmt: skip
     with sqlite3.connect(database.split("///", 1)[1]) as conn:
         for sid, rows in trees.items():
