@@ -465,17 +465,16 @@ def hold_sqlite_file(database: str) -> Callable[[], None]:
     return release
 
 
-_CONVERSATION_SQL = """
-SELECT c.session_id, c.title, c.system_prompt, c.model, c.context_start, c.current_message_id,
+_CONVERSATION_COLUMNS = """
+       c.session_id, c.title, c.system_prompt, c.model, c.context_start, c.current_message_id,
        c.title_prompt_tokens, c.title_completion_tokens, c.title_total_tokens, c.created_at, c.updated_at,
        (SELECT COUNT(*) FROM messages m
          WHERE m.owner = c.owner AND m.session_id = c.session_id) AS message_count,
        (SELECT COUNT(*) FROM messages m
          WHERE m.owner = c.owner AND m.session_id = c.session_id AND m.id > c.context_start) AS context_message_count,
        EXISTS (SELECT 1 FROM messages m
-                WHERE m.owner = c.owner AND m.session_id = c.session_id AND m.status = 'streaming') AS generating
-  FROM conversations c
- WHERE c.owner = :owner"""
+                WHERE m.owner = c.owner AND m.session_id = c.session_id AND m.status = 'streaming') AS generating"""
+_CONVERSATION_SQL = f"SELECT {_CONVERSATION_COLUMNS}\n  FROM conversations c\n WHERE c.owner = :owner"
 _PAGE_AFTER = " AND (c.updated_at < :u OR (c.updated_at = :u AND c.session_id < :s))"
 _NEWEST_FIRST = " ORDER BY c.updated_at DESC, c.session_id DESC LIMIT :limit"
 
@@ -487,12 +486,12 @@ def like_pattern(text: str) -> str:
 
 SEARCH_MIN_INDEXED = 3  # SQLite's trigram index finds substrings of 3 characters or more
 
-_MESSAGE_COLUMNS = (
-    "id, parent_id, role, content, reasoning_content, status, model, finish_reason, error_code, error_message,"
-    " prompt_tokens, completion_tokens, total_tokens, last_seq, created_at"
-)
-
-_M_COLUMNS = ", ".join("m." + name.strip() for name in _MESSAGE_COLUMNS.split(","))
+_MESSAGE_COLUMN_NAMES = (
+    "id", "parent_id", "role", "content", "reasoning_content", "status", "model", "finish_reason", "error_code",
+    "error_message", "prompt_tokens", "completion_tokens", "total_tokens", "last_seq", "created_at",
+)  # fmt: skip
+_MESSAGE_COLUMNS = ", ".join(_MESSAGE_COLUMN_NAMES)
+_M_COLUMNS = ", ".join("m." + name for name in _MESSAGE_COLUMN_NAMES)
 
 # The leaf a branch switch lands on: from message :mid (the newest root when :mid is NULL) down,
 # taking the newest child at each step. Ids grow along every path, so the leaf is the largest.
@@ -783,15 +782,21 @@ class Store:
             self.fault = None
         return rows
 
-    async def _sqlite(self, sql: str, values: dict[str, Any], role: str) -> list[dict]:
-        if _in_transaction.get() is self:  # this task's transaction
-            conn = self._raw[WRITE]
-        elif self._raw[role] is self._raw[WRITE]:  # outside another task's transaction, if one is open
+    @contextlib.asynccontextmanager
+    async def _sqlite_connection(self, role: str) -> AsyncIterator[Any]:
+        """The SQLite handle a statement of `role` runs on: this task's transaction's, or the write
+        connection outside another task's transaction (when `role` shares it), or its own."""
+        if _in_transaction.get() is self:
+            yield self._raw[WRITE]
+        elif self._raw[role] is self._raw[WRITE]:
             async with self._write_lock:
-                return [dict(row) for row in await self._raw[WRITE].execute_fetchall(sql, values)]
+                yield self._raw[WRITE]
         else:
-            conn = self._raw[role]
-        return [dict(row) for row in await conn.execute_fetchall(sql, values)]
+            yield self._raw[role]
+
+    async def _sqlite(self, sql: str, values: dict[str, Any], role: str) -> list[dict]:
+        async with self._sqlite_connection(role) as conn:
+            return [dict(row) for row in await conn.execute_fetchall(sql, values)]
 
     def _failed(self, exc: Exception, role: str) -> NoReturn:
         if _violation(exc):
@@ -899,10 +904,6 @@ class Store:
             title = "c.title ILIKE :pattern ESCAPE '\\'"
         else:
             found, title = "instr(lower(content), lower(:q)) > 0", "instr(lower(c.title), lower(:q)) > 0"
-        hits = (
-            "SELECT session_id, MIN(id) AS match_id FROM messages"
-            f" WHERE owner = :owner AND status != 'streaming' AND {found} GROUP BY session_id"
-        )
         if self.is_sqlite and len(query) >= SEARCH_MIN_INDEXED:
             values["phrase"] = '"' + query.replace('"', '""') + '"'  # an FTS5 string: every character literal
             # CROSS JOIN: the index first (SQLite would walk the owner's messages, a MATCH each)
@@ -911,17 +912,22 @@ class Store:
                 " CROSS JOIN messages m ON m.search_id = s.rowid"
                 " WHERE messages_search MATCH :phrase AND m.owner = :owner GROUP BY m.session_id"
             )
-        select = _CONVERSATION_SQL.replace(
-            "  FROM conversations c\n",
-            f", h.match_id, ({title}) AS title_match FROM conversations c"
-            " LEFT JOIN hits h ON h.session_id = c.session_id\n",
-        )
+        else:
+            hits = (
+                "SELECT session_id, MIN(id) AS match_id FROM messages"
+                f" WHERE owner = :owner AND status != 'streaming' AND {found} GROUP BY session_id"
+            )
         where = f" AND (h.match_id IS NOT NULL OR {title})"
         if after:
             where += _PAGE_AFTER
             values.update(u=after[0], s=after[1])
         # MATERIALIZED: found once, not once a conversation (SQLite would run the MATCH per row)
-        return await self._all(f"WITH hits AS MATERIALIZED ({hits}) {select}{where}{_NEWEST_FIRST}", values)
+        return await self._all(
+            f"WITH hits AS MATERIALIZED ({hits}) SELECT {_CONVERSATION_COLUMNS}, h.match_id, ({title}) AS title_match"
+            " FROM conversations c LEFT JOIN hits h ON h.session_id = c.session_id"
+            f" WHERE c.owner = :owner{where}{_NEWEST_FIRST}",
+            values,
+        )
 
     async def texts(self, message_ids: list[str]) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -1174,61 +1180,63 @@ class Store:
                 raise ConversationBusy(
                     f"Answer '{message_id}' is still being written: fork it once it has ended (or stop it)."
                 )
-            new_ids = {row["id"]: new_message_id() for row in path}
-            outside = [new_ids[row["id"]] for row in path if row["id"] <= source["context_start"]]
-            now = utcnow()
-            created = await self._one(
-                "INSERT INTO conversations (owner, session_id, title, system_prompt, model, context_start,"
-                " current_message_id, created_at, updated_at)"
-                " VALUES (:owner, :sid, :title, :prompt, :model, :start, :leaf, :now, :now)"
-                " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
-                {"owner": owner, "sid": new_session_id, "title": title if title is not None else source["title"],
-                 "prompt": source["system_prompt"], "model": source["model"], "start": outside[-1] if outside else "",
-                 "leaf": new_ids[message_id], "now": now},
-                role=WRITE,
-            )  # fmt: skip
-            if created is None:
-                return False
-            copies = [
-                {**row, "id": new_ids[row["id"]], "parent_id": new_ids.get(row["parent_id"]), "owner": owner,
-                 "session_id": new_session_id, "updated_at": now}
-                for row in path
-            ]  # fmt: skip
-            await self.insert_messages(copies)
-        return True
+            outside = {row["id"] for row in path if row["id"] <= source["context_start"]}
+            conversation = {"title": title if title is not None else source["title"], "title_source": None,
+                            "system_prompt": source["system_prompt"], "model": source["model"]}  # fmt: skip
+            return await self._copy(owner, new_session_id, conversation, path, outside, message_id) is not None
 
     async def import_conversation(self, owner: str, session_id: str, file: ImportedConversation) -> bool:
         """A new conversation holding the file's messages, with new ids and the same tree; False if
         `session_id` is taken. All or nothing."""
-        new_ids = {row["id"]: new_message_id() for row in file.messages}
-        outside = [new_ids[row["id"]] for row in file.messages if not row["in_context"]]
-        now = utcnow()
+        conversation = {"title": file.title, "title_source": "client" if file.title is not None else None,
+                        "system_prompt": file.system_prompt, "model": file.model}  # fmt: skip
+        outside = {row["id"] for row in file.messages if not row["in_context"]}
+        current = file.current_message_id or (file.messages[-1]["id"] if file.messages else None)
         async with self.transaction():
-            created = await self._one(
-                "INSERT INTO conversations (owner, session_id, title, title_source, system_prompt, model,"
-                " context_start, created_at, updated_at)"
-                " VALUES (:owner, :sid, :title, :source, :prompt, :model, :start, :now, :now)"
-                " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
-                {"owner": owner, "sid": session_id, "title": file.title,
-                 "source": "client" if file.title is not None else None, "prompt": file.system_prompt,
-                 "model": file.model, "start": outside[-1] if outside else "", "now": now},
-                role=WRITE,
-            )  # fmt: skip
-            if created is None:
+            new_ids = await self._copy(owner, session_id, conversation, file.messages, outside, current)
+            if new_ids is None:
                 return False
-            await self.insert_messages([
-                {**row, "id": new_ids[row["id"]], "parent_id": new_ids.get(row["parent_id"]), "owner": owner,
-                 "session_id": session_id, "updated_at": now}
-                for row in file.messages
-            ])  # fmt: skip
-            if file.messages:
-                leaf = new_ids[file.current_message_id or file.messages[-1]["id"]]
-                await self.switch_branch(owner, session_id, leaf)
+            if current is not None:  # down to its newest leaf
+                await self.switch_branch(owner, session_id, new_ids[current])
         return True
+
+    async def _copy(
+        self,
+        owner: str,
+        session_id: str,
+        conversation: dict,
+        messages: list[dict],
+        outside: set[str],
+        current: str | None,
+    ) -> dict[str, str] | None:
+        """Inside a transaction: a new conversation (`conversation`'s title, title_source, system_prompt
+        and model) holding copies of `messages` (parents first) under new ids, the same tree; those in
+        `outside` stay out of the context, `current` is the current leaf. Returns the new id of each
+        message, or None if `session_id` is taken."""
+        new_ids = {row["id"]: new_message_id() for row in messages}
+        start = max((new_ids[mid] for mid in outside), default="")  # new ids grow in the messages' order
+        now = utcnow()
+        created = await self._one(
+            "INSERT INTO conversations (owner, session_id, title, title_source, system_prompt, model,"
+            " context_start, current_message_id, created_at, updated_at)"
+            " VALUES (:owner, :sid, :title, :title_source, :system_prompt, :model, :start, :leaf, :now, :now)"
+            " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
+            {**conversation, "owner": owner, "sid": session_id, "start": start, "leaf": new_ids.get(current),
+             "now": now},
+            role=WRITE,
+        )  # fmt: skip
+        if created is None:
+            return None
+        await self.insert_messages([
+            {**row, "id": new_ids[row["id"]], "parent_id": new_ids.get(row["parent_id"]), "owner": owner,
+             "session_id": session_id, "updated_at": now}
+            for row in messages
+        ])  # fmt: skip
+        return new_ids
 
     async def insert_messages(self, rows: list[dict]) -> None:
         """Write these messages as they are (parents before children), 100 rows a statement."""
-        names = (*[n.strip() for n in _MESSAGE_COLUMNS.split(",")], "owner", "session_id", "updated_at")
+        names = (*_MESSAGE_COLUMN_NAMES, "owner", "session_id", "updated_at")
         for start in range(0, len(rows), 100):
             values: dict[str, Any] = {}
             tuples = []
@@ -1246,11 +1254,9 @@ class Store:
             " WHERE id = $5 AND status = 'streaming'"
         )
         try:
-            if self._raw and self._raw[BACKGROUND] is self._raw[WRITE]:  # in memory: one connection for all
-                async with self._write_lock:
-                    await self._raw[WRITE].executemany(sql, rows)
-            elif self._raw:  # sqlite3 reads $1 as the first parameter too
-                await self._raw[BACKGROUND].executemany(sql, rows)
+            if self._raw:  # sqlite3 reads $1 as the first parameter too
+                async with self._sqlite_connection(BACKGROUND) as conn:
+                    await conn.executemany(sql, rows)
             else:  # asyncpg pipelines the rows: one round trip
                 async with self.db.connection() as conn:
                     await conn.raw_connection.executemany(sql, rows)
@@ -2779,7 +2785,6 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
 EXPORT_FORMAT, EXPORT_VERSION = "chatsvc.conversation", 1
 IMPORT_MAX_MESSAGES = 100_000
 IMPORTED_STATUSES = (COMPLETE, STOPPED, INTERRUPTED, FAILED)
-MAX_COUNT = 2**31 - 1
 
 
 @dataclass
@@ -2864,8 +2869,8 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
             fields_of(usage, f"{path}.usage", USAGE_FIELDS)
             for name in USAGE_FIELDS:
                 count = usage.get(name)
-                if count is not None and (type(count) is not int or not 0 <= count <= MAX_COUNT):
-                    fail(f"{path}.usage.{name}", f"must be a whole number from 0 to {MAX_COUNT}, or null.")
+                if count is not None and (type(count) is not int or not 0 <= count <= MAX_TOKENS_STORED):
+                    fail(f"{path}.usage.{name}", f"must be a whole number from 0 to {MAX_TOKENS_STORED}, or null.")
         if not isinstance(m.get("in_context", True), bool):
             fail(f"{path}.in_context", "must be true or false.")
         usage = usage or {}
