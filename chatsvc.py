@@ -40,6 +40,7 @@ from urllib.parse import unquote_plus
 
 import anyio
 import httpx2 as httpx
+import prometheus_client
 from databases import Database, DatabaseURL
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
@@ -76,7 +77,16 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 # The cast of each field type, unless its declaration names one.
+def _flag(value: str) -> bool:
+    if value.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("not 1/0, true/false, yes/no or on/off")
+
+
 _CASTS: dict[str, Callable[[str], Any]] = {
+    "bool": _flag,
     "str": str,
     "str | None": lambda value: value or None,
     "int": int,
@@ -131,6 +141,7 @@ class Settings:
     read_timeout: float = setting(
         "CHATSVC_READ_TIMEOUT", 30.0, "s a request's headers, and then its body, may take to arrive (408)"
     )
+    metrics: bool = setting("CHATSVC_METRICS", True, "serve Prometheus metrics at GET /metrics (no token needed)")
     ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
     shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 10.0, "s running answers get after SIGTERM")
     host: str = setting("HOST", "0.0.0.0", "address to listen on")
@@ -352,6 +363,63 @@ def internal_error() -> ApiError:
     return ApiError(500, "internal_error", "Something went wrong inside chatsvc; the error is in its log.")
 
 
+# ── Metrics: what an operator scrapes (GET /metrics) ───────────────────────────────────
+# Each app has a registry of its own (several apps share a process in tests and benches). Labels are
+# bounded by configuration and the contract (models, statuses, codes, route templates): never an id,
+# a user or a text. Nothing here runs per relayed chunk.
+
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = prometheus_client.CollectorRegistry()
+        c, h, g = prometheus_client.Counter, prometheus_client.Histogram, prometheus_client.Gauge
+        self.answers = c("chatsvc_answers", "Answers ended, by final status, error code (none) and model",
+                         ["status", "code", "model"], registry=r)  # fmt: skip
+        self.first_token = h("chatsvc_answer_first_token_seconds", "From an answer's start to its first token",
+                             ["model"], buckets=SECONDS, registry=r)  # fmt: skip
+        self.duration = h("chatsvc_answer_duration_seconds", "From an answer's start to its end", ["model"],
+                          buckets=SECONDS, registry=r)  # fmt: skip
+        self.tokens = c("chatsvc_tokens", "Tokens the model service counted, by model and kind (prompt, completion,"
+                        " title_prompt, title_completion)", ["model", "kind"], registry=r)  # fmt: skip
+        self.upstream = c("chatsvc_upstream_requests", "Calls to the model service, by purpose (answer, title) and"
+                          " outcome (ok, closed, or the error code)", ["purpose", "outcome"], registry=r)  # fmt: skip
+        self.retries = c("chatsvc_upstream_retries", "Calls to the model service made again", ["purpose"], registry=r)
+        self.rate_limited = c("chatsvc_upstream_rate_limited", "429 answers of the model service", registry=r)
+        self.running = g("chatsvc_running_answers", "Answers this process is producing", registry=r)
+        self.listeners = g("chatsvc_channel_listeners", "EventSource channels open (GET .../stream)", registry=r)
+        self.streams = g("chatsvc_open_streams", "Event streams open (POST .../stream and channels)", registry=r)
+        self.requests = c("chatsvc_http_requests", "HTTP requests, by route template, method and status",
+                          ["route", "method", "status"], registry=r)  # fmt: skip
+        self.latency = h("chatsvc_http_request_duration_seconds", "From a request to its response's status line"
+                         " (for a stream: to its first byte)", ["route", "method"], buckets=SECONDS,
+                         registry=r)  # fmt: skip
+        self.statements = h("chatsvc_db_statement_seconds", "Database statements, by connection role (read, write,"
+                            " background)", ["role"], buckets=SECONDS, registry=r)  # fmt: skip
+        self.storage_faults = c("chatsvc_storage_faults", "Database failures, by kind (locked, disk_full, timeout,"
+                                " other)", ["kind"], registry=r)  # fmt: skip
+        self.bus = c("chatsvc_bus_notifications", "PostgreSQL notifications between replicas, by event (sent,"
+                     " received, unsent)", ["event"], registry=r)  # fmt: skip
+        self.bus_gaps = c("chatsvc_bus_gaps", "Mirrored answers that missed a notification and caught up from the"
+                          " store", registry=r)  # fmt: skip
+
+    def upstream_call(self, purpose: str, error: Refusal | None) -> None:
+        outcome = "ok" if error is None else error.code
+        self.upstream.labels(purpose, outcome).inc()
+        if error is not None and getattr(error, "status", None) == 429:
+            self.rate_limited.inc()
+
+    def usage(self, model: str, usage: dict | None, prefix: str = "") -> None:
+        for kind in ("prompt", "completion"):
+            count = (usage or {}).get(f"{kind}_tokens")
+            if isinstance(count, int) and count > 0:
+                self.tokens.labels(model, prefix + kind).inc(count)
+
+    def exposition(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
 # ── Store: raw SQL through `databases` ─────────────────────────────────────────────────
 
 STREAMING, COMPLETE, STOPPED, INTERRUPTED, FAILED = "streaming", "complete", "stopped", "interrupted", "failed"
@@ -405,15 +473,27 @@ def _violation(exc: BaseException) -> str | None:
     return None
 
 
-def storage_fault(exc: BaseException) -> str:
-    """What a database failure means, as a sentence a person can act on."""
+def fault_kind(exc: BaseException) -> str:
+    """locked, disk_full, timeout or other: the kind of a database failure (a metric's label)."""
     text = str(exc).lower()
     if "locked" in text or "lock timeout" in text or type(exc).__name__ == "LockNotAvailableError":
+        return "locked"
+    if "full" in text or "no space" in text or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        return "disk_full"
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return "timeout"
+    return "other"
+
+
+def storage_fault(exc: BaseException) -> str:
+    """What a database failure means, as a sentence a person can act on."""
+    kind = fault_kind(exc)
+    if kind == "locked":
         return ("The database is locked by another process (a backup, or an open sqlite3 shell?) and could not be"
                 " written in time; try again in a moment.")  # fmt: skip
-    if "full" in text or "no space" in text or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+    if kind == "disk_full":
         return "The database's disk is full: free space on it, and chatsvc recovers by itself."
-    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+    if kind == "timeout":
         return "The database did not answer in time; try again in a moment."
     return f"The database cannot be used right now ({type(exc).__name__}: {str(exc)[:200]}); try again in a moment."
 
@@ -621,8 +701,10 @@ class Store:
     A database failure (locked, full, unreachable) is raised as `StorageUnavailable`; `fault`
     says what the last write met, until a write succeeds again (GET /readyz shows it)."""
 
-    def __init__(self, url: str, exclusive: bool = False):
+    def __init__(self, url: str, exclusive: bool = False, metrics: Metrics | None = None):
         self.url = url
+        self.metrics = metrics or Metrics()
+        self._statement_seconds = {role: self.metrics.statements.labels(role) for role in (READ, WRITE, BACKGROUND)}
         self.is_sqlite = url.startswith("sqlite")
         self.exclusive = exclusive  # SQLite: this process serves the file (see hold_sqlite_file)
         if self.is_sqlite:
@@ -768,6 +850,7 @@ class Store:
             self._release = None
 
     async def _all(self, sql: str, values: dict[str, Any] | None = None, role: str = READ) -> list[dict]:
+        started = time.perf_counter()
         try:
             if self._raw:  # SQLite takes the same `:name` parameters natively
                 rows = await self._sqlite(sql, values or {}, role)
@@ -778,6 +861,8 @@ class Store:
                 rows = [dict(row._mapping) for row in await self.db.fetch_all(sql, values)]
         except Exception as exc:
             self._failed(exc, role)
+        finally:
+            self._statement_seconds[role].observe(time.perf_counter() - started)
         if role != READ:
             self.fault = None
         return rows
@@ -801,6 +886,7 @@ class Store:
     def _failed(self, exc: Exception, role: str) -> NoReturn:
         if _violation(exc):
             raise exc
+        self.metrics.storage_faults.labels(fault_kind(exc)).inc()
         detail = storage_fault(exc)
         if role != READ:
             self.fault = detail
@@ -1786,6 +1872,8 @@ class Relay:
 
     def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient):
         self.settings, self.store, self.client = settings, store, client
+        self.metrics = store.metrics
+        self.metrics.running.set_function(lambda: sum(1 for a in list(self.running.values()) if a.task is not None))
         self.running: dict[tuple[str, str], Answer] = {}  # conversations are keyed by (owner, session_id)
         self.recent: dict[str, Answer] = {}  # by message_id, running or finished
         self.latest: dict[tuple[str, str], Answer] = {}  # the newest kept
@@ -1872,12 +1960,15 @@ class Relay:
                         async for delta in deltas:
                             if not self._relay(answer, delta):
                                 break  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here
+                    self.metrics.upstream_call("answer", None)
                     break
                 except UpstreamError as exc:
+                    self.metrics.upstream_call("answer", exc)
                     # Retry only while nothing has reached a reader.
                     if answer.text or answer.reasoning or not exc.retryable or attempt == s.upstream_retries:
                         raise
                     answer.retries += 1
+                    self.metrics.retries.labels("answer").inc()
                     await asyncio.sleep(backoff(attempt, exc.retry_after))
             answer.status = COMPLETE
         except UpstreamError as exc:
@@ -2012,7 +2103,12 @@ class Relay:
         return None
 
     def _log_answer(self, answer: Answer) -> None:
-        usage, error = answer.usage or {}, answer.error
+        usage, error, m = answer.usage or {}, answer.error, self.metrics
+        m.answers.labels(answer.status, error.code if error else "none", answer.model).inc()
+        m.duration.labels(answer.model).observe(time.monotonic() - answer.started)
+        if answer.first_token_at is not None:
+            m.first_token.labels(answer.model).observe(answer.first_token_at - answer.started)
+        m.usage(answer.model, answer.usage)
         ttft = f"{(answer.first_token_at - answer.started) * 1000:.1f}" if answer.first_token_at else "-"
         log.info(
             "answer session=%s message=%s request_id=%s model=%s status=%s code=%s ttft_ms=%s duration_ms=%.1f"
@@ -2216,10 +2312,13 @@ async def write_title(relay: Relay, answer: Answer) -> None:
                     async for delta in stream_completion(relay.client, s, payload):
                         text.append(delta.content)
                         usage = delta.usage or usage
+                    relay.metrics.upstream_call("title", None)
                     break
                 except UpstreamError as exc:
+                    relay.metrics.upstream_call("title", exc)
                     if text or not exc.retryable or attempt == s.upstream_retries:
                         raise
+                    relay.metrics.retries.labels("title").inc()
                     await asyncio.sleep(backoff(attempt, exc.retry_after))
     except UpstreamError as exc:
         status, code = "failed", exc.code
@@ -2234,6 +2333,7 @@ async def write_title(relay: Relay, answer: Answer) -> None:
     except StorageUnavailable as exc:
         status, code = "unstored", "storage_unavailable"
         log.warning("title of session %s not stored: %s", answer.session_id, exc.detail)
+    relay.metrics.usage(model, usage, "title_")
     usage = usage or {}
     log.info(
         "title session=%s message=%s model=%s status=%s code=%s prompt_tokens=%s completion_tokens=%s",
@@ -2377,15 +2477,19 @@ class Bus:
                     await self._connections[1].raw_connection.execute(
                         "SELECT pg_notify($1, note) FROM unnest($2::text[]) AS note", CHANNEL, batch
                     )
+                    self.store.metrics.bus.labels("sent").inc(len(batch))
                     break
                 except Exception as exc:  # else mirrors see the gap at the next event and catch up from the store
                     log.warning("could not publish %d event(s) to the other replicas (%s)", len(batch), exc)
                     if attempt == 0:
                         await self._reconnect(1)
+                    else:
+                        self.store.metrics.bus.labels("unsent").inc(len(batch))
 
     def _received(self, conn: Any, pid: int, channel: str, note: str) -> None:
         notification = Notification.decode(note)
         if notification.origin != self.origin:
+            self.store.metrics.bus.labels("received").inc()
             self.on_notification(notification)
 
 
@@ -2484,6 +2588,7 @@ class Replicas:
                 mirror.status = note.status
                 self._end(mirror)
         else:  # a gap (joined mid-answer, or notifications lost) or an event too long to notify
+            self.relay.metrics.bus_gaps.inc()
             mirror.pending = [note]
             self.relay.spawn(self._catch_up(mirror))
 
@@ -3037,6 +3142,11 @@ async def openapi(request: Request) -> Response:
     return Response(state(request).openapi, media_type="application/json")
 
 
+async def prometheus_metrics(request: Request) -> Response:
+    """This process's metrics in Prometheus' text format (each replica serves its own)."""
+    return Response(state(request).store.metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -3388,16 +3498,30 @@ class _EventStream(EventSourceResponse):
     async def _send_with_timeout(self, send: Any, message: Any) -> None:
         await send(message)
 
+    gauges: tuple[prometheus_client.Gauge, ...] = ()  # what counts this stream while it is open
 
-def event_stream(request: Request, body: AsyncIterator[bytes]) -> EventSourceResponse:
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        for gauge in self.gauges:
+            gauge.inc()
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for gauge in self.gauges:
+                gauge.dec()
+
+
+def event_stream(request: Request, body: AsyncIterator[bytes], channel: bool = False) -> EventSourceResponse:
     """An SSE response: pings keep proxies from closing it, and nothing may buffer or compress it."""
-    return _EventStream(
+    response = _EventStream(
         body,
         ping=state(request).settings.ping_seconds,
         sep="\n",
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
         headers={"Cache-Control": "no-store, no-transform"},
     )
+    metrics = state(request).store.metrics
+    response.gauges = (metrics.streams, metrics.listeners) if channel else (metrics.streams,)
+    return response
 
 
 async def chat_stream(request: Request) -> Response:
@@ -3422,7 +3546,7 @@ async def channel(request: Request) -> Response:
     key = conversation_key(request)
     refuse_while_draining(request)
     last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    return event_stream(request, channel_events(st.relay, st.store, key, parse_event_id(last)))
+    return event_stream(request, channel_events(st.relay, st.store, key, parse_event_id(last)), channel=True)
 
 
 # How long a fresh listener waits for a new answer before replaying an unseen finished one: the
@@ -3596,6 +3720,38 @@ class TokenAuth:
         return query is not None and hmac.compare_digest(query.encode(), self.token)
 
 
+class RequestMetrics:
+    """Counts every HTTP request by its route's template (`unmatched` for a path no route has, so
+    a scan of random paths adds no series), method and status, and times it to its status line."""
+
+    METHODS = frozenset({"GET", "POST", "PATCH", "DELETE", "OPTIONS", "HEAD", "PUT"})
+
+    def __init__(self, app: Any, metrics: Metrics, routes: list[Route]):
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    def route_of(self, scope: Any) -> str:
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is not Match.NONE:
+                return route.path
+        return "unmatched"
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+
+        async def counted(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                route = self.route_of(scope)
+                method = scope["method"] if scope["method"] in self.METHODS else "other"
+                self.metrics.requests.labels(route, method, str(message["status"])).inc()
+                self.metrics.latency.labels(route, method).observe(time.perf_counter() - started)
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 def redact_query(text: str) -> str:
     """`text` with the value of every query parameter whose name decodes to `access_token` (as the
     app reads it: `access%5Ftoken`, `%61ccess_token`, ...) replaced by `[redacted]`."""
@@ -3652,10 +3808,11 @@ def drain_on_sigterm(relay: Relay, grace: float) -> None:
 
 def create_app(settings: Settings | None = None) -> Starlette:
     settings = settings or Settings.from_env()
+    metrics = Metrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(settings.database_url, exclusive=True)
+        store = Store(settings.database_url, exclusive=True, metrics=metrics)
         try:
             await store.open()
         except (SQLiteFileInUse, SchemaError) as exc:
@@ -3686,6 +3843,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/openapi.json", openapi),
+        *([Route("/metrics", prometheus_metrics, methods=["GET"])] if settings.metrics else []),
         Route(f"{api}/context/conversations", list_conversations, methods=["GET"]),
         Route(f"{api}/context/conversations", create_conversation, methods=["POST"]),
         Route(f"{api}/context/conversations/import", import_conversation, methods=["POST"]),
@@ -3715,6 +3873,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
     )
     middleware = [
         Middleware(RequestID),  # outermost: every answer carries X-Request-ID, the CORS middleware's too
+        *([Middleware(RequestMetrics, metrics=metrics, routes=routes)] if settings.metrics else []),
         *([cors] if settings.cors_origins else []),
         Middleware(HeaderLimit),
         *([Middleware(TokenAuth, token=settings.api_token)] if settings.api_token else []),

@@ -1,0 +1,128 @@
+"""GET /metrics: Prometheus' text format through prometheus-client, asserted on the exposition an
+operator's scraper reads: the counts a run makes, no token needed, labels that never carry an id,
+a user or a text (the series stay as many however many users and conversations there are), and
+CHATSVC_METRICS=0."""
+
+from __future__ import annotations
+
+from fake_dashscope import Reply
+from live import LiveServer
+from prometheus_client.parser import text_string_to_metric_families
+from support import wait_for
+
+API = "/api/v1"
+USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+
+
+def scrape(client) -> dict[tuple[str, tuple], float]:
+    r = client.get("/metrics")
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(r.text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def value(samples, name, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def chat_as(client, fake, user: str, session_id: str, text: str) -> None:
+    fake.push(Reply.answer(["an ", "answer"], usage=USAGE))
+    r = client.post(f"{API}/chat/{session_id}", json={"message": text}, headers={"X-User": user})
+    assert r.status_code == 200, r.text
+
+
+def test_a_run_is_counted_without_a_token(make_service, fake):
+    service = make_service(CHATSVC_API_TOKEN="t0ken")
+    auth = {"Authorization": "Bearer t0ken"}
+    with service.client() as client:
+        fake.push(Reply.answer(["Hello", " there"], usage=USAGE))
+        assert client.post(f"{API}/chat/s1", json={"message": "hi"}, headers=auth).status_code == 200
+        fake.push(Reply.error(429, "limit_requests", "Requests rate limit exceeded."))
+        assert client.post(f"{API}/chat/s1", json={"message": "again"}, headers=auth).status_code == 429
+        assert client.get(f"{API}/context/conversations/s1").status_code == 401
+        assert client.get("/no/such/path").status_code == 404
+        with client.stream("POST", f"{API}/chat/s1/stream", json={"message": "x"}, headers=auth) as r:
+            assert r.status_code == 200  # the fake has nothing queued: its default answer
+            r.read()
+        m = scrape(client)  # no Authorization header
+    assert value(m, "chatsvc_answers_total", status="complete", code="none", model="qwen-plus") == 2
+    assert value(m, "chatsvc_answers_total", status="failed", code="upstream_rate_limited", model="qwen-plus") == 1
+    assert value(m, "chatsvc_upstream_requests_total", purpose="answer", outcome="ok") == 2
+    assert value(m, "chatsvc_upstream_rate_limited_total") == 1
+    assert value(m, "chatsvc_tokens_total", model="qwen-plus", kind="prompt") >= 11
+    assert value(m, "chatsvc_tokens_total", model="qwen-plus", kind="completion") >= 7
+    assert value(m, "chatsvc_answer_first_token_seconds_count", model="qwen-plus") == 2
+    assert value(m, "chatsvc_answer_duration_seconds_count", model="qwen-plus") == 3
+    chat = f"{API}/chat/{{session_id}}"
+    assert value(m, "chatsvc_http_requests_total", route=chat, method="POST", status="200") == 1
+    assert value(m, "chatsvc_http_requests_total", route=chat, method="POST", status="429") == 1
+    conversation = f"{API}/context/conversations/{{session_id}}"
+    assert value(m, "chatsvc_http_requests_total", route=conversation, method="GET", status="401") == 1
+    assert value(m, "chatsvc_http_requests_total", route="unmatched", method="GET", status="404") == 1
+    assert value(m, "chatsvc_http_request_duration_seconds_count", route=chat, method="POST") == 2
+    assert value(m, "chatsvc_db_statement_seconds_count", role="write") > 0
+    assert value(m, "chatsvc_running_answers") == 0 and value(m, "chatsvc_open_streams") == 0
+
+
+def test_open_streams_and_listeners_are_gauges(service, fake):
+    fake.push(Reply.answer(["slow"] * 100, pause=0.05))
+    with LiveServer(service.settings) as live, live.client() as client:
+        channel = live.reader("GET", f"{API}/chat/s1/stream")
+        wait_for(lambda: live.listeners("s1") == 1)
+        posted = live.reader("POST", f"{API}/chat/s1/stream", json={"message": "hi"})
+        assert posted.next_event()["type"] == "start" and channel.next_event()["type"] == "start"
+        m = scrape(client)
+        assert value(m, "chatsvc_open_streams") == 2
+        assert value(m, "chatsvc_channel_listeners") == 1
+        assert value(m, "chatsvc_running_answers") == 1
+        client.post(f"{API}/chat/s1/stop")
+        posted.until_end()
+        posted.close()
+        wait_for(lambda: value(scrape(client), "chatsvc_open_streams") == 1)
+        m = scrape(client)
+        assert value(m, "chatsvc_answers_total", status="stopped", code="none", model="qwen-plus") == 1
+        assert value(m, "chatsvc_running_answers") == 0 and value(m, "chatsvc_channel_listeners") == 1
+
+
+def series_names(samples) -> set:
+    return {(name, labels) for (name, labels) in samples}
+
+
+def test_labels_carry_no_ids_users_or_texts(make_service, fake):
+    service = make_service(CHATSVC_USER_HEADER="X-User")
+    secrets = []
+
+    def session(client, i):
+        user = {"X-User": f"user-{i}@example.com"}
+        chat_as(client, fake, user["X-User"], f"conv-{i}", f"private text {i}")
+        client.get(f"{API}/context/conversations/conv-{i}/messages", headers=user)
+        client.get(f"/random/path-{i}")
+        secrets.extend([user["X-User"], f"conv-{i}", f"private text {i}", f"path-{i}"])
+
+    with service.client() as client:
+        scrape(client)  # a scrape is a request too: its series are in both
+        for i in range(3):
+            session(client, i)
+        few = scrape(client)
+        for i in range(3, 30):
+            session(client, i)
+        many = scrape(client)
+        ids = [row["id"] for row in service.rows("SELECT id FROM messages")]
+    assert len(ids) == 60
+    labels = " ".join(v for (_, pairs) in many for _, v in pairs)
+    for secret in [*secrets, *ids]:
+        assert secret not in labels
+    # ten times the users, conversations, messages and unknown paths: not one series more
+    assert set(many) == set(few)
+    assert value(many, "chatsvc_answers_total", status="complete", code="none", model="qwen-plus") == 30
+
+
+def test_metrics_can_be_turned_off(make_service):
+    with make_service(CHATSVC_METRICS="0").client() as client:
+        r = client.get("/metrics")
+        assert r.status_code == 404 and r.json()["code"] == "not_found"
+        assert client.get("/healthz").status_code == 200
