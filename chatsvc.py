@@ -76,7 +76,6 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(s for s in CommaSeparatedStrings(value) if s)
 
 
-# The cast of each field type, unless its declaration names one.
 def _flag(value: str) -> bool:
     if value.strip().lower() in ("1", "true", "yes", "on"):
         return True
@@ -85,6 +84,7 @@ def _flag(value: str) -> bool:
     raise ValueError("not 1/0, true/false, yes/no or on/off")
 
 
+# The cast of each field type, unless its declaration names one.
 _CASTS: dict[str, Callable[[str], Any]] = {
     "bool": _flag,
     "str": str,
@@ -368,7 +368,7 @@ def internal_error() -> ApiError:
 # bounded by configuration and the contract (models, statuses, codes, route templates): never an id,
 # a user or a text. Nothing here runs per relayed chunk.
 
-SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class Metrics:
@@ -378,13 +378,13 @@ class Metrics:
         self.answers = c("chatsvc_answers", "Answers ended, by final status, error code (none) and model",
                          ["status", "code", "model"], registry=r)  # fmt: skip
         self.first_token = h("chatsvc_answer_first_token_seconds", "From an answer's start to its first token",
-                             ["model"], buckets=SECONDS, registry=r)  # fmt: skip
+                             ["model"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.duration = h("chatsvc_answer_duration_seconds", "From an answer's start to its end", ["model"],
-                          buckets=SECONDS, registry=r)  # fmt: skip
+                          buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.tokens = c("chatsvc_tokens", "Tokens the model service counted, by model and kind (prompt, completion,"
                         " title_prompt, title_completion)", ["model", "kind"], registry=r)  # fmt: skip
         self.upstream = c("chatsvc_upstream_requests", "Calls to the model service, by purpose (answer, title) and"
-                          " outcome (ok, closed, or the error code)", ["purpose", "outcome"], registry=r)  # fmt: skip
+                          " outcome (ok, or the error code)", ["purpose", "outcome"], registry=r)  # fmt: skip
         self.retries = c("chatsvc_upstream_retries", "Calls to the model service made again", ["purpose"], registry=r)
         self.rate_limited = c("chatsvc_upstream_rate_limited", "429 answers of the model service", registry=r)
         self.running = g("chatsvc_running_answers", "Answers this process is producing", registry=r)
@@ -393,16 +393,16 @@ class Metrics:
         self.requests = c("chatsvc_http_requests", "HTTP requests, by route template, method and status",
                           ["route", "method", "status"], registry=r)  # fmt: skip
         self.latency = h("chatsvc_http_request_duration_seconds", "From a request to its response's status line"
-                         " (for a stream: to its first byte)", ["route", "method"], buckets=SECONDS,
+                         " (for a stream: to its first byte)", ["route", "method"], buckets=LATENCY_BUCKETS,
                          registry=r)  # fmt: skip
         self.statements = h("chatsvc_db_statement_seconds", "Database statements, by connection role (read, write,"
-                            " background)", ["role"], buckets=SECONDS, registry=r)  # fmt: skip
+                            " background)", ["role"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.storage_faults = c("chatsvc_storage_faults", "Database failures, by kind (locked, disk_full, timeout,"
                                 " other)", ["kind"], registry=r)  # fmt: skip
         self.bus = c("chatsvc_bus_notifications", "PostgreSQL notifications between replicas, by event (sent,"
                      " received, unsent)", ["event"], registry=r)  # fmt: skip
-        self.bus_gaps = c("chatsvc_bus_gaps", "Mirrored answers that missed a notification and caught up from the"
-                          " store", registry=r)  # fmt: skip
+        self.bus_gaps = c("chatsvc_bus_gaps", "Mirrored answers caught up from the store: a notification"
+                          " missed, an event too long to notify, or joined mid-answer", registry=r)  # fmt: skip
 
     def upstream_call(self, purpose: str, error: Refusal | None) -> None:
         outcome = "ok" if error is None else error.code
