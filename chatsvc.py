@@ -2241,6 +2241,8 @@ class Heartbeat:
         import asyncpg
 
         ids = self.relay.own_ids()
+        # Read after the ids: an answer no longer claiming here has its row committed before the UPDATE.
+        claiming = set(self.relay.claiming)
         if not ids or time.monotonic() - self.relay.loop_tick > self.stalled_after:
             return
         try:
@@ -2257,7 +2259,9 @@ class Heartbeat:
                 self._conn.terminate()
                 self._conn = None
             return
-        taken = set(ids) - {row["id"] for row in rows}
+        # A claimed row may not be committed yet: missing, it is not taken (its answer starts after the commit,
+        # and this beat's word would reach it then and stop it for nothing).
+        taken = set(ids) - claiming - {row["id"] for row in rows}
         if taken:
             self.loop.call_soon_threadsafe(self.relay.taken, taken)
 
@@ -2954,6 +2958,8 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
         m = fields_of(message, path, ("id", "parent_id", "role", "content", "reasoning_content", "status", "model",
                       "finish_reason", "error", "usage", "created_at", "in_context"))  # fmt: skip
         message_id = text(m.get("id"), f"{path}.id", 128, optional=False)
+        if not message_id:
+            fail(f"{path}.id", "must not be empty.")
         if message_id in seen:
             fail(f"{path}.id", "is the id of an earlier message of the file.")
         parent_id = m.get("parent_id")

@@ -155,6 +155,7 @@ def file(*messages, **conversation):
         (file() | {"messages": {"a": 1}}, "messages: must be a list"),
         (file(message(id=7)), "messages[0].id: must be a string"),
         (file(message(), message()), "messages[1].id: is the id of an earlier message"),
+        (file(message(id="")), "messages[0].id: must not be empty"),
         (file(message(parent_id="b")), "messages[0].parent_id: must be null or the id of an earlier message"),
         (file(message(parent_id=["a"])), "messages[0].parent_id: must be null or the id of an earlier message"),
         (file(message(), current_message_id={"a": 1}), "conversation.current_message_id"),

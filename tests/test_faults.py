@@ -315,6 +315,32 @@ def test_a_second_process_on_one_sqlite_file_refuses_to_start(fake, tmp_path):
         first.stop()
 
 
+def test_an_answer_whose_row_is_still_being_written_is_not_taken_for_dead(postgres_database, fake):
+    """PostgreSQL: the heartbeat vouches for an answer from the moment its row is claimed, before
+    the transaction writing it commits. A beat that misses the row then must not call the answer
+    taken: its word would reach the answer after it started and stop it for nothing (under load
+    this left rows `interrupted` with no text)."""
+    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    service = Service(postgres_database, fake, CHATSVC_HEARTBEAT_SECONDS="0.1")
+    with LiveServer(service.settings) as live:
+        relay = live.relay
+        told: list[set] = []
+        loop = next(iter(relay._tasks)).get_loop()
+        relay.taken = lambda ids: told.append(set(ids))  # what the heartbeat tells the event loop
+        then = "2026-01-01T00:00:00.000Z"
+        service.rows("INSERT INTO conversations (owner, session_id, created_at, updated_at) VALUES ('', 's1', ?, ?)",
+                     then, then)  # fmt: skip
+        service.rows("INSERT INTO messages (id, owner, session_id, role, content, status, created_at, updated_at)"
+                     " VALUES ('committed', '', 's1', 'assistant', '', 'streaming', ?, ?)", then, then)  # fmt: skip
+        for claimed in ("committed", "not-committed-yet"):
+            loop.call_soon_threadsafe(relay.claiming.add, claimed)
+        # the beat ran, with both claimed ids: the committed row's heartbeat moved
+        assert wait_for(lambda: service.rows("SELECT updated_at FROM messages")[0]["updated_at"] != then)
+        time.sleep(0.5)  # and several beats more
+        loop.call_soon_threadsafe(relay.claiming.clear)
+    assert told == []
+
+
 def test_an_answer_taken_for_dead_is_told_to_its_readers_and_the_verdict_stands(postgres_database, fake):
     """PostgreSQL (on SQLite one process serves the file): another replica stored this answer
     `interrupted` (its heartbeat looked stale): the producer learns it from its next heartbeat,

@@ -221,16 +221,18 @@ def test_load_across_two_replicas_loses_and_duplicates_nothing(cluster, fake):
 
     async def text_of(port: int, method: str, path: str, body: dict | None, into: dict, sid: str) -> None:
         response = await request("127.0.0.1", port, method, path, body)
-        assert response.status == 200
-        text = []
-        async for event in sse_events(response):
-            if event["type"] == "chunk":
-                text.append(event["data"]["content"])
-            if event["type"] in ("end", "error"):
-                assert event["type"] == "end" and event["data"]["full_text"] == "".join(text), (sid, event)
-                into[sid] = "".join(text)
-                response.close()
-                return
+        try:  # closed on a failed assertion too: no socket left open for a later test's warning
+            assert response.status == 200
+            text = []
+            async for event in sse_events(response):
+                if event["type"] == "chunk":
+                    text.append(event["data"]["content"])
+                if event["type"] in ("end", "error"):
+                    assert event["type"] == "end" and event["data"]["full_text"] == "".join(text), (sid, event)
+                    into[sid] = "".join(text)
+                    return
+        finally:
+            response.close()
 
     async def one(i: int) -> None:
         post_to, listen_on = (a, b) if i % 2 else (b, a)
