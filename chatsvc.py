@@ -50,8 +50,9 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Match, Route
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.routing import Match, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 __version__ = "0.1.0"
 log = logging.getLogger("chatsvc")
@@ -142,6 +143,8 @@ class Settings:
         "CHATSVC_READ_TIMEOUT", 30.0, "s a request's headers, and then its body, may take to arrive (408)"
     )
     metrics: bool = setting("CHATSVC_METRICS", True, "serve Prometheus metrics at GET /metrics (no token needed)")
+    docs: bool = setting("CHATSVC_DOCS", True, "serve the interactive API docs at GET /docs")
+    playground: bool = setting("CHATSVC_PLAYGROUND", True, "serve the playground page at GET /")
     ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
     shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 10.0, "s running answers get after SIGTERM")
     host: str = setting("HOST", "0.0.0.0", "address to listen on")
@@ -442,11 +445,11 @@ def new_message_id() -> str:
 
 
 def data_file(in_checkout: str, in_wheel: str) -> Path:
-    """A file shipped with the module: at its checkout path, or where the wheel installs it
-    (next to chatsvc.py, with a chatsvc_ prefix; see pyproject.toml)."""
+    """A file (or folder) shipped with the module: at its checkout path, or where the wheel
+    installs it (next to chatsvc.py, with a chatsvc_ prefix; see pyproject.toml)."""
     here = Path(__file__).resolve().parent
     for path in (here / in_wheel, here / in_checkout):
-        if path.is_file():
+        if path.exists():
             return path
     raise FileNotFoundError(f"{in_checkout} not found next to {__file__}")
 
@@ -3629,7 +3632,10 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return no_route(request.url.path).response()
     if exc.status_code == 405:  # Allow lists the methods of every route on this path, not just the first
-        allowed = {m for r in request.app.routes if r.matches(request.scope)[0] != Match.NONE for m in r.methods or ()}
+        # (matched from the app's root: inside a Mount, the scope's root_path is the mount's)
+        scope = {**request.scope, "root_path": request.scope.get("app_root_path", request.scope.get("root_path", ""))}
+        allowed = {m for r in request.app.routes if r.matches(scope)[0] != Match.NONE
+                   for m in getattr(r, "methods", None) or ("GET", "HEAD")}  # a Mount: static files  # fmt: skip
         return method_not_allowed(request.method, request.url.path, sorted(allowed)).response()
     return http_error(exc.status_code, str(exc.detail), exc.headers).response()
 
@@ -3637,6 +3643,70 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 async def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return internal_error().response()
+
+
+# ── Pages: the playground (/) and the API docs (/docs), for a person with a browser ─────
+# Static files only, served by chatsvc itself (a sidecar often has no internet): the playground
+# from its folder (playground/, shipped in the wheel), Swagger UI from the swagger-ui-py package.
+# No API token is needed to load them; the requests they make carry it.
+
+# Relative URLs, so that the page also works behind a proxy that serves chatsvc under a prefix.
+DOCS_PAGE = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>chatsvc API</title>
+<link rel="stylesheet" href="docs/static/swagger-ui.css">
+<link rel="icon" type="image/png" href="docs/static/favicon-32x32.png" sizes="32x32">
+</head>
+<body>
+<main id="swagger-ui"></main>
+<script src="docs/static/swagger-ui-bundle.js"></script>
+<script>
+window.ui = SwaggerUIBundle({
+  url: "openapi.json", dom_id: "#swagger-ui", deepLinking: true, persistAuthorization: true,
+  displayRequestDuration: true, presets: [SwaggerUIBundle.presets.apis], layout: "BaseLayout",
+});
+</script>
+</body>
+</html>
+"""
+
+
+def swagger_ui_assets() -> Path:
+    """Swagger UI's files in the swagger-ui-py package, found without importing it (its handlers
+    need Jinja; chatsvc only serves the files)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the swagger-ui-py package is not installed (pip install swagger-ui-py); or CHATSVC_DOCS=0")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+async def docs_page(request: Request) -> Response:
+    return HTMLResponse(DOCS_PAGE)
+
+
+def playground_folder() -> Path:
+    return data_file("playground", "chatsvc_playground")
+
+
+async def playground_page(request: Request) -> Response:
+    return FileResponse(playground_folder() / "index.html", media_type="text/html; charset=utf-8")
+
+
+def page_routes(settings: Settings) -> list[Route | Mount]:
+    """The pages this configuration serves (CHATSVC_PLAYGROUND, CHATSVC_DOCS)."""
+    routes: list[Route | Mount] = []
+    if settings.playground:
+        routes += [Route("/", playground_page, methods=["GET"]),
+                   Mount("/playground", StaticFiles(directory=playground_folder()))]  # fmt: skip
+    if settings.docs:
+        routes += [Route("/docs", docs_page, methods=["GET"]),
+                   Mount("/docs/static", StaticFiles(directory=swagger_ui_assets()))]  # fmt: skip
+    return routes
 
 
 # ── Middleware ─────────────────────────────────────────────────────────────────────────
@@ -3850,6 +3920,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route("/readyz", readyz),
         Route("/openapi.json", openapi),
         *([Route("/metrics", prometheus_metrics, methods=["GET"])] if settings.metrics else []),
+        *page_routes(settings),
         Route(f"{api}/context/conversations", list_conversations, methods=["GET"]),
         Route(f"{api}/context/conversations", create_conversation, methods=["POST"]),
         Route(f"{api}/context/conversations/import", import_conversation, methods=["POST"]),

@@ -1,13 +1,10 @@
 """The seed document's JavaScript ChatClient, verbatim, in headless Chromium against chatsvc.
 
-Needs Debian's chromium (/usr/bin/chromium) and Python's playwright. Without them the tests skip,
-except under CI=true, where a missing browser is a failure.
+The browser comes from conftest.py (Debian's Chromium, driven by Playwright).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import threading
 from pathlib import Path
 
@@ -15,8 +12,7 @@ import pytest
 from fake_dashscope import Reply
 from live import LiveServer
 
-CHROMIUM = os.environ.get("CHATSVC_CHROMIUM", "/usr/bin/chromium")
-CHAT_CLIENT = (Path(__file__).parent / "chat_client.js").read_text(encoding="utf-8")
+CHAT_CLIENT = (Path(__file__).resolve().parents[2] / "playground" / "chat_client.js").read_text(encoding="utf-8")
 PAGE = f"""<!doctype html><meta charset="utf-8"><title>seed client</title>
 <script>
 {CHAT_CLIENT}
@@ -35,34 +31,6 @@ window.runChat = (sessionId, message) => new Promise((resolve) => {{
     }}).catch((error) => {{ calls.push(["throw", error.message]); resolve(calls); }});
 }});
 </script>"""
-
-
-def browser_available() -> str | None:
-    """Why the browser tests cannot run here, or None."""
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        return "Python package 'playwright' is not installed"
-    if not (os.path.exists(CHROMIUM) or shutil.which(CHROMIUM)):
-        return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
-    return None
-
-
-@pytest.fixture(scope="module")
-def browser():
-    reason = browser_available()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"browser tests must run under CI=true: {reason}")
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        args = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync"]  # fmt: skip
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

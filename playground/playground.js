@@ -1,0 +1,445 @@
+// The chatsvc playground: talk to the service from a browser. No build step, no dependencies.
+// Sending uses the seed's ChatClient (chat_client.js, unchanged); everything else is fetch.
+'use strict';
+
+const API = '/api/v1';
+const $ = (selector) => document.querySelector(selector);
+
+// ── The API token (CHATSVC_API_TOKEN): kept in this browser, added to every /api/ request ──
+// ChatClient knows nothing of tokens, so fetch and EventSource themselves carry it: a header for
+// fetch, ?access_token= for EventSource (which cannot send headers).
+const TOKEN_KEY = 'chatsvc.playground.token';
+const token = () => localStorage.getItem(TOKEN_KEY) || '';
+const isApi = (url) => new URL(url, location.href).pathname.startsWith(API + '/');
+
+const nativeFetch = window.fetch.bind(window);
+window.fetch = (url, options = {}) => {
+    if (token() && isApi(url)) {
+        options = {...options, headers: {...(options.headers || {}), Authorization: `Bearer ${token()}`}};
+    }
+    return nativeFetch(url, options);
+};
+
+const NativeEventSource = window.EventSource;
+let lastSource = null; // the EventSource a ChatClient call just opened: the page also reads its reasoning
+window.EventSource = class extends NativeEventSource {
+    constructor(url, options) {
+        if (token() && isApi(url)) {
+            const withToken = new URL(url, location.href);
+            withToken.searchParams.set('access_token', token());
+            url = withToken.href;
+        }
+        super(url, options);
+        lastSource = this;
+    }
+};
+
+// ── Calls ──
+class ApiError extends Error {
+    constructor(status, body) {
+        super(body.detail || `HTTP ${status}`);
+        this.status = status;
+        this.code = body.code;
+    }
+}
+
+async function api(method, path, body) {
+    const options = {method, headers: {}};
+    if (body !== undefined) {
+        options.headers['Content-Type'] = 'application/json';
+        options.body = JSON.stringify(body);
+    }
+    const response = await fetch(API + path, options);
+    if (response.status === 204) return null;
+    const data = await response.json().catch(() => ({}));
+    if (!response.ok) {
+        if (response.status === 401) askForToken(data.detail);
+        throw new ApiError(response.status, data);
+    }
+    return data;
+}
+
+const conversationPath = (id) => `/context/conversations/${encodeURIComponent(id)}`;
+
+// ── What the page shows ──
+let current = null; // the open conversation's session id (also in the address: #<id>)
+let busy = false; // an answer of the open conversation is streaming here
+let following = null; // the EventSource following an answer this page did not send
+
+function notice(text) {
+    $('#notice').textContent = text || '';
+}
+
+function askForToken(detail) {
+    $('#token-form').hidden = false;
+    $('#token-help').textContent = detail || 'This service needs its API token.';
+    $('#token').focus();
+}
+
+function setBusy(value) {
+    busy = value;
+    $('#send').disabled = value;
+    $('#stop').disabled = !value;
+    // (a version button at the first or last version stays disabled)
+    document.querySelectorAll('.edit, .regenerate, .versions button').forEach((b) => (b.disabled = value || 'edge' in b.dataset));
+}
+
+async function loadConversations() {
+    const q = $('#search').value.trim();
+    let page;
+    try {
+        page = await api('GET', '/context/conversations?limit=200' + (q ? `&q=${encodeURIComponent(q)}` : ''));
+    } catch (error) {
+        notice(error.message);
+        return;
+    }
+    const list = $('#conversations');
+    list.replaceChildren();
+    for (const conversation of page.conversations) {
+        const item = document.createElement('li');
+        const button = document.createElement('button');
+        button.type = 'button';
+        button.className = 'conversation';
+        button.textContent = conversation.title || conversation.session_id;
+        if (conversation.session_id === current) button.setAttribute('aria-current', 'true');
+        button.addEventListener('click', () => open(conversation.session_id));
+        item.append(button);
+        if (conversation.match?.snippet) {
+            const snippet = document.createElement('p');
+            snippet.className = 'snippet';
+            snippet.textContent = conversation.match.snippet;
+            item.append(snippet);
+        }
+        list.append(item);
+    }
+    $('#no-conversations').hidden = page.conversations.length > 0;
+}
+
+function messageItem(message) {
+    const item = $('#message-template').content.firstElementChild.cloneNode(true);
+    item.classList.add(message.role);
+    item.dataset.id = message.id || '';
+    item.querySelector('.role').textContent = message.role === 'user' ? 'You' : 'Assistant';
+    showText(item, message.content || '', message.reasoning_content || '');
+    showState(item, message);
+    const siblings = message.sibling_ids || [];
+    if (siblings.length > 1) {
+        const at = siblings.indexOf(message.id);
+        const versions = item.querySelector('.versions');
+        versions.hidden = false;
+        versions.querySelector('.position').textContent = `${at + 1}/${siblings.length}`;
+        const previous = versions.querySelector('.previous');
+        const next = versions.querySelector('.next');
+        if (at === 0) previous.dataset.edge = '';
+        if (at === siblings.length - 1) next.dataset.edge = '';
+        previous.disabled = 'edge' in previous.dataset;
+        next.disabled = 'edge' in next.dataset;
+        previous.addEventListener('click', () => switchTo(siblings[at - 1]));
+        next.addEventListener('click', () => switchTo(siblings[at + 1]));
+    }
+    if (message.id && message.role === 'user') {
+        const edit = item.querySelector('.edit');
+        edit.hidden = false;
+        edit.addEventListener('click', () => startEdit(item, message));
+    }
+    if (message.id && message.role === 'assistant' && message.status !== 'streaming') {
+        const regenerate = item.querySelector('.regenerate');
+        regenerate.hidden = false;
+        regenerate.addEventListener('click', () => answerAgain({regenerate: message.id}));
+    }
+    return item;
+}
+
+function showText(item, content, reasoning) {
+    item.querySelector('.content').textContent = content;
+    const details = item.querySelector('.reasoning');
+    details.hidden = !reasoning;
+    details.querySelector('.reasoning-text').textContent = reasoning;
+}
+
+function showState(item, message) {
+    const words = {
+        streaming: 'Writing…',
+        stopped: 'Stopped.',
+        interrupted: 'Interrupted: ' + (message.error?.message || ''),
+        failed: 'Failed: ' + (message.error?.message || ''),
+    };
+    item.querySelector('.state').textContent = words[message.status] || '';
+    item.dataset.status = message.status || '';
+}
+
+function showConversation(conversation) {
+    $('#title').textContent = conversation ? conversation.title || conversation.session_id : 'New conversation';
+    $('#delete-conversation').hidden = !conversation;
+    $('#messages').replaceChildren(...(conversation ? conversation.messages.map(messageItem) : []));
+    setBusy(busy);
+    $('#messages').lastElementChild?.scrollIntoView({block: 'end'});
+}
+
+// Open a conversation; an answer still being written is followed on its channel to the end
+// (after a reload too: the answer belongs to the server, not to the page that asked for it).
+async function open(id, {list = true, keepNotice = false} = {}) {
+    stopFollowing();
+    current = id;
+    history.replaceState(null, '', id ? '#' + encodeURIComponent(id) : location.pathname);
+    if (!keepNotice) notice('');
+    if (!id) {
+        setBusy(false);
+        showConversation(null);
+    } else {
+        let conversation;
+        try {
+            conversation = await api('GET', conversationPath(id) + '?limit=500');
+        } catch (error) {
+            notice(error.message);
+            return;
+        }
+        if (current !== id) return;
+        setBusy(conversation.generating);
+        showConversation(conversation);
+        if (conversation.generating) follow(id, {running: true});
+    }
+    if (list) await loadConversations();
+}
+
+const reload = () => open(current, {keepNotice: true}); // after an answer: its error stays shown
+
+function stopFollowing() {
+    if (following) following.close();
+    following = null;
+}
+
+// Follow the conversation's channel: the running answer from its first event, or the next one.
+// `running`: the page saw an answer running, which may end before the channel is open.
+function follow(id, {running = false} = {}) {
+    stopFollowing();
+    const source = new EventSource(`${API}/chat/${encodeURIComponent(id)}/stream`);
+    following = source;
+    let item = null;
+    let reasoning = '';
+    let text = '';
+    source.onopen = async () => {
+        if (!running) return;
+        // The answer may have ended between the page's read and this channel: read it again.
+        const conversation = await api('GET', conversationPath(id) + '?limit=1').catch(() => null);
+        if (following === source && conversation && !conversation.generating && !item) {
+            stopFollowing();
+            setBusy(false);
+            reload();
+        }
+    };
+    source.onmessage = (event) => {
+        const {type, data} = JSON.parse(event.data);
+        if (type === 'start') {
+            item = document.querySelector(`#messages li[data-id="${CSS.escape(data.message_id)}"]`);
+            if (!item) {
+                item = messageItem({role: 'assistant', id: data.message_id, status: 'streaming'});
+                $('#messages').append(item);
+            }
+            text = reasoning = '';
+            showText(item, '', '');
+        } else if (item && type === 'reasoning') {
+            reasoning += data.content;
+            showText(item, text, reasoning);
+        } else if (item && type === 'chunk') {
+            text += data.content;
+            showText(item, text, reasoning);
+        } else if (type === 'end' || type === 'error') {
+            if (type === 'error') notice(data.message);
+            stopFollowing();
+            setBusy(false);
+            reload();
+        }
+    };
+    source.onerror = () => {
+        if (source.readyState === NativeEventSource.CLOSED) {
+            stopFollowing();
+            setBusy(false);
+            notice('The connection to the service was lost.');
+        }
+    };
+}
+
+// ── Actions ──
+function newSessionId() {
+    return 'c-' + Date.now().toString(36) + '-' + Math.random().toString(36).slice(2, 8);
+}
+
+// Send with the seed's ChatClient: its callbacks draw the answer as its chunks arrive.
+async function send(text) {
+    const id = current || newSessionId();
+    const isNew = !current;
+    if (isNew) {
+        current = id;
+        history.replaceState(null, '', '#' + encodeURIComponent(id));
+        $('#title').textContent = text.split('\n')[0].slice(0, 60);
+        $('#delete-conversation').hidden = false;
+    }
+    notice('');
+    setBusy(true);
+    const question = messageItem({role: 'user', content: text, status: 'complete'});
+    const item = messageItem({role: 'assistant', status: 'streaming'});
+    $('#messages').append(question, item);
+    item.scrollIntoView({block: 'end'});
+    let reasoning = '';
+    let done = false;
+    const finish = (message) => {
+        if (done) return;
+        done = true;
+        if (message) notice(message);
+        setBusy(false);
+        if (current === id) reload();
+        else loadConversations();
+    };
+    const client = new ChatClient(id);
+    const sending = client.streamChat(text, {
+        onStart: () => showText(item, '', ''),
+        onChunk: (chunk, fullText) => showText(item, fullText, reasoning),
+        onEnd: () => finish(),
+        onError: (error) => finish(error && error.message ? error.message : 'The connection to the service was lost.'),
+    });
+    const source = lastSource; // ChatClient's: it ignores reasoning, the page shows it folded
+    source.addEventListener('message', (event) => {
+        const {type, data} = JSON.parse(event.data);
+        if (type === 'reasoning' && !done) {
+            reasoning += data.content;
+            showText(item, item.querySelector('.content').textContent, reasoning);
+        }
+    });
+    try {
+        await sending;
+    } catch (error) {
+        // Refused (nothing was stored): the text goes back to the composer, the detail is shown.
+        source.close(); // the seed client leaves its EventSource open when the POST is refused
+        done = true;
+        question.remove();
+        item.remove();
+        if (!$('#message').value) $('#message').value = text;
+        if (isNew && current === id) open(null, {list: false});
+        notice(error.message);
+        setBusy(false);
+    }
+}
+
+// Regenerate an answer, or send an edited message: a POST like the seed client's, with the
+// conversation's channel followed for the answer.
+async function answerAgain(body) {
+    if (busy || !current) return;
+    notice('');
+    setBusy(true);
+    follow(current);
+    const response = await fetch(`${API}/chat/${encodeURIComponent(current)}/stream`, {
+        method: 'POST',
+        headers: {'Content-Type': 'application/json'},
+        body: JSON.stringify(body),
+    }).catch(() => null);
+    if (!response || !response.ok) {
+        const error = response ? await response.json().catch(() => ({})) : {};
+        stopFollowing();
+        setBusy(false);
+        notice(error.detail || 'The service could not be reached.');
+    }
+}
+
+function startEdit(item, message) {
+    if (busy) return;
+    const form = document.createElement('form');
+    form.className = 'editor';
+    const label = document.createElement('label');
+    const field = document.createElement('textarea');
+    field.id = 'edit-' + message.id;
+    label.htmlFor = field.id;
+    label.textContent = 'Edit message';
+    field.value = message.content;
+    field.rows = 3;
+    const save = document.createElement('button');
+    save.type = 'submit';
+    save.textContent = 'Send edit';
+    const cancel = document.createElement('button');
+    cancel.type = 'button';
+    cancel.textContent = 'Cancel';
+    cancel.addEventListener('click', () => form.replaceWith(messageItem(message)));
+    form.append(label, field, save, cancel);
+    form.addEventListener('submit', (event) => {
+        event.preventDefault();
+        if (field.value.trim()) answerAgain({message: field.value, edit: message.id});
+    });
+    const replacement = document.createElement('li');
+    replacement.className = 'message user';
+    replacement.append(form);
+    item.replaceWith(replacement);
+    field.focus();
+}
+
+async function switchTo(messageId) {
+    if (busy) return;
+    try {
+        await api('PATCH', conversationPath(current), {current_message_id: messageId});
+    } catch (error) {
+        notice(error.message);
+        return;
+    }
+    await open(current, {list: false});
+}
+
+async function stop() {
+    if (!current) return;
+    try {
+        await api('POST', `/chat/${encodeURIComponent(current)}/stop`);
+    } catch (error) {
+        notice(error.message);
+    }
+}
+
+async function deleteConversation() {
+    if (!current || !confirm('Delete this conversation and all its messages?')) return;
+    try {
+        await api('DELETE', conversationPath(current));
+    } catch (error) {
+        notice(error.message);
+        return;
+    }
+    await open(null);
+}
+
+// ── Wiring ──
+$('#composer').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const field = $('#message');
+    if (busy || !field.value.trim()) return;
+    const text = field.value;
+    field.value = '';
+    send(text);
+});
+$('#message').addEventListener('keydown', (event) => {
+    if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+        event.preventDefault();
+        $('#composer').requestSubmit();
+    }
+});
+$('#stop').addEventListener('click', stop);
+$('#new-conversation').addEventListener('click', () => {
+    open(null, {list: false});
+    $('#message').focus();
+});
+$('#delete-conversation').addEventListener('click', deleteConversation);
+let searching = null;
+$('#search').addEventListener('input', () => {
+    clearTimeout(searching);
+    searching = setTimeout(loadConversations, 250);
+});
+$('#search-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    loadConversations();
+});
+$('#token-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    localStorage.setItem(TOKEN_KEY, $('#token').value.trim());
+    $('#token-form').hidden = true;
+    open(current);
+});
+
+// The address names the open conversation (#<session_id>): a link or a reload opens it.
+const fromAddress = () => decodeURIComponent(location.hash.slice(1)) || null;
+window.addEventListener('hashchange', () => fromAddress() !== current && open(fromAddress()));
+open(fromAddress());

@@ -1,0 +1,304 @@
+"""The playground at / in headless Chromium, against chatsvc and the fake DashScope: what a person
+sees and does (send and watch the chunks, reload mid-answer, stop, regenerate and flip versions,
+edit, search, delete, errors, the API token), what the database holds afterwards, and an
+accessibility check by axe-core. A screenshot is saved for a person to look at."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from fake_dashscope import Reply
+from live import LiveServer
+
+API = "/api/v1"
+ARTIFACTS = Path(os.environ.get("CHATSVC_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
+WAIT = 15_000  # ms: how long an expectation waits for the page
+
+
+class Playground:
+    """The page, its server and its database."""
+
+    def __init__(self, browser, service, path: str = "/"):
+        self.service = service
+        self.live = LiveServer(service.settings).__enter__()
+        self.context = browser.new_context(viewport={"width": 1200, "height": 800})
+        self.page = self.context.new_page()
+        self.problems: list[str] = []  # script errors and failed loads: none is expected
+        self.page.on("pageerror", lambda error: self.problems.append(f"page error: {error}"))
+        self.page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
+        self.page.on("dialog", lambda dialog: dialog.accept())
+        self.page.goto(self.live.url + path)
+
+    def close(self) -> None:
+        self.context.close()
+        self.live.__exit__(None, None, None)
+
+    def send(self, text: str) -> None:
+        self.page.fill("#message", text)
+        self.page.click("#send")
+
+    def answers(self):
+        return self.page.locator("#messages li.assistant")
+
+    def last_answer(self):
+        return self.answers().last
+
+    def wait_idle(self) -> None:
+        """The answer ended and the page shows what the server stored (Send is enabled again)."""
+        self.page.wait_for_function(
+            "!document.querySelector('#send').disabled"
+            " && !document.querySelector('#messages li[data-status=\"streaming\"]')",
+            timeout=WAIT,
+        )
+
+    def rows(self, sql: str, *args):
+        return self.service.rows(sql, *args)
+
+
+@pytest.fixture
+def playground(browser, service):
+    p = Playground(browser, service)
+    yield p
+    p.close()
+    assert p.problems == [] or all("401" in problem for problem in p.problems), p.problems
+
+
+def expect(locator):
+    from playwright.sync_api import expect as playwright_expect
+
+    return playwright_expect(locator)
+
+
+def record_answer_texts(page) -> None:
+    """Keep every text the newest answer shows, in order, as the page draws it."""
+    page.evaluate("""() => {
+        window.seen = [];
+        new MutationObserver(() => {
+            const items = document.querySelectorAll('#messages li.assistant .content');
+            const text = items.length ? items[items.length - 1].textContent : null;
+            if (text !== null && window.seen[window.seen.length - 1] !== text) window.seen.push(text);
+        }).observe(document.querySelector('#messages'), {childList: true, subtree: true, characterData: true});
+    }""")
+
+
+def test_send_shows_the_chunks_as_they_arrive_and_the_answer_is_stored(playground, fake):
+    fake.push(Reply.answer(["Once ", "upon ", "a time."], pause=0.3))
+    record_answer_texts(playground.page)
+    playground.send("Tell me a story")
+    expect(playground.last_answer().locator(".content")).to_have_text("Once upon a time.", timeout=WAIT)
+    playground.wait_idle()
+    seen = [t for t in playground.page.evaluate("window.seen") if t]
+    assert seen == ["Once ", "Once upon ", "Once upon a time."]  # each chunk drawn as it arrived
+    rows = playground.rows("SELECT role, content, status FROM messages ORDER BY created_at, role DESC")
+    assert [(r["role"], r["content"], r["status"]) for r in rows] == [
+        ("user", "Tell me a story", "complete"), ("assistant", "Once upon a time.", "complete")]  # fmt: skip
+    expect(playground.page.locator("#conversations button")).to_have_text(["Tell me a story"])
+    expect(playground.page.locator("#messages li.user .content")).to_have_text(["Tell me a story"])
+
+
+def test_a_reload_mid_answer_shows_it_continue(playground, fake):
+    words = [f"w{i} " for i in range(30)]
+    fake.push(Reply.answer(words, pause=0.1))
+    playground.send("long one")
+    expect(playground.last_answer().locator(".content")).to_contain_text("w2 ", timeout=WAIT)
+    playground.page.reload()
+    record_answer_texts(playground.page)
+    expect(playground.last_answer().locator(".content")).to_have_text("".join(words), timeout=WAIT)
+    playground.wait_idle()
+    seen = playground.page.evaluate("window.seen")
+    assert any(0 < len(t) < len("".join(words)) for t in seen), seen  # still arriving after the reload
+    row = playground.rows("SELECT content, status FROM messages WHERE role = 'assistant'")[0]
+    assert (row["content"], row["status"]) == ("".join(words), "complete")
+
+
+def test_stop_keeps_what_was_written(playground, fake):
+    fake.push(Reply.answer([f"w{i} " for i in range(200)], pause=0.05))
+    playground.send("go on forever")
+    expect(playground.last_answer().locator(".content")).to_contain_text("w3 ", timeout=WAIT)
+    playground.page.click("#stop")
+    expect(playground.last_answer().locator(".state")).to_have_text("Stopped.", timeout=WAIT)
+    row = playground.rows("SELECT content, status FROM messages WHERE role = 'assistant'")[0]
+    assert row["status"] == "stopped" and row["content"].startswith("w0 w1 w2 w3 ")
+    expect(playground.last_answer().locator(".content")).to_have_text(row["content"])
+    expect(playground.page.locator("#send")).to_be_enabled()
+
+
+def test_regenerate_and_flip_between_versions(playground, fake):
+    fake.push(Reply.answer(["first answer"]))
+    playground.send("question")
+    playground.wait_idle()
+    fake.push(Reply.answer(["second ", "answer"], pause=0.1))
+    playground.last_answer().locator(".regenerate").click()
+    answer = playground.last_answer()
+    expect(answer.locator(".content")).to_have_text("second answer", timeout=WAIT)
+    playground.wait_idle()
+    expect(playground.answers()).to_have_count(1)  # one branch shown: the new version replaces the old
+    expect(answer.locator(".position")).to_have_text("2/2")
+    answer.get_by_role("button", name="Previous version").click()
+    expect(playground.last_answer().locator(".content")).to_have_text("first answer", timeout=WAIT)
+    expect(playground.last_answer().locator(".position")).to_have_text("1/2")
+    first = playground.rows("SELECT id FROM messages WHERE content = 'first answer'")[0]["id"]
+    assert playground.rows("SELECT current_message_id FROM conversations")[0]["current_message_id"] == first
+    playground.last_answer().get_by_role("button", name="Next version").click()
+    expect(playground.last_answer().locator(".content")).to_have_text("second answer", timeout=WAIT)
+
+
+def test_edit_and_resend(playground, fake):
+    fake.push(Reply.answer(["about cats"]))
+    playground.send("tell me about cats")
+    playground.wait_idle()
+    fake.push(Reply.answer(["about dogs"]))
+    playground.page.locator("#messages li.user .edit").click()
+    playground.page.get_by_label("Edit message").fill("tell me about dogs")
+    playground.page.get_by_role("button", name="Send edit").click()
+    expect(playground.last_answer().locator(".content")).to_have_text("about dogs", timeout=WAIT)
+    playground.wait_idle()
+    question = playground.page.locator("#messages li.user")
+    expect(question.locator(".content")).to_have_text("tell me about dogs")
+    expect(question.locator(".position")).to_have_text("2/2")
+    users = playground.rows("SELECT content, parent_id FROM messages WHERE role = 'user' ORDER BY created_at")
+    assert [u["content"] for u in users] == ["tell me about cats", "tell me about dogs"]
+    assert users[0]["parent_id"] is None and users[1]["parent_id"] is None  # siblings: the first message edited
+
+
+def test_search_finds_a_conversation_and_opens_it(playground, fake):
+    fake.default = Reply.answer(["noted"])
+    with playground.live.client() as client:
+        for sid, text in (("Fruit", "I like bananas"), ("Vegetables", "I like carrots")):
+            client.post(f"{API}/context/conversations", json={"session_id": sid, "title": sid})
+            assert client.post(f"{API}/chat/{sid}", json={"message": text}).status_code == 200
+    playground.page.reload()
+    expect(playground.page.locator("#conversations button")).to_have_count(2, timeout=WAIT)
+    playground.page.get_by_label("Search conversations").fill("banana")
+    expect(playground.page.locator("#conversations button")).to_have_text(["Fruit"], timeout=WAIT)
+    expect(playground.page.locator("#conversations .snippet")).to_contain_text("I like bananas")
+    playground.page.locator("#conversations button").click()
+    expect(playground.page.locator("#title")).to_have_text("Fruit")
+    expect(playground.page.locator("#messages li.user .content")).to_have_text(["I like bananas"])
+    playground.page.get_by_label("Search conversations").fill("nothing like this")
+    expect(playground.page.locator("#no-conversations")).to_be_visible(timeout=WAIT)
+
+
+def test_new_and_delete_conversation(playground, fake):
+    fake.default = Reply.answer(["ok"])
+    playground.send("keep me")
+    playground.wait_idle()
+    playground.page.click("#new-conversation")
+    expect(playground.page.locator("#title")).to_have_text("New conversation")
+    expect(playground.page.locator("#messages li")).to_have_count(0)
+    playground.send("delete me")
+    playground.wait_idle()
+    expect(playground.page.locator("#conversations button")).to_have_count(2)
+    playground.page.click("#delete-conversation")  # the confirmation dialog is accepted
+    expect(playground.page.locator("#conversations button")).to_have_text(["keep me"], timeout=WAIT)
+    expect(playground.page.locator("#title")).to_have_text("New conversation")
+    titles = playground.rows("SELECT title FROM conversations")
+    assert [t["title"] for t in titles] == ["keep me"]
+
+
+def test_an_upstream_error_shows_what_the_seed_client_shows(playground, fake):
+    fake.push(Reply.error(401, "invalid_api_key", "Incorrect API key provided."))
+    playground.send("hi")
+    expect(playground.page.locator("#notice")).to_contain_text("rejected the configured API key", timeout=WAIT)
+    playground.wait_idle()
+    expect(playground.last_answer().locator(".state")).to_contain_text("Failed: ")
+    row = playground.rows("SELECT status, error_code FROM messages WHERE role = 'assistant'")[0]
+    assert (row["status"], row["error_code"]) == ("failed", "upstream_auth")
+
+
+def test_a_refused_message_shows_the_detail(browser, make_service, fake):
+    p = Playground(browser, make_service(CHATSVC_MAX_MESSAGE_CHARS="10"))
+    try:
+        p.send("far more than ten characters")
+        expect(p.page.locator("#notice")).to_contain_text("'message' is longer than 10 characters", timeout=WAIT)
+        expect(p.page.locator("#send")).to_be_enabled()
+        expect(p.page.locator("#message")).to_have_value("far more than ten characters")  # nothing lost
+        expect(p.page.locator("#messages li")).to_have_count(0)
+        assert p.rows("SELECT id FROM messages") == []
+        assert fake.requests == []
+    finally:
+        p.close()
+
+
+def test_the_api_token_is_asked_for_and_used(browser, make_service, fake):
+    fake.default = Reply.answer(["with the token"])
+    p = Playground(browser, make_service(CHATSVC_API_TOKEN="s3cret-token"))
+    try:
+        expect(p.page.get_by_label("API token")).to_be_visible(timeout=WAIT)
+        p.page.get_by_label("API token").fill("s3cret-token")
+        p.page.get_by_role("button", name="Use token").click()
+        expect(p.page.locator("#token-form")).to_be_hidden()
+        p.send("hello")
+        expect(p.last_answer().locator(".content")).to_have_text("with the token", timeout=WAIT)
+        p.wait_idle()
+        p.page.reload()  # the token stays in this browser
+        expect(p.page.locator("#conversations button")).to_have_text(["hello"], timeout=WAIT)
+        expect(p.page.locator("#token-form")).to_be_hidden()
+    finally:
+        p.close()
+
+
+def test_accessibility_and_a_screenshot(playground, fake):
+    """axe-core's checks (labels, names, contrast, landmarks, ...) on a page showing a conversation
+    with reasoning and two versions of an answer; the screenshot is for a person to look at."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    fake.push(Reply.answer(["The answer is 4."], reasoning=["2 and 2 ", "make 4"]))
+    playground.send("What is 2 + 2?")
+    playground.wait_idle()
+    fake.push(Reply.answer(["4."], reasoning=["Simple sum"]))
+    playground.last_answer().locator(".regenerate").click()
+    expect(playground.last_answer().locator(".position")).to_have_text("2/2", timeout=WAIT)
+    playground.wait_idle()
+    reasoning = playground.last_answer().locator(".reasoning")
+    expect(reasoning).to_be_visible()
+    expect(reasoning.locator(".reasoning-text")).to_be_hidden()  # folded
+    reasoning.locator("summary").click()
+    expect(reasoning.locator(".reasoning-text")).to_have_text("Simple sum")
+    results = Axe().run(playground.page, options={"runOnly": ["wcag2a", "wcag2aa", "wcag21aa", "best-practice"]})
+    assert results.violations_count == 0, results.generate_report()
+    passed = {rule["id"] for rule in results.response["passes"]}
+    assert {"label", "button-name", "color-contrast", "region", "landmark-one-main"} <= passed, passed  # they ran
+    # the keyboard reaches every control in reading order: the conversations, the messages' tools, the composer
+    playground.page.reload()
+    expect(playground.last_answer().locator(".position")).to_have_text("2/2", timeout=WAIT)
+    order = []
+    for _ in range(11):
+        playground.page.keyboard.press("Tab")
+        order.append(playground.page.evaluate("(e => e.id || e.getAttribute('aria-label') || e.textContent.trim())"
+                                              "(document.activeElement)"))  # fmt: skip
+    assert order == ["API docs", "new-conversation", "search", "What is 2 + 2?", "delete-conversation", "Edit",
+                     "Reasoning", "Previous version", "Regenerate", "message", "send"], order  # fmt: skip
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / f"playground-{'sqlite' if playground.service.is_sqlite else 'postgresql'}.png"
+    playground.page.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+    (ARTIFACTS / "axe.json").write_text(json.dumps(results.response["violations"], indent=1))
+
+
+def test_the_page_follows_an_answer_another_client_started(playground, fake):
+    """The answer belongs to the server: a page opened on a conversation whose answer another
+    client is writing shows it arrive, and Send waits for it."""
+    fake.push(Reply.answer([f"x{i} " for i in range(20)], pause=0.1))
+    done = threading.Event()
+
+    def other_client():
+        with playground.live.client() as client:
+            client.post(f"{API}/chat/shared", json={"message": "from elsewhere"})
+        done.set()
+
+    thread = threading.Thread(target=other_client)
+    thread.start()
+    while ("", "shared") not in playground.live.relay.running:
+        threading.Event().wait(0.01)
+    playground.page.goto(playground.live.url + "/#shared")
+    expect(playground.page.locator("#send")).to_be_disabled(timeout=WAIT)
+    expect(playground.last_answer().locator(".content")).to_have_text("".join(f"x{i} " for i in range(20)),
+                                                                      timeout=WAIT)  # fmt: skip
+    playground.wait_idle()
+    thread.join(10)
+    assert done.is_set()
