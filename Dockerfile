@@ -6,6 +6,7 @@ FROM python:3.12-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md chatsvc.py schema.sql ./
 COPY docs/openapi.json docs/
+COPY playground/ playground/
 RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[postgres]"
 
 # Runtime stage: the wheels installed, nothing else; a non-root user; the database on a volume.

@@ -1,6 +1,6 @@
 """Smoke test of an installed chatsvc: run the given start command from the current directory
-(not the checkout), then check /healthz, one chat against the fake DashScope, and a clean exit
-on SIGTERM. Used by .ci/run after installing the built wheel into a fresh venv.
+(not the checkout), then check /healthz, one chat against the fake DashScope, the pages (the
+playground and the API docs, with their files), and a clean exit on SIGTERM. Used by .ci/run after installing the built wheel into a fresh venv.
 
     python tests/smoke_installed.py chatsvc
     python tests/smoke_installed.py uvicorn chatsvc:app --port {port}
@@ -79,6 +79,12 @@ def main(argv: list[str]) -> int:
         status, body = request(f"{base}/api/v1/chat/smoke", {"message": "Who are you?"})
         assert status == 200 and body["response"].startswith("I am a large-scale language model"), body
         assert database.is_file(), f"the database is {database}"
+        for path, holds in (("/", b"chat_client.js"), ("/playground/chat_client.js", b"class ChatClient"),
+                            ("/playground/playground.js", b"ChatClient"), ("/docs", b"SwaggerUIBundle"),
+                            ("/docs/static/swagger-ui-bundle.js", b"SwaggerUIBundle")):  # fmt: skip
+            with urllib.request.urlopen(base + path, timeout=10) as r:
+                assert r.status == 200 and holds in r.read(), path
+        print("smoke: the playground and the API docs are served, with their files")
         if healthcheck:
             subprocess.run(healthcheck, env=env, check=True, timeout=10)
             print(f"smoke: the image's HEALTHCHECK passed: {healthcheck[:2]}")
