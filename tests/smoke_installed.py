@@ -1,6 +1,7 @@
 """Smoke test of an installed chatsvc: run the given start command from the current directory
 (not the checkout), then check /healthz, one chat against the fake DashScope, the pages (the
-playground and the API docs, with their files), and a clean exit on SIGTERM. Used by .ci/run after installing the built wheel into a fresh venv.
+playground and the API docs, with their files), and a clean exit on SIGTERM. Used by .ci/run
+after installing the built wheel into a fresh venv.
 
     python tests/smoke_installed.py chatsvc
     python tests/smoke_installed.py uvicorn chatsvc:app --port {port}
