@@ -592,8 +592,17 @@ _SUBTREE = """WITH RECURSIVE sub (id) AS (
     SELECT m.id FROM messages m JOIN sub ON m.parent_id = sub.id)
 """
 
-# Also run by the heartbeat's own connection (asyncpg, numbered parameters).
-HEARTBEAT_SQL = "UPDATE messages SET updated_at = $1 WHERE status = 'streaming' AND id = ANY($2::text[]) RETURNING id"
+# Run by the heartbeat's own connection (asyncpg, numbered parameters): which of these answers are
+# still `streaming` (as committed: the others were taken), and those not locked at this moment get
+# the beat. It never waits for a row lock: a row locked now is being written (its checkpoint, which
+# moves `updated_at` itself, or its end, or another process's verdict). Waiting would hold the beat
+# past HEARTBEAT_MISSES intervals, and the checkpoint's batch, one transaction locking its rows in
+# another order, made a cycle with it that PostgreSQL broke only after its deadlock_timeout (1 s).
+HEARTBEAT_SQL = (
+    "WITH beat AS (UPDATE messages SET updated_at = $1 WHERE id IN (SELECT id FROM messages WHERE"
+    " id = ANY($2::text[]) AND status = 'streaming' FOR UPDATE SKIP LOCKED) RETURNING id)"
+    " SELECT id FROM messages WHERE id = ANY($2::text[]) AND status = 'streaming'"
+)
 
 # The id of the final event of an answer interrupted because its process was gone (`last_seq`): no
 # event that process sent has it, so a reader that resumes after any of them is sent this end.
@@ -1336,19 +1345,22 @@ class Store:
 
     async def checkpoint(self, checkpoints: list[Checkpoint]) -> None:
         """The running answers' texts so far, in one round trip (the background connection on SQLite)."""
-        now = utcnow()
-        rows = [(cp.content, cp.reasoning, cp.seq, now, cp.answer_id) for cp in checkpoints]
         sql = (
             "UPDATE messages SET content = $1, reasoning_content = $2, last_seq = $3, updated_at = $4"
             " WHERE id = $5 AND status = 'streaming'"
         )
+
+        def rows() -> list[tuple]:  # the time once there is a connection: a row's heartbeat is when it is written
+            now = utcnow()
+            return [(cp.content, cp.reasoning, cp.seq, now, cp.answer_id) for cp in checkpoints]
+
         try:
             if self._raw:  # sqlite3 reads $1 as the first parameter too
                 async with self._sqlite_connection(BACKGROUND) as conn:
-                    await conn.executemany(sql, rows)
+                    await conn.executemany(sql, rows())
             else:  # asyncpg pipelines the rows: one round trip
                 async with self.db.connection() as conn:
-                    await conn.raw_connection.executemany(sql, rows)
+                    await conn.raw_connection.executemany(sql, rows())
         except Exception as exc:
             self._failed(exc, BACKGROUND)
         self.fault = None

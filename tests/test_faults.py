@@ -341,6 +341,54 @@ def test_an_answer_whose_row_is_still_being_written_is_not_taken_for_dead(postgr
     assert told == []
 
 
+HOLD_POSTGRES_ROW_LOCK = """
+import asyncio, select, sys, asyncpg
+async def main():
+    conn = await asyncpg.connect(sys.argv[1])
+    async with conn.transaction():
+        await conn.execute("SELECT id FROM messages WHERE id = $1 FOR UPDATE", sys.argv[2])
+        print("locked", flush=True)
+        await asyncio.to_thread(select.select, [sys.stdin], [], [], 60)
+asyncio.run(main())
+"""
+
+
+def test_a_locked_answer_row_never_holds_the_heartbeat_of_the_others(postgres_database, fake):
+    """PostgreSQL: while another transaction holds one answer's row (as a checkpoint's batch or an
+    end being written does), the heartbeat goes on beating this process's other answers (waiting
+    for the lock held the beat past the three intervals another replica allows), and the locked
+    answer is not taken for anyone's: both run to the end."""
+    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    service = Service(postgres_database, fake, CHATSVC_HEARTBEAT_SECONDS="0.1", CHATSVC_CHECKPOINT_SECONDS="60")
+    fake.push(*(Reply.answer([f"{sid}-{i} " for i in range(40)], pause=0.05) for sid in ("a", "b")))
+    with LiveServer(service.settings) as live:
+        readers = {sid: live.reader("POST", f"{API}/chat/{sid}/stream", json={"message": "go"}) for sid in "ab"}
+        ids = {sid: reader.next_event()["data"]["message_id"] for sid, reader in readers.items()}
+
+        def beat_of(sid: str) -> str:
+            return service.rows("SELECT updated_at FROM messages WHERE id = ?", ids[sid])[0]["updated_at"]
+
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_POSTGRES_ROW_LOCK, service.url, ids["a"]],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().strip() == b"locked"
+            beats = [beat_of("b")]
+            for _ in range(4):  # beats of b while a's row is held: every 0.1 s, not held back by a's lock
+                time.sleep(0.25)
+                beats.append(beat_of("b"))
+            assert len(set(beats)) == len(beats), beats
+        finally:
+            holder.stdin.close()
+            holder.stdout.close()
+            assert holder.wait(15) == 0
+        ends = {sid: reader.until_end()[-1] for sid, reader in readers.items()}
+    for sid in "ab":
+        assert ends[sid]["type"] == "end", ends[sid]
+        assert ends[sid]["data"]["full_text"] == "".join(f"{sid}-{i} " for i in range(40))
+    rows = service.rows("SELECT status FROM messages WHERE role = 'assistant'")
+    assert [r["status"] for r in rows] == ["complete", "complete"]
+
+
 def test_an_answer_taken_for_dead_is_told_to_its_readers_and_the_verdict_stands(postgres_database, fake):
     """PostgreSQL (on SQLite one process serves the file): another replica stored this answer
     `interrupted` (its heartbeat looked stale): the producer learns it from its next heartbeat,
