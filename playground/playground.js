@@ -53,7 +53,8 @@ async function api(method, path, body) {
     if (response.status === 204) return null;
     const data = await response.json().catch(() => ({}));
     if (!response.ok) {
-        if (response.status === 401) askForToken(data.detail);
+        // The API token's 401 says `WWW-Authenticate: Bearer`; a missing CHATSVC_USER_HEADER's does not.
+        if (response.status === 401 && response.headers.has('WWW-Authenticate')) askForToken(data.detail);
         throw new ApiError(response.status, data);
     }
     return data;

@@ -302,3 +302,14 @@ def test_the_page_follows_an_answer_another_client_started(playground, fake):
     playground.wait_idle()
     thread.join(10)
     assert done.is_set()
+
+
+def test_without_the_user_header_the_page_says_so_and_asks_for_no_token(browser, make_service, fake):
+    """CHATSVC_USER_HEADER is set by the proxy in front; reached without it, the page shows the
+    service's detail (no token would help)."""
+    p = Playground(browser, make_service(CHATSVC_USER_HEADER="X-User-Id"))
+    try:
+        expect(p.page.locator("#notice")).to_contain_text("needs the X-User-Id header", timeout=WAIT)
+        expect(p.page.locator("#token-form")).to_be_hidden()
+    finally:
+        p.close()
