@@ -69,7 +69,7 @@ def test_schemathesis_finds_no_5xx_and_no_nonconforming_response(tmp_path, fake,
             "--exclude-checks", "ensure_resource_availability,use_after_free",
             # The event channel (GET .../stream) never ends by design; test_streaming.py covers it.
             "--exclude-operation-id", "channel", "--exclude-operation-id", "importConversation",
-            seconds=120,
+            seconds=75,
         )  # fmt: skip
         # An import on its own, with every check but two. A conversation file refers to its own
         # messages (a parent is an earlier message of the file), which no schema can say, so a
@@ -78,5 +78,5 @@ def test_schemathesis_finds_no_5xx_and_no_nonconforming_response(tmp_path, fake,
         # truthfully lists GET, PATCH and DELETE too.
         schemathesis(
             "--checks", "all", "--exclude-checks", "positive_data_acceptance,allow_header_conformance",
-            "--include-operation-id", "importConversation", "--phases", "examples,coverage,fuzzing", seconds=60,
+            "--include-operation-id", "importConversation", "--phases", "examples,coverage,fuzzing", seconds=45,
         )  # fmt: skip
