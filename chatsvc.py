@@ -3701,20 +3701,17 @@ async def docs_page(request: Request) -> Response:
     return HTMLResponse(DOCS_PAGE)
 
 
-def playground_folder() -> Path:
-    return data_file("playground", "chatsvc_playground")
-
-
-async def playground_page(request: Request) -> Response:
-    return FileResponse(playground_folder() / "index.html", media_type="text/html; charset=utf-8")
-
-
 def page_routes(settings: Settings) -> list[Route | Mount]:
-    """The pages this configuration serves (CHATSVC_PLAYGROUND, CHATSVC_DOCS)."""
+    """The pages this configuration serves (CHATSVC_PLAYGROUND, CHATSVC_DOCS); their files found once."""
     routes: list[Route | Mount] = []
     if settings.playground:
+        folder = data_file("playground", "chatsvc_playground")
+
+        async def playground_page(request: Request) -> Response:
+            return FileResponse(folder / "index.html", media_type="text/html; charset=utf-8")
+
         routes += [Route("/", playground_page, methods=["GET"]),
-                   Mount("/playground", StaticFiles(directory=playground_folder()))]  # fmt: skip
+                   Mount("/playground", StaticFiles(directory=folder))]  # fmt: skip
     if settings.docs:
         routes += [Route("/docs", docs_page, methods=["GET"]),
                    Mount("/docs/static", StaticFiles(directory=swagger_ui_assets()))]  # fmt: skip
