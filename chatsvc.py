@@ -434,13 +434,22 @@ def utcnow(seconds_ago: float = 0.0) -> str:
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def clock_us() -> int:
+    """This process's wall clock, in microseconds since the epoch: where new ids start."""
+    return time.time_ns() // 1000
+
+
 _last_id_us = 0
 
 
-def new_message_id() -> str:
-    """A time-ordered id (microseconds, then randomness): sorting by id sorts by creation."""
+def new_message_id(after: str = "") -> str:
+    """A new message id: 14 hex digits of microseconds, then 10 random ones. It sorts after `after`
+    (the largest id its conversation holds, read before: see Store.chat_context) and after every id
+    this process made, whatever this process's clock says, as a hybrid logical clock: replicas'
+    clocks may disagree, and a message must still sort after everything its writer saw."""
     global _last_id_us
-    _last_id_us = max(time.time_ns() // 1000, _last_id_us + 1)  # strictly increasing in-process
+    floor = int(after[:14], 16) if after else 0
+    _last_id_us = max(clock_us(), _last_id_us + 1, floor + 1)
     return f"{_last_id_us:014x}{uuid.uuid4().hex[:10]}"
 
 
@@ -577,7 +586,8 @@ _MESSAGE_COLUMNS = ", ".join(_MESSAGE_COLUMN_NAMES)
 _M_COLUMNS = ", ".join("m." + name for name in _MESSAGE_COLUMN_NAMES)
 
 # The leaf a branch switch lands on: from message :mid (the newest root when :mid is NULL) down,
-# taking the newest child at each step. Ids grow along every path, so the leaf is the largest.
+# taking the newest child at each step. Ids grow along every path, whatever the writers' clocks
+# (new_message_id), so the leaf is the largest.
 _NEWEST_LEAF = """WITH RECURSIVE down (id) AS (
     SELECT id FROM messages WHERE owner = :owner AND session_id = :sid AND id = COALESCE(:mid,
         (SELECT MAX(r.id) FROM messages r WHERE r.owner = :owner AND r.session_id = :sid AND r.parent_id IS NULL))
@@ -964,11 +974,12 @@ class Store:
     async def chat_context(
         self, owner: str, session_id: str, limit: int, start: str | None = None, current: bool = True
     ) -> tuple[dict | None, list[dict]]:
-        """What a chat needs, in one read: the conversation's settings (None if it is new) and the
-        path that leads to the new message, newest first: from the current leaf (`current`), or from
-        message `start` (None: the new message is a first one), up to `limit` messages since the
-        context start. It reads only that path, so its cost does not grow with the conversation's
-        size or the path's depth (bench/relay.py, scenario f)."""
+        """What a chat needs, in one read: the conversation's settings (None if it is new), with
+        `last_id`, the largest id it holds (its context start included: the new turn's ids go above
+        it), and the path that leads to the new message, newest first: from the current leaf
+        (`current`), or from message `start` (None: the new message is a first one), up to `limit`
+        messages since the context start. It reads only that path, so its cost does not grow with the
+        conversation's size or the path's depth (bench/relay.py, scenario f)."""
         rows = await self._all(
             "WITH RECURSIVE path (id, parent_id, role, content, status, depth, context_start) AS ("
             " SELECT m.id, m.parent_id, m.role, m.content, m.status, 1, c.context_start FROM conversations c"
@@ -977,12 +988,18 @@ class Store:
             " AND m.id > c.context_start"
             " UNION ALL SELECT m.id, m.parent_id, m.role, m.content, m.status, p.depth + 1, p.context_start"
             " FROM path p JOIN messages m ON m.id = p.parent_id WHERE p.depth < :limit AND m.id > p.context_start)"
-            " SELECT c.system_prompt, c.model, c.title, c.current_message_id, p.role, p.content, p.status"
+            " SELECT c.system_prompt, c.model, c.title, c.current_message_id, c.context_start,"
+            " (SELECT MAX(x.id) FROM messages x WHERE x.owner = :owner AND x.session_id = :sid) AS last_id,"
+            " p.role, p.content, p.status"
             " FROM conversations c LEFT JOIN path p ON 1 = 1 WHERE c.owner = :owner AND c.session_id = :sid"
             " ORDER BY p.depth",
             {"owner": owner, "sid": session_id, "limit": limit, "start": start, "current": current},
         )
-        return (rows[0] if rows else None), [row for row in rows if row["role"] is not None]
+        if not rows:
+            return None, []
+        conversation = rows[0]
+        conversation["last_id"] = max(conversation["last_id"] or "", conversation["context_start"])
+        return conversation, [row for row in rows if row["role"] is not None]
 
     async def conversations(self, owner: str, limit: int, after: tuple[str, str] | None) -> list[dict]:
         where, values = "", {"owner": owner, "limit": limit}
@@ -1080,15 +1097,21 @@ class Store:
 
     async def clear_context(self, owner: str, session_id: str, purge: bool) -> bool:
         """Everything up to now leaves the model's context; `purge` deletes it instead of hiding it,
-        except a running answer, which becomes a first message (its question is gone)."""
-        values = {"owner": owner, "sid": session_id, "marker": new_message_id(), "now": utcnow()}
+        except a running answer, which becomes a first message (its question is gone).
+
+        The context's new start is the largest id the conversation holds, not a time: no clock can put
+        it below a message written before or above one written after (their ids go above it)."""
+        values = {"owner": owner, "sid": session_id, "now": utcnow()}
         async with self.transaction():
             row = await self._one(
-                "UPDATE conversations SET context_start = :marker, updated_at = :now"
-                " WHERE owner = :owner AND session_id = :sid RETURNING session_id",
+                "UPDATE conversations SET context_start = COALESCE((SELECT MAX(m.id) FROM messages m"
+                " WHERE m.owner = :owner AND m.session_id = :sid AND m.id > conversations.context_start),"
+                " context_start), updated_at = :now"
+                " WHERE owner = :owner AND session_id = :sid RETURNING context_start",
                 values,
                 role=WRITE,
             )
+            values["marker"] = row and row["context_start"]
             if row and purge:
                 where = "owner = :owner AND session_id = :sid"
                 await self._run(f"UPDATE messages SET parent_id = NULL WHERE {where} AND status = 'streaming'", values)
@@ -3420,7 +3443,7 @@ async def plan_turn(request: Request, key: tuple[str, str], chat: ChatRequest) -
     st = state(request)
     s: Settings = st.settings
     owner, session_id = key
-    question, question_id, new_question = chat.message, new_message_id(), True
+    question, question_id, new_question = chat.message, "", True
     target_id = chat.parent_id or chat.edit or chat.regenerate
     start: str | None = None
     if target_id is not None:
@@ -3451,6 +3474,11 @@ async def plan_turn(request: Request, key: tuple[str, str], chat: ChatRequest) -
     )
     if target_id is None:
         start = conversation and conversation["current_message_id"]
+    # above every id the conversation holds now (what the model is sent, the parent, the context's
+    # start), whatever this process's clock says
+    after = conversation["last_id"] if conversation else ""
+    if new_question:
+        question_id = new_message_id(after)
     model = chat.model or (conversation and conversation["model"]) or s.chat_model
     system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
     assert question is not None
@@ -3458,7 +3486,7 @@ async def plan_turn(request: Request, key: tuple[str, str], chat: ChatRequest) -
     title = None
     if s.titles != "off" and (conversation is None or conversation["title"] is None):
         title = question.strip().splitlines()[0][:TITLE_CHARS]
-    turn = Turn(owner, session_id, new_message_id(), model, question_id, question, new_question, start, title)
+    turn = Turn(owner, session_id, new_message_id(after), model, question_id, question, new_question, start, title)
     return turn, messages
 
 
