@@ -440,6 +440,7 @@ def clock_us() -> int:
 
 
 _last_id_us = 0
+_ID_TIME = re.compile(r"[0-9a-f]{14}")
 
 
 def new_message_id(after: str = "") -> str:
@@ -448,7 +449,7 @@ def new_message_id(after: str = "") -> str:
     this process made, whatever this process's clock says, as a hybrid logical clock: replicas'
     clocks may disagree, and a message must still sort after everything its writer saw."""
     global _last_id_us
-    floor = int(after[:14], 16) if after else 0
+    floor = int(after[:14], 16) if _ID_TIME.match(after) else 0  # (an id this service made)
     _last_id_us = max(clock_us(), _last_id_us + 1, floor + 1)
     return f"{_last_id_us:014x}{uuid.uuid4().hex[:10]}"
 
