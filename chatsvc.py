@@ -3806,30 +3806,32 @@ class TokenAuth:
 
 
 class RequestMetrics:
-    """Counts every HTTP request by its route's template (`unmatched` for a path no route has, so
-    a scan of random paths adds no series), method and status, and times it to its status line."""
+    """Counts every HTTP request by its route's template (`/playground/{path}` for any file of a mount,
+    `unmatched` for a path no route has, so a scan of random paths adds no series), method and
+    status, and times it to its status line."""
 
     METHODS = frozenset({"GET", "POST", "PATCH", "DELETE", "OPTIONS", "HEAD", "PUT"})
 
-    def __init__(self, app: Any, metrics: Metrics, routes: list[Route]):
+    def __init__(self, app: Any, metrics: Metrics, routes: list[Route | Mount]):
         self.app, self.metrics, self.routes = app, metrics, routes
 
     def route_of(self, scope: Any) -> str:
+        """Matched as the request arrives: a Mount rewrites the scope's root_path for what it holds."""
         for route in self.routes:
             match, _ = route.matches(scope)
             if match is not Match.NONE:
-                return route.path
+                return route.path_format
         return "unmatched"
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
+        route = self.route_of(scope)
+        method = scope["method"] if scope["method"] in self.METHODS else "other"
 
         async def counted(message: Any) -> None:
             if message["type"] == "http.response.start":
-                route = self.route_of(scope)
-                method = scope["method"] if scope["method"] in self.METHODS else "other"
                 self.metrics.requests.labels(route, method, str(message["status"])).inc()
                 self.metrics.latency.labels(route, method).observe(time.perf_counter() - started)
             await send(message)
