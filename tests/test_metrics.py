@@ -127,7 +127,7 @@ def test_the_pages_files_are_counted_under_their_mount(client):
     `unmatched`, which is for paths no route has."""
     for name in ("playground.js", "playground.css", "chat_client.js", "missing.js"):
         client.get(f"/playground/{name}")
-    for name in ("swagger-ui.css", "swagger-ui-bundle.js", "missing.css"):
+    for name in ("swagger-ui.css", "swagger-ui-bundle.js", "chatsvc-docs.js", "oauth2-redirect.html"):
         client.get(f"/docs/static/{name}")
     client.get("/")
     client.get("/docs")
@@ -136,9 +136,9 @@ def test_the_pages_files_are_counted_under_their_mount(client):
     requests = "chatsvc_http_requests_total"
     assert value(m, requests, route="/playground/{path}", method="GET", status="200") == 3
     assert value(m, requests, route="/playground/{path}", method="GET", status="404") == 1
-    assert value(m, requests, route="/docs/static/{path}", method="GET", status="200") == 2
+    assert value(m, requests, route="/docs/static/{path}", method="GET", status="200") == 3
     assert value(m, requests, route="/docs/static/{path}", method="GET", status="404") == 1
-    assert value(m, "chatsvc_http_request_duration_seconds_count", route="/docs/static/{path}", method="GET") == 3
+    assert value(m, "chatsvc_http_request_duration_seconds_count", route="/docs/static/{path}", method="GET") == 4
     for page in ("/", "/docs"):
         assert value(m, requests, route=page, method="GET", status="200") == 1
     assert value(m, requests, route="unmatched", method="GET", status="404") == 1  # only /no/such/path
