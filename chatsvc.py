@@ -50,7 +50,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -3691,6 +3691,17 @@ async def internal_error_handler(request: Request, exc: Exception) -> Response:
 # from its folder (playground/, shipped in the wheel), Swagger UI from the swagger-ui-py package.
 # No API token is needed to load them; the requests they make carry it.
 
+# Every page response (the pages and their files) carries PAGE_HEADERS: a Content-Security-Policy
+# allowing only what the pages use, from their own origin (no inline script or style, no other site,
+# no framing: a page that cannot be framed cannot be clicked through), the same anti-framing for
+# older browsers, and no Referer (the playground's address names a conversation). Every response,
+# the API's too, says nosniff (RequestID adds it).
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+PAGE_HEADERS = {"Content-Security-Policy": PAGE_POLICY, "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}
+
 # Relative URLs, so that the page also works behind a proxy that serves chatsvc under a prefix.
 DOCS_PAGE = """<!doctype html>
 <html lang="en">
@@ -3704,15 +3715,49 @@ DOCS_PAGE = """<!doctype html>
 <body>
 <main id="swagger-ui"></main>
 <script src="docs/static/swagger-ui-bundle.js"></script>
-<script>
-window.ui = SwaggerUIBundle({
-  url: "openapi.json", dom_id: "#swagger-ui", deepLinking: true, persistAuthorization: true,
-  displayRequestDuration: true, presets: [SwaggerUIBundle.presets.apis], layout: "BaseLayout",
-});
-</script>
+<script src="docs/static/chatsvc-docs.js"></script>
 </body>
 </html>
 """
+
+# The docs page's own script (served with Swagger UI's files, so that the policy needs no inline
+# script). The API token is kept once, by the playground (its localStorage key): the docs page reads
+# it from there and gives it to its Authorize dialog, which keeps what it is given for this page
+# only (persistAuthorization off; the copy an earlier release had Swagger UI keep is removed).
+DOCS_SCRIPT_NAME = "chatsvc-docs.js"
+DOCS_SCRIPT = """'use strict';
+window.ui = SwaggerUIBundle({
+  url: 'openapi.json', dom_id: '#swagger-ui', deepLinking: true, persistAuthorization: false,
+  displayRequestDuration: true, presets: [SwaggerUIBundle.presets.apis], layout: 'BaseLayout',
+  onComplete: () => {
+    const token = localStorage.getItem('chatsvc.playground.token');
+    if (token) window.ui.preauthorizeApiKey('bearer', token);
+  },
+});
+localStorage.removeItem('authorized');
+"""
+
+# Of Swagger UI's folder (editors, other bundles, source maps, an OAuth2 redirect page), only what
+# DOCS_PAGE loads (and, next to them, DOCS_SCRIPT).
+DOCS_FILES = frozenset({"swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png"})
+
+
+class PageFiles(StaticFiles):
+    """A page's files from its folder, with PAGE_HEADERS; with `only`, just those names (others 404)."""
+
+    def __init__(self, directory: Path, only: frozenset[str] | None = None):
+        super().__init__(directory=directory)
+        self.only = only
+
+    async def get_response(self, path: str, scope: Any) -> Response:
+        if self.only is not None and path not in self.only:
+            raise HTTPException(status_code=404)
+        return await super().get_response(path, scope)
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers.update(PAGE_HEADERS)
+        return response
 
 
 def swagger_ui_assets() -> Path:
@@ -3727,23 +3772,27 @@ def swagger_ui_assets() -> Path:
 
 
 async def docs_page(request: Request) -> Response:
-    return HTMLResponse(DOCS_PAGE)
+    return HTMLResponse(DOCS_PAGE, headers=PAGE_HEADERS)
+
+
+async def docs_script(request: Request) -> Response:
+    return Response(DOCS_SCRIPT, media_type="text/javascript; charset=utf-8", headers=PAGE_HEADERS)
 
 
 def page_routes(settings: Settings) -> list[Route | Mount]:
     """The pages this configuration serves (CHATSVC_PLAYGROUND, CHATSVC_DOCS); their files found once."""
     routes: list[Route | Mount] = []
     if settings.playground:
-        folder = data_file("playground", "chatsvc_playground")
+        files = PageFiles(data_file("playground", "chatsvc_playground"))
 
         async def playground_page(request: Request) -> Response:
-            return FileResponse(folder / "index.html", media_type="text/html; charset=utf-8")
+            return await files.get_response("index.html", request.scope)
 
-        routes += [Route("/", playground_page, methods=["GET"]),
-                   Mount("/playground", StaticFiles(directory=folder))]  # fmt: skip
+        routes += [Route("/", playground_page, methods=["GET"]), Mount("/playground", files)]
     if settings.docs:
-        routes += [Route("/docs", docs_page, methods=["GET"]),
-                   Mount("/docs/static", StaticFiles(directory=swagger_ui_assets()))]  # fmt: skip
+        assets = [Route(f"/{DOCS_SCRIPT_NAME}", docs_script, methods=["GET"]),
+                  Mount("", PageFiles(swagger_ui_assets(), only=DOCS_FILES))]  # fmt: skip
+        routes += [Route("/docs", docs_page, methods=["GET"]), Mount("/docs/static", routes=assets)]
     return routes
 
 
@@ -3766,10 +3815,13 @@ class HeaderLimit:
 
 
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+_NOSNIFF = (b"x-content-type-options", b"nosniff")
 
 
 class RequestID:
-    """Echo the caller's X-Request-ID (or a new one) on the response, and keep it for the logs."""
+    """Echo the caller's X-Request-ID (or a new one) on the response, and keep it for the logs. Every
+    response also says `X-Content-Type-Options: nosniff` (a browser takes each as its Content-Type
+    says, never a JSON error as a page or a script): one header more where this layer adds one."""
 
     def __init__(self, app: Any):
         self.app = app
@@ -3783,7 +3835,7 @@ class RequestID:
 
         async def send_with_id(message: Any) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id), _NOSNIFF]
             await send(message)
 
         await self.app(scope, receive, send_with_id)
@@ -3835,30 +3887,32 @@ class TokenAuth:
 
 
 class RequestMetrics:
-    """Counts every HTTP request by its route's template (`unmatched` for a path no route has, so
-    a scan of random paths adds no series), method and status, and times it to its status line."""
+    """Counts every HTTP request by its route's template (`/playground/{path}` for any file of a mount,
+    `unmatched` for a path no route has, so a scan of random paths adds no series), method and
+    status, and times it to its status line."""
 
     METHODS = frozenset({"GET", "POST", "PATCH", "DELETE", "OPTIONS", "HEAD", "PUT"})
 
-    def __init__(self, app: Any, metrics: Metrics, routes: list[Route]):
+    def __init__(self, app: Any, metrics: Metrics, routes: list[Route | Mount]):
         self.app, self.metrics, self.routes = app, metrics, routes
 
     def route_of(self, scope: Any) -> str:
+        """Matched as the request arrives: a Mount rewrites the scope's root_path for what it holds."""
         for route in self.routes:
             match, _ = route.matches(scope)
             if match is not Match.NONE:
-                return route.path
+                return route.path_format
         return "unmatched"
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         started = time.perf_counter()
+        route = self.route_of(scope)
+        method = scope["method"] if scope["method"] in self.METHODS else "other"
 
         async def counted(message: Any) -> None:
             if message["type"] == "http.response.start":
-                route = self.route_of(scope)
-                method = scope["method"] if scope["method"] in self.METHODS else "other"
                 self.metrics.requests.labels(route, method, str(message["status"])).inc()
                 self.metrics.latency.labels(route, method).observe(time.perf_counter() - started)
             await send(message)

@@ -72,6 +72,7 @@ function notice(text) {
 }
 
 function askForToken(detail) {
+    $('#forget-token').hidden = true;
     $('#token-form').hidden = false;
     $('#token-help').textContent = detail || 'This service needs its API token.';
     $('#token').focus();
@@ -436,11 +437,38 @@ $('#search-form').addEventListener('submit', (event) => {
 $('#token-form').addEventListener('submit', (event) => {
     event.preventDefault();
     localStorage.setItem(TOKEN_KEY, $('#token').value.trim());
+    $('#token').value = '';
     $('#token-form').hidden = true;
+    $('#forget-token').hidden = !token();
+    open(current);
+});
+// The token stays in this browser (localStorage) until it is forgotten here or the site's data is cleared.
+$('#forget-token').hidden = !token();
+$('#forget-token').addEventListener('click', () => {
+    localStorage.removeItem(TOKEN_KEY);
+    $('#forget-token').hidden = true;
     open(current);
 });
 
-// The address names the open conversation (#<session_id>): a link or a reload opens it.
-const fromAddress = () => decodeURIComponent(location.hash.slice(1)) || null;
-window.addEventListener('hashchange', () => fromAddress() !== current && open(fromAddress()));
-open(fromAddress());
+// The address names the open conversation (#<session_id>): a link or a reload opens it. Only a
+// valid session id (chatsvc's rule) does: anything else in a link (`#other/stop?`, `#../x`) would
+// make ChatClient, which puts the id into its URLs as it is, send to another route. It is ignored:
+// the address goes back to naming the open conversation (or none).
+const SESSION_ID = /^(?!\.+$)[A-Za-z0-9._-]{1,128}$/;
+function fromAddress() {
+    try {
+        const id = decodeURIComponent(location.hash.slice(1));
+        return SESSION_ID.test(id) ? id : null;
+    } catch {
+        return null; // not percent-encoded text: not an id
+    }
+}
+window.addEventListener('hashchange', () => {
+    const id = fromAddress();
+    if (id === null && location.hash) {
+        history.replaceState(null, '', current ? '#' + encodeURIComponent(current) : location.pathname);
+    } else if (id !== current) {
+        open(id);
+    }
+});
+open(fromAddress()); // (open(null) clears an address that names no valid id)

@@ -81,8 +81,9 @@ def main(argv: list[str]) -> int:
         assert status == 200 and body["response"].startswith("I am a large-scale language model"), body
         assert database.is_file(), f"the database is {database}"
         for path, holds in (("/", b"chat_client.js"), ("/playground/chat_client.js", b"class ChatClient"),
-                            ("/playground/playground.js", b"ChatClient"), ("/docs", b"SwaggerUIBundle"),
-                            ("/docs/static/swagger-ui-bundle.js", b"SwaggerUIBundle")):  # fmt: skip
+                            ("/playground/playground.js", b"ChatClient"), ("/docs", b"swagger-ui-bundle.js"),
+                            ("/docs/static/swagger-ui-bundle.js", b"SwaggerUIBundle"),
+                            ("/docs/static/chatsvc-docs.js", b"SwaggerUIBundle")):  # fmt: skip
             with urllib.request.urlopen(base + path, timeout=10) as r:
                 assert r.status == 200 and holds in r.read(), path
         print("smoke: the playground and the API docs are served, with their files")

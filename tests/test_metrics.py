@@ -101,7 +101,8 @@ def test_labels_carry_no_ids_users_or_texts(make_service, fake):
         chat_as(client, fake, user["X-User"], f"conv-{i}", f"private text {i}")
         client.get(f"{API}/context/conversations/conv-{i}/messages", headers=user)
         client.get(f"/random/path-{i}")
-        secrets.extend([user["X-User"], f"conv-{i}", f"private text {i}", f"path-{i}"])
+        client.get(f"/playground/file-{i}.js")  # a page's file that is not there: its mount's series
+        secrets.extend([user["X-User"], f"conv-{i}", f"private text {i}", f"path-{i}", f"file-{i}"])
 
     with service.client() as client:
         scrape(client)  # a scrape is a request too: its series are in both
@@ -119,6 +120,30 @@ def test_labels_carry_no_ids_users_or_texts(make_service, fake):
     # ten times the users, conversations, messages and unknown paths: not one series more
     assert set(many) == set(few)
     assert value(many, "chatsvc_answers_total", status="complete", code="none", model="qwen-plus") == 30
+
+
+def test_the_pages_files_are_counted_under_their_mount(client):
+    """Each page's files count under their mount's template (one series, however many files), not as
+    `unmatched`, which is for paths no route has."""
+    for name in ("playground.js", "playground.css", "chat_client.js", "missing.js"):
+        client.get(f"/playground/{name}")
+    for name in ("swagger-ui.css", "swagger-ui-bundle.js", "chatsvc-docs.js", "oauth2-redirect.html"):
+        client.get(f"/docs/static/{name}")
+    client.get("/")
+    client.get("/docs")
+    client.get("/no/such/path")
+    m = scrape(client)
+    requests = "chatsvc_http_requests_total"
+    assert value(m, requests, route="/playground/{path}", method="GET", status="200") == 3
+    assert value(m, requests, route="/playground/{path}", method="GET", status="404") == 1
+    assert value(m, requests, route="/docs/static/{path}", method="GET", status="200") == 3
+    assert value(m, requests, route="/docs/static/{path}", method="GET", status="404") == 1
+    assert value(m, "chatsvc_http_request_duration_seconds_count", route="/docs/static/{path}", method="GET") == 4
+    for page in ("/", "/docs"):
+        assert value(m, requests, route=page, method="GET", status="200") == 1
+    assert value(m, requests, route="unmatched", method="GET", status="404") == 1  # only /no/such/path
+    assert not [labels for (name, labels) in m if name == requests and ("status", "200") in labels
+                and ("route", "unmatched") in labels]  # fmt: skip
 
 
 def test_metrics_can_be_turned_off(make_service):

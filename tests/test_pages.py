@@ -5,9 +5,12 @@ tests/browser/test_playground.py and test_docs.py.)"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+
+import chatsvc
 
 PLAYGROUND = Path(__file__).resolve().parent.parent / "playground"
 
@@ -19,9 +22,11 @@ PLAYGROUND = Path(__file__).resolve().parent.parent / "playground"
         ("/playground/chat_client.js", "text/javascript", b"class ChatClient {"),
         ("/playground/playground.js", "text/javascript", b"new ChatClient(id)"),
         ("/playground/playground.css", "text/css", b":root"),
-        ("/docs", "text/html", b'SwaggerUIBundle({\n  url: "openapi.json"'),
+        ("/docs", "text/html", b'<script src="docs/static/chatsvc-docs.js">'),
+        ("/docs/static/chatsvc-docs.js", "text/javascript", b"SwaggerUIBundle({\n  url: 'openapi.json'"),
         ("/docs/static/swagger-ui-bundle.js", "text/javascript", b"SwaggerUIBundle"),
         ("/docs/static/swagger-ui.css", "text/css", b".swagger-ui"),
+        ("/docs/static/favicon-32x32.png", "image/png", b"PNG"),
     ],
 )
 def test_the_pages_and_their_files_are_served_without_the_token(make_service, path, media_type, holds):
@@ -41,8 +46,6 @@ def test_the_playground_files_are_the_ones_in_its_folder(client):
 
 def test_the_pages_refer_only_to_files_chatsvc_serves(client):
     """No CDN: every script, style and link of the pages is served here (a sidecar often has no internet)."""
-    import re
-
     for page in ("/", "/docs"):
         html = client.get(page).text
         refs = re.findall(r'(?:src|href)="([^"]+)"', html)
@@ -79,3 +82,66 @@ def test_missing_files_and_wrong_methods_are_json_errors(client):
     assert set(r.headers["allow"].split(", ")) == {"GET", "HEAD"}
     r = client.post("/")
     assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD"
+
+
+PAGE_FILES = ["/", "/playground/index.html", "/playground/chat_client.js", "/playground/playground.js",
+              "/playground/playground.css", "/docs", "/docs/static/chatsvc-docs.js", "/docs/static/swagger-ui.css",
+              "/docs/static/swagger-ui-bundle.js", "/docs/static/favicon-32x32.png"]  # fmt: skip
+POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+def assert_page_headers(r) -> None:
+    assert r.headers.get("content-security-policy") == POLICY, r.headers
+    assert r.headers.get("x-frame-options") == "DENY"
+    assert r.headers.get("x-content-type-options") == "nosniff"
+    assert r.headers.get("referrer-policy") == "no-referrer"
+
+
+@pytest.mark.parametrize("path", PAGE_FILES)
+def test_every_page_and_file_forbids_framing_sniffing_and_other_origins(client, path):
+    """Both pages could be framed and clicked through, and ran whatever markup got into them: each
+    answer for a page or one of its files (GET, HEAD, a 304 to a cache) says so in its headers."""
+    r = client.get(path)
+    assert r.status_code == 200
+    assert_page_headers(r)
+    assert_page_headers(client.head(path))
+    if "etag" in r.headers:  # the files: a browser's revalidation
+        again = client.get(path, headers={"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304
+        assert_page_headers(again)
+
+
+def test_the_pages_run_no_inline_script_or_style(client):
+    """The policy allows scripts and styles from files only: the pages have none inline."""
+    for page in ("/", "/docs"):
+        html = client.get(page).text
+        assert re.findall(r"<script(?![^>]*\bsrc=)[^>]*>", html) == [], page
+        assert "<style" not in html and " style=" not in html and "javascript:" not in html, page
+        assert re.findall(r"\son[a-z]+=", html) == [], page  # no event handler attributes
+
+
+def test_api_answers_say_nosniff_and_carry_no_page_policy(make_service):
+    with make_service(CHATSVC_API_TOKEN="t0ken").client() as client:
+        for r in (client.get("/api/v1/context/conversations"), client.get("/healthz"), client.get("/nowhere"),
+                  client.get("/openapi.json")):  # fmt: skip
+            assert r.headers.get("x-content-type-options") == "nosniff", r.url
+            assert "content-security-policy" not in r.headers
+
+
+# In swagger-ui-py's folder but not used by the docs page: the OAuth2 redirect page, the editor, the
+# other bundles, source maps, the package's own page script and styles.
+UNUSED = ["oauth2-redirect.html", "swagger-editor-bundle.js", "swagger-editor-bundle.js.map", "swagger-editor.js",
+          "swagger-editor.css", "swagger-ui.js", "swagger-ui-es-bundle.js", "swagger-ui-standalone-preset.js",
+          "swagger-initializer.js", "index.css", "favicon-16x16.png", "LICENSE"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", UNUSED)
+def test_the_docs_serve_only_the_swagger_ui_files_the_page_uses(client, name):
+    assert (chatsvc.swagger_ui_assets() / name).is_file()  # there, and still not served
+    for r in (client.get(f"/docs/static/{name}"), client.head(f"/docs/static/{name}")):
+        assert r.status_code == 404
+    assert client.get(f"/docs/static/{name}").json()["code"] == "not_found"
+    assert client.get(f"/docs/static/./{name}").status_code == 404

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from fake_dashscope import Reply
@@ -26,8 +28,15 @@ class Playground:
         self.service = service
         self.live = LiveServer(service.settings).__enter__()
         self.context = browser.new_context(viewport={"width": 1200, "height": 800})
+        # what the page's Content-Security-Policy refused: the page must need nothing it forbids
+        self.context.add_init_script(
+            "document.addEventListener('securitypolicyviolation', (e) => console.error("
+            "`policy violation: ${e.effectiveDirective} ${e.blockedURI} at ${e.sourceFile}:${e.lineNumber}`));"
+        )
         self.page = self.context.new_page()
-        self.problems: list[str] = []  # script errors and failed loads: none is expected
+        self.problems: list[str] = []  # script errors, failed loads, policy violations: none is expected
+        self.requests: list[tuple[str, str]] = []  # (method, URL) of every request the page made
+        self.page.on("request", lambda r: self.requests.append((r.method, r.url)))
         self.page.on("pageerror", lambda error: self.problems.append(f"page error: {error}"))
         self.page.on("console", lambda m: m.type == "error" and self.problems.append(f"console: {m.text}"))
         self.page.on("dialog", lambda dialog: dialog.accept())
@@ -48,12 +57,10 @@ class Playground:
         return self.answers().last
 
     def wait_idle(self) -> None:
-        """The answer ended and the page shows what the server stored (Send is enabled again)."""
-        self.page.wait_for_function(
-            "!document.querySelector('#send').disabled"
-            " && !document.querySelector('#messages li[data-status=\"streaming\"]')",
-            timeout=WAIT,
-        )
+        """The answer ended and the page shows what the server stored (Send is enabled again). (A
+        selector, not wait_for_function, whose polling evaluates a string the page's policy forbids.)"""
+        idle = self.page.locator("body:has(#send:enabled):not(:has(#messages li[data-status='streaming']))")
+        expect(idle).to_have_count(1, timeout=WAIT)
 
     def rows(self, sql: str, *args):
         return self.service.rows(sql, *args)
@@ -238,8 +245,71 @@ def test_the_api_token_is_asked_for_and_used(browser, make_service, fake):
         p.page.reload()  # the token stays in this browser
         expect(p.page.locator("#conversations button")).to_have_text(["hello"], timeout=WAIT)
         expect(p.page.locator("#token-form")).to_be_hidden()
+        assert_accessible(p.page)
+        # until it is forgotten: then the page asks again
+        p.page.get_by_role("button", name="Forget token").click()
+        expect(p.page.get_by_label("API token")).to_be_visible(timeout=WAIT)
+        expect(p.page.get_by_role("button", name="Forget token")).to_be_hidden()
+        assert p.page.evaluate("localStorage.length") == 0
+        assert_accessible(p.page)
     finally:
         p.close()
+
+
+def assert_accessible(page) -> None:
+    from axe_playwright_python.sync_playwright import Axe
+
+    results = Axe().run(page, options={"runOnly": ["wcag2a", "wcag2aa", "wcag21aa", "best-practice"]})
+    assert results.violations_count == 0, results.generate_report()
+
+
+SESSION_ID = re.compile(r"(?!\.+$)[A-Za-z0-9._-]{1,128}")
+
+
+@pytest.mark.parametrize("address", ["#other/stop?", "#../x", "#%2E%2E", "#a%2Fb", "#%E0%A4%A", "#" + "x" * 129])
+def test_an_address_that_is_no_session_id_opens_no_conversation(browser, service, fake, address):
+    """A link to `/#other/stop?` made the next Send a POST to another route (the seed's ChatClient
+    puts the id into its URLs unencoded), with the user's token: only a valid session id opens a
+    conversation; anything else is ignored and cleared from the address, and Send starts a new one."""
+    fake.default = Reply.answer(["a new one"])
+    p = Playground(browser, service, path="/" + address)
+    try:
+        expect(p.page.locator("#title")).to_have_text("New conversation")
+        with p.page.expect_request(lambda r: r.method == "POST", timeout=WAIT) as posted:
+            p.send("hello")
+        assert re.fullmatch(f"{API}/chat/c-[a-z0-9-]+/stream", urlsplit(posted.value.url).path), posted.value.url
+        p.wait_idle()
+        expect(p.last_answer().locator(".content")).to_have_text("a new one")
+        [row] = p.rows("SELECT DISTINCT session_id FROM messages")
+        session_id = row["session_id"]
+        assert SESSION_ID.fullmatch(session_id) and session_id.startswith("c-"), session_id
+        expect(p.page).to_have_url(f"{p.live.url}/#{session_id}")  # the bad address was cleared
+        api = {(method, urlsplit(url).path) for method, url in p.requests if urlsplit(url).path.startswith(API)}
+        conversation = f"{API}/context/conversations/{session_id}"
+        allowed = {("GET", f"{API}/context/conversations"), ("GET", conversation),
+                   ("GET", f"{API}/chat/{session_id}/stream"), ("POST", f"{API}/chat/{session_id}/stream")}  # fmt: skip
+        assert api <= allowed, api - allowed
+        assert ("POST", f"{API}/chat/{session_id}/stream") in api
+    finally:
+        p.close()
+    assert p.problems == [], p.problems
+
+
+def test_a_link_in_the_page_to_no_session_id_changes_nothing(playground, fake):
+    """The address changed while a conversation is open (a link, the address bar): an id opens its
+    conversation, anything else leaves the open one as it is, and the address names it again."""
+    fake.default = Reply.answer(["same"])
+    playground.send("first")
+    playground.wait_idle()
+    [row] = playground.rows("SELECT DISTINCT session_id FROM messages")
+    session_id = row["session_id"]
+    playground.page.evaluate("location.hash = '#other/stop?'")
+    expect(playground.page).to_have_url(f"{playground.live.url}/#{session_id}", timeout=WAIT)
+    expect(playground.page.locator("#messages li.user .content")).to_have_text(["first"])
+    playground.send("second")
+    playground.wait_idle()
+    assert {r["session_id"] for r in playground.rows("SELECT session_id FROM messages")} == {session_id}
+    assert not [url for method, url in playground.requests if "other" in url or "/stop" in url]
 
 
 def test_accessibility_and_a_screenshot(playground, fake):
