@@ -6,7 +6,9 @@ look: the final SSE event on the wire, the stored row, the plain reply, and the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 from fake_dashscope import DONE, Reply, chunk_event, overflow_replies
@@ -243,3 +245,26 @@ def test_a_connection_closed_before_answering_is_retried(make_service, fake):
         r = client.post(f"{API}/chat/s1", json={"message": "hi"})
     assert r.status_code == 200 and r.json()["response"] == "fine"
     assert len(fake.requests) == 2
+
+
+# ── the token estimate, against Qwen's tokenizer's counts (recorded by bench/tokens.py) ─
+
+
+def bench_tokens():
+    path = Path(__file__).resolve().parent.parent / "bench" / "tokens.py"
+    spec = importlib.util.spec_from_file_location("bench_tokens", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_token_estimate_does_not_undercount_qwens_tokenizer():
+    # an under-count is what overflows the model; the estimate may err high, within reason
+    bench = bench_tokens()
+    ratios = {
+        name: round(chatsvc.estimate_tokens(text) / (bench.QWEN_COUNTS[name] + bench.FRAMING), 2)
+        for name, text in bench.SAMPLES.items()
+    }
+    assert {name: r for name, r in ratios.items() if r < 1.0 and name not in bench.KNOWN_UNDER} == {}
+    assert {name: r for name, r in ratios.items() if r > 1.8} == {}
+    assert all(ratios[name] >= 0.7 for name in bench.KNOWN_UNDER)  # random hex/base64: the stated exception
