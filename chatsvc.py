@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import sqlite3
+import string
 import sys
 import threading
 import time
@@ -386,6 +387,13 @@ class Metrics:
                           buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.tokens = c("chatsvc_tokens", "Tokens the model service counted, by model and kind (prompt, completion,"
                         " title_prompt, title_completion)", ["model", "kind"], registry=r)  # fmt: skip
+        self.tokens_estimated = c(
+            "chatsvc_tokens_estimated",
+            "Tokens chatsvc estimated for answers the model service reported no usage for, by model and kind"
+            " (prompt, completion)",
+            ["model", "kind"],
+            registry=r,
+        )
         self.upstream = c("chatsvc_upstream_requests", "Calls to the model service, by purpose (answer, title) and"
                           " outcome (ok, or the error code)", ["purpose", "outcome"], registry=r)  # fmt: skip
         self.retries = c("chatsvc_upstream_retries", "Calls to the model service made again", ["purpose"], registry=r)
@@ -413,11 +421,12 @@ class Metrics:
         if error is not None and getattr(error, "status", None) == 429:
             self.rate_limited.inc()
 
-    def usage(self, model: str, usage: dict | None, prefix: str = "") -> None:
+    def usage(self, model: str, usage: dict | None, prefix: str = "", estimated: bool = False) -> None:
+        counter = self.tokens_estimated if estimated else self.tokens
         for kind in ("prompt", "completion"):
             count = (usage or {}).get(f"{kind}_tokens")
             if isinstance(count, int) and count > 0:
-                self.tokens.labels(model, prefix + kind).inc(count)
+                counter.labels(model, prefix + kind).inc(count)
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
@@ -1436,11 +1445,19 @@ def _id_batches(ids: list[str], size: int = 500) -> Iterator[tuple[str, dict[str
 # ── Context: what the model sees ───────────────────────────────────────────────────────
 
 
+_WORD_BYTES = (string.ascii_letters + " ").encode()
+_NON_ASCII_BYTES = bytes(range(128, 256))
+
+
 def estimate_tokens(text: str) -> int:
-    """Conservative token estimate: a non-ASCII (e.g. CJK) character is about one token,
-    ASCII text about four characters a token, plus a few tokens of per-message framing."""
-    ascii_chars = len(text.encode("ascii", "ignore"))
-    return (len(text) - ascii_chars) + (ascii_chars + 3) // 4 + 4
+    """A token count that errs high, for Qwen's tokenizer (bench/tokens.py measures it): ASCII letters
+    and spaces four to a token, every other ASCII character (digit, punctuation, line end) one token,
+    non-ASCII text one token per three UTF-8 bytes (a CJK character one, an emoji about 1.3), plus the
+    chat template's five tokens of framing per message. Three passes in C over the text's bytes."""
+    data = text.encode("utf-8", "surrogatepass")
+    rest = data.translate(None, _WORD_BYTES)  # digits, punctuation, line ends and every non-ASCII byte
+    symbols = len(rest.translate(None, _NON_ASCII_BYTES))
+    return (len(data) - len(rest) + 3) // 4 + symbols + (len(rest) - symbols + 2) // 3 + 5
 
 
 def build_context(
@@ -1513,9 +1530,28 @@ _CODE_STATUS = {
 }
 
 
+# How OpenAI-compatible servers say that the conversation is longer than the model's context:
+# an identifier (OpenAI's and llama-cpp-python's `code` context_length_exceeded, llama.cpp's `type`
+# exceed_context_size_error), else, on a 400/413, the message: DashScope's "Range of input length
+# should be [1, N]", vLLM's and OpenAI's "This model's maximum context length is N tokens",
+# llama.cpp's "request (N tokens) exceeds the available context size (M tokens)", llama-cpp-python's
+# "Requested tokens (N) exceed context window of M", LiteLLM's "litellm.ContextWindowExceededError".
+_OVERFLOW_IDS = frozenset({"context_length_exceeded", "exceed_context_size_error"})
+_OVERFLOW_SAID = re.compile(
+    r"input length|context length|too long|exceeds? (?:the available )?context|context ?window ?exceeded", re.I
+)
+
+
+def context_overflow(status: int, error: dict) -> bool:
+    """Whether a model service's error says the conversation does not fit the model's context."""
+    if str(error.get("code")) in _OVERFLOW_IDS or str(error.get("type")) in _OVERFLOW_IDS:
+        return True
+    return status in (400, 413) and _OVERFLOW_SAID.search(str(error.get("message") or "")) is not None
+
+
 def upstream_error(status: int, error: Any, retry_after: float | None = None) -> UpstreamError:
     """Map a DashScope error (HTTP status + `{"code", "message"}`) to the contract. Keyed on
-    `code` and status, never on `type`."""
+    `code` and status; `type` only where a server names the overflow there (context_overflow)."""
     error = error if isinstance(error, dict) else {}
     code = str(error.get("code") or "")
     said = str(error.get("message") or "").strip() or f"HTTP {status}"
@@ -1524,9 +1560,13 @@ def upstream_error(status: int, error: Any, retry_after: float | None = None) ->
         return UpstreamError(
             422, "content_filtered", "The model service's content moderation rejected this conversation. " + where
         )
-    if status == 400 and ("input length" in said or "context length" in said or "too long" in said):
+    if context_overflow(status, error):
         return UpstreamError(
-            422, "context_too_long", "The conversation is longer than the model accepts; clear the context. " + where
+            422,
+            "context_too_long",
+            "The conversation is longer than the model's context: set CHATSVC_MAX_CONTEXT_TOKENS below the"
+            " model's context size (leaving room for the answer) so that fewer old messages are sent, or clear"
+            " the conversation's context. " + where,
         )
     if status in (401, 403) or code == "Arrearage":  # key, permission or billing: retrying cannot help
         return UpstreamError(
@@ -1555,6 +1595,14 @@ def upstream_error(status: int, error: Any, retry_after: float | None = None) ->
             502, "upstream_error", "The model service failed. " + where, retryable=True, retry_after=retry_after
         )
     return UpstreamError(502, "upstream_error", "The model service refused the request. " + where)
+
+
+def _stream_error_status(code: Any) -> int:
+    """The HTTP status an error sent inside a stream stands for: DashScope's by its code, llama.cpp's
+    is the status itself (`"code": 400`), else 500."""
+    if type(code) is int or (isinstance(code, str) and code.isdigit()):
+        return int(code) if 400 <= int(code) <= 599 else 500
+    return _CODE_STATUS.get(str(code), 500)
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
@@ -1619,7 +1667,7 @@ def parse_chunk(data: str) -> Delta:
         raise UpstreamError(502, "upstream_error", "The model service sent a stream event that is not an object.")
     if "error" in obj:  # an error in place of a chunk, mid-stream
         error = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
-        raise upstream_error(_CODE_STATUS.get(str(error.get("code")), 500), error)
+        raise upstream_error(_stream_error_status(error.get("code")), error)
     delta = Delta(usage=sane_usage(obj.get("usage")))
     for choice in obj.get("choices") or ():
         d = choice.get("delta") or {}
@@ -1659,33 +1707,54 @@ def sane_usage(usage: Any) -> dict | None:
     return kept or None
 
 
+# The ends of a stream that are not an answer's end. A stream is whole once a finish_reason came;
+# `[DONE]` alone is no proof (llama-cpp-python sends it when another request interrupts an answer).
+CUT_SHORT = (
+    "The model service ended the stream before the answer was complete (no finish_reason came); a server"
+    " that runs one request at a time ends a running answer this way when another request arrives."
+)
+EMPTY_ANSWER = (
+    "The model service ended the answer (finish_reason {}) without any text. A proxy such as LiteLLM does"
+    " this when the conversation is longer than the model's context: set CHATSVC_MAX_CONTEXT_TOKENS below"
+    " the model's context size, or clear the context."
+)
+EMPTY_RESPONSE = (
+    "The model service answered 200 without a single event. A server does this when it fails before"
+    " its first token, most often because the conversation is longer than its context (llama-cpp-python's"
+    " n_ctx): set CHATSVC_MAX_CONTEXT_TOKENS below the model's context size, or clear the context."
+)
+
+
 async def stream_completion(client: httpx.AsyncClient, settings: Settings, payload: dict) -> AsyncIterator[Delta]:
-    """One streaming Chat Completions call. Yields deltas; raises UpstreamError for every failure."""
+    """One streaming Chat Completions call. Yields deltas; raises UpstreamError for every failure,
+    a stream that ends without a finish_reason included."""
     # identity: the raw body is the event stream (no decoder layer per read; proxies may ignore it, see below)
     headers = {
         "Authorization": f"Bearer {settings.dashscope_api_key}",
         "Accept": "text/event-stream",
         "Accept-Encoding": "identity",
     }
-    finished = False
+    finished, events, done = False, 0, False
     try:
         async with client.stream(
             "POST", settings.dashscope_base_url + "/chat/completions", json=payload, headers=headers
         ) as response:
             if response.status_code != 200:
                 body = await response.aread()
-                try:
-                    error = json.loads(body).get("error")
+                try:  # `{"error": {...}}`; older vLLM sends the error object itself
+                    error = json.loads(body)
+                    error = error.get("error", error)
                 except (ValueError, AttributeError):
                     error = {"message": body[:200].decode("utf-8", "replace")}
                 raise upstream_error(response.status_code, error, _retry_after(response.headers))
             decoder = SSEDecoder()
             chunks = response.aiter_bytes() if "content-encoding" in response.headers else response.aiter_raw()
             async for raw in chunks:
-                events = decoder.feed(raw)
-                for data in events:
+                for data in decoder.feed(raw):
                     if data == "[DONE]":
+                        done = True
                         break
+                    events += 1
                     delta = parse_chunk(data)
                     finished = finished or delta.finish_reason is not None
                     yield delta
@@ -1696,7 +1765,7 @@ async def stream_completion(client: httpx.AsyncClient, settings: Settings, paylo
                 with anyio.move_on_after(1):
                     async for _ in chunks:
                         pass
-                return
+                break
     except httpx.ConnectTimeout:
         raise UpstreamError(
             504,
@@ -1719,16 +1788,16 @@ async def stream_completion(client: httpx.AsyncClient, settings: Settings, paylo
             retryable=True,
         ) from None
     except httpx.TransportError as exc:
-        raise UpstreamError(
-            502,
-            "upstream_error",
-            f"The connection to the model service failed mid-answer ({type(exc).__name__}).",
-            retryable=True,
-        ) from None
-    if not finished:  # closed without [DONE] and without a finish_reason: the answer is cut off
-        raise UpstreamError(
-            502, "upstream_error", "The model service closed the stream before the answer was complete.", retryable=True
+        detail = (
+            f"The connection to the model service failed mid-answer ({type(exc).__name__})."
+            if events
+            else f"The model service closed the connection before answering ({type(exc).__name__})."
         )
+        raise UpstreamError(502, "upstream_error", detail, retryable=True) from None
+    if not events and not done:  # not worth a retry: the same request fails the same way
+        raise UpstreamError(502, "upstream_error", EMPTY_RESPONSE)
+    if not finished:  # [DONE] or the body's end without a finish_reason: the answer is cut off
+        raise UpstreamError(502, "upstream_error", CUT_SHORT, retryable=True)
 
 
 def new_upstream_client(settings: Settings) -> httpx.AsyncClient:
@@ -1774,12 +1843,9 @@ def final_event(
 ) -> tuple[str, dict]:
     """The `end` or `error` event that closes an answer (also rebuilt from a stored message)."""
     if error is None and status in (COMPLETE, STOPPED):
-        return "end", {
-            "full_text": text,
-            "message_id": message_id,
-            "finish_reason": finish_reason or ("stopped" if status == STOPPED else "stop"),
-            "usage": usage,
-        }
+        # finish_reason as stored (a complete answer always has the model's); usage only when reported
+        end = {"full_text": text, "message_id": message_id, "finish_reason": finish_reason}
+        return "end", end if usage is None else {**end, "usage": usage}
     return "error", {
         "message": error.detail if error else "The answer failed.",
         "code": error.code if error else "upstream_error",
@@ -1824,7 +1890,8 @@ class Answer:
     reasoning_chars: int = 0
     status: str = STREAMING
     finish_reason: str | None = None
-    usage: dict | None = None
+    usage: dict | None = None  # as the model service reported it; None when it reported none
+    prompt_estimate: int = 0  # estimate_tokens of what was sent, for when it reports none
     error: Refusal | None = None  # why it failed, or was not stored
     final: bytes | None = None  # its `end` or `error` event, once sent
     final_seq: int | None = None  # ... and that event's sequence number
@@ -1948,6 +2015,7 @@ class Relay:
     def start(self, turn: Turn, payload: dict) -> Answer:
         owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
         answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id)
+        answer.prompt_estimate = sum(estimate_tokens(m["content"]) for m in payload["messages"])
         if turn.title and self.settings.titles == "model":  # its first answer names the conversation
             answer.title_question = turn.question
         answer.task = asyncio.create_task(self._run(answer, payload), name=f"answer {message_id}")
@@ -1999,6 +2067,8 @@ class Relay:
                         async for delta in deltas:
                             if not self._relay(answer, delta):
                                 break  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here
+                    if not answer.text_chars and not answer.reasoning_chars:  # an end, but not an answer
+                        raise UpstreamError(502, "upstream_error", EMPTY_ANSWER.format(answer.finish_reason))
                     self.metrics.upstream_call("answer", None)
                     break
                 except UpstreamError as exc:
@@ -2142,20 +2212,33 @@ class Relay:
         return None
 
     def _log_answer(self, answer: Answer) -> None:
-        usage, error, m = answer.usage or {}, answer.error, self.metrics
+        error, m = answer.error, self.metrics
         m.answers.labels(answer.status, error.code if error else "none", answer.model).inc()
         m.duration.labels(answer.model).observe(time.monotonic() - answer.started)
         if answer.first_token_at is not None:
             m.first_token.labels(answer.model).observe(answer.first_token_at - answer.started)
-        m.usage(answer.model, answer.usage)
+        kind, usage = self._spent(answer)
+        m.usage(answer.model, usage, estimated=kind == "estimated")
+        eq = "~=" if kind == "estimated" else "="
         ttft = f"{(answer.first_token_at - answer.started) * 1000:.1f}" if answer.first_token_at else "-"
         log.info(
             "answer session=%s message=%s request_id=%s model=%s status=%s code=%s ttft_ms=%s duration_ms=%.1f"
-            " prompt_tokens=%s completion_tokens=%s retries=%d",
+            " usage=%s prompt_tokens%s%s completion_tokens%s%s retries=%d",
             answer.session_id, answer.message_id, answer.request_id or "-", answer.model, answer.status,
-            error.code if error else "-", ttft, (time.monotonic() - answer.started) * 1000,
-            usage.get("prompt_tokens", "-"), usage.get("completion_tokens", "-"), answer.retries,
+            error.code if error else "-", ttft, (time.monotonic() - answer.started) * 1000, kind,
+            eq, usage.get("prompt_tokens", "-"), eq, usage.get("completion_tokens", "-"), answer.retries,
         )  # fmt: skip
+
+    @staticmethod
+    def _spent(answer: Answer) -> tuple[str, dict]:
+        """What an answer cost: the usage the model service reported; else, if the model worked (some
+        servers, llama-cpp-python for one, ignore stream_options), chatsvc's estimate; else nothing."""
+        if answer.usage is not None:
+            return "reported", answer.usage
+        if not answer.text_chars and not answer.reasoning_chars:
+            return "none", {}
+        completion = estimate_tokens(answer.full_text + (answer.full_reasoning or ""))
+        return "estimated", {"prompt_tokens": answer.prompt_estimate, "completion_tokens": completion}
 
     # ── forget
 
@@ -3531,11 +3614,15 @@ async def chat(request: Request) -> Response:
         error = api_error(answer.error)
         error.extra.update(message_id=answer.message_id, partial_text=answer.full_text)
         raise error
-    return JSONResponse(
-        {"session_id": answer.session_id, "response": answer.full_text, "message_id": answer.message_id,
-         "parent_id": answer.parent_id, "model": answer.model, "finish_reason": answer.finish_reason,
-         "usage": answer.usage}
-    )  # fmt: skip
+    reply = {
+        "session_id": answer.session_id,
+        "response": answer.full_text,
+        "message_id": answer.message_id,
+        "parent_id": answer.parent_id,
+        "model": answer.model,
+        "finish_reason": answer.finish_reason,
+    }
+    return JSONResponse(reply if answer.usage is None else {**reply, "usage": answer.usage})  # usage: when reported
 
 
 RETRY = b"retry: 1000\n\n"  # once per connection: EventSource reconnects after 1 s

@@ -67,6 +67,7 @@ class Reply:
     cut: bool = False  # drop the connection after the pieces, without the final chunk
     stamp: bool = False  # write the send time (time.monotonic_ns()) in place of each piece's "@T"
     gzip: bool = False  # Content-Encoding: gzip whatever the request asked (as some proxies do)
+    drop: bool = False  # close the connection after reading the request, before the status line
 
     @classmethod
     def transcript(
@@ -130,6 +131,55 @@ class Reply:
         ).encode()
         headers = {"Retry-After": retry_after} if retry_after is not None else {}
         return cls(status=status, pieces=[body], headers=headers)
+
+    @classmethod
+    def json(cls, status: int, body: dict) -> Reply:
+        """Any JSON body, as a server other than DashScope shapes its errors."""
+        return cls(status=status, pieces=[json.dumps(body).encode()])
+
+
+# How the servers chatsvc meets say that a conversation is longer than the model's context, each as that
+# server sends it: the messages and fields as their sources and their users' reports show them.
+def overflow_replies(prompt: int = 11915, n_ctx: int = 2048) -> dict[str, Reply]:
+    too_long = (
+        f"This model's maximum context length is {n_ctx} tokens. However, you requested {prompt} tokens"
+        f" ({prompt} in the messages, 0 in the completion). Please reduce the length of the messages or completion."
+    )
+    llama_cpp = {
+        "code": 400,
+        "message": f"request ({prompt} tokens) exceeds the available context size ({n_ctx} tokens), try increasing it",
+        "type": "exceed_context_size_error",
+        "n_prompt_tokens": prompt,
+        "n_ctx": n_ctx,
+    }
+    openai = {
+        "message": too_long,
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }
+    litellm = {
+        "message": f"litellm.ContextWindowExceededError: litellm.BadRequestError: OpenAIException - {too_long}",
+        "type": None,
+        "param": None,
+        "code": "400",
+    }
+    return {
+        # llama.cpp's llama-server: HTTP 400, the identifier in `type`, `code` the status
+        "llama-server": Reply.json(400, {"error": llama_cpp}),
+        # llama-server once a stream has begun: the same error as an event
+        "llama-server-in-stream": Reply.of_events([b"data: " + json.dumps({"error": llama_cpp}).encode() + b"\n\n"]),
+        # OpenAI, and llama-cpp-python when it fails before its stream: `code` context_length_exceeded
+        "openai": Reply.json(400, {"error": openai}),
+        # vLLM (before 0.10): the error object at the top level, `code` the status
+        "vllm": Reply.json(
+            400, {"object": "error", "message": too_long, "type": "BadRequestError", "param": None, "code": 400}
+        ),
+        # LiteLLM's proxy: its exception's name in the message, `code` a string
+        "litellm": Reply.json(400, {"error": litellm}),
+        # DashScope (Qwen): invalid_parameter_error with the accepted range of the input length
+        "dashscope": Reply.error(400, "invalid_parameter_error", f"Range of input length should be [1, {n_ctx}]"),
+    }
 
 
 @dataclass
@@ -222,6 +272,9 @@ class FakeDashScope:
         """Write one reply; False when the connection must close."""
         if reply.stall_headers:
             await asyncio.sleep(reply.stall_headers)
+        if reply.drop:
+            writer.transport.abort()
+            return False
         if reply.status != 200:
             body = b"".join(reply.pieces)
             head = [
