@@ -1891,7 +1891,7 @@ class Answer:
     status: str = STREAMING
     finish_reason: str | None = None
     usage: dict | None = None  # as the model service reported it; None when it reported none
-    prompt_estimate: int = 0  # estimate_tokens of what was sent, for when it reports none
+    prompt_estimate: int = 0  # estimate_tokens of what was sent, when the model service reports no usage
     error: Refusal | None = None  # why it failed, or was not stored
     final: bytes | None = None  # its `end` or `error` event, once sent
     final_seq: int | None = None  # ... and that event's sequence number
@@ -2015,7 +2015,6 @@ class Relay:
     def start(self, turn: Turn, payload: dict) -> Answer:
         owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
         answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id)
-        answer.prompt_estimate = sum(estimate_tokens(m["content"]) for m in payload["messages"])
         if turn.title and self.settings.titles == "model":  # its first answer names the conversation
             answer.title_question = turn.question
         answer.task = asyncio.create_task(self._run(answer, payload), name=f"answer {message_id}")
@@ -2100,6 +2099,8 @@ class Relay:
         finally:
             deadline.cancel()
             answer.finishing = True
+            if answer.usage is None:  # the model service reported none: what was sent, estimated (only then)
+                answer.prompt_estimate = sum(estimate_tokens(m["content"]) for m in payload["messages"])
             await asyncio.shield(self._finish(answer))
 
     def _relay(self, answer: Answer, delta: Delta) -> bool:
