@@ -587,6 +587,8 @@ _MESSAGE_COLUMN_NAMES = (
     "error_message", "prompt_tokens", "completion_tokens", "total_tokens", "last_seq", "created_at",
 )  # fmt: skip
 _MESSAGE_COLUMNS = ", ".join(_MESSAGE_COLUMN_NAMES)
+_INTEGER_COLUMNS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "last_seq"})
+INSERT_ROWS = 5000  # PostgreSQL: the messages an import or a fork writes a statement
 _M_COLUMNS = ", ".join("m." + name for name in _MESSAGE_COLUMN_NAMES)
 
 # The leaf a branch switch lands on: from message :mid (the newest root when :mid is NULL) down,
@@ -1410,6 +1412,9 @@ class Store:
     async def insert_messages(self, rows: list[dict]) -> None:
         """Write these messages as they are (parents before children), 100 rows a statement."""
         names = (*_MESSAGE_COLUMN_NAMES, "owner", "session_id", "updated_at")
+        if not self.is_sqlite:
+            await self._insert_columns(names, rows)
+            return
         for start in range(0, len(rows), 100):
             values: dict[str, Any] = {}
             tuples = []
@@ -1417,6 +1422,25 @@ class Store:
                 values.update({f"{name}_{n}": row[name] for name in names})
                 tuples.append("(" + ", ".join(f":{name}_{n}" for name in names) + ")")
             await self._run(f"INSERT INTO messages ({', '.join(names)}) VALUES {', '.join(tuples)}", values)
+
+    async def _insert_columns(self, names: tuple[str, ...], rows: list[dict]) -> None:
+        """PostgreSQL, inside a transaction: the rows as one array per column, INSERT_ROWS rows a
+        statement, on the transaction's own asyncpg connection. (As `databases` statements of 100
+        rows, building each statement's 1,800 parameters took ~0.15 s of Python: an import of
+        100,000 messages took minutes.)"""
+        arrays = ", ".join(f"${n}::{'integer' if name in _INTEGER_COLUMNS else 'text'}[]"
+                           for n, name in enumerate(names, 1))  # fmt: skip
+        sql = f"INSERT INTO messages ({', '.join(names)}) SELECT * FROM unnest({arrays})"
+        async with self.db.connection() as conn:  # this task's: the transaction's
+            for start in range(0, len(rows), INSERT_ROWS):
+                chunk = rows[start : start + INSERT_ROWS]
+                started = time.perf_counter()
+                try:
+                    await conn.raw_connection.execute(sql, *([row[name] for row in chunk] for name in names))
+                except Exception as exc:
+                    self._failed(exc, WRITE)
+                finally:
+                    self._statement_seconds[WRITE].observe(time.perf_counter() - started)
 
     async def checkpoint(self, checkpoints: list[Checkpoint]) -> None:
         """The running answers' texts so far, in one round trip (the background connection on SQLite)."""
