@@ -58,14 +58,14 @@ def waiting_for_locks(url: str) -> int:
 
 
 @pytest.fixture
-def service(postgres_database, fake):
+def pg_service(postgres_database, fake):
     pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
     return Service(postgres_database, fake)
 
 
 @pytest.fixture
-def live(service):
-    with LiveServer(service.settings) as server:
+def live(pg_service):
+    with LiveServer(pg_service.settings) as server:
         yield server
 
 
@@ -90,7 +90,7 @@ def conversation_locked(service: Service) -> Session:
     return holder
 
 
-def test_a_switch_racing_the_delete_of_its_branch_never_lands_on_a_deleted_message(live, fake, service, pool):
+def test_a_switch_racing_the_delete_of_its_branch_never_lands_on_a_deleted_message(live, fake, pg_service, pool):
     """The switch to a1 (whose newest leaf is a2) and the delete of a1's branch queue behind another
     transaction on the conversation's row, the switch first. Before the fix the switch's leaf came
     from the snapshot its statement started with, and it set current_message_id to a2 after the
@@ -101,12 +101,12 @@ def test_a_switch_racing_the_delete_of_its_branch_never_lands_on_a_deleted_messa
         assert client.patch(f"{CONV}/s1", json={"current_message_id": first["message_id"]}).status_code == 200
         second = send(client, fake, message="q2")  # a1 → q2 → a2
         assert client.patch(f"{CONV}/s1", json={"current_message_id": other["message_id"]}).status_code == 200
-        holder = conversation_locked(service)
+        holder = conversation_locked(pg_service)
         try:
             switch = pool.submit(client.patch, f"{CONV}/s1", json={"current_message_id": first["message_id"]})
-            wait_for(lambda: waiting_for_locks(service.url) == 1, timeout=30)
+            wait_for(lambda: waiting_for_locks(pg_service.url) == 1, timeout=30)
             delete = pool.submit(client.delete, f"{CONV}/s1/messages/{first['message_id']}")
-            wait_for(lambda: waiting_for_locks(service.url) == 2, timeout=30)
+            wait_for(lambda: waiting_for_locks(pg_service.url) == 2, timeout=30)
             holder.execute("COMMIT")
             switched, deleted = switch.result(30), delete.result(30)
         finally:
@@ -114,9 +114,9 @@ def test_a_switch_racing_the_delete_of_its_branch_never_lands_on_a_deleted_messa
         assert switched.status_code in (200, 404), switched.text
         assert deleted.status_code == 200, deleted.text
         assert deleted.json()["current_message_id"] == other["message_id"]
-        ids = {row["id"] for row in service.rows("SELECT id FROM messages")}
+        ids = {row["id"] for row in pg_service.rows("SELECT id FROM messages")}
         assert ids == {first["parent_id"], other["message_id"]}
-        (row,) = service.rows("SELECT current_message_id FROM conversations")
+        (row,) = pg_service.rows("SELECT current_message_id FROM conversations")
         assert row["current_message_id"] == other["message_id"]  # the deleted message's parent's newest leaf
         assert second["message_id"] not in ids
         # a client that knows nothing of trees goes on where the user is
@@ -129,7 +129,7 @@ def test_a_switch_racing_the_delete_of_its_branch_never_lands_on_a_deleted_messa
         assert client.get(f"{CONV}/s1").json()["current_message_id"] == third["message_id"]
 
 
-def test_a_delete_queued_behind_a_regeneration_of_its_answer_is_409_and_the_answer_runs(live, fake, service, pool):
+def test_a_delete_queued_behind_a_regeneration_of_its_answer_is_409_and_the_answer_runs(live, fake, pg_service, pool):
     """The regeneration of a1 and the delete of its question q1 queue behind another transaction on
     the conversation's row, the regeneration first. Before the fix the delete locked q1 and then the
     conversation, the regeneration the conversation and then q1: a deadlock, answered `503 ... locked
@@ -138,12 +138,12 @@ def test_a_delete_queued_behind_a_regeneration_of_its_answer_is_409_and_the_answ
     with live.client() as client:
         first = send(client, fake, message="q1")
         fake.push(Reply.answer([f"w{i} " for i in range(20)], pause=0.02))
-        holder = conversation_locked(service)
+        holder = conversation_locked(pg_service)
         try:
             reader = pool.submit(live.reader, "POST", f"{API}/chat/s1/stream", json={"regenerate": first["message_id"]})
-            wait_for(lambda: waiting_for_locks(service.url) == 1, timeout=30)
+            wait_for(lambda: waiting_for_locks(pg_service.url) == 1, timeout=30)
             delete = pool.submit(client.delete, f"{CONV}/s1/messages/{first['parent_id']}")
-            wait_for(lambda: waiting_for_locks(service.url) == 2, timeout=30)
+            wait_for(lambda: waiting_for_locks(pg_service.url) == 2, timeout=30)
             holder.execute("COMMIT")
             deleted = delete.result(30)
             events = reader.result(30).until_end()
@@ -153,12 +153,12 @@ def test_a_delete_queued_behind_a_regeneration_of_its_answer_is_409_and_the_answ
         assert deleted.status_code == 409 and deleted.json()["code"] == "conversation_busy", deleted.text
         assert "stop it first" in deleted.json()["detail"]
         assert events[-1]["type"] == "end" and events[-1]["data"]["full_text"] == "".join(f"w{i} " for i in range(20))
-        rows = service.rows("SELECT id, status FROM messages ORDER BY id")
+        rows = pg_service.rows("SELECT id, status FROM messages ORDER BY id")
         assert [r["status"] for r in rows] == ["complete", "complete", "complete"]
         assert rows[0]["id"] == first["parent_id"]
 
 
-def test_a_regeneration_never_slips_between_a_deletes_check_and_its_delete(live, fake, service, pool, monkeypatch):
+def test_a_regeneration_never_slips_between_a_deletes_check_and_its_delete(live, fake, pg_service, pool, monkeypatch):
     """The delete of q1 has found no running answer below it, and waits there until the regeneration
     of a1 has either been stored or is waiting for a lock. Before the fix the regeneration was
     stored meanwhile and the delete deleted it while it streamed (`200`; its reader was told the
@@ -181,8 +181,8 @@ def test_a_regeneration_never_slips_between_a_deletes_check_and_its_delete(live,
         assert checked.wait(30)
 
         def regeneration_stored_or_waiting() -> bool:
-            streaming = service.rows("SELECT id FROM messages WHERE status = 'streaming'")
-            return bool(streaming) or waiting_for_locks(service.url) == 1
+            streaming = pg_service.rows("SELECT id FROM messages WHERE status = 'streaming'")
+            return bool(streaming) or waiting_for_locks(pg_service.url) == 1
 
         regenerate = pool.submit(client.post, f"{API}/chat/s1", json={"regenerate": first["message_id"]})
         try:
@@ -193,8 +193,36 @@ def test_a_regeneration_never_slips_between_a_deletes_check_and_its_delete(live,
     assert deleted.status_code == 200, deleted.text
     assert regenerated.status_code == 404 and regenerated.json()["code"] == "not_found", regenerated.text
     assert regenerated.json()["detail"] == f"Conversation 's1' has no message '{first['parent_id']}'."
-    assert service.rows("SELECT id FROM messages") == []
-    assert service.rows("SELECT current_message_id FROM conversations") == [{"current_message_id": None}]
+    assert pg_service.rows("SELECT id FROM messages") == []
+    assert pg_service.rows("SELECT current_message_id FROM conversations") == [{"current_message_id": None}]
+
+
+def test_a_delete_takes_the_deleted_messages_own_parent_whatever_order_the_walk_returns(
+    client, fake, service, monkeypatch
+):
+    """Both databases. The walk of the branch below a message has no ORDER BY: a database may return
+    its rows in any order (PostgreSQL's hash join: in the table's physical order, where a child
+    can come before its parent once a vacuum has freed space before them). Here they come deepest
+    first. Before the fix the first row was taken to be the deleted message: the current leaf moved
+    to the parent of a deleted message, that is nowhere (`current_message_id` null, the conversation
+    empty, the next chat without history)."""
+    first = send(client, fake, message="q1")
+    send(client, fake, message="q2")
+    send(client, fake, message="q3")  # q1 → a1 → q2 → a2 → q3 → a3
+    all_rows = chatsvc.Store._all
+
+    async def deepest_first(self, sql, values=None, role=chatsvc.READ):
+        rows = await all_rows(self, sql, values, role)
+        if sql.startswith("WITH RECURSIVE sub") and "DELETE" not in sql:
+            rows = sorted(rows, key=lambda row: row["id"], reverse=True)
+        return rows
+
+    monkeypatch.setattr(chatsvc.Store, "_all", deepest_first)
+    r = client.delete(f"{CONV}/s1/messages/{first['message_id']}")  # a1 and everything below it
+    assert r.status_code == 200, r.text
+    assert r.json()["current_message_id"] == first["parent_id"]  # a1's parent, q1, has no other child
+    assert [m["content"] for m in client.get(f"{CONV}/s1").json()["messages"]] == ["q1"]
+    assert service.rows("SELECT current_message_id FROM conversations") == [{"current_message_id": first["parent_id"]}]
 
 
 def deadlock(url: str) -> BaseException:
@@ -238,7 +266,7 @@ def test_a_deadlock_is_said_as_what_it_is(postgres_database):
     assert chatsvc.fault_kind(Exception("canceling statement due to lock timeout")) == "locked"
 
 
-def test_a_delete_cancelled_by_a_deadlock_runs_again(live, fake, service, pool):
+def test_a_delete_cancelled_by_a_deadlock_runs_again(live, fake, pg_service, pool):
     """Another transaction holds a2's row and then asks for the conversation's, which the delete of
     q2's branch holds while it waits for a2: PostgreSQL cancels the delete (this transaction's
     deadlock_timeout is the longer). The delete wrote nothing, so it runs again once the other
@@ -246,13 +274,13 @@ def test_a_delete_cancelled_by_a_deadlock_runs_again(live, fake, service, pool):
     with live.client() as client:
         send(client, fake, message="q1")
         second = send(client, fake, message="q2")
-        holder = Session(service.url)
+        holder = Session(pg_service.url)
         try:
             holder.execute("SET deadlock_timeout = '20s'")
             holder.execute("BEGIN")
             holder.execute("SELECT 1 FROM messages WHERE id = $1 FOR UPDATE", second["message_id"])
             delete = pool.submit(client.delete, f"{CONV}/s1/messages/{second['parent_id']}")
-            wait_for(lambda: waiting_for_locks(service.url) == 1, timeout=30)
+            wait_for(lambda: waiting_for_locks(pg_service.url) == 1, timeout=30)
             holder.execute("SELECT 1 FROM conversations WHERE session_id = 's1' FOR UPDATE")  # the delete is cancelled
             holder.execute("ROLLBACK")
             deleted = delete.result(30)
