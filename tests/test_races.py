@@ -129,7 +129,9 @@ def test_a_switch_racing_the_delete_of_its_branch_never_lands_on_a_deleted_messa
         assert client.get(f"{CONV}/s1").json()["current_message_id"] == third["message_id"]
 
 
-def test_a_delete_queued_behind_a_regeneration_of_its_answer_is_409_and_the_answer_runs(live, fake, pg_service, pool):
+def test_a_delete_queued_behind_a_regeneration_of_its_answer_is_409_and_the_answer_goes_on(
+    live, fake, pg_service, pool
+):
     """The regeneration of a1 and the delete of its question q1 queue behind another transaction on
     the conversation's row, the regeneration first. Before the fix the delete locked q1 and then the
     conversation, the regeneration the conversation and then q1: a deadlock, answered `503 ... locked
@@ -137,7 +139,7 @@ def test_a_delete_queued_behind_a_regeneration_of_its_answer_is_409_and_the_answ
     the delete, which then sees its answer `streaming`, is `409 conversation_busy`."""
     with live.client() as client:
         first = send(client, fake, message="q1")
-        fake.push(Reply.answer([f"w{i} " for i in range(20)], pause=0.02))
+        fake.push(Reply.answer([f"w{i} " for i in range(300)], pause=0.02))  # 6 s: running while the delete reads
         holder = conversation_locked(pg_service)
         try:
             reader = pool.submit(live.reader, "POST", f"{API}/chat/s1/stream", json={"regenerate": first["message_id"]})
@@ -146,16 +148,20 @@ def test_a_delete_queued_behind_a_regeneration_of_its_answer_is_409_and_the_answ
             wait_for(lambda: waiting_for_locks(pg_service.url) == 2, timeout=30)
             holder.execute("COMMIT")
             deleted = delete.result(30)
-            events = reader.result(30).until_end()
+            stream = reader.result(30)
         finally:
             holder.close()
         assert LOCKED_ELSEWHERE not in deleted.text
         assert deleted.status_code == 409 and deleted.json()["code"] == "conversation_busy", deleted.text
         assert "stop it first" in deleted.json()["detail"]
-        assert events[-1]["type"] == "end" and events[-1]["data"]["full_text"] == "".join(f"w{i} " for i in range(20))
-        rows = pg_service.rows("SELECT id, status FROM messages ORDER BY id")
-        assert [r["status"] for r in rows] == ["complete", "complete", "complete"]
+        assert [stream.next_event()["type"], stream.next_event()["type"]] == ["start", "chunk"]
+        assert client.post(f"{API}/chat/s1/stop").json()["stopped"] is True
+        events = stream.until_end()
+        assert events[-1]["type"] == "end" and events[-1]["data"]["finish_reason"] == "stopped", events[-1]
+        rows = pg_service.rows("SELECT id, status, content FROM messages ORDER BY id")
+        assert [r["status"] for r in rows] == ["complete", "complete", "stopped"]
         assert rows[0]["id"] == first["parent_id"]
+        assert rows[2]["content"] == events[-1]["data"]["full_text"] != ""  # nothing it said is lost
 
 
 def test_a_regeneration_never_slips_between_a_deletes_check_and_its_delete(live, fake, pg_service, pool, monkeypatch):
