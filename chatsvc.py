@@ -735,7 +735,10 @@ class Store:
     """The conversation store. A write is one atomic statement, or several in `transaction()`, which
     on SQLite takes the write lock first (BEGIN IMMEDIATE: SQLite cannot upgrade a read lock to a
     write lock under concurrency, busy_timeout does not apply). Every query is scoped to an owner
-    (CHATSVC_USER_HEADER's value, '' without it).
+    (CHATSVC_USER_HEADER's value, '' without it). A write that changes a conversation's tree takes
+    the conversation's row first, then messages (`lock_conversation`; `begin_turn`'s upsert,
+    `clear_context`'s update and `delete_conversation` do it with their first statement): one lock
+    order, so two such writes never deadlock, and each reads the tree the one before it left.
 
     A database failure (locked, full, unreachable) is raised as `StorageUnavailable`; `fault`
     says what the last write met, until a write succeeds again (GET /readyz shows it)."""
