@@ -67,9 +67,11 @@ def test_the_walks_of_a_deep_tree_are_index_lookups_on_stale_statistics(deep, mo
     assert r.status_code == 200 and r.json()["current_message_id"] == f"m{CHAIN - 501:07d}", r.text
     r = client.post(f"{CONV}/deep/fork", json={"message_id": f"m{CHAIN - 501:07d}", "session_id": "copy"})
     assert r.status_code == 201 and r.json()["message_count"] == CHAIN - 500, r.text
+    r = client.get(f"{CONV}/deep/export?format=markdown")  # up the whole current branch
+    assert r.status_code == 200 and r.text.count("message ") == CHAIN - 500, r.text[:200]
     monkeypatch.undo()
     assert service.rows("SELECT reltuples FROM pg_class WHERE relname = 'messages'") == [{"reltuples": -1}]
-    assert len(walks) >= 4  # the delete's two (its check and its delete), the switch's, the fork's
+    assert len(walks) >= 5  # the delete's two (its check and its delete), the switch's, the fork's, the branch's
 
     async def plans() -> list[dict]:
         store = chatsvc.Store(service.url)
