@@ -31,12 +31,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote_plus
 
 import anyio
@@ -243,6 +243,11 @@ class StorageUnavailable(Refusal):
         super().__init__(detail, retry_after=retry_after)
 
 
+class Deadlock(StorageUnavailable):
+    """PostgreSQL cancelled this transaction to break a lock cycle with another one: nothing of it was
+    written, and running it again is safe (see `Store.atomically`)."""
+
+
 class StorageFailed(Refusal):
     """An answer's final state could not be stored in time: its readers are told, the write goes on."""
 
@@ -408,8 +413,8 @@ class Metrics:
                          registry=r)  # fmt: skip
         self.statements = h("chatsvc_db_statement_seconds", "Database statements, by connection role (read, write,"
                             " background)", ["role"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.storage_faults = c("chatsvc_storage_faults", "Database failures, by kind (locked, disk_full, timeout,"
-                                " other)", ["kind"], registry=r)  # fmt: skip
+        self.storage_faults = c("chatsvc_storage_faults", "Database failures, by kind (deadlock, locked, disk_full,"
+                                " timeout, other)", ["kind"], registry=r)  # fmt: skip
         self.bus = c("chatsvc_bus_notifications", "PostgreSQL notifications between replicas, by event (sent,"
                      " received, unsent)", ["event"], registry=r)  # fmt: skip
         self.bus_gaps = c("chatsvc_bus_gaps", "Mirrored answers caught up from the store: a notification"
@@ -474,6 +479,8 @@ def data_file(in_checkout: str, in_wheel: str) -> Path:
 
 
 SQLITE_BUSY_MS = 5000  # how long a statement waits for another process's write lock
+DEADLOCK_ATTEMPTS = 3  # a transaction PostgreSQL cancelled to break a deadlock runs again, up to this in all
+T = TypeVar("T")
 
 
 class _SQLiteConnection(sqlite3.Connection):
@@ -496,9 +503,12 @@ def _violation(exc: BaseException) -> str | None:
 
 
 def fault_kind(exc: BaseException) -> str:
-    """locked, disk_full, timeout or other: the kind of a database failure (a metric's label)."""
+    """deadlock, locked, disk_full, timeout or other: the kind of a database failure (a metric's label)."""
     text = str(exc).lower()
-    if "locked" in text or "lock timeout" in text or type(exc).__name__ == "LockNotAvailableError":
+    # PostgreSQL's deadlock message says which process each one is "blocked by": not a lock held elsewhere
+    if getattr(exc, "sqlstate", None) == "40P01" or type(exc).__name__ == "DeadlockDetectedError":
+        return "deadlock"
+    if re.search(r"\blocked\b|\block timeout\b", text) or type(exc).__name__ == "LockNotAvailableError":
         return "locked"
     if "full" in text or "no space" in text or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
         return "disk_full"
@@ -510,6 +520,9 @@ def fault_kind(exc: BaseException) -> str:
 def storage_fault(exc: BaseException) -> str:
     """What a database failure means, as a sentence a person can act on."""
     kind = fault_kind(exc)
+    if kind == "deadlock":
+        return ("Two changes to this conversation waited for each other (a deadlock) and the database cancelled"
+                " this one; nothing of it was stored: try again.")  # fmt: skip
     if kind == "locked":
         return ("The database is locked by another process (a backup, or an open sqlite3 shell?) and could not be"
                 " written in time; try again in a moment.")  # fmt: skip
@@ -593,6 +606,8 @@ _MESSAGE_COLUMN_NAMES = (
     "error_message", "prompt_tokens", "completion_tokens", "total_tokens", "last_seq", "created_at",
 )  # fmt: skip
 _MESSAGE_COLUMNS = ", ".join(_MESSAGE_COLUMN_NAMES)
+_INTEGER_COLUMNS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "last_seq"})
+INSERT_ROWS = 5000  # PostgreSQL: the messages an import or a fork writes a statement
 _M_COLUMNS = ", ".join("m." + name for name in _MESSAGE_COLUMN_NAMES)
 
 # The leaf a branch switch lands on: from message :mid (the newest root when :mid is NULL) down,
@@ -605,12 +620,24 @@ _NEWEST_LEAF = """WITH RECURSIVE down (id) AS (
     SELECT (SELECT MAX(c.id) FROM messages c WHERE c.parent_id = down.id) FROM down WHERE down.id IS NOT NULL)
 """
 
-# A message and everything below it.
-_SUBTREE = """WITH RECURSIVE sub (id) AS (
-    SELECT id FROM messages WHERE id = :mid AND owner = :owner AND session_id = :sid
+# A message and everything below it (id, parent_id, status), in no particular order. Each step finds
+# the children of one message through messages_by_parent, whatever the table's statistics say:
+# PostgreSQL plans a LATERAL subquery behind OFFSET 0 on its own, for one parent (as a join, stale
+# statistics made every step a hash join over the whole table: a 10,000-deep branch took minutes).
+# SQLite has no LATERAL; it walks each step as a nested loop over the index anyway.
+_SUBTREE = {
+    "sqlite": """WITH RECURSIVE sub (id, parent_id, status) AS (
+    SELECT id, parent_id, status FROM messages WHERE id = :mid AND owner = :owner AND session_id = :sid
     UNION ALL
-    SELECT m.id FROM messages m JOIN sub ON m.parent_id = sub.id)
-"""
+    SELECT m.id, m.parent_id, m.status FROM messages m JOIN sub ON m.parent_id = sub.id)
+""",
+    "postgresql": """WITH RECURSIVE sub (id, parent_id, status) AS (
+    SELECT id, parent_id, status FROM messages WHERE id = :mid AND owner = :owner AND session_id = :sid
+    UNION ALL
+    SELECT c.id, c.parent_id, c.status FROM sub CROSS JOIN LATERAL
+        (SELECT m.id, m.parent_id, m.status FROM messages m WHERE m.parent_id = sub.id OFFSET 0) c)
+""",
+}
 
 # Run by the heartbeat's own connection (asyncpg, numbered parameters): which of these answers are
 # still `streaming` (as committed: the others were taken), and those not locked at this moment get
@@ -728,7 +755,10 @@ class Store:
     """The conversation store. A write is one atomic statement, or several in `transaction()`, which
     on SQLite takes the write lock first (BEGIN IMMEDIATE: SQLite cannot upgrade a read lock to a
     write lock under concurrency, busy_timeout does not apply). Every query is scoped to an owner
-    (CHATSVC_USER_HEADER's value, '' without it).
+    (CHATSVC_USER_HEADER's value, '' without it). A write that changes a conversation's tree takes
+    the conversation's row first, then messages (`lock_conversation`; `begin_turn`'s upsert,
+    `clear_context`'s update and `delete_conversation` do it with their first statement): one lock
+    order, so two such writes never deadlock, and each reads the tree the one before it left.
 
     A database failure (locked, full, unreachable) is raised as `StorageUnavailable`; `fault`
     says what the last write met, until a write succeeds again (GET /readyz shows it)."""
@@ -738,6 +768,7 @@ class Store:
         self.metrics = metrics or Metrics()
         self._statement_seconds = {role: self.metrics.statements.labels(role) for role in (READ, WRITE, BACKGROUND)}
         self.is_sqlite = url.startswith("sqlite")
+        self.dialect = "sqlite" if self.is_sqlite else "postgresql"
         self.exclusive = exclusive  # SQLite: this process serves the file (see hold_sqlite_file)
         if self.is_sqlite:
             options: dict[str, Any] = {"factory": _SQLiteConnection}
@@ -830,7 +861,7 @@ class Store:
         step = steps[version]
         try:
             for statement in step.statements:
-                if statement.dialect in (None, "sqlite" if self.is_sqlite else "postgresql"):
+                if statement.dialect in (None, self.dialect):
                     await self._run(statement.sql)
         except Exception as exc:
             reason = exc.detail if isinstance(exc, StorageUnavailable) else f"{type(exc).__name__}: {exc}"
@@ -848,7 +879,11 @@ class Store:
     async def transaction(self, schema: bool = False) -> AsyncIterator[None]:
         """Several statements as one: all or nothing. On SQLite every statement of the transaction
         goes to the write connection, which no other task's statement enters meanwhile. `schema`:
-        PostgreSQL also takes the lock that makes replicas apply schema steps one at a time."""
+        PostgreSQL also takes the lock that makes replicas apply schema steps one at a time. Inside a
+        transaction of this task's, a part of it."""
+        if _in_transaction.get() is self:
+            yield
+            return
         if self.is_sqlite:
             async with self._write_lock:
                 token = _in_transaction.set(self)
@@ -865,9 +900,42 @@ class Store:
                     _in_transaction.reset(token)
             return
         async with self.db.connection(), self.db.transaction():
-            if schema:
-                await self._run("SELECT pg_advisory_xact_lock(7468372)")
-            yield
+            token = _in_transaction.set(self)
+            try:
+                if schema:
+                    await self._run("SELECT pg_advisory_xact_lock(7468372)")
+                yield
+            finally:
+                _in_transaction.reset(token)
+
+    async def atomically(self, body: Callable[[], Awaitable[T]]) -> T:
+        """`body` as one transaction; run again when PostgreSQL cancelled it to break a deadlock (it
+        wrote nothing, and its statements read afresh), up to DEADLOCK_ATTEMPTS times in all. Inside
+        a transaction of this task's, a part of it (whose deadlock its outermost caller handles)."""
+        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+            outermost = _in_transaction.get() is not self
+            try:
+                async with self.transaction():
+                    return await body()
+            except Deadlock:
+                if not outermost or attempt == DEADLOCK_ATTEMPTS:
+                    raise
+                log.info("database deadlock: a transaction was cancelled, running it again (attempt %d)", attempt + 1)
+                await asyncio.sleep(0.05 * attempt)  # the other transaction, which goes on, ends first
+        raise AssertionError("unreachable")
+
+    async def lock_conversation(self, owner: str, session_id: str) -> dict | None:
+        """Inside a transaction: the conversation's row (None if there is none), locked until the
+        transaction ends. Every write that changes a conversation's tree takes this lock first, so
+        they take their locks in one order (no deadlock) and each reads the tree as the one before
+        it left it (PostgreSQL, READ COMMITTED: each later statement reads what was committed
+        before it started). SQLite: its write transactions already run one at a time."""
+        return await self._one(
+            "SELECT current_message_id, context_start FROM conversations WHERE owner = :owner AND session_id = :sid"
+            + ("" if self.is_sqlite else " FOR UPDATE"),
+            {"owner": owner, "sid": session_id},
+            role=WRITE,
+        )
 
     async def close(self) -> None:
         # aiosqlite's threads are not daemons: a connection left open keeps the process alive.
@@ -918,8 +986,11 @@ class Store:
     def _failed(self, exc: Exception, role: str) -> NoReturn:
         if _violation(exc):
             raise exc
-        self.metrics.storage_faults.labels(fault_kind(exc)).inc()
+        kind = fault_kind(exc)
+        self.metrics.storage_faults.labels(kind).inc()
         detail = storage_fault(exc)
+        if kind == "deadlock":  # says nothing of the database's health (GET /readyz)
+            raise Deadlock(detail, retry_after=1) from exc
         if role != READ:
             self.fault = detail
         raise StorageUnavailable(detail) from exc
@@ -1239,24 +1310,33 @@ class Store:
 
     async def switch_branch(self, owner: str, session_id: str, message_id: str) -> bool:
         """The branch through this message becomes the current one, down to its newest leaf."""
-        row = await self._one(
-            _NEWEST_LEAF + "UPDATE conversations SET current_message_id = (SELECT MAX(id) FROM down),"
-            " updated_at = :now WHERE owner = :owner AND session_id = :sid AND EXISTS (SELECT 1 FROM down)"
-            " RETURNING session_id",
-            {"owner": owner, "sid": session_id, "mid": message_id, "now": utcnow()},
-            role=WRITE,
-        )
-        return row is not None
+
+        async def switch() -> bool:
+            if await self.lock_conversation(owner, session_id) is None:
+                return False
+            row = await self._one(  # after the lock: a branch deleted meanwhile is gone from what it reads
+                _NEWEST_LEAF + "UPDATE conversations SET current_message_id = (SELECT MAX(id) FROM down),"
+                " updated_at = :now WHERE owner = :owner AND session_id = :sid AND EXISTS (SELECT 1 FROM down)"
+                " RETURNING session_id",
+                {"owner": owner, "sid": session_id, "mid": message_id, "now": utcnow()},
+                role=WRITE,
+            )
+            return row is not None
+
+        return await self.atomically(switch)
 
     async def delete_branch(self, owner: str, session_id: str, message_id: str) -> int:
         """Delete this message and everything below it; returns how many. A current leaf among them
-        moves to the message's parent, down to that one's newest leaf."""
+        moves to the message's parent, down to that one's newest leaf. Refused while an answer below
+        it is `streaming`: the check and the delete read the same tree (under the conversation's
+        lock, which a new answer's `begin_turn` takes too)."""
         values = {"owner": owner, "sid": session_id, "mid": message_id, "now": utcnow()}
-        async with self.transaction():
-            rows = await self._all(
-                _SUBTREE + "SELECT m.id, m.parent_id, m.status FROM sub JOIN messages m ON m.id = sub.id", values
-            )
-            if not rows:
+
+        async def delete() -> int:
+            conversation = await self.lock_conversation(owner, session_id)
+            subtree = _SUBTREE[self.dialect]
+            rows = await self._all(subtree + "SELECT id, parent_id, status FROM sub", values, role=WRITE)
+            if conversation is None or not rows:
                 raise message_not_found(session_id, message_id)
             if any(row["status"] == STREAMING for row in rows):
                 raise ConversationBusy(
@@ -1264,28 +1344,28 @@ class Store:
                     f" (POST /api/v1/chat/{session_id}/stop), then delete."
                 )
             try:
-                await self._run(_SUBTREE + "DELETE FROM messages WHERE id IN (SELECT id FROM sub)", values)
+                await self._run(subtree + "DELETE FROM messages WHERE id IN (SELECT id FROM sub)", values)
             except Exception as exc:
                 if _violation(exc) != "foreign_key":
                     raise
-                raise ConversationBusy(  # PostgreSQL: a message below it was written meanwhile
+                raise ConversationBusy(  # a message below it written meanwhile, by a writer without the lock
                     f"Conversation '{session_id}' changed while its message '{message_id}' was being deleted;"
                     " try again."
                 ) from None
-            conversation = await self._one(
-                "SELECT current_message_id FROM conversations WHERE owner = :owner AND session_id = :sid", values
-            )
-            if conversation and conversation["current_message_id"] in {row["id"] for row in rows}:
+            deleted = {row["id"]: row["parent_id"] for row in rows}  # the rows come in no particular order
+            if conversation["current_message_id"] in deleted:
                 await self._run(
                     _NEWEST_LEAF + "UPDATE conversations SET current_message_id = (SELECT MAX(id) FROM down),"
                     " updated_at = :now WHERE owner = :owner AND session_id = :sid",
-                    {**values, "mid": rows[0]["parent_id"]},
+                    {**values, "mid": deleted[message_id]},
                 )
             else:
                 await self._run(
                     "UPDATE conversations SET updated_at = :now WHERE owner = :owner AND session_id = :sid", values
                 )
-        return len(rows)
+            return len(rows)
+
+        return await self.atomically(delete)
 
     async def fork(self, owner: str, session_id: str, message_id: str, new_session_id: str, title: str | None) -> bool:
         """A new conversation holding copies of the path from the root to this message (new ids; the
@@ -1368,6 +1448,9 @@ class Store:
     async def insert_messages(self, rows: list[dict]) -> None:
         """Write these messages as they are (parents before children), 100 rows a statement."""
         names = (*_MESSAGE_COLUMN_NAMES, "owner", "session_id", "updated_at")
+        if not self.is_sqlite:
+            await self._insert_columns(names, rows)
+            return
         for start in range(0, len(rows), 100):
             values: dict[str, Any] = {}
             tuples = []
@@ -1375,6 +1458,25 @@ class Store:
                 values.update({f"{name}_{n}": row[name] for name in names})
                 tuples.append("(" + ", ".join(f":{name}_{n}" for name in names) + ")")
             await self._run(f"INSERT INTO messages ({', '.join(names)}) VALUES {', '.join(tuples)}", values)
+
+    async def _insert_columns(self, names: tuple[str, ...], rows: list[dict]) -> None:
+        """PostgreSQL, inside a transaction: the rows as one array per column, INSERT_ROWS rows a
+        statement, on the transaction's own asyncpg connection. (As `databases` statements of 100
+        rows, building each statement's 1,800 parameters took ~0.15 s of Python: an import of
+        100,000 messages took minutes.)"""
+        arrays = ", ".join(f"${n}::{'integer' if name in _INTEGER_COLUMNS else 'text'}[]"
+                           for n, name in enumerate(names, 1))  # fmt: skip
+        sql = f"INSERT INTO messages ({', '.join(names)}) SELECT * FROM unnest({arrays})"
+        async with self.db.connection() as conn:  # this task's: the transaction's
+            for start in range(0, len(rows), INSERT_ROWS):
+                chunk = rows[start : start + INSERT_ROWS]
+                started = time.perf_counter()
+                try:
+                    await conn.raw_connection.execute(sql, *([row[name] for row in chunk] for name in names))
+                except Exception as exc:
+                    self._failed(exc, WRITE)
+                finally:
+                    self._statement_seconds[WRITE].observe(time.perf_counter() - started)
 
     async def checkpoint(self, checkpoints: list[Checkpoint]) -> None:
         """The running answers' texts so far, in one round trip (the background connection on SQLite)."""
