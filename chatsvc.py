@@ -1056,16 +1056,23 @@ class Store:
         )
         return row is not None
 
-    async def set_model_title(self, owner: str, session_id: str, title: str | None, usage: dict | None) -> bool:
-        """The model's title (None: it gave none, its cost is kept), unless a client has set one since."""
+    async def set_model_title(
+        self, owner: str, session_id: str, answer_id: str, title: str | None, usage: dict | None
+    ) -> bool:
+        """The model's title of answer `answer_id` (None: it gave none, its cost is kept), unless a
+        client has set one since or that answer is gone: deleted, purged, or its conversation deleted
+        (and maybe made again under the same id, which holds other messages: ids are never reused).
+        A title is text derived from messages, and never outlives them."""
         usage = usage or {}
         row = await self._one(
             "UPDATE conversations SET title = COALESCE(:title, title), title_source = CASE WHEN :title IS NULL"
             " THEN title_source ELSE 'model' END, title_prompt_tokens = :prompt, title_completion_tokens = :completion,"
             " title_total_tokens = :total WHERE owner = :owner AND session_id = :sid AND title_source = 'first_line'"
+            " AND EXISTS (SELECT 1 FROM messages WHERE id = :mid AND owner = :owner AND session_id = :sid)"
             " RETURNING session_id",
-            {"owner": owner, "sid": session_id, "title": title, "prompt": usage.get("prompt_tokens"),
-             "completion": usage.get("completion_tokens"), "total": usage.get("total_tokens")},
+            {"owner": owner, "sid": session_id, "mid": answer_id, "title": title,
+             "prompt": usage.get("prompt_tokens"), "completion": usage.get("completion_tokens"),
+             "total": usage.get("total_tokens")},
             role=WRITE,
         )  # fmt: skip
         return row is not None
@@ -2293,7 +2300,13 @@ TITLE_PROMPT = (
 TITLE_CHARS = 60
 _THINKING = re.compile(r"<think>.*?(?:</think>|$)", re.S | re.I)
 _TITLE_LABEL = re.compile(r"^(?:title|标题|題目|标题是)\s*[:：]\s*", re.I)  # noqa: RUF001 (the full-width forms are the point)
-_MARKDOWN = re.compile(r"^(?:#+|>|[-*+]|\d+[.)])\s+|[*_`~]{1,3}")
+_MARKDOWN = re.compile(r"^(?:#+|>|[-*+]|\d+[.)])\s+")  # a heading, quote or list item's marker
+_EMPHASIS = re.compile(r"[*_`~]{1,3}")  # Markdown's emphasis, code and strike delimiters
+# Control characters (C0, DEL, C1) read as a space; bidi controls (which reorder what follows them,
+# even outside the title where it is shown) and invisible zero-width characters are dropped. The
+# zero-width (non-)joiners stay: Persian, Indic scripts and emoji sequences need them.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_INVISIBLE = re.compile("[\u061c\u200b\u200e\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
 _QUOTES = "\"'`“”‘’「」『』《》〈〉«»【】"  # noqa: RUF001 (the full-width forms are the point)
 _END_PUNCTUATION = ".。!！?？:：;；,，、…·"  # noqa: RUF001 (the full-width forms are the point)
 
@@ -2301,15 +2314,27 @@ _END_PUNCTUATION = ".。!！?？:：;；,，、…·"  # noqa: RUF001 (the full-
 def clean_title(text: str) -> str | None:
     """The title in what the model wrote: its first line, without thinking, a label, Markdown,
     quotes or final punctuation, at most TITLE_CHARS characters; None if nothing is left."""
-    lines = [line.strip() for line in _THINKING.sub("", text).splitlines() if line.strip()]
+    text = _INVISIBLE.sub("", _THINKING.sub("", text))
+    lines = [_CONTROLS.sub(" ", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
     if not lines:
         return None
     title, previous = lines[0], None
     while title != previous:  # `**"Title".**` takes several rounds
         previous = title
         title = _MARKDOWN.sub("", _TITLE_LABEL.sub("", title)).strip()
+        title = _EMPHASIS.sub(_emphasis_removed, title).strip()
         title = title.strip(_QUOTES + " ").rstrip(_END_PUNCTUATION + " ")
     return " ".join(title.split())[:TITLE_CHARS].rstrip() or None
+
+
+def _emphasis_removed(match: re.Match) -> str:
+    """A delimiter run goes where it wraps the title or a word (`**Title**`, `_x_`, `` `x` ``); it
+    stays inside a word (`my_var`, `2*3`) and alone between spaces (`2 * 3`)."""
+    text, start, end = match.string, match.start(), match.end()
+    before, after = text[start - 1 : start], text[end : end + 1]
+    inside = (before.isalnum() and after.isalnum()) or (before.isspace() and after.isspace())
+    return match.group() if inside else ""
 
 
 async def write_title(relay: Relay, answer: Answer) -> None:
@@ -2347,8 +2372,10 @@ async def write_title(relay: Relay, answer: Answer) -> None:
     if status == "ok" and title is None:
         status = "empty"
     try:
-        if not await relay.store.set_model_title(answer.owner, answer.session_id, title, usage):
-            status = "kept"  # a client named it meanwhile
+        key = (answer.owner, answer.session_id)
+        if not await relay.store.set_model_title(*key, answer.message_id, title, usage):
+            # a client named it meanwhile (kept), or the answer it was made from is gone (its text too)
+            status = "kept" if await relay.store.message(*key, answer.message_id) else "gone"
     except StorageUnavailable as exc:
         status, code = "unstored", "storage_unavailable"
         log.warning("title of session %s not stored: %s", answer.session_id, exc.detail)
