@@ -2935,7 +2935,11 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
 
 EXPORT_FORMAT, EXPORT_VERSION = "chatsvc.conversation", 1
 IMPORT_MAX_MESSAGES = 100_000
-IMPORTED_STATUSES = (COMPLETE, STOPPED, INTERRUPTED, FAILED)
+IMPORTED_STATUSES = (COMPLETE, STOPPED, INTERRUPTED, FAILED, STREAMING)  # streaming: stored as interrupted
+EXPORTED_WHILE_WRITTEN = "This answer was being written when it was exported; it holds what had been written by then."
+RFC3339 = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d\d):(\d\d))", re.ASCII
+)
 
 
 @dataclass
@@ -2974,14 +2978,34 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
             fail(f"{path}.{unknown[0]}" if path else unknown[0], f"unknown field; allowed: {', '.join(allowed)}.")
         return value
 
+    def moment(value: Any, path: str, optional: bool = True) -> str | None:
+        """An RFC 3339 date-time, as chatsvc writes it: UTC, milliseconds (so that it sorts as text)."""
+        if value is None and optional:
+            return None
+        parts = RFC3339.fullmatch(value) if isinstance(value, str) else None
+        try:
+            if parts is None:
+                raise ValueError
+            year, month, day, hour, minute, second, fraction, _, sign, off_h, off_m = parts.groups()
+            if int(off_m or 0) > 59:
+                raise ValueError
+            offset = timedelta(hours=int(off_h or 0), minutes=int(off_m or 0)) * (-1 if sign == "-" else 1)
+            leap = timedelta(seconds=1) if second == "60" else timedelta()  # 23:59:60 is the next second
+            at = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second) - leap.seconds,
+                          int((fraction or "").ljust(6, "0")[:6]), timezone(offset)) + leap  # fmt: skip
+            return at.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        except (ValueError, OverflowError):
+            example = '"2026-11-24T10:00:00.123Z"' + (", or null." if optional else ".")
+            fail(path, f"must be an RFC 3339 date-time such as {example}")
+
     fields_of(body, "", ("format", "version", "exported_at", "conversation", "messages"))
     if body.get("format") != EXPORT_FORMAT or body.get("version") != EXPORT_VERSION or type(body["version"]) is not int:
         fail("format", f"this is not a chatsvc conversation file (format {EXPORT_FORMAT!r}, version {EXPORT_VERSION}).")
     conv = fields_of(body.get("conversation"), "conversation", ("session_id", "title", "system_prompt", "model",
                      "created_at", "updated_at", "current_message_id"))  # fmt: skip
-    text(body.get("exported_at"), "exported_at", 40)
+    moment(body.get("exported_at"), "exported_at")
     for name in ("created_at", "updated_at"):  # the import's own times are its own
-        text(conv.get(name), f"conversation.{name}", 40)
+        moment(conv.get(name), f"conversation.{name}")
     session_id = conv.get("session_id")
     if session_id is not None and not (isinstance(session_id, str) and SESSION_ID.fullmatch(session_id)):
         fail("conversation.session_id", f"must be {_SESSION_ID_RULE}, or null.")
@@ -2994,7 +3018,7 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
     if len(messages) > IMPORT_MAX_MESSAGES:
         fail("messages", f"more than {IMPORT_MAX_MESSAGES} messages.")
     rows: list[dict] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # the role of each message so far
     for n, message in enumerate(messages):
         path = f"messages[{n}]"
         m = fields_of(message, path, ("id", "parent_id", "role", "content", "reasoning_content", "status", "model",
@@ -3007,16 +3031,25 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
         parent_id = m.get("parent_id")
         if parent_id is not None and not (isinstance(parent_id, str) and parent_id in seen):
             fail(f"{path}.parent_id", "must be null or the id of an earlier message of the file.")
-        if m.get("role") not in ("user", "assistant"):
+        role = m.get("role")
+        if role not in ("user", "assistant"):
             fail(f"{path}.role", "must be 'user' or 'assistant'.")
-        if m.get("status") not in IMPORTED_STATUSES:
-            fail(f"{path}.status", f"must be one of {', '.join(IMPORTED_STATUSES)} (an answer still being"
-                 " written cannot be imported).")  # fmt: skip
+        # The shapes chatsvc makes: an answer answers a user message (or nothing: its question was
+        # purged while it was being written); a user message follows anything (an answer, or a user
+        # message whose answers were deleted), or starts the conversation.
+        if role == "assistant" and parent_id is not None and seen[parent_id] != "user":
+            fail(f"{path}.parent_id", f"an answer must follow a user message; {json.dumps(parent_id)} is an answer.")
+        status = m.get("status")
+        if status not in IMPORTED_STATUSES or (status == STREAMING and role != "assistant"):
+            fail(f"{path}.status", f"must be one of {', '.join(IMPORTED_STATUSES)} (streaming: an answer being"
+                 " written when it was exported, imported as interrupted).")  # fmt: skip
         error = m.get("error")
         if error is not None:
             fields_of(error, f"{path}.error", ("code", "message"))
             text(error.get("code"), f"{path}.error.code", 64, optional=False)
             text(error.get("message"), f"{path}.error.message", 2000)
+        if status == STREAMING:  # what had been written of it when it was exported, ended there
+            status, error = INTERRUPTED, {"code": INTERRUPTED, "message": EXPORTED_WHILE_WRITTEN}
         usage = m.get("usage")
         if usage is not None:
             fields_of(usage, f"{path}.usage", USAGE_FIELDS)
@@ -3032,15 +3065,15 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
             "content": text(m.get("content"), f"{path}.content", settings.max_answer_chars, optional=False),
             "reasoning_content": text(m.get("reasoning_content"), f"{path}.reasoning_content",
                                       settings.max_answer_chars),
-            "status": m["status"], "model": text(m.get("model"), f"{path}.model", 200),
+            "status": status, "model": text(m.get("model"), f"{path}.model", 200),
             "finish_reason": text(m.get("finish_reason"), f"{path}.finish_reason", 64),
             "error_code": error and error["code"], "error_message": error and error.get("message"),
             "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
             "total_tokens": usage.get("total_tokens"), "last_seq": None,
-            "created_at": text(m.get("created_at"), f"{path}.created_at", 40, optional=False),
+            "created_at": moment(m.get("created_at"), f"{path}.created_at", optional=False),
             "in_context": m.get("in_context", True),
         })  # fmt: skip
-        seen.add(message_id)
+        seen[message_id] = role
     current = conv.get("current_message_id")
     if current is not None and not (isinstance(current, str) and current in seen):
         fail("conversation.current_message_id", "must be null or the id of a message of the file.")

@@ -6,9 +6,14 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+from pathlib import Path
 
 import pytest
 from fake_dashscope import Reply
+from support import wait_for
+
+import chatsvc
 
 API = "/api/v1"
 CONV = f"{API}/context/conversations"
@@ -173,7 +178,37 @@ def file(*messages, **conversation):
         (file(message(), model="gpt-9"), "conversation.model: unknown model"),
         (file(message(), session_id="a/b"), "conversation.session_id: must be 1 to 128"),
         (file(message(), current_message_id="zz"), "conversation.current_message_id"),
-        (file(message(created_at=["x"])), "messages[0].created_at: must be a string"),
+        (file(message(created_at=["x"])), "messages[0].created_at: must be an RFC 3339 date-time"),
+        (
+            file(
+                message(),
+                message(id="b", parent_id="a", role="assistant"),
+                message(id="c", parent_id="b", role="assistant"),
+            ),
+            'messages[2].parent_id: an answer must follow a user message; "b" is an answer.',
+        ),
+        (file(message(role="user", status="streaming")), "messages[0].status: must be one of"),
+        *[
+            (file(message(created_at=t)), "messages[0].created_at: must be an RFC 3339 date-time such as")
+            for t in (
+                "x",
+                "",
+                "2026-01-01",
+                "2026-01-01 10:00:00Z",
+                "2026-01-01T10:00:00",
+                "2026-02-30T10:00:00Z",
+                "2026-01-01T24:00:00Z",
+                "2026-01-01T10:00:00+24:00",
+                "2026-01-01T10:00:00+05:60",
+                "\uff12\uff10\uff12\uff16-01-01T10:00:00Z",
+                "1 Jan 2026",
+                "2026-01-01T10:00:00.Z",
+                None,
+            )
+        ],
+        (file() | {"exported_at": "yesterday"}, "exported_at: must be an RFC 3339 date-time"),
+        (file(message(), created_at="2026"), "conversation.created_at: must be an RFC 3339 date-time"),
+        (file(message(), updated_at=1), "conversation.updated_at: must be an RFC 3339 date-time"),
     ],
 )
 def test_a_bad_file_is_a_422_naming_the_first_bad_field_and_stores_nothing(client, service, doc, detail):
@@ -198,3 +233,69 @@ def test_big_deep_and_nested_files(make_service, fake):
         r = client.post(f"{CONV}/import", content=nested, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["code"] == "invalid_json"
         assert service.rows("SELECT COUNT(*) AS n FROM conversations") == [{"n": 1}]
+
+
+def test_the_shapes_chatsvc_makes_are_imported_and_times_are_stored_as_chatsvc_writes_them(client, service):
+    """An answer whose question was purged while it was written is a first message; a user message
+    follows a user message whose answers were deleted; any RFC 3339 time is stored in UTC, ms."""
+    doc = file(
+        message(id="a", role="assistant", created_at="2026-01-01T10:00:00+01:00"),  # 09:00Z
+        message(id="b", parent_id="a", created_at="2026-01-01t09:00:00.5z"),
+        message(id="c", parent_id="b", created_at="2026-01-01T09:00:01.123456789Z"),
+        message(id="d", parent_id="c", role="assistant", created_at="2026-01-01T04:00:02-05:00"),
+        created_at="2026-01-01T09:00:00Z", updated_at=None,
+    ) | {"exported_at": "2026-01-01T09:00:03Z"}  # fmt: skip
+    r = client.post(f"{CONV}/import", json=doc)
+    assert r.status_code == 201, r.text
+    rows = service.rows("SELECT role, created_at FROM messages ORDER BY id")
+    assert rows == [
+        {"role": "assistant", "created_at": "2026-01-01T09:00:00.000Z"},
+        {"role": "user", "created_at": "2026-01-01T09:00:00.500Z"},
+        {"role": "user", "created_at": "2026-01-01T09:00:01.123Z"},
+        {"role": "assistant", "created_at": "2026-01-01T09:00:02.000Z"},
+    ]
+
+
+def test_an_export_taken_while_an_answer_is_written_imports_it_as_interrupted(make_service, fake):
+    """The answer is exported as stored so far with status `streaming`; the import stores what it
+    holds as `interrupted`, and everything else as exported."""
+    with make_service(CHATSVC_CHECKPOINT_SECONDS="0.05", CHATSVC_UPSTREAM_IDLE_TIMEOUT="60").client() as client:
+        say(client, fake, "s1", Reply.answer(["fine"]), message="how are you?")
+        release = threading.Event()
+        fake.push(Reply.answer(["Once ", "upon"], reasoning=["a story"], hold=release, hold_at=3))
+        chat = threading.Thread(target=lambda: client.post(f"{API}/chat/s1", json={"message": "a story?"}))
+        chat.start()
+        try:
+            doc = wait_for(lambda: (d := export(client, "s1"))["messages"][-1]["content"] == "Once " and d)
+        finally:
+            release.set()
+            chat.join(30)
+        writing = doc["messages"][-1]
+        assert writing["status"] == "streaming" and writing["reasoning_content"] == "a story"
+        assert writing["error"] is None and writing["finish_reason"] is None
+        r = client.post(f"{CONV}/import", json=doc)
+        assert r.status_code == 201, r.text
+        assert r.json()["generating"] is False
+        again = export(client, r.json()["session_id"])
+        imported = again["messages"][-1]
+        assert imported["status"] == "interrupted" and imported["content"] == "Once "
+        assert imported["reasoning_content"] == "a story"
+        assert imported["error"] == {"code": "interrupted", "message": chatsvc.EXPORTED_WHILE_WRITTEN}
+        writing |= {"status": "interrupted", "error": imported["error"]}
+        same_but_ids_and_times(doc, again)  # all else as exported
+        # it is an answer like any interrupted one: it can be answered again
+        fake.push(Reply.answer(["Once upon a time"]))
+        r = client.post(f"{API}/chat/{r.json()['session_id']}", json={"regenerate": imported["id"]})
+        assert r.status_code == 200 and r.json()["response"] == "Once upon a time"
+
+
+def test_the_documented_example_file_imports(client):
+    example = json.loads((Path(__file__).parent.parent / "docs" / "openapi.json").read_text())
+    example = example["components"]["schemas"]["ConversationFile"]["example"]
+    r = client.post(f"{CONV}/import", json=example)
+    assert r.status_code == 201, r.text
+    messages = export(client, r.json()["session_id"])["messages"]
+    assert [(m["content"], m["status"]) for m in messages] == [
+        ("What makes the tides?", "complete"), ("Mostly the Moon's pull.", "complete"),
+        ("The Moon and, less, the Sun", "interrupted")]  # fmt: skip
+    assert messages[2]["error"]["code"] == "interrupted"
