@@ -3144,18 +3144,116 @@ def exported_message(row: dict, context_start: str) -> dict:
     }  # fmt: skip
 
 
+# The Markdown export's headings, `<details>` folds and status lines are chatsvc's alone. A message's
+# own Markdown (lists, tables, emphasis, code) reads as written, but no text can add a heading (`#`,
+# or a setext `===`/`---` under a line), run or close HTML (`<` is `&lt;` outside code), or leave a
+# code fence open over what follows: each fence is written again by chatsvc, longer than any run of
+# backticks inside, and closed. Titles, model names and errors are one line, every mark escaped.
+_MD_LINE = re.compile(r"\r\n|\r|\n")  # CommonMark's line endings, no others
+_MD_MARKS = re.compile(r"[\\`*_\[\]<>&#|~!]")
+_MD_CONTAINERS = r"(?:[ \t]*(?:>|[-*+](?=[ \t])|\d{1,9}[.)](?=[ \t])))*[ \t]*"  # quotes and list items
+_MD_HEADING = re.compile(rf"^({_MD_CONTAINERS})#")
+_MD_QUOTED_FENCE = re.compile(rf"^({_MD_CONTAINERS})(`{{3,}}|~{{3,}})")
+_MD_UNDERLINE = re.compile(r"^((?:[ \t]*>)*[ \t]*)[=-]")
+_MD_UNDERLINE_LINE = re.compile(r"(?:[ \t]*>)*[ \t]*(?:=+|-+)[ \t]*")
+_MD_FENCE = re.compile(r"([ \t]*)(`{3,}|~{3,})(.*)")
+_MD_ENTITY = re.compile(r"&(?=#?[A-Za-z0-9]+;)")
+
+
+def markdown_inline(text: str) -> str:
+    """Text on one line of chatsvc's own (a heading, a status line), with no Markdown or HTML of its own."""
+    return _MD_MARKS.sub(lambda mark: "\\" + mark.group(), " ".join(text.split()))
+
+
+def markdown_block(text: str) -> list[str]:
+    """A message's text as lines of the document: its Markdown, with nothing of the document's."""
+    lines: list[str] = []
+    fence: tuple[str, int, str] | None = None  # the open fence: its mark, its indent, its info string
+    code: list[str] = []
+    after_text = False  # the line before is text (a setext underline under it would make it a heading)
+    spans = True  # no backtick run of this paragraph is left open: code spans can be told on this line
+
+    def close_fence() -> None:
+        assert fence is not None
+        _, indent, info = fence
+        longest = max((len(run) for line in code for run in re.findall(r"`+", line)), default=0)
+        bar, margin = "`" * max(3, longest + 1), " " * min(indent, 3)
+        lines.append(f"{margin}{bar}{info}")
+        for line in code:  # as CommonMark reads it: the opening fence's indent off each line
+            line = line[min(indent, len(line) - len(line.lstrip(" "))) :]
+            lines.append(margin + line if line.strip() else "")
+        lines.append(margin + bar)
+
+    for line in _MD_LINE.split(text):
+        if fence is not None:
+            close = re.fullmatch(r"[ \t]*(`{3,}|~{3,})[ \t]*", line)
+            if close and close[1][0] == fence[0][0] and len(close[1]) >= len(fence[0]):
+                close_fence()
+                fence, code, after_text = None, [], False
+            else:
+                code.append(line)
+            continue
+        opening = _MD_FENCE.fullmatch(line)
+        if opening and not (opening[2][0] == "`" and "`" in opening[3]):
+            info = re.sub(r"[^\w+#.-]", "", (opening[3].split() or [""])[0])  # its language: a name, no `|`
+            fence, code = (opening[2], len(opening[1].expandtabs(4)), info), []
+            continue
+        if not line.strip():
+            lines.append("")
+            after_text, spans = False, True
+            continue
+        line = _MD_HEADING.sub(r"\1\\#", line)
+        line = _MD_QUOTED_FENCE.sub(lambda m: m[1] + "".join("\\" + c for c in m[2]), line)
+        if after_text and _MD_UNDERLINE_LINE.fullmatch(line):
+            line = _MD_UNDERLINE.sub(lambda m: m[1] + "\\" + m[0][-1], line)
+        line, spans = _markdown_html_escaped(line, spans)
+        lines.append(line)
+        after_text = True
+    if fence is not None:  # never closed: closed here, not at the end of the document
+        close_fence()
+    return lines
+
+
+def _markdown_html_escaped(line: str, spans: bool) -> tuple[str, bool]:
+    """The line with `<` (and `&` of an entity) escaped outside its code spans; code spans are told
+    only while certain (a span left open, a backslash before a backtick or a table's `|` ends that
+    for the paragraph: then every `<` is escaped, inside spans too)."""
+    if "|" in line:
+        spans = False
+    pieces = re.split(r"(`+)", line)  # odd places: backtick runs
+    out, n = [], 0
+    while n < len(pieces):
+        piece = pieces[n]
+        if n % 2 == 0:
+            out.append(_MD_ENTITY.sub("&amp;", piece).replace("<", "&lt;"))
+            n += 1
+            continue
+        close = next((k for k in range(n + 2, len(pieces), 2) if pieces[k] == piece), None)
+        if spans and close is not None and not pieces[n - 1].endswith("\\"):
+            out += pieces[n : close + 1]
+            n = close + 1
+        else:
+            spans = False
+            out.append(piece)
+            n += 1
+    return "".join(out), spans
+
+
 def markdown_document(conversation: dict, branch: list[dict]) -> str:
     """The current branch as a document a person reads."""
-    lines = [f"# {conversation['title'] or conversation['session_id']}", "",
-             f"*{len(branch)} messages, exported from chatsvc on {utcnow()[:10]}.*", ""]  # fmt: skip
+    title = markdown_inline(conversation["title"] or conversation["session_id"])
+    lines = [f"# {title}", "", f"*{len(branch)} messages, exported from chatsvc on {utcnow()[:10]}.*", ""]
     for row in branch:
-        who = "User" if row["role"] == "user" else f"Assistant ({row['model']})" if row["model"] else "Assistant"
-        lines += [f"## {who} · {row['created_at'][:16].replace('T', ' ')}", ""]
+        model = row["model"] and markdown_inline(row["model"])
+        who = "User" if row["role"] == "user" else f"Assistant ({model})" if model else "Assistant"
+        lines += [f"## {who} · {markdown_inline(row['created_at'][:16].replace('T', ' '))}", ""]
         if row["reasoning_content"]:
-            lines += ["<details><summary>Reasoning</summary>", "", row["reasoning_content"], "", "</details>", ""]
-        lines += [row["content"], ""]
+            lines += ["<details><summary>Reasoning</summary>", "", *markdown_block(row["reasoning_content"]), "",
+                      "</details>", ""]  # fmt: skip
+        lines += [*markdown_block(row["content"]), ""]
         if row["status"] not in (COMPLETE,):
-            lines += [f"*({row['status']}{': ' + row['error_message'] if row['error_message'] else ''})*", ""]
+            error = f": {row['error_message']}" if row["error_message"] else ""
+            lines += [f"*({markdown_inline(row['status'] + error)})*", ""]
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -299,3 +300,63 @@ def test_the_documented_example_file_imports(client):
         ("What makes the tides?", "complete"), ("Mostly the Moon's pull.", "complete"),
         ("The Moon and, less, the Sun", "interrupted")]  # fmt: skip
     assert messages[2]["error"]["code"] == "interrupted"
+
+
+HOSTILE = (
+    "Sure.\n\n## Assistant · 2026-01-01 00:00\n\nNow I am the assistant\n---\n</details>\n"
+    "<script>alert(1)</script> <img src=x onerror=alert(2)>\r# carriage return\n> ## quoted\n- # listed\n"
+    "Setext\n===\n`a\\`<b>1</b>`\n\n``<i>2</i>`` &lt;script&gt;\n| `<u>3</u>` | x |\n```\nnever closed <b>4</b>"
+)
+NORMAL = (
+    "Steps:\n\n1. Install it:\n   ```bash\n   pip install chatsvc\n   ```\n2. Run `chatsvc --port 8000`.\n\n"
+    "| name | value |\n|------|-------|\n| **a** | 1 |\n\n---\n\nUse `a < b` and `x & y`, *not* `<div>`.\n\n"
+    '````python\nif a < b:\n    print("```<b>")\n````'
+)
+
+
+def rendered(markdown: str):
+    """The document as a CommonMark renderer (HTML on, GFM tables) reads it: its tokens and its HTML."""
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark").enable("table")
+    tokens = md.parse(markdown)
+
+    def walk(ts):
+        for t in ts:
+            yield t
+            yield from walk(t.children or [])
+
+    return list(walk(tokens)), md.render(markdown)
+
+
+def test_markdown_structure_is_chatsvcs_alone(client, fake):
+    """No message text, reasoning, title or error adds a heading, closes a fold, runs HTML or swallows
+    what follows; each text still reads as written."""
+    client.post(CONV, json={"session_id": "h", "title": "Evil\n## Title <img src=x onerror=alert(0)>"})
+    say(client, fake, "h", Reply.answer([HOSTILE], reasoning=["think </details> <script>x</script>\n```\nopen"]),
+        message=HOSTILE, enable_thinking=True)  # fmt: skip
+    say(client, fake, "h", Reply.error(400, "invalid_parameter_error", "bad *x* </details>\n## Hi <b>"), message="q")
+    say(client, fake, "h", Reply.answer([NORMAL]), message="normal")
+    text = client.get(f"{CONV}/h/export?format=markdown").text
+    tokens, html = rendered(text)
+    headings = [h.split(" · ")[0] for h in re.findall(r"<h\d>(.*?)</h\d>", html)]
+    assert headings == ["Evil ## Title &lt;img src=x onerror=alert(0)&gt;",
+                        *["User", "Assistant (qwen-plus)"] * 3]  # fmt: skip
+    assert [t.tag for t in tokens if t.type == "heading_open"] == ["h1"] + ["h2"] * 6
+    assert [t.content for t in tokens if t.type == "html_inline"] == []
+    assert [t.content for t in tokens if t.type == "html_block"] == [
+        "<details><summary>Reasoning</summary>\n", "</details>\n"]  # fmt: skip
+    for payload in ("&lt;script&gt;alert(1)&lt;/script&gt;", "&lt;img src=x onerror=alert(2)&gt;",
+                    "## Assistant · 2026-01-01 00:00", "# carriage return", "## quoted", "# listed", "Setext\n===",
+                    "&lt;/details&gt;", "bad *x* &lt;/details&gt; ## Hi &lt;b&gt;"):  # fmt: skip
+        assert html.count(payload) >= 1, payload
+    assert "<b>1</b>" not in html and "<i>" not in html and "<u>" not in html
+    assert "<code>&lt;i&gt;2&lt;/i&gt;</code>" in html  # a code span reads as written
+    assert html.count("&amp;lt;script&amp;gt;") == 2  # an entity is text, as written (question and answer)
+    fences = [t.content for t in tokens if t.type == "fence"]
+    assert fences[:3] == ["never closed <b>4</b>\n", "open\n", "never closed <b>4</b>\n"]  # closed where it ends
+    # the ordinary answer reads as written: its code blocks, list, table and spans
+    assert fences[-2:] == ["pip install chatsvc\n", 'if a < b:\n    print("```<b>")\n']
+    assert "<table>" in html and "<strong>a</strong>" in html and "<hr />" in html
+    assert "<code>a &lt; b</code>" in html and "<code>x &amp; y</code>" in html and "<code>&lt;div&gt;</code>" in html
+    assert "<li>Install it:" in html or "<li>\n<p>Install it:" in html

@@ -150,6 +150,37 @@ def test_an_imported_file_takes_any_time_and_parent_and_stores_only_what_chatsvc
         assert abs(datetime.fromisoformat(stored.replace("Z", "+00:00")) - moment) < timedelta(milliseconds=1)
 
 
+markdown_text = st.lists(
+    st.sampled_from(["#", "## x", "\n", "\n", "\r", "\r\n", " ", "   ", "    ", "\t", ">", "- ", "1. ", "* ", "+ ",
+                     "`", "``", "```", "~~~", "````", "\\", "<", "</details>", "<script>", "<b>", "&", "&lt;", "===",
+                     "---", "-", "=", "|", "a", "x y", "<!--", "<?", "<![CDATA[", "<http://a>", "<a@b.c>", "py"]),
+    max_size=40,
+).map("".join)  # fmt: skip
+
+
+@settings(max_examples=1000, derandomize=True, database=None, deadline=None)
+@given(text=markdown_text, title=markdown_text)
+def test_no_text_adds_markdown_structure(text, title):
+    """Whatever a message, its reasoning, a title, a model name or an error holds, the exported
+    document's headings and folds are chatsvc's, no HTML of theirs runs, and no fence stays open."""
+    from markdown_it import MarkdownIt
+
+    def walk(tokens):
+        for t in tokens:
+            yield t
+            yield from walk(t.children or [])
+
+    row = {"role": "assistant", "model": title, "created_at": title, "reasoning_content": text, "content": text,
+           "status": "failed", "error_message": title}  # fmt: skip
+    user = row | {"role": "user", "reasoning_content": None, "status": "complete"}
+    doc = chatsvc.markdown_document({"title": title, "session_id": "s"}, [user, row, user])
+    tokens = list(walk(MarkdownIt("commonmark").enable("table").parse(doc)))
+    headings = [t.tag for t in tokens if t.type == "heading_open"]
+    assert headings == ["h1", "h2", "h2", "h2"], doc
+    html = [t.content for t in tokens if t.type in ("html_block", "html_inline")]
+    assert html == (["<details><summary>Reasoning</summary>\n", "</details>\n"] if text else []), doc
+
+
 @pytest.mark.parametrize("depth", [1000, 5000, 100_000])
 def test_deeply_nested_bodies_are_a_400(client, depth):
     for body in ("[" * depth + "]" * depth, '{"model": ' + "[" * depth + "]" * depth + "}"):
