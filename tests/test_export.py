@@ -267,7 +267,7 @@ def test_an_export_taken_while_an_answer_is_written_imports_it_as_interrupted(ma
         chat = threading.Thread(target=lambda: client.post(f"{API}/chat/s1", json={"message": "a story?"}))
         chat.start()
         try:
-            doc = wait_for(lambda: (d := export(client, "s1"))["messages"][-1]["content"] == "Once " and d)
+            doc = wait_for(lambda: (d := export(client, "s1"))["messages"][-1]["content"] == "Once " and d, 60)
         finally:
             release.set()
             chat.join(30)
