@@ -133,7 +133,7 @@ def test_the_title_request_never_holds_the_conversation(titled, fake):
     wait_for(lambda: title_of(client)["title"] == "Slow Title")
 
 
-@pytest.mark.parametrize("gone", ["conversation", "answer"])
+@pytest.mark.parametrize("gone", ["conversation", "answer", "purged"])
 def test_a_title_never_outlives_the_answer_it_was_made_from(titled, fake, caplog, gone):
     """The model's title of a deleted answer is never stored: not on the conversation made again
     under the same id (whose own title comes later), nor on the conversation that lost the answer."""
@@ -148,9 +148,12 @@ def test_a_title_never_outlives_the_answer_it_was_made_from(titled, fake, caplog
         client.post(f"{API}/chat/s1", json={"message": "shopping list"})
         wait_for_title_request(fake, 4)
         expected = "shopping list"
-    else:
+    elif gone == "answer":
         assert client.delete(f"{CONV}/s1/messages/{first['message_id']}").status_code == 200
         expected = "our secret plan"  # the first-line title, of the question that stays
+    else:
+        assert client.delete(f"{CONV}/s1/context?purge=true").status_code == 200
+        expected = "our secret plan"
     late.set()
     logged = f"title session=s1 message={first['message_id']}"
     line = wait_for(lambda: next((line for line in caplog.text.splitlines() if logged in line), None))
