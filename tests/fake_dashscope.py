@@ -64,11 +64,11 @@ class Reply:
     stall_headers: float = 0.0  # seconds to wait before the status line
     stall_at: int | None = None  # wait `stall` seconds before this piece
     stall: float = 0.0
+    hold: threading.Event | None = None  # wait until the test sets it (at most a minute) before piece `hold_at`
+    hold_at: int = 0
     cut: bool = False  # drop the connection after the pieces, without the final chunk
     stamp: bool = False  # write the send time (time.monotonic_ns()) in place of each piece's "@T"
     gzip: bool = False  # Content-Encoding: gzip whatever the request asked (as some proxies do)
-    hold: threading.Event | None = None  # wait until the test sets it (at most a minute) before piece `hold_at`
-    hold_at: int = 0
 
     @classmethod
     def transcript(
