@@ -1154,16 +1154,23 @@ class Store:
         )
         return row is not None
 
-    async def set_model_title(self, owner: str, session_id: str, title: str | None, usage: dict | None) -> bool:
-        """The model's title (None: it gave none, its cost is kept), unless a client has set one since."""
+    async def set_model_title(
+        self, owner: str, session_id: str, answer_id: str, title: str | None, usage: dict | None
+    ) -> bool:
+        """The model's title of answer `answer_id` (None: it gave none, its cost is kept), unless a
+        client has set one since or that answer is gone: deleted, purged, or its conversation deleted
+        (and maybe made again under the same id, which holds other messages: ids are never reused).
+        A title is text derived from messages, and never outlives them."""
         usage = usage or {}
         row = await self._one(
             "UPDATE conversations SET title = COALESCE(:title, title), title_source = CASE WHEN :title IS NULL"
             " THEN title_source ELSE 'model' END, title_prompt_tokens = :prompt, title_completion_tokens = :completion,"
             " title_total_tokens = :total WHERE owner = :owner AND session_id = :sid AND title_source = 'first_line'"
+            " AND EXISTS (SELECT 1 FROM messages WHERE id = :mid AND owner = :owner AND session_id = :sid)"
             " RETURNING session_id",
-            {"owner": owner, "sid": session_id, "title": title, "prompt": usage.get("prompt_tokens"),
-             "completion": usage.get("completion_tokens"), "total": usage.get("total_tokens")},
+            {"owner": owner, "sid": session_id, "mid": answer_id, "title": title,
+             "prompt": usage.get("prompt_tokens"), "completion": usage.get("completion_tokens"),
+             "total": usage.get("total_tokens")},
             role=WRITE,
         )  # fmt: skip
         return row is not None
@@ -2503,7 +2510,13 @@ TITLE_PROMPT = (
 TITLE_CHARS = 60
 _THINKING = re.compile(r"<think>.*?(?:</think>|$)", re.S | re.I)
 _TITLE_LABEL = re.compile(r"^(?:title|标题|題目|标题是)\s*[:：]\s*", re.I)  # noqa: RUF001 (the full-width forms are the point)
-_MARKDOWN = re.compile(r"^(?:#+|>|[-*+]|\d+[.)])\s+|[*_`~]{1,3}")
+_MARKDOWN = re.compile(r"^(?:#+|>|[-*+]|\d+[.)])\s+")  # a heading, quote or list item's marker
+_EMPHASIS = re.compile(r"[*_`~]{1,3}")  # Markdown's emphasis, code and strike delimiters
+# Control characters (C0, DEL, C1) read as a space; bidi controls (which reorder what follows them,
+# even outside the title where it is shown) and invisible zero-width characters are dropped. The
+# zero-width (non-)joiners stay: Persian, Indic scripts and emoji sequences need them.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_INVISIBLE = re.compile("[\u061c\u200b\u200e\u200f\u202a-\u202e\u2060\u2066-\u2069\ufeff]")
 _QUOTES = "\"'`“”‘’「」『』《》〈〉«»【】"  # noqa: RUF001 (the full-width forms are the point)
 _END_PUNCTUATION = ".。!！?？:：;；,，、…·"  # noqa: RUF001 (the full-width forms are the point)
 
@@ -2511,15 +2524,27 @@ _END_PUNCTUATION = ".。!！?？:：;；,，、…·"  # noqa: RUF001 (the full-
 def clean_title(text: str) -> str | None:
     """The title in what the model wrote: its first line, without thinking, a label, Markdown,
     quotes or final punctuation, at most TITLE_CHARS characters; None if nothing is left."""
-    lines = [line.strip() for line in _THINKING.sub("", text).splitlines() if line.strip()]
+    text = _INVISIBLE.sub("", _THINKING.sub("", text))
+    lines = [_CONTROLS.sub(" ", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
     if not lines:
         return None
     title, previous = lines[0], None
     while title != previous:  # `**"Title".**` takes several rounds
         previous = title
         title = _MARKDOWN.sub("", _TITLE_LABEL.sub("", title)).strip()
+        title = _EMPHASIS.sub(_emphasis_removed, title).strip()
         title = title.strip(_QUOTES + " ").rstrip(_END_PUNCTUATION + " ")
     return " ".join(title.split())[:TITLE_CHARS].rstrip() or None
+
+
+def _emphasis_removed(match: re.Match) -> str:
+    """A delimiter run goes where it wraps the title or a word (`**Title**`, `_x_`, `` `x` ``); it
+    stays inside a word (`my_var`, `2*3`) and alone between spaces (`2 * 3`)."""
+    text, start, end = match.string, match.start(), match.end()
+    before, after = text[start - 1 : start], text[end : end + 1]
+    inside = (before.isalnum() and after.isalnum()) or (before.isspace() and after.isspace())
+    return match.group() if inside else ""
 
 
 async def write_title(relay: Relay, answer: Answer) -> None:
@@ -2557,8 +2582,10 @@ async def write_title(relay: Relay, answer: Answer) -> None:
     if status == "ok" and title is None:
         status = "empty"
     try:
-        if not await relay.store.set_model_title(answer.owner, answer.session_id, title, usage):
-            status = "kept"  # a client named it meanwhile
+        key = (answer.owner, answer.session_id)
+        if not await relay.store.set_model_title(*key, answer.message_id, title, usage):
+            # a client named it meanwhile (kept), or the answer it was made from is gone (its text too)
+            status = "kept" if await relay.store.message(*key, answer.message_id) else "gone"
     except StorageUnavailable as exc:
         status, code = "unstored", "storage_unavailable"
         log.warning("title of session %s not stored: %s", answer.session_id, exc.detail)
@@ -3118,7 +3145,11 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
 
 EXPORT_FORMAT, EXPORT_VERSION = "chatsvc.conversation", 1
 IMPORT_MAX_MESSAGES = 100_000
-IMPORTED_STATUSES = (COMPLETE, STOPPED, INTERRUPTED, FAILED)
+IMPORTED_STATUSES = (COMPLETE, STOPPED, INTERRUPTED, FAILED, STREAMING)  # streaming: stored as interrupted
+EXPORTED_WHILE_WRITTEN = "This answer was being written when it was exported; it holds what had been written by then."
+RFC3339 = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d\d):(\d\d))", re.ASCII
+)
 
 
 @dataclass
@@ -3157,14 +3188,34 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
             fail(f"{path}.{unknown[0]}" if path else unknown[0], f"unknown field; allowed: {', '.join(allowed)}.")
         return value
 
+    def moment(value: Any, path: str, optional: bool = True) -> str | None:
+        """An RFC 3339 date-time, as chatsvc writes it: UTC, milliseconds (so that it sorts as text)."""
+        if value is None and optional:
+            return None
+        parts = RFC3339.fullmatch(value) if isinstance(value, str) else None
+        try:
+            if parts is None:
+                raise ValueError
+            year, month, day, hour, minute, second, fraction, _, sign, off_h, off_m = parts.groups()
+            if int(off_m or 0) > 59:
+                raise ValueError
+            offset = timedelta(hours=int(off_h or 0), minutes=int(off_m or 0)) * (-1 if sign == "-" else 1)
+            leap = timedelta(seconds=1) if second == "60" else timedelta()  # 23:59:60 is the next second
+            at = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second) - leap.seconds,
+                          int((fraction or "").ljust(6, "0")[:6]), timezone(offset)) + leap  # fmt: skip
+            return at.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        except (ValueError, OverflowError):
+            example = '"2026-11-24T10:00:00.123Z"' + (", or null." if optional else ".")
+            fail(path, f"must be an RFC 3339 date-time such as {example}")
+
     fields_of(body, "", ("format", "version", "exported_at", "conversation", "messages"))
     if body.get("format") != EXPORT_FORMAT or body.get("version") != EXPORT_VERSION or type(body["version"]) is not int:
         fail("format", f"this is not a chatsvc conversation file (format {EXPORT_FORMAT!r}, version {EXPORT_VERSION}).")
     conv = fields_of(body.get("conversation"), "conversation", ("session_id", "title", "system_prompt", "model",
                      "created_at", "updated_at", "current_message_id"))  # fmt: skip
-    text(body.get("exported_at"), "exported_at", 40)
+    moment(body.get("exported_at"), "exported_at")
     for name in ("created_at", "updated_at"):  # the import's own times are its own
-        text(conv.get(name), f"conversation.{name}", 40)
+        moment(conv.get(name), f"conversation.{name}")
     session_id = conv.get("session_id")
     if session_id is not None and not (isinstance(session_id, str) and SESSION_ID.fullmatch(session_id)):
         fail("conversation.session_id", f"must be {_SESSION_ID_RULE}, or null.")
@@ -3177,7 +3228,7 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
     if len(messages) > IMPORT_MAX_MESSAGES:
         fail("messages", f"more than {IMPORT_MAX_MESSAGES} messages.")
     rows: list[dict] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # the role of each message so far
     for n, message in enumerate(messages):
         path = f"messages[{n}]"
         m = fields_of(message, path, ("id", "parent_id", "role", "content", "reasoning_content", "status", "model",
@@ -3190,16 +3241,25 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
         parent_id = m.get("parent_id")
         if parent_id is not None and not (isinstance(parent_id, str) and parent_id in seen):
             fail(f"{path}.parent_id", "must be null or the id of an earlier message of the file.")
-        if m.get("role") not in ("user", "assistant"):
+        role = m.get("role")
+        if role not in ("user", "assistant"):
             fail(f"{path}.role", "must be 'user' or 'assistant'.")
-        if m.get("status") not in IMPORTED_STATUSES:
-            fail(f"{path}.status", f"must be one of {', '.join(IMPORTED_STATUSES)} (an answer still being"
-                 " written cannot be imported).")  # fmt: skip
+        # The shapes chatsvc makes: an answer answers a user message (or nothing: its question was
+        # purged while it was being written); a user message follows anything (an answer, or a user
+        # message whose answers were deleted), or starts the conversation.
+        if role == "assistant" and parent_id is not None and seen[parent_id] != "user":
+            fail(f"{path}.parent_id", f"an answer must follow a user message; {json.dumps(parent_id)} is an answer.")
+        status = m.get("status")
+        if status not in IMPORTED_STATUSES or (status == STREAMING and role != "assistant"):
+            fail(f"{path}.status", f"must be one of {', '.join(IMPORTED_STATUSES)} (streaming: an answer being"
+                 " written when it was exported, imported as interrupted).")  # fmt: skip
         error = m.get("error")
         if error is not None:
             fields_of(error, f"{path}.error", ("code", "message"))
             text(error.get("code"), f"{path}.error.code", 64, optional=False)
             text(error.get("message"), f"{path}.error.message", 2000)
+        if status == STREAMING:  # what had been written of it when it was exported, ended there
+            status, error = INTERRUPTED, {"code": INTERRUPTED, "message": EXPORTED_WHILE_WRITTEN}
         usage = m.get("usage")
         if usage is not None:
             fields_of(usage, f"{path}.usage", USAGE_FIELDS)
@@ -3215,15 +3275,15 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
             "content": text(m.get("content"), f"{path}.content", settings.max_answer_chars, optional=False),
             "reasoning_content": text(m.get("reasoning_content"), f"{path}.reasoning_content",
                                       settings.max_answer_chars),
-            "status": m["status"], "model": text(m.get("model"), f"{path}.model", 200),
+            "status": status, "model": text(m.get("model"), f"{path}.model", 200),
             "finish_reason": text(m.get("finish_reason"), f"{path}.finish_reason", 64),
             "error_code": error and error["code"], "error_message": error and error.get("message"),
             "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
             "total_tokens": usage.get("total_tokens"), "last_seq": None,
-            "created_at": text(m.get("created_at"), f"{path}.created_at", 40, optional=False),
+            "created_at": moment(m.get("created_at"), f"{path}.created_at", optional=False),
             "in_context": m.get("in_context", True),
         })  # fmt: skip
-        seen.add(message_id)
+        seen[message_id] = role
     current = conv.get("current_message_id")
     if current is not None and not (isinstance(current, str) and current in seen):
         fail("conversation.current_message_id", "must be null or the id of a message of the file.")
@@ -3294,18 +3354,116 @@ def exported_message(row: dict, context_start: str) -> dict:
     }  # fmt: skip
 
 
+# The Markdown export's headings, `<details>` folds and status lines are chatsvc's alone. A message's
+# own Markdown (lists, tables, emphasis, code) reads as written, but no text can add a heading (`#`,
+# or a setext `===`/`---` under a line), run or close HTML (`<` is `&lt;` outside code), or leave a
+# code fence open over what follows: each fence is written again by chatsvc, longer than any run of
+# backticks inside, and closed. Titles, model names and errors are one line, every mark escaped.
+_MD_LINE = re.compile(r"\r\n|\r|\n")  # CommonMark's line endings, no others
+_MD_MARKS = re.compile(r"[\\`*_\[\]<>&#|~!]")
+_MD_CONTAINERS = r"(?:[ \t]*(?:>|[-*+](?=[ \t])|\d{1,9}[.)](?=[ \t])))*[ \t]*"  # quotes and list items
+_MD_HEADING = re.compile(rf"^({_MD_CONTAINERS})#")
+_MD_QUOTED_FENCE = re.compile(rf"^({_MD_CONTAINERS})(`{{3,}}|~{{3,}})")
+_MD_UNDERLINE = re.compile(r"^((?:[ \t]*>)*[ \t]*)[=-]")
+_MD_UNDERLINE_LINE = re.compile(r"(?:[ \t]*>)*[ \t]*(?:=+|-+)[ \t]*")
+_MD_FENCE = re.compile(r"([ \t]*)(`{3,}|~{3,})(.*)")
+_MD_ENTITY = re.compile(r"&(?=#?[A-Za-z0-9]+;)")
+
+
+def markdown_inline(text: str) -> str:
+    """Text on one line of chatsvc's own (a heading, a status line), with no Markdown or HTML of its own."""
+    return _MD_MARKS.sub(lambda mark: "\\" + mark.group(), " ".join(text.split()))
+
+
+def markdown_block(text: str) -> list[str]:
+    """A message's text as lines of the document: its Markdown, with nothing of the document's."""
+    lines: list[str] = []
+    fence: tuple[str, int, str] | None = None  # the open fence: its mark, its indent, its info string
+    code: list[str] = []
+    after_text = False  # the line before is text (a setext underline under it would make it a heading)
+    spans = True  # no backtick run of this paragraph is left open: code spans can be told on this line
+
+    def close_fence() -> None:
+        assert fence is not None
+        _, indent, info = fence
+        longest = max((len(run) for line in code for run in re.findall(r"`+", line)), default=0)
+        bar, margin = "`" * max(3, longest + 1), " " * min(indent, 3)
+        lines.append(f"{margin}{bar}{info}")
+        for line in code:  # as CommonMark reads it: the opening fence's indent off each line
+            line = line[min(indent, len(line) - len(line.lstrip(" "))) :]
+            lines.append(margin + line if line.strip() else "")
+        lines.append(margin + bar)
+
+    for line in _MD_LINE.split(text):
+        if fence is not None:
+            close = re.fullmatch(r"[ \t]*(`{3,}|~{3,})[ \t]*", line)
+            if close and close[1][0] == fence[0][0] and len(close[1]) >= len(fence[0]):
+                close_fence()
+                fence, code, after_text = None, [], False
+            else:
+                code.append(line)
+            continue
+        opening = _MD_FENCE.fullmatch(line)
+        if opening and not (opening[2][0] == "`" and "`" in opening[3]):
+            info = re.sub(r"[^\w+#.-]", "", (opening[3].split() or [""])[0])  # its language: a name, no `|`
+            fence, code = (opening[2], len(opening[1].expandtabs(4)), info), []
+            continue
+        if not line.strip():
+            lines.append("")
+            after_text, spans = False, True
+            continue
+        line = _MD_HEADING.sub(r"\1\\#", line)
+        line = _MD_QUOTED_FENCE.sub(lambda m: m[1] + "".join("\\" + c for c in m[2]), line)
+        if after_text and _MD_UNDERLINE_LINE.fullmatch(line):
+            line = _MD_UNDERLINE.sub(lambda m: m[1] + "\\" + m[0][-1], line)
+        line, spans = _markdown_html_escaped(line, spans)
+        lines.append(line)
+        after_text = True
+    if fence is not None:  # never closed: closed here, not at the end of the document
+        close_fence()
+    return lines
+
+
+def _markdown_html_escaped(line: str, spans: bool) -> tuple[str, bool]:
+    """The line with `<` (and `&` of an entity) escaped outside its code spans; code spans are told
+    only while certain (a span left open, a backslash before a backtick or a table's `|` ends that
+    for the paragraph: then every `<` is escaped, inside spans too)."""
+    if "|" in line:
+        spans = False
+    pieces = re.split(r"(`+)", line)  # odd places: backtick runs
+    out, n = [], 0
+    while n < len(pieces):
+        piece = pieces[n]
+        if n % 2 == 0:
+            out.append(_MD_ENTITY.sub("&amp;", piece).replace("<", "&lt;"))
+            n += 1
+            continue
+        close = next((k for k in range(n + 2, len(pieces), 2) if pieces[k] == piece), None)
+        if spans and close is not None and not pieces[n - 1].endswith("\\"):
+            out += pieces[n : close + 1]
+            n = close + 1
+        else:
+            spans = False
+            out.append(piece)
+            n += 1
+    return "".join(out), spans
+
+
 def markdown_document(conversation: dict, branch: list[dict]) -> str:
     """The current branch as a document a person reads."""
-    lines = [f"# {conversation['title'] or conversation['session_id']}", "",
-             f"*{len(branch)} messages, exported from chatsvc on {utcnow()[:10]}.*", ""]  # fmt: skip
+    title = markdown_inline(conversation["title"] or conversation["session_id"])
+    lines = [f"# {title}", "", f"*{len(branch)} messages, exported from chatsvc on {utcnow()[:10]}.*", ""]
     for row in branch:
-        who = "User" if row["role"] == "user" else f"Assistant ({row['model']})" if row["model"] else "Assistant"
-        lines += [f"## {who} · {row['created_at'][:16].replace('T', ' ')}", ""]
+        model = row["model"] and markdown_inline(row["model"])
+        who = "User" if row["role"] == "user" else f"Assistant ({model})" if model else "Assistant"
+        lines += [f"## {who} · {markdown_inline(row['created_at'][:16].replace('T', ' '))}", ""]
         if row["reasoning_content"]:
-            lines += ["<details><summary>Reasoning</summary>", "", row["reasoning_content"], "", "</details>", ""]
-        lines += [row["content"], ""]
+            lines += ["<details><summary>Reasoning</summary>", "", *markdown_block(row["reasoning_content"]), "",
+                      "</details>", ""]  # fmt: skip
+        lines += [*markdown_block(row["content"]), ""]
         if row["status"] not in (COMPLETE,):
-            lines += [f"*({row['status']}{': ' + row['error_message'] if row['error_message'] else ''})*", ""]
+            error = f": {row['error_message']}" if row["error_message"] else ""
+            lines += [f"*({markdown_inline(row['status'] + error)})*", ""]
     return "\n".join(lines)
 
 

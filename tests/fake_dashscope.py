@@ -64,6 +64,8 @@ class Reply:
     stall_headers: float = 0.0  # seconds to wait before the status line
     stall_at: int | None = None  # wait `stall` seconds before this piece
     stall: float = 0.0
+    hold: threading.Event | None = None  # wait until the test sets it (at most a minute) before piece `hold_at`
+    hold_at: int = 0
     cut: bool = False  # drop the connection after the pieces, without the final chunk
     stamp: bool = False  # write the send time (time.monotonic_ns()) in place of each piece's "@T"
     gzip: bool = False  # Content-Encoding: gzip whatever the request asked (as some proxies do)
@@ -296,6 +298,9 @@ class FakeDashScope:
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode())
         gzip = zlib.compressobj(wbits=31) if reply.gzip else None
         for i, piece in enumerate(reply.pieces):
+            if reply.hold is not None and reply.hold_at == i:
+                await writer.drain()
+                await asyncio.to_thread(reply.hold.wait, 60)
             if reply.stall_at == i:
                 await writer.drain()
                 await asyncio.sleep(reply.stall)

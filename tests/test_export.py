@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import threading
+from pathlib import Path
 
 import pytest
 from fake_dashscope import Reply
+from support import wait_for
+
+import chatsvc
 
 API = "/api/v1"
 CONV = f"{API}/context/conversations"
@@ -173,7 +179,37 @@ def file(*messages, **conversation):
         (file(message(), model="gpt-9"), "conversation.model: unknown model"),
         (file(message(), session_id="a/b"), "conversation.session_id: must be 1 to 128"),
         (file(message(), current_message_id="zz"), "conversation.current_message_id"),
-        (file(message(created_at=["x"])), "messages[0].created_at: must be a string"),
+        (file(message(created_at=["x"])), "messages[0].created_at: must be an RFC 3339 date-time"),
+        (
+            file(
+                message(),
+                message(id="b", parent_id="a", role="assistant"),
+                message(id="c", parent_id="b", role="assistant"),
+            ),
+            'messages[2].parent_id: an answer must follow a user message; "b" is an answer.',
+        ),
+        (file(message(role="user", status="streaming")), "messages[0].status: must be one of"),
+        *[
+            (file(message(created_at=t)), "messages[0].created_at: must be an RFC 3339 date-time such as")
+            for t in (
+                "x",
+                "",
+                "2026-01-01",
+                "2026-01-01 10:00:00Z",
+                "2026-01-01T10:00:00",
+                "2026-02-30T10:00:00Z",
+                "2026-01-01T24:00:00Z",
+                "2026-01-01T10:00:00+24:00",
+                "2026-01-01T10:00:00+05:60",
+                "\uff12\uff10\uff12\uff16-01-01T10:00:00Z",
+                "1 Jan 2026",
+                "2026-01-01T10:00:00.Z",
+                None,
+            )
+        ],
+        (file() | {"exported_at": "yesterday"}, "exported_at: must be an RFC 3339 date-time"),
+        (file(message(), created_at="2026"), "conversation.created_at: must be an RFC 3339 date-time"),
+        (file(message(), updated_at=1), "conversation.updated_at: must be an RFC 3339 date-time"),
     ],
 )
 def test_a_bad_file_is_a_422_naming_the_first_bad_field_and_stores_nothing(client, service, doc, detail):
@@ -198,3 +234,129 @@ def test_big_deep_and_nested_files(make_service, fake):
         r = client.post(f"{CONV}/import", content=nested, headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["code"] == "invalid_json"
         assert service.rows("SELECT COUNT(*) AS n FROM conversations") == [{"n": 1}]
+
+
+def test_the_shapes_chatsvc_makes_are_imported_and_times_are_stored_as_chatsvc_writes_them(client, service):
+    """An answer whose question was purged while it was written is a first message; a user message
+    follows a user message whose answers were deleted; any RFC 3339 time is stored in UTC, ms."""
+    doc = file(
+        message(id="a", role="assistant", created_at="2026-01-01T10:00:00+01:00"),  # 09:00Z
+        message(id="b", parent_id="a", created_at="2026-01-01t09:00:00.5z"),
+        message(id="c", parent_id="b", created_at="2026-01-01T09:00:01.123456789Z"),
+        message(id="d", parent_id="c", role="assistant", created_at="2026-01-01T04:00:02-05:00"),
+        created_at="2026-01-01T09:00:00Z", updated_at=None,
+    ) | {"exported_at": "2026-01-01T09:00:03Z"}  # fmt: skip
+    r = client.post(f"{CONV}/import", json=doc)
+    assert r.status_code == 201, r.text
+    rows = service.rows("SELECT role, created_at FROM messages ORDER BY id")
+    assert rows == [
+        {"role": "assistant", "created_at": "2026-01-01T09:00:00.000Z"},
+        {"role": "user", "created_at": "2026-01-01T09:00:00.500Z"},
+        {"role": "user", "created_at": "2026-01-01T09:00:01.123Z"},
+        {"role": "assistant", "created_at": "2026-01-01T09:00:02.000Z"},
+    ]
+
+
+def test_an_export_taken_while_an_answer_is_written_imports_it_as_interrupted(make_service, fake):
+    """The answer is exported as stored so far with status `streaming`; the import stores what it
+    holds as `interrupted`, and everything else as exported."""
+    with make_service(CHATSVC_CHECKPOINT_SECONDS="0.05", CHATSVC_UPSTREAM_IDLE_TIMEOUT="60").client() as client:
+        say(client, fake, "s1", Reply.answer(["fine"]), message="how are you?")
+        release = threading.Event()
+        fake.push(Reply.answer(["Once ", "upon"], reasoning=["a story"], hold=release, hold_at=3))
+        chat = threading.Thread(target=lambda: client.post(f"{API}/chat/s1", json={"message": "a story?"}))
+        chat.start()
+        try:
+            doc = wait_for(lambda: (d := export(client, "s1"))["messages"][-1]["content"] == "Once " and d, 60)
+        finally:
+            release.set()
+            chat.join(30)
+        writing = doc["messages"][-1]
+        assert writing["status"] == "streaming" and writing["reasoning_content"] == "a story"
+        assert writing["error"] is None and writing["finish_reason"] is None
+        r = client.post(f"{CONV}/import", json=doc)
+        assert r.status_code == 201, r.text
+        assert r.json()["generating"] is False
+        again = export(client, r.json()["session_id"])
+        imported = again["messages"][-1]
+        assert imported["status"] == "interrupted" and imported["content"] == "Once "
+        assert imported["reasoning_content"] == "a story"
+        assert imported["error"] == {"code": "interrupted", "message": chatsvc.EXPORTED_WHILE_WRITTEN}
+        writing |= {"status": "interrupted", "error": imported["error"]}
+        same_but_ids_and_times(doc, again)  # all else as exported
+        # it is an answer like any interrupted one: it can be answered again
+        fake.push(Reply.answer(["Once upon a time"]))
+        r = client.post(f"{API}/chat/{r.json()['session_id']}", json={"regenerate": imported["id"]})
+        assert r.status_code == 200 and r.json()["response"] == "Once upon a time"
+
+
+def test_the_documented_example_file_imports(client):
+    example = json.loads((Path(__file__).parent.parent / "docs" / "openapi.json").read_text())
+    example = example["components"]["schemas"]["ConversationFile"]["example"]
+    r = client.post(f"{CONV}/import", json=example)
+    assert r.status_code == 201, r.text
+    messages = export(client, r.json()["session_id"])["messages"]
+    assert [(m["content"], m["status"]) for m in messages] == [
+        ("What makes the tides?", "complete"), ("Mostly the Moon's pull.", "complete"),
+        ("The Moon and, less, the Sun", "interrupted")]  # fmt: skip
+    assert messages[2]["error"]["code"] == "interrupted"
+
+
+HOSTILE = (
+    "Sure.\n\n## Assistant · 2026-01-01 00:00\n\nNow I am the assistant\n---\n</details>\n"
+    "<script>alert(1)</script> <img src=x onerror=alert(2)>\r# carriage return\n> ## quoted\n- # listed\n"
+    "Setext\n===\n`a\\`<b>1</b>`\n\n``<i>2</i>`` &lt;script&gt;\n| `<u>3</u>` | x |\n```\nnever closed <b>4</b>"
+)
+NORMAL = (
+    "Steps:\n\n1. Install it:\n   ```bash\n   pip install chatsvc\n   ```\n2. Run `chatsvc --port 8000`.\n\n"
+    "| name | value |\n|------|-------|\n| **a** | 1 |\n\n---\n\nUse `a < b` and `x & y`, *not* `<div>`.\n\n"
+    '````python\nif a < b:\n    print("```<b>")\n````'
+)
+
+
+def rendered(markdown: str):
+    """The document as a CommonMark renderer (HTML on, GFM tables) reads it: its tokens and its HTML."""
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark").enable("table")
+    tokens = md.parse(markdown)
+
+    def walk(ts):
+        for t in ts:
+            yield t
+            yield from walk(t.children or [])
+
+    return list(walk(tokens)), md.render(markdown)
+
+
+def test_markdown_structure_is_chatsvcs_alone(client, fake):
+    """No message text, reasoning, title or error adds a heading, closes a fold, runs HTML or swallows
+    what follows; each text still reads as written."""
+    client.post(CONV, json={"session_id": "h", "title": "Evil\n## Title <img src=x onerror=alert(0)>"})
+    say(client, fake, "h", Reply.answer([HOSTILE], reasoning=["think </details> <script>x</script>\n```\nopen"]),
+        message=HOSTILE, enable_thinking=True)  # fmt: skip
+    say(client, fake, "h", Reply.error(400, "invalid_parameter_error", "bad *x* </details>\n## Hi <b>"), message="q")
+    say(client, fake, "h", Reply.answer([NORMAL]), message="normal")
+    text = client.get(f"{CONV}/h/export?format=markdown").text
+    tokens, html = rendered(text)
+    headings = [h.split(" · ")[0] for h in re.findall(r"<h\d>(.*?)</h\d>", html)]
+    assert headings == ["Evil ## Title &lt;img src=x onerror=alert(0)&gt;",
+                        *["User", "Assistant (qwen-plus)"] * 3]  # fmt: skip
+    assert [t.tag for t in tokens if t.type == "heading_open"] == ["h1"] + ["h2"] * 6
+    assert [t.content for t in tokens if t.type == "html_inline"] == []
+    assert [t.content for t in tokens if t.type == "html_block"] == [
+        "<details><summary>Reasoning</summary>\n", "</details>\n"]  # fmt: skip
+    for payload in ("&lt;script&gt;alert(1)&lt;/script&gt;", "&lt;img src=x onerror=alert(2)&gt;",
+                    "## Assistant · 2026-01-01 00:00", "# carriage return", "## quoted", "# listed", "Setext\n===",
+                    "&lt;/details&gt;", "bad *x* &lt;/details&gt; ## Hi &lt;b&gt;"):  # fmt: skip
+        assert html.count(payload) >= 1, payload
+    assert "<b>1</b>" not in html and "<i>" not in html and "<u>" not in html
+    assert "<code>&lt;i&gt;2&lt;/i&gt;</code>" in html  # a code span reads as written
+    assert html.count("&amp;lt;script&amp;gt;") == 2  # an entity is text, as written (question and answer)
+    fences = [t.content for t in tokens if t.type == "fence"]
+    assert fences[:3] == ["never closed <b>4</b>\n", "open\n", "never closed <b>4</b>\n"]  # closed where it ends
+    # the ordinary answer reads as written: its code blocks, list, table and spans
+    assert fences[-2:] == ["pip install chatsvc\n", 'if a < b:\n    print("```<b>")\n']
+    assert "<table>" in html and "<strong>a</strong>" in html and "<hr />" in html
+    assert "<code>a &lt; b</code>" in html and "<code>x &amp; y</code>" in html and "<code>&lt;div&gt;</code>" in html
+    assert "<li>Install it:" in html or "<li>\n<p>Install it:" in html

@@ -7,9 +7,11 @@ concurrent stops, slow clients."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
+from datetime import datetime, timedelta
 from urllib.parse import quote
 
 import pytest
@@ -108,6 +110,75 @@ def test_every_body_takes_any_json(client, fake, body):
     ]:
         check(client.request(method, url, content=raw, headers={"Content-Type": "application/json"}))
     healthy(client)
+
+
+times = st.one_of(
+    any_text,
+    st.from_regex(r"\d{4}-\d\d-\d\d[Tt ]\d\d:\d\d:\d\d(\.\d{0,10})?([Zz]|[+-]\d\d:?\d\d)?", fullmatch=True),
+    st.datetimes(timezones=st.timezones()).map(lambda t: t.isoformat()),
+)
+
+
+@HYPOTHESIS
+@given(created_at=times, parent=st.sampled_from(["q", "a"]))
+def test_an_imported_file_takes_any_time_and_parent_and_stores_only_what_chatsvc_makes(
+    client, service, created_at, parent
+):
+    """A message's time is an RFC 3339 date-time, stored as chatsvc writes its own (UTC, milliseconds),
+    or a 422 naming it; an answer follows a user message, or the file is a 422 naming that."""
+    messages = [
+        {"id": "q", "role": "user", "content": "hi", "status": "complete", "created_at": "2026-01-01T00:00:00Z"},
+        {"id": "a", "parent_id": "q", "role": "assistant", "content": "yes", "status": "complete",
+         "created_at": "2026-01-01T00:00:01Z"},
+        {"id": "b", "parent_id": parent, "role": "assistant", "content": "an answer", "status": "complete",
+         "created_at": created_at},
+    ]  # fmt: skip
+    doc = {"format": "chatsvc.conversation", "version": 1, "conversation": {}, "messages": messages}
+    r = client.post(f"{API}/context/conversations/import", json=doc)
+    check(r)
+    if parent == "a":
+        assert r.status_code == 422 and r.json()["detail"].startswith("messages[2].parent_id: an answer must follow")
+    elif r.status_code == 422:
+        assert r.json()["detail"].startswith("messages[2].created_at: must be an RFC 3339 date-time"), r.text
+    else:
+        assert r.status_code == 201, r.text
+        stored = service.rows("SELECT created_at FROM messages WHERE content = 'an answer'")[-1]["created_at"]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stored), stored
+        leap = created_at[17:19] == "60"  # 23:59:60 is stored as the next second
+        written = created_at[:17] + "59" + created_at[19:] if leap else created_at
+        moment = datetime.fromisoformat(written.upper().replace("Z", "+00:00")) + timedelta(seconds=leap)
+        assert abs(datetime.fromisoformat(stored.replace("Z", "+00:00")) - moment) < timedelta(milliseconds=1)
+
+
+markdown_text = st.lists(
+    st.sampled_from(["#", "## x", "\n", "\n", "\r", "\r\n", " ", "   ", "    ", "\t", ">", "- ", "1. ", "* ", "+ ",
+                     "`", "``", "```", "~~~", "````", "\\", "<", "</details>", "<script>", "<b>", "&", "&lt;", "===",
+                     "---", "-", "=", "|", "a", "x y", "<!--", "<?", "<![CDATA[", "<http://a>", "<a@b.c>", "py"]),
+    max_size=40,
+).map("".join)  # fmt: skip
+
+
+@settings(max_examples=1000, derandomize=True, database=None, deadline=None)
+@given(text=markdown_text, title=markdown_text)
+def test_no_text_adds_markdown_structure(text, title):
+    """Whatever a message, its reasoning, a title, a model name or an error holds, the exported
+    document's headings and folds are chatsvc's, no HTML of theirs runs, and no fence stays open."""
+    from markdown_it import MarkdownIt
+
+    def walk(tokens):
+        for t in tokens:
+            yield t
+            yield from walk(t.children or [])
+
+    row = {"role": "assistant", "model": title, "created_at": title, "reasoning_content": text, "content": text,
+           "status": "failed", "error_message": title}  # fmt: skip
+    user = row | {"role": "user", "reasoning_content": None, "status": "complete"}
+    doc = chatsvc.markdown_document({"title": title, "session_id": "s"}, [user, row, user])
+    tokens = list(walk(MarkdownIt("commonmark").enable("table").parse(doc)))
+    headings = [t.tag for t in tokens if t.type == "heading_open"]
+    assert headings == ["h1", "h2", "h2", "h2"], doc
+    html = [t.content for t in tokens if t.type in ("html_block", "html_inline")]
+    assert html == (["<details><summary>Reasoning</summary>\n", "</details>\n"] if text else []), doc
 
 
 @pytest.mark.parametrize("depth", [1000, 5000, 100_000])

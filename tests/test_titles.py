@@ -4,6 +4,8 @@ receives and on the stored conversation."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from fake_dashscope import Reply
 from support import wait_for
@@ -69,6 +71,22 @@ def test_a_chinese_conversation_gets_the_chinese_title_the_model_wrote(titled, f
         ("<think>never closed", None),
         ("  \n ", None),
         ("“...”", None),
+        ("**Ocean Tales**", "Ocean Tales"),
+        ("_Ocean Tales_", "Ocean Tales"),
+        ("`clean_title` explained", "clean_title explained"),
+        ("~~Old~~ New Tales", "Old New Tales"),
+        ("Renaming my_var", "Renaming my_var"),
+        ("Why 2*3 is 6", "Why 2*3 is 6"),
+        ("Why 2 * 3 is 6", "Why 2 * 3 is 6"),
+        ("**snake_case_name** in Python", "snake_case_name in Python"),
+        ("__init__ methods", "init methods"),
+        ("Ocean\tTales\x07\x1b[31m", "Ocean Tales [31m"),
+        ("Ocean\x85Tales", "Ocean"),  # NEL ends a line
+        ("Ocean\u0090Tales\u009b", "Ocean Tales"),
+        ("\u202eslaT naecO\u202c", "slaT naecO"),
+        ("Ocean\u2066 Tales\u2069\u200e\u200f\u061c", "Ocean Tales"),
+        ("\ufeff\u200bOcean\u2060 Tales", "Ocean Tales"),
+        ("👩\u200d💻 مى\u200cخواهم", "👩\u200d💻 مى\u200cخواهم"),  # joiners stay  # noqa: RUF001
     ],
 )
 def test_titles_are_cleaned(written, title):
@@ -113,6 +131,38 @@ def test_the_title_request_never_holds_the_conversation(titled, fake):
     r = client.post(f"{API}/chat/s1", json={"message": "second"})  # while the title request runs
     assert r.status_code == 200 and r.json()["response"] == "second answer"
     wait_for(lambda: title_of(client)["title"] == "Slow Title")
+
+
+@pytest.mark.parametrize("gone", ["conversation", "answer", "purged"])
+def test_a_title_never_outlives_the_answer_it_was_made_from(titled, fake, caplog, gone):
+    """The model's title of a deleted answer is never stored: not on the conversation made again
+    under the same id (whose own title comes later), nor on the conversation that lost the answer."""
+    _, client = titled
+    late, later = threading.Event(), threading.Event()
+    fake.push(Reply.answer(["Step one: tell nobody"]), Reply.answer(["The Secret Plan"], usage=TITLE_USAGE, hold=late))
+    first = client.post(f"{API}/chat/s1", json={"message": "our secret plan"}).json()
+    wait_for_title_request(fake)  # the title request is on its way, its reply held
+    if gone == "conversation":
+        assert client.delete(f"{CONV}/s1").status_code == 204
+        fake.push(Reply.answer(["Milk, eggs"]), Reply.answer(["Shopping List"], hold=later))
+        client.post(f"{API}/chat/s1", json={"message": "shopping list"})
+        wait_for_title_request(fake, 4)
+        expected = "shopping list"
+    elif gone == "answer":
+        assert client.delete(f"{CONV}/s1/messages/{first['message_id']}").status_code == 200
+        expected = "our secret plan"  # the first-line title, of the question that stays
+    else:
+        assert client.delete(f"{CONV}/s1/context?purge=true").status_code == 200
+        expected = "our secret plan"
+    late.set()
+    logged = f"title session=s1 message={first['message_id']}"
+    line = wait_for(lambda: next((line for line in caplog.text.splitlines() if logged in line), None))
+    assert "status=gone" in line, line
+    conv = title_of(client)
+    assert conv["title"] == expected and conv["title_usage"] is None
+    if gone == "conversation":  # the new conversation's own title still comes
+        later.set()
+        wait_for(lambda: title_of(client)["title"] == "Shopping List")
 
 
 @pytest.mark.parametrize("mode, title", [("first-line", "first line only"), ("off", None)])
