@@ -1228,9 +1228,8 @@ class Store:
             f" AND session_id = :sid AND id > :after{where} ORDER BY id LIMIT :limit)"
             f" SELECT {_M_COLUMNS}, t.candidates FROM {_running_chars('page', 'id')} t JOIN messages m ON m.id = t.id"
             " WHERE t.before_chars < :chars ORDER BY m.id",
-            {"owner": owner, "sid": session_id, "limit": limit, "after": after or "", "before": before,
-             "chars": chars},
-        )  # fmt: skip
+            {"owner": owner, "sid": session_id, "limit": limit, "after": after or "", "before": before, "chars": chars},
+        )
 
     async def siblings(self, owner: str, session_id: str, parents: set[str | None]) -> dict[str | None, list[str]]:
         """The children of each of these messages (None: the conversation's first messages), oldest first."""
@@ -1437,32 +1436,35 @@ class Store:
 
         def copies(chunk: list[dict], owner: str, session_id: str) -> list[dict]:  # new ids a chunk at a time:
             new_ids.update((row["id"], new_message_id()) for row in chunk)  # 100,000 take seconds
-            return [{**row, "id": new_ids[row["id"]], "parent_id": new_ids.get(row["parent_id"]), "owner": owner,
-                     "session_id": session_id, "updated_at": now} for row in chunk]  # fmt: skip
+            scope = {"owner": owner, "session_id": session_id, "updated_at": now}
+            return [
+                {**row, **scope, "id": new_ids[row["id"]], "parent_id": new_ids.get(row["parent_id"])} for row in chunk
+            ]
 
-        def head() -> dict:  # once every message has its new id
-            return {**conversation, "start": max((new_ids[mid] for mid in outside), default=""),
-                    "leaf": new_ids.get(leaf), "now": now}  # fmt: skip
+        def head(start: str = "", leaf: str | None = None) -> dict:  # the conversation row's values
+            return {**conversation, "start": start, "leaf": leaf, "now": now}
+
+        def placed_head() -> dict:  # once every message has its new id
+            return head(max((new_ids[mid] for mid in outside), default=""), new_ids.get(leaf))
 
         chunks = list(_copy_chunks(messages)) if self.is_sqlite else [messages]
         if len(chunks) <= 1:
             rows = copies(messages, owner, session_id)
             async with self.transaction():
-                session_id = await self._create_copy(owner, session_id, head(), another)
+                session_id = await self._create_copy(owner, session_id, placed_head(), another)
                 if session_id is not None:
                     await self.insert_messages([{**row, "session_id": session_id} for row in rows])
             return session_id
         staged = {"staged": STAGED_OWNER, "staged_sid": str(uuid.uuid4())}
         placed = False
         try:
-            await self._create_copy(STAGED_OWNER, staged["staged_sid"], {**conversation, "start": "", "leaf": None,
-                                                                         "now": now})  # fmt: skip
+            await self._create_copy(STAGED_OWNER, staged["staged_sid"], head())
             for chunk in chunks:
                 rows = copies(chunk, STAGED_OWNER, staged["staged_sid"])
                 async with self.transaction():
                     await self.insert_messages(rows)
             async with self.transaction():
-                session_id = await self._create_copy(owner, session_id, head(), another)
+                session_id = await self._create_copy(owner, session_id, placed_head(), another)
                 if session_id is None:
                     return None
                 await self._run(
@@ -3586,13 +3588,18 @@ async def export_conversation(request: Request) -> Response:
         )  # fmt: skip
     messages = await st.store.tree(*key, 2**31 - 1)
 
+    conversation = ("session_id", "title", "system_prompt", "model", "created_at", "updated_at", "current_message_id")
+
     def document() -> bytes:  # at the import limit it takes a second: in a worker thread, off the event loop
-        return json_bytes({
-            "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported_at": utcnow(),
-            "conversation": {name: row[name] for name in ("session_id", "title", "system_prompt", "model",
-                                                          "created_at", "updated_at", "current_message_id")},
-            "messages": [exported_message(m, row["context_start"]) for m in messages],
-        })  # fmt: skip
+        return json_bytes(
+            {
+                "format": EXPORT_FORMAT,
+                "version": EXPORT_VERSION,
+                "exported_at": utcnow(),
+                "conversation": {name: row[name] for name in conversation},
+                "messages": [exported_message(m, row["context_start"]) for m in messages],
+            }
+        )
 
     return Response(await anyio.to_thread.run_sync(document), media_type="application/json")
 
