@@ -30,7 +30,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from enum import Enum
@@ -3470,9 +3470,10 @@ async def get_conversation(request: Request) -> Response:
     key = conversation_key(request)
     limit = query_int(request, "limit", 50, 1, 500)
     row = await conversation_or_404(request, key)
-    messages = await st.store.branch(*key, limit)
+    messages = await st.store.branch(*key, limit, chars=MESSAGE_PAGE_BYTES)
     body = present_conversation(st.settings, row)
-    body["messages"] = await present_messages(request, key, messages[::-1], row["context_start"])
+    presented = await present_messages(request, key, messages, row["context_start"])
+    body["messages"] = presented[: len(page_parts(presented))][::-1]  # as a page of .../messages ends
     return JSONResponse(body)
 
 
@@ -3495,6 +3496,20 @@ def json_bytes(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
+def page_parts(messages: Iterable[dict]) -> list[bytes]:
+    """The JSON of each message, in the page's order (the newest first on a branch), until they reach
+    MESSAGE_PAGE_BYTES; at least one."""
+    parts: list[bytes] = []
+    size = 0
+    for message in messages:
+        part = json_bytes(message)
+        if parts and size + len(part) > MESSAGE_PAGE_BYTES:
+            break
+        parts.append(part)
+        size += len(part)
+    return parts
+
+
 async def list_messages(request: Request) -> Response:
     """The current branch, newest page first (`before`, or the `cursor` of the last page), or with
     `tree=true` every message, oldest first (after `cursor`, and older than `before` if given), without
@@ -3513,14 +3528,7 @@ async def list_messages(request: Request) -> Response:
     else:
         rows = await st.store.branch(*key, limit + 1, before or cursor, chars=MESSAGE_PAGE_BYTES)
         siblings = await st.store.siblings(*key, {r["parent_id"] for r in rows[:limit]})
-    parts: list[bytes] = []
-    size = 0
-    for message in rows[:limit]:  # in the page's order: the newest first on a branch
-        part = json_bytes(present_message(message, row["context_start"], siblings))
-        if parts and size + len(part) > MESSAGE_PAGE_BYTES:
-            break
-        parts.append(part)
-        size += len(part)
+    parts = page_parts(present_message(message, row["context_start"], siblings) for message in rows[:limit])
     more = bool(rows) and len(parts) < rows[0]["candidates"]
     next_cursor = json_bytes(rows[len(parts) - 1]["id"] if more else None)
     body = b'{"messages":[' + b",".join(parts if tree else parts[::-1]) + b'],"next_cursor":' + next_cursor + b"}"

@@ -280,7 +280,8 @@ def test_a_tree_page_with_many_siblings_stays_under_the_byte_bound(users, monkey
 
 def test_a_branch_page_stays_under_the_byte_bound(users, monkeypatch):
     """The current branch's pages, newest first, stop at the byte bound as well, and together list the
-    branch once. (main: 500 messages a page, whatever their size.)"""
+    branch once; so do a conversation's newest messages. (main: 500 messages a page, whatever their
+    size.)"""
     _, client = users
     monkeypatch.setattr(chatsvc, "MESSAGE_PAGE_BYTES", 20_000)
     file = chain(120, "y" * 1_000)
@@ -292,3 +293,7 @@ def test_a_branch_page_stays_under_the_byte_bound(users, monkeypatch):
     ids = [m["id"] for _, page in reversed(listed) for m in page]
     assert len(ids) == len(set(ids)) == 120
     assert [m["parent_id"] for _, page in reversed(listed) for m in page] == [None, *ids[:-1]]
+    # the conversation's own newest messages stop there too; .../messages?before= goes on from them
+    conversation = client.get(f"{CONV}/b", params={"limit": 500}, headers=ME).json()
+    assert [m["id"] for m in conversation["messages"]] == [m["id"] for m in listed[0][1]]
+    assert conversation["message_count"] == 120
