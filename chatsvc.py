@@ -1447,13 +1447,26 @@ class Store:
         def placed_head() -> dict:  # once every message has its new id
             return head(max((new_ids[mid] for mid in outside), default=""), new_ids.get(leaf))
 
-        chunks = list(_copy_chunks(messages)) if self.is_sqlite else [messages]
-        if len(chunks) <= 1:
+        chunks = list(_copy_chunks(messages))
+        if len(chunks) == 1:
             rows = copies(messages, owner, session_id)
             async with self.transaction():
                 session_id = await self._create_copy(owner, session_id, placed_head(), another)
                 if session_id is not None:
                     await self.insert_messages([{**row, "session_id": session_id} for row in rows])
+            return session_id
+        if not self.is_sqlite or not chunks:  # one transaction, its ids made a chunk at a time all the same
+            async with self.transaction():
+                session_id = await self._create_copy(owner, session_id, head(), another)
+                if session_id is None:
+                    return None
+                for chunk in chunks:
+                    await self.insert_messages(copies(chunk, owner, session_id))
+                await self._run(
+                    "UPDATE conversations SET context_start = :start, current_message_id = :leaf"
+                    " WHERE owner = :owner AND session_id = :sid",
+                    {**placed_head(), "owner": owner, "sid": session_id},
+                )
             return session_id
         staged = {"staged": STAGED_OWNER, "staged_sid": str(uuid.uuid4())}
         placed = False
@@ -1528,8 +1541,26 @@ class Store:
             log.warning("a staged copy (%s) is left for the next start to delete: %s", session_id or "all", exc.detail)
 
     async def insert_messages(self, rows: list[dict]) -> None:
-        """Write these messages as they are (parents before children), 100 rows a statement."""
+        """Write these messages as they are (parents before children), 100 rows a statement (PostgreSQL:
+        asyncpg's executemany, COPY_CHUNK_MESSAGES rows a round trip: building and compiling a statement
+        of 1,800 parameters each 100 rows kept the event loop busy, seconds at the import limit)."""
         names = (*_MESSAGE_COLUMN_NAMES, "owner", "session_id", "updated_at")
+        if not self._raw:
+            numbered = ", ".join(f"${n + 1}" for n in range(len(names)))
+            sql = f"INSERT INTO messages ({', '.join(names)}) VALUES ({numbered})"
+            started = time.perf_counter()
+            try:
+                async with self.db.connection() as conn:  # this task's: its transaction's, if it is in one
+                    for start in range(0, len(rows), COPY_CHUNK_MESSAGES):
+                        batch = [
+                            tuple(row[name] for name in names) for row in rows[start : start + COPY_CHUNK_MESSAGES]
+                        ]
+                        await conn.raw_connection.executemany(sql, batch)
+            except Exception as exc:
+                self._failed(exc, WRITE)
+            finally:
+                self._statement_seconds[WRITE].observe(time.perf_counter() - started)
+            return
         for start in range(0, len(rows), 100):
             values: dict[str, Any] = {}
             tuples = []
