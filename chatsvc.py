@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from enum import Enum
@@ -258,11 +258,18 @@ class AnswerInterrupted(Refusal):
     code = "interrupted"
 
 
+class SearchTooCostly(Refusal):
+    """A search ran past its budget (SEARCH_SECONDS) and was stopped."""
+
+    code = "search_too_costly"
+
+
 # The HTTP status of each domain code; an UpstreamError carries its own (see upstream_error).
 HTTP_STATUS = {
     "not_found": 404,
     "conversation_busy": 409,
     "context_too_long": 422,
+    "search_too_costly": 422,
     "storage_unavailable": 503,
     "storage_failed": 503,
     "interrupted": 503,
@@ -336,6 +343,13 @@ def client_disconnected() -> ApiError:
 
 def unauthorized(detail: str, headers: dict[str, str] | None = None) -> ApiError:
     return ApiError(401, "unauthorized", detail, headers=headers)
+
+
+def search_too_costly() -> SearchTooCostly:
+    return SearchTooCostly(
+        f"This search took more than {SEARCH_SECONDS:g} s and was stopped: search for a longer or more particular"
+        " text (a text that repeats a few letters is costly to look for in long messages)."
+    )
 
 
 def conversation_exists(session_id: str) -> ApiError:
@@ -412,7 +426,7 @@ class Metrics:
                          " (for a stream: to its first byte)", ["route", "method"], buckets=LATENCY_BUCKETS,
                          registry=r)  # fmt: skip
         self.statements = h("chatsvc_db_statement_seconds", "Database statements, by connection role (read, write,"
-                            " background)", ["role"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+                            " background, search)", ["role"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.storage_faults = c("chatsvc_storage_faults", "Database failures, by kind (deadlock, locked, disk_full,"
                                 " timeout, other)", ["kind"], registry=r)  # fmt: skip
         self.bus = c("chatsvc_bus_notifications", "PostgreSQL notifications between replicas, by event (sent,"
@@ -600,6 +614,15 @@ def like_pattern(text: str) -> str:
 
 
 SEARCH_MIN_INDEXED = 3  # SQLite's trigram index finds substrings of 3 characters or more
+SEARCH_SECONDS = 2.0  # a search runs at most this long (then 422 search_too_costly); bench/holds.py
+MESSAGE_PAGE_BYTES = 1_048_576  # GET .../messages: a page's messages stop at this size (at least one)
+
+# SQLite has one writer: an import or a fork larger than this is written this much a transaction
+# (other writes get in between), under an owner no request can have (the user header refuses control
+# characters), then moved into place in one more transaction (Store._copy). bench/holds.py.
+COPY_CHUNK_MESSAGES = 1000
+COPY_CHUNK_CHARS = 1_000_000
+STAGED_OWNER = "\x01staged"
 
 _MESSAGE_COLUMN_NAMES = (
     "id", "parent_id", "role", "content", "reasoning_content", "status", "model", "finish_reason", "error_code",
@@ -609,6 +632,18 @@ _MESSAGE_COLUMNS = ", ".join(_MESSAGE_COLUMN_NAMES)
 _INTEGER_COLUMNS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "last_seq"})
 INSERT_ROWS = 5000  # PostgreSQL: the messages an import or a fork writes a statement
 _M_COLUMNS = ", ".join("m." + name for name in _MESSAGE_COLUMN_NAMES)
+# A message's text in characters (a page's read stops at a size: see MESSAGE_PAGE_BYTES)
+_TEXT_CHARS = "length(content) + COALESCE(length(reasoning_content), 0)"
+_M_TEXT_CHARS = "length(m.content) + COALESCE(length(m.reasoning_content), 0)"
+
+
+def _running_chars(rows: str, order: str) -> str:
+    """`rows` (id, chars) with the characters before each in `order` (before_chars) and their count."""
+    return (
+        f"(SELECT id, {order} AS place, SUM(chars) OVER (ORDER BY {order} ROWS UNBOUNDED PRECEDING) - chars"
+        f" AS before_chars, COUNT(*) OVER () AS candidates FROM {rows})"
+    )
+
 
 # The leaf a branch switch lands on: from message :mid (the newest root when :mid is NULL) down,
 # taking the newest child at each step. Ids grow along every path, whatever the writers' clocks
@@ -656,7 +691,7 @@ HEARTBEAT_SQL = (
 INTERRUPTED_SEQ = 2**31 - 1
 INTERRUPTED_DETAIL = "The service stopped before this answer was finished."
 
-READ, WRITE, BACKGROUND = "read", "write", "background"  # SQLite: which of the store's connections
+READ, WRITE, BACKGROUND, SEARCH = "read", "write", "background", "search"  # SQLite: which of the store's connections
 
 
 class _Rollback(Exception):
@@ -766,7 +801,9 @@ class Store:
     def __init__(self, url: str, exclusive: bool = False, metrics: Metrics | None = None):
         self.url = url
         self.metrics = metrics or Metrics()
-        self._statement_seconds = {role: self.metrics.statements.labels(role) for role in (READ, WRITE, BACKGROUND)}
+        self._statement_seconds = {
+            role: self.metrics.statements.labels(role) for role in (READ, WRITE, BACKGROUND, SEARCH)
+        }
         self.is_sqlite = url.startswith("sqlite")
         self.dialect = "sqlite" if self.is_sqlite else "postgresql"
         self.exclusive = exclusive  # SQLite: this process serves the file (see hold_sqlite_file)
@@ -779,6 +816,7 @@ class Store:
         self._raw: dict[str, Any] = {}  # SQLite: READ / WRITE / BACKGROUND -> aiosqlite handle
         self._release: Callable[[], None] | None = None
         self._write_lock = asyncio.Lock()  # SQLite: a transaction holds the write connection
+        self._search_lock = asyncio.Lock()  # SQLite: one search at a time on the search connection
         self.fault: str | None = None
 
     @property
@@ -796,6 +834,8 @@ class Store:
             if self.is_sqlite:
                 await self._open_sqlite()
             await self._apply_schema(upgrade)
+            if upgrade and self.exclusive and self.is_sqlite:  # no other process writes this file
+                await self.drop_staged()
         except BaseException:
             await self.close()
             raise
@@ -804,16 +844,17 @@ class Store:
         # Long-lived connections: `databases` otherwise opens a connection (and a thread) per task,
         # ~7 ms per chat instead of ~0.4 ms. Statements go to their aiosqlite handles directly: one
         # hop to the thread and no SQLAlchemy compile, about 4x cheaper a statement than `databases`'
-        # query path (bench/store.py). Three of them, so that reads never wait behind a write that
-        # waits for another process's lock (WAL lets them read meanwhile), and request writes never
-        # wait behind the background checkpoints. In memory there is one database per connection.
-        roles = (READ, WRITE, BACKGROUND) if self.sqlite_path else (READ,)
+        # query path (bench/store.py). Four of them, so that reads never wait behind a write that
+        # waits for another process's lock (WAL lets them read meanwhile), request writes never wait
+        # behind the background checkpoints, and reads never wait behind a costly search (bench/holds.py).
+        # In memory there is one database per connection.
+        roles = (READ, WRITE, BACKGROUND, SEARCH) if self.sqlite_path else (READ,)
         for role in roles:
             conn = await asyncio.create_task(self._acquire())  # a task of its own: `databases` keys connections by task
             self._conns.append(conn)
             self._raw[role] = conn.raw_connection
             self._raw[role].row_factory = sqlite3.Row
-        for role in (WRITE, BACKGROUND):
+        for role in (WRITE, BACKGROUND, SEARCH):
             self._raw.setdefault(role, self._raw[READ])
 
     async def _acquire(self) -> Any:
@@ -1118,12 +1159,57 @@ class Store:
             where += _PAGE_AFTER
             values.update(u=after[0], s=after[1])
         # MATERIALIZED: found once, not once a conversation (SQLite would run the MATCH per row)
-        return await self._all(
+        return await self._search(
             f"WITH hits AS MATERIALIZED ({hits}) SELECT {_CONVERSATION_COLUMNS}, h.match_id, ({title}) AS title_match"
             " FROM conversations c LEFT JOIN hits h ON h.session_id = c.session_id"
             f" WHERE c.owner = :owner{where}{_NEWEST_FIRST}",
             values,
         )
+
+    async def _search(self, sql: str, values: dict[str, Any]) -> list[dict]:
+        """A search's statement, stopped once it has run SEARCH_SECONDS (SearchTooCostly). SQLite: on a
+        connection of its own (reads never wait behind it), one search at a time, each waiting at most
+        SEARCH_SECONDS for its turn (then StorageUnavailable); PostgreSQL: `statement_timeout`."""
+        if not self._raw:
+            try:
+                async with self.db.connection(), self.db.transaction():
+                    await self._run(f"SET LOCAL statement_timeout = {round(SEARCH_SECONDS * 1000)}", role=READ)
+                    return await self._all(sql, values)
+            except StorageUnavailable as exc:
+                if type(exc.__cause__).__name__ == "QueryCanceledError":
+                    raise search_too_costly() from None
+                raise
+        try:
+            await asyncio.wait_for(self._search_lock.acquire(), SEARCH_SECONDS)
+        except asyncio.TimeoutError:
+            raise StorageUnavailable(
+                f"Other searches kept the search busy for {SEARCH_SECONDS:g} s; try again in a moment."
+            ) from None
+        try:
+            started = time.perf_counter()
+            query = asyncio.ensure_future(self._sqlite(sql, values, SEARCH))  # not _all: a cut is not a fault
+            try:
+                done, _ = await asyncio.wait({query}, timeout=SEARCH_SECONDS)
+            except BaseException:  # cancelled: the statement must not outlive its turn either
+                await self._stop_search(query)
+                raise
+            finally:
+                self._statement_seconds[SEARCH].observe(time.perf_counter() - started)
+            if not done:
+                await self._stop_search(query)
+                raise search_too_costly()
+            if query.exception() is not None:
+                self._failed(query.exception(), READ)  # a read: it sets no write fault
+            return query.result()
+        finally:
+            self._search_lock.release()
+
+    async def _stop_search(self, query: asyncio.Future) -> None:
+        """SQLite: the search statement's thread runs on: stop it (it fails 'interrupted') and wait for it."""
+        await self._raw[SEARCH].interrupt()
+        await asyncio.wait({query})
+        if not query.cancelled():
+            query.exception()  # retrieved: the budget's doing, not a fault to report
 
     async def texts(self, message_ids: list[str]) -> dict[str, str]:
         found: dict[str, str] = {}
@@ -1215,31 +1301,45 @@ class Store:
 
     # messages
 
-    async def branch(self, owner: str, session_id: str, limit: int, before: str | None = None) -> list[dict]:
+    async def branch(
+        self, owner: str, session_id: str, limit: int, before: str | None = None, chars: int = 2**62
+    ) -> list[dict]:
         """The current branch's newest `limit` messages, newest first: from the current leaf up, or
-        from the parent of message `before` (a page further up)."""
+        from the parent of message `before` (a page further up); only those with fewer than `chars`
+        characters of text (content and reasoning) before them in that order. Each row's `candidates`:
+        how many of the `limit` there were before that cut."""
         scope = "owner = :owner AND session_id = :sid"
         if before is None:
             anchor = f"(SELECT current_message_id FROM conversations WHERE {scope})"
         else:
             anchor = f"(SELECT parent_id FROM messages WHERE id = :before AND {scope})"
         return await self._all(
-            f"WITH RECURSIVE path AS (SELECT {_MESSAGE_COLUMNS}, 1 AS depth FROM messages WHERE id = {anchor}"
-            f" AND {scope} UNION ALL SELECT {_M_COLUMNS}, p.depth + 1 FROM path p JOIN messages m"
-            f" ON m.id = p.parent_id WHERE p.depth < :limit) SELECT {_MESSAGE_COLUMNS} FROM path ORDER BY depth",
-            {"owner": owner, "sid": session_id, "limit": limit, "before": before},
+            f"WITH RECURSIVE path (id, parent_id, chars, depth) AS (SELECT id, parent_id, {_TEXT_CHARS}, 1"
+            f" FROM messages WHERE id = {anchor} AND {scope} UNION ALL SELECT m.id, m.parent_id,"
+            f" {_M_TEXT_CHARS}, p.depth + 1 FROM path p JOIN messages m ON m.id = p.parent_id WHERE p.depth < :limit)"
+            f" SELECT {_M_COLUMNS}, t.candidates FROM {_running_chars('path', 'depth')} t"
+            " JOIN messages m ON m.id = t.id WHERE t.before_chars < :chars ORDER BY t.place",
+            {"owner": owner, "sid": session_id, "limit": limit, "before": before, "chars": chars},
         )
 
     async def tree(
-        self, owner: str, session_id: str, limit: int, after: str | None = None, before: str | None = None
+        self,
+        owner: str,
+        session_id: str,
+        limit: int,
+        after: str | None = None,
+        before: str | None = None,
+        chars: int = 2**62,
     ) -> list[dict]:
         """Every message of the conversation, oldest first (after message id `after`, and before
-        `before`, if given)."""
+        `before`, if given), at most `limit`, cut as `branch` cuts them (`chars`, `candidates`)."""
         where = " AND id < :before" if before is not None else ""
         return await self._all(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE owner = :owner AND session_id = :sid AND id > :after"
-            f"{where} ORDER BY id LIMIT :limit",
-            {"owner": owner, "sid": session_id, "limit": limit, "after": after or "", "before": before},
+            f"WITH page AS (SELECT id, {_TEXT_CHARS} AS chars FROM messages WHERE owner = :owner"
+            f" AND session_id = :sid AND id > :after{where} ORDER BY id LIMIT :limit)"
+            f" SELECT {_M_COLUMNS}, t.candidates FROM {_running_chars('page', 'id')} t JOIN messages m ON m.id = t.id"
+            " WHERE t.before_chars < :chars ORDER BY m.id",
+            {"owner": owner, "sid": session_id, "limit": limit, "after": after or "", "before": before, "chars": chars},
         )
 
     async def siblings(self, owner: str, session_id: str, parents: set[str | None]) -> dict[str | None, list[str]]:
@@ -1379,44 +1479,54 @@ class Store:
         same texts, usage, statuses and times; what was out of the context stays out). False if
         `new_session_id` exists."""
         scope = {"owner": owner, "sid": session_id}
-        async with self.transaction():
-            source = await self._one(
-                "SELECT title, system_prompt, model, context_start FROM conversations"
-                " WHERE owner = :owner AND session_id = :sid",
-                scope,
+        source = await self._one(
+            "SELECT title, system_prompt, model, context_start FROM conversations"
+            " WHERE owner = :owner AND session_id = :sid",
+            scope,
+        )
+        path = await self._path(owner, session_id, message_id) if source is not None else []
+        if source is None or not path:
+            raise message_not_found(session_id, message_id)
+        if path[-1]["status"] == STREAMING:
+            raise ConversationBusy(
+                f"Answer '{message_id}' is still being written: fork it once it has ended (or stop it)."
             )
-            path = await self._all(
+        outside = {row["id"] for row in path if row["id"] <= source["context_start"]}
+        conversation = {"title": title if title is not None else source["title"], "title_source": None,
+                        "system_prompt": source["system_prompt"], "model": source["model"]}  # fmt: skip
+        return await self._copy(owner, new_session_id, conversation, path, outside, message_id) is not None
+
+    async def _path(self, owner: str, session_id: str, message_id: str) -> list[dict]:
+        """The messages from the root down to this one (none if it is not in the conversation), read
+        COPY_CHUNK_MESSAGES a statement from the message up, so that no read holds a connection long. A
+        message of it deleted meanwhile (its whole subtree goes with it) leaves none."""
+        path: list[dict] = []
+        mid: str | None = message_id
+        while mid is not None:
+            rows = await self._all(
                 "WITH RECURSIVE path AS (SELECT *, 1 AS depth FROM messages"
                 " WHERE id = :mid AND owner = :owner AND session_id = :sid"
-                " UNION ALL SELECT m.*, p.depth + 1 FROM path p JOIN messages m ON m.id = p.parent_id)"
-                " SELECT * FROM path ORDER BY depth DESC",
-                {**scope, "mid": message_id},
+                " UNION ALL SELECT m.*, p.depth + 1 FROM path p JOIN messages m ON m.id = p.parent_id"
+                " WHERE p.depth < :n) SELECT * FROM path ORDER BY depth",
+                {"owner": owner, "sid": session_id, "mid": mid, "n": COPY_CHUNK_MESSAGES},
             )
-            if source is None or not path:
-                raise message_not_found(session_id, message_id)
-            if path[-1]["status"] == STREAMING:
-                raise ConversationBusy(
-                    f"Answer '{message_id}' is still being written: fork it once it has ended (or stop it)."
-                )
-            outside = {row["id"] for row in path if row["id"] <= source["context_start"]}
-            conversation = {"title": title if title is not None else source["title"], "title_source": None,
-                            "system_prompt": source["system_prompt"], "model": source["model"]}  # fmt: skip
-            return await self._copy(owner, new_session_id, conversation, path, outside, message_id) is not None
+            if not rows:
+                return []
+            path += rows
+            mid = rows[-1]["parent_id"]
+        return path[::-1]
 
-    async def import_conversation(self, owner: str, session_id: str, file: ImportedConversation) -> bool:
-        """A new conversation holding the file's messages, with new ids and the same tree; False if
-        `session_id` is taken. All or nothing."""
+    async def import_conversation(
+        self, owner: str, session_id: str, file: ImportedConversation, another: bool = False
+    ) -> str | None:
+        """A new conversation holding the file's messages, with new ids and the same tree, under
+        `session_id` (a new id if that is taken and `another`); its id, or None if it is taken. All or
+        nothing."""
         conversation = {"title": file.title, "title_source": "client" if file.title is not None else None,
                         "system_prompt": file.system_prompt, "model": file.model}  # fmt: skip
         outside = {row["id"] for row in file.messages if not row["in_context"]}
         current = file.current_message_id or (file.messages[-1]["id"] if file.messages else None)
-        async with self.transaction():
-            new_ids = await self._copy(owner, session_id, conversation, file.messages, outside, current)
-            if new_ids is None:
-                return False
-            if current is not None:  # down to its newest leaf
-                await self.switch_branch(owner, session_id, new_ids[current])
-        return True
+        return await self._copy(owner, session_id, conversation, file.messages, outside, current, another)
 
     async def _copy(
         self,
@@ -1426,34 +1536,133 @@ class Store:
         messages: list[dict],
         outside: set[str],
         current: str | None,
-    ) -> dict[str, str] | None:
-        """Inside a transaction: a new conversation (`conversation`'s title, title_source, system_prompt
-        and model) holding copies of `messages` (parents first) under new ids, the same tree; those in
-        `outside` stay out of the context, `current` is the current leaf. Returns the new id of each
-        message, or None if `session_id` is taken."""
-        new_ids = {row["id"]: new_message_id() for row in messages}
-        start = max((new_ids[mid] for mid in outside), default="")  # new ids grow in the messages' order
+        another: bool = False,
+    ) -> str | None:
+        """A new conversation (`conversation`'s title, title_source, system_prompt and model) holding
+        copies of `messages` (parents first) under new ids, the same tree; those in `outside` stay out of
+        the context, and the current leaf is `current`'s newest leaf. Returns its session id: `session_id`,
+        or if that is taken and `another` a new one; None if it is taken. All or nothing.
+
+        SQLite has one writer: more than COPY_CHUNK_MESSAGES messages (or COPY_CHUNK_CHARS characters)
+        are written in transactions of at most that many, under a hidden owner no request reads
+        (STAGED_OWNER), then moved into place in one more, so that other writes get in between. What a
+        failure leaves is deleted then; what a crash leaves, at the next start (`drop_staged`)."""
+        newest_child = {row["parent_id"]: row["id"] for row in messages}  # new ids grow in the file's order
+        leaf = current
+        while leaf in newest_child:
+            leaf = newest_child[leaf]
+        new_ids: dict[str, str] = {}
         now = utcnow()
-        created = await self._one(
-            "INSERT INTO conversations (owner, session_id, title, title_source, system_prompt, model,"
-            " context_start, current_message_id, created_at, updated_at)"
-            " VALUES (:owner, :sid, :title, :title_source, :system_prompt, :model, :start, :leaf, :now, :now)"
-            " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
-            {**conversation, "owner": owner, "sid": session_id, "start": start, "leaf": new_ids.get(current),
-             "now": now},
-            role=WRITE,
-        )  # fmt: skip
-        if created is None:
-            return None
-        await self.insert_messages([
-            {**row, "id": new_ids[row["id"]], "parent_id": new_ids.get(row["parent_id"]), "owner": owner,
-             "session_id": session_id, "updated_at": now}
-            for row in messages
-        ])  # fmt: skip
-        return new_ids
+
+        def copies(chunk: list[dict], owner: str, session_id: str) -> list[dict]:  # new ids a chunk at a time:
+            new_ids.update((row["id"], new_message_id()) for row in chunk)  # 100,000 take seconds
+            scope = {"owner": owner, "session_id": session_id, "updated_at": now}
+            return [
+                {**row, **scope, "id": new_ids[row["id"]], "parent_id": new_ids.get(row["parent_id"])} for row in chunk
+            ]
+
+        def head(start: str = "", leaf: str | None = None) -> dict:  # the conversation row's values
+            return {**conversation, "start": start, "leaf": leaf, "now": now}
+
+        def placed_head() -> dict:  # once every message has its new id
+            return head(max((new_ids[mid] for mid in outside), default=""), new_ids.get(leaf))
+
+        chunks = list(_copy_chunks(messages))
+        if len(chunks) == 1:
+            rows = copies(messages, owner, session_id)
+            async with self.transaction():
+                session_id = await self._create_copy(owner, session_id, placed_head(), another)
+                if session_id is not None:
+                    await self.insert_messages([{**row, "session_id": session_id} for row in rows])
+            return session_id
+        if not self.is_sqlite or not chunks:  # one transaction, its ids made a chunk at a time all the same
+            async with self.transaction():
+                session_id = await self._create_copy(owner, session_id, head(), another)
+                if session_id is None:
+                    return None
+                for chunk in chunks:
+                    await self.insert_messages(copies(chunk, owner, session_id))
+                await self._run(
+                    "UPDATE conversations SET context_start = :start, current_message_id = :leaf"
+                    " WHERE owner = :owner AND session_id = :sid",
+                    {**placed_head(), "owner": owner, "sid": session_id},
+                )
+            return session_id
+        staged = {"staged": STAGED_OWNER, "staged_sid": str(uuid.uuid4())}
+        placed = False
+        try:
+            await self._create_copy(STAGED_OWNER, staged["staged_sid"], head())
+            for chunk in chunks:
+                rows = copies(chunk, STAGED_OWNER, staged["staged_sid"])
+                async with self.transaction():
+                    await self.insert_messages(rows)
+            async with self.transaction():
+                session_id = await self._create_copy(owner, session_id, placed_head(), another)
+                if session_id is None:
+                    return None
+                await self._run(
+                    "UPDATE messages SET owner = :owner, session_id = :sid"
+                    " WHERE owner = :staged AND session_id = :staged_sid",
+                    {**staged, "owner": owner, "sid": session_id},
+                )
+                moved = await self._one("SELECT changes() AS n", role=WRITE)
+                if not moved or moved["n"] != len(messages):  # only another store on the file could have dropped them
+                    raise StorageUnavailable(
+                        f"The import was changed while it was written ({moved and moved['n']} of {len(messages)}"
+                        " messages left); try again."
+                    )
+                await self._run("DELETE FROM conversations WHERE owner = :staged AND session_id = :staged_sid", staged)
+            placed = True
+            return session_id
+        finally:
+            if not placed:
+                await self.drop_staged(staged["staged_sid"])
+
+    async def _create_copy(self, owner: str, session_id: str, head: dict, another: bool = False) -> str | None:
+        """The conversation row of a copy (`_copy`): its session id, None if that is taken (unless `another`)."""
+        while True:
+            created = await self._one(
+                "INSERT INTO conversations (owner, session_id, title, title_source, system_prompt, model,"
+                " context_start, current_message_id, created_at, updated_at)"
+                " VALUES (:owner, :sid, :title, :title_source, :system_prompt, :model, :start, :leaf, :now, :now)"
+                " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
+                {**head, "owner": owner, "sid": session_id},
+                role=WRITE,
+            )
+            if created is not None:
+                return session_id
+            if not another:
+                return None
+            session_id = str(uuid.uuid4())
+
+    async def drop_staged(self, session_id: str | None = None) -> None:
+        """SQLite: delete a copy staged by `_copy` that was not moved into place (None: every one, what
+        a crash left), COPY_CHUNK_MESSAGES messages a statement, children first. A failure is logged:
+        the next start deletes what is left."""
+        try:
+            if session_id is None:
+                staged = await self._all(
+                    "SELECT session_id FROM conversations WHERE owner = :staged", {"staged": STAGED_OWNER}, role=WRITE
+                )
+                for row in staged:
+                    await self.drop_staged(row["session_id"])
+                return
+            values = {"staged": STAGED_OWNER, "sid": session_id, "n": COPY_CHUNK_MESSAGES}
+            while await self._one(
+                "SELECT 1 AS one FROM messages WHERE owner = :staged AND session_id = :sid LIMIT 1", values, role=WRITE
+            ):
+                await self._run(
+                    "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
+                    " WHERE owner = :staged AND session_id = :sid ORDER BY id DESC LIMIT :n)",
+                    values,
+                )
+            await self._run("DELETE FROM conversations WHERE owner = :staged AND session_id = :sid", values)
+        except Refusal as exc:
+            log.warning("a staged copy (%s) is left for the next start to delete: %s", session_id or "all", exc.detail)
 
     async def insert_messages(self, rows: list[dict]) -> None:
-        """Write these messages as they are (parents before children), 100 rows a statement."""
+        """Write these messages as they are (parents before children), 100 rows a statement (PostgreSQL:
+        one array per column, INSERT_ROWS rows a statement, see _insert_columns)."""
         names = (*_MESSAGE_COLUMN_NAMES, "owner", "session_id", "updated_at")
         if not self.is_sqlite:
             await self._insert_columns(names, rows)
@@ -1542,6 +1751,22 @@ def row_usage(row: dict) -> dict | None:
     if row["total_tokens"] is None and row["prompt_tokens"] is None:
         return None
     return {k: row[k] for k in USAGE_FIELDS}
+
+
+def _copy_chunks(rows: list[dict]) -> Iterator[list[dict]]:
+    """`rows` in order, at most COPY_CHUNK_MESSAGES messages and COPY_CHUNK_CHARS characters of text a
+    chunk (a single longer message is a chunk of its own)."""
+    chunk: list[dict] = []
+    chars = 0
+    for row in rows:
+        size = len(row["content"]) + len(row["reasoning_content"] or "")
+        if chunk and (len(chunk) == COPY_CHUNK_MESSAGES or chars + size > COPY_CHUNK_CHARS):
+            yield chunk
+            chunk, chars = [], 0
+        chunk.append(row)
+        chars += size
+    if chunk:
+        yield chunk
 
 
 def _id_batches(ids: list[str], size: int = 500) -> Iterator[tuple[str, dict[str, str]]]:
@@ -2992,10 +3217,13 @@ def is_json(content_type: str | None) -> bool:
     return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
 
 
-async def read_json(request: Request, settings: Settings, optional: bool = False, limit: int | None = None) -> dict:
+async def read_json(
+    request: Request, settings: Settings, optional: bool = False, limit: int | None = None, in_thread: bool = False
+) -> dict:
     """The body as a JSON object: only as `application/json` (415: a cross-site form or `text/plain`
     POST must not run a chat), at most CHATSVC_MAX_BODY_BYTES (or `limit`; 413, counted, not trusted
-    from headers), arriving within CHATSVC_READ_TIMEOUT (408)."""
+    from headers), arriving within CHATSVC_READ_TIMEOUT (408). `in_thread`: decoded in a worker thread
+    (a large body), not on the event loop."""
     limit = limit or settings.max_body_bytes
     declared = request.headers.get("content-length", "")
     if ASCII_NUMBER.fullmatch(declared) and int(declared) > limit:
@@ -3016,7 +3244,7 @@ async def read_json(request: Request, settings: Settings, optional: bool = False
     if not is_json(request.headers.get("content-type")):
         raise unsupported_media_type(request.headers.get("content-type"))
     try:
-        data = json.loads(body)
+        data = await anyio.to_thread.run_sync(json.loads, body) if in_thread else json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise not_json() from None
     except RecursionError:
@@ -3315,12 +3543,13 @@ def present_conversation(settings: Settings, row: dict) -> dict:
     }
 
 
-def present_message(row: dict, context_start: str, siblings: dict[str | None, list[str]]) -> dict:
+def present_message(row: dict, context_start: str, siblings: dict[str | None, list[str]] | None) -> dict:
+    """A message as the API shows it; without `siblings` (a tree page), without `sibling_ids`."""
     usage = row_usage(row)
     return {
         "id": row["id"],
         "parent_id": row["parent_id"],
-        "sibling_ids": siblings.get(row["parent_id"]) or [row["id"]],
+        **({"sibling_ids": siblings.get(row["parent_id"]) or [row["id"]]} if siblings is not None else {}),
         "role": row["role"],
         "content": row["content"],
         "reasoning_content": row["reasoning_content"],
@@ -3623,9 +3852,10 @@ async def get_conversation(request: Request) -> Response:
     key = conversation_key(request)
     limit = query_int(request, "limit", 50, 1, 500)
     row = await conversation_or_404(request, key)
-    messages = await st.store.branch(*key, limit)
+    messages = await st.store.branch(*key, limit, chars=MESSAGE_PAGE_BYTES)
     body = present_conversation(st.settings, row)
-    body["messages"] = await present_messages(request, key, messages[::-1], row["context_start"])
+    presented = await present_messages(request, key, messages, row["context_start"])
+    body["messages"] = presented[: len(page_parts(presented))][::-1]  # as a page of .../messages ends
     return JSONResponse(body)
 
 
@@ -3643,23 +3873,48 @@ def query_message_id(request: Request, name: str) -> str | None:
     return value
 
 
+def json_bytes(value: Any) -> bytes:
+    """`value` as JSONResponse writes it."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def page_parts(messages: Iterable[dict]) -> list[bytes]:
+    """The JSON of each message, in the page's order (the newest first on a branch), until they reach
+    MESSAGE_PAGE_BYTES; at least one."""
+    parts: list[bytes] = []
+    size = 0
+    for message in messages:
+        part = json_bytes(message)
+        if parts and size + len(part) > MESSAGE_PAGE_BYTES:
+            break
+        parts.append(part)
+        size += len(part)
+    return parts
+
+
 async def list_messages(request: Request) -> Response:
     """The current branch, newest page first (`before`, or the `cursor` of the last page), or with
-    `tree=true` every message, oldest first (after `cursor`, and older than `before` if given)."""
+    `tree=true` every message, oldest first (after `cursor`, and older than `before` if given), without
+    `sibling_ids` (each message's `parent_id` says them). A page ends at `limit` messages or once they
+    reach MESSAGE_PAGE_BYTES (at least one message): its size does not grow with the conversation's."""
     st = state(request)
     key = conversation_key(request)
     limit = query_int(request, "limit", 50, 1, 500)
     tree = query_bool(request, "tree")
     before, cursor = query_message_id(request, "before"), query_message_id(request, "cursor")
     row = await conversation_or_404(request, key)
+    # the store reads no message whose text starts past the page's size (a character is a byte or more)
     if tree:
-        rows = await st.store.tree(*key, limit + 1, after=cursor, before=before)
+        rows = await st.store.tree(*key, limit + 1, after=cursor, before=before, chars=MESSAGE_PAGE_BYTES)
+        siblings = None
     else:
-        rows = await st.store.branch(*key, limit + 1, before or cursor)
-    more = len(rows) > limit
-    rows = rows[:limit]
-    messages = await present_messages(request, key, rows if tree else rows[::-1], row["context_start"])
-    return JSONResponse({"messages": messages, "next_cursor": rows[-1]["id"] if more else None})
+        rows = await st.store.branch(*key, limit + 1, before or cursor, chars=MESSAGE_PAGE_BYTES)
+        siblings = await st.store.siblings(*key, {r["parent_id"] for r in rows[:limit]})
+    parts = page_parts(present_message(message, row["context_start"], siblings) for message in rows[:limit])
+    more = bool(rows) and len(parts) < rows[0]["candidates"]
+    next_cursor = json_bytes(rows[len(parts) - 1]["id"] if more else None)
+    body = b'{"messages":[' + b",".join(parts if tree else parts[::-1]) + b'],"next_cursor":' + next_cursor + b"}"
+    return Response(body, media_type="application/json")
 
 
 async def update_conversation(request: Request) -> Response:
@@ -3722,12 +3977,21 @@ async def export_conversation(request: Request) -> Response:
             headers={"Content-Disposition": f'attachment; filename="{key[1]}.md"'},
         )  # fmt: skip
     messages = await st.store.tree(*key, 2**31 - 1)
-    return JSONResponse({
-        "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "exported_at": utcnow(),
-        "conversation": {name: row[name] for name in ("session_id", "title", "system_prompt", "model", "created_at",
-                                                      "updated_at", "current_message_id")},
-        "messages": [exported_message(m, row["context_start"]) for m in messages],
-    })  # fmt: skip
+
+    conversation = ("session_id", "title", "system_prompt", "model", "created_at", "updated_at", "current_message_id")
+
+    def document() -> bytes:  # at the import limit it takes a second: in a worker thread, off the event loop
+        return json_bytes(
+            {
+                "format": EXPORT_FORMAT,
+                "version": EXPORT_VERSION,
+                "exported_at": utcnow(),
+                "conversation": {name: row[name] for name in conversation},
+                "messages": [exported_message(m, row["context_start"]) for m in messages],
+            }
+        )
+
+    return Response(await anyio.to_thread.run_sync(document), media_type="application/json")
 
 
 async def import_conversation(request: Request) -> Response:
@@ -3738,12 +4002,13 @@ async def import_conversation(request: Request) -> Response:
     asked = request.query_params.get("session_id")
     if asked is not None:
         check_session_id(asked)
-    file = parse_import(st.settings, await read_json(request, st.settings, limit=st.settings.max_import_bytes))
-    session_id = asked or file.session_id or str(uuid.uuid4())
-    while not await st.store.import_conversation(owner, session_id, file):
-        if asked is not None:
-            raise conversation_exists(session_id)
-        session_id = str(uuid.uuid4())
+    # a file at the limit takes seconds to check: in a worker thread, so that the event loop serves meanwhile
+    body = await read_json(request, st.settings, limit=st.settings.max_import_bytes, in_thread=True)
+    file = await anyio.to_thread.run_sync(parse_import, st.settings, body)
+    wanted = asked or file.session_id or str(uuid.uuid4())
+    session_id = await st.store.import_conversation(owner, wanted, file, another=asked is None)
+    if session_id is None:
+        raise conversation_exists(wanted)
     row = await conversation_or_404(request, (owner, session_id))
     return JSONResponse(present_conversation(st.settings, row), status_code=201)
 

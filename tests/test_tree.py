@@ -52,9 +52,12 @@ class Chat:
         return [m["content"] for m in self.conversation()["messages"]]
 
     def message(self, message_id) -> dict:
+        """A message from the tree listing, with its `sibling_ids` as a client derives them there: a tree
+        page carries every message's `parent_id` instead (its siblings are the messages with the same one)."""
         tree = self.client.get(f"{CONV}/{self.session_id}/messages?tree=true&limit=500", headers=self.headers).json()
         (found,) = [m for m in tree["messages"] if m["id"] == message_id]
-        return found
+        assert "sibling_ids" not in found
+        return {**found, "sibling_ids": [m["id"] for m in tree["messages"] if m["parent_id"] == found["parent_id"]]}
 
     def switch(self, message_id, status=200) -> dict:
         r = self.client.patch(f"{CONV}/{self.session_id}", json={"current_message_id": message_id},
