@@ -1274,20 +1274,24 @@ class Store:
         except a running answer, which becomes a first message (its question is gone).
 
         The context's new start is the largest id the conversation holds, not a time: no clock can put
-        it below a message written before or above one written after (their ids go above it)."""
+        it below a message written before or above one written after (their ids go above it). It is
+        read after the conversation's lock (PostgreSQL: a turn committed while the clear waited for it
+        is in that largest id, so a purge takes it too)."""
         values = {"owner": owner, "sid": session_id, "now": utcnow()}
-        async with self.transaction():
+        where = "owner = :owner AND session_id = :sid"
+
+        async def clear() -> bool:
+            if await self.lock_conversation(owner, session_id) is None:
+                return False
             row = await self._one(
                 "UPDATE conversations SET context_start = COALESCE((SELECT MAX(m.id) FROM messages m"
                 " WHERE m.owner = :owner AND m.session_id = :sid AND m.id > conversations.context_start),"
-                " context_start), updated_at = :now"
-                " WHERE owner = :owner AND session_id = :sid RETURNING context_start",
+                f" context_start), updated_at = :now WHERE {where} RETURNING context_start",
                 values,
                 role=WRITE,
             )
-            values["marker"] = row and row["context_start"]
             if row and purge:
-                where = "owner = :owner AND session_id = :sid"
+                values["marker"] = row["context_start"]
                 await self._run(f"UPDATE messages SET parent_id = NULL WHERE {where} AND status = 'streaming'", values)
                 await self._run(
                     f"DELETE FROM messages WHERE {where} AND id <= :marker AND status != 'streaming'", values
@@ -1297,7 +1301,9 @@ class Store:
                     f" WHERE m.owner = :owner AND m.session_id = :sid) WHERE {where}",
                     values,
                 )
-        return row is not None
+            return row is not None
+
+        return await self.atomically(clear)
 
     # messages
 

@@ -296,3 +296,46 @@ def test_a_delete_cancelled_by_a_deadlock_runs_again(live, fake, pg_service, poo
         assert [m["content"] for m in client.get(f"{CONV}/s1").json()["messages"]] == ["q1", "re: q1"]
         metrics = client.get("/metrics").text
     assert 'chatsvc_storage_faults_total{kind="deadlock"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("purge", [True, False])
+def test_a_clear_waiting_behind_a_turn_takes_that_turn_too(live, fake, pg_service, pool, purge):
+    """Another replica's turn (q2 and its answer, still being written) commits while the clear waits
+    for the conversation's row. Before the fix the clear computed its start from the snapshot its
+    UPDATE began with, below that turn: a purge then deleted q2's parent and left q2 (a raw foreign key
+    error, 500), and a plain clear left the turn in the model's context."""
+    with live.client() as client:
+        first = send(client, fake, message="q1")
+        (top,) = pg_service.rows("SELECT MAX(id) AS id FROM messages")
+        q2 = chatsvc.new_message_id(top["id"])
+        a2 = chatsvc.new_message_id(q2)
+        now = chatsvc.utcnow()
+        holder = Session(pg_service.url)
+        try:  # a turn as begin_turn writes it: the conversation's row first, then its two messages
+            holder.execute("BEGIN")
+            holder.execute("UPDATE conversations SET current_message_id = $1, updated_at = $2 WHERE session_id = 's1'",
+                           a2, now)  # fmt: skip
+            holder.execute(
+                "INSERT INTO messages (id, parent_id, owner, session_id, role, content, status, model, created_at,"
+                " updated_at) VALUES ($1, $2, '', 's1', 'user', 'q2', 'complete', NULL, $4, $4),"
+                " ($3, $1, '', 's1', 'assistant', '', 'streaming', 'qwen-plus', $4, $4)",
+                q2, first["message_id"], a2, now,
+            )  # fmt: skip
+            clear = pool.submit(client.delete, f"{CONV}/s1/context", params={"purge": str(purge).lower()})
+            wait_for(lambda: waiting_for_locks(pg_service.url) == 1, timeout=30)
+            holder.execute("COMMIT")
+            cleared = clear.result(30)
+        finally:
+            holder.close()
+        assert cleared.status_code == 200, cleared.text
+        assert cleared.json()["context_message_count"] == 0  # nothing after the clear
+        rows = {r["id"]: r for r in pg_service.rows("SELECT id, parent_id FROM messages")}
+        (conversation,) = pg_service.rows("SELECT context_start, current_message_id FROM conversations")
+        assert conversation["context_start"] >= a2  # the turn committed first: it is before the clear
+        if purge:
+            assert set(rows) == {a2}  # everything before went, the running answer stays as a first message
+            assert rows[a2]["parent_id"] is None
+            assert conversation["current_message_id"] == a2
+        else:
+            assert set(rows) == {first["parent_id"], first["message_id"], q2, a2}
+            assert rows[q2]["parent_id"] == first["message_id"]
