@@ -1025,7 +1025,9 @@ class Store:
             return [dict(row) for row in await conn.execute_fetchall(sql, values)]
 
     def _failed(self, exc: Exception, role: str) -> NoReturn:
-        if _violation(exc):
+        # a violation, or a statement PostgreSQL stopped at its own statement_timeout (only a search has
+        # one: its budget), says nothing of the database's health: raised as it is, not counted
+        if _violation(exc) or type(exc).__name__ == "QueryCanceledError":
             raise exc
         kind = fault_kind(exc)
         self.metrics.storage_faults.labels(kind).inc()
@@ -1175,8 +1177,8 @@ class Store:
                 async with self.db.connection(), self.db.transaction():
                     await self._run(f"SET LOCAL statement_timeout = {round(SEARCH_SECONDS * 1000)}", role=READ)
                     return await self._all(sql, values)
-            except StorageUnavailable as exc:
-                if type(exc.__cause__).__name__ == "QueryCanceledError":
+            except Exception as exc:
+                if type(exc).__name__ == "QueryCanceledError":  # its budget (not a storage fault: _failed)
                     raise search_too_costly() from None
                 raise
         try:

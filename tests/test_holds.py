@@ -239,6 +239,8 @@ def test_a_costly_search_is_cut_at_its_budget_while_reads_answer(users, fake, mo
         " text that repeats a few letters is costly to look for in long messages).",
         "code": "search_too_costly",
     }
+    faults = [line for line in client.get("/metrics").text.splitlines() if line.startswith("chatsvc_storage_faults")]
+    assert not [line for line in faults if line.startswith("chatsvc_storage_faults_total{")], faults  # not a fault
     assert client.get(CONV, params={"q": "aaa"}, headers=ME).json()["conversations"][0]["session_id"] == "long"
 
 
