@@ -630,7 +630,6 @@ _MESSAGE_COLUMN_NAMES = (
 )  # fmt: skip
 _MESSAGE_COLUMNS = ", ".join(_MESSAGE_COLUMN_NAMES)
 _INTEGER_COLUMNS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "last_seq"})
-INSERT_ROWS = 5000  # PostgreSQL: the messages an import or a fork writes a statement
 _M_COLUMNS = ", ".join("m." + name for name in _MESSAGE_COLUMN_NAMES)
 # A message's text in characters (a page's read stops at a size: see MESSAGE_PAGE_BYTES)
 _TEXT_CHARS = "length(content) + COALESCE(length(reasoning_content), 0)"
@@ -1670,7 +1669,7 @@ class Store:
 
     async def insert_messages(self, rows: list[dict]) -> None:
         """Write these messages as they are (parents before children), 100 rows a statement (PostgreSQL:
-        one array per column, INSERT_ROWS rows a statement, see _insert_columns)."""
+        one array per column, COPY_CHUNK_MESSAGES rows a statement, see _insert_columns)."""
         names = (*_MESSAGE_COLUMN_NAMES, "owner", "session_id", "updated_at")
         if not self.is_sqlite:
             await self._insert_columns(names, rows)
@@ -1684,16 +1683,16 @@ class Store:
             await self._run(f"INSERT INTO messages ({', '.join(names)}) VALUES {', '.join(tuples)}", values)
 
     async def _insert_columns(self, names: tuple[str, ...], rows: list[dict]) -> None:
-        """PostgreSQL, inside a transaction: the rows as one array per column, INSERT_ROWS rows a
-        statement, on the transaction's own asyncpg connection. (As `databases` statements of 100
+        """PostgreSQL, inside a transaction: the rows as one array per column, COPY_CHUNK_MESSAGES rows
+        (a copy's chunk) a statement, on the transaction's own asyncpg connection. (As `databases` statements of 100
         rows, building each statement's 1,800 parameters took ~0.15 s of Python: an import of
         100,000 messages took minutes.)"""
         arrays = ", ".join(f"${n}::{'integer' if name in _INTEGER_COLUMNS else 'text'}[]"
                            for n, name in enumerate(names, 1))  # fmt: skip
         sql = f"INSERT INTO messages ({', '.join(names)}) SELECT * FROM unnest({arrays})"
         async with self.db.connection() as conn:  # this task's: the transaction's
-            for start in range(0, len(rows), INSERT_ROWS):
-                chunk = rows[start : start + INSERT_ROWS]
+            for start in range(0, len(rows), COPY_CHUNK_MESSAGES):
+                chunk = rows[start : start + COPY_CHUNK_MESSAGES]
                 started = time.perf_counter()
                 try:
                     await conn.raw_connection.execute(sql, *([row[name] for row in chunk] for name in names))
@@ -1942,7 +1941,7 @@ def upstream_error(status: int, error: Any, retry_after: float | None = None) ->
 def _stream_error_status(code: Any) -> int:
     """The HTTP status an error sent inside a stream stands for: DashScope's by its code, llama.cpp's
     is the status itself (`"code": 400`), else 500."""
-    if type(code) is int or (isinstance(code, str) and code.isdigit()):
+    if type(code) is int or (isinstance(code, str) and code.isascii() and code.isdigit()):  # not "²"
         return int(code) if 400 <= int(code) <= 599 else 500
     return _CODE_STATUS.get(str(code), 500)
 
@@ -2054,6 +2053,9 @@ def sane_usage(usage: Any) -> dict | None:
 CUT_SHORT = (
     "The model service ended the stream before the answer was complete (no finish_reason came); a server"
     " that runs one request at a time ends a running answer this way when another request arrives."
+)
+FILTERED_ANSWER = (
+    "The model service's content moderation stopped this answer before it said anything (finish_reason content_filter)."
 )
 EMPTY_ANSWER = (
     "The model service ended the answer (finish_reason {}) without any text. A proxy such as LiteLLM does"
@@ -2409,6 +2411,8 @@ class Relay:
                             if not self._relay(answer, delta):
                                 break  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here
                     if not answer.text_chars and not answer.reasoning_chars:  # an end, but not an answer
+                        if answer.finish_reason == "content_filter":  # the model service's moderation
+                            raise UpstreamError(422, "content_filtered", FILTERED_ANSWER)
                         raise UpstreamError(502, "upstream_error", EMPTY_ANSWER.format(answer.finish_reason))
                     self.metrics.upstream_call("answer", None)
                     break
@@ -2441,7 +2445,7 @@ class Relay:
         finally:
             deadline.cancel()
             answer.finishing = True
-            if answer.usage is None:  # the model service reported none: what was sent, estimated (only then)
+            if answer.usage is None and (answer.text_chars or answer.reasoning_chars):  # none reported: estimated
                 answer.prompt_estimate = sum(estimate_tokens(m["content"]) for m in payload["messages"])
             await asyncio.shield(self._finish(answer))
 

@@ -151,6 +151,23 @@ def test_an_answer_that_ends_without_any_text_is_a_failure(make_service, fake):
     assert len(fake.requests) == 2  # one each: not retried
 
 
+def test_an_answer_moderation_stopped_before_any_text_is_content_filtered(make_service, fake):
+    # OpenAI-compatible servers (Azure's, OpenAI's) end such an answer with finish_reason content_filter
+    service = make_service(CHATSVC_UPSTREAM_RETRIES="2")
+    with service.client() as client:
+        fake.push(Reply.answer([], finish="content_filter", usage=False))
+        raw, _ = streamed(client)
+        row = answer_row(service)
+        error = {"message": chatsvc.FILTERED_ANSWER, "code": "content_filtered", "message_id": row["id"],
+                 "partial_text": ""}  # fmt: skip
+        assert final_bytes(raw) == event_bytes(f"{row['id']}:1", "error", error)
+        assert (row["status"], row["error_code"]) == ("failed", "content_filtered")
+        fake.push(Reply.answer([], finish="content_filter", usage=False))
+        r = client.post(f"{API}/chat/s2", json={"message": "hi"})
+    assert r.status_code == 422 and r.json()["code"] == "content_filtered"
+    assert len(fake.requests) == 2  # one each: not retried
+
+
 # ── the overflow errors of each server: 422 context_too_long ─────────────────────────
 
 
