@@ -1595,6 +1595,11 @@ class Store:
                     {**placed_head(), "owner": owner, "sid": session_id},
                 )
             return session_id
+        if not another and await self._one(
+            "SELECT 1 AS taken FROM conversations WHERE owner = :owner AND session_id = :sid",
+            {"owner": owner, "sid": session_id},
+        ):  # taken now: not worth staging the whole copy to find it out at the end (the end checks again)
+            return None
         staged = {"staged": STAGED_OWNER, "staged_sid": str(uuid.uuid4())}
         placed = False
         try:
