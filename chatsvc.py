@@ -3859,9 +3859,12 @@ async def create_conversation(request: Request) -> Response:
     return JSONResponse(present_conversation(st.settings, row), status_code=201)
 
 
-async def present_messages(request: Request, key: tuple[str, str], rows: list[dict], context_start: str) -> list:
-    siblings = await state(request).store.siblings(*key, {row["parent_id"] for row in rows})
-    return [present_message(row, context_start, siblings) for row in rows]
+async def present_messages(
+    request: Request, key: tuple[str, str], rows: list[dict], context_start: str, siblings: bool = True
+) -> list:
+    """The messages as the API shows them, with their `sibling_ids` (unless not `siblings`: a tree page)."""
+    found = await state(request).store.siblings(*key, {row["parent_id"] for row in rows}) if siblings else None
+    return [present_message(row, context_start, found) for row in rows]
 
 
 async def get_conversation(request: Request) -> Response:
@@ -3870,10 +3873,10 @@ async def get_conversation(request: Request) -> Response:
     limit = query_int(request, "limit", 50, 1, 500)
     row = await conversation_or_404(request, key)
     messages = await st.store.branch(*key, limit, chars=MESSAGE_PAGE_BYTES)
-    body = present_conversation(st.settings, row)
-    presented = await present_messages(request, key, messages, row["context_start"])
-    body["messages"] = presented[: len(page_parts(presented))][::-1]  # as a page of .../messages ends
-    return JSONResponse(body)
+    parts = page_parts(await present_messages(request, key, messages, row["context_start"]))  # as a page ends
+    conversation = json_bytes(present_conversation(st.settings, row))
+    body = conversation[:-1] + b',"messages":[' + b",".join(parts[::-1]) + b"]}"  # each message encoded once
+    return Response(body, media_type="application/json")
 
 
 def query_bool(request: Request, name: str) -> bool:
@@ -3923,11 +3926,9 @@ async def list_messages(request: Request) -> Response:
     # the store reads no message whose text starts past the page's size (a character is a byte or more)
     if tree:
         rows = await st.store.tree(*key, limit + 1, after=cursor, before=before, chars=MESSAGE_PAGE_BYTES)
-        siblings = None
     else:
         rows = await st.store.branch(*key, limit + 1, before or cursor, chars=MESSAGE_PAGE_BYTES)
-        siblings = await st.store.siblings(*key, {r["parent_id"] for r in rows[:limit]})
-    parts = page_parts(present_message(message, row["context_start"], siblings) for message in rows[:limit])
+    parts = page_parts(await present_messages(request, key, rows[:limit], row["context_start"], siblings=not tree))
     more = bool(rows) and len(parts) < rows[0]["candidates"]
     next_cursor = json_bytes(rows[len(parts) - 1]["id"] if more else None)
     body = b'{"messages":[' + b",".join(parts if tree else parts[::-1]) + b'],"next_cursor":' + next_cursor + b"}"
