@@ -919,11 +919,8 @@ class Store:
     async def transaction(self, schema: bool = False) -> AsyncIterator[None]:
         """Several statements as one: all or nothing. On SQLite every statement of the transaction
         goes to the write connection, which no other task's statement enters meanwhile. `schema`:
-        PostgreSQL also takes the lock that makes replicas apply schema steps one at a time. Inside a
-        transaction of this task's, a part of it."""
-        if _in_transaction.get() is self:
-            yield
-            return
+        PostgreSQL also takes the lock that makes replicas apply schema steps one at a time.
+        Transactions do not nest."""
         if self.is_sqlite:
             async with self._write_lock:
                 token = _in_transaction.set(self)
@@ -940,25 +937,19 @@ class Store:
                     _in_transaction.reset(token)
             return
         async with self.db.connection(), self.db.transaction():
-            token = _in_transaction.set(self)
-            try:
-                if schema:
-                    await self._run("SELECT pg_advisory_xact_lock(7468372)")
-                yield
-            finally:
-                _in_transaction.reset(token)
+            if schema:
+                await self._run("SELECT pg_advisory_xact_lock(7468372)")
+            yield
 
     async def atomically(self, body: Callable[[], Awaitable[T]]) -> T:
         """`body` as one transaction; run again when PostgreSQL cancelled it to break a deadlock (it
-        wrote nothing, and its statements read afresh), up to DEADLOCK_ATTEMPTS times in all. Inside
-        a transaction of this task's, a part of it (whose deadlock its outermost caller handles)."""
+        wrote nothing, and its statements read afresh), up to DEADLOCK_ATTEMPTS times in all."""
         for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
-            outermost = _in_transaction.get() is not self
             try:
                 async with self.transaction():
                     return await body()
             except Deadlock:
-                if not outermost or attempt == DEADLOCK_ATTEMPTS:
+                if attempt == DEADLOCK_ATTEMPTS:
                     raise
                 log.info("database deadlock: a transaction was cancelled, running it again (attempt %d)", attempt + 1)
                 await asyncio.sleep(0.05 * attempt)  # the other transaction, which goes on, ends first
