@@ -264,12 +264,22 @@ class SearchTooCostly(Refusal):
     code = "search_too_costly"
 
 
+class SearchBusy(Refusal):
+    """SQLite: other searches held the search connection for a whole budget: this one never started."""
+
+    code = "search_busy"
+
+    def __init__(self, detail: str, retry_after: float = 2):
+        super().__init__(detail, retry_after=retry_after)
+
+
 # The HTTP status of each domain code; an UpstreamError carries its own (see upstream_error).
 HTTP_STATUS = {
     "not_found": 404,
     "conversation_busy": 409,
     "context_too_long": 422,
     "search_too_costly": 422,
+    "search_busy": 503,
     "storage_unavailable": 503,
     "storage_failed": 503,
     "interrupted": 503,
@@ -1161,7 +1171,7 @@ class Store:
     async def _search(self, sql: str, values: dict[str, Any]) -> list[dict]:
         """A search's statement, stopped once it has run SEARCH_SECONDS (SearchTooCostly). SQLite: on a
         connection of its own (reads never wait behind it), one search at a time, each waiting at most
-        SEARCH_SECONDS for its turn (then StorageUnavailable); PostgreSQL: `statement_timeout`."""
+        SEARCH_SECONDS for its turn (then SearchBusy); PostgreSQL: `statement_timeout`."""
         if not self._raw:
             try:
                 async with self.db.connection(), self.db.transaction():
@@ -1174,7 +1184,7 @@ class Store:
         try:
             await asyncio.wait_for(self._search_lock.acquire(), SEARCH_SECONDS)
         except asyncio.TimeoutError:
-            raise StorageUnavailable(
+            raise SearchBusy(
                 f"Other searches kept the search busy for {SEARCH_SECONDS:g} s; try again in a moment."
             ) from None
         try:

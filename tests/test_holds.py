@@ -5,6 +5,7 @@ reads; a page of messages stops at a size in bytes. The bounds are lowered here,
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -242,6 +243,39 @@ def test_a_costly_search_is_cut_at_its_budget_while_reads_answer(users, fake, mo
     faults = [line for line in client.get("/metrics").text.splitlines() if line.startswith("chatsvc_storage_faults")]
     assert not [line for line in faults if line.startswith("chatsvc_storage_faults_total{")], faults  # not a fault
     assert client.get(CONV, params={"q": "aaa"}, headers=ME).json()["conversations"][0]["session_id"] == "long"
+
+
+def test_a_search_that_waits_a_whole_budget_for_its_turn_is_search_busy(make_service, monkeypatch):
+    """SQLite runs searches one at a time on their own connection: one that waited SEARCH_SECONDS for
+    the search held by another (its statement made to take 3 s here) is a 503 of its own, with
+    Retry-After, not a fault of the database (GET /readyz stays ready)."""
+    service = make_service(CHATSVC_USER_HEADER="X-User")
+    if not service.is_sqlite:
+        pytest.skip("PostgreSQL's searches run on the pool's connections: none waits for another")
+    monkeypatch.setattr(chatsvc, "SEARCH_SECONDS", 1.0)
+    holding = threading.Event()
+    run = chatsvc.Store._sqlite
+
+    async def slow_search(store, sql, values, role):
+        if role == chatsvc.SEARCH and not holding.is_set():
+            holding.set()
+            await asyncio.sleep(3)  # the first search holds the search connection past the second's budget
+        return await run(store, sql, values, role)
+
+    monkeypatch.setattr(chatsvc.Store, "_sqlite", slow_search)
+    with service.client() as client:
+        first = in_thread(lambda: client.get(CONV, params={"q": "hello"}, headers=ME))
+        try:
+            assert holding.wait(30)
+            second = client.get(CONV, params={"q": "world"}, headers=OTHER)
+        finally:
+            ended = result(*first)  # before the client closes, whatever happened
+        assert ended.status_code == 422  # past its own budget: stopped
+        assert second.status_code == 503, second.text
+        assert second.json() == {"detail": "Other searches kept the search busy for 1 s; try again in a moment.",
+                                 "code": "search_busy"}  # fmt: skip
+        assert second.headers["retry-after"] == "2"
+        assert client.get("/readyz").status_code == 200
 
 
 # ── pages of messages ─────────────────────────────────────────────────────────────────
