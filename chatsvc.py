@@ -683,6 +683,14 @@ _SUBTREE = {
 """,
 }
 
+# PostgreSQL: the database server's clock, as the text utcnow() writes (`{}`: a timestamp expression).
+# A `streaming` answer's heartbeat (its `updated_at`) is written by this clock alone, at every write
+# (the new row, each checkpoint, each beat), and judged against it by every sweep: whether an answer's
+# process is gone never depends on the replicas' clocks agreeing. (SQLite: one process, its clock.)
+_PG_TIME = "to_char(({}) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+PG_NOW = _PG_TIME.format("clock_timestamp()")
+PG_STALE = _PG_TIME.format("clock_timestamp() - make_interval(secs => :stale)")  # :stale seconds ago
+
 # Run by the heartbeat's own connection (asyncpg, numbered parameters): which of these answers are
 # still `streaming` (as committed: the others were taken), and those not locked at this moment get
 # the beat. It never waits for a row lock: a row locked now is being written (its checkpoint, which
@@ -690,9 +698,9 @@ _SUBTREE = {
 # past HEARTBEAT_MISSES intervals, and the checkpoint's batch, one transaction locking its rows in
 # another order, made a cycle with it that PostgreSQL broke only after its deadlock_timeout (1 s).
 HEARTBEAT_SQL = (
-    "WITH beat AS (UPDATE messages SET updated_at = $1 WHERE id IN (SELECT id FROM messages WHERE"
-    " id = ANY($2::text[]) AND status = 'streaming' FOR UPDATE SKIP LOCKED) RETURNING id)"
-    " SELECT id FROM messages WHERE id = ANY($2::text[]) AND status = 'streaming'"
+    f"WITH beat AS (UPDATE messages SET updated_at = {PG_NOW} WHERE id IN (SELECT id FROM messages WHERE"
+    " id = ANY($1::text[]) AND status = 'streaming' FOR UPDATE SKIP LOCKED) RETURNING id)"
+    " SELECT id FROM messages WHERE id = ANY($1::text[]) AND status = 'streaming'"
 )
 
 # The id of the final event of an answer interrupted because its process was gone (`last_seq`): no
@@ -832,6 +840,12 @@ class Store:
     def sqlite_path(self) -> str | None:
         database = DatabaseURL(self.url).database
         return database if self.is_sqlite and database and database != ":memory:" else None
+
+    @property
+    def heartbeat_now(self) -> str:
+        """The SQL of "now" in an answer's heartbeat (`updated_at`): PostgreSQL's server clock, one
+        for every replica (PG_NOW); SQLite: `:now`, this process's, the one process on the file."""
+        return ":now" if self.is_sqlite else PG_NOW
 
     async def open(self, upgrade: bool = True) -> None:
         """Connect, and bring the schema up to date (`upgrade`), or only check that this release can
@@ -1056,19 +1070,21 @@ class Store:
         else:  # a row lock on the messages: it waits for (and fails on) a lock that keeps writers out
             await self._run("SELECT id FROM messages LIMIT 1 FOR UPDATE")
 
-    async def recover_interrupted(self, stale_before: str | None, own: list[str] = ()) -> list[dict]:
-        """Answers still `streaming` whose heartbeat (`updated_at`) is older than `stale_before`
-        (all of them, for None): the process producing them is gone. They become `interrupted`,
-        keeping their text. This process's `own` answers are never among them."""
+    async def recover_interrupted(self, stale_after: float | None, own: list[str] = ()) -> list[dict]:
+        """Answers still `streaming` whose heartbeat (`updated_at`) is more than `stale_after` seconds
+        old (all of them, for None), by the clock that wrote it (PostgreSQL: the server's): the process
+        producing them is gone. They become `interrupted`, keeping their text. This process's `own`
+        answers are never among them."""
         where, values = "", {"now": utcnow(), "end_seq": INTERRUPTED_SEQ, "detail": INTERRUPTED_DETAIL}
-        if stale_before is not None:
-            where, values["stale"] = " AND updated_at < :stale", stale_before
+        if stale_after is not None:
+            where = f" AND updated_at < {':stale' if self.is_sqlite else PG_STALE}"
+            values["stale"] = utcnow(stale_after) if self.is_sqlite else float(stale_after)
         for names, ids in _id_batches(list(own), 100_000):
             where += f" AND id NOT IN ({names})"
             values.update(ids)
         return await self._all(
             "UPDATE messages SET status = 'interrupted', error_code = 'interrupted', error_message = :detail,"
-            f" last_seq = :end_seq, updated_at = :now WHERE status = 'streaming'{where}"
+            f" last_seq = :end_seq, updated_at = {self.heartbeat_now} WHERE status = 'streaming'{where}"
             " RETURNING id, owner, session_id",
             values,
             role=WRITE,
@@ -1406,7 +1422,7 @@ class Store:
                 " current_message_id = excluded.current_message_id",
                 {**values, "title": turn.title, "source": "first_line" if turn.title else None},
             )
-            rows = "(:aid, :uid, :owner, :sid, 'assistant', '', 'streaming', :model, :now, :now)"
+            rows = f"(:aid, :uid, :owner, :sid, 'assistant', '', 'streaming', :model, :now, {self.heartbeat_now})"
             if turn.new_question:
                 rows = f"(:uid, :parent, :owner, :sid, 'user', :text, 'complete', NULL, :now, :now), {rows}"
             try:
@@ -1708,23 +1724,23 @@ class Store:
                     self._statement_seconds[WRITE].observe(time.perf_counter() - started)
 
     async def checkpoint(self, checkpoints: list[Checkpoint]) -> None:
-        """The running answers' texts so far, in one round trip (the background connection on SQLite)."""
+        """The running answers' texts so far, in one round trip (the background connection on SQLite).
+        A row's heartbeat is when it is written: the time once there is a connection (PostgreSQL: the
+        server's clock, as it writes the row)."""
         sql = (
-            "UPDATE messages SET content = $1, reasoning_content = $2, last_seq = $3, updated_at = $4"
-            " WHERE id = $5 AND status = 'streaming'"
+            "UPDATE messages SET content = $1, reasoning_content = $2, last_seq = $3, updated_at = {}"
+            " WHERE id = {} AND status = 'streaming'"
         )
-
-        def rows() -> list[tuple]:  # the time once there is a connection: a row's heartbeat is when it is written
-            now = utcnow()
-            return [(cp.content, cp.reasoning, cp.seq, now, cp.answer_id) for cp in checkpoints]
-
         try:
             if self._raw:  # sqlite3 reads $1 as the first parameter too
                 async with self._sqlite_connection(BACKGROUND) as conn:
-                    await conn.executemany(sql, rows())
+                    now = utcnow()
+                    rows = [(cp.content, cp.reasoning, cp.seq, now, cp.answer_id) for cp in checkpoints]
+                    await conn.executemany(sql.format("$4", "$5"), rows)
             else:  # asyncpg pipelines the rows: one round trip
                 async with self.db.connection() as conn:
-                    await conn.raw_connection.executemany(sql, rows())
+                    rows = [(cp.content, cp.reasoning, cp.seq, cp.answer_id) for cp in checkpoints]
+                    await conn.raw_connection.executemany(sql.format(PG_NOW, "$4"), rows)
         except Exception as exc:
             self._failed(exc, BACKGROUND)
         self.fault = None
@@ -1737,7 +1753,7 @@ class Store:
             "UPDATE messages SET content = :content, reasoning_content = :reasoning, status = :status,"
             " finish_reason = :finish_reason, error_code = :error_code, error_message = :error_message,"
             " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,"
-            " total_tokens = :total_tokens, last_seq = :last_seq, updated_at = :now"
+            f" total_tokens = :total_tokens, last_seq = :last_seq, updated_at = {self.heartbeat_now}"
             " WHERE id = :id AND status = 'streaming' RETURNING id",
             {
                 "content": final.content, "reasoning": final.reasoning, "status": final.status,
@@ -2675,7 +2691,7 @@ class Relay:
 
     async def recover(self) -> int:
         """Interrupt the answers whose process stopped beating; how many there were."""
-        rows = await self.store.recover_interrupted(utcnow(self.settings.heartbeat_stale), self.own_ids())
+        rows = await self.store.recover_interrupted(self.settings.heartbeat_stale, self.own_ids())
         for row in rows:
             log.warning("answer %s lost its process (no heartbeat): stored as interrupted", row["id"])
         if rows and self.replicas is not None:
@@ -2727,7 +2743,7 @@ class Heartbeat:
                     host=url.hostname, port=url.port, user=url.username, password=url.password,
                     database=url.database, timeout=10, command_timeout=max(1.0, self.relay.settings.heartbeat_stale),
                 )  # fmt: skip
-            rows = await self._conn.fetch(HEARTBEAT_SQL, utcnow(), ids)
+            rows = await self._conn.fetch(HEARTBEAT_SQL, ids)
         except Exception as exc:
             log.warning("heartbeat failed (%s); trying again", type(exc).__name__)
             if self._conn is not None:

@@ -4,18 +4,25 @@ the older turns, the context's start), whatever the writer's clock says: the tre
 an export imports, a branch switch lands on the newest turn, clearing the context hides what came
 before and nothing after.
 
+An answer's liveness holds too: on PostgreSQL its heartbeat is written and judged by the database
+server's clock alone, so a replica whose clock is many heartbeats off keeps its answers, and one that
+dies has its answer interrupted on time.
+
 The quick tests play the replicas in this process, one after the other: each has a clock of its own
-(chatsvc.clock_us, shifted) and has made no id yet. The replica test runs two `chatsvc` processes on
+(chatsvc.clock_us, shifted) and has made no id yet. The replica tests run two `chatsvc` processes on
 one PostgreSQL database, one with its clock really 2 s behind and one 2 s ahead (libfaketime)."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import time
+from collections.abc import Iterator
 
 import pytest
 from fake_dashscope import Reply
+from live import SSEReader
 from procs import ServerProcess
 from support import Service, pg
 
@@ -23,7 +30,7 @@ import chatsvc
 
 API = "/api/v1"
 CONV = f"{API}/context/conversations"
-AHEAD, BEHIND = 1.0, -1.0  # seconds: README allows skew well within three heartbeats (5 s each by default)
+AHEAD, BEHIND = 1.0, -1.0  # seconds
 
 
 @pytest.fixture
@@ -149,6 +156,7 @@ def test_a_purge_from_a_clock_behind_deletes_what_came_before(client, fake, repl
 # ── two real processes on one PostgreSQL database, their clocks 4 s apart ───────────────────────
 
 LIBFAKETIME = sorted(glob.glob("/usr/lib/*/faketime/libfaketimeMT.so.1"))
+HEARTBEAT = 0.5  # seconds, in the liveness tests
 
 
 def clock_off_by(offset: str) -> dict[str, str]:
@@ -161,24 +169,46 @@ def clock_off_by(offset: str) -> dict[str, str]:
     return {"LD_PRELOAD": LIBFAKETIME[0], "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
-@pytest.fixture
-def skewed(postgres_database, fake, tmp_path):
-    """Replicas `ahead` (clock 2 s fast) and `behind` (2 s slow), with the default heartbeat (5 s:
-    the 4 s between them is within three beats, as README asks)."""
-    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
-    service = Service(postgres_database, fake)
+@contextlib.contextmanager
+def replicas_apart(service: Service, tmp_path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """Replicas `ahead` (clock 2 s fast) and `behind` (2 s slow) on one fresh PostgreSQL database."""
+    pg(service.url, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
     ahead = ServerProcess({**service.env, **clock_off_by("+2s")}, tmp_path)
     behind = ServerProcess({**service.env, **clock_off_by("-2s")}, tmp_path)
     try:
         ahead.start()
         behind.start()
-        yield service, ahead, behind
+        yield ahead, behind
     finally:
         for server in (ahead, behind):
             server.stop()
     for server in (ahead, behind):
         assert "Traceback" not in server.log(), server.log()
+
+
+@pytest.fixture
+def skewed(postgres_database, fake, tmp_path):
+    """With the default heartbeat (5 s)."""
+    service = Service(postgres_database, fake)
+    with replicas_apart(service, tmp_path) as (ahead, behind):
+        yield service, ahead, behind
+    for server in (ahead, behind):
         assert "lost its process" not in server.log(), server.log()
+
+
+@pytest.fixture
+def beating(postgres_database, fake, tmp_path):
+    """Beating every HEARTBEAT s: the clocks are 8 heartbeats apart, and an answer is taken for dead
+    after 3 without a beat (1.5 s: a replica of this busy machine stalls for up to ~0.9 s at times)."""
+    service = Service(
+        postgres_database,
+        fake,
+        CHATSVC_HEARTBEAT_SECONDS=str(HEARTBEAT),
+        CHATSVC_CHECKPOINT_SECONDS="0.1",
+        CHATSVC_UPSTREAM_IDLE_TIMEOUT="30",
+    )
+    with replicas_apart(service, tmp_path) as (ahead, behind):
+        yield service, ahead, behind
 
 
 @pytest.mark.slow
@@ -219,3 +249,59 @@ def test_replicas_whose_clocks_disagree_keep_every_order(skewed, fake):
         assert a.get(f"{CONV}/s").json()["context_message_count"] == 4
     statuses = service.rows("SELECT DISTINCT status FROM messages")
     assert statuses == [{"status": "complete"}]
+
+
+def words(n: int, pause: float) -> Reply:
+    return Reply.answer([f"w{i} " for i in range(n)], pause=pause)
+
+
+@pytest.mark.slow
+def test_an_answer_on_a_replica_behind_outlives_the_sweeps_of_one_ahead(beating, fake):
+    """The replica behind streams an answer for 4 s while the one 4 s ahead sweeps for dead answers
+    every heartbeat (8 sweeps): the answer completes, for its client and for a listener on the other
+    replica, and no replica takes it for dead."""
+    service, ahead, behind = beating
+    fake.push(words(40, pause=0.1))
+    poster = SSEReader(behind.client(), "POST", f"{API}/chat/s/stream", json={"message": "hi"})
+    listener = SSEReader(ahead.client(), "GET", f"{API}/chat/s/stream")
+    try:
+        end = poster.until_end()[-1]
+        assert end["type"] == "end", end
+        assert end["data"]["full_text"] == "".join(f"w{i} " for i in range(40))
+        assert listener.until_end()[-1] == end
+    finally:
+        poster.close()
+        listener.close()
+    stored = service.rows("SELECT status, content FROM messages WHERE role = 'assistant'")
+    assert stored == [{"status": "complete", "content": end["data"]["full_text"]}]
+    for server in (ahead, behind):
+        assert "lost its process" not in server.log(), server.log()
+        assert "taken for dead" not in server.log(), server.log()
+
+
+@pytest.mark.slow
+def test_a_dead_replica_ahead_has_its_answer_interrupted_on_time(beating, fake):
+    """The replica 4 s ahead is killed mid-answer: the one behind interrupts its answer within three
+    heartbeats (plus one to notice), as for replicas whose clocks agree (tests/test_replicas.py)."""
+    service, ahead, behind = beating
+    fake.push(words(400, pause=0.05), Reply.answer(["fine"]))
+    poster = SSEReader(ahead.client(), "POST", f"{API}/chat/s/stream", json={"message": "hi"})
+    listener = SSEReader(behind.client(), "GET", f"{API}/chat/s/stream")
+    try:
+        for _ in range(5):
+            poster.next_event()
+        ahead.kill()  # SIGKILL: no drain, no last word
+        started = time.monotonic()
+        end = listener.until_end()[-1]
+        waited = time.monotonic() - started
+        assert end["type"] == "error" and end["data"]["code"] == "interrupted", end
+        # 3 heartbeats without a beat, one more for the sweep to notice, and 1.5 s for a busy machine
+        assert waited < (chatsvc.HEARTBEAT_MISSES + 1) * HEARTBEAT + 1.5, f"interrupted after {waited:.1f} s"
+    finally:
+        poster.close()
+        listener.close()
+    stored = service.rows("SELECT status, content FROM messages WHERE role = 'assistant'")
+    assert stored == [{"status": "interrupted", "content": end["data"]["partial_text"]}]
+    assert "lost its process" in behind.log()
+    with behind.client() as b:
+        assert b.post(f"{API}/chat/s", json={"message": "again"}).json()["response"] == "fine"
