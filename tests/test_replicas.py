@@ -130,20 +130,36 @@ def test_late_listeners_and_last_event_id_on_either_replica(cluster, fake):
         reader.close()
 
 
+def channel_listeners(server: ServerProcess) -> float:
+    """The replica's open channel streams (GET .../stream), from its /metrics."""
+    with server.client() as client:
+        lines = client.get("/metrics").text.splitlines()
+    return next(float(line.split()[1]) for line in lines if line.startswith("chatsvc_channel_listeners "))
+
+
 def test_replica_started_mid_answer_catches_up_from_the_checkpoint(cluster, fake):
     _, a, _, replica = cluster
-    fake.push(slow(60))
-    poster = SSEReader(a.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
-    for _ in range(20):
-        poster.next_event()
-    c = replica().start()  # it never saw this answer's first events
-    joined = SSEReader(c.client(), "GET", f"{API}/chat/s1/stream").until_end()
+    # the model goes quiet after 24 chunks until the new replica listens: a replica takes seconds to
+    # start on a busy machine, and the answer must still be running when it joins
+    resume = threading.Event()
+    fake.push(Reply.answer([f"w{i} " for i in range(60)], pause=0.05, hold=resume, hold_at=25))
+    try:
+        poster = SSEReader(a.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
+        for _ in range(20):
+            poster.next_event()
+        c = replica().start()  # it never saw this answer's first events
+        joining = SSEReader(c.client(), "GET", f"{API}/chat/s1/stream")
+        wait_for(lambda: channel_listeners(c) >= 1, 30)
+    finally:
+        resume.set()
+    joined = joining.until_end()
     posted = poster.until_end()
     full_text = posted[-1]["data"]["full_text"]
     assert joined[0]["type"] == "start" and joined[-1] == posted[-1]
     assert chunk_text(joined) == full_text  # the checkpoint's text, then the live tail: nothing twice or missing
     seqs = [int(e["id"].rsplit(":", 1)[1]) for e in joined]
     assert seqs == sorted(set(seqs))  # ids only go forward, so Last-Event-ID resumes cleanly
+    joining.close()
     poster.close()
 
 
