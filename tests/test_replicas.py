@@ -183,12 +183,18 @@ def test_stop_sent_to_either_replica(cluster, fake, stop_on):
 def test_stop_reaches_an_answer_the_replica_never_heard_of(cluster, fake):
     # started before this replica was, and silent since (the model is thinking): only the database knows it
     service, a, _, replica = cluster
-    fake.push(Reply.answer(["a ", "b ", "c "], stall_at=2, stall=5))
-    poster = SSEReader(a.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
-    start = poster.next_event()
-    c = replica().start()
-    with c.client() as client:
-        r = client.post(f"{API}/chat/s1/stop")
+    # silent until the stop is answered, however long the new replica takes to start (not for a fixed
+    # time, which a busy machine outlasts: the answer would be complete before the stop)
+    thinking = threading.Event()
+    fake.push(Reply.answer(["a ", "b ", "c "], hold=thinking, hold_at=2))
+    try:
+        poster = SSEReader(a.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
+        start = poster.next_event()
+        c = replica().start()
+        with c.client() as client:
+            r = client.post(f"{API}/chat/s1/stop")
+    finally:
+        thinking.set()
     assert r.json() == {"session_id": "s1", "stopped": True, "message_id": start["data"]["message_id"]}
     end = poster.until_end()[-1]
     assert end["type"] == "end" and end["data"]["finish_reason"] == "stopped"
