@@ -342,10 +342,15 @@ def test_of_concurrent_stops_on_both_replicas_exactly_one_says_it_stopped(cluste
 def test_a_regeneration_started_on_one_replica_is_followed_on_the_other(cluster, fake):
     service, a, b, _ = cluster
     with a.client() as ca, b.client() as cb:
-        first = ca.post(f"{API}/chat/s1", json={"message": "q1"}).json()
-        fake.push(slow(30, 0.02))
+        # The listener hears the first answer, and then waits for the next one. (Opened after it instead,
+        # it would be offered that answer, unseen on the channel, unless the regeneration reached its
+        # replica within REPLAY_WAIT: not always so on a busy machine.)
         listener = SSEReader(a.client(), "GET", f"{API}/chat/s1/stream")
-        time.sleep(0.2)  # listening before the answer starts
+        first = ca.post(f"{API}/chat/s1", json={"message": "q1"}).json()
+        heard_first = listener.until_end()
+        assert heard_first[0]["data"]["message_id"] == first["message_id"]
+        assert heard_first[-1]["data"]["full_text"] == first["response"]
+        fake.push(slow(30, 0.02))
         poster = SSEReader(b.client(), "POST", f"{API}/chat/s1/stream", json={"regenerate": first["message_id"]})
         start = poster.next_event()
         assert start["data"]["parent_id"] == first["parent_id"]
