@@ -121,16 +121,20 @@ def test_a_second_message_never_replays_the_first(live, fake):
     assert texts(reader.until_end()) == [("start", None), ("chunk", "second"), ("end", "second")]
 
 
-def test_last_event_id_resumes_at_every_position(live, fake):
+def test_last_event_id_resumes_at_every_position(make_service, fake):
+    # A finished answer's events are replayable for CHATSVC_REPLAY_SECONDS after its end (then a resume
+    # gets its stored end alone: the next test). 21 resumes outlast the suite's 5 s on a busy machine.
+    service = make_service(CHATSVC_REPLAY_SECONDS="600")
     fake.push(Reply.answer([f"t{i}" for i in range(20)]))
-    with live.client() as client:
-        full = parse_events(client.post(f"{API}/chat/s1/stream", json={"message": "hi"}).content)
-    assert len(full) == 22
-    for k, seen in enumerate(full[:-1]):
-        via = {"headers": {"Last-Event-ID": seen["id"]}} if k % 2 else {"params": {"last_event_id": seen["id"]}}
-        reader = live.reader("GET", f"{API}/chat/s1/stream", **via)
-        assert reader.until_end() == full[k + 1 :], k
-        reader.close()
+    with LiveServer(service.settings) as live:
+        with live.client() as client:
+            full = parse_events(client.post(f"{API}/chat/s1/stream", json={"message": "hi"}).content)
+        assert len(full) == 22
+        for k, seen in enumerate(full[:-1]):
+            via = {"headers": {"Last-Event-ID": seen["id"]}} if k % 2 else {"params": {"last_event_id": seen["id"]}}
+            reader = live.reader("GET", f"{API}/chat/s1/stream", **via)
+            assert reader.until_end() == full[k + 1 :], k
+            reader.close()
 
 
 def test_a_malformed_last_event_id_is_a_fresh_listener(live, fake):
