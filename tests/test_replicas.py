@@ -58,6 +58,13 @@ def cluster(postgres_database, fake, tmp_path):
         assert "Traceback" not in server.log(), server.log()
 
 
+def channel_listeners(server: ServerProcess) -> float:
+    """The replica's open channel streams (GET .../stream), from its /metrics."""
+    with server.client() as client:
+        lines = client.get("/metrics").text.splitlines()
+    return next(float(line.split()[1]) for line in lines if line.startswith("chatsvc_channel_listeners "))
+
+
 def chunk_text(events) -> str:
     return "".join(e["data"]["content"] for e in events if e["type"] == "chunk")
 
@@ -80,7 +87,7 @@ def test_channel_on_one_replica_follows_an_answer_started_on_the_other(cluster, 
     _, a, b, _ = cluster
     fake.push(slow(30, 0.02))
     listener = SSEReader(a.client(), "GET", f"{API}/chat/s1/stream")
-    time.sleep(0.2)  # listening before the answer starts
+    wait_for(lambda: channel_listeners(a) == 1, 30)  # listening before the answer starts
     poster = SSEReader(b.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
     posted = poster.until_end()
     heard = listener.until_end()
@@ -99,7 +106,7 @@ def test_replicas_reconnect_when_the_database_drops_their_connections(cluster, f
     wait_for(lambda: "reconnected to the other replicas" in a.log() and "reconnected" in b.log(), 10)
     fake.push(slow(10, 0.02))
     listener = SSEReader(a.client(), "GET", f"{API}/chat/s1/stream")
-    time.sleep(0.2)
+    wait_for(lambda: channel_listeners(a) == 1, 30)
     with b.client() as client:
         assert client.post(f"{API}/chat/s1", json={"message": "hi"}).status_code == 200
     assert chunk_text(listener.until_end()) == "".join(f"w{i} " for i in range(10))
@@ -128,13 +135,6 @@ def test_late_listeners_and_last_event_id_on_either_replica(cluster, fake):
     assert chunk_text(seen) == posted[-1]["data"]["full_text"]
     for reader in (poster, late, rest):
         reader.close()
-
-
-def channel_listeners(server: ServerProcess) -> float:
-    """The replica's open channel streams (GET .../stream), from its /metrics."""
-    with server.client() as client:
-        lines = client.get("/metrics").text.splitlines()
-    return next(float(line.split()[1]) for line in lines if line.startswith("chatsvc_channel_listeners "))
 
 
 def test_replica_started_mid_answer_catches_up_from_the_checkpoint(cluster, fake):
