@@ -269,9 +269,6 @@ class SearchBusy(Refusal):
 
     code = "search_busy"
 
-    def __init__(self, detail: str, retry_after: float = 2):
-        super().__init__(detail, retry_after=retry_after)
-
 
 # The HTTP status of each domain code; an UpstreamError carries its own (see upstream_error).
 HTTP_STATUS = {
@@ -1201,7 +1198,7 @@ class Store:
             await asyncio.wait_for(self._search_lock.acquire(), SEARCH_SECONDS)
         except asyncio.TimeoutError:
             raise SearchBusy(
-                f"Other searches kept the search busy for {SEARCH_SECONDS:g} s; try again in a moment."
+                f"Other searches kept the search busy for {SEARCH_SECONDS:g} s; try again in a moment.", retry_after=2
             ) from None
         try:
             started = time.perf_counter()
