@@ -1802,6 +1802,72 @@ def _id_batches(ids: list[str], size: int = 500) -> Iterator[tuple[str, dict[str
         yield ", ".join(":" + name for name in values), values
 
 
+# ── Turns: where a new message goes in the tree, and what the model is sent ────────────
+# A chat request names at most one place in the conversation's tree: after an answer (`parent_id`),
+# beside a user message (`edit`), or a new answer to a stored question (`regenerate`); with none, the
+# new message follows the current leaf. `plan_turn` turns that into a `Turn` and the model's messages.
+
+
+async def plan_turn(
+    store: Store, settings: Settings, key: tuple[str, str], chat: ChatRequest
+) -> tuple[Turn, list[dict]]:
+    """Where the new answer goes in the conversation's tree, and the messages the model gets."""
+    owner, session_id = key
+    question, question_id, new_question = chat.message, "", True
+    target_id = chat.parent_id or chat.edit or chat.regenerate
+    start: str | None = None
+    if target_id is not None:
+        target = await store.message_and_parent(owner, session_id, target_id)
+        if target is None:
+            raise message_not_found(session_id, target_id)
+        field_name = "parent_id" if chat.parent_id else "edit" if chat.edit else "regenerate"
+        role = "user" if chat.edit else "assistant"
+        if target["role"] != role:
+            hint = {
+                "parent_id": "a user message is followed by its answers; to change it, send it with 'edit'",
+                "edit": "to answer again, use 'regenerate'",
+                "regenerate": "to send a user message again changed, use 'edit'",
+            }[field_name]
+            raise invalid(
+                f"'{field_name}' must name {'an answer' if role == 'assistant' else 'a user message'};"
+                f" '{target_id}' is {'an answer' if target['role'] == 'assistant' else 'a user message'}"
+                f" ({hint})."
+            )
+        if chat.parent_id:
+            start = target_id
+        elif chat.edit:
+            start = target["parent_id"]
+        else:
+            if target["parent_id"] is None:
+                raise invalid(
+                    f"Answer '{target_id}' answers no stored message (its question was purged), so it"
+                    " cannot be regenerated."
+                )
+            question, question_id, new_question = target["parent_content"], target["parent_id"], False
+            start = target["grandparent_id"]
+    conversation, history = await store.chat_context(
+        owner, session_id, 2 * settings.max_context_messages + 2, start, current=target_id is None
+    )
+    if target_id is None:
+        start = conversation and conversation["current_message_id"]
+    # above every id the conversation holds now (what the model is sent, the parent, the context's
+    # start), whatever this process's clock says
+    after = conversation["last_id"] if conversation else ""
+    if new_question:
+        question_id = new_message_id(after)
+    model = chat.model or (conversation and conversation["model"]) or settings.chat_model
+    system_prompt = (conversation and conversation["system_prompt"]) or settings.system_prompt
+    assert question is not None
+    messages = build_context(
+        system_prompt, history, question, settings.max_context_messages, settings.max_context_tokens
+    )
+    title = None
+    if settings.titles != "off" and (conversation is None or conversation["title"] is None):
+        title = question.strip().splitlines()[0][:TITLE_CHARS]
+    turn = Turn(owner, session_id, new_message_id(after), model, question_id, question, new_question, start, title)
+    return turn, messages
+
+
 # ── Context: what the model sees ───────────────────────────────────────────────────────
 
 
@@ -4080,58 +4146,6 @@ async def clear_context(request: Request) -> Response:
     return JSONResponse(present_conversation(st.settings, row))
 
 
-async def plan_turn(request: Request, key: tuple[str, str], chat: ChatRequest) -> tuple[Turn, list[dict]]:
-    """Where the new answer goes in the conversation's tree, and the messages the model gets."""
-    st = state(request)
-    s: Settings = st.settings
-    owner, session_id = key
-    question, question_id, new_question = chat.message, "", True
-    target_id = chat.parent_id or chat.edit or chat.regenerate
-    start: str | None = None
-    if target_id is not None:
-        target = await st.store.message_and_parent(owner, session_id, target_id)
-        if target is None:
-            raise message_not_found(session_id, target_id)
-        field_name = "parent_id" if chat.parent_id else "edit" if chat.edit else "regenerate"
-        role = "user" if chat.edit else "assistant"
-        if target["role"] != role:
-            hint = {"parent_id": "a user message is followed by its answers; to change it, send it with 'edit'",
-                    "edit": "to answer again, use 'regenerate'",
-                    "regenerate": "to send a user message again changed, use 'edit'"}[field_name]  # fmt: skip
-            raise invalid(f"'{field_name}' must name {'an answer' if role == 'assistant' else 'a user message'};"
-                          f" '{target_id}' is {'an answer' if target['role'] == 'assistant' else 'a user message'}"
-                          f" ({hint}).")  # fmt: skip
-        if chat.parent_id:
-            start = target_id
-        elif chat.edit:
-            start = target["parent_id"]
-        else:
-            if target["parent_id"] is None:
-                raise invalid(f"Answer '{target_id}' answers no stored message (its question was purged), so it"
-                              " cannot be regenerated.")  # fmt: skip
-            question, question_id, new_question = target["parent_content"], target["parent_id"], False
-            start = target["grandparent_id"]
-    conversation, history = await st.store.chat_context(
-        owner, session_id, 2 * s.max_context_messages + 2, start, current=target_id is None
-    )
-    if target_id is None:
-        start = conversation and conversation["current_message_id"]
-    # above every id the conversation holds now (what the model is sent, the parent, the context's
-    # start), whatever this process's clock says
-    after = conversation["last_id"] if conversation else ""
-    if new_question:
-        question_id = new_message_id(after)
-    model = chat.model or (conversation and conversation["model"]) or s.chat_model
-    system_prompt = (conversation and conversation["system_prompt"]) or s.system_prompt
-    assert question is not None
-    messages = build_context(system_prompt, history, question, s.max_context_messages, s.max_context_tokens)
-    title = None
-    if s.titles != "off" and (conversation is None or conversation["title"] is None):
-        title = question.strip().splitlines()[0][:TITLE_CHARS]
-    turn = Turn(owner, session_id, new_message_id(after), model, question_id, question, new_question, start, title)
-    return turn, messages
-
-
 async def start_answer(request: Request) -> Answer:
     """Validate a chat request, store the user's message, and start the answer."""
     st = state(request)
@@ -4147,7 +4161,7 @@ async def start_answer(request: Request) -> Answer:
     running = relay.running.get(key)
     if running is not None and running.task is not None:  # known here; another replica's, the database decides
         raise busy(key[1])
-    turn, messages = await plan_turn(request, key, chat)
+    turn, messages = await plan_turn(st.store, s, key, chat)
     relay.claiming.add(turn.answer_id)  # vouched for by the heartbeat from the moment its row exists
     try:
         try:
