@@ -3293,11 +3293,13 @@ class Replicas:
             won.cancel()
 
 
-# ── HTTP: request parsing and validation ───────────────────────────────────────────────
-
+# ── HTTP: request parsing and validation: a request's body, query and path, checked ────
 # "." and ".." are excluded: browsers and proxies normalise them out of URLs.
 SESSION_ID = re.compile(r"(?!\.+$)[A-Za-z0-9._-]{1,128}")
 _SESSION_ID_RULE = "1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-' (not only dots)"
+
+
+MESSAGE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def check_session_id(value: Any) -> str:
@@ -3409,11 +3411,40 @@ def query_int(request: Request, name: str, default: int, low: int, high: int) ->
     return int(raw)
 
 
+def query_bool(request: Request, name: str) -> bool:
+    value = request.query_params.get(name, "false").lower()
+    if value not in ("true", "false", "1", "0"):
+        raise invalid(f"'{name}' must be true or false.")
+    return value in ("true", "1")
+
+
+def query_message_id(request: Request, name: str) -> str | None:
+    value = request.query_params.get(name) or None  # empty: absent
+    if value is not None and not MESSAGE_ID.fullmatch(value):
+        raise invalid(f"'{name}' is not a message id this service returned.")
+    return value
+
+
 def message_id_field(body: dict, name: str) -> str | None:
     value = body.get(name)
     if value is not None and not (isinstance(value, str) and MESSAGE_ID.fullmatch(value)):
         raise invalid(f"'{name}' must be the id of a message (a string this service returned), or null.")
     return value
+
+
+# A page's cursor: written as a response's `next_cursor`, read back from the next request.
+def encode_cursor(*parts: str) -> str:
+    return base64.urlsafe_b64encode("\n".join(parts).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str, parts: int) -> list[str]:
+    try:
+        values = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("\n")
+    except (ValueError, UnicodeDecodeError):
+        values = []
+    if len(values) != parts or any("\x00" in value for value in values):  # PostgreSQL refuses NUL in text
+        raise invalid("'cursor' is not a cursor this service returned.")
+    return values
 
 
 @dataclass
@@ -3468,6 +3499,11 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
     )
 
 
+# ── Conversation files: the JSON export, and an import read back field by field ────────
+# GET .../export writes a conversation and every message of its tree as one JSON file, which POST
+# .../import reads back into a new conversation. The import checks every field before anything is
+# written: the first bad one is a 422 naming its path in the file (`messages[3].usage.total_tokens`).
+
 EXPORT_FORMAT, EXPORT_VERSION = "chatsvc.conversation", 1
 IMPORT_MAX_MESSAGES = 100_000
 IMPORTED_STATUSES = (COMPLETE, STOPPED, INTERRUPTED, FAILED, STREAMING)  # streaming: stored as interrupted
@@ -3475,6 +3511,55 @@ EXPORTED_WHILE_WRITTEN = "This answer was being written when it was exported; it
 RFC3339 = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d\d):(\d\d))", re.ASCII
 )
+# The fields of the file, of its conversation and of each of its messages, in the order they are written.
+FILE_FIELDS = ("format", "version", "exported_at", "conversation", "messages")
+FILE_CONVERSATION_FIELDS = (
+    "session_id",
+    "title",
+    "system_prompt",
+    "model",
+    "created_at",
+    "updated_at",
+    "current_message_id",
+)
+FILE_MESSAGE_FIELDS = (
+    "id",
+    "parent_id",
+    "role",
+    "content",
+    "reasoning_content",
+    "status",
+    "model",
+    "finish_reason",
+    "error",
+    "usage",
+    "created_at",
+    "in_context",
+)
+
+
+def exported_message(row: dict, context_start: str) -> dict:
+    return {
+        "id": row["id"], "parent_id": row["parent_id"], "role": row["role"], "content": row["content"],
+        "reasoning_content": row["reasoning_content"], "status": row["status"], "model": row["model"],
+        "finish_reason": row["finish_reason"],
+        "error": {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None,
+        "usage": row_usage(row), "created_at": row["created_at"], "in_context": row["id"] > context_start,
+    }  # fmt: skip
+
+
+def export_file(conversation: dict, messages: list[dict]) -> bytes:
+    """The file of GET .../export: the conversation and every message of its tree (what POST .../import
+    takes). At the import limit it takes a second to encode: the handler runs it in a worker thread."""
+    return json_bytes(
+        {
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
+            "exported_at": utcnow(),
+            "conversation": {name: conversation[name] for name in FILE_CONVERSATION_FIELDS},
+            "messages": [exported_message(m, conversation["context_start"]) for m in messages],
+        }
+    )
 
 
 @dataclass
@@ -3489,197 +3574,174 @@ class ImportedConversation:
     messages: list[dict]  # the messages' rows, with the file's ids
 
 
+def bad_field(path: str, what: str) -> NoReturn:
+    raise invalid(f"{path}: {what}")
+
+
+def field_text(value: Any, path: str, max_chars: int, optional: bool = True) -> str | None:
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        bad_field(path, "must be a string" + (" or null." if optional else "."))
+    try:
+        return storable(path, value, max_chars)
+    except ApiError as exc:
+        bad_field(path, exc.detail.split("' ", 1)[-1])
+
+
+def field_object(value: Any, path: str, allowed: tuple[str, ...]) -> dict:
+    if not isinstance(value, dict):
+        bad_field(path, "must be an object.")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        bad_field(f"{path}.{unknown[0]}" if path else unknown[0], f"unknown field; allowed: {', '.join(allowed)}.")
+    return value
+
+
+def field_moment(value: Any, path: str, optional: bool = True) -> str | None:
+    """An RFC 3339 date-time, as chatsvc writes it: UTC, milliseconds (so that it sorts as text)."""
+    if value is None and optional:
+        return None
+    parts = RFC3339.fullmatch(value) if isinstance(value, str) else None
+    try:
+        if parts is None:
+            raise ValueError
+        year, month, day, hour, minute, second, fraction, _, sign, off_h, off_m = parts.groups()
+        if int(off_m or 0) > 59:
+            raise ValueError
+        offset = timedelta(hours=int(off_h or 0), minutes=int(off_m or 0)) * (-1 if sign == "-" else 1)
+        leap = timedelta(seconds=1) if second == "60" else timedelta()  # 23:59:60 is the next second
+        at = (
+            datetime(
+                int(year),
+                int(month),
+                int(day),
+                int(hour),
+                int(minute),
+                int(second) - leap.seconds,
+                int((fraction or "").ljust(6, "0")[:6]),
+                timezone(offset),
+            )
+            + leap
+        )
+        return at.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    except (ValueError, OverflowError):
+        example = '"2026-11-24T10:00:00.123Z"' + (", or null." if optional else ".")
+        bad_field(path, f"must be an RFC 3339 date-time such as {example}")
+
+
 def parse_import(settings: Settings, body: dict) -> ImportedConversation:
     """A file of GET .../export, every field checked; the first bad one is a 422 naming its path."""
-
-    def fail(path: str, what: str) -> NoReturn:
-        raise invalid(f"{path}: {what}")
-
-    def text(value: Any, path: str, max_chars: int, optional: bool = True) -> str | None:
-        if value is None and optional:
-            return None
-        if not isinstance(value, str):
-            fail(path, "must be a string" + (" or null." if optional else "."))
-        try:
-            return storable(path, value, max_chars)
-        except ApiError as exc:
-            fail(path, exc.detail.split("' ", 1)[-1])
-
-    def fields_of(value: Any, path: str, allowed: tuple[str, ...]) -> dict:
-        if not isinstance(value, dict):
-            fail(path, "must be an object.")
-        unknown = sorted(set(value) - set(allowed))
-        if unknown:
-            fail(f"{path}.{unknown[0]}" if path else unknown[0], f"unknown field; allowed: {', '.join(allowed)}.")
-        return value
-
-    def moment(value: Any, path: str, optional: bool = True) -> str | None:
-        """An RFC 3339 date-time, as chatsvc writes it: UTC, milliseconds (so that it sorts as text)."""
-        if value is None and optional:
-            return None
-        parts = RFC3339.fullmatch(value) if isinstance(value, str) else None
-        try:
-            if parts is None:
-                raise ValueError
-            year, month, day, hour, minute, second, fraction, _, sign, off_h, off_m = parts.groups()
-            if int(off_m or 0) > 59:
-                raise ValueError
-            offset = timedelta(hours=int(off_h or 0), minutes=int(off_m or 0)) * (-1 if sign == "-" else 1)
-            leap = timedelta(seconds=1) if second == "60" else timedelta()  # 23:59:60 is the next second
-            at = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second) - leap.seconds,
-                          int((fraction or "").ljust(6, "0")[:6]), timezone(offset)) + leap  # fmt: skip
-            return at.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        except (ValueError, OverflowError):
-            example = '"2026-11-24T10:00:00.123Z"' + (", or null." if optional else ".")
-            fail(path, f"must be an RFC 3339 date-time such as {example}")
-
-    fields_of(body, "", ("format", "version", "exported_at", "conversation", "messages"))
+    field_object(body, "", FILE_FIELDS)
     if body.get("format") != EXPORT_FORMAT or body.get("version") != EXPORT_VERSION or type(body["version"]) is not int:
-        fail("format", f"this is not a chatsvc conversation file (format {EXPORT_FORMAT!r}, version {EXPORT_VERSION}).")
-    conv = fields_of(body.get("conversation"), "conversation", ("session_id", "title", "system_prompt", "model",
-                     "created_at", "updated_at", "current_message_id"))  # fmt: skip
-    moment(body.get("exported_at"), "exported_at")
+        bad_field(
+            "format",
+            f"this is not a chatsvc conversation file (format {EXPORT_FORMAT!r}, version {EXPORT_VERSION}).",
+        )
+    conv = field_object(body.get("conversation"), "conversation", FILE_CONVERSATION_FIELDS)
+    field_moment(body.get("exported_at"), "exported_at")
     for name in ("created_at", "updated_at"):  # the import's own times are its own
-        moment(conv.get(name), f"conversation.{name}")
+        field_moment(conv.get(name), f"conversation.{name}")
     session_id = conv.get("session_id")
     if session_id is not None and not (isinstance(session_id, str) and SESSION_ID.fullmatch(session_id)):
-        fail("conversation.session_id", f"must be {_SESSION_ID_RULE}, or null.")
-    model = text(conv.get("model"), "conversation.model", 200)
+        bad_field("conversation.session_id", f"must be {_SESSION_ID_RULE}, or null.")
+    model = field_text(conv.get("model"), "conversation.model", 200)
     if model is not None and model not in settings.models:
-        fail("conversation.model", f"unknown model {json.dumps(model)}; available: {', '.join(settings.models)}.")
+        bad_field("conversation.model", f"unknown model {json.dumps(model)}; available: {', '.join(settings.models)}.")
     messages = body.get("messages")
     if not isinstance(messages, list):
-        fail("messages", "must be a list.")
+        bad_field("messages", "must be a list.")
     if len(messages) > IMPORT_MAX_MESSAGES:
-        fail("messages", f"more than {IMPORT_MAX_MESSAGES} messages.")
-    rows: list[dict] = []
+        bad_field("messages", f"more than {IMPORT_MAX_MESSAGES} messages.")
     seen: dict[str, str] = {}  # the role of each message so far
-    for n, message in enumerate(messages):
-        path = f"messages[{n}]"
-        m = fields_of(message, path, ("id", "parent_id", "role", "content", "reasoning_content", "status", "model",
-                      "finish_reason", "error", "usage", "created_at", "in_context"))  # fmt: skip
-        message_id = text(m.get("id"), f"{path}.id", 128, optional=False)
-        if not message_id:
-            fail(f"{path}.id", "must not be empty.")
-        if message_id in seen:
-            fail(f"{path}.id", "is the id of an earlier message of the file.")
-        parent_id = m.get("parent_id")
-        if parent_id is not None and not (isinstance(parent_id, str) and parent_id in seen):
-            fail(f"{path}.parent_id", "must be null or the id of an earlier message of the file.")
-        role = m.get("role")
-        if role not in ("user", "assistant"):
-            fail(f"{path}.role", "must be 'user' or 'assistant'.")
-        # The shapes chatsvc makes: an answer answers a user message (or nothing: its question was
-        # purged while it was being written); a user message follows anything (an answer, or a user
-        # message whose answers were deleted), or starts the conversation.
-        if role == "assistant" and parent_id is not None and seen[parent_id] != "user":
-            fail(f"{path}.parent_id", f"an answer must follow a user message; {json.dumps(parent_id)} is an answer.")
-        status = m.get("status")
-        if status not in IMPORTED_STATUSES or (status == STREAMING and role != "assistant"):
-            fail(f"{path}.status", f"must be one of {', '.join(IMPORTED_STATUSES)} (streaming: an answer being"
-                 " written when it was exported, imported as interrupted).")  # fmt: skip
-        error = m.get("error")
-        if error is not None:
-            fields_of(error, f"{path}.error", ("code", "message"))
-            text(error.get("code"), f"{path}.error.code", 64, optional=False)
-            text(error.get("message"), f"{path}.error.message", 2000)
-        if status == STREAMING:  # what had been written of it when it was exported, ended there
-            status, error = INTERRUPTED, {"code": INTERRUPTED, "message": EXPORTED_WHILE_WRITTEN}
-        usage = m.get("usage")
-        if usage is not None:
-            fields_of(usage, f"{path}.usage", USAGE_FIELDS)
-            for name in USAGE_FIELDS:
-                count = usage.get(name)
-                if count is not None and (type(count) is not int or not 0 <= count <= MAX_TOKENS_STORED):
-                    fail(f"{path}.usage.{name}", f"must be a whole number from 0 to {MAX_TOKENS_STORED}, or null.")
-        if not isinstance(m.get("in_context", True), bool):
-            fail(f"{path}.in_context", "must be true or false.")
-        usage = usage or {}
-        rows.append({
-            "id": message_id, "parent_id": parent_id, "role": m["role"],
-            "content": text(m.get("content"), f"{path}.content", settings.max_answer_chars, optional=False),
-            "reasoning_content": text(m.get("reasoning_content"), f"{path}.reasoning_content",
-                                      settings.max_answer_chars),
-            "status": status, "model": text(m.get("model"), f"{path}.model", 200),
-            "finish_reason": text(m.get("finish_reason"), f"{path}.finish_reason", 64),
-            "error_code": error and error["code"], "error_message": error and error.get("message"),
-            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
-            "total_tokens": usage.get("total_tokens"), "last_seq": None,
-            "created_at": moment(m.get("created_at"), f"{path}.created_at", optional=False),
-            "in_context": m.get("in_context", True),
-        })  # fmt: skip
-        seen[message_id] = role
+    rows = [imported_message(settings, message, f"messages[{n}]", seen) for n, message in enumerate(messages)]
     current = conv.get("current_message_id")
     if current is not None and not (isinstance(current, str) and current in seen):
-        fail("conversation.current_message_id", "must be null or the id of a message of the file.")
+        bad_field("conversation.current_message_id", "must be null or the id of a message of the file.")
     return ImportedConversation(
-        session_id, text(conv.get("title"), "conversation.title", 200),
-        text(conv.get("system_prompt"), "conversation.system_prompt", settings.max_message_chars), model, current,
+        session_id,
+        field_text(conv.get("title"), "conversation.title", 200),
+        field_text(conv.get("system_prompt"), "conversation.system_prompt", settings.max_message_chars),
+        model,
+        current,
         rows,
-    )  # fmt: skip
+    )
 
 
-# ── HTTP: presenting rows ──────────────────────────────────────────────────────────────
-
-
-def present_conversation(settings: Settings, row: dict) -> dict:
-    return {
-        "session_id": row["session_id"],
-        "title": row["title"],
-        "system_prompt": row["system_prompt"],
-        "model": row["model"] or settings.chat_model,
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-        "current_message_id": row["current_message_id"],
-        "title_usage": {name: row[f"title_{name}"] for name in USAGE_FIELDS}
-        if row["title_total_tokens"] is not None or row["title_prompt_tokens"] is not None
-        else None,
-        "message_count": int(row["message_count"]),
-        "context_message_count": int(row["context_message_count"]),
-        "generating": bool(row["generating"]),
+def imported_message(settings: Settings, message: Any, path: str, seen: dict[str, str]) -> dict:
+    """The row of the file's message at `path`, checked against the messages before it (`seen`, the
+    role of each by its id), which it then joins."""
+    m = field_object(message, path, FILE_MESSAGE_FIELDS)
+    message_id = field_text(m.get("id"), f"{path}.id", 128, optional=False)
+    if not message_id:
+        bad_field(f"{path}.id", "must not be empty.")
+    if message_id in seen:
+        bad_field(f"{path}.id", "is the id of an earlier message of the file.")
+    parent_id = m.get("parent_id")
+    if parent_id is not None and not (isinstance(parent_id, str) and parent_id in seen):
+        bad_field(f"{path}.parent_id", "must be null or the id of an earlier message of the file.")
+    role = m.get("role")
+    if role not in ("user", "assistant"):
+        bad_field(f"{path}.role", "must be 'user' or 'assistant'.")
+    # The shapes chatsvc makes: an answer answers a user message (or nothing: its question was
+    # purged while it was being written); a user message follows anything (an answer, or a user
+    # message whose answers were deleted), or starts the conversation.
+    if role == "assistant" and parent_id is not None and seen[parent_id] != "user":
+        bad_field(f"{path}.parent_id", f"an answer must follow a user message; {json.dumps(parent_id)} is an answer.")
+    status = m.get("status")
+    if status not in IMPORTED_STATUSES or (status == STREAMING and role != "assistant"):
+        bad_field(
+            f"{path}.status",
+            f"must be one of {', '.join(IMPORTED_STATUSES)} (streaming: an answer being"
+            " written when it was exported, imported as interrupted).",
+        )
+    error = m.get("error")
+    if error is not None:
+        field_object(error, f"{path}.error", ("code", "message"))
+        field_text(error.get("code"), f"{path}.error.code", 64, optional=False)
+        field_text(error.get("message"), f"{path}.error.message", 2000)
+    if status == STREAMING:  # what had been written of it when it was exported, ended there
+        status, error = INTERRUPTED, {"code": INTERRUPTED, "message": EXPORTED_WHILE_WRITTEN}
+    usage = imported_usage(m.get("usage"), f"{path}.usage")
+    if not isinstance(m.get("in_context", True), bool):
+        bad_field(f"{path}.in_context", "must be true or false.")
+    row = {
+        "id": message_id,
+        "parent_id": parent_id,
+        "role": m["role"],
+        "content": field_text(m.get("content"), f"{path}.content", settings.max_answer_chars, optional=False),
+        "reasoning_content": field_text(
+            m.get("reasoning_content"), f"{path}.reasoning_content", settings.max_answer_chars
+        ),
+        "status": status,
+        "model": field_text(m.get("model"), f"{path}.model", 200),
+        "finish_reason": field_text(m.get("finish_reason"), f"{path}.finish_reason", 64),
+        "error_code": error and error["code"],
+        "error_message": error and error.get("message"),
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "total_tokens": usage.get("total_tokens"),
+        "last_seq": None,
+        "created_at": field_moment(m.get("created_at"), f"{path}.created_at", optional=False),
+        "in_context": m.get("in_context", True),
     }
+    seen[message_id] = role
+    return row
 
 
-def present_message(row: dict, context_start: str, siblings: dict[str | None, list[str]] | None) -> dict:
-    """A message as the API shows it; without `siblings` (a tree page), without `sibling_ids`."""
-    usage = row_usage(row)
-    return {
-        "id": row["id"],
-        "parent_id": row["parent_id"],
-        **({"sibling_ids": siblings.get(row["parent_id"]) or [row["id"]]} if siblings is not None else {}),
-        "role": row["role"],
-        "content": row["content"],
-        "reasoning_content": row["reasoning_content"],
-        "status": row["status"],
-        "in_context": row["id"] > context_start,
-        "model": row["model"],
-        "finish_reason": row["finish_reason"],
-        "error": {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None,
-        "usage": usage,
-        "created_at": row["created_at"],
-    }
+def imported_usage(usage: Any, path: str) -> dict:
+    """A message's `usage`, checked ({} for none)."""
+    if usage is None:
+        return {}
+    field_object(usage, path, USAGE_FIELDS)
+    for name in USAGE_FIELDS:
+        count = usage.get(name)
+        if count is not None and (type(count) is not int or not 0 <= count <= MAX_TOKENS_STORED):
+            bad_field(f"{path}.{name}", f"must be a whole number from 0 to {MAX_TOKENS_STORED}, or null.")
+    return usage or {}
 
 
-def snippet(text: str, query: str, before: int = 30, after: int = 60) -> str:
-    """A short excerpt of `text` around the first place that contains `query` (any case)."""
-    folded = text.lower()
-    at = folded.find(query.lower()) if len(folded) == len(text) else text.find(query)
-    at = max(at, 0)
-    start, end = max(0, at - before), min(len(text), at + len(query) + after)
-    excerpt = " ".join(text[start:end].split())
-    return ("…" if start > 0 else "") + excerpt + ("…" if end < len(text) else "")
-
-
-def exported_message(row: dict, context_start: str) -> dict:
-    return {
-        "id": row["id"], "parent_id": row["parent_id"], "role": row["role"], "content": row["content"],
-        "reasoning_content": row["reasoning_content"], "status": row["status"], "model": row["model"],
-        "finish_reason": row["finish_reason"],
-        "error": {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None,
-        "usage": row_usage(row), "created_at": row["created_at"], "in_context": row["id"] > context_start,
-    }  # fmt: skip
-
-
+# ── Markdown export: a conversation's current branch as a document a person reads ──────
 # The Markdown export's headings, `<details>` folds and status lines are chatsvc's alone. A message's
 # own Markdown (lists, tables, emphasis, code) reads as written, but no text can add a heading (`#`,
 # or a setext `===`/`---` under a line), run or close HTML (`<` is `&lt;` outside code), or leave a
@@ -3793,24 +3855,79 @@ def markdown_document(conversation: dict, branch: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def encode_cursor(*parts: str) -> str:
-    return base64.urlsafe_b64encode("\n".join(parts).encode()).decode().rstrip("=")
+# ── HTTP: presenting rows: stored rows as the API shows them ───────────────────────────
 
 
-MESSAGE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+def present_conversation(settings: Settings, row: dict) -> dict:
+    return {
+        "session_id": row["session_id"],
+        "title": row["title"],
+        "system_prompt": row["system_prompt"],
+        "model": row["model"] or settings.chat_model,
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+        "current_message_id": row["current_message_id"],
+        "title_usage": {name: row[f"title_{name}"] for name in USAGE_FIELDS}
+        if row["title_total_tokens"] is not None or row["title_prompt_tokens"] is not None
+        else None,
+        "message_count": int(row["message_count"]),
+        "context_message_count": int(row["context_message_count"]),
+        "generating": bool(row["generating"]),
+    }
 
 
-def decode_cursor(cursor: str, parts: int) -> list[str]:
-    try:
-        values = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().split("\n")
-    except (ValueError, UnicodeDecodeError):
-        values = []
-    if len(values) != parts or any("\x00" in value for value in values):  # PostgreSQL refuses NUL in text
-        raise invalid("'cursor' is not a cursor this service returned.")
-    return values
+def present_message(row: dict, context_start: str, siblings: dict[str | None, list[str]] | None) -> dict:
+    """A message as the API shows it; without `siblings` (a tree page), without `sibling_ids`."""
+    usage = row_usage(row)
+    return {
+        "id": row["id"],
+        "parent_id": row["parent_id"],
+        **({"sibling_ids": siblings.get(row["parent_id"]) or [row["id"]]} if siblings is not None else {}),
+        "role": row["role"],
+        "content": row["content"],
+        "reasoning_content": row["reasoning_content"],
+        "status": row["status"],
+        "in_context": row["id"] > context_start,
+        "model": row["model"],
+        "finish_reason": row["finish_reason"],
+        "error": {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None,
+        "usage": usage,
+        "created_at": row["created_at"],
+    }
 
 
-# ── HTTP: handlers ─────────────────────────────────────────────────────────────────────
+def snippet(text: str, query: str, before: int = 30, after: int = 60) -> str:
+    """A short excerpt of `text` around the first place that contains `query` (any case)."""
+    folded = text.lower()
+    at = folded.find(query.lower()) if len(folded) == len(text) else text.find(query)
+    at = max(at, 0)
+    start, end = max(0, at - before), min(len(text), at + len(query) + after)
+    excerpt = " ".join(text[start:end].split())
+    return ("…" if start > 0 else "") + excerpt + ("…" if end < len(text) else "")
+
+
+def json_bytes(value: Any) -> bytes:
+    """`value` as JSONResponse writes it."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def page_parts(messages: Iterable[dict]) -> list[bytes]:
+    """The JSON of each message, in the page's order (the newest first on a branch), until they reach
+    MESSAGE_PAGE_BYTES; at least one."""
+    parts: list[bytes] = []
+    size = 0
+    for message in messages:
+        part = json_bytes(message)
+        if parts and size + len(part) > MESSAGE_PAGE_BYTES:
+            break
+        parts.append(part)
+        size += len(part)
+    return parts
+
+
+# ── HTTP: conversation handlers: the routes under /api/v1/context/conversations ────────
+# Each handler checks its request, calls the store, and presents what it returns. What every
+# handler starts with comes first: the app's state, whose conversation the request names.
 
 
 def state(request: Request) -> Any:
@@ -3838,54 +3955,18 @@ def conversation_key(request: Request) -> tuple[str, str]:
     return owner_of(request), check_session_id(request.path_params["session_id"])
 
 
+def message_key(request: Request) -> tuple[str, str, str]:
+    """(owner, session_id, message_id) of the message a route's path names."""
+    message_id = request.path_params["message_id"]
+    owner, session_id = conversation_key(request)
+    if not MESSAGE_ID.fullmatch(message_id):
+        raise message_not_found(session_id, message_id[:200])
+    return owner, session_id, message_id
+
+
 def refuse_while_draining(request: Request) -> None:
     if state(request).relay.draining:
         raise shutting_down()
-
-
-def openapi_document(settings: Settings) -> bytes:
-    """docs/openapi.json, with the models this configuration accepts filled in."""
-    doc = json.loads(data_file("docs/openapi.json", "chatsvc_openapi.json").read_bytes())
-    schemas = doc["components"]["schemas"]
-    for name in ("ChatRequest", "ConversationCreate", "ConversationPatch"):
-        schemas[name]["properties"]["model"]["enum"] = [*settings.models, None]
-    schemas["ConversationFile"]["properties"]["conversation"]["properties"]["model"]["enum"] = [*settings.models, None]
-    return json.dumps(doc, ensure_ascii=False).encode()
-
-
-async def openapi(request: Request) -> Response:
-    return Response(state(request).openapi, media_type="application/json")
-
-
-async def prometheus_metrics(request: Request) -> Response:
-    """This process's metrics in Prometheus' text format (each replica serves its own)."""
-    return Response(state(request).store.metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
-
-
-async def healthz(request: Request) -> Response:
-    return JSONResponse({"status": "ok"})
-
-
-async def readyz(request: Request) -> Response:
-    st = state(request)
-    if st.relay.draining:  # load balancers stop sending new work here
-        body = {"status": "draining", "detail": "chatsvc is shutting down.", "code": "shutting_down"}
-        return JSONResponse(body, status_code=503)
-    try:
-        await asyncio.wait_for(st.store.ping(), timeout=2)
-        if st.relay.unstored:
-            raise StorageUnavailable(
-                f"{len(st.relay.unstored)} finished answer(s) are not stored yet: {st.store.fault or 'the database'}"
-                " failed; chatsvc keeps trying."
-            )
-    except StorageUnavailable as exc:
-        detail = exc.detail
-    except asyncio.TimeoutError:
-        detail = "The database did not answer within 2 s."
-    else:
-        return JSONResponse({"status": "ready"})
-    body = {"status": "unavailable", "detail": detail, "code": "storage_unavailable"}
-    return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
 
 
 async def conversation_or_404(request: Request, key: tuple[str, str]) -> dict:
@@ -3893,6 +3974,14 @@ async def conversation_or_404(request: Request, key: tuple[str, str]) -> dict:
     if row is None:
         raise not_found(key[1])
     return row
+
+
+async def present_messages(
+    request: Request, key: tuple[str, str], rows: list[dict], context_start: str, siblings: bool = True
+) -> list:
+    """The messages as the API shows them, with their `sibling_ids` (unless not `siblings`: a tree page)."""
+    found = await state(request).store.siblings(*key, {row["parent_id"] for row in rows}) if siblings else None
+    return [present_message(row, context_start, found) for row in rows]
 
 
 async def list_conversations(request: Request) -> Response:
@@ -3939,14 +4028,6 @@ async def create_conversation(request: Request) -> Response:
     return JSONResponse(present_conversation(st.settings, row), status_code=201)
 
 
-async def present_messages(
-    request: Request, key: tuple[str, str], rows: list[dict], context_start: str, siblings: bool = True
-) -> list:
-    """The messages as the API shows them, with their `sibling_ids` (unless not `siblings`: a tree page)."""
-    found = await state(request).store.siblings(*key, {row["parent_id"] for row in rows}) if siblings else None
-    return [present_message(row, context_start, found) for row in rows]
-
-
 async def get_conversation(request: Request) -> Response:
     st = state(request)
     key = conversation_key(request)
@@ -3957,39 +4038,6 @@ async def get_conversation(request: Request) -> Response:
     conversation = json_bytes(present_conversation(st.settings, row))
     body = conversation[:-1] + b',"messages":[' + b",".join(parts[::-1]) + b"]}"  # each message encoded once
     return Response(body, media_type="application/json")
-
-
-def query_bool(request: Request, name: str) -> bool:
-    value = request.query_params.get(name, "false").lower()
-    if value not in ("true", "false", "1", "0"):
-        raise invalid(f"'{name}' must be true or false.")
-    return value in ("true", "1")
-
-
-def query_message_id(request: Request, name: str) -> str | None:
-    value = request.query_params.get(name) or None  # empty: absent
-    if value is not None and not MESSAGE_ID.fullmatch(value):
-        raise invalid(f"'{name}' is not a message id this service returned.")
-    return value
-
-
-def json_bytes(value: Any) -> bytes:
-    """`value` as JSONResponse writes it."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
-
-
-def page_parts(messages: Iterable[dict]) -> list[bytes]:
-    """The JSON of each message, in the page's order (the newest first on a branch), until they reach
-    MESSAGE_PAGE_BYTES; at least one."""
-    parts: list[bytes] = []
-    size = 0
-    for message in messages:
-        part = json_bytes(message)
-        if parts and size + len(part) > MESSAGE_PAGE_BYTES:
-            break
-        parts.append(part)
-        size += len(part)
-    return parts
 
 
 async def list_messages(request: Request) -> Response:
@@ -4040,15 +4088,6 @@ async def update_conversation(request: Request) -> Response:
     return JSONResponse(present_conversation(st.settings, row))
 
 
-def message_key(request: Request) -> tuple[str, str, str]:
-    """(owner, session_id, message_id) of the message a route's path names."""
-    message_id = request.path_params["message_id"]
-    owner, session_id = conversation_key(request)
-    if not MESSAGE_ID.fullmatch(message_id):
-        raise message_not_found(session_id, message_id[:200])
-    return owner, session_id, message_id
-
-
 async def delete_message(request: Request) -> Response:
     """The message and everything below it; answers the conversation as it is then."""
     st = state(request)
@@ -4075,21 +4114,8 @@ async def export_conversation(request: Request) -> Response:
             headers={"Content-Disposition": f'attachment; filename="{key[1]}.md"'},
         )  # fmt: skip
     messages = await st.store.tree(*key, 2**31 - 1)
-
-    conversation = ("session_id", "title", "system_prompt", "model", "created_at", "updated_at", "current_message_id")
-
-    def document() -> bytes:  # at the import limit it takes a second: in a worker thread, off the event loop
-        return json_bytes(
-            {
-                "format": EXPORT_FORMAT,
-                "version": EXPORT_VERSION,
-                "exported_at": utcnow(),
-                "conversation": {name: row[name] for name in conversation},
-                "messages": [exported_message(m, row["context_start"]) for m in messages],
-            }
-        )
-
-    return Response(await anyio.to_thread.run_sync(document), media_type="application/json")
+    # a second at the import limit: in a worker thread, off the event loop
+    return Response(await anyio.to_thread.run_sync(export_file, row, messages), media_type="application/json")
 
 
 async def import_conversation(request: Request) -> Response:
@@ -4144,6 +4170,9 @@ async def clear_context(request: Request) -> Response:
         raise not_found(key[1])
     row = await conversation_or_404(request, key)
     return JSONResponse(present_conversation(st.settings, row))
+
+
+# ── HTTP: chat handlers: an answer started, waited for or streamed, followed and stopped ───
 
 
 async def start_answer(request: Request) -> Answer:
@@ -4317,6 +4346,9 @@ async def stop_answer(request: Request) -> Response:
     return JSONResponse({"session_id": key[1], "stopped": stopped, "message_id": message_id})
 
 
+# ── HTTP: errors as responses: every exception a handler raises, as {"detail", "code"} ───
+
+
 async def api_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return exc.response()
@@ -4343,6 +4375,63 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 async def internal_error_handler(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return internal_error().response()
+
+
+EXCEPTION_HANDLERS = {
+    ApiError: api_error_handler,
+    Refusal: refusal_handler,
+    HTTPException: http_error_handler,
+    Exception: internal_error_handler,
+}
+
+
+# ── Operations: health, readiness, metrics and the OpenAPI document ────────────────────
+# For load balancers, Prometheus and API tools: no API token needed.
+
+
+def openapi_document(settings: Settings) -> bytes:
+    """docs/openapi.json, with the models this configuration accepts filled in."""
+    doc = json.loads(data_file("docs/openapi.json", "chatsvc_openapi.json").read_bytes())
+    schemas = doc["components"]["schemas"]
+    for name in ("ChatRequest", "ConversationCreate", "ConversationPatch"):
+        schemas[name]["properties"]["model"]["enum"] = [*settings.models, None]
+    schemas["ConversationFile"]["properties"]["conversation"]["properties"]["model"]["enum"] = [*settings.models, None]
+    return json.dumps(doc, ensure_ascii=False).encode()
+
+
+async def openapi(request: Request) -> Response:
+    return Response(state(request).openapi, media_type="application/json")
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    """This process's metrics in Prometheus' text format (each replica serves its own)."""
+    return Response(state(request).store.metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    st = state(request)
+    if st.relay.draining:  # load balancers stop sending new work here
+        body = {"status": "draining", "detail": "chatsvc is shutting down.", "code": "shutting_down"}
+        return JSONResponse(body, status_code=503)
+    try:
+        await asyncio.wait_for(st.store.ping(), timeout=2)
+        if st.relay.unstored:
+            raise StorageUnavailable(
+                f"{len(st.relay.unstored)} finished answer(s) are not stored yet: {st.store.fault or 'the database'}"
+                " failed; chatsvc keeps trying."
+            )
+    except StorageUnavailable as exc:
+        detail = exc.detail
+    except asyncio.TimeoutError:
+        detail = "The database did not answer within 2 s."
+    else:
+        return JSONResponse({"status": "ready"})
+    body = {"status": "unavailable", "detail": detail, "code": "storage_unavailable"}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
 
 
 # ── Pages: the playground (/) and the API docs (/docs), for a person with a browser ─────
@@ -4706,9 +4795,7 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Middleware(HeaderLimit),
         *([Middleware(TokenAuth, token=settings.api_token)] if settings.api_token else []),
     ]
-    handlers = {ApiError: api_error_handler, Refusal: refusal_handler, HTTPException: http_error_handler,
-                Exception: internal_error_handler}  # fmt: skip
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers=handlers, lifespan=lifespan)
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
     # A trailing slash is a 404 like any unknown path: Starlette's redirect would be built from the
     # request's Host header (and carry ?access_token= to whatever host that names).
     app.router.redirect_slashes = False
