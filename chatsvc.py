@@ -4690,7 +4690,7 @@ def redact_access_tokens(record: logging.LogRecord) -> bool:
     return True
 
 
-# ── App and CLI ────────────────────────────────────────────────────────────────────────
+# ── App: the routes, the layers around them, and the service's life from start to drain ───
 
 
 def drain_on_sigterm(relay: Relay, grace: float) -> None:
@@ -4722,12 +4722,14 @@ def drain_on_sigterm(relay: Relay, grace: float) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def create_app(settings: Settings | None = None) -> Starlette:
-    settings = settings or Settings.from_env()
-    metrics = Metrics()
+def app_lifespan(
+    settings: Settings, metrics: Metrics
+) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:
+    """The app's life: the store opened (its schema upgraded), the upstream client and the relay
+    started; at shutdown the running answers drained (see drain_on_sigterm), then each closed in turn."""
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def run(app: Starlette) -> AsyncIterator[None]:
         store = Store(settings.database_url, exclusive=True, metrics=metrics)
         try:
             await store.open()
@@ -4754,8 +4756,13 @@ def create_app(settings: Settings | None = None) -> Starlette:
             await client.aclose()
             await store.close()
 
+    return run
+
+
+def app_routes(settings: Settings) -> list[Route | Mount]:
+    """Every route this configuration serves: the operations endpoints, the pages and the API."""
     api = "/api/v1"
-    routes = [
+    return [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/openapi.json", openapi),
@@ -4779,6 +4786,10 @@ def create_app(settings: Settings | None = None) -> Starlette:
         Route(f"{api}/chat/{{session_id}}/stream", channel, methods=["GET"]),
         Route(f"{api}/chat/{{session_id}}/stop", stop_answer, methods=["POST"]),
     ]
+
+
+def app_middleware(settings: Settings, metrics: Metrics, routes: list[Route | Mount]) -> list[Middleware]:
+    """The layers around the routes, outermost first."""
     # Only what is configured: each layer costs every request and every streamed event a call.
     cors = Middleware(
         JSONCORSMiddleware,
@@ -4788,18 +4799,40 @@ def create_app(settings: Settings | None = None) -> Starlette:
         expose_headers=["Retry-After", "X-Request-ID"],
         max_age=600,
     )
-    middleware = [
+    return [
         Middleware(RequestID),  # outermost: every answer carries X-Request-ID, the CORS middleware's too
         *([Middleware(RequestMetrics, metrics=metrics, routes=routes)] if settings.metrics else []),
         *([cors] if settings.cors_origins else []),
         Middleware(HeaderLimit),
         *([Middleware(TokenAuth, token=settings.api_token)] if settings.api_token else []),
     ]
-    app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)
+
+
+def create_app(settings: Settings | None = None) -> Starlette:
+    settings = settings or Settings.from_env()
+    metrics = Metrics()
+    routes = app_routes(settings)
+    app = Starlette(
+        routes=routes,
+        middleware=app_middleware(settings, metrics, routes),
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=app_lifespan(settings, metrics),
+    )
     # A trailing slash is a 404 like any unknown path: Starlette's redirect would be built from the
     # request's Host header (and carry ?access_token= to whatever host that names).
     app.router.redirect_slashes = False
     return app
+
+
+def __getattr__(name: str) -> Any:
+    # `uvicorn chatsvc:app` builds the app on first access, so importing the module reads no settings.
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)
+
+
+# ── CLI: the chatsvc command, and the server it runs ───────────────────────────────────
 
 
 async def check(settings: Settings, upstream: bool) -> list[str]:
@@ -4954,14 +4987,6 @@ def raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     except (ImportError, ValueError, OSError):
         pass
-
-
-def __getattr__(name: str) -> Any:
-    # `uvicorn chatsvc:app` builds the app on first access, so importing the module reads no settings.
-    if name == "app":
-        globals()["app"] = create_app()
-        return globals()["app"]
-    raise AttributeError(name)
 
 
 if __name__ == "__main__":
