@@ -103,9 +103,11 @@ class Settings:
 
     dashscope_api_key: str | None = setting("DASHSCOPE_API_KEY", None, "the model service's key (required to chat)")
     dashscope_base_url: str = setting(
-        "DASHSCOPE_BASE_URL", "https://dashscope.aliyuncs.com/compatible-mode/v1",
-        "the OpenAI-compatible endpoint (any compatible server works)", cast=lambda v: v.rstrip("/"),
-    )  # fmt: skip
+        "DASHSCOPE_BASE_URL",
+        "https://dashscope.aliyuncs.com/compatible-mode/v1",
+        "the OpenAI-compatible endpoint (any compatible server works)",
+        cast=lambda v: v.rstrip("/"),
+    )
     chat_model: str = setting("CHAT_MODEL", "qwen-plus", "the default model")
     system_prompt: str = setting("SYSTEM_PROMPT", "You are a helpful assistant.", "the default system prompt")
     database_url: str = setting("DATABASE_URL", "sqlite+aiosqlite:///./chatsvc.db", "SQLite file, or postgresql://…")
@@ -114,9 +116,11 @@ class Settings:
     cors_origins: tuple[str, ...] = setting("CHATSVC_CORS_ORIGINS", (), "browser origins allowed to call (a,b)")
     allowed_models: tuple[str, ...] = setting("CHATSVC_ALLOWED_MODELS", (), "further models clients may pick (a,b)")
     titles: str = setting(
-        "CHATSVC_TITLES", "model", "model (the model titles a conversation after its first answer), first-line or off",
+        "CHATSVC_TITLES",
+        "model",
+        "model (the model titles a conversation after its first answer), first-line or off",
         cast=lambda v: _choice(v.lower(), ("model", "first-line", "off"), "CHATSVC_TITLES"),
-    )  # fmt: skip
+    )
     title_model: str | None = setting("CHATSVC_TITLE_MODEL", None, "the model that writes titles (CHAT_MODEL if unset)")
     max_import_bytes: int = setting("CHATSVC_MAX_IMPORT_BYTES", 16 * 1024 * 1024, "largest conversation to import")
     max_context_messages: int = setting("CHATSVC_MAX_CONTEXT_MESSAGES", 20, "history messages sent to the model")
@@ -330,10 +334,11 @@ def request_timeout(seconds: float) -> ApiError:
 
 def cors_rejected(reason: str) -> ApiError:
     return ApiError(
-        400, "cors_rejected",
+        400,
+        "cors_rejected",
         f"This browser request is not allowed ({reason}): its origin, method or headers are not in chatsvc's CORS"
         " settings (CHATSVC_CORS_ORIGINS).",
-    )  # fmt: skip
+    )
 
 
 def too_large(limit: int) -> ApiError:
@@ -368,8 +373,9 @@ def not_configured() -> ApiError:
 
 
 def shutting_down() -> ApiError:
-    return ApiError(503, "shutting_down", "chatsvc is shutting down; try again in a moment.",
-                    headers={"Retry-After": "1"})  # fmt: skip
+    return ApiError(
+        503, "shutting_down", "chatsvc is shutting down; try again in a moment.", headers={"Retry-After": "1"}
+    )
 
 
 def no_route(path: str) -> ApiError:
@@ -405,6 +411,7 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = prometheus_client.CollectorRegistry()
         c, h, g = prometheus_client.Counter, prometheus_client.Histogram, prometheus_client.Gauge
+        # A table, one metric to a line or two (the formatter would spread each over five): `fmt: skip`.
         self.answers = c("chatsvc_answers", "Answers ended, by final status, error code (none) and model",
                          ["status", "code", "model"], registry=r)  # fmt: skip
         self.first_token = h("chatsvc_answer_first_token_seconds", "From an answer's start to its first token",
@@ -3458,8 +3465,17 @@ class ChatRequest:
     regenerate: str | None = None  # a new answer to the question this answer answered
 
 
-CHAT_FIELDS = ("message", "model", "temperature", "top_p", "max_tokens", "enable_thinking", "parent_id", "edit",
-               "regenerate")  # fmt: skip
+CHAT_FIELDS = (
+    "message",
+    "model",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "enable_thinking",
+    "parent_id",
+    "edit",
+    "regenerate",
+)
 
 
 def parse_chat(settings: Settings, body: dict) -> ChatRequest:
@@ -3470,8 +3486,10 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
     message = body.get("message")
     if places["regenerate"] is not None:
         if message is not None:
-            raise invalid("'regenerate' answers the stored question again: leave 'message' out (to change the"
-                          " question, send it with 'edit').")  # fmt: skip
+            raise invalid(
+                "'regenerate' answers the stored question again: leave 'message' out (to change the"
+                " question, send it with 'edit')."
+            )
     elif not isinstance(message, str):
         raise invalid("'message' is required and must be a string.")
     elif not message.strip():
@@ -3540,12 +3558,19 @@ FILE_MESSAGE_FIELDS = (
 
 def exported_message(row: dict, context_start: str) -> dict:
     return {
-        "id": row["id"], "parent_id": row["parent_id"], "role": row["role"], "content": row["content"],
-        "reasoning_content": row["reasoning_content"], "status": row["status"], "model": row["model"],
+        "id": row["id"],
+        "parent_id": row["parent_id"],
+        "role": row["role"],
+        "content": row["content"],
+        "reasoning_content": row["reasoning_content"],
+        "status": row["status"],
+        "model": row["model"],
         "finish_reason": row["finish_reason"],
         "error": {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None,
-        "usage": row_usage(row), "created_at": row["created_at"], "in_context": row["id"] > context_start,
-    }  # fmt: skip
+        "usage": row_usage(row),
+        "created_at": row["created_at"],
+        "in_context": row["id"] > context_start,
+    }
 
 
 def export_file(conversation: dict, messages: list[dict]) -> bytes:
@@ -3846,8 +3871,14 @@ def markdown_document(conversation: dict, branch: list[dict]) -> str:
         who = "User" if row["role"] == "user" else f"Assistant ({model})" if model else "Assistant"
         lines += [f"## {who} · {markdown_inline(row['created_at'][:16].replace('T', ' '))}", ""]
         if row["reasoning_content"]:
-            lines += ["<details><summary>Reasoning</summary>", "", *markdown_block(row["reasoning_content"]), "",
-                      "</details>", ""]  # fmt: skip
+            lines += [
+                "<details><summary>Reasoning</summary>",
+                "",
+                *markdown_block(row["reasoning_content"]),
+                "",
+                "</details>",
+                "",
+            ]
         lines += [*markdown_block(row["content"]), ""]
         if row["status"] not in (COMPLETE,):
             error = f": {row['error_message']}" if row["error_message"] else ""
@@ -4110,9 +4141,10 @@ async def export_conversation(request: Request) -> Response:
     if kind == "markdown":
         branch = await st.store.branch(*key, 2**31 - 1)
         return Response(
-            markdown_document(row, branch[::-1]), media_type="text/markdown; charset=utf-8",
+            markdown_document(row, branch[::-1]),
+            media_type="text/markdown; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="{key[1]}.md"'},
-        )  # fmt: skip
+        )
     messages = await st.store.tree(*key, 2**31 - 1)
     # a second at the import limit: in a worker thread, off the event loop
     return Response(await anyio.to_thread.run_sync(export_file, row, messages), media_type="application/json")
@@ -4366,8 +4398,12 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
     if exc.status_code == 405:  # Allow lists the methods of every route on this path, not just the first
         # (matched from the app's root: inside a Mount, the scope's root_path is the mount's)
         scope = {**request.scope, "root_path": request.scope.get("app_root_path", request.scope.get("root_path", ""))}
-        allowed = {m for r in request.app.routes if r.matches(scope)[0] != Match.NONE
-                   for m in getattr(r, "methods", None) or ("GET", "HEAD")}  # a Mount: static files  # fmt: skip
+        allowed = {
+            m
+            for r in request.app.routes
+            if r.matches(scope)[0] != Match.NONE
+            for m in getattr(r, "methods", None) or ("GET", "HEAD")  # a Mount: static files
+        }
         return method_not_allowed(request.method, request.url.path, sorted(allowed)).response()
     return http_error(exc.status_code, str(exc.detail), exc.headers).response()
 
@@ -4538,8 +4574,10 @@ def page_routes(settings: Settings) -> list[Route | Mount]:
 
         routes += [Route("/", playground_page, methods=["GET"]), Mount("/playground", files)]
     if settings.docs:
-        assets = [Route(f"/{DOCS_SCRIPT_NAME}", docs_script, methods=["GET"]),
-                  Mount("", PageFiles(swagger_ui_assets(), only=DOCS_FILES))]  # fmt: skip
+        assets = [
+            Route(f"/{DOCS_SCRIPT_NAME}", docs_script, methods=["GET"]),
+            Mount("", PageFiles(swagger_ui_assets(), only=DOCS_FILES)),
+        ]
         routes += [Route("/docs", docs_page, methods=["GET"]), Mount("/docs/static", routes=assets)]
     return routes
 
@@ -4850,8 +4888,13 @@ async def check(settings: Settings, upstream: bool) -> list[str]:
         with contextlib.suppress(Exception):
             await store.close()
     if upstream and settings.dashscope_api_key:
-        payload = {"model": settings.chat_model, "messages": [{"role": "user", "content": "ping"}], "stream": True,
-                   "max_tokens": 1, "stream_options": {"include_usage": True}}  # fmt: skip
+        payload = {
+            "model": settings.chat_model,
+            "messages": [{"role": "user", "content": "ping"}],
+            "stream": True,
+            "max_tokens": 1,
+            "stream_options": {"include_usage": True},
+        }
         async with new_upstream_client(settings) as client:
             try:
                 async for _ in stream_completion(client, settings, payload):
@@ -4868,13 +4911,17 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     parser = argparse.ArgumentParser(
-        prog="chatsvc", description=__doc__.strip().splitlines()[0], epilog=Settings.help(),
+        prog="chatsvc",
+        description=__doc__.strip().splitlines()[0],
+        epilog=Settings.help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    parser.add_argument("--check", action="store_true",
-                        help="check the configuration and the database (changing nothing), then exit")  # fmt: skip
-    parser.add_argument("--check-upstream", action="store_true",
-                        help="also make one tiny model call with the key (costs a few tokens)")  # fmt: skip
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="check the configuration and the database (changing nothing), then exit"
+    )
+    parser.add_argument(
+        "--check-upstream", action="store_true", help="also make one tiny model call with the key (costs a few tokens)"
+    )
     parser.add_argument("--version", action="version", version=f"chatsvc {__version__}")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -4915,10 +4962,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatsvc: the database at DATABASE_URL cannot be used: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
         timeout_graceful_shutdown=5,  # after the drain (see drain_on_sigterm), what is left goes
         http=header_deadline(settings.read_timeout),
-    )  # fmt: skip
+    )
     return 0
 
 
@@ -4936,10 +4986,16 @@ def header_deadline(seconds: float) -> Any:
     service's sockets. Between requests uvicorn's keep-alive timeout (5 s) applies."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    timeout = json.dumps({"detail": f"The request headers did not arrive within {seconds:g} s (CHATSVC_READ_TIMEOUT).",
-                          "code": "request_timeout"}).encode()  # fmt: skip
-    expired = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-               b"content-length: %d\r\n\r\n%s" % (len(timeout), timeout))  # fmt: skip
+    timeout = json.dumps(
+        {
+            "detail": f"The request headers did not arrive within {seconds:g} s (CHATSVC_READ_TIMEOUT).",
+            "code": "request_timeout",
+        }
+    ).encode()
+    expired = (
+        b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(timeout), timeout)
+    )
 
     class Protocol(HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
