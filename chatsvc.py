@@ -4,8 +4,35 @@ It keeps conversations in a database, builds the model context from history, cal
 DashScope's OpenAI-compatible Chat Completions API (or any compatible server) and streams
 answers over Server-Sent Events. The HTTP contract lives in CONTRACT.md.
 
-The module reads top to bottom in the order data flows: configuration -> errors -> store ->
-context -> upstream -> answers -> replicas -> HTTP in/out -> handlers -> middleware -> app and CLI.
+The module reads top to bottom in the order data flows, one concept to a section, each headed
+`# ── Name: what it is`:
+
+    Configuration               the settings, read once from the environment
+    Errors                      domain refusals, and the HTTP errors they become ({"detail", "code"})
+    Metrics                     what an operator scrapes
+    Database                    connections and their roles, transactions, faults, schema steps
+    Conversations               a conversation's row: made, listed, searched, changed, deleted
+    Message tree                messages, their branches and the current leaf
+    Copies                      conversations copied: forks and imports
+    Answer rows                 an answer's row, from its start to its final state
+    Turns                       where a new message goes in the tree, and what the model is sent
+    Context                     what the model sees
+    Upstream                    the model service's streaming API
+    Answers                     one answer's life, from the model to its readers and the store
+    Titles                      a conversation's name, written by the model
+    Replicas                    answers followed across processes on PostgreSQL, and the heartbeat
+    HTTP: request parsing       a request's body, query and path, checked
+    Conversation files          the JSON export, and an import read back field by field
+    Markdown export             a conversation's current branch as a document a person reads
+    HTTP: presenting rows       stored rows as the API shows them
+    HTTP: conversation handlers the routes under /api/v1/context/conversations
+    HTTP: chat handlers         an answer started, waited for or streamed, followed and stopped
+    HTTP: errors as responses   every exception a handler raises, as {"detail", "code"}
+    Operations                  health, readiness, metrics and the OpenAPI document
+    Pages                       the playground and the API docs
+    Middleware                  the layers every request passes through
+    App                         the routes, the layers, and the service's life from start to drain
+    CLI                         the chatsvc command, and the server it runs
 """
 
 from __future__ import annotations
@@ -198,7 +225,7 @@ class Settings:
 HEARTBEAT_MISSES = 3
 
 
-# ── Errors (every non-2xx answer is {"detail", "code"}) ───────────────────────────────
+# ── Errors: domain refusals, and the HTTP errors they become ({"detail", "code"}) ──────
 # The store, the context builder, the upstream client and the answers raise `Refusal`s: domain
 # errors with a contract code and a sentence for a person. `api_error` maps them to HTTP here, in
 # one place; every other `ApiError` the handlers and middleware answer is made by a function below.
@@ -4582,7 +4609,7 @@ def page_routes(settings: Settings) -> list[Route | Mount]:
     return routes
 
 
-# ── Middleware ─────────────────────────────────────────────────────────────────────────
+# ── Middleware: the layers every request passes through on its way to a route ──────────
 
 
 MAX_HEADER_BYTES = 65536
