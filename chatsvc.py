@@ -246,7 +246,7 @@ class StorageUnavailable(Refusal):
 
 class Deadlock(StorageUnavailable):
     """PostgreSQL cancelled this transaction to break a lock cycle with another one: nothing of it was
-    written, and running it again is safe (see `Store.atomically`)."""
+    written, and running it again is safe (see `Database.atomically`)."""
 
 
 class StorageFailed(Refusal):
@@ -2535,7 +2535,7 @@ class Relay:
 
     def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient):
         self.settings, self.store, self.client = settings, store, client
-        self.metrics = store.metrics
+        self.metrics = store.db.metrics
         self.metrics.running.set_function(lambda: sum(1 for a in list(self.running.values()) if a.task is not None))
         self.running: dict[tuple[str, str], Answer] = {}  # conversations are keyed by (owner, session_id)
         self.recent: dict[str, Answer] = {}  # by message_id, running or finished
@@ -2544,7 +2544,7 @@ class Relay:
         self.claiming: set[str] = set()  # answers being written as `streaming`, not started yet
         self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}  # channel listeners waiting
         self._tasks: set[asyncio.Task] = set()  # checkpoints, sweeps, retries: held until they end
-        self.replicas: Replicas | None = None if store.is_sqlite else Replicas(self)
+        self.replicas: Replicas | None = None if store.db.is_sqlite else Replicas(self)
         self.heartbeat: Heartbeat | None = None
         self.loop_tick = time.monotonic()  # the event loop is alive: the heartbeat thread reads it
         self.draining = False  # shutting down: no new answers
@@ -2552,7 +2552,7 @@ class Relay:
 
     async def open(self) -> None:
         if self.replicas is None:  # SQLite: this process alone serves the file, so none is running
-            for row in await self.store.recover_interrupted(None):
+            for row in await self.store.answers.recover_interrupted(None):
                 log.warning("answer %s was cut by the last stop: stored as interrupted", row["id"])
         else:
             await self.replicas.open()
@@ -2695,7 +2695,7 @@ class Relay:
                 continue
             batch = [Checkpoint(a.message_id, a.full_text, a.full_reasoning, len(a.log)) for a in due]
             try:
-                await self.store.checkpoint(batch)
+                await self.store.answers.checkpoint(batch)
             except StorageUnavailable as exc:
                 log.warning("checkpoint of %d answer(s) failed, tried again in %g s: %s", len(batch),
                             self.settings.checkpoint_seconds, exc.detail)  # fmt: skip
@@ -2721,7 +2721,7 @@ class Relay:
                 log.warning("answer %s was taken for dead by another process; its verdict stands", answer.message_id)
         elif stored is None:
             answer.error = StorageFailed(
-                f"The answer could not be stored: {self.store.fault or 'the database failed.'} chatsvc keeps trying"
+                f"The answer could not be stored: {self.store.db.fault or 'the database failed.'} chatsvc keeps trying"
                 " to store it; reload the conversation once GET /readyz answers 200."
             )
             self.unstored[answer.key] = answer
@@ -2743,7 +2743,7 @@ class Relay:
         deadline = None if within is None else time.monotonic() + within
         for attempt in itertools.count():
             try:
-                return await self.store.finish_answer(answer.message_id, final)
+                return await self.store.answers.finish(answer.message_id, final)
             except StorageUnavailable as exc:
                 left = math.inf if deadline is None else deadline - time.monotonic()
                 if left <= 0:
@@ -2766,7 +2766,7 @@ class Relay:
     async def _verdict(self, answer: Answer) -> dict | None:
         for attempt in range(5):
             try:
-                return await self.store.answer(answer.message_id)
+                return await self.store.answers.get(answer.message_id)
             except StorageUnavailable:
                 await asyncio.sleep(backoff(attempt))
         return None
@@ -2882,7 +2882,7 @@ class Relay:
 
     async def recover(self) -> int:
         """Interrupt the answers whose process stopped beating; how many there were."""
-        rows = await self.store.recover_interrupted(self.settings.heartbeat_stale, self.own_ids())
+        rows = await self.store.answers.recover_interrupted(self.settings.heartbeat_stale, self.own_ids())
         for row in rows:
             log.warning("answer %s lost its process (no heartbeat): stored as interrupted", row["id"])
         if rows and self.replicas is not None:
@@ -2929,7 +2929,7 @@ class Heartbeat:
             return
         try:
             if self._conn is None or self._conn.is_closed():
-                url = DatabaseURL(self.relay.store.url)
+                url = DatabaseURL(self.relay.store.db.url)
                 self._conn = await asyncpg.connect(
                     host=url.hostname, port=url.port, user=url.username, password=url.password,
                     database=url.database, timeout=10, command_timeout=max(1.0, self.relay.settings.heartbeat_stale),
@@ -3033,9 +3033,9 @@ async def write_title(relay: Relay, answer: Answer) -> None:
         status = "empty"
     try:
         key = (answer.owner, answer.session_id)
-        if not await relay.store.set_model_title(*key, answer.message_id, title, usage):
+        if not await relay.store.conversations.set_model_title(*key, answer.message_id, title, usage):
             # a client named it meanwhile (kept), or the answer it was made from is gone (its text too)
-            status = "kept" if await relay.store.message(*key, answer.message_id) else "gone"
+            status = "kept" if await relay.store.tree.message(*key, answer.message_id) else "gone"
     except StorageUnavailable as exc:
         status, code = "unstored", "storage_unavailable"
         log.warning("title of session %s not stored: %s", answer.session_id, exc.detail)
@@ -3183,19 +3183,19 @@ class Bus:
                     await self._connections[1].raw_connection.execute(
                         "SELECT pg_notify($1, note) FROM unnest($2::text[]) AS note", CHANNEL, batch
                     )
-                    self.store.metrics.bus.labels("sent").inc(len(batch))
+                    self.store.db.metrics.bus.labels("sent").inc(len(batch))
                     break
                 except Exception as exc:  # else mirrors see the gap at the next event and catch up from the store
                     log.warning("could not publish %d event(s) to the other replicas (%s)", len(batch), exc)
                     if attempt == 0:
                         await self._reconnect(1)
                     else:
-                        self.store.metrics.bus.labels("unsent").inc(len(batch))
+                        self.store.db.metrics.bus.labels("unsent").inc(len(batch))
 
     def _received(self, conn: Any, pid: int, channel: str, note: str) -> None:
         notification = Notification.decode(note)
         if notification.origin != self.origin:
-            self.store.metrics.bus.labels("received").inc()
+            self.store.db.metrics.bus.labels("received").inc()
             self.on_notification(notification)
 
 
@@ -3312,7 +3312,7 @@ class Replicas:
         assert mirror.pending is not None
         for _ in range(20):
             try:
-                row = await self.store.message(mirror.owner, mirror.session_id, mirror.message_id)
+                row = await self.store.tree.message(mirror.owner, mirror.session_id, mirror.message_id)
             except StorageUnavailable:
                 await asyncio.sleep(self.settings.checkpoint_seconds)
                 continue
@@ -3357,7 +3357,7 @@ class Replicas:
     async def _end_from_store(self, mirror: Mirror, row: dict | None = None) -> None:
         if row is None:
             with contextlib.suppress(StorageUnavailable):
-                row = await self.store.message(mirror.owner, mirror.session_id, mirror.message_id)
+                row = await self.store.tree.message(mirror.owner, mirror.session_id, mirror.message_id)
         if row is not None and row["status"] != STREAMING and not mirror.done.is_set():
             mirror.status = row["status"]
             mirror.append(stored_final_event(row), final=True, seq=row["last_seq"])
@@ -3383,7 +3383,7 @@ class Replicas:
             if isinstance(answer, Mirror) and answer.pending is None and answer.heard_at < quiet
         }
         if mirrors:
-            still = await self.store.streaming(list(mirrors))
+            still = await self.store.answers.streaming(list(mirrors))
             for message_id, mirror in mirrors.items():
                 if message_id not in still:
                     await self._end_from_store(mirror)
@@ -3403,7 +3403,7 @@ class Replicas:
             finally:
                 won.cancel()
         await self.relay.recover()  # one whose replica is gone is interrupted now, not asked
-        answer_id = await self.store.streaming_answer(*key)
+        answer_id = await self.store.answers.streaming_id(*key)
         if answer_id is None:
             return None, False
         won = self._ask_to_stop(key)
@@ -3411,7 +3411,7 @@ class Replicas:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-                row = await self.store.message(*key, answer_id)
+                row = await self.store.tree.message(*key, answer_id)
                 if row is None or row["status"] != STREAMING:
                     return answer_id, won.done() and not won.cancelled() and row is not None and row[
                         "status"
@@ -3987,7 +3987,7 @@ async def openapi(request: Request) -> Response:
 
 async def prometheus_metrics(request: Request) -> Response:
     """This process's metrics in Prometheus' text format (each replica serves its own)."""
-    return Response(state(request).store.metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+    return Response(state(request).store.db.metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 async def healthz(request: Request) -> Response:
@@ -4000,10 +4000,10 @@ async def readyz(request: Request) -> Response:
         body = {"status": "draining", "detail": "chatsvc is shutting down.", "code": "shutting_down"}
         return JSONResponse(body, status_code=503)
     try:
-        await asyncio.wait_for(st.store.ping(), timeout=2)
+        await asyncio.wait_for(st.store.db.ping(), timeout=2)
         if st.relay.unstored:
             raise StorageUnavailable(
-                f"{len(st.relay.unstored)} finished answer(s) are not stored yet: {st.store.fault or 'the database'}"
+                f"{len(st.relay.unstored)} finished answer(s) are not stored yet: {st.store.db.fault or 'the database'}"
                 " failed; chatsvc keeps trying."
             )
     except StorageUnavailable as exc:
@@ -4017,7 +4017,7 @@ async def readyz(request: Request) -> Response:
 
 
 async def conversation_or_404(request: Request, key: tuple[str, str]) -> dict:
-    row = await state(request).store.conversation(*key)
+    row = await state(request).store.conversations.get(*key)
     if row is None:
         raise not_found(key[1])
     return row
@@ -4033,17 +4033,17 @@ async def list_conversations(request: Request) -> Response:
     after = tuple(decode_cursor(cursor, 2)) if cursor else None
     query = request.query_params.get("q")
     if query is None:
-        rows = await st.store.conversations(owner, limit + 1, after)
+        rows = await st.store.conversations.page(owner, limit + 1, after)
     else:
         if not query.strip():
             raise invalid("'q' must not be blank.")
-        rows = await st.store.search(owner, storable("q", query, 200), limit + 1, after)
+        rows = await st.store.search.conversations(owner, storable("q", query, 200), limit + 1, after)
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = encode_cursor(rows[-1]["updated_at"], rows[-1]["session_id"]) if more else None
     conversations = [present_conversation(st.settings, r) for r in rows]
     if query is not None:
-        texts = await st.store.texts([r["match_id"] for r in rows if r["match_id"] and not r["title_match"]])
+        texts = await st.store.search.texts([r["match_id"] for r in rows if r["match_id"] and not r["title_match"]])
         for body, row in zip(conversations, rows, strict=True):
             if row["title_match"] or row["match_id"] not in texts:
                 body["match"] = {"field": "title"}
@@ -4061,7 +4061,7 @@ async def create_conversation(request: Request) -> Response:
     title = optional_text(body, "title", 200)
     prompt = optional_text(body, "system_prompt", st.settings.max_message_chars)
     model = check_model(st.settings, body.get("model"))
-    if not await st.store.create_conversation(owner, session_id, title, prompt, model):
+    if not await st.store.conversations.create(owner, session_id, title, prompt, model):
         raise conversation_exists(session_id)
     row = await conversation_or_404(request, (owner, session_id))
     return JSONResponse(present_conversation(st.settings, row), status_code=201)
@@ -4071,7 +4071,7 @@ async def present_messages(
     request: Request, key: tuple[str, str], rows: list[dict], context_start: str, siblings: bool = True
 ) -> list:
     """The messages as the API shows them, with their `sibling_ids` (unless not `siblings`: a tree page)."""
-    found = await state(request).store.siblings(*key, {row["parent_id"] for row in rows}) if siblings else None
+    found = await state(request).store.tree.siblings(*key, {row["parent_id"] for row in rows}) if siblings else None
     return [present_message(row, context_start, found) for row in rows]
 
 
@@ -4080,7 +4080,7 @@ async def get_conversation(request: Request) -> Response:
     key = conversation_key(request)
     limit = query_int(request, "limit", 50, 1, 500)
     row = await conversation_or_404(request, key)
-    messages = await st.store.branch(*key, limit, chars=MESSAGE_PAGE_BYTES)
+    messages = await st.store.tree.branch(*key, limit, chars=MESSAGE_PAGE_BYTES)
     parts = page_parts(await present_messages(request, key, messages, row["context_start"]))  # as a page ends
     conversation = json_bytes(present_conversation(st.settings, row))
     body = conversation[:-1] + b',"messages":[' + b",".join(parts[::-1]) + b"]}"  # each message encoded once
@@ -4133,9 +4133,9 @@ async def list_messages(request: Request) -> Response:
     row = await conversation_or_404(request, key)
     # the store reads no message whose text starts past the page's size (a character is a byte or more)
     if tree:
-        rows = await st.store.tree(*key, limit + 1, after=cursor, before=before, chars=MESSAGE_PAGE_BYTES)
+        rows = await st.store.tree.messages(*key, limit + 1, after=cursor, before=before, chars=MESSAGE_PAGE_BYTES)
     else:
-        rows = await st.store.branch(*key, limit + 1, before or cursor, chars=MESSAGE_PAGE_BYTES)
+        rows = await st.store.tree.branch(*key, limit + 1, before or cursor, chars=MESSAGE_PAGE_BYTES)
     parts = page_parts(await present_messages(request, key, rows[:limit], row["context_start"], siblings=not tree))
     more = bool(rows) and len(parts) < rows[0]["candidates"]
     next_cursor = json_bytes(rows[len(parts) - 1]["id"] if more else None)
@@ -4159,10 +4159,10 @@ async def update_conversation(request: Request) -> Response:
     current = body.get("current_message_id")
     if "current_message_id" in body and not (isinstance(current, str) and MESSAGE_ID.fullmatch(current)):
         raise invalid("'current_message_id' must be the id of a message of this conversation.")
-    if current is not None and not await st.store.switch_branch(*key, current):
+    if current is not None and not await st.store.tree.switch_branch(*key, current):
         await conversation_or_404(request, key)
         raise message_not_found(key[1], current)
-    if changes and not await st.store.update_conversation(*key, changes):
+    if changes and not await st.store.conversations.update(*key, changes):
         raise not_found(key[1])
     row = await conversation_or_404(request, key)
     return JSONResponse(present_conversation(st.settings, row))
@@ -4182,7 +4182,7 @@ async def delete_message(request: Request) -> Response:
     st = state(request)
     owner, session_id, message_id = message_key(request)
     await conversation_or_404(request, (owner, session_id))
-    await st.store.delete_branch(owner, session_id, message_id)
+    await st.store.tree.delete_branch(owner, session_id, message_id)
     row = await conversation_or_404(request, (owner, session_id))
     return JSONResponse(present_conversation(st.settings, row))
 
@@ -4197,12 +4197,12 @@ async def export_conversation(request: Request) -> Response:
         raise invalid("'format' must be json or markdown.")
     row = await conversation_or_404(request, key)
     if kind == "markdown":
-        branch = await st.store.branch(*key, 2**31 - 1)
+        branch = await st.store.tree.branch(*key, 2**31 - 1)
         return Response(
             markdown_document(row, branch[::-1]), media_type="text/markdown; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="{key[1]}.md"'},
         )  # fmt: skip
-    messages = await st.store.tree(*key, 2**31 - 1)
+    messages = await st.store.tree.messages(*key, 2**31 - 1)
 
     conversation = ("session_id", "title", "system_prompt", "model", "created_at", "updated_at", "current_message_id")
 
@@ -4232,7 +4232,7 @@ async def import_conversation(request: Request) -> Response:
     body = await read_json(request, st.settings, limit=st.settings.max_import_bytes, in_thread=True)
     file = await anyio.to_thread.run_sync(parse_import, st.settings, body)
     wanted = asked or file.session_id or str(uuid.uuid4())
-    session_id = await st.store.import_conversation(owner, wanted, file, another=asked is None)
+    session_id = await st.store.copies.import_file(owner, wanted, file, another=asked is None)
     if session_id is None:
         raise conversation_exists(wanted)
     row = await conversation_or_404(request, (owner, session_id))
@@ -4250,7 +4250,7 @@ async def fork_conversation(request: Request) -> Response:
     new_session_id = check_session_id(body["session_id"]) if body.get("session_id") is not None else str(uuid.uuid4())
     title = optional_text(body, "title", 200)
     await conversation_or_404(request, key)
-    if not await st.store.fork(*key, message_id, new_session_id, title):
+    if not await st.store.copies.fork(*key, message_id, new_session_id, title):
         raise conversation_exists(new_session_id)
     row = await conversation_or_404(request, (key[0], new_session_id))
     return JSONResponse(present_conversation(st.settings, row), status_code=201)
@@ -4260,7 +4260,7 @@ async def delete_conversation(request: Request) -> Response:
     st = state(request)
     key = conversation_key(request)
     await st.relay.stop(key)  # its answer ends first, so nothing writes after the delete
-    if not await st.store.delete_conversation(*key):
+    if not await st.store.conversations.delete(*key):
         raise not_found(key[1])
     return Response(status_code=204)
 
@@ -4268,7 +4268,7 @@ async def delete_conversation(request: Request) -> Response:
 async def clear_context(request: Request) -> Response:
     st = state(request)
     key = conversation_key(request)
-    if not await st.store.clear_context(*key, query_bool(request, "purge")):
+    if not await st.store.tree.clear_context(*key, query_bool(request, "purge")):
         raise not_found(key[1])
     row = await conversation_or_404(request, key)
     return JSONResponse(present_conversation(st.settings, row))
@@ -4283,7 +4283,7 @@ async def plan_turn(request: Request, key: tuple[str, str], chat: ChatRequest) -
     target_id = chat.parent_id or chat.edit or chat.regenerate
     start: str | None = None
     if target_id is not None:
-        target = await st.store.message_and_parent(owner, session_id, target_id)
+        target = await st.store.tree.message_and_parent(owner, session_id, target_id)
         if target is None:
             raise message_not_found(session_id, target_id)
         field_name = "parent_id" if chat.parent_id else "edit" if chat.edit else "regenerate"
@@ -4305,7 +4305,7 @@ async def plan_turn(request: Request, key: tuple[str, str], chat: ChatRequest) -
                               " cannot be regenerated.")  # fmt: skip
             question, question_id, new_question = target["parent_content"], target["parent_id"], False
             start = target["grandparent_id"]
-    conversation, history = await st.store.chat_context(
+    conversation, history = await st.store.tree.chat_context(
         owner, session_id, 2 * s.max_context_messages + 2, start, current=target_id is None
     )
     if target_id is None:
@@ -4345,11 +4345,11 @@ async def start_answer(request: Request) -> Answer:
     relay.claiming.add(turn.answer_id)  # vouched for by the heartbeat from the moment its row exists
     try:
         try:
-            await st.store.begin_turn(turn)
+            await st.store.tree.begin_turn(turn)
         except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
             if relay.replicas is None or not await relay.recover():
                 raise
-            await st.store.begin_turn(turn)
+            await st.store.tree.begin_turn(turn)
         payload = {"model": turn.model, "messages": messages, "stream": True,
                    "stream_options": {"include_usage": True}}  # fmt: skip
         answer = relay.start(turn, {**payload, **chat.options})
@@ -4408,7 +4408,7 @@ def event_stream(request: Request, body: AsyncIterator[bytes], channel: bool = F
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
         headers={"Cache-Control": "no-store, no-transform"},
     )
-    metrics = state(request).store.metrics
+    metrics = state(request).store.db.metrics
     response.gauges = (metrics.streams, metrics.listeners) if channel else (metrics.streams,)
     return response
 
@@ -4458,7 +4458,7 @@ async def channel_events(
                 yield answer.final  # it saw more than this replica holds, but not the end
         else:
             answer = None
-            row = await store.message(*key, message_id)
+            row = await store.tree.message(*key, message_id)
             if row and row["status"] != STREAMING:
                 if seq != row["last_seq"]:  # its log is gone: send its end, unless that is what it saw last
                     yield stored_final_event(row)
@@ -4903,7 +4903,7 @@ async def check(settings: Settings, upstream: bool) -> list[str]:
     store = Store(settings.database_url)
     try:
         await asyncio.wait_for(store.open(upgrade=False), timeout=10)
-        await store.ping()
+        await store.db.ping()
     except Exception as exc:
         problems.append(f"The database at DATABASE_URL cannot be used: {type(exc).__name__}: {exc}")
     finally:
@@ -4960,9 +4960,9 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     store = Store(settings.database_url)
-    if store.sqlite_path:  # refused here in one sentence, before the server starts (the app takes it again)
+    if store.db.sqlite_path:  # refused here in one sentence, before the server starts (the app takes it again)
         try:
-            hold_sqlite_file(store.sqlite_path)
+            hold_sqlite_file(store.db.sqlite_path)
         except SQLiteFileInUse as exc:
             print(f"chatsvc: {exc}", file=sys.stderr)
             return 2
