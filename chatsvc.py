@@ -1188,6 +1188,7 @@ class Search:
         )
 
     async def texts(self, message_ids: list[str]) -> dict[str, str]:
+        """The text of each of these messages, by id (where a search's snippets come from)."""
         found: dict[str, str] = {}
         for names, ids in _id_batches(message_ids):
             for row in await self.db.fetch_all(f"SELECT id, content FROM messages WHERE id IN ({names})", ids):
