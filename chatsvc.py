@@ -67,9 +67,10 @@ from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote_plus
 
 import anyio
+import databases
 import httpx2 as httpx
 import prometheus_client
-from databases import Database, DatabaseURL
+from databases import DatabaseURL
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.config import Config
@@ -276,7 +277,7 @@ class StorageUnavailable(Refusal):
 
 class Deadlock(StorageUnavailable):
     """PostgreSQL cancelled this transaction to break a lock cycle with another one: nothing of it was
-    written, and running it again is safe (see `Store.atomically`)."""
+    written, and running it again is safe (see `Database.atomically`)."""
 
 
 class StorageFailed(Refusal):
@@ -492,7 +493,7 @@ class Metrics:
         return prometheus_client.generate_latest(self.registry)
 
 
-# ── Store: raw SQL through `databases` ─────────────────────────────────────────────────
+# ── Rows: the statuses, times and ids the stored rows carry ────────────────────────────
 
 STREAMING, COMPLETE, STOPPED, INTERRUPTED, FAILED = "streaming", "complete", "stopped", "interrupted", "failed"
 
@@ -514,7 +515,7 @@ _ID_TIME = re.compile(r"[0-9a-f]{14}")
 
 def new_message_id(after: str = "") -> str:
     """A new message id: 14 hex digits of microseconds, then 10 random ones. It sorts after `after`
-    (the largest id its conversation holds, read before: see Store.chat_context) and after every id
+    (the largest id its conversation holds, read before: see Tree.chat_context) and after every id
     this process made, whatever this process's clock says, as a hybrid logical clock: replicas'
     clocks may disagree, and a message must still sort after everything its writer saw."""
     global _last_id_us
@@ -523,19 +524,13 @@ def new_message_id(after: str = "") -> str:
     return f"{_last_id_us:014x}{uuid.uuid4().hex[:10]}"
 
 
-def data_file(in_checkout: str, in_wheel: str) -> Path:
-    """A file (or folder) shipped with the module: at its checkout path, or where the wheel
-    installs it (next to chatsvc.py, with a chatsvc_ prefix; see pyproject.toml)."""
-    here = Path(__file__).resolve().parent
-    for path in (here / in_wheel, here / in_checkout):
-        if path.exists():
-            return path
-    raise FileNotFoundError(f"{in_checkout} not found next to {__file__}")
-
+# ── Database: its connections and their roles, transactions and faults ─────────────────
 
 SQLITE_BUSY_MS = 5000  # how long a statement waits for another process's write lock
 DEADLOCK_ATTEMPTS = 3  # a transaction PostgreSQL cancelled to break a deadlock runs again, up to this in all
 T = TypeVar("T")
+
+READ, WRITE, BACKGROUND, SEARCH = "read", "write", "background", "search"  # SQLite: which of the database's connections
 
 
 class _SQLiteConnection(sqlite3.Connection):
@@ -576,11 +571,15 @@ def storage_fault(exc: BaseException) -> str:
     """What a database failure means, as a sentence a person can act on."""
     kind = fault_kind(exc)
     if kind == "deadlock":
-        return ("Two changes to this conversation waited for each other (a deadlock) and the database cancelled"
-                " this one; nothing of it was stored: try again.")  # fmt: skip
+        return (
+            "Two changes to this conversation waited for each other (a deadlock) and the database cancelled"
+            " this one; nothing of it was stored: try again."
+        )
     if kind == "locked":
-        return ("The database is locked by another process (a backup, or an open sqlite3 shell?) and could not be"
-                " written in time; try again in a moment.")  # fmt: skip
+        return (
+            "The database is locked by another process (a backup, or an open sqlite3 shell?) and could not be"
+            " written in time; try again in a moment."
+        )
     if kind == "disk_full":
         return "The database's disk is full: free space on it, and chatsvc recovers by itself."
     if kind == "timeout":
@@ -635,6 +634,425 @@ def hold_sqlite_file(database: str) -> Callable[[], None]:
     return release
 
 
+# PostgreSQL: the database server's clock, as the text utcnow() writes (`{}`: a timestamp expression).
+# A `streaming` answer's heartbeat (its `updated_at`) is written by this clock alone, at every write
+# (the new row, each checkpoint, each beat), and judged against it by every sweep: whether an answer's
+# process is gone never depends on the replicas' clocks agreeing. (SQLite: one process, its clock.)
+_PG_TIME = "to_char(({}) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
+PG_NOW = _PG_TIME.format("clock_timestamp()")
+PG_STALE = _PG_TIME.format("clock_timestamp() - make_interval(secs => :stale)")  # :stale seconds ago
+
+# The database whose transaction this task is in (SQLite: its statements go to the write connection).
+_in_transaction: contextvars.ContextVar[Any] = contextvars.ContextVar("in_transaction", default=None)
+
+
+class Database:
+    """The database's connections and the statements the rooms run on them (`fetch_all`, `fetch_one`,
+    `execute`). A write is one atomic statement, or several in `transaction()`, which on SQLite takes
+    the write lock first (BEGIN IMMEDIATE: SQLite cannot upgrade a read lock to a write lock under
+    concurrency, busy_timeout does not apply).
+
+    A database failure (locked, full, unreachable) is raised as `StorageUnavailable`; `fault`
+    says what the last write met, until a write succeeds again (GET /readyz shows it)."""
+
+    def __init__(self, url: str, exclusive: bool = False, metrics: Metrics | None = None):
+        self.url = url
+        self.metrics = metrics or Metrics()
+        self._statement_seconds = {
+            role: self.metrics.statements.labels(role) for role in (READ, WRITE, BACKGROUND, SEARCH)
+        }
+        self.is_sqlite = url.startswith("sqlite")
+        self.dialect = "sqlite" if self.is_sqlite else "postgresql"
+        self.exclusive = exclusive  # SQLite: this process serves the file (see hold_sqlite_file)
+        if self.is_sqlite:
+            options: dict[str, Any] = {"factory": _SQLiteConnection}
+        else:  # a write that waits for a lock, or a statement the server never answers, fails in bounded time
+            options = {"server_settings": {"lock_timeout": str(SQLITE_BUSY_MS)}, "command_timeout": 30}
+        self._pool = databases.Database(url, **options)
+        self._conns: list[Any] = []  # SQLite: the `databases` connections held open
+        self._raw: dict[str, Any] = {}  # SQLite: READ / WRITE / BACKGROUND -> aiosqlite handle
+        self._release: Callable[[], None] | None = None
+        self._write_lock = asyncio.Lock()  # SQLite: a transaction holds the write connection
+        self._search_lock = asyncio.Lock()  # SQLite: one search at a time on the search connection
+        self.fault: str | None = None
+
+    @property
+    def sqlite_path(self) -> str | None:
+        database = DatabaseURL(self.url).database
+        return database if self.is_sqlite and database and database != ":memory:" else None
+
+    @property
+    def heartbeat_now(self) -> str:
+        """The SQL of "now" in an answer's heartbeat (`updated_at`): PostgreSQL's server clock, one
+        for every replica (PG_NOW); SQLite: `:now`, this process's, the one process on the file."""
+        return ":now" if self.is_sqlite else PG_NOW
+
+    async def open(self, upgrade: bool = True) -> None:
+        """Connect, and bring the schema up to date (`upgrade`), or only check that this release can
+        (a database newer than it is a SchemaError either way)."""
+        if self.exclusive and self.sqlite_path:
+            self._release = hold_sqlite_file(self.sqlite_path)
+        try:
+            await self._pool.connect()
+            if self.is_sqlite:
+                await self._open_sqlite()
+            await apply_schema(self, upgrade)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _open_sqlite(self) -> None:
+        # Long-lived connections: `databases` otherwise opens a connection (and a thread) per task,
+        # ~7 ms per chat instead of ~0.4 ms. Statements go to their aiosqlite handles directly: one
+        # hop to the thread and no SQLAlchemy compile, about 4x cheaper a statement than `databases`'
+        # query path (bench/store.py). Four of them, so that reads never wait behind a write that
+        # waits for another process's lock (WAL lets them read meanwhile), request writes never wait
+        # behind the background checkpoints, and reads never wait behind a costly search (bench/holds.py).
+        # In memory there is one database per connection.
+        roles = (READ, WRITE, BACKGROUND, SEARCH) if self.sqlite_path else (READ,)
+        for role in roles:
+            conn = await asyncio.create_task(self._acquire())  # a task of its own: `databases` keys connections by task
+            self._conns.append(conn)
+            self._raw[role] = conn.raw_connection
+            self._raw[role].row_factory = sqlite3.Row
+        for role in (WRITE, BACKGROUND, SEARCH):
+            self._raw.setdefault(role, self._raw[READ])
+
+    async def _acquire(self) -> Any:
+        conn = self._pool.connection()
+        try:
+            await conn.__aenter__()
+        except Exception:
+            await asyncio.sleep(0.1)  # aiosqlite's thread reports its stop on this loop: let it, before it closes
+            raise
+        return conn
+
+    async def close(self) -> None:
+        # aiosqlite's threads are not daemons: a connection left open keeps the process alive.
+        while self._conns:
+            with contextlib.suppress(Exception):
+                await self._conns.pop().__aexit__(None, None, None)
+        self._raw = {}
+        with contextlib.suppress(Exception):
+            await self._pool.disconnect()
+        if self._release is not None:
+            self._release()
+            self._release = None
+
+    def connection(self) -> Any:
+        """PostgreSQL: this task's connection of the pool (`databases`'), as a context manager."""
+        return self._pool.connection()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, schema: bool = False) -> AsyncIterator[None]:
+        """Several statements as one: all or nothing. On SQLite every statement of the transaction
+        goes to the write connection, which no other task's statement enters meanwhile. `schema`:
+        PostgreSQL also takes the lock that makes replicas apply schema steps one at a time.
+        Transactions do not nest."""
+        if self.is_sqlite:
+            async with self._write_lock:
+                token = _in_transaction.set(self)
+                try:
+                    await self.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield
+                        await self.execute("COMMIT")
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            await self._raw[WRITE].execute("ROLLBACK")
+                        raise
+                finally:
+                    _in_transaction.reset(token)
+            return
+        async with self._pool.connection(), self._pool.transaction():
+            if schema:
+                await self.execute("SELECT pg_advisory_xact_lock(7468372)")
+            yield
+
+    async def atomically(self, body: Callable[[], Awaitable[T]]) -> T:
+        """`body` as one transaction; run again when PostgreSQL cancelled it to break a deadlock (it
+        wrote nothing, and its statements read afresh), up to DEADLOCK_ATTEMPTS times in all."""
+        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+            try:
+                async with self.transaction():
+                    return await body()
+            except Deadlock:
+                if attempt == DEADLOCK_ATTEMPTS:
+                    raise
+                log.info("database deadlock: a transaction was cancelled, running it again (attempt %d)", attempt + 1)
+                await asyncio.sleep(0.05 * attempt)  # the other transaction, which goes on, ends first
+        raise AssertionError("unreachable")
+
+    async def fetch_all(self, sql: str, values: dict[str, Any] | None = None, role: str = READ) -> list[dict]:
+        """The statement's rows, on the connection of `role` (SQLite; PostgreSQL: the pool's)."""
+        started = time.perf_counter()
+        try:
+            if self._raw:  # SQLite takes the same `:name` parameters natively
+                rows = await self._sqlite(sql, values or {}, role)
+            else:
+                if values:  # SQLAlchemy's text() refuses a value the statement does not name
+                    names = _parameters(sql)
+                    values = {name: value for name, value in values.items() if name in names}
+                rows = [dict(row._mapping) for row in await self._pool.fetch_all(sql, values)]
+        except Exception as exc:
+            self._failed(exc, role)
+        finally:
+            self._statement_seconds[role].observe(time.perf_counter() - started)
+        if role != READ:
+            self.fault = None
+        return rows
+
+    async def fetch_one(self, sql: str, values: dict[str, Any] | None = None, role: str = READ) -> dict | None:
+        rows = await self.fetch_all(sql, values, role)
+        return rows[0] if rows else None
+
+    async def execute(self, sql: str, values: dict[str, Any] | None = None, role: str = WRITE) -> None:
+        await self.fetch_all(sql, values, role)
+
+    async def execute_many(self, sql: str, rows: Callable[[], list[tuple]], role: str) -> None:
+        """One statement with numbered parameters ($1), run for each of `rows()`, made once there is a
+        connection, in one round trip (the connection of `role` on SQLite, where sqlite3 reads $1 as
+        the first parameter too; PostgreSQL: asyncpg pipelines the rows)."""
+        try:
+            if self._raw:
+                async with self._sqlite_connection(role) as conn:
+                    await conn.executemany(sql, rows())
+            else:
+                async with self._pool.connection() as conn:
+                    await conn.raw_connection.executemany(sql, rows())
+        except Exception as exc:
+            self._failed(exc, role)
+        self.fault = None
+
+    async def execute_numbered(self, sql: str, *args: Any) -> None:
+        """PostgreSQL: a write with numbered parameters ($1), on this task's asyncpg connection (in a
+        transaction: the transaction's)."""
+        async with self._pool.connection() as conn:
+            started = time.perf_counter()
+            try:
+                await conn.raw_connection.execute(sql, *args)
+            except Exception as exc:
+                self._failed(exc, WRITE)
+            finally:
+                self._statement_seconds[WRITE].observe(time.perf_counter() - started)
+
+    @contextlib.asynccontextmanager
+    async def _sqlite_connection(self, role: str) -> AsyncIterator[Any]:
+        """The SQLite handle a statement of `role` runs on: this task's transaction's, or the write
+        connection outside another task's transaction (when `role` shares it), or its own."""
+        if _in_transaction.get() is self:
+            yield self._raw[WRITE]
+        elif self._raw[role] is self._raw[WRITE]:
+            async with self._write_lock:
+                yield self._raw[WRITE]
+        else:
+            yield self._raw[role]
+
+    async def _sqlite(self, sql: str, values: dict[str, Any], role: str) -> list[dict]:
+        async with self._sqlite_connection(role) as conn:
+            return [dict(row) for row in await conn.execute_fetchall(sql, values)]
+
+    def _failed(self, exc: Exception, role: str) -> NoReturn:
+        # a violation, or a statement PostgreSQL stopped at its own statement_timeout (only a search has
+        # one: its budget), says nothing of the database's health: raised as it is, not counted
+        if _violation(exc) or type(exc).__name__ == "QueryCanceledError":
+            raise exc
+        kind = fault_kind(exc)
+        self.metrics.storage_faults.labels(kind).inc()
+        detail = storage_fault(exc)
+        if kind == "deadlock":  # says nothing of the database's health (GET /readyz)
+            raise Deadlock(detail, retry_after=1) from exc
+        if role != READ:
+            self.fault = detail
+        raise StorageUnavailable(detail) from exc
+
+    async def fetch_search(self, sql: str, values: dict[str, Any]) -> list[dict]:
+        """A search's statement, stopped once it has run SEARCH_SECONDS (SearchTooCostly). SQLite: on a
+        connection of its own (reads never wait behind it), one search at a time, each waiting at most
+        SEARCH_SECONDS for its turn (then SearchBusy); PostgreSQL: `statement_timeout`."""
+        if not self._raw:
+            try:
+                async with self._pool.connection(), self._pool.transaction():
+                    await self.execute(f"SET LOCAL statement_timeout = {round(SEARCH_SECONDS * 1000)}", role=READ)
+                    return await self.fetch_all(sql, values)
+            except Exception as exc:
+                if type(exc).__name__ == "QueryCanceledError":  # its budget (not a storage fault: _failed)
+                    raise search_too_costly() from None
+                raise
+        try:
+            await asyncio.wait_for(self._search_lock.acquire(), SEARCH_SECONDS)
+        except asyncio.TimeoutError:
+            raise SearchBusy(
+                f"Other searches kept the search busy for {SEARCH_SECONDS:g} s; try again in a moment.", retry_after=2
+            ) from None
+        try:
+            started = time.perf_counter()
+            query = asyncio.ensure_future(self._sqlite(sql, values, SEARCH))  # not fetch_all: a cut is not a fault
+            try:
+                done, _ = await asyncio.wait({query}, timeout=SEARCH_SECONDS)
+            except BaseException:  # cancelled: the statement must not outlive its turn either
+                await self._stop_search(query)
+                raise
+            finally:
+                self._statement_seconds[SEARCH].observe(time.perf_counter() - started)
+            if not done:
+                await self._stop_search(query)
+                raise search_too_costly()
+            if query.exception() is not None:
+                self._failed(query.exception(), READ)  # a read: it sets no write fault
+            return query.result()
+        finally:
+            self._search_lock.release()
+
+    async def _stop_search(self, query: asyncio.Future) -> None:
+        """SQLite: the search statement's thread runs on: stop it (it fails 'interrupted') and wait for it."""
+        await self._raw[SEARCH].interrupt()
+        await asyncio.wait({query})
+        if not query.cancelled():
+            query.exception()  # retrieved: the budget's doing, not a fault to report
+
+    async def ping(self) -> None:
+        """The database answers a read, and, after a failed write, takes a write again."""
+        await self.fetch_one("SELECT 1 AS ok")
+        if self.fault is None:
+            return
+        if self.is_sqlite:  # rewrites one row as it is: that fails while the file is locked or its disk full
+            await self.execute(
+                "UPDATE conversations SET updated_at = updated_at WHERE session_id IN"
+                " (SELECT session_id FROM conversations LIMIT 1)"
+            )
+        else:  # a row lock on the messages: it waits for (and fails on) a lock that keeps writers out
+            await self.execute("SELECT id FROM messages LIMIT 1 FOR UPDATE")
+
+
+@functools.lru_cache(maxsize=256)
+def _parameters(sql: str) -> frozenset[str]:
+    return frozenset(re.findall(r"(?<![:\w]):(\w+)", sql))
+
+
+def _id_batches(ids: list[str], size: int = 500) -> Iterator[tuple[str, dict[str, str]]]:
+    """`IN (...)` placeholders and their values, `size` ids at a time."""
+    for start in range(0, len(ids), size):
+        values = {f"id{n}": value for n, value in enumerate(ids[start : start + size], start)}
+        yield ", ".join(":" + name for name in values), values
+
+
+# ── Schema: schema.sql's steps, each applied once, in order ────────────────────────────
+
+
+class _Rollback(Exception):
+    """Leaves a transaction without its writes."""
+
+
+class SchemaError(Exception):
+    """The database's schema cannot be brought to this release's: it is newer (a downgrade), or a
+    step failed (and was rolled back)."""
+
+
+@dataclass
+class SchemaStatement:
+    sql: str
+    dialect: str | None  # "sqlite" or "postgresql" only; None: both
+
+
+@dataclass
+class SchemaStep:
+    version: int
+    title: str
+    statements: list[SchemaStatement]
+
+
+SCHEMA_STEP = re.compile(r"-- step ([0-9]+): (.*)")
+SCHEMA_DIALECT = re.compile(r"-- (sqlite|postgresql) only")
+
+
+def data_file(in_checkout: str, in_wheel: str) -> Path:
+    """A file (or folder) shipped with the module: at its checkout path, or where the wheel
+    installs it (next to chatsvc.py, with a chatsvc_ prefix; see pyproject.toml)."""
+    here = Path(__file__).resolve().parent
+    for path in (here / in_wheel, here / in_checkout):
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"{in_checkout} not found next to {__file__}")
+
+
+def schema_steps() -> list[SchemaStep]:
+    """schema.sql's steps, in order: each starts at a `-- step N: title` line. A statement ends with
+    the line that ends with ';'; a line `-- sqlite only` (`-- postgresql only`) before it keeps it
+    to that database."""
+    steps: list[SchemaStep] = []
+    statement: list[str] = []
+    dialect = None
+    for line in data_file("schema.sql", "chatsvc_schema.sql").read_text(encoding="utf-8").splitlines():
+        if match := SCHEMA_STEP.fullmatch(line):
+            steps.append(SchemaStep(int(match[1]), match[2], []))
+            assert steps[-1].version == len(steps), f"schema.sql: step {match[1]} is out of order"
+        elif match := SCHEMA_DIALECT.fullmatch(line):
+            dialect = match[1]
+        elif steps and line.strip() and not line.strip().startswith("--"):
+            statement.append(line)
+            if line.rstrip().endswith(";"):
+                steps[-1].statements.append(SchemaStatement("\n".join(statement).rstrip().rstrip(";"), dialect))
+                statement, dialect = [], None
+    assert not statement, "schema.sql: its last statement has no ';'"
+    return steps
+
+
+async def apply_schema(db: Database, upgrade: bool = True) -> None:
+    """Apply, in order, one transaction each, the schema steps this database has not had
+    (schema.sql). Under a lock: replicas that start together on an old database upgrade it once.
+    Without `upgrade`, nothing is written (the transaction is rolled back)."""
+    steps = schema_steps()
+    while await _schema_step(db, steps, upgrade):
+        pass
+
+
+async def _schema_step(db: Database, steps: list[SchemaStep], upgrade: bool) -> bool:
+    """Apply the next step this database has not had; False if there is none (or not `upgrade`)."""
+    try:
+        async with db.transaction(schema=True):
+            step = await _next_step(db, steps, upgrade)
+    except _Rollback:
+        return False
+    log.info("database schema: step %d applied (%s)", step.version, step.title)
+    return True
+
+
+async def _next_step(db: Database, steps: list[SchemaStep], upgrade: bool) -> SchemaStep:
+    await db.execute(
+        "CREATE TABLE IF NOT EXISTS schema_versions (version INTEGER PRIMARY KEY,"
+        " applied_at TEXT NOT NULL, release TEXT NOT NULL)"
+    )
+    row = await db.fetch_one("SELECT MAX(version) AS version FROM schema_versions", role=WRITE)
+    version = (row and row["version"]) or 0
+    if version > len(steps):
+        raise SchemaError(
+            f"The database at DATABASE_URL has schema version {version}, newer than this chatsvc"
+            f" ({__version__}, schema version {len(steps)}) knows: run the chatsvc release that"
+            " upgraded it (or a newer one), or restore a backup made before that upgrade."
+        )
+    if version == len(steps) or not upgrade:
+        raise _Rollback  # nothing to write: the version table too stays as it was
+    step = steps[version]
+    try:
+        for statement in step.statements:
+            if statement.dialect in (None, db.dialect):
+                await db.execute(statement.sql)
+    except Exception as exc:
+        reason = exc.detail if isinstance(exc, StorageUnavailable) else f"{type(exc).__name__}: {exc}"
+        raise SchemaError(
+            f"Upgrading the database to schema version {step.version} ({step.title}) failed, and"
+            f" left it as it was (version {version}): {reason}"
+        ) from exc
+    await db.execute(
+        "INSERT INTO schema_versions (version, applied_at, release) VALUES (:v, :now, :release)",
+        {"v": step.version, "now": utcnow(), "release": __version__},
+    )
+    return step
+
+
+# ── Conversations: a user's conversations, their settings and titles ───────────────────
+
 _CONVERSATION_COLUMNS = """
        c.session_id, c.title, c.system_prompt, c.model, c.context_start, c.current_message_id,
        c.title_prompt_tokens, c.title_completion_tokens, c.title_total_tokens, c.created_at, c.updated_at,
@@ -649,6 +1067,109 @@ _PAGE_AFTER = " AND (c.updated_at < :u OR (c.updated_at = :u AND c.session_id < 
 _NEWEST_FIRST = " ORDER BY c.updated_at DESC, c.session_id DESC LIMIT :limit"
 
 
+class Conversations:
+    """Conversations' rows: their settings and titles, with their messages' counts. Every query is
+    scoped to an owner (CHATSVC_USER_HEADER's value, '' without it)."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def get(self, owner: str, session_id: str) -> dict | None:
+        row = await self.db.fetch_one(
+            _CONVERSATION_SQL + " AND c.session_id = :sid", {"owner": owner, "sid": session_id}
+        )
+        return row
+
+    async def page(self, owner: str, limit: int, after: tuple[str, str] | None) -> list[dict]:
+        """The owner's conversations, newest first: `limit` of them after the cursor `after`."""
+        where, values = "", {"owner": owner, "limit": limit}
+        if after:
+            where = _PAGE_AFTER
+            values.update(u=after[0], s=after[1])
+        return await self.db.fetch_all(_CONVERSATION_SQL + where + _NEWEST_FIRST, values)
+
+    async def create(
+        self, owner: str, session_id: str, title: str | None, system_prompt: str | None, model: str | None
+    ) -> bool:
+        row = await self.db.fetch_one(
+            "INSERT INTO conversations (owner, session_id, title, title_source, system_prompt, model, created_at,"
+            " updated_at) VALUES (:owner, :sid, :title, :source, :prompt, :model, :now, :now)"
+            " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
+            {
+                "owner": owner,
+                "sid": session_id,
+                "title": title,
+                "source": "client" if title is not None else None,
+                "prompt": system_prompt,
+                "model": model,
+                "now": utcnow(),
+            },
+            role=WRITE,
+        )
+        return row is not None
+
+    async def update(self, owner: str, session_id: str, changes: dict[str, Any]) -> bool:
+        sets = ", ".join(f"{column} = :{column}" for column in changes)  # columns come from a fixed list
+        row = await self.db.fetch_one(
+            f"UPDATE conversations SET {sets}, updated_at = :now"
+            " WHERE owner = :owner AND session_id = :sid RETURNING session_id",
+            {**changes, "owner": owner, "sid": session_id, "now": utcnow()},
+            role=WRITE,
+        )
+        return row is not None
+
+    async def set_model_title(
+        self, owner: str, session_id: str, answer_id: str, title: str | None, usage: dict | None
+    ) -> bool:
+        """The model's title of answer `answer_id` (None: it gave none, its cost is kept), unless a
+        client has set one since or that answer is gone: deleted, purged, or its conversation deleted
+        (and maybe made again under the same id, which holds other messages: ids are never reused).
+        A title is text derived from messages, and never outlives them."""
+        usage = usage or {}
+        row = await self.db.fetch_one(
+            "UPDATE conversations SET title = COALESCE(:title, title), title_source = CASE WHEN :title IS NULL"
+            " THEN title_source ELSE 'model' END, title_prompt_tokens = :prompt, title_completion_tokens = :completion,"
+            " title_total_tokens = :total WHERE owner = :owner AND session_id = :sid AND title_source = 'first_line'"
+            " AND EXISTS (SELECT 1 FROM messages WHERE id = :mid AND owner = :owner AND session_id = :sid)"
+            " RETURNING session_id",
+            {
+                "owner": owner,
+                "sid": session_id,
+                "mid": answer_id,
+                "title": title,
+                "prompt": usage.get("prompt_tokens"),
+                "completion": usage.get("completion_tokens"),
+                "total": usage.get("total_tokens"),
+            },
+            role=WRITE,
+        )
+        return row is not None
+
+    async def delete(self, owner: str, session_id: str) -> bool:
+        row = await self.db.fetch_one(
+            "DELETE FROM conversations WHERE owner = :owner AND session_id = :sid RETURNING session_id",
+            {"owner": owner, "sid": session_id},
+            role=WRITE,
+        )
+        return row is not None
+
+    async def lock(self, owner: str, session_id: str) -> dict | None:
+        """Inside a transaction: the conversation's row (None if there is none), locked until the
+        transaction ends. Every write that changes a conversation's tree takes this lock first, so
+        they take their locks in one order (no deadlock) and each reads the tree as the one before
+        it left it (PostgreSQL, READ COMMITTED: each later statement reads what was committed
+        before it started). SQLite: its write transactions already run one at a time."""
+        return await self.db.fetch_one(
+            "SELECT current_message_id, context_start FROM conversations WHERE owner = :owner AND session_id = :sid"
+            + ("" if self.db.is_sqlite else " FOR UPDATE"),
+            {"owner": owner, "sid": session_id},
+            role=WRITE,
+        )
+
+
+# ── Search: conversations by the text they hold ────────────────────────────────────────
+
+
 def like_pattern(text: str) -> str:
     """A LIKE pattern matching `text` anywhere, every character of it literal (ESCAPE '\\')."""
     return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
@@ -656,21 +1177,68 @@ def like_pattern(text: str) -> str:
 
 SEARCH_MIN_INDEXED = 3  # SQLite's trigram index finds substrings of 3 characters or more
 SEARCH_SECONDS = 2.0  # a search runs at most this long (then 422 search_too_costly); bench/holds.py
+
+
+class Search:
+    """The owner's conversations that hold a text, and the texts of the messages that hold it."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def conversations(self, owner: str, query: str, limit: int, after: tuple[str, str] | None) -> list[dict]:
+        """The owner's conversations whose title or a message (not `streaming`) contains `query`, as
+        text, newest first; `match_id` is the first message that contains it (None if only the title
+        does), `title_match` whether the title does. SQLite: the trigram index for 3 characters or
+        more, a scan of the owner's messages below; PostgreSQL: ILIKE, which pg_trgm's index serves."""
+        values: dict[str, Any] = {"owner": owner, "limit": limit, "q": query, "pattern": like_pattern(query)}
+        if not self.db.is_sqlite:
+            found = "content ILIKE :pattern ESCAPE '\\'"
+            title = "c.title ILIKE :pattern ESCAPE '\\'"
+        else:
+            found, title = "instr(lower(content), lower(:q)) > 0", "instr(lower(c.title), lower(:q)) > 0"
+        if self.db.is_sqlite and len(query) >= SEARCH_MIN_INDEXED:
+            values["phrase"] = '"' + query.replace('"', '""') + '"'  # an FTS5 string: every character literal
+            # CROSS JOIN: the index first (SQLite would walk the owner's messages, a MATCH each)
+            hits = (
+                "SELECT m.session_id, MIN(m.id) AS match_id FROM messages_search s"
+                " CROSS JOIN messages m ON m.search_id = s.rowid"
+                " WHERE messages_search MATCH :phrase AND m.owner = :owner GROUP BY m.session_id"
+            )
+        else:
+            hits = (
+                "SELECT session_id, MIN(id) AS match_id FROM messages"
+                f" WHERE owner = :owner AND status != 'streaming' AND {found} GROUP BY session_id"
+            )
+        where = f" AND (h.match_id IS NOT NULL OR {title})"
+        if after:
+            where += _PAGE_AFTER
+            values.update(u=after[0], s=after[1])
+        # MATERIALIZED: found once, not once a conversation (SQLite would run the MATCH per row)
+        return await self.db.fetch_search(
+            f"WITH hits AS MATERIALIZED ({hits}) SELECT {_CONVERSATION_COLUMNS}, h.match_id, ({title}) AS title_match"
+            " FROM conversations c LEFT JOIN hits h ON h.session_id = c.session_id"
+            f" WHERE c.owner = :owner{where}{_NEWEST_FIRST}",
+            values,
+        )
+
+    async def texts(self, message_ids: list[str]) -> dict[str, str]:
+        """The text of each of these messages, by id (where a search's snippets come from)."""
+        found: dict[str, str] = {}
+        for names, ids in _id_batches(message_ids):
+            for row in await self.db.fetch_all(f"SELECT id, content FROM messages WHERE id IN ({names})", ids):
+                found[row["id"]] = row["content"]
+        return found
+
+
+# ── Message tree: a conversation's messages, its branches and the turn a chat writes ───
+
 MESSAGE_PAGE_BYTES = 1_048_576  # GET .../messages: a page's messages stop at this size (at least one)
 
-# SQLite has one writer: an import or a fork larger than this is written this much a transaction
-# (other writes get in between), under an owner no request can have (the user header refuses control
-# characters), then moved into place in one more transaction (Store._copy). bench/holds.py.
-COPY_CHUNK_MESSAGES = 1000
-COPY_CHUNK_CHARS = 1_000_000
-STAGED_OWNER = "\x01staged"
-
-_MESSAGE_COLUMN_NAMES = (
-    "id", "parent_id", "role", "content", "reasoning_content", "status", "model", "finish_reason", "error_code",
-    "error_message", "prompt_tokens", "completion_tokens", "total_tokens", "last_seq", "created_at",
-)  # fmt: skip
-_MESSAGE_COLUMNS = ", ".join(_MESSAGE_COLUMN_NAMES)
-_INTEGER_COLUMNS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "last_seq"})
+_MESSAGE_COLUMNS = (
+    "id, parent_id, role, content, reasoning_content, status, model, finish_reason, error_code,"
+    " error_message, prompt_tokens, completion_tokens, total_tokens, last_seq, created_at"
+)
+_MESSAGE_COLUMN_NAMES = tuple(_MESSAGE_COLUMNS.split(", "))
 _M_COLUMNS = ", ".join("m." + name for name in _MESSAGE_COLUMN_NAMES)
 # A message's text in characters (a page's read stops at a size: see MESSAGE_PAGE_BYTES)
 _TEXT_CHARS = "length(content) + COALESCE(length(reasoning_content), 0)"
@@ -714,13 +1282,580 @@ _SUBTREE = {
 """,
 }
 
-# PostgreSQL: the database server's clock, as the text utcnow() writes (`{}`: a timestamp expression).
-# A `streaming` answer's heartbeat (its `updated_at`) is written by this clock alone, at every write
-# (the new row, each checkpoint, each beat), and judged against it by every sweep: whether an answer's
-# process is gone never depends on the replicas' clocks agreeing. (SQLite: one process, its clock.)
-_PG_TIME = "to_char(({}) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')"
-PG_NOW = _PG_TIME.format("clock_timestamp()")
-PG_STALE = _PG_TIME.format("clock_timestamp() - make_interval(secs => :stale)")  # :stale seconds ago
+
+def row_usage(row: dict) -> dict | None:
+    if row["total_tokens"] is None and row["prompt_tokens"] is None:
+        return None
+    return {k: row[k] for k in USAGE_FIELDS}
+
+
+@dataclass
+class Turn:
+    """What a chat writes before the model is called: the answer's row (`streaming`) and, unless it
+    regenerates an answer, the user message it answers."""
+
+    owner: str
+    session_id: str
+    answer_id: str
+    model: str
+    question_id: str  # the user message the answer answers (the answer's parent)
+    question: str  # its text
+    new_question: bool  # False for a regeneration: that user message exists
+    parent_id: str | None  # a new user message's parent (None: a first message)
+    title: str | None = None  # the conversation's title if it has none yet (CHATSVC_TITLES=off: None)
+
+
+class Tree:
+    """A conversation's messages: its branches read a page at a time, the turn a chat writes, and the
+    writes that change the tree. Such a write takes the conversation's row first, then messages
+    (`Conversations.lock`; `begin_turn`'s upsert, `clear_context`'s update and `Conversations.delete`
+    do it with their first statement): one lock order, so two such writes never deadlock, and each
+    reads the tree the one before it left."""
+
+    def __init__(self, db: Database, conversations: Conversations):
+        self.db, self.conversations = db, conversations
+
+    async def chat_context(
+        self, owner: str, session_id: str, limit: int, start: str | None = None, current: bool = True
+    ) -> tuple[dict | None, list[dict]]:
+        """What a chat needs, in one read: the conversation's settings (None if it is new), with
+        `last_id`, the largest id it holds (its context start included: the new turn's ids go above
+        it), and the path that leads to the new message, newest first: from the current leaf
+        (`current`), or from message `start` (None: the new message is a first one), up to `limit`
+        messages since the context start. It reads only that path, so its cost does not grow with the
+        conversation's size or the path's depth (bench/relay.py, scenario f)."""
+        rows = await self.db.fetch_all(
+            "WITH RECURSIVE path (id, parent_id, role, content, status, depth, context_start) AS ("
+            " SELECT m.id, m.parent_id, m.role, m.content, m.status, 1, c.context_start FROM conversations c"
+            " JOIN messages m ON m.id = CASE WHEN :current THEN c.current_message_id ELSE :start END"
+            " WHERE c.owner = :owner AND c.session_id = :sid AND m.owner = :owner AND m.session_id = :sid"
+            " AND m.id > c.context_start"
+            " UNION ALL SELECT m.id, m.parent_id, m.role, m.content, m.status, p.depth + 1, p.context_start"
+            " FROM path p JOIN messages m ON m.id = p.parent_id WHERE p.depth < :limit AND m.id > p.context_start)"
+            " SELECT c.system_prompt, c.model, c.title, c.current_message_id, c.context_start,"
+            " (SELECT MAX(x.id) FROM messages x WHERE x.owner = :owner AND x.session_id = :sid) AS last_id,"
+            " p.role, p.content, p.status"
+            " FROM conversations c LEFT JOIN path p ON 1 = 1 WHERE c.owner = :owner AND c.session_id = :sid"
+            " ORDER BY p.depth",
+            {"owner": owner, "sid": session_id, "limit": limit, "start": start, "current": current},
+        )
+        if not rows:
+            return None, []
+        conversation = rows[0]
+        conversation["last_id"] = max(conversation["last_id"] or "", conversation["context_start"])
+        return conversation, [row for row in rows if row["role"] is not None]
+
+    async def branch(
+        self, owner: str, session_id: str, limit: int, before: str | None = None, chars: int = 2**62
+    ) -> list[dict]:
+        """The current branch's newest `limit` messages, newest first: from the current leaf up, or
+        from the parent of message `before` (a page further up); only those with fewer than `chars`
+        characters of text (content and reasoning) before them in that order. Each row's `candidates`:
+        how many of the `limit` there were before that cut."""
+        scope = "owner = :owner AND session_id = :sid"
+        if before is None:
+            anchor = f"(SELECT current_message_id FROM conversations WHERE {scope})"
+        else:
+            anchor = f"(SELECT parent_id FROM messages WHERE id = :before AND {scope})"
+        return await self.db.fetch_all(
+            f"WITH RECURSIVE path (id, parent_id, chars, depth) AS (SELECT id, parent_id, {_TEXT_CHARS}, 1"
+            f" FROM messages WHERE id = {anchor} AND {scope} UNION ALL SELECT m.id, m.parent_id,"
+            f" {_M_TEXT_CHARS}, p.depth + 1 FROM path p JOIN messages m ON m.id = p.parent_id WHERE p.depth < :limit)"
+            f" SELECT {_M_COLUMNS}, t.candidates FROM {_running_chars('path', 'depth')} t"
+            " JOIN messages m ON m.id = t.id WHERE t.before_chars < :chars ORDER BY t.place",
+            {"owner": owner, "sid": session_id, "limit": limit, "before": before, "chars": chars},
+        )
+
+    async def messages(
+        self,
+        owner: str,
+        session_id: str,
+        limit: int,
+        after: str | None = None,
+        before: str | None = None,
+        chars: int = 2**62,
+    ) -> list[dict]:
+        """Every message of the conversation, oldest first (after message id `after`, and before
+        `before`, if given), at most `limit`, cut as `branch` cuts them (`chars`, `candidates`)."""
+        where = " AND id < :before" if before is not None else ""
+        return await self.db.fetch_all(
+            f"WITH page AS (SELECT id, {_TEXT_CHARS} AS chars FROM messages WHERE owner = :owner"
+            f" AND session_id = :sid AND id > :after{where} ORDER BY id LIMIT :limit)"
+            f" SELECT {_M_COLUMNS}, t.candidates FROM {_running_chars('page', 'id')} t JOIN messages m ON m.id = t.id"
+            " WHERE t.before_chars < :chars ORDER BY m.id",
+            {"owner": owner, "sid": session_id, "limit": limit, "after": after or "", "before": before, "chars": chars},
+        )
+
+    async def siblings(self, owner: str, session_id: str, parents: set[str | None]) -> dict[str | None, list[str]]:
+        """The children of each of these messages (None: the conversation's first messages), oldest first."""
+        found: dict[str | None, list[str]] = {}
+        scope = {"owner": owner, "sid": session_id}
+        # by parent alone: a message's children are in its conversation, and these parents were read from
+        # it (with the conversation in the WHERE, SQLite walks the conversation's index instead)
+        for names, ids in _id_batches(sorted(p for p in parents if p is not None)):
+            for row in await self.db.fetch_all(
+                f"SELECT parent_id, id FROM messages WHERE parent_id IN ({names}) ORDER BY id", ids
+            ):
+                found.setdefault(row["parent_id"], []).append(row["id"])
+        if None in parents:
+            rows = await self.db.fetch_all(
+                "SELECT id FROM messages WHERE owner = :owner AND session_id = :sid AND parent_id IS NULL ORDER BY id",
+                scope,
+            )
+            found[None] = [row["id"] for row in rows]
+        return found
+
+    async def message(self, owner: str, session_id: str, message_id: str) -> dict | None:
+        row = await self.db.fetch_one(
+            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = :id AND owner = :owner AND session_id = :sid",
+            {"id": message_id, "owner": owner, "sid": session_id},
+        )
+        return row
+
+    async def message_and_parent(self, owner: str, session_id: str, message_id: str) -> dict | None:
+        """A message's role, status and parent, with its parent's text and parent (what a
+        regeneration or an edit starts from)."""
+        return await self.db.fetch_one(
+            "SELECT m.id, m.role, m.status, m.parent_id, q.content AS parent_content, q.parent_id AS grandparent_id"
+            " FROM messages m LEFT JOIN messages q ON q.id = m.parent_id"
+            " WHERE m.id = :id AND m.owner = :owner AND m.session_id = :sid",
+            {"id": message_id, "owner": owner, "sid": session_id},
+        )
+
+    async def begin_turn(self, turn: Turn) -> None:
+        """Store the user's message (unless the turn regenerates an answer) and claim the
+        conversation's answer slot with the answer's row, which becomes the current leaf; all or nothing.
+
+        The partial unique index over `streaming` answers makes a second concurrent turn fail
+        here, before anything of it is stored."""
+        # PostgreSQL: the pool's connection first, so that the new row's heartbeat is when it is written
+        async with self.db.transaction():
+            values = {
+                "owner": turn.owner,
+                "sid": turn.session_id,
+                "now": utcnow(),
+                "aid": turn.answer_id,
+                "uid": turn.question_id,
+                "text": turn.question,
+                "parent": turn.parent_id,
+                "model": turn.model,
+            }
+            await self.db.execute(
+                "INSERT INTO conversations (owner, session_id, title, title_source, current_message_id, created_at,"
+                " updated_at) VALUES (:owner, :sid, :title, :source, :aid, :now, :now)"
+                " ON CONFLICT (owner, session_id) DO UPDATE SET updated_at = excluded.updated_at,"
+                " title = COALESCE(conversations.title, excluded.title), title_source = CASE WHEN"
+                " conversations.title IS NULL THEN excluded.title_source ELSE conversations.title_source END,"
+                " current_message_id = excluded.current_message_id",
+                {**values, "title": turn.title, "source": "first_line" if turn.title else None},
+            )
+            rows = f"(:aid, :uid, :owner, :sid, 'assistant', '', 'streaming', :model, :now, {self.db.heartbeat_now})"
+            if turn.new_question:
+                rows = f"(:uid, :parent, :owner, :sid, 'user', :text, 'complete', NULL, :now, :now), {rows}"
+            try:
+                await self.db.execute(
+                    "INSERT INTO messages (id, parent_id, owner, session_id, role, content, status, model,"
+                    f" created_at, updated_at) VALUES {rows}",
+                    values,
+                )
+            except Exception as exc:
+                kind = _violation(exc)
+                if kind == "unique":
+                    raise busy(turn.session_id) from None
+                if kind == "foreign_key":  # the message it follows was deleted meanwhile
+                    raise message_not_found(turn.session_id, turn.parent_id or turn.question_id) from None
+                raise
+
+    async def switch_branch(self, owner: str, session_id: str, message_id: str) -> bool:
+        """The branch through this message becomes the current one, down to its newest leaf."""
+
+        async def switch() -> bool:
+            if await self.conversations.lock(owner, session_id) is None:
+                return False
+            row = await self.db.fetch_one(  # after the lock: a branch deleted meanwhile is gone from what it reads
+                _NEWEST_LEAF + "UPDATE conversations SET current_message_id = (SELECT MAX(id) FROM down),"
+                " updated_at = :now WHERE owner = :owner AND session_id = :sid AND EXISTS (SELECT 1 FROM down)"
+                " RETURNING session_id",
+                {"owner": owner, "sid": session_id, "mid": message_id, "now": utcnow()},
+                role=WRITE,
+            )
+            return row is not None
+
+        return await self.db.atomically(switch)
+
+    async def delete_branch(self, owner: str, session_id: str, message_id: str) -> int:
+        """Delete this message and everything below it; returns how many. A current leaf among them
+        moves to the message's parent, down to that one's newest leaf. Refused while an answer below
+        it is `streaming`: the check and the delete read the same tree (under the conversation's
+        lock, which a new answer's `begin_turn` takes too)."""
+        values = {"owner": owner, "sid": session_id, "mid": message_id, "now": utcnow()}
+
+        async def delete() -> int:
+            conversation = await self.conversations.lock(owner, session_id)
+            subtree = _SUBTREE[self.db.dialect]
+            rows = await self.db.fetch_all(subtree + "SELECT id, parent_id, status FROM sub", values, role=WRITE)
+            if conversation is None or not rows:
+                raise message_not_found(session_id, message_id)
+            if any(row["status"] == STREAMING for row in rows):
+                raise ConversationBusy(
+                    f"An answer below message '{message_id}' is still being written: stop it first"
+                    f" (POST /api/v1/chat/{session_id}/stop), then delete."
+                )
+            try:
+                await self.db.execute(subtree + "DELETE FROM messages WHERE id IN (SELECT id FROM sub)", values)
+            except Exception as exc:
+                if _violation(exc) != "foreign_key":
+                    raise
+                raise ConversationBusy(  # a message below it written meanwhile, by a writer without the lock
+                    f"Conversation '{session_id}' changed while its message '{message_id}' was being deleted;"
+                    " try again."
+                ) from None
+            deleted = {row["id"]: row["parent_id"] for row in rows}  # the rows come in no particular order
+            if conversation["current_message_id"] in deleted:
+                await self.db.execute(
+                    _NEWEST_LEAF + "UPDATE conversations SET current_message_id = (SELECT MAX(id) FROM down),"
+                    " updated_at = :now WHERE owner = :owner AND session_id = :sid",
+                    {**values, "mid": deleted[message_id]},
+                )
+            else:
+                await self.db.execute(
+                    "UPDATE conversations SET updated_at = :now WHERE owner = :owner AND session_id = :sid", values
+                )
+            return len(rows)
+
+        return await self.db.atomically(delete)
+
+    async def clear_context(self, owner: str, session_id: str, purge: bool) -> bool:
+        """Everything up to now leaves the model's context; `purge` deletes it instead of hiding it,
+        except a running answer, which becomes a first message (its question is gone).
+
+        The context's new start is the largest id the conversation holds, not a time: no clock can put
+        it below a message written before or above one written after (their ids go above it). It is
+        read after the conversation's lock (PostgreSQL: a turn committed while the clear waited for it
+        is in that largest id, so a purge takes it too)."""
+        values = {"owner": owner, "sid": session_id, "now": utcnow()}
+        where = "owner = :owner AND session_id = :sid"
+
+        async def clear() -> bool:
+            if await self.conversations.lock(owner, session_id) is None:
+                return False
+            row = await self.db.fetch_one(
+                "UPDATE conversations SET context_start = COALESCE((SELECT MAX(m.id) FROM messages m"
+                " WHERE m.owner = :owner AND m.session_id = :sid AND m.id > conversations.context_start),"
+                f" context_start), updated_at = :now WHERE {where} RETURNING context_start",
+                values,
+                role=WRITE,
+            )
+            if row and purge:
+                values["marker"] = row["context_start"]
+                await self.db.execute(
+                    f"UPDATE messages SET parent_id = NULL WHERE {where} AND status = 'streaming'", values
+                )
+                await self.db.execute(
+                    f"DELETE FROM messages WHERE {where} AND id <= :marker AND status != 'streaming'", values
+                )
+                await self.db.execute(
+                    "UPDATE conversations SET current_message_id = (SELECT MAX(m.id) FROM messages m"
+                    f" WHERE m.owner = :owner AND m.session_id = :sid) WHERE {where}",
+                    values,
+                )
+            return row is not None
+
+        return await self.db.atomically(clear)
+
+
+# ── Copies: forks and imports, written a chunk at a time ───────────────────────────────
+
+# SQLite has one writer: an import or a fork larger than this is written this much a transaction
+# (other writes get in between), under an owner no request can have (the user header refuses control
+# characters), then moved into place in one more transaction (Copies._copy). bench/holds.py.
+COPY_CHUNK_MESSAGES = 1000
+COPY_CHUNK_CHARS = 1_000_000
+STAGED_OWNER = "\x01staged"
+
+_INTEGER_COLUMNS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "last_seq"})
+
+
+def _copy_chunks(rows: list[dict]) -> Iterator[list[dict]]:
+    """`rows` in order, at most COPY_CHUNK_MESSAGES messages and COPY_CHUNK_CHARS characters of text a
+    chunk (a single longer message is a chunk of its own)."""
+    chunk: list[dict] = []
+    chars = 0
+    for row in rows:
+        size = len(row["content"]) + len(row["reasoning_content"] or "")
+        if chunk and (len(chunk) == COPY_CHUNK_MESSAGES or chars + size > COPY_CHUNK_CHARS):
+            yield chunk
+            chunk, chars = [], 0
+        chunk.append(row)
+        chars += size
+    if chunk:
+        yield chunk
+
+
+class _CopyPlan:
+    """A copy's new ids and its conversation row's values (`Copies._copy`)."""
+
+    def __init__(self, conversation: dict, messages: list[dict], outside: set[str], current: str | None):
+        newest_child = {row["parent_id"]: row["id"] for row in messages}  # new ids grow in the file's order
+        leaf = current
+        while leaf in newest_child:
+            leaf = newest_child[leaf]
+        self.conversation, self.outside, self.leaf = conversation, outside, leaf
+        self.new_ids: dict[str, str] = {}
+        self.now = utcnow()
+
+    def rows(self, chunk: list[dict], owner: str, session_id: str) -> list[dict]:
+        """The chunk's copies under their new ids, made a chunk at a time (100,000 take seconds)."""
+        self.new_ids.update((row["id"], new_message_id()) for row in chunk)
+        scope = {"owner": owner, "session_id": session_id, "updated_at": self.now}
+        new_ids = self.new_ids
+        return [{**row, **scope, "id": new_ids[row["id"]], "parent_id": new_ids.get(row["parent_id"])} for row in chunk]
+
+    def head(self, start: str = "", leaf: str | None = None) -> dict:
+        """The conversation row's values."""
+        return {**self.conversation, "start": start, "leaf": leaf, "now": self.now}
+
+    def placed_head(self) -> dict:
+        """The conversation row's values once every message has its new id."""
+        return self.head(max((self.new_ids[mid] for mid in self.outside), default=""), self.new_ids.get(self.leaf))
+
+
+class Copies:
+    """New conversations holding copies of messages: a fork of a path, an imported file."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def fork(self, owner: str, session_id: str, message_id: str, new_session_id: str, title: str | None) -> bool:
+        """A new conversation holding copies of the path from the root to this message (new ids; the
+        same texts, usage, statuses and times; what was out of the context stays out). False if
+        `new_session_id` exists."""
+        scope = {"owner": owner, "sid": session_id}
+        source = await self.db.fetch_one(
+            "SELECT title, system_prompt, model, context_start FROM conversations"
+            " WHERE owner = :owner AND session_id = :sid",
+            scope,
+        )
+        path = await self._path(owner, session_id, message_id) if source is not None else []
+        if source is None or not path:
+            raise message_not_found(session_id, message_id)
+        if path[-1]["status"] == STREAMING:
+            raise ConversationBusy(
+                f"Answer '{message_id}' is still being written: fork it once it has ended (or stop it)."
+            )
+        outside = {row["id"] for row in path if row["id"] <= source["context_start"]}
+        conversation = {
+            "title": title if title is not None else source["title"],
+            "title_source": None,
+            "system_prompt": source["system_prompt"],
+            "model": source["model"],
+        }
+        return await self._copy(owner, new_session_id, conversation, path, outside, message_id) is not None
+
+    async def _path(self, owner: str, session_id: str, message_id: str) -> list[dict]:
+        """The messages from the root down to this one (none if it is not in the conversation), read
+        COPY_CHUNK_MESSAGES a statement from the message up, so that no read holds a connection long. A
+        message of it deleted meanwhile (its whole subtree goes with it) leaves none."""
+        path: list[dict] = []
+        mid: str | None = message_id
+        while mid is not None:
+            rows = await self.db.fetch_all(
+                "WITH RECURSIVE path AS (SELECT *, 1 AS depth FROM messages"
+                " WHERE id = :mid AND owner = :owner AND session_id = :sid"
+                " UNION ALL SELECT m.*, p.depth + 1 FROM path p JOIN messages m ON m.id = p.parent_id"
+                " WHERE p.depth < :n) SELECT * FROM path ORDER BY depth",
+                {"owner": owner, "sid": session_id, "mid": mid, "n": COPY_CHUNK_MESSAGES},
+            )
+            if not rows:
+                return []
+            path += rows
+            mid = rows[-1]["parent_id"]
+        return path[::-1]
+
+    async def import_file(
+        self, owner: str, session_id: str, file: ImportedConversation, another: bool = False
+    ) -> str | None:
+        """A new conversation holding the file's messages, with new ids and the same tree, under
+        `session_id` (a new id if that is taken and `another`); its id, or None if it is taken. All or
+        nothing."""
+        conversation = {
+            "title": file.title,
+            "title_source": "client" if file.title is not None else None,
+            "system_prompt": file.system_prompt,
+            "model": file.model,
+        }
+        outside = {row["id"] for row in file.messages if not row["in_context"]}
+        current = file.current_message_id or (file.messages[-1]["id"] if file.messages else None)
+        return await self._copy(owner, session_id, conversation, file.messages, outside, current, another)
+
+    async def _copy(
+        self,
+        owner: str,
+        session_id: str,
+        conversation: dict,
+        messages: list[dict],
+        outside: set[str],
+        current: str | None,
+        another: bool = False,
+    ) -> str | None:
+        """A new conversation (`conversation`'s title, title_source, system_prompt and model) holding
+        copies of `messages` (parents first) under new ids, the same tree; those in `outside` stay out of
+        the context, and the current leaf is `current`'s newest leaf. Returns its session id: `session_id`,
+        or if that is taken and `another` a new one; None if it is taken. All or nothing.
+
+        SQLite has one writer: more than COPY_CHUNK_MESSAGES messages (or COPY_CHUNK_CHARS characters)
+        are written in transactions of at most that many, under a hidden owner no request reads
+        (STAGED_OWNER), then moved into place in one more, so that other writes get in between. What a
+        failure leaves is deleted then; what a crash leaves, at the next start (`drop_staged`)."""
+        plan = _CopyPlan(conversation, messages, outside, current)
+        chunks = list(_copy_chunks(messages))
+        if len(chunks) == 1:
+            rows = plan.rows(messages, owner, session_id)
+            async with self.db.transaction():
+                session_id = await self._create(owner, session_id, plan.placed_head(), another)
+                if session_id is not None:
+                    await self.insert_messages([{**row, "session_id": session_id} for row in rows])
+            return session_id
+        if not self.db.is_sqlite or not chunks:
+            return await self._copy_at_once(owner, session_id, plan, chunks, another)
+        if not another and await self.db.fetch_one(
+            "SELECT 1 AS taken FROM conversations WHERE owner = :owner AND session_id = :sid",
+            {"owner": owner, "sid": session_id},
+        ):  # taken now: not worth staging the whole copy to find it out at the end (the end checks again)
+            return None
+        return await self._copy_staged(owner, session_id, plan, chunks, messages, another)
+
+    async def _copy_at_once(
+        self, owner: str, session_id: str, plan: _CopyPlan, chunks: list[list[dict]], another: bool
+    ) -> str | None:
+        """`_copy` in one transaction, its ids made a chunk at a time all the same."""
+        async with self.db.transaction():
+            session_id = await self._create(owner, session_id, plan.head(), another)
+            if session_id is None:
+                return None
+            for chunk in chunks:
+                await self.insert_messages(plan.rows(chunk, owner, session_id))
+            await self.db.execute(
+                "UPDATE conversations SET context_start = :start, current_message_id = :leaf"
+                " WHERE owner = :owner AND session_id = :sid",
+                {**plan.placed_head(), "owner": owner, "sid": session_id},
+            )
+        return session_id
+
+    async def _copy_staged(
+        self,
+        owner: str,
+        session_id: str,
+        plan: _CopyPlan,
+        chunks: list[list[dict]],
+        messages: list[dict],
+        another: bool,
+    ) -> str | None:
+        """`_copy` on SQLite, a transaction a chunk under STAGED_OWNER, then moved into place in one more."""
+        staged = {"staged": STAGED_OWNER, "staged_sid": str(uuid.uuid4())}
+        placed = False
+        try:
+            await self._create(STAGED_OWNER, staged["staged_sid"], plan.head())
+            for chunk in chunks:
+                rows = plan.rows(chunk, STAGED_OWNER, staged["staged_sid"])
+                async with self.db.transaction():
+                    await self.insert_messages(rows)
+            async with self.db.transaction():
+                session_id = await self._create(owner, session_id, plan.placed_head(), another)
+                if session_id is None:
+                    return None
+                await self.db.execute(
+                    "UPDATE messages SET owner = :owner, session_id = :sid"
+                    " WHERE owner = :staged AND session_id = :staged_sid",
+                    {**staged, "owner": owner, "sid": session_id},
+                )
+                moved = await self.db.fetch_one("SELECT changes() AS n", role=WRITE)
+                if not moved or moved["n"] != len(messages):  # only another store on the file could have dropped them
+                    raise StorageUnavailable(
+                        f"The import was changed while it was written ({moved and moved['n']} of {len(messages)}"
+                        " messages left); try again."
+                    )
+                await self.db.execute(
+                    "DELETE FROM conversations WHERE owner = :staged AND session_id = :staged_sid", staged
+                )
+            placed = True
+            return session_id
+        finally:
+            if not placed:
+                await self.drop_staged(staged["staged_sid"])
+
+    async def _create(self, owner: str, session_id: str, head: dict, another: bool = False) -> str | None:
+        """The conversation row of a copy (`_copy`): its session id, None if that is taken (unless `another`)."""
+        while True:
+            created = await self.db.fetch_one(
+                "INSERT INTO conversations (owner, session_id, title, title_source, system_prompt, model,"
+                " context_start, current_message_id, created_at, updated_at)"
+                " VALUES (:owner, :sid, :title, :title_source, :system_prompt, :model, :start, :leaf, :now, :now)"
+                " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
+                {**head, "owner": owner, "sid": session_id},
+                role=WRITE,
+            )
+            if created is not None:
+                return session_id
+            if not another:
+                return None
+            session_id = str(uuid.uuid4())
+
+    async def drop_staged(self, session_id: str | None = None) -> None:
+        """SQLite: delete a copy staged by `_copy` that was not moved into place (None: every one, what
+        a crash left), COPY_CHUNK_MESSAGES messages a statement, children first. A failure is logged:
+        the next start deletes what is left."""
+        try:
+            if session_id is None:
+                staged = await self.db.fetch_all(
+                    "SELECT session_id FROM conversations WHERE owner = :staged", {"staged": STAGED_OWNER}, role=WRITE
+                )
+                for row in staged:
+                    await self.drop_staged(row["session_id"])
+                return
+            values = {"staged": STAGED_OWNER, "sid": session_id, "n": COPY_CHUNK_MESSAGES}
+            while await self.db.fetch_one(
+                "SELECT 1 AS one FROM messages WHERE owner = :staged AND session_id = :sid LIMIT 1", values, role=WRITE
+            ):
+                await self.db.execute(
+                    "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
+                    " WHERE owner = :staged AND session_id = :sid ORDER BY id DESC LIMIT :n)",
+                    values,
+                )
+            await self.db.execute("DELETE FROM conversations WHERE owner = :staged AND session_id = :sid", values)
+        except Refusal as exc:
+            log.warning("a staged copy (%s) is left for the next start to delete: %s", session_id or "all", exc.detail)
+
+    async def insert_messages(self, rows: list[dict]) -> None:
+        """Write these messages as they are (parents before children), 100 rows a statement (PostgreSQL:
+        one array per column, COPY_CHUNK_MESSAGES rows a statement, see _insert_columns)."""
+        names = (*_MESSAGE_COLUMN_NAMES, "owner", "session_id", "updated_at")
+        if not self.db.is_sqlite:
+            await self._insert_columns(names, rows)
+            return
+        for start in range(0, len(rows), 100):
+            values: dict[str, Any] = {}
+            tuples = []
+            for n, row in enumerate(rows[start : start + 100]):
+                values.update({f"{name}_{n}": row[name] for name in names})
+                tuples.append("(" + ", ".join(f":{name}_{n}" for name in names) + ")")
+            await self.db.execute(f"INSERT INTO messages ({', '.join(names)}) VALUES {', '.join(tuples)}", values)
+
+    async def _insert_columns(self, names: tuple[str, ...], rows: list[dict]) -> None:
+        """PostgreSQL, inside a transaction: the rows as one array per column, COPY_CHUNK_MESSAGES rows
+        (a copy's chunk) a statement, on the transaction's own asyncpg connection. (As `databases` statements of 100
+        rows, building each statement's 1,800 parameters took ~0.15 s of Python: an import of
+        100,000 messages took minutes.)"""
+        arrays = ", ".join(
+            f"${n}::{'integer' if name in _INTEGER_COLUMNS else 'text'}[]" for n, name in enumerate(names, 1)
+        )
+        sql = f"INSERT INTO messages ({', '.join(names)}) SELECT * FROM unnest({arrays})"
+        for start in range(0, len(rows), COPY_CHUNK_MESSAGES):
+            chunk = rows[start : start + COPY_CHUNK_MESSAGES]
+            await self.db.execute_numbered(sql, *([row[name] for row in chunk] for name in names))
+
+
+# ── Answer rows: a running answer's checkpoints and heartbeat, its final state ─────────
 
 # Run by the heartbeat's own connection (asyncpg, numbered parameters): which of these answers are
 # still `streaming` (as committed: the others were taken), and those not locked at this moment get
@@ -738,60 +1873,6 @@ HEARTBEAT_SQL = (
 # event that process sent has it, so a reader that resumes after any of them is sent this end.
 INTERRUPTED_SEQ = 2**31 - 1
 INTERRUPTED_DETAIL = "The service stopped before this answer was finished."
-
-READ, WRITE, BACKGROUND, SEARCH = "read", "write", "background", "search"  # SQLite: which of the store's connections
-
-
-class _Rollback(Exception):
-    """Leaves a transaction without its writes."""
-
-
-class SchemaError(Exception):
-    """The database's schema cannot be brought to this release's: it is newer (a downgrade), or a
-    step failed (and was rolled back)."""
-
-
-@dataclass
-class SchemaStatement:
-    sql: str
-    dialect: str | None  # "sqlite" or "postgresql" only; None: both
-
-
-@dataclass
-class SchemaStep:
-    version: int
-    title: str
-    statements: list[SchemaStatement]
-
-
-SCHEMA_STEP = re.compile(r"-- step ([0-9]+): (.*)")
-SCHEMA_DIALECT = re.compile(r"-- (sqlite|postgresql) only")
-
-
-def schema_steps() -> list[SchemaStep]:
-    """schema.sql's steps, in order: each starts at a `-- step N: title` line. A statement ends with
-    the line that ends with ';'; a line `-- sqlite only` (`-- postgresql only`) before it keeps it
-    to that database."""
-    steps: list[SchemaStep] = []
-    statement: list[str] = []
-    dialect = None
-    for line in data_file("schema.sql", "chatsvc_schema.sql").read_text(encoding="utf-8").splitlines():
-        if match := SCHEMA_STEP.fullmatch(line):
-            steps.append(SchemaStep(int(match[1]), match[2], []))
-            assert steps[-1].version == len(steps), f"schema.sql: step {match[1]} is out of order"
-        elif match := SCHEMA_DIALECT.fullmatch(line):
-            dialect = match[1]
-        elif steps and line.strip() and not line.strip().startswith("--"):
-            statement.append(line)
-            if line.rstrip().endswith(";"):
-                steps[-1].statements.append(SchemaStatement("\n".join(statement).rstrip().rstrip(";"), dialect))
-                statement, dialect = [], None
-    assert not statement, "schema.sql: its last statement has no ';'"
-    return steps
-
-
-# The store whose transaction this task is in (SQLite: its statements go to the write connection).
-_in_transaction: contextvars.ContextVar[Any] = contextvars.ContextVar("in_transaction", default=None)
 
 
 @dataclass
@@ -818,311 +1899,16 @@ class FinalState:
     last_seq: int
 
 
-@dataclass
-class Turn:
-    """What a chat writes before the model is called: the answer's row (`streaming`) and, unless it
-    regenerates an answer, the user message it answers."""
+class AnswerRows:
+    """Answers' rows while they are written: which are `streaming`, their checkpoints, their final
+    state, and the verdict on those whose process is gone."""
 
-    owner: str
-    session_id: str
-    answer_id: str
-    model: str
-    question_id: str  # the user message the answer answers (the answer's parent)
-    question: str  # its text
-    new_question: bool  # False for a regeneration: that user message exists
-    parent_id: str | None  # a new user message's parent (None: a first message)
-    title: str | None = None  # the conversation's title if it has none yet (CHATSVC_TITLES=off: None)
+    def __init__(self, db: Database):
+        self.db = db
 
-
-class Store:
-    """The conversation store. A write is one atomic statement, or several in `transaction()`, which
-    on SQLite takes the write lock first (BEGIN IMMEDIATE: SQLite cannot upgrade a read lock to a
-    write lock under concurrency, busy_timeout does not apply). Every query is scoped to an owner
-    (CHATSVC_USER_HEADER's value, '' without it). A write that changes a conversation's tree takes
-    the conversation's row first, then messages (`lock_conversation`; `begin_turn`'s upsert,
-    `clear_context`'s update and `delete_conversation` do it with their first statement): one lock
-    order, so two such writes never deadlock, and each reads the tree the one before it left.
-
-    A database failure (locked, full, unreachable) is raised as `StorageUnavailable`; `fault`
-    says what the last write met, until a write succeeds again (GET /readyz shows it)."""
-
-    def __init__(self, url: str, exclusive: bool = False, metrics: Metrics | None = None):
-        self.url = url
-        self.metrics = metrics or Metrics()
-        self._statement_seconds = {
-            role: self.metrics.statements.labels(role) for role in (READ, WRITE, BACKGROUND, SEARCH)
-        }
-        self.is_sqlite = url.startswith("sqlite")
-        self.dialect = "sqlite" if self.is_sqlite else "postgresql"
-        self.exclusive = exclusive  # SQLite: this process serves the file (see hold_sqlite_file)
-        if self.is_sqlite:
-            options: dict[str, Any] = {"factory": _SQLiteConnection}
-        else:  # a write that waits for a lock, or a statement the server never answers, fails in bounded time
-            options = {"server_settings": {"lock_timeout": str(SQLITE_BUSY_MS)}, "command_timeout": 30}
-        self.db = Database(url, **options)
-        self._conns: list[Any] = []  # SQLite: the `databases` connections held open
-        self._raw: dict[str, Any] = {}  # SQLite: READ / WRITE / BACKGROUND -> aiosqlite handle
-        self._release: Callable[[], None] | None = None
-        self._write_lock = asyncio.Lock()  # SQLite: a transaction holds the write connection
-        self._search_lock = asyncio.Lock()  # SQLite: one search at a time on the search connection
-        self.fault: str | None = None
-
-    @property
-    def sqlite_path(self) -> str | None:
-        database = DatabaseURL(self.url).database
-        return database if self.is_sqlite and database and database != ":memory:" else None
-
-    @property
-    def heartbeat_now(self) -> str:
-        """The SQL of "now" in an answer's heartbeat (`updated_at`): PostgreSQL's server clock, one
-        for every replica (PG_NOW); SQLite: `:now`, this process's, the one process on the file."""
-        return ":now" if self.is_sqlite else PG_NOW
-
-    async def open(self, upgrade: bool = True) -> None:
-        """Connect, and bring the schema up to date (`upgrade`), or only check that this release can
-        (a database newer than it is a SchemaError either way)."""
-        if self.exclusive and self.sqlite_path:
-            self._release = hold_sqlite_file(self.sqlite_path)
-        try:
-            await self.db.connect()
-            if self.is_sqlite:
-                await self._open_sqlite()
-            await self._apply_schema(upgrade)
-            if upgrade and self.exclusive and self.is_sqlite:  # no other process writes this file
-                await self.drop_staged()
-        except BaseException:
-            await self.close()
-            raise
-
-    async def _open_sqlite(self) -> None:
-        # Long-lived connections: `databases` otherwise opens a connection (and a thread) per task,
-        # ~7 ms per chat instead of ~0.4 ms. Statements go to their aiosqlite handles directly: one
-        # hop to the thread and no SQLAlchemy compile, about 4x cheaper a statement than `databases`'
-        # query path (bench/store.py). Four of them, so that reads never wait behind a write that
-        # waits for another process's lock (WAL lets them read meanwhile), request writes never wait
-        # behind the background checkpoints, and reads never wait behind a costly search (bench/holds.py).
-        # In memory there is one database per connection.
-        roles = (READ, WRITE, BACKGROUND, SEARCH) if self.sqlite_path else (READ,)
-        for role in roles:
-            conn = await asyncio.create_task(self._acquire())  # a task of its own: `databases` keys connections by task
-            self._conns.append(conn)
-            self._raw[role] = conn.raw_connection
-            self._raw[role].row_factory = sqlite3.Row
-        for role in (WRITE, BACKGROUND, SEARCH):
-            self._raw.setdefault(role, self._raw[READ])
-
-    async def _acquire(self) -> Any:
-        conn = self.db.connection()
-        try:
-            await conn.__aenter__()
-        except Exception:
-            await asyncio.sleep(0.1)  # aiosqlite's thread reports its stop on this loop: let it, before it closes
-            raise
-        return conn
-
-    async def _apply_schema(self, upgrade: bool = True) -> None:
-        """Apply, in order, one transaction each, the schema steps this database has not had
-        (schema.sql). Under a lock: replicas that start together on an old database upgrade it once.
-        Without `upgrade`, nothing is written (the transaction is rolled back)."""
-        steps = schema_steps()
-        while await self._schema_step(steps, upgrade):
-            pass
-
-    async def _schema_step(self, steps: list[SchemaStep], upgrade: bool) -> bool:
-        """Apply the next step this database has not had; False if there is none (or not `upgrade`)."""
-        try:
-            async with self.transaction(schema=True):
-                step = await self._next_step(steps, upgrade)
-        except _Rollback:
-            return False
-        log.info("database schema: step %d applied (%s)", step.version, step.title)
-        return True
-
-    async def _next_step(self, steps: list[SchemaStep], upgrade: bool) -> SchemaStep:
-        await self._run(
-            "CREATE TABLE IF NOT EXISTS schema_versions (version INTEGER PRIMARY KEY,"
-            " applied_at TEXT NOT NULL, release TEXT NOT NULL)"
-        )
-        row = await self._one("SELECT MAX(version) AS version FROM schema_versions", role=WRITE)
-        version = (row and row["version"]) or 0
-        if version > len(steps):
-            raise SchemaError(
-                f"The database at DATABASE_URL has schema version {version}, newer than this chatsvc"
-                f" ({__version__}, schema version {len(steps)}) knows: run the chatsvc release that"
-                " upgraded it (or a newer one), or restore a backup made before that upgrade."
-            )
-        if version == len(steps) or not upgrade:
-            raise _Rollback  # nothing to write: the version table too stays as it was
-        step = steps[version]
-        try:
-            for statement in step.statements:
-                if statement.dialect in (None, self.dialect):
-                    await self._run(statement.sql)
-        except Exception as exc:
-            reason = exc.detail if isinstance(exc, StorageUnavailable) else f"{type(exc).__name__}: {exc}"
-            raise SchemaError(
-                f"Upgrading the database to schema version {step.version} ({step.title}) failed, and"
-                f" left it as it was (version {version}): {reason}"
-            ) from exc
-        await self._run(
-            "INSERT INTO schema_versions (version, applied_at, release) VALUES (:v, :now, :release)",
-            {"v": step.version, "now": utcnow(), "release": __version__},
-        )
-        return step
-
-    @contextlib.asynccontextmanager
-    async def transaction(self, schema: bool = False) -> AsyncIterator[None]:
-        """Several statements as one: all or nothing. On SQLite every statement of the transaction
-        goes to the write connection, which no other task's statement enters meanwhile. `schema`:
-        PostgreSQL also takes the lock that makes replicas apply schema steps one at a time.
-        Transactions do not nest."""
-        if self.is_sqlite:
-            async with self._write_lock:
-                token = _in_transaction.set(self)
-                try:
-                    await self._run("BEGIN IMMEDIATE")
-                    try:
-                        yield
-                        await self._run("COMMIT")
-                    except BaseException:
-                        with contextlib.suppress(Exception):
-                            await self._raw[WRITE].execute("ROLLBACK")
-                        raise
-                finally:
-                    _in_transaction.reset(token)
-            return
-        async with self.db.connection(), self.db.transaction():
-            if schema:
-                await self._run("SELECT pg_advisory_xact_lock(7468372)")
-            yield
-
-    async def atomically(self, body: Callable[[], Awaitable[T]]) -> T:
-        """`body` as one transaction; run again when PostgreSQL cancelled it to break a deadlock (it
-        wrote nothing, and its statements read afresh), up to DEADLOCK_ATTEMPTS times in all."""
-        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
-            try:
-                async with self.transaction():
-                    return await body()
-            except Deadlock:
-                if attempt == DEADLOCK_ATTEMPTS:
-                    raise
-                log.info("database deadlock: a transaction was cancelled, running it again (attempt %d)", attempt + 1)
-                await asyncio.sleep(0.05 * attempt)  # the other transaction, which goes on, ends first
-        raise AssertionError("unreachable")
-
-    async def lock_conversation(self, owner: str, session_id: str) -> dict | None:
-        """Inside a transaction: the conversation's row (None if there is none), locked until the
-        transaction ends. Every write that changes a conversation's tree takes this lock first, so
-        they take their locks in one order (no deadlock) and each reads the tree as the one before
-        it left it (PostgreSQL, READ COMMITTED: each later statement reads what was committed
-        before it started). SQLite: its write transactions already run one at a time."""
-        return await self._one(
-            "SELECT current_message_id, context_start FROM conversations WHERE owner = :owner AND session_id = :sid"
-            + ("" if self.is_sqlite else " FOR UPDATE"),
-            {"owner": owner, "sid": session_id},
-            role=WRITE,
-        )
-
-    async def close(self) -> None:
-        # aiosqlite's threads are not daemons: a connection left open keeps the process alive.
-        while self._conns:
-            with contextlib.suppress(Exception):
-                await self._conns.pop().__aexit__(None, None, None)
-        self._raw = {}
-        with contextlib.suppress(Exception):
-            await self.db.disconnect()
-        if self._release is not None:
-            self._release()
-            self._release = None
-
-    async def _all(self, sql: str, values: dict[str, Any] | None = None, role: str = READ) -> list[dict]:
-        started = time.perf_counter()
-        try:
-            if self._raw:  # SQLite takes the same `:name` parameters natively
-                rows = await self._sqlite(sql, values or {}, role)
-            else:
-                if values:  # SQLAlchemy's text() refuses a value the statement does not name
-                    names = _parameters(sql)
-                    values = {name: value for name, value in values.items() if name in names}
-                rows = [dict(row._mapping) for row in await self.db.fetch_all(sql, values)]
-        except Exception as exc:
-            self._failed(exc, role)
-        finally:
-            self._statement_seconds[role].observe(time.perf_counter() - started)
-        if role != READ:
-            self.fault = None
-        return rows
-
-    @contextlib.asynccontextmanager
-    async def _sqlite_connection(self, role: str) -> AsyncIterator[Any]:
-        """The SQLite handle a statement of `role` runs on: this task's transaction's, or the write
-        connection outside another task's transaction (when `role` shares it), or its own."""
-        if _in_transaction.get() is self:
-            yield self._raw[WRITE]
-        elif self._raw[role] is self._raw[WRITE]:
-            async with self._write_lock:
-                yield self._raw[WRITE]
-        else:
-            yield self._raw[role]
-
-    async def _sqlite(self, sql: str, values: dict[str, Any], role: str) -> list[dict]:
-        async with self._sqlite_connection(role) as conn:
-            return [dict(row) for row in await conn.execute_fetchall(sql, values)]
-
-    def _failed(self, exc: Exception, role: str) -> NoReturn:
-        # a violation, or a statement PostgreSQL stopped at its own statement_timeout (only a search has
-        # one: its budget), says nothing of the database's health: raised as it is, not counted
-        if _violation(exc) or type(exc).__name__ == "QueryCanceledError":
-            raise exc
-        kind = fault_kind(exc)
-        self.metrics.storage_faults.labels(kind).inc()
-        detail = storage_fault(exc)
-        if kind == "deadlock":  # says nothing of the database's health (GET /readyz)
-            raise Deadlock(detail, retry_after=1) from exc
-        if role != READ:
-            self.fault = detail
-        raise StorageUnavailable(detail) from exc
-
-    async def _one(self, sql: str, values: dict[str, Any] | None = None, role: str = READ) -> dict | None:
-        rows = await self._all(sql, values, role)
-        return rows[0] if rows else None
-
-    async def _run(self, sql: str, values: dict[str, Any] | None = None, role: str = WRITE) -> None:
-        await self._all(sql, values, role)
-
-    async def ping(self) -> None:
-        """The database answers a read, and, after a failed write, takes a write again."""
-        await self._one("SELECT 1 AS ok")
-        if self.fault is None:
-            return
-        if self.is_sqlite:  # rewrites one row as it is: that fails while the file is locked or its disk full
-            await self._run("UPDATE conversations SET updated_at = updated_at WHERE session_id IN"
-                            " (SELECT session_id FROM conversations LIMIT 1)")  # fmt: skip
-        else:  # a row lock on the messages: it waits for (and fails on) a lock that keeps writers out
-            await self._run("SELECT id FROM messages LIMIT 1 FOR UPDATE")
-
-    async def recover_interrupted(self, stale_after: float | None, own: list[str] = ()) -> list[dict]:
-        """Answers still `streaming` whose heartbeat (`updated_at`) is more than `stale_after` seconds
-        old (all of them, for None), by the clock that wrote it (PostgreSQL: the server's): the process
-        producing them is gone. They become `interrupted`, keeping their text. This process's `own`
-        answers are never among them."""
-        where, values = "", {"now": utcnow(), "end_seq": INTERRUPTED_SEQ, "detail": INTERRUPTED_DETAIL}
-        if stale_after is not None:
-            where = f" AND updated_at < {':stale' if self.is_sqlite else PG_STALE}"
-            values["stale"] = utcnow(stale_after) if self.is_sqlite else float(stale_after)
-        for names, ids in _id_batches(list(own), 100_000):
-            where += f" AND id NOT IN ({names})"
-            values.update(ids)
-        return await self._all(
-            "UPDATE messages SET status = 'interrupted', error_code = 'interrupted', error_message = :detail,"
-            f" last_seq = :end_seq, updated_at = {self.heartbeat_now} WHERE status = 'streaming'{where}"
-            " RETURNING id, owner, session_id",
-            values,
-            role=WRITE,
-        )
-
-    async def streaming_answer(self, owner: str, session_id: str) -> str | None:
-        row = await self._one(
+    async def streaming_id(self, owner: str, session_id: str) -> str | None:
+        """The conversation's `streaming` answer, if it has one."""
+        row = await self.db.fetch_one(
             "SELECT id FROM messages WHERE owner = :owner AND session_id = :sid AND status = 'streaming'",
             {"owner": owner, "sid": session_id},
         )
@@ -1132,627 +1918,31 @@ class Store:
         """Which of these answers are still `streaming`."""
         found: set[str] = set()
         for names, ids in _id_batches(answer_ids):
-            rows = await self._all(f"SELECT id FROM messages WHERE status = 'streaming' AND id IN ({names})", ids)
+            rows = await self.db.fetch_all(
+                f"SELECT id FROM messages WHERE status = 'streaming' AND id IN ({names})", ids
+            )
             found.update(row["id"] for row in rows)
         return found
 
-    # conversations
-
-    async def conversation(self, owner: str, session_id: str) -> dict | None:
-        row = await self._one(_CONVERSATION_SQL + " AND c.session_id = :sid", {"owner": owner, "sid": session_id})
-        return row
-
-    async def chat_context(
-        self, owner: str, session_id: str, limit: int, start: str | None = None, current: bool = True
-    ) -> tuple[dict | None, list[dict]]:
-        """What a chat needs, in one read: the conversation's settings (None if it is new), with
-        `last_id`, the largest id it holds (its context start included: the new turn's ids go above
-        it), and the path that leads to the new message, newest first: from the current leaf
-        (`current`), or from message `start` (None: the new message is a first one), up to `limit`
-        messages since the context start. It reads only that path, so its cost does not grow with the
-        conversation's size or the path's depth (bench/relay.py, scenario f)."""
-        rows = await self._all(
-            "WITH RECURSIVE path (id, parent_id, role, content, status, depth, context_start) AS ("
-            " SELECT m.id, m.parent_id, m.role, m.content, m.status, 1, c.context_start FROM conversations c"
-            " JOIN messages m ON m.id = CASE WHEN :current THEN c.current_message_id ELSE :start END"
-            " WHERE c.owner = :owner AND c.session_id = :sid AND m.owner = :owner AND m.session_id = :sid"
-            " AND m.id > c.context_start"
-            " UNION ALL SELECT m.id, m.parent_id, m.role, m.content, m.status, p.depth + 1, p.context_start"
-            " FROM path p JOIN messages m ON m.id = p.parent_id WHERE p.depth < :limit AND m.id > p.context_start)"
-            " SELECT c.system_prompt, c.model, c.title, c.current_message_id, c.context_start,"
-            " (SELECT MAX(x.id) FROM messages x WHERE x.owner = :owner AND x.session_id = :sid) AS last_id,"
-            " p.role, p.content, p.status"
-            " FROM conversations c LEFT JOIN path p ON 1 = 1 WHERE c.owner = :owner AND c.session_id = :sid"
-            " ORDER BY p.depth",
-            {"owner": owner, "sid": session_id, "limit": limit, "start": start, "current": current},
-        )
-        if not rows:
-            return None, []
-        conversation = rows[0]
-        conversation["last_id"] = max(conversation["last_id"] or "", conversation["context_start"])
-        return conversation, [row for row in rows if row["role"] is not None]
-
-    async def conversations(self, owner: str, limit: int, after: tuple[str, str] | None) -> list[dict]:
-        where, values = "", {"owner": owner, "limit": limit}
-        if after:
-            where = _PAGE_AFTER
-            values.update(u=after[0], s=after[1])
-        return await self._all(_CONVERSATION_SQL + where + _NEWEST_FIRST, values)
-
-    async def search(self, owner: str, query: str, limit: int, after: tuple[str, str] | None) -> list[dict]:
-        """The owner's conversations whose title or a message (not `streaming`) contains `query`, as
-        text, newest first; `match_id` is the first message that contains it (None if only the title
-        does), `title_match` whether the title does. SQLite: the trigram index for 3 characters or
-        more, a scan of the owner's messages below; PostgreSQL: ILIKE, which pg_trgm's index serves."""
-        values: dict[str, Any] = {"owner": owner, "limit": limit, "q": query, "pattern": like_pattern(query)}
-        if not self.is_sqlite:
-            found = "content ILIKE :pattern ESCAPE '\\'"
-            title = "c.title ILIKE :pattern ESCAPE '\\'"
-        else:
-            found, title = "instr(lower(content), lower(:q)) > 0", "instr(lower(c.title), lower(:q)) > 0"
-        if self.is_sqlite and len(query) >= SEARCH_MIN_INDEXED:
-            values["phrase"] = '"' + query.replace('"', '""') + '"'  # an FTS5 string: every character literal
-            # CROSS JOIN: the index first (SQLite would walk the owner's messages, a MATCH each)
-            hits = (
-                "SELECT m.session_id, MIN(m.id) AS match_id FROM messages_search s"
-                " CROSS JOIN messages m ON m.search_id = s.rowid"
-                " WHERE messages_search MATCH :phrase AND m.owner = :owner GROUP BY m.session_id"
-            )
-        else:
-            hits = (
-                "SELECT session_id, MIN(id) AS match_id FROM messages"
-                f" WHERE owner = :owner AND status != 'streaming' AND {found} GROUP BY session_id"
-            )
-        where = f" AND (h.match_id IS NOT NULL OR {title})"
-        if after:
-            where += _PAGE_AFTER
-            values.update(u=after[0], s=after[1])
-        # MATERIALIZED: found once, not once a conversation (SQLite would run the MATCH per row)
-        return await self._search(
-            f"WITH hits AS MATERIALIZED ({hits}) SELECT {_CONVERSATION_COLUMNS}, h.match_id, ({title}) AS title_match"
-            " FROM conversations c LEFT JOIN hits h ON h.session_id = c.session_id"
-            f" WHERE c.owner = :owner{where}{_NEWEST_FIRST}",
+    async def recover_interrupted(self, stale_after: float | None, own: list[str] = ()) -> list[dict]:
+        """Answers still `streaming` whose heartbeat (`updated_at`) is more than `stale_after` seconds
+        old (all of them, for None), by the clock that wrote it (PostgreSQL: the server's): the process
+        producing them is gone. They become `interrupted`, keeping their text. This process's `own`
+        answers are never among them."""
+        where, values = "", {"now": utcnow(), "end_seq": INTERRUPTED_SEQ, "detail": INTERRUPTED_DETAIL}
+        if stale_after is not None:
+            where = f" AND updated_at < {':stale' if self.db.is_sqlite else PG_STALE}"
+            values["stale"] = utcnow(stale_after) if self.db.is_sqlite else float(stale_after)
+        for names, ids in _id_batches(list(own), 100_000):
+            where += f" AND id NOT IN ({names})"
+            values.update(ids)
+        return await self.db.fetch_all(
+            "UPDATE messages SET status = 'interrupted', error_code = 'interrupted', error_message = :detail,"
+            f" last_seq = :end_seq, updated_at = {self.db.heartbeat_now} WHERE status = 'streaming'{where}"
+            " RETURNING id, owner, session_id",
             values,
-        )
-
-    async def _search(self, sql: str, values: dict[str, Any]) -> list[dict]:
-        """A search's statement, stopped once it has run SEARCH_SECONDS (SearchTooCostly). SQLite: on a
-        connection of its own (reads never wait behind it), one search at a time, each waiting at most
-        SEARCH_SECONDS for its turn (then SearchBusy); PostgreSQL: `statement_timeout`."""
-        if not self._raw:
-            try:
-                async with self.db.connection(), self.db.transaction():
-                    await self._run(f"SET LOCAL statement_timeout = {round(SEARCH_SECONDS * 1000)}", role=READ)
-                    return await self._all(sql, values)
-            except Exception as exc:
-                if type(exc).__name__ == "QueryCanceledError":  # its budget (not a storage fault: _failed)
-                    raise search_too_costly() from None
-                raise
-        try:
-            await asyncio.wait_for(self._search_lock.acquire(), SEARCH_SECONDS)
-        except asyncio.TimeoutError:
-            raise SearchBusy(
-                f"Other searches kept the search busy for {SEARCH_SECONDS:g} s; try again in a moment.", retry_after=2
-            ) from None
-        try:
-            started = time.perf_counter()
-            query = asyncio.ensure_future(self._sqlite(sql, values, SEARCH))  # not _all: a cut is not a fault
-            try:
-                done, _ = await asyncio.wait({query}, timeout=SEARCH_SECONDS)
-            except BaseException:  # cancelled: the statement must not outlive its turn either
-                await self._stop_search(query)
-                raise
-            finally:
-                self._statement_seconds[SEARCH].observe(time.perf_counter() - started)
-            if not done:
-                await self._stop_search(query)
-                raise search_too_costly()
-            if query.exception() is not None:
-                self._failed(query.exception(), READ)  # a read: it sets no write fault
-            return query.result()
-        finally:
-            self._search_lock.release()
-
-    async def _stop_search(self, query: asyncio.Future) -> None:
-        """SQLite: the search statement's thread runs on: stop it (it fails 'interrupted') and wait for it."""
-        await self._raw[SEARCH].interrupt()
-        await asyncio.wait({query})
-        if not query.cancelled():
-            query.exception()  # retrieved: the budget's doing, not a fault to report
-
-    async def texts(self, message_ids: list[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for names, ids in _id_batches(message_ids):
-            for row in await self._all(f"SELECT id, content FROM messages WHERE id IN ({names})", ids):
-                found[row["id"]] = row["content"]
-        return found
-
-    async def create_conversation(
-        self, owner: str, session_id: str, title: str | None, system_prompt: str | None, model: str | None
-    ) -> bool:
-        row = await self._one(
-            "INSERT INTO conversations (owner, session_id, title, title_source, system_prompt, model, created_at,"
-            " updated_at) VALUES (:owner, :sid, :title, :source, :prompt, :model, :now, :now)"
-            " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
-            {"owner": owner, "sid": session_id, "title": title, "source": "client" if title is not None else None,
-             "prompt": system_prompt, "model": model, "now": utcnow()}, role=WRITE,
-        )  # fmt: skip
-        return row is not None
-
-    async def update_conversation(self, owner: str, session_id: str, changes: dict[str, Any]) -> bool:
-        sets = ", ".join(f"{column} = :{column}" for column in changes)  # columns come from a fixed list
-        row = await self._one(
-            f"UPDATE conversations SET {sets}, updated_at = :now"
-            " WHERE owner = :owner AND session_id = :sid RETURNING session_id",
-            {**changes, "owner": owner, "sid": session_id, "now": utcnow()},
             role=WRITE,
         )
-        return row is not None
-
-    async def set_model_title(
-        self, owner: str, session_id: str, answer_id: str, title: str | None, usage: dict | None
-    ) -> bool:
-        """The model's title of answer `answer_id` (None: it gave none, its cost is kept), unless a
-        client has set one since or that answer is gone: deleted, purged, or its conversation deleted
-        (and maybe made again under the same id, which holds other messages: ids are never reused).
-        A title is text derived from messages, and never outlives them."""
-        usage = usage or {}
-        row = await self._one(
-            "UPDATE conversations SET title = COALESCE(:title, title), title_source = CASE WHEN :title IS NULL"
-            " THEN title_source ELSE 'model' END, title_prompt_tokens = :prompt, title_completion_tokens = :completion,"
-            " title_total_tokens = :total WHERE owner = :owner AND session_id = :sid AND title_source = 'first_line'"
-            " AND EXISTS (SELECT 1 FROM messages WHERE id = :mid AND owner = :owner AND session_id = :sid)"
-            " RETURNING session_id",
-            {"owner": owner, "sid": session_id, "mid": answer_id, "title": title,
-             "prompt": usage.get("prompt_tokens"), "completion": usage.get("completion_tokens"),
-             "total": usage.get("total_tokens")},
-            role=WRITE,
-        )  # fmt: skip
-        return row is not None
-
-    async def delete_conversation(self, owner: str, session_id: str) -> bool:
-        row = await self._one(
-            "DELETE FROM conversations WHERE owner = :owner AND session_id = :sid RETURNING session_id",
-            {"owner": owner, "sid": session_id},
-            role=WRITE,
-        )
-        return row is not None
-
-    async def clear_context(self, owner: str, session_id: str, purge: bool) -> bool:
-        """Everything up to now leaves the model's context; `purge` deletes it instead of hiding it,
-        except a running answer, which becomes a first message (its question is gone).
-
-        The context's new start is the largest id the conversation holds, not a time: no clock can put
-        it below a message written before or above one written after (their ids go above it). It is
-        read after the conversation's lock (PostgreSQL: a turn committed while the clear waited for it
-        is in that largest id, so a purge takes it too)."""
-        values = {"owner": owner, "sid": session_id, "now": utcnow()}
-        where = "owner = :owner AND session_id = :sid"
-
-        async def clear() -> bool:
-            if await self.lock_conversation(owner, session_id) is None:
-                return False
-            row = await self._one(
-                "UPDATE conversations SET context_start = COALESCE((SELECT MAX(m.id) FROM messages m"
-                " WHERE m.owner = :owner AND m.session_id = :sid AND m.id > conversations.context_start),"
-                f" context_start), updated_at = :now WHERE {where} RETURNING context_start",
-                values,
-                role=WRITE,
-            )
-            if row and purge:
-                values["marker"] = row["context_start"]
-                await self._run(f"UPDATE messages SET parent_id = NULL WHERE {where} AND status = 'streaming'", values)
-                await self._run(
-                    f"DELETE FROM messages WHERE {where} AND id <= :marker AND status != 'streaming'", values
-                )
-                await self._run(
-                    "UPDATE conversations SET current_message_id = (SELECT MAX(m.id) FROM messages m"
-                    f" WHERE m.owner = :owner AND m.session_id = :sid) WHERE {where}",
-                    values,
-                )
-            return row is not None
-
-        return await self.atomically(clear)
-
-    # messages
-
-    async def branch(
-        self, owner: str, session_id: str, limit: int, before: str | None = None, chars: int = 2**62
-    ) -> list[dict]:
-        """The current branch's newest `limit` messages, newest first: from the current leaf up, or
-        from the parent of message `before` (a page further up); only those with fewer than `chars`
-        characters of text (content and reasoning) before them in that order. Each row's `candidates`:
-        how many of the `limit` there were before that cut."""
-        scope = "owner = :owner AND session_id = :sid"
-        if before is None:
-            anchor = f"(SELECT current_message_id FROM conversations WHERE {scope})"
-        else:
-            anchor = f"(SELECT parent_id FROM messages WHERE id = :before AND {scope})"
-        return await self._all(
-            f"WITH RECURSIVE path (id, parent_id, chars, depth) AS (SELECT id, parent_id, {_TEXT_CHARS}, 1"
-            f" FROM messages WHERE id = {anchor} AND {scope} UNION ALL SELECT m.id, m.parent_id,"
-            f" {_M_TEXT_CHARS}, p.depth + 1 FROM path p JOIN messages m ON m.id = p.parent_id WHERE p.depth < :limit)"
-            f" SELECT {_M_COLUMNS}, t.candidates FROM {_running_chars('path', 'depth')} t"
-            " JOIN messages m ON m.id = t.id WHERE t.before_chars < :chars ORDER BY t.place",
-            {"owner": owner, "sid": session_id, "limit": limit, "before": before, "chars": chars},
-        )
-
-    async def tree(
-        self,
-        owner: str,
-        session_id: str,
-        limit: int,
-        after: str | None = None,
-        before: str | None = None,
-        chars: int = 2**62,
-    ) -> list[dict]:
-        """Every message of the conversation, oldest first (after message id `after`, and before
-        `before`, if given), at most `limit`, cut as `branch` cuts them (`chars`, `candidates`)."""
-        where = " AND id < :before" if before is not None else ""
-        return await self._all(
-            f"WITH page AS (SELECT id, {_TEXT_CHARS} AS chars FROM messages WHERE owner = :owner"
-            f" AND session_id = :sid AND id > :after{where} ORDER BY id LIMIT :limit)"
-            f" SELECT {_M_COLUMNS}, t.candidates FROM {_running_chars('page', 'id')} t JOIN messages m ON m.id = t.id"
-            " WHERE t.before_chars < :chars ORDER BY m.id",
-            {"owner": owner, "sid": session_id, "limit": limit, "after": after or "", "before": before, "chars": chars},
-        )
-
-    async def siblings(self, owner: str, session_id: str, parents: set[str | None]) -> dict[str | None, list[str]]:
-        """The children of each of these messages (None: the conversation's first messages), oldest first."""
-        found: dict[str | None, list[str]] = {}
-        scope = {"owner": owner, "sid": session_id}
-        # by parent alone: a message's children are in its conversation, and these parents were read from
-        # it (with the conversation in the WHERE, SQLite walks the conversation's index instead)
-        for names, ids in _id_batches(sorted(p for p in parents if p is not None)):
-            for row in await self._all(
-                f"SELECT parent_id, id FROM messages WHERE parent_id IN ({names}) ORDER BY id", ids
-            ):
-                found.setdefault(row["parent_id"], []).append(row["id"])
-        if None in parents:
-            rows = await self._all(
-                "SELECT id FROM messages WHERE owner = :owner AND session_id = :sid AND parent_id IS NULL ORDER BY id",
-                scope,
-            )
-            found[None] = [row["id"] for row in rows]
-        return found
-
-    async def message(self, owner: str, session_id: str, message_id: str) -> dict | None:
-        row = await self._one(
-            f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = :id AND owner = :owner AND session_id = :sid",
-            {"id": message_id, "owner": owner, "sid": session_id},
-        )
-        return row
-
-    async def message_and_parent(self, owner: str, session_id: str, message_id: str) -> dict | None:
-        """A message's role, status and parent, with its parent's text and parent (what a
-        regeneration or an edit starts from)."""
-        return await self._one(
-            "SELECT m.id, m.role, m.status, m.parent_id, q.content AS parent_content, q.parent_id AS grandparent_id"
-            " FROM messages m LEFT JOIN messages q ON q.id = m.parent_id"
-            " WHERE m.id = :id AND m.owner = :owner AND m.session_id = :sid",
-            {"id": message_id, "owner": owner, "sid": session_id},
-        )
-
-    async def begin_turn(self, turn: Turn) -> None:
-        """Store the user's message (unless the turn regenerates an answer) and claim the
-        conversation's answer slot with the answer's row, which becomes the current leaf; all or nothing.
-
-        The partial unique index over `streaming` answers makes a second concurrent turn fail
-        here, before anything of it is stored."""
-        # PostgreSQL: the pool's connection first, so that the new row's heartbeat is when it is written
-        async with self.transaction():
-            values = {"owner": turn.owner, "sid": turn.session_id, "now": utcnow(), "aid": turn.answer_id,
-                      "uid": turn.question_id, "text": turn.question, "parent": turn.parent_id,
-                      "model": turn.model}  # fmt: skip
-            await self._run(
-                "INSERT INTO conversations (owner, session_id, title, title_source, current_message_id, created_at,"
-                " updated_at) VALUES (:owner, :sid, :title, :source, :aid, :now, :now)"
-                " ON CONFLICT (owner, session_id) DO UPDATE SET updated_at = excluded.updated_at,"
-                " title = COALESCE(conversations.title, excluded.title), title_source = CASE WHEN"
-                " conversations.title IS NULL THEN excluded.title_source ELSE conversations.title_source END,"
-                " current_message_id = excluded.current_message_id",
-                {**values, "title": turn.title, "source": "first_line" if turn.title else None},
-            )
-            rows = f"(:aid, :uid, :owner, :sid, 'assistant', '', 'streaming', :model, :now, {self.heartbeat_now})"
-            if turn.new_question:
-                rows = f"(:uid, :parent, :owner, :sid, 'user', :text, 'complete', NULL, :now, :now), {rows}"
-            try:
-                await self._run(
-                    "INSERT INTO messages (id, parent_id, owner, session_id, role, content, status, model,"
-                    f" created_at, updated_at) VALUES {rows}",
-                    values,
-                )
-            except Exception as exc:
-                kind = _violation(exc)
-                if kind == "unique":
-                    raise busy(turn.session_id) from None
-                if kind == "foreign_key":  # the message it follows was deleted meanwhile
-                    raise message_not_found(turn.session_id, turn.parent_id or turn.question_id) from None
-                raise
-
-    async def switch_branch(self, owner: str, session_id: str, message_id: str) -> bool:
-        """The branch through this message becomes the current one, down to its newest leaf."""
-
-        async def switch() -> bool:
-            if await self.lock_conversation(owner, session_id) is None:
-                return False
-            row = await self._one(  # after the lock: a branch deleted meanwhile is gone from what it reads
-                _NEWEST_LEAF + "UPDATE conversations SET current_message_id = (SELECT MAX(id) FROM down),"
-                " updated_at = :now WHERE owner = :owner AND session_id = :sid AND EXISTS (SELECT 1 FROM down)"
-                " RETURNING session_id",
-                {"owner": owner, "sid": session_id, "mid": message_id, "now": utcnow()},
-                role=WRITE,
-            )
-            return row is not None
-
-        return await self.atomically(switch)
-
-    async def delete_branch(self, owner: str, session_id: str, message_id: str) -> int:
-        """Delete this message and everything below it; returns how many. A current leaf among them
-        moves to the message's parent, down to that one's newest leaf. Refused while an answer below
-        it is `streaming`: the check and the delete read the same tree (under the conversation's
-        lock, which a new answer's `begin_turn` takes too)."""
-        values = {"owner": owner, "sid": session_id, "mid": message_id, "now": utcnow()}
-
-        async def delete() -> int:
-            conversation = await self.lock_conversation(owner, session_id)
-            subtree = _SUBTREE[self.dialect]
-            rows = await self._all(subtree + "SELECT id, parent_id, status FROM sub", values, role=WRITE)
-            if conversation is None or not rows:
-                raise message_not_found(session_id, message_id)
-            if any(row["status"] == STREAMING for row in rows):
-                raise ConversationBusy(
-                    f"An answer below message '{message_id}' is still being written: stop it first"
-                    f" (POST /api/v1/chat/{session_id}/stop), then delete."
-                )
-            try:
-                await self._run(subtree + "DELETE FROM messages WHERE id IN (SELECT id FROM sub)", values)
-            except Exception as exc:
-                if _violation(exc) != "foreign_key":
-                    raise
-                raise ConversationBusy(  # a message below it written meanwhile, by a writer without the lock
-                    f"Conversation '{session_id}' changed while its message '{message_id}' was being deleted;"
-                    " try again."
-                ) from None
-            deleted = {row["id"]: row["parent_id"] for row in rows}  # the rows come in no particular order
-            if conversation["current_message_id"] in deleted:
-                await self._run(
-                    _NEWEST_LEAF + "UPDATE conversations SET current_message_id = (SELECT MAX(id) FROM down),"
-                    " updated_at = :now WHERE owner = :owner AND session_id = :sid",
-                    {**values, "mid": deleted[message_id]},
-                )
-            else:
-                await self._run(
-                    "UPDATE conversations SET updated_at = :now WHERE owner = :owner AND session_id = :sid", values
-                )
-            return len(rows)
-
-        return await self.atomically(delete)
-
-    async def fork(self, owner: str, session_id: str, message_id: str, new_session_id: str, title: str | None) -> bool:
-        """A new conversation holding copies of the path from the root to this message (new ids; the
-        same texts, usage, statuses and times; what was out of the context stays out). False if
-        `new_session_id` exists."""
-        scope = {"owner": owner, "sid": session_id}
-        source = await self._one(
-            "SELECT title, system_prompt, model, context_start FROM conversations"
-            " WHERE owner = :owner AND session_id = :sid",
-            scope,
-        )
-        path = await self._path(owner, session_id, message_id) if source is not None else []
-        if source is None or not path:
-            raise message_not_found(session_id, message_id)
-        if path[-1]["status"] == STREAMING:
-            raise ConversationBusy(
-                f"Answer '{message_id}' is still being written: fork it once it has ended (or stop it)."
-            )
-        outside = {row["id"] for row in path if row["id"] <= source["context_start"]}
-        conversation = {"title": title if title is not None else source["title"], "title_source": None,
-                        "system_prompt": source["system_prompt"], "model": source["model"]}  # fmt: skip
-        return await self._copy(owner, new_session_id, conversation, path, outside, message_id) is not None
-
-    async def _path(self, owner: str, session_id: str, message_id: str) -> list[dict]:
-        """The messages from the root down to this one (none if it is not in the conversation), read
-        COPY_CHUNK_MESSAGES a statement from the message up, so that no read holds a connection long. A
-        message of it deleted meanwhile (its whole subtree goes with it) leaves none."""
-        path: list[dict] = []
-        mid: str | None = message_id
-        while mid is not None:
-            rows = await self._all(
-                "WITH RECURSIVE path AS (SELECT *, 1 AS depth FROM messages"
-                " WHERE id = :mid AND owner = :owner AND session_id = :sid"
-                " UNION ALL SELECT m.*, p.depth + 1 FROM path p JOIN messages m ON m.id = p.parent_id"
-                " WHERE p.depth < :n) SELECT * FROM path ORDER BY depth",
-                {"owner": owner, "sid": session_id, "mid": mid, "n": COPY_CHUNK_MESSAGES},
-            )
-            if not rows:
-                return []
-            path += rows
-            mid = rows[-1]["parent_id"]
-        return path[::-1]
-
-    async def import_conversation(
-        self, owner: str, session_id: str, file: ImportedConversation, another: bool = False
-    ) -> str | None:
-        """A new conversation holding the file's messages, with new ids and the same tree, under
-        `session_id` (a new id if that is taken and `another`); its id, or None if it is taken. All or
-        nothing."""
-        conversation = {"title": file.title, "title_source": "client" if file.title is not None else None,
-                        "system_prompt": file.system_prompt, "model": file.model}  # fmt: skip
-        outside = {row["id"] for row in file.messages if not row["in_context"]}
-        current = file.current_message_id or (file.messages[-1]["id"] if file.messages else None)
-        return await self._copy(owner, session_id, conversation, file.messages, outside, current, another)
-
-    async def _copy(
-        self,
-        owner: str,
-        session_id: str,
-        conversation: dict,
-        messages: list[dict],
-        outside: set[str],
-        current: str | None,
-        another: bool = False,
-    ) -> str | None:
-        """A new conversation (`conversation`'s title, title_source, system_prompt and model) holding
-        copies of `messages` (parents first) under new ids, the same tree; those in `outside` stay out of
-        the context, and the current leaf is `current`'s newest leaf. Returns its session id: `session_id`,
-        or if that is taken and `another` a new one; None if it is taken. All or nothing.
-
-        SQLite has one writer: more than COPY_CHUNK_MESSAGES messages (or COPY_CHUNK_CHARS characters)
-        are written in transactions of at most that many, under a hidden owner no request reads
-        (STAGED_OWNER), then moved into place in one more, so that other writes get in between. What a
-        failure leaves is deleted then; what a crash leaves, at the next start (`drop_staged`)."""
-        newest_child = {row["parent_id"]: row["id"] for row in messages}  # new ids grow in the file's order
-        leaf = current
-        while leaf in newest_child:
-            leaf = newest_child[leaf]
-        new_ids: dict[str, str] = {}
-        now = utcnow()
-
-        def copies(chunk: list[dict], owner: str, session_id: str) -> list[dict]:  # new ids a chunk at a time:
-            new_ids.update((row["id"], new_message_id()) for row in chunk)  # 100,000 take seconds
-            scope = {"owner": owner, "session_id": session_id, "updated_at": now}
-            return [
-                {**row, **scope, "id": new_ids[row["id"]], "parent_id": new_ids.get(row["parent_id"])} for row in chunk
-            ]
-
-        def head(start: str = "", leaf: str | None = None) -> dict:  # the conversation row's values
-            return {**conversation, "start": start, "leaf": leaf, "now": now}
-
-        def placed_head() -> dict:  # once every message has its new id
-            return head(max((new_ids[mid] for mid in outside), default=""), new_ids.get(leaf))
-
-        chunks = list(_copy_chunks(messages))
-        if len(chunks) == 1:
-            rows = copies(messages, owner, session_id)
-            async with self.transaction():
-                session_id = await self._create_copy(owner, session_id, placed_head(), another)
-                if session_id is not None:
-                    await self.insert_messages([{**row, "session_id": session_id} for row in rows])
-            return session_id
-        if not self.is_sqlite or not chunks:  # one transaction, its ids made a chunk at a time all the same
-            async with self.transaction():
-                session_id = await self._create_copy(owner, session_id, head(), another)
-                if session_id is None:
-                    return None
-                for chunk in chunks:
-                    await self.insert_messages(copies(chunk, owner, session_id))
-                await self._run(
-                    "UPDATE conversations SET context_start = :start, current_message_id = :leaf"
-                    " WHERE owner = :owner AND session_id = :sid",
-                    {**placed_head(), "owner": owner, "sid": session_id},
-                )
-            return session_id
-        if not another and await self._one(
-            "SELECT 1 AS taken FROM conversations WHERE owner = :owner AND session_id = :sid",
-            {"owner": owner, "sid": session_id},
-        ):  # taken now: not worth staging the whole copy to find it out at the end (the end checks again)
-            return None
-        staged = {"staged": STAGED_OWNER, "staged_sid": str(uuid.uuid4())}
-        placed = False
-        try:
-            await self._create_copy(STAGED_OWNER, staged["staged_sid"], head())
-            for chunk in chunks:
-                rows = copies(chunk, STAGED_OWNER, staged["staged_sid"])
-                async with self.transaction():
-                    await self.insert_messages(rows)
-            async with self.transaction():
-                session_id = await self._create_copy(owner, session_id, placed_head(), another)
-                if session_id is None:
-                    return None
-                await self._run(
-                    "UPDATE messages SET owner = :owner, session_id = :sid"
-                    " WHERE owner = :staged AND session_id = :staged_sid",
-                    {**staged, "owner": owner, "sid": session_id},
-                )
-                moved = await self._one("SELECT changes() AS n", role=WRITE)
-                if not moved or moved["n"] != len(messages):  # only another store on the file could have dropped them
-                    raise StorageUnavailable(
-                        f"The import was changed while it was written ({moved and moved['n']} of {len(messages)}"
-                        " messages left); try again."
-                    )
-                await self._run("DELETE FROM conversations WHERE owner = :staged AND session_id = :staged_sid", staged)
-            placed = True
-            return session_id
-        finally:
-            if not placed:
-                await self.drop_staged(staged["staged_sid"])
-
-    async def _create_copy(self, owner: str, session_id: str, head: dict, another: bool = False) -> str | None:
-        """The conversation row of a copy (`_copy`): its session id, None if that is taken (unless `another`)."""
-        while True:
-            created = await self._one(
-                "INSERT INTO conversations (owner, session_id, title, title_source, system_prompt, model,"
-                " context_start, current_message_id, created_at, updated_at)"
-                " VALUES (:owner, :sid, :title, :title_source, :system_prompt, :model, :start, :leaf, :now, :now)"
-                " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
-                {**head, "owner": owner, "sid": session_id},
-                role=WRITE,
-            )
-            if created is not None:
-                return session_id
-            if not another:
-                return None
-            session_id = str(uuid.uuid4())
-
-    async def drop_staged(self, session_id: str | None = None) -> None:
-        """SQLite: delete a copy staged by `_copy` that was not moved into place (None: every one, what
-        a crash left), COPY_CHUNK_MESSAGES messages a statement, children first. A failure is logged:
-        the next start deletes what is left."""
-        try:
-            if session_id is None:
-                staged = await self._all(
-                    "SELECT session_id FROM conversations WHERE owner = :staged", {"staged": STAGED_OWNER}, role=WRITE
-                )
-                for row in staged:
-                    await self.drop_staged(row["session_id"])
-                return
-            values = {"staged": STAGED_OWNER, "sid": session_id, "n": COPY_CHUNK_MESSAGES}
-            while await self._one(
-                "SELECT 1 AS one FROM messages WHERE owner = :staged AND session_id = :sid LIMIT 1", values, role=WRITE
-            ):
-                await self._run(
-                    "DELETE FROM messages WHERE id IN (SELECT id FROM messages"
-                    " WHERE owner = :staged AND session_id = :sid ORDER BY id DESC LIMIT :n)",
-                    values,
-                )
-            await self._run("DELETE FROM conversations WHERE owner = :staged AND session_id = :sid", values)
-        except Refusal as exc:
-            log.warning("a staged copy (%s) is left for the next start to delete: %s", session_id or "all", exc.detail)
-
-    async def insert_messages(self, rows: list[dict]) -> None:
-        """Write these messages as they are (parents before children), 100 rows a statement (PostgreSQL:
-        one array per column, COPY_CHUNK_MESSAGES rows a statement, see _insert_columns)."""
-        names = (*_MESSAGE_COLUMN_NAMES, "owner", "session_id", "updated_at")
-        if not self.is_sqlite:
-            await self._insert_columns(names, rows)
-            return
-        for start in range(0, len(rows), 100):
-            values: dict[str, Any] = {}
-            tuples = []
-            for n, row in enumerate(rows[start : start + 100]):
-                values.update({f"{name}_{n}": row[name] for name in names})
-                tuples.append("(" + ", ".join(f":{name}_{n}" for name in names) + ")")
-            await self._run(f"INSERT INTO messages ({', '.join(names)}) VALUES {', '.join(tuples)}", values)
-
-    async def _insert_columns(self, names: tuple[str, ...], rows: list[dict]) -> None:
-        """PostgreSQL, inside a transaction: the rows as one array per column, COPY_CHUNK_MESSAGES rows
-        (a copy's chunk) a statement, on the transaction's own asyncpg connection. (As `databases` statements of 100
-        rows, building each statement's 1,800 parameters took ~0.15 s of Python: an import of
-        100,000 messages took minutes.)"""
-        arrays = ", ".join(f"${n}::{'integer' if name in _INTEGER_COLUMNS else 'text'}[]"
-                           for n, name in enumerate(names, 1))  # fmt: skip
-        sql = f"INSERT INTO messages ({', '.join(names)}) SELECT * FROM unnest({arrays})"
-        async with self.db.connection() as conn:  # this task's: the transaction's
-            for start in range(0, len(rows), COPY_CHUNK_MESSAGES):
-                chunk = rows[start : start + COPY_CHUNK_MESSAGES]
-                started = time.perf_counter()
-                try:
-                    await conn.raw_connection.execute(sql, *([row[name] for row in chunk] for name in names))
-                except Exception as exc:
-                    self._failed(exc, WRITE)
-                finally:
-                    self._statement_seconds[WRITE].observe(time.perf_counter() - started)
 
     async def checkpoint(self, checkpoints: list[Checkpoint]) -> None:
         """The running answers' texts so far, in one round trip (the background connection on SQLite).
@@ -1762,78 +1952,83 @@ class Store:
             "UPDATE messages SET content = $1, reasoning_content = $2, last_seq = $3, updated_at = {}"
             " WHERE id = {} AND status = 'streaming'"
         )
-        try:
-            if self._raw:  # sqlite3 reads $1 as the first parameter too
-                async with self._sqlite_connection(BACKGROUND) as conn:
-                    now = utcnow()
-                    rows = [(cp.content, cp.reasoning, cp.seq, now, cp.answer_id) for cp in checkpoints]
-                    await conn.executemany(sql.format("$4", "$5"), rows)
-            else:  # asyncpg pipelines the rows: one round trip
-                async with self.db.connection() as conn:
-                    rows = [(cp.content, cp.reasoning, cp.seq, cp.answer_id) for cp in checkpoints]
-                    await conn.raw_connection.executemany(sql.format(PG_NOW, "$4"), rows)
-        except Exception as exc:
-            self._failed(exc, BACKGROUND)
-        self.fault = None
+        if self.db.is_sqlite:
 
-    async def finish_answer(self, answer_id: str, final: FinalState) -> bool:
+            def rows() -> list[tuple]:
+                now = utcnow()
+                return [(cp.content, cp.reasoning, cp.seq, now, cp.answer_id) for cp in checkpoints]
+
+            await self.db.execute_many(sql.format("$4", "$5"), rows, BACKGROUND)
+        else:
+            await self.db.execute_many(
+                sql.format(PG_NOW, "$4"),
+                lambda: [(cp.content, cp.reasoning, cp.seq, cp.answer_id) for cp in checkpoints],
+                BACKGROUND,
+            )
+
+    async def finish(self, answer_id: str, final: FinalState) -> bool:
         """The answer's final state, written once, whatever ended it. False if the answer is no longer
         `streaming`: another process took it for dead and stored its verdict, which stands."""
         usage = final.usage or {}
-        row = await self._one(
+        row = await self.db.fetch_one(
             "UPDATE messages SET content = :content, reasoning_content = :reasoning, status = :status,"
             " finish_reason = :finish_reason, error_code = :error_code, error_message = :error_message,"
             " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,"
-            f" total_tokens = :total_tokens, last_seq = :last_seq, updated_at = {self.heartbeat_now}"
+            f" total_tokens = :total_tokens, last_seq = :last_seq, updated_at = {self.db.heartbeat_now}"
             " WHERE id = :id AND status = 'streaming' RETURNING id",
             {
-                "content": final.content, "reasoning": final.reasoning, "status": final.status,
-                "finish_reason": final.finish_reason, "error_code": final.error_code,
-                "error_message": final.error_message, "prompt_tokens": usage.get("prompt_tokens"),
-                "completion_tokens": usage.get("completion_tokens"), "total_tokens": usage.get("total_tokens"),
-                "last_seq": final.last_seq, "now": utcnow(), "id": answer_id,
+                "content": final.content,
+                "reasoning": final.reasoning,
+                "status": final.status,
+                "finish_reason": final.finish_reason,
+                "error_code": final.error_code,
+                "error_message": final.error_message,
+                "prompt_tokens": usage.get("prompt_tokens"),
+                "completion_tokens": usage.get("completion_tokens"),
+                "total_tokens": usage.get("total_tokens"),
+                "last_seq": final.last_seq,
+                "now": utcnow(),
+                "id": answer_id,
             },
             role=WRITE,
-        )  # fmt: skip
+        )
         return row is not None
 
-    async def answer(self, answer_id: str) -> dict | None:
+    async def get(self, answer_id: str) -> dict | None:
         """An answer by id alone: its producer reads back the verdict another process stored."""
-        return await self._one(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = :id", {"id": answer_id})
+        return await self.db.fetch_one(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = :id", {"id": answer_id})
 
 
-@functools.lru_cache(maxsize=256)
-def _parameters(sql: str) -> frozenset[str]:
-    return frozenset(re.findall(r"(?<![:\w]):(\w+)", sql))
+# ── Store: the database and its rooms, opened and closed together ──────────────────────
 
 
-def row_usage(row: dict) -> dict | None:
-    if row["total_tokens"] is None and row["prompt_tokens"] is None:
-        return None
-    return {k: row[k] for k in USAGE_FIELDS}
+class Store:
+    """What the rest of the module holds: the database (`db`) and the rooms that read and write it,
+    `conversations`, `search`, `tree` (a conversation's messages), `copies` (forks and imports) and
+    `answers` (answers' rows while they are written)."""
 
+    def __init__(self, url: str, exclusive: bool = False, metrics: Metrics | None = None):
+        self.db = Database(url, exclusive, metrics)
+        self.conversations = Conversations(self.db)
+        self.search = Search(self.db)
+        self.tree = Tree(self.db, self.conversations)
+        self.copies = Copies(self.db)
+        self.answers = AnswerRows(self.db)
 
-def _copy_chunks(rows: list[dict]) -> Iterator[list[dict]]:
-    """`rows` in order, at most COPY_CHUNK_MESSAGES messages and COPY_CHUNK_CHARS characters of text a
-    chunk (a single longer message is a chunk of its own)."""
-    chunk: list[dict] = []
-    chars = 0
-    for row in rows:
-        size = len(row["content"]) + len(row["reasoning_content"] or "")
-        if chunk and (len(chunk) == COPY_CHUNK_MESSAGES or chars + size > COPY_CHUNK_CHARS):
-            yield chunk
-            chunk, chars = [], 0
-        chunk.append(row)
-        chars += size
-    if chunk:
-        yield chunk
+    async def open(self, upgrade: bool = True) -> None:
+        """Connect, and bring the schema up to date (`upgrade`), or only check that this release can
+        (a database newer than it is a SchemaError either way). SQLite, for the process that serves the
+        file: the copies a crash left staged are deleted."""
+        await self.db.open(upgrade)
+        if upgrade and self.db.exclusive and self.db.is_sqlite:  # no other process writes this file
+            try:
+                await self.copies.drop_staged()
+            except BaseException:
+                await self.close()
+                raise
 
-
-def _id_batches(ids: list[str], size: int = 500) -> Iterator[tuple[str, dict[str, str]]]:
-    """`IN (...)` placeholders and their values, `size` ids at a time."""
-    for start in range(0, len(ids), size):
-        values = {f"id{n}": value for n, value in enumerate(ids[start : start + size], start)}
-        yield ", ".join(":" + name for name in values), values
+    async def close(self) -> None:
+        await self.db.close()
 
 
 # ── Turns: where a new message goes in the tree, and what the model is sent ────────────
@@ -1851,7 +2046,7 @@ async def plan_turn(
     target_id = chat.parent_id or chat.edit or chat.regenerate
     start: str | None = None
     if target_id is not None:
-        target = await store.message_and_parent(owner, session_id, target_id)
+        target = await store.tree.message_and_parent(owner, session_id, target_id)
         if target is None:
             raise message_not_found(session_id, target_id)
         field_name = "parent_id" if chat.parent_id else "edit" if chat.edit else "regenerate"
@@ -1879,7 +2074,7 @@ async def plan_turn(
                 )
             question, question_id, new_question = target["parent_content"], target["parent_id"], False
             start = target["grandparent_id"]
-    conversation, history = await store.chat_context(
+    conversation, history = await store.tree.chat_context(
         owner, session_id, 2 * settings.max_context_messages + 2, start, current=target_id is None
     )
     if target_id is None:
@@ -2441,7 +2636,7 @@ class Relay:
 
     def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient):
         self.settings, self.store, self.client = settings, store, client
-        self.metrics = store.metrics
+        self.metrics = store.db.metrics
         self.metrics.running.set_function(lambda: sum(1 for a in list(self.running.values()) if a.task is not None))
         self.running: dict[tuple[str, str], Answer] = {}  # conversations are keyed by (owner, session_id)
         self.recent: dict[str, Answer] = {}  # by message_id, running or finished
@@ -2450,7 +2645,7 @@ class Relay:
         self.claiming: set[str] = set()  # answers being written as `streaming`, not started yet
         self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}  # channel listeners waiting
         self._tasks: set[asyncio.Task] = set()  # checkpoints, sweeps, retries: held until they end
-        self.replicas: Replicas | None = None if store.is_sqlite else Replicas(self)
+        self.replicas: Replicas | None = None if store.db.is_sqlite else Replicas(self)
         self.heartbeat: Heartbeat | None = None
         self.loop_tick = time.monotonic()  # the event loop is alive: the heartbeat thread reads it
         self.draining = False  # shutting down: no new answers
@@ -2458,7 +2653,7 @@ class Relay:
 
     async def open(self) -> None:
         if self.replicas is None:  # SQLite: this process alone serves the file, so none is running
-            for row in await self.store.recover_interrupted(None):
+            for row in await self.store.answers.recover_interrupted(None):
                 log.warning("answer %s was cut by the last stop: stored as interrupted", row["id"])
         else:
             await self.replicas.open()
@@ -2601,7 +2796,7 @@ class Relay:
                 continue
             batch = [Checkpoint(a.message_id, a.full_text, a.full_reasoning, len(a.log)) for a in due]
             try:
-                await self.store.checkpoint(batch)
+                await self.store.answers.checkpoint(batch)
             except StorageUnavailable as exc:
                 log.warning("checkpoint of %d answer(s) failed, tried again in %g s: %s", len(batch),
                             self.settings.checkpoint_seconds, exc.detail)  # fmt: skip
@@ -2627,7 +2822,7 @@ class Relay:
                 log.warning("answer %s was taken for dead by another process; its verdict stands", answer.message_id)
         elif stored is None:
             answer.error = StorageFailed(
-                f"The answer could not be stored: {self.store.fault or 'the database failed.'} chatsvc keeps trying"
+                f"The answer could not be stored: {self.store.db.fault or 'the database failed.'} chatsvc keeps trying"
                 " to store it; reload the conversation once GET /readyz answers 200."
             )
             self.unstored[answer.key] = answer
@@ -2649,7 +2844,7 @@ class Relay:
         deadline = None if within is None else time.monotonic() + within
         for attempt in itertools.count():
             try:
-                return await self.store.finish_answer(answer.message_id, final)
+                return await self.store.answers.finish(answer.message_id, final)
             except StorageUnavailable as exc:
                 left = math.inf if deadline is None else deadline - time.monotonic()
                 if left <= 0:
@@ -2672,7 +2867,7 @@ class Relay:
     async def _verdict(self, answer: Answer) -> dict | None:
         for attempt in range(5):
             try:
-                return await self.store.answer(answer.message_id)
+                return await self.store.answers.get(answer.message_id)
             except StorageUnavailable:
                 await asyncio.sleep(backoff(attempt))
         return None
@@ -2788,7 +2983,7 @@ class Relay:
 
     async def recover(self) -> int:
         """Interrupt the answers whose process stopped beating; how many there were."""
-        rows = await self.store.recover_interrupted(self.settings.heartbeat_stale, self.own_ids())
+        rows = await self.store.answers.recover_interrupted(self.settings.heartbeat_stale, self.own_ids())
         for row in rows:
             log.warning("answer %s lost its process (no heartbeat): stored as interrupted", row["id"])
         if rows and self.replicas is not None:
@@ -2835,7 +3030,7 @@ class Heartbeat:
             return
         try:
             if self._conn is None or self._conn.is_closed():
-                url = DatabaseURL(self.relay.store.url)
+                url = DatabaseURL(self.relay.store.db.url)
                 self._conn = await asyncpg.connect(
                     host=url.hostname, port=url.port, user=url.username, password=url.password,
                     database=url.database, timeout=10, command_timeout=max(1.0, self.relay.settings.heartbeat_stale),
@@ -2939,9 +3134,9 @@ async def write_title(relay: Relay, answer: Answer) -> None:
         status = "empty"
     try:
         key = (answer.owner, answer.session_id)
-        if not await relay.store.set_model_title(*key, answer.message_id, title, usage):
+        if not await relay.store.conversations.set_model_title(*key, answer.message_id, title, usage):
             # a client named it meanwhile (kept), or the answer it was made from is gone (its text too)
-            status = "kept" if await relay.store.message(*key, answer.message_id) else "gone"
+            status = "kept" if await relay.store.tree.message(*key, answer.message_id) else "gone"
     except StorageUnavailable as exc:
         status, code = "unstored", "storage_unavailable"
         log.warning("title of session %s not stored: %s", answer.session_id, exc.detail)
@@ -3089,19 +3284,19 @@ class Bus:
                     await self._connections[1].raw_connection.execute(
                         "SELECT pg_notify($1, note) FROM unnest($2::text[]) AS note", CHANNEL, batch
                     )
-                    self.store.metrics.bus.labels("sent").inc(len(batch))
+                    self.store.db.metrics.bus.labels("sent").inc(len(batch))
                     break
                 except Exception as exc:  # else mirrors see the gap at the next event and catch up from the store
                     log.warning("could not publish %d event(s) to the other replicas (%s)", len(batch), exc)
                     if attempt == 0:
                         await self._reconnect(1)
                     else:
-                        self.store.metrics.bus.labels("unsent").inc(len(batch))
+                        self.store.db.metrics.bus.labels("unsent").inc(len(batch))
 
     def _received(self, conn: Any, pid: int, channel: str, note: str) -> None:
         notification = Notification.decode(note)
         if notification.origin != self.origin:
-            self.store.metrics.bus.labels("received").inc()
+            self.store.db.metrics.bus.labels("received").inc()
             self.on_notification(notification)
 
 
@@ -3218,7 +3413,7 @@ class Replicas:
         assert mirror.pending is not None
         for _ in range(20):
             try:
-                row = await self.store.message(mirror.owner, mirror.session_id, mirror.message_id)
+                row = await self.store.tree.message(mirror.owner, mirror.session_id, mirror.message_id)
             except StorageUnavailable:
                 await asyncio.sleep(self.settings.checkpoint_seconds)
                 continue
@@ -3263,7 +3458,7 @@ class Replicas:
     async def _end_from_store(self, mirror: Mirror, row: dict | None = None) -> None:
         if row is None:
             with contextlib.suppress(StorageUnavailable):
-                row = await self.store.message(mirror.owner, mirror.session_id, mirror.message_id)
+                row = await self.store.tree.message(mirror.owner, mirror.session_id, mirror.message_id)
         if row is not None and row["status"] != STREAMING and not mirror.done.is_set():
             mirror.status = row["status"]
             mirror.append(stored_final_event(row), final=True, seq=row["last_seq"])
@@ -3289,7 +3484,7 @@ class Replicas:
             if isinstance(answer, Mirror) and answer.pending is None and answer.heard_at < quiet
         }
         if mirrors:
-            still = await self.store.streaming(list(mirrors))
+            still = await self.store.answers.streaming(list(mirrors))
             for message_id, mirror in mirrors.items():
                 if message_id not in still:
                     await self._end_from_store(mirror)
@@ -3309,7 +3504,7 @@ class Replicas:
             finally:
                 won.cancel()
         await self.relay.recover()  # one whose replica is gone is interrupted now, not asked
-        answer_id = await self.store.streaming_answer(*key)
+        answer_id = await self.store.answers.streaming_id(*key)
         if answer_id is None:
             return None, False
         won = self._ask_to_stop(key)
@@ -3317,7 +3512,7 @@ class Replicas:
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
-                row = await self.store.message(*key, answer_id)
+                row = await self.store.tree.message(*key, answer_id)
                 if row is None or row["status"] != STREAMING:
                     return answer_id, won.done() and not won.cancelled() and row is not None and row[
                         "status"
@@ -4028,7 +4223,7 @@ def refuse_while_draining(request: Request) -> None:
 
 
 async def conversation_or_404(request: Request, key: tuple[str, str]) -> dict:
-    row = await state(request).store.conversation(*key)
+    row = await state(request).store.conversations.get(*key)
     if row is None:
         raise not_found(key[1])
     return row
@@ -4038,7 +4233,7 @@ async def present_messages(
     request: Request, key: tuple[str, str], rows: list[dict], context_start: str, siblings: bool = True
 ) -> list:
     """The messages as the API shows them, with their `sibling_ids` (unless not `siblings`: a tree page)."""
-    found = await state(request).store.siblings(*key, {row["parent_id"] for row in rows}) if siblings else None
+    found = await state(request).store.tree.siblings(*key, {row["parent_id"] for row in rows}) if siblings else None
     return [present_message(row, context_start, found) for row in rows]
 
 
@@ -4052,17 +4247,17 @@ async def list_conversations(request: Request) -> Response:
     after = tuple(decode_cursor(cursor, 2)) if cursor else None
     query = request.query_params.get("q")
     if query is None:
-        rows = await st.store.conversations(owner, limit + 1, after)
+        rows = await st.store.conversations.page(owner, limit + 1, after)
     else:
         if not query.strip():
             raise invalid("'q' must not be blank.")
-        rows = await st.store.search(owner, storable("q", query, 200), limit + 1, after)
+        rows = await st.store.search.conversations(owner, storable("q", query, 200), limit + 1, after)
     more = len(rows) > limit
     rows = rows[:limit]
     next_cursor = encode_cursor(rows[-1]["updated_at"], rows[-1]["session_id"]) if more else None
     conversations = [present_conversation(st.settings, r) for r in rows]
     if query is not None:
-        texts = await st.store.texts([r["match_id"] for r in rows if r["match_id"] and not r["title_match"]])
+        texts = await st.store.search.texts([r["match_id"] for r in rows if r["match_id"] and not r["title_match"]])
         for body, row in zip(conversations, rows, strict=True):
             if row["title_match"] or row["match_id"] not in texts:
                 body["match"] = {"field": "title"}
@@ -4080,7 +4275,7 @@ async def create_conversation(request: Request) -> Response:
     title = optional_text(body, "title", 200)
     prompt = optional_text(body, "system_prompt", st.settings.max_message_chars)
     model = check_model(st.settings, body.get("model"))
-    if not await st.store.create_conversation(owner, session_id, title, prompt, model):
+    if not await st.store.conversations.create(owner, session_id, title, prompt, model):
         raise conversation_exists(session_id)
     row = await conversation_or_404(request, (owner, session_id))
     return JSONResponse(present_conversation(st.settings, row), status_code=201)
@@ -4091,7 +4286,7 @@ async def get_conversation(request: Request) -> Response:
     key = conversation_key(request)
     limit = query_int(request, "limit", 50, 1, 500)
     row = await conversation_or_404(request, key)
-    messages = await st.store.branch(*key, limit, chars=MESSAGE_PAGE_BYTES)
+    messages = await st.store.tree.branch(*key, limit, chars=MESSAGE_PAGE_BYTES)
     parts = page_parts(await present_messages(request, key, messages, row["context_start"]))  # as a page ends
     conversation = json_bytes(present_conversation(st.settings, row))
     body = conversation[:-1] + b',"messages":[' + b",".join(parts[::-1]) + b"]}"  # each message encoded once
@@ -4111,9 +4306,9 @@ async def list_messages(request: Request) -> Response:
     row = await conversation_or_404(request, key)
     # the store reads no message whose text starts past the page's size (a character is a byte or more)
     if tree:
-        rows = await st.store.tree(*key, limit + 1, after=cursor, before=before, chars=MESSAGE_PAGE_BYTES)
+        rows = await st.store.tree.messages(*key, limit + 1, after=cursor, before=before, chars=MESSAGE_PAGE_BYTES)
     else:
-        rows = await st.store.branch(*key, limit + 1, before or cursor, chars=MESSAGE_PAGE_BYTES)
+        rows = await st.store.tree.branch(*key, limit + 1, before or cursor, chars=MESSAGE_PAGE_BYTES)
     parts = page_parts(await present_messages(request, key, rows[:limit], row["context_start"], siblings=not tree))
     more = bool(rows) and len(parts) < rows[0]["candidates"]
     next_cursor = json_bytes(rows[len(parts) - 1]["id"] if more else None)
@@ -4137,10 +4332,10 @@ async def update_conversation(request: Request) -> Response:
     current = body.get("current_message_id")
     if "current_message_id" in body and not (isinstance(current, str) and MESSAGE_ID.fullmatch(current)):
         raise invalid("'current_message_id' must be the id of a message of this conversation.")
-    if current is not None and not await st.store.switch_branch(*key, current):
+    if current is not None and not await st.store.tree.switch_branch(*key, current):
         await conversation_or_404(request, key)
         raise message_not_found(key[1], current)
-    if changes and not await st.store.update_conversation(*key, changes):
+    if changes and not await st.store.conversations.update(*key, changes):
         raise not_found(key[1])
     row = await conversation_or_404(request, key)
     return JSONResponse(present_conversation(st.settings, row))
@@ -4151,7 +4346,7 @@ async def delete_message(request: Request) -> Response:
     st = state(request)
     owner, session_id, message_id = message_key(request)
     await conversation_or_404(request, (owner, session_id))
-    await st.store.delete_branch(owner, session_id, message_id)
+    await st.store.tree.delete_branch(owner, session_id, message_id)
     row = await conversation_or_404(request, (owner, session_id))
     return JSONResponse(present_conversation(st.settings, row))
 
@@ -4166,13 +4361,13 @@ async def export_conversation(request: Request) -> Response:
         raise invalid("'format' must be json or markdown.")
     row = await conversation_or_404(request, key)
     if kind == "markdown":
-        branch = await st.store.branch(*key, 2**31 - 1)
+        branch = await st.store.tree.branch(*key, 2**31 - 1)
         return Response(
             markdown_document(row, branch[::-1]),
             media_type="text/markdown; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="{key[1]}.md"'},
         )
-    messages = await st.store.tree(*key, 2**31 - 1)
+    messages = await st.store.tree.messages(*key, 2**31 - 1)
     # a second at the import limit: in a worker thread, off the event loop
     return Response(await anyio.to_thread.run_sync(export_file, row, messages), media_type="application/json")
 
@@ -4189,7 +4384,7 @@ async def import_conversation(request: Request) -> Response:
     body = await read_json(request, st.settings, limit=st.settings.max_import_bytes, in_thread=True)
     file = await anyio.to_thread.run_sync(parse_import, st.settings, body)
     wanted = asked or file.session_id or str(uuid.uuid4())
-    session_id = await st.store.import_conversation(owner, wanted, file, another=asked is None)
+    session_id = await st.store.copies.import_file(owner, wanted, file, another=asked is None)
     if session_id is None:
         raise conversation_exists(wanted)
     row = await conversation_or_404(request, (owner, session_id))
@@ -4207,7 +4402,7 @@ async def fork_conversation(request: Request) -> Response:
     new_session_id = check_session_id(body["session_id"]) if body.get("session_id") is not None else str(uuid.uuid4())
     title = optional_text(body, "title", 200)
     await conversation_or_404(request, key)
-    if not await st.store.fork(*key, message_id, new_session_id, title):
+    if not await st.store.copies.fork(*key, message_id, new_session_id, title):
         raise conversation_exists(new_session_id)
     row = await conversation_or_404(request, (key[0], new_session_id))
     return JSONResponse(present_conversation(st.settings, row), status_code=201)
@@ -4217,7 +4412,7 @@ async def delete_conversation(request: Request) -> Response:
     st = state(request)
     key = conversation_key(request)
     await st.relay.stop(key)  # its answer ends first, so nothing writes after the delete
-    if not await st.store.delete_conversation(*key):
+    if not await st.store.conversations.delete(*key):
         raise not_found(key[1])
     return Response(status_code=204)
 
@@ -4225,7 +4420,7 @@ async def delete_conversation(request: Request) -> Response:
 async def clear_context(request: Request) -> Response:
     st = state(request)
     key = conversation_key(request)
-    if not await st.store.clear_context(*key, query_bool(request, "purge")):
+    if not await st.store.tree.clear_context(*key, query_bool(request, "purge")):
         raise not_found(key[1])
     row = await conversation_or_404(request, key)
     return JSONResponse(present_conversation(st.settings, row))
@@ -4253,11 +4448,11 @@ async def start_answer(request: Request) -> Answer:
     relay.claiming.add(turn.answer_id)  # vouched for by the heartbeat from the moment its row exists
     try:
         try:
-            await st.store.begin_turn(turn)
+            await st.store.tree.begin_turn(turn)
         except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
             if relay.replicas is None or not await relay.recover():
                 raise
-            await st.store.begin_turn(turn)
+            await st.store.tree.begin_turn(turn)
         payload = {"model": turn.model, "messages": messages, "stream": True,
                    "stream_options": {"include_usage": True}}  # fmt: skip
         answer = relay.start(turn, {**payload, **chat.options})
@@ -4316,7 +4511,7 @@ def event_stream(request: Request, body: AsyncIterator[bytes], channel: bool = F
         ping_message_factory=lambda: ServerSentEvent(comment="ping", sep="\n"),
         headers={"Cache-Control": "no-store, no-transform"},
     )
-    metrics = state(request).store.metrics
+    metrics = state(request).store.db.metrics
     response.gauges = (metrics.streams, metrics.listeners) if channel else (metrics.streams,)
     return response
 
@@ -4366,7 +4561,7 @@ async def channel_events(
                 yield answer.final  # it saw more than this replica holds, but not the end
         else:
             answer = None
-            row = await store.message(*key, message_id)
+            row = await store.tree.message(*key, message_id)
             if row and row["status"] != STREAMING:
                 if seq != row["last_seq"]:  # its log is gone: send its end, unless that is what it saw last
                     yield stored_final_event(row)
@@ -4468,7 +4663,7 @@ async def openapi(request: Request) -> Response:
 
 async def prometheus_metrics(request: Request) -> Response:
     """This process's metrics in Prometheus' text format (each replica serves its own)."""
-    return Response(state(request).store.metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+    return Response(state(request).store.db.metrics.exposition(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
 
 async def healthz(request: Request) -> Response:
@@ -4481,10 +4676,10 @@ async def readyz(request: Request) -> Response:
         body = {"status": "draining", "detail": "chatsvc is shutting down.", "code": "shutting_down"}
         return JSONResponse(body, status_code=503)
     try:
-        await asyncio.wait_for(st.store.ping(), timeout=2)
+        await asyncio.wait_for(st.store.db.ping(), timeout=2)
         if st.relay.unstored:
             raise StorageUnavailable(
-                f"{len(st.relay.unstored)} finished answer(s) are not stored yet: {st.store.fault or 'the database'}"
+                f"{len(st.relay.unstored)} finished answer(s) are not stored yet: {st.store.db.fault or 'the database'}"
                 " failed; chatsvc keeps trying."
             )
     except StorageUnavailable as exc:
@@ -4908,7 +5103,7 @@ async def check(settings: Settings, upstream: bool) -> list[str]:
     store = Store(settings.database_url)
     try:
         await asyncio.wait_for(store.open(upgrade=False), timeout=10)
-        await store.ping()
+        await store.db.ping()
     except Exception as exc:
         problems.append(f"The database at DATABASE_URL cannot be used: {type(exc).__name__}: {exc}")
     finally:
@@ -4974,9 +5169,9 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     store = Store(settings.database_url)
-    if store.sqlite_path:  # refused here in one sentence, before the server starts (the app takes it again)
+    if store.db.sqlite_path:  # refused here in one sentence, before the server starts (the app takes it again)
         try:
-            hold_sqlite_file(store.sqlite_path)
+            hold_sqlite_file(store.db.sqlite_path)
         except SQLiteFileInUse as exc:
             print(f"chatsvc: {exc}", file=sys.stderr)
             return 2

@@ -5,7 +5,7 @@
 
 Builds 100,000 messages of mixed Chinese and English in 1,000 conversations of one owner (and as
 many of another owner, which no query may see), through chatsvc's own schema, then times
-Store.search (the query and the snippets' read; no HTTP) for queries of every kind: p50 and p99
+Search.conversations (the query and the snippets' read; no HTTP) for queries of every kind: p50 and p99
 of --runs each. Then the cost of the index per chat: a turn's writes (begin_turn, then
 finish_answer with a 300-character answer) with the index kept, and with it dropped.
 """
@@ -50,7 +50,7 @@ async def build(store: chatsvc.Store, messages: int, conversations: int) -> None
     for owner in ("bench", "other"):
         for c in range(conversations):
             sid = f"c{c}"
-            await store.create_conversation(owner, sid, None, None, None)
+            await store.conversations.create(owner, sid, None, None, None)
             rows, parent = [], None
             for n in range(messages // conversations):
                 mid = chatsvc.new_message_id()
@@ -61,8 +61,8 @@ async def build(store: chatsvc.Store, messages: int, conversations: int) -> None
                              "last_seq": None, "created_at": chatsvc.utcnow(), "owner": owner, "session_id": sid,
                              "updated_at": chatsvc.utcnow()})  # fmt: skip
                 parent = mid
-            async with store.transaction():
-                await store.insert_messages(rows)
+            async with store.db.transaction():
+                await store.copies.insert_messages(rows)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -78,8 +78,8 @@ async def chat_cost(store: chatsvc.Store, turns: int) -> float:
         turn = chatsvc.Turn("bench", f"turns-{n % 20}", chatsvc.new_message_id(), "qwen-plus",
                             chatsvc.new_message_id(), "a question about the weather", True, None, "t")  # fmt: skip
         started = time.perf_counter()
-        await store.begin_turn(turn)
-        await store.finish_answer(turn.answer_id, chatsvc.FinalState("complete", answer, None, "stop", None, None,
+        await store.tree.begin_turn(turn)
+        await store.answers.finish(turn.answer_id, chatsvc.FinalState("complete", answer, None, "stop", None, None,
                                                                      None, 3))  # fmt: skip
         times.append((time.perf_counter() - started) * 1000)
     return statistics.median(times)
@@ -90,8 +90,8 @@ async def main(args: argparse.Namespace) -> None:
     store = chatsvc.Store(url)
     await store.open()
     try:
-        if not store.is_sqlite:
-            await store._run("TRUNCATE messages, conversations CASCADE")
+        if not store.db.is_sqlite:
+            await store.db.execute("TRUNCATE messages, conversations CASCADE")
         started = time.perf_counter()
         await build(store, args.messages, args.conversations)
         took = time.perf_counter() - started
@@ -101,18 +101,18 @@ async def main(args: argparse.Namespace) -> None:
             times, found = [], 0
             for _ in range(args.runs):
                 t0 = time.perf_counter()
-                rows = await store.search("bench", q, 51, None)
-                await store.texts([r["match_id"] for r in rows if r["match_id"]])
+                rows = await store.search.conversations("bench", q, 51, None)
+                await store.search.texts([r["match_id"] for r in rows if r["match_id"]])
                 times.append((time.perf_counter() - t0) * 1000)
                 found = len(rows)
             print(f"  {title:<32} {q!r:<18} p50 {statistics.median(times):7.2f} ms  p99 {pct(times, 0.99):7.2f} ms"
                   f"  ({found} of the first page)")  # fmt: skip
         kept = await chat_cost(store, args.turns)
-        if store.is_sqlite:
+        if store.db.is_sqlite:
             for trigger in ("insert", "update", "delete"):
-                await store._run(f"DROP TRIGGER messages_search_{trigger}")
+                await store.db.execute(f"DROP TRIGGER messages_search_{trigger}")
         else:
-            await store._run("DROP INDEX IF EXISTS messages_text_search")
+            await store.db.execute("DROP INDEX IF EXISTS messages_text_search")
         dropped = await chat_cost(store, args.turns)
         print(f"\na chat's writes, median of {args.turns}: {kept:.3f} ms with the index kept, {dropped:.3f} ms"
               f" without it: +{kept - dropped:.3f} ms a chat")  # fmt: skip

@@ -1,5 +1,5 @@
 """Cost of one SQLite statement through `databases`' query path against the same long-lived
-connection's aiosqlite handle (what chatsvc's Store uses), one at a time and 500 in flight.
+connection's aiosqlite handle (what chatsvc's Database uses), one at a time and 500 in flight.
 
     python bench/store.py
 """
@@ -32,7 +32,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = chatsvc.Store(f"sqlite+aiosqlite:///{tmp}/bench.db")
         await store.open()
-        conn, raw = store._conn, store._raw
+        conn, raw = store.db._conns[0], store.db._raw[chatsvc.READ]  # the read connection, both ways
         sql = chatsvc._CONVERSATION_SQL + " AND c.session_id = :sid"
         values = {"owner": "", "sid": "c1"}
         await timed("databases connection.fetch_all, sequential", lambda: conn.fetch_all(sql, values))

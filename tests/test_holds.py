@@ -108,13 +108,13 @@ def test_another_users_chat_answers_while_a_large_import_is_written(users, fake,
         " BEGIN SELECT length(replace(hex(randomblob(200000)), 'A', 'BB')); END"
     )
     writing = threading.Event()
-    insert = chatsvc.Store.insert_messages
+    insert = chatsvc.Copies.insert_messages
 
     async def watched_insert(store, rows):
         writing.set()
         return await insert(store, rows)
 
-    monkeypatch.setattr(chatsvc.Store, "insert_messages", watched_insert)
+    monkeypatch.setattr(chatsvc.Copies, "insert_messages", watched_insert)
     importing = in_thread(lambda: client.post(f"{CONV}/import?session_id=big", json=chain(3000), headers=ME))
     assert writing.wait(30)
     chat, took = timed(lambda: client.post(f"{API}/chat/mine", json={"message": "hi"}, headers=OTHER))
@@ -221,13 +221,13 @@ def test_a_costly_search_is_cut_at_its_budget_while_reads_answer(users, fake, mo
     monkeypatch.setattr(chatsvc, "SEARCH_SECONDS", 0.5)
     costly = "a" * 200 if service.is_sqlite else "a" * 199 + "b"
     searching = threading.Event()
-    search = chatsvc.Store.search
+    search = chatsvc.Search.conversations
 
     async def watched_search(store, *args):
         searching.set()
         return await search(store, *args)
 
-    monkeypatch.setattr(chatsvc.Store, "search", watched_search)
+    monkeypatch.setattr(chatsvc.Search, "conversations", watched_search)
     found = in_thread(lambda: client.get(CONV, params={"q": costly}, headers=ME))
     assert searching.wait(30)
     read = client.get(f"{CONV}/mine", headers=OTHER)
@@ -254,7 +254,7 @@ def test_a_search_that_waits_a_whole_budget_for_its_turn_is_search_busy(make_ser
         pytest.skip("PostgreSQL's searches run on the pool's connections: none waits for another")
     monkeypatch.setattr(chatsvc, "SEARCH_SECONDS", 1.0)
     holding = threading.Event()
-    run = chatsvc.Store._sqlite
+    run = chatsvc.Database._sqlite
 
     async def slow_search(store, sql, values, role):
         if role == chatsvc.SEARCH and not holding.is_set():
@@ -262,7 +262,7 @@ def test_a_search_that_waits_a_whole_budget_for_its_turn_is_search_busy(make_ser
             await asyncio.sleep(3)  # the first search holds the search connection past the second's budget
         return await run(store, sql, values, role)
 
-    monkeypatch.setattr(chatsvc.Store, "_sqlite", slow_search)
+    monkeypatch.setattr(chatsvc.Database, "_sqlite", slow_search)
     with service.client() as client:
         first = in_thread(lambda: client.get(CONV, params={"q": "hello"}, headers=ME))
         try:

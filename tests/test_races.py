@@ -171,7 +171,7 @@ def test_a_regeneration_never_slips_between_a_deletes_check_and_its_delete(live,
     service stopped). Now the regeneration waits for the conversation's row: the delete goes first,
     whole, and the regeneration finds its question gone (`404`)."""
     checked, go_on = threading.Event(), threading.Event()
-    all_rows = chatsvc.Store._all
+    all_rows = chatsvc.Database.fetch_all
 
     async def paused(self, sql, values=None, role=chatsvc.READ):
         if sql.endswith("DELETE FROM messages WHERE id IN (SELECT id FROM sub)"):
@@ -179,7 +179,7 @@ def test_a_regeneration_never_slips_between_a_deletes_check_and_its_delete(live,
             await asyncio.to_thread(go_on.wait, 30)
         return await all_rows(self, sql, values, role)
 
-    monkeypatch.setattr(chatsvc.Store, "_all", paused)
+    monkeypatch.setattr(chatsvc.Database, "fetch_all", paused)
     with live.client() as client:
         first = send(client, fake, message="q1")
         fake.push(Reply.answer([f"w{i} " for i in range(20)], pause=0.02))
@@ -215,7 +215,7 @@ def test_a_delete_takes_the_deleted_messages_own_parent_whatever_order_the_walk_
     first = send(client, fake, message="q1")
     send(client, fake, message="q2")
     send(client, fake, message="q3")  # q1 → a1 → q2 → a2 → q3 → a3
-    all_rows = chatsvc.Store._all
+    all_rows = chatsvc.Database.fetch_all
 
     async def deepest_first(self, sql, values=None, role=chatsvc.READ):
         rows = await all_rows(self, sql, values, role)
@@ -223,7 +223,7 @@ def test_a_delete_takes_the_deleted_messages_own_parent_whatever_order_the_walk_
             rows = sorted(rows, key=lambda row: row["id"], reverse=True)
         return rows
 
-    monkeypatch.setattr(chatsvc.Store, "_all", deepest_first)
+    monkeypatch.setattr(chatsvc.Database, "fetch_all", deepest_first)
     r = client.delete(f"{CONV}/s1/messages/{first['message_id']}")  # a1 and everything below it
     assert r.status_code == 200, r.text
     assert r.json()["current_message_id"] == first["parent_id"]  # a1's parent, q1, has no other child

@@ -52,14 +52,14 @@ def test_the_walks_of_a_deep_tree_are_index_lookups_on_stale_statistics(deep, mo
     deleting a 10,000-deep branch ran into the 30 s statement timeout and answered "try again"."""
     service, client = deep
     walks: list[tuple[str, dict]] = []
-    all_rows = chatsvc.Store._all
+    all_rows = chatsvc.Database.fetch_all
 
     async def recorded(self, sql, values=None, role=chatsvc.READ):
         if "WITH RECURSIVE" in sql:
             walks.append((sql, dict(values or {})))
         return await all_rows(self, sql, values, role)
 
-    monkeypatch.setattr(chatsvc.Store, "_all", recorded)
+    monkeypatch.setattr(chatsvc.Database, "fetch_all", recorded)
     r = client.delete(f"{CONV}/deep/messages/m{CHAIN - 500:07d}")  # the last 500 messages
     assert r.status_code == 200, r.text
     assert r.json()["current_message_id"] == f"m{CHAIN - 501:07d}"
@@ -77,7 +77,7 @@ def test_the_walks_of_a_deep_tree_are_index_lookups_on_stale_statistics(deep, mo
         store = chatsvc.Store(service.url)
         await store.open()
         try:
-            return [(await store._one("EXPLAIN (FORMAT JSON) " + sql, values)) for sql, values in walks]
+            return [(await store.db.fetch_one("EXPLAIN (FORMAT JSON) " + sql, values)) for sql, values in walks]
         finally:
             await store.close()
 
