@@ -2196,6 +2196,18 @@ def delta_event(event_id: str, type_: str, content: str) -> bytes:
     return f'id: {event_id}\ndata: {{"type":"{type_}","data":{{"content":{_json_string(content)}}}}}\n\n'.encode()
 
 
+def event_id(message_id: str, seq: int) -> str:
+    """An event's id, `<message_id>:<seq>`: the answer it belongs to and its place in that answer's
+    log. A reader sends it back as Last-Event-ID (parse_event_id)."""
+    return f"{message_id}:{seq}"
+
+
+def parse_event_id(value: str | None) -> tuple[str, int] | None:
+    """The answer and place a Last-Event-ID names; None when it names none."""
+    message_id, _, seq = (value or "").rpartition(":")
+    return (message_id, int(seq)) if MESSAGE_ID.fullmatch(message_id) and ASCII_NUMBER.fullmatch(seq) else None
+
+
 DELTA_CHARS = 1000  # a delta event's text, at most: even all escaped, it fits a notification
 BATCH_EVENTS = 64  # a reader catching up copies at most this many events per write
 FINAL = ("end", "error")  # the event types that close an answer
@@ -2228,7 +2240,7 @@ def stored_final_event(row: dict) -> bytes:
     type_, data = final_event(
         row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row), stored_error(row)
     )
-    return sse_event(f"{row['id']}:{row['last_seq']}", {"type": type_, "data": data})
+    return sse_event(event_id(row["id"], row["last_seq"]), {"type": type_, "data": data})
 
 
 def backoff(attempt: int, retry_after: float | None = None) -> float:
@@ -2284,7 +2296,7 @@ class Answer:
         return "".join(self.reasoning) or None
 
     def emit(self, type_: str, data: dict) -> None:
-        self.append(sse_event(f"{self.message_id}:{len(self.log)}", {"type": type_, "data": data}), type_ in FINAL)
+        self.append(sse_event(event_id(self.message_id, len(self.log)), {"type": type_, "data": data}), type_ in FINAL)
 
     def add(self, type_: str, content: str) -> None:
         """New text (`chunk`) or reasoning, into the log. Long deltas go out in pieces, each small
@@ -2297,7 +2309,7 @@ class Answer:
                 self.text_chars += len(piece)
             else:
                 self.reasoning_chars += len(piece)
-            self.append(delta_event(f"{self.message_id}:{len(self.log)}", type_, piece))
+            self.append(delta_event(event_id(self.message_id, len(self.log)), type_, piece))
 
     def append(self, event: bytes, final: bool = False, seq: int | None = None) -> None:
         if final:
@@ -3146,16 +3158,16 @@ class Replicas:
             mirror.parent_id = row["parent_id"]
             data = {"session_id": mirror.session_id, "message_id": mirror.message_id, "model": mirror.model,
                     "parent_id": mirror.parent_id}  # fmt: skip
-            mirror.append(sse_event(f"{mirror.message_id}:0", {"type": "start", "data": data}))
+            mirror.append(sse_event(event_id(mirror.message_id, 0), {"type": "start", "data": data}))
         if covered <= len(mirror.log):
             return
-        event_id = f"{mirror.message_id}:{covered - 1}"
+        last_id = event_id(mirror.message_id, covered - 1)
         content, reasoning = row["content"] or "", row["reasoning_content"] or ""
         missing = b""
         if reasoning[mirror.reasoning_chars :]:
-            missing += delta_event(event_id, "reasoning", reasoning[mirror.reasoning_chars :])
+            missing += delta_event(last_id, "reasoning", reasoning[mirror.reasoning_chars :])
         if content[mirror.text_chars :]:
-            missing += delta_event(event_id, "chunk", content[mirror.text_chars :])
+            missing += delta_event(last_id, "chunk", content[mirror.text_chars :])
         mirror.text_chars, mirror.reasoning_chars = len(content), len(reasoning)
         mirror.log.extend([b""] * (covered - 1 - len(mirror.log)))
         mirror.append(missing)
@@ -4228,11 +4240,6 @@ async def chat_stream(request: Request) -> Response:
             yield batch
 
     return event_stream(request, body())
-
-
-def parse_event_id(value: str | None) -> tuple[str, int] | None:
-    message_id, _, seq = (value or "").rpartition(":")
-    return (message_id, int(seq)) if MESSAGE_ID.fullmatch(message_id) and ASCII_NUMBER.fullmatch(seq) else None
 
 
 async def channel(request: Request) -> Response:
