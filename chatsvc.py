@@ -2163,6 +2163,37 @@ async def stream_completion(client: httpx.AsyncClient, settings: Settings, paylo
         raise UpstreamError(502, "upstream_error", CUT_SHORT, retryable=True)
 
 
+def backoff(attempt: int, retry_after: float | None = None) -> float:
+    return retry_after if retry_after is not None else min(8.0, 0.5 * 2**attempt)
+
+
+async def retried(
+    settings: Settings,
+    metrics: Metrics,
+    purpose: str,
+    call: Callable[[], Awaitable[None]],
+    said: Callable[[], bool],
+    on_retry: Callable[[], None] | None = None,
+) -> None:
+    """Make one upstream call (`call`, for an answer or a title: the metrics' `purpose`), retried
+    with backoff (or the service's Retry-After) up to CHATSVC_UPSTREAM_RETRIES times when it fails
+    in a way worth retrying, and only while nothing of it has reached anyone (`said()` is False)."""
+    for attempt in range(settings.upstream_retries + 1):
+        try:
+            await call()
+        except UpstreamError as exc:
+            metrics.upstream_call(purpose, exc)
+            if said() or not exc.retryable or attempt == settings.upstream_retries:
+                raise
+            if on_retry is not None:
+                on_retry()
+            metrics.retries.labels(purpose).inc()
+            await asyncio.sleep(backoff(attempt, exc.retry_after))
+        else:
+            metrics.upstream_call(purpose, None)
+            return
+
+
 def new_upstream_client(settings: Settings) -> httpx.AsyncClient:
     """One shared client: connections are reused across answers, and bounded."""
     return httpx.AsyncClient(
@@ -2241,10 +2272,6 @@ def stored_final_event(row: dict) -> bytes:
         row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row), stored_error(row)
     )
     return sse_event(event_id(row["id"], row["last_seq"]), {"type": type_, "data": data})
-
-
-def backoff(attempt: int, retry_after: float | None = None) -> float:
-    return retry_after if retry_after is not None else min(8.0, 0.5 * 2**attempt)
 
 
 @dataclass(eq=False)
@@ -2434,27 +2461,25 @@ class Relay:
     async def _run(self, answer: Answer, payload: dict) -> None:
         s = self.settings
         deadline = asyncio.get_running_loop().call_later(s.upstream_total_timeout, answer.cancel, "timeout")
+
+        async def call() -> None:
+            async with contextlib.aclosing(stream_completion(self.client, s, payload)) as deltas:
+                async for delta in deltas:
+                    if not self._relay(answer, delta):
+                        break  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here
+            if not answer.text_chars and not answer.reasoning_chars:  # an end, but not an answer
+                if answer.finish_reason == "content_filter":  # the model service's moderation
+                    raise UpstreamError(422, "content_filtered", FILTERED_ANSWER)
+                raise UpstreamError(502, "upstream_error", EMPTY_ANSWER.format(answer.finish_reason))
+
+        def said() -> bool:  # retried only while nothing has reached a reader
+            return bool(answer.text or answer.reasoning)
+
+        def counted() -> None:
+            answer.retries += 1
+
         try:
-            for attempt in range(s.upstream_retries + 1):
-                try:
-                    async with contextlib.aclosing(stream_completion(self.client, s, payload)) as deltas:
-                        async for delta in deltas:
-                            if not self._relay(answer, delta):
-                                break  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here
-                    if not answer.text_chars and not answer.reasoning_chars:  # an end, but not an answer
-                        if answer.finish_reason == "content_filter":  # the model service's moderation
-                            raise UpstreamError(422, "content_filtered", FILTERED_ANSWER)
-                        raise UpstreamError(502, "upstream_error", EMPTY_ANSWER.format(answer.finish_reason))
-                    self.metrics.upstream_call("answer", None)
-                    break
-                except UpstreamError as exc:
-                    self.metrics.upstream_call("answer", exc)
-                    # Retry only while nothing has reached a reader.
-                    if answer.text or answer.reasoning or not exc.retryable or attempt == s.upstream_retries:
-                        raise
-                    answer.retries += 1
-                    self.metrics.retries.labels("answer").inc()
-                    await asyncio.sleep(backoff(attempt, exc.retry_after))
+            await retried(s, self.metrics, "answer", call, said, counted)
             answer.status = COMPLETE
         except UpstreamError as exc:
             answer.status, answer.error = FAILED, exc
@@ -2827,21 +2852,16 @@ async def write_title(relay: Relay, answer: Answer) -> None:
                "max_tokens": 40}  # fmt: skip
     text: list[str] = []
     usage, status, code = None, "ok", "-"
+
+    async def call() -> None:
+        nonlocal usage
+        async for delta in stream_completion(relay.client, s, payload):
+            text.append(delta.content)
+            usage = delta.usage or usage
+
     try:
         with anyio.fail_after(s.upstream_total_timeout):
-            for attempt in range(s.upstream_retries + 1):
-                try:
-                    async for delta in stream_completion(relay.client, s, payload):
-                        text.append(delta.content)
-                        usage = delta.usage or usage
-                    relay.metrics.upstream_call("title", None)
-                    break
-                except UpstreamError as exc:
-                    relay.metrics.upstream_call("title", exc)
-                    if text or not exc.retryable or attempt == s.upstream_retries:
-                        raise
-                    relay.metrics.retries.labels("title").inc()
-                    await asyncio.sleep(backoff(attempt, exc.retry_after))
+            await retried(s, relay.metrics, "title", call, lambda: bool(text))
     except UpstreamError as exc:
         status, code = "failed", exc.code
     except TimeoutError:
