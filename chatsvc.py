@@ -2952,10 +2952,15 @@ async def write_title(relay: Relay, answer: Answer) -> None:
     s = relay.settings
     model = s.title_model or s.chat_model
     conversation = f"User: {(answer.title_question or '')[:2000]}\n\nAssistant: {answer.full_text[:2000]}"
-    payload = {"model": model, "messages": [{"role": "system", "content": TITLE_PROMPT},
-                                            {"role": "user", "content": conversation}],
-               "stream": True, "stream_options": {"include_usage": True}, "enable_thinking": False,
-               "max_tokens": 40}  # fmt: skip
+    messages = [{"role": "system", "content": TITLE_PROMPT}, {"role": "user", "content": conversation}]
+    payload = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "enable_thinking": False,
+        "max_tokens": 40,
+    }
     text: list[str] = []
     usage, status, code = None, "ok", "-"
 
@@ -2987,9 +2992,14 @@ async def write_title(relay: Relay, answer: Answer) -> None:
     usage = usage or {}
     log.info(
         "title session=%s message=%s model=%s status=%s code=%s prompt_tokens=%s completion_tokens=%s",
-        answer.session_id, answer.message_id, model, status, code, usage.get("prompt_tokens", "-"),
+        answer.session_id,
+        answer.message_id,
+        model,
+        status,
+        code,
+        usage.get("prompt_tokens", "-"),
         usage.get("completion_tokens", "-"),
-    )  # fmt: skip
+    )
 
 
 # ── Replicas: answers followed across processes on one PostgreSQL database ─────────────
@@ -3030,19 +3040,36 @@ class Notification:
     event: str = ""
 
     def encode(self) -> str:
-        fields_ = (self.origin, self.kind.value, self.owner, self.session_id, self.message_id,
-                   "" if self.seq is None else str(self.seq), self.status, str(self.text_chars),
-                   str(self.reasoning_chars))  # fmt: skip
+        fields_ = (
+            self.origin,
+            self.kind.value,
+            self.owner,
+            self.session_id,
+            self.message_id,
+            "" if self.seq is None else str(self.seq),
+            self.status,
+            str(self.text_chars),
+            str(self.reasoning_chars),
+        )
         note = SEP.join((*fields_, self.event))
         return note if len(note.encode()) <= NOTIFY_BYTES else SEP.join((*fields_, ""))
 
     @classmethod
     def decode(cls, note: str) -> Notification:
-        origin, kind, owner, session_id, message_id, seq, status, text_chars, reasoning_chars, event = note.split(
-            SEP, 9
+        parts = note.split(SEP, 9)
+        origin, kind, owner, session_id, message_id, seq, status, text_chars, reasoning_chars, event = parts
+        return cls(
+            origin,
+            Kind(kind),
+            owner,
+            session_id,
+            message_id,
+            int(seq) if seq else None,
+            status,
+            int(text_chars),
+            int(reasoning_chars),
+            event,
         )
-        return cls(origin, Kind(kind), owner, session_id, message_id, int(seq) if seq else None, status,
-                   int(text_chars), int(reasoning_chars), event)  # fmt: skip
 
 
 class Bus:
