@@ -2466,6 +2466,12 @@ def spent(answer: Answer) -> tuple[str, dict]:
     return "estimated", {"prompt_tokens": answer.prompt_estimate, "completion_tokens": completion}
 
 
+# ── Relay: this process's answers, produced and found by their readers ─────────────────
+# The Relay produces this process's answers (admit, run, checkpoint, finish, stop, shutdown); the
+# Registry holds every answer a reader may ask for, this process's and the other replicas' mirrors,
+# and gives a channel reader its events by the contract's replay rules.
+
+
 # How long a fresh listener waits for a new answer before replaying an unseen finished one: the
 # seed client opens its EventSource and sends its POST together, so a new answer may be on its way.
 REPLAY_WAIT = 0.5
