@@ -2458,6 +2458,37 @@ async def stream_completion(client: httpx.AsyncClient, settings: Settings, paylo
         raise UpstreamError(502, "upstream_error", CUT_SHORT, retryable=True)
 
 
+def backoff(attempt: int, retry_after: float | None = None) -> float:
+    return retry_after if retry_after is not None else min(8.0, 0.5 * 2**attempt)
+
+
+async def retried(
+    settings: Settings,
+    metrics: Metrics,
+    purpose: str,
+    call: Callable[[], Awaitable[None]],
+    said: Callable[[], bool],
+    on_retry: Callable[[], None] | None = None,
+) -> None:
+    """Make one upstream call (`call`, for an answer or a title: the metrics' `purpose`), retried
+    with backoff (or the service's Retry-After) up to CHATSVC_UPSTREAM_RETRIES times when it fails
+    in a way worth retrying, and only while nothing of it has reached anyone (`said()` is False)."""
+    for attempt in range(settings.upstream_retries + 1):
+        try:
+            await call()
+        except UpstreamError as exc:
+            metrics.upstream_call(purpose, exc)
+            if said() or not exc.retryable or attempt == settings.upstream_retries:
+                raise
+            if on_retry is not None:
+                on_retry()
+            metrics.retries.labels(purpose).inc()
+            await asyncio.sleep(backoff(attempt, exc.retry_after))
+        else:
+            metrics.upstream_call(purpose, None)
+            return
+
+
 def new_upstream_client(settings: Settings) -> httpx.AsyncClient:
     """One shared client: connections are reused across answers, and bounded."""
     return httpx.AsyncClient(
@@ -2489,6 +2520,18 @@ def delta_event(event_id: str, type_: str, content: str) -> bytes:
     """sse_event(event_id, {"type": type_, "data": {"content": content}}), byte for byte, without
     json.dumps' dict walk: this is the one event per token."""
     return f'id: {event_id}\ndata: {{"type":"{type_}","data":{{"content":{_json_string(content)}}}}}\n\n'.encode()
+
+
+def event_id(message_id: str, seq: int) -> str:
+    """An event's id, `<message_id>:<seq>`: the answer it belongs to and its place in that answer's
+    log. A reader sends it back as Last-Event-ID (parse_event_id)."""
+    return f"{message_id}:{seq}"
+
+
+def parse_event_id(value: str | None) -> tuple[str, int] | None:
+    """The answer and place a Last-Event-ID names; None when it names none."""
+    message_id, _, seq = (value or "").rpartition(":")
+    return (message_id, int(seq)) if MESSAGE_ID.fullmatch(message_id) and ASCII_NUMBER.fullmatch(seq) else None
 
 
 DELTA_CHARS = 1000  # a delta event's text, at most: even all escaped, it fits a notification
@@ -2523,11 +2566,38 @@ def stored_final_event(row: dict) -> bytes:
     type_, data = final_event(
         row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row), stored_error(row)
     )
-    return sse_event(f"{row['id']}:{row['last_seq']}", {"type": type_, "data": data})
+    return sse_event(event_id(row["id"], row["last_seq"]), {"type": type_, "data": data})
 
 
-def backoff(attempt: int, retry_after: float | None = None) -> float:
-    return retry_after if retry_after is not None else min(8.0, 0.5 * 2**attempt)
+class Phase(Enum):
+    """Where an answer is in its life. MOVES says which phase may follow which, and Answer.move
+    refuses any other: a new phase (an answer running its tool calls between two model rounds) is
+    one more member and its moves. What an answer ended as (its stored status) is data: Answer.status."""
+
+    RUNNING = "running"  # this process's producer relays the model's deltas
+    STOPPING = "stopping"  # its producer is cancelled (Answer.stopped_for says why) and ends it
+    FINISHING = "finishing"  # its final state is being stored: cancelling now would lose it
+    FOLLOWING = "following"  # another replica produces it; this one mirrors its events (Replicas)
+    ENDED = "ended"  # its readers have its end (a mirror's: or it ended without one)
+
+
+MOVES: dict[Phase, frozenset[Phase]] = {
+    Phase.RUNNING: frozenset({Phase.STOPPING, Phase.FINISHING}),
+    Phase.STOPPING: frozenset({Phase.FINISHING}),
+    Phase.FINISHING: frozenset({Phase.ENDED}),
+    Phase.FOLLOWING: frozenset({Phase.ENDED}),
+    Phase.ENDED: frozenset(),
+}
+PRODUCING = frozenset({Phase.RUNNING, Phase.STOPPING, Phase.FINISHING})  # an answer this process produces
+
+
+class StopReason(Enum):
+    """Why an answer's producer was cancelled."""
+
+    STOPPED = "stopped"  # a client asked (POST .../stop)
+    TIMEOUT = "timeout"  # CHATSVC_UPSTREAM_TOTAL_TIMEOUT passed
+    INTERRUPTED = "interrupted"  # this process is shutting down
+    TAKEN = "taken"  # another process took it for dead (its verdict is read back)
 
 
 @dataclass(eq=False)
@@ -2546,18 +2616,18 @@ class Answer:
     reasoning: list[str] = field(default_factory=list)
     text_chars: int = 0
     reasoning_chars: int = 0
-    status: str = STREAMING
+    phase: Phase = Phase.RUNNING
+    status: str = STREAMING  # as stored: STREAMING until it ends, then how it ended
     finish_reason: str | None = None
     usage: dict | None = None  # as the model service reported it; None when it reported none
     prompt_estimate: int = 0  # estimate_tokens of what was sent, when the model service reports no usage
     error: Refusal | None = None  # why it failed, or was not stored
     final: bytes | None = None  # its `end` or `error` event, once sent
     final_seq: int | None = None  # ... and that event's sequence number
-    delivered: bool = False  # a channel listener has received it (replay rule 3 of the contract)
+    delivered: bool = False  # a channel listener has received it (the Registry's replay rule 3)
     # This process's own answers (a replica's mirror has none of these):
     task: asyncio.Task | None = None
-    stop_reason: str | None = None  # why the task was cancelled: stopped / timeout / interrupted / taken
-    finishing: bool = False  # the final write has begun: cancelling now would lose it
+    stopped_for: StopReason | None = None  # why the task was cancelled
     saved_seq: int = 0  # events the stored checkpoint covers
     retries: int = 0
     first_token_at: float | None = None
@@ -2578,8 +2648,28 @@ class Answer:
     def full_reasoning(self) -> str | None:
         return "".join(self.reasoning) or None
 
+    def final_state(self) -> FinalState:
+        """What the store keeps of it once it ends."""
+        error = self.error
+        return FinalState(
+            self.status,
+            self.full_text,
+            self.full_reasoning,
+            self.finish_reason,
+            self.usage,
+            error.code if error else None,
+            error.detail if error else None,
+            last_seq=len(self.log),
+        )
+
+    def move(self, to: Phase) -> None:
+        """Into phase `to`, which MOVES must allow from the answer's phase."""
+        if to not in MOVES[self.phase]:
+            raise RuntimeError(f"answer {self.message_id} cannot move from {self.phase.name} to {to.name}")
+        self.phase = to
+
     def emit(self, type_: str, data: dict) -> None:
-        self.append(sse_event(f"{self.message_id}:{len(self.log)}", {"type": type_, "data": data}), type_ in FINAL)
+        self.append(sse_event(event_id(self.message_id, len(self.log)), {"type": type_, "data": data}), type_ in FINAL)
 
     def add(self, type_: str, content: str) -> None:
         """New text (`chunk`) or reasoning, into the log. Long deltas go out in pieces, each small
@@ -2592,7 +2682,7 @@ class Answer:
                 self.text_chars += len(piece)
             else:
                 self.reasoning_chars += len(piece)
-            self.append(delta_event(f"{self.message_id}:{len(self.log)}", type_, piece))
+            self.append(delta_event(event_id(self.message_id, len(self.log)), type_, piece))
 
     def append(self, event: bytes, final: bool = False, seq: int | None = None) -> None:
         if final:
@@ -2619,81 +2709,131 @@ class Answer:
             else:
                 await wake.wait()
 
-    def cancel(self, reason: str) -> bool:
-        """Stop producing it; True if this call is the one that did."""
-        if self.task is None or self.finishing or self.stop_reason is not None:
+    def cancel(self, reason: StopReason) -> bool:
+        """Stop producing it; True if this call is the one that did (only a RUNNING answer stops)."""
+        if self.phase is not Phase.RUNNING:
             return False
-        self.stop_reason = reason
-        self.task.cancel()
+        self.stopped_for = reason
+        self.move(Phase.STOPPING)
+        self.task.cancel()  # a RUNNING answer's task is set when it starts
         return True
 
 
-class Relay:
-    """This process's answers, from start to forget: start -> run -> checkpoint -> finish -> forget;
-    then stop, shutdown, and (on PostgreSQL) the heartbeat. Readers find answers here: `running`
-    by conversation, `recent` by id and `latest` by conversation for CHATSVC_REPLAY_SECONDS after
-    they end, the other replicas' answers (mirrors, see Replicas) included."""
+def record_answer(metrics: Metrics, answer: Answer) -> None:
+    """An ended answer into the metrics and the log: one line an answer, with its cost."""
+    error, m = answer.error, metrics
+    m.answers.labels(answer.status, error.code if error else "none", answer.model).inc()
+    m.duration.labels(answer.model).observe(time.monotonic() - answer.started)
+    if answer.first_token_at is not None:
+        m.first_token.labels(answer.model).observe(answer.first_token_at - answer.started)
+    kind, usage = spent(answer)
+    m.usage(answer.model, usage, estimated=kind == "estimated")
+    eq = "~=" if kind == "estimated" else "="
+    ttft = f"{(answer.first_token_at - answer.started) * 1000:.1f}" if answer.first_token_at else "-"
+    log.info(
+        "answer session=%s message=%s request_id=%s model=%s status=%s code=%s ttft_ms=%s duration_ms=%.1f"
+        " usage=%s prompt_tokens%s%s completion_tokens%s%s retries=%d",
+        answer.session_id,
+        answer.message_id,
+        answer.request_id or "-",
+        answer.model,
+        answer.status,
+        error.code if error else "-",
+        ttft,
+        (time.monotonic() - answer.started) * 1000,
+        kind,
+        eq,
+        usage.get("prompt_tokens", "-"),
+        eq,
+        usage.get("completion_tokens", "-"),
+        answer.retries,
+    )
 
-    def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient):
-        self.settings, self.store, self.client = settings, store, client
-        self.metrics = store.db.metrics
-        self.metrics.running.set_function(lambda: sum(1 for a in list(self.running.values()) if a.task is not None))
-        self.running: dict[tuple[str, str], Answer] = {}  # conversations are keyed by (owner, session_id)
-        self.recent: dict[str, Answer] = {}  # by message_id, running or finished
-        self.latest: dict[tuple[str, str], Answer] = {}  # the newest kept
-        self.unstored: dict[tuple[str, str], Answer] = {}  # final state not stored yet, the write retried
-        self.claiming: set[str] = set()  # answers being written as `streaming`, not started yet
+
+def spent(answer: Answer) -> tuple[str, dict]:
+    """What an answer cost: the usage the model service reported; else, if the model worked (some
+    servers, llama-cpp-python for one, ignore stream_options), chatsvc's estimate; else nothing."""
+    if answer.usage is not None:
+        return "reported", answer.usage
+    if not answer.text_chars and not answer.reasoning_chars:
+        return "none", {}
+    completion = estimate_tokens(answer.full_text + (answer.full_reasoning or ""))
+    return "estimated", {"prompt_tokens": answer.prompt_estimate, "completion_tokens": completion}
+
+
+# ── Relay: this process's answers, produced and found by their readers ─────────────────
+# The Relay produces this process's answers (admit, run, checkpoint, finish, stop, shutdown); the
+# Registry holds every answer a reader may ask for, this process's and the other replicas' mirrors,
+# and gives a channel reader its events by the contract's replay rules.
+
+
+# How long a fresh listener waits for a new answer before replaying an unseen finished one: the
+# seed client opens its EventSource and sends its POST together, so a new answer may be on its way.
+REPLAY_WAIT = 0.5
+
+
+class Registry:
+    """The answers readers find, this process's and the other replicas' (mirrors, see Replicas)
+    alike: the running one by conversation, and, for CHATSVC_REPLAY_SECONDS after they end, each
+    by id and the newest by conversation. A channel reader's events come from here (`reader_events`),
+    by the contract's replay rules."""
+
+    def __init__(self, settings: Settings, store: Store):
+        self.settings, self.store = settings, store
+        self._running: dict[tuple[str, str], Answer] = {}  # conversations are keyed by (owner, session_id)
+        self._recent: dict[str, Answer] = {}  # by message_id, running or finished
+        self._latest: dict[tuple[str, str], Answer] = {}  # the newest kept
         self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}  # channel listeners waiting
-        self._tasks: set[asyncio.Task] = set()  # checkpoints, sweeps, retries: held until they end
-        self.replicas: Replicas | None = None if store.db.is_sqlite else Replicas(self)
-        self.heartbeat: Heartbeat | None = None
-        self.loop_tick = time.monotonic()  # the event loop is alive: the heartbeat thread reads it
-        self.draining = False  # shutting down: no new answers
-        self.closed = False  # shut down: channel streams end
-
-    async def open(self) -> None:
-        if self.replicas is None:  # SQLite: this process alone serves the file, so none is running
-            for row in await self.store.answers.recover_interrupted(None):
-                log.warning("answer %s was cut by the last stop: stored as interrupted", row["id"])
-        else:
-            await self.replicas.open()
-            await self.recover()
-            self.heartbeat = Heartbeat(self, asyncio.get_running_loop())
-            self.spawn(self._sweep())
-        self.spawn(self._checkpoints())
-
-    def spawn(self, coro: Any) -> None:
-        """Run `coro` as a task the relay holds until it ends, and cancels at shutdown."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    # ── start
-
-    def start(self, turn: Turn, payload: dict) -> Answer:
-        owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
-        answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id)
-        if turn.title and self.settings.titles == "model":  # its first answer names the conversation
-            answer.title_question = turn.question
-        answer.task = asyncio.create_task(self._run(answer, payload), name=f"answer {message_id}")
-        if self.replicas is not None:
-            answer.on_event = self.replicas.publish
-        answer.emit("start", {"session_id": session_id, "message_id": message_id, "model": model,
-                              "parent_id": turn.question_id})  # fmt: skip
-        answer.saved_seq = len(answer.log)  # the row holds what `start` says
-        self.register(answer)
-        return answer
+        self.follow: Callable[[str, str, str], Answer] | None = None  # Replicas.follow, on PostgreSQL
+        self.closed = False  # shut down: no answer is registered, channel streams end
 
     def register(self, answer: Answer) -> None:
-        self.running[answer.key] = self.recent[answer.message_id] = self.latest[answer.key] = answer
+        """A new answer, running (this process's, or a mirror of another replica's)."""
+        self._running[answer.key] = self._recent[answer.message_id] = self._latest[answer.key] = answer
         for waiter in self._waiters.pop(answer.key, ()):
             if not waiter.done():
                 waiter.set_result(None)
 
+    def running(self, key: tuple[str, str]) -> Answer | None:
+        """The conversation's running answer, if there is one."""
+        return self._running.get(key)
+
+    def running_answers(self) -> list[Answer]:
+        return list(self._running.values())
+
+    def find(self, message_id: str) -> Answer | None:
+        """An answer by id: running, or ended less than CHATSVC_REPLAY_SECONDS ago."""
+        return self._recent.get(message_id)
+
+    def end(self, answer: Answer) -> None:
+        """It ended: no longer its conversation's running answer (its log stays until forgotten)."""
+        if self._running.get(answer.key) is answer:
+            del self._running[answer.key]
+
+    def forget_later(self, answer: Answer) -> None:
+        """Its log stays for CHATSVC_REPLAY_SECONDS after it ends, for late and resuming readers."""
+        asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, answer)
+
+    def _forget(self, answer: Answer) -> None:
+        self._recent.pop(answer.message_id, None)
+        if self._latest.get(answer.key) is answer:
+            del self._latest[answer.key]
+
+    def close(self) -> None:
+        """Shutting down: no answer is registered any more (see release)."""
+        self.closed = True
+
+    def release(self) -> None:
+        """Shut down: channel listeners waiting for an answer stop waiting (their streams end)."""
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
     async def next_after(self, key: tuple[str, str], previous: Answer | None) -> Answer | None:
         """Wait for an answer in this conversation newer than `previous` (None once shut down)."""
         while not self.closed:
-            answer = self.latest.get(key)
+            answer = self._latest.get(key)
             if (
                 answer is not None
                 and answer is not previous
@@ -2712,42 +2852,163 @@ class Relay:
                         del self._waiters[key]
         return None
 
+    async def reader_events(self, key: tuple[str, str], resume: tuple[str, int] | None) -> AsyncIterator[bytes]:
+        """A channel reader's events (CONTRACT.md, "GET .../stream"): after `resume`, the answer and
+        place its Last-Event-ID names (else from now on), then every later answer, live, until the
+        service shuts down."""
+        previous = self._latest.get(key)  # by default nothing that exists now is replayed
+        answer, position = None, 0
+        if resume is not None:  # 1. after the last event the client saw
+            message_id, seq = resume
+            answer = self._recent.get(message_id)
+            if answer is not None and answer.key == key:
+                position = seq + 1
+                if answer.done.is_set() and position >= len(answer.log) and seq != answer.final_seq and answer.final:
+                    yield answer.final  # it saw more than this replica holds, but not the end
+            else:
+                answer = None
+                row = await self.store.tree.message(*key, message_id)
+                if row and row["status"] != STREAMING:
+                    if seq != row["last_seq"]:  # its log is gone: send its end, unless that is what it saw last
+                        yield stored_final_event(row)
+                    if previous is not None and previous.message_id > message_id:
+                        previous = None  # a newer answer than the one named: deliver it whole
+                elif row and self.follow is not None:  # another replica's, unheard of here: follow it
+                    answer, position = self.follow(*key, message_id), seq + 1
+        elif key in self._running:  # 2. the running answer, from its start
+            answer = self._running[key]
+        elif (
+            previous is not None
+            and not previous.delivered
+            and time.monotonic() - previous.started < (self.settings.replay_seconds)
+        ):  # 3. a finished answer nobody on the channel has seen, unless a new one starts now
+            try:
+                answer = await asyncio.wait_for(self.next_after(key, previous), REPLAY_WAIT) or previous
+            except asyncio.TimeoutError:
+                answer = previous
+        while True:  # 4. then every later answer, live
+            if answer is None:
+                answer, position = await self.next_after(key, previous), 0
+                if answer is None:  # the service is shutting down: EventSource reconnects elsewhere
+                    return
+            answer.delivered = True
+            async for batch in answer.events(position):
+                yield batch
+            previous, answer = answer, None
+
+
+class Relay:
+    """This process's answers, from admission to their end: admit -> run -> checkpoint -> finish;
+    then stop and shutdown. Each is registered with the Registry (`registry`), where readers find it.
+    The heartbeat (Replicas) asks it which answers it vouches for (`own_ids`, `claiming`) and tells
+    it which were `taken`."""
+
+    def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient):
+        self.settings, self.store, self.client = settings, store, client
+        self.metrics = store.db.metrics
+        self.registry = Registry(settings, store)
+        self.metrics.running.set_function(
+            lambda: sum(1 for a in self.registry.running_answers() if a.phase in PRODUCING)
+        )
+        self._unstored: dict[tuple[str, str], Answer] = {}  # final state not stored yet, the write retried
+        self._claiming: set[str] = set()  # answers being written as `streaming`, not started yet
+        self._tasks: set[asyncio.Task] = set()  # checkpoints, sweeps, retries: held until they end
+        self.replicas: Replicas | None = None if store.db.is_sqlite else Replicas(self)
+        if self.replicas is not None:
+            self.registry.follow = self.replicas.follow
+        self.draining = False  # shutting down: no new answers
+
+    async def open(self) -> None:
+        if self.replicas is None:  # SQLite: this process alone serves the file, so none is running
+            for row in await self.store.answers.recover_interrupted(None):
+                log.warning("answer %s was cut by the last stop: stored as interrupted", row["id"])
+        else:
+            await self.replicas.open()
+        self.spawn(self._checkpoints())
+
+    def spawn(self, coro: Any) -> None:
+        """Run `coro` as a task the relay holds until it ends, and cancels at shutdown."""
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ── admit
+
+    def check_free(self, key: tuple[str, str]) -> None:
+        """Refuse a new answer in a conversation whose answer runs here (another replica's: the
+        database decides, in admit), or whose last answer is not stored yet."""
+        if key in self._unstored:  # its last answer still holds the conversation's slot in the database
+            raise not_stored_yet(key[1])
+        running = self.registry.running(key)
+        if running is not None and running.phase in PRODUCING:
+            raise busy(key[1])
+
+    async def admit(self, turn: Turn, payload: dict) -> Answer:
+        """Store the turn (its question, and its answer's row as `streaming`), then start the answer.
+        The heartbeat vouches for the row from the moment it exists."""
+        self._claiming.add(turn.answer_id)
+        try:
+            try:
+                await self.store.tree.begin_turn(turn)
+            except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
+                if self.replicas is None or not await self.replicas.recover():
+                    raise
+                await self.store.tree.begin_turn(turn)
+            return self._start(turn, payload)
+        finally:
+            self._claiming.discard(turn.answer_id)
+
+    def _start(self, turn: Turn, payload: dict) -> Answer:
+        owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
+        answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id)
+        if turn.title and self.settings.titles == "model":  # its first answer names the conversation
+            answer.title_question = turn.question
+        answer.task = asyncio.create_task(self._run(answer, payload), name=f"answer {message_id}")
+        if self.replicas is not None:
+            answer.on_event = self.replicas.publish
+        answer.emit(
+            "start", {"session_id": session_id, "message_id": message_id, "model": model, "parent_id": turn.question_id}
+        )
+        answer.saved_seq = len(answer.log)  # the row holds what `start` says
+        self.registry.register(answer)
+        return answer
+
     # ── run
 
     async def _run(self, answer: Answer, payload: dict) -> None:
         s = self.settings
-        deadline = asyncio.get_running_loop().call_later(s.upstream_total_timeout, answer.cancel, "timeout")
+        deadline = asyncio.get_running_loop().call_later(s.upstream_total_timeout, answer.cancel, StopReason.TIMEOUT)
+
+        async def call() -> None:
+            async with contextlib.aclosing(stream_completion(self.client, s, payload)) as deltas:
+                async for delta in deltas:
+                    if not self._relay(answer, delta):
+                        break  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here
+            if not answer.text_chars and not answer.reasoning_chars:  # an end, but not an answer
+                if answer.finish_reason == "content_filter":  # the model service's moderation
+                    raise UpstreamError(422, "content_filtered", FILTERED_ANSWER)
+                raise UpstreamError(502, "upstream_error", EMPTY_ANSWER.format(answer.finish_reason))
+
+        def said() -> bool:  # retried only while nothing has reached a reader
+            return bool(answer.text or answer.reasoning)
+
+        def counted() -> None:
+            answer.retries += 1
+
         try:
-            for attempt in range(s.upstream_retries + 1):
-                try:
-                    async with contextlib.aclosing(stream_completion(self.client, s, payload)) as deltas:
-                        async for delta in deltas:
-                            if not self._relay(answer, delta):
-                                break  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here
-                    if not answer.text_chars and not answer.reasoning_chars:  # an end, but not an answer
-                        if answer.finish_reason == "content_filter":  # the model service's moderation
-                            raise UpstreamError(422, "content_filtered", FILTERED_ANSWER)
-                        raise UpstreamError(502, "upstream_error", EMPTY_ANSWER.format(answer.finish_reason))
-                    self.metrics.upstream_call("answer", None)
-                    break
-                except UpstreamError as exc:
-                    self.metrics.upstream_call("answer", exc)
-                    # Retry only while nothing has reached a reader.
-                    if answer.text or answer.reasoning or not exc.retryable or attempt == s.upstream_retries:
-                        raise
-                    answer.retries += 1
-                    self.metrics.retries.labels("answer").inc()
-                    await asyncio.sleep(backoff(attempt, exc.retry_after))
+            await retried(s, self.metrics, "answer", call, said, counted)
             answer.status = COMPLETE
         except UpstreamError as exc:
             answer.status, answer.error = FAILED, exc
         except asyncio.CancelledError:
-            if answer.stop_reason == "timeout":
-                answer.status, answer.error = FAILED, UpstreamError(
-                    504, "upstream_timeout",
+            if answer.stopped_for is StopReason.TIMEOUT:
+                answer.status = FAILED
+                answer.error = UpstreamError(
+                    504,
+                    "upstream_timeout",
                     f"The model service did not finish the answer within {s.upstream_total_timeout:g} s.",
-                )  # fmt: skip
-            elif answer.stop_reason == STOPPED:
+                )
+            elif answer.stopped_for is StopReason.STOPPED:
                 answer.status, answer.finish_reason = STOPPED, STOPPED
             else:  # shutting down, or taken for dead by another replica (its verdict is read back)
                 answer.status = INTERRUPTED
@@ -2758,7 +3019,7 @@ class Relay:
             answer.error = UpstreamError(502, "upstream_error", "The answer failed unexpectedly.")
         finally:
             deadline.cancel()
-            answer.finishing = True
+            answer.move(Phase.FINISHING)
             if answer.usage is None and (answer.text_chars or answer.reasoning_chars):  # none reported: estimated
                 answer.prompt_estimate = sum(estimate_tokens(m["content"]) for m in payload["messages"])
             await asyncio.shield(self._finish(answer))
@@ -2790,7 +3051,9 @@ class Relay:
         while True:
             await asyncio.sleep(self.settings.checkpoint_seconds)
             due = [
-                a for a in self.running.values() if a.task is not None and not a.finishing and len(a.log) > a.saved_seq
+                a
+                for a in self.registry.running_answers()
+                if (a.phase is Phase.RUNNING or a.phase is Phase.STOPPING) and len(a.log) > a.saved_seq
             ]
             if not due:
                 continue
@@ -2798,8 +3061,12 @@ class Relay:
             try:
                 await self.store.answers.checkpoint(batch)
             except StorageUnavailable as exc:
-                log.warning("checkpoint of %d answer(s) failed, tried again in %g s: %s", len(batch),
-                            self.settings.checkpoint_seconds, exc.detail)  # fmt: skip
+                log.warning(
+                    "checkpoint of %d answer(s) failed, tried again in %g s: %s",
+                    len(batch),
+                    self.settings.checkpoint_seconds,
+                    exc.detail,
+                )
                 continue
             for answer, checkpoint in zip(due, batch, strict=True):
                 answer.saved_seq = checkpoint.seq
@@ -2808,11 +3075,7 @@ class Relay:
 
     async def _finish(self, answer: Answer) -> None:
         """Store the answer's final state, then tell the readers: a reload after `end` shows it."""
-        error = answer.error
-        final = FinalState(
-            answer.status, answer.full_text, answer.full_reasoning, answer.finish_reason, answer.usage,
-            error.code if error else None, error.detail if error else None, last_seq=len(answer.log),
-        )  # fmt: skip
+        final = answer.final_state()
         stored = await self._store_final(answer, final, self.settings.storage_timeout)
         if stored is False:  # another process took it for dead: its verdict stands, and is what readers get
             row = await self._verdict(answer)
@@ -2825,16 +3088,19 @@ class Relay:
                 f"The answer could not be stored: {self.store.db.fault or 'the database failed.'} chatsvc keeps trying"
                 " to store it; reload the conversation once GET /readyz answers 200."
             )
-            self.unstored[answer.key] = answer
+            self._unstored[answer.key] = answer
             self.spawn(self._store_later(answer, final))
-        answer.emit(*final_event(answer.message_id, answer.status, answer.full_text, answer.finish_reason,
-                                 answer.usage, answer.error))  # fmt: skip
+        answer.emit(
+            *final_event(
+                answer.message_id, answer.status, answer.full_text, answer.finish_reason, answer.usage, answer.error
+            )
+        )
+        answer.move(Phase.ENDED)
         answer.done.set()
-        if self.running.get(answer.key) is answer:
-            del self.running[answer.key]
-        self._log_answer(answer)
+        self.registry.end(answer)
+        record_answer(self.metrics, answer)
         if stored is not None:
-            self.forget_later(answer)
+            self.registry.forget_later(answer)
         if stored and answer.status == COMPLETE and answer.title_question is not None:
             self.spawn(write_title(self, answer))
 
@@ -2850,8 +3116,9 @@ class Relay:
                 if left <= 0:
                     return None
                 if attempt == 0 or attempt % 10 == 0:
-                    log.warning("could not store the end of answer %s yet (%s); retrying", answer.message_id,
-                                exc.detail)  # fmt: skip
+                    log.warning(
+                        "could not store the end of answer %s yet (%s); retrying", answer.message_id, exc.detail
+                    )
                 await asyncio.sleep(min(backoff(attempt), 2.0, left))
         raise AssertionError("unreachable")
 
@@ -2860,9 +3127,9 @@ class Relay:
         or the process stops (then the next start, or another replica, stores it interrupted)."""
         await self._store_final(answer, final, None)
         log.info("answer %s is stored at last (status=%s)", answer.message_id, final.status)
-        if self.unstored.get(answer.key) is answer:
-            del self.unstored[answer.key]
-        self.forget_later(answer)
+        if self._unstored.get(answer.key) is answer:
+            del self._unstored[answer.key]
+        self.registry.forget_later(answer)
 
     async def _verdict(self, answer: Answer) -> dict | None:
         for attempt in range(5):
@@ -2872,55 +3139,15 @@ class Relay:
                 await asyncio.sleep(backoff(attempt))
         return None
 
-    def _log_answer(self, answer: Answer) -> None:
-        error, m = answer.error, self.metrics
-        m.answers.labels(answer.status, error.code if error else "none", answer.model).inc()
-        m.duration.labels(answer.model).observe(time.monotonic() - answer.started)
-        if answer.first_token_at is not None:
-            m.first_token.labels(answer.model).observe(answer.first_token_at - answer.started)
-        kind, usage = self._spent(answer)
-        m.usage(answer.model, usage, estimated=kind == "estimated")
-        eq = "~=" if kind == "estimated" else "="
-        ttft = f"{(answer.first_token_at - answer.started) * 1000:.1f}" if answer.first_token_at else "-"
-        log.info(
-            "answer session=%s message=%s request_id=%s model=%s status=%s code=%s ttft_ms=%s duration_ms=%.1f"
-            " usage=%s prompt_tokens%s%s completion_tokens%s%s retries=%d",
-            answer.session_id, answer.message_id, answer.request_id or "-", answer.model, answer.status,
-            error.code if error else "-", ttft, (time.monotonic() - answer.started) * 1000, kind,
-            eq, usage.get("prompt_tokens", "-"), eq, usage.get("completion_tokens", "-"), answer.retries,
-        )  # fmt: skip
-
-    @staticmethod
-    def _spent(answer: Answer) -> tuple[str, dict]:
-        """What an answer cost: the usage the model service reported; else, if the model worked (some
-        servers, llama-cpp-python for one, ignore stream_options), chatsvc's estimate; else nothing."""
-        if answer.usage is not None:
-            return "reported", answer.usage
-        if not answer.text_chars and not answer.reasoning_chars:
-            return "none", {}
-        completion = estimate_tokens(answer.full_text + (answer.full_reasoning or ""))
-        return "estimated", {"prompt_tokens": answer.prompt_estimate, "completion_tokens": completion}
-
-    # ── forget
-
-    def forget_later(self, answer: Answer) -> None:
-        """Its log stays for CHATSVC_REPLAY_SECONDS after it ends, for late and resuming readers."""
-        asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, answer)
-
-    def _forget(self, answer: Answer) -> None:
-        self.recent.pop(answer.message_id, None)
-        if self.latest.get(answer.key) is answer:
-            del self.latest[answer.key]
-
     # ── stop
 
     async def stop(self, key: tuple[str, str]) -> tuple[str | None, bool]:
         """Stop the conversation's running answer: (its message id, whether this call stopped it).
         Returns once it is stored and its readers got `end`."""
-        answer = self.running.get(key)
-        if answer is None or answer.task is None:  # another replica's answer, or none
+        answer = self.registry.running(key)
+        if answer is None or answer.phase not in PRODUCING:  # another replica's answer, or none
             return await self.replicas.stop(key, answer) if self.replicas is not None else (None, False)
-        stopped = answer.cancel(STOPPED)
+        stopped = answer.cancel(StopReason.STOPPED)
         await answer.done.wait()
         if isinstance(answer.error, StorageFailed):
             raise not_stored_yet(key[1])
@@ -2932,121 +3159,43 @@ class Relay:
         """Refuse new answers, give running ones `grace` seconds, store the rest as interrupted
         (their readers get an `error` event), then end every channel stream."""
         self.draining = True
-        own = [a for a in self.running.values() if a.task is not None]
+        own = [a for a in self.registry.running_answers() if a.phase in PRODUCING]
         if own:
             waiting = [asyncio.ensure_future(a.done.wait()) for a in own]
             if grace > 0:
                 await asyncio.wait(waiting, timeout=grace)
             for answer in own:
-                answer.cancel(INTERRUPTED)
+                answer.cancel(StopReason.INTERRUPTED)
             await asyncio.gather(*waiting)
-        self.closed = True
+        self.registry.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.heartbeat is not None:
-            await asyncio.to_thread(self.heartbeat.stop)
         if self.replicas is not None:
             await self.replicas.close()
-        for waiters in self._waiters.values():
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(None)
+        self.registry.release()
 
-    # ── the heartbeat (PostgreSQL: several processes share the database)
+    @property
+    def unstored(self) -> list[Answer]:
+        """The answers that ended and whose end is not stored yet (the write is retried)."""
+        return list(self._unstored.values())
+
+    # ── what the heartbeat vouches for (Replicas)
 
     def own_ids(self) -> list[str]:
-        """The answers this process vouches for: running, or ended and not stored yet."""
-        running = [a.message_id for a in list(self.running.values()) if a.task is not None]
-        return running + [a.message_id for a in list(self.unstored.values())] + list(self.claiming)
+        """The answers this process vouches for: running, ended and not stored yet, or being claimed."""
+        running = [a.message_id for a in self.registry.running_answers() if a.phase in PRODUCING]
+        return running + [a.message_id for a in list(self._unstored.values())] + list(self._claiming)
+
+    def claiming(self) -> set[str]:
+        """The answers whose `streaming` row is being written: it may not be committed yet."""
+        return set(self._claiming)
 
     def taken(self, ids: set[str]) -> None:
         """The heartbeat found these rows no longer `streaming`: another process took them for dead."""
-        for answer in list(self.running.values()):
-            if answer.message_id in ids and answer.cancel("taken"):
+        for answer in self.registry.running_answers():
+            if answer.message_id in ids and answer.cancel(StopReason.TAKEN):
                 log.warning("answer %s was taken for dead by another process; it stops here", answer.message_id)
-
-    async def _sweep(self) -> None:
-        """Every heartbeat: answers whose process is gone (no heartbeat for HEARTBEAT_MISSES
-        intervals) become interrupted, and mirrors whose answer ended unheard end from the store."""
-        assert self.replicas is not None
-        while True:
-            await asyncio.sleep(self.settings.heartbeat_seconds)
-            self.loop_tick = time.monotonic()
-            try:
-                await self.recover()
-                await self.replicas.check_mirrors()
-            except StorageUnavailable as exc:  # a database fault: said in its sentence, tried again next beat
-                log.warning("heartbeat sweep failed: %s", exc.detail)
-            except Exception:
-                log.warning("heartbeat sweep failed", exc_info=True)
-
-    async def recover(self) -> int:
-        """Interrupt the answers whose process stopped beating; how many there were."""
-        rows = await self.store.answers.recover_interrupted(self.settings.heartbeat_stale, self.own_ids())
-        for row in rows:
-            log.warning("answer %s lost its process (no heartbeat): stored as interrupted", row["id"])
-        if rows and self.replicas is not None:
-            self.replicas.ended(rows)
-        return len(rows)
-
-
-class Heartbeat:
-    """PostgreSQL: this process's answers are marked alive every CHATSVC_HEARTBEAT_SECONDS from a
-    thread of its own, on a connection of its own, so the heartbeat never queues behind the work it
-    vouches for (a busy event loop, a busy pool). It beats only while the event loop still turns.
-    Rows it finds no longer `streaming` were taken by another process: their producers are told."""
-
-    def __init__(self, relay: Relay, loop: asyncio.AbstractEventLoop):
-        self.relay, self.loop = relay, loop
-        self.interval = relay.settings.heartbeat_seconds
-        self.stalled_after = max(30.0, 2 * relay.settings.heartbeat_stale)  # a loop this late is hung
-        self._stopping = threading.Event()
-        self._conn: Any = None
-        self._thread = threading.Thread(target=self._run, name="chatsvc-heartbeat", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._thread.join(10)
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        try:
-            while not self._stopping.wait(self.interval):
-                loop.run_until_complete(self._beat())
-            if self._conn is not None:
-                loop.run_until_complete(self._conn.close())
-        finally:
-            loop.close()
-
-    async def _beat(self) -> None:
-        import asyncpg
-
-        ids = self.relay.own_ids()
-        # Read after the ids: an answer no longer claiming here has its row committed before the UPDATE.
-        claiming = set(self.relay.claiming)
-        if not ids or time.monotonic() - self.relay.loop_tick > self.stalled_after:
-            return
-        try:
-            if self._conn is None or self._conn.is_closed():
-                url = DatabaseURL(self.relay.store.db.url)
-                self._conn = await asyncpg.connect(
-                    host=url.hostname, port=url.port, user=url.username, password=url.password,
-                    database=url.database, timeout=10, command_timeout=max(1.0, self.relay.settings.heartbeat_stale),
-                )  # fmt: skip
-            rows = await self._conn.fetch(HEARTBEAT_SQL, ids)
-        except Exception as exc:
-            log.warning("heartbeat failed (%s); trying again", type(exc).__name__)
-            if self._conn is not None:
-                self._conn.terminate()
-                self._conn = None
-            return
-        # A claimed row may not be committed yet: missing, it is not taken (its answer starts after the commit,
-        # and this beat's word would reach it then and stop it for nothing).
-        taken = set(ids) - claiming - {row["id"] for row in rows}
-        if taken:
-            self.loop.call_soon_threadsafe(self.relay.taken, taken)
 
 
 # ── Titles: a conversation's name, written by the model ────────────────────────────────
@@ -3104,27 +3253,27 @@ async def write_title(relay: Relay, answer: Answer) -> None:
     s = relay.settings
     model = s.title_model or s.chat_model
     conversation = f"User: {(answer.title_question or '')[:2000]}\n\nAssistant: {answer.full_text[:2000]}"
-    payload = {"model": model, "messages": [{"role": "system", "content": TITLE_PROMPT},
-                                            {"role": "user", "content": conversation}],
-               "stream": True, "stream_options": {"include_usage": True}, "enable_thinking": False,
-               "max_tokens": 40}  # fmt: skip
+    messages = [{"role": "system", "content": TITLE_PROMPT}, {"role": "user", "content": conversation}]
+    payload = {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "enable_thinking": False,
+        "max_tokens": 40,
+    }
     text: list[str] = []
     usage, status, code = None, "ok", "-"
+
+    async def call() -> None:
+        nonlocal usage
+        async for delta in stream_completion(relay.client, s, payload):
+            text.append(delta.content)
+            usage = delta.usage or usage
+
     try:
         with anyio.fail_after(s.upstream_total_timeout):
-            for attempt in range(s.upstream_retries + 1):
-                try:
-                    async for delta in stream_completion(relay.client, s, payload):
-                        text.append(delta.content)
-                        usage = delta.usage or usage
-                    relay.metrics.upstream_call("title", None)
-                    break
-                except UpstreamError as exc:
-                    relay.metrics.upstream_call("title", exc)
-                    if text or not exc.retryable or attempt == s.upstream_retries:
-                        raise
-                    relay.metrics.retries.labels("title").inc()
-                    await asyncio.sleep(backoff(attempt, exc.retry_after))
+            await retried(s, relay.metrics, "title", call, lambda: bool(text))
     except UpstreamError as exc:
         status, code = "failed", exc.code
     except TimeoutError:
@@ -3144,16 +3293,22 @@ async def write_title(relay: Relay, answer: Answer) -> None:
     usage = usage or {}
     log.info(
         "title session=%s message=%s model=%s status=%s code=%s prompt_tokens=%s completion_tokens=%s",
-        answer.session_id, answer.message_id, model, status, code, usage.get("prompt_tokens", "-"),
+        answer.session_id,
+        answer.message_id,
+        model,
+        status,
+        code,
+        usage.get("prompt_tokens", "-"),
         usage.get("completion_tokens", "-"),
-    )  # fmt: skip
+    )
 
 
 # ── Replicas: answers followed across processes on one PostgreSQL database ─────────────
 # Each replica publishes its answers' events on one LISTEN/NOTIFY channel and keeps a mirror of the
-# others' answers, registered with its Relay like its own, so the channel, Last-Event-ID and stop
-# work on any replica. The Relay reaches this section through `publish`, `ended`, `stop`, `follow`
-# and `check_mirrors`. On SQLite there is one process, and none of this runs.
+# others' answers, registered with its Relay's Registry like its own, so the channel, Last-Event-ID and
+# stop work on any replica. The Relay reaches this section through `open`, `close`, `publish`,
+# `recover`, `stop` and `follow`; the heartbeat (a thread) vouches for its answers and finds the
+# answers of processes that stopped. On SQLite there is one process, and none of this runs.
 
 CHANNEL = "chatsvc"
 NOTIFY_BYTES = 7900  # PostgreSQL refuses notifications of 8000 bytes or more
@@ -3186,19 +3341,36 @@ class Notification:
     event: str = ""
 
     def encode(self) -> str:
-        fields_ = (self.origin, self.kind.value, self.owner, self.session_id, self.message_id,
-                   "" if self.seq is None else str(self.seq), self.status, str(self.text_chars),
-                   str(self.reasoning_chars))  # fmt: skip
+        fields_ = (
+            self.origin,
+            self.kind.value,
+            self.owner,
+            self.session_id,
+            self.message_id,
+            "" if self.seq is None else str(self.seq),
+            self.status,
+            str(self.text_chars),
+            str(self.reasoning_chars),
+        )
         note = SEP.join((*fields_, self.event))
         return note if len(note.encode()) <= NOTIFY_BYTES else SEP.join((*fields_, ""))
 
     @classmethod
     def decode(cls, note: str) -> Notification:
-        origin, kind, owner, session_id, message_id, seq, status, text_chars, reasoning_chars, event = note.split(
-            SEP, 9
+        parts = note.split(SEP, 9)
+        origin, kind, owner, session_id, message_id, seq, status, text_chars, reasoning_chars, event = parts
+        return cls(
+            origin,
+            Kind(kind),
+            owner,
+            session_id,
+            message_id,
+            int(seq) if seq else None,
+            status,
+            int(text_chars),
+            int(reasoning_chars),
+            event,
         )
-        return cls(origin, Kind(kind), owner, session_id, message_id, int(seq) if seq else None, status,
-                   int(text_chars), int(reasoning_chars), event)  # fmt: skip
 
 
 class Bus:
@@ -3305,6 +3477,7 @@ class Mirror(Answer):
     """Another replica's answer, as this replica follows it: the events it was told, filled from the
     stored checkpoint where it was not told (it joined late, or notifications were lost)."""
 
+    phase: Phase = Phase.FOLLOWING
     pending: list[Notification] | None = None  # catching up from the store: the live tail meanwhile
     heard_at: float = 0.0  # when its last notification came
 
@@ -3315,17 +3488,51 @@ class Replicas:
 
     def __init__(self, relay: Relay):
         self.relay, self.settings, self.store = relay, relay.settings, relay.store
+        self.registry = relay.registry
         self.bus = Bus(relay.store, self._on_notification)
+        self.heartbeat: Heartbeat | None = None
         self._stops: dict[str, asyncio.Future] = {}  # this replica's stop requests, by token
 
     async def open(self) -> None:
         await self.bus.open()
+        await self.recover()
+        self.heartbeat = Heartbeat(self.relay, asyncio.get_running_loop())
+        self.relay.spawn(self._sweep())
 
     async def close(self) -> None:
-        for answer in list(self.relay.running.values()):  # mirrors: their listeners reconnect to another replica
-            if isinstance(answer, Mirror):
+        if self.heartbeat is not None:
+            await asyncio.to_thread(self.heartbeat.stop)
+        for answer in self.registry.running_answers():  # mirrors: their listeners reconnect to another replica
+            if answer.phase is Phase.FOLLOWING:
+                answer.move(Phase.ENDED)
                 answer.done.set()
         await self.bus.close()
+
+    # ── the sweep: the heartbeat's part on the event loop
+
+    async def _sweep(self) -> None:
+        """Every heartbeat: answers whose process is gone (no heartbeat for HEARTBEAT_MISSES
+        intervals) become interrupted, and mirrors whose answer ended unheard end from the store."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            if self.heartbeat is not None:
+                self.heartbeat.alive()
+            try:
+                await self.recover()
+                await self.check_mirrors()
+            except StorageUnavailable as exc:  # a database fault: said in its sentence, tried again next beat
+                log.warning("heartbeat sweep failed: %s", exc.detail)
+            except Exception:
+                log.warning("heartbeat sweep failed", exc_info=True)
+
+    async def recover(self) -> int:
+        """Interrupt the answers whose process stopped beating; how many there were."""
+        rows = await self.store.answers.recover_interrupted(self.settings.heartbeat_stale, self.relay.own_ids())
+        for row in rows:
+            log.warning("answer %s lost its process (no heartbeat): stored as interrupted", row["id"])
+        if rows:
+            self.ended(rows)
+        return len(rows)
 
     def _note(self, kind: Kind, owner: str, session_id: str, message_id: str = "", **more: Any) -> Notification:
         return Notification(self.bus.origin, kind, owner, session_id, message_id, **more)
@@ -3334,11 +3541,19 @@ class Replicas:
 
     def publish(self, answer: Answer, event: bytes, final: bool) -> None:
         """An event of this replica's answer (called as it is appended: its seq is the log's length)."""
-        self.bus.publish(self._note(
-            Kind.FINAL if final else Kind.EVENT, answer.owner, answer.session_id, answer.message_id,
-            seq=len(answer.log), status=answer.status if final else "", text_chars=answer.text_chars,
-            reasoning_chars=answer.reasoning_chars, event=event.decode(),
-        ))  # fmt: skip
+        self.bus.publish(
+            self._note(
+                Kind.FINAL if final else Kind.EVENT,
+                answer.owner,
+                answer.session_id,
+                answer.message_id,
+                seq=len(answer.log),
+                status=answer.status if final else "",
+                text_chars=answer.text_chars,
+                reasoning_chars=answer.reasoning_chars,
+                event=event.decode(),
+            )
+        )
 
     def ended(self, rows: list[dict]) -> None:
         """Answers this replica interrupted (their process is gone): every replica's mirror ends from
@@ -3361,23 +3576,23 @@ class Replicas:
 
     def _on_notification(self, note: Notification) -> None:
         if note.kind is Kind.STOP:
-            answer = self.relay.running.get((note.owner, note.session_id))
-            if answer is not None and answer.task is not None and answer.cancel(STOPPED):
-                self.bus.publish(self._note(Kind.STOPPED, note.owner, note.session_id, answer.message_id,
-                                            event=note.event))  # fmt: skip
+            answer = self.registry.running((note.owner, note.session_id))
+            if answer is not None and answer.cancel(StopReason.STOPPED):  # only this replica's own answer stops
+                stopped = self._note(Kind.STOPPED, note.owner, note.session_id, answer.message_id, event=note.event)
+                self.bus.publish(stopped)
             return
         if note.kind is Kind.STOPPED:
             won = self._stops.get(note.event)
             if won is not None and not won.done():
                 won.set_result(True)
             return
-        mirror = self.relay.recent.get(note.message_id)
+        mirror = self.registry.find(note.message_id)
         if mirror is None:
-            if self.relay.closed:
+            if self.registry.closed:
                 return
             mirror = Mirror(note.owner, note.session_id, note.message_id, model="")
-            self.relay.register(mirror)
-        if isinstance(mirror, Mirror) and not mirror.done.is_set():
+            self.registry.register(mirror)
+        if isinstance(mirror, Mirror) and mirror.phase is Phase.FOLLOWING:
             mirror.heard_at = time.monotonic()
             self._mirror(mirror, note)
 
@@ -3403,7 +3618,7 @@ class Replicas:
         """A mirror of an answer this replica has not heard of (a reader resumes it here), caught
         up from the store and then followed live."""
         mirror = Mirror(owner, session_id, message_id, model="", pending=[], heard_at=time.monotonic())
-        self.relay.register(mirror)
+        self.registry.register(mirror)
         self.relay.spawn(self._catch_up(mirror))
         return mirror
 
@@ -3439,18 +3654,22 @@ class Replicas:
         if not mirror.log:
             mirror.model = row["model"] or ""
             mirror.parent_id = row["parent_id"]
-            data = {"session_id": mirror.session_id, "message_id": mirror.message_id, "model": mirror.model,
-                    "parent_id": mirror.parent_id}  # fmt: skip
-            mirror.append(sse_event(f"{mirror.message_id}:0", {"type": "start", "data": data}))
+            data = {
+                "session_id": mirror.session_id,
+                "message_id": mirror.message_id,
+                "model": mirror.model,
+                "parent_id": mirror.parent_id,
+            }
+            mirror.append(sse_event(event_id(mirror.message_id, 0), {"type": "start", "data": data}))
         if covered <= len(mirror.log):
             return
-        event_id = f"{mirror.message_id}:{covered - 1}"
+        last_id = event_id(mirror.message_id, covered - 1)
         content, reasoning = row["content"] or "", row["reasoning_content"] or ""
         missing = b""
         if reasoning[mirror.reasoning_chars :]:
-            missing += delta_event(event_id, "reasoning", reasoning[mirror.reasoning_chars :])
+            missing += delta_event(last_id, "reasoning", reasoning[mirror.reasoning_chars :])
         if content[mirror.text_chars :]:
-            missing += delta_event(event_id, "chunk", content[mirror.text_chars :])
+            missing += delta_event(last_id, "chunk", content[mirror.text_chars :])
         mirror.text_chars, mirror.reasoning_chars = len(content), len(reasoning)
         mirror.log.extend([b""] * (covered - 1 - len(mirror.log)))
         mirror.append(missing)
@@ -3459,20 +3678,20 @@ class Replicas:
         if row is None:
             with contextlib.suppress(StorageUnavailable):
                 row = await self.store.tree.message(mirror.owner, mirror.session_id, mirror.message_id)
-        if row is not None and row["status"] != STREAMING and not mirror.done.is_set():
+        if row is not None and row["status"] != STREAMING and mirror.phase is Phase.FOLLOWING:
             mirror.status = row["status"]
             mirror.append(stored_final_event(row), final=True, seq=row["last_seq"])
         self._end(mirror)
 
     def _end(self, mirror: Mirror) -> None:
-        if mirror.done.is_set():
+        if mirror.phase is not Phase.FOLLOWING:
             return
         if mirror.status == STREAMING:  # ended without a final event (its replica shut down)
             mirror.status = INTERRUPTED
+        mirror.move(Phase.ENDED)
         mirror.done.set()
-        if self.relay.running.get(mirror.key) is mirror:
-            del self.relay.running[mirror.key]
-        self.relay.forget_later(mirror)
+        self.registry.end(mirror)
+        self.registry.forget_later(mirror)
 
     async def check_mirrors(self) -> None:
         """A mirror whose answer has ended in the store, though its final event never came (a lost
@@ -3480,7 +3699,7 @@ class Replicas:
         quiet = time.monotonic() - self.settings.heartbeat_seconds  # not while its events still arrive
         mirrors = {
             answer.message_id: answer
-            for answer in self.relay.running.values()
+            for answer in self.registry.running_answers()
             if isinstance(answer, Mirror) and answer.pending is None and answer.heard_at < quiet
         }
         if mirrors:
@@ -3503,7 +3722,7 @@ class Replicas:
                 return mirror.message_id, won.done() and not won.cancelled() and mirror.status == STOPPED
             finally:
                 won.cancel()
-        await self.relay.recover()  # one whose replica is gone is interrupted now, not asked
+        await self.recover()  # one whose replica is gone is interrupted now, not asked
         answer_id = await self.store.answers.streaming_id(*key)
         if answer_id is None:
             return None, False
@@ -3522,7 +3741,76 @@ class Replicas:
             won.cancel()
 
 
-# ── HTTP: request parsing and validation: a request's body, query and path, checked ────
+class Heartbeat:
+    """PostgreSQL: this process's answers are marked alive every CHATSVC_HEARTBEAT_SECONDS from a
+    thread of its own, on a connection of its own, so the heartbeat never queues behind the work it
+    vouches for (a busy event loop, a busy pool). It beats only while the event loop still turns.
+    Rows it finds no longer `streaming` were taken by another process: their producers are told."""
+
+    def __init__(self, relay: Relay, loop: asyncio.AbstractEventLoop):
+        self.relay, self.loop = relay, loop
+        self.interval = relay.settings.heartbeat_seconds
+        self.stalled_after = max(30.0, 2 * relay.settings.heartbeat_stale)  # a loop this late is hung
+        self.loop_tick = time.monotonic()  # the event loop is alive (Replicas' sweep says so): the thread reads it
+        self._stopping = threading.Event()
+        self._conn: Any = None
+        self._thread = threading.Thread(target=self._run, name="chatsvc-heartbeat", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> None:
+        """The event loop turns: beats may go on."""
+        self.loop_tick = time.monotonic()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        try:
+            while not self._stopping.wait(self.interval):
+                loop.run_until_complete(self._beat())
+            if self._conn is not None:
+                loop.run_until_complete(self._conn.close())
+        finally:
+            loop.close()
+
+    async def _beat(self) -> None:
+        import asyncpg
+
+        ids = self.relay.own_ids()
+        # Read after the ids: an answer no longer claiming here has its row committed before the UPDATE.
+        claiming = self.relay.claiming()
+        if not ids or time.monotonic() - self.loop_tick > self.stalled_after:
+            return
+        try:
+            if self._conn is None or self._conn.is_closed():
+                url = DatabaseURL(self.relay.store.db.url)
+                self._conn = await asyncpg.connect(
+                    host=url.hostname,
+                    port=url.port,
+                    user=url.username,
+                    password=url.password,
+                    database=url.database,
+                    timeout=10,
+                    command_timeout=max(1.0, self.relay.settings.heartbeat_stale),
+                )
+            rows = await self._conn.fetch(HEARTBEAT_SQL, ids)
+        except Exception as exc:
+            log.warning("heartbeat failed (%s); trying again", type(exc).__name__)
+            if self._conn is not None:
+                self._conn.terminate()
+                self._conn = None
+            return
+        # A claimed row may not be committed yet: missing, it is not taken (its answer starts after the commit,
+        # and this beat's word would reach it then and stop it for nothing).
+        taken = set(ids) - claiming - {row["id"] for row in rows}
+        if taken:
+            self.loop.call_soon_threadsafe(self.relay.taken, taken)
+
+
+# ── HTTP: request parsing and validation ───────────────────────────────────────────────
+
 # "." and ".." are excluded: browsers and proxies normalise them out of URLs.
 SESSION_ID = re.compile(r"(?!\.+$)[A-Za-z0-9._-]{1,128}")
 _SESSION_ID_RULE = "1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-' (not only dots)"
@@ -4439,25 +4727,10 @@ async def start_answer(request: Request) -> Answer:
     chat = parse_chat(s, await read_json(request, s))
     if not s.dashscope_api_key:
         raise not_configured()
-    if key in relay.unstored:  # its last answer still holds the conversation's slot in the database
-        raise not_stored_yet(key[1])
-    running = relay.running.get(key)
-    if running is not None and running.task is not None:  # known here; another replica's, the database decides
-        raise busy(key[1])
+    relay.check_free(key)
     turn, messages = await plan_turn(st.store, s, key, chat)
-    relay.claiming.add(turn.answer_id)  # vouched for by the heartbeat from the moment its row exists
-    try:
-        try:
-            await st.store.tree.begin_turn(turn)
-        except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
-            if relay.replicas is None or not await relay.recover():
-                raise
-            await st.store.tree.begin_turn(turn)
-        payload = {"model": turn.model, "messages": messages, "stream": True,
-                   "stream_options": {"include_usage": True}}  # fmt: skip
-        answer = relay.start(turn, {**payload, **chat.options})
-    finally:
-        relay.claiming.discard(turn.answer_id)
+    payload = {"model": turn.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+    answer = await relay.admit(turn, {**payload, **chat.options})
     answer.request_id = request.scope.get("request_id")
     return answer
 
@@ -4527,68 +4800,20 @@ async def chat_stream(request: Request) -> Response:
     return event_stream(request, body())
 
 
-def parse_event_id(value: str | None) -> tuple[str, int] | None:
-    message_id, _, seq = (value or "").rpartition(":")
-    return (message_id, int(seq)) if MESSAGE_ID.fullmatch(message_id) and ASCII_NUMBER.fullmatch(seq) else None
-
-
 async def channel(request: Request) -> Response:
     """The conversation's event channel for EventSource (CONTRACT.md, "GET .../stream")."""
     st = state(request)
     key = conversation_key(request)
     refuse_while_draining(request)
     last = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
-    return event_stream(request, channel_events(st.relay, st.store, key, parse_event_id(last)), channel=True)
+    return event_stream(request, channel_events(st.relay, key, parse_event_id(last)), channel=True)
 
 
-# How long a fresh listener waits for a new answer before replaying an unseen finished one: the
-# seed client opens its EventSource and sends its POST together, so a new answer may be on its way.
-REPLAY_WAIT = 0.5
-
-
-async def channel_events(
-    relay: Relay, store: Store, key: tuple[str, str], resume: tuple[str, int] | None
-) -> AsyncIterator[bytes]:
+async def channel_events(relay: Relay, key: tuple[str, str], resume: tuple[str, int] | None) -> AsyncIterator[bytes]:
+    """The channel's body: the relay's events for this reader (Registry.reader_events), after `retry`."""
     yield RETRY
-    previous = relay.latest.get(key)  # by default nothing that exists now is replayed
-    answer, position = None, 0
-    if resume is not None:  # 1. after the last event the client saw
-        message_id, seq = resume
-        answer = relay.recent.get(message_id)
-        if answer is not None and answer.key == key:
-            position = seq + 1
-            if answer.done.is_set() and position >= len(answer.log) and seq != answer.final_seq and answer.final:
-                yield answer.final  # it saw more than this replica holds, but not the end
-        else:
-            answer = None
-            row = await store.tree.message(*key, message_id)
-            if row and row["status"] != STREAMING:
-                if seq != row["last_seq"]:  # its log is gone: send its end, unless that is what it saw last
-                    yield stored_final_event(row)
-                if previous is not None and previous.message_id > message_id:
-                    previous = None  # a newer answer than the one named: deliver it whole
-            elif row and relay.replicas is not None:  # another replica's, unheard of here: follow it
-                answer, position = relay.replicas.follow(*key, message_id), seq + 1
-    elif key in relay.running:  # 2. the running answer, from its start
-        answer = relay.running[key]
-    elif (
-        previous is not None
-        and not previous.delivered
-        and time.monotonic() - previous.started < (relay.settings.replay_seconds)
-    ):  # 3. a finished answer nobody on the channel has seen, unless a new one starts now
-        try:
-            answer = await asyncio.wait_for(relay.next_after(key, previous), REPLAY_WAIT) or previous
-        except asyncio.TimeoutError:
-            answer = previous
-    while True:  # 4. then every later answer, live
-        if answer is None:
-            answer, position = await relay.next_after(key, previous), 0
-            if answer is None:  # the service is shutting down: EventSource reconnects elsewhere
-                return
-        answer.delivered = True
-        async for batch in answer.events(position):
-            yield batch
-        previous, answer = answer, None
+    async for batch in relay.registry.reader_events(key, resume):
+        yield batch
 
 
 async def stop_answer(request: Request) -> Response:
@@ -4967,7 +5192,7 @@ def drain_on_sigterm(relay: Relay, grace: float) -> None:
     drains: list[asyncio.Task] = []  # a strong reference: the loop keeps only weak ones to tasks
 
     async def drain() -> None:
-        log.info("SIGTERM: draining %d running answer(s) for up to %g s", len(relay.running), grace)
+        log.info("SIGTERM: draining %d running answer(s) for up to %g s", len(relay.registry.running_answers()), grace)
         await relay.shutdown(grace)
         await asyncio.sleep(0.1)  # let the streams write their last events
         server_handler(signal.SIGTERM, None)

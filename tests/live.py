@@ -54,7 +54,7 @@ class LiveServer:
 
     def listeners(self, session_id: str) -> int:
         """Channel listeners currently waiting for the next answer of a conversation."""
-        return len(self.relay._waiters.get(("", session_id), ()))
+        return len(self.relay.registry._waiters.get(("", session_id), ()))
 
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(**{"base_url": self.url, "timeout": 10, **kw})

@@ -333,11 +333,11 @@ def test_an_answer_whose_row_is_still_being_written_is_not_taken_for_dead(postgr
         service.rows("INSERT INTO messages (id, owner, session_id, role, content, status, created_at, updated_at)"
                      " VALUES ('committed', '', 's1', 'assistant', '', 'streaming', ?, ?)", then, then)  # fmt: skip
         for claimed in ("committed", "not-committed-yet"):
-            loop.call_soon_threadsafe(relay.claiming.add, claimed)
+            loop.call_soon_threadsafe(relay._claiming.add, claimed)
         # the beat ran, with both claimed ids: the committed row's heartbeat moved
         assert wait_for(lambda: service.rows("SELECT updated_at FROM messages")[0]["updated_at"] != then)
         time.sleep(0.5)  # and several beats more
-        loop.call_soon_threadsafe(relay.claiming.clear)
+        loop.call_soon_threadsafe(relay._claiming.clear)
     assert told == []
 
 

@@ -272,10 +272,10 @@ def test_owners_channels_are_separate(make_service, fake):
     with LiveServer(service.settings) as live:
         bob = live.reader("GET", f"{API}/chat/s1/stream", headers={"X-User-Id": "bob"})
         alice = live.reader("GET", f"{API}/chat/s1/stream", headers={"X-User-Id": "alice"})
-        wait_for(lambda: len(live.relay._waiters.get(("alice", "s1"), ())) == 1)
+        wait_for(lambda: len(live.relay.registry._waiters.get(("alice", "s1"), ())) == 1)
         with live.client(headers={"X-User-Id": "alice"}) as client:
             client.post(f"{API}/chat/s1", json={"message": "hi"})
         assert alice.until_end()[-1]["data"]["full_text"] == "for alice"
         # bob's channel is still waiting for its first answer: it delivered nothing of alice's
-        assert len(live.relay._waiters.get(("bob", "s1"), ())) == 1
+        assert len(live.relay.registry._waiters.get(("bob", "s1"), ())) == 1
         assert bob.events == []
