@@ -10,24 +10,31 @@ The module reads top to bottom in the order data flows, one concept to a section
     Configuration               the settings, read once from the environment
     Errors                      domain refusals, and the HTTP errors they become ({"detail", "code"})
     Metrics                     what an operator scrapes
-    Database                    connections and their roles, transactions, faults, schema steps
-    Conversations               a conversation's row: made, listed, searched, changed, deleted
-    Message tree                messages, their branches and the current leaf
-    Copies                      conversations copied: forks and imports
-    Answer rows                 an answer's row, from its start to its final state
+    Rows                        the statuses, times and ids the stored rows carry
+    Database                    connections and their roles, transactions, faults
+    Schema                      schema.sql's steps, each applied once, in order
+    Conversations               a user's conversations, their settings and titles
+    Search                      conversations by the text they hold
+    Message tree                messages, their branches, and the turn a chat writes
+    Copies                      forks and imports, written a chunk at a time
+    Answer rows                 an answer's row: checkpoints, heartbeat, final state
+    Store                       the database and its rooms, opened and closed together
     Turns                       where a new message goes in the tree, and what the model is sent
     Context                     what the model sees
-    Upstream                    the model service's streaming API
-    Answers                     one answer's life, from the model to its readers and the store
+    Upstream                    the model service's streaming API, and its retries
+    Answers                     one answer: its phases, its event log, the SSE events and their ids
+    Registry                    where readers find answers, and a channel reader's events
+    Relay                       this process's answers, from admission to their end
     Titles                      a conversation's name, written by the model
+    Bus                         the notifications between replicas (PostgreSQL LISTEN/NOTIFY)
     Replicas                    answers followed across processes on PostgreSQL, and the heartbeat
     HTTP: request parsing       a request's body, query and path, checked
     Conversation files          the JSON export, and an import read back field by field
     Markdown export             a conversation's current branch as a document a person reads
     HTTP: presenting rows       stored rows as the API shows them
     HTTP: conversation handlers the routes under /api/v1/context/conversations
-    HTTP: chat handlers         an answer started, waited for or streamed, followed and stopped
-    HTTP: errors as responses   every exception a handler raises, as {"detail", "code"}
+    HTTP: chat handlers         an answer started, streamed, followed by a channel and stopped
+    HTTP: errors as responses   whatever a handler raises, as {"detail", "code"}
     Operations                  health, readiness, metrics and the OpenAPI document
     Pages                       the playground and the API docs
     Middleware                  the layers every request passes through
@@ -2761,10 +2768,9 @@ def spent(answer: Answer) -> tuple[str, dict]:
     return "estimated", {"prompt_tokens": answer.prompt_estimate, "completion_tokens": completion}
 
 
-# ── Relay: this process's answers, produced and found by their readers ─────────────────
-# The Relay produces this process's answers (admit, run, checkpoint, finish, stop, shutdown); the
-# Registry holds every answer a reader may ask for, this process's and the other replicas' mirrors,
-# and gives a channel reader its events by the contract's replay rules.
+# ── Registry: where readers find answers, and the events a channel reader is sent ──────
+# The Registry holds every answer a reader may ask for, this process's and the other replicas'
+# mirrors, and gives a channel reader its events by the contract's replay rules.
 
 
 # How long a fresh listener waits for a new answer before replaying an unseen finished one: the
@@ -2895,6 +2901,11 @@ class Registry:
             async for batch in answer.events(position):
                 yield batch
             previous, answer = answer, None
+
+
+# ── Relay: this process's answers, from admission to their end ─────────────────────────
+# The Relay produces this process's answers (admit, run, checkpoint, finish, stop, shutdown) and
+# registers each with the Registry.
 
 
 class Relay:
@@ -3303,12 +3314,9 @@ async def write_title(relay: Relay, answer: Answer) -> None:
     )
 
 
-# ── Replicas: answers followed across processes on one PostgreSQL database ─────────────
-# Each replica publishes its answers' events on one LISTEN/NOTIFY channel and keeps a mirror of the
-# others' answers, registered with its Relay's Registry like its own, so the channel, Last-Event-ID and
-# stop work on any replica. The Relay reaches this section through `open`, `close`, `publish`,
-# `recover`, `stop` and `follow`; the heartbeat (a thread) vouches for its answers and finds the
-# answers of processes that stopped. On SQLite there is one process, and none of this runs.
+# ── Bus: the notifications between replicas (PostgreSQL LISTEN/NOTIFY) ─────────────────
+# One channel carries every replica's answer events, final events and stop requests, each a
+# Notification; a replica's Bus publishes its own and hands it the others'. On SQLite none of this runs.
 
 CHANNEL = "chatsvc"
 NOTIFY_BYTES = 7900  # PostgreSQL refuses notifications of 8000 bytes or more
@@ -3470,6 +3478,14 @@ class Bus:
         if notification.origin != self.origin:
             self.store.db.metrics.bus.labels("received").inc()
             self.on_notification(notification)
+
+
+# ── Replicas: answers followed across processes on PostgreSQL, and the heartbeat ───────
+# Each replica publishes its answers' events on one LISTEN/NOTIFY channel and keeps a mirror of the
+# others' answers, registered with its Relay's Registry like its own, so the channel, Last-Event-ID and
+# stop work on any replica. The Relay reaches this section through `open`, `close`, `publish`,
+# `recover`, `stop` and `follow`; the heartbeat (a thread) vouches for its answers and finds the
+# answers of processes that stopped. On SQLite there is one process, and none of this runs.
 
 
 @dataclass(eq=False)
@@ -3809,7 +3825,7 @@ class Heartbeat:
             self.loop.call_soon_threadsafe(self.relay.taken, taken)
 
 
-# ── HTTP: request parsing and validation ───────────────────────────────────────────────
+# ── HTTP: request parsing and validation: a request's body, query and path, checked ────
 
 # "." and ".." are excluded: browsers and proxies normalise them out of URLs.
 SESSION_ID = re.compile(r"(?!\.+$)[A-Za-z0-9._-]{1,128}")
@@ -4714,7 +4730,7 @@ async def clear_context(request: Request) -> Response:
     return JSONResponse(present_conversation(st.settings, row))
 
 
-# ── HTTP: chat handlers: an answer started, waited for or streamed, followed and stopped ───
+# ── HTTP: chat handlers: an answer started, streamed, followed by a channel and stopped ──
 
 
 async def start_answer(request: Request) -> Answer:
@@ -4825,7 +4841,7 @@ async def stop_answer(request: Request) -> Response:
     return JSONResponse({"session_id": key[1], "stopped": stopped, "message_id": message_id})
 
 
-# ── HTTP: errors as responses: every exception a handler raises, as {"detail", "code"} ───
+# ── HTTP: errors as responses: whatever a handler raises, as {"detail", "code"} ─────────
 
 
 async def api_error_handler(request: Request, exc: Exception) -> Response:
@@ -4917,7 +4933,7 @@ async def readyz(request: Request) -> Response:
     return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
 
 
-# ── Pages: the playground (/) and the API docs (/docs), for a person with a browser ─────
+# ── Pages: the playground (/) and the API docs (/docs), for a person with a browser ────
 # Static files only, served by chatsvc itself (a sidecar often has no internet): the playground
 # from its folder (playground/, shipped in the wheel), Swagger UI from the swagger-ui-py package.
 # No API token is needed to load them; the requests they make carry it.
@@ -5175,7 +5191,7 @@ def redact_access_tokens(record: logging.LogRecord) -> bool:
     return True
 
 
-# ── App: the routes, the layers around them, and the service's life from start to drain ───
+# ── App: the routes, the layers around them, and the service's life from start to drain
 
 
 def drain_on_sigterm(relay: Relay, grace: float) -> None:
