@@ -7,39 +7,39 @@ answers over Server-Sent Events. The HTTP contract lives in CONTRACT.md.
 The module reads top to bottom in the order data flows, one concept to a section, each headed
 `# ── Name: what it is`:
 
-    Configuration               the settings, read once from the environment
-    Errors                      domain refusals, and the HTTP errors they become ({"detail", "code"})
-    Metrics                     what an operator scrapes
-    Rows                        the statuses, times and ids the stored rows carry
-    Database                    connections and their roles, transactions, faults
-    Schema                      schema.sql's steps, each applied once, in order
-    Conversations               a user's conversations, their settings and titles
-    Search                      conversations by the text they hold
-    Message tree                messages, their branches, and the turn a chat writes
-    Copies                      forks and imports, written a chunk at a time
-    Answer rows                 an answer's row: checkpoints, heartbeat, final state
-    Store                       the database and its rooms, opened and closed together
-    Turns                       where a new message goes in the tree, and what the model is sent
-    Context                     what the model sees
-    Upstream                    the model service's streaming API, and its retries
-    Answers                     one answer: its phases, its event log, the SSE events and their ids
-    Registry                    where readers find answers, and a channel reader's events
-    Relay                       this process's answers, from admission to their end
-    Titles                      a conversation's name, written by the model
-    Bus                         the notifications between replicas (PostgreSQL LISTEN/NOTIFY)
-    Replicas                    answers followed across processes on PostgreSQL, and the heartbeat
-    HTTP: request parsing       a request's body, query and path, checked
-    Conversation files          the JSON export, and an import read back field by field
-    Markdown export             a conversation's current branch as a document a person reads
-    HTTP: presenting rows       stored rows as the API shows them
-    HTTP: conversation handlers the routes under /api/v1/context/conversations
-    HTTP: chat handlers         an answer started, streamed, followed by a channel and stopped
-    HTTP: errors as responses   whatever a handler raises, as {"detail", "code"}
-    Operations                  health, readiness, metrics and the OpenAPI document
-    Pages                       the playground and the API docs
-    Middleware                  the layers every request passes through
-    App                         the routes, the layers, and the service's life from start to drain
-    CLI                         the chatsvc command, and the server it runs
+    Configuration                the settings, read once from the environment
+    Errors                       domain refusals, and the HTTP errors they become ({"detail", "code"})
+    Metrics                      what an operator scrapes
+    Rows                         the statuses, times and ids the stored rows carry
+    Database                     connections and their roles, transactions, faults
+    Schema                       schema.sql's steps, each applied once, in order
+    Conversations                a user's conversations, their settings and titles
+    Search                       conversations by the text they hold
+    Message tree                 messages, their branches, and the turn a chat writes
+    Copies                       forks and imports, written a chunk at a time
+    Answer rows                  an answer's row: checkpoints, heartbeat, final state
+    Store                        the database and its rooms, opened and closed together
+    Turns                        where a new message goes in the tree, and what the model is sent
+    Context                      what the model sees
+    Upstream                     the model service's streaming API, and its retries
+    Answers                      one answer: its phases, its event log, the SSE events and their ids
+    Registry                     where readers find answers, and a channel reader's events
+    Relay                        this process's answers, from admission to their end
+    Titles                       a conversation's name, written by the model
+    Bus                          the notifications between replicas (PostgreSQL LISTEN/NOTIFY)
+    Replicas                     answers followed across processes on PostgreSQL, and the heartbeat
+    HTTP: request parsing        a request's body, query and path, checked
+    Conversation files           the JSON export, and an import read back field by field
+    Markdown export              a conversation's current branch as a document a person reads
+    HTTP: presenting rows        stored rows as the API shows them
+    HTTP: conversation handlers  the routes under /api/v1/context/conversations
+    HTTP: chat handlers          an answer started, streamed, followed by a channel and stopped
+    HTTP: errors as responses    whatever a handler raises, as {"detail", "code"}
+    Operations                   health, readiness, metrics and the OpenAPI document
+    Pages                        the playground and the API docs
+    Middleware                   the layers every request passes through
+    App                          the routes, the layers, and the service's life from start to drain
+    CLI                          the chatsvc command, and the server it runs
 """
 
 from __future__ import annotations
@@ -3825,7 +3825,7 @@ class Heartbeat:
             self.loop.call_soon_threadsafe(self.relay.taken, taken)
 
 
-# ── HTTP: request parsing and validation: a request's body, query and path, checked ────
+# ── HTTP: request parsing: a request's body, query and path, checked ───────────────────
 
 # "." and ".." are excluded: browsers and proxies normalise them out of URLs.
 SESSION_ID = re.compile(r"(?!\.+$)[A-Za-z0-9._-]{1,128}")

@@ -11,5 +11,5 @@ def test_the_docstring_map_names_every_section_in_order():
     headers = re.findall(r"^# ── (.*)$", source, flags=re.M)
     mapped = re.findall(r"^    (\S.*?)\s{2,}\S", chatsvc.__doc__, flags=re.M)
     assert len(headers) == len(mapped) > 20
-    for header, name in zip(headers, mapped):
+    for header, name in zip(headers, mapped, strict=True):
         assert re.match(re.escape(name) + r"(:| ─)", header), f"the map says {name!r} where the section is {header!r}"
