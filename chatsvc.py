@@ -3749,9 +3749,8 @@ class Replicas:
                 await asyncio.sleep(0.05)
                 row = await self.store.tree.message(*key, answer_id)
                 if row is None or row["status"] != STREAMING:
-                    return answer_id, won.done() and not won.cancelled() and row is not None and row[
-                        "status"
-                    ] == STOPPED
+                    stopped = row is not None and row["status"] == STOPPED
+                    return answer_id, won.done() and not won.cancelled() and stopped
             return answer_id, False
         finally:
             won.cancel()
