@@ -2675,6 +2675,11 @@ class Answer:
             raise RuntimeError(f"answer {self.message_id} cannot move from {self.phase.name} to {to.name}")
         self.phase = to
 
+    def end(self) -> None:
+        """Into ENDED, where its log grows no more: its readers finish what it holds (`done`)."""
+        self.move(Phase.ENDED)
+        self.done.set()
+
     def emit(self, type_: str, data: dict) -> None:
         self.append(sse_event(event_id(self.message_id, len(self.log)), {"type": type_, "data": data}), type_ in FINAL)
 
@@ -3106,8 +3111,7 @@ class Relay:
                 answer.message_id, answer.status, answer.full_text, answer.finish_reason, answer.usage, answer.error
             )
         )
-        answer.move(Phase.ENDED)
-        answer.done.set()
+        answer.end()
         self.registry.end(answer)
         record_answer(self.metrics, answer)
         if stored is not None:
@@ -3520,8 +3524,7 @@ class Replicas:
             await asyncio.to_thread(self.heartbeat.stop)
         for answer in self.registry.running_answers():  # mirrors: their listeners reconnect to another replica
             if answer.phase is Phase.FOLLOWING:
-                answer.move(Phase.ENDED)
-                answer.done.set()
+                answer.end()
         await self.bus.close()
 
     # ── the sweep: the heartbeat's part on the event loop
@@ -3704,8 +3707,7 @@ class Replicas:
             return
         if mirror.status == STREAMING:  # ended without a final event (its replica shut down)
             mirror.status = INTERRUPTED
-        mirror.move(Phase.ENDED)
-        mirror.done.set()
+        mirror.end()
         self.registry.end(mirror)
         self.registry.forget_later(mirror)
 

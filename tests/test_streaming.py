@@ -164,7 +164,7 @@ def test_resume_after_the_log_is_dropped_sends_the_stored_end(make_service, fake
     fake.push(Reply.answer(["all", " of", " it"]))
     with LiveServer(service.settings) as live, live.client() as client:
         full = parse_events(client.post(f"{API}/chat/s1/stream", json={"message": "hi"}).content)
-        wait_for(lambda: not live.relay.registry._recent)  # memory does not keep finished answers
+        wait_for(lambda: live.relay.registry.find(full[0]["data"]["message_id"]) is None)  # kept no longer
         reader = live.reader("GET", f"{API}/chat/s1/stream", headers={"Last-Event-ID": full[1]["id"]})
         assert reader.until_end() == [full[-1]]  # same id, same data: the client ends with the full text
         reader.close()
@@ -229,7 +229,7 @@ def test_errors_before_the_stream_are_json(live, fake):
         assert r.status_code == 422 and r.headers["content-type"] == "application/json"
         assert "blank" in r.json()["detail"]
         chat = background_chat(live)
-        wait_for(lambda: live.relay.registry._running)
+        wait_for(lambda: live.relay.registry.running(("", "s1")))
         r = client.post(f"{API}/chat/s1/stream", json={"message": "again"})
         assert r.status_code == 409 and r.json()["code"] == "conversation_busy"
     chat.join(10)

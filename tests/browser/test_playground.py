@@ -363,7 +363,7 @@ def test_the_page_follows_an_answer_another_client_started(playground, fake):
 
     thread = threading.Thread(target=other_client)
     thread.start()
-    while ("", "shared") not in playground.live.relay.running:
+    while playground.live.relay.registry.running(("", "shared")) is None:
         threading.Event().wait(0.01)
     playground.page.goto(playground.live.url + "/#shared")
     expect(playground.page.locator("#send")).to_be_disabled(timeout=WAIT)

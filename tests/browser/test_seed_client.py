@@ -91,7 +91,7 @@ def test_busy_conversation_throws_the_detail(page, fake):
 
     thread = threading.Thread(target=occupy)
     thread.start()
-    while ("", "s-busy") not in page.live.relay.running:
+    while page.live.relay.registry.running(("", "s-busy")) is None:
         threading.Event().wait(0.01)
     calls = run_chat(page, "s-busy", "second")
     assert calls[-1][0] == "throw" and "already being generated" in calls[-1][1]
