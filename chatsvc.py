@@ -2318,6 +2318,7 @@ class Delta:
     reasoning: str = ""
     finish_reason: str | None = None
     usage: dict | None = None
+    tool_calls: list[dict] | None = None  # the raw `delta.tool_calls` entries, for a ToolCallAccumulator
 
 
 def parse_chunk(data: str) -> Delta:
@@ -2336,12 +2337,26 @@ def parse_chunk(data: str) -> Delta:
         delta.content += d.get("content") or ""
         delta.reasoning += d.get("reasoning_content") or ""
         delta.finish_reason = choice.get("finish_reason") or delta.finish_reason
+        if calls := d.get("tool_calls"):  # absent (or null) from every chunk but a tool call's
+            delta.tool_calls = _tool_call_entries(calls, delta.tool_calls)
     if (
         "\\u0000" in data or "\\ud" in data or "\\uD" in data
     ):  # an escaped NUL or lone surrogate: neither can be stored everywhere or sent as UTF-8
         delta.content = _UNSTORABLE.sub("\ufffd", delta.content)
         delta.reasoning = _UNSTORABLE.sub("\ufffd", delta.reasoning)
     return delta
+
+
+def _tool_call_entries(entries: Any, held: list[dict] | None) -> list[dict] | None:
+    """A delta's `tool_calls`, kept raw (added to those of the chunk's earlier choices): a list's
+    objects; anything else is dropped and logged."""
+    if not isinstance(entries, list):
+        log.warning("the model service sent tool_calls that are not a list; dropped: %.200r", entries)
+        return held
+    kept = [e for e in entries if isinstance(e, dict)]
+    if len(kept) < len(entries):
+        log.warning("the model service sent tool_calls entries that are not objects; dropped: %.200r", entries)
+    return (held or []) + kept or None
 
 
 # NUL (PostgreSQL's text refuses it) and lone surrogates (json.loads joins valid pairs, so any left is
@@ -2367,6 +2382,84 @@ def sane_usage(usage: Any) -> dict | None:
         elif value is not None:
             log.warning("the model service sent usage %s=%.100r; dropped", name, value)
     return kept or None
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the model made in one round: its place among the round's calls (0, 1, …), the
+    model's id for it, the function's name, and its arguments as the text the model wrote (not parsed
+    here: whether they are a JSON object is for the code that runs the call to find out)."""
+
+    index: int
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass
+class _GatheredCall:
+    """A call being gathered from a round's deltas."""
+
+    index: int  # the model's `index` (Ollama gives several calls the same one)
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+
+
+class ToolCallAccumulator:
+    """The function calls of one model round, gathered from its deltas however the server cuts them
+    (docs/design/tools.md 1.2). Entries are keyed by `index`; an entry without one continues the call
+    last seen. A non-empty `id` unlike the one of the named call held at that index starts another
+    call (Ollama and SGLang give successive calls the same index); an equal, empty or absent `id`
+    continues it (DashScope sends `""`, SGLang repeats it). `name` is taken once, never joined.
+    `arguments` strings are joined; an object (LiteLLM's ollama_chat) is the whole arguments,
+    serialised; `null` or absent adds nothing. Feed it every delta of one attempt at a round; the
+    round called tools when `calls()` is not empty, whatever its finish_reason."""
+
+    def __init__(self) -> None:
+        self._calls: list[_GatheredCall] = []  # in order of arrival
+        self._held: dict[int, _GatheredCall] = {}  # the call an entry with this index continues
+        self._last: _GatheredCall | None = None
+
+    def feed(self, delta: Delta) -> None:
+        for entry in delta.tool_calls or ():
+            self._take(entry)
+
+    def _take(self, entry: dict) -> None:
+        index = entry.get("index")
+        if type(index) is not int:  # missing (Ollama before 0.4.7): the call last seen
+            index = 0 if self._last is None else self._last.index
+        function = entry.get("function")
+        function = function if isinstance(function, dict) else {}
+        call_id, name, arguments = entry.get("id"), function.get("name"), function.get("arguments")
+        call_id = call_id if isinstance(call_id, str) else ""
+        call = self._held.get(index)
+        if call is None or (call_id and call.name and call_id != call.id):
+            call = self._held[index] = _GatheredCall(index)
+            self._calls.append(call)
+        self._last = call
+        if call_id and not call.id:
+            call.id = call_id
+        if isinstance(name, str) and name and not call.name:
+            call.name = name
+        if isinstance(arguments, str):
+            call.arguments.append(arguments)
+        elif arguments is not None:  # an object: the whole arguments, not a piece of them
+            call.arguments[:] = [json.dumps(arguments, ensure_ascii=False)]
+
+    def calls(self) -> list[ToolCall]:
+        """The round's calls that have a name, in index order (arrival order within an index). A call
+        the server gave no id is given one (`call_` and 24 hex digits); NUL and lone surrogates are
+        replaced, as in text."""
+        named = sorted((c for c in self._calls if c.name), key=lambda c: c.index)  # stable: arrival kept
+        if len(named) < len(self._calls):
+            log.warning("the model service sent %d tool call(s) without a name; dropped", len(self._calls) - len(named))
+        for call in named:
+            call.id = call.id or f"call_{uuid.uuid4().hex[:24]}"
+        return [
+            ToolCall(place, *(_UNSTORABLE.sub("\ufffd", s) for s in (c.id, c.name, "".join(c.arguments))))
+            for place, c in enumerate(named)
+        ]
 
 
 # The ends of a stream that are not an answer's end. A stream is whole once a finish_reason came;

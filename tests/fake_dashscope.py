@@ -9,6 +9,7 @@ It runs on its own event loop in a background thread, so sync and async tests ca
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -38,6 +39,22 @@ def chunk_event(content=None, *, reasoning=None, role=None, finish=None, usage=N
         if reasoning is not None:
             delta["reasoning_content"] = reasoning
         choices = [{"delta": delta, "finish_reason": finish, "index": 0, "logprobs": None}]
+    return _chunk(choices, usage, model)
+
+
+def tool_call_event(entries: list[dict], *, delta: dict | None = None, role=None, model="qwen-plus") -> bytes:
+    """One chunk carrying `delta.tool_calls` entries, after the delta's other fields `delta` and before
+    its `role` (where stream_tool_calls.sse has them)."""
+    d = {**(delta or {}), "tool_calls": entries, **({"role": role} if role else {})}
+    return _chunk([{"delta": d, "finish_reason": None, "index": 0, "logprobs": None}], None, model)
+
+
+def finish_event(finish: str, *, model="qwen-plus") -> bytes:
+    """The chunk that ends a tool round on DashScope: an empty delta and the finish_reason."""
+    return _chunk([{"finish_reason": finish, "delta": {}, "index": 0, "logprobs": None}], None, model)
+
+
+def _chunk(choices: list[dict], usage: dict | None, model: str) -> bytes:
     obj = {
         "choices": choices,
         "object": "chat.completion.chunk",
@@ -70,6 +87,7 @@ class Reply:
     stamp: bool = False  # write the send time (time.monotonic_ns()) in place of each piece's "@T"
     gzip: bool = False  # Content-Encoding: gzip whatever the request asked (as some proxies do)
     drop: bool = False  # close the connection after reading the request, before the status line
+    calls: list[dict] = field(default_factory=list)  # Reply.tool_calls: {index, id, name, arguments} as gathered
 
     @classmethod
     def transcript(
@@ -110,6 +128,64 @@ class Reply:
         return cls.of_events(events, pause=pause, **kw)
 
     @classmethod
+    def tool_calls(
+        cls,
+        calls: list[tuple],
+        *,
+        content: list[str] = (),
+        reasoning: list[str] = (),
+        parallel="interleaved",
+        split=3,
+        finish="tool_calls",
+        usage: dict | bool | None = None,
+        id_style="dashscope",
+        args_as_object=False,
+        done=True,
+        model="qwen-plus",
+        **kw,
+    ) -> Reply:
+        """A round that calls tools, streamed as DashScope does (docs/design/tools.md 1.1, 2.13). `calls`:
+        `(name, arguments)` or `(name, arguments, id)`, arguments a dict (sent as JSON text) or the raw
+        text. Thinking (`reasoning`) and text (`content`) come first. Each call's first delta has its
+        `id`, `type`, `function.name` and the first of `split` pieces of its arguments; later deltas
+        have `type` and a piece, with `id` "" (DashScope), the same id again (`id_style="repeat"`,
+        SGLang) or `id`, `type` and `name` null (`"openai"`). `parallel`: `"interleaved"` takes one
+        delta of each call in turn, `"sequential"` one call after another. `id_style="ollama"`: each
+        call whole in one delta, every one at `index` 0. `args_as_object`: the arguments as a JSON
+        object, whole, in the first delta (LiteLLM's ollama_chat). Then the finish chunk (`delta: {}`,
+        `finish_reason`; none when `finish` is None), the usage chunk (None: a default one; False:
+        none) and `[DONE]`. The reply's `calls` are the calls as a client must gather them."""
+        wanted = []
+        for k, (name, arguments, *given) in enumerate(calls):
+            text = json.dumps(arguments, ensure_ascii=False) if isinstance(arguments, dict) else arguments
+            call_id = given[0] if given else f"call_{next(_CALL_IDS):022x}"
+            wanted.append({"index": k, "id": call_id, "name": name, "arguments": text})
+        events = [chunk_event(None, role="assistant", reasoning="", model=model)] if reasoning else []
+        events += [chunk_event(None, reasoning=r, model=model) for r in reasoning]
+        events += [chunk_event(c, role=None if events else "assistant", model=model) for c in content]
+        objects = [a if isinstance(a, dict) else json.loads(a) for _, a, *_ in calls] if args_as_object else None
+        per_call = [_call_deltas(c, split, id_style, objects and objects[c["index"]]) for c in wanted]
+        if parallel == "interleaved":  # one delta of each call in turn
+            deltas = [d for turn in itertools.zip_longest(*per_call) for d in turn if d is not None]
+        else:
+            deltas = [d for one in per_call for d in one]
+        for i, (head, entry) in enumerate(deltas):
+            events.append(tool_call_event([entry], delta=head, role="assistant" if i == 0 and not events else None))
+        if finish:
+            events.append(finish_event(finish, model=model))
+        if usage is not False:
+            usage = usage or {"prompt_tokens": 10, "completion_tokens": len(deltas), "total_tokens": 10 + len(deltas)}
+            events.append(chunk_event(usage=usage, model=model))
+        if done:
+            events.append(DONE)
+        reply = cls.of_events(events, **kw)
+        if objects:
+            for call, arguments in zip(wanted, objects, strict=True):
+                call["arguments"] = json.dumps(arguments, ensure_ascii=False)
+        reply.calls = wanted
+        return reply
+
+    @classmethod
     def of_events(cls, events: list[bytes], *, crlf=False, split=False, comments=False, pause=0.0, **kw) -> Reply:
         if comments:
             events = [b": keep-alive\n\n" + e if i % 2 else b":comment\n" + e for i, e in enumerate(events)]
@@ -138,6 +214,35 @@ class Reply:
     def json(cls, status: int, body: dict) -> Reply:
         """Any JSON body, as a server other than DashScope shapes its errors."""
         return cls(status=status, pieces=[json.dumps(body).encode()])
+
+
+_CALL_IDS = itertools.count(1)  # the fake's call ids, unique in a test run
+
+
+def _call_deltas(call: dict, split: int, id_style: str, as_object: dict | None) -> list[tuple[dict, dict]]:
+    """One call's deltas, each `(the delta's fields before tool_calls, the tool_calls entry)`."""
+    index, text = (0 if id_style == "ollama" else call["index"]), call["arguments"]
+    if as_object is not None or id_style == "ollama":
+        pieces = [as_object if as_object is not None else text]
+    else:
+        step = max(1, -(-len(text) // split))
+        pieces = [text[i : i + step] for i in range(0, len(text), step)] or [""]
+    head = {"role": "assistant", "content": ""} if id_style == "ollama" else {"content": None}
+    first = {
+        "index": index,
+        "id": call["id"],
+        "type": "function",
+        "function": {"name": call["name"], "arguments": pieces[0]},
+    }
+    deltas = [(head, first)]
+    for piece in pieces[1:]:
+        if id_style == "openai":
+            entry = {"index": index, "id": None, "type": None, "function": {"name": None, "arguments": piece}}
+        else:  # DashScope's key order (stream_tool_calls.sse)
+            later_id = call["id"] if id_style == "repeat" else ""
+            entry = {"function": {"arguments": piece}, "index": index, "id": later_id, "type": "function"}
+        deltas.append(({}, entry))
+    return deltas
 
 
 # How the servers chatsvc meets say that a conversation is longer than the model's context, each as that
