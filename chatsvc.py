@@ -2409,9 +2409,10 @@ class _GatheredCall:
 class ToolCallAccumulator:
     """The function calls of one model round, gathered from its deltas however the server cuts them
     (docs/design/tools.md 1.2). Entries are keyed by `index`; an entry without one continues the call
-    last seen. A non-empty `id` unlike the one of the named call held at that index starts another
-    call (Ollama and SGLang give successive calls the same index); an equal, empty or absent `id`
-    continues it (DashScope sends `""`, SGLang repeats it). `name` is taken once, never joined.
+    last seen. A non-empty `id` unlike the call's own (once it has one), or a `name` unlike the call's
+    own (once it has one), starts another call at that index (Ollama and SGLang give successive calls
+    the same index); an equal, empty or absent `id` continues it (DashScope sends `""`, SGLang repeats
+    it, and an id may come after the name). `name` is taken once, never joined (llama.cpp sent it again).
     `arguments` strings are joined; an object (LiteLLM's ollama_chat) is the whole arguments,
     serialised; `null` or absent adds nothing. Feed it every delta of one attempt at a round; the
     round called tools when `calls()` is not empty, whatever its finish_reason."""
@@ -2434,7 +2435,9 @@ class ToolCallAccumulator:
         call_id, name, arguments = entry.get("id"), function.get("name"), function.get("arguments")
         call_id = call_id if isinstance(call_id, str) else ""
         call = self._held.get(index)
-        if call is None or (call_id and call.name and call_id != call.id):
+        another_id = call_id and call is not None and call.id and call_id != call.id
+        another_name = isinstance(name, str) and name and call is not None and call.name and name != call.name
+        if call is None or another_id or another_name:
             call = self._held[index] = _GatheredCall(index)
             self._calls.append(call)
         self._last = call

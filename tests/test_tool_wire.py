@@ -247,6 +247,31 @@ def test_successive_calls_at_index_0_are_told_apart_by_their_ids(fake):
     ]
 
 
+def test_an_id_that_comes_after_the_name_continues_the_call(fake):
+    # the id on a later delta than the name: one call, not a nameless second one dropped
+    got = read_round(
+        fake,
+        round_of(
+            [call(0, None, "add", '{"a":')],
+            [call(0, "call_x", arguments=" 1}")],
+        ),
+    )
+    assert got.calls == [ToolCall(0, "call_x", "add", '{"a": 1}')]
+
+
+def test_another_name_at_the_same_index_without_ids_is_another_call(fake):
+    # two calls at index 0 and no ids: told apart by their names, never one call with both arguments
+    got = read_round(
+        fake,
+        round_of(
+            [call(0, None, "f", "{}")],
+            [call(0, None, "g", '{"x": 1}')],
+        ),
+    )
+    assert [(c.index, c.name, c.arguments) for c in got.calls] == [(0, "f", "{}"), (1, "g", '{"x": 1}')]
+    assert all(c.id.startswith("call_") for c in got.calls) and got.calls[0].id != got.calls[1].id
+
+
 def test_entries_without_an_index_continue_the_call_last_seen(fake):
     # Ollama before 0.4.7: no index; whole calls, each with its id
     got = read_round(
