@@ -65,7 +65,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from enum import Enum
@@ -1423,8 +1423,8 @@ class Tree:
         """A message's role, status and parent, with its parent's text and parent (what a
         regeneration or an edit starts from)."""
         return await self.db.fetch_one(
-            "SELECT m.id, m.role, m.status, m.parent_id, q.content AS parent_content, q.parent_id AS grandparent_id"
-            " FROM messages m LEFT JOIN messages q ON q.id = m.parent_id"
+            "SELECT m.id, m.role, m.status, m.parent_id, q.content AS parent_content, q.parent_id AS grandparent_id,"
+            " q.tool_results AS parent_tool_results FROM messages m LEFT JOIN messages q ON q.id = m.parent_id"
             " WHERE m.id = :id AND m.owner = :owner AND m.session_id = :sid",
             {"id": message_id, "owner": owner, "sid": session_id},
         )
@@ -2044,12 +2044,93 @@ class Store:
 # new message follows the current leaf. `plan_turn` turns that into a `Turn` and the model's messages.
 
 
+@dataclass
+class Offer:
+    """The tools an answer may call: the MCP servers' (by the name the model sees) and the request's
+    own (the app's, by name), and the request's tool_choice."""
+
+    server: dict[str, ToolSpec]
+    client: dict[str, dict]
+    choice: Any = None
+
+    def payload(self, last: bool) -> dict:
+        """What a model round's request carries for them; the last round may call none (tools are still
+        listed: the history names them)."""
+        tools = [spec.payload() for spec in self.server.values()] + list(self.client.values())
+        body: dict[str, Any] = {"tools": tools, "parallel_tool_calls": True}
+        choice = "none" if last else self.choice
+        if choice is not None:
+            body["tool_choice"] = choice
+        return body
+
+
+def make_offer(toolbox: Toolbox, chat: ChatRequest) -> Offer | None:
+    """The tools a chat request offers the model: the servers' (all, those it names, or none), and
+    its own `tools`; None when there are none (the request to the model carries no `tools`)."""
+    known = {spec.exposed: spec for spec in toolbox.specs()}
+    if chat.server_tools is True:
+        server = known
+    elif chat.server_tools is False:
+        server = {}
+    else:
+        unknown = [name for name in chat.server_tools if name not in known]
+        if unknown:
+            raise invalid(
+                f"'server_tools' names {', '.join(repr(n) for n in unknown)}, which no MCP server offers"
+                f" (offered: {', '.join(known) or 'none'})."
+            )
+        server = {name: known[name] for name in chat.server_tools}
+    client = {entry["function"]["name"]: entry for entry in chat.tools or ()}
+    clash = [name for name in client if name in known]
+    if clash:
+        raise invalid(f"'tools' names {', '.join(repr(n) for n in clash)}, which is an MCP server's tool here.")
+    if not server and not client:
+        if chat.tool_choice is not None and chat.tool_choice != "none":
+            raise invalid("'tool_choice' needs tools to choose from: give 'tools', or leave it out.")
+        return None
+    choice = chat.tool_choice
+    if (
+        isinstance(choice, dict)
+        and choice["function"]["name"] not in server
+        and choice["function"]["name"] not in client
+    ):
+        raise invalid(f"'tool_choice' names '{choice['function']['name']}', which is not among the tools offered.")
+    return Offer(server, client, choice)
+
+
+def check_results(answer: dict, results: list[dict]) -> None:
+    """The app's tool results must answer, each once, every call the answer ended waiting for."""
+    if answer["role"] != "assistant" or answer["finish_reason"] != TOOL_CALLS or not answer.get("tool_steps"):
+        raise invalid(
+            f"'tool_results' answer the calls of an answer that ended with finish_reason 'tool_calls';"
+            f" '{answer['id']}' did not."
+        )
+    pending = [call["id"] for call in pending_tool_calls(json.loads(answer["tool_steps"]))]
+    given = [result["tool_call_id"] for result in results]
+    missing = [i for i in pending if i not in given]
+    unknown = [i for i in given if i not in pending]
+    twice = sorted({i for i in given if given.count(i) > 1})
+    if missing or unknown or twice:
+        said = []
+        if missing:
+            said.append(f"no result for {', '.join(missing)}")
+        if unknown:
+            said.append(f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a call it waits for")
+        if twice:
+            said.append(f"{', '.join(twice)} answered more than once")
+        raise invalid(
+            f"'tool_results' must answer each call of answer '{answer['id']}' once ({'; '.join(said)});"
+            f" it waits for {', '.join(pending)}."
+        )
+
+
 async def plan_turn(
     store: Store, settings: Settings, key: tuple[str, str], chat: ChatRequest
 ) -> tuple[Turn, list[dict]]:
     """Where the new answer goes in the conversation's tree, and the messages the model gets."""
     owner, session_id = key
     question, question_id, new_question = chat.message, "", True
+    results = chat.tool_results  # a turn of the app's tool results, instead of a user message
     target_id = chat.parent_id or chat.edit or chat.regenerate
     start: str | None = None
     if target_id is not None:
@@ -2080,12 +2161,18 @@ async def plan_turn(
                     " cannot be regenerated."
                 )
             question, question_id, new_question = target["parent_content"], target["parent_id"], False
+            if target["parent_tool_results"] is not None:
+                results = json.loads(target["parent_tool_results"])
             start = target["grandparent_id"]
     conversation, history = await store.tree.chat_context(
         owner, session_id, 2 * settings.max_context_messages + 2, start, current=target_id is None
     )
     if target_id is None:
         start = conversation and conversation["current_message_id"]
+    if results is not None and new_question:  # the answer they follow must be the one waiting for them
+        if not history or history[0]["id"] != start:
+            raise invalid("'tool_results' answer the calls of an answer: this conversation has none to answer.")
+        check_results(history[0], results)
     # above every id the conversation holds now (what the model is sent, the parent, the context's
     # start), whatever this process's clock says
     after = conversation["last_id"] if conversation else ""
@@ -2093,14 +2180,19 @@ async def plan_turn(
         question_id = new_message_id(after)
     model = chat.model or (conversation and conversation["model"]) or settings.chat_model
     system_prompt = (conversation and conversation["system_prompt"]) or settings.system_prompt
-    assert question is not None
-    messages = build_context(
-        system_prompt, history, question, settings.max_context_messages, settings.max_context_tokens
-    )
+    new: str | list[dict]
+    if results is not None:
+        new, question = [tool_message(r["tool_call_id"], r["content"], None) for r in results], ""
+    else:
+        assert question is not None
+        new = question
+    messages = build_context(system_prompt, history, new, settings.max_context_messages, settings.max_context_tokens)
     title = None
-    if settings.titles != "off" and (conversation is None or conversation["title"] is None):
+    if results is None and settings.titles != "off" and (conversation is None or conversation["title"] is None):
         title = question.strip().splitlines()[0][:TITLE_CHARS]
     turn = Turn(owner, session_id, new_message_id(after), model, question_id, question, new_question, start, title)
+    if results is not None and new_question:
+        turn.tool_results = json.dumps(results, ensure_ascii=False, separators=(",", ":"))
     return turn, messages
 
 
@@ -2122,43 +2214,151 @@ def estimate_tokens(text: str) -> int:
     return (len(data) - len(rest) + 3) // 4 + symbols + (len(rest) - symbols + 2) // 3 + 5
 
 
+def history_arguments(arguments: str) -> str:
+    """A call's arguments as the model is sent them back: what it wrote, when that is a JSON object
+    (`""` is `{}`); else `{}` (servers that parse the history would refuse the request; the call's
+    result told the model what was wrong)."""
+    if not arguments.strip():
+        return "{}"
+    try:
+        return arguments if isinstance(json.loads(arguments), dict) else "{}"
+    except ValueError:
+        return "{}"
+
+
+def history_call(call: dict) -> dict:
+    """A call, in an assistant message of the history."""
+    return {
+        "id": call["id"],
+        "type": "function",
+        "function": {"name": call["name"], "arguments": history_arguments(call["arguments"])},
+    }
+
+
+def tool_message(call_id: str, content: str | None, error: str | None) -> dict:
+    """A call's result, as the model is sent it: its text, or its error said as one."""
+    return {"role": "tool", "tool_call_id": call_id, "content": content if error is None else f"Error: {error}"}
+
+
+def omitted(message: dict) -> dict:
+    """A tool message whose result is left out to fit the context budget, with its length."""
+    return {**message, "content": f"[result omitted to fit the context: {len(message['content'])} characters]"}
+
+
+def answer_messages(row: dict, answered: Collection[str]) -> list[dict]:
+    """A stored answer as the model is sent it back: each tool round's text and calls, then each
+    call's result, then the rest of its text. A call without a result is left out (the answer was
+    stopped or cut during it, or the app never answered it: ids in `answered` are the app's results,
+    which follow as the next turn)."""
+    content = row["content"]
+    if not row.get("tool_steps"):
+        return [{"role": "assistant", "content": content}]
+    steps = json.loads(row["tool_steps"])
+    results = {step["data"]["id"]: step["data"] for step in steps if step["type"] == "tool_result"}
+    rounds: dict[int, list[dict]] = {}
+    for step in steps:
+        if step["type"] == "tool_call":
+            rounds.setdefault(step["data"]["round"], []).append(step)
+    messages: list[dict] = []
+    at = 0
+    for calls in rounds.values():
+        kept = [step["data"] for step in calls if step["data"]["id"] in results or step["data"]["id"] in answered]
+        if not kept:
+            continue  # its text goes with the next text
+        end = calls[0]["text"]
+        messages.append(
+            {"role": "assistant", "content": content[at:end], "tool_calls": [history_call(c) for c in kept]}
+        )
+        for call in kept:
+            if call["id"] in results:
+                result = results[call["id"]]
+                messages.append(tool_message(call["id"], result.get("content"), result.get("error")))
+        at = end
+    if content[at:] or not messages:
+        messages.append({"role": "assistant", "content": content[at:]})
+    return messages
+
+
+def result_messages(row: dict) -> list[dict]:
+    """A turn of the app's tool results, as the model is sent it."""
+    return [tool_message(r["tool_call_id"], r["content"], None) for r in json.loads(row["tool_results"])]
+
+
+def message_cost(messages: list[dict]) -> int:
+    cost = 0
+    for message in messages:
+        cost += estimate_tokens(message["content"])
+        for call in message.get("tool_calls", ()):
+            cost += estimate_tokens(call["function"]["name"] + call["function"]["arguments"])
+    return cost
+
+
 def build_context(
-    system_prompt: str, history_newest_first: list[dict], message: str, max_messages: int, max_tokens: int
-) -> list[dict[str, str]]:
-    """System prompt, then the newest usable history within both budgets (in order), then the
-    new message. Failed turns and empty answers are left out, with the question that led to them."""
-    system_cost, message_cost = estimate_tokens(system_prompt), estimate_tokens(message)
+    system_prompt: str,
+    history_newest_first: list[dict],
+    new: str | list[dict],
+    max_messages: int,
+    max_tokens: int,
+) -> list[dict]:
+    """System prompt, then the newest usable history within both budgets (in order), then the new
+    turn: the user's message, or the app's tool results (`new` as tool messages). Failed turns and
+    empty answers are left out, with the turn that led to them. A stored answer's tool rounds are
+    sent as the model made them; walking back from the newest, results that do not fit are omitted
+    (with their length) before older messages are left out."""
+    new_messages = [{"role": "user", "content": new}] if isinstance(new, str) else new
+    system_cost, message_cost_ = estimate_tokens(system_prompt), message_cost(new_messages)
     if system_cost >= max_tokens:
         raise ContextTooLong(
             f"The conversation's system prompt (about {system_cost} tokens) leaves no room in the"
             f" context budget ({max_tokens} tokens, CHATSVC_MAX_CONTEXT_TOKENS). Shorten the system prompt."
         )
-    budget = max_tokens - system_cost - message_cost
+    budget = max_tokens - system_cost - message_cost_
     if budget < 0:
         raise ContextTooLong(
             f"The message is too long for the model's context budget ({max_tokens} tokens, about "
-            f"{message_cost} needed for the message alone). Shorten it."
+            f"{message_cost_} needed for the message alone). Shorten it."
         )
-    picked: list[dict[str, str]] = []
+    usable: list[dict] = []  # newest first
     skip_question = False
     for row in history_newest_first:
-        if row["role"] == "assistant" and (row["status"] in (FAILED, STREAMING) or not row["content"]):
-            skip_question = True  # drop the answer and the user message it answered
+        if row["role"] == "assistant" and (
+            row["status"] in (FAILED, STREAMING) or not (row["content"] or row.get("tool_steps"))
+        ):
+            skip_question = True  # drop the answer and the turn that led to it
             continue
         if row["role"] == "user" and skip_question:
             skip_question = False
             continue
+        usable.append(row)
+    answered: set[str] = {m["tool_call_id"] for m in new_messages if m["role"] == "tool"}
+    picked: list[list[dict]] = []
+    for row in usable:
         if len(picked) >= max_messages:
             break
-        cost = estimate_tokens(row["content"])
+        if row["role"] == "assistant":
+            messages = answer_messages(row, answered)
+        elif row.get("tool_results"):
+            messages = result_messages(row)
+        else:
+            messages = [{"role": "user", "content": row["content"]}]
+        answered = {r["tool_call_id"] for r in json.loads(row["tool_results"])} if row.get("tool_results") else set()
+        cost = message_cost(messages)
+        if cost > budget and any(m["role"] == "tool" for m in messages):  # its results left out first
+            messages = [omitted(m) if m["role"] == "tool" else m for m in messages]
+            cost = message_cost(messages)
         if cost > budget:
             break
         budget -= cost
-        picked.append({"role": row["role"], "content": row["content"]})
-    picked.reverse()
-    while picked and picked[0]["role"] != "user":  # the model expects a user turn first
-        picked.pop(0)
-    return [{"role": "system", "content": system_prompt}, *picked, {"role": "user", "content": message}]
+        picked.append(messages)
+    flat = [message for messages in reversed(picked) for message in messages]
+    while flat and flat[0]["role"] != "user":  # the model expects a user turn first
+        flat.pop(0)
+    if new_messages[0]["role"] == "tool" and not (flat and flat[-1].get("tool_calls")):
+        raise ContextTooLong(
+            f"The tool results and the calls they answer do not fit the model's context budget ({max_tokens}"
+            " tokens, CHATSVC_MAX_CONTEXT_TOKENS). Send shorter results."
+        )
+    return [{"role": "system", "content": system_prompt}, *flat, *new_messages]
 
 
 # ── Upstream: DashScope's OpenAI-compatible streaming API ──────────────────────────────
@@ -2637,18 +2837,29 @@ def parse_event_id(value: str | None) -> tuple[str, int] | None:
     return (message_id, int(seq)) if MESSAGE_ID.fullmatch(message_id) and ASCII_NUMBER.fullmatch(seq) else None
 
 
+TOOL_CALLS = "tool_calls"  # the finish_reason of an answer that waits for the app's own tools
+TOOL_ROUNDS = "tool_rounds"  # ... of one that still called tools after CHATSVC_MAX_TOOL_ROUNDS
 DELTA_CHARS = 1000  # a delta event's text, at most: even all escaped, it fits a notification
 BATCH_EVENTS = 64  # a reader catching up copies at most this many events per write
 FINAL = ("end", "error")  # the event types that close an answer
 
 
 def final_event(
-    message_id: str, status: str, text: str, finish_reason: str | None, usage: dict | None, error: Refusal | None
+    message_id: str,
+    status: str,
+    text: str,
+    finish_reason: str | None,
+    usage: dict | None,
+    error: Refusal | None,
+    tool_calls: list[dict] | None = None,
 ) -> tuple[str, dict]:
-    """The `end` or `error` event that closes an answer (also rebuilt from a stored message)."""
+    """The `end` or `error` event that closes an answer (also rebuilt from a stored message). An
+    answer that waits for the app's own tools (finish_reason `tool_calls`) lists their calls."""
     if error is None and status in (COMPLETE, STOPPED):
         # finish_reason as stored (a complete answer always has the model's); usage only when reported
         end = {"full_text": text, "message_id": message_id, "finish_reason": finish_reason}
+        if finish_reason == TOOL_CALLS and tool_calls:
+            end["tool_calls"] = tool_calls
         return "end", end if usage is None else {**end, "usage": usage}
     return "error", {
         "message": error.detail if error else "The answer failed.",
@@ -2666,8 +2877,9 @@ def stored_error(row: dict) -> Refusal | None:
 
 def stored_final_event(row: dict) -> bytes:
     """The final event of a stored answer, with the id of the last event its text covers."""
+    calls = pending_tool_calls(json.loads(row["tool_steps"])) if row["tool_steps"] else None
     type_, data = final_event(
-        row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row), stored_error(row)
+        row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row), stored_error(row), calls
     )
     return sse_event(event_id(row["id"], row["last_seq"]), {"type": type_, "data": data})
 
@@ -2678,6 +2890,7 @@ class Phase(Enum):
     one more member and its moves. What an answer ended as (its stored status) is data: Answer.status."""
 
     RUNNING = "running"  # this process's producer relays the model's deltas
+    TOOLS = "tools"  # ... or runs the tool calls of a round, between two model rounds
     STOPPING = "stopping"  # its producer is cancelled (Answer.stopped_for says why) and ends it
     FINISHING = "finishing"  # its final state is being stored: cancelling now would lose it
     FOLLOWING = "following"  # another replica produces it; this one mirrors its events (Replicas)
@@ -2685,13 +2898,15 @@ class Phase(Enum):
 
 
 MOVES: dict[Phase, frozenset[Phase]] = {
-    Phase.RUNNING: frozenset({Phase.STOPPING, Phase.FINISHING}),
+    Phase.RUNNING: frozenset({Phase.TOOLS, Phase.STOPPING, Phase.FINISHING}),
+    Phase.TOOLS: frozenset({Phase.RUNNING, Phase.STOPPING, Phase.FINISHING}),
     Phase.STOPPING: frozenset({Phase.FINISHING}),
     Phase.FINISHING: frozenset({Phase.ENDED}),
     Phase.FOLLOWING: frozenset({Phase.ENDED}),
     Phase.ENDED: frozenset(),
 }
-PRODUCING = frozenset({Phase.RUNNING, Phase.STOPPING, Phase.FINISHING})  # an answer this process produces
+PRODUCING = frozenset({Phase.RUNNING, Phase.TOOLS, Phase.STOPPING, Phase.FINISHING})  # this process produces it
+WRITING = frozenset({Phase.RUNNING, Phase.TOOLS, Phase.STOPPING})  # its log grows: the checkpoint writer saves it
 
 
 class StopReason(Enum):
@@ -2726,12 +2941,19 @@ class Answer:
     prompt_estimate: int = 0  # estimate_tokens of what was sent, when the model service reports no usage
     error: Refusal | None = None  # why it failed, or was not stored
     final: bytes | None = None  # its `end` or `error` event, once sent
+    steps: list[dict] = field(default_factory=list)  # its tool_call and tool_result events, as stored
+    pending_calls: list[dict] | None = None  # the app's own tools' calls it ended waiting for
     final_seq: int | None = None  # ... and that event's sequence number
     delivered: bool = False  # a channel listener has received it (the Registry's replay rule 3)
     # This process's own answers (a replica's mirror has none of these):
     task: asyncio.Task | None = None
     stopped_for: StopReason | None = None  # why the task was cancelled
     saved_seq: int = 0  # events the stored checkpoint covers
+    saved_steps: int = 0  # steps the stored checkpoint holds
+    rounds: int = 0  # model rounds that called tools
+    calls: int = 0  # tool calls made
+    tool_seconds: float = 0.0  # time spent running tool rounds
+    offered: bool = False  # the model was offered tools
     retries: int = 0
     first_token_at: float | None = None
     request_id: str | None = None
@@ -2751,6 +2973,10 @@ class Answer:
     def full_reasoning(self) -> str | None:
         return "".join(self.reasoning) or None
 
+    def stored_steps(self) -> str | None:
+        """Its steps as the store keeps them (None: it made no tool call)."""
+        return json.dumps(self.steps, ensure_ascii=False, separators=(",", ":")) if self.steps else None
+
     def final_state(self) -> FinalState:
         """What the store keeps of it once it ends."""
         error = self.error
@@ -2763,6 +2989,7 @@ class Answer:
             error.code if error else None,
             error.detail if error else None,
             last_seq=len(self.log),
+            steps=self.stored_steps(),
         )
 
     def move(self, to: Phase) -> None:
@@ -2778,6 +3005,19 @@ class Answer:
 
     def emit(self, type_: str, data: dict) -> None:
         self.append(sse_event(event_id(self.message_id, len(self.log)), {"type": type_, "data": data}), type_ in FINAL)
+
+    def step(self, type_: str, data: dict) -> None:
+        """A `tool_call` or `tool_result` event, kept as a step: where it is in the log and in the text."""
+        self.steps.append(
+            {
+                "type": type_,
+                "seq": len(self.log),
+                "text": self.text_chars,
+                "reasoning": self.reasoning_chars,
+                "data": data,
+            }
+        )
+        self.emit(type_, data)
 
     def add(self, type_: str, content: str) -> None:
         """New text (`chunk`) or reasoning, into the log. Long deltas go out in pieces, each small
@@ -2818,8 +3058,9 @@ class Answer:
                 await wake.wait()
 
     def cancel(self, reason: StopReason) -> bool:
-        """Stop producing it; True if this call is the one that did (only a RUNNING answer stops)."""
-        if self.phase is not Phase.RUNNING:
+        """Stop producing it; True if this call is the one that did (only a RUNNING answer, or one
+        running its tool calls, stops: the calls are cancelled with it)."""
+        if self.phase is not Phase.RUNNING and self.phase is not Phase.TOOLS:
             return False
         self.stopped_for = reason
         self.move(Phase.STOPPING)
@@ -2836,11 +3077,13 @@ def record_answer(metrics: Metrics, answer: Answer) -> None:
         m.first_token.labels(answer.model).observe(answer.first_token_at - answer.started)
     kind, usage = spent(answer)
     m.usage(answer.model, usage, estimated=kind == "estimated")
+    if answer.offered:
+        m.tool_rounds.observe(answer.rounds)
     eq = "~=" if kind == "estimated" else "="
     ttft = f"{(answer.first_token_at - answer.started) * 1000:.1f}" if answer.first_token_at else "-"
     log.info(
         "answer session=%s message=%s request_id=%s model=%s status=%s code=%s ttft_ms=%s duration_ms=%.1f"
-        " usage=%s prompt_tokens%s%s completion_tokens%s%s retries=%d",
+        " usage=%s prompt_tokens%s%s completion_tokens%s%s retries=%d rounds=%d calls=%d tool_ms=%.1f",
         answer.session_id,
         answer.message_id,
         answer.request_id or "-",
@@ -2855,6 +3098,9 @@ def record_answer(metrics: Metrics, answer: Answer) -> None:
         eq,
         usage.get("completion_tokens", "-"),
         answer.retries,
+        answer.rounds,
+        answer.calls,
+        answer.tool_seconds * 1000,
     )
 
 
@@ -3015,9 +3261,10 @@ class Relay:
     The heartbeat (Replicas) asks it which answers it vouches for (`own_ids`, `claiming`) and tells
     it which were `taken`."""
 
-    def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient):
+    def __init__(self, settings: Settings, store: Store, client: httpx.AsyncClient, toolbox: Toolbox | None = None):
         self.settings, self.store, self.client = settings, store, client
         self.metrics = store.db.metrics
+        self.toolbox = toolbox if toolbox is not None else Toolbox(settings, self.metrics)
         self.registry = Registry(settings, store)
         self.metrics.running.set_function(
             lambda: sum(1 for a in self.registry.running_answers() if a.phase in PRODUCING)
@@ -3025,6 +3272,7 @@ class Relay:
         self._unstored: dict[tuple[str, str], Answer] = {}  # final state not stored yet, the write retried
         self._claiming: set[str] = set()  # answers being written as `streaming`, not started yet
         self._tasks: set[asyncio.Task] = set()  # checkpoints, sweeps, retries: held until they end
+        self._soon = asyncio.Event()  # a step to store: the checkpoint writer goes now, not on its clock
         self.replicas: Replicas | None = None if store.db.is_sqlite else Replicas(self)
         if self.replicas is not None:
             self.registry.follow = self.replicas.follow
@@ -3055,7 +3303,7 @@ class Relay:
         if running is not None and running.phase in PRODUCING:
             raise busy(key[1])
 
-    async def admit(self, turn: Turn, payload: dict) -> Answer:
+    async def admit(self, turn: Turn, payload: dict, offer: Offer | None = None) -> Answer:
         """Store the turn (its question, and its answer's row as `streaming`), then start the answer.
         The heartbeat vouches for the row from the moment it exists."""
         self._claiming.add(turn.answer_id)
@@ -3066,16 +3314,16 @@ class Relay:
                 if self.replicas is None or not await self.replicas.recover():
                     raise
                 await self.store.tree.begin_turn(turn)
-            return self._start(turn, payload)
+            return self._start(turn, payload, offer)
         finally:
             self._claiming.discard(turn.answer_id)
 
-    def _start(self, turn: Turn, payload: dict) -> Answer:
+    def _start(self, turn: Turn, payload: dict, offer: Offer | None) -> Answer:
         owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
-        answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id)
+        answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id, offered=offer is not None)
         if turn.title and self.settings.titles == "model":  # its first answer names the conversation
             answer.title_question = turn.question
-        answer.task = asyncio.create_task(self._run(answer, payload), name=f"answer {message_id}")
+        answer.task = asyncio.create_task(self._run(answer, payload, offer), name=f"answer {message_id}")
         if self.replicas is not None:
             answer.on_event = self.replicas.publish
         answer.emit(
@@ -3087,28 +3335,31 @@ class Relay:
 
     # ── run
 
-    async def _run(self, answer: Answer, payload: dict) -> None:
+    async def _run(self, answer: Answer, payload: dict, offer: Offer | None) -> None:
+        """The answer, from the model's first delta to its stored end: one model round, or, with tools
+        offered, rounds until the model answers in text (docs/CONTRACT.md, "Tools")."""
         s = self.settings
-        deadline = asyncio.get_running_loop().call_later(s.upstream_total_timeout, answer.cancel, StopReason.TIMEOUT)
-
-        async def call() -> None:
-            async with contextlib.aclosing(stream_completion(self.client, s, payload)) as deltas:
-                async for delta in deltas:
-                    if not self._relay(answer, delta):
-                        break  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here
-            if not answer.text_chars and not answer.reasoning_chars:  # an end, but not an answer
+        messages = list(payload["messages"])  # grows by each tool round's calls and results
+        try:
+            for round_ in itertools.count(1):
+                last = offer is None or round_ > s.max_tool_rounds
+                body = payload if offer is None else {**payload, "messages": messages, **offer.payload(last)}
+                calls = await self._model_round(answer, body)
+                if not calls or offer is None:
+                    break
+                if last:  # the model called tools though told not to: kept, not run
+                    self._calls(answer, calls, offer, round_)
+                    answer.finish_reason = TOOL_ROUNDS
+                    log.warning("answer %s still called tools after CHATSVC_MAX_TOOL_ROUNDS", answer.message_id)
+                    break
+                messages += await self._tool_round(answer, calls, offer, round_)
+                if answer.pending_calls:
+                    answer.finish_reason = TOOL_CALLS
+                    break
+            if not answer.text_chars and not answer.reasoning_chars and not answer.steps:  # an end, not an answer
                 if answer.finish_reason == "content_filter":  # the model service's moderation
                     raise UpstreamError(422, "content_filtered", FILTERED_ANSWER)
                 raise UpstreamError(502, "upstream_error", EMPTY_ANSWER.format(answer.finish_reason))
-
-        def said() -> bool:  # retried only while nothing has reached a reader
-            return bool(answer.text or answer.reasoning)
-
-        def counted() -> None:
-            answer.retries += 1
-
-        try:
-            await retried(s, self.metrics, "answer", call, said, counted)
             answer.status = COMPLETE
         except UpstreamError as exc:
             answer.status, answer.error = FAILED, exc
@@ -3130,11 +3381,115 @@ class Relay:
             answer.status = FAILED
             answer.error = UpstreamError(502, "upstream_error", "The answer failed unexpectedly.")
         finally:
-            deadline.cancel()
+            if answer.phase is Phase.TOOLS:  # a fault between two rounds
+                answer.move(Phase.RUNNING)
             answer.move(Phase.FINISHING)
             if answer.usage is None and (answer.text_chars or answer.reasoning_chars):  # none reported: estimated
-                answer.prompt_estimate = sum(estimate_tokens(m["content"]) for m in payload["messages"])
+                answer.prompt_estimate = sum(estimate_tokens(m.get("content") or "") for m in messages)
             await asyncio.shield(self._finish(answer))
+
+    async def _model_round(self, answer: Answer, body: dict) -> list[ToolCall]:
+        """One model call, relayed into the answer (retried while it has said nothing), under
+        CHATSVC_UPSTREAM_TOTAL_TIMEOUT; the tools it called. A round cut at CHATSVC_MAX_ANSWER_CHARS
+        called none."""
+        s = self.settings
+        calls: list[ToolCall] = []
+        said_before = answer.text_chars + answer.reasoning_chars
+
+        async def call() -> None:
+            gathered = ToolCallAccumulator()
+            async with contextlib.aclosing(stream_completion(self.client, s, body)) as deltas:
+                async for delta in deltas:
+                    if not self._relay(answer, delta):
+                        return  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here, its calls dropped
+                    gathered.feed(delta)
+            calls[:] = gathered.calls()
+
+        def said() -> bool:  # retried only while nothing of this round has reached a reader
+            return answer.text_chars + answer.reasoning_chars > said_before
+
+        def counted() -> None:
+            answer.retries += 1
+
+        deadline = asyncio.get_running_loop().call_later(s.upstream_total_timeout, answer.cancel, StopReason.TIMEOUT)
+        try:
+            await retried(s, self.metrics, "answer", call, said, counted)
+        finally:
+            deadline.cancel()
+        return calls
+
+    def _calls(self, answer: Answer, calls: list[ToolCall], offer: Offer, round_: int) -> list[dict]:
+        """A round's calls into the log as `tool_call` events (ids made unique within the answer)."""
+        taken = {step["data"]["id"] for step in answer.steps if step["type"] == "tool_call"}
+        made = []
+        for call in calls:
+            call_id = call.id if call.id not in taken else f"call_{uuid.uuid4().hex[:24]}"
+            taken.add(call_id)
+            data = {"id": call_id, "name": call.name, "arguments": call.arguments, "round": round_}
+            spec = offer.server.get(call.name)
+            if spec is not None:
+                data.update(server=spec.server, tool=spec.tool)
+            answer.step("tool_call", data)
+            made.append(data)
+        answer.calls += len(made)
+        self.checkpoint_soon()
+        return made
+
+    async def _tool_round(self, answer: Answer, calls: list[ToolCall], offer: Offer, round_: int) -> list[dict]:
+        """Run a round's calls: the server's tools at once, each result into the log as it comes;
+        the app's own tools are left to the app (the answer ends waiting for them). The messages
+        that tell the model what it called and what came back."""
+        started = time.monotonic()
+        answer.rounds += 1
+        answer.move(Phase.TOOLS)
+        made = self._calls(answer, calls, offer, round_)
+        ran = [data for data in made if data["name"] not in offer.client]
+        results: dict[str, ToolOutcome] = {}
+
+        async def run(data: dict) -> None:
+            if data["name"] in offer.server:
+                outcome = await self.toolbox.run(data["name"], data["arguments"], answer.owner)
+            else:
+                self.toolbox.count("-", "-", "unknown_tool")
+                outcome = ToolOutcome(None, f"There is no tool named '{data['name']}'.", 0, "unknown_tool")
+            results[data["id"]] = outcome
+            said = {"content": outcome.content} if outcome.error is None else {"error": outcome.error}
+            answer.step(
+                "tool_result",
+                {"id": data["id"], **said, "duration_ms": outcome.duration_ms, "outcome": outcome.outcome},
+            )
+            self.checkpoint_soon()
+
+        tasks = [asyncio.ensure_future(run(data)) for data in ran]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # stopped, or shutting down: the calls still running are cancelled
+            for task in tasks:
+                task.cancel()
+            answer.tool_seconds += time.monotonic() - started
+        answer.pending_calls = [
+            {"id": d["id"], "name": d["name"], "arguments": d["arguments"]} for d in made if d["name"] in offer.client
+        ] or None
+        for _ in answer.pending_calls or ():
+            self.toolbox.count("client", "-", "sent")  # to the app, which runs it
+        answer.move(Phase.RUNNING)
+        round_text = self._round_text(answer, made)
+        kept = [d for d in made if d["id"] in results]
+        if not kept:
+            return []
+        history = [{"role": "assistant", "content": round_text, "tool_calls": [history_call(d) for d in kept]}]
+        return history + [tool_message(d["id"], results[d["id"]].content, results[d["id"]].error) for d in kept]
+
+    def _round_text(self, answer: Answer, made: list[dict]) -> str:
+        """The text the model said in this round, before its calls."""
+        first = next(step for step in answer.steps if step["type"] == "tool_call" and step["data"] is made[0])
+        before = 0
+        for step in answer.steps:
+            if step is first:
+                break
+            if step["type"] == "tool_result" or step["type"] == "tool_call":
+                before = step["text"]
+        return answer.full_text[before : first["text"]]
 
     def _relay(self, answer: Answer, delta: Delta) -> bool:
         """One delta into the answer's log; False once the answer is as long as it may be."""
@@ -3161,15 +3516,23 @@ class Relay:
         """The one checkpoint writer: every CHATSVC_CHECKPOINT_SECONDS, the new text of every running
         answer in one write. A slow or failing database delays this, never the relay."""
         while True:
-            await asyncio.sleep(self.settings.checkpoint_seconds)
-            due = [
-                a
-                for a in self.registry.running_answers()
-                if (a.phase is Phase.RUNNING or a.phase is Phase.STOPPING) and len(a.log) > a.saved_seq
-            ]
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._soon.wait(), self.settings.checkpoint_seconds)
+            self._soon.clear()
+            due = [a for a in self.registry.running_answers() if a.phase in WRITING and len(a.log) > a.saved_seq]
             if not due:
                 continue
-            batch = [Checkpoint(a.message_id, a.full_text, a.full_reasoning, len(a.log)) for a in due]
+            batch = [
+                Checkpoint(
+                    a.message_id,
+                    a.full_text,
+                    a.full_reasoning,
+                    len(a.log),
+                    steps=a.stored_steps() if len(a.steps) > a.saved_steps else None,
+                )
+                for a in due
+            ]
+            counts = [len(a.steps) for a in due]
             try:
                 await self.store.answers.checkpoint(batch)
             except StorageUnavailable as exc:
@@ -3180,8 +3543,12 @@ class Relay:
                     exc.detail,
                 )
                 continue
-            for answer, checkpoint in zip(due, batch, strict=True):
-                answer.saved_seq = checkpoint.seq
+            for answer, checkpoint, count in zip(due, batch, counts, strict=True):
+                answer.saved_seq, answer.saved_steps = checkpoint.seq, count
+
+    def checkpoint_soon(self) -> None:
+        """A step was made: the checkpoint writer stores it now (within one write, not one interval)."""
+        self._soon.set()
 
     # ── finish
 
@@ -3204,7 +3571,13 @@ class Relay:
             self.spawn(self._store_later(answer, final))
         answer.emit(
             *final_event(
-                answer.message_id, answer.status, answer.full_text, answer.finish_reason, answer.usage, answer.error
+                answer.message_id,
+                answer.status,
+                answer.full_text,
+                answer.finish_reason,
+                answer.usage,
+                answer.error,
+                answer.pending_calls,
             )
         )
         answer.end()
@@ -3778,15 +4151,30 @@ class Replicas:
             mirror.append(sse_event(event_id(mirror.message_id, 0), {"type": "start", "data": data}))
         if covered <= len(mirror.log):
             return
-        last_id = event_id(mirror.message_id, covered - 1)
         content, reasoning = row["content"] or "", row["reasoning_content"] or ""
+        steps = json.loads(row["tool_steps"]) if row["tool_steps"] else []
+        for step in steps:  # the text said before each step, in one event just before it; then the step
+            if len(mirror.log) <= step["seq"] < covered:
+                self._fill_text(mirror, step["seq"] - 1, content[: step["text"]], reasoning[: step["reasoning"]])
+                mirror.log.extend([b""] * (step["seq"] - len(mirror.log)))
+                mirror.append(
+                    sse_event(event_id(mirror.message_id, step["seq"]), {"type": step["type"], "data": step["data"]})
+                )
+        self._fill_text(mirror, covered - 1, content, reasoning)
+
+    @staticmethod
+    def _fill_text(mirror: Mirror, seq: int, content: str, reasoning: str) -> None:
+        """The text a mirror lacks up to event `seq`, as one event with that id (empty places before it)."""
+        if seq < len(mirror.log):
+            return
+        last_id = event_id(mirror.message_id, seq)
         missing = b""
         if reasoning[mirror.reasoning_chars :]:
             missing += delta_event(last_id, "reasoning", reasoning[mirror.reasoning_chars :])
         if content[mirror.text_chars :]:
             missing += delta_event(last_id, "chunk", content[mirror.text_chars :])
         mirror.text_chars, mirror.reasoning_chars = len(content), len(reasoning)
-        mirror.log.extend([b""] * (covered - 1 - len(mirror.log)))
+        mirror.log.extend([b""] * (seq - len(mirror.log)))
         mirror.append(missing)
 
     async def _end_from_store(self, mirror: Mirror, row: dict | None = None) -> None:
@@ -4086,6 +4474,12 @@ class ChatRequest:
     parent_id: str | None = None  # the new message follows this answer
     edit: str | None = None  # the new message replaces this user message (becomes its sibling)
     regenerate: str | None = None  # a new answer to the question this answer answered
+    # tools: the app's own (OpenAI function format), which MCP servers' tools are offered (True: all),
+    # tool_choice as the model service takes it, and a turn of the app's results instead of a message
+    tools: list[dict] | None = None
+    server_tools: bool | list[str] = True
+    tool_choice: Any = None
+    tool_results: list[dict] | None = None
 
 
 CHAT_FIELDS = (
@@ -4098,7 +4492,92 @@ CHAT_FIELDS = (
     "parent_id",
     "edit",
     "regenerate",
+    "tools",
+    "tool_choice",
+    "server_tools",
+    "tool_results",
 )
+MAX_CLIENT_TOOLS = 128  # a request's own tools, at most
+FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # the model API's rule for a function's name
+TOOL_SCHEMA_CHARS = 100_000  # a request's own tools' definitions, as JSON, at most
+
+
+def parse_tools(body: dict) -> list[dict] | None:
+    """The request's own tools, each `{"type": "function", "function": {"name", "description"?,
+    "parameters"?}}`, passed to the model as given (nothing but these keys)."""
+    tools = body.get("tools")
+    if tools is None:
+        return None
+    if not isinstance(tools, list) or len(tools) > MAX_CLIENT_TOOLS:
+        raise invalid(f"'tools' must be a list of at most {MAX_CLIENT_TOOLS} tools.")
+    kept, names = [], set()
+    for n, tool in enumerate(tools):
+        where = f"'tools[{n}]'"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise invalid(f'{where} must be {{"type": "function", "function": {{"name", "parameters"}}}}.')
+        function = tool["function"]
+        name = function.get("name")
+        if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+            raise invalid(f"{where}.function.name must be 1 to 64 letters, digits, '_' or '-' (the model API's rule).")
+        if name in names:
+            raise invalid(f"{where}.function.name '{name}' is given twice.")
+        names.add(name)
+        entry: dict[str, Any] = {"name": name}
+        if function.get("description") is not None:
+            if not isinstance(function["description"], str):
+                raise invalid(f"{where}.function.description must be a string.")
+            entry["description"] = function["description"]
+        if function.get("parameters") is not None:
+            if not isinstance(function["parameters"], dict):
+                raise invalid(f"{where}.function.parameters must be a JSON Schema object.")
+            entry["parameters"] = function["parameters"]
+        kept.append({"type": "function", "function": entry})
+    if len(json.dumps(kept, ensure_ascii=False)) > TOOL_SCHEMA_CHARS:
+        raise invalid(f"'tools' is longer than {TOOL_SCHEMA_CHARS} characters as JSON.")
+    return kept
+
+
+def parse_tool_choice(body: dict) -> Any:
+    choice = body.get("tool_choice")
+    if choice is None or (isinstance(choice, str) and choice in ("auto", "none", "required")):
+        return choice
+    function = choice.get("function") if isinstance(choice, dict) else None
+    if isinstance(function, dict) and choice.get("type") == "function" and isinstance(function.get("name"), str):
+        return {"type": "function", "function": {"name": function["name"]}}
+    raise invalid(
+        """'tool_choice' must be "auto", "none", "required" or {"type": "function", "function": {"name": ...}}."""
+    )
+
+
+def parse_server_tools(body: dict) -> bool | list[str]:
+    value = body.get("server_tools", True)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, list) and all(isinstance(name, str) for name in value):
+        return list(dict.fromkeys(value))
+    raise invalid("'server_tools' must be true (all the MCP servers' tools), false (none), or a list of their names.")
+
+
+def parse_tool_results(settings: Settings, body: dict) -> list[dict] | None:
+    """A turn of the app's tool results: `[{"tool_call_id", "content"}, ...]`, one per call."""
+    results = body.get("tool_results")
+    if results is None:
+        return None
+    if not isinstance(results, list) or not results or len(results) > MAX_CLIENT_TOOLS:
+        raise invalid(f"'tool_results' must be a list of 1 to {MAX_CLIENT_TOOLS} results.")
+    kept = []
+    for n, result in enumerate(results):
+        where = f"tool_results[{n}]"
+        if not isinstance(result, dict) or set(result) - {"tool_call_id", "content"}:
+            raise invalid(f'\'{where}\' must be {{"tool_call_id", "content"}}.')
+        call_id, content = result.get("tool_call_id"), result.get("content")
+        if not isinstance(call_id, str) or not call_id or len(call_id) > 200:
+            raise invalid(f"'{where}.tool_call_id' must be the id of a call (a string).")
+        if not isinstance(content, str):
+            raise invalid(f"'{where}.content' must be a string (the result's text; JSON as text).")
+        storable(f"{where}.content", content, settings.max_message_chars)
+        kept.append({"tool_call_id": storable(f"{where}.tool_call_id", call_id, 200), "content": content})
+    return kept
 
 
 def parse_chat(settings: Settings, body: dict) -> ChatRequest:
@@ -4107,7 +4586,11 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
     if sum(value is not None for value in places.values()) > 1:
         raise invalid("At most one of 'parent_id', 'edit' and 'regenerate' may be given.")
     message = body.get("message")
-    if places["regenerate"] is not None:
+    tool_results = parse_tool_results(settings, body)
+    if tool_results is not None:
+        if message is not None or places["regenerate"] is not None:
+            raise invalid("'tool_results' is a turn of its own: leave 'message' and 'regenerate' out.")
+    elif places["regenerate"] is not None:
         if message is not None:
             raise invalid(
                 "'regenerate' answers the stored question again: leave 'message' out (to change the"
@@ -4137,6 +4620,10 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
         check_model(settings, body.get("model")),
         {k: v for k, v in options.items() if v is not None},
         **places,
+        tools=parse_tools(body),
+        server_tools=parse_server_tools(body),
+        tool_choice=parse_tool_choice(body),
+        tool_results=tool_results,
     )
 
 
@@ -4840,10 +5327,11 @@ async def start_answer(request: Request) -> Answer:
     chat = parse_chat(s, await read_json(request, s))
     if not s.dashscope_api_key:
         raise not_configured()
+    offer = make_offer(relay.toolbox, chat)
     relay.check_free(key)
     turn, messages = await plan_turn(st.store, s, key, chat)
     payload = {"model": turn.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
-    answer = await relay.admit(turn, {**payload, **chat.options})
+    answer = await relay.admit(turn, {**payload, **chat.options}, offer)
     answer.request_id = request.scope.get("request_id")
     return answer
 
@@ -4863,6 +5351,10 @@ async def chat(request: Request) -> Response:
         "model": answer.model,
         "finish_reason": answer.finish_reason,
     }
+    if answer.pending_calls:  # it waits for the app's own tools
+        reply["tool_calls"] = answer.pending_calls
+    if answer.steps:
+        reply["steps"] = [{"type": step["type"], "data": step["data"]} for step in answer.steps]
     return JSONResponse(reply if answer.usage is None else {**reply, "usage": answer.usage})  # usage: when reported
 
 
