@@ -4706,11 +4706,74 @@ def _markdown_html_escaped(line: str, spans: bool) -> tuple[str, bool]:
     return "".join(out), spans
 
 
+def markdown_code(text: str, info: str = "") -> list[str]:
+    """Text as a fenced code block, written as it is: the fence longer than any backtick run inside."""
+    code = _MD_LINE.split(text)
+    longest = max((len(run) for line in code for run in re.findall(r"`+", line)), default=0)
+    bar = "`" * max(3, longest + 1)
+    return [bar + info, *code, bar]
+
+
+def markdown_summary(text: str) -> str:
+    """Text on the one line of a `<summary>`: raw HTML there, so no tag or entity of its own."""
+    return " ".join(text.split()).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def markdown_tool_call(call: dict, result: dict | None) -> list[str]:
+    """One call of an answer, folded: its name and time, its arguments and its result (or error)."""
+    if result is None:
+        when = "answered by the app" if "server" not in call else "no result"
+    elif result.get("outcome", "ok") == "ok":
+        when = f"{result.get('duration_ms', 0)} ms"
+    else:
+        when = f"{result.get('outcome')}, {result.get('duration_ms', 0)} ms"
+    lines = [f"<details><summary>Tool: {markdown_summary(call['name'])} ({markdown_summary(when)})</summary>", ""]
+    lines += ["Arguments:", "", *markdown_code(call["arguments"], "json"), ""]
+    if result is not None:
+        name = "content" if "content" in result else "error"
+        lines += ["Result:" if name == "content" else "Error:", "", *markdown_code(result[name]), ""]
+    return [*lines, "</details>", ""]
+
+
+def markdown_answer(row: dict) -> list[str]:
+    """An answer's text, with its tool calls folded where they were made (after the text said before them)."""
+    steps = json.loads(row["tool_steps"]) if row.get("tool_steps") else []
+    results = {step["data"]["id"]: step["data"] for step in steps if step["type"] == "tool_result"}
+    lines: list[str] = []
+    said = 0
+    for step in steps:
+        if step["type"] != "tool_call":
+            continue
+        if step["text"] > said:
+            lines += [*markdown_block(row["content"][said : step["text"]]), ""]
+            said = step["text"]
+        lines += markdown_tool_call(step["data"], results.get(step["data"]["id"]))
+    if not steps or said < len(row["content"]):
+        lines += [*markdown_block(row["content"][said:]), ""]
+    return lines
+
+
+def markdown_tool_results(row: dict, before: dict | None) -> list[str]:
+    """A tool-results turn: each result folded, named by the call it answers (of the answer `before` it)."""
+    steps = json.loads(before["tool_steps"]) if before and before.get("tool_steps") else []
+    names = {step["data"]["id"]: step["data"]["name"] for step in steps if step["type"] == "tool_call"}
+    lines: list[str] = []
+    for entry in json.loads(row["tool_results"]):
+        name = names.get(entry["tool_call_id"], entry["tool_call_id"])
+        lines += [f"<details><summary>Result: {markdown_summary(name)}</summary>", ""]
+        lines += [*markdown_code(entry["content"]), "", "</details>", ""]
+    return lines
+
+
 def markdown_document(conversation: dict, branch: list[dict]) -> str:
     """The current branch as a document a person reads."""
     title = markdown_inline(conversation["title"] or conversation["session_id"])
     lines = [f"# {title}", "", f"*{len(branch)} messages, exported from chatsvc on {utcnow()[:10]}.*", ""]
-    for row in branch:
+    for n, row in enumerate(branch):
+        if row.get("tool_results") is not None:
+            lines += [f"## Tool results · {markdown_inline(row['created_at'][:16].replace('T', ' '))}", ""]
+            lines += markdown_tool_results(row, branch[n - 1] if n else None)
+            continue
         model = row["model"] and markdown_inline(row["model"])
         who = "User" if row["role"] == "user" else f"Assistant ({model})" if model else "Assistant"
         lines += [f"## {who} · {markdown_inline(row['created_at'][:16].replace('T', ' '))}", ""]
@@ -4723,7 +4786,7 @@ def markdown_document(conversation: dict, branch: list[dict]) -> str:
                 "</details>",
                 "",
             ]
-        lines += [*markdown_block(row["content"]), ""]
+        lines += markdown_answer(row)
         if row["status"] not in (COMPLETE,):
             error = f": {row['error_message']}" if row["error_message"] else ""
             lines += [f"*({markdown_inline(row['status'] + error)})*", ""]
