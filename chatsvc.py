@@ -531,6 +531,37 @@ def new_message_id(after: str = "") -> str:
     return f"{_last_id_us:014x}{uuid.uuid4().hex[:10]}"
 
 
+# An answer's tool steps (messages.tool_steps) and a tool-results turn's results (messages.tool_results)
+# are JSON text, written as json.dumps(..., ensure_ascii=False, separators=(",", ":")) writes it (see
+# CONTRACT.md, "Tool calls in the store"). What no database stores, or no reader can be sent as UTF-8:
+# NUL, escaped (`\u0000`, not after an escaping backslash) or not, and lone surrogates (which that
+# json.dumps writes as they are).
+_UNSTORABLE_JSON = re.compile(r"[\x00\ud800-\udfff]|(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def storable_json(text: str | None) -> str | None:
+    """JSON text as it can be stored and read back: NUL and lone surrogates in it become U+FFFD."""
+    if text is None:
+        return None
+    return _UNSTORABLE_JSON.sub(lambda m: (m[1] or "") + "\ufffd", text)
+
+
+def pending_tool_calls(steps: list[dict]) -> list[dict]:
+    """The calls an answer that ended with finish_reason "tool_calls" waits on the app for: the
+    tool_call steps of its last round that are not a server tool's and have no result among the
+    steps, as [{"id", "name", "arguments"}], in the order they were made."""
+    calls = [step["data"] for step in steps if step.get("type") == "tool_call"]
+    if not calls:
+        return []
+    last = max(call.get("round", 0) for call in calls)
+    answered = {step["data"].get("id") for step in steps if step.get("type") == "tool_result"}
+    return [
+        {"id": call["id"], "name": call["name"], "arguments": call["arguments"]}
+        for call in calls
+        if call.get("round", 0) == last and "server" not in call and call["id"] not in answered
+    ]
+
+
 # ── Database: its connections and their roles, transactions and faults ─────────────────
 
 SQLITE_BUSY_MS = 5000  # how long a statement waits for another process's write lock
@@ -1243,13 +1274,20 @@ MESSAGE_PAGE_BYTES = 1_048_576  # GET .../messages: a page's messages stop at th
 
 _MESSAGE_COLUMNS = (
     "id, parent_id, role, content, reasoning_content, status, model, finish_reason, error_code,"
-    " error_message, prompt_tokens, completion_tokens, total_tokens, last_seq, created_at"
+    " error_message, prompt_tokens, completion_tokens, total_tokens, last_seq, created_at, tool_steps, tool_results"
 )
 _MESSAGE_COLUMN_NAMES = tuple(_MESSAGE_COLUMNS.split(", "))
 _M_COLUMNS = ", ".join("m." + name for name in _MESSAGE_COLUMN_NAMES)
-# A message's text in characters (a page's read stops at a size: see MESSAGE_PAGE_BYTES)
-_TEXT_CHARS = "length(content) + COALESCE(length(reasoning_content), 0)"
-_M_TEXT_CHARS = "length(m.content) + COALESCE(length(m.reasoning_content), 0)"
+# A message's text in characters, its tool steps and results included (a page's read stops at a size:
+# see MESSAGE_PAGE_BYTES)
+_TEXT_CHARS = (
+    "length(content) + COALESCE(length(reasoning_content), 0) + COALESCE(length(tool_steps), 0)"
+    " + COALESCE(length(tool_results), 0)"
+)
+_M_TEXT_CHARS = (
+    "length(m.content) + COALESCE(length(m.reasoning_content), 0) + COALESCE(length(m.tool_steps), 0)"
+    " + COALESCE(length(m.tool_results), 0)"
+)
 
 
 def _running_chars(rows: str, order: str) -> str:
@@ -1306,10 +1344,13 @@ class Turn:
     answer_id: str
     model: str
     question_id: str  # the user message the answer answers (the answer's parent)
-    question: str  # its text
+    question: str  # its text ('' for a tool-results turn)
     new_question: bool  # False for a regeneration: that user message exists
     parent_id: str | None  # a new user message's parent (None: a first message)
     title: str | None = None  # the conversation's title if it has none yet (CHATSVC_TITLES=off: None)
+    # a tool-results turn: the JSON text of its [{"tool_call_id", "content"}], stored on the new user
+    # row (whose `question` is then ''); None for a turn with a message
+    tool_results: str | None = None
 
 
 class Tree:
@@ -1330,18 +1371,22 @@ class Tree:
         it), and the path that leads to the new message, newest first: from the current leaf
         (`current`), or from message `start` (None: the new message is a first one), up to `limit`
         messages since the context start. It reads only that path, so its cost does not grow with the
-        conversation's size or the path's depth (bench/relay.py, scenario f)."""
+        conversation's size or the path's depth (bench/relay.py, scenario f). Each message of the path:
+        role, content, status, finish_reason, tool_steps and tool_results (JSON text or None)."""
         rows = await self.db.fetch_all(
-            "WITH RECURSIVE path (id, parent_id, role, content, status, depth, context_start) AS ("
-            " SELECT m.id, m.parent_id, m.role, m.content, m.status, 1, c.context_start FROM conversations c"
+            "WITH RECURSIVE path (id, parent_id, role, content, status, finish_reason, tool_steps, tool_results,"
+            " depth, context_start) AS ("
+            " SELECT m.id, m.parent_id, m.role, m.content, m.status, m.finish_reason, m.tool_steps, m.tool_results,"
+            " 1, c.context_start FROM conversations c"
             " JOIN messages m ON m.id = CASE WHEN :current THEN c.current_message_id ELSE :start END"
             " WHERE c.owner = :owner AND c.session_id = :sid AND m.owner = :owner AND m.session_id = :sid"
             " AND m.id > c.context_start"
-            " UNION ALL SELECT m.id, m.parent_id, m.role, m.content, m.status, p.depth + 1, p.context_start"
+            " UNION ALL SELECT m.id, m.parent_id, m.role, m.content, m.status, m.finish_reason, m.tool_steps,"
+            " m.tool_results, p.depth + 1, p.context_start"
             " FROM path p JOIN messages m ON m.id = p.parent_id WHERE p.depth < :limit AND m.id > p.context_start)"
             " SELECT c.system_prompt, c.model, c.title, c.current_message_id, c.context_start,"
             " (SELECT MAX(x.id) FROM messages x WHERE x.owner = :owner AND x.session_id = :sid) AS last_id,"
-            " p.role, p.content, p.status"
+            " p.role, p.content, p.status, p.finish_reason, p.tool_steps, p.tool_results"
             " FROM conversations c LEFT JOIN path p ON 1 = 1 WHERE c.owner = :owner AND c.session_id = :sid"
             " ORDER BY p.depth",
             {"owner": owner, "sid": session_id, "limit": limit, "start": start, "current": current},
@@ -1446,6 +1491,7 @@ class Tree:
                 "text": turn.question,
                 "parent": turn.parent_id,
                 "model": turn.model,
+                "results": storable_json(turn.tool_results),
             }
             await self.db.execute(
                 "INSERT INTO conversations (owner, session_id, title, title_source, current_message_id, created_at,"
@@ -1456,13 +1502,15 @@ class Tree:
                 " current_message_id = excluded.current_message_id",
                 {**values, "title": turn.title, "source": "first_line" if turn.title else None},
             )
-            rows = f"(:aid, :uid, :owner, :sid, 'assistant', '', 'streaming', :model, :now, {self.db.heartbeat_now})"
+            rows = (
+                f"(:aid, :uid, :owner, :sid, 'assistant', '', 'streaming', :model, :now, {self.db.heartbeat_now}, NULL)"
+            )
             if turn.new_question:
-                rows = f"(:uid, :parent, :owner, :sid, 'user', :text, 'complete', NULL, :now, :now), {rows}"
+                rows = f"(:uid, :parent, :owner, :sid, 'user', :text, 'complete', NULL, :now, :now, :results), {rows}"
             try:
                 await self.db.execute(
                     "INSERT INTO messages (id, parent_id, owner, session_id, role, content, status, model,"
-                    f" created_at, updated_at) VALUES {rows}",
+                    f" created_at, updated_at, tool_results) VALUES {rows}",
                     values,
                 )
             except Exception as exc:
@@ -1581,15 +1629,16 @@ COPY_CHUNK_CHARS = 1_000_000
 STAGED_OWNER = "\x01staged"
 
 _INTEGER_COLUMNS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "last_seq"})
+_TOOL_COLUMNS = ("tool_steps", "tool_results")  # JSON text, counted with the text
 
 
 def _copy_chunks(rows: list[dict]) -> Iterator[list[dict]]:
-    """`rows` in order, at most COPY_CHUNK_MESSAGES messages and COPY_CHUNK_CHARS characters of text a
-    chunk (a single longer message is a chunk of its own)."""
+    """`rows` in order, at most COPY_CHUNK_MESSAGES messages and COPY_CHUNK_CHARS characters of text
+    (tool steps and results included) a chunk (a single longer message is a chunk of its own)."""
     chunk: list[dict] = []
     chars = 0
     for row in rows:
-        size = len(row["content"]) + len(row["reasoning_content"] or "")
+        size = len(row["content"]) + sum(len(row[name] or "") for name in ("reasoning_content", *_TOOL_COLUMNS))
         if chunk and (len(chunk) == COPY_CHUNK_MESSAGES or chars + size > COPY_CHUNK_CHARS):
             yield chunk
             chunk, chars = [], 0
@@ -1635,7 +1684,8 @@ class Copies:
 
     async def fork(self, owner: str, session_id: str, message_id: str, new_session_id: str, title: str | None) -> bool:
         """A new conversation holding copies of the path from the root to this message (new ids; the
-        same texts, usage, statuses and times; what was out of the context stays out). False if
+        same texts, tool steps and results, usage, statuses and times; what was out of the context
+        stays out). False if
         `new_session_id` exists."""
         scope = {"owner": owner, "sid": session_id}
         source = await self.db.fetch_one(
@@ -1890,6 +1940,9 @@ class Checkpoint:
     content: str
     reasoning: str | None
     seq: int
+    # the JSON text of all its tool steps so far; None: unchanged since the last checkpoint (the
+    # stored tool_steps stay as they are)
+    steps: str | None = None
 
 
 @dataclass
@@ -1904,6 +1957,7 @@ class FinalState:
     error_code: str | None
     error_message: str | None
     last_seq: int
+    steps: str | None = None  # the JSON text of all its tool steps (None: it has none)
 
 
 class AnswerRows:
@@ -1956,20 +2010,24 @@ class AnswerRows:
         A row's heartbeat is when it is written: the time once there is a connection (PostgreSQL: the
         server's clock, as it writes the row)."""
         sql = (
-            "UPDATE messages SET content = $1, reasoning_content = $2, last_seq = $3, updated_at = {}"
-            " WHERE id = {} AND status = 'streaming'"
+            "UPDATE messages SET content = $1, reasoning_content = $2, last_seq = $3,"
+            " tool_steps = COALESCE($4, tool_steps), updated_at = {} WHERE id = {} AND status = 'streaming'"
         )
         if self.db.is_sqlite:
 
             def rows() -> list[tuple]:
                 now = utcnow()
-                return [(cp.content, cp.reasoning, cp.seq, now, cp.answer_id) for cp in checkpoints]
+                return [
+                    (cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), now, cp.answer_id) for cp in checkpoints
+                ]
 
-            await self.db.execute_many(sql.format("$4", "$5"), rows, BACKGROUND)
+            await self.db.execute_many(sql.format("$5", "$6"), rows, BACKGROUND)
         else:
             await self.db.execute_many(
-                sql.format(PG_NOW, "$4"),
-                lambda: [(cp.content, cp.reasoning, cp.seq, cp.answer_id) for cp in checkpoints],
+                sql.format(PG_NOW, "$5"),
+                lambda: [
+                    (cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), cp.answer_id) for cp in checkpoints
+                ],
                 BACKGROUND,
             )
 
@@ -1980,8 +2038,8 @@ class AnswerRows:
         row = await self.db.fetch_one(
             "UPDATE messages SET content = :content, reasoning_content = :reasoning, status = :status,"
             " finish_reason = :finish_reason, error_code = :error_code, error_message = :error_message,"
-            " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,"
-            f" total_tokens = :total_tokens, last_seq = :last_seq, updated_at = {self.db.heartbeat_now}"
+            " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens, total_tokens = :total_tokens,"
+            f" last_seq = :last_seq, tool_steps = :steps, updated_at = {self.db.heartbeat_now}"
             " WHERE id = :id AND status = 'streaming' RETURNING id",
             {
                 "content": final.content,
@@ -1994,6 +2052,7 @@ class AnswerRows:
                 "completion_tokens": usage.get("completion_tokens"),
                 "total_tokens": usage.get("total_tokens"),
                 "last_seq": final.last_seq,
+                "steps": storable_json(final.steps),
                 "now": utcnow(),
                 "id": answer_id,
             },
@@ -4632,7 +4691,10 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
 # .../import reads back into a new conversation. The import checks every field before anything is
 # written: the first bad one is a 422 naming its path in the file (`messages[3].usage.total_tokens`).
 
-EXPORT_FORMAT, EXPORT_VERSION = "chatsvc.conversation", 1
+EXPORT_FORMAT, EXPORT_VERSION = "chatsvc.conversation", 2
+# Version 1: no tool fields (its messages have none). Version 2: each message's last_seq, tool_steps and
+# tool_results. An older chatsvc refuses a version 2 file rather than lose the steps.
+IMPORT_VERSIONS = (1, 2)
 IMPORT_MAX_MESSAGES = 100_000
 IMPORTED_STATUSES = (COMPLETE, STOPPED, INTERRUPTED, FAILED, STREAMING)  # streaming: stored as interrupted
 EXPORTED_WHILE_WRITTEN = "This answer was being written when it was exported; it holds what had been written by then."
@@ -4663,7 +4725,25 @@ FILE_MESSAGE_FIELDS = (
     "usage",
     "created_at",
     "in_context",
+    "last_seq",
+    "tool_steps",
+    "tool_results",
 )
+TOOL_STEP_FIELDS = ("type", "seq", "text", "reasoning", "data")
+TOOL_CALL_FIELDS = ("id", "name", "arguments", "round", "server", "tool")
+TOOL_RESULT_FIELDS = ("id", "content", "error", "duration_ms", "outcome")
+TOOL_OUTCOMES = ("ok", "error", "timeout", "unavailable", "bad_arguments", "unknown_tool")
+TOOL_RESULT_ENTRY_FIELDS = ("tool_call_id", "content")
+
+
+def stored_json(text: str | None) -> Any:
+    """A tool column's JSON text as its value (None stays None)."""
+    return None if text is None else json.loads(text)
+
+
+def json_column(value: Any) -> str | None:
+    """A tool column's value as the JSON text it is stored as (None stays None)."""
+    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def exported_message(row: dict, context_start: str) -> dict:
@@ -4680,6 +4760,9 @@ def exported_message(row: dict, context_start: str) -> dict:
         "usage": row_usage(row),
         "created_at": row["created_at"],
         "in_context": row["id"] > context_start,
+        "last_seq": row["last_seq"],
+        "tool_steps": stored_json(row["tool_steps"]),
+        "tool_results": stored_json(row["tool_results"]),
     }
 
 
@@ -4768,10 +4851,12 @@ def field_moment(value: Any, path: str, optional: bool = True) -> str | None:
 def parse_import(settings: Settings, body: dict) -> ImportedConversation:
     """A file of GET .../export, every field checked; the first bad one is a 422 naming its path."""
     field_object(body, "", FILE_FIELDS)
-    if body.get("format") != EXPORT_FORMAT or body.get("version") != EXPORT_VERSION or type(body["version"]) is not int:
+    version = body.get("version")
+    if body.get("format") != EXPORT_FORMAT or version not in IMPORT_VERSIONS or type(version) is not int:
         bad_field(
             "format",
-            f"this is not a chatsvc conversation file (format {EXPORT_FORMAT!r}, version {EXPORT_VERSION}).",
+            f"this is not a chatsvc conversation file (format {EXPORT_FORMAT!r}, version"
+            f" {' or '.join(map(str, IMPORT_VERSIONS))}).",
         )
     conv = field_object(body.get("conversation"), "conversation", FILE_CONVERSATION_FIELDS)
     field_moment(body.get("exported_at"), "exported_at")
@@ -4789,7 +4874,12 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
     if len(messages) > IMPORT_MAX_MESSAGES:
         bad_field("messages", f"more than {IMPORT_MAX_MESSAGES} messages.")
     seen: dict[str, str] = {}  # the role of each message so far
-    rows = [imported_message(settings, message, f"messages[{n}]", seen) for n, message in enumerate(messages)]
+    pending: dict[str, list[str]] = {}  # the calls each answer that ended "tool_calls" waits on
+    fields = FILE_MESSAGE_FIELDS if version >= 2 else FILE_MESSAGE_FIELDS[: FILE_MESSAGE_FIELDS.index("last_seq")]
+    rows = [
+        imported_message(settings, message, f"messages[{n}]", seen, pending, fields)
+        for n, message in enumerate(messages)
+    ]
     current = conv.get("current_message_id")
     if current is not None and not (isinstance(current, str) and current in seen):
         bad_field("conversation.current_message_id", "must be null or the id of a message of the file.")
@@ -4803,10 +4893,19 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
     )
 
 
-def imported_message(settings: Settings, message: Any, path: str, seen: dict[str, str]) -> dict:
+def imported_message(
+    settings: Settings,
+    message: Any,
+    path: str,
+    seen: dict[str, str],
+    pending: dict[str, list[str]] | None = None,
+    fields: tuple[str, ...] = FILE_MESSAGE_FIELDS,
+) -> dict:
     """The row of the file's message at `path`, checked against the messages before it (`seen`, the
-    role of each by its id), which it then joins."""
-    m = field_object(message, path, FILE_MESSAGE_FIELDS)
+    role of each by its id; `pending`, the ids of the calls each answer that ended "tool_calls" waits
+    on), which it then joins. `fields`: those the file's version has."""
+    pending = {} if pending is None else pending
+    m = field_object(message, path, fields)
     message_id = field_text(m.get("id"), f"{path}.id", 128, optional=False)
     if not message_id:
         bad_field(f"{path}.id", "must not be empty.")
@@ -4840,28 +4939,150 @@ def imported_message(settings: Settings, message: Any, path: str, seen: dict[str
     usage = imported_usage(m.get("usage"), f"{path}.usage")
     if not isinstance(m.get("in_context", True), bool):
         bad_field(f"{path}.in_context", "must be true or false.")
+    last_seq = m.get("last_seq")
+    if last_seq is not None and (type(last_seq) is not int or not 0 <= last_seq <= MAX_TOKENS_STORED):
+        bad_field(f"{path}.last_seq", f"must be a whole number from 0 to {MAX_TOKENS_STORED}, or null.")
+    content = field_text(m.get("content"), f"{path}.content", settings.max_answer_chars, optional=False)
+    reasoning = field_text(m.get("reasoning_content"), f"{path}.reasoning_content", settings.max_answer_chars)
+    steps = imported_steps(settings, m.get("tool_steps"), path, role, last_seq, content or "", reasoning or "")
+    results = imported_results(settings, m.get("tool_results"), path, role, content, parent_id, pending)
+    finish_reason = field_text(m.get("finish_reason"), f"{path}.finish_reason", 64)
     row = {
         "id": message_id,
         "parent_id": parent_id,
         "role": m["role"],
-        "content": field_text(m.get("content"), f"{path}.content", settings.max_answer_chars, optional=False),
-        "reasoning_content": field_text(
-            m.get("reasoning_content"), f"{path}.reasoning_content", settings.max_answer_chars
-        ),
+        "content": content,
+        "reasoning_content": reasoning,
         "status": status,
         "model": field_text(m.get("model"), f"{path}.model", 200),
-        "finish_reason": field_text(m.get("finish_reason"), f"{path}.finish_reason", 64),
+        "finish_reason": finish_reason,
         "error_code": error and error["code"],
         "error_message": error and error.get("message"),
         "prompt_tokens": usage.get("prompt_tokens"),
         "completion_tokens": usage.get("completion_tokens"),
         "total_tokens": usage.get("total_tokens"),
-        "last_seq": None,
+        "last_seq": last_seq,
         "created_at": field_moment(m.get("created_at"), f"{path}.created_at", optional=False),
         "in_context": m.get("in_context", True),
+        "tool_steps": json_column(steps),
+        "tool_results": json_column(results),
     }
     seen[message_id] = role
+    if role == "assistant" and finish_reason == "tool_calls":
+        pending[message_id] = [call["id"] for call in pending_tool_calls(steps or [])]
     return row
+
+
+def field_count(value: Any, path: str, low: int, high: int, what: str = "") -> int:
+    """A whole number from `low` to `high` (`what` says what bounds it, when that is not plain)."""
+    if type(value) is not int or not low <= value <= high:
+        bad_field(path, what or f"must be a whole number from {low} to {high}.")
+    return value
+
+
+def imported_steps(
+    settings: Settings, steps: Any, path: str, role: str, last_seq: int | None, content: str, reasoning: str
+) -> list[dict] | None:
+    """A message's `tool_steps`, checked field by field: an answer's calls and results in event order,
+    each within the answer's events (`seq` below its last_seq) and text (`text`, `reasoning`), a
+    result answering an earlier call of the answer."""
+    if steps is None:
+        return None
+    path = f"{path}.tool_steps"
+    if not isinstance(steps, list):
+        bad_field(path, "must be a list or null.")
+    if role != "assistant":
+        bad_field(path, "must be null: only an answer has tool steps.")
+    if steps and last_seq is None:
+        bad_field(f"{path[: -len('.tool_steps')]}.last_seq", "must be a whole number above each tool step's seq.")
+    calls: set[str] = set()
+    answered: set[str] = set()
+    before = {"seq": -1, "text": 0, "reasoning": 0}
+    for n, step in enumerate(steps):
+        at = f"{path}[{n}]"
+        field_object(step, at, TOOL_STEP_FIELDS)
+        for name in TOOL_STEP_FIELDS:
+            if name not in step:
+                bad_field(f"{at}.{name}", "is required.")
+        if step["type"] not in ("tool_call", "tool_result"):
+            bad_field(f"{at}.type", "must be 'tool_call' or 'tool_result'.")
+        assert last_seq is not None
+        field_count(step["seq"], f"{at}.seq", before["seq"] + 1, last_seq - 1,
+                    f"must be a whole number above the seq of the step before it and below the message's"
+                    f" last_seq ({last_seq}).")  # fmt: skip
+        field_count(step["text"], f"{at}.text", before["text"], len(content),
+                    f"must be a whole number from the text of the step before it ({before['text']}) to the"
+                    f" length of the message's content ({len(content)}).")  # fmt: skip
+        field_count(step["reasoning"], f"{at}.reasoning", before["reasoning"], len(reasoning),
+                    f"must be a whole number from the reasoning of the step before it ({before['reasoning']}) to"
+                    f" the length of the message's reasoning_content ({len(reasoning)}).")  # fmt: skip
+        before = {name: step[name] for name in before}
+        data, where = step["data"], f"{at}.data"
+        field_object(data, where, TOOL_CALL_FIELDS if step["type"] == "tool_call" else TOOL_RESULT_FIELDS)
+        call_id = field_text(data.get("id"), f"{where}.id", 200, optional=False)
+        if not call_id:
+            bad_field(f"{where}.id", "must not be empty.")
+        if step["type"] == "tool_call":
+            if call_id in calls:
+                bad_field(f"{where}.id", "is the id of an earlier call of this answer.")
+            calls.add(call_id)
+            if not field_text(data.get("name"), f"{where}.name", 200, optional=False):
+                bad_field(f"{where}.name", "must not be empty.")
+            field_text(data.get("arguments"), f"{where}.arguments", settings.max_answer_chars, optional=False)
+            field_count(data.get("round"), f"{where}.round", 1, MAX_TOKENS_STORED)
+            if ("server" in data) != ("tool" in data):
+                bad_field(f"{where}.{'tool' if 'server' in data else 'server'}", "must be given with the other.")
+            for name in ("server", "tool"):
+                if name in data and not field_text(data[name], f"{where}.{name}", 200, optional=False):
+                    bad_field(f"{where}.{name}", "must not be empty.")
+            continue
+        if call_id not in calls or call_id in answered:
+            bad_field(f"{where}.id", "must be the id of an earlier call of this answer that has no result yet.")
+        answered.add(call_id)
+        if ("content" in data) == ("error" in data):
+            bad_field(f"{where}.content", "a result has either a content or an error, a string.")
+        name = "content" if "content" in data else "error"
+        field_text(data[name], f"{where}.{name}", settings.max_answer_chars, optional=False)
+        field_count(data.get("duration_ms"), f"{where}.duration_ms", 0, MAX_TOKENS_STORED)
+        if data.get("outcome") not in TOOL_OUTCOMES:
+            bad_field(f"{where}.outcome", f"must be one of {', '.join(TOOL_OUTCOMES)}.")
+    return steps
+
+
+def imported_results(
+    settings: Settings,
+    results: Any,
+    path: str,
+    role: str,
+    content: str | None,
+    parent_id: str | None,
+    pending: dict[str, list[str]],
+) -> list[dict] | None:
+    """A tool-results turn's `tool_results`, checked: a user message with no content that answers each
+    call its parent answer (which ended "tool_calls") waits on, once."""
+    if results is None:
+        return None
+    path = f"{path}.tool_results"
+    if not isinstance(results, list) or not results:
+        bad_field(path, "must be a list of at least one result, or null.")
+    if role != "user" or content != "":
+        bad_field(path, "must be null but on a user message whose content is empty (a tool-results turn).")
+    if parent_id not in pending:
+        bad_field(path, 'must answer the calls of its parent, an answer that ended with finish_reason "tool_calls".')
+    waiting = pending[parent_id]
+    given: list[str] = []
+    for n, entry in enumerate(results):
+        at = f"{path}[{n}]"
+        field_object(entry, at, TOOL_RESULT_ENTRY_FIELDS)
+        call_id = field_text(entry.get("tool_call_id"), f"{at}.tool_call_id", 200, optional=False)
+        if call_id not in waiting or call_id in given:
+            bad_field(f"{at}.tool_call_id", "must be the id of a call its parent waits on, given once.")
+        given.append(call_id)
+        field_text(entry.get("content"), f"{at}.content", settings.max_answer_chars, optional=False)
+    if len(given) != len(waiting):
+        missing = next(call_id for call_id in waiting if call_id not in given)
+        bad_field(path, f"must answer every call its parent waits on; {json.dumps(missing)} has no result.")
+    return results
 
 
 def imported_usage(usage: Any, path: str) -> dict:
@@ -4972,11 +5193,74 @@ def _markdown_html_escaped(line: str, spans: bool) -> tuple[str, bool]:
     return "".join(out), spans
 
 
+def markdown_code(text: str, info: str = "") -> list[str]:
+    """Text as a fenced code block, written as it is: the fence longer than any backtick run inside."""
+    code = _MD_LINE.split(text)
+    longest = max((len(run) for line in code for run in re.findall(r"`+", line)), default=0)
+    bar = "`" * max(3, longest + 1)
+    return [bar + info, *code, bar]
+
+
+def markdown_summary(text: str) -> str:
+    """Text on the one line of a `<summary>`: raw HTML there, so no tag or entity of its own."""
+    return " ".join(text.split()).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def markdown_tool_call(call: dict, result: dict | None) -> list[str]:
+    """One call of an answer, folded: its name and time, its arguments and its result (or error)."""
+    if result is None:
+        when = "answered by the app" if "server" not in call else "no result"
+    elif result.get("outcome", "ok") == "ok":
+        when = f"{result.get('duration_ms', 0)} ms"
+    else:
+        when = f"{result.get('outcome')}, {result.get('duration_ms', 0)} ms"
+    lines = [f"<details><summary>Tool: {markdown_summary(call['name'])} ({markdown_summary(when)})</summary>", ""]
+    lines += ["Arguments:", "", *markdown_code(call["arguments"], "json"), ""]
+    if result is not None:
+        name = "content" if "content" in result else "error"
+        lines += ["Result:" if name == "content" else "Error:", "", *markdown_code(result[name]), ""]
+    return [*lines, "</details>", ""]
+
+
+def markdown_answer(row: dict) -> list[str]:
+    """An answer's text, with its tool calls folded where they were made (after the text said before them)."""
+    steps = json.loads(row["tool_steps"]) if row.get("tool_steps") else []
+    results = {step["data"]["id"]: step["data"] for step in steps if step["type"] == "tool_result"}
+    lines: list[str] = []
+    said = 0
+    for step in steps:
+        if step["type"] != "tool_call":
+            continue
+        if step["text"] > said:
+            lines += [*markdown_block(row["content"][said : step["text"]]), ""]
+            said = step["text"]
+        lines += markdown_tool_call(step["data"], results.get(step["data"]["id"]))
+    if not steps or said < len(row["content"]):
+        lines += [*markdown_block(row["content"][said:]), ""]
+    return lines
+
+
+def markdown_tool_results(row: dict, before: dict | None) -> list[str]:
+    """A tool-results turn: each result folded, named by the call it answers (of the answer `before` it)."""
+    steps = json.loads(before["tool_steps"]) if before and before.get("tool_steps") else []
+    names = {step["data"]["id"]: step["data"]["name"] for step in steps if step["type"] == "tool_call"}
+    lines: list[str] = []
+    for entry in json.loads(row["tool_results"]):
+        name = names.get(entry["tool_call_id"], entry["tool_call_id"])
+        lines += [f"<details><summary>Result: {markdown_summary(name)}</summary>", ""]
+        lines += [*markdown_code(entry["content"]), "", "</details>", ""]
+    return lines
+
+
 def markdown_document(conversation: dict, branch: list[dict]) -> str:
     """The current branch as a document a person reads."""
     title = markdown_inline(conversation["title"] or conversation["session_id"])
     lines = [f"# {title}", "", f"*{len(branch)} messages, exported from chatsvc on {utcnow()[:10]}.*", ""]
-    for row in branch:
+    for n, row in enumerate(branch):
+        if row.get("tool_results") is not None:
+            lines += [f"## Tool results · {markdown_inline(row['created_at'][:16].replace('T', ' '))}", ""]
+            lines += markdown_tool_results(row, branch[n - 1] if n else None)
+            continue
         model = row["model"] and markdown_inline(row["model"])
         who = "User" if row["role"] == "user" else f"Assistant ({model})" if model else "Assistant"
         lines += [f"## {who} · {markdown_inline(row['created_at'][:16].replace('T', ' '))}", ""]
@@ -4989,7 +5273,7 @@ def markdown_document(conversation: dict, branch: list[dict]) -> str:
                 "</details>",
                 "",
             ]
-        lines += [*markdown_block(row["content"]), ""]
+        lines += markdown_answer(row)
         if row["status"] not in (COMPLETE,):
             error = f": {row['error_message']}" if row["error_message"] else ""
             lines += [f"*({markdown_inline(row['status'] + error)})*", ""]
@@ -5017,16 +5301,33 @@ def present_conversation(settings: Settings, row: dict) -> dict:
     }
 
 
+def present_tools(row: dict) -> dict:
+    """A message's tool fields as the API shows them: an answer's `steps` (each stored step's type and
+    data) when it has any, and `tool_calls` (the calls it waits on the app for) when it ended so; a
+    tool-results turn's `tool_results`."""
+    if row.get("tool_results") is not None:
+        return {"tool_results": json.loads(row["tool_results"])}
+    steps = json.loads(row["tool_steps"]) if row.get("tool_steps") else []
+    shown: dict[str, Any] = {}
+    if steps:
+        shown["steps"] = [{"type": step["type"], "data": step["data"]} for step in steps]
+    if row["finish_reason"] == "tool_calls":
+        shown["tool_calls"] = pending_tool_calls(steps)
+    return shown
+
+
 def present_message(row: dict, context_start: str, siblings: dict[str | None, list[str]] | None) -> dict:
-    """A message as the API shows it; without `siblings` (a tree page), without `sibling_ids`."""
+    """A message as the API shows it; without `siblings` (a tree page), without `sibling_ids`. A
+    tool-results turn (stored as a user message) is shown with role "tool"."""
     usage = row_usage(row)
     return {
         "id": row["id"],
         "parent_id": row["parent_id"],
         **({"sibling_ids": siblings.get(row["parent_id"]) or [row["id"]]} if siblings is not None else {}),
-        "role": row["role"],
+        "role": "tool" if row.get("tool_results") is not None else row["role"],
         "content": row["content"],
         "reasoning_content": row["reasoning_content"],
+        **present_tools(row),
         "status": row["status"],
         "in_context": row["id"] > context_start,
         "model": row["model"],

@@ -124,3 +124,12 @@ BEGIN DELETE FROM messages_search WHERE rowid = old.search_id; END;
 -- search still works, by scanning the owner's messages.
 -- postgresql only
 DO $$ BEGIN CREATE EXTENSION IF NOT EXISTS pg_trgm; CREATE INDEX messages_text_search ON messages USING gin (content gin_trgm_ops); EXCEPTION WHEN OTHERS THEN RAISE NOTICE 'pg_trgm is not available, search scans'; END $$;
+
+-- step 4: tool calls
+-- An answer's tool calls and their results (tool_steps), and a turn that answers an answer's calls
+-- to the app's own tools (tool_results), as JSON arrays (CONTRACT.md, "Tool calls in the store").
+-- A tool-results turn is a row with role 'user' and content '' (the role's CHECK cannot change
+-- without rebuilding the table on SQLite); the API presents it as role 'tool'.
+ALTER TABLE messages ADD COLUMN tool_steps TEXT;
+
+ALTER TABLE messages ADD COLUMN tool_results TEXT;

@@ -67,7 +67,7 @@ def same_but_ids_and_times(a: dict, b: dict) -> None:
 
 def test_export_holds_the_whole_tree(tree):
     doc = export(tree)
-    assert doc["format"] == "chatsvc.conversation" and doc["version"] == 1
+    assert doc["format"] == "chatsvc.conversation" and doc["version"] == 2
     assert doc["conversation"]["title"] == "A tree" and doc["conversation"]["system_prompt"] == "Be brief."
     messages = doc["messages"]
     assert len(messages) == 7 and [m["role"] for m in messages].count("assistant") == 4
