@@ -1372,7 +1372,7 @@ class Tree:
         (`current`), or from message `start` (None: the new message is a first one), up to `limit`
         messages since the context start. It reads only that path, so its cost does not grow with the
         conversation's size or the path's depth (bench/relay.py, scenario f). Each message of the path:
-        role, content, status, finish_reason, tool_steps and tool_results (JSON text or None)."""
+        id, role, content, status, finish_reason, tool_steps and tool_results (JSON text or None)."""
         rows = await self.db.fetch_all(
             "WITH RECURSIVE path (id, parent_id, role, content, status, finish_reason, tool_steps, tool_results,"
             " depth, context_start) AS ("
@@ -1386,7 +1386,7 @@ class Tree:
             " FROM path p JOIN messages m ON m.id = p.parent_id WHERE p.depth < :limit AND m.id > p.context_start)"
             " SELECT c.system_prompt, c.model, c.title, c.current_message_id, c.context_start,"
             " (SELECT MAX(x.id) FROM messages x WHERE x.owner = :owner AND x.session_id = :sid) AS last_id,"
-            " p.role, p.content, p.status, p.finish_reason, p.tool_steps, p.tool_results"
+            " p.id, p.role, p.content, p.status, p.finish_reason, p.tool_steps, p.tool_results"
             " FROM conversations c LEFT JOIN path p ON 1 = 1 WHERE c.owner = :owner AND c.session_id = :sid"
             " ORDER BY p.depth",
             {"owner": owner, "sid": session_id, "limit": limit, "start": start, "current": current},
