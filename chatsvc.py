@@ -309,7 +309,7 @@ def parse_mcp_servers(value: str) -> tuple[McpServerConfig, ...]:
     text = value.strip()
     if not text:
         return ()
-    if not text.startswith("{"):
+    if text[0] not in "{[":
         try:
             text = Path(text).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -2900,12 +2900,13 @@ def storable_result(text: str, limit: int) -> str:
     return text
 
 
-_URL_SECRETS = re.compile(r"(\w+://)[^/\s@]*@|(\w+://[^\s?#]*)[?#][^\s'\"]*")
+_URL_USERINFO = re.compile(r"(\w+://)[^/\s@]*@")
+_URL_QUERY = re.compile(r"(\w+://[^\s?#]*)[?#][^\s'\"]*")
 
 
 def redact_urls(text: str) -> str:
     """An error's text without a URL's user info or query (either may hold a token)."""
-    return _URL_SECRETS.sub(lambda m: m[1] or f"{m[2]}?[redacted]", text)
+    return _URL_QUERY.sub(r"\1?[redacted]", _URL_USERINFO.sub(r"\1", text))
 
 
 def _describe(exc: BaseException) -> str:
@@ -2932,6 +2933,7 @@ class McpServer:
         self.client: Any = None  # the mcp Client while the connection works
         self.error: str | None = None  # why the last attempt failed, for logs and `chatsvc --check`
         self.listed = asyncio.Event()  # set once the tools were listed (at least once)
+        self.tried = asyncio.Event()  # set once the first attempt to connect has ended (either way)
         self.stopping = False
         self._wake = asyncio.Event()  # the connection is lost, or stop() was called
         self._scope: Any = None  # the anyio CancelScope around the connection
@@ -2943,14 +2945,15 @@ class McpServer:
     def up(self) -> bool:
         return self.client is not None
 
-    def _transport(self) -> Any:
+    def _transport(self) -> tuple[Any, httpx.AsyncClient | None]:
+        """What the SDK's Client connects with, and the HTTP client to close after it (HTTP only)."""
         from mcp.client.stdio import StdioServerParameters
         from mcp.client.streamable_http import streamable_http_client
 
         c = self.config
         if c.command is not None:
             env = dict(c.env) if c.env is not None else None
-            return StdioServerParameters(command=c.command, args=list(c.args), env=env, cwd=c.cwd)
+            return StdioServerParameters(command=c.command, args=list(c.args), env=env, cwd=c.cwd), None
 
         async def on_request(request: httpx.Request) -> None:
             owner = _tool_owner.get()
@@ -2966,7 +2969,7 @@ class McpServer:
             event_hooks={"request": [on_request]},
             trust_env=False,
         )
-        return streamable_http_client(c.url, http_client=http)
+        return streamable_http_client(c.url, http_client=http), http
 
     async def supervise(self) -> None:
         """Connect, serve, and reconnect after a loss, until stop(). The connection runs in a task of
@@ -2986,6 +2989,7 @@ class McpServer:
                 "the connection ended"
             )
             self.error = _describe(exc)
+            self.tried.set()
             if self.listed.is_set() and time.monotonic() - began > MCP_RETRY_SECONDS[-1]:
                 failures = 0  # it worked for a while: start the backoff again
             delay = MCP_RETRY_SECONDS[min(failures, len(MCP_RETRY_SECONDS) - 1)]
@@ -3001,20 +3005,25 @@ class McpServer:
         from mcp.types import Implementation
 
         client_info = Implementation(name="chatsvc", version=__version__)
+        target, http = self._transport()
         with anyio.CancelScope() as scope:
             self._scope = scope
             scope.deadline = anyio.current_time() + MCP_CONNECT_SECONDS
             try:
-                async with Client(self._transport(), client_info=client_info, cache=None) as client:
+                async with Client(target, client_info=client_info, cache=None) as client:
                     self._publish(await self._list(client))
                     scope.deadline = math.inf
                     self.client, self.error = client, None
                     self.metrics.mcp_server_up.labels(self.name).set(1)
+                    self.tried.set()
                     log.info("MCP server %s: connected, %d tool(s)", self.name, len(self.specs))
                     await self._watch(client)
             finally:
                 self.client = None
                 self.metrics.mcp_server_up.labels(self.name).set(0)
+                if http is not None:
+                    with anyio.CancelScope(shield=True):
+                        await http.aclose()
         if scope.cancelled_caught and not self.stopping:
             raise TimeoutError(f"no connection and tool list within {MCP_CONNECT_SECONDS:g} s")
 
@@ -3026,7 +3035,9 @@ class McpServer:
             if (cursor := page.next_cursor) is None:
                 break
         else:
-            log.warning("MCP server %s lists more than %d pages of tools: the rest are left out", self.name, len(tools))
+            log.warning(
+                "MCP server %s lists more than %d pages of tools: the rest are left out", self.name, MCP_LIST_PAGES
+            )
         return tools
 
     def _publish(self, tools: list[Any]) -> None:
@@ -3193,6 +3204,11 @@ class Toolbox:
         """Until every server has listed its tools once (bound it with a timeout)."""
         for server in self.servers.values():
             await server.listed.wait()
+
+    async def tried(self) -> None:
+        """Until every server's first attempt to connect has ended, in success or failure."""
+        for server in self.servers.values():
+            await server.tried.wait()
 
 
 # ── Answers: one answer's life, from the model to its readers and the store ────────────
@@ -6051,6 +6067,8 @@ async def check(settings: Settings, upstream: bool) -> list[str]:
     finally:
         with contextlib.suppress(Exception):
             await store.close()
+    if settings.mcp_servers:
+        problems += await check_tools(settings)
     if upstream and settings.dashscope_api_key:
         payload = {
             "model": settings.chat_model,
@@ -6066,6 +6084,22 @@ async def check(settings: Settings, upstream: bool) -> list[str]:
             except UpstreamError as exc:
                 problems.append(f"The model service at DASHSCOPE_BASE_URL did not answer a test call: {exc.detail}")
     return problems
+
+
+async def check_tools(settings: Settings) -> list[str]:
+    """Each MCP server connected to and its tools listed once (MCP_CONNECT_SECONDS at most)."""
+    toolbox = Toolbox(settings, Metrics())
+    toolbox.start()
+    try:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(toolbox.tried(), MCP_CONNECT_SECONDS + 1)
+        return [
+            f"The MCP server '{s.name}' of CHATSVC_MCP_SERVERS could not be used: {s.error or 'no answer'}."
+            for s in toolbox.servers.values()
+            if not s.listed.is_set()
+        ]
+    finally:
+        await toolbox.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -6098,7 +6132,8 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"chatsvc: {problem}", file=sys.stderr)
         if not problems:
-            checked = "configuration, database" + (" and model service" if args.check_upstream else "")
+            done = ["configuration", "database", *(["MCP servers"] if settings.mcp_servers else [])]
+            checked = ", ".join(done) + (" and model service" if args.check_upstream else "")
             print(f"chatsvc: {checked} OK ({settings.dashscope_base_url}, model {settings.chat_model})")
         return 1 if problems else 0
     handler = logging.StreamHandler()

@@ -10,13 +10,13 @@ Options:
     --pages N       list the tools N to a page (a cursor for the rest); --many adds 25 tools t00..t24
     --legacy        HTTP: speak only the handshake-era protocol (a session, `mcp-session-id`), and
                     never answer the DELETE that ends a session
-    --stubborn      ignore SIGTERM, and never answer anything (the handshake included)
+    --stubborn      ignore SIGTERM, and never answer anything (the handshake included); records `pid N`
 
 Tools: echo(text), fail(reason) (an is_error result), hang(seconds) (until cancelled), big(n)
 (n characters, 1 MB by default), whoami(header) (the value of a request header the call carried:
 "absent" if none, "none" over stdio), nothing() (no parameters), cancelled_count() (how many calls
 were cancelled so far), dirty() (a result with a NUL), `dotted.name` and a tool
-with a 70-character name (naming), picture() (an image part).
+with a 70-character name (naming), picture() (an image part), pid() (the server's process id).
 
 From a test: `McpProcess.http(tmp_path)` / `McpProcess.http(tmp_path, "--legacy")` (a started
 process; `.url`, `.entry()` for CHATSVC_MCP_SERVERS, `.kill()`, `.restart()`, `.stop()`,
@@ -110,6 +110,11 @@ def build_server(record, pages, many):
         """A result with a NUL."""
         return "a\x00b"
 
+    @mcp.tool()
+    def pid() -> str:
+        """This server's process id."""
+        return str(os.getpid())
+
     @mcp.tool(name="dotted.name")
     def dotted() -> str:
         return "dotted"
@@ -180,6 +185,9 @@ def main(argv: list[str]) -> None:
     pages = int(rest[rest.index("--pages") + 1]) if "--pages" in rest else None
     if "--stubborn" in rest:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if record:
+            with open(record, "a", encoding="utf-8") as f:
+                f.write(f"pid {os.getpid()}\n")
         while True:  # reads nothing, answers nothing
             time.sleep(3600)
     server = build_server(record, pages, "--many" in rest)
