@@ -2995,10 +2995,11 @@ class McpServer:
             delay = MCP_RETRY_SECONDS[min(failures, len(MCP_RETRY_SECONDS) - 1)]
             failures += 1
             log.warning("MCP server %s: %s; trying again in %g s", self.name, self.error, delay)
+            self._wake.clear()  # (stop() sets `stopping` before it wakes this)
+            if self.stopping:
+                break
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
-            if not self.stopping:
-                self._wake.clear()
 
     async def _connection(self) -> None:
         from mcp import Client
@@ -3073,9 +3074,10 @@ class McpServer:
         if not self.stopping:
             raise _Lost("a call found the connection closed")
 
-    def lose(self) -> None:
-        """A call found the connection gone: the supervisor reconnects."""
-        if self.client is not None:
+    def lose(self, client: Any) -> None:
+        """A call found the connection of `client` gone: the supervisor reconnects (unless it has
+        already: the call may have begun on an earlier connection)."""
+        if client is not None and self.client is client:
             self.client = None
             self.metrics.mcp_server_up.labels(self.name).set(0)
             self._wake.set()
@@ -3116,11 +3118,11 @@ class McpServer:
         except MCPError as exc:
             if exc.code != MCP_CONNECTION_CLOSED:
                 return outcome("error", error=f"The tool server answered with an error: {exc.message}")
-            self.lose()
+            self.lose(client)
             return outcome("unavailable", error=f"The connection to the tool server '{self.name}' was lost.")
         except Exception as exc:
             log.warning("MCP server %s: call to %s failed: %s", self.name, spec.tool, _describe(exc))
-            self.lose()
+            self.lose(client)
             return outcome("unavailable", error=f"The connection to the tool server '{self.name}' failed.")
         finally:
             _tool_owner.reset(token)
@@ -3183,7 +3185,9 @@ class Toolbox:
         spec = self.find(exposed)
         if spec is None:
             self.count("-", "-", "unknown_tool")
-            return ToolOutcome(None, f"There is no tool named '{exposed[:100]}'.", 0, "unknown_tool")
+            return ToolOutcome(
+                None, storable_result(f"There is no tool named '{exposed[:100]}'.", 200), 0, "unknown_tool"
+            )
         started = time.perf_counter()
         try:
             result = await self.servers[spec.server].call(spec, arguments, owner)
