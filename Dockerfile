@@ -7,13 +7,16 @@ WORKDIR /src
 COPY pyproject.toml README.md chatsvc.py schema.sql ./
 COPY docs/openapi.json docs/
 COPY playground/ playground/
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[postgres]"
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[postgres,mcp]"
 
 # Runtime stage: the wheels installed, nothing else; a non-root user; the database on a volume.
 FROM python:3.12-slim
+# tini: PID 1 that reaps orphans (the children of stdio MCP servers) and passes signals on to chatsvc.
+# hadolint ignore=DL3008,DL3013
+RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf /var/lib/apt/lists/*
 # hadolint ignore=DL3013
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links /wheels "chatsvc[postgres]" \
+    pip install --no-cache-dir --no-index --find-links /wheels "chatsvc[postgres,mcp]" \
     && useradd --system --uid 10001 --home-dir /data --shell /usr/sbin/nologin chatsvc \
     && mkdir -p /data && chown chatsvc /data
 USER 10001
@@ -30,5 +33,6 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
 # chatsvc drains on SIGTERM: running answers get CHATSVC_SHUTDOWN_GRACE seconds (default 10), so give
 # `docker stop` more than that: docker stop -t 20, or stop_grace_period: 20s in compose.
 STOPSIGNAL SIGTERM
-# The exec form: chatsvc is PID 1 and receives SIGTERM itself.
+# The exec form under tini (PID 1): SIGTERM goes on to chatsvc, and orphaned processes are reaped.
+ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["chatsvc"]

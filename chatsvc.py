@@ -22,6 +22,7 @@ The module reads top to bottom in the order data flows, one concept to a section
     Turns                        where a new message goes in the tree, and what the model is sent
     Context                      what the model sees
     Upstream                     the model service's streaming API, and its retries
+    Tools                        the MCP servers, their tools, and the calls an answer makes
     Answers                      one answer: its phases, its event log, the SSE events and their ids
     Registry                     where readers find answers, and a channel reader's events
     Relay                        this process's answers, from admission to their end
@@ -51,6 +52,7 @@ import contextvars
 import errno
 import fcntl
 import functools
+import hashlib
 import hmac
 import itertools
 import json
@@ -97,10 +99,11 @@ log = logging.getLogger("chatsvc")
 # ── Configuration ──────────────────────────────────────────────────────────────────────
 
 
-def setting(env: str, default: Any, help: str, cast: Callable[[str], Any] | None = None) -> Any:
+def setting(env: str, default: Any, help: str, cast: Callable[[str], Any] | None = None, echo: bool = True) -> Any:
     """One setting, declared once: its variable, default and help. `Settings.from_env` reads it and
-    `chatsvc --help` lists it from this declaration."""
-    return field(default=default, metadata={"env": env, "help": help, "cast": cast})
+    `chatsvc --help` lists it from this declaration. `echo=False`: an error about it does not repeat
+    its value (which may hold secrets)."""
+    return field(default=default, metadata={"env": env, "help": help, "cast": cast, "echo": echo})
 
 
 def _choice(value: str, choices: tuple[str, ...], name: str) -> str:
@@ -185,6 +188,28 @@ class Settings:
     metrics: bool = setting("CHATSVC_METRICS", True, "serve Prometheus metrics at GET /metrics (no token needed)")
     docs: bool = setting("CHATSVC_DOCS", True, "serve the interactive API docs at GET /docs")
     playground: bool = setting("CHATSVC_PLAYGROUND", True, "serve the playground page at GET /")
+    mcp_servers: tuple[McpServerConfig, ...] = setting(
+        "CHATSVC_MCP_SERVERS",
+        (),
+        'MCP servers whose tools the model may call: a JSON file, or inline JSON ({"mcpServers": {...}})',
+        cast=lambda v: parse_mcp_servers(v),
+        echo=False,
+    )
+    max_tool_rounds: int = setting(
+        "CHATSVC_MAX_TOOL_ROUNDS",
+        8,
+        "tool rounds in one answer (1-64)",
+        cast=lambda v: _int_between(v, 1, 64),
+    )
+    tool_timeout: float = setting(
+        "CHATSVC_TOOL_TIMEOUT", 30.0, "s one tool call may take", cast=lambda v: _positive(float(v))
+    )
+    max_tool_result_chars: int = setting(
+        "CHATSVC_MAX_TOOL_RESULT_CHARS",
+        20000,
+        "a tool result longer than this is cut, with a note",
+        cast=lambda v: _int_between(v, 100, 10_000_000),
+    )
     ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
     shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 10.0, "s running answers get after SIGTERM")
     host: str = setting("HOST", "0.0.0.0", "address to listen on")
@@ -207,7 +232,8 @@ class Settings:
                 values[f.name] = (f.metadata["cast"] or _CASTS[f.type])(raw)
             except ValueError as exc:
                 reason = str(exc) if f.metadata["cast"] else f"not a valid {f.type}"
-                raise ValueError(f"{env}={raw!r}: {reason}.") from None
+                shown = f"{env}={raw!r}" if f.metadata["echo"] else env
+                raise ValueError(f"{shown}: {reason}.") from None
         return cls(**values)
 
     @classmethod
@@ -231,6 +257,165 @@ class Settings:
 
 
 HEARTBEAT_MISSES = 3
+
+
+def _positive(value: float) -> float:
+    if not value > 0 or math.isinf(value):
+        raise ValueError("not a positive number of seconds")
+    return value
+
+
+def _int_between(value: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError("not a whole number") from None
+    if not low <= number <= high:
+        raise ValueError(f"must be between {low} and {high}")
+    return number
+
+
+@dataclass(frozen=True)
+class McpServerConfig:
+    """One entry of CHATSVC_MCP_SERVERS: a streamable-HTTP server (`url`) or a stdio one (`command`)."""
+
+    name: str
+    url: str | None = None
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may hold tokens
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] | None = field(default=None, repr=False)
+    cwd: str | None = None
+    owner_header: str | None = None  # send the conversation's owner in this header (HTTP only)
+    timeout: float | None = None  # CHATSVC_TOOL_TIMEOUT for this server's calls
+    tools: tuple[str, ...] | None = None  # offer only these of its tools
+
+
+# Server names: the model sees `<server>__<tool>` (^[a-zA-Z0-9_-]{1,64}$); a name with no `__` that
+# does not end with `_` makes the first `__` of an exposed name the end of the server's part, so two
+# servers' tools can never be given the same exposed name.
+_SERVER_NAME = re.compile(r"[a-zA-Z0-9_-]{1,24}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # RFC 9110's token
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_MCP_KEYS = {"url", "headers", "command", "args", "env", "cwd", "type", "transport", "disabled", "owner_header"}
+_MCP_KEYS |= {"timeout", "tools"}
+_HTTP_TYPES = ("http", "streamable-http", "streamable_http", "streamableHttp")
+
+
+def parse_mcp_servers(value: str) -> tuple[McpServerConfig, ...]:
+    """CHATSVC_MCP_SERVERS: inline JSON (it starts with `{`) or the path of a JSON file, shaped as
+    other MCP clients write it: `{"mcpServers": {name: entry}}` or just `{name: entry}`. Each error is
+    one sentence naming the server and the key; it never repeats a value (headers hold tokens)."""
+    text = value.strip()
+    if not text:
+        return ()
+    if text[0] not in "{[":
+        try:
+            text = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise ValueError(f"not inline JSON (starting with '{{') and not a readable JSON file ({reason})") from None
+    try:
+        document = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON (line {exc.lineno}, column {exc.colno})") from None  # type: ignore[attr-defined]
+    if not isinstance(document, dict):
+        raise ValueError("the JSON is not an object of servers")
+    if "mcpServers" in document:
+        document = document["mcpServers"]
+        if not isinstance(document, dict):
+            raise ValueError("mcpServers is not an object of servers")
+    servers = []
+    for name, entry in document.items():
+        server = _mcp_server(name, entry)
+        if server is None:
+            log.info("MCP server %s is disabled in CHATSVC_MCP_SERVERS: skipped", name)
+        else:
+            servers.append(server)
+    if servers:
+        try:
+            import mcp  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "MCP servers are configured but the mcp package is not installed: pip install 'chatsvc[mcp]'"
+            ) from None
+    return tuple(servers)
+
+
+def _mcp_server(name: str, entry: Any) -> McpServerConfig | None:
+    where = f"server {name[:40]!r}"
+    if not _SERVER_NAME.fullmatch(name) or "__" in name or name.endswith("_"):
+        raise ValueError(
+            f"the {where} has a name that is not 1-24 letters, digits, '_' or '-' without '__' and not ending in '_'"
+        )
+    if not isinstance(entry, dict):
+        raise ValueError(f"the {where} is not an object")
+    unknown = sorted(set(entry) - _MCP_KEYS)
+    if unknown:
+        raise ValueError(f"the {where} has an unknown key {unknown[0][:40]!r}")
+    if entry.get("disabled") is True:
+        return None
+    if "disabled" in entry and entry["disabled"] is not False:
+        raise ValueError(f"the {where} has a 'disabled' that is not true or false")
+    url, command = entry.get("url"), entry.get("command")
+    kind = entry.get("type", entry.get("transport"))
+    if kind == "sse":
+        raise ValueError(f"the {where} asks for the SSE transport, which is not supported; use streamable HTTP")
+    if kind is not None and kind not in (*_HTTP_TYPES, "stdio"):
+        raise ValueError(f"the {where} has a 'type' that is not http, streamable-http or stdio")
+    if (url is None) == (command is None):
+        raise ValueError(f"the {where} needs exactly one of 'url' (streamable HTTP) and 'command' (stdio)")
+    if kind is not None and (kind == "stdio") != (command is not None):
+        raise ValueError(f"the {where} has a 'type' that does not agree with its {'command' if command else 'url'}")
+    timeout = entry.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
+    ):
+        raise ValueError(f"the {where} has a 'timeout' that is not a positive number of seconds")
+    tools = entry.get("tools")
+    if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, str) and t for t in tools)):
+        raise ValueError(f"the {where} has a 'tools' that is not a list of tool names")
+    common = {"name": name, "timeout": None if timeout is None else float(timeout)}
+    common["tools"] = None if tools is None else tuple(tools)
+    if url is not None:
+        if not isinstance(url, str) or not re.match(r"https?://[^/?#\s]+", url):
+            raise ValueError(f"the {where} has a 'url' that is not an http:// or https:// URL")
+        for key in ("args", "env", "cwd"):
+            if key in entry:
+                raise ValueError(f"the {where} has a '{key}', which only a stdio server (with a 'command') takes")
+        headers = _strings(entry.get("headers", {}), where, "headers", interpolate=True)
+        if not all(_HEADER_NAME.fullmatch(h) for h, _ in headers):
+            raise ValueError(f"the {where} has a header name that is not a valid HTTP header name")
+        owner = entry.get("owner_header")
+        if owner is not None and (not isinstance(owner, str) or not _HEADER_NAME.fullmatch(owner)):
+            raise ValueError(f"the {where} has an 'owner_header' that is not a valid HTTP header name")
+        return McpServerConfig(url=url, headers=headers, owner_header=owner, **common)
+    if not isinstance(command, str) or not command.strip():
+        raise ValueError(f"the {where} has a 'command' that is not a non-empty string")
+    for key in ("headers", "owner_header"):
+        if key in entry:
+            raise ValueError(f"the {where} has a '{key}', which only an HTTP server (with a 'url') takes")
+    args = entry.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        raise ValueError(f"the {where} has an 'args' that is not a list of strings")
+    cwd = entry.get("cwd")
+    if cwd is not None and (not isinstance(cwd, str) or not cwd):
+        raise ValueError(f"the {where} has a 'cwd' that is not a directory path")
+    env = _strings(entry["env"], where, "env", interpolate=True) if "env" in entry else None
+    return McpServerConfig(command=command, args=tuple(args), env=env, cwd=cwd, **common)
+
+
+def _strings(value: Any, where: str, key: str, interpolate: bool) -> tuple[tuple[str, str], ...]:
+    """An object of strings; `${VAR}` in a value is the environment's VAR (an unset one is an error)."""
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise ValueError(f"the {where} has a '{key}' that is not an object of strings")
+
+    def resolve(match: re.Match) -> str:
+        if match[1] not in os.environ:
+            raise ValueError(f"the {where} has a '{key}' value naming ${{{match[1]}}}, which is not set")
+        return os.environ[match[1]]
+
+    return tuple((k, _ENV_REFERENCE.sub(resolve, v) if interpolate else v) for k, v in value.items())
 
 
 # ── Errors: domain refusals, and the HTTP errors they become ({"detail", "code"}) ──────
@@ -482,6 +667,15 @@ class Metrics:
                      " received, unsent)", ["event"], registry=r)  # fmt: skip
         self.bus_gaps = c("chatsvc_bus_gaps", "Mirrored answers caught up from the store: a notification"
                           " missed, an event too long to notify, or joined mid-answer", registry=r)  # fmt: skip
+        self.tool_calls = c("chatsvc_tool_calls", "Tool calls, by server and tool (configured and listed names;"
+                            " client tools server=client, unknown names -) and outcome", ["server", "tool", "outcome"],
+                            registry=r)  # fmt: skip
+        self.tool_seconds = h("chatsvc_tool_call_seconds", "MCP tool calls' duration, by server and tool",
+                              ["server", "tool"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
+        self.tool_rounds = h("chatsvc_tool_rounds", "Tool rounds per answer", buckets=tuple(range(9)),
+                             registry=r)  # fmt: skip
+        self.mcp_server_up = g("chatsvc_mcp_server_up", "1 while chatsvc holds a working connection to the MCP"
+                               " server, else 0", ["server"], registry=r)  # fmt: skip
 
     def upstream_call(self, purpose: str, error: Refusal | None) -> None:
         outcome = "ok" if error is None else error.code
@@ -2858,6 +3052,426 @@ def new_upstream_client(settings: Settings) -> httpx.AsyncClient:
         limits=httpx.Limits(max_connections=1000, max_keepalive_connections=100),
         trust_env=False,
     )
+
+
+# ── Tools: the MCP servers, their tools, and the calls an answer makes ─────────────────
+# One supervisor task per configured server holds its connection (the `mcp` SDK's `Client`, entered
+# by that task alone: the SDK cancels the task that entered it when a connection breaks): it
+# connects, lists the tools, publishes them, pings the idle connection, and reconnects after 1, 2,
+# 4 ... 60 s when the connection is lost. A server that is down is logged and retried; it never
+# delays the start. Answers call tools from their own tasks through `Toolbox.run`, which never
+# raises. `mcp` is imported here only, and only when servers are configured (the `mcp` extra).
+
+MCP_CONNECT_SECONDS = 30.0  # to connect and list the tools, else the attempt fails (and is retried)
+MCP_PING_SECONDS = 15.0  # an idle connection is pinged this often; a ping that fails is a lost connection
+MCP_PING_TIMEOUT = 10.0
+MCP_RETRY_SECONDS = (1, 2, 4, 8, 16, 32, 60)
+MCP_CLOSE_SECONDS = 2.0  # a session's DELETE at close, at most
+MCP_STOP_SECONDS = 4.5  # stop() waits this long for connections to close (stdio: 2 s to exit, 2 s after SIGTERM)
+MCP_LIST_PAGES = 100  # a server whose listing goes on longer is cut there
+MCP_CONNECTION_CLOSED = -32000  # the SDK's MCPError code for a connection that is gone
+TOOL_OUTCOMES = ("ok", "error", "timeout", "unavailable", "bad_arguments", "unknown_tool", "cancelled")
+
+# (header, value) of the owner for the call this context makes: read by the HTTP client's request
+# hook, which the SDK runs in the caller's context (the handshake, pings and DELETE carry none).
+_tool_owner: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("tool_owner", default=None)
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A server tool as the model is offered it: `exposed` is `<server>__<tool>`, made to fit the
+    model API's rule (^[a-zA-Z0-9_-]{1,64}$); events, steps and metrics name server and tool apart."""
+
+    exposed: str
+    server: str
+    tool: str
+    description: str
+    parameters: dict
+
+    def payload(self) -> dict:
+        return {
+            "type": "function",
+            "function": {"name": self.exposed, "description": self.description, "parameters": self.parameters},
+        }
+
+
+@dataclass(frozen=True)
+class ToolOutcome:
+    """How one call went: `content` (ok) or `error` (the text the model sees), and why (TOOL_OUTCOMES)."""
+
+    content: str | None
+    error: str | None
+    duration_ms: int
+    outcome: str
+
+
+def exposed_names(server: str, tools: Iterable[str]) -> dict[str, str]:
+    """Each tool's exposed name, in listing order: `<server>__<tool>` with characters outside
+    [a-zA-Z0-9_-] made `_`, cut to 64; a name taken by an earlier tool gets `_` + hex of the tool's
+    SHA-1. Server names (no `__`, not ending in `_`) keep servers' names apart."""
+    names: dict[str, str] = {}
+    taken: set[str] = set()
+    for tool in tools:
+        base = f"{server}__{re.sub(r'[^a-zA-Z0-9_-]', '_', tool)}"
+        name, digits = base[:64], 4
+        while name in taken:
+            suffix = "_" + hashlib.sha1(tool.encode("utf-8", "surrogatepass")).hexdigest()[:digits]
+            name, digits = base[: 64 - len(suffix)] + suffix, digits + 2
+        taken.add(name)
+        names[tool] = name
+    return names
+
+
+def _object_schema(schema: Any) -> dict:
+    """A tool's input schema as the model API takes it: an object schema, with `properties`."""
+    if not isinstance(schema, dict) or schema.get("type") != "object":
+        return {"type": "object", "properties": {}}
+    return schema if "properties" in schema else {**schema, "properties": {}}
+
+
+def tool_result_text(result: Any) -> str:
+    """An MCP CallToolResult as text: text parts joined by newlines; an image or audio part as
+    `[image image/png, N bytes]`; a resource link as its URI; an embedded resource as its text (or
+    its URI); nothing but structured content: its JSON."""
+    parts = []
+    for part in result.content:
+        kind = getattr(part, "type", None)
+        if kind == "text":
+            parts.append(part.text)
+        elif kind in ("image", "audio"):
+            size = len(part.data) * 3 // 4 - part.data[-2:].count("=")
+            parts.append(f"[{kind} {part.mime_type}, {size} bytes]")
+        elif kind == "resource_link":
+            parts.append(str(part.uri))
+        elif kind == "resource":
+            text = getattr(part.resource, "text", None)
+            parts.append(text if text is not None else f"[resource {part.resource.uri}]")
+    if not parts and result.structured_content is not None:
+        return json.dumps(result.structured_content, ensure_ascii=False)
+    return "\n".join(parts)
+
+
+def storable_result(text: str, limit: int) -> str:
+    """A result or error as stored and sent: NUL and lone surrogates replaced, cut at `limit`."""
+    text = _UNSTORABLE.sub("\ufffd", text)
+    if len(text) > limit:
+        text = f"{text[:limit]}\n[cut: the result had {len(text)} characters; the first {limit} are shown]"
+    return text
+
+
+_URL_USERINFO = re.compile(r"(\w+://)[^/\s@]*@")
+_URL_QUERY = re.compile(r"(\w+://[^\s?#]*)[?#][^\s'\"]*")
+
+
+def redact_urls(text: str) -> str:
+    """An error's text without a URL's user info or query (either may hold a token)."""
+    return _URL_QUERY.sub(r"\1?[redacted]", _URL_USERINFO.sub(r"\1", text))
+
+
+def _describe(exc: BaseException) -> str:
+    """An exception (or a group of them, from the SDK's task groups) in a short line, redacted."""
+    while len(getattr(exc, "exceptions", ())) == 1:  # an exception group of one
+        exc = exc.exceptions[0]  # type: ignore[attr-defined]
+    text = str(exc)
+    return redact_urls(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:300]
+
+
+class _Lost(Exception):
+    """The connection to a server is gone (a failed call or ping): reconnect."""
+
+
+class McpServer:
+    """One configured server: its connection, held by its supervisor task, and its tools. The tools
+    listed last stay offered while the server is down (a call gets an `unavailable` result)."""
+
+    def __init__(self, config: McpServerConfig, settings: Settings, metrics: Metrics):
+        self.config, self.name, self.metrics = config, config.name, metrics
+        self.timeout = config.timeout or settings.tool_timeout
+        self.result_chars = settings.max_tool_result_chars
+        self.specs: list[ToolSpec] = []
+        self.client: Any = None  # the mcp Client while the connection works
+        self.error: str | None = None  # why the last attempt failed, for logs and `chatsvc --check`
+        self.listed = asyncio.Event()  # set once the tools were listed (at least once)
+        self.tried = asyncio.Event()  # set once the first attempt to connect has ended (either way)
+        self.stopping = False
+        self._wake = asyncio.Event()  # the connection is lost, or stop() was called
+        self._scope: Any = None  # the anyio CancelScope around the connection
+        self._renamed: set[str] = set()
+        self.task: asyncio.Task | None = None
+        metrics.mcp_server_up.labels(self.name).set(0)
+
+    @property
+    def up(self) -> bool:
+        return self.client is not None
+
+    def _transport(self) -> tuple[Any, httpx.AsyncClient | None]:
+        """What the SDK's Client connects with, and the HTTP client to close after it (HTTP only)."""
+        from mcp.client.stdio import StdioServerParameters
+        from mcp.client.streamable_http import streamable_http_client
+
+        c = self.config
+        if c.command is not None:
+            env = dict(c.env) if c.env is not None else None
+            return StdioServerParameters(command=c.command, args=list(c.args), env=env, cwd=c.cwd), None
+
+        async def on_request(request: httpx.Request) -> None:
+            owner = _tool_owner.get()
+            if owner is not None:
+                request.headers[owner[0]] = owner[1]
+            if request.method == "DELETE":  # the session's end, at close: never hold the shutdown
+                request.extensions["timeout"] = httpx.Timeout(MCP_CLOSE_SECONDS).as_dict()
+
+        http = httpx.AsyncClient(
+            headers=dict(c.headers),
+            # A call's response may take the whole tool timeout: the read timeout must not end it first.
+            timeout=httpx.Timeout(30, read=self.timeout + 30),
+            event_hooks={"request": [on_request]},
+            trust_env=False,
+        )
+        return streamable_http_client(c.url, http_client=http), http
+
+    async def supervise(self) -> None:
+        """Connect, serve, and reconnect after a loss, until stop(). The connection runs in a task of
+        its own: whatever the SDK does to the task that entered the Client stays there."""
+        failures = 0
+        while not self.stopping:
+            began = time.monotonic()
+            connection = asyncio.create_task(self._connection(), name=f"mcp server {self.name}")
+            try:
+                await asyncio.wait({connection})
+            except asyncio.CancelledError:  # stop() gave up waiting: end the connection too
+                connection.cancel()
+                raise
+            if self.stopping:
+                break
+            exc = (asyncio.CancelledError() if connection.cancelled() else connection.exception()) or _Lost(
+                "the connection ended"
+            )
+            self.error = _describe(exc)
+            self.tried.set()
+            if self.listed.is_set() and time.monotonic() - began > MCP_RETRY_SECONDS[-1]:
+                failures = 0  # it worked for a while: start the backoff again
+            delay = MCP_RETRY_SECONDS[min(failures, len(MCP_RETRY_SECONDS) - 1)]
+            failures += 1
+            log.warning("MCP server %s: %s; trying again in %g s", self.name, self.error, delay)
+            self._wake.clear()  # (stop() sets `stopping` before it wakes this)
+            if self.stopping:
+                break
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _connection(self) -> None:
+        from mcp import Client
+        from mcp.types import Implementation
+
+        client_info = Implementation(name="chatsvc", version=__version__)
+        target, http = self._transport()
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            scope.deadline = anyio.current_time() + MCP_CONNECT_SECONDS
+            try:
+                async with Client(target, client_info=client_info, cache=None) as client:
+                    self._publish(await self._list(client))
+                    scope.deadline = math.inf
+                    self.client, self.error = client, None
+                    self.metrics.mcp_server_up.labels(self.name).set(1)
+                    self.tried.set()
+                    log.info("MCP server %s: connected, %d tool(s)", self.name, len(self.specs))
+                    await self._watch(client)
+            finally:
+                self.client = None
+                self.metrics.mcp_server_up.labels(self.name).set(0)
+                if http is not None:
+                    with anyio.CancelScope(shield=True):
+                        await http.aclose()
+        if scope.cancelled_caught and not self.stopping:
+            raise TimeoutError(f"no connection and tool list within {MCP_CONNECT_SECONDS:g} s")
+
+    async def _list(self, client: Any) -> list[Any]:
+        tools, cursor = [], None
+        for _ in range(MCP_LIST_PAGES):
+            page = await client.list_tools(cursor=cursor)
+            tools += page.tools
+            if (cursor := page.next_cursor) is None:
+                break
+        else:
+            log.warning(
+                "MCP server %s lists more than %d pages of tools: the rest are left out", self.name, MCP_LIST_PAGES
+            )
+        return tools
+
+    def _publish(self, tools: list[Any]) -> None:
+        wanted = self.config.tools
+        if wanted is not None:
+            tools = [t for t in tools if t.name in wanted]
+            missing = set(wanted) - {t.name for t in tools}
+            if missing:
+                log.warning("MCP server %s has no tool %s (its 'tools' in CHATSVC_MCP_SERVERS)", self.name, missing)
+        names = exposed_names(self.name, [t.name for t in tools])
+        for tool, exposed in names.items():
+            if exposed != f"{self.name}__{tool}" and tool not in self._renamed:
+                self._renamed.add(tool)
+                log.info("MCP server %s: tool %r is offered to the model as %s", self.name, tool[:100], exposed)
+        self.specs = [
+            ToolSpec(names[t.name], self.name, t.name, t.description or t.title or "", _object_schema(t.input_schema))
+            for t in tools
+        ]
+        self.listed.set()
+
+    async def _watch(self, client: Any) -> None:
+        """Until stop() or a loss: an idle connection is pinged (a server that died idle is noticed)."""
+        while not self._wake.is_set():
+            with anyio.move_on_after(MCP_PING_SECONDS):
+                await self._wake.wait()
+            if self._wake.is_set():
+                break
+            try:
+                with anyio.fail_after(MCP_PING_TIMEOUT):
+                    await client.send_ping()
+            except Exception as exc:
+                raise _Lost(f"a ping failed ({_describe(exc)})") from None
+        if not self.stopping:
+            raise _Lost("a call found the connection closed")
+
+    def lose(self, client: Any) -> None:
+        """A call found the connection of `client` gone: the supervisor reconnects (unless it has
+        already: the call may have begun on an earlier connection)."""
+        if client is not None and self.client is client:
+            self.client = None
+            self.metrics.mcp_server_up.labels(self.name).set(0)
+            self._wake.set()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._wake.set()
+        if self.client is None and self._scope is not None:
+            self._scope.cancel()  # connecting: a handshake may never answer
+
+    async def call(self, spec: ToolSpec, arguments: str, owner: str) -> ToolOutcome:
+        from mcp.shared.exceptions import MCPError
+
+        started = time.perf_counter()
+
+        def outcome(outcome: str, content: str | None = None, error: str | None = None) -> ToolOutcome:
+            if content is not None:
+                content = storable_result(content, self.result_chars)
+            if error is not None:
+                error = storable_result(error, self.result_chars)
+            return ToolOutcome(content, error, round((time.perf_counter() - started) * 1000), outcome)
+
+        try:
+            args = json.loads(arguments) if arguments.strip() else {}
+        except ValueError as exc:
+            return outcome("bad_arguments", error=f"The arguments are not valid JSON ({exc}); send a JSON object.")
+        if not isinstance(args, dict):
+            return outcome("bad_arguments", error=f"The arguments are not a JSON object (got {type(args).__name__}).")
+        client = self.client
+        if client is None:
+            return outcome("unavailable", error=f"The tool server '{self.name}' is not reachable now; try later.")
+        token = _tool_owner.set((self.config.owner_header, owner) if self.config.owner_header and owner else None)
+        try:
+            with anyio.move_on_after(self.timeout) as deadline:
+                result = await client.call_tool(spec.tool, args)
+            if deadline.cancelled_caught:
+                return outcome("timeout", error=f"The tool did not answer within {self.timeout:g} s; it was cancelled.")
+        except MCPError as exc:
+            if exc.code != MCP_CONNECTION_CLOSED:
+                return outcome("error", error=f"The tool server answered with an error: {exc.message}")
+            self.lose(client)
+            return outcome("unavailable", error=f"The connection to the tool server '{self.name}' was lost.")
+        except Exception as exc:
+            log.warning("MCP server %s: call to %s failed: %s", self.name, spec.tool, _describe(exc))
+            self.lose(client)
+            return outcome("unavailable", error=f"The connection to the tool server '{self.name}' failed.")
+        finally:
+            _tool_owner.reset(token)
+        text = tool_result_text(result)
+        return outcome("error", error=text or "The tool failed.") if result.is_error else outcome("ok", content=text)
+
+
+class Toolbox:
+    """All the configured MCP servers: their tools (`specs`, `find`) and the calls made to them
+    (`run`). With no server configured it is empty and costs nothing."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.metrics = metrics
+        self.servers = {c.name: McpServer(c, settings, metrics) for c in settings.mcp_servers}
+
+    def start(self) -> None:
+        """Spawn each server's supervisor; returns at once (a server down is retried, never waited for)."""
+        for server in self.servers.values():
+            if server.task is None:
+                server.task = asyncio.create_task(server.supervise(), name=f"mcp supervisor {server.name}")
+
+    async def stop(self) -> None:
+        """Close every connection, bounded: a session's DELETE and a stdio server's exit get
+        MCP_STOP_SECONDS; then the connections are cancelled, and then abandoned. Never raises."""
+        try:
+            tasks = {s.task for s in self.servers.values() if s.task is not None}
+            for server in self.servers.values():
+                server.stop()
+            if not tasks:
+                return
+            _, pending = await asyncio.wait(tasks, timeout=MCP_STOP_SECONDS)
+            for server in self.servers.values():
+                if server.task in pending and server._scope is not None:
+                    server._scope.cancel()  # anyio's cancel: the SDK's shielded stdio shutdown still runs
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=1)
+            for task in pending:
+                task.cancel()
+            if pending:
+                _, pending = await asyncio.wait(pending, timeout=0.5)
+            for task in pending:
+                log.warning("%s did not end at shutdown: left behind", task.get_name())
+        except Exception:
+            log.exception("closing the MCP servers failed")
+
+    def specs(self, only: Collection[str] | None = None) -> list[ToolSpec]:
+        """The server tools to offer, in configuration order; `only`: the exposed names to keep."""
+        return [s for server in self.servers.values() for s in server.specs if only is None or s.exposed in only]
+
+    def find(self, exposed: str) -> ToolSpec | None:
+        server = self.servers.get(exposed.partition("__")[0])
+        return next((s for s in server.specs if s.exposed == exposed), None) if server else None
+
+    def count(self, server: str, tool: str, outcome: str) -> None:
+        """A call the relay answered itself: a client tool (`client`, `-`) or an unknown name (`-`, `-`)."""
+        self.metrics.tool_calls.labels(server, tool, outcome).inc()
+
+    async def run(self, exposed: str, arguments: str, owner: str) -> ToolOutcome:
+        """Run one call of the model's; never raises (a cancel is counted `cancelled`, then re-raised)."""
+        spec = self.find(exposed)
+        if spec is None:
+            self.count("-", "-", "unknown_tool")
+            return ToolOutcome(
+                None, storable_result(f"There is no tool named '{exposed[:100]}'.", 200), 0, "unknown_tool"
+            )
+        started = time.perf_counter()
+        try:
+            result = await self.servers[spec.server].call(spec, arguments, owner)
+        except asyncio.CancelledError:
+            self._record(spec, "cancelled", started)
+            raise
+        except Exception as exc:  # a bug: the model still gets a result
+            log.exception("tool call %s failed", exposed)
+            result = ToolOutcome(None, f"The tool call failed inside chatsvc ({type(exc).__name__}).", 0, "error")
+        self._record(spec, result.outcome, started)
+        return result
+
+    def _record(self, spec: ToolSpec, outcome: str, started: float) -> None:
+        self.metrics.tool_calls.labels(spec.server, spec.tool, outcome).inc()
+        self.metrics.tool_seconds.labels(spec.server, spec.tool).observe(time.perf_counter() - started)
+
+    async def listed(self) -> None:
+        """Until every server has listed its tools once (bound it with a timeout)."""
+        for server in self.servers.values():
+            await server.listed.wait()
+
+    async def tried(self) -> None:
+        """Until every server's first attempt to connect has ended, in success or failure."""
+        for server in self.servers.values():
+            await server.tried.wait()
 
 
 # ── Answers: one answer's life, from the model to its readers and the store ────────────
@@ -6130,22 +6744,32 @@ def app_lifespan(
         client = new_upstream_client(settings)
         app.state.settings, app.state.store = settings, store
         app.state.openapi = openapi_document(settings)
+        app.state.toolbox = toolbox = Toolbox(settings, metrics)  # started below; never delays the start
         app.state.relay = relay = Relay(settings, store, client)
         try:
+            toolbox.start()
             await relay.open()
         except BaseException:
-            await relay.shutdown(0)
-            await client.aclose()
-            await store.close()
+            try:
+                await relay.shutdown(0)
+                await toolbox.stop()
+            finally:
+                await client.aclose()
+                await store.close()
             raise
         drain_on_sigterm(relay, settings.shutdown_grace)
         logging.getLogger("uvicorn.access").addFilter(redact_access_tokens)
         try:
             yield
         finally:
-            await relay.shutdown(settings.shutdown_grace)
-            await client.aclose()
-            await store.close()
+            try:
+                await relay.shutdown(settings.shutdown_grace)
+            finally:
+                try:
+                    await toolbox.stop()  # bounded, never raises; the client and the store close all the same
+                finally:
+                    await client.aclose()
+                    await store.close()
 
     return run
 
@@ -6240,6 +6864,8 @@ async def check(settings: Settings, upstream: bool) -> list[str]:
     finally:
         with contextlib.suppress(Exception):
             await store.close()
+    if settings.mcp_servers:
+        problems += await check_tools(settings)
     if upstream and settings.dashscope_api_key:
         payload = {
             "model": settings.chat_model,
@@ -6255,6 +6881,22 @@ async def check(settings: Settings, upstream: bool) -> list[str]:
             except UpstreamError as exc:
                 problems.append(f"The model service at DASHSCOPE_BASE_URL did not answer a test call: {exc.detail}")
     return problems
+
+
+async def check_tools(settings: Settings) -> list[str]:
+    """Each MCP server connected to and its tools listed once (MCP_CONNECT_SECONDS at most)."""
+    toolbox = Toolbox(settings, Metrics())
+    toolbox.start()
+    try:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(toolbox.tried(), MCP_CONNECT_SECONDS + 1)
+        return [
+            f"The MCP server '{s.name}' of CHATSVC_MCP_SERVERS could not be used: {s.error or 'no answer'}."
+            for s in toolbox.servers.values()
+            if not s.listed.is_set()
+        ]
+    finally:
+        await toolbox.stop()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -6287,7 +6929,8 @@ def main(argv: list[str] | None = None) -> int:
         for problem in problems:
             print(f"chatsvc: {problem}", file=sys.stderr)
         if not problems:
-            checked = "configuration, database" + (" and model service" if args.check_upstream else "")
+            done = ["configuration", "database", *(["MCP servers"] if settings.mcp_servers else [])]
+            checked = ", ".join(done) + (" and model service" if args.check_upstream else "")
             print(f"chatsvc: {checked} OK ({settings.dashscope_base_url}, model {settings.chat_model})")
         return 1 if problems else 0
     handler = logging.StreamHandler()
