@@ -6745,7 +6745,7 @@ def app_lifespan(
         app.state.settings, app.state.store = settings, store
         app.state.openapi = openapi_document(settings)
         app.state.toolbox = toolbox = Toolbox(settings, metrics)  # started below; never delays the start
-        app.state.relay = relay = Relay(settings, store, client)
+        app.state.relay = relay = Relay(settings, store, client, toolbox)
         try:
             toolbox.start()
             await relay.open()

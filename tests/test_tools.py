@@ -70,7 +70,11 @@ def test_client_tool_call_ends_the_answer_and_its_results_are_the_next_turn(clie
             "role": "assistant",
             "content": "Let me look. ",
             "tool_calls": [
-                {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "杭州"}'}}
+                {
+                    "id": call_id,
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "杭州"}'},
+                }
             ],
         },
         {"role": "tool", "tool_call_id": call_id, "content": "sunny, 25°C"},
