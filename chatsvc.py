@@ -2606,7 +2606,8 @@ def build_context(
     flat = [message for messages in reversed(picked) for message in messages]
     while flat and flat[0]["role"] != "user":  # the model expects a user turn first
         flat.pop(0)
-    if new_messages[0]["role"] == "tool" and not (flat and flat[-1].get("tool_calls")):
+    called = {call["id"] for message in flat for call in message.get("tool_calls", ())}
+    if any(m["role"] == "tool" and m["tool_call_id"] not in called for m in new_messages):
         raise ContextTooLong(
             f"The tool results and the calls they answer do not fit the model's context budget ({max_tokens}"
             " tokens, CHATSVC_MAX_CONTEXT_TOKENS). Send shorter results."

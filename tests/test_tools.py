@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 
+import mcp_server
 import pytest
 from fake_dashscope import Reply
-from live import LiveServer, parse_events
+from live import LiveServer, SSEReader, parse_events
+from mcp_server import McpProcess
+from procs import ServerProcess
+from support import wait_for
 
 API = "/api/v1"
 WEATHER = {
@@ -233,3 +237,380 @@ def test_a_new_question_instead_of_results_leaves_the_unanswered_calls_out(clien
         {"role": "assistant", "content": "Checking."},
         {"role": "user", "content": "never mind"},
     ]
+
+
+# ── MCP servers' tools: rounds inside one answer ───────────────────────────────────────────
+
+mcp_http = mcp_server.mcp_http  # a fixture: a started HTTP MCP server
+
+
+def tooled(make_service, server: McpProcess, entry: dict | None = None, **env: str):
+    """A service offering the MCP server's tools as `t__<tool>`."""
+    return make_service(CHATSVC_MCP_SERVERS=json.dumps({"t": entry or server.entry()}), **env)
+
+
+def ready(client) -> None:
+    wait_for(lambda: client.app.state.toolbox.find("t__echo") is not None, 20)
+
+
+def echo(text: str, call_id: str | None = None) -> tuple:
+    return ("t__echo", {"text": text}, *([call_id] if call_id else []))
+
+
+def calls_in(events) -> list[str]:
+    return [e["type"] for e in events if e["type"] in ("tool_call", "tool_result")]
+
+
+def test_a_server_tool_round_inside_one_answer(make_service, fake, mcp_http):
+    service = tooled(make_service, mcp_http)
+    call = Reply.tool_calls([echo("hi")], content=["Asking. "])
+    fake.push(call, Reply.answer(["The tool said ", "hi."]))
+    with service.client() as client:
+        ready(client)
+        r = client.post(f"{API}/chat/s1", json={"message": "say hi"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["response"] == "Asking. The tool said hi." and body["finish_reason"] == "stop"
+        assert "tool_calls" not in body
+        call_id = call.calls[0]["id"]
+        assert body["steps"] == [
+            {
+                "type": "tool_call",
+                "data": {
+                    "id": call_id,
+                    "name": "t__echo",
+                    "arguments": '{"text": "hi"}',
+                    "round": 1,
+                    "server": "t",
+                    "tool": "echo",
+                },
+            },
+            {
+                "type": "tool_result",
+                "data": {
+                    "id": call_id,
+                    "content": "echo: hi",
+                    "duration_ms": body["steps"][1]["data"]["duration_ms"],
+                    "outcome": "ok",
+                },
+            },
+        ]
+        first, second = sent(fake, 0), sent(fake, 1)
+        offered = {t["function"]["name"]: t["function"] for t in first["tools"]}
+        assert {"t__echo", "t__fail", "t__hang", "t__big", "t__nothing", "t__whoami"} <= set(offered)
+        assert offered["t__echo"]["parameters"]["properties"]["text"]["type"] == "string"
+        assert first["parallel_tool_calls"] is True and "tool_choice" not in first
+        assert second["tools"] == first["tools"] and second["messages"][:2] == first["messages"]
+        assert second["messages"][2:] == [
+            {
+                "role": "assistant",
+                "content": "Asking. ",
+                "tool_calls": [
+                    {"id": call_id, "type": "function", "function": {"name": "t__echo", "arguments": '{"text": "hi"}'}}
+                ],
+            },
+            {"role": "tool", "tool_call_id": call_id, "content": "echo: hi"},
+        ]
+        metrics = client.get("/metrics").text
+        assert 'chatsvc_tool_calls_total{outcome="ok",server="t",tool="echo"} 1.0' in metrics
+        assert "chatsvc_tool_rounds_count 1.0" in metrics
+        # stored: one answer row with its steps; its next turn sends the rounds back as they were
+        steps = steps_of(service, body["message_id"])
+        assert [(s["type"], s["seq"], s["text"]) for s in steps] == [("tool_call", 2, 8), ("tool_result", 3, 8)]
+        fake.push(Reply.answer(["ok"]))
+        client.post(f"{API}/chat/s1", json={"message": "again?"})
+        assert sent(fake)["messages"][2:5] == [
+            *second["messages"][2:4],
+            {"role": "assistant", "content": "The tool said hi."},
+        ]
+
+
+def test_three_rounds_parallel_calls_and_thinking_resume_at_every_event(make_service, fake, mcp_http):
+    service = tooled(make_service, mcp_http, CHATSVC_REPLAY_SECONDS="600")
+    rounds = [
+        Reply.tool_calls([echo("a"), echo("b")], reasoning=["I need ", "two things."], parallel="interleaved"),
+        Reply.tool_calls([("t__fail", {"reason": "no stock"}), ("t__echo", '{"text": ')], content=["Hmm. "]),
+        Reply.tool_calls([("t__nothing", "")], reasoning=["once more"]),
+        Reply.answer(["All ", "done."], reasoning=["fine"]),
+    ]
+    fake.push(*rounds)
+    with LiveServer(service.settings) as live:
+        wait_for(lambda: live.app.state.toolbox.find("t__echo") is not None, 20)
+        with live.client() as client:
+            full = parse_events(client.post(f"{API}/chat/s1/stream", json={"message": "go"}).content)
+        types = [e["type"] for e in full]
+        assert types[0] == "start" and types[-1] == "end"
+        assert calls_in(full) == ["tool_call"] * 2 + ["tool_result"] * 2 + ["tool_call"] * 2 + ["tool_result"] * 2 + [
+            "tool_call",
+            "tool_result",
+        ]
+        results = {e["data"]["id"]: e["data"] for e in full if e["type"] == "tool_result"}
+        ids = [c["id"] for r in rounds[:3] for c in r.calls]
+        assert [results[i]["outcome"] for i in ids] == ["ok", "ok", "error", "bad_arguments", "ok"]
+        assert results[ids[2]]["error"] == "Error executing tool fail: failed: no stock"
+        end = full[-1]["data"]
+        assert end["full_text"] == "Hmm. All done." and end["finish_reason"] == "stop"
+        for k, seen in enumerate(full[:-1]):  # Last-Event-ID at every event: the rest, exactly
+            reader = live.reader("GET", f"{API}/chat/s1/stream", headers={"Last-Event-ID": seen["id"]})
+            assert reader.until_end() == full[k + 1 :], k
+            reader.close()
+    stored = service.rows(
+        "SELECT content, reasoning_content, status, tool_steps FROM messages WHERE role = 'assistant'"
+    )
+    assert stored[0]["content"] == "Hmm. All done." and stored[0]["status"] == "complete"
+    assert stored[0]["reasoning_content"] == "I need two things.once morefine"
+    assert [s["data"] for s in json.loads(stored[0]["tool_steps"])] == [
+        e["data"] for e in full if e["type"] in ("tool_call", "tool_result")
+    ]
+    last = sent(fake)["messages"]
+    assert [m["role"] for m in last] == ["system", "user"] + ["assistant", "tool", "tool"] * 2 + ["assistant", "tool"]
+    assert last[5]["tool_calls"][1]["function"]["arguments"] == "{}"  # not JSON: sent back as {}
+    assert last[5]["content"] == "Hmm. "
+
+
+def test_tool_limits_timeout_and_huge_results(make_service, fake, mcp_http):
+    service = tooled(
+        make_service,
+        mcp_http,
+        mcp_http.entry(timeout=1),
+        CHATSVC_MAX_TOOL_RESULT_CHARS="100",
+        CHATSVC_MAX_TOOL_ROUNDS="2",
+    )
+    fake.push(
+        Reply.tool_calls([("t__hang", {}), ("t__big", {})]),
+        Reply.tool_calls([echo("x")]),
+        Reply.tool_calls([echo("y")], content=["still "]),  # told tool_choice none: kept, not run
+    )
+    with service.client() as client:
+        ready(client)
+        body = client.post(f"{API}/chat/s1", json={"message": "go", "tool_choice": "auto"}).json()
+    assert body["finish_reason"] == "tool_rounds" and body["response"] == "still "
+    outcomes = [s["data"].get("outcome") for s in body["steps"] if s["type"] == "tool_result"]
+    assert outcomes == ["ok", "timeout", "ok"]  # results in the order they finished: big, then hang's timeout
+    results = {s["data"]["id"]: s["data"] for s in body["steps"] if s["type"] == "tool_result"}
+    calls = [s["data"] for s in body["steps"] if s["type"] == "tool_call"]
+    assert [c["name"] for c in calls] == ["t__hang", "t__big", "t__echo", "t__echo"]
+    assert results[calls[0]["id"]]["outcome"] == "timeout"
+    assert results[calls[1]["id"]]["content"].endswith(
+        "[cut: the result had 1000000 characters; the first 100 are shown]"
+    )
+    assert calls[3]["id"] not in results  # the call past the limit is not run
+    assert [sent(fake, n).get("tool_choice") for n in range(3)] == ["auto", "auto", "none"]
+    wait_for(lambda: "cancelled hang" in mcp_http.records(), 10)
+
+
+def test_stop_during_a_tool_call_cancels_it_and_stores_the_steps_so_far(make_service, fake, mcp_http):
+    service = tooled(make_service, mcp_http)
+    call = Reply.tool_calls([echo("first")])
+    fake.push(call, Reply.tool_calls([("t__hang", {"seconds": 60})], content=["then "]))
+    with LiveServer(service.settings) as live:
+        wait_for(lambda: live.app.state.toolbox.find("t__echo") is not None, 20)
+        poster = live.reader("POST", f"{API}/chat/s1/stream", json={"message": "go"})
+        while poster.next_event()["type"] != "tool_call" or poster.events[-1]["data"]["name"] != "t__hang":
+            pass
+        wait_for(lambda: "start hang" in mcp_http.records(), 10)
+        with live.client() as client:
+            busy = client.post(f"{API}/chat/s1", json={"message": "meanwhile"})
+            assert busy.status_code == 409 and busy.json()["code"] == "conversation_busy"
+            stopped = client.post(f"{API}/chat/s1/stop").json()
+        assert stopped["stopped"] is True
+        poster.until_end()
+        events = poster.events
+        assert events[-1]["type"] == "end" and events[-1]["data"]["finish_reason"] == "stopped"
+        assert events[-1]["data"]["full_text"] == "then "
+        assert calls_in(events) == ["tool_call", "tool_result", "tool_call"]
+    wait_for(lambda: "cancelled hang" in mcp_http.records(), 10)
+    row = service.rows("SELECT status, content, tool_steps FROM messages WHERE role = 'assistant'")[0]
+    assert row["status"] == "stopped" and row["content"] == "then "
+    assert [s["type"] for s in json.loads(row["tool_steps"])] == ["tool_call", "tool_result", "tool_call"]
+    # the call without a result is left out of the next context
+    fake.push(Reply.answer(["ok"]))
+    with service.client() as client:
+        client.post(f"{API}/chat/s1", json={"message": "next"})
+    assert [m["role"] for m in sent(fake)["messages"]] == ["system", "user", "assistant", "tool", "assistant", "user"]
+    assert sent(fake)["messages"][4] == {"role": "assistant", "content": "then "}
+
+
+def test_server_tools_narrowed_or_none_and_mixed_with_the_apps_own(make_service, fake, mcp_http):
+    service = tooled(make_service, mcp_http)
+    with service.client() as client:
+        ready(client)
+        fake.push(Reply.answer(["a"]), Reply.answer(["b"]))
+        client.post(f"{API}/chat/s1", json={"message": "none", "server_tools": False})
+        assert "tools" not in sent(fake)
+        client.post(f"{API}/chat/s2", json={"message": "one", "server_tools": ["t__echo"], "tools": [WEATHER]})
+        assert [t["function"]["name"] for t in sent(fake)["tools"]] == ["t__echo", "get_weather"]
+        r = client.post(
+            f"{API}/chat/s3", json={"message": "x", "tools": [{**WEATHER, "function": {"name": "t__echo"}}]}
+        )
+        assert r.status_code == 422 and "MCP server's tool" in r.json()["detail"]
+        # one round calling both kinds: the server's runs, then the answer waits for the app's
+        both = Reply.tool_calls([echo("srv"), ("get_weather", {"city": "Rome"})])
+        fake.push(both, Reply.answer(["Sunny in Rome."]))
+        body = client.post(f"{API}/chat/s4", json={"message": "both", "tools": [WEATHER]}).json()
+        assert body["finish_reason"] == "tool_calls"
+        assert body["tool_calls"] == [
+            {"id": both.calls[1]["id"], "name": "get_weather", "arguments": '{"city": "Rome"}'}
+        ]
+        assert calls_in(body["steps"]) == ["tool_call", "tool_call", "tool_result"]
+        r = client.post(
+            f"{API}/chat/s4", json={"tool_results": [{"tool_call_id": both.calls[1]["id"], "content": "sunny"}]}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["response"] == "Sunny in Rome."
+        assert [m["role"] for m in sent(fake)["messages"]] == ["system", "user", "assistant", "tool", "tool"]
+        assert [m["tool_call_id"] for m in sent(fake)["messages"][3:]] == [c["id"] for c in both.calls]
+
+
+def test_the_owner_reaches_the_server_as_a_header(make_service, fake, mcp_http):
+    entry = mcp_http.entry(owner_header="X-App-User")
+    service = tooled(make_service, mcp_http, entry, CHATSVC_USER_HEADER="X-User")
+    fake.push(Reply.tool_calls([("t__whoami", {"header": "x-app-user"})]), Reply.answer(["ok"]))
+    with service.client() as client:
+        ready(client)
+        body = client.post(f"{API}/chat/s1", json={"message": "who"}, headers={"X-User": "alice"}).json()
+    assert body["steps"][1]["data"]["content"] == "alice"
+
+
+def test_regenerating_a_multi_round_answer_sends_the_question_not_the_old_steps(make_service, fake, mcp_http):
+    service = tooled(make_service, mcp_http)
+    fake.push(Reply.tool_calls([echo("1")]), Reply.tool_calls([echo("2")]), Reply.answer(["first"]))
+    with service.client() as client:
+        ready(client)
+        answer = client.post(f"{API}/chat/s1", json={"message": "q"}).json()
+        assert len(fake.requests) == 3
+        fake.push(Reply.answer(["second"]))
+        again = client.post(f"{API}/chat/s1", json={"regenerate": answer["message_id"]}).json()
+    assert again["response"] == "second"
+    assert sent(fake)["messages"] == sent(fake, 0)["messages"]
+
+
+def test_old_tool_results_are_the_first_to_be_shortened(make_service, fake, mcp_http):
+    service = tooled(make_service, mcp_http, CHATSVC_MAX_CONTEXT_TOKENS="550", CHATSVC_MAX_TOOL_RESULT_CHARS="1500")
+    with service.client() as client:
+        ready(client)
+        for n in range(2):
+            fake.push(Reply.tool_calls([("t__big", {"n": 1200})]), Reply.answer([f"answer {n}"]))
+            client.post(f"{API}/chat/s1", json={"message": f"q{n}"})
+        fake.push(Reply.answer(["ok"]))
+        client.post(f"{API}/chat/s1", json={"message": "last"})
+    messages = sent(fake)["messages"]
+    tools = [m["content"] for m in messages if m["role"] == "tool"]
+    assert [m["role"] for m in messages][:2] == ["system", "user"]
+    assert tools[-1] == "x" * 1200  # the newest result whole
+    assert tools[0] == "[result omitted to fit the context: 1200 characters]"  # an older one shortened
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_tool_call_keeps_every_finished_step(service, fake, tmp_path):
+    server_mcp = McpProcess.http(tmp_path)
+    env = {
+        **service.env,
+        "CHATSVC_MCP_SERVERS": json.dumps({"t": server_mcp.entry()}),
+        "CHATSVC_CHECKPOINT_SECONDS": "5",  # steps are stored at once, not on the checkpoint's clock
+        "CHATSVC_HEARTBEAT_SECONDS": "0.2",
+    }
+    call = Reply.tool_calls([echo("done")], content=["Working. "])
+    fake.push(call, Reply.tool_calls([("t__hang", {"seconds": 60})]))
+    server = ServerProcess(env, tmp_path).start()
+    try:
+        with server.client() as client:
+            wait_for(lambda: 'chatsvc_mcp_server_up{server="t"} 1.0' in client.get("/metrics").text, 20)
+            reader = SSEReader(client, "POST", f"{API}/chat/s1/stream", json={"message": "go"})
+            while not (reader.next_event()["type"] == "tool_call" and reader.events[-1]["data"]["name"] == "t__hang"):
+                pass
+            wait_for(lambda: "start hang" in server_mcp.records(), 10)
+            wait_for(
+                lambda: (
+                    len(
+                        json.loads(
+                            service.rows("SELECT tool_steps FROM messages WHERE role = 'assistant'")[0]["tool_steps"]
+                            or "[]"
+                        )
+                    )
+                    == 3
+                ),
+                5,
+            )
+            server.kill()
+        server = ServerProcess(env, tmp_path).start()
+        with server.client() as client:
+            wait_for(lambda: client.get(f"{API}/context/conversations/s1").json()["generating"] is False, 5)
+            answer = client.get(f"{API}/context/conversations/s1").json()["messages"][1]
+            assert answer["status"] == "interrupted" and answer["content"] == "Working. "
+            assert [s["type"] for s in answer["steps"]] == ["tool_call", "tool_result", "tool_call"]
+            assert answer["steps"][1]["data"]["content"] == "echo: done"
+            fake.push(Reply.answer(["fine"]))
+            assert client.post(f"{API}/chat/s1", json={"message": "again"}).json()["response"] == "fine"
+        assert [m["role"] for m in sent(fake)["messages"]] == ["system", "user", "assistant", "tool", "user"]
+    finally:
+        server.stop()
+        server_mcp.stop()
+
+
+# ── replicas: an answer's tool rounds followed and stopped from another replica ──────────────
+
+
+@pytest.fixture
+def tool_cluster(postgres_database, fake, tmp_path, mcp_http):
+    from support import Service, pg
+    from test_replicas import start_together
+
+    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    service = Service(
+        postgres_database,
+        fake,
+        CHATSVC_HEARTBEAT_SECONDS="0.3",
+        CHATSVC_CHECKPOINT_SECONDS="5",  # steps are stored at once: a late mirror catches up from them
+        CHATSVC_UPSTREAM_IDLE_TIMEOUT="30",
+        CHATSVC_MCP_SERVERS=json.dumps({"t": mcp_http.entry()}),
+    )
+    a, b = ServerProcess(service.env, tmp_path), ServerProcess(service.env, tmp_path)
+    start_together(a, b)
+    for server in (a, b):
+        with server.client() as client:
+            wait_for(lambda c=client: 'chatsvc_mcp_server_up{server="t"} 1.0' in c.get("/metrics").text, 20)
+    yield service, a, b
+    for server in (a, b):
+        server.stop()
+    for server in (a, b):
+        assert "Traceback" not in server.log(), server.log()
+
+
+@pytest.mark.slow
+def test_a_replica_follows_a_tool_answer_joins_mid_tool_call_and_stops_it(tool_cluster, fake, mcp_http):
+    service, a, b = tool_cluster
+    # a result too long for one notification, text, then a call that hangs until stopped
+    fake.push(
+        Reply.tool_calls([("t__big", {"n": 20000})], content=["Reading. "]),
+        Reply.tool_calls([("t__hang", {"seconds": 60})], content=["Waiting. "]),
+    )
+    early = SSEReader(b.client(), "GET", f"{API}/chat/s1/stream")
+    from test_replicas import channel_listeners
+
+    wait_for(lambda: channel_listeners(b) == 1, 30)
+    poster = SSEReader(a.client(), "POST", f"{API}/chat/s1/stream", json={"message": "go"})
+    while not (poster.next_event()["type"] == "tool_call" and poster.events[-1]["data"]["name"] == "t__hang"):
+        pass
+    wait_for(lambda: "start hang" in mcp_http.records(), 10)
+    late = SSEReader(b.client(), "GET", f"{API}/chat/s1/stream")  # joins mid-tool-call: filled from the store
+    first_id = poster.events[0]["id"]
+    resumed = SSEReader(b.client(), "GET", f"{API}/chat/s1/stream", headers={"Last-Event-ID": first_id})
+    seen_late = [late.next_event() for _ in range(len(poster.events))]
+    with b.client() as client:
+        r = client.post(f"{API}/chat/s1/stop")
+    assert r.status_code == 200 and r.json()["stopped"] is True
+    poster.until_end()
+    posted = poster.events
+    assert posted[-1]["type"] == "end" and posted[-1]["data"]["finish_reason"] == "stopped"
+    assert early.until_end() == posted
+    assert seen_late + late.until_end() == posted
+    assert resumed.until_end() == posted[1:]
+    big = next(e for e in posted if e["type"] == "tool_result")
+    assert big["data"]["content"].startswith("x" * 19000)
+    wait_for(lambda: "cancelled hang" in mcp_http.records(), 10)
+    row = service.rows("SELECT status, content, tool_steps FROM messages WHERE role = 'assistant'")[0]
+    assert row["status"] == "stopped" and row["content"] == "Reading. Waiting. "
+    assert [s["type"] for s in json.loads(row["tool_steps"])] == ["tool_call", "tool_result", "tool_call"]
+    for reader in (early, late, resumed, poster):
+        reader.close()
