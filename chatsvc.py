@@ -2353,7 +2353,12 @@ def make_offer(toolbox: Toolbox, chat: ChatRequest) -> Offer | None:
 
 def check_results(answer: dict, results: list[dict]) -> None:
     """The app's tool results must answer, each once, every call the answer ended waiting for."""
-    if answer["role"] != "assistant" or answer["finish_reason"] != TOOL_CALLS or not answer.get("tool_steps"):
+    if (
+        answer["role"] != "assistant"
+        or answer["status"] != COMPLETE
+        or answer["finish_reason"] != TOOL_CALLS
+        or not answer["tool_steps"]
+    ):
         raise invalid(
             f"'tool_results' answer the calls of an answer that ended with finish_reason 'tool_calls';"
             f" '{answer['id']}' did not."
@@ -2435,7 +2440,7 @@ async def plan_turn(
     system_prompt = (conversation and conversation["system_prompt"]) or settings.system_prompt
     new: str | list[dict]
     if results is not None:
-        new, question = [tool_message(r["tool_call_id"], r["content"], None) for r in results], ""
+        new, question = results, ""
     else:
         assert question is not None
         new = question
@@ -2498,13 +2503,13 @@ def omitted(message: dict) -> dict:
     return {**message, "content": f"[result omitted to fit the context: {len(message['content'])} characters]"}
 
 
-def answer_messages(row: dict, answered: Collection[str]) -> list[dict]:
+def answer_messages(row: dict, answered: dict[str, str]) -> list[dict]:
     """A stored answer as the model is sent it back: each tool round's text and calls, then each
-    call's result, then the rest of its text. A call without a result is left out (the answer was
-    stopped or cut during it, or the app never answered it: ids in `answered` are the app's results,
-    which follow as the next turn)."""
+    call's result in call order, then the rest of its text. `answered`: the app's results for its
+    last round's calls (the turn that follows it), by call id. A call without a result is left out
+    (the answer was stopped or cut during it, or the app never answered it)."""
     content = row["content"]
-    if not row.get("tool_steps"):
+    if not row["tool_steps"]:
         return [{"role": "assistant", "content": content}]
     steps = json.loads(row["tool_steps"])
     results = {step["data"]["id"]: step["data"] for step in steps if step["type"] == "tool_result"}
@@ -2523,18 +2528,15 @@ def answer_messages(row: dict, answered: Collection[str]) -> list[dict]:
             {"role": "assistant", "content": content[at:end], "tool_calls": [history_call(c) for c in kept]}
         )
         for call in kept:
-            if call["id"] in results:
-                result = results[call["id"]]
+            result = results.get(call["id"])
+            if result is not None:
                 messages.append(tool_message(call["id"], result.get("content"), result.get("error")))
+            else:
+                messages.append(tool_message(call["id"], answered[call["id"]], None))
         at = end
     if content[at:] or not messages:
         messages.append({"role": "assistant", "content": content[at:]})
     return messages
-
-
-def result_messages(row: dict) -> list[dict]:
-    """A turn of the app's tool results, as the model is sent it."""
-    return [tool_message(r["tool_call_id"], r["content"], None) for r in json.loads(row["tool_results"])]
 
 
 def message_cost(messages: list[dict]) -> int:
@@ -2554,28 +2556,33 @@ def build_context(
     max_tokens: int,
 ) -> list[dict]:
     """System prompt, then the newest usable history within both budgets (in order), then the new
-    turn: the user's message, or the app's tool results (`new` as tool messages). Failed turns and
-    empty answers are left out, with the turn that led to them. A stored answer's tool rounds are
-    sent as the model made them; walking back from the newest, results that do not fit are omitted
-    (with their length) before older messages are left out."""
-    new_messages = [{"role": "user", "content": new}] if isinstance(new, str) else new
-    system_cost, message_cost_ = estimate_tokens(system_prompt), message_cost(new_messages)
+    turn: the user's message, or the app's tool results (`new`: [{"tool_call_id", "content"}], sent
+    after the calls they answer, in call order). Failed turns and empty answers are left out, with
+    the turn that led to them. A stored answer's tool rounds are sent as the model made them;
+    walking back from the newest, results that do not fit are omitted (with their length) before
+    older messages are left out."""
+    results_turn = not isinstance(new, str)
+    if isinstance(new, str):
+        new_messages = [{"role": "user", "content": new}]
+    else:
+        new_messages = [tool_message(r["tool_call_id"], r["content"], None) for r in new]
+    system_cost, new_cost = estimate_tokens(system_prompt), message_cost(new_messages)
     if system_cost >= max_tokens:
         raise ContextTooLong(
             f"The conversation's system prompt (about {system_cost} tokens) leaves no room in the"
             f" context budget ({max_tokens} tokens, CHATSVC_MAX_CONTEXT_TOKENS). Shorten the system prompt."
         )
-    budget = max_tokens - system_cost - message_cost_
+    budget = max_tokens - system_cost - new_cost
     if budget < 0:
         raise ContextTooLong(
             f"The message is too long for the model's context budget ({max_tokens} tokens, about "
-            f"{message_cost_} needed for the message alone). Shorten it."
+            f"{new_cost} needed for the message alone). Shorten it."
         )
     usable: list[dict] = []  # newest first
     skip_question = False
     for row in history_newest_first:
         if row["role"] == "assistant" and (
-            row["status"] in (FAILED, STREAMING) or not (row["content"] or row.get("tool_steps"))
+            row["status"] in (FAILED, STREAMING) or not (row["content"] or row["tool_steps"])
         ):
             skip_question = True  # drop the answer and the turn that led to it
             continue
@@ -2583,22 +2590,24 @@ def build_context(
             skip_question = False
             continue
         usable.append(row)
-    answered: set[str] = {m["tool_call_id"] for m in new_messages if m["role"] == "tool"}
+    fresh = {r["tool_call_id"]: r["content"] for r in new} if not isinstance(new, str) else {}
+    answered = fresh  # the app's results for the calls of the next older answer
     picked: list[list[dict]] = []
     for row in usable:
         if len(picked) >= max_messages:
             break
         if row["role"] == "assistant":
-            messages = answer_messages(row, answered)
-        elif row.get("tool_results"):
-            messages = result_messages(row)
+            messages, answered = answer_messages(row, answered), {}
+        elif row["tool_results"]:  # sent with the answer whose calls they answer (in call order)
+            answered = {r["tool_call_id"]: r["content"] for r in json.loads(row["tool_results"])}
+            picked.append([])
+            continue
         else:
-            messages = [{"role": "user", "content": row["content"]}]
-        answered = {r["tool_call_id"] for r in json.loads(row["tool_results"])} if row.get("tool_results") else set()
-        cost = message_cost(messages)
+            messages, answered = [{"role": "user", "content": row["content"]}], {}
+        cost = message_cost([m for m in messages if m.get("tool_call_id") not in fresh])  # the new ones are counted
         if cost > budget and any(m["role"] == "tool" for m in messages):  # its results left out first
-            messages = [omitted(m) if m["role"] == "tool" else m for m in messages]
-            cost = message_cost(messages)
+            messages = [omitted(m) if m["role"] == "tool" and m["tool_call_id"] not in fresh else m for m in messages]
+            cost = message_cost([m for m in messages if m.get("tool_call_id") not in fresh])
         if cost > budget:
             break
         budget -= cost
@@ -2606,12 +2615,14 @@ def build_context(
     flat = [message for messages in reversed(picked) for message in messages]
     while flat and flat[0]["role"] != "user":  # the model expects a user turn first
         flat.pop(0)
-    called = {call["id"] for message in flat for call in message.get("tool_calls", ())}
-    if any(m["role"] == "tool" and m["tool_call_id"] not in called for m in new_messages):
-        raise ContextTooLong(
-            f"The tool results and the calls they answer do not fit the model's context budget ({max_tokens}"
-            " tokens, CHATSVC_MAX_CONTEXT_TOKENS). Send shorter results."
-        )
+    if results_turn:
+        sent_ids = {m["tool_call_id"] for m in flat if m["role"] == "tool"}
+        if not fresh.keys() <= sent_ids:
+            raise ContextTooLong(
+                f"The tool results and the calls they answer do not fit the model's context budget ({max_tokens}"
+                " tokens, CHATSVC_MAX_CONTEXT_TOKENS). Send shorter results."
+            )
+        return [{"role": "system", "content": system_prompt}, *flat]
     return [{"role": "system", "content": system_prompt}, *flat, *new_messages]
 
 
@@ -3124,9 +3135,11 @@ def exposed_names(server: str, tools: Iterable[str]) -> dict[str, str]:
 
 
 def _object_schema(schema: Any) -> dict:
-    """A tool's input schema as the model API takes it: an object schema, with `properties`."""
+    """A tool's input schema as the model API takes it: an object schema, with `properties`; lone
+    surrogates replaced (they cannot be sent as UTF-8: every answer offering the tool would fail)."""
     if not isinstance(schema, dict) or schema.get("type") != "object":
         return {"type": "object", "properties": {}}
+    schema = json.loads(_UNSTORABLE.sub("\ufffd", json.dumps(schema, ensure_ascii=False)))
     return schema if "properties" in schema else {**schema, "properties": {}}
 
 
@@ -3314,7 +3327,13 @@ class McpServer:
                 self._renamed.add(tool)
                 log.info("MCP server %s: tool %r is offered to the model as %s", self.name, tool[:100], exposed)
         self.specs = [
-            ToolSpec(names[t.name], self.name, t.name, t.description or t.title or "", _object_schema(t.input_schema))
+            ToolSpec(
+                names[t.name],
+                self.name,
+                t.name,
+                _UNSTORABLE.sub("\ufffd", t.description or t.title or ""),
+                _object_schema(t.input_schema),
+            )
             for t in tools
         ]
         self.listed.set()
@@ -3778,6 +3797,13 @@ def record_answer(metrics: Metrics, answer: Answer) -> None:
     )
 
 
+def added_usage(one: dict | None, other: dict | None) -> dict | None:
+    """Two rounds' usage, as one (an answer's tool rounds are one answer): each count summed."""
+    if one is None or other is None:
+        return one or other
+    return {k: one.get(k, 0) + other.get(k, 0) for k in USAGE_FIELDS if k in one or k in other}
+
+
 def spent(answer: Answer) -> tuple[str, dict]:
     """What an answer cost: the usage the model service reported; else, if the model worked (some
     servers, llama-cpp-python for one, ignore stream_options), chatsvc's estimate; else nothing."""
@@ -4055,6 +4081,8 @@ class Relay:
             answer.status = FAILED
             answer.error = UpstreamError(502, "upstream_error", "The answer failed unexpectedly.")
         finally:
+            if answer.finish_reason == TOOL_CALLS and answer.status != COMPLETE:  # the model's, for a round cut short
+                answer.finish_reason = None
             if answer.phase is Phase.TOOLS:  # a fault between two rounds
                 answer.move(Phase.RUNNING)
             answer.move(Phase.FINISHING)
@@ -4071,7 +4099,7 @@ class Relay:
         said_before = answer.text_chars + answer.reasoning_chars
 
         async def call() -> None:
-            gathered = ToolCallAccumulator()
+            gathered, answer.usage = ToolCallAccumulator(), None  # a retried attempt's usage is not counted
             async with contextlib.aclosing(stream_completion(self.client, s, body)) as deltas:
                 async for delta in deltas:
                     if not self._relay(answer, delta):
@@ -4085,11 +4113,13 @@ class Relay:
         def counted() -> None:
             answer.retries += 1
 
+        earlier, answer.usage = answer.usage, None  # the earlier rounds' usage; this round's is added to it
         deadline = asyncio.get_running_loop().call_later(s.upstream_total_timeout, answer.cancel, StopReason.TIMEOUT)
         try:
             await retried(s, self.metrics, "answer", call, said, counted)
         finally:
             deadline.cancel()
+            answer.usage = added_usage(earlier, answer.usage)
         return calls
 
     def _calls(self, answer: Answer, calls: list[ToolCall], offer: Offer, round_: int) -> list[dict]:
@@ -4800,7 +4830,8 @@ class Replicas:
                 return
             covered = row["last_seq"] or 0
             tail = [note for note in mirror.pending if note.seq is not None]
-            if covered >= len(mirror.log) and (not tail or covered >= tail[0].seq):
+            # a note without its event (too long to notify) needs a checkpoint that holds that event too
+            if covered >= len(mirror.log) and (not tail or covered >= tail[0].seq + (not tail[0].event)):
                 self._fill(mirror, row, covered)
                 pending, mirror.pending = mirror.pending, None
                 for note in pending:
@@ -5200,10 +5231,13 @@ def parse_tools(body: dict) -> list[dict] | None:
         if function.get("description") is not None:
             if not isinstance(function["description"], str):
                 raise invalid(f"{where}.function.description must be a string.")
-            entry["description"] = function["description"]
+            entry["description"] = storable(
+                f"tools[{n}].function.description", function["description"], TOOL_SCHEMA_CHARS
+            )
         if function.get("parameters") is not None:
             if not isinstance(function["parameters"], dict):
                 raise invalid(f"{where}.function.parameters must be a JSON Schema object.")
+            storable(f"tools[{n}].function.parameters", json.dumps(function["parameters"], ensure_ascii=False), 10**9)
             entry["parameters"] = function["parameters"]
         kept.append({"type": "function", "function": entry})
     if len(json.dumps(kept, ensure_ascii=False)) > TOOL_SCHEMA_CHARS:
@@ -5926,7 +5960,7 @@ def present_tools(row: dict) -> dict:
     shown: dict[str, Any] = {}
     if steps:
         shown["steps"] = [{"type": step["type"], "data": step["data"]} for step in steps]
-    if row["finish_reason"] == "tool_calls":
+    if row["finish_reason"] == "tool_calls" and row["status"] == COMPLETE:
         shown["tool_calls"] = pending_tool_calls(steps)
     return shown
 
