@@ -1879,8 +1879,7 @@ class Copies:
     async def fork(self, owner: str, session_id: str, message_id: str, new_session_id: str, title: str | None) -> bool:
         """A new conversation holding copies of the path from the root to this message (new ids; the
         same texts, tool steps and results, usage, statuses and times; what was out of the context
-        stays out). False if
-        `new_session_id` exists."""
+        stays out). False if `new_session_id` exists."""
         scope = {"owner": owner, "sid": session_id}
         source = await self.db.fetch_one(
             "SELECT title, system_prompt, model, context_start FROM conversations"
