@@ -3164,6 +3164,9 @@ def tool_result_text(result: Any) -> str:
     return "\n".join(parts)
 
 
+RESULT_NOTE_CHARS = 100  # the note a cut result ends with, at most
+
+
 def storable_result(text: str, limit: int) -> str:
     """A result or error as stored and sent: NUL and lone surrogates replaced, cut at `limit`."""
     text = _UNSTORABLE.sub("\ufffd", text)
@@ -3187,6 +3190,16 @@ def _describe(exc: BaseException) -> str:
         exc = exc.exceptions[0]  # type: ignore[attr-defined]
     text = str(exc)
     return redact_urls(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:300]
+
+
+def _transport_failure(exc: BaseException) -> bool:
+    """Whether a call failed because its connection did (the others: the tool's answer was not read)."""
+    inner = getattr(exc, "exceptions", None)
+    if inner is not None:  # an exception group, from the SDK's task groups
+        return any(_transport_failure(e) for e in inner)
+    return isinstance(
+        exc, (OSError, httpx.TransportError, anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream)
+    )
 
 
 class _Lost(Exception):
@@ -3229,8 +3242,10 @@ class McpServer:
 
         async def on_request(request: httpx.Request) -> None:
             owner = _tool_owner.get()
-            if owner is not None:
-                request.headers[owner[0]] = owner[1]
+            if owner is not None:  # the bytes the app sent (Starlette read them as latin-1; httpx writes str as UTF-8)
+                name = owner[0].encode("latin-1")
+                kept = [(k, v) for k, v in request.headers.raw if k.lower() != name.lower()]
+                request.headers = httpx.Headers([*kept, (name, owner[1].encode("latin-1", "replace"))])
             if request.method == "DELETE":  # the session's end, at close: never hold the shutdown
                 request.extensions["timeout"] = httpx.Timeout(MCP_CLOSE_SECONDS).as_dict()
 
@@ -3399,6 +3414,11 @@ class McpServer:
             self.lose(client)
             return outcome("unavailable", error=f"The connection to the tool server '{self.name}' was lost.")
         except Exception as exc:
+            if not _transport_failure(exc):  # e.g. a result unlike the tool's declared output schema
+                log.warning(
+                    "MCP server %s: the answer of %s could not be read (%s)", self.name, spec.tool, type(exc).__name__
+                )
+                return outcome("error", error=f"The tool's answer could not be read ({type(exc).__name__}).")
             log.warning("MCP server %s: call to %s failed: %s", self.name, spec.tool, _describe(exc))
             self.lose(client)
             return outcome("unavailable", error=f"The connection to the tool server '{self.name}' failed.")
@@ -3408,6 +3428,9 @@ class McpServer:
         return outcome("error", error=text or "The tool failed.") if result.is_error else outcome("ok", content=text)
 
 
+MAX_TOOL_LABELS = 200  # a server's tool names in the metrics, at most (the rest count as `other`)
+
+
 class Toolbox:
     """All the configured MCP servers: their tools (`specs`, `find`) and the calls made to them
     (`run`). With no server configured it is empty and costs nothing."""
@@ -3415,6 +3438,7 @@ class Toolbox:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.metrics = metrics
         self.servers = {c.name: McpServer(c, settings, metrics) for c in settings.mcp_servers}
+        self._labelled: dict[str, set[str]] = {}  # the tool names each server's metrics are labelled with
 
     def start(self) -> None:
         """Spawn each server's supervisor; returns at once (a server down is retried, never waited for)."""
@@ -3479,8 +3503,13 @@ class Toolbox:
         return result
 
     def _record(self, spec: ToolSpec, outcome: str, started: float) -> None:
-        self.metrics.tool_calls.labels(spec.server, spec.tool, outcome).inc()
-        self.metrics.tool_seconds.labels(spec.server, spec.tool).observe(time.perf_counter() - started)
+        # labels stay bounded when a server's tool list changes from one connection to the next
+        labelled = self._labelled.setdefault(spec.server, set())
+        if spec.tool not in labelled and len(labelled) < MAX_TOOL_LABELS:
+            labelled.add(spec.tool)
+        tool = spec.tool if spec.tool in labelled else "other"
+        self.metrics.tool_calls.labels(spec.server, tool, outcome).inc()
+        self.metrics.tool_seconds.labels(spec.server, tool).observe(time.perf_counter() - started)
 
     async def listed(self) -> None:
         """Until every server has listed its tools once (bound it with a timeout)."""
@@ -3530,6 +3559,8 @@ def parse_event_id(value: str | None) -> tuple[str, int] | None:
 
 
 TOOL_CALLS = "tool_calls"  # the finish_reason of an answer that waits for the app's own tools
+MAX_CALL_ID_CHARS = 200  # a call's id, at most (a longer one the model gives is replaced)
+MAX_TOOL_NAME_CHARS = 1000  # a called name, at most (a longer one is cut: it names no tool anyway)
 TOOL_ROUNDS = "tool_rounds"  # ... of one that still called tools after CHATSVC_MAX_TOOL_ROUNDS
 DELTA_CHARS = 1000  # a delta event's text, at most: even all escaped, it fits a notification
 BATCH_EVENTS = 64  # a reader catching up copies at most this many events per write
@@ -4126,9 +4157,14 @@ class Relay:
         taken = {step["data"]["id"] for step in answer.steps if step["type"] == "tool_call"}
         made = []
         for call in calls:
-            call_id = call.id if call.id not in taken else f"call_{uuid.uuid4().hex[:24]}"
+            # an id used before in this answer (servers number calls per response), or too long to be
+            # answered (`tool_results`), is replaced; arguments past CHATSVC_MAX_ANSWER_CHARS are cut
+            # (then they are not JSON: bad_arguments)
+            fresh = call.id not in taken and len(call.id) <= MAX_CALL_ID_CHARS
+            call_id = call.id if fresh else f"call_{uuid.uuid4().hex[:24]}"
             taken.add(call_id)
-            data = {"id": call_id, "name": call.name, "arguments": call.arguments, "round": round_}
+            name, arguments = call.name[:MAX_TOOL_NAME_CHARS], call.arguments[: self.settings.max_answer_chars]
+            data = {"id": call_id, "name": name, "arguments": arguments, "round": round_}
             spec = offer.server.get(call.name)
             if spec is not None:
                 data.update(server=spec.server, tool=spec.tool)
@@ -5278,12 +5314,12 @@ def parse_tool_results(settings: Settings, body: dict) -> list[dict] | None:
         if not isinstance(result, dict) or set(result) - {"tool_call_id", "content"}:
             raise invalid(f'\'{where}\' must be {{"tool_call_id", "content"}}.')
         call_id, content = result.get("tool_call_id"), result.get("content")
-        if not isinstance(call_id, str) or not call_id or len(call_id) > 200:
+        if not isinstance(call_id, str) or not call_id or len(call_id) > MAX_CALL_ID_CHARS:
             raise invalid(f"'{where}.tool_call_id' must be the id of a call (a string).")
         if not isinstance(content, str):
             raise invalid(f"'{where}.content' must be a string (the result's text; JSON as text).")
         storable(f"{where}.content", content, settings.max_message_chars)
-        kept.append({"tool_call_id": storable(f"{where}.tool_call_id", call_id, 200), "content": content})
+        kept.append({"tool_call_id": storable(f"{where}.tool_call_id", call_id, MAX_CALL_ID_CHARS), "content": content})
     return kept
 
 
@@ -5667,21 +5703,21 @@ def imported_steps(
         before = {name: step[name] for name in before}
         data, where = step["data"], f"{at}.data"
         field_object(data, where, TOOL_CALL_FIELDS if step["type"] == "tool_call" else TOOL_RESULT_FIELDS)
-        call_id = field_text(data.get("id"), f"{where}.id", 200, optional=False)
+        call_id = field_text(data.get("id"), f"{where}.id", MAX_CALL_ID_CHARS, optional=False)
         if not call_id:
             bad_field(f"{where}.id", "must not be empty.")
         if step["type"] == "tool_call":
             if call_id in calls:
                 bad_field(f"{where}.id", "is the id of an earlier call of this answer.")
             calls.add(call_id)
-            if not field_text(data.get("name"), f"{where}.name", 200, optional=False):
+            if not field_text(data.get("name"), f"{where}.name", MAX_TOOL_NAME_CHARS, optional=False):
                 bad_field(f"{where}.name", "must not be empty.")
             field_text(data.get("arguments"), f"{where}.arguments", settings.max_answer_chars, optional=False)
             field_count(data.get("round"), f"{where}.round", 1, MAX_TOKENS_STORED)
             if ("server" in data) != ("tool" in data):
                 bad_field(f"{where}.{'tool' if 'server' in data else 'server'}", "must be given with the other.")
             for name in ("server", "tool"):
-                if name in data and not field_text(data[name], f"{where}.{name}", 200, optional=False):
+                if name in data and not field_text(data[name], f"{where}.{name}", MAX_TOOL_NAME_CHARS, optional=False):
                     bad_field(f"{where}.{name}", "must not be empty.")
             continue
         if call_id not in calls or call_id in answered:
@@ -5690,7 +5726,8 @@ def imported_steps(
         if ("content" in data) == ("error" in data):
             bad_field(f"{where}.content", "a result has either a content or an error, a string.")
         name = "content" if "content" in data else "error"
-        field_text(data[name], f"{where}.{name}", settings.max_answer_chars, optional=False)
+        longest = max(settings.max_answer_chars, settings.max_tool_result_chars + RESULT_NOTE_CHARS)
+        field_text(data[name], f"{where}.{name}", longest, optional=False)
         field_count(data.get("duration_ms"), f"{where}.duration_ms", 0, MAX_TOKENS_STORED)
         if data.get("outcome") not in TOOL_OUTCOMES:
             bad_field(f"{where}.outcome", f"must be one of {', '.join(TOOL_OUTCOMES)}.")

@@ -16,7 +16,8 @@ Tools: echo(text), fail(reason) (an is_error result), hang(seconds) (until cance
 (n characters, 1 MB by default), whoami(header) (the value of a request header the call carried:
 "absent" if none, "none" over stdio), nothing() (no parameters), cancelled_count() (how many calls
 were cancelled so far), dirty() (a result with a NUL), `dotted.name` and a tool
-with a 70-character name (naming), picture() (an image part), pid() (the server's process id).
+with a 70-character name (naming), picture() (an image part), pid() (the server's process id),
+misshapen() (a result unlike the output schema it declares).
 
 From a test: `McpProcess.http(tmp_path)` / `McpProcess.http(tmp_path, "--legacy")` (a started
 process; `.url`, `.entry()` for CHATSVC_MCP_SERVERS, `.kill()`, `.restart()`, `.stop()`,
@@ -52,6 +53,9 @@ def build_server(record, pages, many):
     class Server(MCPServer):
         async def _handle_list_tools(self, ctx, params):
             tools = await self.list_tools()
+            for tool in tools:  # a tool whose results do not meet the output schema it declares
+                if tool.name == "misshapen":
+                    tool.output_schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
             if not pages:
                 return mcp_types.ListToolsResult(tools=tools)
             start = int(params.cursor) if params is not None and params.cursor else 0
@@ -109,6 +113,11 @@ def build_server(record, pages, many):
     def dirty() -> str:
         """A result with a NUL."""
         return "a\x00b"
+
+    @mcp.tool()
+    def misshapen() -> str:
+        """A result unlike its declared output schema (the client refuses it)."""
+        return "not an object"
 
     @mcp.tool()
     def pid() -> str:

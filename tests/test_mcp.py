@@ -286,7 +286,7 @@ def test_listing_paginated_tools_and_naming_them(tmp_path, monkeypatch, caplog):
         try:
             specs = toolbox.specs()
             paged = [s for s in specs if s.server == "pages"]
-            assert len(paged) == 12 + 25  # 10 pages of 4
+            assert len(paged) == 13 + 25  # 10 pages of 4
             assert [s.tool for s in paged][-25:] == [f"t{i:02d}" for i in range(25)]
             assert [(s.exposed, s.tool) for s in specs if s.server == "only"] == [
                 ("only__echo", "echo"),

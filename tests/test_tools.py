@@ -460,6 +460,16 @@ def test_server_tools_narrowed_or_none_and_mixed_with_the_apps_own(make_service,
         assert r.json()["response"] == "Sunny in Rome."
         assert [m["role"] for m in sent(fake)["messages"]] == ["system", "user", "assistant", "tool", "tool"]
         assert [m["tool_call_id"] for m in sent(fake)["messages"][3:]] == [c["id"] for c in both.calls]
+        # the app's call first: its result is sent first too (call order), the server's after it
+        mixed = Reply.tool_calls([("get_weather", {"city": "Oslo"}), echo("srv")])
+        fake.push(mixed, Reply.answer(["Cold."]))
+        body = client.post(f"{API}/chat/s5", json={"message": "both", "tools": [WEATHER]}).json()
+        results = [{"tool_call_id": mixed.calls[0]["id"], "content": "cold"}]
+        assert client.post(f"{API}/chat/s5", json={"tool_results": results}).status_code == 200
+        assert [(m["tool_call_id"], m["content"]) for m in sent(fake)["messages"][3:]] == [
+            (mixed.calls[0]["id"], "cold"),
+            (mixed.calls[1]["id"], "echo: srv"),
+        ]
 
 
 def test_the_owner_reaches_the_server_as_a_header(make_service, fake, mcp_http):
@@ -608,9 +618,67 @@ def test_a_replica_follows_a_tool_answer_joins_mid_tool_call_and_stops_it(tool_c
     assert resumed.until_end() == posted[1:]
     big = next(e for e in posted if e["type"] == "tool_result")
     assert big["data"]["content"].startswith("x" * 19000)
+    with b.client() as client:  # the result too long to notify: one catch-up from the store, not one per check
+        assert "chatsvc_bus_gaps_total 1.0" in client.get("/metrics").text
     wait_for(lambda: "cancelled hang" in mcp_http.records(), 10)
     row = service.rows("SELECT status, content, tool_steps FROM messages WHERE role = 'assistant'")[0]
     assert row["status"] == "stopped" and row["content"] == "Reading. Waiting. "
     assert [s["type"] for s in json.loads(row["tool_steps"])] == ["tool_call", "tool_result", "tool_call"]
     for reader in (early, late, resumed, poster):
         reader.close()
+
+
+def test_an_answer_failing_after_a_tool_round_waits_for_nothing(client, service, fake):
+    # round 1 ends with finish_reason tool_calls; round 2 fails: the answer is failed, waiting for nothing
+    fake.push(Reply.tool_calls([("nosuch", {})]), Reply.error(400, "invalid_parameter_error", "bad request"))
+    r = client.post(f"{API}/chat/s2", json={"message": "go", "tools": [WEATHER]})
+    assert r.status_code == 502 and r.json()["code"] == "upstream_error", r.text
+    row = service.rows("SELECT status, finish_reason FROM messages WHERE session_id = 's2' AND role = 'assistant'")
+    assert row == [{"status": "failed", "finish_reason": None}]
+    page = client.get(f"{API}/context/conversations/s2/messages").json()["messages"]
+    assert "tool_calls" not in page[1] and [s["type"] for s in page[1]["steps"]] == ["tool_call", "tool_result"]
+    r = client.post(f"{API}/chat/s2", json={"tool_results": [{"tool_call_id": "x", "content": "y"}]})
+    assert r.status_code == 422 and "did not" in r.json()["detail"]
+
+
+def test_usage_is_the_sum_of_the_rounds(client, fake):
+    one = {"prompt_tokens": 1000, "completion_tokens": 50, "total_tokens": 1050}
+    two = {"prompt_tokens": 1100, "completion_tokens": 5, "total_tokens": 1105}
+    fake.push(Reply.tool_calls([("nosuch", {})], usage=one), Reply.answer(["ok"], usage=two))
+    body = client.post(f"{API}/chat/s1", json={"message": "go", "tools": [WEATHER]}).json()
+    assert body["usage"] == {"prompt_tokens": 2100, "completion_tokens": 55, "total_tokens": 2155}
+    page = client.get(f"{API}/context/conversations/s1/messages").json()["messages"]
+    assert page[1]["usage"] == body["usage"]
+
+
+def test_tools_whose_text_cannot_be_sent_are_422(client, service, fake):
+    body = b'{"message": "hi", "tools": [{"type": "function", "function": {"name": "a", "description": "\\ud800"}}]}'
+    r = client.post(f"{API}/chat/s1", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "unpaired surrogate" in r.json()["detail"], r.text
+    body = (
+        b'{"message": "hi", "tools": [{"type": "function", "function": {"name": "a", "parameters": {"x": "\\udfff"}}}]}'
+    )
+    r = client.post(f"{API}/chat/s1", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "tools[0].function.parameters" in r.json()["detail"], r.text
+    assert service.rows("SELECT COUNT(*) AS n FROM messages")[0]["n"] == 0 and fake.requests == []
+
+
+def test_a_result_unlike_its_schema_is_an_error_and_the_server_stays_up(make_service, fake, mcp_http):
+    service = tooled(make_service, mcp_http)
+    fake.push(Reply.tool_calls([("t__misshapen", {})]), Reply.tool_calls([echo("still")]), Reply.answer(["ok"]))
+    with service.client() as client:
+        ready(client)
+        body = client.post(f"{API}/chat/s1", json={"message": "go"}).json()
+        results = [s["data"] for s in body["steps"] if s["type"] == "tool_result"]
+        assert results[0]["outcome"] == "error" and "could not be read" in results[0]["error"]
+        assert (results[1]["outcome"], results[1]["content"]) == ("ok", "echo: still")  # the same connection
+        assert 'chatsvc_mcp_server_up{server="t"} 1.0' in client.get("/metrics").text
+
+
+def test_a_non_ascii_owner_reaches_the_server_as_the_same_bytes(make_service, fake, mcp_http):
+    service = tooled(make_service, mcp_http, mcp_http.entry(owner_header="X-App-User"), CHATSVC_USER_HEADER="X-User")
+    fake.push(Reply.tool_calls([("t__whoami", {"header": "x-app-user"})]), Reply.answer(["ok"]))
+    with service.client() as client:
+        ready(client)
+        body = client.post(f"{API}/chat/s1", json={"message": "who"}, headers={"X-User": "josé".encode()}).json()
+    assert body["steps"][1]["data"].get("content") == "josé".encode().decode("latin-1"), body["steps"]
