@@ -572,9 +572,7 @@ def test_the_app_starts_at_once_with_a_server_down_and_offers_its_tools_once_up(
             assert 'chatsvc_mcp_server_up{server="later"} 0.0' in client.get("/metrics").text
             assert toolbox.specs() == []
             server.start()
-            deadline = time.monotonic() + 10
-            while not toolbox.specs() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            mcp_server.wait_for_tools(toolbox, 10)
             assert toolbox.find("later__echo") is not None
             assert 'chatsvc_mcp_server_up{server="later"} 1.0' in client.get("/metrics").text
             assert client.get("/readyz").status_code == 200
