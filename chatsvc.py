@@ -383,7 +383,7 @@ def _mcp_server(name: str, entry: Any) -> McpServerConfig | None:
         for key in ("args", "env", "cwd"):
             if key in entry:
                 raise ValueError(f"the {where} has a '{key}', which only a stdio server (with a 'command') takes")
-        headers = _strings(entry.get("headers", {}), where, "headers", interpolate=True)
+        headers = _strings(entry.get("headers", {}), where, "headers")
         if not all(_HEADER_NAME.fullmatch(h) for h, _ in headers):
             raise ValueError(f"the {where} has a header name that is not a valid HTTP header name")
         owner = entry.get("owner_header")
@@ -401,11 +401,11 @@ def _mcp_server(name: str, entry: Any) -> McpServerConfig | None:
     cwd = entry.get("cwd")
     if cwd is not None and (not isinstance(cwd, str) or not cwd):
         raise ValueError(f"the {where} has a 'cwd' that is not a directory path")
-    env = _strings(entry["env"], where, "env", interpolate=True) if "env" in entry else None
+    env = _strings(entry["env"], where, "env") if "env" in entry else None
     return McpServerConfig(command=command, args=tuple(args), env=env, cwd=cwd, **common)
 
 
-def _strings(value: Any, where: str, key: str, interpolate: bool) -> tuple[tuple[str, str], ...]:
+def _strings(value: Any, where: str, key: str) -> tuple[tuple[str, str], ...]:
     """An object of strings; `${VAR}` in a value is the environment's VAR (an unset one is an error)."""
     if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
         raise ValueError(f"the {where} has a '{key}' that is not an object of strings")
@@ -415,7 +415,7 @@ def _strings(value: Any, where: str, key: str, interpolate: bool) -> tuple[tuple
             raise ValueError(f"the {where} has a '{key}' value naming ${{{match[1]}}}, which is not set")
         return os.environ[match[1]]
 
-    return tuple((k, _ENV_REFERENCE.sub(resolve, v) if interpolate else v) for k, v in value.items())
+    return tuple((k, _ENV_REFERENCE.sub(resolve, v)) for k, v in value.items())
 
 
 # ── Errors: domain refusals, and the HTTP errors they become ({"detail", "code"}) ──────

@@ -5,8 +5,8 @@ a port) or stdio, as a subprocess, the way tests/procs.py runs chatsvc.
     python tests/mcp_server.py stdio [options]         stdio (what an MCP client's "command" starts)
 
 Options:
-    --record FILE   append a line to FILE for each call started (`start <tool>`) and each call
-                    cancelled (`cancelled <tool>`)
+    --record FILE   append a line to FILE when a `hang` call starts (`start hang`) and when it is
+                    cancelled (`cancelled hang`)
     --pages N       list the tools N to a page (a cursor for the rest); --many adds 25 tools t00..t24
     --legacy        HTTP: speak only the handshake-era protocol (a session, `mcp-session-id`), and
                     never answer the DELETE that ends a session
@@ -23,7 +23,9 @@ From a test: `McpProcess.http(tmp_path)` / `McpProcess.http(tmp_path, "--legacy"
 process; `.url`, `.entry()` for CHATSVC_MCP_SERVERS, `.kill()`, `.restart()`, `.stop()`,
 `.records()`) and `stdio_entry(tmp_path, *options)` (a stdio entry; its record file is
 `tmp_path / "stdio-record.txt"`). The fixtures `mcp_http` and `mcp_stdio` (import them from this
-module into a test module) give the same, stopped after the test.
+module into a test module as `mcp_http = mcp_server.mcp_http`) give the same, stopped after the
+test. `wait_for_tools(client.app.state.toolbox)` waits, from a synchronous test, until the tools
+are listed.
 """
 
 import json
@@ -218,6 +220,15 @@ def stdio_entry(tmp_path: Path, *options: str, **extra: object) -> dict:
     """A CHATSVC_MCP_SERVERS entry that starts this server over stdio."""
     record = str(tmp_path / "stdio-record.txt")
     return {"command": sys.executable, "args": [str(HERE), "stdio", "--record", record, *options], **extra}
+
+
+def wait_for_tools(toolbox, timeout: float = 20.0) -> None:
+    """From synchronous test code (a TestClient's app: `client.app.state.toolbox`): wait until every
+    configured server has listed its tools."""
+    deadline = time.monotonic() + timeout
+    while not all(s.listed.is_set() for s in toolbox.servers.values()):
+        assert time.monotonic() < deadline, f"MCP servers not listed: {[s.error for s in toolbox.servers.values()]}"
+        time.sleep(0.02)
 
 
 class McpProcess:

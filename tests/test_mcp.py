@@ -572,9 +572,7 @@ def test_the_app_starts_at_once_with_a_server_down_and_offers_its_tools_once_up(
             assert 'chatsvc_mcp_server_up{server="later"} 0.0' in client.get("/metrics").text
             assert toolbox.specs() == []
             server.start()
-            deadline = time.monotonic() + 10
-            while not toolbox.specs() and time.monotonic() < deadline:
-                time.sleep(0.05)
+            mcp_server.wait_for_tools(toolbox, 10)
             assert toolbox.find("later__echo") is not None
             assert 'chatsvc_mcp_server_up{server="later"} 1.0' in client.get("/metrics").text
             assert client.get("/readyz").status_code == 200
@@ -655,3 +653,28 @@ def test_errors_are_redacted():
     assert chatsvc.redact_urls("no url here") == "no url here"
     assert chatsvc.storable_result("a\x00b\ud800c", 100) == "a\ufffdb\ufffdc"
     assert chatsvc.storable_result("abcdef", 3) == "abc\n[cut: the result had 6 characters; the first 3 are shown]"
+
+
+@pytest.mark.slow
+def test_the_chatsvc_command_exits_on_sigterm_and_takes_its_stdio_servers_along(tmp_path):
+    from procs import ServerProcess
+
+    servers = {"stubborn": stdio_entry(tmp_path, "--stubborn"), "fine": stdio_entry(tmp_path)}
+    env = {
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'x.db'}",
+        "CHATSVC_MCP_SERVERS": json.dumps(servers),
+        "CHATSVC_SHUTDOWN_GRACE": "1",
+    }
+    server = ServerProcess(env, tmp_path).start()
+    record = tmp_path / "stdio-record.txt"
+    deadline = time.monotonic() + 20
+    while "MCP server fine: connected" not in server.log() or not records(record):
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    pid = int(next(line for line in records(record) if line.startswith("pid ")).split()[1])
+    began = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.wait(20) == 0
+    assert time.monotonic() - began < 1 + chatsvc.MCP_STOP_SECONDS + 3, server.log()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
