@@ -3074,7 +3074,9 @@ def new_upstream_client(settings: Settings) -> httpx.AsyncClient:
 # raises. `mcp` is imported here only, and only when servers are configured (the `mcp` extra).
 
 MCP_CONNECT_SECONDS = 30.0  # to connect and list the tools, else the attempt fails (and is retried)
-MCP_PING_SECONDS = 15.0  # an idle connection is pinged this often; a ping that fails is a lost connection
+# An idle connection is probed this often (its tools' first page listed: MCP's ping is gone from the
+# protocol since 2026-07-28, and works only with the handshake-era one); a probe that fails is a loss.
+MCP_PING_SECONDS = 15.0
 MCP_PING_TIMEOUT = 10.0
 MCP_RETRY_SECONDS = (1, 2, 4, 8, 16, 32, 60)
 MCP_CLOSE_SECONDS = 2.0  # a session's DELETE at close, at most
@@ -3353,7 +3355,7 @@ class McpServer:
         self.listed.set()
 
     async def _watch(self, client: Any) -> None:
-        """Until stop() or a loss: an idle connection is pinged (a server that died idle is noticed)."""
+        """Until stop() or a loss: an idle connection is probed (a server that died idle is noticed)."""
         while not self._wake.is_set():
             with anyio.move_on_after(MCP_PING_SECONDS):
                 await self._wake.wait()
@@ -3361,9 +3363,9 @@ class McpServer:
                 break
             try:
                 with anyio.fail_after(MCP_PING_TIMEOUT):
-                    await client.send_ping()
+                    await client.list_tools(cache_mode="refresh")
             except Exception as exc:
-                raise _Lost(f"a ping failed ({_describe(exc)})") from None
+                raise _Lost(f"a probe failed ({_describe(exc)})") from None
         if not self.stopping:
             raise _Lost("a call found the connection closed")
 

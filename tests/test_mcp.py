@@ -518,10 +518,15 @@ def test_a_server_that_dies_idle_is_noticed(tmp_path, mcp_http, monkeypatch):
     monkeypatch.setattr(chatsvc, "MCP_RETRY_SECONDS", (0.2,))
 
     async def main():
-        toolbox = await started({"h": mcp_http.entry()})
+        toolbox = await started({"h": mcp_http.entry(), "s": stdio_entry(tmp_path)})
         m = toolbox.metrics
         try:
             assert metric(m, "chatsvc_mcp_server_up", server="h") == 1
+            # a healthy idle connection outlives many probes: kept, never reconnected
+            connections = {name: server.client for name, server in toolbox.servers.items()}
+            await asyncio.sleep(1.5)
+            assert {name: server.client for name, server in toolbox.servers.items()} == connections
+            assert all(server.client is not None for server in toolbox.servers.values())
             mcp_http.kill()
             for _ in range(100):
                 if metric(m, "chatsvc_mcp_server_up", server="h") == 0:
