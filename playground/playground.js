@@ -136,6 +136,7 @@ function messageItem(message, {leaf = false} = {}) {
     for (const step of message.steps || []) showStep(item, step.type, step.data);
     if (message.role === 'tool') showToolResults(item, message.tool_results || []);
     if (leaf && message.finish_reason === 'tool_calls' && message.tool_calls?.length) {
+        item.querySelector('.state').textContent = "Waiting for the app's tool results.";
         item.append(resultsForm(message.tool_calls));
     }
     const siblings = message.sibling_ids || [];
@@ -257,9 +258,7 @@ function showState(item, message) {
         interrupted: 'Interrupted: ' + (message.error?.message || ''),
         failed: 'Failed: ' + (message.error?.message || ''),
     };
-    let state = words[message.status] || '';
-    if (!state && message.finish_reason === 'tool_calls') state = "Waiting for the app's tool results.";
-    item.querySelector('.state').textContent = state;
+    item.querySelector('.state').textContent = words[message.status] || '';
     item.dataset.status = message.status || '';
 }
 

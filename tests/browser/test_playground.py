@@ -455,6 +455,7 @@ def test_tool_calls_fold_under_the_answer_and_the_form_sends_the_app_s_results(b
 
         page.reload()
         expect(page.locator("#messages li.message")).to_have_count(4, timeout=WAIT)
+        expect(page.locator("#messages li.message").nth(1).locator(".state")).to_have_text("")  # answered
         stored = page.locator("#messages li.message").nth(1).locator(".steps details.tool-call")
         expect(stored.locator(".tool-name")).to_have_text(["t__echo", "get_weather"])
         expect(stored.nth(0).locator(".tool-outcome")).to_have_text(re.compile(r"^ok, \d+ ms$"))
