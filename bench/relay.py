@@ -7,11 +7,24 @@ upstream in ONE run: the same load generator reads the fake DashScope directly (
 
     python bench/relay.py --only dt  # some scenarios; --profile FILE records chatsvc with py-spy
     python bench/relay.py --only s   # the database stalls for 5 s mid-answer: the longest gap a reader sees
+    python bench/relay.py --only tw  # what a tool round costs: (w) against (t), in the same sitting
 
 Reports chunks/s, time to first chunk, added delay per chunk (paced answers carry the fake's send
 time in each chunk: arrival minus send time, through chatsvc against directly), chatsvc's CPU time
 per chunk and peak RSS, and the load generator's own CPU next to every figure. Loopback only; every
 loop is bounded in count and time.
+
+(w), the issue's t2: answers with two MCP tool rounds. Only when w is run, a streamable-HTTP MCP
+server (tests/mcp_server.py, whose `echo` tool answers at once) is started and named `bench` in
+chatsvc's CHATSVC_MCP_SERVERS (the other scenarios then send `"server_tools": false`, so their
+requests to the model are as without it). The fake answers a request that offers `bench__echo` with
+a call to it while the request holds fewer than 2 `tool` messages, then with (t)'s 5 chunks: 1
+client, 100 answers (10 with --quick), each answer's text and its 2 `ok` tool results checked. It
+reports, against (t) run in the same sitting (t is run with w): chatsvc's CPU per tool round,
+(cpu(w)/answer - cpu(t)/answer) / 2, and the wall time chatsvc adds per tool round, (wall(w)/answer
+- wall(t)/answer - 2 x the fake's direct tool round trip - 2 x a direct MCP call) / 2, where the
+round trip is the mean of direct requests to the fake shaped as a tool round and the MCP call the
+mean of `echo` calls made with the mcp SDK's client from this process.
 """
 
 from __future__ import annotations
@@ -93,15 +106,17 @@ STAMPED = re.compile(r"t(\d+)@(\d+) ")
 
 
 async def read_answer(port: int, path: str, body: dict, chunks: int, pause: float, via_chatsvc: bool,
-                      result: Result) -> None:  # fmt: skip
-    """One answer, read to its end; every chunk's text is checked. Paced answers are stamped: the
-    fake writes each chunk's send time (CLOCK_MONOTONIC, shared by the processes) into its text."""
+                      result: Result, tool_results: int = 0) -> None:  # fmt: skip
+    """One answer, read to its end; every chunk's text is checked, and (w) its `ok` tool results
+    counted. Paced answers are stamped: the fake writes each chunk's send time (CLOCK_MONOTONIC,
+    shared by the processes) into its text."""
     started = time.perf_counter()
     response = await request("127.0.0.1", port, "POST", path, body)
     arrivals: list[float] = []
     delays: list[float] = []
     text: list[str] = []
     full_text = None
+    results_ok = 0
     buffer = b""
     async for data in response.chunks():
         now, now_ns = time.perf_counter(), time.monotonic_ns()
@@ -117,6 +132,8 @@ async def read_answer(port: int, path: str, body: dict, chunks: int, pause: floa
                     content = json.loads(line)["data"]["content"]
                 elif b'"type":"end"' in line:
                     full_text = json.loads(line)["data"]["full_text"]
+                elif b'"type":"tool_result"' in line:
+                    results_ok += json.loads(line)["data"]["outcome"] == "ok"
             else:
                 obj = json.loads(line)
                 content = "".join((c.get("delta") or {}).get("content") or "" for c in obj.get("choices") or ())
@@ -134,8 +151,8 @@ async def read_answer(port: int, path: str, body: dict, chunks: int, pause: floa
         )
     else:
         ok = full_text == "".join(f"t{i} " for i in range(chunks))
-    if not ok or len(arrivals) != chunks:
-        result.errors.append(f"{path}: {len(arrivals)} chunks, text ok: {ok}")
+    if not ok or len(arrivals) != chunks or results_ok != tool_results:
+        result.errors.append(f"{path}: {len(arrivals)} chunks, text ok: {ok}, ok tool results: {results_ok}")
         return
     result.chunks += chunks
     result.ttfc.append(arrivals[0] - started)
@@ -158,8 +175,11 @@ async def listen_once(port: int, session_id: str) -> int:
 
 
 async def run_scenario(target: str, ports: dict, answers: int, clients: int, chunks: int, pause: float,
-                       listeners: bool = False, tag: str = "") -> tuple[Result, float]:  # fmt: skip
+                       listeners: bool = False, tag: str = "",
+                       tool_rounds: int = 0) -> tuple[Result, float]:  # fmt: skip
     result = Result()
+    # with the MCP server of (w) configured, only (w) offers its tools: the rest ask as without it
+    offer = {"server_tools": bool(tool_rounds)} if "mcp" in ports else {}
     queue = list(range(answers))
     via = target == "chatsvc"
 
@@ -172,8 +192,8 @@ async def run_scenario(target: str, ports: dict, answers: int, clients: int, chu
                 listener = asyncio.ensure_future(listen_once(ports["chatsvc"], sid)) if listeners else None
                 if listener:
                     await asyncio.sleep(0)  # let it connect first
-                await read_answer(ports["chatsvc"], f"/api/v1/chat/{sid}/stream", {"message": message}, chunks, pause,
-                                  True, result)  # fmt: skip
+                await read_answer(ports["chatsvc"], f"/api/v1/chat/{sid}/stream", {"message": message, **offer}, chunks,
+                                  pause, True, result, tool_rounds)  # fmt: skip
                 if listener and await asyncio.wait_for(listener, 30) != chunks:
                     result.errors.append(f"listener of {sid} missed chunks")
             else:
@@ -210,11 +230,21 @@ def run(args: argparse.Namespace) -> None:
         args.only = args.only.replace("f", "")
     else:
         prepare_history(env["DATABASE_URL"], args.history, args.depth)
+    ports = {"fake": fake_port, "chatsvc": port}
+    mcp = None
+    if "w" in args.only:  # (w) is measured against (t), in the same sitting
+        args.only += "" if "t" in args.only else "t"
+        from mcp_server import McpProcess
+
+        mcp = McpProcess.http(workdir)
+        env["CHATSVC_MCP_SERVERS"] = json.dumps({"mcpServers": {"bench": mcp.entry()}})
+        ports["mcp"] = mcp.url
     server = subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"], env=env,
                               cwd=workdir)  # fmt: skip
-    ports = {"fake": fake_port, "chatsvc": port}
     try:
         wait_ready(port)
+        if mcp:
+            wait_mcp_up(port)
         q = 10 if args.quick else 1
         scenarios = [  # key, title, answers, concurrent clients, chunks, pause, GET listener per answer
             ("a", "1 client, 20 answers x 1000 chunks, no pause", 20 // q or 1, 1, 1000, 0, False),
@@ -254,11 +284,15 @@ def run(args: argparse.Namespace) -> None:
             history_row(ports, args)
         if "s" in args.only:
             stall_row(ports, env["DATABASE_URL"], q)
+        if mcp:
+            tools_row(ports, server.pid, mcp.proc.pid, next(f for k, _, f in rows if k == "t")["chatsvc"], q)
     finally:
         server.terminate()
         server.wait(30)
         fake.terminate()
         fake.wait(10)
+        if mcp:
+            mcp.stop()
 
 
 def report_row(key: str, title: str, figures: dict) -> None:
@@ -426,6 +460,78 @@ def stall_row(ports: dict, database: str, q: int) -> None:
             print(f"  ERRORS {len(result.errors)}: {result.errors[:2]}")
 
 
+def tools_row(ports: dict, pid: int, mcp_pid: int, t: dict, q: int) -> None:
+    """(w): 1 client, 100 answers of two MCP tool rounds and (t)'s 5 chunks; see the module's docstring."""
+    answers = 100 // q
+    cpu0, mcp0, own0 = cpu_seconds(pid), cpu_seconds(mcp_pid), own_cpu()
+    result, wall = asyncio.run(run_scenario("chatsvc", ports, answers, 1, 5, 0, tag="w", tool_rounds=2))
+    cpu, mcp_cpu, own = cpu_seconds(pid) - cpu0, cpu_seconds(mcp_pid) - mcp0, own_cpu() - own0
+    round_trip, errors = asyncio.run(direct_tool_rounds(ports["fake"], answers))
+    mcp_call = asyncio.run(direct_mcp_calls(ports["mcp"], answers))
+    t_answers = t["result"].chunks // 5 or 1
+    t_wall, t_cpu = t["wall"] / t_answers, t["cpu"] / t_answers
+    w_wall, w_cpu = wall / max(answers, 1), cpu / max(answers, 1)
+    print(f"\n(w) two MCP tool rounds per answer (bench__echo, then 5 chunks): 1 client, {answers} answers")
+    print(f"  chatsvc  wall/answer {w_wall * 1000:7.2f} ms (t: {t_wall * 1000:6.2f} ms)"
+          f"  chatsvc cpu/answer {w_cpu * 1e6:7.0f} us (t: {t_cpu * 1e6:6.0f} us)"
+          f"  mcp server cpu/answer {mcp_cpu / max(answers, 1) * 1e6:6.0f} us"
+          f"  loadgen cpu/answer {own / max(answers, 1) * 1e6:6.0f} us")  # fmt: skip
+    print(f"  direct   the fake's tool round trip {round_trip * 1000:.2f} ms, an MCP echo call (SDK client)"
+          f" {mcp_call * 1000:.2f} ms (means of {answers})")  # fmt: skip
+    added = (w_wall - t_wall - 2 * round_trip - 2 * mcp_call) / 2
+    print(f"  per tool round: chatsvc cpu {(w_cpu - t_cpu) / 2 * 1e6:6.0f} us,  added wall {added * 1000:+.2f} ms",
+          flush=True)  # fmt: skip
+    if result.errors or errors:
+        print(f"  ERRORS {len(result.errors) + errors}: {result.errors[:2]}")
+
+
+async def direct_tool_rounds(port: int, n: int) -> tuple[float, int]:
+    """The mean time of a request to the fake shaped as (w)'s first round (it answers with the call),
+    read to its end; and how many did not answer with a call to bench__echo."""
+    schema = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    echo = {"type": "function", "function": {"name": "bench__echo", "description": "Answer.", "parameters": schema}}
+    body = {"model": "qwen-plus", "stream": True, "messages": [{"role": "user", "content": "bench 5 0"}],
+            "tools": [echo], "parallel_tool_calls": True}  # fmt: skip
+    times, errors = [], 0
+    for _ in range(n):
+        started = time.perf_counter()
+        response = await request("127.0.0.1", port, "POST", "/compatible-mode/v1/chat/completions", body)
+        data = await response.read()
+        times.append(time.perf_counter() - started)
+        errors += b'"bench__echo"' not in data or b"[DONE]" not in data
+    return statistics.mean(times), errors
+
+
+async def direct_mcp_calls(url: str, n: int) -> float:
+    """The mean time of an `echo` call made with the mcp SDK's client, on one connection (after one
+    call to warm it)."""
+    from mcp import Client
+
+    async with Client(url) as client:
+        await client.call_tool("echo", {"text": "bench"})
+        times = []
+        for _ in range(n):
+            started = time.perf_counter()
+            await client.call_tool("echo", {"text": "bench"})
+            times.append(time.perf_counter() - started)
+    return statistics.mean(times)
+
+
+def wait_mcp_up(port: int) -> None:
+    """Until chatsvc has connected to (w)'s MCP server and listed its tools (its metric says so)."""
+    deadline = time.monotonic() + 30
+
+    async def metrics() -> bytes:
+        response = await request("127.0.0.1", port, "GET", "/metrics")
+        return await response.read()
+
+    while time.monotonic() < deadline:
+        if b'chatsvc_mcp_server_up{server="bench"} 1.0' in asyncio.run(metrics()):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("chatsvc did not connect to the MCP server of (w)")
+
+
 def wait_ready(port: int) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -448,7 +554,7 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="a tenth of the answers, for a smoke run")
     parser.add_argument("--history", type=int, default=100_000, help="stored messages in the long conversation of (f)")
     parser.add_argument("--depth", type=int, default=1_000, help="the deep path's length in (f)")
-    parser.add_argument("--only", default="abcdefgst", help="the scenarios to run, e.g. --only bd")
+    parser.add_argument("--only", default="abcdefgstw", help="the scenarios to run, e.g. --only bd")
     parser.add_argument("--database", metavar="URL", help="chatsvc's DATABASE_URL, e.g. an empty PostgreSQL database")
     parser.add_argument("--profile", metavar="FILE", help="record chatsvc with py-spy (collapsed stacks) into FILE")
     run(parser.parse_args())

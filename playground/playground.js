@@ -83,7 +83,7 @@ function setBusy(value) {
     $('#send').disabled = value;
     $('#stop').disabled = !value;
     // (a version button at the first or last version stays disabled)
-    document.querySelectorAll('.edit, .regenerate, .versions button').forEach((b) => (b.disabled = value || 'edge' in b.dataset));
+    document.querySelectorAll('.edit, .regenerate, .send-results, .versions button').forEach((b) => (b.disabled = value || 'edge' in b.dataset));
 }
 
 async function loadConversations() {
@@ -117,13 +117,28 @@ async function loadConversations() {
     $('#no-conversations').hidden = page.conversations.length > 0;
 }
 
-function messageItem(message) {
+// The app's own tools (the `tools` of a request), as OpenAI's function format in JSON; none when empty.
+function appTools() {
+    const text = $('#app-tools').value.trim();
+    if (!text) return undefined;
+    const tools = JSON.parse(text); // (a SyntaxError: the caller says so)
+    return Array.isArray(tools) ? tools : [tools];
+}
+
+function messageItem(message, {leaf = false} = {}) {
     const item = $('#message-template').content.firstElementChild.cloneNode(true);
     item.classList.add(message.role);
     item.dataset.id = message.id || '';
-    item.querySelector('.role').textContent = message.role === 'user' ? 'You' : 'Assistant';
+    item.querySelector('.role').textContent = {user: 'You', tool: 'Tool results'}[message.role] || 'Assistant';
     showText(item, message.content || '', message.reasoning_content || '');
     showState(item, message);
+    item.querySelector('.steps').replaceChildren();
+    for (const step of message.steps || []) showStep(item, step.type, step.data);
+    if (message.role === 'tool') showToolResults(item, message.tool_results || []);
+    if (leaf && message.finish_reason === 'tool_calls' && message.tool_calls?.length) {
+        item.querySelector('.state').textContent = "Waiting for the app's tool results.";
+        item.append(resultsForm(message.tool_calls));
+    }
     const siblings = message.sibling_ids || [];
     if (siblings.length > 1) {
         const at = siblings.indexOf(message.id);
@@ -139,7 +154,7 @@ function messageItem(message) {
         previous.addEventListener('click', () => switchTo(siblings[at - 1]));
         next.addEventListener('click', () => switchTo(siblings[at + 1]));
     }
-    if (message.id && message.role === 'user') {
+    if (message.id && message.role === 'user' && !message.tool_results) {
         const edit = item.querySelector('.edit');
         edit.hidden = false;
         edit.addEventListener('click', () => startEdit(item, message));
@@ -159,6 +174,83 @@ function showText(item, content, reasoning) {
     details.querySelector('.reasoning-text').textContent = reasoning;
 }
 
+// A tool call folded under the answer like its reasoning: a <details> with the call's name, its
+// arguments, and (once its tool_result came) the result or the error and how long it took.
+function showStep(item, type, data) {
+    const steps = item.querySelector('.steps');
+    if (type === 'tool_call') {
+        const call = $('#tool-call-template').content.firstElementChild.cloneNode(true);
+        call.dataset.callId = data.id;
+        call.querySelector('.tool-name').textContent = data.name;
+        call.querySelector('.tool-outcome').textContent = data.server ? 'running…' : 'for the app';
+        call.querySelector('.tool-arguments').textContent = data.arguments;
+        steps.append(call);
+    } else if (type === 'tool_result') {
+        const call = [...steps.children].find((c) => c.dataset.callId === data.id);
+        if (!call) return;
+        const failed = data.error !== undefined && data.error !== null;
+        call.dataset.outcome = data.outcome;
+        call.querySelector('.tool-outcome').textContent = `${data.outcome}, ${data.duration_ms} ms`;
+        call.querySelector('.tool-result-label').textContent = failed ? 'Error' : 'Result';
+        call.querySelector('.tool-result').textContent = failed ? data.error : data.content;
+        call.querySelector('.tool-result-part').hidden = false;
+    }
+}
+
+// A tool-results turn (role "tool"): its results in one small folded block.
+function showToolResults(item, results) {
+    const block = document.createElement('details');
+    block.className = 'tool-results';
+    const summary = document.createElement('summary');
+    summary.textContent = results.length === 1 ? '1 result' : `${results.length} results`;
+    block.append(summary);
+    for (const result of results) {
+        const label = document.createElement('p');
+        label.className = 'tool-label';
+        label.textContent = result.tool_call_id;
+        const text = document.createElement('pre');
+        text.textContent = result.content;
+        block.append(label, text);
+    }
+    item.querySelector('.content').replaceWith(block);
+}
+
+// The answer waits for the app's tools: a field per pending call, and the results sent as the next turn.
+function resultsForm(calls) {
+    const form = document.createElement('form');
+    form.className = 'tool-results-form';
+    const fields = calls.map((call) => {
+        const label = document.createElement('label');
+        const field = document.createElement('textarea');
+        field.id = 'result-' + call.id;
+        field.rows = 2;
+        field.required = true;
+        label.htmlFor = field.id;
+        label.textContent = `result for ${call.name} (${call.id})`;
+        form.append(label, field);
+        return field;
+    });
+    const submit = document.createElement('button');
+    submit.type = 'submit';
+    submit.className = 'send-results';
+    submit.textContent = 'Send results';
+    submit.disabled = busy;
+    form.append(submit);
+    form.addEventListener('submit', (event) => {
+        event.preventDefault();
+        let tools;
+        try {
+            tools = appTools();
+        } catch {
+            notice('The app tools are not valid JSON.');
+            return;
+        }
+        const results = calls.map((call, k) => ({tool_call_id: call.id, content: fields[k].value}));
+        answerAgain({tool_results: results, ...(tools ? {tools} : {})});
+    });
+    return form;
+}
+
 function showState(item, message) {
     const words = {
         streaming: 'Writing…',
@@ -173,7 +265,8 @@ function showState(item, message) {
 function showConversation(conversation) {
     $('#title').textContent = conversation ? conversation.title || conversation.session_id : 'New conversation';
     $('#delete-conversation').hidden = !conversation;
-    $('#messages').replaceChildren(...(conversation ? conversation.messages.map(messageItem) : []));
+    const messages = conversation ? conversation.messages : [];
+    $('#messages').replaceChildren(...messages.map((m, k) => messageItem(m, {leaf: k === messages.length - 1})));
     setBusy(busy);
     $('#messages').lastElementChild?.scrollIntoView({block: 'end'});
 }
@@ -240,6 +333,9 @@ function follow(id, {running = false} = {}) {
             }
             text = reasoning = '';
             showText(item, '', '');
+            item.querySelector('.steps').replaceChildren();
+        } else if (item && (type === 'tool_call' || type === 'tool_result')) {
+            showStep(item, type, data);
         } else if (item && type === 'reasoning') {
             reasoning += data.content;
             showText(item, text, reasoning);
@@ -269,6 +365,14 @@ function newSessionId() {
 
 // Send with the seed's ChatClient: its callbacks draw the answer as its chunks arrive.
 async function send(text) {
+    let tools;
+    try {
+        tools = appTools();
+    } catch {
+        if (!$('#message').value) $('#message').value = text;
+        notice('The app tools are not valid JSON.');
+        return;
+    }
     const id = current || newSessionId();
     const isNew = !current;
     if (isNew) {
@@ -280,6 +384,18 @@ async function send(text) {
     notice('');
     setBusy(true);
     const question = messageItem({role: 'user', content: text, status: 'complete'});
+    if (tools) {
+        // ChatClient sends only the message: with the app's tools the page posts itself (as answerAgain)
+        $('#messages').append(question);
+        const refused = await post({message: text, tools});
+        if (refused) {
+            question.remove();
+            if (!$('#message').value) $('#message').value = text;
+            if (isNew && current === id) open(null, {list: false});
+            notice(refused);
+        }
+        return;
+    }
     const item = messageItem({role: 'assistant', status: 'streaming'});
     $('#messages').append(question, item);
     item.scrollIntoView({block: 'end'});
@@ -306,6 +422,8 @@ async function send(text) {
         if (type === 'reasoning' && !done) {
             reasoning += data.content;
             showText(item, item.querySelector('.content').textContent, reasoning);
+        } else if ((type === 'tool_call' || type === 'tool_result') && !done) {
+            showStep(item, type, data); // (the server's tools of an answer to a plain message)
         }
     });
     try {
@@ -328,6 +446,13 @@ async function send(text) {
 async function answerAgain(body) {
     if (busy || !current) return;
     notice('');
+    const refused = await post(body);
+    if (refused) notice(refused);
+}
+
+// POST `body` to the open conversation's streaming route, the answer drawn from its channel;
+// what went wrong when it was refused (nothing was stored), else null.
+async function post(body) {
     setBusy(true);
     follow(current);
     const response = await fetch(`${API}/chat/${encodeURIComponent(current)}/stream`, {
@@ -339,8 +464,9 @@ async function answerAgain(body) {
         const error = response ? await response.json().catch(() => ({})) : {};
         stopFollowing();
         setBusy(false);
-        notice(error.detail || 'The service could not be reached.');
+        return error.detail || 'The service could not be reached.';
     }
+    return null;
 }
 
 function startEdit(item, message) {

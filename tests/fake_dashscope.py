@@ -432,8 +432,15 @@ class FakeDashScope:
 
 def bench_reply(seen: Seen) -> Reply:
     """For benchmarks: the user's message "bench <chunks> <pause seconds> [stamp]" sets the answer:
-    chunks "t0 ", "t1 ", ... or, with "stamp", "t0@<send time in ns> ", ..."""
-    _, chunks, pause, *stamp = seen.body["messages"][-1]["content"].split()
+    chunks "t0 ", "t1 ", ... or, with "stamp", "t0@<send time in ns> ", ... A request that offers a
+    tool named `<server>__echo` is first answered with a call to it (`{"text": "bench"}`), round after
+    round while its messages hold fewer than 2 `tool` messages (bench/relay.py's scenario w)."""
+    messages = seen.body["messages"]
+    echo = [t["function"]["name"] for t in seen.body.get("tools") or () if t["function"]["name"].endswith("__echo")]
+    if echo and sum(m["role"] == "tool" for m in messages) < 2:
+        return Reply.tool_calls([(echo[0], {"text": "bench"})], usage={"total_tokens": 1})
+    question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+    _, chunks, pause, *stamp = question.split()
     form = "t{}@T " if stamp else "t{} "
     return Reply.answer([form.format(i) for i in range(int(chunks))], pause=float(pause), usage={"total_tokens": 1},
                         stamp=bool(stamp))  # fmt: skip

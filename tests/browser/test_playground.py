@@ -383,3 +383,95 @@ def test_without_the_user_header_the_page_says_so_and_asks_for_no_token(browser,
         expect(p.page.locator("#token-form")).to_be_hidden()
     finally:
         p.close()
+
+
+def test_tool_calls_fold_under_the_answer_and_the_form_sends_the_app_s_results(browser, make_service, fake, tmp_path):
+    """An answer that calls an MCP server's tool in its first round and one of the app's own (given in
+    the page's App tools) in its second: both calls folded under it as they come, the server's with
+    its result; it ends waiting, a form per pending call sends the result as the next turn and the
+    answer to it appears as it streams; after a reload the stored steps show the same folded calls
+    and the results turn its own folded block."""
+    import time
+
+    import httpx2 as httpx
+    from mcp_server import McpProcess
+
+    mcp = McpProcess.http(tmp_path)
+    service = make_service(CHATSVC_MCP_SERVERS=json.dumps({"t": mcp.entry()}))
+    p = Playground(browser, service)
+    try:
+        deadline = time.monotonic() + 20
+        while b'chatsvc_mcp_server_up{server="t"} 1.0' not in httpx.get(p.live.url + "/metrics").content:
+            assert time.monotonic() < deadline, "chatsvc did not list the MCP server's tools"
+            time.sleep(0.05)
+        weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+        server_call = Reply.tool_calls([("t__echo", {"text": "hi"})])
+        app_call = Reply.tool_calls([("get_weather", {"city": "Paris"})], content=["Looking. "])
+        hold = threading.Event()
+        fake.push(server_call, app_call, Reply.answer(["It is ", "sunny."], hold=hold, hold_at=2))
+        page = p.page
+        page.click("#app-tools-fold summary")
+        page.fill("#app-tools", json.dumps([weather]))
+        p.send("Weather in Paris?")
+        answer = p.answers().first
+        calls = answer.locator(".steps details.tool-call")
+        expect(calls.locator(".tool-name")).to_have_text(["t__echo", "get_weather"], timeout=WAIT)
+        expect(calls.nth(0).locator(".tool-outcome")).to_have_text(re.compile(r"^ok, \d+ ms$"), timeout=WAIT)
+        expect(answer.locator(".content")).to_have_text("Looking. ")
+        p.wait_idle()
+        call_id = app_call.calls[0]["id"]
+        field = page.get_by_label(f"result for get_weather ({call_id})")
+        expect(field).to_be_visible()
+        expect(answer.locator(".state")).to_have_text("Waiting for the app's tool results.")
+        expect(calls.nth(1).locator(".tool-outcome")).to_have_text("for the app")
+        # folded: opened, a call shows its arguments and its result
+        expect(calls.nth(0).locator(".tool-result")).not_to_be_visible()
+        calls.nth(0).locator("summary").click()
+        expect(calls.nth(0).locator(".tool-arguments")).to_have_text('{"text": "hi"}')
+        expect(calls.nth(0).locator(".tool-result")).to_have_text("echo: hi")
+        from axe_playwright_python.sync_playwright import Axe  # the folds and the form pass axe-core's checks
+
+        results = Axe().run(page, options={"runOnly": ["wcag2a", "wcag2aa", "wcag21aa", "best-practice"]})
+        assert results.violations_count == 0, results.generate_report()
+        field.fill("sunny, 25°C")
+        page.click(".send-results")
+        expect(p.last_answer().locator(".content")).to_have_text("It is ", timeout=WAIT)  # drawn as it streams
+        hold.set()
+        expect(p.last_answer().locator(".content")).to_have_text("It is sunny.", timeout=WAIT)
+        p.wait_idle()
+        expect(page.locator("#notice")).to_have_text("")
+        sent = fake.requests[-1].body
+        assert [m for m in sent["messages"] if m["role"] == "tool"] == [
+            {"role": "tool", "tool_call_id": server_call.calls[0]["id"], "content": "echo: hi"},
+            {"role": "tool", "tool_call_id": call_id, "content": "sunny, 25°C"},
+        ]
+        assert sent["tools"][-1] == weather  # the page's App tools, sent again with the results
+        rows = p.rows("SELECT role, content, tool_results FROM messages ORDER BY created_at, role DESC")
+        assert [(r["role"], r["content"]) for r in rows] == [
+            ("user", "Weather in Paris?"), ("assistant", "Looking. "),
+            ("user", ""), ("assistant", "It is sunny.")]  # fmt: skip
+        assert json.loads(rows[2]["tool_results"]) == [{"tool_call_id": call_id, "content": "sunny, 25°C"}]
+
+        page.reload()
+        expect(page.locator("#messages li.message")).to_have_count(4, timeout=WAIT)
+        expect(page.locator("#messages li.message").nth(1).locator(".state")).to_have_text("")  # answered
+        stored = page.locator("#messages li.message").nth(1).locator(".steps details.tool-call")
+        expect(stored.locator(".tool-name")).to_have_text(["t__echo", "get_weather"])
+        expect(stored.nth(0).locator(".tool-outcome")).to_have_text(re.compile(r"^ok, \d+ ms$"))
+        expect(stored.nth(0).locator(".tool-result")).not_to_be_visible()  # folded
+        stored.nth(0).locator("summary").click()
+        expect(stored.nth(0).locator(".tool-result")).to_have_text("echo: hi")
+        stored.nth(1).locator("summary").click()
+        expect(stored.nth(1).locator(".tool-arguments")).to_have_text('{"city": "Paris"}')
+        turn = page.locator("#messages li.tool")
+        expect(turn.locator(".role")).to_have_text("Tool results")
+        expect(turn.locator("details.tool-results summary")).to_have_text("1 result")
+        expect(turn.locator("details.tool-results pre")).not_to_be_visible()
+        turn.locator("details.tool-results summary").click()
+        expect(turn.locator("details.tool-results pre")).to_have_text("sunny, 25°C")
+        expect(page.locator(".tool-results-form")).to_have_count(0)  # answered: no form any more
+        assert p.problems == [], p.problems
+    finally:
+        p.close()
+        mcp.stop()
