@@ -1412,7 +1412,9 @@ SEARCH_SECONDS = 2.0  # a search runs at most this long (then 422 search_too_cos
 
 
 class Search:
-    """The owner's conversations that hold a text, and the texts of the messages that hold it."""
+    """The owner's conversations that hold a text, and the texts of the messages that hold it. A
+    message holds what it says (`content`) and the results of its tools: a server tool's result (a
+    tool_result step's `content`; errors are not searched) and the app's results (`tool_results`)."""
 
     def __init__(self, db: Database):
         self.db = db
@@ -1420,26 +1422,38 @@ class Search:
     async def conversations(self, owner: str, query: str, limit: int, after: tuple[str, str] | None) -> list[dict]:
         """The owner's conversations whose title or a message (not `streaming`) contains `query`, as
         text, newest first; `match_id` is the first message that contains it (None if only the title
-        does), `title_match` whether the title does. SQLite: the trigram index for 3 characters or
-        more, a scan of the owner's messages below; PostgreSQL: ILIKE, which pg_trgm's index serves."""
+        does), `title_match` whether the title does. SQLite: the trigram indexes (messages_search,
+        messages_tool_search) for 3 characters or more, a scan of the owner's messages below;
+        PostgreSQL: ILIKE, which pg_trgm's indexes serve (the tool results': chatsvc_tool_text)."""
         values: dict[str, Any] = {"owner": owner, "limit": limit, "q": query, "pattern": like_pattern(query)}
         if not self.db.is_sqlite:
             found = "content ILIKE :pattern ESCAPE '\\'"
+            tools = "chatsvc_tool_text(tool_steps, tool_results) ILIKE :pattern ESCAPE '\\'"
             title = "c.title ILIKE :pattern ESCAPE '\\'"
         else:
             found, title = "instr(lower(content), lower(:q)) > 0", "instr(lower(c.title), lower(:q)) > 0"
+            tools = (
+                "(EXISTS (SELECT 1 FROM json_each(tool_steps) WHERE json_extract(value, '$.type') = 'tool_result'"
+                " AND instr(lower(json_extract(value, '$.data.content')), lower(:q)) > 0)"
+                " OR EXISTS (SELECT 1 FROM json_each(tool_results)"
+                " WHERE instr(lower(json_extract(value, '$.content')), lower(:q)) > 0))"
+            )
         if self.db.is_sqlite and len(query) >= SEARCH_MIN_INDEXED:
             values["phrase"] = '"' + query.replace('"', '""') + '"'  # an FTS5 string: every character literal
-            # CROSS JOIN: the index first (SQLite would walk the owner's messages, a MATCH each)
+            # CROSS JOIN: the indexes first (SQLite would walk the owner's messages, a MATCH each)
             hits = (
-                "SELECT m.session_id, MIN(m.id) AS match_id FROM messages_search s"
-                " CROSS JOIN messages m ON m.search_id = s.rowid"
-                " WHERE messages_search MATCH :phrase AND m.owner = :owner GROUP BY m.session_id"
+                "SELECT m.session_id, MIN(m.id) AS match_id FROM"
+                " (SELECT rowid FROM messages_search WHERE messages_search MATCH :phrase"
+                " UNION SELECT rowid FROM messages_tool_search WHERE messages_tool_search MATCH :phrase) s"
+                " CROSS JOIN messages m ON m.search_id = s.rowid WHERE m.owner = :owner GROUP BY m.session_id"
             )
         else:
+            # two arms, so that PostgreSQL can use each one's index (the tool results' is partial)
             hits = (
-                "SELECT session_id, MIN(id) AS match_id FROM messages"
-                f" WHERE owner = :owner AND status != 'streaming' AND {found} GROUP BY session_id"
+                "SELECT session_id, MIN(id) AS match_id FROM"
+                f" (SELECT session_id, id FROM messages WHERE owner = :owner AND status != 'streaming' AND {found}"
+                " UNION ALL SELECT session_id, id FROM messages WHERE owner = :owner AND status != 'streaming'"
+                f" AND (tool_steps IS NOT NULL OR tool_results IS NOT NULL) AND {tools}) found GROUP BY session_id"
             )
         where = f" AND (h.match_id IS NOT NULL OR {title})"
         if after:
@@ -1453,13 +1467,34 @@ class Search:
             values,
         )
 
-    async def texts(self, message_ids: list[str]) -> dict[str, str]:
-        """The text of each of these messages, by id (where a search's snippets come from)."""
+    async def texts(self, message_ids: list[str], query: str) -> dict[str, str]:
+        """Of each of these messages, by id, the text that holds `query` (any case): its content, else
+        the first of its tools' results that does (where a search's snippets come from); its content
+        if none does."""
         found: dict[str, str] = {}
         for names, ids in _id_batches(message_ids):
-            for row in await self.db.fetch_all(f"SELECT id, content FROM messages WHERE id IN ({names})", ids):
-                found[row["id"]] = row["content"]
+            for row in await self.db.fetch_all(
+                f"SELECT id, content, tool_steps, tool_results FROM messages WHERE id IN ({names})", ids
+            ):
+                found[row["id"]] = next((text for text in _searched_texts(row) if holds(text, query)), row["content"])
         return found
+
+
+def holds(text: str, query: str) -> bool:
+    """Whether `text` contains `query`, in any case (as a snippet finds it)."""
+    return query.lower() in text.lower() or query in text
+
+
+def _searched_texts(row: dict) -> Iterator[str]:
+    """A message's texts that search finds, in order: its content, its server tools' results, the
+    app's results."""
+    yield row["content"]
+    for step in json.loads(row["tool_steps"] or "[]"):
+        if step.get("type") == "tool_result" and isinstance(step["data"].get("content"), str):
+            yield step["data"]["content"]
+    for result in json.loads(row["tool_results"] or "[]"):
+        if isinstance(result.get("content"), str):
+            yield result["content"]
 
 
 # ── Message tree: a conversation's messages, its branches and the turn a chat writes ───
@@ -6133,7 +6168,9 @@ async def list_conversations(request: Request) -> Response:
     next_cursor = encode_cursor(rows[-1]["updated_at"], rows[-1]["session_id"]) if more else None
     conversations = [present_conversation(st.settings, r) for r in rows]
     if query is not None:
-        texts = await st.store.search.texts([r["match_id"] for r in rows if r["match_id"] and not r["title_match"]])
+        texts = await st.store.search.texts(
+            [r["match_id"] for r in rows if r["match_id"] and not r["title_match"]], query
+        )
         for body, row in zip(conversations, rows, strict=True):
             if row["title_match"] or row["match_id"] not in texts:
                 body["match"] = {"field": "title"}

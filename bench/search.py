@@ -102,7 +102,7 @@ async def main(args: argparse.Namespace) -> None:
             for _ in range(args.runs):
                 t0 = time.perf_counter()
                 rows = await store.search.conversations("bench", q, 51, None)
-                await store.search.texts([r["match_id"] for r in rows if r["match_id"]])
+                await store.search.texts([r["match_id"] for r in rows if r["match_id"]], q)
                 times.append((time.perf_counter() - t0) * 1000)
                 found = len(rows)
             print(f"  {title:<32} {q!r:<18} p50 {statistics.median(times):7.2f} ms  p99 {pct(times, 0.99):7.2f} ms"
