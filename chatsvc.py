@@ -1434,9 +1434,9 @@ class Search:
             found, title = "instr(lower(content), lower(:q)) > 0", "instr(lower(c.title), lower(:q)) > 0"
             tools = (
                 "(EXISTS (SELECT 1 FROM json_each(tool_steps) WHERE json_extract(value, '$.type') = 'tool_result'"
-                " AND instr(lower(json_extract(value, '$.data.content')), lower(:q)) > 0)"
+                " AND instr(lower(substr(json_extract(value, '$.data.content'), 1, 20000)), lower(:q)) > 0)"
                 " OR EXISTS (SELECT 1 FROM json_each(tool_results)"
-                " WHERE instr(lower(json_extract(value, '$.content')), lower(:q)) > 0))"
+                " WHERE instr(lower(substr(json_extract(value, '$.content'), 1, 20000)), lower(:q)) > 0))"
             )
         if self.db.is_sqlite and len(query) >= SEARCH_MIN_INDEXED:
             values["phrase"] = '"' + query.replace('"', '""') + '"'  # an FTS5 string: every character literal

@@ -682,3 +682,27 @@ def test_a_non_ascii_owner_reaches_the_server_as_the_same_bytes(make_service, fa
         ready(client)
         body = client.post(f"{API}/chat/s1", json={"message": "who"}, headers={"X-User": "josé".encode()}).json()
     assert body["steps"][1]["data"].get("content") == "josé".encode().decode("latin-1"), body["steps"]
+
+
+def test_search_finds_a_result_by_its_first_20000_characters(make_service, fake):
+    with make_service(CHATSVC_MAX_CONTEXT_TOKENS="100000").client() as client:
+        search_results(client, fake)
+
+
+def search_results(client, fake):
+    fake.push(Reply.tool_calls([("get_weather", {"city": "Oslo"}), ("find_order", {})]), Reply.answer(["ok"]))
+    body = client.post(f"{API}/chat/s1", json={"message": "go", "tools": [WEATHER, ORDERS]}).json()
+    first, second = (c["id"] for c in body["tool_calls"])
+    results = [
+        {"tool_call_id": first, "content": "near qzvfound here"},
+        {"tool_call_id": second, "content": "a" * 25_000 + " qzvfar beyond"},
+    ]
+    assert client.post(f"{API}/chat/s1", json={"tool_results": results}).status_code == 200
+
+    def found(q: str) -> list[str]:
+        return [
+            c["session_id"] for c in client.get(f"{API}/context/conversations", params={"q": q}).json()["conversations"]
+        ]
+
+    assert found("qzvfound") == ["s1"]
+    assert found("qzvfar") == []
