@@ -98,3 +98,30 @@ def test_busy_conversation_throws_the_detail(page, fake):
     with page.live.client() as client:
         client.post("/api/v1/chat/s-busy/stop")
     thread.join(10)
+
+
+def test_an_answer_that_calls_tools_reaches_the_seed_client_as_its_text(browser, make_service, fake, tmp_path):
+    # tool_call and tool_result events come between the chunks: the seed client ignores their type
+    # and gets start, every chunk of every round, and the end with the whole text
+    import json
+
+    from mcp_server import McpProcess
+    from support import wait_for
+
+    mcp = McpProcess.http(tmp_path)
+    try:
+        service = make_service(CHATSVC_MCP_SERVERS=json.dumps({"t": mcp.entry()}))
+        with LiveServer(service.settings) as live:
+            wait_for(lambda: live.app.state.toolbox.find("t__echo") is not None, 20)
+            context = browser.new_context()
+            page = context.new_page()
+            page.route(f"{live.url}/seed-client.html", lambda route: route.fulfill(body=PAGE, content_type="text/html"))
+            page.goto(f"{live.url}/seed-client.html")
+            fake.push(
+                Reply.tool_calls([("t__echo", {"text": "hi"})], content=["Let me see. "]),
+                Reply.answer(["It says ", "hi."], pause=0.02),
+            )
+            assert run_chat(page, "s-tools", "echo hi") == expected_calls(["Let me see. ", "It says ", "hi."])
+            context.close()
+    finally:
+        mcp.stop()
