@@ -325,7 +325,8 @@ def test_listing_paginated_tools_and_naming_them(tmp_path, monkeypatch, caplog):
 @pytest.mark.parametrize("transport", ["http", "stdio"])
 def test_every_outcome_of_a_call(transport, tmp_path):
     server = McpProcess.http(tmp_path) if transport == "http" else None
-    entry = server.entry(timeout=1) if server else stdio_entry(tmp_path, timeout=1)
+    # a 2 s timeout: every call but `hang` answers well within it, even on a busy machine
+    entry = server.entry(timeout=2) if server else stdio_entry(tmp_path, timeout=2)
     record = server.record if server else tmp_path / "stdio-record.txt"
 
     async def main():
@@ -334,7 +335,7 @@ def test_every_outcome_of_a_call(transport, tmp_path):
         try:
             ok = await toolbox.run("t__echo", '{"text": "hi"}', "alice")
             assert (ok.content, ok.error, ok.outcome) == ("echo: hi", None, "ok")
-            assert 0 <= ok.duration_ms < 1000
+            assert 0 <= ok.duration_ms < 2000
             for empty in ("", "  \n"):  # no arguments at all mean {}
                 assert (await toolbox.run("t__nothing", empty, "")).content == "nothing to say"
             fail = await toolbox.run("t__fail", '{"reason": "no stock"}', "")
@@ -364,12 +365,12 @@ def test_every_outcome_of_a_call(transport, tmp_path):
 
             started_at = time.monotonic()
             timeout = await toolbox.run("t__hang", "{}", "")
-            assert time.monotonic() - started_at < 1.8
+            assert time.monotonic() - started_at < 6  # cut at its timeout, not the hour it would sleep
             assert (timeout.error, timeout.outcome) == (
-                "The tool did not answer within 1 s; it was cancelled.",
+                "The tool did not answer within 2 s; it was cancelled.",
                 "timeout",
             )
-            assert 1000 <= timeout.duration_ms < 1800
+            assert 2000 <= timeout.duration_ms < 6000
             for _ in range(100):  # the server saw the cancel
                 if "cancelled hang" in records(record):
                     break
@@ -407,8 +408,10 @@ def test_every_outcome_of_a_call(transport, tmp_path):
             assert counts == {"ok": 2, "bad_arguments": 2, "error": 1, "timeout": 1, "cancelled": 1}
             assert metric(m, "chatsvc_tool_calls_total", server="-", tool="-", outcome="unknown_tool") == 1
             assert metric(m, "chatsvc_tool_call_seconds_count", server="t", tool="hang") == 2
-            assert metric(m, "chatsvc_tool_call_seconds_bucket", server="t", tool="hang", le="1.0") == 1  # cancelled
-            assert metric(m, "chatsvc_tool_call_seconds_bucket", server="t", tool="hang", le="2.5") == 2  # + timeout
+            assert (
+                metric(m, "chatsvc_tool_call_seconds_bucket", server="t", tool="hang", le="1.0") <= 1
+            )  # not the timeout
+            assert metric(m, "chatsvc_tool_call_seconds_bucket", server="t", tool="hang", le="10.0") == 2
             assert metric(m, "chatsvc_mcp_server_up", server="t") == 1
             toolbox.count("client", "-", "ok")
             assert metric(m, "chatsvc_tool_calls_total", server="client", tool="-", outcome="ok") == 1
