@@ -3523,10 +3523,7 @@ class Toolbox:
         """Run one call of the model's; never raises (a cancel is counted `cancelled`, then re-raised)."""
         spec = self.find(exposed)
         if spec is None:
-            self.count("-", "-", "unknown_tool")
-            return ToolOutcome(
-                None, storable_result(f"There is no tool named '{exposed[:100]}'.", 200), 0, "unknown_tool"
-            )
+            return self.unknown(exposed)
         started = time.perf_counter()
         try:
             result = await self.servers[spec.server].call(spec, arguments, owner)
@@ -3538,6 +3535,11 @@ class Toolbox:
             result = ToolOutcome(None, f"The tool call failed inside chatsvc ({type(exc).__name__}).", 0, "error")
         self._record(spec, result.outcome, started)
         return result
+
+    def unknown(self, exposed: str) -> ToolOutcome:
+        """The result of a call to a name no offered tool has (counted `server="-", tool="-"`)."""
+        self.count("-", "-", "unknown_tool")
+        return ToolOutcome(None, storable_result(f"There is no tool named '{exposed[:100]}'.", 200), 0, "unknown_tool")
 
     def _record(self, spec: ToolSpec, outcome: str, started: float) -> None:
         # labels stay bounded when a server's tool list changes from one connection to the next
@@ -4225,9 +4227,8 @@ class Relay:
         async def run(data: dict) -> None:
             if data["name"] in offer.server:
                 outcome = await self.toolbox.run(data["name"], data["arguments"], answer.owner)
-            else:
-                self.toolbox.count("-", "-", "unknown_tool")
-                outcome = ToolOutcome(None, f"There is no tool named '{data['name']}'.", 0, "unknown_tool")
+            else:  # not offered to this answer (a server's tool its request left out, too)
+                outcome = self.toolbox.unknown(data["name"])
             results[data["id"]] = outcome
             said = {"content": outcome.content} if outcome.error is None else {"error": outcome.error}
             answer.step(
