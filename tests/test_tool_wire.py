@@ -370,8 +370,8 @@ def test_a_null_or_empty_tool_calls_in_a_text_chunk_is_nothing(fake):
 
 
 def test_a_model_that_calls_tools_unasked_still_ends_with_an_empty_answer(service, client, fake):
-    # the relay ignores tool calls until the round loop exists (design 2.15, step 4): no text, no
-    # reasoning → 502 upstream_error EMPTY_ANSWER, as before this step; the request offers no tools
+    # the request offers no tools (none configured, none in the request): the relay runs no call
+    # nobody offered, so no text and no reasoning → 502 upstream_error EMPTY_ANSWER, as before tools
     detail = chatsvc.EMPTY_ANSWER.format("tool_calls")
     fake.push(Reply.transcript("stream_tool_calls.sse"))
     r = client.post(f"{API}/chat/s1/stream", json={"message": "杭州天气怎么样"})
