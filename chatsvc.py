@@ -5729,15 +5729,30 @@ def imported_steps(
         if step["type"] not in ("tool_call", "tool_result"):
             bad_field(f"{at}.type", "must be 'tool_call' or 'tool_result'.")
         assert last_seq is not None
-        field_count(step["seq"], f"{at}.seq", before["seq"] + 1, last_seq - 1,
-                    f"must be a whole number above the seq of the step before it and below the message's"
-                    f" last_seq ({last_seq}).")  # fmt: skip
-        field_count(step["text"], f"{at}.text", before["text"], len(content),
-                    f"must be a whole number from the text of the step before it ({before['text']}) to the"
-                    f" length of the message's content ({len(content)}).")  # fmt: skip
-        field_count(step["reasoning"], f"{at}.reasoning", before["reasoning"], len(reasoning),
-                    f"must be a whole number from the reasoning of the step before it ({before['reasoning']}) to"
-                    f" the length of the message's reasoning_content ({len(reasoning)}).")  # fmt: skip
+        field_count(
+            step["seq"],
+            f"{at}.seq",
+            before["seq"] + 1,
+            last_seq - 1,
+            f"must be a whole number above the seq of the step before it and below the message's"
+            f" last_seq ({last_seq}).",
+        )
+        field_count(
+            step["text"],
+            f"{at}.text",
+            before["text"],
+            len(content),
+            f"must be a whole number from the text of the step before it ({before['text']}) to the"
+            f" length of the message's content ({len(content)}).",
+        )
+        field_count(
+            step["reasoning"],
+            f"{at}.reasoning",
+            before["reasoning"],
+            len(reasoning),
+            f"must be a whole number from the reasoning of the step before it ({before['reasoning']}) to"
+            f" the length of the message's reasoning_content ({len(reasoning)}).",
+        )
         before = {name: step[name] for name in before}
         data, where = step["data"], f"{at}.data"
         field_object(data, where, TOOL_CALL_FIELDS if step["type"] == "tool_call" else TOOL_RESULT_FIELDS)
