@@ -17,6 +17,8 @@ The module reads top to bottom in the order data flows, one concept to a section
     Search                       conversations by the text they hold
     Message tree                 messages, their branches, and the turn a chat writes
     Copies                       forks and imports, written a chunk at a time
+    Files                        the files owners upload: their bytes, dedup, quotas, references
+    File contents                what a file is: sniffed by its bytes, checked, its text and model copy
     Answer rows                  an answer's row: checkpoints, heartbeat, final state
     Store                        the database and its rooms, opened and closed together
     Turns                        where a new message goes in the tree, and what the model is sent
@@ -34,6 +36,7 @@ The module reads top to bottom in the order data flows, one concept to a section
     Markdown export              a conversation's current branch as a document a person reads
     HTTP: presenting rows        stored rows as the API shows them
     HTTP: conversation handlers  the routes under /api/v1/context/conversations
+    HTTP: file handlers          the routes under /api/v1/files: upload, metadata, content, delete
     HTTP: chat handlers          an answer started, streamed, followed by a channel and stopped
     HTTP: errors as responses    whatever a handler raises, as {"detail", "code"}
     Operations                   health, readiness, metrics and the OpenAPI document
@@ -210,6 +213,62 @@ class Settings:
         "a tool result longer than this is cut, with a note",
         cast=lambda v: _int_between(v, 100, 10_000_000),
     )
+    max_file_bytes: int = setting(
+        "CHATSVC_MAX_FILE_BYTES", 20 * 1024 * 1024, "largest file upload", cast=lambda v: _int_between(v, 1, 2**40)
+    )
+    max_storage_bytes_per_user: int = setting(
+        "CHATSVC_MAX_STORAGE_BYTES_PER_USER",
+        1024**3,
+        "bytes of files one user may store (0: no limit)",
+        cast=lambda v: _int_between(v, 0, 2**50),
+    )
+    max_files_per_message: int = setting(
+        "CHATSVC_MAX_FILES_PER_MESSAGE", 10, "files one message may carry", cast=lambda v: _int_between(v, 1, 100)
+    )
+    max_context_images: int = setting(
+        "CHATSVC_MAX_CONTEXT_IMAGES",
+        4,
+        "images of the history sent to the model again (newest first)",
+        cast=lambda v: _int_between(v, 0, 100),
+    )
+    vision_model: str | None = setting(
+        "CHATSVC_VISION_MODEL", None, "model for a turn whose context holds images, when the conversation's cannot see"
+    )
+    vision_models: tuple[str, ...] = setting(
+        "CHATSVC_VISION_MODELS",
+        ("qwen-vl-*", "qwen2.5-vl-*", "qwen3-vl-*", "qvq-*", "qwen3.5-*", "qwen3.6-*", "qwen-omni-*", "qwen3-omni-*"),
+        "models that see images (a,b; a trailing * matches any rest)",
+    )
+    image_max_pixels: int = setting(
+        "CHATSVC_IMAGE_MAX_PIXELS",
+        1_003_520,
+        "an image is scaled down to at most this many pixels before the model is sent it",
+        cast=lambda v: _int_between(v, 784, 100_000_000),
+    )
+    max_image_pixels: int = setting(
+        "CHATSVC_MAX_IMAGE_PIXELS",
+        50_000_000,
+        "largest image (in pixels) accepted at upload",
+        cast=lambda v: _int_between(v, 784, 500_000_000),
+    )
+    max_document_pages: int = setting(
+        "CHATSVC_MAX_DOCUMENT_PAGES", 500, "PDF pages read at upload", cast=lambda v: _int_between(v, 1, 100_000)
+    )
+    max_document_chars: int = setting(
+        "CHATSVC_MAX_DOCUMENT_CHARS",
+        2_000_000,
+        "longest text a document may hold",
+        cast=lambda v: _int_between(v, 1, 100_000_000),
+    )
+    extract_timeout: float = setting(
+        "CHATSVC_EXTRACT_TIMEOUT", 20.0, "s one document's text extraction may take", cast=lambda v: _positive(float(v))
+    )
+    file_retention_hours: float = setting(
+        "CHATSVC_FILE_RETENTION_HOURS",
+        24.0,
+        "hours an uploaded file no message uses is kept",
+        cast=lambda v: _positive(float(v)),
+    )
     ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
     shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 10.0, "s running answers get after SIGTERM")
     host: str = setting("HOST", "0.0.0.0", "address to listen on")
@@ -234,7 +293,15 @@ class Settings:
                 reason = str(exc) if f.metadata["cast"] else f"not a valid {f.type}"
                 shown = f"{env}={raw!r}" if f.metadata["echo"] else env
                 raise ValueError(f"{shown}: {reason}.") from None
-        return cls(**values)
+        settings = cls(**values)
+        if settings.image_max_pixels > settings.max_image_pixels:
+            raise ValueError("CHATSVC_IMAGE_MAX_PIXELS: must not be larger than CHATSVC_MAX_IMAGE_PIXELS.")
+        if settings.vision_model and not settings.sees(settings.vision_model):
+            raise ValueError(
+                f"CHATSVC_VISION_MODEL={settings.vision_model!r}: not a model CHATSVC_VISION_MODELS names as seeing"
+                " images; add it there."
+            )
+        return settings
 
     @classmethod
     def help(cls) -> str:
@@ -249,6 +316,13 @@ class Settings:
     @property
     def models(self) -> tuple[str, ...]:
         return (self.chat_model, *self.allowed_models)
+
+    def sees(self, model: str) -> bool:
+        """Whether `model` takes images (CHATSVC_VISION_MODELS; a pattern's trailing `*` matches any rest)."""
+        return (
+            any(model.startswith(p[:-1]) if p.endswith("*") else model == p for p in self.vision_models if p != "*")
+            or "*" in self.vision_models
+        )
 
     @property
     def heartbeat_stale(self) -> float:
@@ -486,6 +560,15 @@ class SearchTooCostly(Refusal):
     """A search ran past its budget (SEARCH_SECONDS) and was stopped."""
 
     code = "search_too_costly"
+
+
+class FileRefused(Refusal):
+    """A file, or a message's files, refused: with its own HTTP status (400, 404, 409, 413, 415 or 422)
+    and code (CONTRACT.md, "Files")."""
+
+    def __init__(self, status: int, code: str, detail: str):
+        super().__init__(detail, code)
+        self.status = status
 
 
 class SearchBusy(Refusal):
@@ -2138,6 +2221,52 @@ class Copies:
         for start in range(0, len(rows), COPY_CHUNK_MESSAGES):
             chunk = rows[start : start + COPY_CHUNK_MESSAGES]
             await self.db.execute_numbered(sql, *([row[name] for row in chunk] for name in names))
+
+
+# ── Files: the files owners upload: their bytes, dedup, quotas, references ─────────────
+
+FILE_CHUNK_BYTES = 1024 * 1024  # file_chunks rows: each this long but a file's last
+
+
+@dataclass(frozen=True)
+class FileRow:
+    """A stored file's metadata (a `files` row without its bytes, text and model copy)."""
+
+    id: str
+    owner: str
+    sha256: str
+    name: str
+    media_type: str
+    kind: str  # "image" or "document"
+    size: int
+    created_at: str
+    width: int | None = None  # images
+    height: int | None = None
+    pages: int | None = None  # PDFs
+    text_chars: int | None = None  # documents: length of the extracted text
+    text_note: str | None = None  # "no_text": a document with no text (a scanned PDF)
+    model_width: int | None = None  # images: the copy the model is sent
+    model_height: int | None = None
+
+
+# ── File contents: what a file is: sniffed by its bytes, checked, its text and model copy ─
+
+
+@dataclass(frozen=True)
+class FileFacts:
+    """What `examine` found a file to be: what the store keeps of it besides its bytes."""
+
+    media_type: str
+    kind: str  # "image" or "document"
+    width: int | None = None
+    height: int | None = None
+    pages: int | None = None
+    text: str | None = None  # documents
+    text_note: str | None = None  # "no_text"
+    model_copy: bytes | None = field(default=None, repr=False)  # images: PNG or JPEG, scaled
+    model_media_type: str | None = None
+    model_width: int | None = None
+    model_height: int | None = None
 
 
 # ── Answer rows: a running answer's checkpoints and heartbeat, its final state ─────────
@@ -6353,6 +6482,9 @@ async def clear_context(request: Request) -> Response:
         raise not_found(key[1])
     row = await conversation_or_404(request, key)
     return JSONResponse(present_conversation(st.settings, row))
+
+
+# ── HTTP: file handlers: the routes under /api/v1/files: upload, metadata, content, delete
 
 
 # ── HTTP: chat handlers: an answer started, streamed, followed by a channel and stopped ──

@@ -166,3 +166,33 @@ CREATE OR REPLACE FUNCTION chatsvc_tool_text(steps text, results text) RETURNS t
 
 -- postgresql only
 DO $$ BEGIN CREATE INDEX messages_tool_search ON messages USING gin (chatsvc_tool_text(tool_steps, tool_results) gin_trgm_ops) WHERE status != 'streaming' AND (tool_steps IS NOT NULL OR tool_results IS NOT NULL); EXCEPTION WHEN OTHERS THEN RAISE NOTICE 'pg_trgm is not available, search of tool results scans'; END $$;
+
+-- step 5: files
+-- A file an owner uploaded (an image or a document), its bytes in 1 MiB chunks (file_chunks), and
+-- the messages that carry it (message_files). An upload streams into an 'uploading' row, which
+-- becomes 'ready' once its bytes are checked; the same bytes uploaded twice by one owner are one
+-- ready row (files_dedup). What the model is sent is computed once, at upload: a document's text,
+-- an image's scaled copy (model_copy). A file is never deleted while a message references it.
+-- sqlite only
+CREATE TABLE files (id TEXT PRIMARY KEY, owner TEXT NOT NULL DEFAULT '', sha256 TEXT NOT NULL, name TEXT NOT NULL, media_type TEXT NOT NULL, kind TEXT NOT NULL CHECK (kind IN ('image', 'document')), size INTEGER NOT NULL, status TEXT NOT NULL CHECK (status IN ('uploading', 'ready')), width INTEGER, height INTEGER, pages INTEGER, text TEXT, text_note TEXT, model_copy BLOB, model_media_type TEXT, model_width INTEGER, model_height INTEGER, created_at TEXT NOT NULL, last_used_at TEXT NOT NULL);
+-- postgresql only
+CREATE TABLE files (id TEXT PRIMARY KEY, owner TEXT NOT NULL DEFAULT '', sha256 TEXT NOT NULL, name TEXT NOT NULL, media_type TEXT NOT NULL, kind TEXT NOT NULL CHECK (kind IN ('image', 'document')), size BIGINT NOT NULL, status TEXT NOT NULL CHECK (status IN ('uploading', 'ready')), width INTEGER, height INTEGER, pages INTEGER, text TEXT, text_note TEXT, model_copy BYTEA, model_media_type TEXT, model_width INTEGER, model_height INTEGER, created_at TEXT NOT NULL, last_used_at TEXT NOT NULL);
+
+-- one ready row per owner and bytes
+CREATE UNIQUE INDEX files_dedup ON files (owner, sha256) WHERE status = 'ready';
+
+CREATE INDEX files_by_owner ON files (owner, id);
+
+-- the collector's walk: unreferenced files by age
+CREATE INDEX files_by_use ON files (last_used_at);
+
+-- seq 0, 1, …: each chunk 1 MiB but the last
+-- sqlite only
+CREATE TABLE file_chunks (file_id TEXT NOT NULL REFERENCES files (id) ON DELETE CASCADE, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (file_id, seq)) WITHOUT ROWID;
+-- postgresql only
+CREATE TABLE file_chunks (file_id TEXT NOT NULL REFERENCES files (id) ON DELETE CASCADE, seq INTEGER NOT NULL, data BYTEA NOT NULL, PRIMARY KEY (file_id, seq));
+
+-- a message's files, in order; no cascade from files: a referenced file is not deleted
+CREATE TABLE message_files (owner TEXT NOT NULL DEFAULT '', message_id TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE, position INTEGER NOT NULL, file_id TEXT NOT NULL REFERENCES files (id), PRIMARY KEY (message_id, position));
+
+CREATE INDEX message_files_by_file ON message_files (file_id);

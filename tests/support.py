@@ -84,13 +84,20 @@ def postgres_database():
     pg(POSTGRES, f"DROP DATABASE {name} WITH (FORCE)")
 
 
+# Empties the run's PostgreSQL database for a test (what a CASCADE leaves, the functions and types, is
+# made again by the schema's CREATE OR REPLACE and IF NOT EXISTS).
+EMPTY_POSTGRES = (
+    "DROP TABLE IF EXISTS message_files, file_chunks, files, messages, conversations, schema_versions CASCADE"
+)
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database(request, tmp_path) -> str:
     """The DATABASE_URL of one test: a new SQLite file, or the run's PostgreSQL database emptied."""
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'chatsvc.db'}"
     url = request.getfixturevalue("postgres_database")
-    pg(url, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    pg(url, EMPTY_POSTGRES)
     return url
 
 

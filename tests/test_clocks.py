@@ -24,7 +24,7 @@ import pytest
 from fake_dashscope import Reply
 from live import SSEReader
 from procs import ServerProcess
-from support import Service, pg
+from support import EMPTY_POSTGRES, Service, pg
 
 import chatsvc
 
@@ -172,7 +172,7 @@ def clock_off_by(offset: str) -> dict[str, str]:
 @contextlib.contextmanager
 def replicas_apart(service: Service, tmp_path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     """Replicas `ahead` (clock 2 s fast) and `behind` (2 s slow) on one fresh PostgreSQL database."""
-    pg(service.url, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    pg(service.url, EMPTY_POSTGRES)
     ahead = ServerProcess({**service.env, **clock_off_by("+2s")}, tmp_path)
     behind = ServerProcess({**service.env, **clock_off_by("-2s")}, tmp_path)
     try:

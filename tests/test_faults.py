@@ -21,7 +21,7 @@ import pytest
 from fake_dashscope import Reply, chunk_event
 from live import LiveServer, SSEReader
 from procs import ServerProcess
-from support import Service, pg, wait_for
+from support import EMPTY_POSTGRES, Service, pg, wait_for
 
 import chatsvc
 
@@ -320,7 +320,7 @@ def test_an_answer_whose_row_is_still_being_written_is_not_taken_for_dead(postgr
     the transaction writing it commits. A beat that misses the row then must not call the answer
     taken: its word would reach the answer after it started and stop it for nothing (under load
     this left rows `interrupted` with no text)."""
-    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    pg(postgres_database, EMPTY_POSTGRES)
     service = Service(postgres_database, fake, CHATSVC_HEARTBEAT_SECONDS="0.1")
     with LiveServer(service.settings) as live:
         relay = live.relay
@@ -358,7 +358,7 @@ def test_a_locked_answer_row_never_holds_the_heartbeat_of_the_others(postgres_da
     end being written does), the heartbeat goes on beating this process's other answers (waiting
     for the lock held the beat past the three intervals another replica allows), and the locked
     answer is not taken for anyone's: both run to the end."""
-    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    pg(postgres_database, EMPTY_POSTGRES)
     service = Service(postgres_database, fake, CHATSVC_HEARTBEAT_SECONDS="0.1", CHATSVC_CHECKPOINT_SECONDS="60")
     fake.push(*(Reply.answer([f"{sid}-{i} " for i in range(40)], pause=0.05) for sid in ("a", "b")))
     with LiveServer(service.settings) as live:
@@ -393,7 +393,7 @@ def test_an_answer_taken_for_dead_is_told_to_its_readers_and_the_verdict_stands(
     """PostgreSQL (on SQLite one process serves the file): another replica stored this answer
     `interrupted` (its heartbeat looked stale): the producer learns it from its next heartbeat,
     stops, tells its readers, and never overwrites the verdict."""
-    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    pg(postgres_database, EMPTY_POSTGRES)
     service = Service(postgres_database, fake, CHATSVC_HEARTBEAT_SECONDS="0.2", CHATSVC_CHECKPOINT_SECONDS="0.1")
     fake.push(Reply.answer([f"t{i} " for i in range(200)], pause=0.05))
     fake.default = Reply.answer(["fine"])

@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 from fake_dashscope import Reply
 from live import LiveServer
-from support import Service, pg, wait_for
+from support import EMPTY_POSTGRES, Service, pg, wait_for
 
 import chatsvc
 
@@ -59,7 +59,7 @@ def waiting_for_locks(url: str) -> int:
 
 @pytest.fixture
 def pg_service(postgres_database, fake):
-    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    pg(postgres_database, EMPTY_POSTGRES)
     return Service(postgres_database, fake)
 
 

@@ -15,7 +15,7 @@ from fake_dashscope import Reply
 from live import LiveServer, SSEReader
 from procs import ServerProcess
 from rawhttp import request, sse_events
-from support import Service, pg, wait_for
+from support import EMPTY_POSTGRES, Service, pg, wait_for
 
 import chatsvc
 
@@ -40,7 +40,7 @@ def start_together(*servers: ServerProcess) -> None:
 
 @pytest.fixture
 def cluster(postgres_database, fake, tmp_path):
-    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    pg(postgres_database, EMPTY_POSTGRES)
     service = Service(postgres_database, fake, CHATSVC_HEARTBEAT_SECONDS="0.3", CHATSVC_CHECKPOINT_SECONDS="0.1",
                       CHATSVC_UPSTREAM_IDLE_TIMEOUT="30")  # fmt: skip
     servers: list[ServerProcess] = []
@@ -292,7 +292,7 @@ def test_load_across_two_replicas_loses_and_duplicates_nothing(cluster, fake):
 def test_a_mirror_whose_final_event_was_lost_ends_from_the_store(postgres_database, fake):
     """A notification can be lost (a publisher or a listening connection failing): the heartbeat
     then finds the answer ended in the store and ends its mirror, so no listener waits forever."""
-    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    pg(postgres_database, EMPTY_POSTGRES)
     service = Service(postgres_database, fake, CHATSVC_HEARTBEAT_SECONDS="0.2")
     with LiveServer(service.settings) as live:
         relay = live.relay

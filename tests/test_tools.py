@@ -12,7 +12,7 @@ from fake_dashscope import Reply
 from live import LiveServer, SSEReader, parse_events
 from mcp_server import McpProcess
 from procs import ServerProcess
-from support import wait_for
+from support import EMPTY_POSTGRES, wait_for
 
 API = "/api/v1"
 WEATHER = {
@@ -566,7 +566,7 @@ def tool_cluster(postgres_database, fake, tmp_path, mcp_http):
     from support import Service, pg
     from test_replicas import start_together
 
-    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    pg(postgres_database, EMPTY_POSTGRES)
     service = Service(
         postgres_database,
         fake,

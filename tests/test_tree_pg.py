@@ -9,7 +9,7 @@ import asyncio
 import json
 
 import pytest
-from support import Service, pg
+from support import EMPTY_POSTGRES, Service, pg
 
 import chatsvc
 
@@ -19,7 +19,7 @@ CHAIN = 10_000  # messages in one chain, written straight into the table: nothin
 
 @pytest.fixture
 def deep(postgres_database, fake):
-    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    pg(postgres_database, EMPTY_POSTGRES)
     service = Service(postgres_database, fake)
     with service.client() as client:
         assert client.post(CONV, json={"session_id": "deep"}).status_code == 201

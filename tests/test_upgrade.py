@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from fake_dashscope import Reply
 from procs import ServerProcess
-from support import Service, pg
+from support import EMPTY_POSTGRES, Service, pg
 from test_cli import chatsvc as run_chatsvc
 
 import chatsvc
@@ -177,7 +177,7 @@ def test_a_database_newer_than_the_code_is_refused_in_one_sentence(v1_database, 
 
 @pytest.mark.slow
 def test_replicas_starting_together_on_an_old_database_upgrade_it_once(postgres_database, fake, tmp_path):
-    pg(postgres_database, "DROP TABLE IF EXISTS messages, conversations, schema_versions CASCADE")
+    pg(postgres_database, EMPTY_POSTGRES)
     v1_on_postgres(postgres_database)
     service = Service(postgres_database, fake, CHATSVC_USER_HEADER="X-User-Id", LOG_LEVEL="info")
     from test_replicas import start_together

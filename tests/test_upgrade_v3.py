@@ -97,7 +97,8 @@ def test_a_release_3_database_upgrades_in_place_and_reads_back_the_same(v3_datab
     before = v3_rows("messages", old_columns)
     with service.client() as client:
         versions = service.rows("SELECT version FROM schema_versions ORDER BY version")
-        assert [r["version"] for r in versions] == [1, 2, 3, 4] == [s.version for s in chatsvc.schema_steps()]
+        assert [r["version"] for r in versions] == [s.version for s in chatsvc.schema_steps()]
+        assert len(versions) >= 4
         assert {"tool_steps", "tool_results"} <= set(message_columns(service))
         assert service.rows("SELECT COUNT(*) AS n FROM messages WHERE tool_steps IS NOT NULL"
                             " OR tool_results IS NOT NULL") == [{"n": 0}]  # fmt: skip
