@@ -2244,6 +2244,7 @@ class FileRow:
     height: int | None = None
     pages: int | None = None  # PDFs
     text_chars: int | None = None  # documents: length of the extracted text
+    text_tokens: int | None = None  # documents: estimate_tokens of that text (what it costs in a context)
     text_note: str | None = None  # "no_text": a document with no text (a scanned PDF)
     model_width: int | None = None  # images: the copy the model is sent
     model_height: int | None = None
