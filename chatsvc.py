@@ -1663,6 +1663,7 @@ class Turn:
     # a tool-results turn: the JSON text of its [{"tool_call_id", "content"}], stored on the new user
     # row (whose `question` is then ''); None for a turn with a message
     tool_results: str | None = None
+    files: list[str] = field(default_factory=list)  # the new user message's file ids, in order
 
 
 class Tree:
@@ -1832,6 +1833,35 @@ class Tree:
                 if kind == "foreign_key":  # the message it follows was deleted meanwhile
                     raise message_not_found(turn.session_id, turn.parent_id or turn.question_id) from None
                 raise
+            if turn.new_question and turn.files:
+                await self._attach_files(turn)
+
+    async def _attach_files(self, turn: Turn) -> None:
+        """Inside begin_turn's transaction: the new user message's files (`message_files`), each the
+        owner's and ready, and their `last_used_at` bumped (the collector's clock). A file deleted since
+        the turn's checks: `file_not_found`, and the transaction writes nothing."""
+        ids = list(dict.fromkeys(turn.files))
+        values: dict[str, Any] = {"owner": turn.owner, "uid": turn.question_id, "now": utcnow()}
+        values.update((f"f{n}", file_id) for n, file_id in enumerate(ids))
+        names = ", ".join(f":f{n}" for n in range(len(ids)))
+        place = " ".join(f"WHEN :f{n} THEN {n}" for n in range(len(ids)))
+        try:
+            rows = await self.db.fetch_all(
+                "INSERT INTO message_files (owner, message_id, position, file_id)"
+                f" SELECT CAST(:owner AS TEXT), CAST(:uid AS TEXT), CASE f.id {place} END, f.id FROM files f"
+                f" WHERE f.id IN ({names}) AND f.owner = :owner AND f.status = 'ready' RETURNING file_id",
+                values,
+                role=WRITE,
+            )
+        except Exception as exc:
+            if _violation(exc) != "foreign_key":
+                raise
+            rows = []  # a file deleted by a transaction that ended while this one waited for its row
+        attached = {row["file_id"] for row in rows}
+        missing = [file_id for file_id in ids if file_id not in attached]
+        if missing:
+            raise file_not_found(missing[0])
+        await self.db.execute(f"UPDATE files SET last_used_at = :now WHERE id IN ({names}) AND owner = :owner", values)
 
     async def switch_branch(self, owner: str, session_id: str, message_id: str) -> bool:
         """The branch through this message becomes the current one, down to its newest leaf."""
@@ -2224,8 +2254,31 @@ class Copies:
 
 
 # ── Files: the files owners upload: their bytes, dedup, quotas, references ─────────────
+# A file's bytes are `file_chunks` rows of FILE_CHUNK_BYTES, written one short statement each while
+# the upload streams in (no transaction is held across an upload: SQLite's one writer serves others
+# between chunks), under an 'uploading' row that `finish` makes 'ready' or discards. Every read is
+# scoped to an owner: another owner's id behaves as absent (no cross-owner dedup either: it would
+# tell one owner, by timing and quota, that someone else stores these bytes).
 
 FILE_CHUNK_BYTES = 1024 * 1024  # file_chunks rows: each this long but a file's last
+STAGED_FILE_SECONDS = 3600  # an 'uploading' row this old is a crashed upload: the collector deletes it
+_COLLECTOR_LOCK = 7468373  # PostgreSQL: the advisory lock one replica's collector holds at a time
+
+_FILE_COLUMNS = (
+    "id, owner, sha256, name, media_type, kind, size, created_at, width, height, pages,"
+    " length(text) AS text_chars, text_tokens, text_note, model_width, model_height"
+)
+# what finish writes of a file's FileFacts, and its text's token estimate
+_FACT_SETS = ", ".join(
+    f"{name} = :{name}"
+    for name in (
+        *("media_type", "kind", "width", "height", "pages", "text", "text_tokens", "text_note", "model_copy"),
+        *("model_media_type", "model_width", "model_height"),
+    )
+)
+_F_FILE_COLUMNS = ", ".join(
+    "length(f.text) AS text_chars" if name.startswith("length") else "f." + name for name in _FILE_COLUMNS.split(", ")
+)
 
 
 @dataclass(frozen=True)
@@ -2248,6 +2301,326 @@ class FileRow:
     text_note: str | None = None  # "no_text": a document with no text (a scanned PDF)
     model_width: int | None = None  # images: the copy the model is sent
     model_height: int | None = None
+
+
+_FILE_ROW_FIELDS = tuple(f.name for f in fields(FileRow))
+
+
+def _file_row(row: dict) -> FileRow:
+    return FileRow(**{name: row[name] for name in _FILE_ROW_FIELDS})
+
+
+def file_not_found(file_id: str) -> FileRefused:
+    return FileRefused(404, "file_not_found", f"No file '{file_id}'.")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1048576:,.1f}".removesuffix(".0")
+
+
+def storage_full(used: int, quota: int) -> FileRefused:
+    detail = f"Your files use {_mib(used)} MiB of {_mib(quota)} MiB (CHATSVC_MAX_STORAGE_BYTES_PER_USER)."
+    return FileRefused(413, "storage_full", detail)
+
+
+def file_in_use(file_id: str, messages: int) -> FileRefused:
+    return FileRefused(
+        409,
+        "file_in_use",
+        f"File '{file_id}' is in {messages} message(s); delete those messages or conversations first.",
+    )
+
+
+class Files:
+    """The owners' files: staged while their bytes stream in, then ready (deduplicated by owner and
+    sha256, counted against the owner's quota), read whole or by range, referenced by messages
+    (`message_files`, written by `Tree.begin_turn`), and collected once nothing references them."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def _owner_lock(self, owner: str) -> None:
+        """Inside a transaction on PostgreSQL: the owner's files are counted and made ready one
+        transaction at a time (an owner without a conversation has no row to lock). SQLite: its write
+        transactions already run one at a time."""
+        if not self.db.is_sqlite:
+            await self.db.execute("SELECT pg_advisory_xact_lock(hashtext('files:' || :owner))", {"owner": owner})
+
+    async def usage(self, owner: str, role: str = READ, besides: str = "") -> int:
+        """The bytes the owner stores (staged uploads counted at the size they have been given), but
+        file `besides`'s."""
+        row = await self.db.fetch_one(
+            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) AS used FROM files WHERE owner = :owner AND id != :besides",
+            {"owner": owner, "besides": besides},
+            role=role,
+        )
+        return int(row["used"]) if row else 0
+
+    async def begin(self, owner: str, name: str, quota: int) -> str:
+        """A new 'uploading' row for an upload about to stream in; its id. Refused at once if the owner's
+        files already fill `quota` (0: no limit)."""
+        if quota:
+            used = await self.usage(owner)
+            if used >= quota:
+                raise storage_full(used, quota)
+        file_id, now = new_message_id(), utcnow()
+        await self.db.execute(
+            "INSERT INTO files (id, owner, sha256, name, media_type, kind, size, status, created_at, last_used_at)"
+            " VALUES (:id, :owner, '', :name, '', 'document', 0, 'uploading', :now, :now)",
+            {"id": file_id, "owner": owner, "name": name, "now": now},
+        )
+        return file_id
+
+    async def write(self, file_id: str, seq: int, data: bytes) -> None:
+        """One chunk of a staged file, one statement of its own."""
+        await self.db.execute(
+            "INSERT INTO file_chunks (file_id, seq, data) VALUES (:id, :seq, :data)",
+            {"id": file_id, "seq": seq, "data": data},
+        )
+
+    async def read(self, file_id: str) -> bytes:
+        """All of a file's bytes, joined (what the examiner reads, once, under its slot)."""
+        rows = await self.db.fetch_all("SELECT data FROM file_chunks WHERE file_id = :id ORDER BY seq", {"id": file_id})
+        return b"".join(bytes(row["data"]) for row in rows)
+
+    async def discard(self, file_id: str) -> None:
+        """A staged upload and its chunks (the cascade), gone; a file already ready stays."""
+        await self.db.execute("DELETE FROM files WHERE id = :id AND status = 'uploading'", {"id": file_id})
+
+    async def find(self, owner: str, sha256: str, role: str = READ) -> FileRow | None:
+        """The owner's ready file with these bytes, if it has one."""
+        row = await self.db.fetch_one(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE owner = :owner AND sha256 = :sha AND status = 'ready'",
+            {"owner": owner, "sha": sha256},
+            role=role,
+        )
+        return _file_row(row) if row else None
+
+    async def finish(
+        self, file_id: str, owner: str, sha256: str, size: int, facts: FileFacts, quota: int
+    ) -> tuple[FileRow, bool]:
+        """The staged upload made ready with what the examiner found, in one transaction: (its row,
+        True); or, when the owner already has these bytes, that file (its `last_used_at` bumped, the
+        staged one discarded) and False. Refused (the staged one discarded) when it would take the
+        owner's files past `quota` (0: no limit). Of two finishes of the same bytes at once, one makes
+        its row ready and the other answers it (the owner's lock; files_dedup if that was missed)."""
+        values = {
+            "id": file_id,
+            "owner": owner,
+            "sha": sha256,
+            "size": size,
+            "now": utcnow(),
+            "media_type": facts.media_type,
+            "kind": facts.kind,
+            "width": facts.width,
+            "height": facts.height,
+            "pages": facts.pages,
+            "text": facts.text,
+            "text_tokens": estimate_tokens(facts.text) if facts.kind == "document" and facts.text is not None else None,
+            "text_note": facts.text_note,
+            "model_copy": facts.model_copy,
+            "model_media_type": facts.model_media_type,
+            "model_width": facts.model_width,
+            "model_height": facts.model_height,
+        }
+
+        async def ready() -> tuple[FileRow, bool]:
+            await self._owner_lock(owner)
+            existing = await self.db.fetch_one(
+                f"UPDATE files SET last_used_at = :now WHERE owner = :owner AND sha256 = :sha AND status = 'ready'"
+                f" RETURNING {_FILE_COLUMNS}",
+                values,
+                role=WRITE,
+            )
+            if existing is not None:
+                await self.db.execute("DELETE FROM files WHERE id = :id AND status = 'uploading'", values)
+                return _file_row(existing), False
+            if quota:
+                used = await self.usage(owner, role=WRITE, besides=file_id)
+                if used + size > quota:
+                    raise storage_full(used, quota)
+            made = await self.db.fetch_one(
+                f"UPDATE files SET sha256 = :sha, size = :size, status = 'ready', last_used_at = :now, {_FACT_SETS}"
+                f" WHERE id = :id AND owner = :owner AND status = 'uploading' RETURNING {_FILE_COLUMNS}",
+                values,
+                role=WRITE,
+            )
+            if made is None:  # the collector took it for a crashed upload (it was staged over an hour)
+                raise FileRefused(
+                    400, "bad_upload", "The upload took over an hour and was discarded; upload the file again."
+                )
+            return _file_row(made), True
+
+        try:
+            return await self.db.atomically(ready)
+        except FileRefused:
+            await self.discard(file_id)
+            raise
+        except Exception as exc:
+            if _violation(exc) != "unique":
+                raise
+        # another finish of the same bytes, which took no lock (not one of ours), made its row ready first
+        await self.discard(file_id)
+        winner = await self.find(owner, sha256, role=WRITE)
+        if winner is None:  # ... and it was deleted since
+            raise file_not_found(file_id)
+        return winner, False
+
+    async def import_file(self, owner: str, name: str, data: bytes, facts: FileFacts, quota: int = 0) -> FileRow:
+        """A file an import brings, stored as an upload is: the owner's file with these bytes if it has
+        one (an import of one's own export reuses its files), else a new one, counted against `quota`
+        (0: no limit) and written in chunks. Called outside a transaction (it runs its own)."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        existing = await self.find(owner, sha256)
+        if existing is not None:
+            return existing
+        file_id = await self.begin(owner, name, quota)
+        try:
+            for seq, start in enumerate(range(0, len(data), FILE_CHUNK_BYTES)):
+                await self.write(file_id, seq, data[start : start + FILE_CHUNK_BYTES])
+            row, _ = await self.finish(file_id, owner, sha256, len(data), facts, quota)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.discard(file_id))
+            raise
+        return row
+
+    async def get(self, owner: str, file_id: str) -> FileRow:
+        """The owner's ready file; `file_not_found` for any other id."""
+        row = await self.db.fetch_one(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE id = :id AND owner = :owner AND status = 'ready'",
+            {"id": file_id, "owner": owner},
+        )
+        if row is None:
+            raise file_not_found(file_id)
+        return _file_row(row)
+
+    async def page(self, owner: str, limit: int, before: str | None = None) -> list[FileRow]:
+        """The owner's ready files, newest first, at most `limit`, those older than file `before` if given."""
+        where = " AND id < :before" if before is not None else ""
+        rows = await self.db.fetch_all(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE owner = :owner AND status = 'ready'{where}"
+            " ORDER BY id DESC LIMIT :limit",
+            {"owner": owner, "before": before, "limit": limit},
+        )
+        return [_file_row(row) for row in rows]
+
+    async def content(self, file_id: str, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of a ready file, one chunk row read at a time: only the rows the range
+        covers, the first and the last cut by the database (`substr`), so a range costs what it
+        sends. A file deleted meanwhile: `file_not_found`, after what was sent."""
+        for seq in range(start // FILE_CHUNK_BYTES, (end - 1) // FILE_CHUNK_BYTES + 1 if end > start else 0):
+            offset = seq * FILE_CHUNK_BYTES
+            first, last = max(start - offset, 0), min(end - offset, FILE_CHUNK_BYTES)
+            row = await self.db.fetch_one(
+                "SELECT substr(c.data, :first, :n) AS data FROM file_chunks c JOIN files f ON f.id = c.file_id"
+                " WHERE c.file_id = :id AND c.seq = :seq AND f.status = 'ready'",
+                {"id": file_id, "seq": seq, "first": first + 1, "n": last - first},
+            )
+            if row is None:
+                raise file_not_found(file_id)
+            yield bytes(row["data"])
+
+    async def references(self, owner: str, file_id: str) -> int:
+        """How many messages carry the owner's file."""
+        row = await self.db.fetch_one(
+            "SELECT COUNT(DISTINCT message_id) AS n FROM message_files WHERE owner = :owner AND file_id = :id",
+            {"owner": owner, "id": file_id},
+        )
+        return int(row["n"]) if row else 0
+
+    async def remove(self, owner: str, file_id: str) -> None:
+        """Delete the owner's file and its bytes; refused while a message carries it (`file_in_use`: a
+        deleted file must not change what an old message showed). A message written meanwhile that
+        names it loses the race to the foreign key, either way round."""
+        values = {"owner": owner, "id": file_id}
+
+        async def delete() -> None:
+            using = await self.db.fetch_one(
+                "SELECT COUNT(DISTINCT message_id) AS n FROM message_files WHERE file_id = :id", values, role=WRITE
+            )
+            if using and using["n"]:
+                raise file_in_use(file_id, int(using["n"]))
+            gone = await self.db.fetch_one(
+                "DELETE FROM files WHERE id = :id AND owner = :owner AND status = 'ready' RETURNING id",
+                values,
+                role=WRITE,
+            )
+            if gone is None:
+                raise file_not_found(file_id)
+
+        try:
+            await self.db.atomically(delete)
+        except Exception as exc:
+            if _violation(exc) != "foreign_key":
+                raise
+            raise file_in_use(file_id, max(await self.references(owner, file_id), 1)) from None
+
+    async def collect(self, retention_seconds: float, limit: int = 100) -> int:
+        """Delete the ready files no message references whose `last_used_at` is more than
+        `retention_seconds` old, and uploads staged over STAGED_FILE_SECONDS (a crash's), `limit` a
+        transaction until none is left; how many. PostgreSQL: one replica at a time (the others find
+        the lock taken and delete nothing). A file a message names meanwhile stays (the foreign key)."""
+        values = {
+            "cutoff": utcnow(retention_seconds),
+            "staged_cutoff": utcnow(STAGED_FILE_SECONDS),
+            "limit": limit,
+        }
+
+        async def batch() -> int | None:
+            if not self.db.is_sqlite:
+                got = await self.db.fetch_one(f"SELECT pg_try_advisory_xact_lock({_COLLECTOR_LOCK}) AS got", role=WRITE)
+                if not got or not got["got"]:
+                    return None
+            rows = await self.db.fetch_all(
+                "DELETE FROM files WHERE id IN (SELECT f.id FROM files f WHERE (f.status = 'ready'"
+                " AND f.last_used_at < :cutoff AND NOT EXISTS (SELECT 1 FROM message_files m WHERE m.file_id = f.id))"
+                " OR (f.status = 'uploading' AND f.created_at < :staged_cutoff) LIMIT :limit) RETURNING id",
+                values,
+                role=WRITE,
+            )
+            return len(rows)
+
+        collected = 0
+        while True:
+            try:
+                deleted = await self.db.atomically(batch)
+            except Exception as exc:
+                if _violation(exc) != "foreign_key":
+                    raise
+                log.info("file collection: a file was sent while it was collected; the next round sees it")
+                return collected
+            if deleted is None:
+                return collected
+            collected += deleted
+            if deleted < limit:
+                return collected
+
+    async def of_messages(self, owner: str, message_ids: Iterable[str]) -> dict[str, list[FileRow]]:
+        """Each of these messages' files, in their order; messages without files are absent."""
+        found: dict[str, list[FileRow]] = {}
+        for names, ids in _id_batches(sorted(set(message_ids))):
+            rows = await self.db.fetch_all(
+                f"SELECT mf.message_id, {_F_FILE_COLUMNS} FROM message_files mf JOIN files f ON f.id = mf.file_id"
+                f" WHERE mf.owner = :owner AND mf.message_id IN ({names}) ORDER BY mf.message_id, mf.position",
+                {**ids, "owner": owner},
+            )
+            for row in rows:
+                found.setdefault(row["message_id"], []).append(_file_row(row))
+        return found
+
+    async def model_inputs(self, file_ids: Iterable[str]) -> dict[str, tuple[str | None, bytes | None, str | None]]:
+        """What the model is sent of each of these files: (a document's text, an image's model copy,
+        that copy's media type), computed at upload."""
+        found: dict[str, tuple[str | None, bytes | None, str | None]] = {}
+        for names, ids in _id_batches(sorted(set(file_ids))):
+            rows = await self.db.fetch_all(
+                f"SELECT id, text, model_copy, model_media_type FROM files WHERE id IN ({names})", ids
+            )
+            for row in rows:
+                blob = row["model_copy"]
+                found[row["id"]] = (row["text"], bytes(blob) if blob is not None else None, row["model_media_type"])
+        return found
 
 
 # ── File contents: what a file is: sniffed by its bytes, checked, its text and model copy ─
@@ -2428,8 +2801,8 @@ class AnswerRows:
 
 class Store:
     """What the rest of the module holds: the database (`db`) and the rooms that read and write it,
-    `conversations`, `search`, `tree` (a conversation's messages), `copies` (forks and imports) and
-    `answers` (answers' rows while they are written)."""
+    `conversations`, `search`, `tree` (a conversation's messages), `copies` (forks and imports), `files`
+    (the files owners upload) and `answers` (answers' rows while they are written)."""
 
     def __init__(self, url: str, exclusive: bool = False, metrics: Metrics | None = None):
         self.db = Database(url, exclusive, metrics)
@@ -2437,6 +2810,7 @@ class Store:
         self.search = Search(self.db)
         self.tree = Tree(self.db, self.conversations)
         self.copies = Copies(self.db)
+        self.files = Files(self.db)
         self.answers = AnswerRows(self.db)
 
     async def open(self, upgrade: bool = True) -> None:
