@@ -2042,6 +2042,8 @@ class Copies:
                 f"Answer '{message_id}' is still being written: fork it once it has ended (or stop it)."
             )
         outside = {row["id"] for row in path if row["id"] <= source["context_start"]}
+        carried = await self._files_of(owner, [row["id"] for row in path])
+        path = [{**row, "files": carried[row["id"]]} if row["id"] in carried else row for row in path]
         conversation = {
             "title": title if title is not None else source["title"],
             "title_source": None,
@@ -2070,6 +2072,19 @@ class Copies:
             mid = rows[-1]["parent_id"]
         return path[::-1]
 
+    async def _files_of(self, owner: str, message_ids: list[str]) -> dict[str, list[str]]:
+        """The ids of the files each of these messages carries, in order (messages without files absent)."""
+        found: dict[str, list[str]] = {}
+        for names, ids in _id_batches(message_ids):
+            rows = await self.db.fetch_all(
+                f"SELECT message_id, file_id FROM message_files WHERE owner = :owner AND message_id IN ({names})"
+                " ORDER BY message_id, position",
+                {**ids, "owner": owner},
+            )
+            for row in rows:
+                found.setdefault(row["message_id"], []).append(row["file_id"])
+        return found
+
     async def import_file(
         self, owner: str, session_id: str, file: ImportedConversation, another: bool = False
     ) -> str | None:
@@ -2097,7 +2112,8 @@ class Copies:
         another: bool = False,
     ) -> str | None:
         """A new conversation (`conversation`'s title, title_source, system_prompt and model) holding
-        copies of `messages` (parents first) under new ids, the same tree; those in `outside` stay out of
+        copies of `messages` (parents first) under new ids, the same tree, each carrying the files its
+        `files` names (the owner's file ids, in order; none if absent); those in `outside` stay out of
         the context, and the current leaf is `current`'s newest leaf. Returns its session id: `session_id`,
         or if that is taken and `another` a new one; None if it is taken. All or nothing.
 
@@ -2113,6 +2129,7 @@ class Copies:
                 session_id = await self._create(owner, session_id, plan.placed_head(), another)
                 if session_id is not None:
                     await self.insert_messages([{**row, "session_id": session_id} for row in rows])
+                    await self.insert_message_files(owner, rows)
             return session_id
         if not self.db.is_sqlite or not chunks:
             return await self._copy_at_once(owner, session_id, plan, chunks, another)
@@ -2132,7 +2149,9 @@ class Copies:
             if session_id is None:
                 return None
             for chunk in chunks:
-                await self.insert_messages(plan.rows(chunk, owner, session_id))
+                rows = plan.rows(chunk, owner, session_id)
+                await self.insert_messages(rows)
+                await self.insert_message_files(owner, rows)
             await self.db.execute(
                 "UPDATE conversations SET context_start = :start, current_message_id = :leaf"
                 " WHERE owner = :owner AND session_id = :sid",
@@ -2158,6 +2177,7 @@ class Copies:
                 rows = plan.rows(chunk, STAGED_OWNER, staged["staged_sid"])
                 async with self.db.transaction():
                     await self.insert_messages(rows)
+                    await self.insert_message_files(owner, rows)  # the owner's already: no request reads them
             async with self.db.transaction():
                 session_id = await self._create(owner, session_id, plan.placed_head(), another)
                 if session_id is None:
@@ -2238,6 +2258,20 @@ class Copies:
                 values.update({f"{name}_{n}": row[name] for name in names})
                 tuples.append("(" + ", ".join(f":{name}_{n}" for name in names) + ")")
             await self.db.execute(f"INSERT INTO messages ({', '.join(names)}) VALUES {', '.join(tuples)}", values)
+
+    async def insert_message_files(self, owner: str, rows: list[dict]) -> None:
+        """The references of these written messages to their files (each row's `files`, if any), in
+        order, 300 a statement."""
+        references = [(row["id"], n, file_id) for row in rows for n, file_id in enumerate(row.get("files") or ())]
+        for start in range(0, len(references), 300):
+            values: dict[str, Any] = {"owner": owner}
+            tuples = []
+            for n, (message_id, position, file_id) in enumerate(references[start : start + 300]):
+                values.update({f"m{n}": message_id, f"p{n}": position, f"f{n}": file_id})
+                tuples.append(f"(:owner, :m{n}, :p{n}, :f{n})")
+            await self.db.execute(
+                f"INSERT INTO message_files (owner, message_id, position, file_id) VALUES {', '.join(tuples)}", values
+            )
 
     async def _insert_columns(self, names: tuple[str, ...], rows: list[dict]) -> None:
         """PostgreSQL, inside a transaction: the rows as one array per column, COPY_CHUNK_MESSAGES rows
@@ -2536,6 +2570,10 @@ class Files:
         values = {"owner": owner, "id": file_id}
 
         async def delete() -> None:
+            if not await self.db.fetch_one(
+                "SELECT id FROM files WHERE id = :id AND owner = :owner AND status = 'ready'", values, role=WRITE
+            ):
+                raise file_not_found(file_id)
             using = await self.db.fetch_one(
                 "SELECT COUNT(DISTINCT message_id) AS n FROM message_files WHERE file_id = :id", values, role=WRITE
             )
