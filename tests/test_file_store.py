@@ -8,7 +8,9 @@ import asyncio
 import hashlib
 import os
 
+import asyncpg
 import pytest
+from support import EMPTY_POSTGRES, Service, pg
 
 import chatsvc
 
@@ -310,3 +312,109 @@ def test_import_file_dedups_and_counts_the_quota(service, client):
     refusal = refused(client, files(client).import_file, "", "more.png", os.urandom(CHUNK), IMAGE, quota=3 * CHUNK)
     assert refusal.code == "storage_full"
     assert service.rows("SELECT id FROM files") == [{"id": imported.id}]
+
+
+# ── PostgreSQL: the races the constraints decide (SQLite's one writer has none of them) ─────
+
+
+@pytest.fixture
+def pg_client(postgres_database, fake):
+    pg(postgres_database, EMPTY_POSTGRES)
+    service = Service(postgres_database, fake)
+    with service.client() as client:
+        yield service, client
+
+
+async def _blocked_behind(url: str, other) -> asyncio.Task:
+    """`other()` started, once it waits for a lock another transaction holds (pg_stat_activity says so)."""
+    task = asyncio.ensure_future(other())
+    conn = await asyncpg.connect(url)
+    try:
+        waiting = (
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+        )
+        for _ in range(2000):  # the server's view of the wait, polled (10 s at most)
+            if task.done() or await conn.fetchval(waiting):
+                break
+            await asyncio.sleep(0.005)
+    finally:
+        await conn.close()
+    assert not task.done(), "it never waited for the other transaction: no race was run"
+    return task
+
+
+def test_postgres_a_finish_that_meets_the_unique_index_answers_the_winner(pg_client):
+    service, client = pg_client
+    data = b"raced bytes"
+    sha = hashlib.sha256(data).hexdigest()
+    staged = run(client, files(client).begin, "", "mine.txt", 0)
+    now = chatsvc.utcnow()
+
+    async def race():
+        rival = await asyncpg.connect(service.url)
+        try:
+            async with rival.transaction():  # a ready row of these bytes, not yet committed (no owner lock)
+                await rival.execute(
+                    "INSERT INTO files (id, owner, sha256, name, media_type, kind, size, status, created_at,"
+                    " last_used_at) VALUES ('winner', '', $1, 'w.txt', 'text/plain', 'document', $2, 'ready', $3, $3)",
+                    sha, len(data), now,
+                )  # fmt: skip
+                task = await _blocked_behind(service.url, lambda: files(client).finish(staged, "", sha, len(data),
+                                                                                       DOCUMENT, 0))  # fmt: skip
+            return await task
+        finally:
+            await rival.close()
+
+    row, created = client.portal.call(race)
+    assert (row.id, row.name, created) == ("winner", "w.txt", False)
+    assert service.rows("SELECT id FROM files") == [{"id": "winner"}]
+
+
+def test_postgres_a_remove_that_meets_a_new_reference_is_refused(pg_client):
+    service, client = pg_client
+    row, _ = upload(client, b"wanted")
+    uid, _ = begin(client, "s")
+
+    async def race():
+        sender = await asyncpg.connect(service.url)
+        try:
+            async with sender.transaction():  # a turn naming the file, not yet committed
+                await sender.execute(
+                    "INSERT INTO message_files (owner, message_id, position, file_id) VALUES ('', $1, 0, $2)",
+                    uid, row.id,
+                )  # fmt: skip
+                task = await _blocked_behind(service.url, lambda: files(client).remove("", row.id))
+            with pytest.raises(chatsvc.FileRefused) as caught:
+                await task
+            return caught.value
+        finally:
+            await sender.close()
+
+    refusal = client.portal.call(race)
+    assert (refusal.status, refusal.code) == (409, "file_in_use")
+    assert refusal.detail == f"File '{row.id}' is in 1 message(s); delete those messages or conversations first."
+    assert service.rows("SELECT COUNT(*) AS n FROM files") == [{"n": 1}]
+
+
+def test_postgres_a_turn_that_meets_a_file_being_deleted_writes_nothing(pg_client):
+    service, client = pg_client
+    row, _ = upload(client, b"going")
+    uid = chatsvc.new_message_id()
+    turn = chatsvc.Turn("", "s", chatsvc.new_message_id(uid), "qwen-plus", uid, "look", True, None, files=[row.id])
+
+    async def race():
+        deleter = await asyncpg.connect(service.url)
+        try:
+            async with deleter.transaction():  # the file deleted, not yet committed
+                await deleter.execute("DELETE FROM files WHERE id = $1", row.id)
+                task = await _blocked_behind(service.url, lambda: client.app.state.store.tree.begin_turn(turn))
+            with pytest.raises(chatsvc.FileRefused) as caught:
+                await task
+            return caught.value
+        finally:
+            await deleter.close()
+
+    refusal = client.portal.call(race)
+    assert (refusal.status, refusal.code, refusal.detail) == (404, "file_not_found", f"No file '{row.id}'.")
+    for table in ("messages", "conversations", "message_files", "files"):
+        assert service.rows(f"SELECT COUNT(*) AS n FROM {table}") == [{"n": 0}], table
