@@ -1788,8 +1788,8 @@ class Tree:
         )
 
     async def begin_turn(self, turn: Turn) -> None:
-        """Store the user's message (unless the turn regenerates an answer) and claim the
-        conversation's answer slot with the answer's row, which becomes the current leaf; all or nothing.
+        """Store the user's message (unless the turn regenerates an answer) with its files, and claim
+        the conversation's answer slot with the answer's row, which becomes the current leaf; all or nothing.
 
         The partial unique index over `streaming` answers makes a second concurrent turn fail
         here, before anything of it is stored."""
@@ -2290,29 +2290,30 @@ class Copies:
 # ── Files: the files owners upload: their bytes, dedup, quotas, references ─────────────
 # A file's bytes are `file_chunks` rows of FILE_CHUNK_BYTES, written one short statement each while
 # the upload streams in (no transaction is held across an upload: SQLite's one writer serves others
-# between chunks), under an 'uploading' row that `finish` makes 'ready' or discards. Every read is
-# scoped to an owner: another owner's id behaves as absent (no cross-owner dedup either: it would
-# tell one owner, by timing and quota, that someone else stores these bytes).
+# between chunks), under an 'uploading' row that `finish` makes 'ready' or discards. What a request
+# names is looked up within its owner's files: another owner's id behaves as absent (no cross-owner
+# dedup either: it would tell one owner, by timing and quota, that someone else stores these bytes);
+# `read`, `content` and `model_inputs` take ids their caller has already found so.
 
 FILE_CHUNK_BYTES = 1024 * 1024  # file_chunks rows: each this long but a file's last
 STAGED_FILE_SECONDS = 3600  # an 'uploading' row this old is a crashed upload: the collector deletes it
 _COLLECTOR_LOCK = 7468373  # PostgreSQL: the advisory lock one replica's collector holds at a time
 
-_FILE_COLUMNS = (
-    "id, owner, sha256, name, media_type, kind, size, created_at, width, height, pages,"
-    " length(text) AS text_chars, text_tokens, text_note, model_width, model_height"
-)
-# what finish writes of a file's FileFacts, and its text's token estimate
-_FACT_SETS = ", ".join(
-    f"{name} = :{name}"
-    for name in (
-        *("media_type", "kind", "width", "height", "pages", "text", "text_tokens", "text_note", "model_copy"),
-        *("model_media_type", "model_width", "model_height"),
-    )
-)
-_F_FILE_COLUMNS = ", ".join(
-    "length(f.text) AS text_chars" if name.startswith("length") else "f." + name for name in _FILE_COLUMNS.split(", ")
-)
+
+def _file_columns(alias: str = "") -> str:
+    """What a FileRow is read from (`alias`: the files table's in the statement): never the bytes,
+    the text or the model copy, only the text's length."""
+    t = f"{alias}." if alias else ""
+    names = ("id", "owner", "sha256", "name", "media_type", "kind", "size", "created_at", "width", "height", "pages")
+    rest = ("text_tokens", "text_note", "model_width", "model_height")
+    return ", ".join((*(t + n for n in names), f"length({t}text) AS text_chars", *(t + n for n in rest)))
+
+
+_FILE_COLUMNS = _file_columns()
+# what finish writes of a file's FileFacts (and the estimate of its text's tokens)
+_FACT_COLUMNS = ("media_type", "kind", "width", "height", "pages", "text", "text_tokens", "text_note")
+_FACT_COLUMNS += ("model_copy", "model_media_type", "model_width", "model_height")
+_FACT_SETS = ", ".join(f"{name} = :{name}" for name in _FACT_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -2639,7 +2640,7 @@ class Files:
         found: dict[str, list[FileRow]] = {}
         for names, ids in _id_batches(sorted(set(message_ids))):
             rows = await self.db.fetch_all(
-                f"SELECT mf.message_id, {_F_FILE_COLUMNS} FROM message_files mf JOIN files f ON f.id = mf.file_id"
+                f"SELECT mf.message_id, {_file_columns('f')} FROM message_files mf JOIN files f ON f.id = mf.file_id"
                 f" WHERE mf.owner = :owner AND mf.message_id IN ({names}) ORDER BY mf.message_id, mf.position",
                 {**ids, "owner": owner},
             )
