@@ -2569,9 +2569,9 @@ def docx_facts(settings: Settings, name: str, data: bytes) -> FileFacts:
             raise unsupported(name) from None
         if len(archive.infolist()) > DOCX_MAX_MEMBERS or part.file_size > DOCX_MAX_XML_BYTES:
             raise unreadable_document(
-                f"{name} expands to more than a Word document does ({len(archive.infolist()):,} members, a text"
-                f" part of {part.file_size:,} bytes; at most {DOCX_MAX_MEMBERS:,} and {DOCX_MAX_XML_BYTES:,});"
-                " send a smaller document."
+                f"{name} expands to more than a Word document does ({len(archive.infolist()):,} files, a text part"
+                f" of {part.file_size:,} bytes; at most {DOCX_MAX_MEMBERS:,} files and {DOCX_MAX_XML_BYTES:,} bytes"
+                " are read); send a smaller document."
             )
         paragraphs = _DocxText(name, settings.max_document_chars)
         try:
@@ -2627,22 +2627,25 @@ class _DocxText:
         if tag == _WORD + "t":
             self.in_text = False
         elif tag == _WORD + "p" and self.open:
+            self.count(1 if self.lines else 0)  # the newline before it
             self.lines.append("".join(self.open.pop()))
-            self.add("")
 
     def data(self, text: str) -> None:
         if self.in_text and self.open:
             self.add(text)
 
     def add(self, text: str) -> None:
-        self.chars += len(text) + (0 if text else 1)  # a paragraph's end is its newline
+        self.count(len(text))
+        self.open[-1].append(text)
+
+    def count(self, chars: int) -> None:
+        """The text so far, as long as it may be (the lines' text and the newlines between them)."""
+        self.chars += chars
         if self.chars > self.max_chars:
             raise document_too_long(
                 f"{self.name} holds more than {self.max_chars:,} characters; at most that many are kept"
                 " (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it."
             )
-        if text:
-            self.open[-1].append(text)
 
 
 def pdf_text(name: str, data: bytes, max_pages: int, max_chars: int) -> tuple[str, int, str | None]:
