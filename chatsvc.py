@@ -2435,8 +2435,16 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
         "image_unreadable",
         f"{name} could not be read as a {image_format} image (truncated or corrupt); save it again and send that.",
     )
+    too_large = FileRefused(
+        422,
+        "image_too_large",
+        f"{name} has a frame larger than {settings.max_image_pixels:,} pixels (CHATSVC_MAX_IMAGE_PIXELS); send a"
+        " smaller image.",
+    )
     try:
         image = _IMAGE_READERS[image_format](io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # a GIF frame larger than its screen
+        raise too_large from None
     except Exception:  # Pillow's readers raise SyntaxError, OSError, ValueError, struct.error… on what they refuse
         raise unreadable from None
     with image:
@@ -2470,6 +2478,8 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
                 copy, copy_type = data, IMAGE_TYPES[image_format]
             else:
                 copy, copy_type = model_copy(image, orientation, target)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise too_large from None
         except Exception:  # "image file is truncated", a broken data stream…
             raise unreadable from None
     return FileFacts(
@@ -2491,6 +2501,8 @@ def model_copy(image: Image.Image, orientation: int, size: tuple[int, int]) -> t
     drawn = alpha or image.mode in ("P", "1")
     if orientation != 1:
         image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):  # 16-bit grey: to 8 bits, not clipped to them
+        image = image.convert("I").point(lambda value: value / 256).convert("L")
     image = image.convert("RGBA" if alpha else "L" if image.mode in ("L", "1") else "RGB")
     if image.size != size:
         # Stretched to the multiples of 28 (by at most 27 pixels a side), as the service itself resizes.
@@ -2685,6 +2697,11 @@ def pdf_text(name: str, data: bytes, max_pages: int, max_chars: int) -> tuple[st
                 )
     except FileRefused:
         raise
+    except pypdf.errors.DependencyError:  # AES without the `cryptography` package (pypdf[crypto])
+        raise unreadable_document(
+            f"{name} is encrypted in a way this service cannot read (AES); print or save it to a PDF without"
+            " protection and send that."
+        ) from None
     except Exception:  # PdfReadError, LimitReachedError, PdfStreamError, RecursionError, KeyError…
         raise unreadable_document(
             f"{name} could not be read as a PDF (it is damaged, or a part of it expands past the reader's limits);"

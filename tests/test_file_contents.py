@@ -209,6 +209,34 @@ def test_a_small_webp_is_reencoded_as_png_or_jpeg():
     assert (facts.model_media_type, opened(facts.model_copy).format) == ("image/jpeg", "JPEG")
 
 
+def grey(mode: str) -> Image.Image:
+    """1500 by 1000 (over the cap): black at the top, white at the bottom, in `mode`."""
+    ramp = Image.linear_gradient("L").resize((1500, 1000))
+    if mode == "I;16":
+        return ramp.convert("I").point(lambda value: value * 257).convert("I;16")
+    return ramp.convert(mode)
+
+
+@pytest.mark.parametrize(
+    ("image", "format", "copy_format", "copy_mode"),
+    [
+        (grey("I;16"), "PNG", "JPEG", "L"),  # 16-bit grey: scaled to 8 bits, not clipped white
+        (grey("CMYK"), "JPEG", "JPEG", "RGB"),
+        (grey("L"), "JPEG", "JPEG", "L"),
+        (grey("P"), "PNG", "PNG", "RGB"),
+        (grey("1"), "PNG", "PNG", "L"),
+        (grey("LA"), "PNG", "PNG", "RGBA"),
+    ],
+    ids=["16-bit", "cmyk", "grey-jpeg", "palette", "bilevel", "grey-alpha"],
+)
+def test_every_pixel_mode_becomes_a_copy_the_model_reads(image, format, copy_format, copy_mode):
+    facts = examine(f"image.{format.lower()}", image_bytes(image, format))
+    copy = opened(facts.model_copy)
+    assert (copy.format, copy.mode, copy.size) == (copy_format, copy_mode, (1204, 812))
+    top, bottom = (copy.convert("L").getpixel((600, y)) for y in (20, 790))
+    assert top < 40 and bottom > 215, (top, bottom)
+
+
 def test_the_exif_orientation_is_applied():
     image = Image.new("RGB", (60, 30), (255, 0, 0))
     image.paste((0, 0, 255), (30, 0, 60, 30))  # left half red, right half blue
@@ -258,6 +286,28 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded():
     assert error.detail == (
         "bomb.png is 20,000 by 20,000 pixels (400,000,000); images of at most 50,000,000 pixels are accepted"
         " (CHATSVC_MAX_IMAGE_PIXELS)."
+    )
+
+
+def test_a_gif_whose_first_frame_outgrows_its_screen_is_refused():
+    """A 10 by 10 GIF whose frame is 20,000 by 20,000: Pillow grows the image to the frame (and refuses past
+    its own limit, which this refusal is)."""
+
+    def gif(side: int) -> bytes:
+        screen = b"GIF89a" + struct.pack("<HHBBB", 10, 10, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+        return screen + b"\x2c" + struct.pack("<HHHHB", 0, 0, side, side, 0) + b"\x02\x02\x4c\x01\x00\x3b"
+
+    error = refused("frame.gif", gif(20_000))
+    assert (error.status, error.code, error.detail) == (
+        422,
+        "image_too_large",
+        "frame.gif has a frame larger than 50,000,000 pixels (CHATSVC_MAX_IMAGE_PIXELS); send a smaller image.",
+    )
+    error = refused("frame.gif", gif(9_000))
+    assert (error.code, error.detail) == (
+        "image_too_large",
+        "frame.gif is 9,000 by 9,000 pixels (81,000,000); images of at most 50,000,000 pixels are accepted"
+        " (CHATSVC_MAX_IMAGE_PIXELS).",
     )
 
 
