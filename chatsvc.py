@@ -2305,7 +2305,12 @@ _IMAGE_READERS = {
     "GIF": GifImagePlugin.GifImageFile,
 }
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
-_SVG = re.compile(r"\s*(<\?xml[^>]*>\s*)?((<!--.*?-->|<!DOCTYPE[^>\[]*(\[.*?\])?\s*>)\s*)*<svg[\s>/]", re.I | re.S)
+# An SVG document's start: an XML declaration, comments and a DOCTYPE, then <svg. Each part can match in one
+# way only (a comment ends at its first "-->"): no backtracking that grows with the number of comments.
+_SVG = re.compile(
+    r"\s*(?:<\?xml[^>]*>\s*)?(?:(?:<!--(?:[^-]|-(?!->))*-->|<!DOCTYPE[^>\[]*(?:\[[^\]]*\])?\s*>)\s*)*<svg[\s>/]",
+    re.I,
+)
 TEXT_TYPES = {".md": "text/markdown", ".markdown": "text/markdown", ".csv": "text/csv", ".json": "application/json"}
 # C0 and C1 controls, DEL, the bidirectional marks, embeddings, overrides and isolates (which make
 # "photo\u202egnp.exe" show as "photoexe.png"), and lone surrogates (no database stores them).
