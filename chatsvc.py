@@ -2726,18 +2726,26 @@ def document_worker(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the service, which ends this
     logging.getLogger("pypdf").setLevel(logging.CRITICAL + 1)  # its warnings about damaged files are ours
     warnings.simplefilter("ignore")
-    conn.send("ready")
-    while True:
-        try:
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
+    with contextlib.suppress(EOFError, OSError):  # the service closed the connection, or is gone
+        conn.send("ready")
+        while True:
             job = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            conn.send(("ok", WORKER_TASKS[job[0]](*job[1:])))
-        except FileRefused as exc:
-            conn.send(("refused", exc.status, exc.code, exc.detail))
-        except Exception as exc:  # MemoryError: this process is still fine, and the next file too
-            conn.send(("failed", type(exc).__name__))
+            try:
+                outcome = ("ok", WORKER_TASKS[job[0]](*job[1:]))
+            except FileRefused as exc:
+                outcome = ("refused", exc.status, exc.code, exc.detail)
+            except Exception as exc:  # MemoryError: this process is still fine, and the next file too
+                outcome = ("failed", type(exc).__name__)
+            conn.send(outcome)
+
+
+def _end_with_parent(parent: int) -> None:
+    """The worker's watch: a service killed outright (SIGKILL, a crash) cannot kill its worker, which may be in
+    the middle of a PDF that never ends; it ends itself once its parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
 
 
 WORKER_TASKS: dict[str, Callable[..., Any]] = {"pdf": pdf_text, "json": json_parses}
