@@ -27,6 +27,8 @@ import chatsvc
 from chatsvc import FileRefused
 
 SETTINGS = chatsvc.Settings()
+# Document limits small enough to reach in a test: the examiner (and worker process) of the PDF and JSON tests.
+LIMITED = dataclasses.replace(SETTINGS, max_document_pages=4, max_document_chars=5000)
 
 
 class Examiners:
@@ -418,16 +420,17 @@ def test_an_empty_file_is_refused():
     ],
 )
 def test_text_documents_keep_their_text_and_a_type_from_their_extension(name, data, media_type, text):
-    facts = examine(name, data)
+    facts = examine(name, data, LIMITED)
     assert (facts.kind, facts.media_type) == ("document", media_type)
     assert facts.text == (data.decode() if text is None else text)
     assert facts.model_copy is None and facts.pages is None and facts.text_note is None
 
 
 def test_json_is_parsed_to_be_called_json():
-    deep = b"[" * 100_000 + b"]" * 100_000  # deeper than the parser goes: still text
-    assert examine("deep.json", deep).media_type == "text/plain"
-    assert examine("list.json", json.dumps(list(range(1000))).encode()).media_type == "application/json"
+    deep = b"[" * 2400 + b"]" * 2400  # deeper than the parser goes (its recursion limit): still text
+    assert examine("deep.json", deep, LIMITED).media_type == "text/plain"
+    listed = json.dumps(list(range(500))).encode("utf-16")
+    assert examine("list.json", listed, LIMITED).media_type == "application/json"  # UTF-16 JSON too
 
 
 def test_a_text_longer_than_the_limit_is_refused():
@@ -691,10 +694,6 @@ def handmade_pdf(*objects: bytes) -> bytes:
     return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, table)
 
 
-# Limits small enough to reach in a test: one examiner (and its worker process) for the PDF tests.
-LIMITED = dataclasses.replace(SETTINGS, max_document_pages=4, max_document_chars=200)
-
-
 def test_a_pdf_gives_its_text_page_by_page():
     facts = examine("report.pdf", pdf(shown("Revenue grew"), None, shown("by 12 percent")), LIMITED)
     assert (facts.media_type, facts.kind, facts.pages, facts.text_note) == ("application/pdf", "document", 3, None)
@@ -733,12 +732,12 @@ def test_a_pdf_claiming_20000_pages_is_refused_before_they_are_walked():
 
 
 def test_a_pdf_whose_text_is_too_long_is_refused_where_it_passes_the_limit():
-    assert examine("ok.pdf", pdf(shown("x" * 150)), LIMITED).text == "[page 1]\n" + "x" * 150
-    error = refused("long.pdf", pdf(shown("x" * 150), shown("y" * 150), shown("z")), LIMITED)
+    assert examine("ok.pdf", pdf(shown("x" * 4000)), LIMITED).text == "[page 1]\n" + "x" * 4000
+    error = refused("long.pdf", pdf(shown("x" * 3000), shown("y" * 3000), shown("z")), LIMITED)
     assert (error.status, error.code, error.detail) == (
         422,
         "document_too_long",
-        "long.pdf holds more than 200 characters of text by page 2 of 3; at most 200 are kept"
+        "long.pdf holds more than 5,000 characters of text by page 2 of 3; at most 5,000 are kept"
         " (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it.",
     )
 
@@ -750,11 +749,11 @@ UNREADABLE_PDF = (
 
 
 def test_a_flate_bomb_pdf_is_unreadable():
-    """A content stream of 80 MiB of spaces in 80 KB: past pypdf's 75 MB per stream, refused at once."""
-    packer = zlib.compressobj(9)
+    """A content stream of 80 MiB of spaces in 360 KB: past pypdf's 75 MB per stream, refused at once."""
+    packer = zlib.compressobj(1)
     bomb = b"".join(packer.compress(b" " * (1024 * 1024)) for _ in range(80)) + packer.flush()
     data = pdf(bomb, flate=True)
-    assert len(data) < 100_000
+    assert len(data) < 400_000
     started = time.monotonic()
     error = refused("bomb.pdf", data, LIMITED)
     assert time.monotonic() - started < 2
@@ -830,18 +829,19 @@ def endless_pdf() -> bytes:
 
 
 def test_a_pdf_that_runs_past_the_deadline_is_stopped_and_its_worker_killed():
-    settings = dataclasses.replace(LIMITED, extract_timeout=1.0)
+    settings = dataclasses.replace(LIMITED, extract_timeout=0.5)
     before = worker_pids()
     assert examine("warm.pdf", pdf(shown("warm")), settings).text == "[page 1]\nwarm"  # the worker started
     (worker,) = worker_pids() - before
+    endless = endless_pdf()
     started = time.monotonic()
-    error = refused("endless.pdf", endless_pdf(), settings)
+    error = refused("endless.pdf", endless, settings)
     took = time.monotonic() - started
-    assert 1.0 <= took < 2.0, took
+    assert 0.5 <= took < 1.5, took
     assert (error.status, error.code, error.detail) == (
         422,
         "document_unreadable",
-        "Reading the text of endless.pdf took longer than 1 s (CHATSVC_EXTRACT_TIMEOUT), so it was stopped;"
+        "Reading the text of endless.pdf took longer than 0.5 s (CHATSVC_EXTRACT_TIMEOUT), so it was stopped;"
         " send a smaller or simpler document, or a part of it.",
     )
     assert worker not in worker_pids()  # killed, and waited for
@@ -851,39 +851,35 @@ def test_a_pdf_that_runs_past_the_deadline_is_stopped_and_its_worker_killed():
 
 
 def test_an_examination_cancelled_ends_the_pdf_being_read():
-    """The upload's client left: the worker is not left reading its PDF for the next upload to wait on."""
+    """The upload's client left: the worker is not left reading its PDF for the next upload to wait on. And
+    close() ends the worker."""
+    examiner = EXAMINERS.examiners.setdefault(LIMITED, chatsvc.Examiner(LIMITED))
 
     async def run() -> None:
-        examiner = chatsvc.Examiner(LIMITED)
-        before = worker_pids()
+        await examiner.close()  # its worker, if earlier tests started one
+        before = worker_pids()  # the other examiners'
         await examiner.examine("warm.pdf", lambda: loaded(pdf(shown("warm"))))
         (worker,) = worker_pids() - before
-        data = endless_pdf()
-        reading = asyncio.create_task(examiner.examine("endless.pdf", lambda: loaded(data)))
-        await asyncio.sleep(0.3)
+        data, loading = endless_pdf(), asyncio.Event()
+
+        async def load() -> bytes:
+            loading.set()
+            return data
+
+        reading = asyncio.create_task(examiner.examine("endless.pdf", load))
+        await loading.wait()  # and the examination went on to wait for the worker
         reading.cancel()
         with pytest.raises(asyncio.CancelledError):
             await reading
         assert worker not in worker_pids()
-        started = time.monotonic()
         facts = await examiner.examine("next.pdf", lambda: loaded(pdf(shown("next"))))
-        assert facts.text == "[page 1]\nnext" and time.monotonic() - started < 5
+        assert facts.text == "[page 1]\nnext"
+        (new,) = worker_pids() - before
+        assert new != worker
         await examiner.close()
         assert worker_pids() == before
 
-    asyncio.run(run())
-
-
-def test_close_ends_the_worker():
-    async def run() -> None:
-        examiner = chatsvc.Examiner(LIMITED)
-        before = worker_pids()
-        await examiner.examine("a.pdf", lambda: loaded(pdf(shown("a"))))
-        assert len(worker_pids() - before) == 1
-        await examiner.close()
-        assert worker_pids() == before
-
-    asyncio.run(run())
+    EXAMINERS.run(run())
 
 
 SERVICE = """
