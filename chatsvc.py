@@ -2283,8 +2283,8 @@ class FileFacts:
 # CHATSVC_MAX_FILE_BYTES) and, for an image, its decoded pixels (up to CHATSVC_MAX_IMAGE_PIXELS times 4 bytes):
 # memory is bounded by these slots, not by the uploads in flight.
 EXAMINATIONS = 2
-TEXT_PIECE_BYTES = 1024 * 1024
-# The spawned document worker imports this module before it answers: that is not the document's time.
+TEXT_PIECE_BYTES = 1024 * 1024  # a text is decoded this much at a time (each piece holds the GIL a few ms)
+# The document worker imports this module before it answers: that is not the document's time.
 WORKER_START_SECONDS = 60.0
 # A DOCX is a zip: its members, and what its text part expands to, are bounded before anything is read.
 DOCX_MAX_MEMBERS = 2000
@@ -2791,9 +2791,10 @@ class _Worker:
 
 
 class Examiner:
-    """What uploaded files are (`examine`), at most EXAMINATIONS at a time in this process; PDFs in a
-    worker process started with the first one and killed when one runs past CHATSVC_EXTRACT_TIMEOUT (the
-    next PDF starts a new one). One per app (app.state.examiner), closed with it."""
+    """What uploaded files are (`examine`), at most EXAMINATIONS at a time in this process: images, DOCX
+    and text in a thread; a PDF's text, and whether a .json parses, in a worker process started with the
+    first of them and killed when one runs past CHATSVC_EXTRACT_TIMEOUT (the next starts a new one). One
+    per app (app.state.examiner), closed with it."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -2802,8 +2803,9 @@ class Examiner:
         self._worker: _Worker | None = None
 
     async def examine(self, name: str, load: Callable[[], Awaitable[bytes]]) -> FileFacts:
-        """The facts of the file `load()` gives, or FileRefused. `load` is awaited in the slot: the bytes
-        of the uploads waiting for one are not yet in memory."""
+        """The facts of the file `load()` gives, or FileRefused (design 2.4's codes). `load` is awaited in
+        the slot: the bytes of the uploads waiting for one are not yet in memory. `name` (cleaned) is only
+        for the refusals' details and a text's media type: the bytes decide what the file is."""
         settings = self.settings
         async with self._slots:
             data = await load()
