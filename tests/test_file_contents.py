@@ -731,6 +731,20 @@ def test_a_pdf_claiming_20000_pages_is_refused_before_they_are_walked():
     )
 
 
+def test_a_pdf_whose_page_count_understates_its_pages_is_counted_by_its_tree():
+    page = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>"
+    understated = handmade_pdf(
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R 4 0 R 5 0 R 6 0 R 7 0 R] /Count 2 >>",
+        *[page] * 5,
+    )
+    error = refused("understated.pdf", understated, LIMITED)
+    assert (error.code, error.detail) == (
+        "document_too_long",
+        "understated.pdf has 5 pages; at most 4 are read (CHATSVC_MAX_DOCUMENT_PAGES): send a part of it.",
+    )
+
+
 def test_a_pdf_whose_text_is_too_long_is_refused_where_it_passes_the_limit():
     assert examine("ok.pdf", pdf(shown("x" * 4000)), LIMITED).text == "[page 1]\n" + "x" * 4000
     error = refused("long.pdf", pdf(shown("x" * 3000), shown("y" * 3000), shown("z")), LIMITED)
