@@ -2827,6 +2827,8 @@ class Examiner:
                 outcome = await asyncio.wait_for(asyncio.to_thread(worker.exchange, job), settings.extract_timeout)
             except asyncio.TimeoutError:
                 await self._end()
+                timeout = settings.extract_timeout  # (never the file's name in a log: design 2.11)
+                log.warning("document worker killed: a %s ran past %g s (CHATSVC_EXTRACT_TIMEOUT)", job[0], timeout)
                 raise unreadable_document(
                     f"Reading the text of {name} took longer than {settings.extract_timeout:g} s"
                     " (CHATSVC_EXTRACT_TIMEOUT), so it was stopped; send a smaller or simpler document, or a part"
@@ -2834,6 +2836,7 @@ class Examiner:
                 ) from None
             except (EOFError, OSError):  # the worker died: killed by the system (its memory?), or closed
                 await self._end()
+                log.warning("document worker ended during a %s (killed by the system: out of memory?)", job[0])
                 raise unreadable_document(
                     f"Reading the text of {name} stopped unexpectedly; send a smaller or simpler document."
                 ) from None
@@ -2860,6 +2863,7 @@ class Examiner:
         except BaseException:
             await self._end()
             raise
+        log.info("document worker started (pid %d)", worker.process.pid)
         return worker
 
     async def _end(self) -> None:

@@ -842,7 +842,7 @@ def endless_pdf() -> bytes:
     return pdf(zlib.compress(content, 9), flate=True)
 
 
-def test_a_pdf_that_runs_past_the_deadline_is_stopped_and_its_worker_killed():
+def test_a_pdf_that_runs_past_the_deadline_is_stopped_and_its_worker_killed(caplog):
     settings = dataclasses.replace(LIMITED, extract_timeout=0.5)
     before = worker_pids()
     assert examine("warm.pdf", pdf(shown("warm")), settings).text == "[page 1]\nwarm"  # the worker started
@@ -862,6 +862,10 @@ def test_a_pdf_that_runs_past_the_deadline_is_stopped_and_its_worker_killed():
     assert examine("next.pdf", pdf(shown("next")), settings).text == "[page 1]\nnext"  # a new worker
     (new,) = worker_pids() - before
     assert new != worker
+    logged = [r.getMessage() for r in caplog.records if r.name == "chatsvc"]
+    assert "document worker killed: a pdf ran past 0.5 s (CHATSVC_EXTRACT_TIMEOUT)" in logged
+    assert f"document worker started (pid {new})" in logged
+    assert not [line for line in logged if ".pdf" in line]  # file names are the users'
 
 
 def test_an_examination_cancelled_ends_the_pdf_being_read():
