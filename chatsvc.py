@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import contextlib
 import contextvars
 import errno
@@ -57,19 +58,25 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import io
 import itertools
 import json
 import logging
 import math
+import multiprocessing.connection
 import os
 import re
 import signal
 import sqlite3
 import string
+import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import uuid
+import warnings
+import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
@@ -77,12 +84,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote_plus
+from xml.parsers import expat
 
 import anyio
 import databases
 import httpx2 as httpx
 import prometheus_client
 from databases import DatabaseURL
+from PIL import GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.config import Config
@@ -2680,6 +2689,568 @@ class FileFacts:
     model_media_type: str | None = None
     model_width: int | None = None
     model_height: int | None = None
+
+
+# How many files are examined at once in one process. An examination holds the file's bytes (up to
+# CHATSVC_MAX_FILE_BYTES) and, for an image, its decoded pixels (up to CHATSVC_MAX_IMAGE_PIXELS times 4 bytes):
+# memory is bounded by these slots, not by the uploads in flight.
+EXAMINATIONS = 2
+TEXT_PIECE_BYTES = 1024 * 1024
+# The spawned document worker imports this module before it answers: that is not the document's time.
+WORKER_START_SECONDS = 60.0
+# A DOCX is a zip: its members, and what its text part expands to, are bounded before anything is read.
+DOCX_MAX_MEMBERS = 2000
+DOCX_MAX_XML_BYTES = 64 * 1024 * 1024
+DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+_WORD = "http://schemas.openxmlformats.org/wordprocessingml/2006/main "  # expat's "namespace local" names
+
+ACCEPTED = (
+    "send an image (PNG, JPEG, WebP, GIF), a PDF, a DOCX, or a UTF-8 text file (plain text, Markdown, CSV,"
+    " JSON, source code)"
+)
+# The formats sniffed from their first bytes, their media types, and the Pillow reader that confirms them.
+IMAGE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+_IMAGE_READERS = {
+    "PNG": PngImagePlugin.PngImageFile,
+    "JPEG": JpegImagePlugin.JpegImageFile,
+    "WEBP": WebPImagePlugin.WebPImageFile,
+    "GIF": GifImagePlugin.GifImageFile,
+}
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
+_SVG = re.compile(r"\s*(<\?xml[^>]*>\s*)?((<!--.*?-->|<!DOCTYPE[^>\[]*(\[.*?\])?\s*>)\s*)*<svg[\s>/]", re.I | re.S)
+TEXT_TYPES = {".md": "text/markdown", ".markdown": "text/markdown", ".csv": "text/csv", ".json": "application/json"}
+# C0 and C1 controls, DEL, the bidirectional marks, embeddings, overrides and isolates (which make
+# "photo\u202egnp.exe" show as "photoexe.png"), and lone surrogates (no database stores them).
+_NAME_UNWANTED = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_UNSTORABLE_TEXT = re.compile(r"[\x00\ud800-\udfff]")
+_EXIF_ORIENTATION = 0x0112
+
+# Pillow warns, rather than raises, about what the checks below decide themselves (an image past its
+# pixel limit: the readers are called without Image.open's check, and the size is checked here; a corrupt
+# EXIF block: the orientation is then taken as normal). Its warnings are not for the service's log.
+warnings.filterwarnings("ignore", module=r"PIL\.")
+
+
+def clean_name(raw: str) -> str:
+    """The name a file is stored and shown under: NFC, the last part of a path (after / or \\), without
+    control characters, bidirectional overrides and leading dots (no hidden files, no "../"), at most 255
+    bytes of UTF-8 (the limit of every file system a user may save it to), cut at a character and keeping
+    a short extension (which says what a text file is)."""
+    name = re.split(r"[/\\]", unicodedata.normalize("NFC", raw))[-1]
+    name = _NAME_UNWANTED.sub("", name).strip().lstrip(".").strip()
+    if len(name.encode()) > 255:
+        stem, dot, extension = name.rpartition(".")
+        if not dot or len(extension.encode()) > 16:
+            stem, extension = name, ""
+        suffix = f".{extension}" if extension else ""
+        stem = stem.encode()[: 255 - len(suffix.encode())].decode("utf-8", "ignore").rstrip()
+        name = stem + suffix
+    if not name:
+        raise FileRefused(
+            400,
+            "bad_file_name",
+            "The file name is empty once cleaned (paths, control characters and leading dots are removed);"
+            " send a name such as report.pdf.",
+        )
+    return name
+
+
+def image_tokens(width: int, height: int) -> int:
+    """What an image of this size costs in a Qwen-VL context: one token per 28 by 28 pixels, each side
+    rounded up, plus the vision start and end markers, at least 4. (Qwen3-VL counts 32 by 32 pixels: 28
+    overestimates by about 30 %, the safe side of a budget.)"""
+    return max(4, math.ceil(width / 28) * math.ceil(height / 28) + 2)
+
+
+def model_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The size of an image's copy for the model: itself if it has at most `max_pixels`, else scaled down
+    to fit, each side rounded down to a multiple of 28 (the model's patch: what it is sent is exactly what
+    it counts), at least 28, never larger than the image's own side."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    w = min(width, max(28, int(width * scale) // 28 * 28))
+    h = min(height, max(28, int(height * scale) // 28 * 28))
+    if w * h > max_pixels:  # a side held at 28 (a strip): the other gives way
+        if w >= h:
+            w = min(w, max(28, max_pixels // h // 28 * 28))
+        else:
+            h = min(h, max(28, max_pixels // w // 28 * 28))
+    return w, h
+
+
+def storable_text(text: str) -> str:
+    """Extracted text as every database stores it: NUL and lone surrogates become U+FFFD (storable_json's
+    rule)."""
+    return _UNSTORABLE_TEXT.sub("\ufffd", text)
+
+
+def empty_file(name: str) -> FileRefused:
+    return FileRefused(422, "empty_file", f"{name} is empty (0 bytes); send a file with something in it.")
+
+
+def unsupported(name: str) -> FileRefused:
+    return FileRefused(415, "unsupported_file_type", f"{name} is not a type of file chatsvc accepts; {ACCEPTED}.")
+
+
+def unreadable_document(detail: str) -> FileRefused:
+    return FileRefused(422, "document_unreadable", detail)
+
+
+def document_too_long(detail: str) -> FileRefused:
+    return FileRefused(422, "document_too_long", detail)
+
+
+def examine_here(settings: Settings, name: str, data: bytes) -> FileFacts:
+    """What `data` is, for every type but PDF (whose text is read in the worker process): sniffed by its
+    bytes, never by the type or the name a client declares, then checked and read. Run in a worker thread:
+    decoding a 20 MiB text or a 50-megapixel image takes longer than the event loop may wait."""
+    if not data:
+        raise empty_file(name)
+    image_format = sniff_image(data)
+    if image_format:
+        return image_facts(settings, name, data, image_format)
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        raise FileRefused(
+            415, "unsupported_file_type", "HEIC/HEIF images are not supported yet; send the photo as JPEG or PNG."
+        )
+    if data.startswith(b"PK\x03\x04"):
+        return docx_facts(settings, name, data)
+    text = decoded_text(data)
+    if text is None:
+        raise unsupported(name)
+    return text_facts(settings, name, text)
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The image format `data` starts as (PNG, JPEG, WEBP or GIF), by its signature."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    return None
+
+
+def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -> FileFacts:
+    """An image, confirmed by Pillow's reader of its format (only its header is read), refused past
+    CHATSVC_MAX_IMAGE_PIXELS before a pixel is decoded (a 1 MB PNG can claim 400 megapixels), then decoded:
+    the first frame, turned as its EXIF orientation says, scaled for the model (`model_size`) and stored as
+    the copy every turn sends. A small PNG or JPEG is sent as it came: scaling or re-encoding would only
+    lose detail. A JPEG is decoded straight at a fraction of its size (`draft`: a 40-megapixel photo costs
+    a quarter of a second, not a second)."""
+    unreadable = FileRefused(
+        422,
+        "image_unreadable",
+        f"{name} could not be read as a {image_format} image (truncated or corrupt); save it again and send that.",
+    )
+    try:
+        image = _IMAGE_READERS[image_format](io.BytesIO(data))
+    except Exception:  # Pillow's readers raise SyntaxError, OSError, ValueError, struct.error… on what they refuse
+        raise unreadable from None
+    with image:
+        width, height = image.size
+        if width * height > settings.max_image_pixels:
+            raise FileRefused(
+                422,
+                "image_too_large",
+                f"{name} is {width:,} by {height:,} pixels ({width * height:,}); images of at most"
+                f" {settings.max_image_pixels:,} pixels are accepted (CHATSVC_MAX_IMAGE_PIXELS).",
+            )
+        try:
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # a corrupt EXIF block: the pixels may still be fine
+            orientation = 1
+        if orientation not in range(2, 9):
+            orientation = 1
+        turned = orientation in (5, 6, 7, 8)  # the sides swap
+        shown = (height, width) if turned else (width, height)
+        target = model_size(*shown, settings.image_max_pixels)
+        keep = (
+            target == shown
+            and orientation == 1
+            and (image_format == "PNG" or (image_format == "JPEG" and image.mode in ("RGB", "L")))
+        )
+        try:
+            if image_format == "JPEG" and not keep:
+                image.draft(image.mode, target[::-1] if turned else target)
+            image.load()
+            if keep:
+                copy, copy_type = data, IMAGE_TYPES[image_format]
+            else:
+                copy, copy_type = model_copy(image, orientation, target)
+        except Exception:  # "image file is truncated", a broken data stream…
+            raise unreadable from None
+    return FileFacts(
+        media_type=IMAGE_TYPES[image_format],
+        kind="image",
+        width=shown[0],
+        height=shown[1],
+        model_copy=copy,
+        model_media_type=copy_type,
+        model_width=target[0],
+        model_height=target[1],
+    )
+
+
+def model_copy(image: Image.Image, orientation: int, size: tuple[int, int]) -> tuple[bytes, str]:
+    """A decoded image as the model is sent it: turned upright, `size`, in PNG if it has transparency or
+    a palette (drawings, screenshots, where JPEG blurs edges) and else JPEG at quality 85 (photos)."""
+    alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    drawn = alpha or image.mode in ("P", "1")
+    if orientation != 1:
+        image = ImageOps.exif_transpose(image)
+    image = image.convert("RGBA" if alpha else "L" if image.mode in ("L", "1") else "RGB")
+    if image.size != size:
+        # Stretched to the multiples of 28 (by at most 27 pixels a side), as the service itself resizes.
+        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    out = io.BytesIO()
+    if drawn:
+        image.save(out, "PNG")
+        return out.getvalue(), "image/png"
+    image.save(out, "JPEG", quality=85)
+    return out.getvalue(), "image/jpeg"
+
+
+def decoded_text(data: bytes) -> str | None:
+    """`data` as text if it is text: UTF-8 (with or without a BOM), or UTF-16 with its BOM; never with a
+    NUL (which text files do not hold and binary ones do). None if it is not. Decoded a MiB at a time:
+    a decode holds the GIL, and 20 MiB at once would hold the event loop's thread for tens of ms."""
+    encoding = "utf-16" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+    decoder = codecs.getincrementaldecoder(encoding)()
+    view, pieces = memoryview(data), []
+    try:
+        for start in range(0, len(data), TEXT_PIECE_BYTES):
+            end = start + TEXT_PIECE_BYTES
+            pieces.append(decoder.decode(view[start:end], final=end >= len(data)))
+            if "\x00" in pieces[-1]:
+                return None
+    except UnicodeDecodeError:
+        return None
+    return "".join(pieces)
+
+
+def text_facts(settings: Settings, name: str, text: str) -> FileFacts:
+    """A text document. Its media type comes from its name's extension (text/markdown, text/csv,
+    application/json), else text/plain: source code, logs, and HTML too (served as plain text, it never
+    runs). A .json is application/json only if it parses: the Examiner checks that in its worker process
+    (`json_parses`). An SVG is XML text, but an image that can run scripts: refused."""
+    if _SVG.match(text[:4096]):
+        raise FileRefused(415, "unsupported_file_type", "SVG images are not accepted; send PNG, JPEG, WebP or GIF.")
+    if not text:  # a byte order mark and nothing else
+        raise empty_file(name)
+    if len(text) > settings.max_document_chars:
+        raise document_too_long(
+            f"{name} holds {len(text):,} characters; at most {settings.max_document_chars:,} are kept"
+            " (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it."
+        )
+    media_type = TEXT_TYPES.get(os.path.splitext(name)[1].lower(), "text/plain")
+    return FileFacts(media_type=media_type, kind="document", text=text)
+
+
+def json_parses(data: bytes) -> bool:
+    """Whether `data` (UTF-8, or UTF-16 with its BOM) is JSON: run in the document worker, because
+    json.loads holds the GIL throughout (a second for 20 MiB)."""
+    try:
+        json.loads(data)
+    except (ValueError, RecursionError):  # a .json that is not JSON is still text
+        return False
+    return True
+
+
+def docx_facts(settings: Settings, name: str, data: bytes) -> FileFacts:
+    """A DOCX (a zip holding word/document.xml) and its text: the paragraphs of the body, one a line,
+    read with the standard library (python-docx would add lxml for what one streaming parse does). The zip
+    is bounded before its text part is read (members, declared and actual expanded size: a zip bomb stops
+    at the bound), and a DTD is refused (Word never writes one; entities declared in it expand)."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        if name.lower().endswith(".docx"):
+            raise unreadable_document(
+                f"{name} could not be read as a DOCX (it is damaged); save it again and send that."
+            ) from None
+        raise unsupported(name) from None
+    with archive:
+        try:
+            part = archive.getinfo("word/document.xml")
+        except KeyError:
+            raise unsupported(name) from None
+        if len(archive.infolist()) > DOCX_MAX_MEMBERS or part.file_size > DOCX_MAX_XML_BYTES:
+            raise unreadable_document(
+                f"{name} expands to more than a Word document does ({len(archive.infolist()):,} members, a text"
+                f" part of {part.file_size:,} bytes; at most {DOCX_MAX_MEMBERS:,} and {DOCX_MAX_XML_BYTES:,});"
+                " send a smaller document."
+            )
+        paragraphs = _DocxText(name, settings.max_document_chars)
+        try:
+            with archive.open(part) as member:
+                expanded = 0
+                while piece := member.read(1024 * 1024):
+                    expanded += len(piece)
+                    if expanded > DOCX_MAX_XML_BYTES:  # more than its header declared
+                        raise unreadable_document(
+                            f"{name}'s text part expands past {DOCX_MAX_XML_BYTES:,} bytes; send a smaller document."
+                        )
+                    paragraphs.parser.Parse(piece, False)
+                paragraphs.parser.Parse(b"", True)
+        except FileRefused:
+            raise
+        except Exception:  # BadZipFile (a CRC), expat.ExpatError, zlib.error, an encrypted or unknown compression
+            raise unreadable_document(
+                f"{name} could not be read as a DOCX (it is damaged); save it again and send that."
+            ) from None
+    return FileFacts(media_type=DOCX, kind="document", text=storable_text("\n".join(paragraphs.lines)))
+
+
+class _DocxText:
+    """The handlers of one streaming parse of word/document.xml: the text runs (`w:t`, tabs and breaks)
+    of each paragraph (`w:p`, a table cell's too); a paragraph inside another (a text box) is its own line."""
+
+    def __init__(self, name: str, max_chars: int):
+        self.name, self.max_chars, self.chars = name, max_chars, 0
+        self.lines: list[str] = []
+        self.open: list[list[str]] = []
+        self.in_text = False
+        self.parser = expat.ParserCreate(namespace_separator=" ")
+        self.parser.StartDoctypeDeclHandler = self.doctype
+        self.parser.StartElementHandler = self.start
+        self.parser.EndElementHandler = self.end
+        self.parser.CharacterDataHandler = self.data
+
+    def doctype(self, *_: Any) -> None:
+        raise unreadable_document(
+            f"{self.name} holds a DTD (<!DOCTYPE>), which Word never writes; save it again from a word processor"
+            " and send that."
+        )
+
+    def start(self, tag: str, _attributes: dict) -> None:
+        if tag == _WORD + "p":
+            self.open.append([])
+        elif tag == _WORD + "t":
+            self.in_text = True
+        elif tag in (_WORD + "tab", _WORD + "br", _WORD + "cr") and self.open:
+            self.add("\t" if tag.endswith("tab") else "\n")
+
+    def end(self, tag: str) -> None:
+        if tag == _WORD + "t":
+            self.in_text = False
+        elif tag == _WORD + "p" and self.open:
+            self.lines.append("".join(self.open.pop()))
+            self.add("")
+
+    def data(self, text: str) -> None:
+        if self.in_text and self.open:
+            self.add(text)
+
+    def add(self, text: str) -> None:
+        self.chars += len(text) + (0 if text else 1)  # a paragraph's end is its newline
+        if self.chars > self.max_chars:
+            raise document_too_long(
+                f"{self.name} holds more than {self.max_chars:,} characters; at most that many are kept"
+                " (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it."
+            )
+        if text:
+            self.open[-1].append(text)
+
+
+def pdf_text(name: str, data: bytes, max_pages: int, max_chars: int) -> tuple[str, int, str | None]:
+    """A PDF's text, pages and note ("no_text": pages without any text, a scan), with pypdf; run in the
+    document worker process (`Examiner`), under its deadline. Each page's text follows a line `[page N]`
+    so the model can say where something is, and a person can check it; the page count is bounded before
+    the pages are walked (a PDF may claim 100,000 pages), the text as it grows. pypdf's own limits (a
+    flate bomb, a cyclic page tree, a broken cross-reference) end as document_unreadable."""
+    import pypdf  # only the worker reads PDFs: the service itself does not import pypdf
+
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise unreadable_document(f"{name} is protected by a password; send a copy without one.")
+        try:
+            count = int(reader.root_object["/Pages"]["/Count"])  # what the PDF claims, before a page is read
+        except Exception:
+            count = 0
+        if count <= max_pages:
+            count = len(reader.pages)  # the page tree walked: the claim may lie
+        if count > max_pages:
+            raise document_too_long(
+                f"{name} has {count:,} pages; at most {max_pages:,} are read (CHATSVC_MAX_DOCUMENT_PAGES):"
+                " send a part of it."
+            )
+        parts: list[str] = []
+        chars, any_text = 0, False
+        for number, page in enumerate(reader.pages, 1):
+            text = storable_text(page.extract_text() or "").strip()
+            any_text = any_text or bool(text)
+            parts.append(f"[page {number}]\n{text}")
+            chars += len(parts[-1]) + 2
+            if chars > max_chars:
+                raise document_too_long(
+                    f"{name} holds more than {max_chars:,} characters of text by page {number} of {count:,};"
+                    f" at most {max_chars:,} are kept (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it."
+                )
+    except FileRefused:
+        raise
+    except Exception:  # PdfReadError, LimitReachedError, PdfStreamError, RecursionError, KeyError…
+        raise unreadable_document(
+            f"{name} could not be read as a PDF (it is damaged, or a part of it expands past the reader's limits);"
+            " print or save it to a new PDF and send that."
+        ) from None
+    if not any_text:
+        return "", count, "no_text"
+    return "\n\n".join(parts), count, None
+
+
+def document_worker(fd: int) -> None:
+    """The document worker process: it answers jobs `(task, *arguments)` (WORKER_TASKS) on the connection
+    `fd` with their outcome until the connection closes. A process, not a thread, because pypdf's
+    pure-Python loops hold the GIL and cannot be stopped (a PDF that runs past CHATSVC_EXTRACT_TIMEOUT is
+    ended by killing its process), and json.loads holds it throughout."""
+    conn = multiprocessing.connection.Connection(fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the service, which ends this
+    logging.getLogger("pypdf").setLevel(logging.CRITICAL + 1)  # its warnings about damaged files are ours
+    warnings.simplefilter("ignore")
+    conn.send("ready")
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send(("ok", WORKER_TASKS[job[0]](*job[1:])))
+        except FileRefused as exc:
+            conn.send(("refused", exc.status, exc.code, exc.detail))
+        except Exception as exc:  # MemoryError: this process is still fine, and the next file too
+            conn.send(("failed", type(exc).__name__))
+
+
+WORKER_TASKS: dict[str, Callable[..., Any]] = {"pdf": pdf_text, "json": json_parses}
+
+
+# The worker is a new interpreter that imports this module from the service's own path, and nothing else:
+# not a fork (a copy of a running event loop and its threads), and not multiprocessing's spawn, which also
+# runs the service's __main__ again (a console script, pytest, or stdin, which it cannot).
+WORKER_CODE = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[2]); import chatsvc; chatsvc.document_worker(int(sys.argv[1]))"
+)
+
+
+class _Worker:
+    """One document worker process and the parent's end of its connection (a socket pair, pickled messages)."""
+
+    def __init__(self) -> None:
+        self.conn, child = multiprocessing.connection.Pipe()
+        with child:
+            fd = child.fileno()
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", WORKER_CODE, str(fd), json.dumps(sys.path)],
+                stdin=subprocess.DEVNULL,
+                pass_fds=[fd],
+            )
+
+    def exchange(self, job: Any) -> Any:
+        self.conn.send(job)
+        return self.conn.recv()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """Killed, not asked: it may be in the middle of a PDF that never ends."""
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
+    def end(self) -> None:
+        self.kill()
+        self.process.wait()
+        self.conn.close()
+
+
+class Examiner:
+    """What uploaded files are (`examine`), at most EXAMINATIONS at a time in this process; PDFs in a
+    worker process started with the first one and killed when one runs past CHATSVC_EXTRACT_TIMEOUT (the
+    next PDF starts a new one). One per app (app.state.examiner), closed with it."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._slots = asyncio.Semaphore(EXAMINATIONS)
+        self._worker_lock = asyncio.Lock()  # one PDF at a time in the worker
+        self._worker: _Worker | None = None
+
+    async def examine(self, name: str, load: Callable[[], Awaitable[bytes]]) -> FileFacts:
+        """The facts of the file `load()` gives, or FileRefused. `load` is awaited in the slot: the bytes
+        of the uploads waiting for one are not yet in memory."""
+        settings = self.settings
+        async with self._slots:
+            data = await load()
+            if data.startswith(b"%PDF-"):
+                job = ("pdf", name, data, settings.max_document_pages, settings.max_document_chars)
+                text, pages, note = await self._in_worker(name, job)
+                return FileFacts(media_type="application/pdf", kind="document", pages=pages, text=text, text_note=note)
+            facts = await asyncio.to_thread(examine_here, settings, name, data)
+            if facts.media_type == "application/json" and not await self._in_worker(name, ("json", data)):
+                return FileFacts(media_type="text/plain", kind="document", text=facts.text)
+            return facts
+
+    async def _in_worker(self, name: str, job: tuple) -> Any:
+        """The outcome of `job` in the worker process, within CHATSVC_EXTRACT_TIMEOUT."""
+        settings = self.settings
+        async with self._worker_lock:
+            worker = await self._started()
+            try:
+                outcome = await asyncio.wait_for(asyncio.to_thread(worker.exchange, job), settings.extract_timeout)
+            except asyncio.TimeoutError:
+                await self._end()
+                raise unreadable_document(
+                    f"Reading the text of {name} took longer than {settings.extract_timeout:g} s"
+                    " (CHATSVC_EXTRACT_TIMEOUT), so it was stopped; send a smaller or simpler document, or a part"
+                    " of it."
+                ) from None
+            except (EOFError, OSError):  # the worker died: killed by the system (its memory?), or closed
+                await self._end()
+                raise unreadable_document(
+                    f"Reading the text of {name} stopped unexpectedly; send a smaller or simpler document."
+                ) from None
+            except BaseException:  # cancelled (the upload's client left): the worker may be busy for long
+                await self._end()
+                raise
+        if outcome[0] == "refused":
+            raise FileRefused(*outcome[1:])
+        if outcome[0] == "failed":
+            raise unreadable_document(f"{name} could not be read ({outcome[1]}); send a smaller or simpler document.")
+        return outcome[1]
+
+    async def _started(self) -> _Worker:
+        if self._worker is not None and self._worker.alive():
+            return self._worker
+        if self._worker is not None:
+            await self._end()
+        self._worker = worker = await asyncio.to_thread(_Worker)
+        try:  # it imports this module first: not counted in a document's time
+            await asyncio.wait_for(asyncio.to_thread(worker.conn.recv), WORKER_START_SECONDS)
+        except (asyncio.TimeoutError, EOFError, OSError) as exc:
+            await self._end()
+            raise RuntimeError(f"the document worker process did not start ({type(exc).__name__})") from exc
+        except BaseException:
+            await self._end()
+            raise
+        return worker
+
+    async def _end(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.kill()  # at once, whatever happens to this task next
+            await asyncio.to_thread(worker.end)
+
+    async def close(self) -> None:
+        """Ends the worker process, and a PDF it is reading."""
+        if self._worker is not None:
+            self._worker.kill()
+        async with self._worker_lock:
+            await self._end()
 
 
 # ── Answer rows: a running answer's checkpoints and heartbeat, its final state ─────────
