@@ -83,7 +83,7 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import unquote_plus
+from urllib.parse import quote, unquote_plus
 from xml.parsers import expat
 
 import anyio
@@ -92,6 +92,8 @@ import httpx2 as httpx
 import prometheus_client
 from databases import DatabaseURL
 from PIL import GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.config import Config
@@ -7505,9 +7507,8 @@ def bad_upload(detail: str) -> FileRefused:
 
 
 def file_too_large(limit: int) -> FileRefused:
-    return FileRefused(
-        413, "file_too_large", f"The file is larger than CHATSVC_MAX_FILE_BYTES ({limit / 2**20:g} MiB, {limit} bytes)."
-    )
+    shown = f"{limit // 2**20} MiB" if limit % 2**20 == 0 else f"{limit} bytes"
+    return FileRefused(413, "file_too_large", f"The file is larger than CHATSVC_MAX_FILE_BYTES ({shown}).")
 
 
 def upload_timeout(seconds: float) -> ApiError:
@@ -7526,8 +7527,6 @@ class MultipartFile:
     parts are skipped; a second `file` part, a part without a filename or a broken body is 400."""
 
     def __init__(self, boundary: bytes):
-        from python_multipart.multipart import MultipartParser
-
         self.filename: str | None = None
         self.ended = False
         self._data: list[bytes] = []
@@ -7547,8 +7546,6 @@ class MultipartFile:
         self.parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
 
     def feed(self, piece: bytes) -> list[bytes]:
-        from python_multipart.exceptions import FormParserError
-
         if self.ended:  # what follows the closing boundary (an epilogue) is ignored, as RFC 2046 says
             return []
         try:
@@ -7579,8 +7576,6 @@ class MultipartFile:
         self._header = [b"", b""]
 
     def _headers_finished(self) -> None:
-        from python_multipart.multipart import parse_options_header
-
         kind, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         if kind != b"form-data" or options.get(b"name") != UPLOAD_FIELD:
             return
@@ -7749,8 +7744,6 @@ async def receive_file(request: Request) -> tuple[FileRow, bool]:
 
 
 def _parse_content_type(value: str | None) -> tuple[str, dict[bytes, bytes]]:
-    from python_multipart.multipart import parse_options_header
-
     kind, options = parse_options_header(value or "")
     return kind.decode("latin-1").lower(), options
 
@@ -7823,8 +7816,6 @@ def served_type(media_type: str) -> str:
 def content_disposition(row: FileRow) -> str:
     """Inline for images, attachment for the rest; the name as RFC 6266 says (UTF-8 in `filename*`,
     an ASCII fallback without quotes, backslashes or control characters in `filename`)."""
-    from urllib.parse import quote
-
     fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in row.name).strip() or "file"
     kind = "inline" if row.kind == "image" else "attachment"
     return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{quote(row.name, safe='')}"
