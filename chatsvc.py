@@ -7891,13 +7891,13 @@ async def file_content(request: Request) -> Response:
         if_none_match.strip() == "*" or etag in (tag.strip().removeprefix("W/") for tag in if_none_match.split(","))
     ):
         return Response(status_code=304, headers=headers)
-    headers.update({"Content-Type": served_type(row.media_type), "Content-Disposition": content_disposition(row)})
     wanted = byte_range(request.headers.get("range"), row.size)
     if_range = request.headers.get("if-range")
     if wanted is not None and if_range is not None and if_range.strip() != etag:
         wanted = None  # a range of other bytes than these: the whole file (RFC 9110, If-Range)
     if wanted is False:
         return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{row.size}"})
+    headers.update({"Content-Type": served_type(row.media_type), "Content-Disposition": content_disposition(row)})
     status, (start, end) = (200, (0, row.size)) if wanted is None else (206, wanted)  # type: ignore[misc]
     if status == 206:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{row.size}"
