@@ -83,7 +83,7 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import unquote_plus
+from urllib.parse import quote, unquote_plus
 from xml.parsers import expat
 
 import anyio
@@ -92,6 +92,8 @@ import httpx2 as httpx
 import prometheus_client
 from databases import DatabaseURL
 from PIL import GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.config import Config
@@ -100,7 +102,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -768,6 +770,21 @@ class Metrics:
                              registry=r)  # fmt: skip
         self.mcp_server_up = g("chatsvc_mcp_server_up", "1 while chatsvc holds a working connection to the MCP"
                                " server, else 0", ["server"], registry=r)  # fmt: skip
+        self.file_uploads = c("chatsvc_file_uploads", "File uploads, by kind (image, document; unknown for a"
+                              " refusal) and outcome (stored, deduplicated, or the refusal's code)",
+                              ["kind", "outcome"], registry=r)  # fmt: skip
+        self.file_upload_bytes = c("chatsvc_file_upload_bytes", "Bytes of files received by uploads (whatever their"
+                                   " outcome)", registry=r)  # fmt: skip
+        self.file_processing = h("chatsvc_file_processing_seconds", "A new file's examination at upload (sniff, checks,"
+                                 " text extraction, model copy), by kind", ["kind"], buckets=LATENCY_BUCKETS,
+                                 registry=r)  # fmt: skip
+        self.files_collected = c("chatsvc_files_collected", "Files the collector deleted: unused past"
+                                 " CHATSVC_FILE_RETENTION_HOURS, or uploads a crash left unfinished",
+                                 registry=r)  # fmt: skip
+        self.context_images = h("chatsvc_context_images", "Images in the context an answer's model is sent",
+                                buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)  # fmt: skip
+        self.vision_switches = c("chatsvc_vision_switches", "Answers sent to CHATSVC_VISION_MODEL because their"
+                                 " context held images the conversation's model cannot see", registry=r)  # fmt: skip
 
     def upstream_call(self, purpose: str, error: Refusal | None) -> None:
         outcome = "ok" if error is None else error.code
@@ -781,6 +798,10 @@ class Metrics:
             count = (usage or {}).get(f"{kind}_tokens")
             if isinstance(count, int) and count > 0:
                 counter.labels(model, prefix + kind).inc(count)
+
+    def file_upload(self, kind: str | None, outcome: str) -> None:
+        """An upload ended: `outcome` stored, deduplicated, or its refusal's code (kind None: not known)."""
+        self.file_uploads.labels(kind or "unknown", outcome).inc()
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
@@ -7509,6 +7530,381 @@ async def clear_context(request: Request) -> Response:
 
 
 # ── HTTP: file handlers: the routes under /api/v1/files: upload, metadata, content, delete
+# The upload is the one route whose body is not JSON and not read whole: its pieces are hashed, cut
+# into FILE_CHUNK_BYTES rows and written as they arrive (memory per upload: one chunk and one piece),
+# into a staged row that only `Files.finish` makes a file. Whatever ends an upload early (a refusal,
+# an error, a disconnect, a cancellation) deletes what it staged.
+
+UPLOAD_SECONDS = 600  # an upload's body may take this long in all (CHATSVC_READ_TIMEOUT applies between pieces)
+MULTIPART_SLACK = 64 * 1024  # a multipart body may exceed CHATSVC_MAX_FILE_BYTES by this much (boundaries, headers)
+UPLOAD_FIELD = b"file"  # the multipart part that holds the file
+FILE_ID = re.compile(r"[0-9a-f]{24}")  # what new_message_id makes: another id names no file
+
+
+def bad_upload(detail: str) -> FileRefused:
+    return FileRefused(400, "bad_upload", detail)
+
+
+def file_too_large(limit: int) -> FileRefused:
+    shown = f"{limit // 2**20} MiB" if limit % 2**20 == 0 else f"{limit} bytes"
+    return FileRefused(413, "file_too_large", f"The file is larger than CHATSVC_MAX_FILE_BYTES ({shown}).")
+
+
+def upload_timeout(seconds: float) -> ApiError:
+    return ApiError(
+        408,
+        "request_timeout",
+        f"The upload sent nothing for {seconds:g} s (CHATSVC_READ_TIMEOUT), or took longer"
+        f" than {UPLOAD_SECONDS} s in all.",
+    )
+
+
+class MultipartFile:
+    """The `file` part of a multipart/form-data body, fed the body piece by piece (python_multipart's
+    push parser: no temporary file, nothing held but the piece). `feed` returns the file's bytes that
+    piece held; `filename` is the part's raw filename once its headers are read (None before). Other
+    parts are skipped; a second `file` part, a part without a filename or a broken body is 400."""
+
+    def __init__(self, boundary: bytes):
+        self.filename: str | None = None
+        self.ended = False
+        self._data: list[bytes] = []
+        self._header: list[bytes] = [b"", b""]  # the header being read: its name, its value
+        self._headers: dict[bytes, bytes] = {}
+        self._in_file = False
+        self._error: str | None = None
+        callbacks = {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda data, start, end: self._add(0, data[start:end]),
+            "on_header_value": lambda data, start, end: self._add(1, data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_end": self._end,
+        }
+        self.parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        if self.ended:  # what follows the closing boundary (an epilogue) is ignored, as RFC 2046 says
+            return []
+        try:
+            self.parser.write(piece)
+        except FormParserError:
+            raise bad_upload("The multipart/form-data body is malformed.") from None
+        if self._error:
+            raise bad_upload(self._error)
+        data, self._data = self._data, []
+        return data
+
+    def finish(self) -> None:
+        if not self.ended:
+            raise bad_upload("The multipart/form-data body ends before its closing boundary.")
+        if self.filename is None:
+            raise bad_upload("The multipart/form-data body has no part named 'file' (the file to upload).")
+
+    def _part_begin(self) -> None:
+        self._headers, self._in_file = {}, False
+
+    def _add(self, which: int, data: bytes) -> None:
+        self._header[which] += data
+        if len(self._header[which]) > 8192:
+            self._error = "A multipart part's header is longer than 8 KiB."
+
+    def _header_end(self) -> None:
+        self._headers[self._header[0].strip().lower()] = self._header[1].strip()
+        self._header = [b"", b""]
+
+    def _headers_finished(self) -> None:
+        kind, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if kind != b"form-data" or options.get(b"name") != UPLOAD_FIELD:
+            return
+        if self.filename is not None:
+            self._error = "The multipart/form-data body has two parts named 'file': upload one file at a time."
+        elif b"filename" not in options:
+            self._error = "The 'file' part has no filename (Content-Disposition: form-data; name=\"file\"; filename=…)."
+        else:
+            self.filename = options[b"filename"].decode("utf-8", "replace")
+            self._in_file = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_file and not self._error:
+            self._data.append(bytes(data[start:end]))
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+async def upload_pieces(request: Request, between: float) -> AsyncIterator[bytes]:
+    """The request body as it arrives: each piece within `between` s of the last (CHATSVC_READ_TIMEOUT,
+    so a large upload on a slow link is not cut), the whole within UPLOAD_SECONDS."""
+    pieces = request.stream().__aiter__()
+    deadline = time.monotonic() + UPLOAD_SECONDS
+    while True:
+        try:
+            with anyio.fail_after(max(0.0, min(between, deadline - time.monotonic()))):
+                piece = await pieces.__anext__()
+        except StopAsyncIteration:
+            return
+        except ClientDisconnect:  # nobody is left to answer; not a server error
+            raise client_disconnected() from None
+        except TimeoutError:
+            raise upload_timeout(between) from None
+        if piece:
+            yield piece
+
+
+class Upload:
+    """One upload's bytes on their way to a staged `files` row: hashed, counted against
+    CHATSVC_MAX_FILE_BYTES, cut into FILE_CHUNK_BYTES rows and written one at a time."""
+
+    def __init__(self, files: Files, file_id: str, limit: int):
+        self.files, self.file_id, self.limit = files, file_id, limit
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self._buffer = bytearray()
+        self._seq = 0
+
+    async def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise file_too_large(self.limit)
+        self.hash.update(data)
+        self._buffer += data
+        while len(self._buffer) >= FILE_CHUNK_BYTES:
+            await self._write(bytes(self._buffer[:FILE_CHUNK_BYTES]))
+            del self._buffer[:FILE_CHUNK_BYTES]
+
+    async def close(self) -> str:
+        """Writes the last chunk; the bytes' sha256 (hex)."""
+        if self._buffer:
+            await self._write(bytes(self._buffer))
+            self._buffer.clear()
+        return self.hash.hexdigest()
+
+    async def _write(self, chunk: bytes) -> None:
+        await self.files.write(self.file_id, self._seq, chunk)
+        self._seq += 1
+
+
+def present_file(row: FileRow) -> dict:
+    """A file as the API shows it: its facts that are not null."""
+    shown: dict[str, Any] = {
+        "id": row.id,
+        "name": row.name,
+        "media_type": row.media_type,
+        "size": row.size,
+        "sha256": row.sha256,
+        "kind": row.kind,
+        "created_at": row.created_at,
+    }
+    optional = {"width": row.width, "height": row.height, "pages": row.pages, "text_chars": row.text_chars}
+    shown.update({name: value for name, value in optional.items() if value is not None})
+    if row.text_note is not None:
+        shown["note"] = row.text_note
+    return shown
+
+
+def file_key(request: Request) -> tuple[str, str]:
+    """(owner, file_id) of the file a route's path names (an id this service cannot have made: 404)."""
+    owner, file_id = owner_of(request), request.path_params["file_id"]
+    if not FILE_ID.fullmatch(file_id):
+        raise file_not_found(file_id[:200])
+    return owner, file_id
+
+
+async def upload_file(request: Request) -> Response:
+    """A new file of the caller: `multipart/form-data` with its part `file` (named by its filename), or
+    the raw bytes with `?name=`. 201 with the file, or 200 with the caller's file of the same bytes."""
+    metrics = state(request).store.db.metrics
+    try:
+        row, created = await receive_file(request)
+    except (Refusal, ApiError) as exc:
+        metrics.file_upload(None, exc.code)
+        raise
+    metrics.file_upload(row.kind, "stored" if created else "deduplicated")
+    return JSONResponse(present_file(row), status_code=201 if created else 200)
+
+
+async def receive_file(request: Request) -> tuple[FileRow, bool]:
+    """The upload's file, and whether it is new (False: the caller's file of the same bytes)."""
+    st = state(request)
+    owner = owner_of(request)
+    settings, files, metrics = st.settings, st.store.files, st.store.db.metrics
+    kind, options = _parse_content_type(request.headers.get("content-type"))
+    multipart = None
+    name: str | None = None
+    if kind == "multipart/form-data":
+        if not options.get(b"boundary"):
+            raise bad_upload("The multipart/form-data Content-Type has no boundary.")
+        multipart = MultipartFile(options[b"boundary"])
+        limit = settings.max_file_bytes + MULTIPART_SLACK
+    else:
+        raw = request.query_params.get("name")
+        if raw is None or not raw.strip():
+            raise FileRefused(
+                400, "bad_file_name", "A raw upload needs the file's name in ?name= (or send multipart/form-data)."
+            )
+        limit, name = settings.max_file_bytes, clean_name(raw)
+    declared = request.headers.get("content-length", "")
+    if ASCII_NUMBER.fullmatch(declared) and int(declared) > limit:
+        raise file_too_large(settings.max_file_bytes)
+    upload: Upload | None = None
+    received = 0
+    try:
+        async for piece in upload_pieces(request, settings.read_timeout):
+            received += len(piece)
+            if received > limit:
+                raise file_too_large(settings.max_file_bytes)
+            data = [piece] if multipart is None else multipart.feed(piece)
+            if upload is None and (multipart is None or multipart.filename is not None):
+                name = name or clean_name(multipart.filename or "")  # type: ignore[union-attr]
+                upload = await _begin(files, owner, name, settings)
+            for part in data:
+                await upload.add(part)  # type: ignore[union-attr]
+        if multipart is not None:
+            multipart.finish()
+        if upload is None:  # a raw upload of no bytes at all
+            upload = await _begin(files, owner, name, settings)  # type: ignore[arg-type]
+        sha256 = await upload.close()
+        metrics.file_upload_bytes.inc(upload.size)
+        existing = await files.find(owner, sha256)
+        if existing is not None:
+            await _discard(files, upload.file_id)
+            return existing, False
+        started = time.perf_counter()
+        facts = await st.examiner.examine(name, functools.partial(files.read, upload.file_id))
+        metrics.file_processing.labels(facts.kind).observe(time.perf_counter() - started)
+        quota = settings.max_storage_bytes_per_user
+        return await files.finish(upload.file_id, owner, sha256, upload.size, facts, quota)
+    except BaseException:
+        if upload is not None:
+            await _discard(files, upload.file_id)
+        raise
+
+
+def _parse_content_type(value: str | None) -> tuple[str, dict[bytes, bytes]]:
+    kind, options = parse_options_header(value or "")
+    return kind.decode("latin-1").lower(), options
+
+
+async def _begin(files: Files, owner: str, name: str, settings: Settings) -> Upload:
+    file_id = await files.begin(owner, name, settings.max_storage_bytes_per_user)
+    return Upload(files, file_id, settings.max_file_bytes)
+
+
+async def _discard(files: Files, file_id: str) -> None:
+    """The staged row and its chunks deleted, even while the upload is being cancelled (a failure is
+    logged: the collector deletes what is left of it within the hour)."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await files.discard(file_id)
+        except Exception:
+            log.exception("could not delete the staged upload %s; the collector will", file_id)
+
+
+async def list_files(request: Request) -> Response:
+    """The caller's files, newest first, a page at a time (`cursor`: the last page's `next_cursor`)."""
+    st = state(request)
+    owner = owner_of(request)
+    limit = query_int(request, "limit", 50, 1, 200)
+    cursor = request.query_params.get("cursor")
+    before = decode_cursor(cursor, 1)[0] if cursor else None
+    rows = await st.store.files.page(owner, limit + 1, before)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(rows[-1].id) if more else None
+    return JSONResponse({"files": [present_file(row) for row in rows], "next_cursor": next_cursor})
+
+
+async def get_file(request: Request) -> Response:
+    """A file's metadata, and how many messages carry it (`references`: it cannot be deleted while > 0)."""
+    files = state(request).store.files
+    owner, file_id = file_key(request)
+    row = await files.get(owner, file_id)
+    return JSONResponse({**present_file(row), "references": await files.references(owner, file_id)})
+
+
+async def delete_file(request: Request) -> Response:
+    await state(request).store.files.remove(*file_key(request))
+    return Response(status_code=204)
+
+
+# /content's headers: the bytes never run (a sandboxed document with no sources, never framed), are
+# taken for what their type says (nosniff: RequestID adds it to every response), read only by this
+# origin's pages, and kept by the browser for good (an id's bytes never change).
+CONTENT_POLICY = "default-src 'none'; sandbox; frame-ancestors 'none'"
+CONTENT_HEADERS = {
+    "Content-Security-Policy": CONTENT_POLICY,
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cache-Control": "private, max-age=31536000, immutable",
+    "Accept-Ranges": "bytes",
+}
+SERVED_TEXT_TYPES = frozenset({"text/plain", "text/markdown", "text/csv"})  # other text/* is served as text/plain
+_RANGE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
+
+
+def served_type(media_type: str) -> str:
+    """The Content-Type a file is served with: text in UTF-8, and never a type a browser runs (HTML)."""
+    if media_type.startswith("text/"):
+        return f"{media_type if media_type in SERVED_TEXT_TYPES else 'text/plain'}; charset=utf-8"
+    if media_type == "application/json":
+        return "application/json; charset=utf-8"
+    return media_type
+
+
+def content_disposition(row: FileRow) -> str:
+    """Inline for images, attachment for the rest; the name as RFC 6266 says (UTF-8 in `filename*`,
+    an ASCII fallback without quotes, backslashes or control characters in `filename`)."""
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in row.name).strip() or "file"
+    kind = "inline" if row.kind == "image" else "attachment"
+    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{quote(row.name, safe='')}"
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | bool | None:
+    """The single range `Range` asks for, as [start, end); None: the whole file (no header, several
+    ranges, or one malformed: RFC 9110 says to ignore it); False: none of it can be served (416)."""
+    match = _RANGE.fullmatch((header or "").strip().replace(" ", ""))
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.group(1), match.group(2)
+    if first == "":  # the last `last` bytes
+        length = int(last)
+        return (max(0, size - length), size) if length > 0 and size > 0 else False
+    start = int(first)
+    if last != "" and int(last) < start:
+        return None
+    if start >= size:
+        return False
+    return start, size if last == "" else min(int(last) + 1, size)
+
+
+async def file_content(request: Request) -> Response:
+    """The file's bytes, a chunk row at a time, with the headers that keep them inert (CONTENT_HEADERS);
+    a single `Range` is 206 (only the chunks it covers are read), `If-None-Match` its ETag 304."""
+    files = state(request).store.files
+    owner, file_id = file_key(request)
+    row = await files.get(owner, file_id)
+    etag = f'"{row.sha256}"'
+    headers = {**CONTENT_HEADERS, "ETag": etag}
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None and (
+        if_none_match.strip() == "*" or etag in (tag.strip().removeprefix("W/") for tag in if_none_match.split(","))
+    ):
+        return Response(status_code=304, headers=headers)
+    wanted = byte_range(request.headers.get("range"), row.size)
+    if_range = request.headers.get("if-range")
+    if wanted is not None and if_range is not None and if_range.strip() != etag:
+        wanted = None  # a range of other bytes than these: the whole file (RFC 9110, If-Range)
+    if wanted is False:
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{row.size}"})
+    headers.update({"Content-Type": served_type(row.media_type), "Content-Disposition": content_disposition(row)})
+    status, (start, end) = (200, (0, row.size)) if wanted is None else (206, wanted)  # type: ignore[misc]
+    if status == 206:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{row.size}"
+    headers["Content-Length"] = str(end - start)
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers)
+    return StreamingResponse(files.content(file_id, start, end), status_code=status, headers=headers)
 
 
 # ── HTTP: chat handlers: an answer started, streamed, followed by a channel and stopped ──
@@ -7957,15 +8353,17 @@ class RequestMetrics:
 
 def redact_query(text: str) -> str:
     """`text` with the value of every query parameter whose name decodes to `access_token` (as the
-    app reads it: `access%5Ftoken`, `%61ccess_token`, ...) replaced by `[redacted]`."""
+    app reads it: `access%5Ftoken`, `%61ccess_token`, ...) replaced by `[redacted]`; on the upload
+    route, `name` too (a file's name is the user's, like their texts: never logged)."""
     if "?" not in text:
         return text
     head, _, query = text.partition("?")
     query, space, tail = query.partition(" ")
+    secret = {"access_token", "name"} if head.rstrip("/").endswith("/api/v1/files") else {"access_token"}
     parts = query.split("&")
     for i, part in enumerate(parts):
         name, equals, _ = part.partition("=")
-        if unquote_plus(name) == "access_token":
+        if unquote_plus(name) in secret:
             parts[i] = f"{name}{equals}[redacted]"
     return f"{head}?{'&'.join(parts)}{space}{tail}"
 
@@ -8009,6 +8407,24 @@ def drain_on_sigterm(relay: Relay, grace: float) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+FILE_COLLECT_SECONDS = 600.0  # how often the collector looks for files to delete (Files.collect)
+
+
+async def collect_files(store: Store, settings: Settings, metrics: Metrics) -> None:
+    """Every FILE_COLLECT_SECONDS, the files no message uses past CHATSVC_FILE_RETENTION_HOURS (and the
+    uploads a crash left) deleted; an error is logged, and the next round tries again."""
+    while True:
+        await asyncio.sleep(FILE_COLLECT_SECONDS)
+        try:
+            deleted = await store.files.collect(settings.file_retention_hours * 3600)
+        except Exception:
+            log.exception("the file collector failed; it tries again in %g s", FILE_COLLECT_SECONDS)
+            continue
+        metrics.files_collected.inc(deleted)
+        if deleted:
+            log.info("file collector: %d file(s) deleted", deleted)
+
+
 def app_lifespan(
     settings: Settings, metrics: Metrics
 ) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:
@@ -8028,6 +8444,7 @@ def app_lifespan(
         app.state.openapi = openapi_document(settings)
         app.state.toolbox = toolbox = Toolbox(settings, metrics)  # started below; never delays the start
         app.state.relay = relay = Relay(settings, store, client, toolbox)
+        app.state.examiner = examiner = Examiner(settings)
         try:
             toolbox.start()
             await relay.open()
@@ -8036,22 +8453,30 @@ def app_lifespan(
                 await relay.shutdown(0)
                 await toolbox.stop()
             finally:
+                await examiner.close()
                 await client.aclose()
                 await store.close()
             raise
         drain_on_sigterm(relay, settings.shutdown_grace)
         logging.getLogger("uvicorn.access").addFilter(redact_access_tokens)
+        collector = asyncio.create_task(collect_files(store, settings, metrics), name="chatsvc-file-collector")
         try:
             yield
         finally:
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
             try:
                 await relay.shutdown(settings.shutdown_grace)
             finally:
                 try:
                     await toolbox.stop()  # bounded, never raises; the client and the store close all the same
                 finally:
-                    await client.aclose()
-                    await store.close()
+                    try:
+                        await examiner.close()
+                    finally:
+                        await client.aclose()
+                        await store.close()
 
     return run
 
@@ -8078,6 +8503,11 @@ def app_routes(settings: Settings) -> list[Route | Mount]:
         Route(f"{api}/context/conversations/{{session_id}}/fork", fork_conversation, methods=["POST"]),
         Route(f"{api}/context/conversations/{{session_id}}/export", export_conversation, methods=["GET"]),
         Route(f"{api}/context/conversations/{{session_id}}/context", clear_context, methods=["DELETE"]),
+        Route(f"{api}/files", list_files, methods=["GET"]),
+        Route(f"{api}/files", upload_file, methods=["POST"]),
+        Route(f"{api}/files/{{file_id}}", get_file, methods=["GET"]),
+        Route(f"{api}/files/{{file_id}}", delete_file, methods=["DELETE"]),
+        Route(f"{api}/files/{{file_id}}/content", file_content, methods=["GET"]),
         Route(f"{api}/chat/{{session_id}}", chat, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}/stream", chat_stream, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}/stream", channel, methods=["GET"]),
@@ -8092,8 +8522,17 @@ def app_middleware(settings: Settings, metrics: Metrics, routes: list[Route | Mo
         JSONCORSMiddleware,
         allow_origins=list(settings.cors_origins),
         allow_methods=["GET", "POST", "PATCH", "DELETE"],
-        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
-        expose_headers=["Retry-After", "X-Request-ID"],
+        # Range and If-None-Match: a file's content read in parts, or revalidated; its headers read back
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID", "Range", "If-None-Match"],
+        expose_headers=[
+            "Retry-After",
+            "X-Request-ID",
+            "Content-Disposition",
+            "Content-Range",
+            "Content-Length",
+            "Accept-Ranges",
+            "ETag",
+        ],
         max_age=600,
     )
     return [
