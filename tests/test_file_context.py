@@ -335,6 +335,24 @@ def test_older_images_past_the_limit_are_named_not_sent(make_service, fake):
     assert len(fake.requests) == 3
 
 
+def test_a_tool_results_turn_sends_the_image_again_to_the_vision_model(make_service, fake):
+    service = make_service(CHATSVC_VISION_MODEL="qwen3-vl-plus")
+    tool = {"type": "function", "function": {"name": "zoom", "parameters": {"type": "object", "properties": {}}}}
+    call = Reply.tool_calls([("zoom", {})], model="qwen3-vl-plus")
+    fake.push(call, Reply.answer(["A red square."], model="qwen3-vl-plus"))
+    with service.client() as client:
+        red = image(client, "red.png", 56, 28)
+        first = chat(client, "Zoom in.", [red], tools=[tool])
+        assert (first.status_code, first.json()["finish_reason"]) == (200, "tool_calls")
+        results = [{"tool_call_id": call.calls[0]["id"], "content": "zoomed"}]
+        r = client.post(f"{API}/chat/s1", json={"tool_results": results, "tools": [tool]})
+        assert (r.status_code, r.json()["model"]) == (200, "qwen3-vl-plus")
+    first_request, second_request = (request.body for request in fake.requests)
+    assert second_request["model"] == "qwen3-vl-plus"
+    assert second_request["messages"][:2] == first_request["messages"]  # the image message, sent again as it was
+    assert [m["role"] for m in second_request["messages"]] == ["system", "user", "assistant", "tool"]
+
+
 # ── the tree: edits, regenerations ────────────────────────────────────────────────────
 
 
