@@ -14,6 +14,7 @@ from fake_dashscope import Reply
 from live import parse_events
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from support import wait_for
 
 import chatsvc
 
@@ -351,6 +352,18 @@ def test_a_tool_results_turn_sends_the_image_again_to_the_vision_model(make_serv
     assert second_request["model"] == "qwen3-vl-plus"
     assert second_request["messages"][:2] == first_request["messages"]  # the image message, sent again as it was
     assert [m["role"] for m in second_request["messages"]] == ["system", "user", "assistant", "tool"]
+
+
+def test_the_title_model_gets_text_only(make_service, fake):
+    service = make_service(CHATSVC_TITLES="model", CHATSVC_VISION_MODEL="qwen3-vl-plus")
+    fake.push(Reply.answer(["A red square."]), Reply.answer(["Red square"]))
+    with service.client() as client:
+        red = image(client, "red.png")
+        assert chat(client, "", [red]).status_code == 200
+        title = wait_for(lambda: len(fake.requests) == 2 and fake.requests[1].body)
+        assert title["model"] == "qwen-plus"
+        assert title["messages"][1] == {"role": "user", "content": "User: red.png\n\nAssistant: A red square."}
+        assert wait_for(lambda: client.get(f"{API}/context/conversations/s1").json()["title"] == "Red square")
 
 
 # ── the tree: edits, regenerations ────────────────────────────────────────────────────
