@@ -27,7 +27,28 @@ def png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
 
 PHOTO = png(64, 48, (20, 90, 160))
 NOTES = b"Tide table\nhigh water 06:12\nlow water 12:30\n"
-OTHER = png(16, 16, (200, 10, 10))
+
+
+def text_pdf(text: bytes) -> bytes:
+    """A one-page PDF whose page says `text` (Helvetica), made with pypdf."""
+    from pypdf import PdfWriter
+    from pypdf.generic import DecodedStreamObject, DictionaryObject, NameObject
+
+    writer = PdfWriter()
+    page = writer.add_blank_page(200, 200)
+    font = {"/Type": "/Font", "/Subtype": "/Type1", "/BaseFont": "/Helvetica"}
+    font_ref = writer._add_object(DictionaryObject({NameObject(k): NameObject(v) for k, v in font.items()}))
+    fonts = DictionaryObject({NameObject("/F1"): font_ref})
+    page[NameObject("/Resources")] = DictionaryObject({NameObject("/Font"): fonts})
+    stream = DecodedStreamObject()
+    stream.set_data(b"BT /F1 12 Tf 20 100 Td (" + text + b") Tj ET")
+    page[NameObject("/Contents")] = writer._add_object(stream)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+REPORT = text_pdf(b"High water 06:12")
 
 
 def entry(key: str, name: str, data: bytes, media_type: str) -> dict:
@@ -56,7 +77,7 @@ def message(mid: str, parent: str | None, role: str, content: str, files: list[s
 
 def a_file() -> dict:
     """A version 3 file as chatsvc exports it: a photo and a text document on the first question, the
-    document again on the second (written once, f2)."""
+    document again (written once, f2) and a PDF on the second."""
     return {
         "format": "chatsvc.conversation",
         "version": 3,
@@ -73,10 +94,14 @@ def a_file() -> dict:
         "messages": [
             message("m1", None, "user", "What do these show?", ["f1", "f2"]),
             message("m2", "m1", "assistant", "A chart and a table."),
-            message("m3", "m2", "user", "When is low water?", ["f2"]),
+            message("m3", "m2", "user", "When is low water?", ["f2", "f3"]),
             message("m4", "m3", "assistant", "12:30."),
         ],
-        "files": [entry("f1", "tide_chart.png", PHOTO, "image/png"), entry("f2", "notes (1).txt", NOTES, "text/plain")],
+        "files": [
+            entry("f1", "tide_chart.png", PHOTO, "image/png"),
+            entry("f2", "notes (1).txt", NOTES, "text/plain"),
+            entry("f3", "report.pdf", REPORT, "application/pdf"),
+        ],
     }
 
 
@@ -124,15 +149,16 @@ def test_export_import_export_is_the_same_but_ids_and_reuses_the_files(service, 
     assert first["version"] == 3
     assert first["files"] == doc["files"]  # keys, names, media types, sha256, sizes and bytes as given
     assert normal(first) == normal(doc)
-    assert [m.get("files") for m in first["messages"]] == [["f1", "f2"], None, ["f2"], None]
+    assert [m.get("files") for m in first["messages"]] == [["f1", "f2"], None, ["f2", "f3"], None]
     assert "files" not in first["messages"][1]  # absent, not empty, on a message without files
-    stored = service.rows("SELECT id, name, media_type, kind, size, sha256, width, height FROM files ORDER BY id")
-    assert [(f["name"], f["media_type"], f["kind"], f["size"], f["width"], f["height"]) for f in stored] == [
-        ("tide_chart.png", "image/png", "image", len(PHOTO), 64, 48),
-        ("notes (1).txt", "text/plain", "document", len(NOTES), None, None),
-    ]
+    stored = service.rows("SELECT id, name, media_type, kind, size, width, height, pages, text FROM files ORDER BY id")
+    assert [tuple(f.values())[1:] for f in stored] == [
+        ("tide_chart.png", "image/png", "image", len(PHOTO), 64, 48, None, None),
+        ("notes (1).txt", "text/plain", "document", len(NOTES), None, None, None, NOTES.decode()),
+        ("report.pdf", "application/pdf", "document", len(REPORT), None, None, 1, "[page 1]\nHigh water 06:12"),
+    ]  # examined as uploads are: the PDF's text extracted
     ids = [f["id"] for f in stored]
-    assert carried(service, "tides") == [(0, ids[0]), (1, ids[1]), (0, ids[1])]
+    assert carried(service, "tides") == [(0, ids[0]), (1, ids[1]), (0, ids[1]), (1, ids[2])]
     # importing one's own export: the same files, not copies
     r = import_doc(client, first)
     assert r.status_code == 201, r.text
@@ -155,7 +181,7 @@ def test_markdown_links_the_files_by_name(client):
     assert text.count("Attached: ") == 2
     first, second = text.split("## ")[1], text.split("## ")[3]  # the two questions' sections
     assert first.startswith("User · 2026-12-01 10:00\n\n" + line + "\n\nWhat do these show?")
-    assert f"Attached: {notes}\n\nWhen is low water?" in second
+    assert f"Attached: {notes} · [report.pdf](files/report.pdf)\n\nWhen is low water?" in second
 
 
 def changed(change):
@@ -195,7 +221,7 @@ TAMPERED = PHOTO[:-20] + bytes([PHOTO[-20] ^ 1]) + PHOTO[-19:]
         (changed(lambda d: d["messages"][2].pop("files") and d["messages"][0].update(files=["f1"])), 422,
          "invalid_request", 'files[1].key: no message of the file carries "f2".'),
         (changed(lambda d: d["files"].append(copy.deepcopy(d["files"][0]))), 422, "invalid_request",
-         'files[2].key: "f1" is the key of an earlier file.'),
+         'files[3].key: "f1" is the key of an earlier file.'),
         (changed(lambda d: d["files"][0].pop("sha256")), 422, "invalid_request", "files[0].sha256: is required."),
         (changed(lambda d: d.update(version=2)), 422, "invalid_request", "files: unknown field"),
         (changed(lambda d: d.update(version=4)), 422, "invalid_request",
@@ -238,7 +264,7 @@ def test_an_import_refused_half_way_leaves_no_files(make_service):
         # a conversation of only the photo imports; the full file is then refused for its session id,
         # which removes the document it stored but keeps the photo the owner had
         photo_only = a_file()
-        photo_only["files"].pop()
+        del photo_only["files"][1:]
         for m in photo_only["messages"]:
             m.pop("files", None)
         photo_only["messages"][0]["files"] = ["f1"]
@@ -262,10 +288,10 @@ def test_another_owner_importing_gets_files_of_its_own(make_service):
         r = import_doc(client, doc, bob)
         assert r.status_code == 201 and r.json()["session_id"] == "tides"
         owners = service.rows("SELECT owner, sha256, id FROM files ORDER BY owner, id")
-        assert [(f["owner"], f["sha256"]) for f in owners] == [
-            ("alice", doc["files"][0]["sha256"]), ("alice", doc["files"][1]["sha256"]),
-            ("bob", doc["files"][0]["sha256"]), ("bob", doc["files"][1]["sha256"]),
-        ]  # fmt: skip
+        shas = [f["sha256"] for f in doc["files"]]
+        assert [(f["owner"], f["sha256"]) for f in owners] == [("alice", sha) for sha in shas] + [
+            ("bob", sha) for sha in shas
+        ]
         alices = {f["id"] for f in owners if f["owner"] == "alice"}
         bobs = {f["id"] for f in owners if f["owner"] == "bob"}
         assert not alices & bobs
