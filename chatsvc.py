@@ -3551,8 +3551,9 @@ def check_results(answer: dict, results: list[dict]) -> None:
 
 async def plan_turn(
     store: Store, settings: Settings, key: tuple[str, str], chat: ChatRequest
-) -> tuple[Turn, list[dict]]:
-    """Where the new answer goes in the conversation's tree, and the messages the model gets."""
+) -> tuple[Turn, list[dict], bool]:
+    """Where the new answer goes in the conversation's tree, the messages the model gets, and whether
+    the turn goes to CHATSVC_VISION_MODEL because its context holds images its own model cannot see."""
     owner, session_id = key
     question, question_id, new_question = chat.message, "", True
     results = chat.tool_results  # a turn of the app's tool results, instead of a user message
@@ -3606,19 +3607,62 @@ async def plan_turn(
     model = chat.model or (conversation and conversation["model"]) or settings.chat_model
     system_prompt = (conversation and conversation["system_prompt"]) or settings.system_prompt
     new: str | list[dict]
+    new_files: list[FileRow] = []
     if results is not None:
         new, question = results, ""
     else:
         assert question is not None
         new = question
-    messages = build_context(system_prompt, history, new, settings.max_context_messages, settings.max_context_tokens)
+        new_files = await turn_files(store, owner, chat.files if new_question else None, question_id)
+    user_ids = [row["id"] for row in history if row["role"] == "user" and not row["tool_results"]]
+    history_files = await store.files.of_messages(owner, user_ids) if user_ids else {}
+    messages = build_context(
+        system_prompt,
+        history,
+        new,
+        settings.max_context_messages,
+        settings.max_context_tokens,
+        history_files,
+        new_files,
+        settings.max_context_images,
+    )
+    await attach_files(store.files, messages)
+    seen = model
+    if image_parts(messages) and not settings.sees(model):
+        if settings.vision_model is None:
+            raise FileRefused(
+                422,
+                "vision_model_needed",
+                f"This conversation's context holds images and {model} cannot see them. Set CHATSVC_VISION_MODEL"
+                ' (e.g. qwen3-vl-plus), or send "model" with a vision model.',
+            )
+        seen = settings.vision_model
     title = None
     if results is None and settings.titles != "off" and (conversation is None or conversation["title"] is None):
-        title = question.strip().splitlines()[0][:TITLE_CHARS]
-    turn = Turn(owner, session_id, new_message_id(after), model, question_id, question, new_question, start, title)
+        said = question.strip() or ", ".join(row.name for row in new_files)  # a message of files only: their names
+        title = (said.splitlines() or [""])[0][:TITLE_CHARS] or None
+    turn = Turn(owner, session_id, new_message_id(after), seen, question_id, question, new_question, start, title)
     if results is not None and new_question:
         turn.tool_results = json.dumps(results, ensure_ascii=False, separators=(",", ":"))
-    return turn, messages
+    if new_question:
+        turn.files = [row.id for row in new_files]
+    return turn, messages, seen != model
+
+
+async def turn_files(store: Store, owner: str, file_ids: list[str] | None, question_id: str) -> list[FileRow]:
+    """The files of the message a turn answers: those the request names (`file_ids`), each a ready file
+    of the owner's with text if it is a document; or, for a regeneration (None), its question's."""
+    if file_ids is None:
+        return (await store.files.of_messages(owner, [question_id])).get(question_id, [])
+    rows = [await store.files.get(owner, file_id) for file_id in file_ids]
+    for row in rows:
+        if row.kind == "document" and row.text_note == "no_text":
+            raise FileRefused(
+                422,
+                "document_has_no_text",
+                f"{row.name} has no text layer (a scanned PDF?); send its pages as images.",
+            )
+    return rows
 
 
 # ── Context: what the model sees ───────────────────────────────────────────────────────
@@ -3706,10 +3750,117 @@ def answer_messages(row: dict, answered: dict[str, str]) -> list[dict]:
     return messages
 
 
+# A user message's files in its turn of the context (docs/design/files.md 2.7): documents become text
+# before its own, images image parts of their model copies (read only for the messages the context keeps).
+
+IMAGE_PART_TOKENS = 1282  # an image part whose size is not known here: DashScope's default cap (1,280) + 2 markers
+_DOCUMENT_CLOSE = re.compile("</document", re.I)
+
+
+def attribute(value: str) -> str:
+    """`value` inside a double-quoted XML attribute."""
+    return value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def document_open(row: FileRow) -> str:
+    pages = f' pages="{row.pages}"' if row.pages is not None else ""
+    return f'<document name="{attribute(row.name)}" type="{attribute(row.media_type)}"{pages}>'
+
+
+def document_text(row: FileRow, text: str) -> str:
+    """A document as the model reads it: its text between delimiters that name it. A `</document>` in
+    the text is written `</document\u200b>`, so a document cannot close its own delimiter and pass
+    what follows for the user's words."""
+    inside = _DOCUMENT_CLOSE.sub(lambda match: match.group() + "\u200b", text)
+    return f"{document_open(row)}\n{inside}\n</document>"
+
+
+def document_cost(row: FileRow) -> int:
+    """A document's tokens in the context: its text's (estimated once, at upload) and its delimiters'."""
+    return (row.text_tokens or 0) + estimate_tokens(document_open(row) + "\n\n</document>\n\n") - 5
+
+
+def image_not_shown(row: FileRow) -> str:
+    return f"[image: {row.name}, not shown again]"
+
+
+@dataclass
+class FilesTurn:
+    """A user message of the context that carries files, before their texts and model copies are read
+    (`attach_files` makes it the message's `content`): its text, and each file with whether it is shown
+    (an image past CHATSVC_MAX_CONTEXT_IMAGES is not: a line names it instead)."""
+
+    text: str
+    files: list[tuple[FileRow, bool]]
+
+    def cost(self) -> int:
+        said = [image_not_shown(row) for row, shown in self.files if row.kind == "image" and not shown]
+        cost = estimate_tokens("\n\n".join([*said, self.text]))
+        for row, shown in self.files:
+            if row.kind == "document":
+                cost += document_cost(row)
+            elif shown:
+                cost += image_tokens(row.model_width or 1, row.model_height or 1)
+        return cost
+
+    def content(self, inputs: dict[str, tuple[str | None, bytes | None, str | None]]) -> str | list[dict]:
+        """The message's `content`: a string (its documents, then its text) unless an image is shown;
+        then a list of one `image_url` part per shown image, in order, and a `text` part."""
+        texts, images = [], []
+        for row, shown in self.files:
+            text, copy, media_type = inputs.get(row.id, (None, None, None))
+            if row.kind == "document":
+                texts.append(document_text(row, text or ""))
+            elif shown and copy:
+                url = f"data:{media_type};base64,{base64.b64encode(copy).decode()}"
+                images.append({"type": "image_url", "image_url": {"url": url}})
+            else:
+                texts.append(image_not_shown(row))
+        text = "\n\n".join([*texts, self.text] if self.text else texts)
+        if not images:
+            return text
+        return [*images, {"type": "text", "text": text}] if text else images
+
+
+def files_turn(text: str, files: list[FileRow], images_left: int) -> tuple[FilesTurn, int]:
+    """A message's files in the context, its images shown while `images_left` allows; and what is left."""
+    shown = []
+    for row in files:
+        show = row.kind == "image" and images_left > 0
+        images_left -= show
+        shown.append((row, show))
+    return FilesTurn(text, shown), images_left
+
+
+async def attach_files(files: Files, messages: list[dict]) -> None:
+    """The context's messages with files get their content: documents' texts and shown images' model
+    copies read in one call, for these messages only (never the whole history's bytes)."""
+    turns = [m["content"] for m in messages if isinstance(m["content"], FilesTurn)]
+    wanted = [row.id for turn in turns for row, shown in turn.files if row.kind == "document" or shown]
+    inputs = await files.model_inputs(dict.fromkeys(wanted)) if wanted else {}
+    for message in messages:
+        if isinstance(message["content"], FilesTurn):
+            message["content"] = message["content"].content(inputs)
+
+
+def image_parts(messages: list[dict]) -> int:
+    """How many images these messages show the model."""
+    return sum(part["type"] == "image_url" for m in messages if isinstance(m["content"], list) for part in m["content"])
+
+
+def content_tokens(content: str | list[dict] | FilesTurn | None) -> int:
+    """A message content's estimated tokens: its text, its parts, or its files (FilesTurn.cost)."""
+    if isinstance(content, FilesTurn):
+        return content.cost()
+    if isinstance(content, list):
+        return sum(estimate_tokens(part["text"]) if part["type"] == "text" else IMAGE_PART_TOKENS for part in content)
+    return estimate_tokens(content or "")
+
+
 def message_cost(messages: list[dict]) -> int:
     cost = 0
     for message in messages:
-        cost += estimate_tokens(message["content"])
+        cost += content_tokens(message["content"])
         for call in message.get("tool_calls", ()):
             cost += estimate_tokens(call["function"]["name"] + call["function"]["arguments"])
     return cost
@@ -3721,18 +3872,40 @@ def build_context(
     new: str | list[dict],
     max_messages: int,
     max_tokens: int,
+    files: dict[str, list[FileRow]] | None = None,
+    new_files: Collection[FileRow] = (),
+    max_images: int = 0,
 ) -> list[dict]:
     """System prompt, then the newest usable history within both budgets (in order), then the new
     turn: the user's message, or the app's tool results (`new`: [{"tool_call_id", "content"}], sent
     after the calls they answer, in call order). Failed turns and empty answers are left out, with
     the turn that led to them. A stored answer's tool rounds are sent as the model made them;
     walking back from the newest, results that do not fit are omitted (with their length) before
-    older messages are left out."""
+    older messages are left out.
+
+    Files: `files` holds the history's user messages' files (by message id), `new_files` the new
+    message's. A user message with files has a FilesTurn as its content (attach_files reads what it
+    shows); its documents always go with it, its images while `max_images` allows, counted from the
+    new message back (the new message's always: more than `max_images` in it is a refusal). The new
+    message is never cut: if it does not fit alone, the turn is refused."""
     results_turn = not isinstance(new, str)
+    files = files or {}
     if isinstance(new, str):
-        new_messages = [{"role": "user", "content": new}]
+        images = sum(row.kind == "image" for row in new_files)
+        if images > max_images:
+            raise FileRefused(
+                422,
+                "too_many_images",
+                f"This message carries {images} images and at most {max_images} are sent to the model"
+                " (CHATSVC_MAX_CONTEXT_IMAGES); send fewer at once.",
+            )
+        if new_files:
+            turn, images_left = files_turn(new, list(new_files), max_images)
+            new_messages: list[dict] = [{"role": "user", "content": turn}]
+        else:
+            new_messages, images_left = [{"role": "user", "content": new}], max_images
     else:
-        new_messages = [tool_message(r["tool_call_id"], r["content"], None) for r in new]
+        new_messages, images_left = [tool_message(r["tool_call_id"], r["content"], None) for r in new], max_images
     system_cost, new_cost = estimate_tokens(system_prompt), message_cost(new_messages)
     if system_cost >= max_tokens:
         raise ContextTooLong(
@@ -3740,6 +3913,16 @@ def build_context(
             f" context budget ({max_tokens} tokens, CHATSVC_MAX_CONTEXT_TOKENS). Shorten the system prompt."
         )
     budget = max_tokens - system_cost - new_cost
+    documents = [row for row in new_files if row.kind == "document"]
+    if budget < 0 and documents:
+        largest = max(documents, key=document_cost)
+        raise FileRefused(
+            422,
+            "document_too_large",
+            f"{largest.name} is about {document_cost(largest):,} tokens; with your message this turn needs"
+            f" {system_cost + new_cost:,} and at most {max_tokens:,} fit (CHATSVC_MAX_CONTEXT_TOKENS). Send a"
+            " smaller document or a part of it.",
+        )
     if budget < 0:
         raise ContextTooLong(
             f"The message is too long for the model's context budget ({max_tokens} tokens, about "
@@ -3769,6 +3952,9 @@ def build_context(
             answered = {r["tool_call_id"]: r["content"] for r in json.loads(row["tool_results"])}
             picked.append([])
             continue
+        elif files.get(row["id"]):
+            turn, left = files_turn(row["content"], files[row["id"]], images_left)
+            messages, answered = [{"role": "user", "content": turn}], {}
         else:
             messages, answered = [{"role": "user", "content": row["content"]}], {}
         cost = message_cost([m for m in messages if m.get("tool_call_id") not in fresh])  # the new ones are counted
@@ -3778,6 +3964,8 @@ def build_context(
         if cost > budget:
             break
         budget -= cost
+        if isinstance(messages[0]["content"], FilesTurn):
+            images_left = left
         picked.append(messages)
     flat = [message for messages in reversed(picked) for message in messages]
     while flat and flat[0]["role"] != "user":  # the model expects a user turn first
@@ -5289,7 +5477,7 @@ class Relay:
                 answer.move(Phase.RUNNING)
             answer.move(Phase.FINISHING)
             if answer.usage is None and (answer.text_chars or answer.reasoning_chars):  # none reported: estimated
-                answer.prompt_estimate = sum(estimate_tokens(m.get("content") or "") for m in messages)
+                answer.prompt_estimate = sum(content_tokens(m.get("content")) for m in messages)
             await asyncio.shield(self._finish(answer))
 
     async def _model_round(self, answer: Answer, body: dict) -> list[ToolCall]:
@@ -6391,10 +6579,12 @@ class ChatRequest:
     server_tools: bool | list[str] = True
     tool_choice: Any = None
     tool_results: list[dict] | None = None
+    files: list[str] = field(default_factory=list)  # the new message's files, by id, in order
 
 
 CHAT_FIELDS = (
     "message",
+    "files",
     "model",
     "temperature",
     "top_p",
@@ -6494,12 +6684,44 @@ def parse_tool_results(settings: Settings, body: dict) -> list[dict] | None:
     return kept
 
 
+def parse_files(settings: Settings, body: dict) -> list[str]:
+    """The new message's files: `["<file id>", ...]`, each once, at most CHATSVC_MAX_FILES_PER_MESSAGE
+    (whose they are, and whether they are ready, is Turns' to check)."""
+    files = body.get("files")
+    if files is None:
+        return []
+    if not isinstance(files, list) or not all(isinstance(file_id, str) for file_id in files):
+        raise invalid("'files' must be a list of file ids (strings POST /api/v1/files returned).")
+    if len(files) > settings.max_files_per_message:
+        raise FileRefused(
+            422,
+            "too_many_files",
+            f"A message may carry at most {settings.max_files_per_message} files"
+            f" (CHATSVC_MAX_FILES_PER_MESSAGE); this one names {len(files)}.",
+        )
+    for n, file_id in enumerate(files):
+        if not MESSAGE_ID.fullmatch(file_id):
+            raise invalid(f"'files[{n}]' is not a file id this service returned.")
+    twice = next((file_id for n, file_id in enumerate(files) if file_id in files[:n]), None)
+    if twice is not None:
+        raise FileRefused(422, "duplicate_file", f"'files' names file '{twice}' twice; name each file once.")
+    return files
+
+
 def parse_chat(settings: Settings, body: dict) -> ChatRequest:
     check_fields(body, CHAT_FIELDS)
     places = {name: message_id_field(body, name) for name in ("parent_id", "edit", "regenerate")}
     if sum(value is not None for value in places.values()) > 1:
         raise invalid("At most one of 'parent_id', 'edit' and 'regenerate' may be given.")
     message = body.get("message")
+    files = parse_files(settings, body)
+    if files and (places["regenerate"] is not None or body.get("tool_results") is not None):
+        raise invalid(
+            "'files' go with a new message: leave them out of 'regenerate' (the answer uses its question's"
+            " files) and 'tool_results'."
+        )
+    if files and message is None:
+        message = ""  # a message of files only
     tool_results = parse_tool_results(settings, body)
     if tool_results is not None:
         if message is not None or places["regenerate"] is not None:
@@ -6512,8 +6734,8 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
             )
     elif not isinstance(message, str):
         raise invalid("'message' is required and must be a string.")
-    elif not message.strip():
-        raise invalid("'message' must not be blank.")
+    elif not message.strip() and not files:
+        raise invalid("'message' must not be blank (unless it carries 'files').")
     else:
         storable("message", message, settings.max_message_chars)
     options = {
@@ -6538,6 +6760,7 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
         server_tools=parse_server_tools(body),
         tool_choice=parse_tool_choice(body),
         tool_results=tool_results,
+        files=files,
     )
 
 
@@ -7362,16 +7585,31 @@ def present_tools(row: dict) -> dict:
     return shown
 
 
-def present_message(row: dict, context_start: str, siblings: dict[str | None, list[str]] | None) -> dict:
+def present_file_ref(row: FileRow) -> dict:
+    """A file as a message shows it: what a client needs to draw it (a thumbnail, a chip)."""
+    shown = {"id": row.id, "name": row.name, "media_type": row.media_type, "size": row.size, "kind": row.kind}
+    extra = {"width": row.width, "height": row.height, "pages": row.pages}
+    return {**shown, **{name: value for name, value in extra.items() if value is not None}}
+
+
+def present_message(
+    row: dict,
+    context_start: str,
+    siblings: dict[str | None, list[str]] | None,
+    files: dict[str, list[FileRow]] | None = None,
+) -> dict:
     """A message as the API shows it; without `siblings` (a tree page), without `sibling_ids`. A
-    tool-results turn (stored as a user message) is shown with role "tool"."""
+    tool-results turn (stored as a user message) is shown with role "tool". `files`: the files of the
+    page's messages, by message id (a message without files shows no `files`, as before files were)."""
     usage = row_usage(row)
+    carried = (files or {}).get(row["id"])
     return {
         "id": row["id"],
         "parent_id": row["parent_id"],
         **({"sibling_ids": siblings.get(row["parent_id"]) or [row["id"]]} if siblings is not None else {}),
         "role": "tool" if row.get("tool_results") is not None else row["role"],
         "content": row["content"],
+        **({"files": [present_file_ref(f) for f in carried]} if carried else {}),
         "reasoning_content": row["reasoning_content"],
         **present_tools(row),
         "status": row["status"],
@@ -7467,9 +7705,13 @@ async def conversation_or_404(request: Request, key: tuple[str, str]) -> dict:
 async def present_messages(
     request: Request, key: tuple[str, str], rows: list[dict], context_start: str, siblings: bool = True
 ) -> list:
-    """The messages as the API shows them, with their `sibling_ids` (unless not `siblings`: a tree page)."""
-    found = await state(request).store.tree.siblings(*key, {row["parent_id"] for row in rows}) if siblings else None
-    return [present_message(row, context_start, found) for row in rows]
+    """The messages as the API shows them, with their `sibling_ids` (unless not `siblings`: a tree page)
+    and their files (read for the page's user messages in one call)."""
+    store = state(request).store
+    found = await store.tree.siblings(*key, {row["parent_id"] for row in rows}) if siblings else None
+    user_ids = [row["id"] for row in rows if row["role"] == "user"]
+    files = await store.files.of_messages(key[0], user_ids) if user_ids else {}
+    return [present_message(row, context_start, found, files) for row in rows]
 
 
 async def list_conversations(request: Request) -> Response:
@@ -8138,10 +8380,13 @@ async def start_answer(request: Request) -> Answer:
         raise not_configured()
     offer = make_offer(relay.toolbox, chat)
     relay.check_free(key)
-    turn, messages = await plan_turn(st.store, s, key, chat)
+    turn, messages, switched = await plan_turn(st.store, s, key, chat)
     payload = {"model": turn.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
     answer = await relay.admit(turn, {**payload, **chat.options}, offer)
     answer.request_id = request.scope.get("request_id")
+    relay.metrics.context_images.observe(image_parts(messages))
+    if switched:
+        relay.metrics.vision_switches.inc()
     return answer
 
 
