@@ -2866,8 +2866,16 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
         "image_unreadable",
         f"{name} could not be read as a {image_format} image (truncated or corrupt); save it again and send that.",
     )
+    too_large = FileRefused(
+        422,
+        "image_too_large",
+        f"{name} has a frame larger than {settings.max_image_pixels:,} pixels (CHATSVC_MAX_IMAGE_PIXELS); send a"
+        " smaller image.",
+    )
     try:
         image = _IMAGE_READERS[image_format](io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # a GIF frame larger than its screen
+        raise too_large from None
     except Exception:  # Pillow's readers raise SyntaxError, OSError, ValueError, struct.error… on what they refuse
         raise unreadable from None
     with image:
@@ -2901,6 +2909,8 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
                 copy, copy_type = data, IMAGE_TYPES[image_format]
             else:
                 copy, copy_type = model_copy(image, orientation, target)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise too_large from None
         except Exception:  # "image file is truncated", a broken data stream…
             raise unreadable from None
     return FileFacts(
@@ -2922,6 +2932,8 @@ def model_copy(image: Image.Image, orientation: int, size: tuple[int, int]) -> t
     drawn = alpha or image.mode in ("P", "1")
     if orientation != 1:
         image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):  # 16-bit grey: to 8 bits, not clipped to them
+        image = image.convert("I").point(lambda value: value / 256).convert("L")
     image = image.convert("RGBA" if alpha else "L" if image.mode in ("L", "1") else "RGB")
     if image.size != size:
         # Stretched to the multiples of 28 (by at most 27 pixels a side), as the service itself resizes.
@@ -3000,9 +3012,9 @@ def docx_facts(settings: Settings, name: str, data: bytes) -> FileFacts:
             raise unsupported(name) from None
         if len(archive.infolist()) > DOCX_MAX_MEMBERS or part.file_size > DOCX_MAX_XML_BYTES:
             raise unreadable_document(
-                f"{name} expands to more than a Word document does ({len(archive.infolist()):,} members, a text"
-                f" part of {part.file_size:,} bytes; at most {DOCX_MAX_MEMBERS:,} and {DOCX_MAX_XML_BYTES:,});"
-                " send a smaller document."
+                f"{name} expands to more than a Word document does ({len(archive.infolist()):,} files, a text part"
+                f" of {part.file_size:,} bytes; at most {DOCX_MAX_MEMBERS:,} files and {DOCX_MAX_XML_BYTES:,} bytes"
+                " are read); send a smaller document."
             )
         paragraphs = _DocxText(name, settings.max_document_chars)
         try:
@@ -3058,22 +3070,25 @@ class _DocxText:
         if tag == _WORD + "t":
             self.in_text = False
         elif tag == _WORD + "p" and self.open:
+            self.count(1 if self.lines else 0)  # the newline before it
             self.lines.append("".join(self.open.pop()))
-            self.add("")
 
     def data(self, text: str) -> None:
         if self.in_text and self.open:
             self.add(text)
 
     def add(self, text: str) -> None:
-        self.chars += len(text) + (0 if text else 1)  # a paragraph's end is its newline
+        self.count(len(text))
+        self.open[-1].append(text)
+
+    def count(self, chars: int) -> None:
+        """The text so far, as long as it may be (the lines' text and the newlines between them)."""
+        self.chars += chars
         if self.chars > self.max_chars:
             raise document_too_long(
                 f"{self.name} holds more than {self.max_chars:,} characters; at most that many are kept"
                 " (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it."
             )
-        if text:
-            self.open[-1].append(text)
 
 
 def pdf_text(name: str, data: bytes, max_pages: int, max_chars: int) -> tuple[str, int, str | None]:
@@ -3113,6 +3128,11 @@ def pdf_text(name: str, data: bytes, max_pages: int, max_chars: int) -> tuple[st
                 )
     except FileRefused:
         raise
+    except pypdf.errors.DependencyError:  # AES without the `cryptography` package (pypdf[crypto])
+        raise unreadable_document(
+            f"{name} is encrypted in a way this service cannot read (AES); print or save it to a PDF without"
+            " protection and send that."
+        ) from None
     except Exception:  # PdfReadError, LimitReachedError, PdfStreamError, RecursionError, KeyError…
         raise unreadable_document(
             f"{name} could not be read as a PDF (it is damaged, or a part of it expands past the reader's limits);"
