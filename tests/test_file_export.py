@@ -313,3 +313,44 @@ def test_a_version_2_file_still_imports(service, client):
     assert again["version"] == 3 and again["files"] == []
     assert normal(again) == normal(doc) | {"version": 3, "files": []}
     assert service.rows("SELECT file_id FROM message_files") == []
+
+
+def test_files_sent_in_a_chat_export_and_import_and_reach_the_model_again(make_service, fake):
+    """End to end: uploaded, sent with a message, exported, imported (the same files: dedup), and the
+    imported conversation's next turn sends the model what the original's did."""
+    from fake_dashscope import Reply
+
+    service = make_service(CHATSVC_VISION_MODEL="qwen3-vl-plus")
+    with service.client() as client:
+        ids = []
+        for name, data, media_type in (
+            ("tide_chart.png", PHOTO, "image/png"),
+            ("report.pdf", REPORT, "application/pdf"),
+        ):
+            r = client.post(f"{API}/files", content=data, params={"name": name}, headers={"Content-Type": media_type})
+            assert r.status_code == 201, r.text
+            ids.append(r.json()["id"])
+        fake.push(Reply.answer(["High water at 06:12."]))
+        r = client.post(f"{API}/chat/s1", json={"message": "When is high water?", "files": ids})
+        assert r.status_code == 200, r.text
+        question = fake.requests[-1].body["messages"][-1]
+        doc = export(client, "s1")
+        assert doc["messages"][0]["files"] == ["f1", "f2"]
+        assert [(f["key"], f["name"], base64.b64decode(f["data"])) for f in doc["files"]] == [
+            ("f1", "tide_chart.png", PHOTO),
+            ("f2", "report.pdf", REPORT),
+        ]
+        r = import_doc(client, doc)
+        assert r.status_code == 201, r.text
+        sid = r.json()["session_id"]
+        shown = client.get(f"{CONV}/{sid}").json()["messages"]
+        assert [f["id"] for f in shown[0]["files"]] == ids  # the owner's own files, not copies
+        assert service.rows("SELECT COUNT(*) AS n FROM files")[0]["n"] == 2
+        fake.push(Reply.answer(["Low water at 12:30."]))
+        r = client.post(f"{API}/chat/{sid}", json={"message": "And low water?"})
+        assert r.status_code == 200, r.text
+        assert fake.requests[-1].body["messages"][1] == question  # the image part and the PDF's text, again
+        assert fake.requests[-1].body["model"] == "qwen3-vl-plus"
+        again = export(client, sid)
+        assert normal(again)["files"] == normal(doc)["files"]
+        assert normal(again)["messages"][:2] == normal(doc)["messages"]  # the files' keys too
