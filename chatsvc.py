@@ -7561,7 +7561,7 @@ def markdown_document(conversation: dict, branch: list[dict], files: dict[str, l
                 "</details>",
                 "",
             ]
-        lines += markdown_attached(files.get(row["id"], []))
+        lines += markdown_attached(files.get(row["id"], [])) if files else []
         lines += markdown_answer(row)
         if row["status"] not in (COMPLETE,):
             error = f": {row['error_message']}" if row["error_message"] else ""

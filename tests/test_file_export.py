@@ -184,6 +184,16 @@ def test_markdown_links_the_files_by_name(client):
     assert f"Attached: {notes} · [report.pdf](files/report.pdf)\n\nWhen is low water?" in second
 
 
+def test_a_file_name_adds_no_markdown_of_its_own(client):
+    doc = a_file()
+    doc["files"][1] = entry("f2", "x](javascript:alert(1)) <b>*#`~|.txt", NOTES, "text/plain")
+    assert import_doc(client, doc).status_code == 201
+    text = client.get(f"{CONV}/tides/export?format=markdown").text
+    label = "x\\](javascript:alert(1)) \\<b\\>\\*\\#\\`\\~\\|.txt"
+    link = "files/x%5D%28javascript%3Aalert%281%29%29%20%3Cb%3E%2A%23%60~%7C.txt"
+    assert f"Attached: [tide\\_chart.png](files/tide_chart.png) · [{label}]({link})\n" in text
+
+
 def changed(change):
     doc = a_file()
     change(doc)
