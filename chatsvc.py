@@ -7091,6 +7091,7 @@ def imported_files(settings: Settings, files: Any) -> list[ImportedFile]:
         bad_field("files", "must be a list.")
     checked: list[ImportedFile] = []
     keys: set[str] = set()
+    hashes: dict[str, str] = {}  # the key of each file's bytes (an owner stores the same bytes once)
     for n, entry in enumerate(files):
         path = f"files[{n}]"
         field_object(entry, path, FILE_ENTRY_FIELDS)
@@ -7129,6 +7130,11 @@ def imported_files(settings: Settings, files: Any) -> list[ImportedFile]:
             )
         if hashlib.sha256(decoded).hexdigest() != sha256:
             bad_field(f"{path}.sha256", f"does not match the data of file {json.dumps(key)}: its bytes were changed.")
+        if sha256 in hashes:
+            bad_field(
+                f"{path}.sha256", f"file {json.dumps(key)} has the same bytes as file {json.dumps(hashes[sha256])}."
+            )
+        hashes[sha256] = key
         checked.append(ImportedFile(key, name or "", decoded, sha256))
     return checked
 

@@ -233,6 +233,8 @@ TAMPERED = PHOTO[:-20] + bytes([PHOTO[-20] ^ 1]) + PHOTO[-19:]
         (changed(lambda d: d["files"].append(copy.deepcopy(d["files"][0]))), 422, "invalid_request",
          'files[3].key: "f1" is the key of an earlier file.'),
         (changed(lambda d: d["files"][0].pop("sha256")), 422, "invalid_request", "files[0].sha256: is required."),
+        (changed(lambda d: d["files"][2].update(copy.deepcopy(d["files"][1]) | {"key": "f3"})), 422,
+         "invalid_request", 'files[2].sha256: file "f3" has the same bytes as file "f2".'),
         (changed(lambda d: d.update(version=2)), 422, "invalid_request", "files: unknown field"),
         (changed(lambda d: d.update(version=4)), 422, "invalid_request",
          "format: this is not a chatsvc conversation file (format 'chatsvc.conversation', version 1, 2 or 3)."),
