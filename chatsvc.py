@@ -2736,7 +2736,12 @@ _IMAGE_READERS = {
     "GIF": GifImagePlugin.GifImageFile,
 }
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
-_SVG = re.compile(r"\s*(<\?xml[^>]*>\s*)?((<!--.*?-->|<!DOCTYPE[^>\[]*(\[.*?\])?\s*>)\s*)*<svg[\s>/]", re.I | re.S)
+# An SVG document's start: an XML declaration, comments and a DOCTYPE, then <svg. Each part can match in one
+# way only (a comment ends at its first "-->"): no backtracking that grows with the number of comments.
+_SVG = re.compile(
+    r"\s*(?:<\?xml[^>]*>\s*)?(?:(?:<!--(?:[^-]|-(?!->))*-->|<!DOCTYPE[^>\[]*(?:\[[^\]]*\])?\s*>)\s*)*<svg[\s>/]",
+    re.I,
+)
 TEXT_TYPES = {".md": "text/markdown", ".markdown": "text/markdown", ".csv": "text/csv", ".json": "application/json"}
 # C0 and C1 controls, DEL, the bidirectional marks, embeddings, overrides and isolates (which make
 # "photo\u202egnp.exe" show as "photoexe.png"), and lone surrogates (no database stores them).
@@ -3152,18 +3157,26 @@ def document_worker(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the service, which ends this
     logging.getLogger("pypdf").setLevel(logging.CRITICAL + 1)  # its warnings about damaged files are ours
     warnings.simplefilter("ignore")
-    conn.send("ready")
-    while True:
-        try:
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
+    with contextlib.suppress(EOFError, OSError):  # the service closed the connection, or is gone
+        conn.send("ready")
+        while True:
             job = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            conn.send(("ok", WORKER_TASKS[job[0]](*job[1:])))
-        except FileRefused as exc:
-            conn.send(("refused", exc.status, exc.code, exc.detail))
-        except Exception as exc:  # MemoryError: this process is still fine, and the next file too
-            conn.send(("failed", type(exc).__name__))
+            try:
+                outcome = ("ok", WORKER_TASKS[job[0]](*job[1:]))
+            except FileRefused as exc:
+                outcome = ("refused", exc.status, exc.code, exc.detail)
+            except Exception as exc:  # MemoryError: this process is still fine, and the next file too
+                outcome = ("failed", type(exc).__name__)
+            conn.send(outcome)
+
+
+def _end_with_parent(parent: int) -> None:
+    """The worker's watch: a service killed outright (SIGKILL, a crash) cannot kill its worker, which may be in
+    the middle of a PDF that never ends; it ends itself once its parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
 
 
 WORKER_TASKS: dict[str, Callable[..., Any]] = {"pdf": pdf_text, "json": json_parses}
