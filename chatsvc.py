@@ -6810,10 +6810,12 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
 # .../import reads back into a new conversation. The import checks every field before anything is
 # written: the first bad one is a 422 naming its path in the file (`messages[3].usage.total_tokens`).
 
-EXPORT_FORMAT, EXPORT_VERSION = "chatsvc.conversation", 2
+EXPORT_FORMAT, EXPORT_VERSION = "chatsvc.conversation", 3
 # Version 1: no tool fields (its messages have none). Version 2: each message's last_seq, tool_steps and
-# tool_results. An older chatsvc refuses a version 2 file rather than lose the steps.
-IMPORT_VERSIONS = (1, 2)
+# tool_results. Version 3: the files the messages carry, their bytes in the file as base64 (top-level
+# `files`, each keyed "f1", "f2", … in the order of first use) and each message's `files` (their keys).
+# An older chatsvc refuses a newer file rather than lose what it cannot keep.
+IMPORT_VERSIONS = (1, 2, 3)
 IMPORT_MAX_MESSAGES = 100_000
 IMPORTED_STATUSES = (COMPLETE, STOPPED, INTERRUPTED, FAILED, STREAMING)  # streaming: stored as interrupted
 EXPORTED_WHILE_WRITTEN = "This answer was being written when it was exported; it holds what had been written by then."
@@ -6821,7 +6823,7 @@ RFC3339 = re.compile(
     r"(\d{4})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d\d):(\d\d))", re.ASCII
 )
 # The fields of the file, of its conversation and of each of its messages, in the order they are written.
-FILE_FIELDS = ("format", "version", "exported_at", "conversation", "messages")
+FILE_FIELDS = ("format", "version", "exported_at", "conversation", "messages", "files")
 FILE_CONVERSATION_FIELDS = (
     "session_id",
     "title",
@@ -6847,7 +6849,10 @@ FILE_MESSAGE_FIELDS = (
     "last_seq",
     "tool_steps",
     "tool_results",
+    "files",
 )
+FILE_ENTRY_FIELDS = ("key", "name", "media_type", "sha256", "size", "data")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}", re.ASCII)
 TOOL_STEP_FIELDS = ("type", "seq", "text", "reasoning", "data")
 TOOL_CALL_FIELDS = ("id", "name", "arguments", "round", "server", "tool")
 TOOL_RESULT_FIELDS = ("id", "content", "error", "duration_ms", "outcome")
@@ -6865,8 +6870,9 @@ def json_column(value: Any) -> str | None:
     return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def exported_message(row: dict, context_start: str) -> dict:
-    return {
+def exported_message(row: dict, context_start: str, files: list[str] | None = None) -> dict:
+    """A message as the file holds it; `files`: the keys of the files it carries (none: no `files` field)."""
+    message = {
         "id": row["id"],
         "parent_id": row["parent_id"],
         "role": row["role"],
@@ -6883,20 +6889,85 @@ def exported_message(row: dict, context_start: str) -> dict:
         "tool_steps": stored_json(row["tool_steps"]),
         "tool_results": stored_json(row["tool_results"]),
     }
+    if files:
+        message["files"] = files
+    return message
 
 
-def export_file(conversation: dict, messages: list[dict]) -> bytes:
-    """The file of GET .../export: the conversation and every message of its tree (what POST .../import
-    takes). At the import limit it takes a second to encode: the handler runs it in a worker thread."""
-    return json_bytes(
+@dataclass
+class ExportedConversation:
+    """The file of GET .../export, made to be streamed: everything but the files' bytes is encoded at
+    once (as the export was before it had files), and each file's bytes are read a chunk row at a time
+    and written into its `data` as base64, so that an export holds one chunk of a file in memory, not
+    its files. Its size is known before the first byte (`size`): the files' sizes say their base64's."""
+
+    head: bytes  # the JSON up to the files' entries: '{"format":…,"messages":[…],"files":['
+    entries: list[tuple[bytes, FileRow]]  # each file's JSON up to its data ('{"key":"f1",…,"data":"'), its row
+
+    @property
+    def size(self) -> int:
+        between = max(len(self.entries) - 1, 0)  # the commas
+        return len(self.head) + sum(len(p) + 4 * -(-row.size // 3) + 2 for p, row in self.entries) + between + 2
+
+    async def body(self, content: Callable[[str, int, int], AsyncIterator[bytes]]) -> AsyncIterator[bytes]:
+        """The file's bytes; `content` reads a file's bytes a chunk at a time (`Files.content`)."""
+        yield self.head
+        for n, (prefix, row) in enumerate(self.entries):
+            yield b"," + prefix if n else prefix
+            held = b""  # fewer than 3 bytes: base64 is written 3 bytes (4 characters) at a time
+            async for chunk in content(row.id, 0, row.size):
+                held += chunk
+                cut = len(held) - len(held) % 3
+                if cut:
+                    yield base64.b64encode(held[:cut])
+                    held = held[cut:]
+            yield base64.b64encode(held) + b'"}'
+        yield b"]}"
+
+
+def export_file(conversation: dict, messages: list[dict], files: dict[str, list[FileRow]]) -> ExportedConversation:
+    """The file of GET .../export: the conversation, every message of its tree and the files they carry
+    (`files`, each message's by its id), what POST .../import takes. A file carried by several messages
+    is written once; the keys follow the order of first use, so that the same conversation exports
+    the same keys. At the import limit it takes a second to encode: the handler runs it in a worker thread."""
+    keys: dict[str, str] = {}  # file id -> key
+    rows: list[FileRow] = []
+    exported = []
+    for message in messages:
+        carried = files.get(message["id"], [])
+        for row in carried:
+            if row.id not in keys:
+                keys[row.id] = f"f{len(keys) + 1}"
+                rows.append(row)
+        exported.append(exported_message(message, conversation["context_start"], [keys[r.id] for r in carried]))
+    document = json_bytes(
         {
             "format": EXPORT_FORMAT,
             "version": EXPORT_VERSION,
             "exported_at": utcnow(),
             "conversation": {name: conversation[name] for name in FILE_CONVERSATION_FIELDS},
-            "messages": [exported_message(m, conversation["context_start"]) for m in messages],
+            "messages": exported,
+            "files": [],
         }
     )
+    assert document.endswith(b"[]}")
+    entries = [
+        (
+            json_bytes(
+                {
+                    "key": keys[row.id],
+                    "name": row.name,
+                    "media_type": row.media_type,
+                    "sha256": row.sha256,
+                    "size": row.size,
+                    "data": "",
+                }
+            )[:-2],  # up to and with the data's opening quote
+            row,
+        )
+        for row in rows
+    ]
+    return ExportedConversation(document[:-2], entries)
 
 
 @dataclass
@@ -6908,7 +6979,18 @@ class ImportedConversation:
     system_prompt: str | None
     model: str | None
     current_message_id: str | None
-    messages: list[dict]  # the messages' rows, with the file's ids
+    messages: list[dict]  # the messages' rows, with the file's ids; each row's "files": the keys it carries
+    files: list[ImportedFile] = field(default_factory=list)
+
+
+@dataclass
+class ImportedFile:
+    """A file of a conversation file, its bytes decoded and their size and sha256 checked."""
+
+    key: str
+    name: str
+    data: bytes = field(repr=False)
+    sha256: str
 
 
 def bad_field(path: str, what: str) -> NoReturn:
@@ -6975,8 +7057,11 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
         bad_field(
             "format",
             f"this is not a chatsvc conversation file (format {EXPORT_FORMAT!r}, version"
-            f" {' or '.join(map(str, IMPORT_VERSIONS))}).",
+            f" {', '.join(map(str, IMPORT_VERSIONS[:-1]))} or {IMPORT_VERSIONS[-1]}).",
         )
+    if version < 3:
+        field_object(body, "", FILE_FIELDS[: FILE_FIELDS.index("files")])
+    files = imported_files(settings, body.get("files", []))
     conv = field_object(body.get("conversation"), "conversation", FILE_CONVERSATION_FIELDS)
     field_moment(body.get("exported_at"), "exported_at")
     for name in ("created_at", "updated_at"):  # the import's own times are its own
@@ -6994,11 +7079,17 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
         bad_field("messages", f"more than {IMPORT_MAX_MESSAGES} messages.")
     seen: dict[str, str] = {}  # the role of each message so far
     pending: dict[str, list[str]] = {}  # the calls each answer that ended "tool_calls" waits on
-    fields = FILE_MESSAGE_FIELDS if version >= 2 else FILE_MESSAGE_FIELDS[: FILE_MESSAGE_FIELDS.index("last_seq")]
+    fields = FILE_MESSAGE_FIELDS[: FILE_MESSAGE_FIELDS.index("last_seq")] if version == 1 else FILE_MESSAGE_FIELDS
+    fields = fields[: fields.index("files")] if version == 2 else fields
+    keys = {file.key: file for file in files}
     rows = [
-        imported_message(settings, message, f"messages[{n}]", seen, pending, fields)
+        imported_message(settings, message, f"messages[{n}]", seen, pending, fields, keys)
         for n, message in enumerate(messages)
     ]
+    carried = {key for row in rows for key in row["files"]}
+    for n, file in enumerate(files):
+        if file.key not in carried:
+            bad_field(f"files[{n}].key", f"no message of the file carries {json.dumps(file.key)}.")
     current = conv.get("current_message_id")
     if current is not None and not (isinstance(current, str) and current in seen):
         bad_field("conversation.current_message_id", "must be null or the id of a message of the file.")
@@ -7009,7 +7100,64 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
         model,
         current,
         rows,
+        files,
     )
+
+
+def imported_files(settings: Settings, files: Any) -> list[ImportedFile]:
+    """The file's `files`, each decoded and checked: a key of its own, a name, its base64 `data` of
+    `size` bytes (at most CHATSVC_MAX_FILE_BYTES, as an upload) whose sha256 is `sha256`. What the bytes
+    are is found out as for an upload (`Examiner`), not taken from `media_type`."""
+    if not isinstance(files, list):
+        bad_field("files", "must be a list.")
+    checked: list[ImportedFile] = []
+    keys: set[str] = set()
+    hashes: dict[str, str] = {}  # the key of each file's bytes (an owner stores the same bytes once)
+    for n, entry in enumerate(files):
+        path = f"files[{n}]"
+        field_object(entry, path, FILE_ENTRY_FIELDS)
+        for name in FILE_ENTRY_FIELDS:
+            if name not in entry:
+                bad_field(f"{path}.{name}", "is required.")
+        key = field_text(entry["key"], f"{path}.key", 64, optional=False)
+        if not key:
+            bad_field(f"{path}.key", "must not be empty.")
+        if key in keys:
+            bad_field(f"{path}.key", f"{json.dumps(key)} is the key of an earlier file.")
+        keys.add(key)
+        name = field_text(entry["name"], f"{path}.name", 1000, optional=False)
+        field_text(entry["media_type"], f"{path}.media_type", 200, optional=False)
+        sha256 = entry["sha256"]
+        if not (isinstance(sha256, str) and SHA256_HEX.fullmatch(sha256)):
+            bad_field(f"{path}.sha256", "must be the file's SHA-256, 64 lowercase hexadecimal digits.")
+        size = field_count(entry["size"], f"{path}.size", 0, MAX_TOKENS_STORED)
+        if size > settings.max_file_bytes:
+            raise FileRefused(
+                413,
+                "file_too_large",
+                f"{path}: file {json.dumps(key)} ({size:,} bytes) is larger than CHATSVC_MAX_FILE_BYTES"
+                f" ({settings.max_file_bytes:,} bytes).",
+            )
+        data = entry["data"]
+        if not isinstance(data, str) or len(data) != 4 * -(-size // 3):
+            bad_field(f"{path}.data", f"must be the base64 of the file's {size:,} bytes (file {json.dumps(key)}).")
+        try:
+            decoded = base64.b64decode(data, validate=True)
+        except ValueError:
+            bad_field(f"{path}.data", f"is not valid base64 (file {json.dumps(key)}).")
+        if len(decoded) != size:
+            bad_field(
+                f"{path}.size", f"is {size:,} but the data of file {json.dumps(key)} holds {len(decoded):,} bytes."
+            )
+        if hashlib.sha256(decoded).hexdigest() != sha256:
+            bad_field(f"{path}.sha256", f"does not match the data of file {json.dumps(key)}: its bytes were changed.")
+        if sha256 in hashes:
+            bad_field(
+                f"{path}.sha256", f"file {json.dumps(key)} has the same bytes as file {json.dumps(hashes[sha256])}."
+            )
+        hashes[sha256] = key
+        checked.append(ImportedFile(key, name or "", decoded, sha256))
+    return checked
 
 
 def imported_message(
@@ -7019,10 +7167,11 @@ def imported_message(
     seen: dict[str, str],
     pending: dict[str, list[str]] | None = None,
     fields: tuple[str, ...] = FILE_MESSAGE_FIELDS,
+    files: dict[str, ImportedFile] | None = None,
 ) -> dict:
     """The row of the file's message at `path`, checked against the messages before it (`seen`, the
     role of each by its id; `pending`, the ids of the calls each answer that ended "tool_calls" waits
-    on), which it then joins. `fields`: those the file's version has."""
+    on), which it then joins. `fields`: those the file's version has; `files`: the file's files by key."""
     pending = {} if pending is None else pending
     m = field_object(message, path, fields)
     message_id = field_text(m.get("id"), f"{path}.id", 128, optional=False)
@@ -7066,6 +7215,7 @@ def imported_message(
     steps = imported_steps(settings, m.get("tool_steps"), path, role, last_seq, content or "", reasoning or "")
     results = imported_results(settings, m.get("tool_results"), path, role, content, parent_id, pending)
     finish_reason = field_text(m.get("finish_reason"), f"{path}.finish_reason", 64)
+    carried = imported_message_files(settings, m.get("files"), path, role, results, files or {})
     row = {
         "id": message_id,
         "parent_id": parent_id,
@@ -7085,11 +7235,34 @@ def imported_message(
         "in_context": m.get("in_context", True),
         "tool_steps": json_column(steps),
         "tool_results": json_column(results),
+        "files": carried,
     }
     seen[message_id] = role
     if role == "assistant" and finish_reason == "tool_calls":
         pending[message_id] = [call["id"] for call in pending_tool_calls(steps or [])]
     return row
+
+
+def imported_message_files(
+    settings: Settings, carried: Any, path: str, role: str, results: list[dict] | None, files: dict[str, ImportedFile]
+) -> list[str]:
+    """A message's `files`: keys of the file's files, each once, at most CHATSVC_MAX_FILES_PER_MESSAGE,
+    on a user message that is not a tool-results turn (as a chat request takes them); [] for none."""
+    if carried is None:
+        return []
+    path = f"{path}.files"
+    if not isinstance(carried, list):
+        bad_field(path, "must be a list of file keys, or absent.")
+    if carried and (role != "user" or results is not None):
+        bad_field(path, "must be absent: only a user message with a content (not a tool-results turn) carries files.")
+    if len(carried) > settings.max_files_per_message:
+        bad_field(path, f"more than {settings.max_files_per_message} files (CHATSVC_MAX_FILES_PER_MESSAGE).")
+    for n, key in enumerate(carried):
+        if not isinstance(key, str) or key not in files:
+            bad_field(f"{path}[{n}]", f"{json.dumps(key)} is not the key of a file in the file's files.")
+        if key in carried[:n]:
+            bad_field(f"{path}[{n}]", f"{json.dumps(key)} is carried twice.")
+    return carried
 
 
 def field_count(value: Any, path: str, low: int, high: int, what: str = "") -> int:
@@ -7387,8 +7560,15 @@ def markdown_tool_results(row: dict, before: dict | None) -> list[str]:
     return lines
 
 
-def markdown_document(conversation: dict, branch: list[dict]) -> str:
-    """The current branch as a document a person reads."""
+def markdown_attached(files: list[FileRow]) -> list[str]:
+    """A message's files, as relative links by name (`files/<name>`: where a zip of the export would put them)."""
+    links = [f"[{markdown_inline(row.name)}](files/{quote(row.name, safe='')})" for row in files]
+    return [f"Attached: {' · '.join(links)}", ""] if links else []
+
+
+def markdown_document(conversation: dict, branch: list[dict], files: dict[str, list[FileRow]] | None = None) -> str:
+    """The current branch as a document a person reads; `files`: the files each message carries, by its id."""
+    files = files or {}
     title = markdown_inline(conversation["title"] or conversation["session_id"])
     lines = [f"# {title}", "", f"*{len(branch)} messages, exported from chatsvc on {utcnow()[:10]}.*", ""]
     for n, row in enumerate(branch):
@@ -7408,6 +7588,7 @@ def markdown_document(conversation: dict, branch: list[dict]) -> str:
                 "</details>",
                 "",
             ]
+        lines += markdown_attached(files.get(row["id"], [])) if files else []
         lines += markdown_answer(row)
         if row["status"] not in (COMPLETE,):
             error = f": {row['error_message']}" if row["error_message"] else ""
@@ -7707,19 +7888,30 @@ async def export_conversation(request: Request) -> Response:
     row = await conversation_or_404(request, key)
     if kind == "markdown":
         branch = await st.store.tree.branch(*key, 2**31 - 1)
+        files = await st.store.files.of_messages(key[0], [message["id"] for message in branch])
         return Response(
-            markdown_document(row, branch[::-1]),
+            markdown_document(row, branch[::-1], files),
             media_type="text/markdown; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="{key[1]}.md"'},
         )
     messages = await st.store.tree.messages(*key, 2**31 - 1)
-    # a second at the import limit: in a worker thread, off the event loop
-    return Response(await anyio.to_thread.run_sync(export_file, row, messages), media_type="application/json")
+    files = await st.store.files.of_messages(key[0], [message["id"] for message in messages])
+    # a second at the import limit: in a worker thread, off the event loop; the files' bytes are then
+    # streamed into it a chunk at a time (an export may be larger than CHATSVC_MAX_IMPORT_BYTES: its
+    # Content-Length says how large it is)
+    exported = await anyio.to_thread.run_sync(export_file, row, messages, files)
+    return StreamingResponse(
+        exported.body(st.store.files.content),
+        media_type="application/json",
+        headers={"Content-Length": str(exported.size)},
+    )
 
 
 async def import_conversation(request: Request) -> Response:
     """A new conversation of the caller from an export: every message copied with new ids and the
-    same tree. `?session_id=` asks for an id (409 if taken); else the file's, or a new one if taken."""
+    same tree, and the files they carry stored as uploads are (examined, deduplicated, counted
+    against the quota). `?session_id=` asks for an id (409 if taken); else the file's, or a new one if
+    taken. A refused import leaves nothing: no conversation, and none of the files it stored."""
     st = state(request)
     owner = owner_of(request)
     asked = request.query_params.get("session_id")
@@ -7728,12 +7920,72 @@ async def import_conversation(request: Request) -> Response:
     # a file at the limit takes seconds to check: in a worker thread, so that the event loop serves meanwhile
     body = await read_json(request, st.settings, limit=st.settings.max_import_bytes, in_thread=True)
     file = await anyio.to_thread.run_sync(parse_import, st.settings, body)
+    del body  # the files' base64: their bytes are in `file` now
     wanted = asked or file.session_id or str(uuid.uuid4())
-    session_id = await st.store.copies.import_file(owner, wanted, file, another=asked is None)
+    stored: list[str] = []  # the files this import added (not those the owner had already)
+    session_id = None
+    try:
+        ids = await import_files(st, owner, file.files, stored)
+        for message in file.messages:
+            message["files"] = [ids[key] for key in message["files"]]
+        try:
+            session_id = await st.store.copies.import_file(owner, wanted, file, another=asked is None)
+        except Exception as exc:
+            if not file.files or _violation(exc) != "foreign_key":
+                raise
+            raise StorageUnavailable("A file of the import was deleted while it was written; try again.") from None
+    finally:
+        if session_id is None:
+            with anyio.CancelScope(shield=True):
+                await forget_files(st, owner, stored)
     if session_id is None:
         raise conversation_exists(wanted)
     row = await conversation_or_404(request, (owner, session_id))
     return JSONResponse(present_conversation(st.settings, row), status_code=201)
+
+
+async def import_files(st: Any, owner: str, files: list[ImportedFile], stored: list[str]) -> dict[str, str]:
+    """An import's files, each examined as an upload is and stored as the owner's (the same bytes
+    stored once: an import of one's own export reuses its files), all examined before any is stored;
+    a refusal keeps its status and code and names the file. Each file's id by its key; the ids of the
+    files it adds are appended to `stored` as they are added."""
+
+    def named(n: int, exc: FileRefused) -> FileRefused:
+        return FileRefused(exc.status, exc.code, f"files[{n}] ({json.dumps(files[n].key)}): {exc.detail}")
+
+    examined: list[tuple[str, FileFacts]] = []
+    for n, imported in enumerate(files):
+
+        async def load(data: bytes = imported.data) -> bytes:
+            return data
+
+        try:
+            name = clean_name(imported.name)
+            examined.append((name, await st.examiner.examine(name, load)))
+        except FileRefused as exc:
+            raise named(n, exc) from None
+    ids: dict[str, str] = {}
+    for n, (imported, (name, facts)) in enumerate(zip(files, examined, strict=True)):
+        had = await st.store.files.find(owner, imported.sha256)
+        try:
+            quota = st.settings.max_storage_bytes_per_user
+            row = await st.store.files.import_file(owner, name, imported.data, facts, quota)
+        except FileRefused as exc:
+            raise named(n, exc) from None
+        if had is None or had.id != row.id:
+            stored.append(row.id)
+        ids[imported.key] = row.id
+    return ids
+
+
+async def forget_files(st: Any, owner: str, file_ids: list[str]) -> None:
+    """The files a refused import stored, removed (one a message has used since stays; the collector
+    removes what a crash left, once unused past CHATSVC_FILE_RETENTION_HOURS)."""
+    for file_id in file_ids:
+        try:
+            await st.store.files.remove(owner, file_id)
+        except Refusal as exc:
+            log.warning("a file of a refused import is left for the collector: %s", exc.detail)
 
 
 async def fork_conversation(request: Request) -> Response:

@@ -67,7 +67,8 @@ def same_but_ids_and_times(a: dict, b: dict) -> None:
 
 def test_export_holds_the_whole_tree(tree):
     doc = export(tree)
-    assert doc["format"] == "chatsvc.conversation" and doc["version"] == 2
+    assert doc["format"] == "chatsvc.conversation" and doc["version"] == 3
+    assert doc["files"] == [] and all("files" not in m for m in doc["messages"])  # no files: none
     assert doc["conversation"]["title"] == "A tree" and doc["conversation"]["system_prompt"] == "Be brief."
     messages = doc["messages"]
     assert len(messages) == 7 and [m["role"] for m in messages].count("assistant") == 4
@@ -295,11 +296,13 @@ def test_the_documented_example_file_imports(client):
     example = example["components"]["schemas"]["ConversationFile"]["example"]
     r = client.post(f"{CONV}/import", json=example)
     assert r.status_code == 201, r.text
-    messages = export(client, r.json()["session_id"])["messages"]
+    again = export(client, r.json()["session_id"])
+    messages = again["messages"]
     assert [(m["content"], m["status"]) for m in messages] == [
-        ("What makes the tides?", "complete"), ("Mostly the Moon's pull.", "complete"),
+        ("What makes the tides? My sketch is attached.", "complete"), ("Mostly the Moon's pull.", "complete"),
         ("The Moon and, less, the Sun", "interrupted")]  # fmt: skip
     assert messages[2]["error"]["code"] == "interrupted"
+    assert messages[0]["files"] == ["f1"] and again["files"] == example["files"]  # its small PNG
 
 
 HOSTILE = (

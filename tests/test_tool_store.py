@@ -224,7 +224,7 @@ def test_a_fork_copies_the_steps_and_the_results(client, service):
 def test_export_import_export_is_the_same_but_ids_tool_call_ids_kept(client):
     tool_conversation(client)
     doc = client.get(f"{CONV}/t/export").json()
-    assert doc["version"] == 2
+    assert doc["version"] == 3
     question, answer, results, last = doc["messages"]
     assert answer["tool_steps"] == STEPS and answer["last_seq"] == LAST_SEQ  # as stored, seq and offsets included
     assert results["role"] == "user" and results["content"] == "" and results["tool_results"] == RESULTS
@@ -251,6 +251,7 @@ def test_export_import_export_is_the_same_but_ids_tool_call_ids_kept(client):
     new_fields = ("last_seq", "tool_steps", "tool_results")
     old = {**doc, "version": 1, "messages": [{k: v for k, v in m.items() if k not in new_fields}
                                              for m in doc["messages"][:2]]}  # fmt: skip
+    del old["files"]  # version 3's
     old["messages"][1]["finish_reason"] = "stop"
     old["conversation"]["current_message_id"] = None
     r = client.post(f"{CONV}/import", json=old)
@@ -397,8 +398,8 @@ R = "messages[2].tool_results"
                  "data": {**CALL_2, "id": "call_5"}}) or m[1]["tool_steps"].pop(4)),
          f'{R}: must answer every call its parent waits on; "call_5" has no result.'),
         (a_file() | {"version": 1}, "messages[0].last_seq: unknown field"),
-        (a_file() | {"version": 3}, "format: this is not a chatsvc conversation file (format 'chatsvc.conversation',"
-                                    " version 1 or 2)."),
+        (a_file() | {"version": 4}, "format: this is not a chatsvc conversation file (format 'chatsvc.conversation',"
+                                    " version 1, 2 or 3)."),
     ],
 )  # fmt: skip
 def test_import_refuses_a_bad_tool_field_naming_it(client, doc, detail):
