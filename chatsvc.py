@@ -174,7 +174,7 @@ class Settings:
         cast=lambda v: _choice(v.lower(), ("model", "first-line", "off"), "CHATSVC_TITLES"),
     )
     title_model: str | None = setting("CHATSVC_TITLE_MODEL", None, "the model that writes titles (CHAT_MODEL if unset)")
-    max_import_bytes: int = setting("CHATSVC_MAX_IMPORT_BYTES", 16 * 1024 * 1024, "largest conversation to import")
+    max_import_bytes: int = setting("CHATSVC_MAX_IMPORT_BYTES", 64 * 1024 * 1024, "largest conversation to import")
     max_context_messages: int = setting("CHATSVC_MAX_CONTEXT_MESSAGES", 20, "history messages sent to the model")
     max_context_tokens: int = setting("CHATSVC_MAX_CONTEXT_TOKENS", 6000, "estimated tokens sent to the model")
     max_message_chars: int = setting("CHATSVC_MAX_MESSAGE_CHARS", 32000, "longest message a user may send")
@@ -5078,6 +5078,9 @@ class Answer:
     calls: int = 0  # tool calls made
     tool_seconds: float = 0.0  # time spent running tool rounds
     offered: bool = False  # the model was offered tools
+    images: int = 0  # images the model was shown
+    files: int = 0  # files the new message carries
+    vision_switch: bool = False  # CHATSVC_VISION_MODEL answers instead of the conversation's model
     retries: int = 0
     first_token_at: float | None = None
     request_id: str | None = None
@@ -5207,7 +5210,8 @@ def record_answer(metrics: Metrics, answer: Answer) -> None:
     ttft = f"{(answer.first_token_at - answer.started) * 1000:.1f}" if answer.first_token_at else "-"
     log.info(
         "answer session=%s message=%s request_id=%s model=%s status=%s code=%s ttft_ms=%s duration_ms=%.1f"
-        " usage=%s prompt_tokens%s%s completion_tokens%s%s retries=%d rounds=%d calls=%d tool_ms=%.1f",
+        " usage=%s prompt_tokens%s%s completion_tokens%s%s retries=%d rounds=%d calls=%d tool_ms=%.1f"
+        " images=%d files=%d vision_switch=%d",
         answer.session_id,
         answer.message_id,
         answer.request_id or "-",
@@ -5225,6 +5229,9 @@ def record_answer(metrics: Metrics, answer: Answer) -> None:
         answer.rounds,
         answer.calls,
         answer.tool_seconds * 1000,
+        answer.images,
+        answer.files,
+        answer.vision_switch,
     )
 
 
@@ -8420,7 +8427,8 @@ async def start_answer(request: Request) -> Answer:
     payload = {"model": turn.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
     answer = await relay.admit(turn, {**payload, **chat.options}, offer)
     answer.request_id = request.scope.get("request_id")
-    relay.metrics.context_images.observe(image_parts(messages))
+    answer.images, answer.files, answer.vision_switch = image_parts(messages), len(turn.files), switched
+    relay.metrics.context_images.observe(answer.images)
     if switched:
         relay.metrics.vision_switches.inc()
     return answer

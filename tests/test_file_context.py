@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import logging
 
 import pytest
 from fake_dashscope import Reply
@@ -186,7 +187,8 @@ def test_files_checks_at_send(make_service, fake):
 # ── images ────────────────────────────────────────────────────────────────────────────
 
 
-def test_images_are_parts_of_their_model_copies_and_the_vision_model_answers(make_service, fake):
+def test_images_are_parts_of_their_model_copies_and_the_vision_model_answers(make_service, fake, caplog):
+    caplog.set_level(logging.INFO, logger="chatsvc")
     service = make_service(CHATSVC_VISION_MODEL="qwen3-vl-plus")
     fake.default = Reply.answer(["A red square."])
     with service.client() as client:
@@ -230,6 +232,10 @@ def test_images_are_parts_of_their_model_copies_and_the_vision_model_answers(mak
         assert samples[("chatsvc_context_images_count", None)] == 2
         assert samples[("chatsvc_context_images_bucket", "0.0")] == 0
         assert samples[("chatsvc_context_images_bucket", "1.0")] == 2
+    # ... and its log line says so, without the files' names
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("answer session=s1 ")]
+    assert [line.split(" images=")[1] for line in lines] == ["1 files=2 vision_switch=1", "1 files=0 vision_switch=1"]
+    assert not any("red.png" in r.getMessage() or "notes.txt" in r.getMessage() for r in caplog.records)
 
 
 def photo(width: int, height: int) -> bytes:

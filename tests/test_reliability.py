@@ -237,7 +237,15 @@ def test_logs_keep_secrets_and_texts_out(service, fake, tmp_path):
     answer_lines = [line for line in log.splitlines() if " answer session=s1 " in line]
     assert len(answer_lines) == 2
     assert "request_id=req-log-1" in answer_lines[0] and "status=complete" in answer_lines[0]
-    for field in ("message=", "model=qwen-plus", "ttft_ms=", "duration_ms=", "prompt_tokens=10", "retries=0"):
+    for field in (
+        "message=",
+        "model=qwen-plus",
+        "ttft_ms=",
+        "duration_ms=",
+        "prompt_tokens=10",
+        "retries=0",
+        "images=0 files=0 vision_switch=0",
+    ):
         assert field in answer_lines[0], field
     assert "status=failed code=upstream_auth" in answer_lines[1]
 
