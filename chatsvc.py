@@ -1715,7 +1715,8 @@ class Tree:
         (`current`), or from message `start` (None: the new message is a first one), up to `limit`
         messages since the context start. It reads only that path, so its cost does not grow with the
         conversation's size or the path's depth (bench/relay.py, scenario f). Each message of the path:
-        id, role, content, status, finish_reason, tool_steps and tool_results (JSON text or None)."""
+        id, role, content, status, finish_reason, tool_steps and tool_results (JSON text or None), and
+        has_files: whether it carries files (read with Files.of_messages only then)."""
         rows = await self.db.fetch_all(
             "WITH RECURSIVE path (id, parent_id, role, content, status, finish_reason, tool_steps, tool_results,"
             " depth, context_start) AS ("
@@ -1729,7 +1730,8 @@ class Tree:
             " FROM path p JOIN messages m ON m.id = p.parent_id WHERE p.depth < :limit AND m.id > p.context_start)"
             " SELECT c.system_prompt, c.model, c.title, c.current_message_id, c.context_start,"
             " (SELECT MAX(x.id) FROM messages x WHERE x.owner = :owner AND x.session_id = :sid) AS last_id,"
-            " p.id, p.role, p.content, p.status, p.finish_reason, p.tool_steps, p.tool_results"
+            " p.id, p.role, p.content, p.status, p.finish_reason, p.tool_steps, p.tool_results,"
+            " EXISTS (SELECT 1 FROM message_files f WHERE f.message_id = p.id) AS has_files"
             " FROM conversations c LEFT JOIN path p ON 1 = 1 WHERE c.owner = :owner AND c.session_id = :sid"
             " ORDER BY p.depth",
             {"owner": owner, "sid": session_id, "limit": limit, "start": start, "current": current},
@@ -3655,7 +3657,7 @@ async def plan_turn(
         assert question is not None
         new = question
         new_files = await turn_files(store, owner, chat.files if new_question else None, question_id)
-    user_ids = [row["id"] for row in history if row["role"] == "user" and not row["tool_results"]]
+    user_ids = [row["id"] for row in history if row["has_files"]]
     history_files = await store.files.of_messages(owner, user_ids) if user_ids else {}
     messages = build_context(
         system_prompt,

@@ -138,7 +138,7 @@ def test_a_release_3_database_upgrades_in_place_and_reads_back_the_same(v3_datab
         r = client.post(f"{CONV}/plain/fork", json={"message_id": branch[-1]["id"], "session_id": "f2"}, headers=ALICE)
         assert r.status_code == 201, r.text
         doc = client.get(f"{CONV}/crashed/export", headers=ALICE).json()
-        assert doc["version"] == 2
+        assert doc["version"] == 3 and doc["files"] == []
         answer = doc["messages"][-1]
         assert answer["status"] == "interrupted" and answer["last_seq"] == chatsvc.INTERRUPTED_SEQ
         assert answer["tool_steps"] is None and answer["tool_results"] is None
