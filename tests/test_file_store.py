@@ -314,6 +314,73 @@ def test_import_file_dedups_and_counts_the_quota(service, client):
     assert service.rows("SELECT id FROM files") == [{"id": imported.id}]
 
 
+OLD = "2020-01-01T00:00:00.000Z"
+
+
+def chunk_deletes(client, monkeypatch, during=None) -> list[int]:
+    """Spies on the store's statements: for each one that deletes chunks, how many chunks there were
+    just before it (`during()`, awaited before the first of them: what is seen while a file is hidden)."""
+    db = client.app.state.store.db
+    original, seen = db.fetch_all, []
+
+    async def spy(sql, values=None, role=chatsvc.READ):
+        if sql.startswith("DELETE FROM file_chunks"):
+            if not seen and during is not None:
+                await during()
+            [row] = await original("SELECT COUNT(*) AS n FROM file_chunks")
+            seen.append(row["n"])
+        return await original(sql, values, role)
+
+    monkeypatch.setattr(db, "fetch_all", spy)
+    return seen
+
+
+def test_a_collected_file_is_hidden_then_its_chunks_go_a_piece_at_a_time(service, client, monkeypatch):
+    monkeypatch.setattr(chatsvc, "DELETE_PIECE_BYTES", 2 * CHUNK)
+    data = os.urandom(4 * CHUNK + 1)
+    row, _ = upload(client, data)
+    service.rows("UPDATE files SET last_used_at = ?", OLD)
+    store = client.app.state.store
+    uid = chatsvc.new_message_id()
+    turn = chatsvc.Turn("", "s", chatsvc.new_message_id(uid), "qwen-plus", uid, "look", True, None, files=[row.id])
+    outcomes = []
+
+    async def while_hidden():
+        for attempt in (store.files.get("", row.id), store.tree.begin_turn(turn)):
+            with pytest.raises(chatsvc.FileRefused) as caught:
+                await attempt
+            outcomes.append(caught.value.code)
+        outcomes.append(await store.files.find("", row.sha256))
+        outcomes.append(await store.files.page("", 10))
+        outcomes.append([piece async for piece in store.files.content(row.id, 0, 0)])
+
+    seen = chunk_deletes(client, monkeypatch, while_hidden)
+    assert run(client, store.files.collect, 60) == 1
+    assert seen == [5, 3, 1]  # 2 chunks a statement, the last piece shorter
+    assert outcomes == ["file_not_found", "file_not_found", None, [], []]
+    for table in ("files", "file_chunks", "messages", "message_files"):
+        assert service.rows(f"SELECT COUNT(*) AS n FROM {table}") == [{"n": 0}], table
+
+
+def test_discard_remove_and_a_dedup_finish_delete_chunks_a_piece_at_a_time(service, client, monkeypatch):
+    monkeypatch.setattr(chatsvc, "DELETE_PIECE_BYTES", 2 * CHUNK)
+    data = os.urandom(3 * CHUNK)
+    kept, _ = upload(client, data)
+    seen = chunk_deletes(client, monkeypatch)
+    again, created = upload(client, data)  # its staged copy: 3 more chunks, deleted after the finish
+    assert (again, created) == (kept, False)
+    assert seen == [6, 4]
+    staged = run(client, files(client).begin, "", "half.bin", 0)
+    for seq in range(3):
+        run(client, files(client).write, staged, seq, b"x")
+    run(client, files(client).discard, staged)
+    assert seen == [6, 4, 6, 4]
+    run(client, files(client).remove, "", kept.id)
+    assert seen == [6, 4, 6, 4, 3, 1]
+    assert service.rows("SELECT COUNT(*) AS n FROM files") == [{"n": 0}]
+    assert service.rows("SELECT COUNT(*) AS n FROM file_chunks") == [{"n": 0}]
+
+
 # ── PostgreSQL: the races the constraints decide (SQLite's one writer has none of them) ─────
 
 
