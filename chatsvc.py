@@ -1843,13 +1843,26 @@ class Tree:
 
     async def _attach_files(self, turn: Turn) -> None:
         """Inside begin_turn's transaction: the new user message's files (`message_files`), each the
-        owner's and ready, and their `last_used_at` bumped (the collector's clock). A file deleted since
-        the turn's checks: `file_not_found`, and the transaction writes nothing."""
+        owner's and ready, and their `last_used_at` bumped (the collector's clock). A file deleted or
+        hidden for deletion since the turn's checks: `file_not_found`, and the transaction writes nothing.
+
+        The bump comes first: on PostgreSQL it locks the files' rows, so a deletion (collector, remove)
+        that hid one meanwhile is waited for and seen (its status re-checked), and one that comes after
+        waits for this turn or passes the file by."""
         ids = list(dict.fromkeys(turn.files))
         values: dict[str, Any] = {"owner": turn.owner, "uid": turn.question_id, "now": utcnow()}
         values.update((f"f{n}", file_id) for n, file_id in enumerate(ids))
         names = ", ".join(f":f{n}" for n in range(len(ids)))
         place = " ".join(f"WHEN :f{n} THEN {n}" for n in range(len(ids)))
+        bumped = await self.db.fetch_all(
+            f"UPDATE files SET last_used_at = :now WHERE id IN ({names}) AND owner = :owner AND status = 'ready'"
+            " RETURNING id",
+            values,
+            role=WRITE,
+        )
+        if len(bumped) != len(ids):
+            found = {row["id"] for row in bumped}
+            raise file_not_found(next(file_id for file_id in ids if file_id not in found))
         try:
             rows = await self.db.fetch_all(
                 "INSERT INTO message_files (owner, message_id, position, file_id)"
@@ -1866,7 +1879,6 @@ class Tree:
         missing = [file_id for file_id in ids if file_id not in attached]
         if missing:
             raise file_not_found(missing[0])
-        await self.db.execute(f"UPDATE files SET last_used_at = :now WHERE id IN ({names}) AND owner = :owner", values)
 
     async def switch_branch(self, owner: str, session_id: str, message_id: str) -> bool:
         """The branch through this message becomes the current one, down to its newest leaf."""
@@ -2669,6 +2681,12 @@ class Files:
                 f" OR ({t}.status = 'uploading' AND {t}.created_at < :staged_cutoff))"
             )
 
+        # PostgreSQL: a file a send, a find or a dedup finish is handing out holds its row lock (its
+        # bump of last_used_at, its reference): SKIP LOCKED passes it by, and the outer WHERE, which
+        # PostgreSQL checks again on a row changed since the statement began, passes by one bumped
+        # meanwhile (a re-check of the subquery alone would not)
+        lock = "" if self.db.is_sqlite else " FOR UPDATE OF f SKIP LOCKED"
+
         async def hide() -> list[str] | None:
             if not self.db.is_sqlite:
                 got = await self.db.fetch_one(f"SELECT pg_try_advisory_xact_lock({_COLLECTOR_LOCK}) AS got", role=WRITE)
@@ -2676,7 +2694,7 @@ class Files:
                     return None
             rows = await self.db.fetch_all(
                 f"UPDATE files SET status = 'uploading', created_at = :hidden WHERE id IN (SELECT f.id FROM files f"
-                f" WHERE {condition('f')} LIMIT :limit) RETURNING id",
+                f" WHERE {condition('f')} LIMIT :limit{lock}) AND {condition('files')} RETURNING id",
                 values,
                 role=WRITE,
             )

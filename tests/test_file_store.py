@@ -485,3 +485,32 @@ def test_postgres_a_turn_that_meets_a_file_being_deleted_writes_nothing(pg_clien
     assert (refusal.status, refusal.code, refusal.detail) == (404, "file_not_found", f"No file '{row.id}'.")
     for table in ("messages", "conversations", "message_files", "files"):
         assert service.rows(f"SELECT COUNT(*) AS n FROM {table}") == [{"n": 0}], table
+
+
+def test_postgres_the_collector_passes_by_a_file_being_handed_out(pg_client):
+    service, client = pg_client
+    row, _ = upload(client, b"found again")
+    service.rows("UPDATE files SET last_used_at = ?", "2020-01-01T00:00:00.000Z")
+
+    async def race():
+        finder = await asyncpg.connect(service.url)
+        try:
+            async with finder.transaction():  # a dedup hit bumping it, not yet committed
+                await finder.execute("UPDATE files SET last_used_at = $1 WHERE id = $2", chatsvc.utcnow(), row.id)
+                task = asyncio.ensure_future(files(client).collect(3600))
+                conn = await asyncpg.connect(service.url)
+                try:  # until it is done, or waits for the finder's lock (a collector that would then delete it)
+                    waiting = "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    for _ in range(2000):  # the server's view, polled (10 s at most)
+                        if task.done() or await conn.fetchval(waiting):
+                            break
+                        await asyncio.sleep(0.005)
+                finally:
+                    await conn.close()
+            return await task
+        finally:
+            await finder.close()
+
+    assert client.portal.call(race) == 0
+    assert service.rows("SELECT id, status FROM files") == [{"id": row.id, "status": "ready"}]
+    assert service.rows("SELECT COUNT(*) AS n FROM file_chunks") == [{"n": 1}]
