@@ -2565,10 +2565,11 @@ class Files:
             raise file_not_found(file_id)
         return winner, False
 
-    async def import_file(self, owner: str, name: str, data: bytes, facts: FileFacts, quota: int = 0) -> FileRow:
+    async def import_file(self, owner: str, name: str, data: bytes, facts: FileFacts, *, quota: int) -> FileRow:
         """A file an import brings, stored as an upload is: the owner's file with these bytes if it has
         one (an import of one's own export reuses its files), else a new one, counted against `quota`
-        (0: no limit) and written in chunks. Called outside a transaction (it runs its own)."""
+        (0: no limit; required, so that no caller forgets it) and written in chunks. Called outside a
+        transaction (it runs its own)."""
         sha256 = hashlib.sha256(data).hexdigest()
         existing = await self.find(owner, sha256)
         if existing is not None:

@@ -305,10 +305,10 @@ def test_fork_carries_the_same_files(service, client, monkeypatch, chunk_message
 
 def test_import_file_dedups_and_counts_the_quota(service, client):
     data = os.urandom(2 * CHUNK + 3)
-    imported = run(client, files(client).import_file, "", "photo.png", data, IMAGE)
+    imported = run(client, files(client).import_file, "", "photo.png", data, IMAGE, quota=0)
     assert (imported.name, imported.kind, imported.size, imported.width) == ("photo.png", "image", len(data), 40)
     assert run(client, files(client).read, imported.id) == data
-    assert run(client, files(client).import_file, "", "again.png", data, IMAGE) == imported
+    assert run(client, files(client).import_file, "", "again.png", data, IMAGE, quota=0) == imported
     refusal = refused(client, files(client).import_file, "", "more.png", os.urandom(CHUNK), IMAGE, quota=3 * CHUNK)
     assert refusal.code == "storage_full"
     assert service.rows("SELECT id FROM files") == [{"id": imported.id}]
@@ -379,6 +379,13 @@ def test_discard_remove_and_a_dedup_finish_delete_chunks_a_piece_at_a_time(servi
     assert seen == [6, 4, 6, 4, 3, 1]
     assert service.rows("SELECT COUNT(*) AS n FROM files") == [{"n": 0}]
     assert service.rows("SELECT COUNT(*) AS n FROM file_chunks") == [{"n": 0}]
+
+
+def test_import_file_needs_its_quota():
+    import inspect
+
+    quota = inspect.signature(chatsvc.Files.import_file).parameters["quota"]
+    assert (quota.kind, quota.default) == (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.empty)
 
 
 # ── PostgreSQL: the races the constraints decide (SQLite's one writer has none of them) ─────
