@@ -2481,12 +2481,15 @@ class Files:
             deleted += gone is not None
         return deleted
 
-    async def find(self, owner: str, sha256: str, role: str = READ) -> FileRow | None:
-        """The owner's ready file with these bytes, if it has one."""
+    async def find(self, owner: str, sha256: str) -> FileRow | None:
+        """The owner's ready file with these bytes, if it has one, its `last_used_at` bumped: it is being
+        handed out again (an upload of the same bytes, an import), and the collector must not take it
+        meanwhile (a collector that locked it first has hidden it: None)."""
         row = await self.db.fetch_one(
-            f"SELECT {_FILE_COLUMNS} FROM files WHERE owner = :owner AND sha256 = :sha AND status = 'ready'",
-            {"owner": owner, "sha": sha256},
-            role=role,
+            f"UPDATE files SET last_used_at = :now WHERE owner = :owner AND sha256 = :sha AND status = 'ready'"
+            f" RETURNING {_FILE_COLUMNS}",
+            {"owner": owner, "sha": sha256, "now": utcnow()},
+            role=WRITE,
         )
         return _file_row(row) if row else None
 
@@ -2560,7 +2563,7 @@ class Files:
             return row, created
         # another finish of the same bytes, which took no lock (not one of ours), made its row ready first
         await self.discard(file_id)
-        winner = await self.find(owner, sha256, role=WRITE)
+        winner = await self.find(owner, sha256)
         if winner is None:  # ... and it was deleted since
             raise file_not_found(file_id)
         return winner, False

@@ -381,6 +381,19 @@ def test_discard_remove_and_a_dedup_finish_delete_chunks_a_piece_at_a_time(servi
     assert service.rows("SELECT COUNT(*) AS n FROM file_chunks") == [{"n": 0}]
 
 
+def test_a_file_found_again_is_kept_another_retention_period(service, client):
+    row, _ = upload(client, b"handed out again")
+    service.rows("UPDATE files SET last_used_at = ?", OLD)
+    assert run(client, files(client).find, "bob", row.sha256) is None  # another owner's: not bumped
+    assert service.rows("SELECT last_used_at FROM files") == [{"last_used_at": OLD}]
+    assert run(client, files(client).find, "", row.sha256) == row
+    assert run(client, files(client).collect, 3600) == 0
+    service.rows("UPDATE files SET last_used_at = ?", OLD)
+    assert run(client, files(client).import_file, "", "again.txt", b"handed out again", DOCUMENT, quota=0) == row
+    assert run(client, files(client).collect, 3600) == 0
+    assert service.rows("SELECT id FROM files") == [{"id": row.id}]
+
+
 def test_import_file_needs_its_quota():
     import inspect
 
