@@ -2067,7 +2067,12 @@ class Copies:
             "system_prompt": source["system_prompt"],
             "model": source["model"],
         }
-        return await self._copy(owner, new_session_id, conversation, path, outside, message_id) is not None
+        try:
+            return await self._copy(owner, new_session_id, conversation, path, outside, message_id) is not None
+        except Exception as exc:  # the path was read outside the copy's transaction
+            if _violation(exc) != "foreign_key":
+                raise
+            raise message_not_found(session_id, message_id) from None  # a file of it went with its message
 
     async def _path(self, owner: str, session_id: str, message_id: str) -> list[dict]:
         """The messages from the root down to this one (none if it is not in the conversation), read
@@ -2277,9 +2282,23 @@ class Copies:
             await self.db.execute(f"INSERT INTO messages ({', '.join(names)}) VALUES {', '.join(tuples)}", values)
 
     async def insert_message_files(self, owner: str, rows: list[dict]) -> None:
-        """The references of these written messages to their files (each row's `files`, if any), in
-        order, 300 a statement."""
+        """Inside a transaction: the references of these written messages to their files (each row's
+        `files`, if any), in order, 300 a statement; the files' `last_used_at` bumped first, which on
+        PostgreSQL locks their rows as `Tree.begin_turn` does (a deletion meanwhile is waited for, and
+        seen). A file that is not the owner's ready file any more (read before the transaction, deleted
+        since): `file_not_found`."""
         references = [(row["id"], n, file_id) for row in rows for n, file_id in enumerate(row.get("files") or ())]
+        wanted = sorted({file_id for _, _, file_id in references})
+        for names, ids in _id_batches(wanted):
+            bumped = await self.db.fetch_all(
+                f"UPDATE files SET last_used_at = :now WHERE id IN ({names}) AND owner = :owner AND status = 'ready'"
+                " RETURNING id",
+                {**ids, "owner": owner, "now": utcnow()},
+                role=WRITE,
+            )
+            if len(bumped) != len(ids):
+                found = {row["id"] for row in bumped}
+                raise file_not_found(next(file_id for file_id in ids.values() if file_id not in found))
         for start in range(0, len(references), 300):
             values: dict[str, Any] = {"owner": owner}
             tuples = []

@@ -401,6 +401,25 @@ def test_import_file_needs_its_quota():
     assert (quota.kind, quota.default) == (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.empty)
 
 
+def test_a_fork_whose_file_went_meanwhile_is_a_clean_404(service, client, monkeypatch):
+    store = client.app.state.store
+    row, _ = upload(client, b"going")
+    uid, aid = begin(client, "s", file_ids=[row.id])
+    read_files = store.copies._files_of
+
+    async def files_then_gone(owner, message_ids):
+        found = await read_files(owner, message_ids)  # read, then the message and its file deleted
+        await store.tree.delete_branch("", "s", uid)
+        await store.files.remove("", row.id)
+        return found
+
+    monkeypatch.setattr(store.copies, "_files_of", files_then_gone)
+    with pytest.raises(chatsvc.Refusal) as caught:
+        run(client, store.copies.fork, "", "s", aid, "f", None)
+    assert (caught.value.status, caught.value.code) == (404, "file_not_found")
+    assert service.rows("SELECT COUNT(*) AS n FROM conversations WHERE session_id = 'f'") == [{"n": 0}]
+
+
 # ── PostgreSQL: the races the constraints decide (SQLite's one writer has none of them) ─────
 
 
