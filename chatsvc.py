@@ -1387,6 +1387,16 @@ _PAGE_AFTER = " AND (c.updated_at < :u OR (c.updated_at = :u AND c.session_id < 
 _NEWEST_FIRST = " ORDER BY c.updated_at DESC, c.session_id DESC LIMIT :limit"
 
 
+def files_unreferenced(messages: str) -> str:
+    """The statement that bumps `last_used_at` (`:now`) of the files the messages `messages` selects
+    carry, run before they are deleted: design 2.3, a file a deletion leaves unreferenced lives another
+    retention period (someone who deleted a message by mistake can still send its file again)."""
+    return (
+        "UPDATE files SET last_used_at = :now WHERE id IN"
+        f" (SELECT mf.file_id FROM message_files mf WHERE mf.message_id IN ({messages}))"
+    )
+
+
 class Conversations:
     """Conversations' rows: their settings and titles, with their messages' counts. Every query is
     scoped to an owner (CHATSVC_USER_HEADER's value, '' without it)."""
@@ -1466,12 +1476,24 @@ class Conversations:
         return row is not None
 
     async def delete(self, owner: str, session_id: str) -> bool:
-        row = await self.db.fetch_one(
-            "DELETE FROM conversations WHERE owner = :owner AND session_id = :sid RETURNING session_id",
-            {"owner": owner, "sid": session_id},
-            role=WRITE,
-        )
-        return row is not None
+        """Delete the conversation and its messages; the files they carried get another retention
+        period (`files_unreferenced`), bumped under the conversation's lock, before the cascade."""
+        values = {"owner": owner, "sid": session_id, "now": utcnow()}
+
+        async def delete() -> bool:
+            if await self.lock(owner, session_id) is None:
+                return False
+            await self.db.execute(
+                files_unreferenced("SELECT id FROM messages WHERE owner = :owner AND session_id = :sid"), values
+            )
+            row = await self.db.fetch_one(
+                "DELETE FROM conversations WHERE owner = :owner AND session_id = :sid RETURNING session_id",
+                values,
+                role=WRITE,
+            )
+            return row is not None
+
+        return await self.db.atomically(delete)
 
     async def lock(self, owner: str, session_id: str) -> dict | None:
         """Inside a transaction: the conversation's row (None if there is none), locked until the
@@ -1915,6 +1937,7 @@ class Tree:
                     f"An answer below message '{message_id}' is still being written: stop it first"
                     f" (POST /api/v1/chat/{session_id}/stop), then delete."
                 )
+            await self.db.execute(subtree + files_unreferenced("SELECT id FROM sub"), values)
             try:
                 await self.db.execute(subtree + "DELETE FROM messages WHERE id IN (SELECT id FROM sub)", values)
             except Exception as exc:
@@ -1965,6 +1988,8 @@ class Tree:
                 await self.db.execute(
                     f"UPDATE messages SET parent_id = NULL WHERE {where} AND status = 'streaming'", values
                 )
+                purged = f"SELECT id FROM messages WHERE {where} AND id <= :marker AND status != 'streaming'"
+                await self.db.execute(files_unreferenced(purged), values)
                 await self.db.execute(
                     f"DELETE FROM messages WHERE {where} AND id <= :marker AND status != 'streaming'", values
                 )

@@ -420,6 +420,27 @@ def test_a_fork_whose_file_went_meanwhile_is_a_clean_404(service, client, monkey
     assert service.rows("SELECT COUNT(*) AS n FROM conversations WHERE session_id = 'f'") == [{"n": 0}]
 
 
+@pytest.mark.parametrize("deletion", ["branch", "purge", "conversation"])
+def test_files_a_deletion_leaves_unreferenced_live_another_day(service, client, deletion):
+    store = client.app.state.store
+    sent, _ = upload(client, b"sent")
+    other, _ = upload(client, b"in another conversation")
+    uid, _ = begin(client, "s", file_ids=[sent.id])
+    begin(client, "t", file_ids=[other.id])
+    service.rows("UPDATE files SET last_used_at = ?", OLD)
+    if deletion == "branch":
+        assert run(client, store.tree.delete_branch, "", "s", uid) == 2
+    elif deletion == "purge":
+        assert run(client, store.tree.clear_context, "", "s", True)
+    else:
+        assert run(client, store.conversations.delete, "", "s")
+    assert service.rows("SELECT COUNT(*) AS n FROM message_files WHERE file_id = ?", sent.id) == [{"n": 0}]
+    used = {r["id"]: r["last_used_at"] for r in service.rows("SELECT id, last_used_at FROM files")}
+    assert used[sent.id] > "2026" and used[other.id] == OLD
+    assert run(client, files(client).collect, 3600) == 0
+    assert not run(client, store.conversations.delete, "", "absent")
+
+
 # ── PostgreSQL: the races the constraints decide (SQLite's one writer has none of them) ─────
 
 
