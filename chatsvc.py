@@ -883,7 +883,12 @@ class _SQLiteConnection(sqlite3.Connection):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for pragma in ("journal_mode=WAL", f"busy_timeout={SQLITE_BUSY_MS}", "foreign_keys=ON", "synchronous=NORMAL"):
+        # secure_delete=FAST: deleted content is zeroed where that costs no I/O (in pages written anyway),
+        # not by writing every freed page again (a build with SECURE_DELETE on wrote each deleted file's
+        # bytes once more, to the WAL and then the file). The trade-off: a deleted file's bytes may stay
+        # in free pages of the database file until they are reused or VACUUM runs.
+        pragmas = ("journal_mode=WAL", f"busy_timeout={SQLITE_BUSY_MS}", "foreign_keys=ON", "synchronous=NORMAL")
+        for pragma in (*pragmas, "secure_delete=FAST"):
             self.execute(f"PRAGMA {pragma}")
 
 
@@ -1412,6 +1417,16 @@ _PAGE_AFTER = " AND (c.updated_at < :u OR (c.updated_at = :u AND c.session_id < 
 _NEWEST_FIRST = " ORDER BY c.updated_at DESC, c.session_id DESC LIMIT :limit"
 
 
+def files_unreferenced(messages: str) -> str:
+    """The statement that bumps `last_used_at` (`:now`) of the files the messages `messages` selects
+    carry, run before they are deleted: design 2.3, a file a deletion leaves unreferenced lives another
+    retention period (someone who deleted a message by mistake can still send its file again)."""
+    return (
+        "UPDATE files SET last_used_at = :now WHERE id IN"
+        f" (SELECT mf.file_id FROM message_files mf WHERE mf.message_id IN ({messages}))"
+    )
+
+
 class Conversations:
     """Conversations' rows: their settings and titles, with their messages' counts. Every query is
     scoped to an owner (CHATSVC_USER_HEADER's value, '' without it)."""
@@ -1491,12 +1506,24 @@ class Conversations:
         return row is not None
 
     async def delete(self, owner: str, session_id: str) -> bool:
-        row = await self.db.fetch_one(
-            "DELETE FROM conversations WHERE owner = :owner AND session_id = :sid RETURNING session_id",
-            {"owner": owner, "sid": session_id},
-            role=WRITE,
-        )
-        return row is not None
+        """Delete the conversation and its messages; the files they carried get another retention
+        period (`files_unreferenced`), bumped under the conversation's lock, before the cascade."""
+        values = {"owner": owner, "sid": session_id, "now": utcnow()}
+
+        async def delete() -> bool:
+            if await self.lock(owner, session_id) is None:
+                return False
+            await self.db.execute(
+                files_unreferenced("SELECT id FROM messages WHERE owner = :owner AND session_id = :sid"), values
+            )
+            row = await self.db.fetch_one(
+                "DELETE FROM conversations WHERE owner = :owner AND session_id = :sid RETURNING session_id",
+                values,
+                role=WRITE,
+            )
+            return row is not None
+
+        return await self.db.atomically(delete)
 
     async def lock(self, owner: str, session_id: str) -> dict | None:
         """Inside a transaction: the conversation's row (None if there is none), locked until the
@@ -1870,13 +1897,26 @@ class Tree:
 
     async def _attach_files(self, turn: Turn) -> None:
         """Inside begin_turn's transaction: the new user message's files (`message_files`), each the
-        owner's and ready, and their `last_used_at` bumped (the collector's clock). A file deleted since
-        the turn's checks: `file_not_found`, and the transaction writes nothing."""
+        owner's and ready, and their `last_used_at` bumped (the collector's clock). A file deleted or
+        hidden for deletion since the turn's checks: `file_not_found`, and the transaction writes nothing.
+
+        The bump comes first: on PostgreSQL it locks the files' rows, so a deletion (collector, remove)
+        that hid one meanwhile is waited for and seen (its status re-checked), and one that comes after
+        waits for this turn or passes the file by."""
         ids = list(dict.fromkeys(turn.files))
         values: dict[str, Any] = {"owner": turn.owner, "uid": turn.question_id, "now": utcnow()}
         values.update((f"f{n}", file_id) for n, file_id in enumerate(ids))
         names = ", ".join(f":f{n}" for n in range(len(ids)))
         place = " ".join(f"WHEN :f{n} THEN {n}" for n in range(len(ids)))
+        bumped = await self.db.fetch_all(
+            f"UPDATE files SET last_used_at = :now WHERE id IN ({names}) AND owner = :owner AND status = 'ready'"
+            " RETURNING id",
+            values,
+            role=WRITE,
+        )
+        if len(bumped) != len(ids):
+            found = {row["id"] for row in bumped}
+            raise file_not_found(next(file_id for file_id in ids if file_id not in found))
         try:
             rows = await self.db.fetch_all(
                 "INSERT INTO message_files (owner, message_id, position, file_id)"
@@ -1893,7 +1933,6 @@ class Tree:
         missing = [file_id for file_id in ids if file_id not in attached]
         if missing:
             raise file_not_found(missing[0])
-        await self.db.execute(f"UPDATE files SET last_used_at = :now WHERE id IN ({names}) AND owner = :owner", values)
 
     async def switch_branch(self, owner: str, session_id: str, message_id: str) -> bool:
         """The branch through this message becomes the current one, down to its newest leaf."""
@@ -1930,6 +1969,7 @@ class Tree:
                     f"An answer below message '{message_id}' is still being written: stop it first"
                     f" (POST /api/v1/chat/{session_id}/stop), then delete."
                 )
+            await self.db.execute(subtree + files_unreferenced("SELECT id FROM sub"), values)
             try:
                 await self.db.execute(subtree + "DELETE FROM messages WHERE id IN (SELECT id FROM sub)", values)
             except Exception as exc:
@@ -1980,6 +2020,8 @@ class Tree:
                 await self.db.execute(
                     f"UPDATE messages SET parent_id = NULL WHERE {where} AND status = 'streaming'", values
                 )
+                purged = f"SELECT id FROM messages WHERE {where} AND id <= :marker AND status != 'streaming'"
+                await self.db.execute(files_unreferenced(purged), values)
                 await self.db.execute(
                     f"DELETE FROM messages WHERE {where} AND id <= :marker AND status != 'streaming'", values
                 )
@@ -2082,7 +2124,12 @@ class Copies:
             "system_prompt": source["system_prompt"],
             "model": source["model"],
         }
-        return await self._copy(owner, new_session_id, conversation, path, outside, message_id) is not None
+        try:
+            return await self._copy(owner, new_session_id, conversation, path, outside, message_id) is not None
+        except Exception as exc:  # the path was read outside the copy's transaction
+            if _violation(exc) != "foreign_key":
+                raise
+            raise message_not_found(session_id, message_id) from None  # a file of it went with its message
 
     async def _path(self, owner: str, session_id: str, message_id: str) -> list[dict]:
         """The messages from the root down to this one (none if it is not in the conversation), read
@@ -2292,9 +2339,23 @@ class Copies:
             await self.db.execute(f"INSERT INTO messages ({', '.join(names)}) VALUES {', '.join(tuples)}", values)
 
     async def insert_message_files(self, owner: str, rows: list[dict]) -> None:
-        """The references of these written messages to their files (each row's `files`, if any), in
-        order, 300 a statement."""
+        """Inside a transaction: the references of these written messages to their files (each row's
+        `files`, if any), in order, 300 a statement; the files' `last_used_at` bumped first, which on
+        PostgreSQL locks their rows as `Tree.begin_turn` does (a deletion meanwhile is waited for, and
+        seen). A file that is not the owner's ready file any more (read before the transaction, deleted
+        since): `file_not_found`."""
         references = [(row["id"], n, file_id) for row in rows for n, file_id in enumerate(row.get("files") or ())]
+        wanted = sorted({file_id for _, _, file_id in references})
+        for names, ids in _id_batches(wanted):
+            bumped = await self.db.fetch_all(
+                f"UPDATE files SET last_used_at = :now WHERE id IN ({names}) AND owner = :owner AND status = 'ready'"
+                " RETURNING id",
+                {**ids, "owner": owner, "now": utcnow()},
+                role=WRITE,
+            )
+            if len(bumped) != len(ids):
+                found = {row["id"] for row in bumped}
+                raise file_not_found(next(file_id for file_id in ids.values() if file_id not in found))
         for start in range(0, len(references), 300):
             values: dict[str, Any] = {"owner": owner}
             tuples = []
@@ -2329,6 +2390,12 @@ class Copies:
 
 FILE_CHUNK_BYTES = 1024 * 1024  # file_chunks rows: each this long but a file's last
 STAGED_FILE_SECONDS = 3600  # an 'uploading' row this old is a crashed upload: the collector deletes it
+# A file being deleted is first hidden (one short transaction): made 'uploading' with this created_at, so
+# that no read, send or finish sees it and any collector takes it for a crashed upload; its chunks are
+# then deleted DELETE_PIECE_BYTES a statement, and its row last (`Files._purge`). SQLite has one writer:
+# the chunks of 40 files of 20 MiB deleted in one transaction held it 24 s (bench/file_deletes.py).
+HIDDEN_AT = "1970-01-01T00:00:00.000Z"
+DELETE_PIECE_BYTES = 8 * 1048576
 _COLLECTOR_LOCK = 7468373  # PostgreSQL: the advisory lock one replica's collector holds at a time
 
 
@@ -2451,15 +2518,54 @@ class Files:
         return b"".join(bytes(row["data"]) for row in rows)
 
     async def discard(self, file_id: str) -> None:
-        """A staged upload and its chunks (the cascade), gone; a file already ready stays."""
-        await self.db.execute("DELETE FROM files WHERE id = :id AND status = 'uploading'", {"id": file_id})
+        """A staged upload and its chunks, gone (hidden, then deleted a piece at a time: `_purge`); a file
+        already ready stays."""
+        hidden = await self.db.fetch_one(
+            "UPDATE files SET created_at = :hidden WHERE id = :id AND status = 'uploading' RETURNING id",
+            {"id": file_id, "hidden": HIDDEN_AT},
+            role=WRITE,
+        )
+        if hidden is not None:
+            await self._purge([file_id])
 
-    async def find(self, owner: str, sha256: str, role: str = READ) -> FileRow | None:
-        """The owner's ready file with these bytes, if it has one."""
+    async def _purge(self, file_ids: Iterable[str]) -> int:
+        """Delete these hidden files (staged rows no one reads): their chunks DELETE_PIECE_BYTES a
+        statement, each its own transaction, so that no write waits behind a large file's deletion;
+        then their rows. How many rows it deleted. What a failure leaves, the collector deletes."""
+        rows = max(1, DELETE_PIECE_BYTES // FILE_CHUNK_BYTES)
+        deleted = 0
+        for file_id in file_ids:
+            values = {"id": file_id, "n": rows}
+            while True:
+                piece = await self.db.fetch_all(
+                    "DELETE FROM file_chunks WHERE file_id = :id AND seq IN"
+                    " (SELECT seq FROM file_chunks WHERE file_id = :id ORDER BY seq LIMIT :n) RETURNING seq",
+                    values,
+                    role=WRITE,
+                )
+                if len(piece) < rows:
+                    break
+            try:
+                gone = await self.db.fetch_one(
+                    "DELETE FROM files WHERE id = :id AND status = 'uploading' RETURNING id", values, role=WRITE
+                )
+            except Exception as exc:
+                if _violation(exc) != "foreign_key":
+                    raise
+                log.error("file %s: a message was written naming it while it was deleted", file_id)
+                continue
+            deleted += gone is not None
+        return deleted
+
+    async def find(self, owner: str, sha256: str) -> FileRow | None:
+        """The owner's ready file with these bytes, if it has one, its `last_used_at` bumped: it is being
+        handed out again (an upload of the same bytes, an import), and the collector must not take it
+        meanwhile (a collector that locked it first has hidden it: None)."""
         row = await self.db.fetch_one(
-            f"SELECT {_FILE_COLUMNS} FROM files WHERE owner = :owner AND sha256 = :sha AND status = 'ready'",
-            {"owner": owner, "sha": sha256},
-            role=role,
+            f"UPDATE files SET last_used_at = :now WHERE owner = :owner AND sha256 = :sha AND status = 'ready'"
+            f" RETURNING {_FILE_COLUMNS}",
+            {"owner": owner, "sha": sha256, "now": utcnow()},
+            role=WRITE,
         )
         return _file_row(row) if row else None
 
@@ -2477,6 +2583,7 @@ class Files:
             "sha": sha256,
             "size": size,
             "now": utcnow(),
+            "staged_cutoff": utcnow(STAGED_FILE_SECONDS),
             "media_type": facts.media_type,
             "kind": facts.kind,
             "width": facts.width,
@@ -2499,8 +2606,7 @@ class Files:
                 values,
                 role=WRITE,
             )
-            if existing is not None:
-                await self.db.execute("DELETE FROM files WHERE id = :id AND status = 'uploading'", values)
+            if existing is not None:  # the staged copy is deleted after this transaction (`discard`)
                 return _file_row(existing), False
             if quota:
                 used = await self.usage(owner, role=WRITE, besides=file_id)
@@ -2508,35 +2614,41 @@ class Files:
                     raise storage_full(used, quota)
             made = await self.db.fetch_one(
                 f"UPDATE files SET sha256 = :sha, size = :size, status = 'ready', last_used_at = :now, {_FACT_SETS}"
-                f" WHERE id = :id AND owner = :owner AND status = 'uploading' RETURNING {_FILE_COLUMNS}",
+                f" WHERE id = :id AND owner = :owner AND status = 'uploading' AND created_at >= :staged_cutoff"
+                f" RETURNING {_FILE_COLUMNS}",
                 values,
                 role=WRITE,
             )
-            if made is None:  # the collector took it for a crashed upload (it was staged over an hour)
+            if made is None:  # the collector took (or will take) it for a crashed upload: staged over an hour
                 raise FileRefused(
                     400, "bad_upload", "The upload took over an hour and was discarded; upload the file again."
                 )
             return _file_row(made), True
 
         try:
-            return await self.db.atomically(ready)
+            row, created = await self.db.atomically(ready)
         except FileRefused:
             await self.discard(file_id)
             raise
         except Exception as exc:
             if _violation(exc) != "unique":
                 raise
+        else:
+            if not created:
+                await self.discard(file_id)
+            return row, created
         # another finish of the same bytes, which took no lock (not one of ours), made its row ready first
         await self.discard(file_id)
-        winner = await self.find(owner, sha256, role=WRITE)
+        winner = await self.find(owner, sha256)
         if winner is None:  # ... and it was deleted since
             raise file_not_found(file_id)
         return winner, False
 
-    async def import_file(self, owner: str, name: str, data: bytes, facts: FileFacts, quota: int = 0) -> FileRow:
+    async def import_file(self, owner: str, name: str, data: bytes, facts: FileFacts, *, quota: int) -> FileRow:
         """A file an import brings, stored as an upload is: the owner's file with these bytes if it has
         one (an import of one's own export reuses its files), else a new one, counted against `quota`
-        (0: no limit) and written in chunks. Called outside a transaction (it runs its own)."""
+        (0: no limit; required, so that no caller forgets it) and written in chunks. Called outside a
+        transaction (it runs its own)."""
         sha256 = hashlib.sha256(data).hexdigest()
         existing = await self.find(owner, sha256)
         if existing is not None:
@@ -2602,9 +2714,14 @@ class Files:
         names it loses the race to the foreign key, either way round."""
         values = {"owner": owner, "id": file_id}
 
-        async def delete() -> None:
+        async def hide() -> None:
+            # PostgreSQL: FOR UPDATE waits for a turn that names it (its reference locks the row), so the
+            # count below sees that turn's reference; a turn after it finds the file hidden
             if not await self.db.fetch_one(
-                "SELECT id FROM files WHERE id = :id AND owner = :owner AND status = 'ready'", values, role=WRITE
+                "SELECT id FROM files WHERE id = :id AND owner = :owner AND status = 'ready'"
+                + ("" if self.db.is_sqlite else " FOR UPDATE"),
+                values,
+                role=WRITE,
             ):
                 raise file_not_found(file_id)
             using = await self.db.fetch_one(
@@ -2613,58 +2730,63 @@ class Files:
             if using and using["n"]:
                 raise file_in_use(file_id, int(using["n"]))
             gone = await self.db.fetch_one(
-                "DELETE FROM files WHERE id = :id AND owner = :owner AND status = 'ready' RETURNING id",
-                values,
+                "UPDATE files SET status = 'uploading', created_at = :hidden"
+                " WHERE id = :id AND owner = :owner AND status = 'ready' RETURNING id",
+                {**values, "hidden": HIDDEN_AT},
                 role=WRITE,
             )
             if gone is None:
                 raise file_not_found(file_id)
 
-        try:
-            await self.db.atomically(delete)
-        except Exception as exc:
-            if _violation(exc) != "foreign_key":
-                raise
-            raise file_in_use(file_id, max(await self.references(owner, file_id), 1)) from None
+        await self.db.atomically(hide)
+        await self._purge([file_id])
 
     async def collect(self, retention_seconds: float, limit: int = 100) -> int:
         """Delete the ready files no message references whose `last_used_at` is more than
-        `retention_seconds` old, and uploads staged over STAGED_FILE_SECONDS (a crash's), `limit` a
-        transaction until none is left; how many. PostgreSQL: one replica at a time (the others find
-        the lock taken and delete nothing). A file a message names meanwhile stays (the foreign key)."""
+        `retention_seconds` old, and uploads staged over STAGED_FILE_SECONDS (a crash's, or files hidden
+        for deletion), `limit` at a time until none is left; how many. Each batch is hidden in one short
+        transaction, then deleted a piece at a time (`_purge`). PostgreSQL: one replica hides at a time
+        (the others find the lock taken and delete nothing)."""
         values = {
             "cutoff": utcnow(retention_seconds),
             "staged_cutoff": utcnow(STAGED_FILE_SECONDS),
             "limit": limit,
+            "hidden": HIDDEN_AT,
         }
 
-        async def batch() -> int | None:
+        def condition(t: str) -> str:
+            return (
+                f"(({t}.status = 'ready' AND {t}.last_used_at < :cutoff AND NOT EXISTS"
+                f" (SELECT 1 FROM message_files m WHERE m.file_id = {t}.id))"
+                f" OR ({t}.status = 'uploading' AND {t}.created_at < :staged_cutoff))"
+            )
+
+        # PostgreSQL: a file a send, a find or a dedup finish is handing out holds its row lock (its
+        # bump of last_used_at, its reference): SKIP LOCKED passes it by, and the outer WHERE, which
+        # PostgreSQL checks again on a row changed since the statement began, passes by one bumped
+        # meanwhile (a re-check of the subquery alone would not)
+        lock = "" if self.db.is_sqlite else " FOR UPDATE OF f SKIP LOCKED"
+
+        async def hide() -> list[str] | None:
             if not self.db.is_sqlite:
                 got = await self.db.fetch_one(f"SELECT pg_try_advisory_xact_lock({_COLLECTOR_LOCK}) AS got", role=WRITE)
                 if not got or not got["got"]:
                     return None
             rows = await self.db.fetch_all(
-                "DELETE FROM files WHERE id IN (SELECT f.id FROM files f WHERE (f.status = 'ready'"
-                " AND f.last_used_at < :cutoff AND NOT EXISTS (SELECT 1 FROM message_files m WHERE m.file_id = f.id))"
-                " OR (f.status = 'uploading' AND f.created_at < :staged_cutoff) LIMIT :limit) RETURNING id",
+                f"UPDATE files SET status = 'uploading', created_at = :hidden WHERE id IN (SELECT f.id FROM files f"
+                f" WHERE {condition('f')} LIMIT :limit{lock}) AND {condition('files')} RETURNING id",
                 values,
                 role=WRITE,
             )
-            return len(rows)
+            return [row["id"] for row in rows]
 
         collected = 0
         while True:
-            try:
-                deleted = await self.db.atomically(batch)
-            except Exception as exc:
-                if _violation(exc) != "foreign_key":
-                    raise
-                log.info("file collection: a file was sent while it was collected; the next round sees it")
+            hidden = await self.db.atomically(hide)
+            if hidden is None:
                 return collected
-            if deleted is None:
-                return collected
-            collected += deleted
-            if deleted < limit:
+            collected += await self._purge(hidden)
+            if len(hidden) < limit:
                 return collected
 
     async def of_messages(self, owner: str, message_ids: Iterable[str]) -> dict[str, list[FileRow]]:

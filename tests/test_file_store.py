@@ -305,13 +305,140 @@ def test_fork_carries_the_same_files(service, client, monkeypatch, chunk_message
 
 def test_import_file_dedups_and_counts_the_quota(service, client):
     data = os.urandom(2 * CHUNK + 3)
-    imported = run(client, files(client).import_file, "", "photo.png", data, IMAGE)
+    imported = run(client, files(client).import_file, "", "photo.png", data, IMAGE, quota=0)
     assert (imported.name, imported.kind, imported.size, imported.width) == ("photo.png", "image", len(data), 40)
     assert run(client, files(client).read, imported.id) == data
-    assert run(client, files(client).import_file, "", "again.png", data, IMAGE) == imported
+    assert run(client, files(client).import_file, "", "again.png", data, IMAGE, quota=0) == imported
     refusal = refused(client, files(client).import_file, "", "more.png", os.urandom(CHUNK), IMAGE, quota=3 * CHUNK)
     assert refusal.code == "storage_full"
     assert service.rows("SELECT id FROM files") == [{"id": imported.id}]
+
+
+OLD = "2020-01-01T00:00:00.000Z"
+
+
+def chunk_deletes(client, monkeypatch, during=None) -> list[int]:
+    """Spies on the store's statements: for each one that deletes chunks, how many chunks there were
+    just before it (`during()`, awaited before the first of them: what is seen while a file is hidden)."""
+    db = client.app.state.store.db
+    original, seen = db.fetch_all, []
+
+    async def spy(sql, values=None, role=chatsvc.READ):
+        if sql.startswith("DELETE FROM file_chunks"):
+            if not seen and during is not None:
+                await during()
+            [row] = await original("SELECT COUNT(*) AS n FROM file_chunks")
+            seen.append(row["n"])
+        return await original(sql, values, role)
+
+    monkeypatch.setattr(db, "fetch_all", spy)
+    return seen
+
+
+def test_a_collected_file_is_hidden_then_its_chunks_go_a_piece_at_a_time(service, client, monkeypatch):
+    monkeypatch.setattr(chatsvc, "DELETE_PIECE_BYTES", 2 * CHUNK)
+    data = os.urandom(4 * CHUNK + 1)
+    row, _ = upload(client, data)
+    service.rows("UPDATE files SET last_used_at = ?", OLD)
+    store = client.app.state.store
+    uid = chatsvc.new_message_id()
+    turn = chatsvc.Turn("", "s", chatsvc.new_message_id(uid), "qwen-plus", uid, "look", True, None, files=[row.id])
+    outcomes = []
+
+    async def while_hidden():
+        for attempt in (store.files.get("", row.id), store.tree.begin_turn(turn)):
+            with pytest.raises(chatsvc.FileRefused) as caught:
+                await attempt
+            outcomes.append(caught.value.code)
+        outcomes.append(await store.files.find("", row.sha256))
+        outcomes.append(await store.files.page("", 10))
+        outcomes.append([piece async for piece in store.files.content(row.id, 0, 0)])
+
+    seen = chunk_deletes(client, monkeypatch, while_hidden)
+    assert run(client, store.files.collect, 60) == 1
+    assert seen == [5, 3, 1]  # 2 chunks a statement, the last piece shorter
+    assert outcomes == ["file_not_found", "file_not_found", None, [], []]
+    for table in ("files", "file_chunks", "messages", "message_files"):
+        assert service.rows(f"SELECT COUNT(*) AS n FROM {table}") == [{"n": 0}], table
+
+
+def test_discard_remove_and_a_dedup_finish_delete_chunks_a_piece_at_a_time(service, client, monkeypatch):
+    monkeypatch.setattr(chatsvc, "DELETE_PIECE_BYTES", 2 * CHUNK)
+    data = os.urandom(3 * CHUNK)
+    kept, _ = upload(client, data)
+    seen = chunk_deletes(client, monkeypatch)
+    again, created = upload(client, data)  # its staged copy: 3 more chunks, deleted after the finish
+    assert (again, created) == (kept, False)
+    assert seen == [6, 4]
+    staged = run(client, files(client).begin, "", "half.bin", 0)
+    for seq in range(3):
+        run(client, files(client).write, staged, seq, b"x")
+    run(client, files(client).discard, staged)
+    assert seen == [6, 4, 6, 4]
+    run(client, files(client).remove, "", kept.id)
+    assert seen == [6, 4, 6, 4, 3, 1]
+    assert service.rows("SELECT COUNT(*) AS n FROM files") == [{"n": 0}]
+    assert service.rows("SELECT COUNT(*) AS n FROM file_chunks") == [{"n": 0}]
+
+
+def test_a_file_found_again_is_kept_another_retention_period(service, client):
+    row, _ = upload(client, b"handed out again")
+    service.rows("UPDATE files SET last_used_at = ?", OLD)
+    assert run(client, files(client).find, "bob", row.sha256) is None  # another owner's: not bumped
+    assert service.rows("SELECT last_used_at FROM files") == [{"last_used_at": OLD}]
+    assert run(client, files(client).find, "", row.sha256) == row
+    assert run(client, files(client).collect, 3600) == 0
+    service.rows("UPDATE files SET last_used_at = ?", OLD)
+    assert run(client, files(client).import_file, "", "again.txt", b"handed out again", DOCUMENT, quota=0) == row
+    assert run(client, files(client).collect, 3600) == 0
+    assert service.rows("SELECT id FROM files") == [{"id": row.id}]
+
+
+def test_import_file_needs_its_quota():
+    import inspect
+
+    quota = inspect.signature(chatsvc.Files.import_file).parameters["quota"]
+    assert (quota.kind, quota.default) == (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.empty)
+
+
+def test_a_fork_whose_file_went_meanwhile_is_a_clean_404(service, client, monkeypatch):
+    store = client.app.state.store
+    row, _ = upload(client, b"going")
+    uid, aid = begin(client, "s", file_ids=[row.id])
+    read_files = store.copies._files_of
+
+    async def files_then_gone(owner, message_ids):
+        found = await read_files(owner, message_ids)  # read, then the message and its file deleted
+        await store.tree.delete_branch("", "s", uid)
+        await store.files.remove("", row.id)
+        return found
+
+    monkeypatch.setattr(store.copies, "_files_of", files_then_gone)
+    with pytest.raises(chatsvc.Refusal) as caught:
+        run(client, store.copies.fork, "", "s", aid, "f", None)
+    assert (caught.value.status, caught.value.code) == (404, "file_not_found")
+    assert service.rows("SELECT COUNT(*) AS n FROM conversations WHERE session_id = 'f'") == [{"n": 0}]
+
+
+@pytest.mark.parametrize("deletion", ["branch", "purge", "conversation"])
+def test_files_a_deletion_leaves_unreferenced_live_another_day(service, client, deletion):
+    store = client.app.state.store
+    sent, _ = upload(client, b"sent")
+    other, _ = upload(client, b"in another conversation")
+    uid, _ = begin(client, "s", file_ids=[sent.id])
+    begin(client, "t", file_ids=[other.id])
+    service.rows("UPDATE files SET last_used_at = ?", OLD)
+    if deletion == "branch":
+        assert run(client, store.tree.delete_branch, "", "s", uid) == 2
+    elif deletion == "purge":
+        assert run(client, store.tree.clear_context, "", "s", True)
+    else:
+        assert run(client, store.conversations.delete, "", "s")
+    assert service.rows("SELECT COUNT(*) AS n FROM message_files WHERE file_id = ?", sent.id) == [{"n": 0}]
+    used = {r["id"]: r["last_used_at"] for r in service.rows("SELECT id, last_used_at FROM files")}
+    assert used[sent.id] > "2026" and used[other.id] == OLD
+    assert run(client, files(client).collect, 3600) == 0
+    assert not run(client, store.conversations.delete, "", "absent")
 
 
 # ── PostgreSQL: the races the constraints decide (SQLite's one writer has none of them) ─────
@@ -418,3 +545,32 @@ def test_postgres_a_turn_that_meets_a_file_being_deleted_writes_nothing(pg_clien
     assert (refusal.status, refusal.code, refusal.detail) == (404, "file_not_found", f"No file '{row.id}'.")
     for table in ("messages", "conversations", "message_files", "files"):
         assert service.rows(f"SELECT COUNT(*) AS n FROM {table}") == [{"n": 0}], table
+
+
+def test_postgres_the_collector_passes_by_a_file_being_handed_out(pg_client):
+    service, client = pg_client
+    row, _ = upload(client, b"found again")
+    service.rows("UPDATE files SET last_used_at = ?", "2020-01-01T00:00:00.000Z")
+
+    async def race():
+        finder = await asyncpg.connect(service.url)
+        try:
+            async with finder.transaction():  # a dedup hit bumping it, not yet committed
+                await finder.execute("UPDATE files SET last_used_at = $1 WHERE id = $2", chatsvc.utcnow(), row.id)
+                task = asyncio.ensure_future(files(client).collect(3600))
+                conn = await asyncpg.connect(service.url)
+                try:  # until it is done, or waits for the finder's lock (a collector that would then delete it)
+                    waiting = "SELECT COUNT(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    for _ in range(2000):  # the server's view, polled (10 s at most)
+                        if task.done() or await conn.fetchval(waiting):
+                            break
+                        await asyncio.sleep(0.005)
+                finally:
+                    await conn.close()
+            return await task
+        finally:
+            await finder.close()
+
+    assert client.portal.call(race) == 0
+    assert service.rows("SELECT id, status FROM files") == [{"id": row.id, "status": "ready"}]
+    assert service.rows("SELECT COUNT(*) AS n FROM file_chunks") == [{"n": 1}]
