@@ -8100,7 +8100,7 @@ async def import_files(st: Any, owner: str, files: list[ImportedFile], stored: l
         had = await st.store.files.find(owner, imported.sha256)
         try:
             quota = st.settings.max_storage_bytes_per_user
-            row = await st.store.files.import_file(owner, name, imported.data, facts, quota)
+            row = await st.store.files.import_file(owner, name, imported.data, facts, quota=quota)
         except FileRefused as exc:
             raise named(n, exc) from None
         if had is None or had.id != row.id:
