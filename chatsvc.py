@@ -2401,16 +2401,16 @@ _COLLECTOR_LOCK = 7468373  # PostgreSQL: the advisory lock one replica's collect
 
 def _file_columns(alias: str = "") -> str:
     """What a FileRow is read from (`alias`: the files table's in the statement): never the bytes,
-    the text or the model copy, only the text's length."""
+    the text or the model copy (only the text's length, stored with it: length(text) would read it)."""
     t = f"{alias}." if alias else ""
     names = ("id", "owner", "sha256", "name", "media_type", "kind", "size", "created_at", "width", "height", "pages")
     rest = ("text_tokens", "text_note", "model_width", "model_height")
-    return ", ".join((*(t + n for n in names), f"length({t}text) AS text_chars", *(t + n for n in rest)))
+    return ", ".join((*(t + n for n in names), f"{t}text_chars", *(t + n for n in rest)))
 
 
 _FILE_COLUMNS = _file_columns()
 # what finish writes of a file's FileFacts (and the estimate of its text's tokens)
-_FACT_COLUMNS = ("media_type", "kind", "width", "height", "pages", "text", "text_tokens", "text_note")
+_FACT_COLUMNS = ("media_type", "kind", "width", "height", "pages", "text", "text_chars", "text_tokens", "text_note")
 _FACT_COLUMNS += ("model_copy", "model_media_type", "model_width", "model_height")
 _FACT_SETS = ", ".join(f"{name} = :{name}" for name in _FACT_COLUMNS)
 
@@ -2590,6 +2590,7 @@ class Files:
             "height": facts.height,
             "pages": facts.pages,
             "text": facts.text,
+            "text_chars": len(facts.text) if facts.kind == "document" and facts.text is not None else None,
             "text_tokens": estimate_tokens(facts.text) if facts.kind == "document" and facts.text is not None else None,
             "text_note": facts.text_note,
             "model_copy": facts.model_copy,
@@ -2644,25 +2645,26 @@ class Files:
             raise file_not_found(file_id)
         return winner, False
 
-    async def import_file(self, owner: str, name: str, data: bytes, facts: FileFacts, *, quota: int) -> FileRow:
-        """A file an import brings, stored as an upload is: the owner's file with these bytes if it has
-        one (an import of one's own export reuses its files), else a new one, counted against `quota`
-        (0: no limit; required, so that no caller forgets it) and written in chunks. Called outside a
-        transaction (it runs its own)."""
+    async def import_file(
+        self, owner: str, name: str, data: bytes, facts: FileFacts, *, quota: int
+    ) -> tuple[FileRow, bool]:
+        """A file an import brings, stored as an upload is: (the owner's file with these bytes if it has
+        one (an import of one's own export reuses its files), False), else (a new one, True), counted
+        against `quota` (0: no limit; required, so that no caller forgets it) and written in chunks.
+        Called outside a transaction (it runs its own)."""
         sha256 = hashlib.sha256(data).hexdigest()
         existing = await self.find(owner, sha256)
         if existing is not None:
-            return existing
+            return existing, False
         file_id = await self.begin(owner, name, quota)
         try:
             for seq, start in enumerate(range(0, len(data), FILE_CHUNK_BYTES)):
                 await self.write(file_id, seq, data[start : start + FILE_CHUNK_BYTES])
-            row, _ = await self.finish(file_id, owner, sha256, len(data), facts, quota)
+            return await self.finish(file_id, owner, sha256, len(data), facts, quota)
         except BaseException:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self.discard(file_id))
             raise
-        return row
 
     async def get(self, owner: str, file_id: str) -> FileRow:
         """The owner's ready file; `file_not_found` for any other id."""
@@ -8097,13 +8099,12 @@ async def import_files(st: Any, owner: str, files: list[ImportedFile], stored: l
             raise named(n, exc) from None
     ids: dict[str, str] = {}
     for n, (imported, (name, facts)) in enumerate(zip(files, examined, strict=True)):
-        had = await st.store.files.find(owner, imported.sha256)
         try:
             quota = st.settings.max_storage_bytes_per_user
-            row = await st.store.files.import_file(owner, name, imported.data, facts, quota=quota)
+            row, created = await st.store.files.import_file(owner, name, imported.data, facts, quota=quota)
         except FileRefused as exc:
             raise named(n, exc) from None
-        if had is None or had.id != row.id:
+        if created:  # (a file this owner had, or that an upload made meanwhile, is not the import's to remove)
             stored.append(row.id)
         ids[imported.key] = row.id
     return ids

@@ -305,10 +305,11 @@ def test_fork_carries_the_same_files(service, client, monkeypatch, chunk_message
 
 def test_import_file_dedups_and_counts_the_quota(service, client):
     data = os.urandom(2 * CHUNK + 3)
-    imported = run(client, files(client).import_file, "", "photo.png", data, IMAGE, quota=0)
+    imported, created = run(client, files(client).import_file, "", "photo.png", data, IMAGE, quota=0)
+    assert created
     assert (imported.name, imported.kind, imported.size, imported.width) == ("photo.png", "image", len(data), 40)
     assert run(client, files(client).read, imported.id) == data
-    assert run(client, files(client).import_file, "", "again.png", data, IMAGE, quota=0) == imported
+    assert run(client, files(client).import_file, "", "again.png", data, IMAGE, quota=0) == (imported, False)
     refusal = refused(client, files(client).import_file, "", "more.png", os.urandom(CHUNK), IMAGE, quota=3 * CHUNK)
     assert refusal.code == "storage_full"
     assert service.rows("SELECT id FROM files") == [{"id": imported.id}]
@@ -389,7 +390,8 @@ def test_a_file_found_again_is_kept_another_retention_period(service, client):
     assert run(client, files(client).find, "", row.sha256) == row
     assert run(client, files(client).collect, 3600) == 0
     service.rows("UPDATE files SET last_used_at = ?", OLD)
-    assert run(client, files(client).import_file, "", "again.txt", b"handed out again", DOCUMENT, quota=0) == row
+    again = run(client, files(client).import_file, "", "again.txt", b"handed out again", DOCUMENT, quota=0)
+    assert again == (row, False)
     assert run(client, files(client).collect, 3600) == 0
     assert service.rows("SELECT id FROM files") == [{"id": row.id}]
 
