@@ -2591,7 +2591,7 @@ class Files:
             "pages": facts.pages,
             "text": facts.text,
             "text_chars": len(facts.text) if facts.kind == "document" and facts.text is not None else None,
-            "text_tokens": estimate_tokens(facts.text) if facts.kind == "document" and facts.text is not None else None,
+            "text_tokens": document_tokens(facts.text) if facts.kind == "document" and facts.text is not None else None,
             "text_note": facts.text_note,
             "model_copy": facts.model_copy,
             "model_media_type": facts.model_media_type,
@@ -3940,6 +3940,12 @@ def document_text(row: FileRow, text: str) -> str:
     what follows for the user's words."""
     inside = _DOCUMENT_CLOSE.sub(lambda match: match.group() + "\u200b", text)
     return f"{document_open(row)}\n{inside}\n</document>"
+
+
+def document_tokens(text: str) -> int:
+    """A document's text's estimated tokens as `document_text` writes it: each escape adds a U+200B
+    (three UTF-8 bytes: at most one token of estimate_tokens)."""
+    return estimate_tokens(text) + len(_DOCUMENT_CLOSE.findall(text))
 
 
 def document_cost(row: FileRow) -> int:

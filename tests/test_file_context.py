@@ -146,6 +146,21 @@ def test_a_document_larger_than_the_budget_is_refused_with_its_numbers(make_serv
     assert [m["role"] for m in sent(fake)] == ["system", "user", "assistant", "user"]
 
 
+def test_a_document_is_counted_with_its_escapes(make_service, fake):
+    """Each `</document` of a text gets a U+200B when it is sent: its cost counts them, so a text of
+    closing tags cannot pass the budget's estimate by a quarter."""
+    row = chatsvc.FileRow("f", "", "", "x.txt", "text/plain", "document", 1, "")
+    text = "</document" * 480
+    sent_text = chatsvc.document_text(row, text).removeprefix(chatsvc.document_open(row) + "\n")
+    assert chatsvc.document_tokens(text) >= chatsvc.estimate_tokens(sent_text.removesuffix("\n</document>"))
+    service = make_service(CHATSVC_MAX_CONTEXT_TOKENS="2000")
+    with service.client() as client:
+        tags = document(client, "tags.txt", "</document" * 480)
+        r = chat(client, "Read it.", [tags])
+        assert (r.status_code, r.json()["code"]) == (422, "document_too_large")
+    assert fake.requests == []
+
+
 # ── the checks at send time ───────────────────────────────────────────────────────────
 
 
