@@ -242,6 +242,8 @@ TAMPERED = PHOTO[:-20] + bytes([PHOTO[-20] ^ 1]) + PHOTO[-19:]
          "unsupported_file_type", 'files[1] ("f2"): '),
         (changed(with_data(0, PHOTO[:40])), 422, "image_unreadable", 'files[0] ("f1"): '),
         (changed(with_data(1, b"")), 422, "empty_file", 'files[1] ("f2"): '),
+        (changed(lambda d: d.update(files=d["files"] * 334)), 422, "invalid_request",
+         "files: holds 1002 files; an import takes at most 1000."),
     ],
 )  # fmt: skip
 def test_a_bad_file_is_refused_naming_it_and_nothing_is_stored(service, client, doc, status, code, detail):
