@@ -2512,10 +2512,17 @@ class Files:
             {"id": file_id, "seq": seq, "data": data},
         )
 
-    async def read(self, file_id: str) -> bytes:
-        """All of a file's bytes, joined (what the examiner reads, once, under its slot)."""
-        rows = await self.db.fetch_all("SELECT data FROM file_chunks WHERE file_id = :id ORDER BY seq", {"id": file_id})
-        return b"".join(bytes(row["data"]) for row in rows)
+    async def read(self, file_id: str) -> bytearray:
+        """All of a file's bytes (what the examiner reads, once, under its slot), read a chunk at a time
+        into one buffer: reading the rows at once, then joining them, held the file three times."""
+        data = bytearray()
+        for seq in itertools.count():
+            row = await self.db.fetch_one(
+                "SELECT data FROM file_chunks WHERE file_id = :id AND seq = :seq", {"id": file_id, "seq": seq}
+            )
+            if row is None:
+                return data
+            data += row["data"]
 
     async def discard(self, file_id: str) -> None:
         """A staged upload and its chunks, gone (hidden, then deleted a piece at a time: `_purge`); a file
