@@ -2461,6 +2461,13 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
                 f"{name} is {width:,} by {height:,} pixels ({width * height:,}); images of at most"
                 f" {settings.max_image_pixels:,} pixels are accepted (CHATSVC_MAX_IMAGE_PIXELS).",
             )
+        if image_format == "PNG":  # its EXIF may follow the pixels: getexif() would load them, swallowing an error
+            try:
+                image.load()
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise too_large from None
+            except Exception:
+                raise unreadable from None
         try:
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         except Exception:  # a corrupt EXIF block: the pixels may still be fine

@@ -335,6 +335,20 @@ def test_a_truncated_png_is_unreadable():
     assert refused("cut.png", data[:-200]).code == "image_unreadable"
 
 
+def test_a_png_with_a_corrupt_byte_in_its_pixels_is_unreadable():
+    """Pillow's getexif() loads a PNG and swallows the decode error (and clears what it would decode): the
+    pixels are decoded first, and their error is the file's."""
+    noise = Image.effect_noise((300, 300), 100).convert("RGB")
+    data = bytearray(image_bytes(noise, "PNG"))
+    data[len(data) // 2] ^= 0xFF
+    error = refused("corrupt.png", bytes(data))
+    assert (error.status, error.code, error.detail) == (
+        422,
+        "image_unreadable",
+        "corrupt.png could not be read as a PNG image (truncated or corrupt); save it again and send that.",
+    )
+
+
 SVG_REFUSED = (415, "unsupported_file_type", "SVG images are not accepted; send PNG, JPEG, WebP or GIF.")
 
 
