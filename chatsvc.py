@@ -2284,6 +2284,10 @@ class FileFacts:
 # memory is bounded by these slots, not by the uploads in flight.
 EXAMINATIONS = 2
 TEXT_PIECE_BYTES = 1024 * 1024  # a text is decoded this much at a time (each piece holds the GIL a few ms)
+# A small PNG or JPEG is sent to the model as it came, if its bytes are about its pixels: not a 64 by 64 PNG
+# carrying 19 MiB in a private chunk, or a JPEG with 19 MiB after its end (re-encoded, they lose that).
+KEPT_SLACK_BYTES = 64 * 1024
+KEPT_MAX_BYTES = 2 * 1024 * 1024
 # The document worker imports this module before it answers: that is not the document's time.
 WORKER_START_SECONDS = 60.0
 # A DOCX is a zip: its members, and what its text part expands to, are bounded before anything is read.
@@ -2432,9 +2436,10 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
     """An image, confirmed by Pillow's reader of its format (only its header is read), refused past
     CHATSVC_MAX_IMAGE_PIXELS before a pixel is decoded (a 1 MB PNG can claim 400 megapixels), then decoded:
     the first frame, turned as its EXIF orientation says, scaled for the model (`model_size`) and stored as
-    the copy every turn sends. A small PNG or JPEG is sent as it came: scaling or re-encoding would only
-    lose detail. A JPEG is decoded straight at a fraction of its size (`draft`: a 40-megapixel photo costs
-    a quarter of a second, not a second)."""
+    the copy every turn sends. A small PNG or JPEG is sent as it came (unless it carries more bytes than
+    its pixels need: KEPT_MAX_BYTES): scaling or re-encoding would only lose detail. A JPEG is decoded
+    straight at a fraction of its size (`draft`: a 40-megapixel photo costs a quarter of a second, not a
+    second)."""
     unreadable = FileRefused(
         422,
         "image_unreadable",
@@ -2480,6 +2485,7 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
         keep = (
             target == shown
             and orientation == 1
+            and len(data) <= min(width * height * 4 + KEPT_SLACK_BYTES, KEPT_MAX_BYTES)
             and (image_format == "PNG" or (image_format == "JPEG" and image.mode in ("RGB", "L")))
         )
         try:

@@ -193,6 +193,25 @@ def test_a_small_jpeg_is_sent_as_it_came():
     assert facts.model_copy == data and facts.model_media_type == "image/jpeg"
 
 
+def test_a_small_image_padded_with_junk_is_reencoded_not_sent_as_it_came():
+    small = image_bytes(photo(64, 64), "PNG")
+    padded = small[:-12] + png_chunk(b"prVt", os.urandom(3 * 1024 * 1024)) + small[-12:]  # before IEND
+    facts = examine("padded.png", padded)
+    assert (facts.width, facts.height, facts.model_width, facts.model_height) == (64, 64, 64, 64)
+    assert len(facts.model_copy) < 64 * 64 * 4 and opened(facts.model_copy).size == (64, 64)
+    trailing = image_bytes(photo(64, 64), "JPEG") + os.urandom(3 * 1024 * 1024)  # after its end
+    facts = examine("padded.jpg", trailing)
+    assert facts.model_media_type == "image/jpeg" and len(facts.model_copy) < 64 * 64 * 4
+    assert opened(facts.model_copy).size == (64, 64)
+
+
+def test_an_rgb_png_under_the_cap_is_sent_as_it_came():
+    data = image_bytes(photo(900, 700), "PNG")
+    assert 900 * 700 <= SETTINGS.image_max_pixels
+    facts = examine("screen.png", data)
+    assert (facts.model_copy, facts.model_media_type) == (data, "image/png")
+
+
 def test_a_large_image_with_transparency_becomes_a_png_keeping_it():
     image = photo(1500, 1000).convert("RGBA")
     image.putalpha(Image.linear_gradient("L").resize((1500, 1000)))
