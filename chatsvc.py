@@ -2284,6 +2284,9 @@ class FileFacts:
 # memory is bounded by these slots, not by the uploads in flight.
 EXAMINATIONS = 2
 TEXT_PIECE_BYTES = 1024 * 1024  # a text is decoded this much at a time (each piece holds the GIL a few ms)
+# Longer sides than this many times the shorter are refused: scaled to the model's pixels, such a strip keeps a
+# side of one patch and the other past what JPEG can encode (65,500).
+MAX_ASPECT = 200
 # A small PNG or JPEG is sent to the model as it came, if its bytes are about its pixels: not a 64 by 64 PNG
 # carrying 19 MiB in a private chunk, or a JPEG with 19 MiB after its end (re-encoded, they lose that).
 KEPT_SLACK_BYTES = 64 * 1024
@@ -2465,6 +2468,14 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
                 "image_too_large",
                 f"{name} is {width:,} by {height:,} pixels ({width * height:,}); images of at most"
                 f" {settings.max_image_pixels:,} pixels are accepted (CHATSVC_MAX_IMAGE_PIXELS).",
+            )
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            raise FileRefused(
+                422,
+                "image_unreadable",
+                f"{name} is {width:,} by {height:,} pixels: one side is more than {MAX_ASPECT} times the other;"
+                f" images of at most {MAX_ASPECT}:1 are read (the model sees such a strip as a line): cut it into parts"
+                " and send those.",
             )
         if image_format == "PNG":  # its EXIF may follow the pixels: getexif() would load them, swallowing an error
             try:

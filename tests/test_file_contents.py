@@ -335,6 +335,19 @@ def test_a_gif_whose_first_frame_outgrows_its_screen_is_refused():
     )
 
 
+def test_a_strip_longer_than_200_times_its_width_is_refused_saying_so():
+    error = refused("strip.png", image_bytes(Image.new("L", (10, 200_000)), "PNG"))
+    assert (error.status, error.code, error.detail) == (
+        422,
+        "image_unreadable",
+        "strip.png is 10 by 200,000 pixels: one side is more than 200 times the other; images of at most 200:1 are"
+        " read (the model sees such a strip as a line): cut it into parts and send those.",
+    )
+    assert refused("wide.png", image_bytes(Image.new("L", (50_000, 20)), "PNG")).code == "image_unreadable"
+    facts = examine("long.png", image_bytes(Image.new("RGB", (40, 8000), (9, 9, 9)), "PNG"))  # 200:1 is fine
+    assert (facts.width, facts.height) == (40, 8000)
+
+
 def test_html_behind_a_png_signature_is_unreadable():
     error = refused("cat.png", b"\x89PNG\r\n\x1a\n<html><script>alert(1)</script></html>")
     assert (error.status, error.code) == (422, "image_unreadable")
