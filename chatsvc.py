@@ -2319,9 +2319,10 @@ _SVG = re.compile(
     re.I,
 )
 TEXT_TYPES = {".md": "text/markdown", ".markdown": "text/markdown", ".csv": "text/csv", ".json": "application/json"}
-# C0 and C1 controls, DEL, the bidirectional marks, embeddings, overrides and isolates (which make
-# "photo\u202egnp.exe" show as "photoexe.png"), and lone surrogates (no database stores them).
-_NAME_UNWANTED = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# The characters a name loses, by Unicode category: controls (C0, C1, DEL), format characters (the bidirectional
+# marks, embeddings, overrides and isolates, which make "photo\u202egnp.exe" show as "photoexe.png"; zero-width
+# characters, the BOM, tags), line and paragraph separators, and lone surrogates (no database stores them).
+_NAME_UNWANTED = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 _UNSTORABLE_TEXT = re.compile(r"[\x00\ud800-\udfff]")
 _EXIF_ORIENTATION = 0x0112
 
@@ -2335,9 +2336,11 @@ def clean_name(raw: str) -> str:
     """The name a file is stored and shown under: NFC, the last part of a path (after / or \\), without
     control characters, bidirectional overrides and leading dots (no hidden files, no "../"), at most 255
     bytes of UTF-8 (the limit of every file system a user may save it to), cut at a character and keeping
-    a short extension (which says what a text file is)."""
+    a short extension (which says what a text file is). Every format character goes, the joiner inside an emoji
+    sequence too (the emoji stay, side by side): one rule, no exceptions to get wrong."""
     name = re.split(r"[/\\]", unicodedata.normalize("NFC", raw))[-1]
-    name = _NAME_UNWANTED.sub("", name).strip().lstrip(".").strip()
+    name = "".join(c for c in name if unicodedata.category(c) not in _NAME_UNWANTED)
+    name = unicodedata.normalize("NFC", name).strip().lstrip(".").strip()  # a mark may now follow its letter
     if len(name.encode()) > 255:
         stem, dot, extension = name.rpartition(".")
         if not dot or len(extension.encode()) > 16:

@@ -123,6 +123,9 @@ def opened(data: bytes) -> Image.Image:
         ("e\u0301t\u00e9.txt", "\u00e9t\u00e9.txt"),  # NFC: one é, as typed on another system
         ("lone\ud800.txt", "lone.txt"),
         ("报告.docx", "报告.docx"),
+        ("zero\u200bwidth\ufeff\U000e0041\u2028\u2029\u00ad.txt", "zerowidth.txt"),  # Cf, Zl, Zp
+        ("e\u200b\u0301.txt", "\u00e9.txt"),  # NFC once more: the accent meets its letter
+        ("\U0001f469\u200d\U0001f4bb.png", "\U0001f469\U0001f4bb.png"),
     ],
 )
 def test_names_are_cleaned(raw, cleaned):
