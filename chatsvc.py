@@ -2312,12 +2312,10 @@ _IMAGE_READERS = {
     "GIF": GifImagePlugin.GifImageFile,
 }
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
-# An SVG document's start: an XML declaration, comments and a DOCTYPE, then <svg. Each part can match in one
-# way only (a comment ends at its first "-->"): no backtracking that grows with the number of comments.
-_SVG = re.compile(
-    r"\s*(?:<\?xml[^>]*>\s*)?(?:(?:<!--(?:[^-]|-(?!->))*-->|<!DOCTYPE[^>\[]*(?:\[[^\]]*\])?\s*>)\s*)*<svg[\s>/]",
-    re.I,
-)
+# An SVG document's root element, <svg> or a prefixed <svg:svg>, found where `svg_root` stops skipping the prolog.
+_SVG_ROOT = re.compile(r"<(?:[\w.-]+:)?svg(?![\w.:-])", re.I)
+_SPACE = re.compile(r"[\s\ufeff]*")  # a second byte order mark too
+_DOCTYPE_END = re.compile(r"\]\s*>")
 TEXT_TYPES = {".md": "text/markdown", ".markdown": "text/markdown", ".csv": "text/csv", ".json": "application/json"}
 # The characters a name loses, by Unicode category: controls (C0, C1, DEL), format characters (the bidirectional
 # marks, embeddings, overrides and isolates, which make "photo\u202egnp.exe" show as "photoexe.png"; zero-width
@@ -2570,7 +2568,7 @@ def text_facts(settings: Settings, name: str, text: str) -> FileFacts:
     application/json), else text/plain: source code, logs, and HTML too (served as plain text, it never
     runs). A .json is application/json only if it parses: the Examiner checks that in its worker process
     (`json_parses`). An SVG is XML text, but an image that can run scripts: refused."""
-    if _SVG.match(text[:4096]):
+    if svg_root(text):
         raise FileRefused(415, "unsupported_file_type", "SVG images are not accepted; send PNG, JPEG, WebP or GIF.")
     if not text:  # a byte order mark and nothing else
         raise empty_file(name)
@@ -2581,6 +2579,31 @@ def text_facts(settings: Settings, name: str, text: str) -> FileFacts:
         )
     media_type = TEXT_TYPES.get(os.path.splitext(name)[1].lower(), "text/plain")
     return FileFacts(media_type=media_type, kind="document", text=text)
+
+
+def svg_root(text: str) -> bool:
+    """Whether `text` is an SVG document: its prolog (white space, processing instructions such as
+    <?xml?> and <?xml-stylesheet?>, comments, a DOCTYPE and its internal subset) skipped, however long, then
+    an <svg> root, prefixed or not. Each step moves past what it finds with str.find: linear in the text."""
+    at = 0
+    while True:
+        at = _SPACE.match(text, at).end()
+        if text.startswith("<?", at):
+            end, step = text.find("?>", at + 2), 2
+        elif text.startswith("<!--", at):
+            end, step = text.find("-->", at + 4), 3
+        elif text[at : at + 9].upper() == "<!DOCTYPE":
+            bracket, close = text.find("[", at), text.find(">", at)
+            if 0 <= bracket < close or (close < 0 <= bracket):  # an internal subset: its "]" and ">" end it
+                found = _DOCTYPE_END.search(text, bracket)
+                end, step = (found.end(), 0) if found else (-1, 0)
+            else:
+                end, step = close, 1
+        else:
+            return _SVG_ROOT.match(text, at) is not None
+        if end < 0:  # a prolog that never ends: not a document anything renders
+            return False
+        at = end + step
 
 
 def json_parses(data: bytes) -> bool:

@@ -411,6 +411,28 @@ def test_many_comments_do_not_make_the_svg_check_backtrack():
     assert refused("comments.svg", ("<!---->" * 500 + "<svg/>").encode()).detail == SVG_REFUSED[2]
 
 
+@pytest.mark.parametrize(
+    "svg",
+    [
+        '<?xml version="1.0"?>\n<?xml-stylesheet type="text/css" href="a.css"?>\n<svg/>',
+        '<?xml-stylesheet href="a.css"?><?xml-stylesheet href="b.css"?><svg/>',
+        '<svg:svg xmlns:svg="http://www.w3.org/2000/svg"><svg:script>alert(1)</svg:script></svg:svg>',
+        " " * 5000 + "<svg/>",
+        "<!--" + "x" * 5000 + "-->\n<svg/>",
+        '<!DOCTYPE svg [<!ENTITY a "<b>">]>\n<svg>&a;</svg>',
+        "\ufeff<SVG\tonload='x'/>",
+    ],
+)
+def test_svg_is_found_behind_any_prolog(svg):
+    assert refused("a.txt", svg.encode()).detail == SVG_REFUSED[2]
+    assert refused("a.txt", ("\ufeff" + svg).encode("utf-16")).detail == SVG_REFUSED[2]  # two BOMs
+
+
+@pytest.mark.parametrize("text", ["<svgs/>", "<!-- <svg/> never closed", "<?xml?><html><svg/></html>", "svg"])
+def test_text_that_is_not_an_svg_document_stays_text(text):
+    assert examine("a.txt", text.encode()).text == text
+
+
 def test_heic_is_refused_saying_it_is_not_supported_yet():
     heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 100
     error = refused("IMG_0001.HEIC", heic)
