@@ -2417,10 +2417,16 @@ def examine_here(settings: Settings, name: str, data: bytes) -> FileFacts:
         )
     if data.startswith(b"PK\x03\x04"):
         return docx_facts(settings, name, data)
-    text = decoded_text(data)
-    if text is None:
+    decoded = decoded_text(data, settings.max_document_chars)
+    if decoded is None:
         raise unsupported(name)
-    return text_facts(settings, name, text)
+    text, chars = decoded
+    if text is None:
+        raise document_too_long(
+            f"{name} holds {chars:,} characters; at most {settings.max_document_chars:,} are kept"
+            " (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it."
+        )
+    return text_facts(name, text)
 
 
 def sniff_image(data: bytes) -> str | None:
@@ -2545,25 +2551,34 @@ def model_copy(image: Image.Image, orientation: int, size: tuple[int, int]) -> t
     return out.getvalue(), "image/jpeg"
 
 
-def decoded_text(data: bytes) -> str | None:
+def decoded_text(data: bytes, max_chars: int) -> tuple[str | None, int] | None:
     """`data` as text if it is text: UTF-8 (with or without a BOM), or UTF-16 with its BOM; never with a
-    NUL (which text files do not hold and binary ones do). None if it is not. Decoded a MiB at a time:
-    a decode holds the GIL, and 20 MiB at once would hold the event loop's thread for tens of ms."""
+    NUL (which text files do not hold and binary ones do). None if it is not; (None, its length) if it is
+    longer than `max_chars` (counted as it is decoded: the pieces of a text too long are not joined, and
+    decoding goes on only to tell text from binary). Decoded a MiB at a time: a decode holds the GIL, and
+    20 MiB at once would hold the event loop's thread for tens of ms."""
     encoding = "utf-16" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
     decoder = codecs.getincrementaldecoder(encoding)()
-    view, pieces = memoryview(data), []
+    view, pieces, chars = memoryview(data), [], 0
     try:
         for start in range(0, len(data), TEXT_PIECE_BYTES):
             end = start + TEXT_PIECE_BYTES
-            pieces.append(decoder.decode(view[start:end], final=end >= len(data)))
-            if "\x00" in pieces[-1]:
+            piece = decoder.decode(view[start:end], final=end >= len(data))
+            if "\x00" in piece:
                 return None
+            chars += len(piece)
+            if chars <= max_chars:
+                pieces.append(piece)
+            else:
+                pieces.clear()
     except UnicodeDecodeError:
         return None
-    return "".join(pieces)
+    if chars > max_chars:
+        return None, chars
+    return "".join(pieces), chars
 
 
-def text_facts(settings: Settings, name: str, text: str) -> FileFacts:
+def text_facts(name: str, text: str) -> FileFacts:
     """A text document. Its media type comes from its name's extension (text/markdown, text/csv,
     application/json), else text/plain: source code, logs, and HTML too (served as plain text, it never
     runs). A .json is application/json only if it parses: the Examiner checks that in its worker process
@@ -2572,11 +2587,6 @@ def text_facts(settings: Settings, name: str, text: str) -> FileFacts:
         raise FileRefused(415, "unsupported_file_type", "SVG images are not accepted; send PNG, JPEG, WebP or GIF.")
     if not text:  # a byte order mark and nothing else
         raise empty_file(name)
-    if len(text) > settings.max_document_chars:
-        raise document_too_long(
-            f"{name} holds {len(text):,} characters; at most {settings.max_document_chars:,} are kept"
-            " (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it."
-        )
     media_type = TEXT_TYPES.get(os.path.splitext(name)[1].lower(), "text/plain")
     return FileFacts(media_type=media_type, kind="document", text=text)
 

@@ -515,6 +515,19 @@ def test_a_text_longer_than_the_limit_is_refused():
     )
 
 
+def test_a_text_too_long_is_refused_without_being_joined(monkeypatch):
+    """Counted as it is decoded: the pieces of a text past the limit are not kept (a 20 MiB text joined held
+    the GIL ~60 ms), and a NUL after the limit still says it is not text."""
+    monkeypatch.setattr(chatsvc, "TEXT_PIECE_BYTES", 100)
+    settings = dataclasses.replace(SETTINGS, max_document_chars=1000)
+    assert chatsvc.decoded_text(b"a" * 1001, 1000) == (None, 1001)
+    assert chatsvc.decoded_text(b"a" * 1000, 1000) == ("a" * 1000, 1000)
+    assert chatsvc.decoded_text(b"a" * 5000 + b"\x00", 1000) is None
+    error = refused("long.txt", ("\u4e2d" * 1500).encode(), settings)
+    assert error.detail.startswith("long.txt holds 1,500 characters; at most 1,000 are kept")
+    assert refused("bin.txt", b"a" * 5000 + b"\x00", settings).code == "unsupported_file_type"
+
+
 # ── the examiner ──────────────────────────────────────────────────────────────────────
 
 
