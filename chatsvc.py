@@ -2284,6 +2284,9 @@ class FileFacts:
 # memory is bounded by these slots, not by the uploads in flight.
 EXAMINATIONS = 2
 TEXT_PIECE_BYTES = 1024 * 1024  # a text is decoded this much at a time (each piece holds the GIL a few ms)
+# A progressive JPEG is decoded once a scan: a photo has a few dozen, a hostile file a million (minutes). Inside
+# a JPEG's entropy-coded data a 0xFF byte is followed by 0x00, so counting FF DA bytes overcounts only in metadata.
+JPEG_MAX_SCANS = 1000
 # Longer sides than this many times the shorter are refused: scaled to the model's pixels, such a strip keeps a
 # side of one patch and the other past what JPEG can encode (65,500).
 MAX_ASPECT = 200
@@ -2291,6 +2294,9 @@ MAX_ASPECT = 200
 # carrying 19 MiB in a private chunk, or a JPEG with 19 MiB after its end (re-encoded, they lose that).
 KEPT_SLACK_BYTES = 64 * 1024
 KEPT_MAX_BYTES = 2 * 1024 * 1024
+# The address space a worker process may use: a 50-megapixel RGBA image and its copies fit (~0.7 GiB); a bomb
+# that gets past the checks ends as a MemoryError in the worker (422), not in the service or the machine's OOM.
+WORKER_MEMORY_BYTES = 1536 * 1024 * 1024
 # The document worker imports this module before it answers: that is not the document's time.
 WORKER_START_SECONDS = 60.0
 # A DOCX is a zip: its members, and what its text part expands to, are bounded before anything is read.
@@ -2402,31 +2408,24 @@ def document_too_long(detail: str) -> FileRefused:
     return FileRefused(422, "document_too_long", detail)
 
 
-def examine_here(settings: Settings, name: str, data: bytes) -> FileFacts:
-    """What `data` is, for every type but PDF (whose text is read in the worker process): sniffed by its
-    bytes, never by the type or the name a client declares, then checked and read. Run in a worker thread:
-    decoding a 20 MiB text or a 50-megapixel image takes longer than the event loop may wait."""
-    if not data:
-        raise empty_file(name)
-    image_format = sniff_image(data)
-    if image_format:
-        return image_facts(settings, name, data, image_format)
-    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
-        raise FileRefused(
-            415, "unsupported_file_type", "HEIC/HEIF images are not supported yet; send the photo as JPEG or PNG."
-        )
-    if data.startswith(b"PK\x03\x04"):
-        return docx_facts(settings, name, data)
-    decoded = decoded_text(data, settings.max_document_chars)
+def examine_text(max_chars: int, name: str, data: bytes) -> FileFacts:
+    """`data` as a text document, if it is text (else 415 with what is accepted). Run in a thread of the
+    service: the text is decoded a MiB at a time (each piece holds the GIL a few ms), the SVG check is linear.
+    Everything else (images, PDF, DOCX, and whether a .json parses) is read in a worker process."""
+    decoded = decoded_text(data, max_chars)
     if decoded is None:
         raise unsupported(name)
     text, chars = decoded
     if text is None:
         raise document_too_long(
-            f"{name} holds {chars:,} characters; at most {settings.max_document_chars:,} are kept"
-            " (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it."
+            f"{name} holds {chars:,} characters; at most {max_chars:,} are kept (CHATSVC_MAX_DOCUMENT_CHARS):"
+            " send a part of it."
         )
     return text_facts(name, text)
+
+
+def is_heif(data: bytes) -> bool:
+    return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
 
 
 def sniff_image(data: bytes) -> str | None:
@@ -2442,14 +2441,15 @@ def sniff_image(data: bytes) -> str | None:
     return None
 
 
-def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -> FileFacts:
+def image_facts(name: str, data: bytes, image_format: str, max_image_pixels: int, image_max_pixels: int) -> FileFacts:
     """An image, confirmed by Pillow's reader of its format (only its header is read), refused past
     CHATSVC_MAX_IMAGE_PIXELS before a pixel is decoded (a 1 MB PNG can claim 400 megapixels), then decoded:
     the first frame, turned as its EXIF orientation says, scaled for the model (`model_size`) and stored as
     the copy every turn sends. A small PNG or JPEG is sent as it came (unless it carries more bytes than
     its pixels need: KEPT_MAX_BYTES): scaling or re-encoding would only lose detail. A JPEG is decoded
     straight at a fraction of its size (`draft`: a 40-megapixel photo costs a quarter of a second, not a
-    second)."""
+    second). Run in the worker process (`Examiner`), under CHATSVC_EXTRACT_TIMEOUT: decoders hold the GIL
+    (WebP) and cannot be stopped (a JPEG of a million scans)."""
     unreadable = FileRefused(
         422,
         "image_unreadable",
@@ -2458,8 +2458,7 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
     too_large = FileRefused(
         422,
         "image_too_large",
-        f"{name} has a frame larger than {settings.max_image_pixels:,} pixels (CHATSVC_MAX_IMAGE_PIXELS); send a"
-        " smaller image.",
+        f"{name} has a frame larger than {max_image_pixels:,} pixels (CHATSVC_MAX_IMAGE_PIXELS); send a smaller image.",
     )
     try:
         image = _IMAGE_READERS[image_format](io.BytesIO(data))
@@ -2467,14 +2466,21 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
         raise too_large from None
     except Exception:  # Pillow's readers raise SyntaxError, OSError, ValueError, struct.error… on what they refuse
         raise unreadable from None
+    if image_format == "JPEG" and data.count(b"\xff\xda") > JPEG_MAX_SCANS:  # start-of-scan markers, an upper bound
+        raise FileRefused(
+            422,
+            "image_unreadable",
+            f"{name} is a JPEG of more than {JPEG_MAX_SCANS:,} scans (a photo has at most a few dozen); save it"
+            " again and send that.",
+        )
     with image:
         width, height = image.size
-        if width * height > settings.max_image_pixels:
+        if width * height > max_image_pixels:
             raise FileRefused(
                 422,
                 "image_too_large",
                 f"{name} is {width:,} by {height:,} pixels ({width * height:,}); images of at most"
-                f" {settings.max_image_pixels:,} pixels are accepted (CHATSVC_MAX_IMAGE_PIXELS).",
+                f" {max_image_pixels:,} pixels are accepted (CHATSVC_MAX_IMAGE_PIXELS).",
             )
         if max(width, height) > MAX_ASPECT * min(width, height):
             raise FileRefused(
@@ -2499,7 +2505,7 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
             orientation = 1
         turned = orientation in (5, 6, 7, 8)  # the sides swap
         shown = (height, width) if turned else (width, height)
-        target = model_size(*shown, settings.image_max_pixels)
+        target = model_size(*shown, image_max_pixels)
         keep = (
             target == shown
             and orientation == 1
@@ -2626,7 +2632,7 @@ def json_parses(data: bytes) -> bool:
     return True
 
 
-def docx_facts(settings: Settings, name: str, data: bytes) -> FileFacts:
+def docx_facts(name: str, data: bytes, max_chars: int) -> FileFacts:
     """A DOCX (a zip holding word/document.xml) and its text: the paragraphs of the body, one a line,
     read with the standard library (python-docx would add lxml for what one streaming parse does). The zip
     is bounded before its text part is read (members, declared and actual expanded size: a zip bomb stops
@@ -2650,7 +2656,7 @@ def docx_facts(settings: Settings, name: str, data: bytes) -> FileFacts:
                 f" of {part.file_size:,} bytes; at most {DOCX_MAX_MEMBERS:,} files and {DOCX_MAX_XML_BYTES:,} bytes"
                 " are read); send a smaller document."
             )
-        paragraphs = _DocxText(name, settings.max_document_chars)
+        paragraphs = _DocxText(name, max_chars)
         try:
             with archive.open(part) as member:
                 expanded = 0
@@ -2782,7 +2788,12 @@ def document_worker(fd: int) -> None:
     `fd` with their outcome until the connection closes. A process, not a thread, because pypdf's
     pure-Python loops hold the GIL and cannot be stopped (a PDF that runs past CHATSVC_EXTRACT_TIMEOUT is
     ended by killing its process), and json.loads holds it throughout."""
+    import resource  # (POSIX only, as the worker is)
+
     conn = multiprocessing.connection.Connection(fd)
+    limit = resource.getrlimit(resource.RLIMIT_AS)[1]
+    limit = WORKER_MEMORY_BYTES if limit == resource.RLIM_INFINITY else min(limit, WORKER_MEMORY_BYTES)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # a bomb past the checks: a MemoryError here, not the OOM
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the service, which ends this
     logging.getLogger("pypdf").setLevel(logging.CRITICAL + 1)  # its warnings about damaged files are ours
     warnings.simplefilter("ignore")
@@ -2808,7 +2819,12 @@ def _end_with_parent(parent: int) -> None:
     os._exit(0)
 
 
-WORKER_TASKS: dict[str, Callable[..., Any]] = {"pdf": pdf_text, "json": json_parses}
+WORKER_TASKS: dict[str, Callable[..., Any]] = {
+    "pdf": pdf_text,
+    "json": json_parses,
+    "image": image_facts,
+    "docx": docx_facts,
+}
 
 
 # The worker is a new interpreter that imports this module from the service's own path, and nothing else:
@@ -2851,93 +2867,122 @@ class _Worker:
 
 
 class Examiner:
-    """What uploaded files are (`examine`), at most EXAMINATIONS at a time in this process: images, DOCX
-    and text in a thread; a PDF's text, and whether a .json parses, in a worker process started with the
-    first of them and killed when one runs past CHATSVC_EXTRACT_TIMEOUT (the next starts a new one). One
-    per app (app.state.examiner), closed with it."""
+    """What uploaded files are (`examine`), at most EXAMINATIONS at a time in this process. Text is decoded in a
+    thread of the service; everything else (images, PDF, DOCX, and whether a .json parses) is read in a worker
+    process, one per slot at most, started when first needed and killed when a file runs past
+    CHATSVC_EXTRACT_TIMEOUT (the next file starts a new one). Decoders hold the GIL (WebP, expat, pypdf) and
+    cannot be stopped (a JPEG of a million scans): in a process of their own, under an address-space limit
+    (WORKER_MEMORY_BYTES), they neither hold the event loop nor a slot past the deadline, and a bomb past the
+    checks ends there. One per app (app.state.examiner), closed with it."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._slots = asyncio.Semaphore(EXAMINATIONS)
-        self._worker_lock = asyncio.Lock()  # one PDF at a time in the worker
-        self._worker: _Worker | None = None
+        self._idle: list[_Worker] = []  # started, waiting for a file
+        self._busy: set[_Worker] = set()
 
     async def examine(self, name: str, load: Callable[[], Awaitable[bytes]]) -> FileFacts:
         """The facts of the file `load()` gives, or FileRefused (design 2.4's codes). `load` is awaited in
         the slot: the bytes of the uploads waiting for one are not yet in memory. `name` (cleaned) is only
-        for the refusals' details and a text's media type: the bytes decide what the file is."""
+        for the refusals' details and a text's media type: the bytes decide what the file is (sniffed, never
+        the type or the name a client declares)."""
         settings = self.settings
         async with self._slots:
             data = await load()
+            if not data:
+                raise empty_file(name)
             if data.startswith(b"%PDF-"):
                 job = ("pdf", name, data, settings.max_document_pages, settings.max_document_chars)
-                text, pages, note = await self._in_worker(name, job)
+                text, pages, note = await self._in_worker(name, "document", job)
                 return FileFacts(media_type="application/pdf", kind="document", pages=pages, text=text, text_note=note)
-            facts = await asyncio.to_thread(examine_here, settings, name, data)
-            if facts.media_type == "application/json" and not await self._in_worker(name, ("json", data)):
+            image_format = sniff_image(data)
+            if image_format:
+                job = ("image", name, data, image_format, settings.max_image_pixels, settings.image_max_pixels)
+                return await self._in_worker(name, "image", job)
+            if is_heif(data):
+                raise FileRefused(
+                    415,
+                    "unsupported_file_type",
+                    "HEIC/HEIF images are not supported yet; send the photo as JPEG or PNG.",
+                )
+            if data.startswith(b"PK\x03\x04"):
+                return await self._in_worker(name, "document", ("docx", name, data, settings.max_document_chars))
+            facts = await asyncio.to_thread(examine_text, settings.max_document_chars, name, data)
+            if facts.media_type == "application/json" and not await self._in_worker(name, "document", ("json", data)):
                 return FileFacts(media_type="text/plain", kind="document", text=facts.text)
             return facts
 
-    async def _in_worker(self, name: str, job: tuple) -> Any:
-        """The outcome of `job` in the worker process, within CHATSVC_EXTRACT_TIMEOUT."""
-        settings = self.settings
-        async with self._worker_lock:
-            worker = await self._started()
-            try:
-                outcome = await asyncio.wait_for(asyncio.to_thread(worker.exchange, job), settings.extract_timeout)
-            except asyncio.TimeoutError:
-                await self._end()
-                timeout = settings.extract_timeout  # (never the file's name in a log: design 2.11)
-                log.warning("document worker killed: a %s ran past %g s (CHATSVC_EXTRACT_TIMEOUT)", job[0], timeout)
-                raise unreadable_document(
-                    f"Reading the text of {name} took longer than {settings.extract_timeout:g} s"
-                    " (CHATSVC_EXTRACT_TIMEOUT), so it was stopped; send a smaller or simpler document, or a part"
-                    " of it."
-                ) from None
-            except (EOFError, OSError):  # the worker died: killed by the system (its memory?), or closed
-                await self._end()
-                log.warning("document worker ended during a %s (killed by the system: out of memory?)", job[0])
-                raise unreadable_document(
-                    f"Reading the text of {name} stopped unexpectedly; send a smaller or simpler document."
-                ) from None
-            except BaseException:  # cancelled (the upload's client left): the worker may be busy for long
-                await self._end()
-                raise
+    async def _in_worker(self, name: str, kind: str, job: tuple) -> Any:
+        """The outcome of `job` in a worker process of this slot, within CHATSVC_EXTRACT_TIMEOUT. `kind`
+        ("image" or "document") is what a refusal says the file could not be read as."""
+        timeout = self.settings.extract_timeout
+        code, what = ("image_unreadable", "an image") if kind == "image" else ("document_unreadable", "a document")
+        worker = await self._take()
+        try:
+            outcome = await asyncio.wait_for(asyncio.to_thread(worker.exchange, job), timeout)
+        except asyncio.TimeoutError:
+            await self._end(worker)  # (never the file's name in a log: design 2.11)
+            log.warning("document worker killed: a %s ran past %g s (CHATSVC_EXTRACT_TIMEOUT)", job[0], timeout)
+            reading = f"Reading {name}" if kind == "image" else f"Reading the text of {name}"
+            raise FileRefused(
+                422,
+                code,
+                f"{reading} took longer than {timeout:g} s (CHATSVC_EXTRACT_TIMEOUT), so it was stopped; send a"
+                f" smaller or simpler {kind}, or a part of it."
+                if kind == "document"
+                else f"{reading} took longer than {timeout:g} s (CHATSVC_EXTRACT_TIMEOUT), so it was stopped; send"
+                " a smaller or simpler image.",
+            ) from None
+        except (EOFError, OSError):  # the worker died: killed by the system (its memory?), or closed
+            await self._end(worker)
+            log.warning("document worker ended during a %s (killed by the system: out of memory?)", job[0])
+            raise FileRefused(
+                422, code, f"Reading {name} stopped unexpectedly; send a smaller or simpler {kind}."
+            ) from None
+        except BaseException:  # cancelled (the upload's client left): the worker may be busy for long
+            await self._end(worker)
+            raise
+        self._busy.discard(worker)
+        self._idle.append(worker)
         if outcome[0] == "refused":
             raise FileRefused(*outcome[1:])
-        if outcome[0] == "failed":
-            raise unreadable_document(f"{name} could not be read ({outcome[1]}); send a smaller or simpler document.")
+        if outcome[0] == "failed":  # MemoryError (WORKER_MEMORY_BYTES), or what no check foresaw
+            raise FileRefused(422, code, f"{name} could not be read as {what} ({outcome[1]}); send a smaller one.")
         return outcome[1]
 
-    async def _started(self) -> _Worker:
-        if self._worker is not None and self._worker.alive():
-            return self._worker
-        if self._worker is not None:
-            await self._end()
-        self._worker = worker = await asyncio.to_thread(_Worker)
-        try:  # it imports this module first: not counted in a document's time
+    async def _take(self) -> _Worker:
+        """An idle worker, or a new one: each slot uses one at a time, so there are at most EXAMINATIONS."""
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.alive():
+                self._busy.add(worker)
+                return worker
+            await asyncio.to_thread(worker.end)
+        worker = await asyncio.to_thread(_Worker)
+        self._busy.add(worker)
+        try:  # it imports this module first: not counted in a file's time
             await asyncio.wait_for(asyncio.to_thread(worker.conn.recv), WORKER_START_SECONDS)
         except (asyncio.TimeoutError, EOFError, OSError) as exc:
-            await self._end()
+            await self._end(worker)
             raise RuntimeError(f"the document worker process did not start ({type(exc).__name__})") from exc
         except BaseException:
-            await self._end()
+            await self._end(worker)
             raise
         log.info("document worker started (pid %d)", worker.process.pid)
         return worker
 
-    async def _end(self) -> None:
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.kill()  # at once, whatever happens to this task next
-            await asyncio.to_thread(worker.end)
+    async def _end(self, worker: _Worker) -> None:
+        self._busy.discard(worker)
+        worker.kill()  # at once, whatever happens to this task next
+        await asyncio.to_thread(worker.end)
 
     async def close(self) -> None:
-        """Ends the worker process, and a PDF it is reading."""
-        if self._worker is not None:
-            self._worker.kill()
-        async with self._worker_lock:
-            await self._end()
+        """Ends the worker processes, and the files they are reading (their examinations end unreadable)."""
+        workers, self._idle = [*self._idle, *self._busy], []
+        for worker in workers:
+            worker.kill()
+        for worker in workers:
+            await self._end(worker)
 
 
 # ── Answer rows: a running answer's checkpoints and heartbeat, its final state ─────────

@@ -665,11 +665,18 @@ def test_a_docx_with_a_dtd_is_refused():
     )
 
 
+def docx_refused(name: str, data: bytes) -> FileRefused:
+    """What docx_facts refuses, called here: a limit changed by a test is not the worker process's."""
+    with pytest.raises(FileRefused) as caught:
+        chatsvc.docx_facts(name, data, SETTINGS.max_document_chars)
+    return caught.value
+
+
 def test_a_zip_bomb_docx_is_refused_before_it_is_expanded(monkeypatch):
     monkeypatch.setattr(chatsvc, "DOCX_MAX_XML_BYTES", 1024 * 1024)
     big = docx(paragraph(" " * (2 * 1024 * 1024)))
     assert len(big) < 10_000
-    error = refused("bomb.docx", big)
+    error = docx_refused("bomb.docx", big)
     assert (error.status, error.code) == (422, "document_unreadable")
     assert error.detail == (
         "bomb.docx expands to more than a Word document does (2 files, a text part of 2,097,374 bytes; at most 2,000"
@@ -690,7 +697,7 @@ def test_a_docx_whose_header_understates_its_text_part_is_not_read_past_it(monke
     assert data[local : local + 4] == b"PK\x03\x04" and data[central : central + 4] == b"PK\x01\x02"
     data[local + 22 : local + 26] = data[central + 24 : central + 28] = struct.pack("<I", 1000)
     assert zipfile.ZipFile(io.BytesIO(bytes(data))).getinfo("word/document.xml").file_size == 1000
-    error = refused("liar.docx", bytes(data))
+    error = docx_refused("liar.docx", bytes(data))
     assert (error.code, error.detail) == (
         "document_unreadable",
         "liar.docx could not be read as a DOCX (it is damaged); save it again and send that.",
@@ -982,6 +989,83 @@ def test_an_examination_cancelled_ends_the_pdf_being_read():
         assert worker_pids() == before
 
     EXAMINERS.run(run())
+
+
+def rescanned(width: int, scans: int) -> bytes:
+    """A progressive JPEG of `width` squared whose smallest scan is repeated until it has about `scans` scans:
+    each is decoded over the whole image (a hostile file repeats one 800,000 times: minutes)."""
+    data = image_bytes(Image.linear_gradient("L").resize((width, width)).convert("RGB"), "JPEG", progressive=True)
+    segments, at = [], 2
+    while data[at + 1] != 0xD9:  # up to the end marker: markers and their segments, a scan up to the next marker
+        end = at + 2 + struct.unpack(">H", data[at + 2 : at + 4])[0]
+        if data[at + 1] == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+        segments.append(data[at:end])
+        at = end
+    found = [n for n, segment in enumerate(segments) if segment[1] == 0xDA]
+    small = min(found[1:], key=lambda n: len(segments[n]))
+    repeated = segments[small] * (scans - len(found))
+    return data[:2] + b"".join(segments[: small + 1]) + repeated + b"".join(segments[small + 1 :]) + data[at:]
+
+
+def test_a_jpeg_of_more_than_1000_scans_is_refused_before_it_is_decoded():
+    error = refused("scans.jpg", rescanned(256, 1001))
+    assert (error.status, error.code, error.detail) == (
+        422,
+        "image_unreadable",
+        "scans.jpg is a JPEG of more than 1,000 scans (a photo has at most a few dozen); save it again and send that.",
+    )
+    facts = examine("scans.jpg", rescanned(256, 990))  # (counted as it should)
+    assert (facts.width, facts.height) == (256, 256)
+
+
+def test_an_image_that_runs_past_the_deadline_is_stopped_and_its_worker_killed():
+    """Images are decoded in the worker processes, under CHATSVC_EXTRACT_TIMEOUT like PDFs: a decoder cannot be
+    stopped, and some hold the GIL (WebP)."""
+    settings = dataclasses.replace(SETTINGS, extract_timeout=0.25)
+    before = worker_pids()
+    assert examine("warm.png", image_bytes(photo(50, 50), "PNG"), settings).width == 50  # the worker started
+    (worker,) = worker_pids() - before
+    slow = rescanned(4000, 990)  # about a second of decoding
+    started = time.monotonic()
+    error = refused("slow.jpg", slow, settings)
+    assert time.monotonic() - started < 1.25
+    assert (error.status, error.code, error.detail) == (
+        422,
+        "image_unreadable",
+        "Reading slow.jpg took longer than 0.25 s (CHATSVC_EXTRACT_TIMEOUT), so it was stopped; send a smaller or"
+        " simpler image.",
+    )
+    assert worker not in worker_pids()
+    assert examine("next.png", image_bytes(photo(60, 50), "PNG"), settings).width == 60
+
+
+def address_space_limit(pid: int) -> list[str]:
+    """A process's soft and hard limits of address space, from /proc."""
+    with open(f"/proc/{pid}/limits") as lines:
+        return next(line.split()[3:5] for line in lines if line.startswith("Max address space"))
+
+
+def test_at_most_two_workers_each_with_an_address_space_limit():
+    """One worker a slot at most; each may use WORKER_MEMORY_BYTES of address space (a bomb past the checks
+    ends there as a MemoryError, a 422), and a DOCX is read there too."""
+
+    async def run() -> set[int]:
+        examiner = chatsvc.Examiner(SETTINGS)
+        before = worker_pids()
+        files = [("a.png", image_bytes(photo(70, 70), "PNG")), ("b.docx", docx(paragraph("b")))] * 3
+        facts = await asyncio.gather(*(examiner.examine(name, lambda data=data: loaded(data)) for name, data in files))
+        assert [f.media_type for f in facts] == ["image/png", chatsvc.DOCX] * 3
+        workers = worker_pids() - before
+        limits = {pid: address_space_limit(pid) for pid in workers}
+        await examiner.close()
+        assert not workers & worker_pids()
+        return limits
+
+    limits = EXAMINERS.run(run())
+    assert 1 <= len(limits) <= 2
+    assert list(limits.values()) == [[str(1536 * 1024 * 1024)] * 2] * len(limits)
 
 
 SERVICE = """
