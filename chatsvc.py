@@ -2637,6 +2637,12 @@ def docx_facts(name: str, data: bytes, max_chars: int) -> FileFacts:
     read with the standard library (python-docx would add lxml for what one streaming parse does). The zip
     is bounded before its text part is read (members, declared and actual expanded size: a zip bomb stops
     at the bound), and a DTD is refused (Word never writes one; entities declared in it expand)."""
+    members = zip_members(data)
+    if members is not None and members > DOCX_MAX_MEMBERS:
+        raise unreadable_document(
+            f"{name} holds {members:,} files, more than a Word document does (at most {DOCX_MAX_MEMBERS:,} are"
+            " read); send a smaller document."
+        )
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
@@ -2675,6 +2681,21 @@ def docx_facts(name: str, data: bytes, max_chars: int) -> FileFacts:
                 f"{name} could not be read as a DOCX (it is damaged); save it again and send that."
             ) from None
     return FileFacts(media_type=DOCX, kind="document", text=storable_text("\n".join(paragraphs.lines)))
+
+
+def zip_members(data: bytes) -> int | None:
+    """The number of files a zip declares in its end of central directory record (its zip64 record's if it
+    has one), read before zipfile parses a directory entry (which takes ~0.7 µs each, 230,000 of them in a
+    4 MiB zip); None without such a record (zipfile then says the zip is broken)."""
+    at = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 65535))  # after it, a comment of at most 64 KiB
+    if at < 0 or len(data) < at + 22:
+        return None
+    count = int.from_bytes(data[at + 10 : at + 12], "little")
+    if at >= 20 and data[at - 20 : at - 16] == b"PK\x06\x07":  # a zip64 locator: the record it points at counts
+        record = int.from_bytes(data[at - 12 : at - 4], "little")
+        if data[record : record + 4] == b"PK\x06\x06":
+            count = int.from_bytes(data[record + 32 : record + 40], "little")
+    return count
 
 
 class _DocxText:

@@ -683,7 +683,34 @@ def test_a_zip_bomb_docx_is_refused_before_it_is_expanded(monkeypatch):
         " files and 1,048,576 bytes are read); send a smaller document."
     )
     error = refused("many.docx", docx(paragraph("x"), members=chatsvc.DOCX_MAX_MEMBERS))
-    assert error.code == "document_unreadable" and "(2,002 files," in error.detail
+    assert (error.code, error.detail) == (
+        "document_unreadable",
+        "many.docx holds 2,002 files, more than a Word document does (at most 2,000 are read); send a smaller"
+        " document.",
+    )
+
+
+def test_the_members_of_a_zip_are_counted_before_it_is_parsed(monkeypatch):
+    """From the end of central directory record (or its zip64 record): zipfile is not called on 230,000
+    entries."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", allowZip64=True) as archive:
+        for n in range(2001):
+            archive.writestr(str(n), b"")
+    plain = out.getvalue()
+    assert chatsvc.zip_members(plain) == 2001
+    # The same directory, in a zip64 record: the plain record says 0xFFFF, the zip64 one the count.
+    end = plain.rfind(b"PK\x05\x06")
+    directory = int.from_bytes(plain[end + 16 : end + 20], "little")
+    size = int.from_bytes(plain[end + 12 : end + 16], "little")
+    record = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, 2001, 2001, size, directory)
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, end, 1)
+    plain_end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    zip64 = plain[:end] + record + locator + plain_end
+    assert chatsvc.zip_members(zip64) == 2001 and len(zipfile.ZipFile(io.BytesIO(zip64)).infolist()) == 2001
+    monkeypatch.setattr(zipfile, "ZipFile", None)  # never reached
+    assert docx_refused("many.docx", zip64).detail.startswith("many.docx holds 2,001 files")
+    assert chatsvc.zip_members(b"PK\x03\x04 no directory") is None
 
 
 def test_a_docx_whose_header_understates_its_text_part_is_not_read_past_it(monkeypatch):
