@@ -2302,6 +2302,11 @@ WORKER_START_SECONDS = 60.0
 # A DOCX is a zip: its members, and what its text part expands to, are bounded before anything is read.
 DOCX_MAX_MEMBERS = 2000
 DOCX_MAX_XML_BYTES = 64 * 1024 * 1024
+# Its elements are counted and their nesting bounded as they are parsed: each costs a Python call (~1 µs), and
+# 62 KB of zip can hold 16 million of them (15 s). A Word document of 2 million characters has about a million
+# (runs, their properties, their text); Word nests tables and text boxes a few dozen deep.
+DOCX_MAX_ELEMENTS = 3_000_000
+DOCX_MAX_DEPTH = 256
 DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
 _WORD = "http://schemas.openxmlformats.org/wordprocessingml/2006/main "  # expat's "namespace local" names
 
@@ -2704,6 +2709,7 @@ class _DocxText:
 
     def __init__(self, name: str, max_chars: int):
         self.name, self.max_chars, self.chars = name, max_chars, 0
+        self.elements = self.depth = 0
         self.lines: list[str] = []
         self.open: list[list[str]] = []
         self.in_text = False
@@ -2720,6 +2726,13 @@ class _DocxText:
         )
 
     def start(self, tag: str, _attributes: dict) -> None:
+        self.elements += 1
+        self.depth += 1
+        if self.elements > DOCX_MAX_ELEMENTS or self.depth > DOCX_MAX_DEPTH:
+            raise unreadable_document(
+                f"{self.name} holds more XML elements than a Word document does (more than {DOCX_MAX_ELEMENTS:,},"
+                f" or nested more than {DOCX_MAX_DEPTH} deep); save it again from a word processor and send that."
+            )
         if tag == _WORD + "p":
             self.open.append([])
         elif tag == _WORD + "t":
@@ -2728,6 +2741,7 @@ class _DocxText:
             self.add("\t" if tag.endswith("tab") else "\n")
 
     def end(self, tag: str) -> None:
+        self.depth -= 1
         if tag == _WORD + "t":
             self.in_text = False
         elif tag == _WORD + "p" and self.open:

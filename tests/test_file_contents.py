@@ -731,6 +731,20 @@ def test_a_docx_whose_header_understates_its_text_part_is_not_read_past_it(monke
     )
 
 
+def test_a_docx_of_too_many_or_too_deep_elements_is_refused_as_it_is_parsed(monkeypatch):
+    """Each element costs a Python call: 62 KB of zip held 16 million (15 s). Counted and their depth bounded."""
+    detail = (
+        "many.docx holds more XML elements than a Word document does (more than {:,}, or nested more than 256"
+        " deep); save it again from a word processor and send that."
+    )
+    monkeypatch.setattr(chatsvc, "DOCX_MAX_ELEMENTS", 1000)
+    assert docx_refused("many.docx", docx("<x/>" * 1000)).detail == detail.format(1000)
+    assert chatsvc.docx_facts("few.docx", docx("<x/>" * 990 + paragraph("ok")), 100).text == "ok"
+    deep = docx("<w:p>" * 257 + "</w:p>" * 257)
+    assert refused("many.docx", deep).detail == detail.format(3_000_000)
+    assert examine("ok.docx", docx("<w:p>" * 250 + "</w:p>" * 250)).media_type == chatsvc.DOCX
+
+
 def test_a_broken_docx_is_unreadable_and_another_zip_is_not_accepted():
     data = docx(paragraph("x"))
     error = refused("cut.docx", data[: len(data) // 2])
