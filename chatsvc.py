@@ -91,7 +91,7 @@ import databases
 import httpx2 as httpx
 import prometheus_client
 from databases import DatabaseURL
-from PIL import GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from PIL import GifImagePlugin, Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.config import Config
@@ -2334,6 +2334,16 @@ TEXT_TYPES = {".md": "text/markdown", ".markdown": "text/markdown", ".csv": "tex
 _NAME_UNWANTED = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 _UNSTORABLE_TEXT = re.compile(r"[\x00\ud800-\udfff]")
 _EXIF_ORIENTATION = 0x0112
+# What turns an image upright, by its EXIF orientation (2 to 8), as ImageOps.exif_transpose does.
+_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 # Pillow warns, rather than raises, about what the checks below decide themselves (an image past its
 # pixel limit: the readers are called without Image.open's check, and the size is checked here; a corrupt
@@ -2542,18 +2552,23 @@ def image_facts(name: str, data: bytes, image_format: str, max_image_pixels: int
 
 
 def model_copy(image: Image.Image, orientation: int, size: tuple[int, int]) -> tuple[bytes, str]:
-    """A decoded image as the model is sent it: turned upright, `size`, in PNG if it has transparency or
-    a palette (drawings, screenshots, where JPEG blurs edges) and else JPEG at quality 85 (photos)."""
+    """A decoded image as the model is sent it: `size` once turned upright, in PNG if it has transparency or
+    a palette (drawings, screenshots, where JPEG blurs edges) and else JPEG at quality 85 (photos). Scaled
+    before it is turned, and converted only to change its mode: a 50-megapixel image is not copied whole
+    (a 7000 by 7000 RGBA PNG peaked at 680 MiB with a convert to its own mode and a turn at full size)."""
     alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     drawn = alpha or image.mode in ("P", "1")
-    if orientation != 1:
-        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):  # 16-bit grey: to 8 bits, not clipped to them
         image = image.convert("I").point(lambda value: value / 256).convert("L")
-    image = image.convert("RGBA" if alpha else "L" if image.mode in ("L", "1") else "RGB")
-    if image.size != size:
+    mode = "RGBA" if alpha else "L" if image.mode in ("L", "1") else "RGB"
+    if image.mode != mode:
+        image = image.convert(mode)
+    stored = size[::-1] if orientation in (5, 6, 7, 8) else size  # its sides before it is turned
+    if image.size != stored:
         # Stretched to the multiples of 28 (by at most 27 pixels a side), as the service itself resizes.
-        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        image = image.resize(stored, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if orientation != 1:
+        image = image.transpose(_TURNS[orientation])
     out = io.BytesIO()
     if drawn:
         image.save(out, "PNG")
