@@ -603,7 +603,7 @@ def test_examinations_run_off_the_event_loop():
         return held, naive
 
     held, naive = asyncio.run(run())
-    assert naive > 0.5 and held < 0.3, (held, naive)
+    assert held * 4 < naive, (held, naive)
 
 
 # ── DOCX ──────────────────────────────────────────────────────────────────────────────
