@@ -2475,6 +2475,11 @@ def image_facts(name: str, data: bytes, image_format: str, max_image_pixels: int
         "image_too_large",
         f"{name} has a frame larger than {max_image_pixels:,} pixels (CHATSVC_MAX_IMAGE_PIXELS); send a smaller image.",
     )
+    out_of_memory = FileRefused(  # the worker's address space (WORKER_MEMORY_BYTES): a bomb past the checks
+        422,
+        "image_too_large",
+        f"{name} needs more memory to decode than an image may use; send a smaller image.",
+    )
     try:
         image = _IMAGE_READERS[image_format](io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # a GIF frame larger than its screen
@@ -2510,6 +2515,8 @@ def image_facts(name: str, data: bytes, image_format: str, max_image_pixels: int
                 image.load()
             except (Image.DecompressionBombError, Image.DecompressionBombWarning):
                 raise too_large from None
+            except MemoryError:
+                raise out_of_memory from None
             except Exception:
                 raise unreadable from None
         try:
@@ -2537,6 +2544,8 @@ def image_facts(name: str, data: bytes, image_format: str, max_image_pixels: int
                 copy, copy_type = model_copy(image, orientation, target)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise too_large from None
+        except MemoryError:
+            raise out_of_memory from None
         except Exception:  # "image file is truncated", a broken data stream…
             raise unreadable from None
     return FileFacts(

@@ -316,6 +316,22 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded():
     )
 
 
+def test_an_image_that_runs_out_of_memory_is_too_large_not_corrupt(monkeypatch):
+    """Past the worker's address space (WORKER_MEMORY_BYTES) Pillow raises MemoryError: the file is refused as
+    too large, not called truncated or corrupt. (In this process: the worker's limit is not the test's to set.)"""
+
+    def exhausted(self):
+        raise MemoryError
+
+    monkeypatch.setattr(chatsvc.PngImagePlugin.PngImageFile, "load", exhausted)
+    with pytest.raises(FileRefused) as caught:
+        chatsvc.image_facts("big.png", image_bytes(photo(50, 50), "PNG"), "PNG", 10**6, 10**6)
+    assert (caught.value.code, caught.value.detail) == (
+        "image_too_large",
+        "big.png needs more memory to decode than an image may use; send a smaller image.",
+    )
+
+
 def test_a_gif_whose_first_frame_outgrows_its_screen_is_refused():
     """A 10 by 10 GIF whose frame is 20,000 by 20,000: Pillow grows the image to the frame (and refuses past
     its own limit, which this refusal is)."""
