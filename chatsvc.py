@@ -2281,7 +2281,7 @@ class FileFacts:
 
 # How many files are examined at once in one process. An examination holds the file's bytes (up to
 # CHATSVC_MAX_FILE_BYTES) and, for an image, its decoded pixels (up to CHATSVC_MAX_IMAGE_PIXELS times 4 bytes):
-# memory is bounded by these slots, not by the uploads in flight.
+# memory is bounded by these slots, not by the uploads in flight. Each slot uses one worker process at a time.
 EXAMINATIONS = 2
 TEXT_PIECE_BYTES = 1024 * 1024  # a text is decoded this much at a time (each piece holds the GIL a few ms)
 # A progressive JPEG is decoded once a scan: a photo has a few dozen, a hostile file a million (minutes). Inside
@@ -2665,7 +2665,8 @@ def docx_facts(name: str, data: bytes, max_chars: int) -> FileFacts:
     """A DOCX (a zip holding word/document.xml) and its text: the paragraphs of the body, one a line,
     read with the standard library (python-docx would add lxml for what one streaming parse does). The zip
     is bounded before its text part is read (members, declared and actual expanded size: a zip bomb stops
-    at the bound), and a DTD is refused (Word never writes one; entities declared in it expand)."""
+    at the bound), and a DTD is refused (Word never writes one; entities declared in it expand). Run in the
+    worker process: expat's Python callbacks hold the GIL."""
     members = zip_members(data)
     if members is not None and members > DOCX_MAX_MEMBERS:
         raise unreadable_document(
@@ -2843,10 +2844,11 @@ def pdf_text(name: str, data: bytes, max_pages: int, max_chars: int) -> tuple[st
 
 
 def document_worker(fd: int) -> None:
-    """The document worker process: it answers jobs `(task, *arguments)` (WORKER_TASKS) on the connection
-    `fd` with their outcome until the connection closes. A process, not a thread, because pypdf's
-    pure-Python loops hold the GIL and cannot be stopped (a PDF that runs past CHATSVC_EXTRACT_TIMEOUT is
-    ended by killing its process), and json.loads holds it throughout."""
+    """A worker process (named "document worker" in logs, as it was when it read only PDFs): it answers jobs
+    `(task, *arguments)` (WORKER_TASKS: PDF, DOCX, images, JSON) on the connection `fd` with their outcome
+    until the connection closes. A process, not a thread, because decoders hold the GIL (pypdf's pure-Python
+    loops, expat's callbacks, WebP, json.loads) and cannot be stopped: a file that runs past
+    CHATSVC_EXTRACT_TIMEOUT is ended by killing its process. Its address space is bounded (WORKER_MEMORY_BYTES)."""
     import resource  # (POSIX only, as the worker is)
 
     conn = multiprocessing.connection.Connection(fd)
