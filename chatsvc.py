@@ -91,7 +91,7 @@ import databases
 import httpx2 as httpx
 import prometheus_client
 from databases import DatabaseURL
-from PIL import GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from PIL import GifImagePlugin, Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -2847,14 +2847,32 @@ class FileFacts:
 
 # How many files are examined at once in one process. An examination holds the file's bytes (up to
 # CHATSVC_MAX_FILE_BYTES) and, for an image, its decoded pixels (up to CHATSVC_MAX_IMAGE_PIXELS times 4 bytes):
-# memory is bounded by these slots, not by the uploads in flight.
+# memory is bounded by these slots, not by the uploads in flight. Each slot uses one worker process at a time.
 EXAMINATIONS = 2
 TEXT_PIECE_BYTES = 1024 * 1024  # a text is decoded this much at a time (each piece holds the GIL a few ms)
+# A progressive JPEG is decoded once a scan: a photo has a few dozen, a hostile file a million (minutes). Inside
+# a JPEG's entropy-coded data a 0xFF byte is followed by 0x00, so counting FF DA bytes overcounts only in metadata.
+JPEG_MAX_SCANS = 1000
+# Longer sides than this many times the shorter are refused: scaled to the model's pixels, such a strip keeps a
+# side of one patch and the other past what JPEG can encode (65,500).
+MAX_ASPECT = 200
+# A small PNG or JPEG is sent to the model as it came, if its bytes are about its pixels: not a 64 by 64 PNG
+# carrying 19 MiB in a private chunk, or a JPEG with 19 MiB after its end (re-encoded, they lose that).
+KEPT_SLACK_BYTES = 64 * 1024
+KEPT_MAX_BYTES = 2 * 1024 * 1024
+# The address space a worker process may use: a 50-megapixel RGBA image and its copies fit (~0.7 GiB); a bomb
+# that gets past the checks ends as a MemoryError in the worker (422), not in the service or the machine's OOM.
+WORKER_MEMORY_BYTES = 1536 * 1024 * 1024
 # The document worker imports this module before it answers: that is not the document's time.
 WORKER_START_SECONDS = 60.0
 # A DOCX is a zip: its members, and what its text part expands to, are bounded before anything is read.
 DOCX_MAX_MEMBERS = 2000
 DOCX_MAX_XML_BYTES = 64 * 1024 * 1024
+# Its elements are counted and their nesting bounded as they are parsed: each costs a Python call (~1 µs), and
+# 62 KB of zip can hold 16 million of them (15 s). A Word document of 2 million characters has about a million
+# (runs, their properties, their text); Word nests tables and text boxes a few dozen deep.
+DOCX_MAX_ELEMENTS = 3_000_000
+DOCX_MAX_DEPTH = 256
 DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
 _WORD = "http://schemas.openxmlformats.org/wordprocessingml/2006/main "  # expat's "namespace local" names
 
@@ -2871,18 +2889,27 @@ _IMAGE_READERS = {
     "GIF": GifImagePlugin.GifImageFile,
 }
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
-# An SVG document's start: an XML declaration, comments and a DOCTYPE, then <svg. Each part can match in one
-# way only (a comment ends at its first "-->"): no backtracking that grows with the number of comments.
-_SVG = re.compile(
-    r"\s*(?:<\?xml[^>]*>\s*)?(?:(?:<!--(?:[^-]|-(?!->))*-->|<!DOCTYPE[^>\[]*(?:\[[^\]]*\])?\s*>)\s*)*<svg[\s>/]",
-    re.I,
-)
+# An SVG document's root element, <svg> or a prefixed <svg:svg>, found where `svg_root` stops skipping the prolog.
+_SVG_ROOT = re.compile(r"<(?:[\w.-]+:)?svg(?![\w.:-])", re.I)
+_SPACE = re.compile(r"[\s\ufeff]*")  # a second byte order mark too
+_DOCTYPE_END = re.compile(r"\]\s*>")
 TEXT_TYPES = {".md": "text/markdown", ".markdown": "text/markdown", ".csv": "text/csv", ".json": "application/json"}
-# C0 and C1 controls, DEL, the bidirectional marks, embeddings, overrides and isolates (which make
-# "photo\u202egnp.exe" show as "photoexe.png"), and lone surrogates (no database stores them).
-_NAME_UNWANTED = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# The characters a name loses, by Unicode category: controls (C0, C1, DEL), format characters (the bidirectional
+# marks, embeddings, overrides and isolates, which make "photo\u202egnp.exe" show as "photoexe.png"; zero-width
+# characters, the BOM, tags), line and paragraph separators, and lone surrogates (no database stores them).
+_NAME_UNWANTED = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
 _UNSTORABLE_TEXT = re.compile(r"[\x00\ud800-\udfff]")
 _EXIF_ORIENTATION = 0x0112
+# What turns an image upright, by its EXIF orientation (2 to 8), as ImageOps.exif_transpose does.
+_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 # Pillow warns, rather than raises, about what the checks below decide themselves (an image past its
 # pixel limit: the readers are called without Image.open's check, and the size is checked here; a corrupt
@@ -2894,9 +2921,11 @@ def clean_name(raw: str) -> str:
     """The name a file is stored and shown under: NFC, the last part of a path (after / or \\), without
     control characters, bidirectional overrides and leading dots (no hidden files, no "../"), at most 255
     bytes of UTF-8 (the limit of every file system a user may save it to), cut at a character and keeping
-    a short extension (which says what a text file is)."""
+    a short extension (which says what a text file is). Every format character goes, the joiner inside an emoji
+    sequence too (the emoji stay, side by side): one rule, no exceptions to get wrong."""
     name = re.split(r"[/\\]", unicodedata.normalize("NFC", raw))[-1]
-    name = _NAME_UNWANTED.sub("", name).strip().lstrip(".").strip()
+    name = "".join(c for c in name if unicodedata.category(c) not in _NAME_UNWANTED)
+    name = unicodedata.normalize("NFC", name).strip().lstrip(".").strip()  # a mark may now follow its letter
     if len(name.encode()) > 255:
         stem, dot, extension = name.rpartition(".")
         if not dot or len(extension.encode()) > 16:
@@ -2960,25 +2989,24 @@ def document_too_long(detail: str) -> FileRefused:
     return FileRefused(422, "document_too_long", detail)
 
 
-def examine_here(settings: Settings, name: str, data: bytes) -> FileFacts:
-    """What `data` is, for every type but PDF (whose text is read in the worker process): sniffed by its
-    bytes, never by the type or the name a client declares, then checked and read. Run in a worker thread:
-    decoding a 20 MiB text or a 50-megapixel image takes longer than the event loop may wait."""
-    if not data:
-        raise empty_file(name)
-    image_format = sniff_image(data)
-    if image_format:
-        return image_facts(settings, name, data, image_format)
-    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
-        raise FileRefused(
-            415, "unsupported_file_type", "HEIC/HEIF images are not supported yet; send the photo as JPEG or PNG."
-        )
-    if data.startswith(b"PK\x03\x04"):
-        return docx_facts(settings, name, data)
-    text = decoded_text(data)
-    if text is None:
+def examine_text(max_chars: int, name: str, data: bytes) -> FileFacts:
+    """`data` as a text document, if it is text (else 415 with what is accepted). Run in a thread of the
+    service: the text is decoded a MiB at a time (each piece holds the GIL a few ms), the SVG check is linear.
+    Everything else (images, PDF, DOCX, and whether a .json parses) is read in a worker process."""
+    decoded = decoded_text(data, max_chars)
+    if decoded is None:
         raise unsupported(name)
-    return text_facts(settings, name, text)
+    text, chars = decoded
+    if text is None:
+        raise document_too_long(
+            f"{name} holds {chars:,} characters; at most {max_chars:,} are kept (CHATSVC_MAX_DOCUMENT_CHARS):"
+            " send a part of it."
+        )
+    return text_facts(name, text)
+
+
+def is_heif(data: bytes) -> bool:
+    return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
 
 
 def sniff_image(data: bytes) -> str | None:
@@ -2994,13 +3022,15 @@ def sniff_image(data: bytes) -> str | None:
     return None
 
 
-def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -> FileFacts:
+def image_facts(name: str, data: bytes, image_format: str, max_image_pixels: int, image_max_pixels: int) -> FileFacts:
     """An image, confirmed by Pillow's reader of its format (only its header is read), refused past
     CHATSVC_MAX_IMAGE_PIXELS before a pixel is decoded (a 1 MB PNG can claim 400 megapixels), then decoded:
     the first frame, turned as its EXIF orientation says, scaled for the model (`model_size`) and stored as
-    the copy every turn sends. A small PNG or JPEG is sent as it came: scaling or re-encoding would only
-    lose detail. A JPEG is decoded straight at a fraction of its size (`draft`: a 40-megapixel photo costs
-    a quarter of a second, not a second)."""
+    the copy every turn sends. A small PNG or JPEG is sent as it came (unless it carries more bytes than
+    its pixels need: KEPT_MAX_BYTES): scaling or re-encoding would only lose detail. A JPEG is decoded
+    straight at a fraction of its size (`draft`: a 40-megapixel photo costs a quarter of a second, not a
+    second). Run in the worker process (`Examiner`), under CHATSVC_EXTRACT_TIMEOUT: decoders hold the GIL
+    (WebP) and cannot be stopped (a JPEG of a million scans)."""
     unreadable = FileRefused(
         422,
         "image_unreadable",
@@ -3009,8 +3039,12 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
     too_large = FileRefused(
         422,
         "image_too_large",
-        f"{name} has a frame larger than {settings.max_image_pixels:,} pixels (CHATSVC_MAX_IMAGE_PIXELS); send a"
-        " smaller image.",
+        f"{name} has a frame larger than {max_image_pixels:,} pixels (CHATSVC_MAX_IMAGE_PIXELS); send a smaller image.",
+    )
+    out_of_memory = FileRefused(  # the worker's address space (WORKER_MEMORY_BYTES): a bomb past the checks
+        422,
+        "image_too_large",
+        f"{name} needs more memory to decode than an image may use; send a smaller image.",
     )
     try:
         image = _IMAGE_READERS[image_format](io.BytesIO(data))
@@ -3018,15 +3052,39 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
         raise too_large from None
     except Exception:  # Pillow's readers raise SyntaxError, OSError, ValueError, struct.error… on what they refuse
         raise unreadable from None
+    if image_format == "JPEG" and data.count(b"\xff\xda") > JPEG_MAX_SCANS:  # start-of-scan markers, an upper bound
+        raise FileRefused(
+            422,
+            "image_unreadable",
+            f"{name} is a JPEG of more than {JPEG_MAX_SCANS:,} scans (a photo has at most a few dozen); save it"
+            " again and send that.",
+        )
     with image:
         width, height = image.size
-        if width * height > settings.max_image_pixels:
+        if width * height > max_image_pixels:
             raise FileRefused(
                 422,
                 "image_too_large",
                 f"{name} is {width:,} by {height:,} pixels ({width * height:,}); images of at most"
-                f" {settings.max_image_pixels:,} pixels are accepted (CHATSVC_MAX_IMAGE_PIXELS).",
+                f" {max_image_pixels:,} pixels are accepted (CHATSVC_MAX_IMAGE_PIXELS).",
             )
+        if max(width, height) > MAX_ASPECT * min(width, height):
+            raise FileRefused(
+                422,
+                "image_unreadable",
+                f"{name} is {width:,} by {height:,} pixels: one side is more than {MAX_ASPECT} times the other;"
+                f" images of at most {MAX_ASPECT}:1 are read (the model sees such a strip as a line): cut it into parts"
+                " and send those.",
+            )
+        if image_format == "PNG":  # its EXIF may follow the pixels: getexif() would load them, swallowing an error
+            try:
+                image.load()
+            except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+                raise too_large from None
+            except MemoryError:
+                raise out_of_memory from None
+            except Exception:
+                raise unreadable from None
         try:
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
         except Exception:  # a corrupt EXIF block: the pixels may still be fine
@@ -3035,10 +3093,11 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
             orientation = 1
         turned = orientation in (5, 6, 7, 8)  # the sides swap
         shown = (height, width) if turned else (width, height)
-        target = model_size(*shown, settings.image_max_pixels)
+        target = model_size(*shown, image_max_pixels)
         keep = (
             target == shown
             and orientation == 1
+            and len(data) <= min(width * height * 4 + KEPT_SLACK_BYTES, KEPT_MAX_BYTES)
             and (image_format == "PNG" or (image_format == "JPEG" and image.mode in ("RGB", "L")))
         )
         try:
@@ -3051,6 +3110,8 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
                 copy, copy_type = model_copy(image, orientation, target)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise too_large from None
+        except MemoryError:
+            raise out_of_memory from None
         except Exception:  # "image file is truncated", a broken data stream…
             raise unreadable from None
     return FileFacts(
@@ -3066,18 +3127,23 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
 
 
 def model_copy(image: Image.Image, orientation: int, size: tuple[int, int]) -> tuple[bytes, str]:
-    """A decoded image as the model is sent it: turned upright, `size`, in PNG if it has transparency or
-    a palette (drawings, screenshots, where JPEG blurs edges) and else JPEG at quality 85 (photos)."""
+    """A decoded image as the model is sent it: `size` once turned upright, in PNG if it has transparency or
+    a palette (drawings, screenshots, where JPEG blurs edges) and else JPEG at quality 85 (photos). Scaled
+    before it is turned, and converted only to change its mode: a 50-megapixel image is not copied whole
+    (a 7000 by 7000 RGBA PNG peaked at 680 MiB with a convert to its own mode and a turn at full size)."""
     alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     drawn = alpha or image.mode in ("P", "1")
-    if orientation != 1:
-        image = ImageOps.exif_transpose(image)
     if image.mode.startswith("I;16") or image.mode in ("I", "F"):  # 16-bit grey: to 8 bits, not clipped to them
         image = image.convert("I").point(lambda value: value / 256).convert("L")
-    image = image.convert("RGBA" if alpha else "L" if image.mode in ("L", "1") else "RGB")
-    if image.size != size:
+    mode = "RGBA" if alpha else "L" if image.mode in ("L", "1") else "RGB"
+    if image.mode != mode:
+        image = image.convert(mode)
+    stored = size[::-1] if orientation in (5, 6, 7, 8) else size  # its sides before it is turned
+    if image.size != stored:
         # Stretched to the multiples of 28 (by at most 27 pixels a side), as the service itself resizes.
-        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        image = image.resize(stored, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if orientation != 1:
+        image = image.transpose(_TURNS[orientation])
     out = io.BytesIO()
     if drawn:
         image.save(out, "PNG")
@@ -3086,40 +3152,69 @@ def model_copy(image: Image.Image, orientation: int, size: tuple[int, int]) -> t
     return out.getvalue(), "image/jpeg"
 
 
-def decoded_text(data: bytes) -> str | None:
+def decoded_text(data: bytes, max_chars: int) -> tuple[str | None, int] | None:
     """`data` as text if it is text: UTF-8 (with or without a BOM), or UTF-16 with its BOM; never with a
-    NUL (which text files do not hold and binary ones do). None if it is not. Decoded a MiB at a time:
-    a decode holds the GIL, and 20 MiB at once would hold the event loop's thread for tens of ms."""
+    NUL (which text files do not hold and binary ones do). None if it is not; (None, its length) if it is
+    longer than `max_chars` (counted as it is decoded: the pieces of a text too long are not joined, and
+    decoding goes on only to tell text from binary). Decoded a MiB at a time: a decode holds the GIL, and
+    20 MiB at once would hold the event loop's thread for tens of ms."""
     encoding = "utf-16" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
     decoder = codecs.getincrementaldecoder(encoding)()
-    view, pieces = memoryview(data), []
+    view, pieces, chars = memoryview(data), [], 0
     try:
         for start in range(0, len(data), TEXT_PIECE_BYTES):
             end = start + TEXT_PIECE_BYTES
-            pieces.append(decoder.decode(view[start:end], final=end >= len(data)))
-            if "\x00" in pieces[-1]:
+            piece = decoder.decode(view[start:end], final=end >= len(data))
+            if "\x00" in piece:
                 return None
+            chars += len(piece)
+            if chars <= max_chars:
+                pieces.append(piece)
+            else:
+                pieces.clear()
     except UnicodeDecodeError:
         return None
-    return "".join(pieces)
+    if chars > max_chars:
+        return None, chars
+    return "".join(pieces), chars
 
 
-def text_facts(settings: Settings, name: str, text: str) -> FileFacts:
+def text_facts(name: str, text: str) -> FileFacts:
     """A text document. Its media type comes from its name's extension (text/markdown, text/csv,
     application/json), else text/plain: source code, logs, and HTML too (served as plain text, it never
     runs). A .json is application/json only if it parses: the Examiner checks that in its worker process
     (`json_parses`). An SVG is XML text, but an image that can run scripts: refused."""
-    if _SVG.match(text[:4096]):
+    if svg_root(text):
         raise FileRefused(415, "unsupported_file_type", "SVG images are not accepted; send PNG, JPEG, WebP or GIF.")
     if not text:  # a byte order mark and nothing else
         raise empty_file(name)
-    if len(text) > settings.max_document_chars:
-        raise document_too_long(
-            f"{name} holds {len(text):,} characters; at most {settings.max_document_chars:,} are kept"
-            " (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it."
-        )
     media_type = TEXT_TYPES.get(os.path.splitext(name)[1].lower(), "text/plain")
     return FileFacts(media_type=media_type, kind="document", text=text)
+
+
+def svg_root(text: str) -> bool:
+    """Whether `text` is an SVG document: its prolog (white space, processing instructions such as
+    <?xml?> and <?xml-stylesheet?>, comments, a DOCTYPE and its internal subset) skipped, however long, then
+    an <svg> root, prefixed or not. Each step moves past what it finds with str.find: linear in the text."""
+    at = 0
+    while True:
+        at = _SPACE.match(text, at).end()
+        if text.startswith("<?", at):
+            end, step = text.find("?>", at + 2), 2
+        elif text.startswith("<!--", at):
+            end, step = text.find("-->", at + 4), 3
+        elif text[at : at + 9].upper() == "<!DOCTYPE":
+            bracket, close = text.find("[", at), text.find(">", at)
+            if 0 <= bracket < close or (close < 0 <= bracket):  # an internal subset: its "]" and ">" end it
+                found = _DOCTYPE_END.search(text, bracket)
+                end, step = (found.end(), 0) if found else (-1, 0)
+            else:
+                end, step = close, 1
+        else:
+            return _SVG_ROOT.match(text, at) is not None
+        if end < 0:  # a prolog that never ends: not a document anything renders
+            return False
+        at = end + step
 
 
 def json_parses(data: bytes) -> bool:
@@ -3132,11 +3227,18 @@ def json_parses(data: bytes) -> bool:
     return True
 
 
-def docx_facts(settings: Settings, name: str, data: bytes) -> FileFacts:
+def docx_facts(name: str, data: bytes, max_chars: int) -> FileFacts:
     """A DOCX (a zip holding word/document.xml) and its text: the paragraphs of the body, one a line,
     read with the standard library (python-docx would add lxml for what one streaming parse does). The zip
     is bounded before its text part is read (members, declared and actual expanded size: a zip bomb stops
-    at the bound), and a DTD is refused (Word never writes one; entities declared in it expand)."""
+    at the bound), and a DTD is refused (Word never writes one; entities declared in it expand). Run in the
+    worker process: expat's Python callbacks hold the GIL."""
+    members = zip_members(data)
+    if members is not None and members > DOCX_MAX_MEMBERS:
+        raise unreadable_document(
+            f"{name} holds {members:,} files, more than a Word document does (at most {DOCX_MAX_MEMBERS:,} are"
+            " read); send a smaller document."
+        )
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
@@ -3156,7 +3258,7 @@ def docx_facts(settings: Settings, name: str, data: bytes) -> FileFacts:
                 f" of {part.file_size:,} bytes; at most {DOCX_MAX_MEMBERS:,} files and {DOCX_MAX_XML_BYTES:,} bytes"
                 " are read); send a smaller document."
             )
-        paragraphs = _DocxText(name, settings.max_document_chars)
+        paragraphs = _DocxText(name, max_chars)
         try:
             with archive.open(part) as member:
                 expanded = 0
@@ -3177,12 +3279,28 @@ def docx_facts(settings: Settings, name: str, data: bytes) -> FileFacts:
     return FileFacts(media_type=DOCX, kind="document", text=storable_text("\n".join(paragraphs.lines)))
 
 
+def zip_members(data: bytes) -> int | None:
+    """The number of files a zip declares in its end of central directory record (its zip64 record's if it
+    has one), read before zipfile parses a directory entry (which takes ~0.7 µs each, 230,000 of them in a
+    4 MiB zip); None without such a record (zipfile then says the zip is broken)."""
+    at = data.rfind(b"PK\x05\x06", max(0, len(data) - 22 - 65535))  # after it, a comment of at most 64 KiB
+    if at < 0 or len(data) < at + 22:
+        return None
+    count = int.from_bytes(data[at + 10 : at + 12], "little")
+    if at >= 20 and data[at - 20 : at - 16] == b"PK\x06\x07":  # a zip64 locator: the record it points at counts
+        record = int.from_bytes(data[at - 12 : at - 4], "little")
+        if data[record : record + 4] == b"PK\x06\x06":
+            count = int.from_bytes(data[record + 32 : record + 40], "little")
+    return count
+
+
 class _DocxText:
     """The handlers of one streaming parse of word/document.xml: the text runs (`w:t`, tabs and breaks)
     of each paragraph (`w:p`, a table cell's too); a paragraph inside another (a text box) is its own line."""
 
     def __init__(self, name: str, max_chars: int):
         self.name, self.max_chars, self.chars = name, max_chars, 0
+        self.elements = self.depth = 0
         self.lines: list[str] = []
         self.open: list[list[str]] = []
         self.in_text = False
@@ -3199,6 +3317,13 @@ class _DocxText:
         )
 
     def start(self, tag: str, _attributes: dict) -> None:
+        self.elements += 1
+        self.depth += 1
+        if self.elements > DOCX_MAX_ELEMENTS or self.depth > DOCX_MAX_DEPTH:
+            raise unreadable_document(
+                f"{self.name} holds more XML elements than a Word document does (more than {DOCX_MAX_ELEMENTS:,},"
+                f" or nested more than {DOCX_MAX_DEPTH} deep); save it again from a word processor and send that."
+            )
         if tag == _WORD + "p":
             self.open.append([])
         elif tag == _WORD + "t":
@@ -3207,6 +3332,7 @@ class _DocxText:
             self.add("\t" if tag.endswith("tab") else "\n")
 
     def end(self, tag: str) -> None:
+        self.depth -= 1
         if tag == _WORD + "t":
             self.in_text = False
         elif tag == _WORD + "p" and self.open:
@@ -3284,11 +3410,17 @@ def pdf_text(name: str, data: bytes, max_pages: int, max_chars: int) -> tuple[st
 
 
 def document_worker(fd: int) -> None:
-    """The document worker process: it answers jobs `(task, *arguments)` (WORKER_TASKS) on the connection
-    `fd` with their outcome until the connection closes. A process, not a thread, because pypdf's
-    pure-Python loops hold the GIL and cannot be stopped (a PDF that runs past CHATSVC_EXTRACT_TIMEOUT is
-    ended by killing its process), and json.loads holds it throughout."""
+    """A worker process (named "document worker" in logs, as it was when it read only PDFs): it answers jobs
+    `(task, *arguments)` (WORKER_TASKS: PDF, DOCX, images, JSON) on the connection `fd` with their outcome
+    until the connection closes. A process, not a thread, because decoders hold the GIL (pypdf's pure-Python
+    loops, expat's callbacks, WebP, json.loads) and cannot be stopped: a file that runs past
+    CHATSVC_EXTRACT_TIMEOUT is ended by killing its process. Its address space is bounded (WORKER_MEMORY_BYTES)."""
+    import resource  # (POSIX only, as the worker is)
+
     conn = multiprocessing.connection.Connection(fd)
+    limit = resource.getrlimit(resource.RLIMIT_AS)[1]
+    limit = WORKER_MEMORY_BYTES if limit == resource.RLIM_INFINITY else min(limit, WORKER_MEMORY_BYTES)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))  # a bomb past the checks: a MemoryError here, not the OOM
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the service, which ends this
     logging.getLogger("pypdf").setLevel(logging.CRITICAL + 1)  # its warnings about damaged files are ours
     warnings.simplefilter("ignore")
@@ -3314,7 +3446,12 @@ def _end_with_parent(parent: int) -> None:
     os._exit(0)
 
 
-WORKER_TASKS: dict[str, Callable[..., Any]] = {"pdf": pdf_text, "json": json_parses}
+WORKER_TASKS: dict[str, Callable[..., Any]] = {
+    "pdf": pdf_text,
+    "json": json_parses,
+    "image": image_facts,
+    "docx": docx_facts,
+}
 
 
 # The worker is a new interpreter that imports this module from the service's own path, and nothing else:
@@ -3357,93 +3494,122 @@ class _Worker:
 
 
 class Examiner:
-    """What uploaded files are (`examine`), at most EXAMINATIONS at a time in this process: images, DOCX
-    and text in a thread; a PDF's text, and whether a .json parses, in a worker process started with the
-    first of them and killed when one runs past CHATSVC_EXTRACT_TIMEOUT (the next starts a new one). One
-    per app (app.state.examiner), closed with it."""
+    """What uploaded files are (`examine`), at most EXAMINATIONS at a time in this process. Text is decoded in a
+    thread of the service; everything else (images, PDF, DOCX, and whether a .json parses) is read in a worker
+    process, one per slot at most, started when first needed and killed when a file runs past
+    CHATSVC_EXTRACT_TIMEOUT (the next file starts a new one). Decoders hold the GIL (WebP, expat, pypdf) and
+    cannot be stopped (a JPEG of a million scans): in a process of their own, under an address-space limit
+    (WORKER_MEMORY_BYTES), they neither hold the event loop nor a slot past the deadline, and a bomb past the
+    checks ends there. One per app (app.state.examiner), closed with it."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._slots = asyncio.Semaphore(EXAMINATIONS)
-        self._worker_lock = asyncio.Lock()  # one PDF at a time in the worker
-        self._worker: _Worker | None = None
+        self._idle: list[_Worker] = []  # started, waiting for a file
+        self._busy: set[_Worker] = set()
 
     async def examine(self, name: str, load: Callable[[], Awaitable[bytes]]) -> FileFacts:
         """The facts of the file `load()` gives, or FileRefused (design 2.4's codes). `load` is awaited in
         the slot: the bytes of the uploads waiting for one are not yet in memory. `name` (cleaned) is only
-        for the refusals' details and a text's media type: the bytes decide what the file is."""
+        for the refusals' details and a text's media type: the bytes decide what the file is (sniffed, never
+        the type or the name a client declares)."""
         settings = self.settings
         async with self._slots:
             data = await load()
+            if not data:
+                raise empty_file(name)
             if data.startswith(b"%PDF-"):
                 job = ("pdf", name, data, settings.max_document_pages, settings.max_document_chars)
-                text, pages, note = await self._in_worker(name, job)
+                text, pages, note = await self._in_worker(name, "document", job)
                 return FileFacts(media_type="application/pdf", kind="document", pages=pages, text=text, text_note=note)
-            facts = await asyncio.to_thread(examine_here, settings, name, data)
-            if facts.media_type == "application/json" and not await self._in_worker(name, ("json", data)):
+            image_format = sniff_image(data)
+            if image_format:
+                job = ("image", name, data, image_format, settings.max_image_pixels, settings.image_max_pixels)
+                return await self._in_worker(name, "image", job)
+            if is_heif(data):
+                raise FileRefused(
+                    415,
+                    "unsupported_file_type",
+                    "HEIC/HEIF images are not supported yet; send the photo as JPEG or PNG.",
+                )
+            if data.startswith(b"PK\x03\x04"):
+                return await self._in_worker(name, "document", ("docx", name, data, settings.max_document_chars))
+            facts = await asyncio.to_thread(examine_text, settings.max_document_chars, name, data)
+            if facts.media_type == "application/json" and not await self._in_worker(name, "document", ("json", data)):
                 return FileFacts(media_type="text/plain", kind="document", text=facts.text)
             return facts
 
-    async def _in_worker(self, name: str, job: tuple) -> Any:
-        """The outcome of `job` in the worker process, within CHATSVC_EXTRACT_TIMEOUT."""
-        settings = self.settings
-        async with self._worker_lock:
-            worker = await self._started()
-            try:
-                outcome = await asyncio.wait_for(asyncio.to_thread(worker.exchange, job), settings.extract_timeout)
-            except asyncio.TimeoutError:
-                await self._end()
-                timeout = settings.extract_timeout  # (never the file's name in a log: design 2.11)
-                log.warning("document worker killed: a %s ran past %g s (CHATSVC_EXTRACT_TIMEOUT)", job[0], timeout)
-                raise unreadable_document(
-                    f"Reading the text of {name} took longer than {settings.extract_timeout:g} s"
-                    " (CHATSVC_EXTRACT_TIMEOUT), so it was stopped; send a smaller or simpler document, or a part"
-                    " of it."
-                ) from None
-            except (EOFError, OSError):  # the worker died: killed by the system (its memory?), or closed
-                await self._end()
-                log.warning("document worker ended during a %s (killed by the system: out of memory?)", job[0])
-                raise unreadable_document(
-                    f"Reading the text of {name} stopped unexpectedly; send a smaller or simpler document."
-                ) from None
-            except BaseException:  # cancelled (the upload's client left): the worker may be busy for long
-                await self._end()
-                raise
+    async def _in_worker(self, name: str, kind: str, job: tuple) -> Any:
+        """The outcome of `job` in a worker process of this slot, within CHATSVC_EXTRACT_TIMEOUT. `kind`
+        ("image" or "document") is what a refusal says the file could not be read as."""
+        timeout = self.settings.extract_timeout
+        code, what = ("image_unreadable", "an image") if kind == "image" else ("document_unreadable", "a document")
+        worker = await self._take()
+        try:
+            outcome = await asyncio.wait_for(asyncio.to_thread(worker.exchange, job), timeout)
+        except asyncio.TimeoutError:
+            await self._end(worker)  # (never the file's name in a log: design 2.11)
+            log.warning("document worker killed: a %s ran past %g s (CHATSVC_EXTRACT_TIMEOUT)", job[0], timeout)
+            reading = f"Reading {name}" if kind == "image" else f"Reading the text of {name}"
+            raise FileRefused(
+                422,
+                code,
+                f"{reading} took longer than {timeout:g} s (CHATSVC_EXTRACT_TIMEOUT), so it was stopped; send a"
+                f" smaller or simpler {kind}, or a part of it."
+                if kind == "document"
+                else f"{reading} took longer than {timeout:g} s (CHATSVC_EXTRACT_TIMEOUT), so it was stopped; send"
+                " a smaller or simpler image.",
+            ) from None
+        except (EOFError, OSError):  # the worker died: killed by the system (its memory?), or closed
+            await self._end(worker)
+            log.warning("document worker ended during a %s (killed by the system: out of memory?)", job[0])
+            raise FileRefused(
+                422, code, f"Reading {name} stopped unexpectedly; send a smaller or simpler {kind}."
+            ) from None
+        except BaseException:  # cancelled (the upload's client left): the worker may be busy for long
+            await self._end(worker)
+            raise
+        self._busy.discard(worker)
+        self._idle.append(worker)
         if outcome[0] == "refused":
             raise FileRefused(*outcome[1:])
-        if outcome[0] == "failed":
-            raise unreadable_document(f"{name} could not be read ({outcome[1]}); send a smaller or simpler document.")
+        if outcome[0] == "failed":  # MemoryError (WORKER_MEMORY_BYTES), or what no check foresaw
+            raise FileRefused(422, code, f"{name} could not be read as {what} ({outcome[1]}); send a smaller one.")
         return outcome[1]
 
-    async def _started(self) -> _Worker:
-        if self._worker is not None and self._worker.alive():
-            return self._worker
-        if self._worker is not None:
-            await self._end()
-        self._worker = worker = await asyncio.to_thread(_Worker)
-        try:  # it imports this module first: not counted in a document's time
+    async def _take(self) -> _Worker:
+        """An idle worker, or a new one: each slot uses one at a time, so there are at most EXAMINATIONS."""
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.alive():
+                self._busy.add(worker)
+                return worker
+            await asyncio.to_thread(worker.end)
+        worker = await asyncio.to_thread(_Worker)
+        self._busy.add(worker)
+        try:  # it imports this module first: not counted in a file's time
             await asyncio.wait_for(asyncio.to_thread(worker.conn.recv), WORKER_START_SECONDS)
         except (asyncio.TimeoutError, EOFError, OSError) as exc:
-            await self._end()
+            await self._end(worker)
             raise RuntimeError(f"the document worker process did not start ({type(exc).__name__})") from exc
         except BaseException:
-            await self._end()
+            await self._end(worker)
             raise
         log.info("document worker started (pid %d)", worker.process.pid)
         return worker
 
-    async def _end(self) -> None:
-        worker, self._worker = self._worker, None
-        if worker is not None:
-            worker.kill()  # at once, whatever happens to this task next
-            await asyncio.to_thread(worker.end)
+    async def _end(self, worker: _Worker) -> None:
+        self._busy.discard(worker)
+        worker.kill()  # at once, whatever happens to this task next
+        await asyncio.to_thread(worker.end)
 
     async def close(self) -> None:
-        """Ends the worker process, and a PDF it is reading."""
-        if self._worker is not None:
-            self._worker.kill()
-        async with self._worker_lock:
-            await self._end()
+        """Ends the worker processes, and the files they are reading (their examinations end unreadable)."""
+        workers, self._idle = [*self._idle, *self._busy], []
+        for worker in workers:
+            worker.kill()
+        for worker in workers:
+            await self._end(worker)
 
 
 # ── Answer rows: a running answer's checkpoints and heartbeat, its final state ─────────
