@@ -8540,6 +8540,7 @@ async def upload_file(request: Request) -> Response:
 async def receive_file(request: Request) -> tuple[FileRow, bool]:
     """The upload's file, and whether it is new (False: the caller's file of the same bytes)."""
     st = state(request)
+    refuse_while_draining(request)
     owner = owner_of(request)
     settings, files, metrics = st.settings, st.store.files, st.store.db.metrics
     kind, options = _parse_content_type(request.headers.get("content-type"))
@@ -8548,6 +8549,8 @@ async def receive_file(request: Request) -> tuple[FileRow, bool]:
     if kind == "multipart/form-data":
         if not options.get(b"boundary"):
             raise bad_upload("The multipart/form-data Content-Type has no boundary.")
+        if len(options[b"boundary"]) > 70:  # RFC 2046's limit (python_multipart refuses past 256)
+            raise bad_upload("The multipart/form-data boundary is longer than 70 characters (RFC 2046).")
         multipart = MultipartFile(options[b"boundary"])
         limit = settings.max_file_bytes + MULTIPART_SLACK
     else:
@@ -8564,6 +8567,7 @@ async def receive_file(request: Request) -> tuple[FileRow, bool]:
     received = 0
     try:
         async for piece in upload_pieces(request, settings.read_timeout):
+            refuse_while_draining(request)  # (the server would cut it at its shutdown, with no JSON answer)
             received += len(piece)
             if received > limit:
                 raise file_too_large(settings.max_file_bytes)
@@ -8583,11 +8587,12 @@ async def receive_file(request: Request) -> tuple[FileRow, bool]:
         if existing is not None:
             await _discard(files, upload.file_id)
             return existing, False
-        started = time.perf_counter()
-        facts = await st.examiner.examine(name, functools.partial(files.read, upload.file_id))
-        metrics.file_processing.labels(facts.kind).observe(time.perf_counter() - started)
-        quota = settings.max_storage_bytes_per_user
-        return await files.finish(upload.file_id, owner, sha256, upload.size, facts, quota)
+        async with st.finishing:
+            started = time.perf_counter()
+            facts = await st.examiner.examine(name, functools.partial(files.read, upload.file_id))
+            metrics.file_processing.labels(facts.kind).observe(time.perf_counter() - started)
+            quota = settings.max_storage_bytes_per_user
+            return await files.finish(upload.file_id, owner, sha256, upload.size, facts, quota)
     except BaseException:
         if upload is not None:
             await _discard(files, upload.file_id)
@@ -8652,7 +8657,7 @@ CONTENT_HEADERS = {
     "Accept-Ranges": "bytes",
 }
 SERVED_TEXT_TYPES = frozenset({"text/plain", "text/markdown", "text/csv"})  # other text/* is served as text/plain
-_RANGE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 
 
 def served_type(media_type: str) -> str:
@@ -8678,7 +8683,8 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | bool | None:
     match = _RANGE.fullmatch((header or "").strip().replace(" ", ""))
     if match is None or match.group(1) == match.group(2) == "":
         return None
-    first, last = match.group(1), match.group(2)
+    # (a number of more than 19 digits is past any file: int() of thousands of digits is refused)
+    first, last = ((str(2**63) if len(n) > 19 else n) for n in match.groups())
     if first == "":  # the last `last` bytes
         length = int(last)
         return (max(0, size - length), size) if length > 0 and size > 0 else False
@@ -8708,7 +8714,13 @@ async def file_content(request: Request) -> Response:
     if wanted is not None and if_range is not None and if_range.strip() != etag:
         wanted = None  # a range of other bytes than these: the whole file (RFC 9110, If-Range)
     if wanted is False:
-        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{row.size}"})
+        raise ApiError(
+            416,
+            "range_not_satisfiable",
+            f"The file has {row.size} bytes: the range asked for ({request.headers.get('range', '')[:100]}) holds none"
+            " of them.",
+            headers={**headers, "Content-Range": f"bytes */{row.size}"},
+        )
     headers.update({"Content-Type": served_type(row.media_type), "Content-Disposition": content_disposition(row)})
     status, (start, end) = (200, (0, row.size)) if wanted is None else (206, wanted)  # type: ignore[misc]
     if status == 206:
@@ -9261,6 +9273,9 @@ def app_lifespan(
         app.state.toolbox = toolbox = Toolbox(settings, metrics)  # started below; never delays the start
         app.state.relay = relay = Relay(settings, store, client, toolbox)
         app.state.examiner = examiner = Examiner(settings)
+        # uploads examined and stored at once: what an examination found (a document's text) waits in
+        # memory for its write, so as many as the examiner's slots (bench/files.py measures the memory)
+        app.state.finishing = asyncio.Semaphore(EXAMINATIONS)
         try:
             toolbox.start()
             await relay.open()

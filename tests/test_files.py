@@ -207,6 +207,10 @@ def test_bad_multipart_bodies_and_names(service, client):
     refused(client.post(FILES, content=b"garbage", headers=headers), 400, "bad_upload")
     no_boundary = {"Content-Type": "multipart/form-data"}
     assert "boundary" in refused(client.post(FILES, content=body, headers=no_boundary), 400, "bad_upload")["detail"]
+    long_boundary = {"Content-Type": "multipart/form-data; boundary=" + "B" * 5000}  # python_multipart raised: a 500
+    assert (
+        "70 characters" in refused(client.post(FILES, content=body, headers=long_boundary), 400, "bad_upload")["detail"]
+    )
     assert "?name=" in refused(upload_raw(client, b"text\n", None), 400, "bad_file_name")["detail"]
     raw_name = "../../etc/x\x01\u202e.txt"
     r = upload_raw(client, b"named\n", raw_name)
@@ -279,9 +283,15 @@ def test_ranges(make_service):
         for header in ("bytes=0-9,20-29", "bytes=9-0", "lines=0-9", "bytes=abc"):  # several, or malformed: all
             r = get(header)
             assert r.status_code == 200 and r.content == data and "content-range" not in r.headers, header
-        for header in (f"bytes={size}-", f"bytes={size + 5}-{size + 9}", "bytes=-0"):
+        for header in (f"bytes={size}-", f"bytes={size + 5}-{size + 9}", "bytes=-0", "bytes=" + "9" * 20 + "-"):
             r = get(header)
             assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{size}", header
+            assert r.json() == {
+                "code": "range_not_satisfiable",
+                "detail": f"The file has {size} bytes: the range asked for ({header}) holds none of them.",
+            }
+        r = get("bytes=0-" + "9" * 5000)  # (an end past any file: to the end)
+        assert r.status_code == 206 and r.content == data
         etag = client.get(f"{FILES}/{file_id}").json()["sha256"]
         assert get("bytes=0-9", **{"If-Range": f'"{etag}"'}).status_code == 206
         assert get("bytes=0-9", **{"If-Range": '"stale"'}).status_code == 200
@@ -402,3 +412,27 @@ def test_a_browser_of_an_allowed_origin_may_ask_for_ranges_and_read_the_files_he
         assert r.status_code == 206 and r.content == b"some"
         exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
         assert {"content-disposition", "content-range", "etag", "content-length", "accept-ranges"} <= exposed
+
+
+def test_uploads_are_refused_while_draining_and_one_in_flight_ends_with_json(service, client):
+    """After SIGTERM the server cuts what is still running at its shutdown, with no JSON answer: an
+    upload is refused at once instead, and one whose body is still arriving is ended (nothing kept)."""
+    relay = client.app.state.relay
+    relay.draining = True
+    try:
+        r = upload_raw(client, b"late\n", "late.txt")
+        assert r.status_code == 503 and r.json()["code"] == "shutting_down" and r.headers["retry-after"] == "1"
+    finally:
+        relay.draining = False
+
+    def body():
+        yield b"first piece\n" * 100
+        relay.draining = True
+        yield b"second piece\n" * 100
+
+    try:
+        r = client.post(FILES, params={"name": "slow.txt"}, content=body(), headers={"Content-Type": "text/plain"})
+        assert r.status_code == 503 and r.json()["code"] == "shutting_down"
+    finally:
+        relay.draining = False
+    assert service.rows("SELECT id FROM files") == [] and service.rows("SELECT file_id FROM file_chunks") == []
