@@ -1,0 +1,308 @@
+"""What files cost (issue 23, design 2.15), measured on a real chatsvc process against the fake model.
+
+    python bench/files.py                 # SQLite (a temporary file), a couple of minutes on 2 cores
+    python bench/files.py --quick         # 5 MiB files and fewer turns, for a smoke run
+    python bench/files.py --database postgresql://postgres@127.0.0.1/chatsvc_bench   # an empty database
+
+Prints:
+1. upload throughput: 1, 5 and 20 concurrent clients, each uploading its own 20 MiB of random bytes
+   once as a raw body (`?name=`) and once as multipart/form-data: MiB/s over the whole round, the
+   slowest upload, and chatsvc's RSS meanwhile (sampled from /proc/<pid>/status every 10 ms: peak
+   minus the idle RSS measured just before the round). The 20-client rows are the memory check:
+   uploads are streamed to the database, so the peak must stay under 100 MiB above idle (not
+   20 x 20 MiB). Every upload's answer is checked (201, its size and sha256); the files are deleted
+   after each round, so the database does not grow from round to round.
+2. the upload time of a 10-page text PDF and of a 40-megapixel JPEG (checks, extraction, the model
+   copy: the 40 MP photo is scaled down once, at upload);
+3. what a turn with that PDF and two images (the 40 MP photo's model copy and a small PNG) adds
+   before the first chunk, against the same text turn: --turns of each, alternating, every turn in
+   a new conversation; the fake answers at once, so the difference is chatsvc's (reading the files'
+   text and model copies, building the image parts) plus sending the larger request to the fake.
+
+Loopback only; every request has a deadline. The load generator is this process (asyncio, raw
+HTTP/1.1 with the body written in 1 MiB pieces, so it holds one random buffer, not one per client).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import httpx2 as httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from fake_dashscope import FakeDashScope, Reply  # noqa: E402
+from procs import ServerProcess  # noqa: E402
+
+MiB = 1024 * 1024
+USER = "X-User"
+VISION = "qwen3-vl-plus"
+
+
+# ── the load generator: one upload on its own connection, the body written piece by piece ──
+
+
+async def upload(port: int, owner: str, name: str, prefix: bytes, data: bytes, multipart: bool) -> tuple[int, dict]:
+    """POST /api/v1/files with `prefix + data` as the file (raw or multipart); (status, answer)."""
+    body_pieces = [prefix, *(memoryview(data)[k : k + MiB] for k in range(0, len(data), MiB))]
+    if multipart:
+        boundary = "bench" + os.urandom(8).hex()
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n").encode()  # fmt: skip
+        body_pieces = [head, *body_pieces, f"\r\n--{boundary}--\r\n".encode()]
+        path, media_type = "/api/v1/files", f"multipart/form-data; boundary={boundary}"
+    else:
+        path, media_type = f"/api/v1/files?name={name}", "application/octet-stream"
+    length = sum(len(p) for p in body_pieces)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n{USER}: {owner}\r\n"
+                f"Content-Type: {media_type}\r\nContent-Length: {length}\r\n\r\n")  # fmt: skip
+        writer.write(head.encode())
+        for piece in body_pieces:
+            writer.write(piece)
+            await writer.drain()
+        raw = await reader.read()
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        body = dechunk(body)
+    return int(head.split()[1]), json.loads(body or b"{}")
+
+
+def dechunk(body: bytes) -> bytes:
+    out, rest = [], body
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out.append(rest[:size])
+        rest = rest[size + 2 :]
+    return b"".join(out)
+
+
+class RssSampler:
+    """chatsvc's resident set size, read from /proc/<pid>/status every 10 ms on a thread."""
+
+    def __init__(self, pid: int):
+        self.pid, self.peak, self._stop = pid, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> RssSampler:
+        self.idle = self.rss()
+        self.peak = self.idle
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.peak = max(self.peak, self.rss())
+
+
+async def upload_round(port: int, prefixes: list[bytes], data: bytes, multipart: bool) -> list[tuple]:
+    """One upload per prefix, all at once (each by its own owner): (seconds, status, answer) of each."""
+
+    async def one(k: int) -> tuple[float, int, dict]:
+        started = time.perf_counter()
+        status, answer = await upload(port, f"owner{k}", f"f{k}.bin", prefixes[k], data, multipart)
+        return time.perf_counter() - started, status, answer
+
+    return await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(len(prefixes)))), 600)
+
+
+def throughput(server: ServerProcess, size: int) -> list[dict]:
+    data = os.urandom(size - 16)  # each upload is 16 bytes of its own + this: no two are the same file
+    rows = []
+    with server.client(timeout=60) as client:
+        for multipart in (False, True):
+            for clients in (1, 5, 20):
+                prefixes = [os.urandom(16) for _ in range(clients)]
+
+                with RssSampler(server.proc.pid) as memory:
+                    started = time.perf_counter()
+                    results = asyncio.run(upload_round(server.port, prefixes, data, multipart))
+                    wall = time.perf_counter() - started
+                for k, (_, status, answer) in enumerate(results):
+                    assert status == 201, (status, answer)
+                    assert answer["size"] == size, answer
+                    assert answer["sha256"] == hashlib.sha256(prefixes[k] + data).hexdigest(), answer
+                for k, (_, _, answer) in enumerate(results):  # the next round starts from the same database
+                    r = client.delete(f"/api/v1/files/{answer['id']}", headers={USER: f"owner{k}"})
+                    assert r.status_code == 204, r.text
+                row = dict(kind="multipart" if multipart else "raw", clients=clients, wall=wall,
+                           slowest=max(t for t, _, _ in results), mib_s=clients * size / MiB / wall,
+                           idle=memory.idle / MiB, grown=(memory.peak - memory.idle) / MiB)  # fmt: skip
+                rows.append(row)
+                print(f"  {row['kind']:9} {clients:2} x {size // MiB} MiB: {row['mib_s']:6.1f} MiB/s"
+                      f" (round {wall:5.2f} s, slowest upload {row['slowest']:5.2f} s);"
+                      f" RSS idle {row['idle']:5.0f} MiB, peak - idle {row['grown']:5.1f} MiB", flush=True)  # fmt: skip
+    return rows
+
+
+# ── the files of a turn ──
+
+
+def text_pdf(pages: int) -> bytes:
+    """A PDF of `pages` pages of text (Helvetica), written by hand with a correct xref table."""
+    line = "The river rose past the old stone bridge and the town gathered on the hill to watch. "
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", None, b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    kids = []
+    for page in range(pages):
+        text = "".join(f"BT /F1 10 Tf 40 {760 - 14 * k} Td (Page {page + 1} line {k + 1}: {line[:70]}) Tj ET\n"
+                       for k in range(50)).encode()  # fmt: skip
+        stream = zlib.compress(text)
+        objects.append(b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream")
+        content = len(objects)
+        objects.append(b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >>"
+                       b" /Contents %d 0 R >>" % content)  # fmt: skip
+        kids.append(len(objects))
+    objects[1] = b"<< /Type /Pages /Kids [%s] /Count %d >>" % (b" ".join(b"%d 0 R" % k for k in kids), pages)
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+def photo(width: int, height: int) -> bytes:
+    """A photo-like JPEG: gradients and grain (compresses like a photo, not like a flat colour)."""
+    from PIL import Image
+
+    grain = Image.effect_noise((width // 4, height // 4), 40).resize((width, height))
+    red = Image.linear_gradient("L").resize((width, height))
+    blue = Image.radial_gradient("L").resize((width, height))
+    out = io.BytesIO()
+    Image.merge("RGB", (red, grain, blue)).save(out, "JPEG", quality=88)
+    return out.getvalue()
+
+
+def small_png() -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (320, 240), (200, 40, 40)).save(out, "PNG")
+    return out.getvalue()
+
+
+def timed_upload(client: httpx.Client, name: str, media_type: str, data: bytes) -> tuple[dict, float]:
+    started = time.perf_counter()
+    r = client.post("/api/v1/files", params={"name": name}, content=data, headers={"Content-Type": media_type})
+    took = time.perf_counter() - started
+    assert r.status_code in (200, 201), r.text
+    return r.json(), took
+
+
+def first_chunk(client: httpx.Client, session_id: str, body: dict) -> float:
+    """Seconds from sending a turn to its first `chunk` event (the answer read to its end)."""
+    started, at = time.perf_counter(), None
+    with client.stream("POST", f"/api/v1/chat/{session_id}/stream", json=body) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if at is None and line.startswith("data: ") and json.loads(line[6:])["type"] == "chunk":
+                at = time.perf_counter() - started
+    assert at is not None, "no chunk"
+    return at
+
+
+def turns(server: ServerProcess, fake: FakeDashScope, count: int) -> None:
+    headers = {USER: "turns"}
+    with server.client(timeout=120, headers=headers) as client:
+        pdf, jpeg = text_pdf(10), photo(7728, 5152)
+        document, pdf_s = timed_upload(client, "report.pdf", "application/pdf", pdf)
+        big, jpeg_s = timed_upload(client, "photo.jpg", "image/jpeg", jpeg)
+        small, _ = timed_upload(client, "chart.png", "image/png", small_png())
+        print(f"  10-page PDF ({len(pdf) / 1e3:.0f} kB, {document.get('text_chars')} characters): uploaded in"
+              f" {pdf_s * 1e3:.0f} ms")  # fmt: skip
+        print(f"  40 MP JPEG (7728x5152, {len(jpeg) / MiB:.1f} MiB): uploaded in {jpeg_s * 1e3:.0f} ms")
+        files = [document["id"], big["id"], small["id"]]
+        text = "What do the report and these two pictures say about the flood?"
+        plain, with_files, sent = [], [], []
+        for k in range(count + 2):  # the first pair warms up (connections, caches), not counted
+            fake.requests.clear()
+            t_plain = first_chunk(client, f"plain-{k}", {"message": text})
+            t_files = first_chunk(client, f"files-{k}", {"message": text, "files": files})
+            if k >= 2:
+                plain.append(t_plain)
+                with_files.append(t_files)
+            sent.append(len(json.dumps(fake.requests[-1].body)))
+        extra = [b - a for a, b in zip(plain, with_files, strict=True)]
+        print(f"  {count} turns each, time to first chunk (median / p90):"
+              f" text {statistics.median(plain) * 1e3:.1f} / {pct(plain, 0.9) * 1e3:.1f} ms,"
+              f" PDF + 2 images {statistics.median(with_files) * 1e3:.1f} / {pct(with_files, 0.9) * 1e3:.1f} ms;"
+              f" added: median {statistics.median(extra) * 1e3:.1f} ms (pairwise),"
+              f" ratio {statistics.median(with_files) / statistics.median(plain):.2f};"
+              f" the request to the model grew to {sent[-1] / 1e3:.0f} kB")  # fmt: skip
+
+
+def pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--database", metavar="URL", help="chatsvc's DATABASE_URL, e.g. an empty PostgreSQL database")
+    parser.add_argument("--quick", action="store_true", help="5 MiB uploads and 10 turns, for a smoke run")
+    parser.add_argument("--turns", type=int, default=None, help="turns of each kind in 3 (default 40; 10 with --quick)")
+    args = parser.parse_args()
+    size = (5 if args.quick else 20) * MiB
+    count = args.turns or (10 if args.quick else 40)
+    fake = FakeDashScope().start()
+    fake.default = Reply.answer(["The ", "flood ", "came ", "on ", "Tuesday."])
+    with tempfile.TemporaryDirectory() as tmp:
+        database = args.database or f"sqlite+aiosqlite:///{tmp}/bench.db"
+        env = {"DASHSCOPE_API_KEY": "sk-bench", "DASHSCOPE_BASE_URL": fake.url, "DATABASE_URL": database,
+               "CHATSVC_USER_HEADER": USER, "CHATSVC_TITLES": "first-line", "LOG_LEVEL": "warning",
+               "CHATSVC_VISION_MODEL": VISION, "CHATSVC_MAX_FILE_BYTES": str(max(size, 20 * MiB)) ,
+               "CHATSVC_MAX_STORAGE_BYTES_PER_USER": "0"}  # fmt: skip
+        server = ServerProcess(env, Path(tmp)).start()
+        try:
+            kind = "PostgreSQL" if database.startswith("postgres") else "SQLite"
+            print(f"chatsvc on {kind}, pid {server.proc.pid}; {os.cpu_count()} cores")
+            print("1. uploads")
+            rows = throughput(server, size)
+            worst = max(r["grown"] for r in rows if r["clients"] == 20)
+            verdict = "PASS" if worst < 100 else "FAIL"
+            print(
+                f"  memory with 20 uploads in flight: peak - idle at most {worst:.1f} MiB (target < 100 MiB): {verdict}"
+            )
+            print("2./3. a turn with a 10-page PDF and two images")
+            turns(server, fake, count)
+        finally:
+            server.stop()
+            fake.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
