@@ -71,7 +71,7 @@ def loaded_width(image) -> int:
 
 
 def stored_files(p: Playground) -> list[dict]:
-    return p.rows("SELECT id, name, media_type, size, kind FROM files WHERE status = 'ready' ORDER BY id")
+    return p.rows("SELECT id, name, media_type, size, kind FROM files WHERE status = 'ready' ORDER BY name")
 
 
 def message_files(p: Playground) -> list[tuple[str, int, str]]:
@@ -94,8 +94,8 @@ def test_attach_an_image_and_a_document_send_and_see_them_in_the_message(playgro
     expect(page.get_by_role("button", name="Remove photo.png")).to_be_visible()
     expect(page.get_by_role("button", name="Remove notes.txt")).to_be_visible()
     assert [(f["name"], f["media_type"], f["size"], f["kind"]) for f in stored_files(p)] == [
-        ("photo.png", "image/png", len(image), "image"),
         ("notes.txt", "text/plain", len(NOTES), "document"),
+        ("photo.png", "image/png", len(image), "image"),
     ]
     assert not [url for _, url in p.requests if urlsplit(url).path.endswith("/content")]  # shown with no round trip
     assert_accessible(page)
