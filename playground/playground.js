@@ -192,17 +192,11 @@ function attachmentItem(attachment) {
 async function upload(attachment) {
     const {file} = attachment;
     const name = file.name || (file.type.startsWith('image/') ? `pasted.${file.type.slice(6)}` : 'pasted file');
-    let response;
-    try {
-        response = await fetch(`${API}/files?name=${encodeURIComponent(name)}`, {
-            method: 'POST',
-            headers: {'Content-Type': file.type || 'application/octet-stream'},
-            body: file,
-        });
-    } catch {
-        response = null;
-    }
-    const data = response ? await response.json().catch(() => ({})) : {};
+    const state = attachment.element.querySelector('.upload-state');
+    const response = await postFile(`${API}/files?name=${encodeURIComponent(name)}`, file, (done) => {
+        state.textContent = `Uploading… ${Math.floor(done * 100)} %`;
+    });
+    const data = response ? response.data : {};
     if (!attachments.includes(attachment)) return; // taken off meanwhile
     if (!response || !response.ok) {
         detach(attachment);
@@ -220,6 +214,32 @@ async function upload(attachment) {
     if (attachment.url) fileUrls.set(data.id, Promise.resolve(attachment.url)); // shown again without a fetch
     attachment.element.dataset.state = 'ready';
     attachment.element.querySelector('.upload-state').textContent = '';
+}
+
+// An upload with its progress (XMLHttpRequest: fetch says nothing of a body on its way), carrying
+// the token as the page's fetch does; {status, ok, data} or null when the service was not reached.
+function postFile(url, file, progress) {
+    return new Promise((resolve) => {
+        const request = new XMLHttpRequest();
+        request.open('POST', url);
+        request.setRequestHeader('Content-Type', file.type || 'application/octet-stream');
+        if (token()) request.setRequestHeader('Authorization', `Bearer ${token()}`);
+        request.upload.addEventListener('progress', (event) => {
+            if (event.lengthComputable && event.total) progress(event.loaded / event.total);
+        });
+        request.addEventListener('load', () => {
+            let data = {};
+            try {
+                data = JSON.parse(request.responseText);
+            } catch {
+                // (not JSON: the status says what happened)
+            }
+            if (request.status === 401 && request.getResponseHeader('WWW-Authenticate')) askForToken(data.detail);
+            resolve({status: request.status, ok: request.status >= 200 && request.status < 300, data});
+        });
+        request.addEventListener('error', () => resolve(null));
+        request.send(file);
+    });
 }
 
 function detach(attachment) {
