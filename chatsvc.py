@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import codecs
 import contextlib
 import contextvars
 import errno
@@ -57,19 +58,25 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import io
 import itertools
 import json
 import logging
 import math
+import multiprocessing.connection
 import os
 import re
 import signal
 import sqlite3
 import string
+import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import uuid
+import warnings
+import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
@@ -77,12 +84,14 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import unquote_plus
+from xml.parsers import expat
 
 import anyio
 import databases
 import httpx2 as httpx
 import prometheus_client
 from databases import DatabaseURL
+from PIL import GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.config import Config
@@ -91,7 +100,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -759,6 +768,21 @@ class Metrics:
                              registry=r)  # fmt: skip
         self.mcp_server_up = g("chatsvc_mcp_server_up", "1 while chatsvc holds a working connection to the MCP"
                                " server, else 0", ["server"], registry=r)  # fmt: skip
+        self.file_uploads = c("chatsvc_file_uploads", "File uploads, by kind (image, document; unknown for a"
+                              " refusal) and outcome (stored, deduplicated, or the refusal's code)",
+                              ["kind", "outcome"], registry=r)  # fmt: skip
+        self.file_upload_bytes = c("chatsvc_file_upload_bytes", "Bytes of files received by uploads (whatever their"
+                                   " outcome)", registry=r)  # fmt: skip
+        self.file_processing = h("chatsvc_file_processing_seconds", "A new file's examination at upload (sniff, checks,"
+                                 " text extraction, model copy), by kind", ["kind"], buckets=LATENCY_BUCKETS,
+                                 registry=r)  # fmt: skip
+        self.files_collected = c("chatsvc_files_collected", "Files the collector deleted: unused past"
+                                 " CHATSVC_FILE_RETENTION_HOURS, or uploads a crash left unfinished",
+                                 registry=r)  # fmt: skip
+        self.context_images = h("chatsvc_context_images", "Images in the context an answer's model is sent",
+                                buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)  # fmt: skip
+        self.vision_switches = c("chatsvc_vision_switches", "Answers sent to CHATSVC_VISION_MODEL because their"
+                                 " context held images the conversation's model cannot see", registry=r)  # fmt: skip
 
     def upstream_call(self, purpose: str, error: Refusal | None) -> None:
         outcome = "ok" if error is None else error.code
@@ -772,6 +796,10 @@ class Metrics:
             count = (usage or {}).get(f"{kind}_tokens")
             if isinstance(count, int) and count > 0:
                 counter.labels(model, prefix + kind).inc(count)
+
+    def file_upload(self, kind: str | None, outcome: str) -> None:
+        """An upload ended: `outcome` stored, deduplicated, or its refusal's code (kind None: not known)."""
+        self.file_uploads.labels(kind or "unknown", outcome).inc()
 
     def exposition(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)
@@ -1663,6 +1691,7 @@ class Turn:
     # a tool-results turn: the JSON text of its [{"tool_call_id", "content"}], stored on the new user
     # row (whose `question` is then ''); None for a turn with a message
     tool_results: str | None = None
+    files: list[str] = field(default_factory=list)  # the new user message's file ids, in order
 
 
 class Tree:
@@ -1787,8 +1816,8 @@ class Tree:
         )
 
     async def begin_turn(self, turn: Turn) -> None:
-        """Store the user's message (unless the turn regenerates an answer) and claim the
-        conversation's answer slot with the answer's row, which becomes the current leaf; all or nothing.
+        """Store the user's message (unless the turn regenerates an answer) with its files, and claim
+        the conversation's answer slot with the answer's row, which becomes the current leaf; all or nothing.
 
         The partial unique index over `streaming` answers makes a second concurrent turn fail
         here, before anything of it is stored."""
@@ -1832,6 +1861,35 @@ class Tree:
                 if kind == "foreign_key":  # the message it follows was deleted meanwhile
                     raise message_not_found(turn.session_id, turn.parent_id or turn.question_id) from None
                 raise
+            if turn.new_question and turn.files:
+                await self._attach_files(turn)
+
+    async def _attach_files(self, turn: Turn) -> None:
+        """Inside begin_turn's transaction: the new user message's files (`message_files`), each the
+        owner's and ready, and their `last_used_at` bumped (the collector's clock). A file deleted since
+        the turn's checks: `file_not_found`, and the transaction writes nothing."""
+        ids = list(dict.fromkeys(turn.files))
+        values: dict[str, Any] = {"owner": turn.owner, "uid": turn.question_id, "now": utcnow()}
+        values.update((f"f{n}", file_id) for n, file_id in enumerate(ids))
+        names = ", ".join(f":f{n}" for n in range(len(ids)))
+        place = " ".join(f"WHEN :f{n} THEN {n}" for n in range(len(ids)))
+        try:
+            rows = await self.db.fetch_all(
+                "INSERT INTO message_files (owner, message_id, position, file_id)"
+                f" SELECT CAST(:owner AS TEXT), CAST(:uid AS TEXT), CASE f.id {place} END, f.id FROM files f"
+                f" WHERE f.id IN ({names}) AND f.owner = :owner AND f.status = 'ready' RETURNING file_id",
+                values,
+                role=WRITE,
+            )
+        except Exception as exc:
+            if _violation(exc) != "foreign_key":
+                raise
+            rows = []  # a file deleted by a transaction that ended while this one waited for its row
+        attached = {row["file_id"] for row in rows}
+        missing = [file_id for file_id in ids if file_id not in attached]
+        if missing:
+            raise file_not_found(missing[0])
+        await self.db.execute(f"UPDATE files SET last_used_at = :now WHERE id IN ({names}) AND owner = :owner", values)
 
     async def switch_branch(self, owner: str, session_id: str, message_id: str) -> bool:
         """The branch through this message becomes the current one, down to its newest leaf."""
@@ -2012,6 +2070,8 @@ class Copies:
                 f"Answer '{message_id}' is still being written: fork it once it has ended (or stop it)."
             )
         outside = {row["id"] for row in path if row["id"] <= source["context_start"]}
+        carried = await self._files_of(owner, [row["id"] for row in path])
+        path = [{**row, "files": carried[row["id"]]} if row["id"] in carried else row for row in path]
         conversation = {
             "title": title if title is not None else source["title"],
             "title_source": None,
@@ -2040,6 +2100,19 @@ class Copies:
             mid = rows[-1]["parent_id"]
         return path[::-1]
 
+    async def _files_of(self, owner: str, message_ids: list[str]) -> dict[str, list[str]]:
+        """The ids of the files each of these messages carries, in order (messages without files absent)."""
+        found: dict[str, list[str]] = {}
+        for names, ids in _id_batches(message_ids):
+            rows = await self.db.fetch_all(
+                f"SELECT message_id, file_id FROM message_files WHERE owner = :owner AND message_id IN ({names})"
+                " ORDER BY message_id, position",
+                {**ids, "owner": owner},
+            )
+            for row in rows:
+                found.setdefault(row["message_id"], []).append(row["file_id"])
+        return found
+
     async def import_file(
         self, owner: str, session_id: str, file: ImportedConversation, another: bool = False
     ) -> str | None:
@@ -2067,7 +2140,8 @@ class Copies:
         another: bool = False,
     ) -> str | None:
         """A new conversation (`conversation`'s title, title_source, system_prompt and model) holding
-        copies of `messages` (parents first) under new ids, the same tree; those in `outside` stay out of
+        copies of `messages` (parents first) under new ids, the same tree, each carrying the files its
+        `files` names (the owner's file ids, in order; none if absent); those in `outside` stay out of
         the context, and the current leaf is `current`'s newest leaf. Returns its session id: `session_id`,
         or if that is taken and `another` a new one; None if it is taken. All or nothing.
 
@@ -2083,6 +2157,7 @@ class Copies:
                 session_id = await self._create(owner, session_id, plan.placed_head(), another)
                 if session_id is not None:
                     await self.insert_messages([{**row, "session_id": session_id} for row in rows])
+                    await self.insert_message_files(owner, rows)
             return session_id
         if not self.db.is_sqlite or not chunks:
             return await self._copy_at_once(owner, session_id, plan, chunks, another)
@@ -2102,7 +2177,9 @@ class Copies:
             if session_id is None:
                 return None
             for chunk in chunks:
-                await self.insert_messages(plan.rows(chunk, owner, session_id))
+                rows = plan.rows(chunk, owner, session_id)
+                await self.insert_messages(rows)
+                await self.insert_message_files(owner, rows)
             await self.db.execute(
                 "UPDATE conversations SET context_start = :start, current_message_id = :leaf"
                 " WHERE owner = :owner AND session_id = :sid",
@@ -2128,6 +2205,7 @@ class Copies:
                 rows = plan.rows(chunk, STAGED_OWNER, staged["staged_sid"])
                 async with self.db.transaction():
                     await self.insert_messages(rows)
+                    await self.insert_message_files(owner, rows)  # the owner's already: no request reads them
             async with self.db.transaction():
                 session_id = await self._create(owner, session_id, plan.placed_head(), another)
                 if session_id is None:
@@ -2209,6 +2287,20 @@ class Copies:
                 tuples.append("(" + ", ".join(f":{name}_{n}" for name in names) + ")")
             await self.db.execute(f"INSERT INTO messages ({', '.join(names)}) VALUES {', '.join(tuples)}", values)
 
+    async def insert_message_files(self, owner: str, rows: list[dict]) -> None:
+        """The references of these written messages to their files (each row's `files`, if any), in
+        order, 300 a statement."""
+        references = [(row["id"], n, file_id) for row in rows for n, file_id in enumerate(row.get("files") or ())]
+        for start in range(0, len(references), 300):
+            values: dict[str, Any] = {"owner": owner}
+            tuples = []
+            for n, (message_id, position, file_id) in enumerate(references[start : start + 300]):
+                values.update({f"m{n}": message_id, f"p{n}": position, f"f{n}": file_id})
+                tuples.append(f"(:owner, :m{n}, :p{n}, :f{n})")
+            await self.db.execute(
+                f"INSERT INTO message_files (owner, message_id, position, file_id) VALUES {', '.join(tuples)}", values
+            )
+
     async def _insert_columns(self, names: tuple[str, ...], rows: list[dict]) -> None:
         """PostgreSQL, inside a transaction: the rows as one array per column, COPY_CHUNK_MESSAGES rows
         (a copy's chunk) a statement, on the transaction's own asyncpg connection. (As `databases` statements of 100
@@ -2224,8 +2316,32 @@ class Copies:
 
 
 # ── Files: the files owners upload: their bytes, dedup, quotas, references ─────────────
+# A file's bytes are `file_chunks` rows of FILE_CHUNK_BYTES, written one short statement each while
+# the upload streams in (no transaction is held across an upload: SQLite's one writer serves others
+# between chunks), under an 'uploading' row that `finish` makes 'ready' or discards. What a request
+# names is looked up within its owner's files: another owner's id behaves as absent (no cross-owner
+# dedup either: it would tell one owner, by timing and quota, that someone else stores these bytes);
+# `read`, `content` and `model_inputs` take ids their caller has already found so.
 
 FILE_CHUNK_BYTES = 1024 * 1024  # file_chunks rows: each this long but a file's last
+STAGED_FILE_SECONDS = 3600  # an 'uploading' row this old is a crashed upload: the collector deletes it
+_COLLECTOR_LOCK = 7468373  # PostgreSQL: the advisory lock one replica's collector holds at a time
+
+
+def _file_columns(alias: str = "") -> str:
+    """What a FileRow is read from (`alias`: the files table's in the statement): never the bytes,
+    the text or the model copy, only the text's length."""
+    t = f"{alias}." if alias else ""
+    names = ("id", "owner", "sha256", "name", "media_type", "kind", "size", "created_at", "width", "height", "pages")
+    rest = ("text_tokens", "text_note", "model_width", "model_height")
+    return ", ".join((*(t + n for n in names), f"length({t}text) AS text_chars", *(t + n for n in rest)))
+
+
+_FILE_COLUMNS = _file_columns()
+# what finish writes of a file's FileFacts (and the estimate of its text's tokens)
+_FACT_COLUMNS = ("media_type", "kind", "width", "height", "pages", "text", "text_tokens", "text_note")
+_FACT_COLUMNS += ("model_copy", "model_media_type", "model_width", "model_height")
+_FACT_SETS = ", ".join(f"{name} = :{name}" for name in _FACT_COLUMNS)
 
 
 @dataclass(frozen=True)
@@ -2250,6 +2366,330 @@ class FileRow:
     model_height: int | None = None
 
 
+_FILE_ROW_FIELDS = tuple(f.name for f in fields(FileRow))
+
+
+def _file_row(row: dict) -> FileRow:
+    return FileRow(**{name: row[name] for name in _FILE_ROW_FIELDS})
+
+
+def file_not_found(file_id: str) -> FileRefused:
+    return FileRefused(404, "file_not_found", f"No file '{file_id}'.")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1048576:,.1f}".removesuffix(".0")
+
+
+def storage_full(used: int, quota: int) -> FileRefused:
+    detail = f"Your files use {_mib(used)} MiB of {_mib(quota)} MiB (CHATSVC_MAX_STORAGE_BYTES_PER_USER)."
+    return FileRefused(413, "storage_full", detail)
+
+
+def file_in_use(file_id: str, messages: int) -> FileRefused:
+    return FileRefused(
+        409,
+        "file_in_use",
+        f"File '{file_id}' is in {messages} message(s); delete those messages or conversations first.",
+    )
+
+
+class Files:
+    """The owners' files: staged while their bytes stream in, then ready (deduplicated by owner and
+    sha256, counted against the owner's quota), read whole or by range, referenced by messages
+    (`message_files`, written by `Tree.begin_turn`), and collected once nothing references them."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def _owner_lock(self, owner: str) -> None:
+        """Inside a transaction on PostgreSQL: the owner's files are counted and made ready one
+        transaction at a time (an owner without a conversation has no row to lock). SQLite: its write
+        transactions already run one at a time."""
+        if not self.db.is_sqlite:
+            await self.db.execute("SELECT pg_advisory_xact_lock(hashtext('files:' || :owner))", {"owner": owner})
+
+    async def usage(self, owner: str, role: str = READ, besides: str = "") -> int:
+        """The bytes the owner stores (staged uploads counted at the size they have been given), but
+        file `besides`'s."""
+        row = await self.db.fetch_one(
+            "SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT) AS used FROM files WHERE owner = :owner AND id != :besides",
+            {"owner": owner, "besides": besides},
+            role=role,
+        )
+        return int(row["used"]) if row else 0
+
+    async def begin(self, owner: str, name: str, quota: int) -> str:
+        """A new 'uploading' row for an upload about to stream in; its id. Refused at once if the owner's
+        files already fill `quota` (0: no limit)."""
+        if quota:
+            used = await self.usage(owner)
+            if used >= quota:
+                raise storage_full(used, quota)
+        file_id, now = new_message_id(), utcnow()
+        await self.db.execute(
+            "INSERT INTO files (id, owner, sha256, name, media_type, kind, size, status, created_at, last_used_at)"
+            " VALUES (:id, :owner, '', :name, '', 'document', 0, 'uploading', :now, :now)",
+            {"id": file_id, "owner": owner, "name": name, "now": now},
+        )
+        return file_id
+
+    async def write(self, file_id: str, seq: int, data: bytes) -> None:
+        """One chunk of a staged file, one statement of its own."""
+        await self.db.execute(
+            "INSERT INTO file_chunks (file_id, seq, data) VALUES (:id, :seq, :data)",
+            {"id": file_id, "seq": seq, "data": data},
+        )
+
+    async def read(self, file_id: str) -> bytes:
+        """All of a file's bytes, joined (what the examiner reads, once, under its slot)."""
+        rows = await self.db.fetch_all("SELECT data FROM file_chunks WHERE file_id = :id ORDER BY seq", {"id": file_id})
+        return b"".join(bytes(row["data"]) for row in rows)
+
+    async def discard(self, file_id: str) -> None:
+        """A staged upload and its chunks (the cascade), gone; a file already ready stays."""
+        await self.db.execute("DELETE FROM files WHERE id = :id AND status = 'uploading'", {"id": file_id})
+
+    async def find(self, owner: str, sha256: str, role: str = READ) -> FileRow | None:
+        """The owner's ready file with these bytes, if it has one."""
+        row = await self.db.fetch_one(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE owner = :owner AND sha256 = :sha AND status = 'ready'",
+            {"owner": owner, "sha": sha256},
+            role=role,
+        )
+        return _file_row(row) if row else None
+
+    async def finish(
+        self, file_id: str, owner: str, sha256: str, size: int, facts: FileFacts, quota: int
+    ) -> tuple[FileRow, bool]:
+        """The staged upload made ready with what the examiner found, in one transaction: (its row,
+        True); or, when the owner already has these bytes, that file (its `last_used_at` bumped, the
+        staged one discarded) and False. Refused (the staged one discarded) when it would take the
+        owner's files past `quota` (0: no limit). Of two finishes of the same bytes at once, one makes
+        its row ready and the other answers it (the owner's lock; files_dedup if that was missed)."""
+        values = {
+            "id": file_id,
+            "owner": owner,
+            "sha": sha256,
+            "size": size,
+            "now": utcnow(),
+            "media_type": facts.media_type,
+            "kind": facts.kind,
+            "width": facts.width,
+            "height": facts.height,
+            "pages": facts.pages,
+            "text": facts.text,
+            "text_tokens": estimate_tokens(facts.text) if facts.kind == "document" and facts.text is not None else None,
+            "text_note": facts.text_note,
+            "model_copy": facts.model_copy,
+            "model_media_type": facts.model_media_type,
+            "model_width": facts.model_width,
+            "model_height": facts.model_height,
+        }
+
+        async def ready() -> tuple[FileRow, bool]:
+            await self._owner_lock(owner)
+            existing = await self.db.fetch_one(
+                f"UPDATE files SET last_used_at = :now WHERE owner = :owner AND sha256 = :sha AND status = 'ready'"
+                f" RETURNING {_FILE_COLUMNS}",
+                values,
+                role=WRITE,
+            )
+            if existing is not None:
+                await self.db.execute("DELETE FROM files WHERE id = :id AND status = 'uploading'", values)
+                return _file_row(existing), False
+            if quota:
+                used = await self.usage(owner, role=WRITE, besides=file_id)
+                if used + size > quota:
+                    raise storage_full(used, quota)
+            made = await self.db.fetch_one(
+                f"UPDATE files SET sha256 = :sha, size = :size, status = 'ready', last_used_at = :now, {_FACT_SETS}"
+                f" WHERE id = :id AND owner = :owner AND status = 'uploading' RETURNING {_FILE_COLUMNS}",
+                values,
+                role=WRITE,
+            )
+            if made is None:  # the collector took it for a crashed upload (it was staged over an hour)
+                raise FileRefused(
+                    400, "bad_upload", "The upload took over an hour and was discarded; upload the file again."
+                )
+            return _file_row(made), True
+
+        try:
+            return await self.db.atomically(ready)
+        except FileRefused:
+            await self.discard(file_id)
+            raise
+        except Exception as exc:
+            if _violation(exc) != "unique":
+                raise
+        # another finish of the same bytes, which took no lock (not one of ours), made its row ready first
+        await self.discard(file_id)
+        winner = await self.find(owner, sha256, role=WRITE)
+        if winner is None:  # ... and it was deleted since
+            raise file_not_found(file_id)
+        return winner, False
+
+    async def import_file(self, owner: str, name: str, data: bytes, facts: FileFacts, quota: int = 0) -> FileRow:
+        """A file an import brings, stored as an upload is: the owner's file with these bytes if it has
+        one (an import of one's own export reuses its files), else a new one, counted against `quota`
+        (0: no limit) and written in chunks. Called outside a transaction (it runs its own)."""
+        sha256 = hashlib.sha256(data).hexdigest()
+        existing = await self.find(owner, sha256)
+        if existing is not None:
+            return existing
+        file_id = await self.begin(owner, name, quota)
+        try:
+            for seq, start in enumerate(range(0, len(data), FILE_CHUNK_BYTES)):
+                await self.write(file_id, seq, data[start : start + FILE_CHUNK_BYTES])
+            row, _ = await self.finish(file_id, owner, sha256, len(data), facts, quota)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self.discard(file_id))
+            raise
+        return row
+
+    async def get(self, owner: str, file_id: str) -> FileRow:
+        """The owner's ready file; `file_not_found` for any other id."""
+        row = await self.db.fetch_one(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE id = :id AND owner = :owner AND status = 'ready'",
+            {"id": file_id, "owner": owner},
+        )
+        if row is None:
+            raise file_not_found(file_id)
+        return _file_row(row)
+
+    async def page(self, owner: str, limit: int, before: str | None = None) -> list[FileRow]:
+        """The owner's ready files, newest first, at most `limit`, those older than file `before` if given."""
+        where = " AND id < :before" if before is not None else ""
+        rows = await self.db.fetch_all(
+            f"SELECT {_FILE_COLUMNS} FROM files WHERE owner = :owner AND status = 'ready'{where}"
+            " ORDER BY id DESC LIMIT :limit",
+            {"owner": owner, "before": before, "limit": limit},
+        )
+        return [_file_row(row) for row in rows]
+
+    async def content(self, file_id: str, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) of a ready file, one chunk row read at a time: only the rows the range
+        covers, the first and the last cut by the database (`substr`), so a range costs what it
+        sends. A file deleted meanwhile: `file_not_found`, after what was sent."""
+        for seq in range(start // FILE_CHUNK_BYTES, (end - 1) // FILE_CHUNK_BYTES + 1 if end > start else 0):
+            offset = seq * FILE_CHUNK_BYTES
+            first, last = max(start - offset, 0), min(end - offset, FILE_CHUNK_BYTES)
+            row = await self.db.fetch_one(
+                "SELECT substr(c.data, :first, :n) AS data FROM file_chunks c JOIN files f ON f.id = c.file_id"
+                " WHERE c.file_id = :id AND c.seq = :seq AND f.status = 'ready'",
+                {"id": file_id, "seq": seq, "first": first + 1, "n": last - first},
+            )
+            if row is None:
+                raise file_not_found(file_id)
+            yield bytes(row["data"])
+
+    async def references(self, owner: str, file_id: str) -> int:
+        """How many messages carry the owner's file."""
+        row = await self.db.fetch_one(
+            "SELECT COUNT(DISTINCT message_id) AS n FROM message_files WHERE owner = :owner AND file_id = :id",
+            {"owner": owner, "id": file_id},
+        )
+        return int(row["n"]) if row else 0
+
+    async def remove(self, owner: str, file_id: str) -> None:
+        """Delete the owner's file and its bytes; refused while a message carries it (`file_in_use`: a
+        deleted file must not change what an old message showed). A message written meanwhile that
+        names it loses the race to the foreign key, either way round."""
+        values = {"owner": owner, "id": file_id}
+
+        async def delete() -> None:
+            if not await self.db.fetch_one(
+                "SELECT id FROM files WHERE id = :id AND owner = :owner AND status = 'ready'", values, role=WRITE
+            ):
+                raise file_not_found(file_id)
+            using = await self.db.fetch_one(
+                "SELECT COUNT(DISTINCT message_id) AS n FROM message_files WHERE file_id = :id", values, role=WRITE
+            )
+            if using and using["n"]:
+                raise file_in_use(file_id, int(using["n"]))
+            gone = await self.db.fetch_one(
+                "DELETE FROM files WHERE id = :id AND owner = :owner AND status = 'ready' RETURNING id",
+                values,
+                role=WRITE,
+            )
+            if gone is None:
+                raise file_not_found(file_id)
+
+        try:
+            await self.db.atomically(delete)
+        except Exception as exc:
+            if _violation(exc) != "foreign_key":
+                raise
+            raise file_in_use(file_id, max(await self.references(owner, file_id), 1)) from None
+
+    async def collect(self, retention_seconds: float, limit: int = 100) -> int:
+        """Delete the ready files no message references whose `last_used_at` is more than
+        `retention_seconds` old, and uploads staged over STAGED_FILE_SECONDS (a crash's), `limit` a
+        transaction until none is left; how many. PostgreSQL: one replica at a time (the others find
+        the lock taken and delete nothing). A file a message names meanwhile stays (the foreign key)."""
+        values = {
+            "cutoff": utcnow(retention_seconds),
+            "staged_cutoff": utcnow(STAGED_FILE_SECONDS),
+            "limit": limit,
+        }
+
+        async def batch() -> int | None:
+            if not self.db.is_sqlite:
+                got = await self.db.fetch_one(f"SELECT pg_try_advisory_xact_lock({_COLLECTOR_LOCK}) AS got", role=WRITE)
+                if not got or not got["got"]:
+                    return None
+            rows = await self.db.fetch_all(
+                "DELETE FROM files WHERE id IN (SELECT f.id FROM files f WHERE (f.status = 'ready'"
+                " AND f.last_used_at < :cutoff AND NOT EXISTS (SELECT 1 FROM message_files m WHERE m.file_id = f.id))"
+                " OR (f.status = 'uploading' AND f.created_at < :staged_cutoff) LIMIT :limit) RETURNING id",
+                values,
+                role=WRITE,
+            )
+            return len(rows)
+
+        collected = 0
+        while True:
+            try:
+                deleted = await self.db.atomically(batch)
+            except Exception as exc:
+                if _violation(exc) != "foreign_key":
+                    raise
+                log.info("file collection: a file was sent while it was collected; the next round sees it")
+                return collected
+            if deleted is None:
+                return collected
+            collected += deleted
+            if deleted < limit:
+                return collected
+
+    async def of_messages(self, owner: str, message_ids: Iterable[str]) -> dict[str, list[FileRow]]:
+        """Each of these messages' files, in their order; messages without files are absent."""
+        found: dict[str, list[FileRow]] = {}
+        for names, ids in _id_batches(sorted(set(message_ids))):
+            rows = await self.db.fetch_all(
+                f"SELECT mf.message_id, {_file_columns('f')} FROM message_files mf JOIN files f ON f.id = mf.file_id"
+                f" WHERE mf.owner = :owner AND mf.message_id IN ({names}) ORDER BY mf.message_id, mf.position",
+                {**ids, "owner": owner},
+            )
+            for row in rows:
+                found.setdefault(row["message_id"], []).append(_file_row(row))
+        return found
+
+    async def model_inputs(self, file_ids: Iterable[str]) -> dict[str, tuple[str | None, bytes | None, str | None]]:
+        """What the model is sent of each of these files: (a document's text, an image's model copy,
+        that copy's media type), computed at upload."""
+        found: dict[str, tuple[str | None, bytes | None, str | None]] = {}
+        for names, ids in _id_batches(sorted(set(file_ids))):
+            rows = await self.db.fetch_all(
+                f"SELECT id, text, model_copy, model_media_type FROM files WHERE id IN ({names})", ids
+            )
+            for row in rows:
+                blob = row["model_copy"]
+                found[row["id"]] = (row["text"], bytes(blob) if blob is not None else None, row["model_media_type"])
+        return found
+
+
 # ── File contents: what a file is: sniffed by its bytes, checked, its text and model copy ─
 
 
@@ -2268,6 +2708,568 @@ class FileFacts:
     model_media_type: str | None = None
     model_width: int | None = None
     model_height: int | None = None
+
+
+# How many files are examined at once in one process. An examination holds the file's bytes (up to
+# CHATSVC_MAX_FILE_BYTES) and, for an image, its decoded pixels (up to CHATSVC_MAX_IMAGE_PIXELS times 4 bytes):
+# memory is bounded by these slots, not by the uploads in flight.
+EXAMINATIONS = 2
+TEXT_PIECE_BYTES = 1024 * 1024
+# The spawned document worker imports this module before it answers: that is not the document's time.
+WORKER_START_SECONDS = 60.0
+# A DOCX is a zip: its members, and what its text part expands to, are bounded before anything is read.
+DOCX_MAX_MEMBERS = 2000
+DOCX_MAX_XML_BYTES = 64 * 1024 * 1024
+DOCX = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+_WORD = "http://schemas.openxmlformats.org/wordprocessingml/2006/main "  # expat's "namespace local" names
+
+ACCEPTED = (
+    "send an image (PNG, JPEG, WebP, GIF), a PDF, a DOCX, or a UTF-8 text file (plain text, Markdown, CSV,"
+    " JSON, source code)"
+)
+# The formats sniffed from their first bytes, their media types, and the Pillow reader that confirms them.
+IMAGE_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif"}
+_IMAGE_READERS = {
+    "PNG": PngImagePlugin.PngImageFile,
+    "JPEG": JpegImagePlugin.JpegImageFile,
+    "WEBP": WebPImagePlugin.WebPImageFile,
+    "GIF": GifImagePlugin.GifImageFile,
+}
+_HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
+_SVG = re.compile(r"\s*(<\?xml[^>]*>\s*)?((<!--.*?-->|<!DOCTYPE[^>\[]*(\[.*?\])?\s*>)\s*)*<svg[\s>/]", re.I | re.S)
+TEXT_TYPES = {".md": "text/markdown", ".markdown": "text/markdown", ".csv": "text/csv", ".json": "application/json"}
+# C0 and C1 controls, DEL, the bidirectional marks, embeddings, overrides and isolates (which make
+# "photo\u202egnp.exe" show as "photoexe.png"), and lone surrogates (no database stores them).
+_NAME_UNWANTED = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_UNSTORABLE_TEXT = re.compile(r"[\x00\ud800-\udfff]")
+_EXIF_ORIENTATION = 0x0112
+
+# Pillow warns, rather than raises, about what the checks below decide themselves (an image past its
+# pixel limit: the readers are called without Image.open's check, and the size is checked here; a corrupt
+# EXIF block: the orientation is then taken as normal). Its warnings are not for the service's log.
+warnings.filterwarnings("ignore", module=r"PIL\.")
+
+
+def clean_name(raw: str) -> str:
+    """The name a file is stored and shown under: NFC, the last part of a path (after / or \\), without
+    control characters, bidirectional overrides and leading dots (no hidden files, no "../"), at most 255
+    bytes of UTF-8 (the limit of every file system a user may save it to), cut at a character and keeping
+    a short extension (which says what a text file is)."""
+    name = re.split(r"[/\\]", unicodedata.normalize("NFC", raw))[-1]
+    name = _NAME_UNWANTED.sub("", name).strip().lstrip(".").strip()
+    if len(name.encode()) > 255:
+        stem, dot, extension = name.rpartition(".")
+        if not dot or len(extension.encode()) > 16:
+            stem, extension = name, ""
+        suffix = f".{extension}" if extension else ""
+        stem = stem.encode()[: 255 - len(suffix.encode())].decode("utf-8", "ignore").rstrip()
+        name = stem + suffix
+    if not name:
+        raise FileRefused(
+            400,
+            "bad_file_name",
+            "The file name is empty once cleaned (paths, control characters and leading dots are removed);"
+            " send a name such as report.pdf.",
+        )
+    return name
+
+
+def image_tokens(width: int, height: int) -> int:
+    """What an image of this size costs in a Qwen-VL context: one token per 28 by 28 pixels, each side
+    rounded up, plus the vision start and end markers, at least 4. (Qwen3-VL counts 32 by 32 pixels: 28
+    overestimates by about 30 %, the safe side of a budget.)"""
+    return max(4, math.ceil(width / 28) * math.ceil(height / 28) + 2)
+
+
+def model_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The size of an image's copy for the model: itself if it has at most `max_pixels`, else scaled down
+    to fit, each side rounded down to a multiple of 28 (the model's patch: what it is sent is exactly what
+    it counts), at least 28, never larger than the image's own side."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    w = min(width, max(28, int(width * scale) // 28 * 28))
+    h = min(height, max(28, int(height * scale) // 28 * 28))
+    if w * h > max_pixels:  # a side held at 28 (a strip): the other gives way
+        if w >= h:
+            w = min(w, max(28, max_pixels // h // 28 * 28))
+        else:
+            h = min(h, max(28, max_pixels // w // 28 * 28))
+    return w, h
+
+
+def storable_text(text: str) -> str:
+    """Extracted text as every database stores it: NUL and lone surrogates become U+FFFD (storable_json's
+    rule)."""
+    return _UNSTORABLE_TEXT.sub("\ufffd", text)
+
+
+def empty_file(name: str) -> FileRefused:
+    return FileRefused(422, "empty_file", f"{name} is empty (0 bytes); send a file with something in it.")
+
+
+def unsupported(name: str) -> FileRefused:
+    return FileRefused(415, "unsupported_file_type", f"{name} is not a type of file chatsvc accepts; {ACCEPTED}.")
+
+
+def unreadable_document(detail: str) -> FileRefused:
+    return FileRefused(422, "document_unreadable", detail)
+
+
+def document_too_long(detail: str) -> FileRefused:
+    return FileRefused(422, "document_too_long", detail)
+
+
+def examine_here(settings: Settings, name: str, data: bytes) -> FileFacts:
+    """What `data` is, for every type but PDF (whose text is read in the worker process): sniffed by its
+    bytes, never by the type or the name a client declares, then checked and read. Run in a worker thread:
+    decoding a 20 MiB text or a 50-megapixel image takes longer than the event loop may wait."""
+    if not data:
+        raise empty_file(name)
+    image_format = sniff_image(data)
+    if image_format:
+        return image_facts(settings, name, data, image_format)
+    if data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS:
+        raise FileRefused(
+            415, "unsupported_file_type", "HEIC/HEIF images are not supported yet; send the photo as JPEG or PNG."
+        )
+    if data.startswith(b"PK\x03\x04"):
+        return docx_facts(settings, name, data)
+    text = decoded_text(data)
+    if text is None:
+        raise unsupported(name)
+    return text_facts(settings, name, text)
+
+
+def sniff_image(data: bytes) -> str | None:
+    """The image format `data` starts as (PNG, JPEG, WEBP or GIF), by its signature."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    return None
+
+
+def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -> FileFacts:
+    """An image, confirmed by Pillow's reader of its format (only its header is read), refused past
+    CHATSVC_MAX_IMAGE_PIXELS before a pixel is decoded (a 1 MB PNG can claim 400 megapixels), then decoded:
+    the first frame, turned as its EXIF orientation says, scaled for the model (`model_size`) and stored as
+    the copy every turn sends. A small PNG or JPEG is sent as it came: scaling or re-encoding would only
+    lose detail. A JPEG is decoded straight at a fraction of its size (`draft`: a 40-megapixel photo costs
+    a quarter of a second, not a second)."""
+    unreadable = FileRefused(
+        422,
+        "image_unreadable",
+        f"{name} could not be read as a {image_format} image (truncated or corrupt); save it again and send that.",
+    )
+    try:
+        image = _IMAGE_READERS[image_format](io.BytesIO(data))
+    except Exception:  # Pillow's readers raise SyntaxError, OSError, ValueError, struct.error… on what they refuse
+        raise unreadable from None
+    with image:
+        width, height = image.size
+        if width * height > settings.max_image_pixels:
+            raise FileRefused(
+                422,
+                "image_too_large",
+                f"{name} is {width:,} by {height:,} pixels ({width * height:,}); images of at most"
+                f" {settings.max_image_pixels:,} pixels are accepted (CHATSVC_MAX_IMAGE_PIXELS).",
+            )
+        try:
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # a corrupt EXIF block: the pixels may still be fine
+            orientation = 1
+        if orientation not in range(2, 9):
+            orientation = 1
+        turned = orientation in (5, 6, 7, 8)  # the sides swap
+        shown = (height, width) if turned else (width, height)
+        target = model_size(*shown, settings.image_max_pixels)
+        keep = (
+            target == shown
+            and orientation == 1
+            and (image_format == "PNG" or (image_format == "JPEG" and image.mode in ("RGB", "L")))
+        )
+        try:
+            if image_format == "JPEG" and not keep:
+                image.draft(image.mode, target[::-1] if turned else target)
+            image.load()
+            if keep:
+                copy, copy_type = data, IMAGE_TYPES[image_format]
+            else:
+                copy, copy_type = model_copy(image, orientation, target)
+        except Exception:  # "image file is truncated", a broken data stream…
+            raise unreadable from None
+    return FileFacts(
+        media_type=IMAGE_TYPES[image_format],
+        kind="image",
+        width=shown[0],
+        height=shown[1],
+        model_copy=copy,
+        model_media_type=copy_type,
+        model_width=target[0],
+        model_height=target[1],
+    )
+
+
+def model_copy(image: Image.Image, orientation: int, size: tuple[int, int]) -> tuple[bytes, str]:
+    """A decoded image as the model is sent it: turned upright, `size`, in PNG if it has transparency or
+    a palette (drawings, screenshots, where JPEG blurs edges) and else JPEG at quality 85 (photos)."""
+    alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    drawn = alpha or image.mode in ("P", "1")
+    if orientation != 1:
+        image = ImageOps.exif_transpose(image)
+    image = image.convert("RGBA" if alpha else "L" if image.mode in ("L", "1") else "RGB")
+    if image.size != size:
+        # Stretched to the multiples of 28 (by at most 27 pixels a side), as the service itself resizes.
+        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    out = io.BytesIO()
+    if drawn:
+        image.save(out, "PNG")
+        return out.getvalue(), "image/png"
+    image.save(out, "JPEG", quality=85)
+    return out.getvalue(), "image/jpeg"
+
+
+def decoded_text(data: bytes) -> str | None:
+    """`data` as text if it is text: UTF-8 (with or without a BOM), or UTF-16 with its BOM; never with a
+    NUL (which text files do not hold and binary ones do). None if it is not. Decoded a MiB at a time:
+    a decode holds the GIL, and 20 MiB at once would hold the event loop's thread for tens of ms."""
+    encoding = "utf-16" if data.startswith((b"\xff\xfe", b"\xfe\xff")) else "utf-8-sig"
+    decoder = codecs.getincrementaldecoder(encoding)()
+    view, pieces = memoryview(data), []
+    try:
+        for start in range(0, len(data), TEXT_PIECE_BYTES):
+            end = start + TEXT_PIECE_BYTES
+            pieces.append(decoder.decode(view[start:end], final=end >= len(data)))
+            if "\x00" in pieces[-1]:
+                return None
+    except UnicodeDecodeError:
+        return None
+    return "".join(pieces)
+
+
+def text_facts(settings: Settings, name: str, text: str) -> FileFacts:
+    """A text document. Its media type comes from its name's extension (text/markdown, text/csv,
+    application/json), else text/plain: source code, logs, and HTML too (served as plain text, it never
+    runs). A .json is application/json only if it parses: the Examiner checks that in its worker process
+    (`json_parses`). An SVG is XML text, but an image that can run scripts: refused."""
+    if _SVG.match(text[:4096]):
+        raise FileRefused(415, "unsupported_file_type", "SVG images are not accepted; send PNG, JPEG, WebP or GIF.")
+    if not text:  # a byte order mark and nothing else
+        raise empty_file(name)
+    if len(text) > settings.max_document_chars:
+        raise document_too_long(
+            f"{name} holds {len(text):,} characters; at most {settings.max_document_chars:,} are kept"
+            " (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it."
+        )
+    media_type = TEXT_TYPES.get(os.path.splitext(name)[1].lower(), "text/plain")
+    return FileFacts(media_type=media_type, kind="document", text=text)
+
+
+def json_parses(data: bytes) -> bool:
+    """Whether `data` (UTF-8, or UTF-16 with its BOM) is JSON: run in the document worker, because
+    json.loads holds the GIL throughout (a second for 20 MiB)."""
+    try:
+        json.loads(data)
+    except (ValueError, RecursionError):  # a .json that is not JSON is still text
+        return False
+    return True
+
+
+def docx_facts(settings: Settings, name: str, data: bytes) -> FileFacts:
+    """A DOCX (a zip holding word/document.xml) and its text: the paragraphs of the body, one a line,
+    read with the standard library (python-docx would add lxml for what one streaming parse does). The zip
+    is bounded before its text part is read (members, declared and actual expanded size: a zip bomb stops
+    at the bound), and a DTD is refused (Word never writes one; entities declared in it expand)."""
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        if name.lower().endswith(".docx"):
+            raise unreadable_document(
+                f"{name} could not be read as a DOCX (it is damaged); save it again and send that."
+            ) from None
+        raise unsupported(name) from None
+    with archive:
+        try:
+            part = archive.getinfo("word/document.xml")
+        except KeyError:
+            raise unsupported(name) from None
+        if len(archive.infolist()) > DOCX_MAX_MEMBERS or part.file_size > DOCX_MAX_XML_BYTES:
+            raise unreadable_document(
+                f"{name} expands to more than a Word document does ({len(archive.infolist()):,} members, a text"
+                f" part of {part.file_size:,} bytes; at most {DOCX_MAX_MEMBERS:,} and {DOCX_MAX_XML_BYTES:,});"
+                " send a smaller document."
+            )
+        paragraphs = _DocxText(name, settings.max_document_chars)
+        try:
+            with archive.open(part) as member:
+                expanded = 0
+                while piece := member.read(1024 * 1024):
+                    expanded += len(piece)
+                    if expanded > DOCX_MAX_XML_BYTES:  # more than its header declared
+                        raise unreadable_document(
+                            f"{name}'s text part expands past {DOCX_MAX_XML_BYTES:,} bytes; send a smaller document."
+                        )
+                    paragraphs.parser.Parse(piece, False)
+                paragraphs.parser.Parse(b"", True)
+        except FileRefused:
+            raise
+        except Exception:  # BadZipFile (a CRC), expat.ExpatError, zlib.error, an encrypted or unknown compression
+            raise unreadable_document(
+                f"{name} could not be read as a DOCX (it is damaged); save it again and send that."
+            ) from None
+    return FileFacts(media_type=DOCX, kind="document", text=storable_text("\n".join(paragraphs.lines)))
+
+
+class _DocxText:
+    """The handlers of one streaming parse of word/document.xml: the text runs (`w:t`, tabs and breaks)
+    of each paragraph (`w:p`, a table cell's too); a paragraph inside another (a text box) is its own line."""
+
+    def __init__(self, name: str, max_chars: int):
+        self.name, self.max_chars, self.chars = name, max_chars, 0
+        self.lines: list[str] = []
+        self.open: list[list[str]] = []
+        self.in_text = False
+        self.parser = expat.ParserCreate(namespace_separator=" ")
+        self.parser.StartDoctypeDeclHandler = self.doctype
+        self.parser.StartElementHandler = self.start
+        self.parser.EndElementHandler = self.end
+        self.parser.CharacterDataHandler = self.data
+
+    def doctype(self, *_: Any) -> None:
+        raise unreadable_document(
+            f"{self.name} holds a DTD (<!DOCTYPE>), which Word never writes; save it again from a word processor"
+            " and send that."
+        )
+
+    def start(self, tag: str, _attributes: dict) -> None:
+        if tag == _WORD + "p":
+            self.open.append([])
+        elif tag == _WORD + "t":
+            self.in_text = True
+        elif tag in (_WORD + "tab", _WORD + "br", _WORD + "cr") and self.open:
+            self.add("\t" if tag.endswith("tab") else "\n")
+
+    def end(self, tag: str) -> None:
+        if tag == _WORD + "t":
+            self.in_text = False
+        elif tag == _WORD + "p" and self.open:
+            self.lines.append("".join(self.open.pop()))
+            self.add("")
+
+    def data(self, text: str) -> None:
+        if self.in_text and self.open:
+            self.add(text)
+
+    def add(self, text: str) -> None:
+        self.chars += len(text) + (0 if text else 1)  # a paragraph's end is its newline
+        if self.chars > self.max_chars:
+            raise document_too_long(
+                f"{self.name} holds more than {self.max_chars:,} characters; at most that many are kept"
+                " (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it."
+            )
+        if text:
+            self.open[-1].append(text)
+
+
+def pdf_text(name: str, data: bytes, max_pages: int, max_chars: int) -> tuple[str, int, str | None]:
+    """A PDF's text, pages and note ("no_text": pages without any text, a scan), with pypdf; run in the
+    document worker process (`Examiner`), under its deadline. Each page's text follows a line `[page N]`
+    so the model can say where something is, and a person can check it; the page count is bounded before
+    the pages are walked (a PDF may claim 100,000 pages), the text as it grows. pypdf's own limits (a
+    flate bomb, a cyclic page tree, a broken cross-reference) end as document_unreadable."""
+    import pypdf  # only the worker reads PDFs: the service itself does not import pypdf
+
+    try:
+        reader = pypdf.PdfReader(io.BytesIO(data), strict=False)
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise unreadable_document(f"{name} is protected by a password; send a copy without one.")
+        try:
+            count = int(reader.root_object["/Pages"]["/Count"])  # what the PDF claims, before a page is read
+        except Exception:
+            count = 0
+        if count <= max_pages:
+            count = len(reader.pages)  # the page tree walked: the claim may lie
+        if count > max_pages:
+            raise document_too_long(
+                f"{name} has {count:,} pages; at most {max_pages:,} are read (CHATSVC_MAX_DOCUMENT_PAGES):"
+                " send a part of it."
+            )
+        parts: list[str] = []
+        chars, any_text = 0, False
+        for number, page in enumerate(reader.pages, 1):
+            text = storable_text(page.extract_text() or "").strip()
+            any_text = any_text or bool(text)
+            parts.append(f"[page {number}]\n{text}")
+            chars += len(parts[-1]) + 2
+            if chars > max_chars:
+                raise document_too_long(
+                    f"{name} holds more than {max_chars:,} characters of text by page {number} of {count:,};"
+                    f" at most {max_chars:,} are kept (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it."
+                )
+    except FileRefused:
+        raise
+    except Exception:  # PdfReadError, LimitReachedError, PdfStreamError, RecursionError, KeyError…
+        raise unreadable_document(
+            f"{name} could not be read as a PDF (it is damaged, or a part of it expands past the reader's limits);"
+            " print or save it to a new PDF and send that."
+        ) from None
+    if not any_text:
+        return "", count, "no_text"
+    return "\n\n".join(parts), count, None
+
+
+def document_worker(fd: int) -> None:
+    """The document worker process: it answers jobs `(task, *arguments)` (WORKER_TASKS) on the connection
+    `fd` with their outcome until the connection closes. A process, not a thread, because pypdf's
+    pure-Python loops hold the GIL and cannot be stopped (a PDF that runs past CHATSVC_EXTRACT_TIMEOUT is
+    ended by killing its process), and json.loads holds it throughout."""
+    conn = multiprocessing.connection.Connection(fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the service, which ends this
+    logging.getLogger("pypdf").setLevel(logging.CRITICAL + 1)  # its warnings about damaged files are ours
+    warnings.simplefilter("ignore")
+    conn.send("ready")
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send(("ok", WORKER_TASKS[job[0]](*job[1:])))
+        except FileRefused as exc:
+            conn.send(("refused", exc.status, exc.code, exc.detail))
+        except Exception as exc:  # MemoryError: this process is still fine, and the next file too
+            conn.send(("failed", type(exc).__name__))
+
+
+WORKER_TASKS: dict[str, Callable[..., Any]] = {"pdf": pdf_text, "json": json_parses}
+
+
+# The worker is a new interpreter that imports this module from the service's own path, and nothing else:
+# not a fork (a copy of a running event loop and its threads), and not multiprocessing's spawn, which also
+# runs the service's __main__ again (a console script, pytest, or stdin, which it cannot).
+WORKER_CODE = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[2]); import chatsvc; chatsvc.document_worker(int(sys.argv[1]))"
+)
+
+
+class _Worker:
+    """One document worker process and the parent's end of its connection (a socket pair, pickled messages)."""
+
+    def __init__(self) -> None:
+        self.conn, child = multiprocessing.connection.Pipe()
+        with child:
+            fd = child.fileno()
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", WORKER_CODE, str(fd), json.dumps(sys.path)],
+                stdin=subprocess.DEVNULL,
+                pass_fds=[fd],
+            )
+
+    def exchange(self, job: Any) -> Any:
+        self.conn.send(job)
+        return self.conn.recv()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """Killed, not asked: it may be in the middle of a PDF that never ends."""
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
+    def end(self) -> None:
+        self.kill()
+        self.process.wait()
+        self.conn.close()
+
+
+class Examiner:
+    """What uploaded files are (`examine`), at most EXAMINATIONS at a time in this process; PDFs in a
+    worker process started with the first one and killed when one runs past CHATSVC_EXTRACT_TIMEOUT (the
+    next PDF starts a new one). One per app (app.state.examiner), closed with it."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._slots = asyncio.Semaphore(EXAMINATIONS)
+        self._worker_lock = asyncio.Lock()  # one PDF at a time in the worker
+        self._worker: _Worker | None = None
+
+    async def examine(self, name: str, load: Callable[[], Awaitable[bytes]]) -> FileFacts:
+        """The facts of the file `load()` gives, or FileRefused. `load` is awaited in the slot: the bytes
+        of the uploads waiting for one are not yet in memory."""
+        settings = self.settings
+        async with self._slots:
+            data = await load()
+            if data.startswith(b"%PDF-"):
+                job = ("pdf", name, data, settings.max_document_pages, settings.max_document_chars)
+                text, pages, note = await self._in_worker(name, job)
+                return FileFacts(media_type="application/pdf", kind="document", pages=pages, text=text, text_note=note)
+            facts = await asyncio.to_thread(examine_here, settings, name, data)
+            if facts.media_type == "application/json" and not await self._in_worker(name, ("json", data)):
+                return FileFacts(media_type="text/plain", kind="document", text=facts.text)
+            return facts
+
+    async def _in_worker(self, name: str, job: tuple) -> Any:
+        """The outcome of `job` in the worker process, within CHATSVC_EXTRACT_TIMEOUT."""
+        settings = self.settings
+        async with self._worker_lock:
+            worker = await self._started()
+            try:
+                outcome = await asyncio.wait_for(asyncio.to_thread(worker.exchange, job), settings.extract_timeout)
+            except asyncio.TimeoutError:
+                await self._end()
+                raise unreadable_document(
+                    f"Reading the text of {name} took longer than {settings.extract_timeout:g} s"
+                    " (CHATSVC_EXTRACT_TIMEOUT), so it was stopped; send a smaller or simpler document, or a part"
+                    " of it."
+                ) from None
+            except (EOFError, OSError):  # the worker died: killed by the system (its memory?), or closed
+                await self._end()
+                raise unreadable_document(
+                    f"Reading the text of {name} stopped unexpectedly; send a smaller or simpler document."
+                ) from None
+            except BaseException:  # cancelled (the upload's client left): the worker may be busy for long
+                await self._end()
+                raise
+        if outcome[0] == "refused":
+            raise FileRefused(*outcome[1:])
+        if outcome[0] == "failed":
+            raise unreadable_document(f"{name} could not be read ({outcome[1]}); send a smaller or simpler document.")
+        return outcome[1]
+
+    async def _started(self) -> _Worker:
+        if self._worker is not None and self._worker.alive():
+            return self._worker
+        if self._worker is not None:
+            await self._end()
+        self._worker = worker = await asyncio.to_thread(_Worker)
+        try:  # it imports this module first: not counted in a document's time
+            await asyncio.wait_for(asyncio.to_thread(worker.conn.recv), WORKER_START_SECONDS)
+        except (asyncio.TimeoutError, EOFError, OSError) as exc:
+            await self._end()
+            raise RuntimeError(f"the document worker process did not start ({type(exc).__name__})") from exc
+        except BaseException:
+            await self._end()
+            raise
+        return worker
+
+    async def _end(self) -> None:
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.kill()  # at once, whatever happens to this task next
+            await asyncio.to_thread(worker.end)
+
+    async def close(self) -> None:
+        """Ends the worker process, and a PDF it is reading."""
+        if self._worker is not None:
+            self._worker.kill()
+        async with self._worker_lock:
+            await self._end()
 
 
 # ── Answer rows: a running answer's checkpoints and heartbeat, its final state ─────────
@@ -2428,8 +3430,8 @@ class AnswerRows:
 
 class Store:
     """What the rest of the module holds: the database (`db`) and the rooms that read and write it,
-    `conversations`, `search`, `tree` (a conversation's messages), `copies` (forks and imports) and
-    `answers` (answers' rows while they are written)."""
+    `conversations`, `search`, `tree` (a conversation's messages), `copies` (forks and imports), `files`
+    (the files owners upload) and `answers` (answers' rows while they are written)."""
 
     def __init__(self, url: str, exclusive: bool = False, metrics: Metrics | None = None):
         self.db = Database(url, exclusive, metrics)
@@ -2437,6 +3439,7 @@ class Store:
         self.search = Search(self.db)
         self.tree = Tree(self.db, self.conversations)
         self.copies = Copies(self.db)
+        self.files = Files(self.db)
         self.answers = AnswerRows(self.db)
 
     async def open(self, upgrade: bool = True) -> None:
@@ -2548,8 +3551,9 @@ def check_results(answer: dict, results: list[dict]) -> None:
 
 async def plan_turn(
     store: Store, settings: Settings, key: tuple[str, str], chat: ChatRequest
-) -> tuple[Turn, list[dict]]:
-    """Where the new answer goes in the conversation's tree, and the messages the model gets."""
+) -> tuple[Turn, list[dict], bool]:
+    """Where the new answer goes in the conversation's tree, the messages the model gets, and whether
+    the turn goes to CHATSVC_VISION_MODEL because its context holds images its own model cannot see."""
     owner, session_id = key
     question, question_id, new_question = chat.message, "", True
     results = chat.tool_results  # a turn of the app's tool results, instead of a user message
@@ -2603,19 +3607,62 @@ async def plan_turn(
     model = chat.model or (conversation and conversation["model"]) or settings.chat_model
     system_prompt = (conversation and conversation["system_prompt"]) or settings.system_prompt
     new: str | list[dict]
+    new_files: list[FileRow] = []
     if results is not None:
         new, question = results, ""
     else:
         assert question is not None
         new = question
-    messages = build_context(system_prompt, history, new, settings.max_context_messages, settings.max_context_tokens)
+        new_files = await turn_files(store, owner, chat.files if new_question else None, question_id)
+    user_ids = [row["id"] for row in history if row["role"] == "user" and not row["tool_results"]]
+    history_files = await store.files.of_messages(owner, user_ids) if user_ids else {}
+    messages = build_context(
+        system_prompt,
+        history,
+        new,
+        settings.max_context_messages,
+        settings.max_context_tokens,
+        history_files,
+        new_files,
+        settings.max_context_images,
+    )
+    await attach_files(store.files, messages)
+    seen = model
+    if image_parts(messages) and not settings.sees(model):
+        if settings.vision_model is None:
+            raise FileRefused(
+                422,
+                "vision_model_needed",
+                f"This conversation's context holds images and {model} cannot see them. Set CHATSVC_VISION_MODEL"
+                ' (e.g. qwen3-vl-plus), or send "model" with a vision model.',
+            )
+        seen = settings.vision_model
     title = None
     if results is None and settings.titles != "off" and (conversation is None or conversation["title"] is None):
-        title = question.strip().splitlines()[0][:TITLE_CHARS]
-    turn = Turn(owner, session_id, new_message_id(after), model, question_id, question, new_question, start, title)
+        said = question.strip() or ", ".join(row.name for row in new_files)  # a message of files only: their names
+        title = (said.splitlines() or [""])[0][:TITLE_CHARS] or None
+    turn = Turn(owner, session_id, new_message_id(after), seen, question_id, question, new_question, start, title)
     if results is not None and new_question:
         turn.tool_results = json.dumps(results, ensure_ascii=False, separators=(",", ":"))
-    return turn, messages
+    if new_question:
+        turn.files = [row.id for row in new_files]
+    return turn, messages, seen != model
+
+
+async def turn_files(store: Store, owner: str, file_ids: list[str] | None, question_id: str) -> list[FileRow]:
+    """The files of the message a turn answers: those the request names (`file_ids`), each a ready file
+    of the owner's with text if it is a document; or, for a regeneration (None), its question's."""
+    if file_ids is None:
+        return (await store.files.of_messages(owner, [question_id])).get(question_id, [])
+    rows = [await store.files.get(owner, file_id) for file_id in file_ids]
+    for row in rows:
+        if row.kind == "document" and row.text_note == "no_text":
+            raise FileRefused(
+                422,
+                "document_has_no_text",
+                f"{row.name} has no text layer (a scanned PDF?); send its pages as images.",
+            )
+    return rows
 
 
 # ── Context: what the model sees ───────────────────────────────────────────────────────
@@ -2703,10 +3750,117 @@ def answer_messages(row: dict, answered: dict[str, str]) -> list[dict]:
     return messages
 
 
+# A user message's files in its turn of the context (docs/design/files.md 2.7): documents become text
+# before its own, images image parts of their model copies (read only for the messages the context keeps).
+
+IMAGE_PART_TOKENS = 1282  # an image part whose size is not known here: DashScope's default cap (1,280) + 2 markers
+_DOCUMENT_CLOSE = re.compile("</document", re.I)
+
+
+def attribute(value: str) -> str:
+    """`value` inside a double-quoted XML attribute."""
+    return value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def document_open(row: FileRow) -> str:
+    pages = f' pages="{row.pages}"' if row.pages is not None else ""
+    return f'<document name="{attribute(row.name)}" type="{attribute(row.media_type)}"{pages}>'
+
+
+def document_text(row: FileRow, text: str) -> str:
+    """A document as the model reads it: its text between delimiters that name it. A `</document>` in
+    the text is written `</document\u200b>`, so a document cannot close its own delimiter and pass
+    what follows for the user's words."""
+    inside = _DOCUMENT_CLOSE.sub(lambda match: match.group() + "\u200b", text)
+    return f"{document_open(row)}\n{inside}\n</document>"
+
+
+def document_cost(row: FileRow) -> int:
+    """A document's tokens in the context: its text's (estimated once, at upload) and its delimiters'."""
+    return (row.text_tokens or 0) + estimate_tokens(document_open(row) + "\n\n</document>\n\n") - 5
+
+
+def image_not_shown(row: FileRow) -> str:
+    return f"[image: {row.name}, not shown again]"
+
+
+@dataclass
+class FilesTurn:
+    """A user message of the context that carries files, before their texts and model copies are read
+    (`attach_files` makes it the message's `content`): its text, and each file with whether it is shown
+    (an image past CHATSVC_MAX_CONTEXT_IMAGES is not: a line names it instead)."""
+
+    text: str
+    files: list[tuple[FileRow, bool]]
+
+    def cost(self) -> int:
+        said = [image_not_shown(row) for row, shown in self.files if row.kind == "image" and not shown]
+        cost = estimate_tokens("\n\n".join([*said, self.text]))
+        for row, shown in self.files:
+            if row.kind == "document":
+                cost += document_cost(row)
+            elif shown:
+                cost += image_tokens(row.model_width or 1, row.model_height or 1)
+        return cost
+
+    def content(self, inputs: dict[str, tuple[str | None, bytes | None, str | None]]) -> str | list[dict]:
+        """The message's `content`: a string (its documents, then its text) unless an image is shown;
+        then a list of one `image_url` part per shown image, in order, and a `text` part."""
+        texts, images = [], []
+        for row, shown in self.files:
+            text, copy, media_type = inputs.get(row.id, (None, None, None))
+            if row.kind == "document":
+                texts.append(document_text(row, text or ""))
+            elif shown and copy:
+                url = f"data:{media_type};base64,{base64.b64encode(copy).decode()}"
+                images.append({"type": "image_url", "image_url": {"url": url}})
+            else:
+                texts.append(image_not_shown(row))
+        text = "\n\n".join([*texts, self.text] if self.text else texts)
+        if not images:
+            return text
+        return [*images, {"type": "text", "text": text}] if text else images
+
+
+def files_turn(text: str, files: list[FileRow], images_left: int) -> tuple[FilesTurn, int]:
+    """A message's files in the context, its images shown while `images_left` allows; and what is left."""
+    shown = []
+    for row in files:
+        show = row.kind == "image" and images_left > 0
+        images_left -= show
+        shown.append((row, show))
+    return FilesTurn(text, shown), images_left
+
+
+async def attach_files(files: Files, messages: list[dict]) -> None:
+    """The context's messages with files get their content: documents' texts and shown images' model
+    copies read in one call, for these messages only (never the whole history's bytes)."""
+    turns = [m["content"] for m in messages if isinstance(m["content"], FilesTurn)]
+    wanted = [row.id for turn in turns for row, shown in turn.files if row.kind == "document" or shown]
+    inputs = await files.model_inputs(dict.fromkeys(wanted)) if wanted else {}
+    for message in messages:
+        if isinstance(message["content"], FilesTurn):
+            message["content"] = message["content"].content(inputs)
+
+
+def image_parts(messages: list[dict]) -> int:
+    """How many images these messages show the model."""
+    return sum(part["type"] == "image_url" for m in messages if isinstance(m["content"], list) for part in m["content"])
+
+
+def content_tokens(content: str | list[dict] | FilesTurn | None) -> int:
+    """A message content's estimated tokens: its text, its parts, or its files (FilesTurn.cost)."""
+    if isinstance(content, FilesTurn):
+        return content.cost()
+    if isinstance(content, list):
+        return sum(estimate_tokens(part["text"]) if part["type"] == "text" else IMAGE_PART_TOKENS for part in content)
+    return estimate_tokens(content or "")
+
+
 def message_cost(messages: list[dict]) -> int:
     cost = 0
     for message in messages:
-        cost += estimate_tokens(message["content"])
+        cost += content_tokens(message["content"])
         for call in message.get("tool_calls", ()):
             cost += estimate_tokens(call["function"]["name"] + call["function"]["arguments"])
     return cost
@@ -2718,18 +3872,40 @@ def build_context(
     new: str | list[dict],
     max_messages: int,
     max_tokens: int,
+    files: dict[str, list[FileRow]] | None = None,
+    new_files: Collection[FileRow] = (),
+    max_images: int = 0,
 ) -> list[dict]:
     """System prompt, then the newest usable history within both budgets (in order), then the new
     turn: the user's message, or the app's tool results (`new`: [{"tool_call_id", "content"}], sent
     after the calls they answer, in call order). Failed turns and empty answers are left out, with
     the turn that led to them. A stored answer's tool rounds are sent as the model made them;
     walking back from the newest, results that do not fit are omitted (with their length) before
-    older messages are left out."""
+    older messages are left out.
+
+    Files: `files` holds the history's user messages' files (by message id), `new_files` the new
+    message's. A user message with files has a FilesTurn as its content (attach_files reads what it
+    shows); its documents always go with it, its images while `max_images` allows, counted from the
+    new message back (the new message's always: more than `max_images` in it is a refusal). The new
+    message is never cut: if it does not fit alone, the turn is refused."""
     results_turn = not isinstance(new, str)
+    files = files or {}
     if isinstance(new, str):
-        new_messages = [{"role": "user", "content": new}]
+        images = sum(row.kind == "image" for row in new_files)
+        if images > max_images:
+            raise FileRefused(
+                422,
+                "too_many_images",
+                f"This message carries {images} images and at most {max_images} are sent to the model"
+                " (CHATSVC_MAX_CONTEXT_IMAGES); send fewer at once.",
+            )
+        if new_files:
+            turn, images_left = files_turn(new, list(new_files), max_images)
+            new_messages: list[dict] = [{"role": "user", "content": turn}]
+        else:
+            new_messages, images_left = [{"role": "user", "content": new}], max_images
     else:
-        new_messages = [tool_message(r["tool_call_id"], r["content"], None) for r in new]
+        new_messages, images_left = [tool_message(r["tool_call_id"], r["content"], None) for r in new], max_images
     system_cost, new_cost = estimate_tokens(system_prompt), message_cost(new_messages)
     if system_cost >= max_tokens:
         raise ContextTooLong(
@@ -2737,6 +3913,16 @@ def build_context(
             f" context budget ({max_tokens} tokens, CHATSVC_MAX_CONTEXT_TOKENS). Shorten the system prompt."
         )
     budget = max_tokens - system_cost - new_cost
+    documents = [row for row in new_files if row.kind == "document"]
+    if budget < 0 and documents:
+        largest = max(documents, key=document_cost)
+        raise FileRefused(
+            422,
+            "document_too_large",
+            f"{largest.name} is about {document_cost(largest):,} tokens; with your message this turn needs"
+            f" {system_cost + new_cost:,} and at most {max_tokens:,} fit (CHATSVC_MAX_CONTEXT_TOKENS). Send a"
+            " smaller document or a part of it.",
+        )
     if budget < 0:
         raise ContextTooLong(
             f"The message is too long for the model's context budget ({max_tokens} tokens, about "
@@ -2766,6 +3952,9 @@ def build_context(
             answered = {r["tool_call_id"]: r["content"] for r in json.loads(row["tool_results"])}
             picked.append([])
             continue
+        elif files.get(row["id"]):
+            turn, left = files_turn(row["content"], files[row["id"]], images_left)
+            messages, answered = [{"role": "user", "content": turn}], {}
         else:
             messages, answered = [{"role": "user", "content": row["content"]}], {}
         cost = message_cost([m for m in messages if m.get("tool_call_id") not in fresh])  # the new ones are counted
@@ -2775,6 +3964,8 @@ def build_context(
         if cost > budget:
             break
         budget -= cost
+        if isinstance(messages[0]["content"], FilesTurn):
+            images_left = left
         picked.append(messages)
     flat = [message for messages in reversed(picked) for message in messages]
     while flat and flat[0]["role"] != "user":  # the model expects a user turn first
@@ -4286,7 +5477,7 @@ class Relay:
                 answer.move(Phase.RUNNING)
             answer.move(Phase.FINISHING)
             if answer.usage is None and (answer.text_chars or answer.reasoning_chars):  # none reported: estimated
-                answer.prompt_estimate = sum(estimate_tokens(m.get("content") or "") for m in messages)
+                answer.prompt_estimate = sum(content_tokens(m.get("content")) for m in messages)
             await asyncio.shield(self._finish(answer))
 
     async def _model_round(self, answer: Answer, body: dict) -> list[ToolCall]:
@@ -5388,10 +6579,12 @@ class ChatRequest:
     server_tools: bool | list[str] = True
     tool_choice: Any = None
     tool_results: list[dict] | None = None
+    files: list[str] = field(default_factory=list)  # the new message's files, by id, in order
 
 
 CHAT_FIELDS = (
     "message",
+    "files",
     "model",
     "temperature",
     "top_p",
@@ -5491,12 +6684,44 @@ def parse_tool_results(settings: Settings, body: dict) -> list[dict] | None:
     return kept
 
 
+def parse_files(settings: Settings, body: dict) -> list[str]:
+    """The new message's files: `["<file id>", ...]`, each once, at most CHATSVC_MAX_FILES_PER_MESSAGE
+    (whose they are, and whether they are ready, is Turns' to check)."""
+    files = body.get("files")
+    if files is None:
+        return []
+    if not isinstance(files, list) or not all(isinstance(file_id, str) for file_id in files):
+        raise invalid("'files' must be a list of file ids (strings POST /api/v1/files returned).")
+    if len(files) > settings.max_files_per_message:
+        raise FileRefused(
+            422,
+            "too_many_files",
+            f"A message may carry at most {settings.max_files_per_message} files"
+            f" (CHATSVC_MAX_FILES_PER_MESSAGE); this one names {len(files)}.",
+        )
+    for n, file_id in enumerate(files):
+        if not MESSAGE_ID.fullmatch(file_id):
+            raise invalid(f"'files[{n}]' is not a file id this service returned.")
+    twice = next((file_id for n, file_id in enumerate(files) if file_id in files[:n]), None)
+    if twice is not None:
+        raise FileRefused(422, "duplicate_file", f"'files' names file '{twice}' twice; name each file once.")
+    return files
+
+
 def parse_chat(settings: Settings, body: dict) -> ChatRequest:
     check_fields(body, CHAT_FIELDS)
     places = {name: message_id_field(body, name) for name in ("parent_id", "edit", "regenerate")}
     if sum(value is not None for value in places.values()) > 1:
         raise invalid("At most one of 'parent_id', 'edit' and 'regenerate' may be given.")
     message = body.get("message")
+    files = parse_files(settings, body)
+    if files and (places["regenerate"] is not None or body.get("tool_results") is not None):
+        raise invalid(
+            "'files' go with a new message: leave them out of 'regenerate' (the answer uses its question's"
+            " files) and 'tool_results'."
+        )
+    if files and message is None:
+        message = ""  # a message of files only
     tool_results = parse_tool_results(settings, body)
     if tool_results is not None:
         if message is not None or places["regenerate"] is not None:
@@ -5509,8 +6734,8 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
             )
     elif not isinstance(message, str):
         raise invalid("'message' is required and must be a string.")
-    elif not message.strip():
-        raise invalid("'message' must not be blank.")
+    elif not message.strip() and not files:
+        raise invalid("'message' must not be blank (unless it carries 'files').")
     else:
         storable("message", message, settings.max_message_chars)
     options = {
@@ -5535,6 +6760,7 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
         server_tools=parse_server_tools(body),
         tool_choice=parse_tool_choice(body),
         tool_results=tool_results,
+        files=files,
     )
 
 
@@ -6184,16 +7410,31 @@ def present_tools(row: dict) -> dict:
     return shown
 
 
-def present_message(row: dict, context_start: str, siblings: dict[str | None, list[str]] | None) -> dict:
+def present_file_ref(row: FileRow) -> dict:
+    """A file as a message shows it: what a client needs to draw it (a thumbnail, a chip)."""
+    shown = {"id": row.id, "name": row.name, "media_type": row.media_type, "size": row.size, "kind": row.kind}
+    extra = {"width": row.width, "height": row.height, "pages": row.pages}
+    return {**shown, **{name: value for name, value in extra.items() if value is not None}}
+
+
+def present_message(
+    row: dict,
+    context_start: str,
+    siblings: dict[str | None, list[str]] | None,
+    files: dict[str, list[FileRow]] | None = None,
+) -> dict:
     """A message as the API shows it; without `siblings` (a tree page), without `sibling_ids`. A
-    tool-results turn (stored as a user message) is shown with role "tool"."""
+    tool-results turn (stored as a user message) is shown with role "tool". `files`: the files of the
+    page's messages, by message id (a message without files shows no `files`, as before files were)."""
     usage = row_usage(row)
+    carried = (files or {}).get(row["id"])
     return {
         "id": row["id"],
         "parent_id": row["parent_id"],
         **({"sibling_ids": siblings.get(row["parent_id"]) or [row["id"]]} if siblings is not None else {}),
         "role": "tool" if row.get("tool_results") is not None else row["role"],
         "content": row["content"],
+        **({"files": [present_file_ref(f) for f in carried]} if carried else {}),
         "reasoning_content": row["reasoning_content"],
         **present_tools(row),
         "status": row["status"],
@@ -6289,9 +7530,13 @@ async def conversation_or_404(request: Request, key: tuple[str, str]) -> dict:
 async def present_messages(
     request: Request, key: tuple[str, str], rows: list[dict], context_start: str, siblings: bool = True
 ) -> list:
-    """The messages as the API shows them, with their `sibling_ids` (unless not `siblings`: a tree page)."""
-    found = await state(request).store.tree.siblings(*key, {row["parent_id"] for row in rows}) if siblings else None
-    return [present_message(row, context_start, found) for row in rows]
+    """The messages as the API shows them, with their `sibling_ids` (unless not `siblings`: a tree page)
+    and their files (read for the page's user messages in one call)."""
+    store = state(request).store
+    found = await store.tree.siblings(*key, {row["parent_id"] for row in rows}) if siblings else None
+    user_ids = [row["id"] for row in rows if row["role"] == "user"]
+    files = await store.files.of_messages(key[0], user_ids) if user_ids else {}
+    return [present_message(row, context_start, found, files) for row in rows]
 
 
 async def list_conversations(request: Request) -> Response:
@@ -6486,6 +7731,392 @@ async def clear_context(request: Request) -> Response:
 
 
 # ── HTTP: file handlers: the routes under /api/v1/files: upload, metadata, content, delete
+# The upload is the one route whose body is not JSON and not read whole: its pieces are hashed, cut
+# into FILE_CHUNK_BYTES rows and written as they arrive (memory per upload: one chunk and one piece),
+# into a staged row that only `Files.finish` makes a file. Whatever ends an upload early (a refusal,
+# an error, a disconnect, a cancellation) deletes what it staged.
+
+UPLOAD_SECONDS = 600  # an upload's body may take this long in all (CHATSVC_READ_TIMEOUT applies between pieces)
+MULTIPART_SLACK = 64 * 1024  # a multipart body may exceed CHATSVC_MAX_FILE_BYTES by this much (boundaries, headers)
+UPLOAD_FIELD = b"file"  # the multipart part that holds the file
+FILE_ID = re.compile(r"[0-9a-f]{24}")  # what new_message_id makes: another id names no file
+
+
+def bad_upload(detail: str) -> FileRefused:
+    return FileRefused(400, "bad_upload", detail)
+
+
+def file_too_large(limit: int) -> FileRefused:
+    return FileRefused(
+        413, "file_too_large", f"The file is larger than CHATSVC_MAX_FILE_BYTES ({limit / 2**20:g} MiB, {limit} bytes)."
+    )
+
+
+def upload_timeout(seconds: float) -> ApiError:
+    return ApiError(
+        408,
+        "request_timeout",
+        f"The upload sent nothing for {seconds:g} s (CHATSVC_READ_TIMEOUT), or took longer"
+        f" than {UPLOAD_SECONDS} s in all.",
+    )
+
+
+class MultipartFile:
+    """The `file` part of a multipart/form-data body, fed the body piece by piece (python_multipart's
+    push parser: no temporary file, nothing held but the piece). `feed` returns the file's bytes that
+    piece held; `filename` is the part's raw filename once its headers are read (None before). Other
+    parts are skipped; a second `file` part, a part without a filename or a broken body is 400."""
+
+    def __init__(self, boundary: bytes):
+        from python_multipart.multipart import MultipartParser
+
+        self.filename: str | None = None
+        self.ended = False
+        self._data: list[bytes] = []
+        self._header: list[bytes] = [b"", b""]  # the header being read: its name, its value
+        self._headers: dict[bytes, bytes] = {}
+        self._in_file = False
+        self._error: str | None = None
+        callbacks = {
+            "on_part_begin": self._part_begin,
+            "on_header_field": lambda data, start, end: self._add(0, data[start:end]),
+            "on_header_value": lambda data, start, end: self._add(1, data[start:end]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._part_data,
+            "on_end": self._end,
+        }
+        self.parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+
+    def feed(self, piece: bytes) -> list[bytes]:
+        from python_multipart.exceptions import FormParserError
+
+        if self.ended:  # what follows the closing boundary (an epilogue) is ignored, as RFC 2046 says
+            return []
+        try:
+            self.parser.write(piece)
+        except FormParserError:
+            raise bad_upload("The multipart/form-data body is malformed.") from None
+        if self._error:
+            raise bad_upload(self._error)
+        data, self._data = self._data, []
+        return data
+
+    def finish(self) -> None:
+        if not self.ended:
+            raise bad_upload("The multipart/form-data body ends before its closing boundary.")
+        if self.filename is None:
+            raise bad_upload("The multipart/form-data body has no part named 'file' (the file to upload).")
+
+    def _part_begin(self) -> None:
+        self._headers, self._in_file = {}, False
+
+    def _add(self, which: int, data: bytes) -> None:
+        self._header[which] += data
+        if len(self._header[which]) > 8192:
+            self._error = "A multipart part's header is longer than 8 KiB."
+
+    def _header_end(self) -> None:
+        self._headers[self._header[0].strip().lower()] = self._header[1].strip()
+        self._header = [b"", b""]
+
+    def _headers_finished(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        kind, options = parse_options_header(self._headers.get(b"content-disposition", b""))
+        if kind != b"form-data" or options.get(b"name") != UPLOAD_FIELD:
+            return
+        if self.filename is not None:
+            self._error = "The multipart/form-data body has two parts named 'file': upload one file at a time."
+        elif b"filename" not in options:
+            self._error = "The 'file' part has no filename (Content-Disposition: form-data; name=\"file\"; filename=…)."
+        else:
+            self.filename = options[b"filename"].decode("utf-8", "replace")
+            self._in_file = True
+
+    def _part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._in_file and not self._error:
+            self._data.append(bytes(data[start:end]))
+
+    def _end(self) -> None:
+        self.ended = True
+
+
+async def upload_pieces(request: Request, between: float) -> AsyncIterator[bytes]:
+    """The request body as it arrives: each piece within `between` s of the last (CHATSVC_READ_TIMEOUT,
+    so a large upload on a slow link is not cut), the whole within UPLOAD_SECONDS."""
+    pieces = request.stream().__aiter__()
+    deadline = time.monotonic() + UPLOAD_SECONDS
+    while True:
+        try:
+            with anyio.fail_after(max(0.0, min(between, deadline - time.monotonic()))):
+                piece = await pieces.__anext__()
+        except StopAsyncIteration:
+            return
+        except ClientDisconnect:  # nobody is left to answer; not a server error
+            raise client_disconnected() from None
+        except TimeoutError:
+            raise upload_timeout(between) from None
+        if piece:
+            yield piece
+
+
+class Upload:
+    """One upload's bytes on their way to a staged `files` row: hashed, counted against
+    CHATSVC_MAX_FILE_BYTES, cut into FILE_CHUNK_BYTES rows and written one at a time."""
+
+    def __init__(self, files: Files, file_id: str, limit: int):
+        self.files, self.file_id, self.limit = files, file_id, limit
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self._buffer = bytearray()
+        self._seq = 0
+
+    async def add(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise file_too_large(self.limit)
+        self.hash.update(data)
+        self._buffer += data
+        while len(self._buffer) >= FILE_CHUNK_BYTES:
+            await self._write(bytes(self._buffer[:FILE_CHUNK_BYTES]))
+            del self._buffer[:FILE_CHUNK_BYTES]
+
+    async def close(self) -> str:
+        """Writes the last chunk; the bytes' sha256 (hex)."""
+        if self._buffer:
+            await self._write(bytes(self._buffer))
+            self._buffer.clear()
+        return self.hash.hexdigest()
+
+    async def _write(self, chunk: bytes) -> None:
+        await self.files.write(self.file_id, self._seq, chunk)
+        self._seq += 1
+
+
+def present_file(row: FileRow) -> dict:
+    """A file as the API shows it: its facts that are not null."""
+    shown: dict[str, Any] = {
+        "id": row.id,
+        "name": row.name,
+        "media_type": row.media_type,
+        "size": row.size,
+        "sha256": row.sha256,
+        "kind": row.kind,
+        "created_at": row.created_at,
+    }
+    optional = {"width": row.width, "height": row.height, "pages": row.pages, "text_chars": row.text_chars}
+    shown.update({name: value for name, value in optional.items() if value is not None})
+    if row.text_note is not None:
+        shown["note"] = row.text_note
+    return shown
+
+
+def file_key(request: Request) -> tuple[str, str]:
+    """(owner, file_id) of the file a route's path names (an id this service cannot have made: 404)."""
+    owner, file_id = owner_of(request), request.path_params["file_id"]
+    if not FILE_ID.fullmatch(file_id):
+        raise file_not_found(file_id[:200])
+    return owner, file_id
+
+
+async def upload_file(request: Request) -> Response:
+    """A new file of the caller: `multipart/form-data` with its part `file` (named by its filename), or
+    the raw bytes with `?name=`. 201 with the file, or 200 with the caller's file of the same bytes."""
+    metrics = state(request).store.db.metrics
+    try:
+        row, created = await receive_file(request)
+    except (Refusal, ApiError) as exc:
+        metrics.file_upload(None, exc.code)
+        raise
+    metrics.file_upload(row.kind, "stored" if created else "deduplicated")
+    return JSONResponse(present_file(row), status_code=201 if created else 200)
+
+
+async def receive_file(request: Request) -> tuple[FileRow, bool]:
+    """The upload's file, and whether it is new (False: the caller's file of the same bytes)."""
+    st = state(request)
+    owner = owner_of(request)
+    settings, files, metrics = st.settings, st.store.files, st.store.db.metrics
+    kind, options = _parse_content_type(request.headers.get("content-type"))
+    multipart = None
+    name: str | None = None
+    if kind == "multipart/form-data":
+        if not options.get(b"boundary"):
+            raise bad_upload("The multipart/form-data Content-Type has no boundary.")
+        multipart = MultipartFile(options[b"boundary"])
+        limit = settings.max_file_bytes + MULTIPART_SLACK
+    else:
+        raw = request.query_params.get("name")
+        if raw is None or not raw.strip():
+            raise FileRefused(
+                400, "bad_file_name", "A raw upload needs the file's name in ?name= (or send multipart/form-data)."
+            )
+        limit, name = settings.max_file_bytes, clean_name(raw)
+    declared = request.headers.get("content-length", "")
+    if ASCII_NUMBER.fullmatch(declared) and int(declared) > limit:
+        raise file_too_large(settings.max_file_bytes)
+    upload: Upload | None = None
+    received = 0
+    try:
+        async for piece in upload_pieces(request, settings.read_timeout):
+            received += len(piece)
+            if received > limit:
+                raise file_too_large(settings.max_file_bytes)
+            data = [piece] if multipart is None else multipart.feed(piece)
+            if upload is None and (multipart is None or multipart.filename is not None):
+                name = name or clean_name(multipart.filename or "")  # type: ignore[union-attr]
+                upload = await _begin(files, owner, name, settings)
+            for part in data:
+                await upload.add(part)  # type: ignore[union-attr]
+        if multipart is not None:
+            multipart.finish()
+        if upload is None:  # a raw upload of no bytes at all
+            upload = await _begin(files, owner, name, settings)  # type: ignore[arg-type]
+        sha256 = await upload.close()
+        metrics.file_upload_bytes.inc(upload.size)
+        existing = await files.find(owner, sha256)
+        if existing is not None:
+            await _discard(files, upload.file_id)
+            return existing, False
+        started = time.perf_counter()
+        facts = await st.examiner.examine(name, functools.partial(files.read, upload.file_id))
+        metrics.file_processing.labels(facts.kind).observe(time.perf_counter() - started)
+        quota = settings.max_storage_bytes_per_user
+        return await files.finish(upload.file_id, owner, sha256, upload.size, facts, quota)
+    except BaseException:
+        if upload is not None:
+            await _discard(files, upload.file_id)
+        raise
+
+
+def _parse_content_type(value: str | None) -> tuple[str, dict[bytes, bytes]]:
+    from python_multipart.multipart import parse_options_header
+
+    kind, options = parse_options_header(value or "")
+    return kind.decode("latin-1").lower(), options
+
+
+async def _begin(files: Files, owner: str, name: str, settings: Settings) -> Upload:
+    file_id = await files.begin(owner, name, settings.max_storage_bytes_per_user)
+    return Upload(files, file_id, settings.max_file_bytes)
+
+
+async def _discard(files: Files, file_id: str) -> None:
+    """The staged row and its chunks deleted, even while the upload is being cancelled (a failure is
+    logged: the collector deletes what is left of it within the hour)."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await files.discard(file_id)
+        except Exception:
+            log.exception("could not delete the staged upload %s; the collector will", file_id)
+
+
+async def list_files(request: Request) -> Response:
+    """The caller's files, newest first, a page at a time (`cursor`: the last page's `next_cursor`)."""
+    st = state(request)
+    owner = owner_of(request)
+    limit = query_int(request, "limit", 50, 1, 200)
+    cursor = request.query_params.get("cursor")
+    before = decode_cursor(cursor, 1)[0] if cursor else None
+    rows = await st.store.files.page(owner, limit + 1, before)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = encode_cursor(rows[-1].id) if more else None
+    return JSONResponse({"files": [present_file(row) for row in rows], "next_cursor": next_cursor})
+
+
+async def get_file(request: Request) -> Response:
+    """A file's metadata, and how many messages carry it (`references`: it cannot be deleted while > 0)."""
+    files = state(request).store.files
+    owner, file_id = file_key(request)
+    row = await files.get(owner, file_id)
+    return JSONResponse({**present_file(row), "references": await files.references(owner, file_id)})
+
+
+async def delete_file(request: Request) -> Response:
+    await state(request).store.files.remove(*file_key(request))
+    return Response(status_code=204)
+
+
+# /content's headers: the bytes never run (a sandboxed document with no sources, never framed), are
+# taken for what their type says (nosniff: RequestID adds it to every response), read only by this
+# origin's pages, and kept by the browser for good (an id's bytes never change).
+CONTENT_POLICY = "default-src 'none'; sandbox; frame-ancestors 'none'"
+CONTENT_HEADERS = {
+    "Content-Security-Policy": CONTENT_POLICY,
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cache-Control": "private, max-age=31536000, immutable",
+    "Accept-Ranges": "bytes",
+}
+SERVED_TEXT_TYPES = frozenset({"text/plain", "text/markdown", "text/csv"})  # other text/* is served as text/plain
+_RANGE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
+
+
+def served_type(media_type: str) -> str:
+    """The Content-Type a file is served with: text in UTF-8, and never a type a browser runs (HTML)."""
+    if media_type.startswith("text/"):
+        return f"{media_type if media_type in SERVED_TEXT_TYPES else 'text/plain'}; charset=utf-8"
+    if media_type == "application/json":
+        return "application/json; charset=utf-8"
+    return media_type
+
+
+def content_disposition(row: FileRow) -> str:
+    """Inline for images, attachment for the rest; the name as RFC 6266 says (UTF-8 in `filename*`,
+    an ASCII fallback without quotes, backslashes or control characters in `filename`)."""
+    from urllib.parse import quote
+
+    fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in row.name).strip() or "file"
+    kind = "inline" if row.kind == "image" else "attachment"
+    return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{quote(row.name, safe='')}"
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | bool | None:
+    """The single range `Range` asks for, as [start, end); None: the whole file (no header, several
+    ranges, or one malformed: RFC 9110 says to ignore it); False: none of it can be served (416)."""
+    match = _RANGE.fullmatch((header or "").strip().replace(" ", ""))
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.group(1), match.group(2)
+    if first == "":  # the last `last` bytes
+        length = int(last)
+        return (max(0, size - length), size) if length > 0 and size > 0 else False
+    start = int(first)
+    if last != "" and int(last) < start:
+        return None
+    if start >= size:
+        return False
+    return start, size if last == "" else min(int(last) + 1, size)
+
+
+async def file_content(request: Request) -> Response:
+    """The file's bytes, a chunk row at a time, with the headers that keep them inert (CONTENT_HEADERS);
+    a single `Range` is 206 (only the chunks it covers are read), `If-None-Match` its ETag 304."""
+    files = state(request).store.files
+    owner, file_id = file_key(request)
+    row = await files.get(owner, file_id)
+    etag = f'"{row.sha256}"'
+    headers = {**CONTENT_HEADERS, "ETag": etag}
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None and (
+        if_none_match.strip() == "*" or etag in (tag.strip().removeprefix("W/") for tag in if_none_match.split(","))
+    ):
+        return Response(status_code=304, headers=headers)
+    headers.update({"Content-Type": served_type(row.media_type), "Content-Disposition": content_disposition(row)})
+    wanted = byte_range(request.headers.get("range"), row.size)
+    if_range = request.headers.get("if-range")
+    if wanted is not None and if_range is not None and if_range.strip() != etag:
+        wanted = None  # a range of other bytes than these: the whole file (RFC 9110, If-Range)
+    if wanted is False:
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{row.size}"})
+    status, (start, end) = (200, (0, row.size)) if wanted is None else (206, wanted)  # type: ignore[misc]
+    if status == 206:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{row.size}"
+    headers["Content-Length"] = str(end - start)
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers)
+    return StreamingResponse(files.content(file_id, start, end), status_code=status, headers=headers)
 
 
 # ── HTTP: chat handlers: an answer started, streamed, followed by a channel and stopped ──
@@ -6503,10 +8134,13 @@ async def start_answer(request: Request) -> Answer:
         raise not_configured()
     offer = make_offer(relay.toolbox, chat)
     relay.check_free(key)
-    turn, messages = await plan_turn(st.store, s, key, chat)
+    turn, messages, switched = await plan_turn(st.store, s, key, chat)
     payload = {"model": turn.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
     answer = await relay.admit(turn, {**payload, **chat.options}, offer)
     answer.request_id = request.scope.get("request_id")
+    relay.metrics.context_images.observe(image_parts(messages))
+    if switched:
+        relay.metrics.vision_switches.inc()
     return answer
 
 
@@ -6935,15 +8569,17 @@ class RequestMetrics:
 
 def redact_query(text: str) -> str:
     """`text` with the value of every query parameter whose name decodes to `access_token` (as the
-    app reads it: `access%5Ftoken`, `%61ccess_token`, ...) replaced by `[redacted]`."""
+    app reads it: `access%5Ftoken`, `%61ccess_token`, ...) replaced by `[redacted]`; on the upload
+    route, `name` too (a file's name is the user's, like their texts: never logged)."""
     if "?" not in text:
         return text
     head, _, query = text.partition("?")
     query, space, tail = query.partition(" ")
+    secret = {"access_token", "name"} if head.rstrip("/").endswith("/api/v1/files") else {"access_token"}
     parts = query.split("&")
     for i, part in enumerate(parts):
         name, equals, _ = part.partition("=")
-        if unquote_plus(name) == "access_token":
+        if unquote_plus(name) in secret:
             parts[i] = f"{name}{equals}[redacted]"
     return f"{head}?{'&'.join(parts)}{space}{tail}"
 
@@ -6987,6 +8623,24 @@ def drain_on_sigterm(relay: Relay, grace: float) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+FILE_COLLECT_SECONDS = 600.0  # how often the collector looks for files to delete (Files.collect)
+
+
+async def collect_files(store: Store, settings: Settings, metrics: Metrics) -> None:
+    """Every FILE_COLLECT_SECONDS, the files no message uses past CHATSVC_FILE_RETENTION_HOURS (and the
+    uploads a crash left) deleted; an error is logged, and the next round tries again."""
+    while True:
+        await asyncio.sleep(FILE_COLLECT_SECONDS)
+        try:
+            deleted = await store.files.collect(settings.file_retention_hours * 3600)
+        except Exception:
+            log.exception("the file collector failed; it tries again in %g s", FILE_COLLECT_SECONDS)
+            continue
+        metrics.files_collected.inc(deleted)
+        if deleted:
+            log.info("file collector: %d file(s) deleted", deleted)
+
+
 def app_lifespan(
     settings: Settings, metrics: Metrics
 ) -> Callable[[Starlette], contextlib.AbstractAsyncContextManager[None]]:
@@ -7006,6 +8660,7 @@ def app_lifespan(
         app.state.openapi = openapi_document(settings)
         app.state.toolbox = toolbox = Toolbox(settings, metrics)  # started below; never delays the start
         app.state.relay = relay = Relay(settings, store, client, toolbox)
+        app.state.examiner = examiner = Examiner(settings)
         try:
             toolbox.start()
             await relay.open()
@@ -7014,22 +8669,30 @@ def app_lifespan(
                 await relay.shutdown(0)
                 await toolbox.stop()
             finally:
+                await examiner.close()
                 await client.aclose()
                 await store.close()
             raise
         drain_on_sigterm(relay, settings.shutdown_grace)
         logging.getLogger("uvicorn.access").addFilter(redact_access_tokens)
+        collector = asyncio.create_task(collect_files(store, settings, metrics), name="chatsvc-file-collector")
         try:
             yield
         finally:
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
             try:
                 await relay.shutdown(settings.shutdown_grace)
             finally:
                 try:
                     await toolbox.stop()  # bounded, never raises; the client and the store close all the same
                 finally:
-                    await client.aclose()
-                    await store.close()
+                    try:
+                        await examiner.close()
+                    finally:
+                        await client.aclose()
+                        await store.close()
 
     return run
 
@@ -7056,6 +8719,11 @@ def app_routes(settings: Settings) -> list[Route | Mount]:
         Route(f"{api}/context/conversations/{{session_id}}/fork", fork_conversation, methods=["POST"]),
         Route(f"{api}/context/conversations/{{session_id}}/export", export_conversation, methods=["GET"]),
         Route(f"{api}/context/conversations/{{session_id}}/context", clear_context, methods=["DELETE"]),
+        Route(f"{api}/files", list_files, methods=["GET"]),
+        Route(f"{api}/files", upload_file, methods=["POST"]),
+        Route(f"{api}/files/{{file_id}}", get_file, methods=["GET"]),
+        Route(f"{api}/files/{{file_id}}", delete_file, methods=["DELETE"]),
+        Route(f"{api}/files/{{file_id}}/content", file_content, methods=["GET"]),
         Route(f"{api}/chat/{{session_id}}", chat, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}/stream", chat_stream, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}/stream", channel, methods=["GET"]),
@@ -7070,8 +8738,17 @@ def app_middleware(settings: Settings, metrics: Metrics, routes: list[Route | Mo
         JSONCORSMiddleware,
         allow_origins=list(settings.cors_origins),
         allow_methods=["GET", "POST", "PATCH", "DELETE"],
-        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID"],
-        expose_headers=["Retry-After", "X-Request-ID"],
+        # Range and If-None-Match: a file's content read in parts, or revalidated; its headers read back
+        allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID", "Range", "If-None-Match"],
+        expose_headers=[
+            "Retry-After",
+            "X-Request-ID",
+            "Content-Disposition",
+            "Content-Range",
+            "Content-Length",
+            "Accept-Ranges",
+            "ETag",
+        ],
         max_age=600,
     )
     return [

@@ -9,8 +9,12 @@ It runs on its own event loop in a background thread, so sync and async tests ca
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import io
 import itertools
 import json
+import re
 import threading
 import time
 import zlib
@@ -298,8 +302,70 @@ class Seen:
     at: float
 
 
+# The models that take images, as chatsvc's CHATSVC_VISION_MODELS default names them (a trailing * matches any rest).
+VISION_MODELS = (
+    "qwen-vl-*",
+    "qwen2.5-vl-*",
+    "qwen3-vl-*",
+    "qvq-*",
+    "qwen3.5-*",
+    "qwen3.6-*",
+    "qwen-omni-*",
+    "qwen3-omni-*",
+)
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/gif")
+MAX_IMAGE_BYTES = 10 * 1024 * 1024  # an image's decoded bytes, at most (reported for DashScope; not verified)
+_DATA_URL = re.compile(r"data:([^;,]*);base64,(.*)", re.S)
+
+
+def sees(model: str, patterns: tuple[str, ...] = VISION_MODELS) -> bool:
+    return any(model.startswith(p[:-1]) if p.endswith("*") else model == p for p in patterns)
+
+
+def decode_image_url(url: str) -> tuple[str, bytes]:
+    """A data URL's media type and bytes; ValueError (with what DashScope-like servers would say) if
+    it is not one chatsvc may send: another URL, a type not an image's, bad base64, over 10 MB."""
+    match = _DATA_URL.fullmatch(url)
+    if not match:
+        raise ValueError("The image URL is not a base64 data: URL (the fake takes no other).")
+    media_type, encoded = match.groups()
+    if media_type not in IMAGE_TYPES:
+        raise ValueError(f"The image's media type {media_type!r} is not one of {', '.join(IMAGE_TYPES)}.")
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("The image's base64 data is not valid.") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise ValueError(f"The image is {len(data)} bytes, more than {MAX_IMAGE_BYTES}.")
+    return media_type, data
+
+
+def image_refusal(body: dict | None, vision_models: tuple[str, ...]) -> Reply | None:
+    """The 400 a request with image parts gets when they break a rule the service enforces (so a
+    chatsvc bug fails loudly), or when its model cannot see; None when nothing is wrong."""
+    images = [
+        part
+        for message in (body or {}).get("messages") or ()
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if part.get("type") == "image_url"
+    ]
+    if not images:
+        return None
+    for part in images:
+        try:
+            decode_image_url(part["image_url"]["url"])
+        except (ValueError, KeyError, TypeError) as exc:
+            return Reply.error(400, "invalid_parameter_error", str(exc))
+    if not sees(body.get("model") or "", vision_models):
+        # the code and body shape are DashScope's; the message is invented (the real one was not found)
+        return Reply.error(400, "invalid_parameter_error", "The model does not support image input.")
+    return None
+
+
 class FakeDashScope:
     def __init__(self) -> None:
+        self.vision_models: tuple[str, ...] = VISION_MODELS  # a request with images to another model: 400
         self.replies: deque[Reply] = deque()
         self.default: Reply | Callable[[Seen], Reply] = Reply.transcript("stream_usage.sse")  # or made per request
         self.requests: list[Seen] = []
@@ -331,7 +397,44 @@ class FakeDashScope:
         self._thread.join(5)
         self.loop.close()
 
+    @staticmethod
+    def parts(seen: Seen) -> list[list[dict]]:
+        """The user messages of a request, each as its parts in order: a text part as sent (a string
+        content is one text part), an image part decoded: `{"type": "image", "media_type", "size"
+        (decoded bytes), "format" and "width", "height" (as Pillow reads them)}`."""
+        from PIL import Image
+
+        found = []
+        for message in seen.body["messages"]:
+            if message["role"] != "user":
+                continue
+            content = message["content"]
+            if isinstance(content, str):
+                found.append([{"type": "text", "text": content}])
+                continue
+            parts = []
+            for part in content:
+                if part["type"] != "image_url":
+                    parts.append(part)
+                    continue
+                media_type, data = decode_image_url(part["image_url"]["url"])
+                with Image.open(io.BytesIO(data)) as image:
+                    width, height, form = image.width, image.height, image.format
+                parts.append(
+                    {
+                        "type": "image",
+                        "media_type": media_type,
+                        "size": len(data),
+                        "format": form,
+                        "width": width,
+                        "height": height,
+                    }
+                )
+            found.append(parts)
+        return found
+
     def reset(self) -> None:
+        self.vision_models = VISION_MODELS
         self.replies.clear()
         self.requests.clear()
         self.connections = 0
@@ -365,8 +468,10 @@ class FakeDashScope:
                     body = None
                 self.requests.append(Seen(method, path, headers, body, self.loop.time()))
                 seen = self.requests[-1]
-                reply = self.replies.popleft() if self.replies else self.default
-                reply = reply(seen) if callable(reply) else reply
+                reply = image_refusal(body, self.vision_models) if isinstance(body, dict) else None
+                if reply is None:  # a refused request takes none of the replies queued
+                    reply = self.replies.popleft() if self.replies else self.default
+                    reply = reply(seen) if callable(reply) else reply
                 if not await self._answer(reply, writer):
                     return
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -431,7 +536,7 @@ class FakeDashScope:
 
 
 def bench_reply(seen: Seen) -> Reply:
-    """For benchmarks: the user's message "bench <chunks> <pause seconds> [stamp]" sets the answer:
+    """For benchmarks: the user's message "bench <chunks> <pause seconds> [stamp]" (its last line) sets the answer:
     chunks "t0 ", "t1 ", ... or, with "stamp", "t0@<send time in ns> ", ... A request that offers a
     tool named `<server>__echo` is first answered with a call to it (`{"text": "bench"}`), round after
     round while its messages hold fewer than 2 `tool` messages (bench/relay.py's scenario w)."""
@@ -440,7 +545,9 @@ def bench_reply(seen: Seen) -> Reply:
     if echo and sum(m["role"] == "tool" for m in messages) < 2:
         return Reply.tool_calls([(echo[0], {"text": "bench"})], usage={"total_tokens": 1})
     question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
-    _, chunks, pause, *stamp = question.split()
+    if isinstance(question, list):  # a message with images: its text part
+        question = next((part["text"] for part in question if part["type"] == "text"), "")
+    _, chunks, pause, *stamp = question.splitlines()[-1].split()  # after the documents a message carries
     form = "t{}@T " if stamp else "t{} "
     return Reply.answer([form.format(i) for i in range(int(chunks))], pause=float(pause), usage={"total_tokens": 1},
                         stamp=bool(stamp))  # fmt: skip

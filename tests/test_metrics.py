@@ -146,6 +146,41 @@ def test_the_pages_files_are_counted_under_their_mount(client):
                 and ("route", "unmatched") in labels]  # fmt: skip
 
 
+def test_file_uploads_are_counted_by_kind_and_outcome(client):
+    """Uploads by kind and outcome (a refusal: kind unknown, its code), the bytes received, the
+    examination's time (not for a dedup hit: nothing is examined), the file routes under their
+    templates (never a file's id); the collector's, the context's and the vision switch's series
+    exist from the start (the collector and the context count into them)."""
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(out, "PNG")
+    image = out.getvalue()
+    files = f"{API}/files"
+    first = client.post(files, files={"file": ("a.png", image, "image/png")})
+    assert first.status_code == 201
+    assert client.post(files, files={"file": ("b.png", image, "image/png")}).status_code == 200
+    assert client.post(files, params={"name": "n.txt"}, content=b"some text\n").status_code == 201
+    assert client.post(files, params={"name": "e.txt"}, content=b"").status_code == 422
+    assert client.get(f"{files}/{first.json()['id']}/content").status_code == 200
+    m = scrape(client)
+    uploads = "chatsvc_file_uploads_total"
+    assert value(m, uploads, kind="image", outcome="stored") == 1
+    assert value(m, uploads, kind="image", outcome="deduplicated") == 1
+    assert value(m, uploads, kind="document", outcome="stored") == 1
+    assert value(m, uploads, kind="unknown", outcome="empty_file") == 1
+    assert value(m, "chatsvc_file_upload_bytes_total") == 2 * len(image) + len(b"some text\n")
+    assert value(m, "chatsvc_file_processing_seconds_count", kind="image") == 1
+    assert value(m, "chatsvc_file_processing_seconds_count", kind="document") == 1
+    content = f"{files}/{{file_id}}/content"
+    assert value(m, "chatsvc_http_requests_total", route=content, method="GET", status="200") == 1
+    assert value(m, "chatsvc_http_requests_total", route=files, method="POST", status="201") == 2
+    for name in ("chatsvc_files_collected_total", "chatsvc_vision_switches_total", "chatsvc_context_images_count"):
+        assert (name, ()) in m and value(m, name) == 0
+
+
 def test_metrics_can_be_turned_off(make_service):
     with make_service(CHATSVC_METRICS="0").client() as client:
         r = client.get("/metrics")
