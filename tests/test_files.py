@@ -358,6 +358,7 @@ def test_the_read_timeout_applies_between_pieces_not_to_the_whole_upload(make_se
     assert f'"POST {FILES}?name=[redacted] HTTP/1.1" 201' in caplog.text
 
 
+@pytest.mark.slow  # two chatsvc processes: ~6 s
 def test_a_file_stored_through_one_replica_is_served_by_another(postgres_database, fake, tmp_path):
     from procs import ServerProcess
     from support import EMPTY_POSTGRES, Service, pg
@@ -384,3 +385,19 @@ def test_a_file_stored_through_one_replica_is_served_by_another(postgres_databas
             server.stop()
     for server in (a, b):
         assert "Traceback" not in server.log(), server.log()
+
+
+def test_a_browser_of_an_allowed_origin_may_ask_for_ranges_and_read_the_files_headers(make_service):
+    service = make_service(CHATSVC_CORS_ORIGINS="https://app.example")
+    origin = {"Origin": "https://app.example"}
+    with service.client() as client:
+        file_id = upload_raw(client, b"some text\n", "t.txt").json()["id"]
+        preflight = client.options(
+            f"{FILES}/{file_id}/content",
+            headers={**origin, "Access-Control-Request-Method": "GET", "Access-Control-Request-Headers": "range"},
+        )
+        assert preflight.status_code == 200 and "range" in preflight.headers["access-control-allow-headers"].lower()
+        r = client.get(f"{FILES}/{file_id}/content", headers={**origin, "Range": "bytes=0-3"})
+        assert r.status_code == 206 and r.content == b"some"
+        exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+        assert {"content-disposition", "content-range", "etag", "content-length", "accept-ranges"} <= exposed
