@@ -5,8 +5,9 @@
     python bench/files.py --database postgresql://postgres@127.0.0.1/chatsvc_bench   # an empty database
 
 Prints:
-1. upload throughput: 1, 5 and 20 concurrent clients, each uploading its own 20 MiB of random bytes
-   once as a raw body (`?name=`) and once as multipart/form-data: MiB/s over the whole round, the
+1. upload throughput: 1, 5 and 20 concurrent clients, each uploading its own 20 MiB of random text
+   (random bytes are refused: files are checked by their bytes; CHATSVC_MAX_DOCUMENT_CHARS is raised
+   for it) once as a raw body (`?name=`) and once as multipart/form-data: MiB/s over the whole round, the
    slowest upload, and chatsvc's RSS meanwhile (sampled from /proc/<pid>/status every 10 ms: peak
    minus the idle RSS measured just before the round). The 20-client rows are the memory check:
    uploads are streamed to the database, so the peak must stay under 100 MiB above idle (not
@@ -16,8 +17,9 @@ Prints:
    copy: the 40 MP photo is scaled down once, at upload);
 3. what a turn with that PDF and two images (the 40 MP photo's model copy and a small PNG) adds
    before the first chunk, against the same text turn: --turns of each, alternating, every turn in
-   a new conversation; the fake answers at once, so the difference is chatsvc's (reading the files'
-   text and model copies, building the image parts) plus sending the larger request to the fake.
+   a new conversation (CHATSVC_MAX_CONTEXT_TOKENS=32000: the PDF's text is ~13,000 tokens); the fake
+   answers at once, so the difference is chatsvc's (reading the files' text and model copies,
+   building the image parts) plus sending the larger request to the fake.
 
 Loopback only; every request has a deadline. The load generator is this process (asyncio, raw
 HTTP/1.1 with the body written in 1 MiB pieces, so it holds one random buffer, not one per client).
@@ -130,19 +132,26 @@ async def upload_round(port: int, prefixes: list[bytes], data: bytes, multipart:
 
     async def one(k: int) -> tuple[float, int, dict]:
         started = time.perf_counter()
-        status, answer = await upload(port, f"owner{k}", f"f{k}.bin", prefixes[k], data, multipart)
+        status, answer = await upload(port, f"owner{k}", f"f{k}.txt", prefixes[k], data, multipart)
         return time.perf_counter() - started, status, answer
 
     return await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(len(prefixes)))), 600)
 
 
+def random_text(size: int) -> bytes:
+    """`size` bytes of random lowercase words and lines: a text document chatsvc accepts (random bytes
+    are refused, 415), and one that does not compress or repeat."""
+    alphabet = (b"abcdefghijklmnopqrstuvwxyz" * 10)[:253] + b"  \n"
+    return os.urandom(size).translate(alphabet)
+
+
 def throughput(server: ServerProcess, size: int) -> list[dict]:
-    data = os.urandom(size - 16)  # each upload is 16 bytes of its own + this: no two are the same file
+    data = random_text(size - 16)  # each upload is 16 bytes of its own + this: no two are the same file
     rows = []
-    with server.client(timeout=60) as client:
+    with httpx.Client(base_url=server.url, timeout=60) as client:
         for multipart in (False, True):
             for clients in (1, 5, 20):
-                prefixes = [os.urandom(16) for _ in range(clients)]
+                prefixes = [os.urandom(8).hex().encode() for _ in range(clients)]
 
                 with RssSampler(server.proc.pid) as memory:
                     started = time.perf_counter()
@@ -236,7 +245,7 @@ def first_chunk(client: httpx.Client, session_id: str, body: dict) -> float:
 
 def turns(server: ServerProcess, fake: FakeDashScope, count: int) -> None:
     headers = {USER: "turns"}
-    with server.client(timeout=120, headers=headers) as client:
+    with httpx.Client(base_url=server.url, timeout=120, headers=headers) as client:
         pdf, jpeg = text_pdf(10), photo(7728, 5152)
         document, pdf_s = timed_upload(client, "report.pdf", "application/pdf", pdf)
         big, jpeg_s = timed_upload(client, "photo.jpg", "image/jpeg", jpeg)
@@ -283,7 +292,9 @@ def main() -> int:
         database = args.database or f"sqlite+aiosqlite:///{tmp}/bench.db"
         env = {"DASHSCOPE_API_KEY": "sk-bench", "DASHSCOPE_BASE_URL": fake.url, "DATABASE_URL": database,
                "CHATSVC_USER_HEADER": USER, "CHATSVC_TITLES": "first-line", "LOG_LEVEL": "warning",
-               "CHATSVC_VISION_MODEL": VISION, "CHATSVC_MAX_FILE_BYTES": str(max(size, 20 * MiB)) ,
+               "CHATSVC_VISION_MODEL": VISION, "CHATSVC_MAX_FILE_BYTES": str(max(size, 20 * MiB)),
+               "CHATSVC_MAX_DOCUMENT_CHARS": str(max(size, 20 * MiB)),
+               "CHATSVC_MAX_CONTEXT_TOKENS": "32000",  # the PDF's text (~13,000 tokens) fits
                "CHATSVC_MAX_STORAGE_BYTES_PER_USER": "0"}  # fmt: skip
         server = ServerProcess(env, Path(tmp)).start()
         try:
