@@ -5,14 +5,15 @@
     python bench/files.py --database postgresql://postgres@127.0.0.1/chatsvc_bench   # an empty database
 
 Prints:
-1. upload throughput: 1, 5 and 20 concurrent clients, each uploading its own 20 MiB of random text
-   (random bytes are refused: files are checked by their bytes; CHATSVC_MAX_DOCUMENT_CHARS is raised
-   for it) once as a raw body (`?name=`) and once as multipart/form-data: MiB/s over the whole round, the
-   slowest upload, and chatsvc's RSS meanwhile (sampled from /proc/<pid>/status every 10 ms: peak
-   minus the idle RSS measured just before the round). The 20-client rows are the memory check:
-   uploads are streamed to the database, so the peak must stay under 100 MiB above idle (not
-   20 x 20 MiB). Every upload's answer is checked (201, its size and sha256); the files are deleted
-   after each round, so the database does not grow from round to round.
+1. upload throughput: 1, 5 and 20 concurrent clients, each uploading its own 20 MiB text document
+   (random words: random bytes are refused, files are checked by their bytes; the bench raises
+   CHATSVC_MAX_DOCUMENT_CHARS for it), once as a raw body (`?name=`) and once as multipart/form-data,
+   then 20 clients each uploading its own 20 MiB JPEG (24 MP of grain, padded with comments): MiB/s
+   over the whole round, the slowest upload, and chatsvc's RSS meanwhile (sampled from
+   /proc/<pid>/status every 10 ms: peak minus the idle RSS measured just before the round). The
+   20-client rows are the memory check: the target is a peak under 100 MiB above idle (not 20 x 20
+   MiB). Every upload's answer is checked (201, its size and sha256); the files are deleted after
+   each round, so the database does not grow from round to round.
 2. the upload time of a 10-page text PDF and of a 40-megapixel JPEG (checks, extraction, the model
    copy: the 40 MP photo is scaled down once, at upload);
 3. what a turn with that PDF and two images (the 40 MP photo's model copy and a small PNG) adds
@@ -127,48 +128,81 @@ class RssSampler:
         self.peak = max(self.peak, self.rss())
 
 
-async def upload_round(port: int, prefixes: list[bytes], data: bytes, multipart: bool) -> list[tuple]:
+async def upload_round(port: int, names: list[str], prefixes: list[bytes], data: bytes, multipart: bool) -> list:
     """One upload per prefix, all at once (each by its own owner): (seconds, status, answer) of each."""
 
     async def one(k: int) -> tuple[float, int, dict]:
         started = time.perf_counter()
-        status, answer = await upload(port, f"owner{k}", f"f{k}.txt", prefixes[k], data, multipart)
+        status, answer = await upload(port, f"owner{k}", names[k], prefixes[k], data, multipart)
         return time.perf_counter() - started, status, answer
 
     return await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(len(prefixes)))), 600)
 
 
-def random_text(size: int) -> bytes:
-    """`size` bytes of random lowercase words and lines: a text document chatsvc accepts (random bytes
-    are refused, 415), and one that does not compress or repeat."""
-    alphabet = (b"abcdefghijklmnopqrstuvwxyz" * 10)[:253] + b"  \n"
-    return os.urandom(size).translate(alphabet)
+class TextFiles:
+    """Text documents: random lowercase words and lines (random bytes are refused, 415: files are
+    checked by their bytes), each upload's first 16 bytes its own, so no two are the same file."""
+
+    label, extension = "text", "txt"
+
+    def __init__(self, size: int):
+        alphabet = (b"abcdefghijklmnopqrstuvwxyz" * 10)[:253] + b"  \n"
+        self.size, self.data = size, os.urandom(size - 16).translate(alphabet)
+
+    def prefix(self) -> bytes:
+        return os.urandom(8).hex().encode()
 
 
-def throughput(server: ServerProcess, size: int) -> list[dict]:
-    data = random_text(size - 16)  # each upload is 16 bytes of its own + this: no two are the same file
-    rows = []
+class PhotoFiles:
+    """JPEG photos of 6000 x 4000 pixels of grain (24 MP, which compresses like the worst photo), padded
+    to `size` with comment segments; each upload's comment right after the start marker is its own."""
+
+    label, extension = "jpeg", "jpg"
+
+    def __init__(self, size: int):
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.merge("RGB", [Image.effect_noise((6000, 4000), 64) for _ in range(3)]).save(out, "JPEG", quality=88)
+        jpeg = out.getvalue()
+        padding = size - (len(jpeg) - 2) - len(self.prefix())  # (its start marker is in the prefix)
+        assert padding >= 0, f"the photo is {len(jpeg)} bytes, more than {size}"
+        comments = []
+        while padding:
+            take = min(padding, 65533 + 2)  # a segment: its marker (2 bytes), then a length that counts itself
+            if 0 < padding - take < 4:  # (the last segment needs 4 bytes at least)
+                take -= 4
+            comments.append(b"\xff\xfe" + (take - 2).to_bytes(2, "big") + b" " * (take - 4))
+            padding -= take
+        self.size, self.data = size, b"".join(comments) + jpeg[2:]
+
+    def prefix(self) -> bytes:
+        return b"\xff\xd8\xff\xfe\x00\x12" + os.urandom(16)  # the start of the image, then a comment of 16 bytes
+
+
+def throughput(server: ServerProcess, files: TextFiles | PhotoFiles, rounds: tuple[int, ...]) -> list[dict]:
+    rows, size = [], files.size
     with httpx.Client(base_url=server.url, timeout=60) as client:
         for multipart in (False, True):
-            for clients in (1, 5, 20):
-                prefixes = [os.urandom(8).hex().encode() for _ in range(clients)]
-
+            for clients in rounds:
+                prefixes = [files.prefix() for _ in range(clients)]
+                names = [f"f{k}.{files.extension}" for k in range(clients)]
                 with RssSampler(server.proc.pid) as memory:
                     started = time.perf_counter()
-                    results = asyncio.run(upload_round(server.port, prefixes, data, multipart))
+                    results = asyncio.run(upload_round(server.port, names, prefixes, files.data, multipart))
                     wall = time.perf_counter() - started
                 for k, (_, status, answer) in enumerate(results):
                     assert status == 201, (status, answer)
                     assert answer["size"] == size, answer
-                    assert answer["sha256"] == hashlib.sha256(prefixes[k] + data).hexdigest(), answer
+                    assert answer["sha256"] == hashlib.sha256(prefixes[k] + files.data).hexdigest(), answer
                 for k, (_, _, answer) in enumerate(results):  # the next round starts from the same database
                     r = client.delete(f"/api/v1/files/{answer['id']}", headers={USER: f"owner{k}"})
                     assert r.status_code == 204, r.text
-                row = dict(kind="multipart" if multipart else "raw", clients=clients, wall=wall,
+                row = dict(files=files.label, kind="multipart" if multipart else "raw", clients=clients, wall=wall,
                            slowest=max(t for t, _, _ in results), mib_s=clients * size / MiB / wall,
                            idle=memory.idle / MiB, grown=(memory.peak - memory.idle) / MiB)  # fmt: skip
                 rows.append(row)
-                print(f"  {row['kind']:9} {clients:2} x {size // MiB} MiB: {row['mib_s']:6.1f} MiB/s"
+                print(f"  {files.label:4} {row['kind']:9} {clients:2} x {size // MiB} MiB: {row['mib_s']:6.1f} MiB/s"
                       f" (round {wall:5.2f} s, slowest upload {row['slowest']:5.2f} s);"
                       f" RSS idle {row['idle']:5.0f} MiB, peak - idle {row['grown']:5.1f} MiB", flush=True)  # fmt: skip
     return rows
@@ -301,12 +335,12 @@ def main() -> int:
             kind = "PostgreSQL" if database.startswith("postgres") else "SQLite"
             print(f"chatsvc on {kind}, pid {server.proc.pid}; {os.cpu_count()} cores")
             print("1. uploads")
-            rows = throughput(server, size)
-            worst = max(r["grown"] for r in rows if r["clients"] == 20)
-            verdict = "PASS" if worst < 100 else "FAIL"
-            print(
-                f"  memory with 20 uploads in flight: peak - idle at most {worst:.1f} MiB (target < 100 MiB): {verdict}"
-            )
+            rows = throughput(server, TextFiles(size), (1, 5, 20))
+            rows += throughput(server, PhotoFiles(size), (20,))
+            for label in ("text", "jpeg"):
+                worst = max(r["grown"] for r in rows if r["clients"] == 20 and r["files"] == label)
+                print(f"  memory with 20 uploads of {label} in flight: peak - idle at most {worst:.1f} MiB"
+                      f" (target < 100 MiB): {'PASS' if worst < 100 else 'FAIL'}")  # fmt: skip
             print("2./3. a turn with a 10-page PDF and two images")
             turns(server, fake, count)
         finally:
