@@ -14,7 +14,9 @@ Prints:
    peak minus the idle RSS measured just before the round). The 20-client rows are the memory check:
    the target is a peak under 100 MiB above idle (not 20 x 20 MiB); each way of uploading starts a
    new chatsvc, warmed up, whose first round is that one (a round after others would find the heap
-   they grew and hide its own growth). Every upload's answer is checked
+   they grew and hide its own growth). A last photo row sends 20 copies of a file already stored:
+   streamed, hashed and written like the others but not examined (a dedup hit), which separates what
+   the streaming costs from what examining costs. Every upload's answer is checked
    (201, its size and sha256); the files are deleted after each round, so the database does not grow
    from round to round.
 2. the upload time of a 10-page text PDF and of a 40-megapixel JPEG (checks, extraction, the model
@@ -131,12 +133,15 @@ class RssSampler:
         self.peak = max(self.peak, self.rss())
 
 
-async def upload_round(port: int, names: list[str], prefixes: list[bytes], data: bytes, multipart: bool) -> list:
-    """One upload per prefix, all at once (each by its own owner): (seconds, status, answer) of each."""
+async def upload_round(
+    port: int, names: list[str], prefixes: list[bytes], data: bytes, multipart: bool, owner: str | None = None
+) -> list:
+    """One upload per prefix, all at once (each by its own owner, or all by `owner`): (seconds, status,
+    answer) of each."""
 
     async def one(k: int) -> tuple[float, int, dict]:
         started = time.perf_counter()
-        status, answer = await upload(port, f"owner{k}", names[k], prefixes[k], data, multipart)
+        status, answer = await upload(port, owner or f"owner{k}", names[k], prefixes[k], data, multipart)
         return time.perf_counter() - started, status, answer
 
     return await asyncio.wait_for(asyncio.gather(*(one(k) for k in range(len(prefixes)))), 600)
@@ -207,6 +212,31 @@ def throughput(env: dict[str, str], workdir: Path, files: TextFiles | PhotoFiles
         finally:
             server.stop()
     return rows
+
+
+def deduplicated_row(env: dict[str, str], workdir: Path, files: PhotoFiles) -> dict:
+    """20 uploads at once of a photo their owner already stores: each is streamed, hashed and written
+    like any upload, then found to be a copy (200, the same id) without being examined. What the
+    streaming costs alone, on a new chatsvc."""
+    server = fresh_server(env, workdir)
+    try:
+        prefix = files.prefix()
+        first, _ = asyncio.run(upload_round(server.port, ["same.jpg"], [prefix], files.data, False, "same"))[0][1:]
+        assert first == 201
+        with RssSampler(server.proc.pid) as memory:
+            started = time.perf_counter()
+            results = asyncio.run(
+                upload_round(server.port, ["same.jpg"] * 20, [prefix] * 20, files.data, False, "same")
+            )
+            wall = time.perf_counter() - started
+    finally:
+        server.stop()
+    assert [status for _, status, _ in results] == [200] * 20, results
+    grown = (memory.peak - memory.idle) / MiB
+    print(f"  jpeg raw       20 x {files.size // MiB} MiB, all copies of a stored file (not examined):"
+          f" {20 * files.size / MiB / wall:6.1f} MiB/s (round {wall:5.2f} s);"
+          f" RSS idle {memory.idle / MiB:5.0f} MiB, peak - idle {grown:5.1f} MiB", flush=True)  # fmt: skip
+    return dict(files="copies", kind="raw", clients=20, grown=grown)
 
 
 def upload_row(server: ServerProcess, files: TextFiles | PhotoFiles, multipart: bool, clients: int) -> dict:
@@ -360,9 +390,11 @@ def main() -> int:
         print(f"chatsvc on {kind}; {os.cpu_count()} cores")
         print("1. uploads")
         try:
-            rows = throughput(env, Path(tmp), PhotoFiles(size), (20, 5, 1))
+            photos = PhotoFiles(size)
+            rows = throughput(env, Path(tmp), photos, (20, 5, 1))
+            rows.append(deduplicated_row(env, Path(tmp), photos))
             rows += throughput(env, Path(tmp), TextFiles(size), (20, 1))
-            for label in ("jpeg", "text"):
+            for label in ("jpeg", "copies", "text"):
                 worst = max(r["grown"] for r in rows if r["clients"] == 20 and r["files"] == label)
                 print(f"  memory with 20 uploads of {label} in flight: peak - idle at most {worst:.1f} MiB"
                       f" (target < 100 MiB): {'PASS' if worst < 100 else 'FAIL'}")  # fmt: skip
