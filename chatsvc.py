@@ -83,7 +83,7 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import unquote_plus
+from urllib.parse import quote, unquote_plus
 from xml.parsers import expat
 
 import anyio
@@ -92,6 +92,8 @@ import httpx2 as httpx
 import prometheus_client
 from databases import DatabaseURL
 from PIL import GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.config import Config
@@ -2714,8 +2716,8 @@ class FileFacts:
 # CHATSVC_MAX_FILE_BYTES) and, for an image, its decoded pixels (up to CHATSVC_MAX_IMAGE_PIXELS times 4 bytes):
 # memory is bounded by these slots, not by the uploads in flight.
 EXAMINATIONS = 2
-TEXT_PIECE_BYTES = 1024 * 1024
-# The spawned document worker imports this module before it answers: that is not the document's time.
+TEXT_PIECE_BYTES = 1024 * 1024  # a text is decoded this much at a time (each piece holds the GIL a few ms)
+# The document worker imports this module before it answers: that is not the document's time.
 WORKER_START_SECONDS = 60.0
 # A DOCX is a zip: its members, and what its text part expands to, are bounded before anything is read.
 DOCX_MAX_MEMBERS = 2000
@@ -2736,7 +2738,12 @@ _IMAGE_READERS = {
     "GIF": GifImagePlugin.GifImageFile,
 }
 _HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1")
-_SVG = re.compile(r"\s*(<\?xml[^>]*>\s*)?((<!--.*?-->|<!DOCTYPE[^>\[]*(\[.*?\])?\s*>)\s*)*<svg[\s>/]", re.I | re.S)
+# An SVG document's start: an XML declaration, comments and a DOCTYPE, then <svg. Each part can match in one
+# way only (a comment ends at its first "-->"): no backtracking that grows with the number of comments.
+_SVG = re.compile(
+    r"\s*(?:<\?xml[^>]*>\s*)?(?:(?:<!--(?:[^-]|-(?!->))*-->|<!DOCTYPE[^>\[]*(?:\[[^\]]*\])?\s*>)\s*)*<svg[\s>/]",
+    re.I,
+)
 TEXT_TYPES = {".md": "text/markdown", ".markdown": "text/markdown", ".csv": "text/csv", ".json": "application/json"}
 # C0 and C1 controls, DEL, the bidirectional marks, embeddings, overrides and isolates (which make
 # "photo\u202egnp.exe" show as "photoexe.png"), and lone surrogates (no database stores them).
@@ -2866,8 +2873,16 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
         "image_unreadable",
         f"{name} could not be read as a {image_format} image (truncated or corrupt); save it again and send that.",
     )
+    too_large = FileRefused(
+        422,
+        "image_too_large",
+        f"{name} has a frame larger than {settings.max_image_pixels:,} pixels (CHATSVC_MAX_IMAGE_PIXELS); send a"
+        " smaller image.",
+    )
     try:
         image = _IMAGE_READERS[image_format](io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # a GIF frame larger than its screen
+        raise too_large from None
     except Exception:  # Pillow's readers raise SyntaxError, OSError, ValueError, struct.error… on what they refuse
         raise unreadable from None
     with image:
@@ -2901,6 +2916,8 @@ def image_facts(settings: Settings, name: str, data: bytes, image_format: str) -
                 copy, copy_type = data, IMAGE_TYPES[image_format]
             else:
                 copy, copy_type = model_copy(image, orientation, target)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise too_large from None
         except Exception:  # "image file is truncated", a broken data stream…
             raise unreadable from None
     return FileFacts(
@@ -2922,6 +2939,8 @@ def model_copy(image: Image.Image, orientation: int, size: tuple[int, int]) -> t
     drawn = alpha or image.mode in ("P", "1")
     if orientation != 1:
         image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):  # 16-bit grey: to 8 bits, not clipped to them
+        image = image.convert("I").point(lambda value: value / 256).convert("L")
     image = image.convert("RGBA" if alpha else "L" if image.mode in ("L", "1") else "RGB")
     if image.size != size:
         # Stretched to the multiples of 28 (by at most 27 pixels a side), as the service itself resizes.
@@ -3000,9 +3019,9 @@ def docx_facts(settings: Settings, name: str, data: bytes) -> FileFacts:
             raise unsupported(name) from None
         if len(archive.infolist()) > DOCX_MAX_MEMBERS or part.file_size > DOCX_MAX_XML_BYTES:
             raise unreadable_document(
-                f"{name} expands to more than a Word document does ({len(archive.infolist()):,} members, a text"
-                f" part of {part.file_size:,} bytes; at most {DOCX_MAX_MEMBERS:,} and {DOCX_MAX_XML_BYTES:,});"
-                " send a smaller document."
+                f"{name} expands to more than a Word document does ({len(archive.infolist()):,} files, a text part"
+                f" of {part.file_size:,} bytes; at most {DOCX_MAX_MEMBERS:,} files and {DOCX_MAX_XML_BYTES:,} bytes"
+                " are read); send a smaller document."
             )
         paragraphs = _DocxText(name, settings.max_document_chars)
         try:
@@ -3058,22 +3077,25 @@ class _DocxText:
         if tag == _WORD + "t":
             self.in_text = False
         elif tag == _WORD + "p" and self.open:
+            self.count(1 if self.lines else 0)  # the newline before it
             self.lines.append("".join(self.open.pop()))
-            self.add("")
 
     def data(self, text: str) -> None:
         if self.in_text and self.open:
             self.add(text)
 
     def add(self, text: str) -> None:
-        self.chars += len(text) + (0 if text else 1)  # a paragraph's end is its newline
+        self.count(len(text))
+        self.open[-1].append(text)
+
+    def count(self, chars: int) -> None:
+        """The text so far, as long as it may be (the lines' text and the newlines between them)."""
+        self.chars += chars
         if self.chars > self.max_chars:
             raise document_too_long(
                 f"{self.name} holds more than {self.max_chars:,} characters; at most that many are kept"
                 " (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it."
             )
-        if text:
-            self.open[-1].append(text)
 
 
 def pdf_text(name: str, data: bytes, max_pages: int, max_chars: int) -> tuple[str, int, str | None]:
@@ -3113,6 +3135,11 @@ def pdf_text(name: str, data: bytes, max_pages: int, max_chars: int) -> tuple[st
                 )
     except FileRefused:
         raise
+    except pypdf.errors.DependencyError:  # AES without the `cryptography` package (pypdf[crypto])
+        raise unreadable_document(
+            f"{name} is encrypted in a way this service cannot read (AES); print or save it to a PDF without"
+            " protection and send that."
+        ) from None
     except Exception:  # PdfReadError, LimitReachedError, PdfStreamError, RecursionError, KeyError…
         raise unreadable_document(
             f"{name} could not be read as a PDF (it is damaged, or a part of it expands past the reader's limits);"
@@ -3132,18 +3159,26 @@ def document_worker(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the service, which ends this
     logging.getLogger("pypdf").setLevel(logging.CRITICAL + 1)  # its warnings about damaged files are ours
     warnings.simplefilter("ignore")
-    conn.send("ready")
-    while True:
-        try:
+    threading.Thread(target=_end_with_parent, args=(os.getppid(),), daemon=True).start()
+    with contextlib.suppress(EOFError, OSError):  # the service closed the connection, or is gone
+        conn.send("ready")
+        while True:
             job = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            conn.send(("ok", WORKER_TASKS[job[0]](*job[1:])))
-        except FileRefused as exc:
-            conn.send(("refused", exc.status, exc.code, exc.detail))
-        except Exception as exc:  # MemoryError: this process is still fine, and the next file too
-            conn.send(("failed", type(exc).__name__))
+            try:
+                outcome = ("ok", WORKER_TASKS[job[0]](*job[1:]))
+            except FileRefused as exc:
+                outcome = ("refused", exc.status, exc.code, exc.detail)
+            except Exception as exc:  # MemoryError: this process is still fine, and the next file too
+                outcome = ("failed", type(exc).__name__)
+            conn.send(outcome)
+
+
+def _end_with_parent(parent: int) -> None:
+    """The worker's watch: a service killed outright (SIGKILL, a crash) cannot kill its worker, which may be in
+    the middle of a PDF that never ends; it ends itself once its parent is gone."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(0)
 
 
 WORKER_TASKS: dict[str, Callable[..., Any]] = {"pdf": pdf_text, "json": json_parses}
@@ -3189,9 +3224,10 @@ class _Worker:
 
 
 class Examiner:
-    """What uploaded files are (`examine`), at most EXAMINATIONS at a time in this process; PDFs in a
-    worker process started with the first one and killed when one runs past CHATSVC_EXTRACT_TIMEOUT (the
-    next PDF starts a new one). One per app (app.state.examiner), closed with it."""
+    """What uploaded files are (`examine`), at most EXAMINATIONS at a time in this process: images, DOCX
+    and text in a thread; a PDF's text, and whether a .json parses, in a worker process started with the
+    first of them and killed when one runs past CHATSVC_EXTRACT_TIMEOUT (the next starts a new one). One
+    per app (app.state.examiner), closed with it."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -3200,8 +3236,9 @@ class Examiner:
         self._worker: _Worker | None = None
 
     async def examine(self, name: str, load: Callable[[], Awaitable[bytes]]) -> FileFacts:
-        """The facts of the file `load()` gives, or FileRefused. `load` is awaited in the slot: the bytes
-        of the uploads waiting for one are not yet in memory."""
+        """The facts of the file `load()` gives, or FileRefused (design 2.4's codes). `load` is awaited in
+        the slot: the bytes of the uploads waiting for one are not yet in memory. `name` (cleaned) is only
+        for the refusals' details and a text's media type: the bytes decide what the file is."""
         settings = self.settings
         async with self._slots:
             data = await load()
@@ -3223,6 +3260,8 @@ class Examiner:
                 outcome = await asyncio.wait_for(asyncio.to_thread(worker.exchange, job), settings.extract_timeout)
             except asyncio.TimeoutError:
                 await self._end()
+                timeout = settings.extract_timeout  # (never the file's name in a log: design 2.11)
+                log.warning("document worker killed: a %s ran past %g s (CHATSVC_EXTRACT_TIMEOUT)", job[0], timeout)
                 raise unreadable_document(
                     f"Reading the text of {name} took longer than {settings.extract_timeout:g} s"
                     " (CHATSVC_EXTRACT_TIMEOUT), so it was stopped; send a smaller or simpler document, or a part"
@@ -3230,6 +3269,7 @@ class Examiner:
                 ) from None
             except (EOFError, OSError):  # the worker died: killed by the system (its memory?), or closed
                 await self._end()
+                log.warning("document worker ended during a %s (killed by the system: out of memory?)", job[0])
                 raise unreadable_document(
                     f"Reading the text of {name} stopped unexpectedly; send a smaller or simpler document."
                 ) from None
@@ -3256,6 +3296,7 @@ class Examiner:
         except BaseException:
             await self._end()
             raise
+        log.info("document worker started (pid %d)", worker.process.pid)
         return worker
 
     async def _end(self) -> None:
@@ -7747,9 +7788,8 @@ def bad_upload(detail: str) -> FileRefused:
 
 
 def file_too_large(limit: int) -> FileRefused:
-    return FileRefused(
-        413, "file_too_large", f"The file is larger than CHATSVC_MAX_FILE_BYTES ({limit / 2**20:g} MiB, {limit} bytes)."
-    )
+    shown = f"{limit // 2**20} MiB" if limit % 2**20 == 0 else f"{limit} bytes"
+    return FileRefused(413, "file_too_large", f"The file is larger than CHATSVC_MAX_FILE_BYTES ({shown}).")
 
 
 def upload_timeout(seconds: float) -> ApiError:
@@ -7768,8 +7808,6 @@ class MultipartFile:
     parts are skipped; a second `file` part, a part without a filename or a broken body is 400."""
 
     def __init__(self, boundary: bytes):
-        from python_multipart.multipart import MultipartParser
-
         self.filename: str | None = None
         self.ended = False
         self._data: list[bytes] = []
@@ -7789,8 +7827,6 @@ class MultipartFile:
         self.parser = MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
 
     def feed(self, piece: bytes) -> list[bytes]:
-        from python_multipart.exceptions import FormParserError
-
         if self.ended:  # what follows the closing boundary (an epilogue) is ignored, as RFC 2046 says
             return []
         try:
@@ -7821,8 +7857,6 @@ class MultipartFile:
         self._header = [b"", b""]
 
     def _headers_finished(self) -> None:
-        from python_multipart.multipart import parse_options_header
-
         kind, options = parse_options_header(self._headers.get(b"content-disposition", b""))
         if kind != b"form-data" or options.get(b"name") != UPLOAD_FIELD:
             return
@@ -7991,8 +8025,6 @@ async def receive_file(request: Request) -> tuple[FileRow, bool]:
 
 
 def _parse_content_type(value: str | None) -> tuple[str, dict[bytes, bytes]]:
-    from python_multipart.multipart import parse_options_header
-
     kind, options = parse_options_header(value or "")
     return kind.decode("latin-1").lower(), options
 
@@ -8065,8 +8097,6 @@ def served_type(media_type: str) -> str:
 def content_disposition(row: FileRow) -> str:
     """Inline for images, attachment for the rest; the name as RFC 6266 says (UTF-8 in `filename*`,
     an ASCII fallback without quotes, backslashes or control characters in `filename`)."""
-    from urllib.parse import quote
-
     fallback = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in row.name).strip() or "file"
     kind = "inline" if row.kind == "image" else "attachment"
     return f"{kind}; filename=\"{fallback}\"; filename*=UTF-8''{quote(row.name, safe='')}"
@@ -8103,13 +8133,13 @@ async def file_content(request: Request) -> Response:
         if_none_match.strip() == "*" or etag in (tag.strip().removeprefix("W/") for tag in if_none_match.split(","))
     ):
         return Response(status_code=304, headers=headers)
-    headers.update({"Content-Type": served_type(row.media_type), "Content-Disposition": content_disposition(row)})
     wanted = byte_range(request.headers.get("range"), row.size)
     if_range = request.headers.get("if-range")
     if wanted is not None and if_range is not None and if_range.strip() != etag:
         wanted = None  # a range of other bytes than these: the whole file (RFC 9110, If-Range)
     if wanted is False:
         return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{row.size}"})
+    headers.update({"Content-Type": served_type(row.media_type), "Content-Disposition": content_disposition(row)})
     status, (start, end) = (200, (0, row.size)) if wanted is None else (206, wanted)  # type: ignore[misc]
     if status == 206:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{row.size}"

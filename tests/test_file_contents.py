@@ -8,18 +8,27 @@ import asyncio
 import dataclasses
 import io
 import json
+import os
 import struct
+import subprocess
+import sys
 import threading
 import time
+import zipfile
 import zlib
 
 import pytest
 from PIL import Image
+from pypdf import PdfWriter
+from pypdf.generic import DictionaryObject, NameObject, StreamObject
+from support import wait_for
 
 import chatsvc
 from chatsvc import FileRefused
 
 SETTINGS = chatsvc.Settings()
+# Document limits small enough to reach in a test: the examiner (and worker process) of the PDF and JSON tests.
+LIMITED = dataclasses.replace(SETTINGS, max_document_pages=4, max_document_chars=5000)
 
 
 class Examiners:
@@ -205,6 +214,34 @@ def test_a_small_webp_is_reencoded_as_png_or_jpeg():
     assert (facts.model_media_type, opened(facts.model_copy).format) == ("image/jpeg", "JPEG")
 
 
+def grey(mode: str) -> Image.Image:
+    """1500 by 1000 (over the cap): black at the top, white at the bottom, in `mode`."""
+    ramp = Image.linear_gradient("L").resize((1500, 1000))
+    if mode == "I;16":
+        return ramp.convert("I").point(lambda value: value * 257).convert("I;16")
+    return ramp.convert(mode)
+
+
+@pytest.mark.parametrize(
+    ("image", "format", "copy_format", "copy_mode"),
+    [
+        (grey("I;16"), "PNG", "JPEG", "L"),  # 16-bit grey: scaled to 8 bits, not clipped white
+        (grey("CMYK"), "JPEG", "JPEG", "RGB"),
+        (grey("L"), "JPEG", "JPEG", "L"),
+        (grey("P"), "PNG", "PNG", "RGB"),
+        (grey("1"), "PNG", "PNG", "L"),
+        (grey("LA"), "PNG", "PNG", "RGBA"),
+    ],
+    ids=["16-bit", "cmyk", "grey-jpeg", "palette", "bilevel", "grey-alpha"],
+)
+def test_every_pixel_mode_becomes_a_copy_the_model_reads(image, format, copy_format, copy_mode):
+    facts = examine(f"image.{format.lower()}", image_bytes(image, format))
+    copy = opened(facts.model_copy)
+    assert (copy.format, copy.mode, copy.size) == (copy_format, copy_mode, (1204, 812))
+    top, bottom = (copy.convert("L").getpixel((600, y)) for y in (20, 790))
+    assert top < 40 and bottom > 215, (top, bottom)
+
+
 def test_the_exif_orientation_is_applied():
     image = Image.new("RGB", (60, 30), (255, 0, 0))
     image.paste((0, 0, 255), (30, 0, 60, 30))  # left half red, right half blue
@@ -257,6 +294,28 @@ def test_a_decompression_bomb_is_refused_before_it_is_decoded():
     )
 
 
+def test_a_gif_whose_first_frame_outgrows_its_screen_is_refused():
+    """A 10 by 10 GIF whose frame is 20,000 by 20,000: Pillow grows the image to the frame (and refuses past
+    its own limit, which this refusal is)."""
+
+    def gif(side: int) -> bytes:
+        screen = b"GIF89a" + struct.pack("<HHBBB", 10, 10, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+        return screen + b"\x2c" + struct.pack("<HHHHB", 0, 0, side, side, 0) + b"\x02\x02\x4c\x01\x00\x3b"
+
+    error = refused("frame.gif", gif(20_000))
+    assert (error.status, error.code, error.detail) == (
+        422,
+        "image_too_large",
+        "frame.gif has a frame larger than 50,000,000 pixels (CHATSVC_MAX_IMAGE_PIXELS); send a smaller image.",
+    )
+    error = refused("frame.gif", gif(9_000))
+    assert (error.code, error.detail) == (
+        "image_too_large",
+        "frame.gif is 9,000 by 9,000 pixels (81,000,000); images of at most 50,000,000 pixels are accepted"
+        " (CHATSVC_MAX_IMAGE_PIXELS).",
+    )
+
+
 def test_html_behind_a_png_signature_is_unreadable():
     error = refused("cat.png", b"\x89PNG\r\n\x1a\n<html><script>alert(1)</script></html>")
     assert (error.status, error.code) == (422, "image_unreadable")
@@ -292,6 +351,15 @@ def test_svg_is_refused_whatever_its_name(svg):
     for name in ("logo.svg", "logo.txt"):
         error = refused(name, svg)
         assert (error.status, error.code, error.detail) == SVG_REFUSED
+
+
+def test_many_comments_do_not_make_the_svg_check_backtrack():
+    """(The check's first pattern took 2^n steps for n empty comments: 0.75 s for 22.)"""
+    comments = "<!---->" * 580 + "\n<p>not an SVG</p>"
+    started = time.monotonic()
+    assert examine("comments.html", comments.encode()).text == comments
+    assert time.monotonic() - started < 0.5
+    assert refused("comments.svg", ("<!---->" * 500 + "<svg/>").encode()).detail == SVG_REFUSED[2]
 
 
 def test_heic_is_refused_saying_it_is_not_supported_yet():
@@ -352,16 +420,17 @@ def test_an_empty_file_is_refused():
     ],
 )
 def test_text_documents_keep_their_text_and_a_type_from_their_extension(name, data, media_type, text):
-    facts = examine(name, data)
+    facts = examine(name, data, LIMITED)
     assert (facts.kind, facts.media_type) == ("document", media_type)
     assert facts.text == (data.decode() if text is None else text)
     assert facts.model_copy is None and facts.pages is None and facts.text_note is None
 
 
 def test_json_is_parsed_to_be_called_json():
-    deep = b"[" * 100_000 + b"]" * 100_000  # deeper than the parser goes: still text
-    assert examine("deep.json", deep).media_type == "text/plain"
-    assert examine("list.json", json.dumps(list(range(1000))).encode()).media_type == "application/json"
+    deep = b"[" * 2400 + b"]" * 2400  # deeper than the parser goes (its recursion limit): still text
+    assert examine("deep.json", deep, LIMITED).media_type == "text/plain"
+    listed = json.dumps(list(range(500))).encode("utf-16")
+    assert examine("list.json", listed, LIMITED).media_type == "application/json"  # UTF-16 JSON too
 
 
 def test_a_text_longer_than_the_limit_is_refused():
@@ -414,11 +483,11 @@ def test_close_without_a_worker_is_a_no_op():
 
 
 def test_examinations_run_off_the_event_loop():
-    """While a 20 MiB JSON document is read (parsed: most of a second), the loop keeps ticking."""
+    """While a 20 MiB JSON document is examined, the loop keeps ticking; parsed in a thread of this process
+    (json.loads holds the GIL throughout), the same document holds it for most of a second."""
     data = b"[" + b"1," * (10 * 1024 * 1024 - 1) + b"1]"
 
-    async def run() -> float:
-        examiner = chatsvc.Examiner(dataclasses.replace(SETTINGS, max_document_chars=30_000_000))
+    async def longest_tick(work) -> float:
         longest, done = 0.0, False
 
         async def ticker() -> None:
@@ -430,13 +499,437 @@ def test_examinations_run_off_the_event_loop():
                 longest, last = max(longest, now - last), now
 
         tick = asyncio.create_task(ticker())
-        started = time.monotonic()
-        facts = await examiner.examine("big.json", lambda: loaded(data))
-        assert time.monotonic() - started > 0.2  # long enough for a held loop to show
+        await asyncio.sleep(0.01)
+        await work()
         done = True
         await tick
-        assert (facts.media_type, len(facts.text)) == ("application/json", len(data))
-        await examiner.close()
         return longest
 
-    assert asyncio.run(run()) < 0.1
+    async def run() -> tuple[float, float]:
+        examiner = chatsvc.Examiner(dataclasses.replace(SETTINGS, max_document_chars=30_000_000))
+        await examiner.examine("small.json", lambda: loaded(b"[1]"))  # the worker started
+
+        async def examined() -> None:
+            facts = await examiner.examine("big.json", lambda: loaded(data))
+            assert (facts.media_type, len(facts.text)) == ("application/json", len(data))
+
+        held = await longest_tick(examined)
+        await examiner.close()
+        naive = await longest_tick(lambda: asyncio.to_thread(json.loads, data))
+        return held, naive
+
+    held, naive = asyncio.run(run())
+    assert naive > 0.5 and held < 0.3, (held, naive)
+
+
+# ── DOCX ──────────────────────────────────────────────────────────────────────────────
+
+WORD = "http://schemas.openxmlformats.org/wordprocessingml/2006/main"
+
+
+def docx(body: str, doctype: str = "", members: int = 0) -> bytes:
+    """A DOCX as Word writes one, reduced to what its text needs (and `members` more files in the zip)."""
+    xml = (
+        f'<?xml version="1.0" encoding="UTF-8" standalone="yes"?>{doctype}'
+        f'<w:document xmlns:w="{WORD}"><w:body>{body}</w:body></w:document>'
+    )
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("[Content_Types].xml", '<?xml version="1.0"?><Types/>')
+        archive.writestr("word/document.xml", xml)
+        for n in range(members):
+            archive.writestr(f"word/media/{n}.txt", "")
+    return out.getvalue()
+
+
+def paragraph(*runs: str) -> str:
+    return "<w:p>" + "".join(f'<w:r><w:t xml:space="preserve">{run}</w:t></w:r>' for run in runs) + "</w:p>"
+
+
+DOCX_TYPE = "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+
+
+def test_a_docx_gives_its_paragraphs_one_a_line():
+    body = (
+        paragraph("Quarterly ", "report")
+        + "<w:p><w:r><w:t>a</w:t><w:tab/><w:t>b</w:t><w:br/><w:t>c &amp; d</w:t></w:r></w:p>"
+        + "<w:p/>"
+        + "<w:tbl><w:tr><w:tc>"
+        + paragraph("cell 1")
+        + "</w:tc><w:tc>"
+        + paragraph("cell 2")
+        + "</w:tc></w:tr></w:tbl>"
+        + "<w:p><w:pPr><w:rPr><w:t>not text: properties</w:t></w:rPr></w:pPr><w:r><w:t>中文</w:t></w:r></w:p>"
+    )
+    facts = examine("report.docx", docx(body))
+    assert (facts.media_type, facts.kind, facts.pages, facts.text_note) == (DOCX_TYPE, "document", None, None)
+    assert facts.text == "Quarterly report\na\tb\nc & d\n\ncell 1\ncell 2\nnot text: properties中文"
+
+
+def test_a_docx_named_otherwise_is_still_a_docx():
+    assert examine("upload.bin", docx(paragraph("x"))).media_type == DOCX_TYPE
+
+
+def test_a_docx_with_a_dtd_is_refused():
+    """An internal entity expands (a "billion laughs" needs nothing more): Word never writes a DTD."""
+    laughs = '<!DOCTYPE w:document [<!ENTITY a "ha"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">]>'
+    error = refused("laughs.docx", docx(paragraph("&b;"), doctype=laughs))
+    assert (error.status, error.code) == (422, "document_unreadable")
+    assert error.detail == (
+        "laughs.docx holds a DTD (<!DOCTYPE>), which Word never writes; save it again from a word processor and"
+        " send that."
+    )
+
+
+def test_a_zip_bomb_docx_is_refused_before_it_is_expanded(monkeypatch):
+    monkeypatch.setattr(chatsvc, "DOCX_MAX_XML_BYTES", 1024 * 1024)
+    big = docx(paragraph(" " * (2 * 1024 * 1024)))
+    assert len(big) < 10_000
+    error = refused("bomb.docx", big)
+    assert (error.status, error.code) == (422, "document_unreadable")
+    assert error.detail == (
+        "bomb.docx expands to more than a Word document does (2 files, a text part of 2,097,374 bytes; at most 2,000"
+        " files and 1,048,576 bytes are read); send a smaller document."
+    )
+    error = refused("many.docx", docx(paragraph("x"), members=chatsvc.DOCX_MAX_MEMBERS))
+    assert error.code == "document_unreadable" and "(2,002 files," in error.detail
+
+
+def test_a_docx_whose_header_understates_its_text_part_is_not_read_past_it(monkeypatch):
+    """zipfile stops at the declared size (and the CRC then differs): never more than the bound is expanded."""
+    monkeypatch.setattr(chatsvc, "DOCX_MAX_XML_BYTES", 1024 * 1024)
+    data = bytearray(docx(paragraph(" " * (2 * 1024 * 1024))))
+    # The size word/document.xml expands to, as its local header and its central directory entry declare it:
+    # 1,000 bytes.
+    local = zipfile.ZipFile(io.BytesIO(bytes(data))).getinfo("word/document.xml").header_offset
+    central = data.rfind(b"word/document.xml") - 46
+    assert data[local : local + 4] == b"PK\x03\x04" and data[central : central + 4] == b"PK\x01\x02"
+    data[local + 22 : local + 26] = data[central + 24 : central + 28] = struct.pack("<I", 1000)
+    assert zipfile.ZipFile(io.BytesIO(bytes(data))).getinfo("word/document.xml").file_size == 1000
+    error = refused("liar.docx", bytes(data))
+    assert (error.code, error.detail) == (
+        "document_unreadable",
+        "liar.docx could not be read as a DOCX (it is damaged); save it again and send that.",
+    )
+
+
+def test_a_broken_docx_is_unreadable_and_another_zip_is_not_accepted():
+    data = docx(paragraph("x"))
+    error = refused("cut.docx", data[: len(data) // 2])
+    assert (error.status, error.code) == (422, "document_unreadable")
+    assert error.detail == "cut.docx could not be read as a DOCX (it is damaged); save it again and send that."
+    assert refused("cut.zip", data[: len(data) // 2]).code == "unsupported_file_type"
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as archive:
+        archive.writestr("xl/workbook.xml", "<workbook/>")
+    assert refused("sheet.xlsx", out.getvalue()).code == "unsupported_file_type"
+    broken = docx("<w:p><w:r><w:t>unclosed</w:r></w:p>")
+    assert refused("broken.docx", broken).code == "document_unreadable"
+
+
+def test_a_docx_longer_than_the_limit_is_refused():
+    settings = dataclasses.replace(SETTINGS, max_document_chars=100)
+    assert examine("ok.docx", docx(paragraph("x" * 50) + paragraph("y" * 49)), settings).text.count("\n") == 1
+    error = refused("long.docx", docx(paragraph("x" * 60) + paragraph("y" * 60)), settings)
+    assert (error.status, error.code, error.detail) == (
+        422,
+        "document_too_long",
+        "long.docx holds more than 100 characters; at most that many are kept (CHATSVC_MAX_DOCUMENT_CHARS): send"
+        " a part of it.",
+    )
+
+
+# ── PDF ───────────────────────────────────────────────────────────────────────────────
+
+HELVETICA = DictionaryObject(
+    {
+        NameObject("/Font"): DictionaryObject(
+            {
+                NameObject("/F1"): DictionaryObject(
+                    {
+                        NameObject("/Type"): NameObject("/Font"),
+                        NameObject("/Subtype"): NameObject("/Type1"),
+                        NameObject("/BaseFont"): NameObject("/Helvetica"),
+                    }
+                )
+            }
+        )
+    }
+)
+
+
+def shown(text: str) -> bytes:
+    """A minimal content stream that shows `text` in Helvetica."""
+    return f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode()
+
+
+def pdf(*contents: bytes | None, flate: bool = False) -> bytes:
+    """A PDF of one page per content stream (None: a blank page), made with pypdf's writer. `flate`: the
+    streams are given already compressed."""
+    writer = PdfWriter()
+    for content in contents:
+        page = writer.add_blank_page(612, 792)
+        if content is None:
+            continue
+        page[NameObject("/Resources")] = HELVETICA
+        stream = StreamObject()
+        if flate:
+            stream[NameObject("/Filter")] = NameObject("/FlateDecode")
+        stream.set_data(content)
+        page.replace_contents(stream)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def handmade_pdf(*objects: bytes) -> bytes:
+    """A PDF of these objects (1 0 obj is the catalog), with a correct cross-reference table."""
+    out, offsets = b"%PDF-1.4\n", []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    table = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    return out + b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, table)
+
+
+def test_a_pdf_gives_its_text_page_by_page():
+    facts = examine("report.pdf", pdf(shown("Revenue grew"), None, shown("by 12 percent")), LIMITED)
+    assert (facts.media_type, facts.kind, facts.pages, facts.text_note) == ("application/pdf", "document", 3, None)
+    assert facts.text == "[page 1]\nRevenue grew\n\n[page 2]\n\n\n[page 3]\nby 12 percent"
+    assert facts.model_copy is None and facts.width is None
+
+
+def test_a_scanned_pdf_is_kept_with_a_note_that_it_has_no_text():
+    scan = image_bytes(photo(200, 300), "PDF", resolution=72)
+    facts = examine("scan.pdf", scan, LIMITED)
+    assert (facts.media_type, facts.pages, facts.text, facts.text_note) == ("application/pdf", 1, "", "no_text")
+    facts = examine("blank.pdf", pdf(None, None), LIMITED)
+    assert (facts.pages, facts.text, facts.text_note) == (2, "", "no_text")
+
+
+def test_a_pdf_with_too_many_pages_is_refused():
+    error = refused("book.pdf", pdf(*[shown("page")] * 5), LIMITED)
+    assert (error.status, error.code, error.detail) == (
+        422,
+        "document_too_long",
+        "book.pdf has 5 pages; at most 4 are read (CHATSVC_MAX_DOCUMENT_PAGES): send a part of it.",
+    )
+
+
+def test_a_pdf_claiming_20000_pages_is_refused_before_they_are_walked():
+    claims = handmade_pdf(
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 20000 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>",
+    )
+    error = refused("claims.pdf", claims, LIMITED)
+    assert (error.code, error.detail) == (
+        "document_too_long",
+        "claims.pdf has 20,000 pages; at most 4 are read (CHATSVC_MAX_DOCUMENT_PAGES): send a part of it.",
+    )
+
+
+def test_a_pdf_whose_page_count_understates_its_pages_is_counted_by_its_tree():
+    page = b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>"
+    understated = handmade_pdf(
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R 4 0 R 5 0 R 6 0 R 7 0 R] /Count 2 >>",
+        *[page] * 5,
+    )
+    error = refused("understated.pdf", understated, LIMITED)
+    assert (error.code, error.detail) == (
+        "document_too_long",
+        "understated.pdf has 5 pages; at most 4 are read (CHATSVC_MAX_DOCUMENT_PAGES): send a part of it.",
+    )
+
+
+def test_a_pdf_whose_text_is_too_long_is_refused_where_it_passes_the_limit():
+    assert examine("ok.pdf", pdf(shown("x" * 4000)), LIMITED).text == "[page 1]\n" + "x" * 4000
+    error = refused("long.pdf", pdf(shown("x" * 3000), shown("y" * 3000), shown("z")), LIMITED)
+    assert (error.status, error.code, error.detail) == (
+        422,
+        "document_too_long",
+        "long.pdf holds more than 5,000 characters of text by page 2 of 3; at most 5,000 are kept"
+        " (CHATSVC_MAX_DOCUMENT_CHARS): send a part of it.",
+    )
+
+
+UNREADABLE_PDF = (
+    " could not be read as a PDF (it is damaged, or a part of it expands past the reader's limits); print or"
+    " save it to a new PDF and send that."
+)
+
+
+def test_a_flate_bomb_pdf_is_unreadable():
+    """A content stream of 80 MiB of spaces in 360 KB: past pypdf's 75 MB per stream, refused at once."""
+    packer = zlib.compressobj(1)
+    bomb = b"".join(packer.compress(b" " * (1024 * 1024)) for _ in range(80)) + packer.flush()
+    data = pdf(bomb, flate=True)
+    assert len(data) < 400_000
+    started = time.monotonic()
+    error = refused("bomb.pdf", data, LIMITED)
+    assert time.monotonic() - started < 2
+    assert (error.status, error.code, error.detail) == (422, "document_unreadable", "bomb.pdf" + UNREADABLE_PDF)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        handmade_pdf(  # a page tree that is its own kid
+            b"<< /Type /Catalog /Pages 2 0 R >>",
+            b"<< /Type /Pages /Kids [2 0 R 3 0 R] /Count 2 >>",
+            b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] >>",
+        ),
+        b"%PDF-1.7\n" + bytes(range(256)) * 40,  # a signature and then nothing a reader can use
+        pdf(shown("cut"))[:300],  # the first 300 bytes of a PDF
+    ],
+    ids=["cyclic", "garbage", "truncated"],
+)
+def test_a_damaged_pdf_is_unreadable(data):
+    error = refused("damaged.pdf", data, LIMITED)
+    assert (error.status, error.code, error.detail) == (422, "document_unreadable", "damaged.pdf" + UNREADABLE_PDF)
+
+
+def test_a_pdf_that_needs_a_password_is_refused():
+    writer = PdfWriter()
+    writer.add_blank_page(612, 792)
+    writer.encrypt(user_password="secret", algorithm="RC4-128")
+    out = io.BytesIO()
+    writer.write(out)
+    error = refused("locked.pdf", out.getvalue(), LIMITED)
+    assert (error.code, error.detail) == (
+        "document_unreadable",
+        "locked.pdf is protected by a password; send a copy without one.",
+    )
+
+
+def process_state(pid: int) -> tuple[int, str] | None:
+    """A process's parent and state (R, S, Z…), from /proc; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), fields[0]
+
+
+def running(pid: int) -> bool:
+    state = process_state(pid)
+    return state is not None and state[1] not in ("Z", "X")
+
+
+def worker_pids(parent: int | None = None) -> set[int]:
+    """The document workers of `parent` (this process) that are running: their command line names the worker."""
+    parent = os.getpid() if parent is None else parent
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read()
+        except OSError:  # ended meanwhile
+            continue
+        state = process_state(int(entry))
+        if b"chatsvc.document_worker" in command and state and state[0] == parent and running(int(entry)):
+            found.add(int(entry))
+    return found
+
+
+def endless_pdf() -> bytes:
+    """A page of a million text operators, 20 KB compressed: pypdf needs about 15 s to extract it."""
+    content = b"BT /F1 12 Tf 72 720 Td " + b"(a) Tj " * 1_000_000 + b"ET"
+    return pdf(zlib.compress(content, 9), flate=True)
+
+
+def test_a_pdf_that_runs_past_the_deadline_is_stopped_and_its_worker_killed(caplog):
+    settings = dataclasses.replace(LIMITED, extract_timeout=0.5)
+    before = worker_pids()
+    assert examine("warm.pdf", pdf(shown("warm")), settings).text == "[page 1]\nwarm"  # the worker started
+    (worker,) = worker_pids() - before
+    endless = endless_pdf()
+    started = time.monotonic()
+    error = refused("endless.pdf", endless, settings)
+    took = time.monotonic() - started
+    assert 0.5 <= took < 1.5, took
+    assert (error.status, error.code, error.detail) == (
+        422,
+        "document_unreadable",
+        "Reading the text of endless.pdf took longer than 0.5 s (CHATSVC_EXTRACT_TIMEOUT), so it was stopped;"
+        " send a smaller or simpler document, or a part of it.",
+    )
+    assert worker not in worker_pids()  # killed, and waited for
+    assert examine("next.pdf", pdf(shown("next")), settings).text == "[page 1]\nnext"  # a new worker
+    (new,) = worker_pids() - before
+    assert new != worker
+    logged = [r.getMessage() for r in caplog.records if r.name == "chatsvc"]
+    assert "document worker killed: a pdf ran past 0.5 s (CHATSVC_EXTRACT_TIMEOUT)" in logged
+    assert f"document worker started (pid {new})" in logged
+    assert not [line for line in logged if ".pdf" in line]  # file names are the users'
+
+
+def test_an_examination_cancelled_ends_the_pdf_being_read():
+    """The upload's client left: the worker is not left reading its PDF for the next upload to wait on. And
+    close() ends the worker."""
+    examiner = EXAMINERS.examiners.setdefault(LIMITED, chatsvc.Examiner(LIMITED))
+
+    async def run() -> None:
+        await examiner.close()  # its worker, if earlier tests started one
+        before = worker_pids()  # the other examiners'
+        await examiner.examine("warm.pdf", lambda: loaded(pdf(shown("warm"))))
+        (worker,) = worker_pids() - before
+        data, loading = endless_pdf(), asyncio.Event()
+
+        async def load() -> bytes:
+            loading.set()
+            return data
+
+        reading = asyncio.create_task(examiner.examine("endless.pdf", load))
+        await loading.wait()  # and the examination went on to wait for the worker
+        reading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await reading
+        assert worker not in worker_pids()
+        facts = await examiner.examine("next.pdf", lambda: loaded(pdf(shown("next"))))
+        assert facts.text == "[page 1]\nnext"
+        (new,) = worker_pids() - before
+        assert new != worker
+        await examiner.close()
+        assert worker_pids() == before
+
+    EXAMINERS.run(run())
+
+
+SERVICE = """
+import sys
+import chatsvc
+
+worker = chatsvc._Worker()
+assert worker.conn.recv() == "ready"
+worker.conn.send(("pdf", "endless.pdf", open(sys.argv[1], "rb").read(), 500, 2_000_000))  # in the worker's socket
+print(worker.process.pid, flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_a_worker_whose_service_is_killed_ends_itself(tmp_path):
+    """SIGKILL leaves the service no time to end its worker, which may be reading a PDF that never ends (for
+    about 15 s here): the worker ends itself."""
+    (tmp_path / "endless.pdf").write_bytes(endless_pdf())
+    (tmp_path / "service.py").write_text(SERVICE)
+    service = subprocess.Popen(
+        [sys.executable, str(tmp_path / "service.py"), str(tmp_path / "endless.pdf")],
+        env={**os.environ, "PYTHONPATH": os.path.dirname(chatsvc.__file__)},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        worker = int(service.stdout.readline())
+    finally:
+        service.kill()
+        service.wait()
+        service.stdin.close()
+        service.stdout.close()
+    killed = time.monotonic()
+    wait_for(lambda: not running(worker), timeout=5)
+    assert time.monotonic() - killed < 3

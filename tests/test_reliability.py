@@ -187,7 +187,7 @@ def test_token_guards_every_api_route(make_service):
     service = make_service(CHATSVC_API_TOKEN="tok-secret-123")
     with LiveServer(service.settings) as live, live.client() as client:
         routes = list(api_routes(live.app))
-        assert len(routes) == 15
+        assert len(routes) == 20
         for method, path in routes:
             for auth in ({}, {"headers": {"Authorization": "Bearer nope"}}, {"params": {"access_token": "nope"}}):
                 r = client.request(method, path, json={"message": "x"} if method == "POST" else None, **auth)
@@ -223,9 +223,16 @@ def test_logs_keep_secrets_and_texts_out(service, fake, tmp_path):
         client.post(f"{API}/chat/s1/stream", json={"message": "fail"})
         client.post(f"{API}/chat/s1", json={"message": secret_message, "bad": 1})
         client.get(f"{API}/context/conversations/s1", params={"access_token": "tok-do-not-log"})
+        # files: their names and texts are the user's too (raw, multipart, refused)
+        stored = client.post(f"{API}/files", params={"name": "salary-review.txt"}, content=b"file text 9f3e\n")
+        assert stored.status_code == 201
+        multipart = client.post(f"{API}/files", files={"file": ("photo-of-alice.txt", b"more 9f3e\n", "text/plain")})
+        assert multipart.status_code == 201
+        assert client.post(f"{API}/files", params={"name": "refused-name.bin"}, content=b"\x00\x01").status_code == 415
     server.stop()
     log = server.log()
-    for secret in ("tok-do-not-log", "sk-do-not-log", secret_message, secret_answer, "4111"):
+    secrets = ("tok-do-not-log", "sk-do-not-log", secret_message, secret_answer, "4111")
+    for secret in (*secrets, "salary-review", "photo-of-alice", "refused-name", "9f3e"):
         assert secret not in log, secret
     answer_lines = [line for line in log.splitlines() if " answer session=s1 " in line]
     assert len(answer_lines) == 2
