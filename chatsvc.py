@@ -5453,7 +5453,7 @@ class Relay:
         owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
         answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id, offered=offer is not None)
         if turn.title and self.settings.titles == "model":  # its first answer names the conversation
-            answer.title_question = turn.question
+            answer.title_question = turn.question or turn.title  # text only: a message of files, their names
         answer.task = asyncio.create_task(self._run(answer, payload, offer), name=f"answer {message_id}")
         if self.replicas is not None:
             answer.on_event = self.replicas.publish
