@@ -275,3 +275,31 @@ def test_a_refused_send_keeps_the_text_and_the_files(browser, make_service, fake
     finally:
         p.close()
     assert unexpected(p.problems, 422) == [], p.problems
+
+
+def test_with_the_api_token_uploads_and_thumbnails_carry_it(browser, make_service, fake):
+    """CHATSVC_API_TOKEN: the upload (XMLHttpRequest, for its progress) and the thumbnail's fetch send
+    the page's token as its other requests do; an <img src> could not."""
+    service = make_service(CHATSVC_API_TOKEN="s3cret-token", CHATSVC_VISION_MODEL=VISION, CHATSVC_TITLES="first-line")
+    p = Playground(browser, service)
+    try:
+        page = p.page
+        page.get_by_label("API token").fill("s3cret-token")
+        page.get_by_role("button", name="Use token").click()
+        expect(page.locator("#token-form")).to_be_hidden(timeout=WAIT)
+        page.set_input_files("#attach", [payload("photo.png", "image/png", png())])
+        wait_uploaded(p, 1)
+        fake.push(Reply.answer(["Red."]))
+        p.send("Colour?")
+        p.wait_idle()
+        assert image_of(user_parts(fake)[0]) == ("image/png", (64, 48))
+        page.reload()
+        thumb = page.locator("#messages li.user .files img.thumb")
+        expect(thumb).to_have_attribute("alt", "photo.png", timeout=WAIT)
+        assert loaded_width(thumb) == 64
+        with p.live.client() as client:  # the routes do need it
+            [row] = stored_files(p)
+            assert client.get(f"{API}/files/{row['id']}/content").status_code == 401
+    finally:
+        p.close()
+    assert unexpected(p.problems, 401) == [], p.problems
