@@ -263,6 +263,7 @@ async function uploadedFiles() {
 function clearAttachments() {
     attachments = [];
     $('#attachments').replaceChildren();
+    fileNotice('');
     showAttachments();
 }
 
