@@ -8952,9 +8952,10 @@ async def readyz(request: Request) -> Response:
 # allowing only what the pages use, from their own origin (no inline script or style, no other site,
 # no framing: a page that cannot be framed cannot be clicked through), the same anti-framing for
 # older browsers, and no Referer (the playground's address names a conversation). Every response,
-# the API's too, says nosniff (RequestID adds it).
+# the API's too, says nosniff (RequestID adds it). Images may be blob: URLs: the playground shows a
+# message's files from bytes it fetched with its token (an <img src> cannot carry it).
 PAGE_POLICY = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
     "font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 PAGE_HEADERS = {"Content-Security-Policy": PAGE_POLICY, "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer"}

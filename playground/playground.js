@@ -62,6 +62,211 @@ async function api(method, path, body) {
 
 const conversationPath = (id) => `/context/conversations/${encodeURIComponent(id)}`;
 
+// ── Files: uploads from the composer, and the files of messages ──
+// A file's bytes never change under its id, so a message's image is fetched once (with the page's
+// token, which an <img src> could not carry) and shown from a blob: URL; a file this page uploaded
+// is shown from its local copy, with no round trip.
+const fileUrls = new Map(); // file id -> Promise of a blob: URL of its bytes
+
+function fileUrl(id) {
+    if (!fileUrls.has(id)) {
+        const loading = fetch(`${API}/files/${encodeURIComponent(id)}/content`).then(async (response) => {
+            if (!response.ok) throw new ApiError(response.status, await response.json().catch(() => ({})));
+            return URL.createObjectURL(await response.blob());
+        });
+        loading.catch(() => fileUrls.delete(id)); // (tried again the next time it is shown)
+        fileUrls.set(id, loading);
+    }
+    return fileUrls.get(id);
+}
+
+function fileSize(bytes) {
+    if (bytes < 1000) return `${bytes} B`;
+    if (bytes < 1_000_000) return `${(bytes / 1000).toFixed(1)} kB`;
+    return `${(bytes / 1_000_000).toFixed(1)} MB`;
+}
+
+const chipText = (name, size) => `${name} · ${fileSize(size)}`;
+
+// A message's files: images as thumbnails, documents as chips that download the file.
+function showFiles(item, files) {
+    const list = item.querySelector('.files');
+    list.replaceChildren(...files.map((file) => {
+        const entry = document.createElement('li');
+        if (file.kind === 'image') {
+            const image = document.createElement('img');
+            image.className = 'thumb';
+            image.alt = file.name;
+            if (file.width && file.height) [image.width, image.height] = thumbSize(file.width, file.height);
+            fileUrl(file.id).then((url) => (image.src = url), () => (image.alt = `${file.name} (not available)`));
+            entry.append(image);
+        } else {
+            const chip = document.createElement('button');
+            chip.type = 'button';
+            chip.className = 'chip';
+            chip.textContent = chipText(file.name, file.size);
+            chip.title = `Download ${file.name}`;
+            chip.addEventListener('click', () => download(file));
+            entry.append(chip);
+        }
+        return entry;
+    }));
+    list.hidden = files.length === 0;
+}
+
+function thumbSize(width, height) {
+    const scale = Math.min(1, 160 / width, 120 / height);
+    return [Math.max(1, Math.round(width * scale)), Math.max(1, Math.round(height * scale))];
+}
+
+async function download(file) {
+    let url;
+    try {
+        url = await fileUrl(file.id);
+    } catch (error) {
+        notice(error.message);
+        return;
+    }
+    const link = document.createElement('a');
+    link.href = url;
+    link.download = file.name;
+    link.hidden = true;
+    document.body.append(link);
+    link.click();
+    link.remove();
+}
+
+// The composer's files: each uploads as soon as it is attached, and shows a thumbnail (images, from
+// the local file) or a chip "report.pdf · 1.2 MB", with a × that takes it off.
+let attachments = []; // {file, url, id (once uploaded), uploading (a Promise), element}
+
+function fileNotice(text) {
+    $('#file-notice').textContent = text || '';
+}
+
+function attach(files) {
+    fileNotice('');
+    for (const file of files) {
+        const attachment = {file, url: file.type.startsWith('image/') ? URL.createObjectURL(file) : null, id: null};
+        attachment.element = attachmentItem(attachment);
+        attachments.push(attachment);
+        $('#attachments').append(attachment.element);
+        attachment.uploading = upload(attachment);
+    }
+    showAttachments();
+}
+
+function attachmentItem(attachment) {
+    const {file} = attachment;
+    const name = file.name || 'pasted file';
+    const entry = document.createElement('li');
+    entry.className = 'attachment';
+    entry.dataset.state = 'uploading';
+    if (attachment.url) {
+        const image = document.createElement('img');
+        image.className = 'thumb';
+        image.alt = name;
+        image.src = attachment.url;
+        entry.append(image);
+    } else {
+        const chip = document.createElement('span');
+        chip.className = 'chip';
+        chip.textContent = chipText(name, file.size);
+        entry.append(chip);
+    }
+    const state = document.createElement('span');
+    state.className = 'upload-state';
+    state.textContent = 'Uploading…';
+    const remove = document.createElement('button');
+    remove.type = 'button';
+    remove.className = 'remove';
+    remove.textContent = '×';
+    remove.setAttribute('aria-label', `Remove ${name}`);
+    remove.addEventListener('click', () => detach(attachment));
+    entry.append(state, remove);
+    return entry;
+}
+
+// POST /api/v1/files: the bytes as they are, named by ?name= (201 a new file, 200 the same bytes
+// already stored: its id). A refusal (413, 415, 422) takes the file off and shows the service's detail.
+async function upload(attachment) {
+    const {file} = attachment;
+    const name = file.name || (file.type.startsWith('image/') ? `pasted.${file.type.slice(6)}` : 'pasted file');
+    const state = attachment.element.querySelector('.upload-state');
+    const response = await postFile(`${API}/files?name=${encodeURIComponent(name)}`, file, (done) => {
+        state.textContent = `Uploading… ${Math.floor(done * 100)} %`;
+    });
+    const data = response ? response.data : {};
+    if (!attachments.includes(attachment)) return; // taken off meanwhile
+    if (!response || !response.ok) {
+        detach(attachment);
+        fileNotice(data.detail || (response ? `${name} was refused (HTTP ${response.status}).` :
+            'The service could not be reached.'));
+        return;
+    }
+    if (attachments.some((other) => other.id === data.id)) {
+        detach(attachment);
+        fileNotice(`${data.name} is already attached.`);
+        return;
+    }
+    attachment.id = data.id;
+    attachment.meta = data;
+    if (attachment.url) fileUrls.set(data.id, Promise.resolve(attachment.url)); // shown again without a fetch
+    attachment.element.dataset.state = 'ready';
+    attachment.element.querySelector('.upload-state').textContent = '';
+}
+
+// An upload with its progress (XMLHttpRequest: fetch says nothing of a body on its way), carrying
+// the token as the page's fetch does; {status, ok, data} or null when the service was not reached.
+function postFile(url, file, progress) {
+    return new Promise((resolve) => {
+        const request = new XMLHttpRequest();
+        request.open('POST', url);
+        request.setRequestHeader('Content-Type', file.type || 'application/octet-stream');
+        if (token()) request.setRequestHeader('Authorization', `Bearer ${token()}`);
+        request.upload.addEventListener('progress', (event) => {
+            if (event.lengthComputable && event.total) progress(event.loaded / event.total);
+        });
+        request.addEventListener('load', () => {
+            let data = {};
+            try {
+                data = JSON.parse(request.responseText);
+            } catch {
+                // (not JSON: the status says what happened)
+            }
+            if (request.status === 401 && request.getResponseHeader('WWW-Authenticate')) askForToken(data.detail);
+            resolve({status: request.status, ok: request.status >= 200 && request.status < 300, data});
+        });
+        request.addEventListener('error', () => resolve(null));
+        request.send(file);
+    });
+}
+
+function detach(attachment) {
+    attachments = attachments.filter((other) => other !== attachment);
+    attachment.element.remove();
+    if (attachment.url && !attachment.id) URL.revokeObjectURL(attachment.url);
+    showAttachments();
+}
+
+function showAttachments() {
+    $('#attachments').hidden = attachments.length === 0;
+    $('#message').required = attachments.length === 0; // a message may be files only
+}
+
+// The attached files once every upload ended (those refused are gone by then).
+async function uploadedFiles() {
+    await Promise.all(attachments.map((a) => a.uploading));
+    return attachments.filter((a) => a.id).map((a) => a.meta);
+}
+
+function clearAttachments() {
+    attachments = [];
+    $('#attachments').replaceChildren();
+    fileNotice('');
+    showAttachments();
+}
+
 // ── What the page shows ──
 let current = null; // the open conversation's session id (also in the address: #<id>)
 let busy = false; // an answer of the open conversation is streaming here
@@ -131,6 +336,7 @@ function messageItem(message, {leaf = false} = {}) {
     item.dataset.id = message.id || '';
     item.querySelector('.role').textContent = {user: 'You', tool: 'Tool results'}[message.role] || 'Assistant';
     showText(item, message.content || '', message.reasoning_content || '');
+    showFiles(item, message.files || []);
     showState(item, message);
     item.querySelector('.steps').replaceChildren();
     for (const step of message.steps || []) showStep(item, step.type, step.data);
@@ -363,8 +569,9 @@ function newSessionId() {
     return 'c-' + Date.now().toString(36) + '-' + Math.random().toString(36).slice(2, 8);
 }
 
-// Send with the seed's ChatClient: its callbacks draw the answer as its chunks arrive.
-async function send(text) {
+// Send with the seed's ChatClient: its callbacks draw the answer as its chunks arrive. With files
+// (which ChatClient cannot send) or the app's tools, the page posts itself.
+async function send(text, files = []) {
     let tools;
     try {
         tools = appTools();
@@ -378,21 +585,26 @@ async function send(text) {
     if (isNew) {
         current = id;
         history.replaceState(null, '', '#' + encodeURIComponent(id));
-        $('#title').textContent = text.split('\n')[0].slice(0, 60);
+        $('#title').textContent = (text.trim() ? text.split('\n')[0] : files[0].name).slice(0, 60);
         $('#delete-conversation').hidden = false;
     }
     notice('');
     setBusy(true);
-    const question = messageItem({role: 'user', content: text, status: 'complete'});
-    if (tools) {
-        // ChatClient sends only the message: with the app's tools the page posts itself (as answerAgain)
+    const question = messageItem({role: 'user', content: text, files, status: 'complete'});
+    if (tools || files.length) {
+        // ChatClient sends only the message: with files or the app's tools the page posts itself (as answerAgain)
         $('#messages').append(question);
-        const refused = await post({message: text, tools});
+        const body = {message: text, ...(tools ? {tools} : {})};
+        if (files.length) body.files = files.map((f) => f.id);
+        const refused = await post(body);
         if (refused) {
+            // nothing was stored: the text goes back to the composer, whose files stay attached
             question.remove();
             if (!$('#message').value) $('#message').value = text;
             if (isNew && current === id) open(null, {list: false});
             notice(refused);
+        } else {
+            clearAttachments();
         }
         return;
     }
@@ -480,6 +692,7 @@ function startEdit(item, message) {
     label.textContent = 'Edit message';
     field.value = message.content;
     field.rows = 3;
+    const files = message.files || []; // an edit replaces the message: its files are sent again
     const save = document.createElement('button');
     save.type = 'submit';
     save.textContent = 'Send edit';
@@ -490,7 +703,9 @@ function startEdit(item, message) {
     form.append(label, field, save, cancel);
     form.addEventListener('submit', (event) => {
         event.preventDefault();
-        if (field.value.trim()) answerAgain({message: field.value, edit: message.id});
+        if (field.value.trim() || files.length) {
+            answerAgain({message: field.value, edit: message.id, ...(files.length ? {files: files.map((f) => f.id)} : {})});
+        }
     });
     const replacement = document.createElement('li');
     replacement.className = 'message user';
@@ -531,13 +746,23 @@ async function deleteConversation() {
 }
 
 // ── Wiring ──
-$('#composer').addEventListener('submit', (event) => {
+let waitingForUploads = false; // Send was pressed while files were still uploading
+$('#composer').addEventListener('submit', async (event) => {
     event.preventDefault();
     const field = $('#message');
-    if (busy || !field.value.trim()) return;
+    if (busy || waitingForUploads || (!field.value.trim() && !attachments.length)) return;
+    let files = [];
+    if (attachments.length) {
+        waitingForUploads = true;
+        $('#send').disabled = true;
+        files = await uploadedFiles();
+        waitingForUploads = false;
+        setBusy(busy);
+        if (busy || (!field.value.trim() && !files.length)) return;
+    }
     const text = field.value;
     field.value = '';
-    send(text);
+    send(text, files);
 });
 $('#message').addEventListener('keydown', (event) => {
     if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
@@ -546,6 +771,35 @@ $('#message').addEventListener('keydown', (event) => {
     }
 });
 $('#stop').addEventListener('click', stop);
+$('#attach-button').addEventListener('click', () => $('#attach').click());
+$('#attach').addEventListener('change', (event) => {
+    attach([...event.target.files]);
+    event.target.value = ''; // the same file may be attached again after its ×
+});
+// Paste: the clipboard's files (a screenshot) are attached; its text, if any, is pasted as usual.
+$('#message').addEventListener('paste', (event) => {
+    const files = [...(event.clipboardData?.files || [])];
+    if (!files.length) return;
+    if (!event.clipboardData.types.includes('text/plain')) event.preventDefault();
+    attach(files);
+});
+// Drop: files dropped anywhere on the composer are attached.
+const carriesFiles = (event) => [...(event.dataTransfer?.types || [])].includes('Files');
+$('#composer').addEventListener('dragover', (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = 'copy';
+    $('#composer').classList.add('dropping');
+});
+$('#composer').addEventListener('dragleave', (event) => {
+    if (!$('#composer').contains(event.relatedTarget)) $('#composer').classList.remove('dropping');
+});
+$('#composer').addEventListener('drop', (event) => {
+    $('#composer').classList.remove('dropping');
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    attach([...event.dataTransfer.files]);
+});
 $('#new-conversation').addEventListener('click', () => {
     open(null, {list: false});
     $('#message').focus();

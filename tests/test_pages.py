@@ -88,7 +88,7 @@ PAGE_FILES = ["/", "/playground/index.html", "/playground/chat_client.js", "/pla
               "/playground/playground.css", "/docs", "/docs/static/chatsvc-docs.js", "/docs/static/swagger-ui.css",
               "/docs/static/swagger-ui-bundle.js", "/docs/static/favicon-32x32.png"]  # fmt: skip
 POLICY = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; connect-src 'self'; "
     "font-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
 
