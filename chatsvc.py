@@ -19,6 +19,7 @@ The module reads top to bottom in the order data flows, one concept to a section
     Copies                       forks and imports, written a chunk at a time
     Files                        the files owners upload: their bytes, dedup, quotas, references
     File contents                what a file is: sniffed by its bytes, checked, its text and model copy
+    Examiner                     the worker processes files are read in, a slot at a time
     Answer rows                  an answer's row: checkpoints, heartbeat, final state
     Store                        the database and its rooms, opened and closed together
     Turns                        where a new message goes in the tree, and what the model is sent
@@ -2845,10 +2846,6 @@ class FileFacts:
     model_height: int | None = None
 
 
-# How many files are examined at once in one process. An examination holds the file's bytes (up to
-# CHATSVC_MAX_FILE_BYTES) and, for an image, its decoded pixels (up to CHATSVC_MAX_IMAGE_PIXELS times 4 bytes):
-# memory is bounded by these slots, not by the uploads in flight. Each slot uses one worker process at a time.
-EXAMINATIONS = 2
 TEXT_PIECE_BYTES = 1024 * 1024  # a text is decoded this much at a time (each piece holds the GIL a few ms)
 # A progressive JPEG is decoded once a scan: a photo has a few dozen, a hostile file a million (minutes). Inside
 # a JPEG's entropy-coded data a 0xFF byte is followed by 0x00, so counting FF DA bytes overcounts only in metadata.
@@ -2860,11 +2857,6 @@ MAX_ASPECT = 200
 # carrying 19 MiB in a private chunk, or a JPEG with 19 MiB after its end (re-encoded, they lose that).
 KEPT_SLACK_BYTES = 64 * 1024
 KEPT_MAX_BYTES = 2 * 1024 * 1024
-# The address space a worker process may use: a 50-megapixel RGBA image and its copies fit (~0.7 GiB); a bomb
-# that gets past the checks ends as a MemoryError in the worker (422), not in the service or the machine's OOM.
-WORKER_MEMORY_BYTES = 1536 * 1024 * 1024
-# The document worker imports this module before it answers: that is not the document's time.
-WORKER_START_SECONDS = 60.0
 # A DOCX is a zip: its members, and what its text part expands to, are bounded before anything is read.
 DOCX_MAX_MEMBERS = 2000
 DOCX_MAX_XML_BYTES = 64 * 1024 * 1024
@@ -3407,6 +3399,19 @@ def pdf_text(name: str, data: bytes, max_pages: int, max_chars: int) -> tuple[st
     if not any_text:
         return "", count, "no_text"
     return "\n\n".join(parts), count, None
+
+
+# ── Examiner: the worker processes files are read in, a slot at a time ────────────────
+
+# How many files are examined at once in one process. An examination holds the file's bytes (up to
+# CHATSVC_MAX_FILE_BYTES) and, for an image, its decoded pixels (up to CHATSVC_MAX_IMAGE_PIXELS times 4 bytes):
+# memory is bounded by these slots, not by the uploads in flight. Each slot uses one worker process at a time.
+EXAMINATIONS = 2
+# The address space a worker process may use: a 50-megapixel RGBA image and its copies fit (~0.7 GiB); a bomb
+# that gets past the checks ends as a MemoryError in the worker (422), not in the service or the machine's OOM.
+WORKER_MEMORY_BYTES = 1536 * 1024 * 1024
+# The document worker imports this module before it answers: that is not the document's time.
+WORKER_START_SECONDS = 60.0
 
 
 def document_worker(fd: int) -> None:
