@@ -17,10 +17,12 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,6 +34,17 @@ def request(url: str, body: dict | None = None) -> tuple[int, dict]:
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
         return r.status, json.loads(r.read())
+
+
+def tiny_png() -> bytes:
+    """A 2 by 1 PNG, made without Pillow."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 2, 1, 8, 2, 0, 0, 0)  # 8-bit RGB
+    pixels = zlib.compress(b"\x00" + b"\xff\x00\x00" * 2)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 def dockerfile_instructions(path: str) -> dict[str, str]:
@@ -87,6 +100,12 @@ def main(argv: list[str]) -> int:
             with urllib.request.urlopen(base + path, timeout=10) as r:
                 assert r.status == 200 and holds in r.read(), path
         print("smoke: the playground and the API docs are served, with their files")
+        upload = urllib.request.Request(f"{base}/api/v1/files?name=dot.png", data=tiny_png(), method="POST",
+                                        headers={"Content-Type": "image/png"})  # fmt: skip
+        with urllib.request.urlopen(upload, timeout=30) as r:  # read in a worker process of the installed module
+            file = json.loads(r.read())
+            assert r.status == 201 and (file["kind"], file["width"], file["height"]) == ("image", 2, 1), file
+        print("smoke: an image upload was examined by the installed chatsvc's worker process")
         if healthcheck:
             subprocess.run(healthcheck, env=env, check=True, timeout=10)
             print(f"smoke: the image's HEALTHCHECK passed: {healthcheck[:2]}")
