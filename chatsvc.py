@@ -2513,17 +2513,22 @@ class Files:
             {"id": file_id, "seq": seq, "data": data},
         )
 
-    async def read(self, file_id: str) -> bytearray:
+    async def read(self, file_id: str, size: int | None = None) -> bytearray:
         """All of a file's bytes (what the examiner reads, once, under its slot), read a chunk at a time
-        into one buffer: reading the rows at once, then joining them, held the file three times."""
-        data = bytearray()
+        into one buffer (of `size` bytes, if the caller knows it): reading the rows at once, then joining
+        them, held the file three times."""
+        data = bytearray(size or 0)
+        at = 0
         for seq in itertools.count():
             row = await self.db.fetch_one(
                 "SELECT data FROM file_chunks WHERE file_id = :id AND seq = :seq", {"id": file_id, "seq": seq}
             )
             if row is None:
+                del data[at:]
                 return data
-            data += row["data"]
+            chunk = row["data"]
+            data[at : at + len(chunk)] = chunk
+            at += len(chunk)
 
     async def discard(self, file_id: str) -> None:
         """A staged upload and its chunks, gone (hidden, then deleted a piece at a time: `_purge`); a file
@@ -3410,6 +3415,8 @@ EXAMINATIONS = 2
 # The address space a worker process may use: a 50-megapixel RGBA image and its copies fit (~0.7 GiB); a bomb
 # that gets past the checks ends as a MemoryError in the worker (422), not in the service or the machine's OOM.
 WORKER_MEMORY_BYTES = 1536 * 1024 * 1024
+# In a job sent to a worker, the place of bytes sent after it as they are (no file name holds a NUL).
+BYTES_FOLLOW = "\x00bytes follow"
 # The document worker imports this module before it answers: that is not the document's time.
 WORKER_START_SECONDS = 60.0
 
@@ -3433,7 +3440,7 @@ def document_worker(fd: int) -> None:
     with contextlib.suppress(EOFError, OSError):  # the service closed the connection, or is gone
         conn.send("ready")
         while True:
-            job = conn.recv()
+            job = tuple(conn.recv_bytes() if part == BYTES_FOLLOW else part for part in conn.recv())
             try:
                 outcome = ("ok", WORKER_TASKS[job[0]](*job[1:]))
             except FileRefused as exc:
@@ -3480,8 +3487,13 @@ class _Worker:
                 pass_fds=[fd],
             )
 
-    def exchange(self, job: Any) -> Any:
-        self.conn.send(job)
+    def exchange(self, job: tuple) -> Any:
+        """The job's outcome. A file's bytes go as they are, after the pickled job that names their place
+        (BYTES_FOLLOW): pickling them would copy a file of up to CHATSVC_MAX_FILE_BYTES once more per slot."""
+        data = [part for part in job if isinstance(part, (bytes, bytearray))]
+        self.conn.send(tuple(BYTES_FOLLOW if isinstance(part, (bytes, bytearray)) else part for part in job))
+        for part in data:
+            self.conn.send_bytes(part)
         return self.conn.recv()
 
     def alive(self) -> bool:
@@ -8488,8 +8500,10 @@ class Upload:
         self.hash.update(data)
         self._buffer += data
         while len(self._buffer) >= FILE_CHUNK_BYTES:
-            await self._write(bytes(self._buffer[:FILE_CHUNK_BYTES]))
+            with memoryview(self._buffer) as view:
+                chunk = bytes(view[:FILE_CHUNK_BYTES])  # one copy (a bytearray's slice is a copy already)
             del self._buffer[:FILE_CHUNK_BYTES]
+            await self._write(chunk)
 
     async def close(self) -> str:
         """Writes the last chunk; the bytes' sha256 (hex)."""
@@ -8594,7 +8608,7 @@ async def receive_file(request: Request) -> tuple[FileRow, bool]:
             return existing, False
         async with st.finishing:
             started = time.perf_counter()
-            facts = await st.examiner.examine(name, functools.partial(files.read, upload.file_id))
+            facts = await st.examiner.examine(name, functools.partial(files.read, upload.file_id, upload.size))
             metrics.file_processing.labels(facts.kind).observe(time.perf_counter() - started)
             quota = settings.max_storage_bytes_per_user
             return await files.finish(upload.file_id, owner, sha256, upload.size, facts, quota)
