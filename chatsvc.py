@@ -331,10 +331,7 @@ class Settings:
 
     def sees(self, model: str) -> bool:
         """Whether `model` takes images (CHATSVC_VISION_MODELS; a pattern's trailing `*` matches any rest)."""
-        return (
-            any(model.startswith(p[:-1]) if p.endswith("*") else model == p for p in self.vision_models if p != "*")
-            or "*" in self.vision_models
-        )
+        return any(model.startswith(p[:-1]) if p.endswith("*") else model == p for p in self.vision_models)
 
     @property
     def heartbeat_stale(self) -> float:
@@ -2096,8 +2093,8 @@ class _CopyPlan:
 class Copies:
     """New conversations holding copies of messages: a fork of a path, an imported file."""
 
-    def __init__(self, db: Database):
-        self.db = db
+    def __init__(self, db: Database, files: Files):
+        self.db, self.files = db, files
 
     async def fork(self, owner: str, session_id: str, message_id: str, new_session_id: str, title: str | None) -> bool:
         """A new conversation holding copies of the path from the root to this message (new ids; the
@@ -2154,16 +2151,8 @@ class Copies:
 
     async def _files_of(self, owner: str, message_ids: list[str]) -> dict[str, list[str]]:
         """The ids of the files each of these messages carries, in order (messages without files absent)."""
-        found: dict[str, list[str]] = {}
-        for names, ids in _id_batches(message_ids):
-            rows = await self.db.fetch_all(
-                f"SELECT message_id, file_id FROM message_files WHERE owner = :owner AND message_id IN ({names})"
-                " ORDER BY message_id, position",
-                {**ids, "owner": owner},
-            )
-            for row in rows:
-                found.setdefault(row["message_id"], []).append(row["file_id"])
-        return found
+        carried = await self.files.of_messages(owner, message_ids)
+        return {message_id: [row.id for row in rows] for message_id, rows in carried.items()}
 
     async def import_file(
         self, owner: str, session_id: str, file: ImportedConversation, another: bool = False
@@ -2590,6 +2579,7 @@ class Files:
         staged one discarded) and False. Refused (the staged one discarded) when it would take the
         owner's files past `quota` (0: no limit). Of two finishes of the same bytes at once, one makes
         its row ready and the other answers it (the owner's lock; files_dedup if that was missed)."""
+        text = facts.text if facts.kind == "document" else None
         values = {
             "id": file_id,
             "owner": owner,
@@ -2603,8 +2593,8 @@ class Files:
             "height": facts.height,
             "pages": facts.pages,
             "text": facts.text,
-            "text_chars": len(facts.text) if facts.kind == "document" and facts.text is not None else None,
-            "text_tokens": document_tokens(facts.text) if facts.kind == "document" and facts.text is not None else None,
+            "text_chars": None if text is None else len(text),
+            "text_tokens": None if text is None else document_tokens(text),
             "text_note": facts.text_note,
             "model_copy": facts.model_copy,
             "model_media_type": facts.model_media_type,
@@ -2614,14 +2604,9 @@ class Files:
 
         async def ready() -> tuple[FileRow, bool]:
             await self._owner_lock(owner)
-            existing = await self.db.fetch_one(
-                f"UPDATE files SET last_used_at = :now WHERE owner = :owner AND sha256 = :sha AND status = 'ready'"
-                f" RETURNING {_FILE_COLUMNS}",
-                values,
-                role=WRITE,
-            )
+            existing = await self.find(owner, sha256)
             if existing is not None:  # the staged copy is deleted after this transaction (`discard`)
-                return _file_row(existing), False
+                return existing, False
             if quota:
                 used = await self.usage(owner, role=WRITE, besides=file_id)
                 if used + size > quota:
@@ -2895,7 +2880,6 @@ TEXT_TYPES = {".md": "text/markdown", ".markdown": "text/markdown", ".csv": "tex
 # marks, embeddings, overrides and isolates, which make "photo\u202egnp.exe" show as "photoexe.png"; zero-width
 # characters, the BOM, tags), line and paragraph separators, and lone surrogates (no database stores them).
 _NAME_UNWANTED = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
-_UNSTORABLE_TEXT = re.compile(r"[\x00\ud800-\udfff]")
 _EXIF_ORIENTATION = 0x0112
 # What turns an image upright, by its EXIF orientation (2 to 8), as ImageOps.exif_transpose does.
 _TURNS = {
@@ -2967,7 +2951,7 @@ def model_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
 def storable_text(text: str) -> str:
     """Extracted text as every database stores it: NUL and lone surrogates become U+FFFD (storable_json's
     rule)."""
-    return _UNSTORABLE_TEXT.sub("\ufffd", text)
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 def empty_file(name: str) -> FileRefused:
@@ -3795,8 +3779,8 @@ class Store:
         self.conversations = Conversations(self.db)
         self.search = Search(self.db)
         self.tree = Tree(self.db, self.conversations)
-        self.copies = Copies(self.db)
         self.files = Files(self.db)
+        self.copies = Copies(self.db, self.files)
         self.answers = AnswerRows(self.db)
 
     async def open(self, upgrade: bool = True) -> None:
