@@ -46,22 +46,24 @@ def export(client, session_id="t", headers=None):
     return r.json()
 
 
+def normal(doc: dict) -> dict:
+    """The file with its message ids renamed in order and what an import makes anew (the conversation's
+    id and times, VOLATILE) dropped."""
+    doc = copy.deepcopy(doc)
+    names = {m["id"]: f"m{n}" for n, m in enumerate(doc["messages"])}
+    for m in doc["messages"]:
+        m["id"], m["parent_id"] = names[m["id"]], names.get(m["parent_id"])
+    conv = doc["conversation"]
+    conv["current_message_id"] = names.get(conv["current_message_id"])
+    for name in ("session_id", "created_at", "updated_at"):
+        conv.pop(name)
+    for name in VOLATILE:
+        doc.pop(name)
+    return doc
+
+
 def same_but_ids_and_times(a: dict, b: dict) -> None:
     """Equal once the ids are renamed in order and the times of the conversation dropped."""
-
-    def normal(doc):
-        doc = copy.deepcopy(doc)
-        names = {m["id"]: f"m{n}" for n, m in enumerate(doc["messages"])}
-        for m in doc["messages"]:
-            m["id"], m["parent_id"] = names[m["id"]], names.get(m["parent_id"])
-        conv = doc["conversation"]
-        conv["current_message_id"] = names.get(conv["current_message_id"])
-        for name in ("session_id", "created_at", "updated_at"):
-            conv.pop(name)
-        for name in VOLATILE:
-            doc.pop(name)
-        return doc
-
     assert normal(a) == normal(b)
 
 

@@ -13,6 +13,7 @@ import json
 
 import pytest
 from PIL import Image
+from test_export import normal
 
 API = "/api/v1"
 CONV = f"{API}/context/conversations"
@@ -114,20 +115,6 @@ def export(client, sid, headers=None) -> dict:
     assert r.status_code == 200, r.text
     assert int(r.headers["content-length"]) == len(r.content)  # told before the first byte, exactly
     return r.json()
-
-
-def normal(doc: dict) -> dict:
-    """The file with its message ids renamed in order and what an import makes anew dropped."""
-    doc = copy.deepcopy(doc)
-    names = {m["id"]: f"m{n}" for n, m in enumerate(doc["messages"])}
-    for m in doc["messages"]:
-        m["id"], m["parent_id"] = names[m["id"]], names.get(m["parent_id"])
-    conv = doc["conversation"]
-    conv["current_message_id"] = names.get(conv["current_message_id"])
-    for name in ("session_id", "created_at", "updated_at"):
-        conv.pop(name)
-    doc.pop("exported_at")
-    return doc
 
 
 def carried(service, session_id: str, owner: str = "") -> list[tuple[int, str]]:
