@@ -8,6 +8,7 @@ The module reads top to bottom in the order data flows, one concept to a section
 `# ── Name: what it is`:
 
     Configuration                the settings, read once from the environment
+    Prices                       what the model service charges: the price table, and what a call costs
     Errors                       domain refusals, and the HTTP errors they become ({"detail", "code"})
     Metrics                      what an operator scrapes
     Rows                         the statuses, times and ids the stored rows carry
@@ -21,6 +22,7 @@ The module reads top to bottom in the order data flows, one concept to a section
     File contents                what a file is: sniffed by its bytes, checked, its text and model copy
     Examiner                     the worker processes files are read in, a slot at a time
     Answer rows                  an answer's row: checkpoints, heartbeat, final state
+    Usage                        the ledger of upstream calls, the owners' windows and their limits
     Store                        the database and its rooms, opened and closed together
     Turns                        where a new message goes in the tree, and what the model is sent
     Context                      what the model sees
@@ -38,6 +40,7 @@ The module reads top to bottom in the order data flows, one concept to a section
     HTTP: presenting rows        stored rows as the API shows them
     HTTP: conversation handlers  the routes under /api/v1/context/conversations
     HTTP: file handlers          the routes under /api/v1/files: upload, metadata, content, delete
+    HTTP: usage handlers         the routes under /api/v1/usage and /api/v1/admin: reports, limits, resets
     HTTP: chat handlers          an answer started, streamed, followed by a channel and stopped
     HTTP: errors as responses    whatever a handler raises, as {"detail", "code"}
     Operations                   health, readiness, metrics and the OpenAPI document
@@ -81,6 +84,7 @@ import zipfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from enum import Enum
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -131,6 +135,19 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(s for s in CommaSeparatedStrings(value) if s)
 
 
+def _limit(value: str, kind: type) -> Any:
+    """A limit's size: a whole number (or, for a cost, a decimal) of at least 0."""
+    try:
+        number = kind(value.strip())
+    except (ArithmeticError, ValueError):
+        raise ValueError("not a number") from None
+    if kind is Decimal and not number.is_finite():
+        raise ValueError("not a number")
+    if number < 0:
+        raise ValueError("must be 0 or more")
+    return number
+
+
 def _flag(value: str) -> bool:
     if value.strip().lower() in ("1", "true", "yes", "on"):
         return True
@@ -147,6 +164,8 @@ _CASTS: dict[str, Callable[[str], Any]] = {
     "int": int,
     "float": float,
     "tuple[str, ...]": _csv,
+    "int | None": lambda value: _limit(value, int),
+    "Decimal | None": lambda value: _limit(value, Decimal),
 }
 
 
@@ -280,6 +299,36 @@ class Settings:
         24.0,
         "hours an uploaded file no message uses is kept",
         cast=lambda v: _positive(float(v)),
+    )
+    prices: Prices | None = setting(  # noqa: RUF009 (a frozen dataclass)
+        "CHATSVC_PRICES",
+        None,
+        "prices per million tokens, inline JSON or a file's path (CONTRACT.md, Usage); none: tokens only",
+        cast=lambda v: Prices.parse(v),
+    )
+    admin_token: str | None = setting(
+        "CHATSVC_ADMIN_TOKEN", None, "bearer token of the admin routes and of usage ?user=", echo=False
+    )
+    limit_tokens_per_day: int | None = setting(
+        "CHATSVC_LIMIT_TOKENS_PER_DAY", None, "tokens an owner may spend per UTC day (none: no limit)"
+    )
+    limit_tokens_per_month: int | None = setting(
+        "CHATSVC_LIMIT_TOKENS_PER_MONTH", None, "tokens an owner may spend per UTC month (none: no limit)"
+    )
+    limit_cost_per_month: Decimal | None = setting(  # noqa: RUF009 (Decimal is immutable)
+        "CHATSVC_LIMIT_COST_PER_MONTH", None, "cost an owner may spend per UTC month, needs CHATSVC_PRICES"
+    )
+    limit_answers_per_minute: int | None = setting(
+        "CHATSVC_LIMIT_ANSWERS_PER_MINUTE", None, "answers an owner may start per minute (a token bucket)"
+    )
+    limit_concurrent_answers: int | None = setting(
+        "CHATSVC_LIMIT_CONCURRENT_ANSWERS", None, "answers an owner may have running at once"
+    )
+    reserve_output_tokens: int = setting(
+        "CHATSVC_RESERVE_OUTPUT_TOKENS",
+        4096,
+        "output tokens an answer without max_tokens holds, and is sent as max_tokens, while a token or cost"
+        " limit applies",
     )
     ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
     shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 10.0, "s running answers get after SIGTERM")
@@ -501,6 +550,52 @@ def _strings(value: Any, where: str, key: str) -> tuple[tuple[str, str], ...]:
     return tuple((k, _ENV_REFERENCE.sub(resolve, v)) for k, v in value.items())
 
 
+# ── Prices: what the model service charges: the price table, and what a call costs ──────
+# CHATSVC_PRICES, in one currency, per million tokens: each model's input, output, output while it
+# thinks, and cached input, with tiers chosen by a call's input tokens (docs/design/usage.md, 1.2).
+# Exact: Decimal arithmetic, and costs in whole millionths of the currency ("micros").
+
+MICROS = 1_000_000  # micros in one unit of the currency
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A model's prices for calls in one tier, per million tokens."""
+
+    input: Decimal
+    output: Decimal
+    output_thinking: Decimal  # a call that thought: all its output at this rate (unset: `output`)
+    cached_input: Decimal  # prompt tokens the model service served from its cache (unset: `input`)
+    above_input_tokens: int = 0  # the tier is for calls whose prompt has more tokens than this
+
+
+@dataclass(frozen=True)
+class Prices:
+    """The price table: one currency, each model's tiers (lowest first). A model is named exactly,
+    or by a pattern whose trailing `*` matches any rest (`qwen-plus*`); the exact name wins."""
+
+    currency: str
+    models: dict[str, tuple[Rate, ...]]
+
+    @classmethod
+    def parse(cls, value: str) -> Prices:
+        """CHATSVC_PRICES: inline JSON (it starts with `{`) or a file's path. A mistake is a ValueError
+        of one sentence naming what is wrong (CONTRACT.md, "Usage")."""
+        raise NotImplementedError
+
+    def rate(self, model: str, prompt_tokens: int) -> Rate | None:
+        """The rate of a call of `model` with this many prompt tokens; None: the model has no price."""
+        raise NotImplementedError
+
+    def cost(self, model: str, spent: Spent, thinking: bool) -> int | None:
+        """What a call cost, in micros (rounded up to a whole micro); None: the model has no price."""
+        raise NotImplementedError
+
+    def hold(self, model: str, prompt_tokens: int, output_tokens: int, thinking: bool) -> int:
+        """What a call about to be made holds against a cost limit, in micros (0: the model has no price)."""
+        raise NotImplementedError
+
+
 # ── Errors: domain refusals, and the HTTP errors they become ({"detail", "code"}) ──────
 # The store, the context builder, the upstream client and the answers raise `Refusal`s: domain
 # errors with a contract code and a sentence for a person. `api_error` maps them to HTTP here, in
@@ -578,6 +673,21 @@ class FileRefused(Refusal):
     def __init__(self, status: int, code: str, detail: str):
         super().__init__(detail, code)
         self.status = status
+
+
+class OverLimit(Refusal):
+    """A turn refused by one of its owner's limits (`limit`: a LIMIT_KINDS name): `quota_exceeded`
+    (tokens or cost) or `rate_limited` (answers per minute, concurrent answers), 429 with Retry-After.
+    `detail` says which limit, its size and when it resets; the body carries them as fields too."""
+
+    status = 429
+
+    def __init__(
+        self, code: str, detail: str, limit: str, size: int | str, used: int | str, resets_at: str | None,
+        retry_after: float,
+    ):  # fmt: skip
+        super().__init__(detail, code, retry_after)
+        self.limit, self.size, self.used, self.resets_at = limit, size, used, resets_at
 
 
 class SearchBusy(Refusal):
@@ -781,6 +891,11 @@ class Metrics:
                                  registry=r)  # fmt: skip
         self.context_images = h("chatsvc_context_images", "Images in the context an answer's model is sent",
                                 buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64), registry=r)  # fmt: skip
+        self.limit_refusals = c("chatsvc_limit_refusals", "Turns refused by an owner's limit, by limit"
+                                " (tokens_per_day, tokens_per_month, cost_per_month, answers_per_minute,"
+                                " concurrent_answers)", ["limit"], registry=r)  # fmt: skip
+        self.cost = c("chatsvc_cost", "What upstream calls cost (CHATSVC_PRICES), by model and currency, in units of"
+                      " the currency", ["model", "currency"], registry=r)  # fmt: skip
         self.vision_switches = c("chatsvc_vision_switches", "Answers sent to CHATSVC_VISION_MODEL because their"
                                  " context held images the conversation's model cannot see", registry=r)  # fmt: skip
 
@@ -1719,6 +1834,7 @@ class Turn:
     # row (whose `question` is then ''); None for a turn with a message
     tool_results: str | None = None
     files: list[str] = field(default_factory=list)  # the new user message's file ids, in order
+    hold: Hold | None = None  # the answer's first model call, admitted against its owner's limits in begin_turn
 
 
 class Tree:
@@ -1728,8 +1844,8 @@ class Tree:
     do it with their first statement): one lock order, so two such writes never deadlock, and each
     reads the tree the one before it left."""
 
-    def __init__(self, db: Database, conversations: Conversations):
-        self.db, self.conversations = db, conversations
+    def __init__(self, db: Database, conversations: Conversations, usage: Usage):
+        self.db, self.conversations, self.usage = db, conversations, usage
 
     async def chat_context(
         self, owner: str, session_id: str, limit: int, start: str | None = None, current: bool = True
@@ -3659,14 +3775,16 @@ class FinalState:
     error_message: str | None
     last_seq: int
     steps: str | None = None  # the JSON text of all its tool steps (None: it has none)
+    call_id: str | None = None  # its last model call's usage_calls row, settled with this write
+    spent: Spent | None = None  # ... with what that call used
 
 
 class AnswerRows:
     """Answers' rows while they are written: which are `streaming`, their checkpoints, their final
     state, and the verdict on those whose process is gone."""
 
-    def __init__(self, db: Database):
-        self.db = db
+    def __init__(self, db: Database, usage: Usage):
+        self.db, self.usage = db, usage
 
     async def streaming_id(self, owner: str, session_id: str) -> str | None:
         """The conversation's `streaming` answer, if it has one."""
@@ -3766,6 +3884,155 @@ class AnswerRows:
         return await self.db.fetch_one(f"SELECT {_MESSAGE_COLUMNS} FROM messages WHERE id = :id", {"id": answer_id})
 
 
+# ── Usage: the ledger of upstream calls, the owners' windows and their limits ──────────
+# Every upstream call is a row of `usage_calls`: reserved before the call, in the transaction that
+# admits it (for an answer: begin_turn's), and settled after it with what the model service reported
+# or chatsvc's estimate. Each owner has one row of `usage_owners`: its day's and month's tokens and
+# cost (UTC, by the database's clock), what its running calls hold, its running answers, its
+# answers-per-minute bucket, and an admin's limits for it. A turn is admitted by one conditional
+# UPDATE of that row, which checks every limit and takes the reservation at once: across replicas,
+# at most one answer gets past a budget's edge (docs/design/usage.md, part 2).
+
+
+class Purpose(str, Enum):
+    """What an upstream call was for."""
+
+    ANSWER = "answer"  # an answer's first model round
+    TOOL_ROUND = "tool_round"  # each later round of an answer that called tools
+    TITLE = "title"  # a conversation's title
+
+
+class Source(str, Enum):
+    """Where a settled call's numbers come from."""
+
+    REPORTED = "reported"  # the model service's usage
+    ESTIMATED = "estimated"  # chatsvc's estimate: the call ended before the model service reported any
+    NONE = "none"  # the call failed before the model service took it: nothing was spent
+
+
+LIMIT_KINDS = ("tokens_per_day", "tokens_per_month", "cost_per_month", "answers_per_minute", "concurrent_answers")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """An owner's limits, each None for no limit; `cost_per_month` in micros."""
+
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    cost_per_month: int | None = None
+    answers_per_minute: int | None = None
+    concurrent_answers: int | None = None
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        """The limits for everyone (CHATSVC_LIMIT_*)."""
+        cost = settings.limit_cost_per_month
+        return cls(
+            settings.limit_tokens_per_day,
+            settings.limit_tokens_per_month,
+            None if cost is None else int(cost * MICROS),
+            settings.limit_answers_per_minute,
+            settings.limit_concurrent_answers,
+        )
+
+    @property
+    def budgets(self) -> bool:
+        """A token or cost limit applies: an answer must say how much it may write (max_tokens)."""
+        return any(v is not None for v in (self.tokens_per_day, self.tokens_per_month, self.cost_per_month))
+
+
+@dataclass
+class Hold:
+    """An upstream call about to be made, and what it holds against its owner's budgets while it runs."""
+
+    call_id: str  # its usage_calls row (new_message_id())
+    owner: str
+    session_id: str
+    message_id: str | None  # the answer it is a round of (None: a title)
+    purpose: Purpose
+    model: str
+    prompt_tokens: int  # estimate_tokens of what it sends (images by their tiles)
+    output_tokens: int  # what it may write: its max_tokens, else CHATSVC_RESERVE_OUTPUT_TOKENS
+    cost: int = 0  # micros held against a cost limit (Prices.hold; 0 without prices)
+
+
+@dataclass
+class Spent:
+    """What an upstream call used, as its row is settled: the model service's numbers (each one it
+    did not send None), or chatsvc's estimate (prompt and completion only), and its cost."""
+
+    source: Source
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    reasoning_tokens: int | None = None  # within completion_tokens
+    cached_tokens: int | None = None  # within prompt_tokens
+    cache_creation_tokens: int | None = None  # within prompt_tokens
+    cost: int | None = None  # micros; None: no prices, or the model has none
+    currency: str | None = None
+
+
+class Usage:
+    """The ledger and the owners' rows (`store.usage`). Admission and settlement run inside the
+    transaction their caller holds (begin_turn's, an answer's final write, the sweep's), so a refused
+    turn stores nothing and an ended answer is always accounted exactly once."""
+
+    def __init__(self, db: Database, limits: Limits | None = None, prices: Prices | None = None):
+        self.db, self.limits, self.prices = db, limits or Limits(), prices
+
+    async def admit(self, hold: Hold, enforce: bool = True) -> Limits:
+        """Inside the caller's transaction: check the owner's limits (its own, else the global ones)
+        and reserve the call's tokens and cost; the owner's effective limits. An answer (purpose
+        ANSWER) also takes a running answer and a token of the bucket. `enforce=False` (a later
+        round of an admitted answer): reserved, never refused. Refused: OverLimit, nothing written."""
+        raise NotImplementedError
+
+    async def settle(self, call_id: str, spent: Spent, outcome: str, ends_answer: bool) -> None:
+        """Inside the caller's transaction: the call's row gets what it used, and its owner's row the
+        tokens and cost instead of what the call held (in the windows it was reserved in).
+        `ends_answer`: the answer ends with this call, and gives back its running answer."""
+        raise NotImplementedError
+
+    async def next_round(self, call_id: str, spent: Spent, hold: Hold) -> None:
+        """An answer's round ended and it calls the model again: the round settled, the next reserved
+        (not refused), in one transaction."""
+        raise NotImplementedError
+
+    async def settle_swept(self, answers: list[dict]) -> None:
+        """Inside the sweep's transaction: the calls still reserved of these answers (rows with `id`,
+        `content`, `reasoning_content`), just stored as interrupted, settled with an estimate from their
+        stored text; their running answers given back."""
+        raise NotImplementedError
+
+    async def record(self, hold: Hold, spent: Spent, outcome: str) -> None:
+        """A call recorded once it is done (a title): its row, settled, and its owner's windows."""
+        raise NotImplementedError
+
+    async def owner_limits(self, owner: str) -> dict:
+        """An admin's limits for the owner, as PUT: a key absent is the global limit, null is none."""
+        raise NotImplementedError
+
+    async def set_limits(self, owner: str, limits: dict) -> None:
+        """Replace an admin's limits for the owner (the object as PUT, already checked)."""
+        raise NotImplementedError
+
+    async def reset(self, owner: str, window: str) -> None:
+        """An admin sets the owner's settled tokens and cost of this window ('day' or 'month') to 0;
+        the ledger keeps every call."""
+        raise NotImplementedError
+
+    async def standing(self, owner: str) -> dict:
+        """Where the owner stands: each limit's size, source, used, held, remaining and reset time."""
+        raise NotImplementedError
+
+    async def report(
+        self, owner: str | None, start: str, end: str, group_by: str, limit: int, cursor: str | None
+    ) -> tuple[dict, list[dict], str | None]:
+        """The calls of `owner` (None: everyone) created in [start, end): totals, one row per group
+        (day, model, conversation, purpose, user) and the next page's cursor."""
+        raise NotImplementedError
+
+
 # ── Store: the database and its rooms, opened and closed together ──────────────────────
 
 
@@ -3774,14 +4041,22 @@ class Store:
     `conversations`, `search`, `tree` (a conversation's messages), `copies` (forks and imports), `files`
     (the files owners upload) and `answers` (answers' rows while they are written)."""
 
-    def __init__(self, url: str, exclusive: bool = False, metrics: Metrics | None = None):
+    def __init__(
+        self,
+        url: str,
+        exclusive: bool = False,
+        metrics: Metrics | None = None,
+        limits: Limits | None = None,
+        prices: Prices | None = None,
+    ):
         self.db = Database(url, exclusive, metrics)
+        self.usage = Usage(self.db, limits, prices)
         self.conversations = Conversations(self.db)
         self.search = Search(self.db)
-        self.tree = Tree(self.db, self.conversations)
+        self.tree = Tree(self.db, self.conversations, self.usage)
         self.files = Files(self.db)
         self.copies = Copies(self.db, self.files)
-        self.answers = AnswerRows(self.db)
+        self.answers = AnswerRows(self.db, self.usage)
 
     async def open(self, upgrade: bool = True) -> None:
         """Connect, and bring the schema up to date (`upgrade`), or only check that this release can
@@ -9265,7 +9540,9 @@ def app_lifespan(
 
     @contextlib.asynccontextmanager
     async def run(app: Starlette) -> AsyncIterator[None]:
-        store = Store(settings.database_url, exclusive=True, metrics=metrics)
+        store = Store(
+            settings.database_url, exclusive=True, metrics=metrics, limits=Limits.of(settings), prices=settings.prices
+        )
         try:
             await store.open()
         except (SQLiteFileInUse, SchemaError) as exc:

@@ -196,3 +196,36 @@ CREATE TABLE file_chunks (file_id TEXT NOT NULL REFERENCES files (id) ON DELETE 
 CREATE TABLE message_files (owner TEXT NOT NULL DEFAULT '', message_id TEXT NOT NULL REFERENCES messages (id) ON DELETE CASCADE, position INTEGER NOT NULL, file_id TEXT NOT NULL REFERENCES files (id), PRIMARY KEY (message_id, position));
 
 CREATE INDEX message_files_by_file ON message_files (file_id);
+
+-- step 6: usage, prices and limits
+-- One row per upstream call (usage_calls): an answer's model rounds, a conversation's title. It is
+-- written 'reserved' before the call, holding reserved_tokens and reserved_cost against its owner's
+-- windows, and 'settled' after it with what the call used (source: 'reported' by the model service,
+-- 'estimated' by chatsvc, or 'none'). Costs are in millionths of the currency. day and month are the
+-- UTC day and month of the database's clock when the call was reserved. No key to messages: a
+-- deleted conversation's calls stay counted.
+CREATE TABLE usage_calls (id TEXT PRIMARY KEY, owner TEXT NOT NULL DEFAULT '', session_id TEXT NOT NULL, message_id TEXT, purpose TEXT NOT NULL, model TEXT NOT NULL, state TEXT NOT NULL CHECK (state IN ('reserved', 'settled')), outcome TEXT, source TEXT, prompt_tokens BIGINT, completion_tokens BIGINT, total_tokens BIGINT, reasoning_tokens BIGINT, cached_tokens BIGINT, cache_creation_tokens BIGINT, reserved_tokens BIGINT NOT NULL DEFAULT 0, reserved_cost BIGINT NOT NULL DEFAULT 0, cost_micros BIGINT, currency TEXT, day TEXT NOT NULL, month TEXT NOT NULL, created_at TEXT NOT NULL, settled_at TEXT);
+
+-- an owner's calls by time (reports), everyone's by time (group_by=user)
+CREATE INDEX usage_calls_by_owner ON usage_calls (owner, created_at);
+
+CREATE INDEX usage_calls_by_time ON usage_calls (created_at);
+
+-- the calls still running, by answer (settlement, the sweep)
+CREATE INDEX usage_calls_reserved ON usage_calls (message_id) WHERE state = 'reserved';
+
+-- An owner's standing: its day's and month's settled tokens and cost and what its running calls hold
+-- (day and month say which window the counts are of; the first admission of a new one starts it at 0),
+-- its running answers, its answers-per-minute bucket (tokens left, and when it was filled: seconds
+-- since the epoch by the database's clock), and an admin's limits for it (limit_*: NULL the global
+-- limit, -1 none, else the size; the cost in millionths of the currency).
+CREATE TABLE usage_owners (owner TEXT PRIMARY KEY, day TEXT NOT NULL, day_tokens BIGINT NOT NULL DEFAULT 0, day_reserved BIGINT NOT NULL DEFAULT 0, month TEXT NOT NULL, month_tokens BIGINT NOT NULL DEFAULT 0, month_reserved BIGINT NOT NULL DEFAULT 0, month_cost BIGINT NOT NULL DEFAULT 0, month_reserved_cost BIGINT NOT NULL DEFAULT 0, running INTEGER NOT NULL DEFAULT 0, bucket DOUBLE PRECISION, bucket_at DOUBLE PRECISION, limit_tokens_per_day BIGINT, limit_tokens_per_month BIGINT, limit_cost_per_month BIGINT, limit_answers_per_minute BIGINT, limit_concurrent_answers BIGINT, limits_at TEXT, day_reset_at TEXT, month_reset_at TEXT);
+
+-- what an answer used beyond the three counts it had, and what it cost (NULL: not reported, or no prices)
+ALTER TABLE messages ADD COLUMN reasoning_tokens BIGINT;
+
+ALTER TABLE messages ADD COLUMN cached_tokens BIGINT;
+
+ALTER TABLE messages ADD COLUMN cost_micros BIGINT;
+
+ALTER TABLE messages ADD COLUMN currency TEXT;
