@@ -379,6 +379,8 @@ class Settings:
                 values[f.name] = (f.metadata["cast"] or _CASTS[f.type])(raw)
             except ValueError as exc:
                 reason = str(exc) if f.metadata["cast"] else f"not a valid {f.type}"
+                if reason.startswith(f"{env}: "):  # the cast's sentence names the setting (CHATSVC_PRICES)
+                    raise ValueError(reason) from None
                 shown = f"{env}={raw!r}" if f.metadata["echo"] else env
                 raise ValueError(f"{shown}: {reason}.") from None
         settings = cls(**values)
@@ -592,6 +594,7 @@ def _strings(value: Any, where: str, key: str) -> tuple[tuple[str, str], ...]:
 # Exact: Decimal arithmetic, and costs in whole millionths of the currency ("micros").
 
 MICROS = 1_000_000  # micros in one unit of the currency
+MAX_PRICE = 1_000_000  # per million tokens, at most: a call's cost in micros stays far inside a BIGINT
 
 
 @dataclass(frozen=True)
@@ -617,19 +620,137 @@ class Prices:
     def parse(cls, value: str) -> Prices:
         """CHATSVC_PRICES: inline JSON (it starts with `{`) or a file's path. A mistake is a ValueError
         of one sentence naming what is wrong (CONTRACT.md, "Usage")."""
-        raise NotImplementedError
+        text = value.strip()
+        if not text.startswith("{"):
+            try:
+                text = Path(text).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+                raise ValueError(f"CHATSVC_PRICES: cannot read the file {value.strip()!r} ({reason}).") from None
+        try:
+            table = json.loads(text, parse_float=Decimal)
+        except ValueError as exc:
+            where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+            raise ValueError(f"CHATSVC_PRICES: not valid JSON{where}.") from None
+        _fields(table, "", ("currency", "models"), ("currency", "models"))
+        currency = table["currency"]
+        if not isinstance(currency, str) or not currency.strip() or len(currency) > 16:
+            raise ValueError("CHATSVC_PRICES: currency must be a currency's code, such as CNY or USD.")
+        models = table["models"]
+        if not isinstance(models, dict):
+            raise ValueError("CHATSVC_PRICES: models must be an object of model names and their prices.")
+        rates: dict[str, tuple[Rate, ...]] = {}
+        for name, entry in models.items():
+            where = f"models.{name}"
+            if not name or name == "*" or "*" in name[:-1]:
+                raise ValueError(f"CHATSVC_PRICES: {where} must be a model's name, or a prefix ending in '*'.")
+            _fields(entry, where, (*_RATE_FIELDS, "tiers"), ("input", "output"))
+            tiers = [_rate(entry, where, 0)]
+            listed = entry.get("tiers", [])
+            if not isinstance(listed, list):
+                raise ValueError(f"CHATSVC_PRICES: {where}.tiers must be a list of tiers.")
+            for n, tier in enumerate(listed):
+                at = f"{where}.tiers[{n}]"
+                _fields(tier, at, ("above_input_tokens", *_RATE_FIELDS), ("above_input_tokens", "input", "output"))
+                above = tier["above_input_tokens"]
+                if type(above) is not int or above <= tiers[-1].above_input_tokens:
+                    raise ValueError(
+                        f"CHATSVC_PRICES: {at}.above_input_tokens must be a whole number above"
+                        f" {tiers[-1].above_input_tokens} (tiers go from the fewest input tokens up)."
+                    )
+                tiers.append(_rate(tier, at, above))
+            rates[name] = tuple(tiers)
+        return cls(currency.strip(), rates)
 
     def rate(self, model: str, prompt_tokens: int) -> Rate | None:
         """The rate of a call of `model` with this many prompt tokens; None: the model has no price."""
-        raise NotImplementedError
+        tiers = self.models.get(model)
+        if tiers is None:  # the longest pattern that matches
+            patterns = [p for p in self.models if p.endswith("*") and model.startswith(p[:-1])]
+            if not patterns:
+                if model not in _UNPRICED:
+                    _UNPRICED.add(model)
+                    log.warning("model %s has no price in CHATSVC_PRICES: its calls' cost is unknown", model)
+                return None
+            tiers = self.models[max(patterns, key=len)]
+        rate = tiers[0]
+        for tier in tiers[1:]:  # all or nothing: the whole call at the tier its prompt reaches
+            if prompt_tokens > tier.above_input_tokens:
+                rate = tier
+        return rate
 
     def cost(self, model: str, spent: Spent, thinking: bool) -> int | None:
-        """What a call cost, in micros (rounded up to a whole micro); None: the model has no price."""
-        raise NotImplementedError
+        """What a call cost, in micros (rounded up to a whole micro); None: the model has no price.
+        A call that thought (`thinking`: reasoning was received, or reasoning tokens reported) has all
+        its output at the thinking rate; its cached prompt tokens at the cached rate, the rest of the
+        prompt (cache creation included) at the input rate."""
+        rate = self.rate(model, spent.prompt_tokens)
+        if rate is None:
+            return None
+        cached = min(spent.cached_tokens or 0, spent.prompt_tokens)
+        thought = thinking or bool(spent.reasoning_tokens)
+        output = rate.output_thinking if thought else rate.output
+        # a price per million tokens is the price in micros of one token
+        micros = (spent.prompt_tokens - cached) * rate.input + cached * rate.cached_input
+        return math.ceil(micros + spent.completion_tokens * output)
 
     def hold(self, model: str, prompt_tokens: int, output_tokens: int, thinking: bool) -> int:
         """What a call about to be made holds against a cost limit, in micros (0: the model has no price)."""
-        raise NotImplementedError
+        rate = self.rate(model, prompt_tokens)
+        if rate is None:
+            return 0
+        return math.ceil(
+            prompt_tokens * rate.input + output_tokens * (rate.output_thinking if thinking else rate.output)
+        )
+
+
+_RATE_FIELDS = ("input", "output", "output_thinking", "cached_input")
+_UNPRICED: set[str] = set()  # models whose missing price was logged
+
+
+def _fields(value: Any, where: str, known: tuple[str, ...], required: tuple[str, ...]) -> None:
+    """A price table's object: only `known` keys, and every `required` one."""
+    shown = where or "the table"
+    if not isinstance(value, dict):
+        raise ValueError(f"CHATSVC_PRICES: {shown} must be an object.")
+    for key in value:
+        if key not in known:
+            raise ValueError(
+                f"CHATSVC_PRICES: {where + '.' if where else ''}{key} is not a field it takes ({', '.join(known)})."
+            )
+    for key in required:
+        if key not in value:
+            raise ValueError(f"CHATSVC_PRICES: {shown} needs {key}.")
+
+
+def _price(entry: dict, where: str, key: str) -> Decimal:
+    """A price per million tokens: a number, or a decimal in a string, of at least 0."""
+    value = entry[key]
+    try:
+        price = Decimal(value.strip() if isinstance(value, str) else value) if type(value) is not bool else None
+    except (ArithmeticError, ValueError, TypeError):
+        price = None
+    if price is None or not price.is_finite() or price < 0:
+        raise ValueError(f"CHATSVC_PRICES: {where}.{key} must be a number of at least 0.")
+    if price > MAX_PRICE:  # a call's cost must fit a BIGINT of micros
+        raise ValueError(f"CHATSVC_PRICES: {where}.{key} must be at most {MAX_PRICE} (a price per million tokens).")
+    return price
+
+
+def _rate(entry: dict, where: str, above: int) -> Rate:
+    prices = {key: _price(entry, where, key) for key in _RATE_FIELDS if key in entry}
+    return Rate(
+        prices["input"],
+        prices["output"],
+        prices.get("output_thinking", prices["output"]),
+        prices.get("cached_input", prices["input"]),
+        above,
+    )
+
+
+def money(micros: int) -> float:
+    """A cost as the API shows it: units of the currency, a JSON number rounded to 6 places."""
+    return round(micros / MICROS, 6)
 
 
 # ── Errors: domain refusals, and the HTTP errors they become ({"detail", "code"}) ──────
