@@ -874,11 +874,6 @@ def api_error(exc: Refusal) -> ApiError:
     return ApiError(status, exc.code, exc.detail, headers=headers)
 
 
-def money(micros: int | None) -> float | None:
-    """An amount in micros as the API shows money: a JSON number of the currency, 6 places at most."""
-    return None if micros is None else round(micros / MICROS, 6)
-
-
 def over_limit(exc: OverLimit) -> ApiError:
     """429 with `Retry-After` (whole seconds to the limit's reset, rounded up, at least 1) and the limit's
     `limit`, `size`, `used` and `resets_at` as fields; a cost's size and use in the currency, not micros."""
@@ -9316,9 +9311,13 @@ def wants_csv(request: Request) -> bool:
     return "text/csv" in accepted
 
 
+def money_or_none(micros: int | None) -> float | None:
+    return None if micros is None else money(micros)
+
+
 def present_usage(row: dict) -> dict:
     """A report's totals or group as the API shows it: its cost as money (null without prices)."""
-    return {**row, "cost": money(row.get("cost"))}
+    return {**row, "cost": money_or_none(row.get("cost"))}
 
 
 def csv_cell(value: Any) -> Any:
@@ -9421,7 +9420,7 @@ def present_limits(owner: str, own: dict, settings: Settings) -> dict:
     shown = dict(own)
     if shown.get("cost_per_month") is not None:
         shown["cost_per_month"] = money(shown["cost_per_month"])
-    effective["cost_per_month"] = money(effective["cost_per_month"])
+    effective["cost_per_month"] = money_or_none(effective["cost_per_month"])
     currency = settings.prices.currency if settings.prices is not None else None
     return {"user": owner, "limits": shown, "effective": effective, "currency": currency}
 
