@@ -57,6 +57,7 @@ import base64
 import codecs
 import contextlib
 import contextvars
+import csv
 import errno
 import fcntl
 import functools
@@ -135,16 +136,28 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(s for s in CommaSeparatedStrings(value) if s)
 
 
+MAX_LIMIT = 2**53 - 1  # the largest limit (tokens, answers; a cost's micros): a JSON number any client reads exactly
+
+
 def _limit(value: str, kind: type) -> Any:
-    """A limit's size: a whole number (or, for a cost, a decimal) of at least 0."""
+    """A limit's size: a whole number (or, for a cost, a decimal of at most 6 places) of at least 0;
+    0 refuses every answer."""
+    value = value.strip()
+    if kind is int:
+        if not re.fullmatch(r"[0-9]{1,16}", value) or int(value) > MAX_LIMIT:
+            raise ValueError(f"must be a whole number from 0 to {MAX_LIMIT} (0 refuses every answer)")
+        return int(value)
     try:
-        number = kind(value.strip())
-    except (ArithmeticError, ValueError):
-        raise ValueError("not a number") from None
-    if kind is Decimal and not number.is_finite():
-        raise ValueError("not a number")
-    if number < 0:
-        raise ValueError("must be 0 or more")
+        number = Decimal(value)
+    except ArithmeticError:
+        number = Decimal("NaN")
+    if (
+        not number.is_finite()
+        or number < 0
+        or number * MICROS > MAX_LIMIT
+        or number != number.quantize(Decimal("0.000001"))
+    ):
+        raise ValueError("must be an amount of at least 0 with at most 6 decimal places (0 refuses every answer)")
     return number
 
 
@@ -164,8 +177,6 @@ _CASTS: dict[str, Callable[[str], Any]] = {
     "int": int,
     "float": float,
     "tuple[str, ...]": _csv,
-    "int | None": lambda value: _limit(value, int),
-    "Decimal | None": lambda value: _limit(value, Decimal),
 }
 
 
@@ -310,25 +321,41 @@ class Settings:
         "CHATSVC_ADMIN_TOKEN", None, "bearer token of the admin routes and of usage ?user=", echo=False
     )
     limit_tokens_per_day: int | None = setting(
-        "CHATSVC_LIMIT_TOKENS_PER_DAY", None, "tokens an owner may spend per UTC day (none: no limit)"
+        "CHATSVC_LIMIT_TOKENS_PER_DAY",
+        None,
+        "tokens an owner may spend per UTC day (none: no limit)",
+        cast=lambda v: _limit(v, int),
     )
     limit_tokens_per_month: int | None = setting(
-        "CHATSVC_LIMIT_TOKENS_PER_MONTH", None, "tokens an owner may spend per UTC month (none: no limit)"
+        "CHATSVC_LIMIT_TOKENS_PER_MONTH",
+        None,
+        "tokens an owner may spend per UTC month (none: no limit)",
+        cast=lambda v: _limit(v, int),
     )
     limit_cost_per_month: Decimal | None = setting(  # noqa: RUF009 (Decimal is immutable)
-        "CHATSVC_LIMIT_COST_PER_MONTH", None, "cost an owner may spend per UTC month, needs CHATSVC_PRICES"
+        "CHATSVC_LIMIT_COST_PER_MONTH",
+        None,
+        "cost an owner may spend per UTC month, in CHATSVC_PRICES' currency (needs it)",
+        cast=lambda v: _limit(v, Decimal),
     )
     limit_answers_per_minute: int | None = setting(
-        "CHATSVC_LIMIT_ANSWERS_PER_MINUTE", None, "answers an owner may start per minute (a token bucket)"
+        "CHATSVC_LIMIT_ANSWERS_PER_MINUTE",
+        None,
+        "answers an owner may start per minute (a token bucket)",
+        cast=lambda v: _limit(v, int),
     )
     limit_concurrent_answers: int | None = setting(
-        "CHATSVC_LIMIT_CONCURRENT_ANSWERS", None, "answers an owner may have running at once"
+        "CHATSVC_LIMIT_CONCURRENT_ANSWERS",
+        None,
+        "answers an owner may have running at once",
+        cast=lambda v: _limit(v, int),
     )
     reserve_output_tokens: int = setting(
         "CHATSVC_RESERVE_OUTPUT_TOKENS",
         4096,
         "output tokens an answer without max_tokens holds, and is sent as max_tokens, while a token or cost"
         " limit applies",
+        cast=lambda v: _int_between(v, 1, 1_000_000),
     )
     ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
     shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 10.0, "s running answers get after SIGTERM")
@@ -352,11 +379,22 @@ class Settings:
                 values[f.name] = (f.metadata["cast"] or _CASTS[f.type])(raw)
             except ValueError as exc:
                 reason = str(exc) if f.metadata["cast"] else f"not a valid {f.type}"
+                if reason.startswith(f"{env}: "):  # the cast's sentence names the setting (CHATSVC_PRICES)
+                    raise ValueError(reason) from None
                 shown = f"{env}={raw!r}" if f.metadata["echo"] else env
                 raise ValueError(f"{shown}: {reason}.") from None
         settings = cls(**values)
         if settings.image_max_pixels > settings.max_image_pixels:
             raise ValueError("CHATSVC_IMAGE_MAX_PIXELS: must not be larger than CHATSVC_MAX_IMAGE_PIXELS.")
+        if settings.limit_cost_per_month is not None and settings.prices is None:
+            raise ValueError(
+                "CHATSVC_LIMIT_COST_PER_MONTH: a cost limit needs prices to count costs with; set CHATSVC_PRICES."
+            )
+        if settings.admin_token is not None and settings.admin_token == settings.api_token:
+            raise ValueError(
+                "CHATSVC_ADMIN_TOKEN: must differ from CHATSVC_API_TOKEN, which every client holds (with the same"
+                " token every client could read everyone's usage and change their limits)."
+            )
         if settings.vision_model and not settings.sees(settings.vision_model):
             raise ValueError(
                 f"CHATSVC_VISION_MODEL={settings.vision_model!r}: not a model CHATSVC_VISION_MODELS names as seeing"
@@ -556,6 +594,7 @@ def _strings(value: Any, where: str, key: str) -> tuple[tuple[str, str], ...]:
 # Exact: Decimal arithmetic, and costs in whole millionths of the currency ("micros").
 
 MICROS = 1_000_000  # micros in one unit of the currency
+MAX_PRICE = 1_000_000  # per million tokens, at most: a call's cost in micros stays far inside a BIGINT
 
 
 @dataclass(frozen=True)
@@ -581,19 +620,137 @@ class Prices:
     def parse(cls, value: str) -> Prices:
         """CHATSVC_PRICES: inline JSON (it starts with `{`) or a file's path. A mistake is a ValueError
         of one sentence naming what is wrong (CONTRACT.md, "Usage")."""
-        raise NotImplementedError
+        text = value.strip()
+        if not text.startswith("{"):
+            try:
+                text = Path(text).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+                raise ValueError(f"CHATSVC_PRICES: cannot read the file {value.strip()!r} ({reason}).") from None
+        try:
+            table = json.loads(text, parse_float=Decimal)
+        except ValueError as exc:
+            where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+            raise ValueError(f"CHATSVC_PRICES: not valid JSON{where}.") from None
+        _fields(table, "", ("currency", "models"), ("currency", "models"))
+        currency = table["currency"]
+        if not isinstance(currency, str) or not currency.strip() or len(currency) > 16:
+            raise ValueError("CHATSVC_PRICES: currency must be a currency's code, such as CNY or USD.")
+        models = table["models"]
+        if not isinstance(models, dict):
+            raise ValueError("CHATSVC_PRICES: models must be an object of model names and their prices.")
+        rates: dict[str, tuple[Rate, ...]] = {}
+        for name, entry in models.items():
+            where = f"models.{name}"
+            if not name or name == "*" or "*" in name[:-1]:
+                raise ValueError(f"CHATSVC_PRICES: {where} must be a model's name, or a prefix ending in '*'.")
+            _fields(entry, where, (*_RATE_FIELDS, "tiers"), ("input", "output"))
+            tiers = [_rate(entry, where, 0)]
+            listed = entry.get("tiers", [])
+            if not isinstance(listed, list):
+                raise ValueError(f"CHATSVC_PRICES: {where}.tiers must be a list of tiers.")
+            for n, tier in enumerate(listed):
+                at = f"{where}.tiers[{n}]"
+                _fields(tier, at, ("above_input_tokens", *_RATE_FIELDS), ("above_input_tokens", "input", "output"))
+                above = tier["above_input_tokens"]
+                if type(above) is not int or above <= tiers[-1].above_input_tokens:
+                    raise ValueError(
+                        f"CHATSVC_PRICES: {at}.above_input_tokens must be a whole number above"
+                        f" {tiers[-1].above_input_tokens} (tiers go from the fewest input tokens up)."
+                    )
+                tiers.append(_rate(tier, at, above))
+            rates[name] = tuple(tiers)
+        return cls(currency.strip(), rates)
 
     def rate(self, model: str, prompt_tokens: int) -> Rate | None:
         """The rate of a call of `model` with this many prompt tokens; None: the model has no price."""
-        raise NotImplementedError
+        tiers = self.models.get(model)
+        if tiers is None:  # the longest pattern that matches
+            patterns = [p for p in self.models if p.endswith("*") and model.startswith(p[:-1])]
+            if not patterns:
+                if model not in _UNPRICED:
+                    _UNPRICED.add(model)
+                    log.warning("model %s has no price in CHATSVC_PRICES: its calls' cost is unknown", model)
+                return None
+            tiers = self.models[max(patterns, key=len)]
+        rate = tiers[0]
+        for tier in tiers[1:]:  # all or nothing: the whole call at the tier its prompt reaches
+            if prompt_tokens > tier.above_input_tokens:
+                rate = tier
+        return rate
 
     def cost(self, model: str, spent: Spent, thinking: bool) -> int | None:
-        """What a call cost, in micros (rounded up to a whole micro); None: the model has no price."""
-        raise NotImplementedError
+        """What a call cost, in micros (rounded up to a whole micro); None: the model has no price.
+        A call that thought (`thinking`: reasoning was received, or reasoning tokens reported) has all
+        its output at the thinking rate; its cached prompt tokens at the cached rate, the rest of the
+        prompt (cache creation included) at the input rate."""
+        rate = self.rate(model, spent.prompt_tokens)
+        if rate is None:
+            return None
+        cached = min(spent.cached_tokens or 0, spent.prompt_tokens)
+        thought = thinking or bool(spent.reasoning_tokens)
+        output = rate.output_thinking if thought else rate.output
+        # a price per million tokens is the price in micros of one token
+        micros = (spent.prompt_tokens - cached) * rate.input + cached * rate.cached_input
+        return math.ceil(micros + spent.completion_tokens * output)
 
     def hold(self, model: str, prompt_tokens: int, output_tokens: int, thinking: bool) -> int:
         """What a call about to be made holds against a cost limit, in micros (0: the model has no price)."""
-        raise NotImplementedError
+        rate = self.rate(model, prompt_tokens)
+        if rate is None:
+            return 0
+        return math.ceil(
+            prompt_tokens * rate.input + output_tokens * (rate.output_thinking if thinking else rate.output)
+        )
+
+
+_RATE_FIELDS = ("input", "output", "output_thinking", "cached_input")
+_UNPRICED: set[str] = set()  # models whose missing price was logged
+
+
+def _fields(value: Any, where: str, known: tuple[str, ...], required: tuple[str, ...]) -> None:
+    """A price table's object: only `known` keys, and every `required` one."""
+    shown = where or "the table"
+    if not isinstance(value, dict):
+        raise ValueError(f"CHATSVC_PRICES: {shown} must be an object.")
+    for key in value:
+        if key not in known:
+            raise ValueError(
+                f"CHATSVC_PRICES: {where + '.' if where else ''}{key} is not a field it takes ({', '.join(known)})."
+            )
+    for key in required:
+        if key not in value:
+            raise ValueError(f"CHATSVC_PRICES: {shown} needs {key}.")
+
+
+def _price(entry: dict, where: str, key: str) -> Decimal:
+    """A price per million tokens: a number, or a decimal in a string, of at least 0."""
+    value = entry[key]
+    try:
+        price = Decimal(value.strip() if isinstance(value, str) else value) if type(value) is not bool else None
+    except (ArithmeticError, ValueError, TypeError):
+        price = None
+    if price is None or not price.is_finite() or price < 0:
+        raise ValueError(f"CHATSVC_PRICES: {where}.{key} must be a number of at least 0.")
+    if price > MAX_PRICE:  # a call's cost must fit a BIGINT of micros
+        raise ValueError(f"CHATSVC_PRICES: {where}.{key} must be at most {MAX_PRICE} (a price per million tokens).")
+    return price
+
+
+def _rate(entry: dict, where: str, above: int) -> Rate:
+    prices = {key: _price(entry, where, key) for key in _RATE_FIELDS if key in entry}
+    return Rate(
+        prices["input"],
+        prices["output"],
+        prices.get("output_thinking", prices["output"]),
+        prices.get("cached_input", prices["input"]),
+        above,
+    )
+
+
+def money(micros: int) -> float:
+    """A cost as the API shows it: units of the currency, a JSON number rounded to 6 places."""
+    return round(micros / MICROS, 6)
 
 
 # ── Errors: domain refusals, and the HTTP errors they become ({"detail", "code"}) ──────
@@ -710,9 +867,23 @@ HTTP_STATUS = {
 
 
 def api_error(exc: Refusal) -> ApiError:
+    if isinstance(exc, OverLimit):
+        return over_limit(exc)
     status = getattr(exc, "status", None) or HTTP_STATUS.get(exc.code, 500)
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
     return ApiError(status, exc.code, exc.detail, headers=headers)
+
+
+def over_limit(exc: OverLimit) -> ApiError:
+    """429 with `Retry-After` (whole seconds to the limit's reset, rounded up, at least 1) and the limit's
+    `limit`, `size`, `used` and `resets_at` as fields; a cost's size and use in the currency, not micros."""
+    size, used = exc.size, exc.used
+    if exc.limit == "cost_per_month":
+        size, used = (money(v) if isinstance(v, int) else v for v in (size, used))
+    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 0)))}
+    return ApiError(
+        429, exc.code, exc.detail, headers=headers, limit=exc.limit, size=size, used=used, resets_at=exc.resets_at
+    )
 
 
 def invalid(detail: str) -> ApiError:
@@ -9009,6 +9180,318 @@ async def file_content(request: Request) -> Response:
     return StreamingResponse(files.content(file_id, start, end), status_code=status, headers=headers)
 
 
+# ── HTTP: usage handlers: the routes under /api/v1/usage and /api/v1/admin: reports, limits, resets
+# What the ledger holds (Usage.report), as JSON or CSV; where the caller stands against its limits
+# (Usage.standing); and an admin's routes: one owner's limits read and set, its window reset. Money is
+# shown in the currency of CHATSVC_PRICES (micros / 1,000,000, 6 places). The admin routes and a report
+# of another owner need CHATSVC_ADMIN_TOKEN as `Authorization: Bearer` (never ?access_token=: a URL is
+# logged); without it configured the admin routes do not exist (404).
+
+USAGE_GROUPS = ("day", "model", "conversation", "purpose", "user")
+USAGE_COLUMNS = (
+    "calls",
+    "answers",
+    "prompt_tokens",
+    "completion_tokens",
+    "reasoning_tokens",
+    "cached_tokens",
+    "total_tokens",
+    "estimated_tokens",
+    "cost",
+)
+USAGE_MAX_DAYS = 366  # the longest range one report covers
+USAGE_PAGE = 1000  # groups in one page of a report, at most (and by default)
+WINDOWS = ("day", "month")
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_RFC3339 = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ]([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]{1,9}))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_CSV_FORMULA = ("=", "+", "-", "@", "\t", "\r")  # a cell starting with one is a formula to a spreadsheet
+
+
+def admin_only(detail: str) -> ApiError:
+    return ApiError(403, "admin_only", detail)
+
+
+def carries_admin_token(request: Request) -> bool:
+    """Whether the request carries CHATSVC_ADMIN_TOKEN as `Authorization: Bearer` (constant-time)."""
+    token = state(request).settings.admin_token
+    value = request.headers.get("authorization", "")
+    if token is None or value[:7].lower() != "bearer ":
+        return False
+    return hmac.compare_digest(value[7:].strip().encode(), token.encode())
+
+
+def require_admin(request: Request, what: str | None = None) -> None:
+    """An admin's request: CHATSVC_ADMIN_TOKEN configured (else an admin route does not exist: 404, and
+    `what` of a user's route is 403 admin_only) and carried (else 401)."""
+    if state(request).settings.admin_token is None:
+        if what is None:
+            raise no_route(request.url.path)
+        raise admin_only(f"{what} needs the admin token, and this service has none (CHATSVC_ADMIN_TOKEN).")
+    if not carries_admin_token(request):
+        raise unauthorized(
+            f"{what or 'This route'} needs 'Authorization: Bearer <admin token>' (CHATSVC_ADMIN_TOKEN).",
+            headers={"WWW-Authenticate": 'Bearer realm="admin"'},
+        )
+
+
+def check_owner(value: str, name: str) -> str:
+    """An owner named by an admin: what CHATSVC_USER_HEADER would carry ('' without one)."""
+    if len(value) > 256:
+        raise invalid(f"'{name}' is longer than 256 characters.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise invalid(f"'{name}' must not hold control characters.")
+    return value
+
+
+def user_key(request: Request) -> str:
+    """The owner an admin route's path names (`/admin/users/{user}/...`; '' is the one owner of a service
+    without CHATSVC_USER_HEADER: `/admin/users//limits`)."""
+    return check_owner(request.path_params["user"], "user")
+
+
+def stamp(moment: datetime) -> str:
+    """A time as the ledger stores its times (utcnow's format), rounded up to a whole millisecond: a call
+    stored at t is in [from, to) exactly when t is in [stamp(from), stamp(to))."""
+    moment = moment.astimezone(timezone.utc)
+    if moment.microsecond % 1000:
+        moment += timedelta(microseconds=1000 - moment.microsecond % 1000)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def query_time(request: Request, name: str) -> datetime | None:
+    """`from`/`to`: a UTC date (YYYY-MM-DD: its midnight) or an RFC 3339 time; None when absent."""
+    raw = request.query_params.get(name) or None
+    if raw is None:
+        return None
+    try:
+        if _DAY.fullmatch(raw):
+            return datetime.strptime(raw, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+        match = _RFC3339.fullmatch(raw)
+        if match is not None:
+            day, clock, fraction, offset = match.groups()
+            offset = "+00:00" if offset in ("Z", "z") else offset
+            return datetime.fromisoformat(f"{day}T{clock}.{(fraction or '0')[:6]:0<6}{offset}")
+    except ValueError:
+        pass
+    raise invalid(f"'{name}' must be a UTC date (2026-12-01) or an RFC 3339 time (2026-12-01T08:00:00Z).")
+
+
+def usage_range(request: Request) -> tuple[str, str]:
+    """The report's [from, to) as the ledger's times: the current UTC month by default (by this process's
+    clock: a range asked for, not a limit's window), at most USAGE_MAX_DAYS days."""
+    start, end = query_time(request, "from"), query_time(request, "to")
+    if start is None or end is None:
+        month = datetime.now(timezone.utc).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+        following = (month + timedelta(days=32)).replace(day=1)
+        if start is None and end is None:
+            start, end = month, following
+        elif start is None:
+            assert end is not None
+            start = max(end - timedelta(days=USAGE_MAX_DAYS), datetime.min.replace(tzinfo=timezone.utc))
+            start = min(start, (end - timedelta(days=1)).replace(day=1, hour=0, minute=0, second=0, microsecond=0))
+        else:
+            end = min(start + timedelta(days=USAGE_MAX_DAYS), max(following, start + timedelta(days=1)))
+    if not start < end:
+        raise invalid("'from' must be before 'to' ('to' is not included).")
+    if end - start > timedelta(days=USAGE_MAX_DAYS):
+        raise invalid(f"A report covers at most {USAGE_MAX_DAYS} days: ask for a shorter range of 'from' to 'to'.")
+    return stamp(start), stamp(end)
+
+
+def wants_csv(request: Request) -> bool:
+    """`format=csv`, or (without `format`) an Accept that names text/csv."""
+    chosen = request.query_params.get("format")
+    if chosen is not None:
+        if chosen not in ("json", "csv"):
+            raise invalid("'format' must be json or csv.")
+        return chosen == "csv"
+    accepted = (part.split(";", 1)[0].strip().lower() for part in request.headers.get("accept", "").split(","))
+    return "text/csv" in accepted
+
+
+def money_or_none(micros: int | None) -> float | None:
+    return None if micros is None else money(micros)
+
+
+def present_usage(row: dict) -> dict:
+    """A report's totals or group as the API shows it: its cost as money (null without prices)."""
+    return {**row, "cost": money_or_none(row.get("cost"))}
+
+
+def csv_cell(value: Any) -> Any:
+    """A key as a spreadsheet takes it: text a spreadsheet would run as a formula gets a leading `'`."""
+    if isinstance(value, str) and value.startswith(_CSV_FORMULA):
+        return "'" + value
+    return value
+
+
+def csv_money(micros: int | None) -> str:
+    """Money exactly, with 6 places (the JSON number's value)."""
+    if micros is None:
+        return ""
+    return f"{micros // MICROS}.{micros % MICROS:06d}"
+
+
+def csv_name(when: str) -> str:
+    """A report's bound in its file's name: the day if it is a midnight, else the time without colons."""
+    if when.endswith("T00:00:00.000Z"):
+        return when[:10]
+    return when.replace(":", "").replace("-", "").replace(".000Z", "Z")
+
+
+async def usage_report(request: Request) -> Response:
+    """GET /api/v1/usage: the calls in [from, to) of the caller, or (admin) of `user` or of everyone
+    (group_by=user), with their totals and one row per group, a page at a time; JSON or CSV."""
+    st = state(request)
+    query = request.query_params
+    group_by = query.get("group_by") or "day"
+    if group_by not in USAGE_GROUPS:
+        raise invalid(f"'group_by' must be one of {', '.join(USAGE_GROUPS)}.")
+    as_csv = wants_csv(request)
+    start, end = usage_range(request)
+    limit = query_int(request, "limit", USAGE_PAGE, 1, USAGE_PAGE)
+    cursor = query.get("cursor") or None
+    if cursor is not None and len(cursor) > 2048:
+        raise invalid("'cursor' is not a cursor this service returned.")
+    user = query.get("user")
+    if group_by == "user":
+        require_admin(request, "A report of every user (group_by=user)")
+        if user is not None:
+            raise invalid("'user' names one user: leave it out of group_by=user, which reports every user.")
+        owner = None
+    elif user is not None:
+        require_admin(request, "A report of another user (?user=)")
+        owner = check_owner(user, "user")
+    else:
+        owner = owner_of(request)
+    totals, groups, next_cursor = await st.store.usage.report(owner, start, end, group_by, limit, cursor)
+    prices: Prices | None = st.settings.prices
+    currency = prices.currency if prices is not None else None
+    if as_csv:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(("key", *USAGE_COLUMNS, "currency"))
+        for group in groups:
+            cells = [group.get(column) for column in USAGE_COLUMNS[:-1]]
+            writer.writerow((csv_cell(group["key"]), *cells, csv_money(group.get("cost")), currency or ""))
+        headers = {"Content-Disposition": f'attachment; filename="usage-{csv_name(start)}-{csv_name(end)}.csv"'}
+        if next_cursor is not None:
+            headers["X-Next-Cursor"] = next_cursor
+        return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)
+    return JSONResponse(
+        {
+            "from": start,
+            "to": end,
+            "group_by": group_by,
+            "currency": currency,
+            "totals": present_usage(totals),
+            "groups": [present_usage(group) for group in groups],
+            "next_cursor": next_cursor,
+        }
+    )
+
+
+def present_standing(standing: dict, prices: Prices | None) -> dict:
+    """Usage.standing as the API shows it: the cost limit's amounts as money, and the currency."""
+    shown = json.loads(json.dumps(standing))  # a copy the presentation may change
+    cost = shown.get("limits", {}).get("cost_per_month")
+    if isinstance(cost, dict):
+        for name in ("limit", "used", "reserved", "remaining"):
+            if isinstance(cost.get(name), int):
+                cost[name] = money(cost[name])
+    shown["currency"] = prices.currency if prices is not None else None
+    return shown
+
+
+async def usage_limits(request: Request) -> Response:
+    """GET /api/v1/usage/limits: where the caller stands against each of its limits."""
+    st = state(request)
+    owner = owner_of(request)
+    return JSONResponse(present_standing(await st.store.usage.standing(owner), st.settings.prices))
+
+
+def present_limits(owner: str, own: dict, settings: Settings) -> dict:
+    """An owner's limits as the admin routes show them: the admin's (a key absent: the global limit; null:
+    none) and the effective ones, the cost as money."""
+    everyone = Limits.of(settings)
+    effective = {kind: own[kind] if kind in own else getattr(everyone, kind) for kind in LIMIT_KINDS}
+    shown = dict(own)
+    if shown.get("cost_per_month") is not None:
+        shown["cost_per_month"] = money(shown["cost_per_month"])
+    effective["cost_per_month"] = money_or_none(effective["cost_per_month"])
+    currency = settings.prices.currency if settings.prices is not None else None
+    return {"user": owner, "limits": shown, "effective": effective, "currency": currency}
+
+
+def parse_limits(body: dict) -> dict:
+    """A PUT of an owner's limits: only LIMIT_KINDS, each null (no limit) or a whole number from 0
+    (0 refuses every answer), the cost an amount with at most 6 places (kept in micros); absent: the
+    global limit."""
+    check_fields(body, LIMIT_KINDS)
+    limits: dict[str, int | None] = {}
+    for kind, value in body.items():
+        if value is None:
+            limits[kind] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            number = None
+        elif kind == "cost_per_month":
+            amount = Decimal(repr(value))
+            number = int(amount * MICROS) if amount * MICROS == int(amount * MICROS) else None
+        else:
+            number = int(value) if float(value).is_integer() else None
+        if number is None or not 0 <= number <= MAX_LIMIT:
+            rule = (
+                "an amount of at least 0 with at most 6 decimal places"
+                if kind == "cost_per_month"
+                else f"a whole number from 0 to {MAX_LIMIT}"
+            )
+            raise invalid(f"'{kind}' must be null (no limit) or {rule} (0 refuses every answer).")
+        limits[kind] = number
+    return limits
+
+
+async def get_user_limits(request: Request) -> Response:
+    """GET /api/v1/admin/users/{user}/limits (admin)."""
+    require_admin(request)
+    st = state(request)
+    owner = user_key(request)
+    return JSONResponse(present_limits(owner, await st.store.usage.owner_limits(owner), st.settings))
+
+
+async def put_user_limits(request: Request) -> Response:
+    """PUT /api/v1/admin/users/{user}/limits (admin): the owner's limits replaced; logged."""
+    require_admin(request)
+    st = state(request)
+    s: Settings = st.settings
+    owner = user_key(request)
+    limits = parse_limits(await read_json(request, s))
+    if limits.get("cost_per_month") is not None and s.prices is None:
+        raise invalid("'cost_per_month' needs prices to count costs with, and this service has none (CHATSVC_PRICES).")
+    await st.store.usage.set_limits(owner, limits)
+    log.info("admin limits owner=%s set=%s", json.dumps(owner), ",".join(sorted(limits)) or "-")
+    return JSONResponse(present_limits(owner, await st.store.usage.owner_limits(owner), s))
+
+
+async def reset_user_usage(request: Request) -> Response:
+    """POST /api/v1/admin/users/{user}/usage/reset (admin): the owner's day or month counted from 0
+    again (the ledger keeps every call); logged."""
+    require_admin(request)
+    st = state(request)
+    owner = user_key(request)
+    body = await read_json(request, st.settings)
+    check_fields(body, ("window",))
+    window = body.get("window")
+    if window not in WINDOWS:
+        raise invalid('\'window\' must be "day" or "month".')
+    await st.store.usage.reset(owner, window)
+    log.info("admin reset owner=%s window=%s", json.dumps(owner), window)
+    standing = present_standing(await st.store.usage.standing(owner), st.settings.prices)
+    return JSONResponse({"user": owner, "window": window, "standing": standing})
+
+
 # ── HTTP: chat handlers: an answer started, streamed, followed by a channel and stopped ──
 
 
@@ -9394,10 +9877,12 @@ class JSONCORSMiddleware(CORSMiddleware):
 
 
 class TokenAuth:
-    """With CHATSVC_API_TOKEN set, every /api/ request must carry it (constant-time compare)."""
+    """With CHATSVC_API_TOKEN set, every /api/ request must carry it, or CHATSVC_ADMIN_TOKEN (constant-time
+    compares; the admin routes check for the admin token themselves: `admin_only`)."""
 
-    def __init__(self, app: Any, token: str | None):
+    def __init__(self, app: Any, token: str | None, admin_token: str | None = None):
         self.app, self.token = app, token.encode() if token else None
+        self.admin_token = admin_token.encode() if admin_token else None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if (
@@ -9419,9 +9904,16 @@ class TokenAuth:
         assert self.token is not None
         for name, value in scope["headers"]:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
-                return hmac.compare_digest(value[7:].strip(), self.token)
+                return self._known(value[7:].strip())
         query = Request(scope).query_params.get("access_token")
-        return query is not None and hmac.compare_digest(query.encode(), self.token)
+        return query is not None and self._known(query.encode())
+
+    def _known(self, given: bytes) -> bool:
+        """The API token or the admin token (both compared, whichever it is: the time says neither)."""
+        assert self.token is not None
+        api = hmac.compare_digest(given, self.token)
+        admin = self.admin_token is not None and hmac.compare_digest(given, self.admin_token)
+        return api or admin
 
 
 class RequestMetrics:
@@ -9620,6 +10112,12 @@ def app_routes(settings: Settings) -> list[Route | Mount]:
         Route(f"{api}/files/{{file_id}}", get_file, methods=["GET"]),
         Route(f"{api}/files/{{file_id}}", delete_file, methods=["DELETE"]),
         Route(f"{api}/files/{{file_id}}/content", file_content, methods=["GET"]),
+        Route(f"{api}/usage", usage_report, methods=["GET"]),
+        Route(f"{api}/usage/limits", usage_limits, methods=["GET"]),
+        # {user:path}: an owner may hold a '/'; '' (no CHATSVC_USER_HEADER) is /admin/users//limits
+        Route(f"{api}/admin/users/{{user:path}}/limits", get_user_limits, methods=["GET"]),
+        Route(f"{api}/admin/users/{{user:path}}/limits", put_user_limits, methods=["PUT"]),
+        Route(f"{api}/admin/users/{{user:path}}/usage/reset", reset_user_usage, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}", chat, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}/stream", chat_stream, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}/stream", channel, methods=["GET"]),
@@ -9633,7 +10131,7 @@ def app_middleware(settings: Settings, metrics: Metrics, routes: list[Route | Mo
     cors = Middleware(
         JSONCORSMiddleware,
         allow_origins=list(settings.cors_origins),
-        allow_methods=["GET", "POST", "PATCH", "DELETE"],
+        allow_methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
         # Range and If-None-Match: a file's content read in parts, or revalidated; its headers read back
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID", "Range", "If-None-Match"],
         expose_headers=[
@@ -9644,6 +10142,7 @@ def app_middleware(settings: Settings, metrics: Metrics, routes: list[Route | Mo
             "Content-Length",
             "Accept-Ranges",
             "ETag",
+            "X-Next-Cursor",
         ],
         max_age=600,
     )
@@ -9652,7 +10151,11 @@ def app_middleware(settings: Settings, metrics: Metrics, routes: list[Route | Mo
         *([Middleware(RequestMetrics, metrics=metrics, routes=routes)] if settings.metrics else []),
         *([cors] if settings.cors_origins else []),
         Middleware(HeaderLimit),
-        *([Middleware(TokenAuth, token=settings.api_token)] if settings.api_token else []),
+        *(
+            [Middleware(TokenAuth, token=settings.api_token, admin_token=settings.admin_token)]
+            if settings.api_token
+            else []
+        ),
     ]
 
 
