@@ -717,6 +717,18 @@ def money(micros: int) -> float:
     return round(micros / MICROS, 6)
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What something cost: micros of a currency."""
+
+    micros: int
+    currency: str
+
+    def shown(self) -> dict:
+        """As an event or a message carries it: `cost` (money) and `currency`."""
+        return {"cost": money(self.micros), "currency": self.currency}
+
+
 # ── Errors: domain refusals, and the HTTP errors they become ({"detail", "code"}) ──────
 # The store, the context builder, the upstream client and the answers raise `Refusal`s: domain
 # errors with a contract code and a sentence for a person. `api_error` maps them to HTTP here, in
@@ -962,7 +974,8 @@ class Metrics:
         self.duration = h("chatsvc_answer_duration_seconds", "From an answer's start to its end", ["model"],
                           buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.tokens = c("chatsvc_tokens", "Tokens the model service counted, by model and kind (prompt, completion,"
-                        " title_prompt, title_completion)", ["model", "kind"], registry=r)  # fmt: skip
+                        " and of them reasoning and cached; title_ the same for titles)", ["model", "kind"],
+                        registry=r)  # fmt: skip
         self.tokens_estimated = c(
             "chatsvc_tokens_estimated",
             "Tokens chatsvc estimated for answers the model service reported no usage for, by model and kind"
@@ -1027,11 +1040,19 @@ class Metrics:
             self.rate_limited.inc()
 
     def usage(self, model: str, usage: dict | None, prefix: str = "", estimated: bool = False) -> None:
+        """Tokens counted: prompt and completion, and of them reasoning and cached when reported."""
         counter = self.tokens_estimated if estimated else self.tokens
-        for kind in ("prompt", "completion"):
+        for kind in ("prompt", "completion", "reasoning", "cached"):
             count = (usage or {}).get(f"{kind}_tokens")
             if isinstance(count, int) and count > 0:
                 counter.labels(model, prefix + kind).inc(count)
+
+    def spent(self, model: str, spent: Spent, prefix: str = "") -> None:
+        """One upstream call's use (a Spent): its tokens (usage) and its cost."""
+        counts = {f"{k}_tokens": getattr(spent, f"{k}_tokens") for k in ("prompt", "completion", "reasoning", "cached")}
+        self.usage(model, counts, prefix, estimated=spent.source is Source.ESTIMATED)
+        if spent.cost:
+            self.cost.labels(model, spent.currency).inc(spent.cost / MICROS)
 
     def file_upload(self, kind: str | None, outcome: str) -> None:
         """An upload ended: `outcome` stored, deduplicated, or its refusal's code (kind None: not known)."""
@@ -1877,7 +1898,8 @@ MESSAGE_PAGE_BYTES = 1_048_576  # GET .../messages: a page's messages stop at th
 
 _MESSAGE_COLUMNS = (
     "id, parent_id, role, content, reasoning_content, status, model, finish_reason, error_code,"
-    " error_message, prompt_tokens, completion_tokens, total_tokens, last_seq, created_at, tool_steps, tool_results"
+    " error_message, prompt_tokens, completion_tokens, total_tokens, last_seq, created_at, tool_steps, tool_results,"
+    " reasoning_tokens, cached_tokens, cost_micros, currency"
 )
 _MESSAGE_COLUMN_NAMES = tuple(_MESSAGE_COLUMNS.split(", "))
 _M_COLUMNS = ", ".join("m." + name for name in _MESSAGE_COLUMN_NAMES)
@@ -1931,10 +1953,20 @@ _SUBTREE = {
 }
 
 
-def row_usage(row: dict) -> dict | None:
+def row_usage(row: dict, details: bool = False) -> dict | None:
+    """A message's usage as reported: its three counts (an export's), and with `details` its
+    reasoning_tokens and cached_tokens when reported (as the API shows it); None: none reported."""
     if row["total_tokens"] is None and row["prompt_tokens"] is None:
         return None
-    return {k: row[k] for k in USAGE_FIELDS}
+    usage = {k: row[k] for k in USAGE_FIELDS}
+    if details:
+        usage.update((k, row[k]) for k in ("reasoning_tokens", "cached_tokens") if row.get(k) is not None)
+    return usage
+
+
+def row_cost(row: dict) -> Cost | None:
+    """What an answer's calls cost, as stored (None: no prices when it ended, or its model had none)."""
+    return Cost(row["cost_micros"], row["currency"]) if row.get("cost_micros") is not None else None
 
 
 @dataclass
@@ -2081,9 +2113,12 @@ class Tree:
             {"id": message_id, "owner": owner, "sid": session_id},
         )
 
-    async def begin_turn(self, turn: Turn) -> None:
+    async def begin_turn(self, turn: Turn) -> Limits | None:
         """Store the user's message (unless the turn regenerates an answer) with its files, and claim
-        the conversation's answer slot with the answer's row, which becomes the current leaf; all or nothing.
+        the conversation's answer slot with the answer's row, which becomes the current leaf; then, with
+        `turn.hold`, admit the answer's first model call against its owner's limits (Usage.admit, last:
+        a refusal, OverLimit, rolls the whole turn back). All or nothing. The owner's effective limits
+        (None: no hold).
 
         The partial unique index over `streaming` answers makes a second concurrent turn fail
         here, before anything of it is stored."""
@@ -2129,6 +2164,7 @@ class Tree:
                 raise
             if turn.new_question and turn.files:
                 await self._attach_files(turn)
+            return await self.usage.admit(turn.hold) if turn.hold is not None else None
 
     async def _attach_files(self, turn: Turn) -> None:
         """Inside begin_turn's transaction: the new user message's files (`message_files`), each the
@@ -2279,7 +2315,10 @@ COPY_CHUNK_MESSAGES = 1000
 COPY_CHUNK_CHARS = 1_000_000
 STAGED_OWNER = "\x01staged"
 
-_INTEGER_COLUMNS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "last_seq"})
+_INTEGER_COLUMNS = frozenset(
+    {"prompt_tokens", "completion_tokens", "total_tokens", "last_seq", "reasoning_tokens", "cached_tokens"}
+)
+_BIGINT_COLUMNS = frozenset({"cost_micros"})
 _TOOL_COLUMNS = ("tool_steps", "tool_results")  # JSON text, counted with the text
 
 
@@ -2561,7 +2600,7 @@ class Copies:
             values: dict[str, Any] = {}
             tuples = []
             for n, row in enumerate(rows[start : start + 100]):
-                values.update({f"{name}_{n}": row[name] for name in names})
+                values.update({f"{name}_{n}": row.get(name) for name in names})  # an import's: no cost
                 tuples.append("(" + ", ".join(f":{name}_{n}" for name in names) + ")")
             await self.db.execute(f"INSERT INTO messages ({', '.join(names)}) VALUES {', '.join(tuples)}", values)
 
@@ -2599,12 +2638,13 @@ class Copies:
         rows, building each statement's 1,800 parameters took ~0.15 s of Python: an import of
         100,000 messages took minutes.)"""
         arrays = ", ".join(
-            f"${n}::{'integer' if name in _INTEGER_COLUMNS else 'text'}[]" for n, name in enumerate(names, 1)
+            f"${n}::{'integer' if name in _INTEGER_COLUMNS else 'bigint' if name in _BIGINT_COLUMNS else 'text'}[]"
+            for n, name in enumerate(names, 1)
         )
         sql = f"INSERT INTO messages ({', '.join(names)}) SELECT * FROM unnest({arrays})"
         for start in range(0, len(rows), COPY_CHUNK_MESSAGES):
             chunk = rows[start : start + COPY_CHUNK_MESSAGES]
-            await self.db.execute_numbered(sql, *([row[name] for row in chunk] for name in names))
+            await self.db.execute_numbered(sql, *([row.get(name) for row in chunk] for name in names))
 
 
 # ── Files: the files owners upload: their bytes, dedup, quotas, references ─────────────
@@ -3898,6 +3938,7 @@ class FinalState:
     steps: str | None = None  # the JSON text of all its tool steps (None: it has none)
     call_id: str | None = None  # its last model call's usage_calls row, settled with this write
     spent: Spent | None = None  # ... with what that call used
+    cost: Cost | None = None  # what all its calls cost (None: no prices, or its model has none)
 
 
 class AnswerRows:
@@ -3928,8 +3969,10 @@ class AnswerRows:
     async def recover_interrupted(self, stale_after: float | None, own: list[str] = ()) -> list[dict]:
         """Answers still `streaming` whose heartbeat (`updated_at`) is more than `stale_after` seconds
         old (all of them, for None), by the clock that wrote it (PostgreSQL: the server's): the process
-        producing them is gone. They become `interrupted`, keeping their text. This process's `own`
-        answers are never among them."""
+        producing them is gone. They become `interrupted`, keeping their text, and their calls still
+        reserved in the ledger are settled with an estimate from that text, in the same transaction
+        (Usage.settle_swept): no reservation outlives its answer. This process's `own` answers are
+        never among them. Each row: id, owner, session_id, content, reasoning_content, tool_steps."""
         where, values = "", {"now": utcnow(), "end_seq": INTERRUPTED_SEQ, "detail": INTERRUPTED_DETAIL}
         if stale_after is not None:
             where = f" AND updated_at < {':stale' if self.db.is_sqlite else PG_STALE}"
@@ -3937,13 +3980,20 @@ class AnswerRows:
         for names, ids in _id_batches(list(own), 100_000):
             where += f" AND id NOT IN ({names})"
             values.update(ids)
-        return await self.db.fetch_all(
-            "UPDATE messages SET status = 'interrupted', error_code = 'interrupted', error_message = :detail,"
-            f" last_seq = :end_seq, updated_at = {self.db.heartbeat_now} WHERE status = 'streaming'{where}"
-            " RETURNING id, owner, session_id",
-            values,
-            role=WRITE,
-        )
+
+        async def sweep() -> list[dict]:
+            rows = await self.db.fetch_all(
+                "UPDATE messages SET status = 'interrupted', error_code = 'interrupted', error_message = :detail,"
+                f" last_seq = :end_seq, updated_at = {self.db.heartbeat_now} WHERE status = 'streaming'{where}"
+                " RETURNING id, owner, session_id, content, reasoning_content, tool_steps",
+                values,
+                role=WRITE,
+            )
+            if rows:
+                await self.usage.settle_swept(rows)
+            return rows
+
+        return await self.db.atomically(sweep)
 
     async def checkpoint(self, checkpoints: list[Checkpoint]) -> None:
         """The running answers' texts so far, in one round trip (the background connection on SQLite).
@@ -3972,33 +4022,45 @@ class AnswerRows:
             )
 
     async def finish(self, answer_id: str, final: FinalState) -> bool:
-        """The answer's final state, written once, whatever ended it. False if the answer is no longer
-        `streaming`: another process took it for dead and stored its verdict, which stands."""
+        """The answer's final state, written once, whatever ended it, and its last call settled in the
+        ledger (`final.call_id`), in one transaction. False if the answer is no longer `streaming`:
+        another process took it for dead and stored its verdict, which stands (and settled its calls)."""
         usage = final.usage or {}
-        row = await self.db.fetch_one(
+        update = (
             "UPDATE messages SET content = :content, reasoning_content = :reasoning, status = :status,"
             " finish_reason = :finish_reason, error_code = :error_code, error_message = :error_message,"
             " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens, total_tokens = :total_tokens,"
-            f" last_seq = :last_seq, tool_steps = :steps, updated_at = {self.db.heartbeat_now}"
-            " WHERE id = :id AND status = 'streaming' RETURNING id",
-            {
-                "content": final.content,
-                "reasoning": final.reasoning,
-                "status": final.status,
-                "finish_reason": final.finish_reason,
-                "error_code": final.error_code,
-                "error_message": final.error_message,
-                "prompt_tokens": usage.get("prompt_tokens"),
-                "completion_tokens": usage.get("completion_tokens"),
-                "total_tokens": usage.get("total_tokens"),
-                "last_seq": final.last_seq,
-                "steps": storable_json(final.steps),
-                "now": utcnow(),
-                "id": answer_id,
-            },
-            role=WRITE,
+            " reasoning_tokens = :reasoning_tokens, cached_tokens = :cached_tokens, cost_micros = :cost,"
+            f" currency = :currency, last_seq = :last_seq, tool_steps = :steps, updated_at = {self.db.heartbeat_now}"
+            " WHERE id = :id AND status = 'streaming' RETURNING id"
         )
-        return row is not None
+        values = {
+            "content": final.content,
+            "reasoning": final.reasoning,
+            "status": final.status,
+            "finish_reason": final.finish_reason,
+            "error_code": final.error_code,
+            "error_message": final.error_message,
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "total_tokens": usage.get("total_tokens"),
+            "reasoning_tokens": usage.get("reasoning_tokens"),
+            "cached_tokens": usage.get("cached_tokens"),
+            "cost": final.cost.micros if final.cost else None,
+            "currency": final.cost.currency if final.cost else None,
+            "last_seq": final.last_seq,
+            "steps": storable_json(final.steps),
+            "now": utcnow(),
+            "id": answer_id,
+        }
+
+        async def write() -> bool:
+            row = await self.db.fetch_one(update, values, role=WRITE)
+            if row is not None and final.call_id is not None and final.spent is not None:
+                await self.usage.settle(final.call_id, final.spent, final.status, ends_answer=True)
+            return row is not None
+
+        return await self.db.atomically(write)
 
     async def get(self, answer_id: str) -> dict | None:
         """An answer by id alone: its producer reads back the verdict another process stored."""
@@ -4926,20 +4988,32 @@ def _tool_call_entries(entries: Any, held: list[dict] | None) -> list[dict] | No
 # alone; UTF-8 cannot hold one).
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+# ... and what DashScope details (design 1.1): `completion_tokens_details.reasoning_tokens` (within
+# completion_tokens), `prompt_tokens_details.cached_tokens` (within prompt_tokens; a top-level
+# `cached_tokens` is taken too, as some servers send it) and `.cache_creation_input_tokens`
+USAGE_DETAILS = ("reasoning_tokens", "cached_tokens", "cache_creation_tokens")
 MAX_TOKENS_STORED = 2**31 - 1  # an INTEGER column on PostgreSQL
 
 
 def sane_usage(usage: Any) -> dict | None:
-    """The usage the model service reported, keeping only counts a database column can hold: a
-    usage that is not an object, or a count that is not a non-negative integer, is dropped (and logged)."""
+    """The usage the model service reported, as one flat dict of the counts a database column can
+    hold (USAGE_FIELDS, then USAGE_DETAILS when sent): a usage that is not an object, or a count that
+    is not a non-negative integer, is dropped (and logged)."""
     if not usage:
         return None
     if not isinstance(usage, dict):
         log.warning("the model service sent a usage that is not an object; dropped: %.200r", usage)
         return None
+    completion = usage.get("completion_tokens_details")
+    prompt = usage.get("prompt_tokens_details")
+    completion = completion if isinstance(completion, dict) else {}
+    prompt = prompt if isinstance(prompt, dict) else {}
+    found = {name: usage.get(name) for name in USAGE_FIELDS}
+    found["reasoning_tokens"] = completion.get("reasoning_tokens")
+    found["cached_tokens"] = prompt.get("cached_tokens", usage.get("cached_tokens"))
+    found["cache_creation_tokens"] = prompt.get("cache_creation_input_tokens")
     kept = {}
-    for name in USAGE_FIELDS:
-        value = usage.get(name)
+    for name, value in found.items():
         if type(value) is int and 0 <= value <= MAX_TOKENS_STORED:
             kept[name] = value
         elif value is not None:
@@ -5012,6 +5086,10 @@ class ToolCallAccumulator:
             call.arguments.append(arguments)
         elif arguments is not None:  # an object: the whole arguments, not a piece of them
             call.arguments[:] = [json.dumps(arguments, ensure_ascii=False)]
+
+    def text(self) -> str:
+        """Every name and argument gathered so far, as one text (what the model wrote: its estimate)."""
+        return "".join(call.name + "".join(call.arguments) for call in self._calls)
 
     def calls(self) -> list[ToolCall]:
         """The round's calls that have a name, in index order (arrival order within an index). A call
@@ -5678,15 +5756,19 @@ def final_event(
     usage: dict | None,
     error: Refusal | None,
     tool_calls: list[dict] | None = None,
+    cost: Cost | None = None,
 ) -> tuple[str, dict]:
     """The `end` or `error` event that closes an answer (also rebuilt from a stored message). An
-    answer that waits for the app's own tools (finish_reason `tool_calls`) lists their calls."""
+    answer that waits for the app's own tools (finish_reason `tool_calls`) lists their calls; its
+    `usage` (shown_usage) when reported, its `cost` and `currency` when known (CHATSVC_PRICES)."""
     if error is None and status in (COMPLETE, STOPPED):
         # finish_reason as stored (a complete answer always has the model's); usage only when reported
         end = {"full_text": text, "message_id": message_id, "finish_reason": finish_reason}
         if finish_reason == TOOL_CALLS and tool_calls:
             end["tool_calls"] = tool_calls
-        return "end", end if usage is None else {**end, "usage": usage}
+        if usage is not None:
+            end["usage"] = shown_usage(usage)
+        return "end", end if cost is None else {**end, **cost.shown()}
     return "error", {
         "message": error.detail if error else "The answer failed.",
         "code": error.code if error else "upstream_error",
@@ -5705,8 +5787,9 @@ def stored_final_event(row: dict) -> bytes:
     """The final event of a stored answer, with the id of the last event its text covers."""
     calls = pending_tool_calls(json.loads(row["tool_steps"])) if row["tool_steps"] else None
     type_, data = final_event(
-        row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row), stored_error(row), calls
-    )
+        row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row, True), stored_error(row), calls,
+        row_cost(row),
+    )  # fmt: skip
     return sse_event(event_id(row["id"], row["last_seq"]), {"type": type_, "data": data})
 
 
@@ -5763,8 +5846,16 @@ class Answer:
     phase: Phase = Phase.RUNNING
     status: str = STREAMING  # as stored: STREAMING until it ends, then how it ended
     finish_reason: str | None = None
-    usage: dict | None = None  # as the model service reported it; None when it reported none
-    prompt_estimate: int = 0  # estimate_tokens of what was sent, when the model service reports no usage
+    usage: dict | None = None  # as the model service reported it (sane_usage, rounds added); None: it reported none
+    # What its model calls used (docs/design/usage.md 2.3): each is a row of the ledger, reserved before
+    # the call; `call_id` is the row the running round is settled into (the one begin_turn reserved,
+    # then each next_round's), `round` what the running round holds and has received, `used` what
+    # each ended round used, and `carried` what ended rounds used whose row could not be settled then
+    # (the database failed): the running round's row is settled with it added.
+    call_id: str | None = None
+    round: Round | None = None
+    used: list[Spent] = field(default_factory=list)
+    carried: Spent | None = None
     error: Refusal | None = None  # why it failed, or was not stored
     final: bytes | None = None  # its `end` or `error` event, once sent
     steps: list[dict] = field(default_factory=list)  # its tool_call and tool_result events, as stored
@@ -5806,9 +5897,16 @@ class Answer:
         """Its steps as the store keeps them (None: it made no tool call)."""
         return json.dumps(self.steps, ensure_ascii=False, separators=(",", ":")) if self.steps else None
 
-    def final_state(self) -> FinalState:
-        """What the store keeps of it once it ends."""
+    def final_state(self, prices: Prices | None) -> FinalState:
+        """What the store keeps of it once it ends: with its last round's row settled (the round
+        accounted here, once)."""
         error = self.error
+        spent = None
+        if self.round is not None:
+            last = round_spent(self, prices)
+            self.used.append(last)
+            spent, self.carried, self.round = added_spent(self.carried, last), None, None
+        cost = answer_cost(self, prices)
         return FinalState(
             self.status,
             self.full_text,
@@ -5819,6 +5917,9 @@ class Answer:
             error.detail if error else None,
             last_seq=len(self.log),
             steps=self.stored_steps(),
+            call_id=self.call_id if spent is not None else None,
+            spent=spent,
+            cost=cost,
         )
 
     def move(self, to: Phase) -> None:
@@ -5897,6 +5998,111 @@ class Answer:
         return True
 
 
+def sent_tokens(body: dict) -> int:
+    """The estimate of what a model request sends (estimate_tokens, which errs high): its messages'
+    contents (images by their tiles), the tool calls they carry, and the tools it offers."""
+    tokens = 0
+    for message in body["messages"]:
+        tokens += content_tokens(message.get("content"))
+        for call in message.get("tool_calls") or ():
+            tokens += estimate_tokens(call["function"]["name"] + call["function"]["arguments"])
+    if body.get("tools"):
+        tokens += estimate_tokens(json.dumps(body["tools"], ensure_ascii=False))
+    return tokens
+
+
+@dataclass
+class Round:
+    """An answer's model round: its ledger row's hold (`hold.prompt_tokens`: the estimate of what it
+    sends), and what its last attempt received (a retried call's earlier attempts are not counted:
+    they relayed nothing, and the model service is not known to bill a call it failed)."""
+
+    hold: Hold
+    text_at: int = 0  # the answer's text pieces before it
+    reasoning_at: int = 0  # ... and reasoning pieces
+    chunks: bool = False  # the model service sent at least one chunk
+    usage: dict | None = None  # what the model service reported for it (sane_usage)
+    gathered: ToolCallAccumulator | None = None  # the tool calls it wrote
+
+    def attempt(self, answer: Answer, gathered: ToolCallAccumulator) -> None:
+        """A new attempt at the call starts: only the last one is counted."""
+        self.text_at, self.reasoning_at = len(answer.text), len(answer.reasoning)
+        self.chunks, self.usage, self.gathered = False, None, gathered
+
+
+def call_spent(hold: Hold, usage: dict | None, written: str | None, prices: Prices | None, thinking: bool) -> Spent:
+    """What an upstream call used (docs/design/usage.md 2.8): what the model service reported (sane_usage);
+    else, when it sent at least one chunk (`written`: all it wrote, text, reasoning and tool calls),
+    chatsvc's estimate, which errs high: the prompt's estimate the hold made, and estimate_tokens of what
+    it wrote; else nothing (it failed before answering). Priced by CHATSVC_PRICES (`thinking`: at the
+    thinking rate)."""
+    if usage is not None:
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        details = (usage.get(name) for name in USAGE_DETAILS)
+        used = Spent(Source.REPORTED, prompt, completion, usage.get("total_tokens", prompt + completion), *details)
+    elif written is not None:
+        completion = estimate_tokens(written)
+        used = Spent(Source.ESTIMATED, hold.prompt_tokens, completion, hold.prompt_tokens + completion)
+    else:
+        used = Spent(Source.NONE)
+    cost = prices.cost(hold.model, used, thinking) if prices is not None else None
+    if cost is not None:
+        used.cost, used.currency = cost, prices.currency
+    return used
+
+
+def round_spent(answer: Answer, prices: Prices | None) -> Spent:
+    """What the answer's running round used (call_spent); a round that thought (reasoning came) is
+    priced at the thinking rate."""
+    r = answer.round
+    assert r is not None
+    reasoning = "".join(answer.reasoning[r.reasoning_at :])
+    written = "".join(answer.text[r.text_at :]) + reasoning + (r.gathered.text() if r.gathered else "")
+    return call_spent(r.hold, r.usage, written if r.chunks else None, prices, thinking=bool(reasoning))
+
+
+def added_spent(one: Spent | None, other: Spent) -> Spent:
+    """Two calls' use as one row's (a round whose row could not be settled, added to the next's):
+    estimated if either was, each count summed, the cost known if both are."""
+    if one is None:
+        return other
+    sources = {one.source, other.source}
+    source = next(s for s in (Source.ESTIMATED, Source.REPORTED, Source.NONE) if s in sources)
+
+    def add(a: int | None, b: int | None) -> int | None:
+        return None if a is None and b is None else (a or 0) + (b or 0)
+
+    both = one.cost is not None and other.cost is not None
+    return Spent(
+        source,
+        one.prompt_tokens + other.prompt_tokens,
+        one.completion_tokens + other.completion_tokens,
+        one.total_tokens + other.total_tokens,
+        add(one.reasoning_tokens, other.reasoning_tokens),
+        add(one.cached_tokens, other.cached_tokens),
+        add(one.cache_creation_tokens, other.cache_creation_tokens),
+        one.cost + other.cost if both else None,
+        one.currency if both else None,
+    )
+
+
+def answer_cost(answer: Answer, prices: Prices | None) -> Cost | None:
+    """What the answer's ended rounds cost together; None without prices, or for a model without one."""
+    if prices is None or not answer.used or any(spent.cost is None for spent in answer.used):
+        return None
+    return Cost(sum(spent.cost for spent in answer.used), prices.currency)
+
+
+def shown_usage(usage: dict | None) -> dict | None:
+    """A usage as an answer's `end` event, reply and message show it: the three counts, and
+    `reasoning_tokens` and `cached_tokens` when the model service reported them."""
+    if usage is None:
+        return None
+    return {k: usage.get(k) for k in USAGE_FIELDS} | {
+        k: usage[k] for k in ("reasoning_tokens", "cached_tokens") if usage.get(k) is not None
+    }
+
+
 def record_answer(metrics: Metrics, answer: Answer) -> None:
     """An ended answer into the metrics and the log: one line an answer, with its cost."""
     error, m = answer.error, metrics
@@ -5904,15 +6110,17 @@ def record_answer(metrics: Metrics, answer: Answer) -> None:
     m.duration.labels(answer.model).observe(time.monotonic() - answer.started)
     if answer.first_token_at is not None:
         m.first_token.labels(answer.model).observe(answer.first_token_at - answer.started)
+    for used in answer.used:
+        m.spent(answer.model, used)
     kind, usage = spent(answer)
-    m.usage(answer.model, usage, estimated=kind == "estimated")
     if answer.offered:
         m.tool_rounds.observe(answer.rounds)
     eq = "~=" if kind == "estimated" else "="
     ttft = f"{(answer.first_token_at - answer.started) * 1000:.1f}" if answer.first_token_at else "-"
+    cost = "-" if any(used.cost is None for used in answer.used) else money(sum(u.cost for u in answer.used))
     log.info(
         "answer session=%s message=%s request_id=%s model=%s status=%s code=%s ttft_ms=%s duration_ms=%.1f"
-        " usage=%s prompt_tokens%s%s completion_tokens%s%s retries=%d rounds=%d calls=%d tool_ms=%.1f"
+        " usage=%s prompt_tokens%s%s completion_tokens%s%s cost=%s retries=%d rounds=%d calls=%d tool_ms=%.1f"
         " images=%d files=%d vision_switch=%d",
         answer.session_id,
         answer.message_id,
@@ -5927,6 +6135,7 @@ def record_answer(metrics: Metrics, answer: Answer) -> None:
         usage.get("prompt_tokens", "-"),
         eq,
         usage.get("completion_tokens", "-"),
+        cost,
         answer.retries,
         answer.rounds,
         answer.calls,
@@ -5941,18 +6150,20 @@ def added_usage(one: dict | None, other: dict | None) -> dict | None:
     """Two rounds' usage, as one (an answer's tool rounds are one answer): each count summed."""
     if one is None or other is None:
         return one or other
-    return {k: one.get(k, 0) + other.get(k, 0) for k in USAGE_FIELDS if k in one or k in other}
+    return {k: one.get(k, 0) + other.get(k, 0) for k in USAGE_FIELDS + USAGE_DETAILS if k in one or k in other}
 
 
 def spent(answer: Answer) -> tuple[str, dict]:
-    """What an answer cost: the usage the model service reported; else, if the model worked (some
-    servers, llama-cpp-python for one, ignore stream_options), chatsvc's estimate; else nothing."""
-    if answer.usage is not None:
-        return "reported", answer.usage
-    if not answer.text_chars and not answer.reasoning_chars:
+    """What an ended answer's rounds used, together: `reported` when the model service reported every
+    round that reached it, `estimated` when chatsvc estimated any, else `none` (nothing reached it)."""
+    sources = {used.source for used in answer.used}
+    kind = Source.ESTIMATED if Source.ESTIMATED in sources else Source.REPORTED if Source.REPORTED in sources else None
+    if kind is None:
         return "none", {}
-    completion = estimate_tokens(answer.full_text + (answer.full_reasoning or ""))
-    return "estimated", {"prompt_tokens": answer.prompt_estimate, "completion_tokens": completion}
+    return kind.value, {
+        "prompt_tokens": sum(used.prompt_tokens for used in answer.used),
+        "completion_tokens": sum(used.completion_tokens for used in answer.used),
+    }
 
 
 # ── Registry: where readers find answers, and the events a channel reader is sent ──────
@@ -6144,23 +6355,42 @@ class Relay:
             raise busy(key[1])
 
     async def admit(self, turn: Turn, payload: dict, offer: Offer | None = None) -> Answer:
-        """Store the turn (its question, and its answer's row as `streaming`), then start the answer.
-        The heartbeat vouches for the row from the moment it exists."""
+        """Store the turn (its question, and its answer's row as `streaming`) with its first model
+        call reserved against its owner's limits (OverLimit: refused, nothing stored), then start the
+        answer. While a token or cost limit applies, a request without max_tokens is sent with
+        CHATSVC_RESERVE_OUTPUT_TOKENS, what its reservation holds. The heartbeat vouches for the row
+        from the moment it exists."""
+        first = payload if offer is None else {**payload, **offer.payload(self.settings.max_tool_rounds < 1)}
+        turn.hold = turn.hold or self.hold(turn.owner, turn.session_id, turn.answer_id, Purpose.ANSWER, first)
         self._claiming.add(turn.answer_id)
         try:
             try:
-                await self.store.tree.begin_turn(turn)
+                limits = await self.store.tree.begin_turn(turn)
             except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
                 if self.replicas is None or not await self.replicas.recover():
                     raise
-                await self.store.tree.begin_turn(turn)
+                limits = await self.store.tree.begin_turn(turn)
+            if limits is not None and limits.budgets and payload.get("max_tokens") is None:
+                payload["max_tokens"] = self.settings.reserve_output_tokens
             return self._start(turn, payload, offer)
         finally:
             self._claiming.discard(turn.answer_id)
 
+    def hold(self, owner: str, session_id: str, message_id: str | None, purpose: Purpose, body: dict) -> Hold:
+        """What a model call about to be made with request `body` holds (a new ledger row): the
+        estimate of what it sends, what it may write (its max_tokens, else CHATSVC_RESERVE_OUTPUT_TOKENS)
+        and their price (at the thinking rate when the request asks the model to think)."""
+        s, model = self.settings, body["model"]
+        prompt, output = sent_tokens(body), body.get("max_tokens") or s.reserve_output_tokens
+        thinking = body.get("enable_thinking") is True
+        cost = s.prices.hold(model, prompt, output, thinking) if s.prices is not None else 0
+        return Hold(new_message_id(), owner, session_id, message_id, purpose, model, prompt, output, cost)
+
     def _start(self, turn: Turn, payload: dict, offer: Offer | None) -> Answer:
         owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
         answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id, offered=offer is not None)
+        if turn.hold is not None:
+            answer.call_id, answer.round = turn.hold.call_id, Round(turn.hold)
         if turn.title and self.settings.titles == "model":  # its first answer names the conversation
             answer.title_question = turn.question or turn.title  # text only: a message of files, their names
         answer.task = asyncio.create_task(self._run(answer, payload, offer), name=f"answer {message_id}")
@@ -6184,6 +6414,8 @@ class Relay:
             for round_ in itertools.count(1):
                 last = offer is None or round_ > s.max_tool_rounds
                 body = payload if offer is None else {**payload, "messages": messages, **offer.payload(last)}
+                if round_ > 1:
+                    await self._next_round(answer, body)
                 calls = await self._model_round(answer, body)
                 if not calls or offer is None:
                     break
@@ -6226,8 +6458,6 @@ class Relay:
             if answer.phase is Phase.TOOLS:  # a fault between two rounds
                 answer.move(Phase.RUNNING)
             answer.move(Phase.FINISHING)
-            if answer.usage is None and (answer.text_chars or answer.reasoning_chars):  # none reported: estimated
-                answer.prompt_estimate = sum(content_tokens(m.get("content")) for m in messages)
             await asyncio.shield(self._finish(answer))
 
     async def _model_round(self, answer: Answer, body: dict) -> list[ToolCall]:
@@ -6240,8 +6470,12 @@ class Relay:
 
         async def call() -> None:
             gathered, answer.usage = ToolCallAccumulator(), None  # a retried attempt's usage is not counted
+            if answer.round is not None:
+                answer.round.attempt(answer, gathered)
             async with contextlib.aclosing(stream_completion(self.client, s, body)) as deltas:
                 async for delta in deltas:
+                    if answer.round is not None:
+                        answer.round.chunks = True
                     if not self._relay(answer, delta):
                         return  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here, its calls dropped
                     gathered.feed(delta)
@@ -6259,8 +6493,49 @@ class Relay:
             await retried(s, self.metrics, "answer", call, said, counted)
         finally:
             deadline.cancel()
+            if answer.round is not None:
+                answer.round.usage = answer.usage
             answer.usage = added_usage(earlier, answer.usage)
         return calls
+
+    async def _next_round(self, answer: Answer, body: dict) -> None:
+        """Between two model rounds: the ended round's row settled with what it used and the next
+        round's reserved (Usage.next_round, never refused). The write is seen to its end even when the
+        answer is stopped meanwhile (then the stop goes on), so that the answer knows which row its
+        end settles. A database failure loses nothing: the ended round's use is carried, and settled
+        with the row the answer still holds (the next round's call is then accounted in it too)."""
+        ended, prices = answer.round, self.settings.prices
+        if ended is None:
+            return
+        used = round_spent(answer, prices)
+        answer.used.append(used)
+        hold = self.hold(answer.owner, answer.session_id, answer.message_id, Purpose.TOOL_ROUND, body)
+        answer.round = Round(hold, len(answer.text), len(answer.reasoning))
+        written = asyncio.ensure_future(
+            self.store.usage.next_round(answer.call_id, added_spent(answer.carried, used), hold)
+        )
+        stopped: asyncio.CancelledError | None = None
+        try:
+            await asyncio.shield(written)
+        except asyncio.CancelledError as exc:
+            stopped = exc
+            await asyncio.wait([written])
+        except StorageUnavailable:
+            pass
+        fault = None if written.cancelled() else written.exception()
+        if not written.cancelled() and fault is None:
+            answer.call_id, answer.carried = hold.call_id, None
+        else:
+            if fault is not None and not isinstance(fault, StorageUnavailable):
+                log.error("answer %s: the ledger failed between its rounds", answer.message_id, exc_info=fault)
+            log.warning(
+                "answer %s: its ended round will be settled with its next, the ledger could not be written now (%s)",
+                answer.message_id,
+                fault.detail if isinstance(fault, StorageUnavailable) else "see above",
+            )
+            answer.carried = added_spent(answer.carried, used)
+        if stopped is not None:
+            raise stopped
 
     def _calls(self, answer: Answer, calls: list[ToolCall], offer: Offer, round_: int) -> list[dict]:
         """A round's calls into the log as `tool_call` events (ids made unique within the answer)."""
@@ -6402,7 +6677,7 @@ class Relay:
 
     async def _finish(self, answer: Answer) -> None:
         """Store the answer's final state, then tell the readers: a reload after `end` shows it."""
-        final = answer.final_state()
+        final = answer.final_state(self.settings.prices)
         stored = await self._store_final(answer, final, self.settings.storage_timeout)
         if stored is False:  # another process took it for dead: its verdict stands, and is what readers get
             row = await self._verdict(answer)
@@ -6426,6 +6701,7 @@ class Relay:
                 answer.usage,
                 answer.error,
                 answer.pending_calls,
+                final.cost,
             )
         )
         answer.end()
@@ -6581,7 +6857,8 @@ def _emphasis_removed(match: re.Match) -> str:
 
 async def write_title(relay: Relay, answer: Answer) -> None:
     """Ask the model for the conversation's title and store it (and what it cost), through the same
-    upstream client, retries and timeouts as an answer. A failure leaves the first-line title."""
+    upstream client, retries and timeouts as an answer. A failure leaves the first-line title. The
+    call is recorded in the ledger once done (purpose title: reserved nothing, never refused)."""
     s = relay.settings
     model = s.title_model or s.chat_model
     conversation = f"User: {(answer.title_question or '')[:2000]}\n\nAssistant: {answer.full_text[:2000]}"
@@ -6595,13 +6872,15 @@ async def write_title(relay: Relay, answer: Answer) -> None:
         "max_tokens": 40,
     }
     text: list[str] = []
-    usage, status, code = None, "ok", "-"
+    usage, status, code, received = None, "ok", "-", False
+    hold = relay.hold(answer.owner, answer.session_id, None, Purpose.TITLE, payload)
 
     async def call() -> None:
-        nonlocal usage
+        nonlocal usage, received
+        usage, received = None, False  # only the last attempt is counted
         async for delta in stream_completion(relay.client, s, payload):
             text.append(delta.content)
-            usage = delta.usage or usage
+            usage, received = delta.usage or usage, True
 
     try:
         with anyio.fail_after(s.upstream_total_timeout):
@@ -6621,17 +6900,25 @@ async def write_title(relay: Relay, answer: Answer) -> None:
     except StorageUnavailable as exc:
         status, code = "unstored", "storage_unavailable"
         log.warning("title of session %s not stored: %s", answer.session_id, exc.detail)
-    relay.metrics.usage(model, usage, "title_")
-    usage = usage or {}
+    used = call_spent(hold, usage, "".join(text) if received else None, s.prices, thinking=False)
+    try:
+        await relay.store.usage.record(hold, used, FAILED if status == "failed" else COMPLETE)
+    except StorageUnavailable as exc:
+        log.warning("title of session %s not recorded in the ledger: %s", answer.session_id, exc.detail)
+    except Exception:
+        log.exception("title of session %s not recorded in the ledger", answer.session_id)
+    relay.metrics.spent(model, used, "title_")
     log.info(
-        "title session=%s message=%s model=%s status=%s code=%s prompt_tokens=%s completion_tokens=%s",
+        "title session=%s message=%s model=%s status=%s code=%s usage=%s prompt_tokens=%s completion_tokens=%s cost=%s",
         answer.session_id,
         answer.message_id,
         model,
         status,
         code,
-        usage.get("prompt_tokens", "-"),
-        usage.get("completion_tokens", "-"),
+        used.source.value,
+        used.prompt_tokens,
+        used.completion_tokens,
+        "-" if used.cost is None else money(used.cost),
     )
 
 
@@ -8364,7 +8651,8 @@ def present_message(
     """A message as the API shows it; without `siblings` (a tree page), without `sibling_ids`. A
     tool-results turn (stored as a user message) is shown with role "tool". `files`: the files of the
     page's messages, by message id (a message without files shows no `files`, as before files were)."""
-    usage = row_usage(row)
+    usage = row_usage(row, details=True)
+    cost = row_cost(row)
     carried = (files or {}).get(row["id"])
     return {
         "id": row["id"],
@@ -8381,6 +8669,7 @@ def present_message(
         "finish_reason": row["finish_reason"],
         "error": {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None,
         "usage": usage,
+        **(cost.shown() if cost is not None else {}),
         "created_at": row["created_at"],
     }
 
@@ -9147,7 +9436,11 @@ async def start_answer(request: Request) -> Answer:
     relay.check_free(key)
     turn, messages, switched = await plan_turn(st.store, s, key, chat)
     payload = {"model": turn.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
-    answer = await relay.admit(turn, {**payload, **chat.options}, offer)
+    try:
+        answer = await relay.admit(turn, {**payload, **chat.options}, offer)
+    except OverLimit as exc:  # counted once, here: the 429 itself is api_error's
+        relay.metrics.limit_refusals.labels(exc.limit).inc()
+        raise
     answer.request_id = request.scope.get("request_id")
     answer.images, answer.files, answer.vision_switch = image_parts(messages), len(turn.files), switched
     relay.metrics.context_images.observe(answer.images)
@@ -9175,7 +9468,10 @@ async def chat(request: Request) -> Response:
         reply["tool_calls"] = answer.pending_calls
     if answer.steps:
         reply["steps"] = [{"type": step["type"], "data": step["data"]} for step in answer.steps]
-    return JSONResponse(reply if answer.usage is None else {**reply, "usage": answer.usage})  # usage: when reported
+    if answer.usage is not None:  # when reported
+        reply["usage"] = shown_usage(answer.usage)
+    cost = answer_cost(answer, state(request).settings.prices)
+    return JSONResponse(reply if cost is None else {**reply, **cost.shown()})
 
 
 RETRY = b"retry: 1000\n\n"  # once per connection: EventSource reconnects after 1 s
