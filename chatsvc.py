@@ -4155,65 +4155,625 @@ class Spent:
     currency: str | None = None
 
 
+# What each settled call adds to its owner's row: the ledger's columns, as the VALUES of a settlement
+_SETTLED = (
+    ("outcome", "TEXT"), ("source", "TEXT"), ("prompt_tokens", "BIGINT"), ("completion_tokens", "BIGINT"),
+    ("total_tokens", "BIGINT"), ("reasoning_tokens", "BIGINT"), ("cached_tokens", "BIGINT"),
+    ("cache_creation_tokens", "BIGINT"), ("cost_micros", "BIGINT"), ("currency", "TEXT"),
+)  # fmt: skip
+
+# A report's groups: the key each groups the calls by (created_at is RFC 3339 UTC text: its first ten
+# characters are the UTC day)
+USAGE_GROUPS = {
+    "day": "substr(created_at, 1, 10)",
+    "model": "model",
+    "conversation": "session_id",
+    "purpose": "purpose",
+    "user": "owner",
+}
+USAGE_FIELDS_REPORTED = (
+    "calls", "answers", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "total_tokens",
+    "estimated_tokens", "cost",
+)  # fmt: skip
+
+
+def _sum(expression: str) -> str:
+    return f"COALESCE(CAST(SUM({expression}) AS BIGINT), 0)"
+
+
+# A report's sums: a reserved call (still running) counts as a call (and an answer), with no tokens
+# yet (its prompt_tokens is the estimate it holds); cost NULL when no call of the group has one.
+_REPORT_SUMS = (
+    "COUNT(*) AS calls",
+    _sum("CASE WHEN purpose = 'answer' THEN 1 ELSE 0 END") + " AS answers",
+    _sum("CASE WHEN state = 'settled' THEN prompt_tokens END") + " AS prompt_tokens",
+    _sum("completion_tokens") + " AS completion_tokens",
+    _sum("reasoning_tokens") + " AS reasoning_tokens",
+    _sum("cached_tokens") + " AS cached_tokens",
+    _sum("total_tokens") + " AS total_tokens",
+    _sum("CASE WHEN source = 'estimated' THEN total_tokens END") + " AS estimated_tokens",
+    "CAST(SUM(cost_micros) AS BIGINT) AS cost",
+)
+
+
+def usage_moment(value: str) -> str:
+    """A time (RFC 3339, or a date: its midnight; without an offset: UTC) as the ledger's created_at
+    is written (utcnow's text), so that the two compare as text."""
+    moment = datetime.fromisoformat(value.strip().replace("z", "Z"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _next_day(day: str) -> datetime:
+    return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc) + timedelta(days=1)
+
+
+def _next_month(month: str) -> datetime:
+    year, number = map(int, month.split("-"))
+    return datetime(year + number // 12, number % 12 + 1, 1, tzinfo=timezone.utc)
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def money(micros: int) -> str:
+    """Micros as an exact amount of the currency, without trailing zeros: 10240000 -> '10.24'."""
+    text = f"{Decimal(micros) / MICROS:f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def answer_output(content: str | None, reasoning: str | None, steps: str | None) -> str:
+    """What the model wrote of a stored answer: its text, its reasoning and its tool calls' arguments
+    (not the tools' results: those are what the service sent back)."""
+    parts = [content or "", reasoning or ""]
+    try:
+        stored = json.loads(steps) if steps else []
+    except ValueError:
+        stored = []
+    for step in stored if isinstance(stored, list) else []:
+        data = step.get("data") if isinstance(step, dict) else None
+        if step.get("type") == "tool_call" and isinstance(data, dict):
+            parts.append(str(data.get("name") or "") + str(data.get("arguments") or ""))
+    return "".join(parts)
+
+
+def _bucket_fill(bucket: float | None, bucket_at: float | None, now: float, size: int) -> float:
+    """answers_per_minute's bucket now: what it held, refilled `size` per 60 s since, up to `size`."""
+    if bucket is None:
+        return float(size)
+    return min(float(size), bucket + max(0.0, now - (bucket_at if bucket_at is not None else now)) * size / 60.0)
+
+
 class Usage:
     """The ledger and the owners' rows (`store.usage`). Admission and settlement run inside the
     transaction their caller holds (begin_turn's, an answer's final write, the sweep's), so a refused
-    turn stores nothing and an ended answer is always accounted exactly once."""
+    turn stores nothing and an ended answer is always accounted exactly once.
+
+    Every window is read by the database's clock (PostgreSQL: the statement's time; SQLite: 'now',
+    UTC, one value within a statement), never this process's: replicas whose clocks disagree still
+    agree on the day, the month and the bucket. An owner row's window (its `day`, its `month`) is
+    reset to the current one by the first statement that writes it after it changed."""
 
     def __init__(self, db: Database, limits: Limits | None = None, prices: Prices | None = None):
         self.db, self.limits, self.prices = db, limits or Limits(), prices
+        if db.is_sqlite:
+            self._today, self._month = "strftime('%Y-%m-%d', 'now')", "strftime('%Y-%m', 'now')"
+            self._epoch = "((julianday('now') - 2440587.5) * 86400.0)"
+            self._now = ":now"  # utcnow(): the one process on the file, whose clock 'now' is too
+            self._max, self._min = "max", "min"
+        else:
+            clock = "statement_timestamp()"
+            self._today = f"to_char({clock} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+            self._month = f"to_char({clock} AT TIME ZONE 'UTC', 'YYYY-MM')"
+            self._epoch = f"CAST(EXTRACT(EPOCH FROM {clock}) AS DOUBLE PRECISION)"
+            self._now = _PG_TIME.format(clock)
+            self._max, self._min = "GREATEST", "LEAST"
+        today, month = self._today, self._month
+        # the owner row's windows as of now: a stale one reads 0
+        self._window = {
+            "day_tokens": f"CASE WHEN day = {today} THEN day_tokens ELSE 0 END",
+            "day_reserved": f"CASE WHEN day = {today} THEN day_reserved ELSE 0 END",
+            "month_tokens": f"CASE WHEN month = {month} THEN month_tokens ELSE 0 END",
+            "month_reserved": f"CASE WHEN month = {month} THEN month_reserved ELSE 0 END",
+            "month_cost": f"CASE WHEN month = {month} THEN month_cost ELSE 0 END",
+            "month_reserved_cost": f"CASE WHEN month = {month} THEN month_reserved_cost ELSE 0 END",
+        }
+        apm = self._effective("answers_per_minute")
+        self._fill = (
+            f"{self._min}({apm}, COALESCE(bucket, {apm}) + {self._max}(0, {self._epoch} - COALESCE(bucket_at,"
+            f" {self._epoch})) * {apm} / 60.0)"
+        )
+        self._admission = {(enforce, answer): self._admission_sql(enforce, answer) for enforce in (True, False)
+                           for answer in (True, False)}  # fmt: skip
+
+    # ── the SQL ──
+
+    @staticmethod
+    def _effective(kind: str) -> str:
+        """The owner row's limit of this kind: its own (-1: none), else the global one (:g_<kind>, -1: none)."""
+        return f"NULLIF(COALESCE(limit_{kind}, :g_{kind}), -1)"
+
+    def _globals(self) -> dict[str, int]:
+        return {f"g_{kind}": -1 if (size := getattr(self.limits, kind)) is None else size for kind in LIMIT_KINDS}
+
+    def _admission_sql(self, enforce: bool, answer: bool) -> str:
+        """One conditional UPDATE of the owner's row: its windows reset if they are stale, the call's
+        reservation added, and for an answer a running answer and a token of the bucket taken, only
+        if every limit holds (`enforce`); the row's day, month and effective limits back, or no row."""
+        w, e = self._window, self._effective
+        sets = [
+            f"day = {self._today}",
+            f"day_tokens = {w['day_tokens']}",
+            f"day_reserved = {w['day_reserved']} + :tokens",
+            f"month = {self._month}",
+            f"month_tokens = {w['month_tokens']}",
+            f"month_reserved = {w['month_reserved']} + :tokens",
+            f"month_cost = {w['month_cost']}",
+            f"month_reserved_cost = {w['month_reserved_cost']} + :cost",
+        ]
+        where = ["owner = :owner"]
+        if enforce:
+            where += [
+                f"({e('tokens_per_day')} IS NULL OR {w['day_tokens']} + {w['day_reserved']} < {e('tokens_per_day')})",
+                f"({e('tokens_per_month')} IS NULL OR {w['month_tokens']} + {w['month_reserved']}"
+                f" < {e('tokens_per_month')})",
+                f"({e('cost_per_month')} IS NULL OR {w['month_cost']} + {w['month_reserved_cost']}"
+                f" < {e('cost_per_month')})",
+            ]
+        if enforce and answer:
+            apm = e("answers_per_minute")
+            sets += [
+                "running = running + 1",
+                f"bucket = CASE WHEN {apm} IS NULL THEN bucket ELSE {self._fill} - 1 END",
+                f"bucket_at = CASE WHEN {apm} IS NULL THEN bucket_at"
+                f" ELSE {self._max}(COALESCE(bucket_at, {self._epoch}), {self._epoch}) END",
+            ]
+            where += [
+                f"({e('concurrent_answers')} IS NULL OR running < {e('concurrent_answers')})",
+                f"({apm} IS NULL OR {self._fill} >= 1)",
+            ]
+        limits = ", ".join(f"{e(kind)} AS {kind}" for kind in LIMIT_KINDS)
+        return f"UPDATE usage_owners SET {', '.join(sets)} WHERE {' AND '.join(where)} RETURNING day, month, {limits}"
+
+    def _values(self, **values: Any) -> dict[str, Any]:
+        return {**self._globals(), "now": utcnow(), **values}
+
+    # ── admission ──
 
     async def admit(self, hold: Hold, enforce: bool = True) -> Limits:
         """Inside the caller's transaction: check the owner's limits (its own, else the global ones)
         and reserve the call's tokens and cost; the owner's effective limits. An answer (purpose
         ANSWER) also takes a running answer and a token of the bucket. `enforce=False` (a later
-        round of an admitted answer): reserved, never refused. Refused: OverLimit, nothing written."""
-        raise NotImplementedError
+        round of an admitted answer): reserved, never refused. Refused: OverLimit, nothing written.
+
+        One statement when the owner has a row and is admitted (docs/design/usage.md 1.4: a blocked
+        UPDATE re-reads its WHERE on the row its winner left, so of racing admissions only those the
+        budget still holds pass); a first admission inserts the row first, a refusal reads it again
+        to say which limit."""
+        answer = enforce and hold.purpose is Purpose.ANSWER
+        values = self._values(
+            owner=hold.owner, tokens=hold.prompt_tokens + hold.output_tokens, cost=hold.cost,
+        )  # fmt: skip
+        sql = self._admission[(enforce, answer)]
+        row = await self.db.fetch_one(sql, values, role=WRITE)
+        if row is None:
+            created = await self.db.fetch_one(
+                f"INSERT INTO usage_owners (owner, day, month) VALUES (:owner, {self._today}, {self._month})"
+                " ON CONFLICT (owner) DO NOTHING RETURNING owner",
+                values,
+                role=WRITE,
+            )
+            if created is not None:
+                row = await self.db.fetch_one(sql, values, role=WRITE)
+        for _ in range(3):  # a refusal whose limit no longer refuses once read again: the row changed meanwhile
+            if row is not None:
+                break
+            refusal = await self._refusal(hold.owner, answer)
+            if refusal is not None:
+                raise refusal
+            row = await self.db.fetch_one(sql, values, role=WRITE)
+        else:
+            if row is None:
+                raise StorageUnavailable("The owner's usage changed too often while this turn was admitted; try again.")
+        await self.db.execute(
+            "INSERT INTO usage_calls (id, owner, session_id, message_id, purpose, model, state, prompt_tokens,"
+            " reserved_tokens, reserved_cost, day, month, created_at) VALUES (:id, :owner, :sid, :mid, :purpose,"
+            f" :model, 'reserved', :prompt, :tokens, :cost, :day, :month, {self._now})",
+            {
+                **values,
+                "id": hold.call_id,
+                "sid": hold.session_id,
+                "mid": hold.message_id,
+                "purpose": hold.purpose.value,
+                "model": hold.model,
+                "prompt": hold.prompt_tokens,
+                "day": row["day"],
+                "month": row["month"],
+            },
+        )
+        return Limits(*(row[kind] for kind in LIMIT_KINDS))
+
+    async def _refusal(self, owner: str, answer: bool) -> OverLimit | None:
+        """The first of the owner's limits that refuses a turn now, as its OverLimit; None: none does."""
+        w, e = self._window, self._effective
+        row = await self.db.fetch_one(
+            f"SELECT {self._today} AS today, {self._month} AS this_month, {self._epoch} AS now,"
+            f" {w['day_tokens']} + {w['day_reserved']} AS day_used, {w['day_reserved']} AS day_held,"
+            f" {w['month_tokens']} + {w['month_reserved']} AS month_used, {w['month_reserved']} AS month_held,"
+            f" {w['month_cost']} + {w['month_reserved_cost']} AS cost_used,"
+            f" {w['month_reserved_cost']} AS cost_held, running, bucket, bucket_at,"
+            f" {', '.join(f'{e(kind)} AS {kind}' for kind in LIMIT_KINDS)} FROM usage_owners WHERE owner = :owner",
+            self._values(owner=owner),
+            role=WRITE,
+        )
+        if row is None:
+            return None
+        now = datetime.fromtimestamp(row["now"], timezone.utc)
+        midnight, first = _next_day(row["today"]), _next_month(row["this_month"])
+        budgets = (
+            ("tokens_per_day", row["day_used"], row["day_held"], midnight, "today"),
+            ("tokens_per_month", row["month_used"], row["month_held"], first, "this month"),
+            ("cost_per_month", row["cost_used"], row["cost_held"], first, "this month"),
+        )
+        for kind, used, held, reset, window in budgets:
+            size = row[kind]
+            if size is None or used < size:
+                continue
+            if kind == "cost_per_month":
+                currency = f" {self.prices.currency}" if self.prices else ""
+                amounts, shown_size, shown_used = (
+                    f"{money(used)} of your {money(size)}{currency}",
+                    money(size),
+                    money(used),
+                )
+                held_text = f", {money(held)}{currency} of it held by calls still running" if held else ""
+                verb = "spent"
+            else:
+                amounts, shown_size, shown_used = f"{used:,} of your {size:,} tokens", size, used
+                held_text = f", {held:,} of them held by calls still running" if held else ""
+                verb = "used"
+            resets_at = _rfc3339(reset)
+            return OverLimit(
+                "quota_exceeded",
+                f"You have {verb} {amounts} for {window} (UTC){held_text}; the limit resets at {resets_at}.",
+                kind,
+                shown_size,
+                shown_used,
+                resets_at,
+                max(0.0, (reset - now).total_seconds()),
+            )
+        if not answer:
+            return None
+        size = row["answers_per_minute"]
+        if size is not None:
+            fill = _bucket_fill(row["bucket"], row["bucket_at"], row["now"], size)
+            if fill < 1:
+                if size == 0:
+                    return OverLimit(
+                        "rate_limited", "Your limit is 0 answers per minute: no answer can start.",
+                        "answers_per_minute", 0, 0, None, 60.0,
+                    )  # fmt: skip
+                wait = (1 - fill) * 60 / size
+                resets_at = (now + timedelta(seconds=wait)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+                return OverLimit(
+                    "rate_limited",
+                    f"You have started the {size:,} answers per minute your limit allows; the next one can start"
+                    f" in {math.ceil(wait)} s ({resets_at}).",
+                    "answers_per_minute",
+                    size,
+                    size - math.floor(fill),
+                    resets_at,
+                    wait,
+                )
+        size = row["concurrent_answers"]
+        if size is not None and row["running"] >= size:
+            return OverLimit(
+                "rate_limited",
+                f"You have {row['running']:,} answers running, and your limit is {size:,} at once; start this one"
+                " when one of them ends.",
+                "concurrent_answers",
+                size,
+                row["running"],
+                None,
+                1.0,
+            )
+        return None
+
+    # ── settlement ──
 
     async def settle(self, call_id: str, spent: Spent, outcome: str, ends_answer: bool) -> None:
         """Inside the caller's transaction: the call's row gets what it used, and its owner's row the
         tokens and cost instead of what the call held (in the windows it was reserved in).
-        `ends_answer`: the answer ends with this call, and gives back its running answer."""
-        raise NotImplementedError
+        `ends_answer`: the answer ends with this call, and gives back its running answer. A call
+        already settled (the sweep took its answer for dead) is left as it is."""
+        await self._settle([(call_id, spent, outcome, ends_answer)])
+
+    async def _settle(self, calls: list[tuple[str, Spent, str, bool]]) -> int:
+        """Settle these calls (id, what it used, outcome, whether its answer ends), those still reserved:
+        two statements however many; how many were settled."""
+        if not calls:
+            return 0
+        values: dict[str, Any] = {"now": utcnow()}
+        rows = []
+        for n, (call_id, spent, outcome, _) in enumerate(calls):
+            row = {
+                "id": call_id,
+                "outcome": outcome,
+                "source": spent.source.value,
+                "prompt_tokens": spent.prompt_tokens,
+                "completion_tokens": spent.completion_tokens,
+                "total_tokens": spent.total_tokens,
+                "reasoning_tokens": spent.reasoning_tokens,
+                "cached_tokens": spent.cached_tokens,
+                "cache_creation_tokens": spent.cache_creation_tokens,
+                "cost_micros": spent.cost,
+                "currency": spent.currency if spent.cost is not None else None,
+            }
+            values.update((f"{name}{n}", value) for name, value in row.items())
+            columns = [("id", "TEXT"), *_SETTLED]
+            rows.append("(" + ", ".join(f"CAST(:{name}{n} AS {kind})" for name, kind in columns) + ")")
+        names = ", ".join(f"v_{name}" for name, _ in (("id", "TEXT"), *_SETTLED))
+        settled = await self.db.fetch_all(
+            f"WITH v ({names}) AS (VALUES {', '.join(rows)}) UPDATE usage_calls SET state = 'settled',"
+            f" {', '.join(f'{name} = v_{name}' for name, _ in _SETTLED)}, settled_at = {self._now}"
+            " FROM v WHERE id = v_id AND state = 'reserved'"
+            " RETURNING id, owner, day, month, reserved_tokens, reserved_cost, total_tokens, cost_micros",
+            values,
+            role=WRITE,
+        )
+        ends = {call_id for call_id, _, _, end in calls if end}
+        windows: dict[tuple[str, str, str], list[int]] = {}
+        for row in settled:
+            counts = windows.setdefault((row["owner"], row["day"], row["month"]), [0, 0, 0, 0, 0])
+            for i, value in enumerate((row["total_tokens"], row["reserved_tokens"], row["cost_micros"],
+                                       row["reserved_cost"], row["id"] in ends)):  # fmt: skip
+                counts[i] += int(value or 0)
+        if windows:
+            await self._add_to_owners(windows)
+        return len(settled)
+
+    async def _add_to_owners(self, windows: dict[tuple[str, str, str], list[int]]) -> None:
+        """Owners' rows, for calls settled in these windows (owner, day, month): [tokens, tokens held,
+        cost, cost held, answers ended]. Tokens and cost count in a window only while it is still the
+        row's; what was held there is given back (never below 0)."""
+        values: dict[str, Any] = {}
+        rows = []
+        for n, ((owner, day, month), counts) in enumerate(windows.items()):
+            values.update({f"o{n}": owner, f"d{n}": day, f"m{n}": month})
+            values.update((f"c{n}_{i}", count) for i, count in enumerate(counts))
+            counts_sql = ", ".join(f"CAST(:c{n}_{i} AS BIGINT)" for i in range(len(counts)))
+            rows.append(f"(CAST(:o{n} AS TEXT), CAST(:d{n} AS TEXT), CAST(:m{n} AS TEXT), {counts_sql})")
+
+        def total(column: str, window: str = "") -> str:
+            where = {"day": " AND v_day = usage_owners.day", "month": " AND v_month = usage_owners.month"}.get(
+                window, ""
+            )
+            return (
+                f"COALESCE((SELECT CAST(SUM({column}) AS BIGINT) FROM v WHERE v_owner = usage_owners.owner{where}), 0)"
+            )
+
+        big = self._max
+        await self.db.execute(
+            "WITH v (v_owner, v_day, v_month, v_tokens, v_held, v_cost, v_held_cost, v_ends) AS"
+            f" (VALUES {', '.join(rows)}) UPDATE usage_owners SET"
+            f" day_tokens = day_tokens + {total('v_tokens', 'day')},"
+            f" day_reserved = {big}(day_reserved - {total('v_held', 'day')}, 0),"
+            f" month_tokens = month_tokens + {total('v_tokens', 'month')},"
+            f" month_reserved = {big}(month_reserved - {total('v_held', 'month')}, 0),"
+            f" month_cost = month_cost + {total('v_cost', 'month')},"
+            f" month_reserved_cost = {big}(month_reserved_cost - {total('v_held_cost', 'month')}, 0),"
+            f" running = {big}(running - {total('v_ends')}, 0)"
+            " WHERE owner IN (SELECT v_owner FROM v)",
+            values,
+        )
 
     async def next_round(self, call_id: str, spent: Spent, hold: Hold) -> None:
         """An answer's round ended and it calls the model again: the round settled, the next reserved
-        (not refused), in one transaction."""
-        raise NotImplementedError
+        (not refused), in one transaction. A round found settled already (the sweep took the answer
+        for dead) reserves no next one: nothing would settle it."""
+
+        async def body() -> None:
+            if await self._settle([(call_id, spent, COMPLETE, False)]):
+                await self.admit(hold, enforce=False)
+
+        await self.db.atomically(body)
 
     async def settle_swept(self, answers: list[dict]) -> None:
         """Inside the sweep's transaction: the calls still reserved of these answers (rows with `id`,
-        `content`, `reasoning_content`), just stored as interrupted, settled with an estimate from their
-        stored text; their running answers given back."""
-        raise NotImplementedError
+        `content`, `reasoning_content`, and `tool_steps` if read), just stored as interrupted, settled
+        with an estimate from their stored text; their running answers given back.
+
+        The estimate: the prompt the call reserved (its estimate, written at admission), and the
+        answer's stored output (text, reasoning, tool calls' arguments: estimate_tokens, which errs
+        high) less what its earlier rounds were counted; `estimated`. An answer that stored nothing:
+        `none`, 0 tokens (the model sent nothing before the process was gone)."""
+        by_id = {answer["id"]: answer for answer in answers}
+        calls: list[dict] = []
+        for names, ids in _id_batches(list(by_id)):
+            calls += await self.db.fetch_all(
+                "SELECT id, message_id, state, model, prompt_tokens, completion_tokens FROM usage_calls"
+                f" WHERE message_id IN ({names})",
+                ids,
+                role=WRITE,
+            )
+        earlier: dict[str, int] = {}
+        reserved: dict[str, list[dict]] = {}
+        for call in sorted(calls, key=lambda c: c["id"]):
+            if call["state"] == "settled":
+                earlier[call["message_id"]] = earlier.get(call["message_id"], 0) + (call["completion_tokens"] or 0)
+            else:
+                reserved.setdefault(call["message_id"], []).append(call)
+        settlements = []
+        for answer_id, rounds in reserved.items():
+            answer = by_id[answer_id]
+            output = answer_output(answer.get("content"), answer.get("reasoning_content"), answer.get("tool_steps"))
+            stored = bool(output or answer.get("tool_steps"))
+            completion = max(estimate_tokens(output) - earlier.get(answer_id, 0), 0) if output else 0
+            for n, call in enumerate(rounds):  # one, unless a round was reserved twice
+                last = n == len(rounds) - 1
+                if stored:
+                    prompt = call["prompt_tokens"] or 0
+                    spent = Spent(Source.ESTIMATED, prompt, completion if last else 0)
+                    spent.total_tokens = spent.prompt_tokens + spent.completion_tokens
+                    if self.prices is not None:
+                        spent.cost = self.prices.cost(call["model"], spent, bool(answer.get("reasoning_content")))
+                        spent.currency = self.prices.currency
+                else:
+                    spent = Spent(Source.NONE)
+                settlements.append((call["id"], spent, INTERRUPTED, n == 0))
+        for start in range(0, len(settlements), 500):
+            await self._settle(settlements[start : start + 500])
 
     async def record(self, hold: Hold, spent: Spent, outcome: str) -> None:
-        """A call recorded once it is done (a title): its row, settled, and its owner's windows."""
-        raise NotImplementedError
+        """A call recorded once it is done (a title): its row, settled, and its owner's windows (its
+        row made if it has none), in one transaction. Never refused: reserved unenforced, then settled."""
+
+        async def body() -> None:
+            await self.admit(hold, enforce=False)
+            await self._settle([(hold.call_id, spent, outcome, False)])
+
+        await self.db.atomically(body)
+
+    # ── an owner's limits and standing ──
 
     async def owner_limits(self, owner: str) -> dict:
-        """An admin's limits for the owner, as PUT: a key absent is the global limit, null is none."""
-        raise NotImplementedError
+        """An admin's limits for the owner, as PUT: a key absent is the global limit, null is none
+        (`cost_per_month` in micros)."""
+        row = await self.db.fetch_one(
+            f"SELECT {', '.join(f'limit_{kind}' for kind in LIMIT_KINDS)} FROM usage_owners WHERE owner = :owner",
+            {"owner": owner},
+        )
+        limits: dict[str, int | None] = {}
+        for kind in LIMIT_KINDS:
+            size = row and row[f"limit_{kind}"]
+            if size is not None:
+                limits[kind] = None if size < 0 else size
+        return limits
 
     async def set_limits(self, owner: str, limits: dict) -> None:
-        """Replace an admin's limits for the owner (the object as PUT, already checked)."""
-        raise NotImplementedError
+        """Replace an admin's limits for the owner (the object as PUT, already checked: each key a
+        LIMIT_KINDS name, each value a whole number >= 0, `cost_per_month` in micros, or None for no
+        limit; a key absent: the global limit). One statement."""
+        unknown = set(limits) - set(LIMIT_KINDS)
+        if unknown:
+            raise ValueError(f"not a limit: {', '.join(sorted(unknown))}")
+        values = self._values(owner=owner)
+        for kind in LIMIT_KINDS:
+            values[kind] = (-1 if limits[kind] is None else int(limits[kind])) if kind in limits else None
+        columns = ", ".join(f"limit_{kind}" for kind in LIMIT_KINDS)
+        await self.db.execute(
+            f"INSERT INTO usage_owners (owner, day, month, {columns}, limits_at) VALUES (:owner, {self._today},"
+            f" {self._month}, {', '.join(f':{kind}' for kind in LIMIT_KINDS)}, {self._now})"
+            f" ON CONFLICT (owner) DO UPDATE SET"
+            f" {', '.join(f'limit_{kind} = excluded.limit_{kind}' for kind in LIMIT_KINDS)},"
+            " limits_at = excluded.limits_at",
+            values,
+        )
 
     async def reset(self, owner: str, window: str) -> None:
         """An admin sets the owner's settled tokens and cost of this window ('day' or 'month') to 0;
-        the ledger keeps every call."""
-        raise NotImplementedError
+        the ledger keeps every call, and what running calls hold stays held. One statement."""
+        sets = {
+            "day": f"day_tokens = 0, day_reset_at = {self._now}",
+            "month": f"month_tokens = 0, month_cost = 0, month_reset_at = {self._now}",
+        }
+        if window not in sets:
+            raise ValueError(f"not a window: {window!r}")
+        await self.db.execute(f"UPDATE usage_owners SET {sets[window]} WHERE owner = :owner", self._values(owner=owner))
 
     async def standing(self, owner: str) -> dict:
-        """Where the owner stands: each limit's size, source, used, held, remaining and reset time."""
-        raise NotImplementedError
+        """Where the owner stands, by the database's clock: {"limits": {kind: {"limit", "source"
+        ("user": its own, "global", or "none": no limit applies), "used", "reserved" (held by its
+        running calls), "remaining" (None without a limit), "resets_at" (RFC 3339; None: no reset)}},
+        "day", "month"}. Costs in micros. answers_per_minute: `used` the answers its bucket is short
+        of full, `remaining` the answers that can start now, `resets_at` when it is full again;
+        concurrent_answers: `used` the answers running."""
+        columns = ", ".join(f"o.limit_{kind}" for kind in LIMIT_KINDS)
+        row = await self.db.fetch_one(
+            f"SELECT {self._today} AS today, {self._month} AS this_month, {self._epoch} AS now, o.day, o.day_tokens,"
+            " o.day_reserved, o.month, o.month_tokens, o.month_reserved, o.month_cost, o.month_reserved_cost,"
+            f" o.running, o.bucket, o.bucket_at, {columns} FROM (SELECT 1 AS one) AS clock"
+            " LEFT JOIN usage_owners o ON o.owner = :owner",
+            {"owner": owner},
+        )
+        assert row is not None
+        today, month, now = row["today"], row["this_month"], row["now"]
+        this_day, this_month = row["day"] == today, row["month"] == month
+        midnight, first = _rfc3339(_next_day(today)), _rfc3339(_next_month(month))
+        current = {
+            "tokens_per_day": (row["day_tokens"] if this_day else 0, row["day_reserved"] if this_day else 0, midnight),
+            "tokens_per_month": (
+                row["month_tokens"] if this_month else 0, row["month_reserved"] if this_month else 0, first,
+            ),
+            "cost_per_month": (
+                row["month_cost"] if this_month else 0, row["month_reserved_cost"] if this_month else 0, first,
+            ),
+        }  # fmt: skip
+        limits = {}
+        for kind in LIMIT_KINDS:
+            own, everyone = row[f"limit_{kind}"], getattr(self.limits, kind)
+            size = everyone if own is None else (None if own < 0 else own)
+            source = "none" if size is None else ("global" if own is None else "user")
+            if kind in current:
+                used, reserved, resets_at = current[kind]
+                remaining = None if size is None else max(size - used - reserved, 0)
+            elif kind == "answers_per_minute":
+                reserved, used, remaining, resets_at = 0, 0, None, None
+                if size is not None:
+                    fill = _bucket_fill(row["bucket"], row["bucket_at"], now, size)
+                    used, remaining = size - math.floor(fill), math.floor(fill)
+                    if fill < size:
+                        full = datetime.fromtimestamp(now, timezone.utc) + timedelta(seconds=(size - fill) * 60 / size)
+                        resets_at = full.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            else:
+                used, reserved, resets_at = row["running"] or 0, 0, None
+                remaining = None if size is None else max(size - used, 0)
+            limits[kind] = {
+                "limit": size, "source": source, "used": used, "reserved": reserved, "remaining": remaining,
+                "resets_at": resets_at,
+            }  # fmt: skip
+        return {"limits": limits, "day": today, "month": month}
+
+    # ── reports ──
 
     async def report(
         self, owner: str | None, start: str, end: str, group_by: str, limit: int, cursor: str | None
     ) -> tuple[dict, list[dict], str | None]:
-        """The calls of `owner` (None: everyone) created in [start, end): totals, one row per group
-        (day, model, conversation, purpose, user) and the next page's cursor."""
-        raise NotImplementedError
+        """The calls of `owner` (None: everyone) created in [start, end) (RFC 3339 or dates, UTC):
+        totals, one row per group (`group_by`: day, model, conversation, purpose, user, or none for
+        totals alone) with its `key`, at most `limit` of them after the group `cursor` (the key of the
+        last page's last group, as this returns it: the caller makes it opaque), keys ascending, and
+        the next page's cursor (None: this is the last). Each: calls, answers, prompt, completion,
+        reasoning, cached, total and estimated tokens, and cost (micros; None: no call has a cost).
+        Settled and still reserved calls (a reserved call has no tokens yet). Index range reads:
+        (owner, created_at), or (created_at) for everyone."""
+        if group_by != "none" and group_by not in USAGE_GROUPS:
+            raise ValueError(f"not a grouping: {group_by!r}")
+        values: dict[str, Any] = {"owner": owner, "start": usage_moment(start), "end": usage_moment(end)}
+        where = "created_at >= :start AND created_at < :end" + (" AND owner = :owner" if owner is not None else "")
+        sums = ", ".join(_REPORT_SUMS)
+        totals = await self.db.fetch_one(f"SELECT {sums} FROM usage_calls WHERE {where}", values)
+        assert totals is not None
+        if group_by == "none":
+            return totals, [], None
+        key = USAGE_GROUPS[group_by]
+        page_where = where
+        if cursor is not None:
+            if group_by == "day":  # after that day: a bound of the index's range
+                values["start"] = max(values["start"], cursor + "U")  # 'U' sorts after the day's 'T...'
+            else:
+                page_where += f" AND {key} > :cursor"
+                values["cursor"] = cursor
+        groups = await self.db.fetch_all(
+            f"SELECT {key} AS key, {sums} FROM usage_calls WHERE {page_where} GROUP BY {key} ORDER BY {key}"
+            " LIMIT :limit",
+            {**values, "limit": limit + 1},
+        )
+        more = len(groups) > limit
+        groups = groups[:limit]
+        return totals, groups, groups[-1]["key"] if more else None
 
 
 # ── Store: the database and its rooms, opened and closed together ──────────────────────
