@@ -890,8 +890,8 @@ def over_limit(exc: OverLimit) -> ApiError:
     """429 with `Retry-After` (whole seconds to the limit's reset, rounded up, at least 1) and the limit's
     `limit`, `size`, `used` and `resets_at` as fields; a cost's size and use in the currency, not micros."""
     size, used = exc.size, exc.used
-    if exc.limit == "cost_per_month":
-        size, used = (money(v) if isinstance(v, int) else v for v in (size, used))
+    if exc.limit == "cost_per_month":  # micros (an amount's text: taken as it says)
+        size, used = (money(v) if isinstance(v, int) else round(float(Decimal(v)), 6) for v in (size, used))
     headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 0)))}
     return ApiError(
         429, exc.code, exc.detail, headers=headers, limit=exc.limit, size=size, used=used, resets_at=exc.resets_at
@@ -4268,7 +4268,7 @@ def _rfc3339(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def money(micros: int) -> str:
+def amount(micros: int) -> str:
     """Micros as an exact amount of the currency, without trailing zeros: 10240000 -> '10.24'."""
     text = f"{Decimal(micros) / MICROS:f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
@@ -4473,12 +4473,8 @@ class Usage:
                 continue
             if kind == "cost_per_month":
                 currency = f" {self.prices.currency}" if self.prices else ""
-                amounts, shown_size, shown_used = (
-                    f"{money(used)} of your {money(size)}{currency}",
-                    money(size),
-                    money(used),
-                )
-                held_text = f", {money(held)}{currency} of it held by calls still running" if held else ""
+                amounts, shown_size, shown_used = f"{amount(used)} of your {amount(size)}{currency}", size, used
+                held_text = f", {amount(held)}{currency} of it held by calls still running" if held else ""
                 verb = "spent"
             else:
                 amounts, shown_size, shown_used = f"{used:,} of your {size:,} tokens", size, used
@@ -10036,18 +10032,6 @@ async def file_content(request: Request) -> Response:
 # of another owner need CHATSVC_ADMIN_TOKEN as `Authorization: Bearer` (never ?access_token=: a URL is
 # logged); without it configured the admin routes do not exist (404).
 
-USAGE_GROUPS = ("day", "model", "conversation", "purpose", "user")
-USAGE_COLUMNS = (
-    "calls",
-    "answers",
-    "prompt_tokens",
-    "completion_tokens",
-    "reasoning_tokens",
-    "cached_tokens",
-    "total_tokens",
-    "estimated_tokens",
-    "cost",
-)
 USAGE_MAX_DAYS = 366  # the longest range one report covers
 USAGE_PAGE = 1000  # groups in one page of a report, at most (and by default)
 WINDOWS = ("day", "month")
@@ -10164,9 +10148,10 @@ def money_or_none(micros: int | None) -> float | None:
     return None if micros is None else money(micros)
 
 
-def present_usage(row: dict) -> dict:
+def present_usage(row: Any) -> dict:
     """A report's totals or group as the API shows it: its cost as money (null without prices)."""
-    return {**row, "cost": money_or_none(row.get("cost"))}
+    shown = {name: row[name] for name in ("key", *USAGE_FIELDS_REPORTED) if name in row}
+    return {**shown, "cost": money_or_none(row["cost"])}
 
 
 def csv_cell(value: Any) -> Any:
@@ -10196,14 +10181,13 @@ async def usage_report(request: Request) -> Response:
     st = state(request)
     query = request.query_params
     group_by = query.get("group_by") or "day"
-    if group_by not in USAGE_GROUPS:
+    if group_by not in USAGE_GROUPS:  # (the Usage section's groupings)
         raise invalid(f"'group_by' must be one of {', '.join(USAGE_GROUPS)}.")
     as_csv = wants_csv(request)
     start, end = usage_range(request)
     limit = query_int(request, "limit", USAGE_PAGE, 1, USAGE_PAGE)
     cursor = query.get("cursor") or None
-    if cursor is not None and len(cursor) > 2048:
-        raise invalid("'cursor' is not a cursor this service returned.")
+    after = None if cursor is None else decode_cursor(cursor, 1)[0]  # the last key of the previous page
     user = query.get("user")
     if group_by == "user":
         require_admin(request, "A report of every user (group_by=user)")
@@ -10215,15 +10199,16 @@ async def usage_report(request: Request) -> Response:
         owner = check_owner(user, "user")
     else:
         owner = owner_of(request)
-    totals, groups, next_cursor = await st.store.usage.report(owner, start, end, group_by, limit, cursor)
+    totals, groups, last = await st.store.usage.report(owner, start, end, group_by, limit, after)
+    next_cursor = None if last is None else encode_cursor(last)
     prices: Prices | None = st.settings.prices
     currency = prices.currency if prices is not None else None
     if as_csv:
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(("key", *USAGE_COLUMNS, "currency"))
+        writer.writerow(("key", *USAGE_FIELDS_REPORTED, "currency"))
         for group in groups:
-            cells = [group.get(column) for column in USAGE_COLUMNS[:-1]]
+            cells = [group[column] for column in USAGE_FIELDS_REPORTED[:-1]]
             writer.writerow((csv_cell(group["key"]), *cells, csv_money(group.get("cost")), currency or ""))
         headers = {"Content-Disposition": f'attachment; filename="usage-{csv_name(start)}-{csv_name(end)}.csv"'}
         if next_cursor is not None:
