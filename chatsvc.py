@@ -753,6 +753,18 @@ def money(micros: int) -> float:
     return round(micros / MICROS, 6)
 
 
+@dataclass(frozen=True)
+class Cost:
+    """What something cost: micros of a currency."""
+
+    micros: int
+    currency: str
+
+    def shown(self) -> dict:
+        """As an event or a message carries it: `cost` (money) and `currency`."""
+        return {"cost": money(self.micros), "currency": self.currency}
+
+
 # ── Errors: domain refusals, and the HTTP errors they become ({"detail", "code"}) ──────
 # The store, the context builder, the upstream client and the answers raise `Refusal`s: domain
 # errors with a contract code and a sentence for a person. `api_error` maps them to HTTP here, in
@@ -878,8 +890,8 @@ def over_limit(exc: OverLimit) -> ApiError:
     """429 with `Retry-After` (whole seconds to the limit's reset, rounded up, at least 1) and the limit's
     `limit`, `size`, `used` and `resets_at` as fields; a cost's size and use in the currency, not micros."""
     size, used = exc.size, exc.used
-    if exc.limit == "cost_per_month":
-        size, used = (money(v) if isinstance(v, int) else v for v in (size, used))
+    if exc.limit == "cost_per_month":  # micros (an amount's text: taken as it says)
+        size, used = (money(v) if isinstance(v, int) else round(float(Decimal(v)), 6) for v in (size, used))
     headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 0)))}
     return ApiError(
         429, exc.code, exc.detail, headers=headers, limit=exc.limit, size=size, used=used, resets_at=exc.resets_at
@@ -1012,7 +1024,8 @@ class Metrics:
         self.duration = h("chatsvc_answer_duration_seconds", "From an answer's start to its end", ["model"],
                           buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.tokens = c("chatsvc_tokens", "Tokens the model service counted, by model and kind (prompt, completion,"
-                        " title_prompt, title_completion)", ["model", "kind"], registry=r)  # fmt: skip
+                        " and of them reasoning and cached; title_ the same for titles)", ["model", "kind"],
+                        registry=r)  # fmt: skip
         self.tokens_estimated = c(
             "chatsvc_tokens_estimated",
             "Tokens chatsvc estimated for answers the model service reported no usage for, by model and kind"
@@ -1077,11 +1090,19 @@ class Metrics:
             self.rate_limited.inc()
 
     def usage(self, model: str, usage: dict | None, prefix: str = "", estimated: bool = False) -> None:
+        """Tokens counted: prompt and completion, and of them reasoning and cached when reported."""
         counter = self.tokens_estimated if estimated else self.tokens
-        for kind in ("prompt", "completion"):
+        for kind in ("prompt", "completion", "reasoning", "cached"):
             count = (usage or {}).get(f"{kind}_tokens")
             if isinstance(count, int) and count > 0:
                 counter.labels(model, prefix + kind).inc(count)
+
+    def spent(self, model: str, spent: Spent, prefix: str = "") -> None:
+        """One upstream call's use (a Spent): its tokens (usage) and its cost."""
+        counts = {f"{k}_tokens": getattr(spent, f"{k}_tokens") for k in ("prompt", "completion", "reasoning", "cached")}
+        self.usage(model, counts, prefix, estimated=spent.source is Source.ESTIMATED)
+        if spent.cost:
+            self.cost.labels(model, spent.currency).inc(spent.cost / MICROS)
 
     def file_upload(self, kind: str | None, outcome: str) -> None:
         """An upload ended: `outcome` stored, deduplicated, or its refusal's code (kind None: not known)."""
@@ -1927,7 +1948,8 @@ MESSAGE_PAGE_BYTES = 1_048_576  # GET .../messages: a page's messages stop at th
 
 _MESSAGE_COLUMNS = (
     "id, parent_id, role, content, reasoning_content, status, model, finish_reason, error_code,"
-    " error_message, prompt_tokens, completion_tokens, total_tokens, last_seq, created_at, tool_steps, tool_results"
+    " error_message, prompt_tokens, completion_tokens, total_tokens, last_seq, created_at, tool_steps, tool_results,"
+    " reasoning_tokens, cached_tokens, cost_micros, currency"
 )
 _MESSAGE_COLUMN_NAMES = tuple(_MESSAGE_COLUMNS.split(", "))
 _M_COLUMNS = ", ".join("m." + name for name in _MESSAGE_COLUMN_NAMES)
@@ -1981,10 +2003,20 @@ _SUBTREE = {
 }
 
 
-def row_usage(row: dict) -> dict | None:
+def row_usage(row: dict, details: bool = False) -> dict | None:
+    """A message's usage as reported: its three counts (an export's), and with `details` its
+    reasoning_tokens and cached_tokens when reported (as the API shows it); None: none reported."""
     if row["total_tokens"] is None and row["prompt_tokens"] is None:
         return None
-    return {k: row[k] for k in USAGE_FIELDS}
+    usage = {k: row[k] for k in USAGE_FIELDS}
+    if details:
+        usage.update((k, row[k]) for k in ("reasoning_tokens", "cached_tokens") if row.get(k) is not None)
+    return usage
+
+
+def row_cost(row: dict) -> Cost | None:
+    """What an answer's calls cost, as stored (None: no prices when it ended, or its model had none)."""
+    return Cost(row["cost_micros"], row["currency"]) if row.get("cost_micros") is not None else None
 
 
 @dataclass
@@ -2131,9 +2163,12 @@ class Tree:
             {"id": message_id, "owner": owner, "sid": session_id},
         )
 
-    async def begin_turn(self, turn: Turn) -> None:
+    async def begin_turn(self, turn: Turn) -> Limits | None:
         """Store the user's message (unless the turn regenerates an answer) with its files, and claim
-        the conversation's answer slot with the answer's row, which becomes the current leaf; all or nothing.
+        the conversation's answer slot with the answer's row, which becomes the current leaf; then, with
+        `turn.hold`, admit the answer's first model call against its owner's limits (Usage.admit, last:
+        a refusal, OverLimit, rolls the whole turn back). All or nothing. The owner's effective limits
+        (None: no hold).
 
         The partial unique index over `streaming` answers makes a second concurrent turn fail
         here, before anything of it is stored."""
@@ -2179,6 +2214,7 @@ class Tree:
                 raise
             if turn.new_question and turn.files:
                 await self._attach_files(turn)
+            return await self.usage.admit(turn.hold) if turn.hold is not None else None
 
     async def _attach_files(self, turn: Turn) -> None:
         """Inside begin_turn's transaction: the new user message's files (`message_files`), each the
@@ -2329,7 +2365,10 @@ COPY_CHUNK_MESSAGES = 1000
 COPY_CHUNK_CHARS = 1_000_000
 STAGED_OWNER = "\x01staged"
 
-_INTEGER_COLUMNS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "last_seq"})
+_INTEGER_COLUMNS = frozenset(
+    {"prompt_tokens", "completion_tokens", "total_tokens", "last_seq", "reasoning_tokens", "cached_tokens"}
+)
+_BIGINT_COLUMNS = frozenset({"cost_micros"})
 _TOOL_COLUMNS = ("tool_steps", "tool_results")  # JSON text, counted with the text
 
 
@@ -2611,7 +2650,7 @@ class Copies:
             values: dict[str, Any] = {}
             tuples = []
             for n, row in enumerate(rows[start : start + 100]):
-                values.update({f"{name}_{n}": row[name] for name in names})
+                values.update({f"{name}_{n}": row.get(name) for name in names})  # an import's: no cost
                 tuples.append("(" + ", ".join(f":{name}_{n}" for name in names) + ")")
             await self.db.execute(f"INSERT INTO messages ({', '.join(names)}) VALUES {', '.join(tuples)}", values)
 
@@ -2649,12 +2688,13 @@ class Copies:
         rows, building each statement's 1,800 parameters took ~0.15 s of Python: an import of
         100,000 messages took minutes.)"""
         arrays = ", ".join(
-            f"${n}::{'integer' if name in _INTEGER_COLUMNS else 'text'}[]" for n, name in enumerate(names, 1)
+            f"${n}::{'integer' if name in _INTEGER_COLUMNS else 'bigint' if name in _BIGINT_COLUMNS else 'text'}[]"
+            for n, name in enumerate(names, 1)
         )
         sql = f"INSERT INTO messages ({', '.join(names)}) SELECT * FROM unnest({arrays})"
         for start in range(0, len(rows), COPY_CHUNK_MESSAGES):
             chunk = rows[start : start + COPY_CHUNK_MESSAGES]
-            await self.db.execute_numbered(sql, *([row[name] for row in chunk] for name in names))
+            await self.db.execute_numbered(sql, *([row.get(name) for row in chunk] for name in names))
 
 
 # ── Files: the files owners upload: their bytes, dedup, quotas, references ─────────────
@@ -3948,6 +3988,7 @@ class FinalState:
     steps: str | None = None  # the JSON text of all its tool steps (None: it has none)
     call_id: str | None = None  # its last model call's usage_calls row, settled with this write
     spent: Spent | None = None  # ... with what that call used
+    cost: Cost | None = None  # what all its calls cost (None: no prices, or its model has none)
 
 
 class AnswerRows:
@@ -3978,8 +4019,10 @@ class AnswerRows:
     async def recover_interrupted(self, stale_after: float | None, own: list[str] = ()) -> list[dict]:
         """Answers still `streaming` whose heartbeat (`updated_at`) is more than `stale_after` seconds
         old (all of them, for None), by the clock that wrote it (PostgreSQL: the server's): the process
-        producing them is gone. They become `interrupted`, keeping their text. This process's `own`
-        answers are never among them."""
+        producing them is gone. They become `interrupted`, keeping their text, and their calls still
+        reserved in the ledger are settled with an estimate from that text, in the same transaction
+        (Usage.settle_swept): no reservation outlives its answer. This process's `own` answers are
+        never among them. Each row: id, owner, session_id, content, reasoning_content, tool_steps."""
         where, values = "", {"now": utcnow(), "end_seq": INTERRUPTED_SEQ, "detail": INTERRUPTED_DETAIL}
         if stale_after is not None:
             where = f" AND updated_at < {':stale' if self.db.is_sqlite else PG_STALE}"
@@ -3987,13 +4030,20 @@ class AnswerRows:
         for names, ids in _id_batches(list(own), 100_000):
             where += f" AND id NOT IN ({names})"
             values.update(ids)
-        return await self.db.fetch_all(
-            "UPDATE messages SET status = 'interrupted', error_code = 'interrupted', error_message = :detail,"
-            f" last_seq = :end_seq, updated_at = {self.db.heartbeat_now} WHERE status = 'streaming'{where}"
-            " RETURNING id, owner, session_id",
-            values,
-            role=WRITE,
-        )
+
+        async def sweep() -> list[dict]:
+            rows = await self.db.fetch_all(
+                "UPDATE messages SET status = 'interrupted', error_code = 'interrupted', error_message = :detail,"
+                f" last_seq = :end_seq, updated_at = {self.db.heartbeat_now} WHERE status = 'streaming'{where}"
+                " RETURNING id, owner, session_id, content, reasoning_content, tool_steps",
+                values,
+                role=WRITE,
+            )
+            if rows:
+                await self.usage.settle_swept(rows)
+            return rows
+
+        return await self.db.atomically(sweep)
 
     async def checkpoint(self, checkpoints: list[Checkpoint]) -> None:
         """The running answers' texts so far, in one round trip (the background connection on SQLite).
@@ -4022,33 +4072,45 @@ class AnswerRows:
             )
 
     async def finish(self, answer_id: str, final: FinalState) -> bool:
-        """The answer's final state, written once, whatever ended it. False if the answer is no longer
-        `streaming`: another process took it for dead and stored its verdict, which stands."""
+        """The answer's final state, written once, whatever ended it, and its last call settled in the
+        ledger (`final.call_id`), in one transaction. False if the answer is no longer `streaming`:
+        another process took it for dead and stored its verdict, which stands (and settled its calls)."""
         usage = final.usage or {}
-        row = await self.db.fetch_one(
+        update = (
             "UPDATE messages SET content = :content, reasoning_content = :reasoning, status = :status,"
             " finish_reason = :finish_reason, error_code = :error_code, error_message = :error_message,"
             " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens, total_tokens = :total_tokens,"
-            f" last_seq = :last_seq, tool_steps = :steps, updated_at = {self.db.heartbeat_now}"
-            " WHERE id = :id AND status = 'streaming' RETURNING id",
-            {
-                "content": final.content,
-                "reasoning": final.reasoning,
-                "status": final.status,
-                "finish_reason": final.finish_reason,
-                "error_code": final.error_code,
-                "error_message": final.error_message,
-                "prompt_tokens": usage.get("prompt_tokens"),
-                "completion_tokens": usage.get("completion_tokens"),
-                "total_tokens": usage.get("total_tokens"),
-                "last_seq": final.last_seq,
-                "steps": storable_json(final.steps),
-                "now": utcnow(),
-                "id": answer_id,
-            },
-            role=WRITE,
+            " reasoning_tokens = :reasoning_tokens, cached_tokens = :cached_tokens, cost_micros = :cost,"
+            f" currency = :currency, last_seq = :last_seq, tool_steps = :steps, updated_at = {self.db.heartbeat_now}"
+            " WHERE id = :id AND status = 'streaming' RETURNING id"
         )
-        return row is not None
+        values = {
+            "content": final.content,
+            "reasoning": final.reasoning,
+            "status": final.status,
+            "finish_reason": final.finish_reason,
+            "error_code": final.error_code,
+            "error_message": final.error_message,
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "total_tokens": usage.get("total_tokens"),
+            "reasoning_tokens": usage.get("reasoning_tokens"),
+            "cached_tokens": usage.get("cached_tokens"),
+            "cost": final.cost.micros if final.cost else None,
+            "currency": final.cost.currency if final.cost else None,
+            "last_seq": final.last_seq,
+            "steps": storable_json(final.steps),
+            "now": utcnow(),
+            "id": answer_id,
+        }
+
+        async def write() -> bool:
+            row = await self.db.fetch_one(update, values, role=WRITE)
+            if row is not None and final.call_id is not None and final.spent is not None:
+                await self.usage.settle(final.call_id, final.spent, final.status, ends_answer=True)
+            return row is not None
+
+        return await self.db.atomically(write)
 
     async def get(self, answer_id: str) -> dict | None:
         """An answer by id alone: its producer reads back the verdict another process stored."""
@@ -4143,65 +4205,621 @@ class Spent:
     currency: str | None = None
 
 
+# What each settled call adds to its owner's row: the ledger's columns, as the VALUES of a settlement
+_SETTLED = (
+    ("outcome", "TEXT"), ("source", "TEXT"), ("prompt_tokens", "BIGINT"), ("completion_tokens", "BIGINT"),
+    ("total_tokens", "BIGINT"), ("reasoning_tokens", "BIGINT"), ("cached_tokens", "BIGINT"),
+    ("cache_creation_tokens", "BIGINT"), ("cost_micros", "BIGINT"), ("currency", "TEXT"),
+)  # fmt: skip
+
+# A report's groups: the key each groups the calls by (created_at is RFC 3339 UTC text: its first ten
+# characters are the UTC day)
+USAGE_GROUPS = {
+    "day": "substr(created_at, 1, 10)",
+    "model": "model",
+    "conversation": "session_id",
+    "purpose": "purpose",
+    "user": "owner",
+}
+USAGE_FIELDS_REPORTED = (
+    "calls", "answers", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "total_tokens",
+    "estimated_tokens", "cost",
+)  # fmt: skip
+
+
+def _sum(expression: str) -> str:
+    return f"COALESCE(CAST(SUM({expression}) AS BIGINT), 0)"
+
+
+# A report's sums: a reserved call (still running) counts as a call (and an answer), with no tokens
+# yet (its prompt_tokens is the estimate it holds); cost NULL when no call of the group has one.
+_REPORT_SUMS = (
+    "COUNT(*) AS calls",
+    _sum("CASE WHEN purpose = 'answer' THEN 1 ELSE 0 END") + " AS answers",
+    _sum("CASE WHEN state = 'settled' THEN prompt_tokens END") + " AS prompt_tokens",
+    _sum("completion_tokens") + " AS completion_tokens",
+    _sum("reasoning_tokens") + " AS reasoning_tokens",
+    _sum("cached_tokens") + " AS cached_tokens",
+    _sum("total_tokens") + " AS total_tokens",
+    _sum("CASE WHEN source = 'estimated' THEN total_tokens END") + " AS estimated_tokens",
+    "CAST(SUM(cost_micros) AS BIGINT) AS cost",
+)
+
+
+def usage_moment(value: str) -> str:
+    """A time (RFC 3339, or a date: its midnight; without an offset: UTC) as the ledger's created_at
+    is written (utcnow's text), so that the two compare as text."""
+    moment = datetime.fromisoformat(value.strip().replace("z", "Z"))
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _next_day(day: str) -> datetime:
+    return datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=timezone.utc) + timedelta(days=1)
+
+
+def _next_month(month: str) -> datetime:
+    year, number = map(int, month.split("-"))
+    return datetime(year + number // 12, number % 12 + 1, 1, tzinfo=timezone.utc)
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def amount(micros: int) -> str:
+    """Micros as an exact amount of the currency, without trailing zeros: 10240000 -> '10.24'."""
+    text = f"{Decimal(micros) / MICROS:f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def answer_output(content: str | None, reasoning: str | None, steps: str | None) -> str:
+    """What the model wrote of a stored answer: its text, its reasoning and its tool calls' arguments
+    (not the tools' results: those are what the service sent back)."""
+    parts = [content or "", reasoning or ""]
+    try:
+        stored = json.loads(steps) if steps else []
+    except ValueError:
+        stored = []
+    for step in stored if isinstance(stored, list) else []:
+        data = step.get("data") if isinstance(step, dict) else None
+        if step.get("type") == "tool_call" and isinstance(data, dict):
+            parts.append(str(data.get("name") or "") + str(data.get("arguments") or ""))
+    return "".join(parts)
+
+
+def _bucket_fill(bucket: float | None, bucket_at: float | None, now: float, size: int) -> float:
+    """answers_per_minute's bucket now: what it held, refilled `size` per 60 s since, up to `size`."""
+    if bucket is None:
+        return float(size)
+    return min(float(size), bucket + max(0.0, now - (bucket_at if bucket_at is not None else now)) * size / 60.0)
+
+
 class Usage:
     """The ledger and the owners' rows (`store.usage`). Admission and settlement run inside the
     transaction their caller holds (begin_turn's, an answer's final write, the sweep's), so a refused
-    turn stores nothing and an ended answer is always accounted exactly once."""
+    turn stores nothing and an ended answer is always accounted exactly once.
+
+    Every window is read by the database's clock (PostgreSQL: the statement's time; SQLite: 'now',
+    UTC, one value within a statement), never this process's: replicas whose clocks disagree still
+    agree on the day, the month and the bucket. An owner row's window (its `day`, its `month`) is
+    reset to the current one by the first statement that writes it after it changed."""
 
     def __init__(self, db: Database, limits: Limits | None = None, prices: Prices | None = None):
         self.db, self.limits, self.prices = db, limits or Limits(), prices
+        if db.is_sqlite:
+            self._today, self._month = "strftime('%Y-%m-%d', 'now')", "strftime('%Y-%m', 'now')"
+            self._epoch = "((julianday('now') - 2440587.5) * 86400.0)"
+            self._now = ":now"  # utcnow(): the one process on the file, whose clock 'now' is too
+            self._max, self._min = "max", "min"
+        else:
+            clock = "statement_timestamp()"
+            self._today = f"to_char({clock} AT TIME ZONE 'UTC', 'YYYY-MM-DD')"
+            self._month = f"to_char({clock} AT TIME ZONE 'UTC', 'YYYY-MM')"
+            self._epoch = f"CAST(EXTRACT(EPOCH FROM {clock}) AS DOUBLE PRECISION)"
+            self._now = _PG_TIME.format(clock)
+            self._max, self._min = "GREATEST", "LEAST"
+        today, month = self._today, self._month
+        # the owner row's windows as of now: a stale one reads 0
+        self._window = {
+            "day_tokens": f"CASE WHEN day = {today} THEN day_tokens ELSE 0 END",
+            "day_reserved": f"CASE WHEN day = {today} THEN day_reserved ELSE 0 END",
+            "month_tokens": f"CASE WHEN month = {month} THEN month_tokens ELSE 0 END",
+            "month_reserved": f"CASE WHEN month = {month} THEN month_reserved ELSE 0 END",
+            "month_cost": f"CASE WHEN month = {month} THEN month_cost ELSE 0 END",
+            "month_reserved_cost": f"CASE WHEN month = {month} THEN month_reserved_cost ELSE 0 END",
+        }
+        apm = self._effective("answers_per_minute")
+        self._fill = (
+            f"{self._min}({apm}, COALESCE(bucket, {apm}) + {self._max}(0, {self._epoch} - COALESCE(bucket_at,"
+            f" {self._epoch})) * {apm} / 60.0)"
+        )
+        self._admission = {(enforce, answer): self._admission_sql(enforce, answer) for enforce in (True, False)
+                           for answer in (True, False)}  # fmt: skip
+
+    # ── the SQL ──
+
+    @staticmethod
+    def _effective(kind: str) -> str:
+        """The owner row's limit of this kind: its own (-1: none), else the global one (:g_<kind>, -1: none)."""
+        return f"NULLIF(COALESCE(limit_{kind}, :g_{kind}), -1)"
+
+    def _globals(self) -> dict[str, int]:
+        return {f"g_{kind}": -1 if (size := getattr(self.limits, kind)) is None else size for kind in LIMIT_KINDS}
+
+    def _admission_sql(self, enforce: bool, answer: bool) -> str:
+        """One conditional UPDATE of the owner's row: its windows reset if they are stale, the call's
+        reservation added, and for an answer a running answer and a token of the bucket taken, only
+        if every limit holds (`enforce`); the row's day, month and effective limits back, or no row."""
+        w, e = self._window, self._effective
+        sets = [
+            f"day = {self._today}",
+            f"day_tokens = {w['day_tokens']}",
+            f"day_reserved = {w['day_reserved']} + :tokens",
+            f"month = {self._month}",
+            f"month_tokens = {w['month_tokens']}",
+            f"month_reserved = {w['month_reserved']} + :tokens",
+            f"month_cost = {w['month_cost']}",
+            f"month_reserved_cost = {w['month_reserved_cost']} + :cost",
+        ]
+        where = ["owner = :owner"]
+        if enforce:
+            where += [
+                f"({e('tokens_per_day')} IS NULL OR {w['day_tokens']} + {w['day_reserved']} < {e('tokens_per_day')})",
+                f"({e('tokens_per_month')} IS NULL OR {w['month_tokens']} + {w['month_reserved']}"
+                f" < {e('tokens_per_month')})",
+                f"({e('cost_per_month')} IS NULL OR {w['month_cost']} + {w['month_reserved_cost']}"
+                f" < {e('cost_per_month')})",
+            ]
+        if enforce and answer:
+            apm = e("answers_per_minute")
+            sets += [
+                "running = running + 1",
+                f"bucket = CASE WHEN {apm} IS NULL THEN bucket ELSE {self._fill} - 1 END",
+                f"bucket_at = CASE WHEN {apm} IS NULL THEN bucket_at"
+                f" ELSE {self._max}(COALESCE(bucket_at, {self._epoch}), {self._epoch}) END",
+            ]
+            where += [
+                f"({e('concurrent_answers')} IS NULL OR running < {e('concurrent_answers')})",
+                f"({apm} IS NULL OR {self._fill} >= 1)",
+            ]
+        limits = ", ".join(f"{e(kind)} AS {kind}" for kind in LIMIT_KINDS)
+        return f"UPDATE usage_owners SET {', '.join(sets)} WHERE {' AND '.join(where)} RETURNING day, month, {limits}"
+
+    def _values(self, **values: Any) -> dict[str, Any]:
+        return {**self._globals(), "now": utcnow(), **values}
+
+    # ── admission ──
 
     async def admit(self, hold: Hold, enforce: bool = True) -> Limits:
         """Inside the caller's transaction: check the owner's limits (its own, else the global ones)
         and reserve the call's tokens and cost; the owner's effective limits. An answer (purpose
         ANSWER) also takes a running answer and a token of the bucket. `enforce=False` (a later
-        round of an admitted answer): reserved, never refused. Refused: OverLimit, nothing written."""
-        raise NotImplementedError
+        round of an admitted answer): reserved, never refused. Refused: OverLimit, nothing written.
+
+        One statement when the owner has a row and is admitted (docs/design/usage.md 1.4: a blocked
+        UPDATE re-reads its WHERE on the row its winner left, so of racing admissions only those the
+        budget still holds pass); a first admission inserts the row first, a refusal reads it again
+        to say which limit."""
+        answer = enforce and hold.purpose is Purpose.ANSWER
+        values = self._values(
+            owner=hold.owner, tokens=hold.prompt_tokens + hold.output_tokens, cost=hold.cost,
+        )  # fmt: skip
+        sql = self._admission[(enforce, answer)]
+        row = await self.db.fetch_one(sql, values, role=WRITE)
+        if row is None:
+            created = await self.db.fetch_one(
+                f"INSERT INTO usage_owners (owner, day, month) VALUES (:owner, {self._today}, {self._month})"
+                " ON CONFLICT (owner) DO NOTHING RETURNING owner",
+                values,
+                role=WRITE,
+            )
+            if created is not None:
+                row = await self.db.fetch_one(sql, values, role=WRITE)
+        for _ in range(3):  # a refusal whose limit no longer refuses once read again: the row changed meanwhile
+            if row is not None:
+                break
+            refusal = await self._refusal(hold.owner, answer)
+            if refusal is not None:
+                raise refusal
+            row = await self.db.fetch_one(sql, values, role=WRITE)
+        else:
+            if row is None:
+                raise StorageUnavailable("The owner's usage changed too often while this turn was admitted; try again.")
+        await self.db.execute(
+            "INSERT INTO usage_calls (id, owner, session_id, message_id, purpose, model, state, prompt_tokens,"
+            " reserved_tokens, reserved_cost, day, month, created_at) VALUES (:id, :owner, :sid, :mid, :purpose,"
+            f" :model, 'reserved', :prompt, :tokens, :cost, :day, :month, {self._now})",
+            {
+                **values,
+                "id": hold.call_id,
+                "sid": hold.session_id,
+                "mid": hold.message_id,
+                "purpose": hold.purpose.value,
+                "model": hold.model,
+                "prompt": hold.prompt_tokens,
+                "day": row["day"],
+                "month": row["month"],
+            },
+        )
+        return Limits(*(row[kind] for kind in LIMIT_KINDS))
+
+    async def _refusal(self, owner: str, answer: bool) -> OverLimit | None:
+        """The first of the owner's limits that refuses a turn now, as its OverLimit; None: none does."""
+        w, e = self._window, self._effective
+        row = await self.db.fetch_one(
+            f"SELECT {self._today} AS today, {self._month} AS this_month, {self._epoch} AS now,"
+            f" {w['day_tokens']} + {w['day_reserved']} AS day_used, {w['day_reserved']} AS day_held,"
+            f" {w['month_tokens']} + {w['month_reserved']} AS month_used, {w['month_reserved']} AS month_held,"
+            f" {w['month_cost']} + {w['month_reserved_cost']} AS cost_used,"
+            f" {w['month_reserved_cost']} AS cost_held, running, bucket, bucket_at,"
+            f" {', '.join(f'{e(kind)} AS {kind}' for kind in LIMIT_KINDS)} FROM usage_owners WHERE owner = :owner",
+            self._values(owner=owner),
+            role=WRITE,
+        )
+        if row is None:
+            return None
+        now = datetime.fromtimestamp(row["now"], timezone.utc)
+        midnight, first = _next_day(row["today"]), _next_month(row["this_month"])
+        budgets = (
+            ("tokens_per_day", row["day_used"], row["day_held"], midnight, "today"),
+            ("tokens_per_month", row["month_used"], row["month_held"], first, "this month"),
+            ("cost_per_month", row["cost_used"], row["cost_held"], first, "this month"),
+        )
+        for kind, used, held, reset, window in budgets:
+            size = row[kind]
+            if size is None or used < size:
+                continue
+            if kind == "cost_per_month":
+                currency = f" {self.prices.currency}" if self.prices else ""
+                amounts, shown_size, shown_used = f"{amount(used)} of your {amount(size)}{currency}", size, used
+                held_text = f", {amount(held)}{currency} of it held by calls still running" if held else ""
+                verb = "spent"
+            else:
+                amounts, shown_size, shown_used = f"{used:,} of your {size:,} tokens", size, used
+                held_text = f", {held:,} of them held by calls still running" if held else ""
+                verb = "used"
+            resets_at = _rfc3339(reset)
+            return OverLimit(
+                "quota_exceeded",
+                f"You have {verb} {amounts} for {window} (UTC){held_text}; the limit resets at {resets_at}.",
+                kind,
+                shown_size,
+                shown_used,
+                resets_at,
+                max(0.0, (reset - now).total_seconds()),
+            )
+        if not answer:
+            return None
+        size = row["answers_per_minute"]
+        if size is not None:
+            fill = _bucket_fill(row["bucket"], row["bucket_at"], row["now"], size)
+            if fill < 1:
+                if size == 0:
+                    return OverLimit(
+                        "rate_limited", "Your limit is 0 answers per minute: no answer can start.",
+                        "answers_per_minute", 0, 0, None, 60.0,
+                    )  # fmt: skip
+                wait = (1 - fill) * 60 / size
+                resets_at = (now + timedelta(seconds=wait)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+                return OverLimit(
+                    "rate_limited",
+                    f"You have started the {size:,} answers per minute your limit allows; the next one can start"
+                    f" in {math.ceil(wait)} s ({resets_at}).",
+                    "answers_per_minute",
+                    size,
+                    size - math.floor(fill),
+                    resets_at,
+                    wait,
+                )
+        size = row["concurrent_answers"]
+        if size is not None and row["running"] >= size:
+            return OverLimit(
+                "rate_limited",
+                f"You have {row['running']:,} answers running, and your limit is {size:,} at once; start this one"
+                " when one of them ends.",
+                "concurrent_answers",
+                size,
+                row["running"],
+                None,
+                1.0,
+            )
+        return None
+
+    # ── settlement ──
 
     async def settle(self, call_id: str, spent: Spent, outcome: str, ends_answer: bool) -> None:
         """Inside the caller's transaction: the call's row gets what it used, and its owner's row the
         tokens and cost instead of what the call held (in the windows it was reserved in).
-        `ends_answer`: the answer ends with this call, and gives back its running answer."""
-        raise NotImplementedError
+        `ends_answer`: the answer ends with this call, and gives back its running answer. A call
+        already settled (the sweep took its answer for dead) is left as it is."""
+        await self._settle([(call_id, spent, outcome, ends_answer)])
+
+    async def _settle(self, calls: list[tuple[str, Spent, str, bool]]) -> int:
+        """Settle these calls (id, what it used, outcome, whether its answer ends), those still reserved:
+        two statements however many; how many were settled."""
+        if not calls:
+            return 0
+        values: dict[str, Any] = {"now": utcnow()}
+        rows = []
+        for n, (call_id, spent, outcome, _) in enumerate(calls):
+            row = {
+                "id": call_id,
+                "outcome": outcome,
+                "source": spent.source.value,
+                "prompt_tokens": spent.prompt_tokens,
+                "completion_tokens": spent.completion_tokens,
+                "total_tokens": spent.total_tokens,
+                "reasoning_tokens": spent.reasoning_tokens,
+                "cached_tokens": spent.cached_tokens,
+                "cache_creation_tokens": spent.cache_creation_tokens,
+                "cost_micros": spent.cost,
+                "currency": spent.currency if spent.cost is not None else None,
+            }
+            values.update((f"{name}{n}", value) for name, value in row.items())
+            columns = [("id", "TEXT"), *_SETTLED]
+            rows.append("(" + ", ".join(f"CAST(:{name}{n} AS {kind})" for name, kind in columns) + ")")
+        names = ", ".join(f"v_{name}" for name, _ in (("id", "TEXT"), *_SETTLED))
+        settled = await self.db.fetch_all(
+            f"WITH v ({names}) AS (VALUES {', '.join(rows)}) UPDATE usage_calls SET state = 'settled',"
+            f" {', '.join(f'{name} = v_{name}' for name, _ in _SETTLED)}, settled_at = {self._now}"
+            " FROM v WHERE id = v_id AND state = 'reserved'"
+            " RETURNING id, owner, day, month, reserved_tokens, reserved_cost, total_tokens, cost_micros",
+            values,
+            role=WRITE,
+        )
+        ends = {call_id for call_id, _, _, end in calls if end}
+        windows: dict[tuple[str, str, str], list[int]] = {}
+        for row in settled:
+            counts = windows.setdefault((row["owner"], row["day"], row["month"]), [0, 0, 0, 0, 0])
+            for i, value in enumerate((row["total_tokens"], row["reserved_tokens"], row["cost_micros"],
+                                       row["reserved_cost"], row["id"] in ends)):  # fmt: skip
+                counts[i] += int(value or 0)
+        if windows:
+            await self._add_to_owners(windows)
+        return len(settled)
+
+    async def _add_to_owners(self, windows: dict[tuple[str, str, str], list[int]]) -> None:
+        """Owners' rows, for calls settled in these windows (owner, day, month): [tokens, tokens held,
+        cost, cost held, answers ended]. Tokens and cost count in a window only while it is still the
+        row's; what was held there is given back (never below 0)."""
+        values: dict[str, Any] = {}
+        rows = []
+        for n, ((owner, day, month), counts) in enumerate(windows.items()):
+            values.update({f"o{n}": owner, f"d{n}": day, f"m{n}": month})
+            values.update((f"c{n}_{i}", count) for i, count in enumerate(counts))
+            counts_sql = ", ".join(f"CAST(:c{n}_{i} AS BIGINT)" for i in range(len(counts)))
+            rows.append(f"(CAST(:o{n} AS TEXT), CAST(:d{n} AS TEXT), CAST(:m{n} AS TEXT), {counts_sql})")
+
+        def total(column: str, window: str = "") -> str:
+            where = {"day": " AND v_day = usage_owners.day", "month": " AND v_month = usage_owners.month"}.get(
+                window, ""
+            )
+            return (
+                f"COALESCE((SELECT CAST(SUM({column}) AS BIGINT) FROM v WHERE v_owner = usage_owners.owner{where}), 0)"
+            )
+
+        big = self._max
+        await self.db.execute(
+            "WITH v (v_owner, v_day, v_month, v_tokens, v_held, v_cost, v_held_cost, v_ends) AS"
+            f" (VALUES {', '.join(rows)}) UPDATE usage_owners SET"
+            f" day_tokens = day_tokens + {total('v_tokens', 'day')},"
+            f" day_reserved = {big}(day_reserved - {total('v_held', 'day')}, 0),"
+            f" month_tokens = month_tokens + {total('v_tokens', 'month')},"
+            f" month_reserved = {big}(month_reserved - {total('v_held', 'month')}, 0),"
+            f" month_cost = month_cost + {total('v_cost', 'month')},"
+            f" month_reserved_cost = {big}(month_reserved_cost - {total('v_held_cost', 'month')}, 0),"
+            f" running = {big}(running - {total('v_ends')}, 0)"
+            " WHERE owner IN (SELECT v_owner FROM v)",
+            values,
+        )
 
     async def next_round(self, call_id: str, spent: Spent, hold: Hold) -> None:
         """An answer's round ended and it calls the model again: the round settled, the next reserved
-        (not refused), in one transaction."""
-        raise NotImplementedError
+        (not refused), in one transaction. A round found settled already (the sweep took the answer
+        for dead) reserves no next one: nothing would settle it."""
+
+        async def body() -> None:
+            if await self._settle([(call_id, spent, COMPLETE, False)]):
+                await self.admit(hold, enforce=False)
+
+        await self.db.atomically(body)
 
     async def settle_swept(self, answers: list[dict]) -> None:
         """Inside the sweep's transaction: the calls still reserved of these answers (rows with `id`,
-        `content`, `reasoning_content`), just stored as interrupted, settled with an estimate from their
-        stored text; their running answers given back."""
-        raise NotImplementedError
+        `content`, `reasoning_content`, and `tool_steps` if read), just stored as interrupted, settled
+        with an estimate from their stored text; their running answers given back.
+
+        The estimate: the prompt the call reserved (its estimate, written at admission), and the
+        answer's stored output (text, reasoning, tool calls' arguments: estimate_tokens, which errs
+        high) less what its earlier rounds were counted; `estimated`. An answer that stored nothing:
+        `none`, 0 tokens (the model sent nothing before the process was gone)."""
+        by_id = {answer["id"]: answer for answer in answers}
+        calls: list[dict] = []
+        for names, ids in _id_batches(list(by_id)):
+            calls += await self.db.fetch_all(
+                "SELECT id, message_id, state, model, prompt_tokens, completion_tokens FROM usage_calls"
+                f" WHERE message_id IN ({names})",
+                ids,
+                role=WRITE,
+            )
+        earlier: dict[str, int] = {}
+        reserved: dict[str, list[dict]] = {}
+        for call in sorted(calls, key=lambda c: c["id"]):
+            if call["state"] == "settled":
+                earlier[call["message_id"]] = earlier.get(call["message_id"], 0) + (call["completion_tokens"] or 0)
+            else:
+                reserved.setdefault(call["message_id"], []).append(call)
+        settlements = []
+        for answer_id, rounds in reserved.items():
+            answer = by_id[answer_id]
+            output = answer_output(answer.get("content"), answer.get("reasoning_content"), answer.get("tool_steps"))
+            stored = bool(output or answer.get("tool_steps"))
+            completion = max(estimate_tokens(output) - earlier.get(answer_id, 0), 0) if output else 0
+            for n, call in enumerate(rounds):  # one, unless a round was reserved twice
+                last = n == len(rounds) - 1
+                if stored:
+                    prompt = call["prompt_tokens"] or 0
+                    spent = Spent(Source.ESTIMATED, prompt, completion if last else 0)
+                    spent.total_tokens = spent.prompt_tokens + spent.completion_tokens
+                    if self.prices is not None:
+                        spent.cost = self.prices.cost(call["model"], spent, bool(answer.get("reasoning_content")))
+                        spent.currency = self.prices.currency
+                else:
+                    spent = Spent(Source.NONE)
+                settlements.append((call["id"], spent, INTERRUPTED, n == 0))
+        for start in range(0, len(settlements), 500):
+            await self._settle(settlements[start : start + 500])
 
     async def record(self, hold: Hold, spent: Spent, outcome: str) -> None:
-        """A call recorded once it is done (a title): its row, settled, and its owner's windows."""
-        raise NotImplementedError
+        """A call recorded once it is done (a title): its row, settled, and its owner's windows (its
+        row made if it has none), in one transaction. Never refused: reserved unenforced, then settled."""
+
+        async def body() -> None:
+            await self.admit(hold, enforce=False)
+            await self._settle([(hold.call_id, spent, outcome, False)])
+
+        await self.db.atomically(body)
+
+    # ── an owner's limits and standing ──
 
     async def owner_limits(self, owner: str) -> dict:
-        """An admin's limits for the owner, as PUT: a key absent is the global limit, null is none."""
-        raise NotImplementedError
+        """An admin's limits for the owner, as PUT: a key absent is the global limit, null is none
+        (`cost_per_month` in micros)."""
+        row = await self.db.fetch_one(
+            f"SELECT {', '.join(f'limit_{kind}' for kind in LIMIT_KINDS)} FROM usage_owners WHERE owner = :owner",
+            {"owner": owner},
+        )
+        limits: dict[str, int | None] = {}
+        for kind in LIMIT_KINDS:
+            size = row and row[f"limit_{kind}"]
+            if size is not None:
+                limits[kind] = None if size < 0 else size
+        return limits
 
     async def set_limits(self, owner: str, limits: dict) -> None:
-        """Replace an admin's limits for the owner (the object as PUT, already checked)."""
-        raise NotImplementedError
+        """Replace an admin's limits for the owner (the object as PUT, already checked: each key a
+        LIMIT_KINDS name, each value a whole number >= 0, `cost_per_month` in micros, or None for no
+        limit; a key absent: the global limit). One statement."""
+        unknown = set(limits) - set(LIMIT_KINDS)
+        if unknown:
+            raise ValueError(f"not a limit: {', '.join(sorted(unknown))}")
+        values = self._values(owner=owner)
+        for kind in LIMIT_KINDS:
+            values[kind] = (-1 if limits[kind] is None else int(limits[kind])) if kind in limits else None
+        columns = ", ".join(f"limit_{kind}" for kind in LIMIT_KINDS)
+        await self.db.execute(
+            f"INSERT INTO usage_owners (owner, day, month, {columns}, limits_at) VALUES (:owner, {self._today},"
+            f" {self._month}, {', '.join(f':{kind}' for kind in LIMIT_KINDS)}, {self._now})"
+            f" ON CONFLICT (owner) DO UPDATE SET"
+            f" {', '.join(f'limit_{kind} = excluded.limit_{kind}' for kind in LIMIT_KINDS)},"
+            " limits_at = excluded.limits_at",
+            values,
+        )
 
     async def reset(self, owner: str, window: str) -> None:
         """An admin sets the owner's settled tokens and cost of this window ('day' or 'month') to 0;
-        the ledger keeps every call."""
-        raise NotImplementedError
+        the ledger keeps every call, and what running calls hold stays held. One statement."""
+        sets = {
+            "day": f"day_tokens = 0, day_reset_at = {self._now}",
+            "month": f"month_tokens = 0, month_cost = 0, month_reset_at = {self._now}",
+        }
+        if window not in sets:
+            raise ValueError(f"not a window: {window!r}")
+        await self.db.execute(f"UPDATE usage_owners SET {sets[window]} WHERE owner = :owner", self._values(owner=owner))
 
     async def standing(self, owner: str) -> dict:
-        """Where the owner stands: each limit's size, source, used, held, remaining and reset time."""
-        raise NotImplementedError
+        """Where the owner stands, by the database's clock: {"limits": {kind: {"limit", "source"
+        ("user": its own, "global", or "none": no limit applies), "used", "reserved" (held by its
+        running calls), "remaining" (None without a limit), "resets_at" (RFC 3339; None: no reset)}},
+        "day", "month"}. Costs in micros. answers_per_minute: `used` the answers its bucket is short
+        of full, `remaining` the answers that can start now, `resets_at` when it is full again;
+        concurrent_answers: `used` the answers running."""
+        columns = ", ".join(f"o.limit_{kind}" for kind in LIMIT_KINDS)
+        row = await self.db.fetch_one(
+            f"SELECT {self._today} AS today, {self._month} AS this_month, {self._epoch} AS now, o.day, o.day_tokens,"
+            " o.day_reserved, o.month, o.month_tokens, o.month_reserved, o.month_cost, o.month_reserved_cost,"
+            f" o.running, o.bucket, o.bucket_at, {columns} FROM (SELECT 1 AS one) AS clock"
+            " LEFT JOIN usage_owners o ON o.owner = :owner",
+            {"owner": owner},
+        )
+        assert row is not None
+        today, month, now = row["today"], row["this_month"], row["now"]
+        this_day, this_month = row["day"] == today, row["month"] == month
+        midnight, first = _rfc3339(_next_day(today)), _rfc3339(_next_month(month))
+        current = {
+            "tokens_per_day": (row["day_tokens"] if this_day else 0, row["day_reserved"] if this_day else 0, midnight),
+            "tokens_per_month": (
+                row["month_tokens"] if this_month else 0, row["month_reserved"] if this_month else 0, first,
+            ),
+            "cost_per_month": (
+                row["month_cost"] if this_month else 0, row["month_reserved_cost"] if this_month else 0, first,
+            ),
+        }  # fmt: skip
+        limits = {}
+        for kind in LIMIT_KINDS:
+            own, everyone = row[f"limit_{kind}"], getattr(self.limits, kind)
+            size = everyone if own is None else (None if own < 0 else own)
+            source = "none" if size is None else ("global" if own is None else "user")
+            if kind in current:
+                used, reserved, resets_at = current[kind]
+                remaining = None if size is None else max(size - used - reserved, 0)
+            elif kind == "answers_per_minute":
+                reserved, used, remaining, resets_at = 0, 0, None, None
+                if size is not None:
+                    fill = _bucket_fill(row["bucket"], row["bucket_at"], now, size)
+                    used, remaining = size - math.floor(fill), math.floor(fill)
+                    if fill < size:
+                        full = datetime.fromtimestamp(now, timezone.utc) + timedelta(seconds=(size - fill) * 60 / size)
+                        resets_at = full.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+            else:
+                used, reserved, resets_at = row["running"] or 0, 0, None
+                remaining = None if size is None else max(size - used, 0)
+            limits[kind] = {
+                "limit": size, "source": source, "used": used, "reserved": reserved, "remaining": remaining,
+                "resets_at": resets_at,
+            }  # fmt: skip
+        return {"limits": limits, "day": today, "month": month}
+
+    # ── reports ──
 
     async def report(
         self, owner: str | None, start: str, end: str, group_by: str, limit: int, cursor: str | None
     ) -> tuple[dict, list[dict], str | None]:
-        """The calls of `owner` (None: everyone) created in [start, end): totals, one row per group
-        (day, model, conversation, purpose, user) and the next page's cursor."""
-        raise NotImplementedError
+        """The calls of `owner` (None: everyone) created in [start, end) (RFC 3339 or dates, UTC):
+        totals, one row per group (`group_by`: day, model, conversation, purpose, user, or none for
+        totals alone) with its `key`, at most `limit` of them after the group `cursor` (the key of the
+        last page's last group, as this returns it: the caller makes it opaque), keys ascending, and
+        the next page's cursor (None: this is the last). Each: calls, answers, prompt, completion,
+        reasoning, cached, total and estimated tokens, and cost (micros; None: no call has a cost).
+        Settled and still reserved calls (a reserved call has no tokens yet). Index range reads:
+        (owner, created_at), or (created_at) for everyone."""
+        if group_by != "none" and group_by not in USAGE_GROUPS:
+            raise ValueError(f"not a grouping: {group_by!r}")
+        values: dict[str, Any] = {"owner": owner, "start": usage_moment(start), "end": usage_moment(end)}
+        where = "created_at >= :start AND created_at < :end" + (" AND owner = :owner" if owner is not None else "")
+        sums = ", ".join(_REPORT_SUMS)
+        totals = await self.db.fetch_one(f"SELECT {sums} FROM usage_calls WHERE {where}", values)
+        assert totals is not None
+        if group_by == "none":
+            return totals, [], None
+        key = USAGE_GROUPS[group_by]
+        page_where = where
+        if cursor is not None:
+            if group_by == "day":  # after that day: a bound of the index's range
+                values["start"] = max(values["start"], cursor + "U")  # 'U' sorts after the day's 'T...'
+            else:
+                page_where += f" AND {key} > :cursor"
+                values["cursor"] = cursor
+        groups = await self.db.fetch_all(
+            f"SELECT {key} AS key, {sums} FROM usage_calls WHERE {page_where} GROUP BY {key} ORDER BY {key}"
+            " LIMIT :limit",
+            {**values, "limit": limit + 1},
+        )
+        more = len(groups) > limit
+        groups = groups[:limit]
+        return totals, groups, groups[-1]["key"] if more else None
 
 
 # ── Store: the database and its rooms, opened and closed together ──────────────────────
@@ -4976,20 +5594,32 @@ def _tool_call_entries(entries: Any, held: list[dict] | None) -> list[dict] | No
 # alone; UTF-8 cannot hold one).
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+# ... and what DashScope details (design 1.1): `completion_tokens_details.reasoning_tokens` (within
+# completion_tokens), `prompt_tokens_details.cached_tokens` (within prompt_tokens; a top-level
+# `cached_tokens` is taken too, as some servers send it) and `.cache_creation_input_tokens`
+USAGE_DETAILS = ("reasoning_tokens", "cached_tokens", "cache_creation_tokens")
 MAX_TOKENS_STORED = 2**31 - 1  # an INTEGER column on PostgreSQL
 
 
 def sane_usage(usage: Any) -> dict | None:
-    """The usage the model service reported, keeping only counts a database column can hold: a
-    usage that is not an object, or a count that is not a non-negative integer, is dropped (and logged)."""
+    """The usage the model service reported, as one flat dict of the counts a database column can
+    hold (USAGE_FIELDS, then USAGE_DETAILS when sent): a usage that is not an object, or a count that
+    is not a non-negative integer, is dropped (and logged)."""
     if not usage:
         return None
     if not isinstance(usage, dict):
         log.warning("the model service sent a usage that is not an object; dropped: %.200r", usage)
         return None
+    completion = usage.get("completion_tokens_details")
+    prompt = usage.get("prompt_tokens_details")
+    completion = completion if isinstance(completion, dict) else {}
+    prompt = prompt if isinstance(prompt, dict) else {}
+    found = {name: usage.get(name) for name in USAGE_FIELDS}
+    found["reasoning_tokens"] = completion.get("reasoning_tokens")
+    found["cached_tokens"] = prompt.get("cached_tokens", usage.get("cached_tokens"))
+    found["cache_creation_tokens"] = prompt.get("cache_creation_input_tokens")
     kept = {}
-    for name in USAGE_FIELDS:
-        value = usage.get(name)
+    for name, value in found.items():
         if type(value) is int and 0 <= value <= MAX_TOKENS_STORED:
             kept[name] = value
         elif value is not None:
@@ -5062,6 +5692,10 @@ class ToolCallAccumulator:
             call.arguments.append(arguments)
         elif arguments is not None:  # an object: the whole arguments, not a piece of them
             call.arguments[:] = [json.dumps(arguments, ensure_ascii=False)]
+
+    def text(self) -> str:
+        """Every name and argument gathered so far, as one text (what the model wrote: its estimate)."""
+        return "".join(call.name + "".join(call.arguments) for call in self._calls)
 
     def calls(self) -> list[ToolCall]:
         """The round's calls that have a name, in index order (arrival order within an index). A call
@@ -5728,15 +6362,19 @@ def final_event(
     usage: dict | None,
     error: Refusal | None,
     tool_calls: list[dict] | None = None,
+    cost: Cost | None = None,
 ) -> tuple[str, dict]:
     """The `end` or `error` event that closes an answer (also rebuilt from a stored message). An
-    answer that waits for the app's own tools (finish_reason `tool_calls`) lists their calls."""
+    answer that waits for the app's own tools (finish_reason `tool_calls`) lists their calls; its
+    `usage` (shown_usage) when reported, its `cost` and `currency` when known (CHATSVC_PRICES)."""
     if error is None and status in (COMPLETE, STOPPED):
         # finish_reason as stored (a complete answer always has the model's); usage only when reported
         end = {"full_text": text, "message_id": message_id, "finish_reason": finish_reason}
         if finish_reason == TOOL_CALLS and tool_calls:
             end["tool_calls"] = tool_calls
-        return "end", end if usage is None else {**end, "usage": usage}
+        if usage is not None:
+            end["usage"] = shown_usage(usage)
+        return "end", end if cost is None else {**end, **cost.shown()}
     return "error", {
         "message": error.detail if error else "The answer failed.",
         "code": error.code if error else "upstream_error",
@@ -5755,8 +6393,9 @@ def stored_final_event(row: dict) -> bytes:
     """The final event of a stored answer, with the id of the last event its text covers."""
     calls = pending_tool_calls(json.loads(row["tool_steps"])) if row["tool_steps"] else None
     type_, data = final_event(
-        row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row), stored_error(row), calls
-    )
+        row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row, True), stored_error(row), calls,
+        row_cost(row),
+    )  # fmt: skip
     return sse_event(event_id(row["id"], row["last_seq"]), {"type": type_, "data": data})
 
 
@@ -5813,8 +6452,16 @@ class Answer:
     phase: Phase = Phase.RUNNING
     status: str = STREAMING  # as stored: STREAMING until it ends, then how it ended
     finish_reason: str | None = None
-    usage: dict | None = None  # as the model service reported it; None when it reported none
-    prompt_estimate: int = 0  # estimate_tokens of what was sent, when the model service reports no usage
+    usage: dict | None = None  # as the model service reported it (sane_usage, rounds added); None: it reported none
+    # What its model calls used (docs/design/usage.md 2.3): each is a row of the ledger, reserved before
+    # the call; `call_id` is the row the running round is settled into (the one begin_turn reserved,
+    # then each next_round's), `round` what the running round holds and has received, `used` what
+    # each ended round used, and `carried` what ended rounds used whose row could not be settled then
+    # (the database failed): the running round's row is settled with it added.
+    call_id: str | None = None
+    round: Round | None = None
+    used: list[Spent] = field(default_factory=list)
+    carried: Spent | None = None
     error: Refusal | None = None  # why it failed, or was not stored
     final: bytes | None = None  # its `end` or `error` event, once sent
     steps: list[dict] = field(default_factory=list)  # its tool_call and tool_result events, as stored
@@ -5856,9 +6503,16 @@ class Answer:
         """Its steps as the store keeps them (None: it made no tool call)."""
         return json.dumps(self.steps, ensure_ascii=False, separators=(",", ":")) if self.steps else None
 
-    def final_state(self) -> FinalState:
-        """What the store keeps of it once it ends."""
+    def final_state(self, prices: Prices | None) -> FinalState:
+        """What the store keeps of it once it ends: with its last round's row settled (the round
+        accounted here, once)."""
         error = self.error
+        spent = None
+        if self.round is not None:
+            last = round_spent(self, prices)
+            self.used.append(last)
+            spent, self.carried, self.round = added_spent(self.carried, last), None, None
+        cost = answer_cost(self, prices)
         return FinalState(
             self.status,
             self.full_text,
@@ -5869,6 +6523,9 @@ class Answer:
             error.detail if error else None,
             last_seq=len(self.log),
             steps=self.stored_steps(),
+            call_id=self.call_id if spent is not None else None,
+            spent=spent,
+            cost=cost,
         )
 
     def move(self, to: Phase) -> None:
@@ -5947,6 +6604,111 @@ class Answer:
         return True
 
 
+def sent_tokens(body: dict) -> int:
+    """The estimate of what a model request sends (estimate_tokens, which errs high): its messages'
+    contents (images by their tiles), the tool calls they carry, and the tools it offers."""
+    tokens = 0
+    for message in body["messages"]:
+        tokens += content_tokens(message.get("content"))
+        for call in message.get("tool_calls") or ():
+            tokens += estimate_tokens(call["function"]["name"] + call["function"]["arguments"])
+    if body.get("tools"):
+        tokens += estimate_tokens(json.dumps(body["tools"], ensure_ascii=False))
+    return tokens
+
+
+@dataclass
+class Round:
+    """An answer's model round: its ledger row's hold (`hold.prompt_tokens`: the estimate of what it
+    sends), and what its last attempt received (a retried call's earlier attempts are not counted:
+    they relayed nothing, and the model service is not known to bill a call it failed)."""
+
+    hold: Hold
+    text_at: int = 0  # the answer's text pieces before it
+    reasoning_at: int = 0  # ... and reasoning pieces
+    chunks: bool = False  # the model service sent at least one chunk
+    usage: dict | None = None  # what the model service reported for it (sane_usage)
+    gathered: ToolCallAccumulator | None = None  # the tool calls it wrote
+
+    def attempt(self, answer: Answer, gathered: ToolCallAccumulator) -> None:
+        """A new attempt at the call starts: only the last one is counted."""
+        self.text_at, self.reasoning_at = len(answer.text), len(answer.reasoning)
+        self.chunks, self.usage, self.gathered = False, None, gathered
+
+
+def call_spent(hold: Hold, usage: dict | None, written: str | None, prices: Prices | None, thinking: bool) -> Spent:
+    """What an upstream call used (docs/design/usage.md 2.8): what the model service reported (sane_usage);
+    else, when it sent at least one chunk (`written`: all it wrote, text, reasoning and tool calls),
+    chatsvc's estimate, which errs high: the prompt's estimate the hold made, and estimate_tokens of what
+    it wrote; else nothing (it failed before answering). Priced by CHATSVC_PRICES (`thinking`: at the
+    thinking rate)."""
+    if usage is not None:
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        details = (usage.get(name) for name in USAGE_DETAILS)
+        used = Spent(Source.REPORTED, prompt, completion, usage.get("total_tokens", prompt + completion), *details)
+    elif written is not None:
+        completion = estimate_tokens(written)
+        used = Spent(Source.ESTIMATED, hold.prompt_tokens, completion, hold.prompt_tokens + completion)
+    else:
+        used = Spent(Source.NONE)
+    cost = prices.cost(hold.model, used, thinking) if prices is not None else None
+    if cost is not None:
+        used.cost, used.currency = cost, prices.currency
+    return used
+
+
+def round_spent(answer: Answer, prices: Prices | None) -> Spent:
+    """What the answer's running round used (call_spent); a round that thought (reasoning came) is
+    priced at the thinking rate."""
+    r = answer.round
+    assert r is not None
+    reasoning = "".join(answer.reasoning[r.reasoning_at :])
+    written = "".join(answer.text[r.text_at :]) + reasoning + (r.gathered.text() if r.gathered else "")
+    return call_spent(r.hold, r.usage, written if r.chunks else None, prices, thinking=bool(reasoning))
+
+
+def added_spent(one: Spent | None, other: Spent) -> Spent:
+    """Two calls' use as one row's (a round whose row could not be settled, added to the next's):
+    estimated if either was, each count summed, the cost known if both are."""
+    if one is None:
+        return other
+    sources = {one.source, other.source}
+    source = next(s for s in (Source.ESTIMATED, Source.REPORTED, Source.NONE) if s in sources)
+
+    def add(a: int | None, b: int | None) -> int | None:
+        return None if a is None and b is None else (a or 0) + (b or 0)
+
+    both = one.cost is not None and other.cost is not None
+    return Spent(
+        source,
+        one.prompt_tokens + other.prompt_tokens,
+        one.completion_tokens + other.completion_tokens,
+        one.total_tokens + other.total_tokens,
+        add(one.reasoning_tokens, other.reasoning_tokens),
+        add(one.cached_tokens, other.cached_tokens),
+        add(one.cache_creation_tokens, other.cache_creation_tokens),
+        one.cost + other.cost if both else None,
+        one.currency if both else None,
+    )
+
+
+def answer_cost(answer: Answer, prices: Prices | None) -> Cost | None:
+    """What the answer's ended rounds cost together; None without prices, or for a model without one."""
+    if prices is None or not answer.used or any(spent.cost is None for spent in answer.used):
+        return None
+    return Cost(sum(spent.cost for spent in answer.used), prices.currency)
+
+
+def shown_usage(usage: dict | None) -> dict | None:
+    """A usage as an answer's `end` event, reply and message show it: the three counts, and
+    `reasoning_tokens` and `cached_tokens` when the model service reported them."""
+    if usage is None:
+        return None
+    return {k: usage.get(k) for k in USAGE_FIELDS} | {
+        k: usage[k] for k in ("reasoning_tokens", "cached_tokens") if usage.get(k) is not None
+    }
+
+
 def record_answer(metrics: Metrics, answer: Answer) -> None:
     """An ended answer into the metrics and the log: one line an answer, with its cost."""
     error, m = answer.error, metrics
@@ -5954,15 +6716,17 @@ def record_answer(metrics: Metrics, answer: Answer) -> None:
     m.duration.labels(answer.model).observe(time.monotonic() - answer.started)
     if answer.first_token_at is not None:
         m.first_token.labels(answer.model).observe(answer.first_token_at - answer.started)
+    for used in answer.used:
+        m.spent(answer.model, used)
     kind, usage = spent(answer)
-    m.usage(answer.model, usage, estimated=kind == "estimated")
     if answer.offered:
         m.tool_rounds.observe(answer.rounds)
     eq = "~=" if kind == "estimated" else "="
     ttft = f"{(answer.first_token_at - answer.started) * 1000:.1f}" if answer.first_token_at else "-"
+    cost = "-" if any(used.cost is None for used in answer.used) else money(sum(u.cost for u in answer.used))
     log.info(
         "answer session=%s message=%s request_id=%s model=%s status=%s code=%s ttft_ms=%s duration_ms=%.1f"
-        " usage=%s prompt_tokens%s%s completion_tokens%s%s retries=%d rounds=%d calls=%d tool_ms=%.1f"
+        " usage=%s prompt_tokens%s%s completion_tokens%s%s cost=%s retries=%d rounds=%d calls=%d tool_ms=%.1f"
         " images=%d files=%d vision_switch=%d",
         answer.session_id,
         answer.message_id,
@@ -5977,6 +6741,7 @@ def record_answer(metrics: Metrics, answer: Answer) -> None:
         usage.get("prompt_tokens", "-"),
         eq,
         usage.get("completion_tokens", "-"),
+        cost,
         answer.retries,
         answer.rounds,
         answer.calls,
@@ -5991,18 +6756,20 @@ def added_usage(one: dict | None, other: dict | None) -> dict | None:
     """Two rounds' usage, as one (an answer's tool rounds are one answer): each count summed."""
     if one is None or other is None:
         return one or other
-    return {k: one.get(k, 0) + other.get(k, 0) for k in USAGE_FIELDS if k in one or k in other}
+    return {k: one.get(k, 0) + other.get(k, 0) for k in USAGE_FIELDS + USAGE_DETAILS if k in one or k in other}
 
 
 def spent(answer: Answer) -> tuple[str, dict]:
-    """What an answer cost: the usage the model service reported; else, if the model worked (some
-    servers, llama-cpp-python for one, ignore stream_options), chatsvc's estimate; else nothing."""
-    if answer.usage is not None:
-        return "reported", answer.usage
-    if not answer.text_chars and not answer.reasoning_chars:
+    """What an ended answer's rounds used, together: `reported` when the model service reported every
+    round that reached it, `estimated` when chatsvc estimated any, else `none` (nothing reached it)."""
+    sources = {used.source for used in answer.used}
+    kind = Source.ESTIMATED if Source.ESTIMATED in sources else Source.REPORTED if Source.REPORTED in sources else None
+    if kind is None:
         return "none", {}
-    completion = estimate_tokens(answer.full_text + (answer.full_reasoning or ""))
-    return "estimated", {"prompt_tokens": answer.prompt_estimate, "completion_tokens": completion}
+    return kind.value, {
+        "prompt_tokens": sum(used.prompt_tokens for used in answer.used),
+        "completion_tokens": sum(used.completion_tokens for used in answer.used),
+    }
 
 
 # ── Registry: where readers find answers, and the events a channel reader is sent ──────
@@ -6194,23 +6961,42 @@ class Relay:
             raise busy(key[1])
 
     async def admit(self, turn: Turn, payload: dict, offer: Offer | None = None) -> Answer:
-        """Store the turn (its question, and its answer's row as `streaming`), then start the answer.
-        The heartbeat vouches for the row from the moment it exists."""
+        """Store the turn (its question, and its answer's row as `streaming`) with its first model
+        call reserved against its owner's limits (OverLimit: refused, nothing stored), then start the
+        answer. While a token or cost limit applies, a request without max_tokens is sent with
+        CHATSVC_RESERVE_OUTPUT_TOKENS, what its reservation holds. The heartbeat vouches for the row
+        from the moment it exists."""
+        first = payload if offer is None else {**payload, **offer.payload(self.settings.max_tool_rounds < 1)}
+        turn.hold = turn.hold or self.hold(turn.owner, turn.session_id, turn.answer_id, Purpose.ANSWER, first)
         self._claiming.add(turn.answer_id)
         try:
             try:
-                await self.store.tree.begin_turn(turn)
+                limits = await self.store.tree.begin_turn(turn)
             except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
                 if self.replicas is None or not await self.replicas.recover():
                     raise
-                await self.store.tree.begin_turn(turn)
+                limits = await self.store.tree.begin_turn(turn)
+            if limits is not None and limits.budgets and payload.get("max_tokens") is None:
+                payload["max_tokens"] = self.settings.reserve_output_tokens
             return self._start(turn, payload, offer)
         finally:
             self._claiming.discard(turn.answer_id)
 
+    def hold(self, owner: str, session_id: str, message_id: str | None, purpose: Purpose, body: dict) -> Hold:
+        """What a model call about to be made with request `body` holds (a new ledger row): the
+        estimate of what it sends, what it may write (its max_tokens, else CHATSVC_RESERVE_OUTPUT_TOKENS)
+        and their price (at the thinking rate when the request asks the model to think)."""
+        s, model = self.settings, body["model"]
+        prompt, output = sent_tokens(body), body.get("max_tokens") or s.reserve_output_tokens
+        thinking = body.get("enable_thinking") is True
+        cost = s.prices.hold(model, prompt, output, thinking) if s.prices is not None else 0
+        return Hold(new_message_id(), owner, session_id, message_id, purpose, model, prompt, output, cost)
+
     def _start(self, turn: Turn, payload: dict, offer: Offer | None) -> Answer:
         owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
         answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id, offered=offer is not None)
+        if turn.hold is not None:
+            answer.call_id, answer.round = turn.hold.call_id, Round(turn.hold)
         if turn.title and self.settings.titles == "model":  # its first answer names the conversation
             answer.title_question = turn.question or turn.title  # text only: a message of files, their names
         answer.task = asyncio.create_task(self._run(answer, payload, offer), name=f"answer {message_id}")
@@ -6234,6 +7020,8 @@ class Relay:
             for round_ in itertools.count(1):
                 last = offer is None or round_ > s.max_tool_rounds
                 body = payload if offer is None else {**payload, "messages": messages, **offer.payload(last)}
+                if round_ > 1:
+                    await self._next_round(answer, body)
                 calls = await self._model_round(answer, body)
                 if not calls or offer is None:
                     break
@@ -6276,8 +7064,6 @@ class Relay:
             if answer.phase is Phase.TOOLS:  # a fault between two rounds
                 answer.move(Phase.RUNNING)
             answer.move(Phase.FINISHING)
-            if answer.usage is None and (answer.text_chars or answer.reasoning_chars):  # none reported: estimated
-                answer.prompt_estimate = sum(content_tokens(m.get("content")) for m in messages)
             await asyncio.shield(self._finish(answer))
 
     async def _model_round(self, answer: Answer, body: dict) -> list[ToolCall]:
@@ -6290,8 +7076,12 @@ class Relay:
 
         async def call() -> None:
             gathered, answer.usage = ToolCallAccumulator(), None  # a retried attempt's usage is not counted
+            if answer.round is not None:
+                answer.round.attempt(answer, gathered)
             async with contextlib.aclosing(stream_completion(self.client, s, body)) as deltas:
                 async for delta in deltas:
+                    if answer.round is not None:
+                        answer.round.chunks = True
                     if not self._relay(answer, delta):
                         return  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here, its calls dropped
                     gathered.feed(delta)
@@ -6309,8 +7099,49 @@ class Relay:
             await retried(s, self.metrics, "answer", call, said, counted)
         finally:
             deadline.cancel()
+            if answer.round is not None:
+                answer.round.usage = answer.usage
             answer.usage = added_usage(earlier, answer.usage)
         return calls
+
+    async def _next_round(self, answer: Answer, body: dict) -> None:
+        """Between two model rounds: the ended round's row settled with what it used and the next
+        round's reserved (Usage.next_round, never refused). The write is seen to its end even when the
+        answer is stopped meanwhile (then the stop goes on), so that the answer knows which row its
+        end settles. A database failure loses nothing: the ended round's use is carried, and settled
+        with the row the answer still holds (the next round's call is then accounted in it too)."""
+        ended, prices = answer.round, self.settings.prices
+        if ended is None:
+            return
+        used = round_spent(answer, prices)
+        answer.used.append(used)
+        hold = self.hold(answer.owner, answer.session_id, answer.message_id, Purpose.TOOL_ROUND, body)
+        answer.round = Round(hold, len(answer.text), len(answer.reasoning))
+        written = asyncio.ensure_future(
+            self.store.usage.next_round(answer.call_id, added_spent(answer.carried, used), hold)
+        )
+        stopped: asyncio.CancelledError | None = None
+        try:
+            await asyncio.shield(written)
+        except asyncio.CancelledError as exc:
+            stopped = exc
+            await asyncio.wait([written])
+        except StorageUnavailable:
+            pass
+        fault = None if written.cancelled() else written.exception()
+        if not written.cancelled() and fault is None:
+            answer.call_id, answer.carried = hold.call_id, None
+        else:
+            if fault is not None and not isinstance(fault, StorageUnavailable):
+                log.error("answer %s: the ledger failed between its rounds", answer.message_id, exc_info=fault)
+            log.warning(
+                "answer %s: its ended round will be settled with its next, the ledger could not be written now (%s)",
+                answer.message_id,
+                fault.detail if isinstance(fault, StorageUnavailable) else "see above",
+            )
+            answer.carried = added_spent(answer.carried, used)
+        if stopped is not None:
+            raise stopped
 
     def _calls(self, answer: Answer, calls: list[ToolCall], offer: Offer, round_: int) -> list[dict]:
         """A round's calls into the log as `tool_call` events (ids made unique within the answer)."""
@@ -6452,7 +7283,7 @@ class Relay:
 
     async def _finish(self, answer: Answer) -> None:
         """Store the answer's final state, then tell the readers: a reload after `end` shows it."""
-        final = answer.final_state()
+        final = answer.final_state(self.settings.prices)
         stored = await self._store_final(answer, final, self.settings.storage_timeout)
         if stored is False:  # another process took it for dead: its verdict stands, and is what readers get
             row = await self._verdict(answer)
@@ -6476,6 +7307,7 @@ class Relay:
                 answer.usage,
                 answer.error,
                 answer.pending_calls,
+                final.cost,
             )
         )
         answer.end()
@@ -6631,7 +7463,8 @@ def _emphasis_removed(match: re.Match) -> str:
 
 async def write_title(relay: Relay, answer: Answer) -> None:
     """Ask the model for the conversation's title and store it (and what it cost), through the same
-    upstream client, retries and timeouts as an answer. A failure leaves the first-line title."""
+    upstream client, retries and timeouts as an answer. A failure leaves the first-line title. The
+    call is recorded in the ledger once done (purpose title: reserved nothing, never refused)."""
     s = relay.settings
     model = s.title_model or s.chat_model
     conversation = f"User: {(answer.title_question or '')[:2000]}\n\nAssistant: {answer.full_text[:2000]}"
@@ -6645,13 +7478,15 @@ async def write_title(relay: Relay, answer: Answer) -> None:
         "max_tokens": 40,
     }
     text: list[str] = []
-    usage, status, code = None, "ok", "-"
+    usage, status, code, received = None, "ok", "-", False
+    hold = relay.hold(answer.owner, answer.session_id, None, Purpose.TITLE, payload)
 
     async def call() -> None:
-        nonlocal usage
+        nonlocal usage, received
+        usage, received = None, False  # only the last attempt is counted
         async for delta in stream_completion(relay.client, s, payload):
             text.append(delta.content)
-            usage = delta.usage or usage
+            usage, received = delta.usage or usage, True
 
     try:
         with anyio.fail_after(s.upstream_total_timeout):
@@ -6671,17 +7506,25 @@ async def write_title(relay: Relay, answer: Answer) -> None:
     except StorageUnavailable as exc:
         status, code = "unstored", "storage_unavailable"
         log.warning("title of session %s not stored: %s", answer.session_id, exc.detail)
-    relay.metrics.usage(model, usage, "title_")
-    usage = usage or {}
+    used = call_spent(hold, usage, "".join(text) if received else None, s.prices, thinking=False)
+    try:
+        await relay.store.usage.record(hold, used, FAILED if status == "failed" else COMPLETE)
+    except StorageUnavailable as exc:
+        log.warning("title of session %s not recorded in the ledger: %s", answer.session_id, exc.detail)
+    except Exception:
+        log.exception("title of session %s not recorded in the ledger", answer.session_id)
+    relay.metrics.spent(model, used, "title_")
     log.info(
-        "title session=%s message=%s model=%s status=%s code=%s prompt_tokens=%s completion_tokens=%s",
+        "title session=%s message=%s model=%s status=%s code=%s usage=%s prompt_tokens=%s completion_tokens=%s cost=%s",
         answer.session_id,
         answer.message_id,
         model,
         status,
         code,
-        usage.get("prompt_tokens", "-"),
-        usage.get("completion_tokens", "-"),
+        used.source.value,
+        used.prompt_tokens,
+        used.completion_tokens,
+        "-" if used.cost is None else money(used.cost),
     )
 
 
@@ -8414,7 +9257,8 @@ def present_message(
     """A message as the API shows it; without `siblings` (a tree page), without `sibling_ids`. A
     tool-results turn (stored as a user message) is shown with role "tool". `files`: the files of the
     page's messages, by message id (a message without files shows no `files`, as before files were)."""
-    usage = row_usage(row)
+    usage = row_usage(row, details=True)
+    cost = row_cost(row)
     carried = (files or {}).get(row["id"])
     return {
         "id": row["id"],
@@ -8431,6 +9275,7 @@ def present_message(
         "finish_reason": row["finish_reason"],
         "error": {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None,
         "usage": usage,
+        **(cost.shown() if cost is not None else {}),
         "created_at": row["created_at"],
     }
 
@@ -9187,18 +10032,6 @@ async def file_content(request: Request) -> Response:
 # of another owner need CHATSVC_ADMIN_TOKEN as `Authorization: Bearer` (never ?access_token=: a URL is
 # logged); without it configured the admin routes do not exist (404).
 
-USAGE_GROUPS = ("day", "model", "conversation", "purpose", "user")
-USAGE_COLUMNS = (
-    "calls",
-    "answers",
-    "prompt_tokens",
-    "completion_tokens",
-    "reasoning_tokens",
-    "cached_tokens",
-    "total_tokens",
-    "estimated_tokens",
-    "cost",
-)
 USAGE_MAX_DAYS = 366  # the longest range one report covers
 USAGE_PAGE = 1000  # groups in one page of a report, at most (and by default)
 WINDOWS = ("day", "month")
@@ -9315,9 +10148,10 @@ def money_or_none(micros: int | None) -> float | None:
     return None if micros is None else money(micros)
 
 
-def present_usage(row: dict) -> dict:
+def present_usage(row: Any) -> dict:
     """A report's totals or group as the API shows it: its cost as money (null without prices)."""
-    return {**row, "cost": money_or_none(row.get("cost"))}
+    shown = {name: row[name] for name in ("key", *USAGE_FIELDS_REPORTED) if name in row}
+    return {**shown, "cost": money_or_none(row["cost"])}
 
 
 def csv_cell(value: Any) -> Any:
@@ -9347,14 +10181,13 @@ async def usage_report(request: Request) -> Response:
     st = state(request)
     query = request.query_params
     group_by = query.get("group_by") or "day"
-    if group_by not in USAGE_GROUPS:
+    if group_by not in USAGE_GROUPS:  # (the Usage section's groupings)
         raise invalid(f"'group_by' must be one of {', '.join(USAGE_GROUPS)}.")
     as_csv = wants_csv(request)
     start, end = usage_range(request)
     limit = query_int(request, "limit", USAGE_PAGE, 1, USAGE_PAGE)
     cursor = query.get("cursor") or None
-    if cursor is not None and len(cursor) > 2048:
-        raise invalid("'cursor' is not a cursor this service returned.")
+    after = None if cursor is None else decode_cursor(cursor, 1)[0]  # the last key of the previous page
     user = query.get("user")
     if group_by == "user":
         require_admin(request, "A report of every user (group_by=user)")
@@ -9366,15 +10199,16 @@ async def usage_report(request: Request) -> Response:
         owner = check_owner(user, "user")
     else:
         owner = owner_of(request)
-    totals, groups, next_cursor = await st.store.usage.report(owner, start, end, group_by, limit, cursor)
+    totals, groups, last = await st.store.usage.report(owner, start, end, group_by, limit, after)
+    next_cursor = None if last is None else encode_cursor(last)
     prices: Prices | None = st.settings.prices
     currency = prices.currency if prices is not None else None
     if as_csv:
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(("key", *USAGE_COLUMNS, "currency"))
+        writer.writerow(("key", *USAGE_FIELDS_REPORTED, "currency"))
         for group in groups:
-            cells = [group.get(column) for column in USAGE_COLUMNS[:-1]]
+            cells = [group[column] for column in USAGE_FIELDS_REPORTED[:-1]]
             writer.writerow((csv_cell(group["key"]), *cells, csv_money(group.get("cost")), currency or ""))
         headers = {"Content-Disposition": f'attachment; filename="usage-{csv_name(start)}-{csv_name(end)}.csv"'}
         if next_cursor is not None:
@@ -9509,7 +10343,11 @@ async def start_answer(request: Request) -> Answer:
     relay.check_free(key)
     turn, messages, switched = await plan_turn(st.store, s, key, chat)
     payload = {"model": turn.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
-    answer = await relay.admit(turn, {**payload, **chat.options}, offer)
+    try:
+        answer = await relay.admit(turn, {**payload, **chat.options}, offer)
+    except OverLimit as exc:  # counted once, here: the 429 itself is api_error's
+        relay.metrics.limit_refusals.labels(exc.limit).inc()
+        raise
     answer.request_id = request.scope.get("request_id")
     answer.images, answer.files, answer.vision_switch = image_parts(messages), len(turn.files), switched
     relay.metrics.context_images.observe(answer.images)
@@ -9537,7 +10375,10 @@ async def chat(request: Request) -> Response:
         reply["tool_calls"] = answer.pending_calls
     if answer.steps:
         reply["steps"] = [{"type": step["type"], "data": step["data"]} for step in answer.steps]
-    return JSONResponse(reply if answer.usage is None else {**reply, "usage": answer.usage})  # usage: when reported
+    if answer.usage is not None:  # when reported
+        reply["usage"] = shown_usage(answer.usage)
+    cost = answer_cost(answer, state(request).settings.prices)
+    return JSONResponse(reply if cost is None else {**reply, **cost.shown()})
 
 
 RETRY = b"retry: 1000\n\n"  # once per connection: EventSource reconnects after 1 s

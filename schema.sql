@@ -211,8 +211,8 @@ CREATE INDEX usage_calls_by_owner ON usage_calls (owner, created_at);
 
 CREATE INDEX usage_calls_by_time ON usage_calls (created_at);
 
--- the calls still running, by answer (settlement, the sweep)
-CREATE INDEX usage_calls_reserved ON usage_calls (message_id) WHERE state = 'reserved';
+-- an answer's calls (the sweep: the ones still reserved, and what the settled rounds before them counted)
+CREATE INDEX usage_calls_by_message ON usage_calls (message_id);
 
 -- An owner's standing: its day's and month's settled tokens and cost and what its running calls hold
 -- (day and month say which window the counts are of; the first admission of a new one starts it at 0),
