@@ -4218,7 +4218,7 @@ def _rfc3339(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def money(micros: int) -> str:
+def money_text(micros: int) -> str:
     """Micros as an exact amount of the currency, without trailing zeros: 10240000 -> '10.24'."""
     text = f"{Decimal(micros) / MICROS:f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
@@ -4424,11 +4424,11 @@ class Usage:
             if kind == "cost_per_month":
                 currency = f" {self.prices.currency}" if self.prices else ""
                 amounts, shown_size, shown_used = (
-                    f"{money(used)} of your {money(size)}{currency}",
-                    money(size),
-                    money(used),
+                    f"{money_text(used)} of your {money_text(size)}{currency}",
+                    money_text(size),
+                    money_text(used),
                 )
-                held_text = f", {money(held)}{currency} of it held by calls still running" if held else ""
+                held_text = f", {money_text(held)}{currency} of it held by calls still running" if held else ""
                 verb = "spent"
             else:
                 amounts, shown_size, shown_used = f"{used:,} of your {size:,} tokens", size, used
