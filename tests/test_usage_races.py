@@ -27,6 +27,17 @@ ADMIN = "tok-admin-races"
 RACERS = 50
 # the fake's default reply (tests/dashscope/stream_usage.sse) reports these
 REPORTED = {"prompt_tokens": 22, "completion_tokens": 17, "total_tokens": 39}
+# the budget races: 1000 tokens a day, 39 spent before. The answer admitted spends the rest and more
+# (the budget is then spent whether the race is over or not: a client that comes late, once that answer
+# has ended, finds no room either), and while it runs it holds its prompt's estimate and 4096
+LIMIT = 1000
+LAST = {"prompt_tokens": 22, "completion_tokens": 1000, "total_tokens": 1022}
+
+
+def last_answer() -> Reply:
+    return Reply.answer(["the ", "last ", "answer"], usage=LAST)
+
+
 pytestmark = pytest.mark.slow
 
 
@@ -110,7 +121,9 @@ def check_refusals(outcomes: list[Outcome], code: str, limit: str, size) -> None
         if o.status == 429:
             assert o.body["code"] == code and o.body["limit"] == limit, o.body
             assert o.body["size"] == size, o.body
-            assert o.body["detail"] and o.body["resets_at"], o.body
+            assert o.body["detail"] and "resets_at" in o.body, o.body
+            # a running answer ends when it ends: the other limits say when they reset
+            assert (o.body["resets_at"] is None) == (limit == "concurrent_answers"), o.body
             assert o.retry_after is not None and float(o.retry_after) > 0, o.retry_after
 
 
@@ -141,16 +154,17 @@ def settled(service: Service, owner: str, calls: int) -> bool:
     return row["day_reserved"] == row["month_reserved"] == row["month_reserved_cost"] == row["running"] == 0
 
 
-def check_books(service: Service, owner: str, answers: int) -> None:
-    """The ledger and the owner's row agree: `answers` answers, each one reported call, and the row's day
-    and month counts their sum; only the admitted turns stored anything."""
-    calls = calls_of(service, owner)
+def check_books(service: Service, owner: str, reported: list[dict]) -> None:
+    """The ledger and the owner's row agree: one reported call for each answer (in order, with the usage
+    the fake reported), and the row's day and month count their sum; only the admitted turns stored
+    anything."""
+    calls, answers = calls_of(service, owner), len(reported)
     assert len(calls) == answers, calls
-    for call in calls:
+    for call, usage in zip(calls, reported, strict=True):
         assert (call["state"], call["purpose"], call["source"], call["outcome"]) == (
             "settled", "answer", "reported", "complete"
         ), call  # fmt: skip
-        assert {k: call[k] for k in REPORTED} == REPORTED, call
+        assert {k: call[k] for k in usage} == usage, call
     row = owner_row(service, owner)
     total = sum(c["total_tokens"] for c in calls)
     assert row["day_tokens"] == row["month_tokens"] == total, (row, total)
@@ -236,19 +250,20 @@ def make_cluster(postgres_database, fake, tmp_path):
 def test_of_fifty_clients_on_two_replicas_one_gets_the_last_answer_of_a_budget(make_cluster, fake, trial):
     # 1000 tokens a day: an answer holds its prompt's estimate and 4096 while it runs, so once one
     # answer is admitted the budget holds no room for another until it settles
-    service, servers = make_cluster(CHATSVC_LIMIT_TOKENS_PER_DAY="1000")
+    service, servers = make_cluster(CHATSVC_LIMIT_TOKENS_PER_DAY=str(LIMIT))
     owner = f"racer-{trial}"
     one_answer(servers[0], owner, "warm")  # spent before the race: 39 of 1000
     assert owner_row(service, owner)["day_tokens"] == REPORTED["total_tokens"]
     calls_before = len(fake.requests)
+    fake.default = last_answer()
     outcomes = race(servers, owner, f"t{trial}")
     winners = admitted(outcomes)
     assert len(winners) == 1, [(o.status, o.body) for o in outcomes]
-    check_refusals(outcomes, "quota_exceeded", "tokens_per_day", 1000)
-    assert ended(winners[0])["full_text"]
+    check_refusals(outcomes, "quota_exceeded", "tokens_per_day", LIMIT)
+    assert ended(winners[0])["full_text"] == "the last answer"
     assert len(fake.requests) - calls_before == 1  # the model was called for the admitted answer only
     wait_for(lambda: settled(service, owner, 2), 30)
-    check_books(service, owner, 2)
+    check_books(service, owner, [REPORTED, LAST])
     # the other owners' budgets are their own
     one_answer(servers[1], f"bystander-{trial}", "b")
 
@@ -258,15 +273,16 @@ def test_a_budget_set_by_an_admin_holds_across_replicas_too(make_cluster, fake):
     service, servers = make_cluster()
     owner = "limited"
     with servers[0].client() as client:
-        r = client.put(f"{API}/admin/users/{owner}/limits", json={"tokens_per_day": 1000},
+        r = client.put(f"{API}/admin/users/{owner}/limits", json={"tokens_per_day": LIMIT},
                        headers={"Authorization": f"Bearer {ADMIN}"})  # fmt: skip
     assert r.status_code == 200, r.text
     one_answer(servers[1], owner, "warm")
+    fake.default = last_answer()
     outcomes = race(servers, owner, "admin")
     assert len(admitted(outcomes)) == 1, [(o.status, o.body) for o in outcomes]
-    check_refusals(outcomes, "quota_exceeded", "tokens_per_day", 1000)
+    check_refusals(outcomes, "quota_exceeded", "tokens_per_day", LIMIT)
     wait_for(lambda: settled(service, owner, 2), 30)
-    check_books(service, owner, 2)
+    check_books(service, owner, [REPORTED, LAST])
     # everyone else has no limit: the same race lets all of them through
     others = race(servers, "free", "free", n=10)
     assert len(admitted(others)) == 10
@@ -293,11 +309,11 @@ def test_one_concurrent_answer_across_two_replicas(make_cluster, fake, trial):
     assert running.highest == 1 and streaming.highest == 1, (running.highest, streaming.highest)
     assert running.samples > 0 and streaming.samples > 0
     wait_for(lambda: settled(service, owner, 1), 30)
-    check_books(service, owner, 1)
+    check_books(service, owner, [{"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13}])
     # its answer ended: the slot is free again, on either replica
     fake.default = Reply.transcript("stream_usage.sse")
     one_answer(servers[1], owner, "after")
-    check_books(service, owner, 2)
+    check_books(service, owner, [{"total_tokens": 13}, REPORTED])
 
 
 @pytest.mark.parametrize("trial", [1, 2, 3])
@@ -315,7 +331,7 @@ def test_five_answers_per_minute_of_fifty_across_two_replicas(make_cluster, fake
     for o in winners:
         ended(o)
     wait_for(lambda: settled(service, owner, 5), 30)
-    check_books(service, owner, 5)
+    check_books(service, owner, [REPORTED] * 5)
     assert owner_row(service, owner)["bucket"] < 1
 
 
@@ -374,17 +390,19 @@ def test_a_killed_replicas_reservation_is_settled_by_the_others_sweep(make_clust
 
 def test_of_fifty_clients_on_sqlite_one_gets_the_last_answer_of_a_budget(fake, tmp_path):
     service = Service(f"sqlite+aiosqlite:///{tmp_path / 'races.db'}", fake, CHATSVC_USER_HEADER=USER,
-                      CHATSVC_LIMIT_TOKENS_PER_DAY="1000")  # fmt: skip
+                      CHATSVC_LIMIT_TOKENS_PER_DAY=str(LIMIT))  # fmt: skip
     server = ServerProcess(service.env, tmp_path).start()
     try:
         for trial in (1, 2, 3):
             owner = f"racer-{trial}"
+            fake.default = Reply.transcript("stream_usage.sse")
             one_answer(server, owner, "warm")
+            fake.default = last_answer()
             outcomes = race([server], owner, f"t{trial}")
             assert len(admitted(outcomes)) == 1, [(o.status, o.body) for o in outcomes]
-            check_refusals(outcomes, "quota_exceeded", "tokens_per_day", 1000)
+            check_refusals(outcomes, "quota_exceeded", "tokens_per_day", LIMIT)
             wait_for(lambda owner=owner: settled(service, owner, 2), 30)
-            check_books(service, owner, 2)
+            check_books(service, owner, [REPORTED, LAST])
     finally:
         server.stop()
     assert "Traceback" not in server.log(), server.log()
