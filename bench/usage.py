@@ -10,7 +10,9 @@ created on the `--postgres` server and dropped at the end; SQLite: executemany i
 its schema made by chatsvc's own Store, the schema's indexes dropped during the load and made again
 after it, then ANALYZEd. The owners are skewed as docs/design/usage.md 1.6 found: 747 owners, the
 n-th heaviest with 1/n^2 of the calls (Zipf, s = 2: the heaviest has ~61 %, a runaway script; the
-median a handful), spread over the 183 days up to now, so the current day and month hold calls.
+median a handful), spread over the 183 days up to now, so the current day and month hold calls, and
+stored in the order of their times, as a ledger grows (PostgreSQL's plans for a range of time depend
+on it: loaded owner by owner, a month of everyone's calls is a sequential scan).
 
 Then chatsvc's real Usage room (`store.usage`, every limit set so that the admission checks them all,
 with a price table) runs against it, for the heaviest owner and the median one: `admit` (in a
@@ -388,7 +390,7 @@ def main() -> int:
     args = parser.parse_args()
     now = datetime.now(timezone.utc)
     started = time.perf_counter()
-    rows = list(ledger_rows(args.rows, now))
+    rows = sorted(ledger_rows(args.rows, now))  # stored in time order, as the ledger grows: ids start with their time
     owners = owner_rows(rows, now)
     print(f"{len(rows):,} calls of {len(owners)} owners made in {time.perf_counter() - started:.1f} s", flush=True)
     ok = True
