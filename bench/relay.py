@@ -392,7 +392,7 @@ def limits_row(pairs: dict[str, list[tuple[dict, dict]]]) -> None:
         ttfc = [[pct(f["result"].ttfc, 0.5) * 1000 for f in pair] for pair in rounds]
         plain_cpu, limited_cpu = (statistics.median(r[i] for r in cpu) for i in (0, 1))
         plain_ttfc, limited_ttfc = (statistics.median(r[i] for r in ttfc) for i in (0, 1))
-        added_answer = statistics.median(b - a for a, b in per_answer)
+        added_answer = statistics.median(r[1] for r in per_answer) - statistics.median(r[0] for r in per_answer)
         print(f"  ({key}) chatsvc cpu {plain_cpu:6.1f} -> {limited_cpu:6.1f} us/chunk"
               f" ({(limited_cpu / plain_cpu - 1) * 100:+.1f} %, {added_answer:+.0f} us/answer)"
               f"  ttfc p50 {plain_ttfc:7.2f} -> {limited_ttfc:7.2f} ms ({limited_ttfc - plain_ttfc:+.2f} ms)",
