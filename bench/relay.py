@@ -37,7 +37,7 @@ update the same row (the contended case). Each chatsvc has a database of its own
 or with --database the PostgreSQL database named by --limits-database (two processes on one PostgreSQL
 database would be replicas, each mirroring the other's answers). A last line sets limits against no
 limits: chatsvc's CPU per chunk and the time to first chunk (p50); with --rounds N each scenario is
-read N times through each of them, alternately, and that line gives the medians and each round's
+read N times through each of them, alternately (each in turn first), and that line gives the medians and each round's
 difference (the noise to judge a difference by).
 """
 
@@ -328,8 +328,12 @@ def run(args: argparse.Namespace) -> None:
             report_row(key, title, figures)
             if limited:  # more rounds, alternately: the (limits) row's medians
                 pairs[key] = [(figures["chatsvc"], figures["limits"])]
-                for n in range(1, args.rounds):
-                    pairs[key].append(tuple(measure(t, f"{key}{n}", params) for t in ("chatsvc", "limits")))
+                for n in range(
+                    1, args.rounds
+                ):  # in turn first: what one leaves behind (a vacuum) is not all the other's
+                    order = ("limits", "chatsvc") if n % 2 else ("chatsvc", "limits")
+                    measured = {t: measure(t, f"{key}{n}", params) for t in order}
+                    pairs[key].append((measured["chatsvc"], measured["limits"]))
         if limited:
             limits_row(pairs)
         if profiler:
