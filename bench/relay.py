@@ -328,9 +328,7 @@ def run(args: argparse.Namespace) -> None:
             report_row(key, title, figures)
             if limited:  # more rounds, alternately: the (limits) row's medians
                 pairs[key] = [(figures["chatsvc"], figures["limits"])]
-                for n in range(
-                    1, args.rounds
-                ):  # in turn first: what one leaves behind (a vacuum) is not all the other's
+                for n in range(1, args.rounds):  # each in turn first: what one leaves (a vacuum) falls on both
                     order = ("limits", "chatsvc") if n % 2 else ("chatsvc", "limits")
                     measured = {t: measure(t, f"{key}{n}", params) for t in order}
                     pairs[key].append((measured["chatsvc"], measured["limits"]))
