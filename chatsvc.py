@@ -10094,7 +10094,8 @@ def stamp(moment: datetime) -> str:
 
 
 def query_time(request: Request, name: str) -> datetime | None:
-    """`from`/`to`: a UTC date (YYYY-MM-DD: its midnight) or an RFC 3339 time; None when absent."""
+    """`from`/`to` in UTC: a date (YYYY-MM-DD: its midnight) or an RFC 3339 time (to the microsecond,
+    within the years 1 to 9999); None when absent."""
     raw = request.query_params.get(name) or None
     if raw is None:
         return None
@@ -10105,32 +10106,37 @@ def query_time(request: Request, name: str) -> datetime | None:
         if match is not None:
             day, clock, fraction, offset = match.groups()
             offset = "+00:00" if offset in ("Z", "z") else offset
-            return datetime.fromisoformat(f"{day}T{clock}.{(fraction or '0')[:6]:0<6}{offset}")
-    except ValueError:
+            moment = datetime.fromisoformat(f"{day}T{clock}.{(fraction or '0')[:6]:0<6}{offset}")
+            return moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
         pass
     raise invalid(f"'{name}' must be a UTC date (2026-12-01) or an RFC 3339 time (2026-12-01T08:00:00Z).")
 
 
+def month_of(moment: datetime) -> datetime:
+    """The first instant of the UTC month `moment` is in."""
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
 def usage_range(request: Request) -> tuple[str, str]:
-    """The report's [from, to) as the ledger's times: the current UTC month by default (by this process's
-    clock: a range asked for, not a limit's window), at most USAGE_MAX_DAYS days."""
+    """The report's [from, to) as the ledger's times, at most USAGE_MAX_DAYS days. Neither given: the
+    current UTC month (by this process's clock: a range to read, not a limit's window); `from` alone:
+    to the end of the current month, or 366 days; `to` alone: from the first of its month."""
     start, end = query_time(request, "from"), query_time(request, "to")
-    if start is None or end is None:
-        month = datetime.now(timezone.utc).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        following = (month + timedelta(days=32)).replace(day=1)
-        if start is None and end is None:
-            start, end = month, following
-        elif start is None:
-            assert end is not None
-            start = max(end - timedelta(days=USAGE_MAX_DAYS), datetime.min.replace(tzinfo=timezone.utc))
-            start = min(start, (end - timedelta(days=1)).replace(day=1, hour=0, minute=0, second=0, microsecond=0))
-        else:
-            end = min(start + timedelta(days=USAGE_MAX_DAYS), max(following, start + timedelta(days=1)))
+    try:
+        following = (month_of(datetime.now(timezone.utc)) + timedelta(days=32)).replace(day=1)
+        if start is None:
+            start = month_of(following - timedelta(days=1) if end is None else end - timedelta(microseconds=1))
+        if end is None:
+            end = min(start + timedelta(days=USAGE_MAX_DAYS), following) if start < following else following
+        shown = stamp(start), stamp(end)
+    except OverflowError:  # past the year 9999, or before the year 1
+        raise invalid("'from' and 'to' must be within the years 1 to 9999.") from None
     if not start < end:
-        raise invalid("'from' must be before 'to' ('to' is not included).")
+        raise invalid("'from' must be before 'to' ('to' is not included; alone, it is the next month's first).")
     if end - start > timedelta(days=USAGE_MAX_DAYS):
         raise invalid(f"A report covers at most {USAGE_MAX_DAYS} days: ask for a shorter range of 'from' to 'to'.")
-    return stamp(start), stamp(end)
+    return shown
 
 
 def wants_csv(request: Request) -> bool:
