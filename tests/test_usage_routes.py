@@ -206,6 +206,7 @@ def test_the_admin_routes_need_the_admin_token_and_it_passes_where_the_api_token
         ({"to": "0001-01-01"}, "within the years 1 to 9999"),
         ({"from": "9000-01-01"}, "'from' must be before 'to'"),  # alone, 'to' is the next month's first
         ({"group_by": "week"}, "'group_by' must be one of day, model, conversation, purpose, user"),
+        ({"group_by": ""}, "'group_by' must be one of"),
         ({"format": "xml"}, "'format' must be json or csv"),
         ({"limit": "0"}, "'limit' must be a whole number from 1 to 1000"),
         ({"limit": "1001"}, "'limit' must be a whole number from 1 to 1000"),
