@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from fake_dashscope import Reply
@@ -511,6 +512,19 @@ def test_a_report_counts_answers_tokens_and_costs(make_service, fake):
         assert report(client, to="2020-02-15")["from"] == "2020-02-01T00:00:00.000Z"  # `to` alone: its month
         alone = report(client, **{"from": "2020-01-01"})  # `from` alone: 366 days at most
         assert alone["to"] == "2021-01-01T00:00:00.000Z" and alone["totals"]["calls"] == 0
+
+
+def test_a_priced_answer_fits_the_openapi_document(make_service, fake):
+    doc = json.loads((Path(__file__).resolve().parent.parent / "docs" / "openapi.json").read_text())
+    schemas = doc["components"]["schemas"]
+    with make_service(CHATSVC_PRICES=PRICES).client() as client:
+        reply = answered(client, "s1")
+        assert (reply["cost"], reply["currency"]) == (0.039, "CNY")
+        assert set(reply) <= set(schemas["ChatResponse"]["properties"])
+        messages = client.get(f"{CONV}/s1/messages").json()["messages"]
+        assert messages[-1]["cost"] == 0.039
+        for message in messages:
+            assert set(message) <= set(schemas["Message"]["properties"])
 
 
 def test_without_prices_a_report_has_no_cost(client, fake):
