@@ -6654,13 +6654,12 @@ def answer_cost(answer: Answer, prices: Prices | None) -> Cost | None:
 
 
 def shown_usage(usage: dict | None) -> dict | None:
-    """A usage as an answer's `end` event, reply and message show it: the three counts, and
-    `reasoning_tokens` and `cached_tokens` when the model service reported them."""
+    """A usage as an answer's `end` event and reply show it: the counts the model service reported
+    (sane_usage) but cache_creation_tokens, which the ledger alone keeps (a stored message has no column
+    for it)."""
     if usage is None:
         return None
-    return {k: usage.get(k) for k in USAGE_FIELDS} | {
-        k: usage[k] for k in ("reasoning_tokens", "cached_tokens") if usage.get(k) is not None
-    }
+    return {k: v for k, v in usage.items() if k != "cache_creation_tokens"}
 
 
 def record_answer(metrics: Metrics, answer: Answer) -> None:
