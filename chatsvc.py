@@ -3988,7 +3988,8 @@ USAGE_GROUPS = {
     "purpose": "purpose",
     "user": "owner",
 }
-USAGE_FIELDS_REPORTED = (
+# a report's figures, in the order of its totals' and groups' keys (after a group's `key`)
+USAGE_REPORT_FIELDS = (
     "calls", "answers", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "total_tokens",
     "estimated_tokens", "cost",
 )  # fmt: skip
@@ -4052,7 +4053,7 @@ def answer_output(content: str | None, reasoning: str | None, steps: str | None)
     for step in stored if isinstance(stored, list) else []:
         data = step.get("data") if isinstance(step, dict) else None
         if step.get("type") == "tool_call" and isinstance(data, dict):
-            parts.append(str(data.get("name") or "") + str(data.get("arguments") or ""))
+            parts.append(str(data.get("arguments") or ""))
     return "".join(parts)
 
 
@@ -4354,8 +4355,17 @@ class Usage:
     async def _add_to_owners(self, windows: dict[tuple[str, str, str], list[int]]) -> None:
         """Owners' rows, for calls settled in these windows (owner, day, month): [tokens, tokens held,
         cost, cost held, answers ended]. Tokens and cost count in a window only while it is still the
-        row's; what was held there is given back (never below 0)."""
+        row's; what was held there is given back (never below 0). PostgreSQL: several owners' rows
+        are locked in the order of their names first (two sweeps never wait for each other in a cycle)."""
         values: dict[str, Any] = {}
+        owners = sorted({owner for owner, _, _ in windows})
+        if len(owners) > 1 and not self.db.is_sqlite:
+            names = {f"l{n}": owner for n, owner in enumerate(owners)}
+            await self.db.execute(
+                f"SELECT owner FROM usage_owners WHERE owner IN ({', '.join(':' + name for name in names)})"
+                " ORDER BY owner FOR UPDATE",
+                names,
+            )
         rows = []
         for n, ((owner, day, month), counts) in enumerate(windows.items()):
             values.update({f"o{n}": owner, f"d{n}": day, f"m{n}": month})

@@ -376,7 +376,7 @@ def test_the_sweep_settles_what_its_answers_held_with_an_estimate(database):
         async with store.db.transaction():
             await store.usage.settle_swept(answers)
         out = chatsvc.estimate_tokens(chatsvc.answer_output(answers[0]["content"], "Look it up.", steps))
-        assert out == chatsvc.estimate_tokens('It is sunny in Hangzhou.Look it up.lookup{"city": "杭州"}')
+        assert out == chatsvc.estimate_tokens('It is sunny in Hangzhou.Look it up.{"city": "杭州"}')
         c = await call(store, second.call_id)
         names = ("state", "outcome", "source", "prompt_tokens", "completion_tokens", "total_tokens")
         assert [c[name] for name in names] == ["settled", "interrupted", "estimated", 300, out - 12, 300 + out - 12]
@@ -581,6 +581,7 @@ def test_reports_group_and_page(database):
         totals, groups, cursor = await u.report("alice", start, end, "none", 10, None)
         expected = sums(alice)
         assert totals == expected | {"calls": 5, "answers": 3} and groups == [] and cursor is None
+        assert list(totals) == list(chatsvc.USAGE_REPORT_FIELDS)
         _, groups, cursor = await u.report("alice", start, end, "day", 10, None)
         assert cursor is None
         assert groups == [
