@@ -4398,8 +4398,8 @@ class Usage:
 
     async def next_round(self, call_id: str, spent: Spent, hold: Hold) -> None:
         """An answer's round ended and it calls the model again: the round settled, the next reserved
-        (not refused), in one transaction. A round found settled already (the sweep took the answer
-        for dead) reserves no next one: nothing would settle it."""
+        (not refused), in one transaction of its own (not to be called inside another). A round found
+        settled already (the sweep took the answer for dead) reserves no next one: nothing would settle it."""
 
         async def body() -> None:
             if await self._settle([(call_id, spent, COMPLETE, False)]):
@@ -4455,7 +4455,8 @@ class Usage:
 
     async def record(self, hold: Hold, spent: Spent, outcome: str) -> None:
         """A call recorded once it is done (a title): its row, settled, and its owner's windows (its
-        row made if it has none), in one transaction. Never refused: reserved unenforced, then settled."""
+        row made if it has none), in one transaction of its own (not to be called inside another). Never
+        refused: reserved unenforced, then settled."""
 
         async def body() -> None:
             await self.admit(hold, enforce=False)
