@@ -57,6 +57,7 @@ import base64
 import codecs
 import contextlib
 import contextvars
+import csv
 import errno
 import fcntl
 import functools
@@ -135,16 +136,28 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(s for s in CommaSeparatedStrings(value) if s)
 
 
+MAX_LIMIT = 2**53 - 1  # the largest limit (tokens, answers; a cost's micros): a JSON number any client reads exactly
+
+
 def _limit(value: str, kind: type) -> Any:
-    """A limit's size: a whole number (or, for a cost, a decimal) of at least 0."""
+    """A limit's size: a whole number (or, for a cost, a decimal of at most 6 places) of at least 0;
+    0 refuses every answer."""
+    value = value.strip()
+    if kind is int:
+        if not re.fullmatch(r"[0-9]{1,16}", value) or int(value) > MAX_LIMIT:
+            raise ValueError(f"must be a whole number from 0 to {MAX_LIMIT} (0 refuses every answer)")
+        return int(value)
     try:
-        number = kind(value.strip())
-    except (ArithmeticError, ValueError):
-        raise ValueError("not a number") from None
-    if kind is Decimal and not number.is_finite():
-        raise ValueError("not a number")
-    if number < 0:
-        raise ValueError("must be 0 or more")
+        number = Decimal(value)
+    except ArithmeticError:
+        number = Decimal("NaN")
+    if (
+        not number.is_finite()
+        or number < 0
+        or number * MICROS > MAX_LIMIT
+        or number != number.quantize(Decimal("0.000001"))
+    ):
+        raise ValueError("must be an amount of at least 0 with at most 6 decimal places (0 refuses every answer)")
     return number
 
 
@@ -164,8 +177,6 @@ _CASTS: dict[str, Callable[[str], Any]] = {
     "int": int,
     "float": float,
     "tuple[str, ...]": _csv,
-    "int | None": lambda value: _limit(value, int),
-    "Decimal | None": lambda value: _limit(value, Decimal),
 }
 
 
@@ -310,25 +321,41 @@ class Settings:
         "CHATSVC_ADMIN_TOKEN", None, "bearer token of the admin routes and of usage ?user=", echo=False
     )
     limit_tokens_per_day: int | None = setting(
-        "CHATSVC_LIMIT_TOKENS_PER_DAY", None, "tokens an owner may spend per UTC day (none: no limit)"
+        "CHATSVC_LIMIT_TOKENS_PER_DAY",
+        None,
+        "tokens an owner may spend per UTC day (none: no limit)",
+        cast=lambda v: _limit(v, int),
     )
     limit_tokens_per_month: int | None = setting(
-        "CHATSVC_LIMIT_TOKENS_PER_MONTH", None, "tokens an owner may spend per UTC month (none: no limit)"
+        "CHATSVC_LIMIT_TOKENS_PER_MONTH",
+        None,
+        "tokens an owner may spend per UTC month (none: no limit)",
+        cast=lambda v: _limit(v, int),
     )
     limit_cost_per_month: Decimal | None = setting(  # noqa: RUF009 (Decimal is immutable)
-        "CHATSVC_LIMIT_COST_PER_MONTH", None, "cost an owner may spend per UTC month, needs CHATSVC_PRICES"
+        "CHATSVC_LIMIT_COST_PER_MONTH",
+        None,
+        "cost an owner may spend per UTC month, in CHATSVC_PRICES' currency (needs it)",
+        cast=lambda v: _limit(v, Decimal),
     )
     limit_answers_per_minute: int | None = setting(
-        "CHATSVC_LIMIT_ANSWERS_PER_MINUTE", None, "answers an owner may start per minute (a token bucket)"
+        "CHATSVC_LIMIT_ANSWERS_PER_MINUTE",
+        None,
+        "answers an owner may start per minute (a token bucket)",
+        cast=lambda v: _limit(v, int),
     )
     limit_concurrent_answers: int | None = setting(
-        "CHATSVC_LIMIT_CONCURRENT_ANSWERS", None, "answers an owner may have running at once"
+        "CHATSVC_LIMIT_CONCURRENT_ANSWERS",
+        None,
+        "answers an owner may have running at once",
+        cast=lambda v: _limit(v, int),
     )
     reserve_output_tokens: int = setting(
         "CHATSVC_RESERVE_OUTPUT_TOKENS",
         4096,
         "output tokens an answer without max_tokens holds, and is sent as max_tokens, while a token or cost"
         " limit applies",
+        cast=lambda v: _int_between(v, 1, 1_000_000),
     )
     ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
     shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 10.0, "s running answers get after SIGTERM")
@@ -352,11 +379,22 @@ class Settings:
                 values[f.name] = (f.metadata["cast"] or _CASTS[f.type])(raw)
             except ValueError as exc:
                 reason = str(exc) if f.metadata["cast"] else f"not a valid {f.type}"
+                if reason.startswith(f"{env}: "):  # the cast's sentence names the setting (CHATSVC_PRICES)
+                    raise ValueError(reason) from None
                 shown = f"{env}={raw!r}" if f.metadata["echo"] else env
                 raise ValueError(f"{shown}: {reason}.") from None
         settings = cls(**values)
         if settings.image_max_pixels > settings.max_image_pixels:
             raise ValueError("CHATSVC_IMAGE_MAX_PIXELS: must not be larger than CHATSVC_MAX_IMAGE_PIXELS.")
+        if settings.limit_cost_per_month is not None and settings.prices is None:
+            raise ValueError(
+                "CHATSVC_LIMIT_COST_PER_MONTH: a cost limit needs prices to count costs with; set CHATSVC_PRICES."
+            )
+        if settings.admin_token is not None and settings.admin_token == settings.api_token:
+            raise ValueError(
+                "CHATSVC_ADMIN_TOKEN: must differ from CHATSVC_API_TOKEN, which every client holds (with the same"
+                " token every client could read everyone's usage and change their limits)."
+            )
         if settings.vision_model and not settings.sees(settings.vision_model):
             raise ValueError(
                 f"CHATSVC_VISION_MODEL={settings.vision_model!r}: not a model CHATSVC_VISION_MODELS names as seeing"
@@ -556,6 +594,7 @@ def _strings(value: Any, where: str, key: str) -> tuple[tuple[str, str], ...]:
 # Exact: Decimal arithmetic, and costs in whole millionths of the currency ("micros").
 
 MICROS = 1_000_000  # micros in one unit of the currency
+MAX_PRICE = 1_000_000  # per million tokens, at most: a call's cost in micros stays far inside a BIGINT
 
 
 @dataclass(frozen=True)
@@ -581,19 +620,149 @@ class Prices:
     def parse(cls, value: str) -> Prices:
         """CHATSVC_PRICES: inline JSON (it starts with `{`) or a file's path. A mistake is a ValueError
         of one sentence naming what is wrong (CONTRACT.md, "Usage")."""
-        raise NotImplementedError
+        text = value.strip()
+        if not text.startswith("{"):
+            try:
+                text = Path(text).read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+                raise ValueError(f"CHATSVC_PRICES: cannot read the file {value.strip()!r} ({reason}).") from None
+        try:
+            table = json.loads(text, parse_float=Decimal)
+        except ValueError as exc:
+            where = f" (line {exc.lineno}, column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+            raise ValueError(f"CHATSVC_PRICES: not valid JSON{where}.") from None
+        _fields(table, "", ("currency", "models"), ("currency", "models"))
+        currency = table["currency"]
+        if not isinstance(currency, str) or not currency.strip() or len(currency) > 16:
+            raise ValueError("CHATSVC_PRICES: currency must be a currency's code, such as CNY or USD.")
+        models = table["models"]
+        if not isinstance(models, dict):
+            raise ValueError("CHATSVC_PRICES: models must be an object of model names and their prices.")
+        rates: dict[str, tuple[Rate, ...]] = {}
+        for name, entry in models.items():
+            where = f"models.{name}"
+            if not name or name == "*" or "*" in name[:-1]:
+                raise ValueError(f"CHATSVC_PRICES: {where} must be a model's name, or a prefix ending in '*'.")
+            _fields(entry, where, (*_RATE_FIELDS, "tiers"), ("input", "output"))
+            tiers = [_rate(entry, where, 0)]
+            listed = entry.get("tiers", [])
+            if not isinstance(listed, list):
+                raise ValueError(f"CHATSVC_PRICES: {where}.tiers must be a list of tiers.")
+            for n, tier in enumerate(listed):
+                at = f"{where}.tiers[{n}]"
+                _fields(tier, at, ("above_input_tokens", *_RATE_FIELDS), ("above_input_tokens", "input", "output"))
+                above = tier["above_input_tokens"]
+                if type(above) is not int or above <= tiers[-1].above_input_tokens:
+                    raise ValueError(
+                        f"CHATSVC_PRICES: {at}.above_input_tokens must be a whole number above"
+                        f" {tiers[-1].above_input_tokens} (tiers go from the fewest input tokens up)."
+                    )
+                tiers.append(_rate(tier, at, above))
+            rates[name] = tuple(tiers)
+        return cls(currency.strip(), rates)
 
     def rate(self, model: str, prompt_tokens: int) -> Rate | None:
         """The rate of a call of `model` with this many prompt tokens; None: the model has no price."""
-        raise NotImplementedError
+        tiers = self.models.get(model)
+        if tiers is None:  # the longest pattern that matches
+            patterns = [p for p in self.models if p.endswith("*") and model.startswith(p[:-1])]
+            if not patterns:
+                if model not in _UNPRICED:
+                    _UNPRICED.add(model)
+                    log.warning("model %s has no price in CHATSVC_PRICES: its calls' cost is unknown", model)
+                return None
+            tiers = self.models[max(patterns, key=len)]
+        rate = tiers[0]
+        for tier in tiers[1:]:  # all or nothing: the whole call at the tier its prompt reaches
+            if prompt_tokens > tier.above_input_tokens:
+                rate = tier
+        return rate
 
     def cost(self, model: str, spent: Spent, thinking: bool) -> int | None:
-        """What a call cost, in micros (rounded up to a whole micro); None: the model has no price."""
-        raise NotImplementedError
+        """What a call cost, in micros (rounded up to a whole micro); None: the model has no price.
+        A call that thought (`thinking`: reasoning was received, or reasoning tokens reported) has all
+        its output at the thinking rate; its cached prompt tokens at the cached rate, the rest of the
+        prompt (cache creation included) at the input rate."""
+        rate = self.rate(model, spent.prompt_tokens)
+        if rate is None:
+            return None
+        cached = min(spent.cached_tokens or 0, spent.prompt_tokens)
+        thought = thinking or bool(spent.reasoning_tokens)
+        output = rate.output_thinking if thought else rate.output
+        # a price per million tokens is the price in micros of one token
+        micros = (spent.prompt_tokens - cached) * rate.input + cached * rate.cached_input
+        return math.ceil(micros + spent.completion_tokens * output)
 
     def hold(self, model: str, prompt_tokens: int, output_tokens: int, thinking: bool) -> int:
         """What a call about to be made holds against a cost limit, in micros (0: the model has no price)."""
-        raise NotImplementedError
+        rate = self.rate(model, prompt_tokens)
+        if rate is None:
+            return 0
+        return math.ceil(
+            prompt_tokens * rate.input + output_tokens * (rate.output_thinking if thinking else rate.output)
+        )
+
+
+_RATE_FIELDS = ("input", "output", "output_thinking", "cached_input")
+_UNPRICED: set[str] = set()  # models whose missing price was logged
+
+
+def _fields(value: Any, where: str, known: tuple[str, ...], required: tuple[str, ...]) -> None:
+    """A price table's object: only `known` keys, and every `required` one."""
+    shown = where or "the table"
+    if not isinstance(value, dict):
+        raise ValueError(f"CHATSVC_PRICES: {shown} must be an object.")
+    for key in value:
+        if key not in known:
+            raise ValueError(
+                f"CHATSVC_PRICES: {where + '.' if where else ''}{key} is not a field it takes ({', '.join(known)})."
+            )
+    for key in required:
+        if key not in value:
+            raise ValueError(f"CHATSVC_PRICES: {shown} needs {key}.")
+
+
+def _price(entry: dict, where: str, key: str) -> Decimal:
+    """A price per million tokens: a number, or a decimal in a string, of at least 0."""
+    value = entry[key]
+    try:
+        price = Decimal(value.strip() if isinstance(value, str) else value) if type(value) is not bool else None
+    except (ArithmeticError, ValueError, TypeError):
+        price = None
+    if price is None or not price.is_finite() or price < 0:
+        raise ValueError(f"CHATSVC_PRICES: {where}.{key} must be a number of at least 0.")
+    if price > MAX_PRICE:  # a call's cost must fit a BIGINT of micros
+        raise ValueError(f"CHATSVC_PRICES: {where}.{key} must be at most {MAX_PRICE} (a price per million tokens).")
+    return price
+
+
+def _rate(entry: dict, where: str, above: int) -> Rate:
+    prices = {key: _price(entry, where, key) for key in _RATE_FIELDS if key in entry}
+    return Rate(
+        prices["input"],
+        prices["output"],
+        prices.get("output_thinking", prices["output"]),
+        prices.get("cached_input", prices["input"]),
+        above,
+    )
+
+
+def money(micros: int) -> float:
+    """A cost as the API shows it: units of the currency, a JSON number rounded to 6 places."""
+    return round(micros / MICROS, 6)
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What something cost: micros of a currency."""
+
+    micros: int
+    currency: str
+
+    def shown(self) -> dict:
+        """As an event or a message carries it: `cost` (money) and `currency`."""
+        return {"cost": money(self.micros), "currency": self.currency}
 
 
 # ── Errors: domain refusals, and the HTTP errors they become ({"detail", "code"}) ──────
@@ -710,9 +879,23 @@ HTTP_STATUS = {
 
 
 def api_error(exc: Refusal) -> ApiError:
+    if isinstance(exc, OverLimit):
+        return over_limit(exc)
     status = getattr(exc, "status", None) or HTTP_STATUS.get(exc.code, 500)
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
     return ApiError(status, exc.code, exc.detail, headers=headers)
+
+
+def over_limit(exc: OverLimit) -> ApiError:
+    """429 with `Retry-After` (whole seconds to the limit's reset, rounded up, at least 1) and the limit's
+    `limit`, `size`, `used` and `resets_at` as fields; a cost's size and use in the currency, not micros."""
+    size, used = exc.size, exc.used
+    if exc.limit == "cost_per_month":  # micros (an amount's text: taken as it says)
+        size, used = (money(v) if isinstance(v, int) else round(float(Decimal(v)), 6) for v in (size, used))
+    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 0)))}
+    return ApiError(
+        429, exc.code, exc.detail, headers=headers, limit=exc.limit, size=size, used=used, resets_at=exc.resets_at
+    )
 
 
 def invalid(detail: str) -> ApiError:
@@ -841,7 +1024,8 @@ class Metrics:
         self.duration = h("chatsvc_answer_duration_seconds", "From an answer's start to its end", ["model"],
                           buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
         self.tokens = c("chatsvc_tokens", "Tokens the model service counted, by model and kind (prompt, completion,"
-                        " title_prompt, title_completion)", ["model", "kind"], registry=r)  # fmt: skip
+                        " and of them reasoning and cached; title_ the same for titles)", ["model", "kind"],
+                        registry=r)  # fmt: skip
         self.tokens_estimated = c(
             "chatsvc_tokens_estimated",
             "Tokens chatsvc estimated for answers the model service reported no usage for, by model and kind"
@@ -906,11 +1090,19 @@ class Metrics:
             self.rate_limited.inc()
 
     def usage(self, model: str, usage: dict | None, prefix: str = "", estimated: bool = False) -> None:
+        """Tokens counted: prompt and completion, and of them reasoning and cached when reported."""
         counter = self.tokens_estimated if estimated else self.tokens
-        for kind in ("prompt", "completion"):
+        for kind in ("prompt", "completion", "reasoning", "cached"):
             count = (usage or {}).get(f"{kind}_tokens")
             if isinstance(count, int) and count > 0:
                 counter.labels(model, prefix + kind).inc(count)
+
+    def spent(self, model: str, spent: Spent, prefix: str = "") -> None:
+        """One upstream call's use (a Spent): its tokens (usage) and its cost."""
+        counts = {f"{k}_tokens": getattr(spent, f"{k}_tokens") for k in ("prompt", "completion", "reasoning", "cached")}
+        self.usage(model, counts, prefix, estimated=spent.source is Source.ESTIMATED)
+        if spent.cost:
+            self.cost.labels(model, spent.currency).inc(spent.cost / MICROS)
 
     def file_upload(self, kind: str | None, outcome: str) -> None:
         """An upload ended: `outcome` stored, deduplicated, or its refusal's code (kind None: not known)."""
@@ -1756,7 +1948,8 @@ MESSAGE_PAGE_BYTES = 1_048_576  # GET .../messages: a page's messages stop at th
 
 _MESSAGE_COLUMNS = (
     "id, parent_id, role, content, reasoning_content, status, model, finish_reason, error_code,"
-    " error_message, prompt_tokens, completion_tokens, total_tokens, last_seq, created_at, tool_steps, tool_results"
+    " error_message, prompt_tokens, completion_tokens, total_tokens, last_seq, created_at, tool_steps, tool_results,"
+    " reasoning_tokens, cached_tokens, cost_micros, currency"
 )
 _MESSAGE_COLUMN_NAMES = tuple(_MESSAGE_COLUMNS.split(", "))
 _M_COLUMNS = ", ".join("m." + name for name in _MESSAGE_COLUMN_NAMES)
@@ -1810,10 +2003,20 @@ _SUBTREE = {
 }
 
 
-def row_usage(row: dict) -> dict | None:
+def row_usage(row: dict, details: bool = False) -> dict | None:
+    """A message's usage as reported: its three counts (an export's), and with `details` its
+    reasoning_tokens and cached_tokens when reported (as the API shows it); None: none reported."""
     if row["total_tokens"] is None and row["prompt_tokens"] is None:
         return None
-    return {k: row[k] for k in USAGE_FIELDS}
+    usage = {k: row[k] for k in USAGE_FIELDS}
+    if details:
+        usage.update((k, row[k]) for k in ("reasoning_tokens", "cached_tokens") if row.get(k) is not None)
+    return usage
+
+
+def row_cost(row: dict) -> Cost | None:
+    """What an answer's calls cost, as stored (None: no prices when it ended, or its model had none)."""
+    return Cost(row["cost_micros"], row["currency"]) if row.get("cost_micros") is not None else None
 
 
 @dataclass
@@ -1960,9 +2163,12 @@ class Tree:
             {"id": message_id, "owner": owner, "sid": session_id},
         )
 
-    async def begin_turn(self, turn: Turn) -> None:
+    async def begin_turn(self, turn: Turn) -> Limits | None:
         """Store the user's message (unless the turn regenerates an answer) with its files, and claim
-        the conversation's answer slot with the answer's row, which becomes the current leaf; all or nothing.
+        the conversation's answer slot with the answer's row, which becomes the current leaf; then, with
+        `turn.hold`, admit the answer's first model call against its owner's limits (Usage.admit, last:
+        a refusal, OverLimit, rolls the whole turn back). All or nothing. The owner's effective limits
+        (None: no hold).
 
         The partial unique index over `streaming` answers makes a second concurrent turn fail
         here, before anything of it is stored."""
@@ -2008,6 +2214,7 @@ class Tree:
                 raise
             if turn.new_question and turn.files:
                 await self._attach_files(turn)
+            return await self.usage.admit(turn.hold) if turn.hold is not None else None
 
     async def _attach_files(self, turn: Turn) -> None:
         """Inside begin_turn's transaction: the new user message's files (`message_files`), each the
@@ -2158,7 +2365,10 @@ COPY_CHUNK_MESSAGES = 1000
 COPY_CHUNK_CHARS = 1_000_000
 STAGED_OWNER = "\x01staged"
 
-_INTEGER_COLUMNS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens", "last_seq"})
+_INTEGER_COLUMNS = frozenset(
+    {"prompt_tokens", "completion_tokens", "total_tokens", "last_seq", "reasoning_tokens", "cached_tokens"}
+)
+_BIGINT_COLUMNS = frozenset({"cost_micros"})
 _TOOL_COLUMNS = ("tool_steps", "tool_results")  # JSON text, counted with the text
 
 
@@ -2440,7 +2650,7 @@ class Copies:
             values: dict[str, Any] = {}
             tuples = []
             for n, row in enumerate(rows[start : start + 100]):
-                values.update({f"{name}_{n}": row[name] for name in names})
+                values.update({f"{name}_{n}": row.get(name) for name in names})  # an import's: no cost
                 tuples.append("(" + ", ".join(f":{name}_{n}" for name in names) + ")")
             await self.db.execute(f"INSERT INTO messages ({', '.join(names)}) VALUES {', '.join(tuples)}", values)
 
@@ -2478,12 +2688,13 @@ class Copies:
         rows, building each statement's 1,800 parameters took ~0.15 s of Python: an import of
         100,000 messages took minutes.)"""
         arrays = ", ".join(
-            f"${n}::{'integer' if name in _INTEGER_COLUMNS else 'text'}[]" for n, name in enumerate(names, 1)
+            f"${n}::{'integer' if name in _INTEGER_COLUMNS else 'bigint' if name in _BIGINT_COLUMNS else 'text'}[]"
+            for n, name in enumerate(names, 1)
         )
         sql = f"INSERT INTO messages ({', '.join(names)}) SELECT * FROM unnest({arrays})"
         for start in range(0, len(rows), COPY_CHUNK_MESSAGES):
             chunk = rows[start : start + COPY_CHUNK_MESSAGES]
-            await self.db.execute_numbered(sql, *([row[name] for row in chunk] for name in names))
+            await self.db.execute_numbered(sql, *([row.get(name) for row in chunk] for name in names))
 
 
 # ── Files: the files owners upload: their bytes, dedup, quotas, references ─────────────
@@ -3777,6 +3988,7 @@ class FinalState:
     steps: str | None = None  # the JSON text of all its tool steps (None: it has none)
     call_id: str | None = None  # its last model call's usage_calls row, settled with this write
     spent: Spent | None = None  # ... with what that call used
+    cost: Cost | None = None  # what all its calls cost (None: no prices, or its model has none)
 
 
 class AnswerRows:
@@ -3807,8 +4019,10 @@ class AnswerRows:
     async def recover_interrupted(self, stale_after: float | None, own: list[str] = ()) -> list[dict]:
         """Answers still `streaming` whose heartbeat (`updated_at`) is more than `stale_after` seconds
         old (all of them, for None), by the clock that wrote it (PostgreSQL: the server's): the process
-        producing them is gone. They become `interrupted`, keeping their text. This process's `own`
-        answers are never among them."""
+        producing them is gone. They become `interrupted`, keeping their text, and their calls still
+        reserved in the ledger are settled with an estimate from that text, in the same transaction
+        (Usage.settle_swept): no reservation outlives its answer. This process's `own` answers are
+        never among them. Each row: id, owner, session_id, content, reasoning_content, tool_steps."""
         where, values = "", {"now": utcnow(), "end_seq": INTERRUPTED_SEQ, "detail": INTERRUPTED_DETAIL}
         if stale_after is not None:
             where = f" AND updated_at < {':stale' if self.db.is_sqlite else PG_STALE}"
@@ -3816,13 +4030,20 @@ class AnswerRows:
         for names, ids in _id_batches(list(own), 100_000):
             where += f" AND id NOT IN ({names})"
             values.update(ids)
-        return await self.db.fetch_all(
-            "UPDATE messages SET status = 'interrupted', error_code = 'interrupted', error_message = :detail,"
-            f" last_seq = :end_seq, updated_at = {self.db.heartbeat_now} WHERE status = 'streaming'{where}"
-            " RETURNING id, owner, session_id",
-            values,
-            role=WRITE,
-        )
+
+        async def sweep() -> list[dict]:
+            rows = await self.db.fetch_all(
+                "UPDATE messages SET status = 'interrupted', error_code = 'interrupted', error_message = :detail,"
+                f" last_seq = :end_seq, updated_at = {self.db.heartbeat_now} WHERE status = 'streaming'{where}"
+                " RETURNING id, owner, session_id, content, reasoning_content, tool_steps",
+                values,
+                role=WRITE,
+            )
+            if rows:
+                await self.usage.settle_swept(rows)
+            return rows
+
+        return await self.db.atomically(sweep)
 
     async def checkpoint(self, checkpoints: list[Checkpoint]) -> None:
         """The running answers' texts so far, in one round trip (the background connection on SQLite).
@@ -3851,33 +4072,45 @@ class AnswerRows:
             )
 
     async def finish(self, answer_id: str, final: FinalState) -> bool:
-        """The answer's final state, written once, whatever ended it. False if the answer is no longer
-        `streaming`: another process took it for dead and stored its verdict, which stands."""
+        """The answer's final state, written once, whatever ended it, and its last call settled in the
+        ledger (`final.call_id`), in one transaction. False if the answer is no longer `streaming`:
+        another process took it for dead and stored its verdict, which stands (and settled its calls)."""
         usage = final.usage or {}
-        row = await self.db.fetch_one(
+        update = (
             "UPDATE messages SET content = :content, reasoning_content = :reasoning, status = :status,"
             " finish_reason = :finish_reason, error_code = :error_code, error_message = :error_message,"
             " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens, total_tokens = :total_tokens,"
-            f" last_seq = :last_seq, tool_steps = :steps, updated_at = {self.db.heartbeat_now}"
-            " WHERE id = :id AND status = 'streaming' RETURNING id",
-            {
-                "content": final.content,
-                "reasoning": final.reasoning,
-                "status": final.status,
-                "finish_reason": final.finish_reason,
-                "error_code": final.error_code,
-                "error_message": final.error_message,
-                "prompt_tokens": usage.get("prompt_tokens"),
-                "completion_tokens": usage.get("completion_tokens"),
-                "total_tokens": usage.get("total_tokens"),
-                "last_seq": final.last_seq,
-                "steps": storable_json(final.steps),
-                "now": utcnow(),
-                "id": answer_id,
-            },
-            role=WRITE,
+            " reasoning_tokens = :reasoning_tokens, cached_tokens = :cached_tokens, cost_micros = :cost,"
+            f" currency = :currency, last_seq = :last_seq, tool_steps = :steps, updated_at = {self.db.heartbeat_now}"
+            " WHERE id = :id AND status = 'streaming' RETURNING id"
         )
-        return row is not None
+        values = {
+            "content": final.content,
+            "reasoning": final.reasoning,
+            "status": final.status,
+            "finish_reason": final.finish_reason,
+            "error_code": final.error_code,
+            "error_message": final.error_message,
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "completion_tokens": usage.get("completion_tokens"),
+            "total_tokens": usage.get("total_tokens"),
+            "reasoning_tokens": usage.get("reasoning_tokens"),
+            "cached_tokens": usage.get("cached_tokens"),
+            "cost": final.cost.micros if final.cost else None,
+            "currency": final.cost.currency if final.cost else None,
+            "last_seq": final.last_seq,
+            "steps": storable_json(final.steps),
+            "now": utcnow(),
+            "id": answer_id,
+        }
+
+        async def write() -> bool:
+            row = await self.db.fetch_one(update, values, role=WRITE)
+            if row is not None and final.call_id is not None and final.spent is not None:
+                await self.usage.settle(final.call_id, final.spent, final.status, ends_answer=True)
+            return row is not None
+
+        return await self.db.atomically(write)
 
     async def get(self, answer_id: str) -> dict | None:
         """An answer by id alone: its producer reads back the verdict another process stored."""
@@ -4036,7 +4269,7 @@ def _rfc3339(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def money(micros: int) -> str:
+def amount(micros: int) -> str:
     """Micros as an exact amount of the currency, without trailing zeros: 10240000 -> '10.24'."""
     text = f"{Decimal(micros) / MICROS:f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
@@ -4241,12 +4474,8 @@ class Usage:
                 continue
             if kind == "cost_per_month":
                 currency = f" {self.prices.currency}" if self.prices else ""
-                amounts, shown_size, shown_used = (
-                    f"{money(used)} of your {money(size)}{currency}",
-                    money(size),
-                    money(used),
-                )
-                held_text = f", {money(held)}{currency} of it held by calls still running" if held else ""
+                amounts, shown_size, shown_used = f"{amount(used)} of your {amount(size)}{currency}", size, used
+                held_text = f", {amount(held)}{currency} of it held by calls still running" if held else ""
                 verb = "spent"
             else:
                 amounts, shown_size, shown_used = f"{used:,} of your {size:,} tokens", size, used
@@ -5376,20 +5605,32 @@ def _tool_call_entries(entries: Any, held: list[dict] | None) -> list[dict] | No
 # alone; UTF-8 cannot hold one).
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+# ... and what DashScope details (design 1.1): `completion_tokens_details.reasoning_tokens` (within
+# completion_tokens), `prompt_tokens_details.cached_tokens` (within prompt_tokens; a top-level
+# `cached_tokens` is taken too, as some servers send it) and `.cache_creation_input_tokens`
+USAGE_DETAILS = ("reasoning_tokens", "cached_tokens", "cache_creation_tokens")
 MAX_TOKENS_STORED = 2**31 - 1  # an INTEGER column on PostgreSQL
 
 
 def sane_usage(usage: Any) -> dict | None:
-    """The usage the model service reported, keeping only counts a database column can hold: a
-    usage that is not an object, or a count that is not a non-negative integer, is dropped (and logged)."""
+    """The usage the model service reported, as one flat dict of the counts a database column can
+    hold (USAGE_FIELDS, then USAGE_DETAILS when sent): a usage that is not an object, or a count that
+    is not a non-negative integer, is dropped (and logged)."""
     if not usage:
         return None
     if not isinstance(usage, dict):
         log.warning("the model service sent a usage that is not an object; dropped: %.200r", usage)
         return None
+    completion = usage.get("completion_tokens_details")
+    prompt = usage.get("prompt_tokens_details")
+    completion = completion if isinstance(completion, dict) else {}
+    prompt = prompt if isinstance(prompt, dict) else {}
+    found = {name: usage.get(name) for name in USAGE_FIELDS}
+    found["reasoning_tokens"] = completion.get("reasoning_tokens")
+    found["cached_tokens"] = prompt.get("cached_tokens", usage.get("cached_tokens"))
+    found["cache_creation_tokens"] = prompt.get("cache_creation_input_tokens")
     kept = {}
-    for name in USAGE_FIELDS:
-        value = usage.get(name)
+    for name, value in found.items():
         if type(value) is int and 0 <= value <= MAX_TOKENS_STORED:
             kept[name] = value
         elif value is not None:
@@ -5462,6 +5703,10 @@ class ToolCallAccumulator:
             call.arguments.append(arguments)
         elif arguments is not None:  # an object: the whole arguments, not a piece of them
             call.arguments[:] = [json.dumps(arguments, ensure_ascii=False)]
+
+    def text(self) -> str:
+        """Every name and argument gathered so far, as one text (what the model wrote: its estimate)."""
+        return "".join(call.name + "".join(call.arguments) for call in self._calls)
 
     def calls(self) -> list[ToolCall]:
         """The round's calls that have a name, in index order (arrival order within an index). A call
@@ -6128,15 +6373,19 @@ def final_event(
     usage: dict | None,
     error: Refusal | None,
     tool_calls: list[dict] | None = None,
+    cost: Cost | None = None,
 ) -> tuple[str, dict]:
     """The `end` or `error` event that closes an answer (also rebuilt from a stored message). An
-    answer that waits for the app's own tools (finish_reason `tool_calls`) lists their calls."""
+    answer that waits for the app's own tools (finish_reason `tool_calls`) lists their calls; its
+    `usage` (shown_usage) when reported, its `cost` and `currency` when known (CHATSVC_PRICES)."""
     if error is None and status in (COMPLETE, STOPPED):
         # finish_reason as stored (a complete answer always has the model's); usage only when reported
         end = {"full_text": text, "message_id": message_id, "finish_reason": finish_reason}
         if finish_reason == TOOL_CALLS and tool_calls:
             end["tool_calls"] = tool_calls
-        return "end", end if usage is None else {**end, "usage": usage}
+        if usage is not None:
+            end["usage"] = shown_usage(usage)
+        return "end", end if cost is None else {**end, **cost.shown()}
     return "error", {
         "message": error.detail if error else "The answer failed.",
         "code": error.code if error else "upstream_error",
@@ -6155,8 +6404,9 @@ def stored_final_event(row: dict) -> bytes:
     """The final event of a stored answer, with the id of the last event its text covers."""
     calls = pending_tool_calls(json.loads(row["tool_steps"])) if row["tool_steps"] else None
     type_, data = final_event(
-        row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row), stored_error(row), calls
-    )
+        row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row, True), stored_error(row), calls,
+        row_cost(row),
+    )  # fmt: skip
     return sse_event(event_id(row["id"], row["last_seq"]), {"type": type_, "data": data})
 
 
@@ -6213,8 +6463,16 @@ class Answer:
     phase: Phase = Phase.RUNNING
     status: str = STREAMING  # as stored: STREAMING until it ends, then how it ended
     finish_reason: str | None = None
-    usage: dict | None = None  # as the model service reported it; None when it reported none
-    prompt_estimate: int = 0  # estimate_tokens of what was sent, when the model service reports no usage
+    usage: dict | None = None  # as the model service reported it (sane_usage, rounds added); None: it reported none
+    # What its model calls used (docs/design/usage.md 2.3): each is a row of the ledger, reserved before
+    # the call; `call_id` is the row the running round is settled into (the one begin_turn reserved,
+    # then each next_round's), `round` what the running round holds and has received, `used` what
+    # each ended round used, and `carried` what ended rounds used whose row could not be settled then
+    # (the database failed): the running round's row is settled with it added.
+    call_id: str | None = None
+    round: Round | None = None
+    used: list[Spent] = field(default_factory=list)
+    carried: Spent | None = None
     error: Refusal | None = None  # why it failed, or was not stored
     final: bytes | None = None  # its `end` or `error` event, once sent
     steps: list[dict] = field(default_factory=list)  # its tool_call and tool_result events, as stored
@@ -6256,9 +6514,16 @@ class Answer:
         """Its steps as the store keeps them (None: it made no tool call)."""
         return json.dumps(self.steps, ensure_ascii=False, separators=(",", ":")) if self.steps else None
 
-    def final_state(self) -> FinalState:
-        """What the store keeps of it once it ends."""
+    def final_state(self, prices: Prices | None) -> FinalState:
+        """What the store keeps of it once it ends: with its last round's row settled (the round
+        accounted here, once)."""
         error = self.error
+        spent = None
+        if self.round is not None:
+            last = round_spent(self, prices)
+            self.used.append(last)
+            spent, self.carried, self.round = added_spent(self.carried, last), None, None
+        cost = answer_cost(self, prices)
         return FinalState(
             self.status,
             self.full_text,
@@ -6269,6 +6534,9 @@ class Answer:
             error.detail if error else None,
             last_seq=len(self.log),
             steps=self.stored_steps(),
+            call_id=self.call_id if spent is not None else None,
+            spent=spent,
+            cost=cost,
         )
 
     def move(self, to: Phase) -> None:
@@ -6347,6 +6615,111 @@ class Answer:
         return True
 
 
+def sent_tokens(body: dict) -> int:
+    """The estimate of what a model request sends (estimate_tokens, which errs high): its messages'
+    contents (images by their tiles), the tool calls they carry, and the tools it offers."""
+    tokens = 0
+    for message in body["messages"]:
+        tokens += content_tokens(message.get("content"))
+        for call in message.get("tool_calls") or ():
+            tokens += estimate_tokens(call["function"]["name"] + call["function"]["arguments"])
+    if body.get("tools"):
+        tokens += estimate_tokens(json.dumps(body["tools"], ensure_ascii=False))
+    return tokens
+
+
+@dataclass
+class Round:
+    """An answer's model round: its ledger row's hold (`hold.prompt_tokens`: the estimate of what it
+    sends), and what its last attempt received (a retried call's earlier attempts are not counted:
+    they relayed nothing, and the model service is not known to bill a call it failed)."""
+
+    hold: Hold
+    text_at: int = 0  # the answer's text pieces before it
+    reasoning_at: int = 0  # ... and reasoning pieces
+    chunks: bool = False  # the model service sent at least one chunk
+    usage: dict | None = None  # what the model service reported for it (sane_usage)
+    gathered: ToolCallAccumulator | None = None  # the tool calls it wrote
+
+    def attempt(self, answer: Answer, gathered: ToolCallAccumulator) -> None:
+        """A new attempt at the call starts: only the last one is counted."""
+        self.text_at, self.reasoning_at = len(answer.text), len(answer.reasoning)
+        self.chunks, self.usage, self.gathered = False, None, gathered
+
+
+def call_spent(hold: Hold, usage: dict | None, written: str | None, prices: Prices | None, thinking: bool) -> Spent:
+    """What an upstream call used (docs/design/usage.md 2.8): what the model service reported (sane_usage);
+    else, when it sent at least one chunk (`written`: all it wrote, text, reasoning and tool calls),
+    chatsvc's estimate, which errs high: the prompt's estimate the hold made, and estimate_tokens of what
+    it wrote; else nothing (it failed before answering). Priced by CHATSVC_PRICES (`thinking`: at the
+    thinking rate)."""
+    if usage is not None:
+        prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        details = (usage.get(name) for name in USAGE_DETAILS)
+        used = Spent(Source.REPORTED, prompt, completion, usage.get("total_tokens", prompt + completion), *details)
+    elif written is not None:
+        completion = estimate_tokens(written)
+        used = Spent(Source.ESTIMATED, hold.prompt_tokens, completion, hold.prompt_tokens + completion)
+    else:
+        used = Spent(Source.NONE)
+    cost = prices.cost(hold.model, used, thinking) if prices is not None else None
+    if cost is not None:
+        used.cost, used.currency = cost, prices.currency
+    return used
+
+
+def round_spent(answer: Answer, prices: Prices | None) -> Spent:
+    """What the answer's running round used (call_spent); a round that thought (reasoning came) is
+    priced at the thinking rate."""
+    r = answer.round
+    assert r is not None
+    reasoning = "".join(answer.reasoning[r.reasoning_at :])
+    written = "".join(answer.text[r.text_at :]) + reasoning + (r.gathered.text() if r.gathered else "")
+    return call_spent(r.hold, r.usage, written if r.chunks else None, prices, thinking=bool(reasoning))
+
+
+def added_spent(one: Spent | None, other: Spent) -> Spent:
+    """Two calls' use as one row's (a round whose row could not be settled, added to the next's):
+    estimated if either was, each count summed, the cost known if both are."""
+    if one is None:
+        return other
+    sources = {one.source, other.source}
+    source = next(s for s in (Source.ESTIMATED, Source.REPORTED, Source.NONE) if s in sources)
+
+    def add(a: int | None, b: int | None) -> int | None:
+        return None if a is None and b is None else (a or 0) + (b or 0)
+
+    both = one.cost is not None and other.cost is not None
+    return Spent(
+        source,
+        one.prompt_tokens + other.prompt_tokens,
+        one.completion_tokens + other.completion_tokens,
+        one.total_tokens + other.total_tokens,
+        add(one.reasoning_tokens, other.reasoning_tokens),
+        add(one.cached_tokens, other.cached_tokens),
+        add(one.cache_creation_tokens, other.cache_creation_tokens),
+        one.cost + other.cost if both else None,
+        one.currency if both else None,
+    )
+
+
+def answer_cost(answer: Answer, prices: Prices | None) -> Cost | None:
+    """What the answer's ended rounds cost together; None without prices, or for a model without one."""
+    if prices is None or not answer.used or any(spent.cost is None for spent in answer.used):
+        return None
+    return Cost(sum(spent.cost for spent in answer.used), prices.currency)
+
+
+def shown_usage(usage: dict | None) -> dict | None:
+    """A usage as an answer's `end` event, reply and message show it: the three counts, and
+    `reasoning_tokens` and `cached_tokens` when the model service reported them."""
+    if usage is None:
+        return None
+    return {k: usage.get(k) for k in USAGE_FIELDS} | {
+        k: usage[k] for k in ("reasoning_tokens", "cached_tokens") if usage.get(k) is not None
+    }
+
+
 def record_answer(metrics: Metrics, answer: Answer) -> None:
     """An ended answer into the metrics and the log: one line an answer, with its cost."""
     error, m = answer.error, metrics
@@ -6354,15 +6727,17 @@ def record_answer(metrics: Metrics, answer: Answer) -> None:
     m.duration.labels(answer.model).observe(time.monotonic() - answer.started)
     if answer.first_token_at is not None:
         m.first_token.labels(answer.model).observe(answer.first_token_at - answer.started)
+    for used in answer.used:
+        m.spent(answer.model, used)
     kind, usage = spent(answer)
-    m.usage(answer.model, usage, estimated=kind == "estimated")
     if answer.offered:
         m.tool_rounds.observe(answer.rounds)
     eq = "~=" if kind == "estimated" else "="
     ttft = f"{(answer.first_token_at - answer.started) * 1000:.1f}" if answer.first_token_at else "-"
+    cost = "-" if any(used.cost is None for used in answer.used) else money(sum(u.cost for u in answer.used))
     log.info(
         "answer session=%s message=%s request_id=%s model=%s status=%s code=%s ttft_ms=%s duration_ms=%.1f"
-        " usage=%s prompt_tokens%s%s completion_tokens%s%s retries=%d rounds=%d calls=%d tool_ms=%.1f"
+        " usage=%s prompt_tokens%s%s completion_tokens%s%s cost=%s retries=%d rounds=%d calls=%d tool_ms=%.1f"
         " images=%d files=%d vision_switch=%d",
         answer.session_id,
         answer.message_id,
@@ -6377,6 +6752,7 @@ def record_answer(metrics: Metrics, answer: Answer) -> None:
         usage.get("prompt_tokens", "-"),
         eq,
         usage.get("completion_tokens", "-"),
+        cost,
         answer.retries,
         answer.rounds,
         answer.calls,
@@ -6391,18 +6767,20 @@ def added_usage(one: dict | None, other: dict | None) -> dict | None:
     """Two rounds' usage, as one (an answer's tool rounds are one answer): each count summed."""
     if one is None or other is None:
         return one or other
-    return {k: one.get(k, 0) + other.get(k, 0) for k in USAGE_FIELDS if k in one or k in other}
+    return {k: one.get(k, 0) + other.get(k, 0) for k in USAGE_FIELDS + USAGE_DETAILS if k in one or k in other}
 
 
 def spent(answer: Answer) -> tuple[str, dict]:
-    """What an answer cost: the usage the model service reported; else, if the model worked (some
-    servers, llama-cpp-python for one, ignore stream_options), chatsvc's estimate; else nothing."""
-    if answer.usage is not None:
-        return "reported", answer.usage
-    if not answer.text_chars and not answer.reasoning_chars:
+    """What an ended answer's rounds used, together: `reported` when the model service reported every
+    round that reached it, `estimated` when chatsvc estimated any, else `none` (nothing reached it)."""
+    sources = {used.source for used in answer.used}
+    kind = Source.ESTIMATED if Source.ESTIMATED in sources else Source.REPORTED if Source.REPORTED in sources else None
+    if kind is None:
         return "none", {}
-    completion = estimate_tokens(answer.full_text + (answer.full_reasoning or ""))
-    return "estimated", {"prompt_tokens": answer.prompt_estimate, "completion_tokens": completion}
+    return kind.value, {
+        "prompt_tokens": sum(used.prompt_tokens for used in answer.used),
+        "completion_tokens": sum(used.completion_tokens for used in answer.used),
+    }
 
 
 # ── Registry: where readers find answers, and the events a channel reader is sent ──────
@@ -6594,23 +6972,42 @@ class Relay:
             raise busy(key[1])
 
     async def admit(self, turn: Turn, payload: dict, offer: Offer | None = None) -> Answer:
-        """Store the turn (its question, and its answer's row as `streaming`), then start the answer.
-        The heartbeat vouches for the row from the moment it exists."""
+        """Store the turn (its question, and its answer's row as `streaming`) with its first model
+        call reserved against its owner's limits (OverLimit: refused, nothing stored), then start the
+        answer. While a token or cost limit applies, a request without max_tokens is sent with
+        CHATSVC_RESERVE_OUTPUT_TOKENS, what its reservation holds. The heartbeat vouches for the row
+        from the moment it exists."""
+        first = payload if offer is None else {**payload, **offer.payload(self.settings.max_tool_rounds < 1)}
+        turn.hold = turn.hold or self.hold(turn.owner, turn.session_id, turn.answer_id, Purpose.ANSWER, first)
         self._claiming.add(turn.answer_id)
         try:
             try:
-                await self.store.tree.begin_turn(turn)
+                limits = await self.store.tree.begin_turn(turn)
             except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
                 if self.replicas is None or not await self.replicas.recover():
                     raise
-                await self.store.tree.begin_turn(turn)
+                limits = await self.store.tree.begin_turn(turn)
+            if limits is not None and limits.budgets and payload.get("max_tokens") is None:
+                payload["max_tokens"] = self.settings.reserve_output_tokens
             return self._start(turn, payload, offer)
         finally:
             self._claiming.discard(turn.answer_id)
 
+    def hold(self, owner: str, session_id: str, message_id: str | None, purpose: Purpose, body: dict) -> Hold:
+        """What a model call about to be made with request `body` holds (a new ledger row): the
+        estimate of what it sends, what it may write (its max_tokens, else CHATSVC_RESERVE_OUTPUT_TOKENS)
+        and their price (at the thinking rate when the request asks the model to think)."""
+        s, model = self.settings, body["model"]
+        prompt, output = sent_tokens(body), body.get("max_tokens") or s.reserve_output_tokens
+        thinking = body.get("enable_thinking") is True
+        cost = s.prices.hold(model, prompt, output, thinking) if s.prices is not None else 0
+        return Hold(new_message_id(), owner, session_id, message_id, purpose, model, prompt, output, cost)
+
     def _start(self, turn: Turn, payload: dict, offer: Offer | None) -> Answer:
         owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
         answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id, offered=offer is not None)
+        if turn.hold is not None:
+            answer.call_id, answer.round = turn.hold.call_id, Round(turn.hold)
         if turn.title and self.settings.titles == "model":  # its first answer names the conversation
             answer.title_question = turn.question or turn.title  # text only: a message of files, their names
         answer.task = asyncio.create_task(self._run(answer, payload, offer), name=f"answer {message_id}")
@@ -6634,6 +7031,8 @@ class Relay:
             for round_ in itertools.count(1):
                 last = offer is None or round_ > s.max_tool_rounds
                 body = payload if offer is None else {**payload, "messages": messages, **offer.payload(last)}
+                if round_ > 1:
+                    await self._next_round(answer, body)
                 calls = await self._model_round(answer, body)
                 if not calls or offer is None:
                     break
@@ -6676,8 +7075,6 @@ class Relay:
             if answer.phase is Phase.TOOLS:  # a fault between two rounds
                 answer.move(Phase.RUNNING)
             answer.move(Phase.FINISHING)
-            if answer.usage is None and (answer.text_chars or answer.reasoning_chars):  # none reported: estimated
-                answer.prompt_estimate = sum(content_tokens(m.get("content")) for m in messages)
             await asyncio.shield(self._finish(answer))
 
     async def _model_round(self, answer: Answer, body: dict) -> list[ToolCall]:
@@ -6690,8 +7087,12 @@ class Relay:
 
         async def call() -> None:
             gathered, answer.usage = ToolCallAccumulator(), None  # a retried attempt's usage is not counted
+            if answer.round is not None:
+                answer.round.attempt(answer, gathered)
             async with contextlib.aclosing(stream_completion(self.client, s, body)) as deltas:
                 async for delta in deltas:
+                    if answer.round is not None:
+                        answer.round.chunks = True
                     if not self._relay(answer, delta):
                         return  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here, its calls dropped
                     gathered.feed(delta)
@@ -6709,8 +7110,49 @@ class Relay:
             await retried(s, self.metrics, "answer", call, said, counted)
         finally:
             deadline.cancel()
+            if answer.round is not None:
+                answer.round.usage = answer.usage
             answer.usage = added_usage(earlier, answer.usage)
         return calls
+
+    async def _next_round(self, answer: Answer, body: dict) -> None:
+        """Between two model rounds: the ended round's row settled with what it used and the next
+        round's reserved (Usage.next_round, never refused). The write is seen to its end even when the
+        answer is stopped meanwhile (then the stop goes on), so that the answer knows which row its
+        end settles. A database failure loses nothing: the ended round's use is carried, and settled
+        with the row the answer still holds (the next round's call is then accounted in it too)."""
+        ended, prices = answer.round, self.settings.prices
+        if ended is None:
+            return
+        used = round_spent(answer, prices)
+        answer.used.append(used)
+        hold = self.hold(answer.owner, answer.session_id, answer.message_id, Purpose.TOOL_ROUND, body)
+        answer.round = Round(hold, len(answer.text), len(answer.reasoning))
+        written = asyncio.ensure_future(
+            self.store.usage.next_round(answer.call_id, added_spent(answer.carried, used), hold)
+        )
+        stopped: asyncio.CancelledError | None = None
+        try:
+            await asyncio.shield(written)
+        except asyncio.CancelledError as exc:
+            stopped = exc
+            await asyncio.wait([written])
+        except StorageUnavailable:
+            pass
+        fault = None if written.cancelled() else written.exception()
+        if not written.cancelled() and fault is None:
+            answer.call_id, answer.carried = hold.call_id, None
+        else:
+            if fault is not None and not isinstance(fault, StorageUnavailable):
+                log.error("answer %s: the ledger failed between its rounds", answer.message_id, exc_info=fault)
+            log.warning(
+                "answer %s: its ended round will be settled with its next, the ledger could not be written now (%s)",
+                answer.message_id,
+                fault.detail if isinstance(fault, StorageUnavailable) else "see above",
+            )
+            answer.carried = added_spent(answer.carried, used)
+        if stopped is not None:
+            raise stopped
 
     def _calls(self, answer: Answer, calls: list[ToolCall], offer: Offer, round_: int) -> list[dict]:
         """A round's calls into the log as `tool_call` events (ids made unique within the answer)."""
@@ -6852,7 +7294,7 @@ class Relay:
 
     async def _finish(self, answer: Answer) -> None:
         """Store the answer's final state, then tell the readers: a reload after `end` shows it."""
-        final = answer.final_state()
+        final = answer.final_state(self.settings.prices)
         stored = await self._store_final(answer, final, self.settings.storage_timeout)
         if stored is False:  # another process took it for dead: its verdict stands, and is what readers get
             row = await self._verdict(answer)
@@ -6876,6 +7318,7 @@ class Relay:
                 answer.usage,
                 answer.error,
                 answer.pending_calls,
+                final.cost,
             )
         )
         answer.end()
@@ -7031,7 +7474,8 @@ def _emphasis_removed(match: re.Match) -> str:
 
 async def write_title(relay: Relay, answer: Answer) -> None:
     """Ask the model for the conversation's title and store it (and what it cost), through the same
-    upstream client, retries and timeouts as an answer. A failure leaves the first-line title."""
+    upstream client, retries and timeouts as an answer. A failure leaves the first-line title. The
+    call is recorded in the ledger once done (purpose title: reserved nothing, never refused)."""
     s = relay.settings
     model = s.title_model or s.chat_model
     conversation = f"User: {(answer.title_question or '')[:2000]}\n\nAssistant: {answer.full_text[:2000]}"
@@ -7045,13 +7489,15 @@ async def write_title(relay: Relay, answer: Answer) -> None:
         "max_tokens": 40,
     }
     text: list[str] = []
-    usage, status, code = None, "ok", "-"
+    usage, status, code, received = None, "ok", "-", False
+    hold = relay.hold(answer.owner, answer.session_id, None, Purpose.TITLE, payload)
 
     async def call() -> None:
-        nonlocal usage
+        nonlocal usage, received
+        usage, received = None, False  # only the last attempt is counted
         async for delta in stream_completion(relay.client, s, payload):
             text.append(delta.content)
-            usage = delta.usage or usage
+            usage, received = delta.usage or usage, True
 
     try:
         with anyio.fail_after(s.upstream_total_timeout):
@@ -7071,17 +7517,25 @@ async def write_title(relay: Relay, answer: Answer) -> None:
     except StorageUnavailable as exc:
         status, code = "unstored", "storage_unavailable"
         log.warning("title of session %s not stored: %s", answer.session_id, exc.detail)
-    relay.metrics.usage(model, usage, "title_")
-    usage = usage or {}
+    used = call_spent(hold, usage, "".join(text) if received else None, s.prices, thinking=False)
+    try:
+        await relay.store.usage.record(hold, used, FAILED if status == "failed" else COMPLETE)
+    except StorageUnavailable as exc:
+        log.warning("title of session %s not recorded in the ledger: %s", answer.session_id, exc.detail)
+    except Exception:
+        log.exception("title of session %s not recorded in the ledger", answer.session_id)
+    relay.metrics.spent(model, used, "title_")
     log.info(
-        "title session=%s message=%s model=%s status=%s code=%s prompt_tokens=%s completion_tokens=%s",
+        "title session=%s message=%s model=%s status=%s code=%s usage=%s prompt_tokens=%s completion_tokens=%s cost=%s",
         answer.session_id,
         answer.message_id,
         model,
         status,
         code,
-        usage.get("prompt_tokens", "-"),
-        usage.get("completion_tokens", "-"),
+        used.source.value,
+        used.prompt_tokens,
+        used.completion_tokens,
+        "-" if used.cost is None else money(used.cost),
     )
 
 
@@ -8814,7 +9268,8 @@ def present_message(
     """A message as the API shows it; without `siblings` (a tree page), without `sibling_ids`. A
     tool-results turn (stored as a user message) is shown with role "tool". `files`: the files of the
     page's messages, by message id (a message without files shows no `files`, as before files were)."""
-    usage = row_usage(row)
+    usage = row_usage(row, details=True)
+    cost = row_cost(row)
     carried = (files or {}).get(row["id"])
     return {
         "id": row["id"],
@@ -8831,6 +9286,7 @@ def present_message(
         "finish_reason": row["finish_reason"],
         "error": {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None,
         "usage": usage,
+        **(cost.shown() if cost is not None else {}),
         "created_at": row["created_at"],
     }
 
@@ -9580,6 +10036,313 @@ async def file_content(request: Request) -> Response:
     return StreamingResponse(files.content(file_id, start, end), status_code=status, headers=headers)
 
 
+# ── HTTP: usage handlers: the routes under /api/v1/usage and /api/v1/admin: reports, limits, resets
+# What the ledger holds (Usage.report), as JSON or CSV; where the caller stands against its limits
+# (Usage.standing); and an admin's routes: one owner's limits read and set, its window reset. Money is
+# shown in the currency of CHATSVC_PRICES (micros / 1,000,000, 6 places). The admin routes and a report
+# of another owner need CHATSVC_ADMIN_TOKEN as `Authorization: Bearer` (never ?access_token=: a URL is
+# logged); without it configured the admin routes do not exist (404).
+
+USAGE_MAX_DAYS = 366  # the longest range one report covers
+USAGE_PAGE = 1000  # groups in one page of a report, at most (and by default)
+WINDOWS = ("day", "month")
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_RFC3339 = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ]([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]{1,9}))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_CSV_FORMULA = ("=", "+", "-", "@", "\t", "\r")  # a cell starting with one is a formula to a spreadsheet
+
+
+def admin_only(detail: str) -> ApiError:
+    return ApiError(403, "admin_only", detail)
+
+
+def carries_admin_token(request: Request) -> bool:
+    """Whether the request carries CHATSVC_ADMIN_TOKEN as `Authorization: Bearer` (constant-time)."""
+    token = state(request).settings.admin_token
+    value = request.headers.get("authorization", "")
+    if token is None or value[:7].lower() != "bearer ":
+        return False
+    return hmac.compare_digest(value[7:].strip().encode(), token.encode())
+
+
+def require_admin(request: Request, what: str | None = None) -> None:
+    """An admin's request: CHATSVC_ADMIN_TOKEN configured (else an admin route does not exist: 404, and
+    `what` of a user's route is 403 admin_only) and carried (else 401)."""
+    if state(request).settings.admin_token is None:
+        if what is None:
+            raise no_route(request.url.path)
+        raise admin_only(f"{what} needs the admin token, and this service has none (CHATSVC_ADMIN_TOKEN).")
+    if not carries_admin_token(request):
+        raise unauthorized(
+            f"{what or 'This route'} needs 'Authorization: Bearer <admin token>' (CHATSVC_ADMIN_TOKEN).",
+            headers={"WWW-Authenticate": 'Bearer realm="admin"'},
+        )
+
+
+def check_owner(value: str, name: str) -> str:
+    """An owner named by an admin: what CHATSVC_USER_HEADER would carry ('' without one)."""
+    if len(value) > 256:
+        raise invalid(f"'{name}' is longer than 256 characters.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise invalid(f"'{name}' must not hold control characters.")
+    return value
+
+
+def user_key(request: Request) -> str:
+    """The owner an admin route's path names (`/admin/users/{user}/...`; '' is the one owner of a service
+    without CHATSVC_USER_HEADER: `/admin/users//limits`)."""
+    return check_owner(request.path_params["user"], "user")
+
+
+def stamp(moment: datetime) -> str:
+    """A time as the ledger stores its times (utcnow's format), rounded up to a whole millisecond: a call
+    stored at t is in [from, to) exactly when t is in [stamp(from), stamp(to))."""
+    moment = moment.astimezone(timezone.utc)
+    if moment.microsecond % 1000:
+        moment += timedelta(microseconds=1000 - moment.microsecond % 1000)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def query_time(request: Request, name: str) -> datetime | None:
+    """`from`/`to` in UTC: a date (YYYY-MM-DD: its midnight) or an RFC 3339 time (to the microsecond,
+    within the years 1 to 9999); None when absent."""
+    raw = request.query_params.get(name) or None
+    if raw is None:
+        return None
+    try:
+        if _DAY.fullmatch(raw):
+            return datetime.strptime(raw, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+        match = _RFC3339.fullmatch(raw)
+        if match is not None:
+            day, clock, fraction, offset = match.groups()
+            offset = "+00:00" if offset in ("Z", "z") else offset
+            moment = datetime.fromisoformat(f"{day}T{clock}.{(fraction or '0')[:6]:0<6}{offset}")
+            return moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        pass
+    raise invalid(f"'{name}' must be a UTC date (2026-12-01) or an RFC 3339 time (2026-12-01T08:00:00Z).")
+
+
+def month_of(moment: datetime) -> datetime:
+    """The first instant of the UTC month `moment` is in."""
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def usage_range(request: Request) -> tuple[str, str]:
+    """The report's [from, to) as the ledger's times, at most USAGE_MAX_DAYS days. Neither given: the
+    current UTC month (by this process's clock: a range to read, not a limit's window); `from` alone:
+    to the end of the current month, or 366 days; `to` alone: from the first of its month."""
+    start, end = query_time(request, "from"), query_time(request, "to")
+    try:
+        following = (month_of(datetime.now(timezone.utc)) + timedelta(days=32)).replace(day=1)
+        if start is None:
+            start = month_of(following - timedelta(days=1) if end is None else end - timedelta(microseconds=1))
+        if end is None:
+            end = min(start + timedelta(days=USAGE_MAX_DAYS), following) if start < following else following
+        shown = stamp(start), stamp(end)
+    except OverflowError:  # past the year 9999, or before the year 1
+        raise invalid("'from' and 'to' must be within the years 1 to 9999.") from None
+    if not start < end:
+        raise invalid("'from' must be before 'to' ('to' is not included; alone, it is the next month's first).")
+    if end - start > timedelta(days=USAGE_MAX_DAYS):
+        raise invalid(f"A report covers at most {USAGE_MAX_DAYS} days: ask for a shorter range of 'from' to 'to'.")
+    return shown
+
+
+def wants_csv(request: Request) -> bool:
+    """`format=csv`, or (without `format`) an Accept that names text/csv."""
+    chosen = request.query_params.get("format")
+    if chosen is not None:
+        if chosen not in ("json", "csv"):
+            raise invalid("'format' must be json or csv.")
+        return chosen == "csv"
+    accepted = (part.split(";", 1)[0].strip().lower() for part in request.headers.get("accept", "").split(","))
+    return "text/csv" in accepted
+
+
+def money_or_none(micros: int | None) -> float | None:
+    return None if micros is None else money(micros)
+
+
+def present_usage(row: Any) -> dict:
+    """A report's totals or group as the API shows it: its cost as money (null without prices)."""
+    shown = {name: row[name] for name in ("key", *USAGE_FIELDS_REPORTED) if name in row}
+    return {**shown, "cost": money_or_none(row["cost"])}
+
+
+def csv_cell(value: Any) -> Any:
+    """A key as a spreadsheet takes it: text a spreadsheet would run as a formula gets a leading `'`."""
+    if isinstance(value, str) and value.startswith(_CSV_FORMULA):
+        return "'" + value
+    return value
+
+
+def csv_money(micros: int | None) -> str:
+    """Money exactly, with 6 places (the JSON number's value)."""
+    if micros is None:
+        return ""
+    return f"{micros // MICROS}.{micros % MICROS:06d}"
+
+
+def csv_name(when: str) -> str:
+    """A report's bound in its file's name: the day if it is a midnight, else the time without colons."""
+    if when.endswith("T00:00:00.000Z"):
+        return when[:10]
+    return when.replace(":", "").replace("-", "").replace(".000Z", "Z")
+
+
+async def usage_report(request: Request) -> Response:
+    """GET /api/v1/usage: the calls in [from, to) of the caller, or (admin) of `user` or of everyone
+    (group_by=user), with their totals and one row per group, a page at a time; JSON or CSV."""
+    st = state(request)
+    query = request.query_params
+    group_by = query.get("group_by") or "day"
+    if group_by not in USAGE_GROUPS:  # (the Usage section's groupings)
+        raise invalid(f"'group_by' must be one of {', '.join(USAGE_GROUPS)}.")
+    as_csv = wants_csv(request)
+    start, end = usage_range(request)
+    limit = query_int(request, "limit", USAGE_PAGE, 1, USAGE_PAGE)
+    cursor = query.get("cursor") or None
+    after = None if cursor is None else decode_cursor(cursor, 1)[0]  # the last key of the previous page
+    user = query.get("user")
+    if group_by == "user":
+        require_admin(request, "A report of every user (group_by=user)")
+        if user is not None:
+            raise invalid("'user' names one user: leave it out of group_by=user, which reports every user.")
+        owner = None
+    elif user is not None:
+        require_admin(request, "A report of another user (?user=)")
+        owner = check_owner(user, "user")
+    else:
+        owner = owner_of(request)
+    totals, groups, last = await st.store.usage.report(owner, start, end, group_by, limit, after)
+    next_cursor = None if last is None else encode_cursor(last)
+    prices: Prices | None = st.settings.prices
+    currency = prices.currency if prices is not None else None
+    if as_csv:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(("key", *USAGE_FIELDS_REPORTED, "currency"))
+        for group in groups:
+            cells = [group[column] for column in USAGE_FIELDS_REPORTED[:-1]]
+            writer.writerow((csv_cell(group["key"]), *cells, csv_money(group.get("cost")), currency or ""))
+        headers = {"Content-Disposition": f'attachment; filename="usage-{csv_name(start)}-{csv_name(end)}.csv"'}
+        if next_cursor is not None:
+            headers["X-Next-Cursor"] = next_cursor
+        return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)
+    return JSONResponse(
+        {
+            "from": start,
+            "to": end,
+            "group_by": group_by,
+            "currency": currency,
+            "totals": present_usage(totals),
+            "groups": [present_usage(group) for group in groups],
+            "next_cursor": next_cursor,
+        }
+    )
+
+
+def present_standing(standing: dict, prices: Prices | None) -> dict:
+    """Usage.standing as the API shows it: the cost limit's amounts as money, and the currency."""
+    shown = json.loads(json.dumps(standing))  # a copy the presentation may change
+    cost = shown.get("limits", {}).get("cost_per_month")
+    if isinstance(cost, dict):
+        for name in ("limit", "used", "reserved", "remaining"):
+            if isinstance(cost.get(name), int):
+                cost[name] = money(cost[name])
+    shown["currency"] = prices.currency if prices is not None else None
+    return shown
+
+
+async def usage_limits(request: Request) -> Response:
+    """GET /api/v1/usage/limits: where the caller stands against each of its limits."""
+    st = state(request)
+    owner = owner_of(request)
+    return JSONResponse(present_standing(await st.store.usage.standing(owner), st.settings.prices))
+
+
+def present_limits(owner: str, own: dict, settings: Settings) -> dict:
+    """An owner's limits as the admin routes show them: the admin's (a key absent: the global limit; null:
+    none) and the effective ones, the cost as money."""
+    everyone = Limits.of(settings)
+    effective = {kind: own[kind] if kind in own else getattr(everyone, kind) for kind in LIMIT_KINDS}
+    shown = dict(own)
+    if shown.get("cost_per_month") is not None:
+        shown["cost_per_month"] = money(shown["cost_per_month"])
+    effective["cost_per_month"] = money_or_none(effective["cost_per_month"])
+    currency = settings.prices.currency if settings.prices is not None else None
+    return {"user": owner, "limits": shown, "effective": effective, "currency": currency}
+
+
+def parse_limits(body: dict) -> dict:
+    """A PUT of an owner's limits: only LIMIT_KINDS, each null (no limit) or a whole number from 0
+    (0 refuses every answer), the cost an amount with at most 6 places (kept in micros); absent: the
+    global limit."""
+    check_fields(body, LIMIT_KINDS)
+    limits: dict[str, int | None] = {}
+    for kind, value in body.items():
+        if value is None:
+            limits[kind] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            number = None
+        elif kind == "cost_per_month":
+            amount = Decimal(repr(value))
+            number = int(amount * MICROS) if amount * MICROS == int(amount * MICROS) else None
+        else:
+            number = int(value) if float(value).is_integer() else None
+        if number is None or not 0 <= number <= MAX_LIMIT:
+            rule = (
+                "an amount of at least 0 with at most 6 decimal places"
+                if kind == "cost_per_month"
+                else f"a whole number from 0 to {MAX_LIMIT}"
+            )
+            raise invalid(f"'{kind}' must be null (no limit) or {rule} (0 refuses every answer).")
+        limits[kind] = number
+    return limits
+
+
+async def get_user_limits(request: Request) -> Response:
+    """GET /api/v1/admin/users/{user}/limits (admin)."""
+    require_admin(request)
+    st = state(request)
+    owner = user_key(request)
+    return JSONResponse(present_limits(owner, await st.store.usage.owner_limits(owner), st.settings))
+
+
+async def put_user_limits(request: Request) -> Response:
+    """PUT /api/v1/admin/users/{user}/limits (admin): the owner's limits replaced; logged."""
+    require_admin(request)
+    st = state(request)
+    s: Settings = st.settings
+    owner = user_key(request)
+    limits = parse_limits(await read_json(request, s))
+    if limits.get("cost_per_month") is not None and s.prices is None:
+        raise invalid("'cost_per_month' needs prices to count costs with, and this service has none (CHATSVC_PRICES).")
+    await st.store.usage.set_limits(owner, limits)
+    log.info("admin limits owner=%s set=%s", json.dumps(owner), ",".join(sorted(limits)) or "-")
+    return JSONResponse(present_limits(owner, await st.store.usage.owner_limits(owner), s))
+
+
+async def reset_user_usage(request: Request) -> Response:
+    """POST /api/v1/admin/users/{user}/usage/reset (admin): the owner's day or month counted from 0
+    again (the ledger keeps every call); logged."""
+    require_admin(request)
+    st = state(request)
+    owner = user_key(request)
+    body = await read_json(request, st.settings)
+    check_fields(body, ("window",))
+    window = body.get("window")
+    if window not in WINDOWS:
+        raise invalid('\'window\' must be "day" or "month".')
+    await st.store.usage.reset(owner, window)
+    log.info("admin reset owner=%s window=%s", json.dumps(owner), window)
+    standing = present_standing(await st.store.usage.standing(owner), st.settings.prices)
+    return JSONResponse({"user": owner, "window": window, "standing": standing})
+
+
 # ── HTTP: chat handlers: an answer started, streamed, followed by a channel and stopped ──
 
 
@@ -9597,7 +10360,11 @@ async def start_answer(request: Request) -> Answer:
     relay.check_free(key)
     turn, messages, switched = await plan_turn(st.store, s, key, chat)
     payload = {"model": turn.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
-    answer = await relay.admit(turn, {**payload, **chat.options}, offer)
+    try:
+        answer = await relay.admit(turn, {**payload, **chat.options}, offer)
+    except OverLimit as exc:  # counted once, here: the 429 itself is api_error's
+        relay.metrics.limit_refusals.labels(exc.limit).inc()
+        raise
     answer.request_id = request.scope.get("request_id")
     answer.images, answer.files, answer.vision_switch = image_parts(messages), len(turn.files), switched
     relay.metrics.context_images.observe(answer.images)
@@ -9625,7 +10392,10 @@ async def chat(request: Request) -> Response:
         reply["tool_calls"] = answer.pending_calls
     if answer.steps:
         reply["steps"] = [{"type": step["type"], "data": step["data"]} for step in answer.steps]
-    return JSONResponse(reply if answer.usage is None else {**reply, "usage": answer.usage})  # usage: when reported
+    if answer.usage is not None:  # when reported
+        reply["usage"] = shown_usage(answer.usage)
+    cost = answer_cost(answer, state(request).settings.prices)
+    return JSONResponse(reply if cost is None else {**reply, **cost.shown()})
 
 
 RETRY = b"retry: 1000\n\n"  # once per connection: EventSource reconnects after 1 s
@@ -9965,10 +10735,12 @@ class JSONCORSMiddleware(CORSMiddleware):
 
 
 class TokenAuth:
-    """With CHATSVC_API_TOKEN set, every /api/ request must carry it (constant-time compare)."""
+    """With CHATSVC_API_TOKEN set, every /api/ request must carry it, or CHATSVC_ADMIN_TOKEN (constant-time
+    compares; the admin routes check for the admin token themselves: `admin_only`)."""
 
-    def __init__(self, app: Any, token: str | None):
+    def __init__(self, app: Any, token: str | None, admin_token: str | None = None):
         self.app, self.token = app, token.encode() if token else None
+        self.admin_token = admin_token.encode() if admin_token else None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if (
@@ -9990,9 +10762,16 @@ class TokenAuth:
         assert self.token is not None
         for name, value in scope["headers"]:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
-                return hmac.compare_digest(value[7:].strip(), self.token)
+                return self._known(value[7:].strip())
         query = Request(scope).query_params.get("access_token")
-        return query is not None and hmac.compare_digest(query.encode(), self.token)
+        return query is not None and self._known(query.encode())
+
+    def _known(self, given: bytes) -> bool:
+        """The API token or the admin token (both compared, whichever it is: the time says neither)."""
+        assert self.token is not None
+        api = hmac.compare_digest(given, self.token)
+        admin = self.admin_token is not None and hmac.compare_digest(given, self.admin_token)
+        return api or admin
 
 
 class RequestMetrics:
@@ -10191,6 +10970,12 @@ def app_routes(settings: Settings) -> list[Route | Mount]:
         Route(f"{api}/files/{{file_id}}", get_file, methods=["GET"]),
         Route(f"{api}/files/{{file_id}}", delete_file, methods=["DELETE"]),
         Route(f"{api}/files/{{file_id}}/content", file_content, methods=["GET"]),
+        Route(f"{api}/usage", usage_report, methods=["GET"]),
+        Route(f"{api}/usage/limits", usage_limits, methods=["GET"]),
+        # {user:path}: an owner may hold a '/'; '' (no CHATSVC_USER_HEADER) is /admin/users//limits
+        Route(f"{api}/admin/users/{{user:path}}/limits", get_user_limits, methods=["GET"]),
+        Route(f"{api}/admin/users/{{user:path}}/limits", put_user_limits, methods=["PUT"]),
+        Route(f"{api}/admin/users/{{user:path}}/usage/reset", reset_user_usage, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}", chat, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}/stream", chat_stream, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}/stream", channel, methods=["GET"]),
@@ -10204,7 +10989,7 @@ def app_middleware(settings: Settings, metrics: Metrics, routes: list[Route | Mo
     cors = Middleware(
         JSONCORSMiddleware,
         allow_origins=list(settings.cors_origins),
-        allow_methods=["GET", "POST", "PATCH", "DELETE"],
+        allow_methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
         # Range and If-None-Match: a file's content read in parts, or revalidated; its headers read back
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID", "Range", "If-None-Match"],
         expose_headers=[
@@ -10215,6 +11000,7 @@ def app_middleware(settings: Settings, metrics: Metrics, routes: list[Route | Mo
             "Content-Length",
             "Accept-Ranges",
             "ETag",
+            "X-Next-Cursor",
         ],
         max_age=600,
     )
@@ -10223,7 +11009,11 @@ def app_middleware(settings: Settings, metrics: Metrics, routes: list[Route | Mo
         *([Middleware(RequestMetrics, metrics=metrics, routes=routes)] if settings.metrics else []),
         *([cors] if settings.cors_origins else []),
         Middleware(HeaderLimit),
-        *([Middleware(TokenAuth, token=settings.api_token)] if settings.api_token else []),
+        *(
+            [Middleware(TokenAuth, token=settings.api_token, admin_token=settings.admin_token)]
+            if settings.api_token
+            else []
+        ),
     ]
 
 
