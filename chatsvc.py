@@ -4222,7 +4222,7 @@ USAGE_GROUPS = {
     "user": "owner",
 }
 # a report's figures, in the order of its totals' and groups' keys (after a group's `key`)
-USAGE_REPORT_FIELDS = (
+USAGE_FIELDS_REPORTED = (
     "calls", "answers", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "total_tokens",
     "estimated_tokens", "cost",
 )  # fmt: skip
