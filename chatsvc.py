@@ -57,6 +57,7 @@ import base64
 import codecs
 import contextlib
 import contextvars
+import csv
 import errno
 import fcntl
 import functools
@@ -135,16 +136,28 @@ def _csv(value: str) -> tuple[str, ...]:
     return tuple(s for s in CommaSeparatedStrings(value) if s)
 
 
+MAX_LIMIT = 2**53 - 1  # the largest limit (tokens, answers; a cost's micros): a JSON number any client reads exactly
+
+
 def _limit(value: str, kind: type) -> Any:
-    """A limit's size: a whole number (or, for a cost, a decimal) of at least 0."""
+    """A limit's size: a whole number (or, for a cost, a decimal of at most 6 places) of at least 0;
+    0 refuses every answer."""
+    value = value.strip()
+    if kind is int:
+        if not re.fullmatch(r"[0-9]{1,16}", value) or int(value) > MAX_LIMIT:
+            raise ValueError(f"must be a whole number from 0 to {MAX_LIMIT} (0 refuses every answer)")
+        return int(value)
     try:
-        number = kind(value.strip())
-    except (ArithmeticError, ValueError):
-        raise ValueError("not a number") from None
-    if kind is Decimal and not number.is_finite():
-        raise ValueError("not a number")
-    if number < 0:
-        raise ValueError("must be 0 or more")
+        number = Decimal(value)
+    except ArithmeticError:
+        number = Decimal("NaN")
+    if (
+        not number.is_finite()
+        or number < 0
+        or number * MICROS > MAX_LIMIT
+        or number != number.quantize(Decimal("0.000001"))
+    ):
+        raise ValueError("must be an amount of at least 0 with at most 6 decimal places (0 refuses every answer)")
     return number
 
 
@@ -164,8 +177,6 @@ _CASTS: dict[str, Callable[[str], Any]] = {
     "int": int,
     "float": float,
     "tuple[str, ...]": _csv,
-    "int | None": lambda value: _limit(value, int),
-    "Decimal | None": lambda value: _limit(value, Decimal),
 }
 
 
@@ -310,25 +321,41 @@ class Settings:
         "CHATSVC_ADMIN_TOKEN", None, "bearer token of the admin routes and of usage ?user=", echo=False
     )
     limit_tokens_per_day: int | None = setting(
-        "CHATSVC_LIMIT_TOKENS_PER_DAY", None, "tokens an owner may spend per UTC day (none: no limit)"
+        "CHATSVC_LIMIT_TOKENS_PER_DAY",
+        None,
+        "tokens an owner may spend per UTC day (none: no limit)",
+        cast=lambda v: _limit(v, int),
     )
     limit_tokens_per_month: int | None = setting(
-        "CHATSVC_LIMIT_TOKENS_PER_MONTH", None, "tokens an owner may spend per UTC month (none: no limit)"
+        "CHATSVC_LIMIT_TOKENS_PER_MONTH",
+        None,
+        "tokens an owner may spend per UTC month (none: no limit)",
+        cast=lambda v: _limit(v, int),
     )
     limit_cost_per_month: Decimal | None = setting(  # noqa: RUF009 (Decimal is immutable)
-        "CHATSVC_LIMIT_COST_PER_MONTH", None, "cost an owner may spend per UTC month, needs CHATSVC_PRICES"
+        "CHATSVC_LIMIT_COST_PER_MONTH",
+        None,
+        "cost an owner may spend per UTC month, in CHATSVC_PRICES' currency (needs it)",
+        cast=lambda v: _limit(v, Decimal),
     )
     limit_answers_per_minute: int | None = setting(
-        "CHATSVC_LIMIT_ANSWERS_PER_MINUTE", None, "answers an owner may start per minute (a token bucket)"
+        "CHATSVC_LIMIT_ANSWERS_PER_MINUTE",
+        None,
+        "answers an owner may start per minute (a token bucket)",
+        cast=lambda v: _limit(v, int),
     )
     limit_concurrent_answers: int | None = setting(
-        "CHATSVC_LIMIT_CONCURRENT_ANSWERS", None, "answers an owner may have running at once"
+        "CHATSVC_LIMIT_CONCURRENT_ANSWERS",
+        None,
+        "answers an owner may have running at once",
+        cast=lambda v: _limit(v, int),
     )
     reserve_output_tokens: int = setting(
         "CHATSVC_RESERVE_OUTPUT_TOKENS",
         4096,
         "output tokens an answer without max_tokens holds, and is sent as max_tokens, while a token or cost"
         " limit applies",
+        cast=lambda v: _int_between(v, 1, 1_000_000),
     )
     ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
     shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 10.0, "s running answers get after SIGTERM")
@@ -359,6 +386,15 @@ class Settings:
         settings = cls(**values)
         if settings.image_max_pixels > settings.max_image_pixels:
             raise ValueError("CHATSVC_IMAGE_MAX_PIXELS: must not be larger than CHATSVC_MAX_IMAGE_PIXELS.")
+        if settings.limit_cost_per_month is not None and settings.prices is None:
+            raise ValueError(
+                "CHATSVC_LIMIT_COST_PER_MONTH: a cost limit needs prices to count costs with; set CHATSVC_PRICES."
+            )
+        if settings.admin_token is not None and settings.admin_token == settings.api_token:
+            raise ValueError(
+                "CHATSVC_ADMIN_TOKEN: must differ from CHATSVC_API_TOKEN, which every client holds (with the same"
+                " token every client could read everyone's usage and change their limits)."
+            )
         if settings.vision_model and not settings.sees(settings.vision_model):
             raise ValueError(
                 f"CHATSVC_VISION_MODEL={settings.vision_model!r}: not a model CHATSVC_VISION_MODELS names as seeing"
@@ -843,9 +879,23 @@ HTTP_STATUS = {
 
 
 def api_error(exc: Refusal) -> ApiError:
+    if isinstance(exc, OverLimit):
+        return over_limit(exc)
     status = getattr(exc, "status", None) or HTTP_STATUS.get(exc.code, 500)
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if exc.retry_after else None
     return ApiError(status, exc.code, exc.detail, headers=headers)
+
+
+def over_limit(exc: OverLimit) -> ApiError:
+    """429 with `Retry-After` (whole seconds to the limit's reset, rounded up, at least 1) and the limit's
+    `limit`, `size`, `used` and `resets_at` as fields; a cost's size and use in the currency, not micros."""
+    size, used = exc.size, exc.used
+    if exc.limit == "cost_per_month":  # micros (an amount's text: taken as it says)
+        size, used = (money(v) if isinstance(v, int) else round(float(Decimal(v)), 6) for v in (size, used))
+    headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after or 0)))}
+    return ApiError(
+        429, exc.code, exc.detail, headers=headers, limit=exc.limit, size=size, used=used, resets_at=exc.resets_at
+    )
 
 
 def invalid(detail: str) -> ApiError:
@@ -4171,6 +4221,7 @@ USAGE_GROUPS = {
     "purpose": "purpose",
     "user": "owner",
 }
+# a report's figures, in the order of its totals' and groups' keys (after a group's `key`)
 USAGE_FIELDS_REPORTED = (
     "calls", "answers", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "total_tokens",
     "estimated_tokens", "cost",
@@ -4218,7 +4269,7 @@ def _rfc3339(moment: datetime) -> str:
     return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def money_text(micros: int) -> str:
+def amount(micros: int) -> str:
     """Micros as an exact amount of the currency, without trailing zeros: 10240000 -> '10.24'."""
     text = f"{Decimal(micros) / MICROS:f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
@@ -4235,7 +4286,7 @@ def answer_output(content: str | None, reasoning: str | None, steps: str | None)
     for step in stored if isinstance(stored, list) else []:
         data = step.get("data") if isinstance(step, dict) else None
         if step.get("type") == "tool_call" and isinstance(data, dict):
-            parts.append(str(data.get("name") or "") + str(data.get("arguments") or ""))
+            parts.append(str(data.get("arguments") or ""))
     return "".join(parts)
 
 
@@ -4423,12 +4474,8 @@ class Usage:
                 continue
             if kind == "cost_per_month":
                 currency = f" {self.prices.currency}" if self.prices else ""
-                amounts, shown_size, shown_used = (
-                    f"{money_text(used)} of your {money_text(size)}{currency}",
-                    money_text(size),
-                    money_text(used),
-                )
-                held_text = f", {money_text(held)}{currency} of it held by calls still running" if held else ""
+                amounts, shown_size, shown_used = f"{amount(used)} of your {amount(size)}{currency}", size, used
+                held_text = f", {amount(held)}{currency} of it held by calls still running" if held else ""
                 verb = "spent"
             else:
                 amounts, shown_size, shown_used = f"{used:,} of your {size:,} tokens", size, used
@@ -4537,8 +4584,17 @@ class Usage:
     async def _add_to_owners(self, windows: dict[tuple[str, str, str], list[int]]) -> None:
         """Owners' rows, for calls settled in these windows (owner, day, month): [tokens, tokens held,
         cost, cost held, answers ended]. Tokens and cost count in a window only while it is still the
-        row's; what was held there is given back (never below 0)."""
+        row's; what was held there is given back (never below 0). PostgreSQL: several owners' rows
+        are locked in the order of their names first (two sweeps never wait for each other in a cycle)."""
         values: dict[str, Any] = {}
+        owners = sorted({owner for owner, _, _ in windows})
+        if len(owners) > 1 and not self.db.is_sqlite:
+            names = {f"l{n}": owner for n, owner in enumerate(owners)}
+            await self.db.execute(
+                f"SELECT owner FROM usage_owners WHERE owner IN ({', '.join(':' + name for name in names)})"
+                " ORDER BY owner FOR UPDATE",
+                names,
+            )
         rows = []
         for n, ((owner, day, month), counts) in enumerate(windows.items()):
             values.update({f"o{n}": owner, f"d{n}": day, f"m{n}": month})
@@ -4571,8 +4627,8 @@ class Usage:
 
     async def next_round(self, call_id: str, spent: Spent, hold: Hold) -> None:
         """An answer's round ended and it calls the model again: the round settled, the next reserved
-        (not refused), in one transaction. A round found settled already (the sweep took the answer
-        for dead) reserves no next one: nothing would settle it."""
+        (not refused), in one transaction of its own (not to be called inside another). A round found
+        settled already (the sweep took the answer for dead) reserves no next one: nothing would settle it."""
 
         async def body() -> None:
             if await self._settle([(call_id, spent, COMPLETE, False)]):
@@ -4628,7 +4684,8 @@ class Usage:
 
     async def record(self, hold: Hold, spent: Spent, outcome: str) -> None:
         """A call recorded once it is done (a title): its row, settled, and its owner's windows (its
-        row made if it has none), in one transaction. Never refused: reserved unenforced, then settled."""
+        row made if it has none), in one transaction of its own (not to be called inside another). Never
+        refused: reserved unenforced, then settled."""
 
         async def body() -> None:
             await self.admit(hold, enforce=False)
@@ -9978,6 +10035,313 @@ async def file_content(request: Request) -> Response:
     return StreamingResponse(files.content(file_id, start, end), status_code=status, headers=headers)
 
 
+# ── HTTP: usage handlers: the routes under /api/v1/usage and /api/v1/admin: reports, limits, resets
+# What the ledger holds (Usage.report), as JSON or CSV; where the caller stands against its limits
+# (Usage.standing); and an admin's routes: one owner's limits read and set, its window reset. Money is
+# shown in the currency of CHATSVC_PRICES (micros / 1,000,000, 6 places). The admin routes and a report
+# of another owner need CHATSVC_ADMIN_TOKEN as `Authorization: Bearer` (never ?access_token=: a URL is
+# logged); without it configured the admin routes do not exist (404).
+
+USAGE_MAX_DAYS = 366  # the longest range one report covers
+USAGE_PAGE = 1000  # groups in one page of a report, at most (and by default)
+WINDOWS = ("day", "month")
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_RFC3339 = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ]([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]{1,9}))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+_CSV_FORMULA = ("=", "+", "-", "@", "\t", "\r")  # a cell starting with one is a formula to a spreadsheet
+
+
+def admin_only(detail: str) -> ApiError:
+    return ApiError(403, "admin_only", detail)
+
+
+def carries_admin_token(request: Request) -> bool:
+    """Whether the request carries CHATSVC_ADMIN_TOKEN as `Authorization: Bearer` (constant-time)."""
+    token = state(request).settings.admin_token
+    value = request.headers.get("authorization", "")
+    if token is None or value[:7].lower() != "bearer ":
+        return False
+    return hmac.compare_digest(value[7:].strip().encode(), token.encode())
+
+
+def require_admin(request: Request, what: str | None = None) -> None:
+    """An admin's request: CHATSVC_ADMIN_TOKEN configured (else an admin route does not exist: 404, and
+    `what` of a user's route is 403 admin_only) and carried (else 401)."""
+    if state(request).settings.admin_token is None:
+        if what is None:
+            raise no_route(request.url.path)
+        raise admin_only(f"{what} needs the admin token, and this service has none (CHATSVC_ADMIN_TOKEN).")
+    if not carries_admin_token(request):
+        raise unauthorized(
+            f"{what or 'This route'} needs 'Authorization: Bearer <admin token>' (CHATSVC_ADMIN_TOKEN).",
+            headers={"WWW-Authenticate": 'Bearer realm="admin"'},
+        )
+
+
+def check_owner(value: str, name: str) -> str:
+    """An owner named by an admin: what CHATSVC_USER_HEADER would carry ('' without one)."""
+    if len(value) > 256:
+        raise invalid(f"'{name}' is longer than 256 characters.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise invalid(f"'{name}' must not hold control characters.")
+    return value
+
+
+def user_key(request: Request) -> str:
+    """The owner an admin route's path names (`/admin/users/{user}/...`; '' is the one owner of a service
+    without CHATSVC_USER_HEADER: `/admin/users//limits`)."""
+    return check_owner(request.path_params["user"], "user")
+
+
+def stamp(moment: datetime) -> str:
+    """A time as the ledger stores its times (utcnow's format), rounded up to a whole millisecond: a call
+    stored at t is in [from, to) exactly when t is in [stamp(from), stamp(to))."""
+    moment = moment.astimezone(timezone.utc)
+    if moment.microsecond % 1000:
+        moment += timedelta(microseconds=1000 - moment.microsecond % 1000)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def query_time(request: Request, name: str) -> datetime | None:
+    """`from`/`to` in UTC: a date (YYYY-MM-DD: its midnight) or an RFC 3339 time (to the microsecond,
+    within the years 1 to 9999); None when absent."""
+    raw = request.query_params.get(name) or None
+    if raw is None:
+        return None
+    try:
+        if _DAY.fullmatch(raw):
+            return datetime.strptime(raw, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+        match = _RFC3339.fullmatch(raw)
+        if match is not None:
+            day, clock, fraction, offset = match.groups()
+            offset = "+00:00" if offset in ("Z", "z") else offset
+            moment = datetime.fromisoformat(f"{day}T{clock}.{(fraction or '0')[:6]:0<6}{offset}")
+            return moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
+        pass
+    raise invalid(f"'{name}' must be a UTC date (2026-12-01) or an RFC 3339 time (2026-12-01T08:00:00Z).")
+
+
+def month_of(moment: datetime) -> datetime:
+    """The first instant of the UTC month `moment` is in."""
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
+def usage_range(request: Request) -> tuple[str, str]:
+    """The report's [from, to) as the ledger's times, at most USAGE_MAX_DAYS days. Neither given: the
+    current UTC month (by this process's clock: a range to read, not a limit's window); `from` alone:
+    to the end of the current month, or 366 days; `to` alone: from the first of its month."""
+    start, end = query_time(request, "from"), query_time(request, "to")
+    try:
+        following = (month_of(datetime.now(timezone.utc)) + timedelta(days=32)).replace(day=1)
+        if start is None:
+            start = month_of(following - timedelta(days=1) if end is None else end - timedelta(microseconds=1))
+        if end is None:
+            end = min(start + timedelta(days=USAGE_MAX_DAYS), following) if start < following else following
+        shown = stamp(start), stamp(end)
+    except OverflowError:  # past the year 9999, or before the year 1
+        raise invalid("'from' and 'to' must be within the years 1 to 9999.") from None
+    if not start < end:
+        raise invalid("'from' must be before 'to' ('to' is not included; alone, it is the next month's first).")
+    if end - start > timedelta(days=USAGE_MAX_DAYS):
+        raise invalid(f"A report covers at most {USAGE_MAX_DAYS} days: ask for a shorter range of 'from' to 'to'.")
+    return shown
+
+
+def wants_csv(request: Request) -> bool:
+    """`format=csv`, or (without `format`) an Accept that names text/csv."""
+    chosen = request.query_params.get("format")
+    if chosen is not None:
+        if chosen not in ("json", "csv"):
+            raise invalid("'format' must be json or csv.")
+        return chosen == "csv"
+    accepted = (part.split(";", 1)[0].strip().lower() for part in request.headers.get("accept", "").split(","))
+    return "text/csv" in accepted
+
+
+def money_or_none(micros: int | None) -> float | None:
+    return None if micros is None else money(micros)
+
+
+def present_usage(row: Any) -> dict:
+    """A report's totals or group as the API shows it: its cost as money (null without prices)."""
+    shown = {name: row[name] for name in ("key", *USAGE_FIELDS_REPORTED) if name in row}
+    return {**shown, "cost": money_or_none(row["cost"])}
+
+
+def csv_cell(value: Any) -> Any:
+    """A key as a spreadsheet takes it: text a spreadsheet would run as a formula gets a leading `'`."""
+    if isinstance(value, str) and value.startswith(_CSV_FORMULA):
+        return "'" + value
+    return value
+
+
+def csv_money(micros: int | None) -> str:
+    """Money exactly, with 6 places (the JSON number's value)."""
+    if micros is None:
+        return ""
+    return f"{micros // MICROS}.{micros % MICROS:06d}"
+
+
+def csv_name(when: str) -> str:
+    """A report's bound in its file's name: the day if it is a midnight, else the time without colons."""
+    if when.endswith("T00:00:00.000Z"):
+        return when[:10]
+    return when.replace(":", "").replace("-", "").replace(".000Z", "Z")
+
+
+async def usage_report(request: Request) -> Response:
+    """GET /api/v1/usage: the calls in [from, to) of the caller, or (admin) of `user` or of everyone
+    (group_by=user), with their totals and one row per group, a page at a time; JSON or CSV."""
+    st = state(request)
+    query = request.query_params
+    group_by = query.get("group_by") or "day"
+    if group_by not in USAGE_GROUPS:  # (the Usage section's groupings)
+        raise invalid(f"'group_by' must be one of {', '.join(USAGE_GROUPS)}.")
+    as_csv = wants_csv(request)
+    start, end = usage_range(request)
+    limit = query_int(request, "limit", USAGE_PAGE, 1, USAGE_PAGE)
+    cursor = query.get("cursor") or None
+    after = None if cursor is None else decode_cursor(cursor, 1)[0]  # the last key of the previous page
+    user = query.get("user")
+    if group_by == "user":
+        require_admin(request, "A report of every user (group_by=user)")
+        if user is not None:
+            raise invalid("'user' names one user: leave it out of group_by=user, which reports every user.")
+        owner = None
+    elif user is not None:
+        require_admin(request, "A report of another user (?user=)")
+        owner = check_owner(user, "user")
+    else:
+        owner = owner_of(request)
+    totals, groups, last = await st.store.usage.report(owner, start, end, group_by, limit, after)
+    next_cursor = None if last is None else encode_cursor(last)
+    prices: Prices | None = st.settings.prices
+    currency = prices.currency if prices is not None else None
+    if as_csv:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(("key", *USAGE_FIELDS_REPORTED, "currency"))
+        for group in groups:
+            cells = [group[column] for column in USAGE_FIELDS_REPORTED[:-1]]
+            writer.writerow((csv_cell(group["key"]), *cells, csv_money(group.get("cost")), currency or ""))
+        headers = {"Content-Disposition": f'attachment; filename="usage-{csv_name(start)}-{csv_name(end)}.csv"'}
+        if next_cursor is not None:
+            headers["X-Next-Cursor"] = next_cursor
+        return Response(out.getvalue(), media_type="text/csv; charset=utf-8", headers=headers)
+    return JSONResponse(
+        {
+            "from": start,
+            "to": end,
+            "group_by": group_by,
+            "currency": currency,
+            "totals": present_usage(totals),
+            "groups": [present_usage(group) for group in groups],
+            "next_cursor": next_cursor,
+        }
+    )
+
+
+def present_standing(standing: dict, prices: Prices | None) -> dict:
+    """Usage.standing as the API shows it: the cost limit's amounts as money, and the currency."""
+    shown = json.loads(json.dumps(standing))  # a copy the presentation may change
+    cost = shown.get("limits", {}).get("cost_per_month")
+    if isinstance(cost, dict):
+        for name in ("limit", "used", "reserved", "remaining"):
+            if isinstance(cost.get(name), int):
+                cost[name] = money(cost[name])
+    shown["currency"] = prices.currency if prices is not None else None
+    return shown
+
+
+async def usage_limits(request: Request) -> Response:
+    """GET /api/v1/usage/limits: where the caller stands against each of its limits."""
+    st = state(request)
+    owner = owner_of(request)
+    return JSONResponse(present_standing(await st.store.usage.standing(owner), st.settings.prices))
+
+
+def present_limits(owner: str, own: dict, settings: Settings) -> dict:
+    """An owner's limits as the admin routes show them: the admin's (a key absent: the global limit; null:
+    none) and the effective ones, the cost as money."""
+    everyone = Limits.of(settings)
+    effective = {kind: own[kind] if kind in own else getattr(everyone, kind) for kind in LIMIT_KINDS}
+    shown = dict(own)
+    if shown.get("cost_per_month") is not None:
+        shown["cost_per_month"] = money(shown["cost_per_month"])
+    effective["cost_per_month"] = money_or_none(effective["cost_per_month"])
+    currency = settings.prices.currency if settings.prices is not None else None
+    return {"user": owner, "limits": shown, "effective": effective, "currency": currency}
+
+
+def parse_limits(body: dict) -> dict:
+    """A PUT of an owner's limits: only LIMIT_KINDS, each null (no limit) or a whole number from 0
+    (0 refuses every answer), the cost an amount with at most 6 places (kept in micros); absent: the
+    global limit."""
+    check_fields(body, LIMIT_KINDS)
+    limits: dict[str, int | None] = {}
+    for kind, value in body.items():
+        if value is None:
+            limits[kind] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            number = None
+        elif kind == "cost_per_month":
+            amount = Decimal(repr(value))
+            number = int(amount * MICROS) if amount * MICROS == int(amount * MICROS) else None
+        else:
+            number = int(value) if float(value).is_integer() else None
+        if number is None or not 0 <= number <= MAX_LIMIT:
+            rule = (
+                "an amount of at least 0 with at most 6 decimal places"
+                if kind == "cost_per_month"
+                else f"a whole number from 0 to {MAX_LIMIT}"
+            )
+            raise invalid(f"'{kind}' must be null (no limit) or {rule} (0 refuses every answer).")
+        limits[kind] = number
+    return limits
+
+
+async def get_user_limits(request: Request) -> Response:
+    """GET /api/v1/admin/users/{user}/limits (admin)."""
+    require_admin(request)
+    st = state(request)
+    owner = user_key(request)
+    return JSONResponse(present_limits(owner, await st.store.usage.owner_limits(owner), st.settings))
+
+
+async def put_user_limits(request: Request) -> Response:
+    """PUT /api/v1/admin/users/{user}/limits (admin): the owner's limits replaced; logged."""
+    require_admin(request)
+    st = state(request)
+    s: Settings = st.settings
+    owner = user_key(request)
+    limits = parse_limits(await read_json(request, s))
+    if limits.get("cost_per_month") is not None and s.prices is None:
+        raise invalid("'cost_per_month' needs prices to count costs with, and this service has none (CHATSVC_PRICES).")
+    await st.store.usage.set_limits(owner, limits)
+    log.info("admin limits owner=%s set=%s", json.dumps(owner), ",".join(sorted(limits)) or "-")
+    return JSONResponse(present_limits(owner, await st.store.usage.owner_limits(owner), s))
+
+
+async def reset_user_usage(request: Request) -> Response:
+    """POST /api/v1/admin/users/{user}/usage/reset (admin): the owner's day or month counted from 0
+    again (the ledger keeps every call); logged."""
+    require_admin(request)
+    st = state(request)
+    owner = user_key(request)
+    body = await read_json(request, st.settings)
+    check_fields(body, ("window",))
+    window = body.get("window")
+    if window not in WINDOWS:
+        raise invalid('\'window\' must be "day" or "month".')
+    await st.store.usage.reset(owner, window)
+    log.info("admin reset owner=%s window=%s", json.dumps(owner), window)
+    standing = present_standing(await st.store.usage.standing(owner), st.settings.prices)
+    return JSONResponse({"user": owner, "window": window, "standing": standing})
+
+
 # ── HTTP: chat handlers: an answer started, streamed, followed by a channel and stopped ──
 
 
@@ -10370,10 +10734,12 @@ class JSONCORSMiddleware(CORSMiddleware):
 
 
 class TokenAuth:
-    """With CHATSVC_API_TOKEN set, every /api/ request must carry it (constant-time compare)."""
+    """With CHATSVC_API_TOKEN set, every /api/ request must carry it, or CHATSVC_ADMIN_TOKEN (constant-time
+    compares; the admin routes check for the admin token themselves: `admin_only`)."""
 
-    def __init__(self, app: Any, token: str | None):
+    def __init__(self, app: Any, token: str | None, admin_token: str | None = None):
         self.app, self.token = app, token.encode() if token else None
+        self.admin_token = admin_token.encode() if admin_token else None
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if (
@@ -10395,9 +10761,16 @@ class TokenAuth:
         assert self.token is not None
         for name, value in scope["headers"]:
             if name == b"authorization" and value[:7].lower() == b"bearer ":
-                return hmac.compare_digest(value[7:].strip(), self.token)
+                return self._known(value[7:].strip())
         query = Request(scope).query_params.get("access_token")
-        return query is not None and hmac.compare_digest(query.encode(), self.token)
+        return query is not None and self._known(query.encode())
+
+    def _known(self, given: bytes) -> bool:
+        """The API token or the admin token (both compared, whichever it is: the time says neither)."""
+        assert self.token is not None
+        api = hmac.compare_digest(given, self.token)
+        admin = self.admin_token is not None and hmac.compare_digest(given, self.admin_token)
+        return api or admin
 
 
 class RequestMetrics:
@@ -10596,6 +10969,12 @@ def app_routes(settings: Settings) -> list[Route | Mount]:
         Route(f"{api}/files/{{file_id}}", get_file, methods=["GET"]),
         Route(f"{api}/files/{{file_id}}", delete_file, methods=["DELETE"]),
         Route(f"{api}/files/{{file_id}}/content", file_content, methods=["GET"]),
+        Route(f"{api}/usage", usage_report, methods=["GET"]),
+        Route(f"{api}/usage/limits", usage_limits, methods=["GET"]),
+        # {user:path}: an owner may hold a '/'; '' (no CHATSVC_USER_HEADER) is /admin/users//limits
+        Route(f"{api}/admin/users/{{user:path}}/limits", get_user_limits, methods=["GET"]),
+        Route(f"{api}/admin/users/{{user:path}}/limits", put_user_limits, methods=["PUT"]),
+        Route(f"{api}/admin/users/{{user:path}}/usage/reset", reset_user_usage, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}", chat, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}/stream", chat_stream, methods=["POST"]),
         Route(f"{api}/chat/{{session_id}}/stream", channel, methods=["GET"]),
@@ -10609,7 +10988,7 @@ def app_middleware(settings: Settings, metrics: Metrics, routes: list[Route | Mo
     cors = Middleware(
         JSONCORSMiddleware,
         allow_origins=list(settings.cors_origins),
-        allow_methods=["GET", "POST", "PATCH", "DELETE"],
+        allow_methods=["GET", "POST", "PATCH", "PUT", "DELETE"],
         # Range and If-None-Match: a file's content read in parts, or revalidated; its headers read back
         allow_headers=["Authorization", "Content-Type", "Last-Event-ID", "X-Request-ID", "Range", "If-None-Match"],
         expose_headers=[
@@ -10620,6 +10999,7 @@ def app_middleware(settings: Settings, metrics: Metrics, routes: list[Route | Mo
             "Content-Length",
             "Accept-Ranges",
             "ETag",
+            "X-Next-Cursor",
         ],
         max_age=600,
     )
@@ -10628,7 +11008,11 @@ def app_middleware(settings: Settings, metrics: Metrics, routes: list[Route | Mo
         *([Middleware(RequestMetrics, metrics=metrics, routes=routes)] if settings.metrics else []),
         *([cors] if settings.cors_origins else []),
         Middleware(HeaderLimit),
-        *([Middleware(TokenAuth, token=settings.api_token)] if settings.api_token else []),
+        *(
+            [Middleware(TokenAuth, token=settings.api_token, admin_token=settings.admin_token)]
+            if settings.api_token
+            else []
+        ),
     ]
 
 

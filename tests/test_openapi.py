@@ -4,6 +4,7 @@ response that breaks the document, against the running service and the fake Dash
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ DOC = json.loads((Path(__file__).resolve().parent.parent / "docs" / "openapi.jso
 
 def test_every_route_is_documented_and_every_documented_route_exists():
     app = chatsvc.create_app(chatsvc.Settings.from_env({}, env_file=None))
-    served = {(m.lower(), r.path) for r in app.routes if isinstance(r, Route) for m in r.methods - {"HEAD"}}
+    routes = [r for r in app.routes if isinstance(r, Route)]
+    # a path parameter's converter (`{user:path}`) is the app's business: the document names the parameter
+    served = {(m.lower(), re.sub(r":\w+}", "}", r.path)) for r in routes for m in r.methods - {"HEAD"}}
     documented = {(m, path) for path, ops in DOC["paths"].items() for m in ops}
     assert served == documented
 
