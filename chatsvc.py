@@ -4221,6 +4221,7 @@ USAGE_GROUPS = {
     "purpose": "purpose",
     "user": "owner",
 }
+# a report's figures, in the order of its totals' and groups' keys (after a group's `key`)
 USAGE_FIELDS_REPORTED = (
     "calls", "answers", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "total_tokens",
     "estimated_tokens", "cost",
@@ -4285,7 +4286,7 @@ def answer_output(content: str | None, reasoning: str | None, steps: str | None)
     for step in stored if isinstance(stored, list) else []:
         data = step.get("data") if isinstance(step, dict) else None
         if step.get("type") == "tool_call" and isinstance(data, dict):
-            parts.append(str(data.get("name") or "") + str(data.get("arguments") or ""))
+            parts.append(str(data.get("arguments") or ""))
     return "".join(parts)
 
 
@@ -4583,8 +4584,17 @@ class Usage:
     async def _add_to_owners(self, windows: dict[tuple[str, str, str], list[int]]) -> None:
         """Owners' rows, for calls settled in these windows (owner, day, month): [tokens, tokens held,
         cost, cost held, answers ended]. Tokens and cost count in a window only while it is still the
-        row's; what was held there is given back (never below 0)."""
+        row's; what was held there is given back (never below 0). PostgreSQL: several owners' rows
+        are locked in the order of their names first (two sweeps never wait for each other in a cycle)."""
         values: dict[str, Any] = {}
+        owners = sorted({owner for owner, _, _ in windows})
+        if len(owners) > 1 and not self.db.is_sqlite:
+            names = {f"l{n}": owner for n, owner in enumerate(owners)}
+            await self.db.execute(
+                f"SELECT owner FROM usage_owners WHERE owner IN ({', '.join(':' + name for name in names)})"
+                " ORDER BY owner FOR UPDATE",
+                names,
+            )
         rows = []
         for n, ((owner, day, month), counts) in enumerate(windows.items()):
             values.update({f"o{n}": owner, f"d{n}": day, f"m{n}": month})
@@ -4617,8 +4627,8 @@ class Usage:
 
     async def next_round(self, call_id: str, spent: Spent, hold: Hold) -> None:
         """An answer's round ended and it calls the model again: the round settled, the next reserved
-        (not refused), in one transaction. A round found settled already (the sweep took the answer
-        for dead) reserves no next one: nothing would settle it."""
+        (not refused), in one transaction of its own (not to be called inside another). A round found
+        settled already (the sweep took the answer for dead) reserves no next one: nothing would settle it."""
 
         async def body() -> None:
             if await self._settle([(call_id, spent, COMPLETE, False)]):
@@ -4674,7 +4684,8 @@ class Usage:
 
     async def record(self, hold: Hold, spent: Spent, outcome: str) -> None:
         """A call recorded once it is done (a title): its row, settled, and its owner's windows (its
-        row made if it has none), in one transaction. Never refused: reserved unenforced, then settled."""
+        row made if it has none), in one transaction of its own (not to be called inside another). Never
+        refused: reserved unenforced, then settled."""
 
         async def body() -> None:
             await self.admit(hold, enforce=False)
@@ -6700,13 +6711,12 @@ def answer_cost(answer: Answer, prices: Prices | None) -> Cost | None:
 
 
 def shown_usage(usage: dict | None) -> dict | None:
-    """A usage as an answer's `end` event, reply and message show it: the three counts, and
-    `reasoning_tokens` and `cached_tokens` when the model service reported them."""
+    """A usage as an answer's `end` event and reply show it: the counts the model service reported
+    (sane_usage) but cache_creation_tokens, which the ledger alone keeps (a stored message has no column
+    for it)."""
     if usage is None:
         return None
-    return {k: usage.get(k) for k in USAGE_FIELDS} | {
-        k: usage[k] for k in ("reasoning_tokens", "cached_tokens") if usage.get(k) is not None
-    }
+    return {k: v for k, v in usage.items() if k != "cache_creation_tokens"}
 
 
 def record_answer(metrics: Metrics, answer: Answer) -> None:

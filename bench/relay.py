@@ -8,6 +8,7 @@ upstream in ONE run: the same load generator reads the fake DashScope directly (
     python bench/relay.py --only dt  # some scenarios; --profile FILE records chatsvc with py-spy
     python bench/relay.py --only s   # the database stalls for 5 s mid-answer: the longest gap a reader sees
     python bench/relay.py --only tw  # what a tool round costs: (w) against (t), in the same sitting
+    python bench/relay.py --only bt --limits  # (b) and (t) with every limit on, against the same without
 
 Reports chunks/s, time to first chunk, added delay per chunk (paced answers carry the fake's send
 time in each chunk: arrival minus send time, through chatsvc against directly), chatsvc's CPU time
@@ -25,6 +26,17 @@ reports, against (t) run in the same sitting (t is run with w): chatsvc's CPU pe
 - wall(t)/answer - 2 x the fake's direct tool round trip - 2 x a direct MCP call) / 2, where the
 round trip is the mean of direct requests to the fake shaped as a tool round and the MCP call the
 mean of `echo` calls made with the mcp SDK's client from this process.
+
+--limits (issue 24): a second chatsvc runs beside the first, the same in every setting but with every
+per-owner limit set (CHATSVC_LIMIT_*, high enough never to refuse: LIMITS below), and each scenario is
+read through it too, right after the first (target `limits`). Both have the same CHATSVC_PRICES (the
+cost limit needs one), so what differs is the limits alone: each answer's admission is one conditional
+UPDATE of its owner's row, and with a token or cost budget it also sends max_tokens. The bench sends no
+CHATSVC_USER_HEADER: every answer has the one owner '', so all the clients' admissions and settlements
+update the same row (the contended case). Each chatsvc has a database of its own: a second SQLite file,
+or with --database the PostgreSQL database named by --limits-database (two processes on one PostgreSQL
+database would be replicas, each mirroring the other's answers). A last line sets limits against no
+limits: chatsvc's CPU per chunk and the time to first chunk (p50).
 """
 
 from __future__ import annotations
@@ -61,6 +73,19 @@ def stat_cpu(stat: str) -> float:
 
 def cpu_seconds(pid: int) -> float:
     return stat_cpu(Path(f"/proc/{pid}/stat").read_text())
+
+
+# --limits: every limit on, none ever reached by a bench (one owner, '', answers all the bench's turns)
+LIMITS = {
+    "CHATSVC_LIMIT_TOKENS_PER_DAY": "1000000000000",
+    "CHATSVC_LIMIT_TOKENS_PER_MONTH": "1000000000000",
+    "CHATSVC_LIMIT_COST_PER_MONTH": "1000000000",
+    "CHATSVC_LIMIT_ANSWERS_PER_MINUTE": "100000000",
+    "CHATSVC_LIMIT_CONCURRENT_ANSWERS": "100000",
+}
+# --limits: the prices both chatsvc processes get (the cost limit needs prices), per million tokens
+PRICES = {"currency": "CNY", "models": {"qwen-plus": {"input": 0.8, "output": 2, "output_thinking": 8,
+                                                      "cached_input": 0.2}}}  # fmt: skip
 
 
 def postgres_cpu_seconds() -> float:
@@ -181,7 +206,7 @@ async def run_scenario(target: str, ports: dict, answers: int, clients: int, chu
     # with the MCP server of (w) configured, only (w) offers its tools: the rest ask as without it
     offer = {"server_tools": bool(tool_rounds)} if "mcp" in ports else {}
     queue = list(range(answers))
-    via = target == "chatsvc"
+    via = target != "direct"  # "chatsvc", or "limits": the chatsvc with every limit set (--limits)
 
     async def client_loop() -> None:
         while queue:
@@ -189,10 +214,10 @@ async def run_scenario(target: str, ports: dict, answers: int, clients: int, chu
             message = f"bench {chunks} {pause}" + (" stamp" if pause else "")
             if via:
                 sid = f"{tag}-{i}-{time.monotonic_ns()}"
-                listener = asyncio.ensure_future(listen_once(ports["chatsvc"], sid)) if listeners else None
+                listener = asyncio.ensure_future(listen_once(ports[target], sid)) if listeners else None
                 if listener:
                     await asyncio.sleep(0)  # let it connect first
-                await read_answer(ports["chatsvc"], f"/api/v1/chat/{sid}/stream", {"message": message, **offer}, chunks,
+                await read_answer(ports[target], f"/api/v1/chat/{sid}/stream", {"message": message, **offer}, chunks,
                                   pause, True, result, tool_rounds)  # fmt: skip
                 if listener and await asyncio.wait_for(listener, 30) != chunks:
                     result.errors.append(f"listener of {sid} missed chunks")
@@ -231,6 +256,14 @@ def run(args: argparse.Namespace) -> None:
     else:
         prepare_history(env["DATABASE_URL"], args.history, args.depth)
     ports = {"fake": fake_port, "chatsvc": port}
+    limited_env = None
+    if args.limits:  # the same chatsvc with every limit set, on a port and a database of its own
+        if args.database and not args.limits_database:
+            raise SystemExit("--limits with --database needs --limits-database: another empty PostgreSQL database.")
+        env["CHATSVC_PRICES"] = json.dumps(PRICES)
+        ports["limits"] = free_port()
+        limited_env = {**env, **LIMITS, "PORT": str(ports["limits"]),
+                       "DATABASE_URL": args.limits_database or f"sqlite+aiosqlite:///{workdir}/limits.db"}  # fmt: skip
     mcp = None
     if "w" in args.only:  # (w) is measured against (t), in the same sitting
         args.only += "" if "t" in args.only else "t"
@@ -241,10 +274,20 @@ def run(args: argparse.Namespace) -> None:
         ports["mcp"] = mcp.url
     server = subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"], env=env,
                               cwd=workdir)  # fmt: skip
+    pids = {"chatsvc": server.pid}
+    limited = None
+    if limited_env:
+        limited = subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"],
+                                   env=limited_env, cwd=workdir)  # fmt: skip
+        pids["limits"] = limited.pid
     try:
         wait_ready(port)
+        if limited:
+            wait_ready(ports["limits"])
         if mcp:
             wait_mcp_up(port)
+            if limited:
+                wait_mcp_up(ports["limits"])
         q = 10 if args.quick else 1
         scenarios = [  # key, title, answers, concurrent clients, chunks, pause, GET listener per answer
             ("a", "1 client, 20 answers x 1000 chunks, no pause", 20 // q or 1, 1, 1000, 0, False),
@@ -264,17 +307,21 @@ def run(args: argparse.Namespace) -> None:
         for key, title, answers, clients, chunks, pause, listeners in scenarios:
             params = dict(answers=answers, clients=clients, chunks=chunks, pause=pause, listeners=listeners)
             figures = {}
-            for target in ("chatsvc",) if listeners else ("direct", "chatsvc"):
-                reset_peak_rss(server.pid)
+            targets = ("chatsvc",) if listeners else ("direct", "chatsvc")
+            for target in targets + (("limits",) if limited else ()):
+                pid = pids.get(target, server.pid)
+                reset_peak_rss(pid)
                 pg0 = postgres_cpu_seconds() if args.database else None
-                cpu0, own0 = cpu_seconds(server.pid), own_cpu()
+                cpu0, own0 = cpu_seconds(pid), own_cpu()
                 result, wall = asyncio.run(run_scenario(target, ports, tag=key, **params))
-                cpu = cpu_seconds(server.pid) - cpu0
+                cpu = cpu_seconds(pid) - cpu0
                 figures[target] = dict(result=result, wall=wall, cpu=cpu, own=own_cpu() - own0,
-                                       rss=rss_mb(server.pid),
+                                       rss=rss_mb(pid),
                                        pg=postgres_cpu_seconds() - pg0 if pg0 is not None else None)  # fmt: skip
             rows.append((key, title, figures))
             report_row(key, title, figures)
+        if limited:
+            limits_row(rows)
         if profiler:
             profiler.send_signal(2)
             profiler.wait(30)
@@ -287,8 +334,10 @@ def run(args: argparse.Namespace) -> None:
         if mcp:
             tools_row(ports, server.pid, mcp.proc.pid, next(f for k, _, f in rows if k == "t")["chatsvc"], q)
     finally:
-        server.terminate()
-        server.wait(30)
+        for process in (server, limited):
+            if process:
+                process.terminate()
+                process.wait(30)
         fake.terminate()
         fake.wait(10)
         if mcp:
@@ -306,7 +355,7 @@ def report_row(key: str, title: str, figures: dict) -> None:
                 f"  loadgen cpu {f['own'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk")  # fmt: skip
         if r.delay:
             line += f"  delay/chunk p50 {pct(r.delay, 0.5) * 1000:.2f} ms p99 {pct(r.delay, 0.99) * 1000:.2f} ms"
-        if target == "chatsvc":
+        if target != "direct":
             line += f"  chatsvc cpu {f['cpu'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk  peak rss {f['rss']:6.1f} MB"
             if f["pg"] is not None:
                 line += f"  postgres cpu {f['pg'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk"
@@ -320,6 +369,19 @@ def report_row(key: str, title: str, figures: dict) -> None:
         if r.errors:
             line += f"  ERRORS {len(r.errors)}: {r.errors[:2]}"
         print(line, flush=True)
+
+
+def limits_row(rows: list) -> None:
+    """--limits: each scenario's chatsvc with every limit set against the one without, side by side."""
+    print("\n(limits) every limit set against none, per scenario (positive: the limits cost more):")
+    for key, _, figures in rows:
+        plain, limited = figures["chatsvc"], figures["limits"]
+        cpu = [f["cpu"] / max(f["result"].chunks, 1) * 1e6 for f in (plain, limited)]
+        ttfc = [pct(f["result"].ttfc, 0.5) * 1000 for f in (plain, limited)]
+        per_answer = [f["cpu"] / max(len(f["result"].ttfc), 1) * 1e6 for f in (plain, limited)]
+        print(f"  ({key}) chatsvc cpu {cpu[0]:6.1f} -> {cpu[1]:6.1f} us/chunk ({(cpu[1] / cpu[0] - 1) * 100:+.1f} %,"
+              f" {per_answer[1] - per_answer[0]:+.0f} us/answer)"
+              f"  ttfc p50 {ttfc[0]:7.2f} -> {ttfc[1]:7.2f} ms ({ttfc[1] - ttfc[0]:+.2f} ms)", flush=True)  # fmt: skip
 
 
 def leak_row(ports: dict, pid: int, q: int) -> None:
@@ -556,5 +618,7 @@ if __name__ == "__main__":
     parser.add_argument("--depth", type=int, default=1_000, help="the deep path's length in (f)")
     parser.add_argument("--only", default="abcdefgstw", help="the scenarios to run, e.g. --only bd")
     parser.add_argument("--database", metavar="URL", help="chatsvc's DATABASE_URL, e.g. an empty PostgreSQL database")
+    parser.add_argument("--limits", action="store_true", help="also through a chatsvc with every limit set (issue 24)")
+    parser.add_argument("--limits-database", metavar="URL", help="--limits with --database: the limited chatsvc's")
     parser.add_argument("--profile", metavar="FILE", help="record chatsvc with py-spy (collapsed stacks) into FILE")
     run(parser.parse_args())

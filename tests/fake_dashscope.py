@@ -74,6 +74,37 @@ def _chunk(choices: list[dict], usage: dict | None, model: str) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
+def dashscope_usage(
+    prompt: int,
+    completion: int,
+    *,
+    reasoning: int | None = None,
+    cached: int | None = None,
+    cache_creation: int | None = None,
+    top_level_cached: bool = False,
+) -> dict:
+    """A usage object as DashScope sends it (docs/design/usage.md 1.1): the three counts, then
+    `completion_tokens_details` when `reasoning` is given (reasoning within completion, `text_tokens`
+    the modality split), and `prompt_tokens_details` when `cached` or `cache_creation` is (both within
+    prompt; an explicit cache's creation with its `cache_creation` object and `cache_type`).
+    `top_level_cached`: `cached_tokens` at the top level instead, as one third-party parser says it may come."""
+    usage: dict = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if reasoning is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning, "text_tokens": completion}
+    if top_level_cached:
+        usage["cached_tokens"] = cached
+    elif cached is not None or cache_creation is not None:
+        details: dict = {"text_tokens": prompt, "cached_tokens": cached or 0}
+        if cache_creation is not None:
+            details.update(
+                cache_creation_input_tokens=cache_creation,
+                cache_creation={"ephemeral_5m_input_tokens": cache_creation},
+                cache_type="ephemeral",
+            )
+        usage["prompt_tokens_details"] = details
+    return usage
+
+
 @dataclass
 class Reply:
     """What the fake answers to one request."""
