@@ -4221,6 +4221,7 @@ USAGE_GROUPS = {
     "purpose": "purpose",
     "user": "owner",
 }
+# a report's figures, in the order of its totals' and groups' keys (after a group's `key`)
 USAGE_FIELDS_REPORTED = (
     "calls", "answers", "prompt_tokens", "completion_tokens", "reasoning_tokens", "cached_tokens", "total_tokens",
     "estimated_tokens", "cost",
@@ -4285,7 +4286,7 @@ def answer_output(content: str | None, reasoning: str | None, steps: str | None)
     for step in stored if isinstance(stored, list) else []:
         data = step.get("data") if isinstance(step, dict) else None
         if step.get("type") == "tool_call" and isinstance(data, dict):
-            parts.append(str(data.get("name") or "") + str(data.get("arguments") or ""))
+            parts.append(str(data.get("arguments") or ""))
     return "".join(parts)
 
 
@@ -4583,8 +4584,17 @@ class Usage:
     async def _add_to_owners(self, windows: dict[tuple[str, str, str], list[int]]) -> None:
         """Owners' rows, for calls settled in these windows (owner, day, month): [tokens, tokens held,
         cost, cost held, answers ended]. Tokens and cost count in a window only while it is still the
-        row's; what was held there is given back (never below 0)."""
+        row's; what was held there is given back (never below 0). PostgreSQL: several owners' rows
+        are locked in the order of their names first (two sweeps never wait for each other in a cycle)."""
         values: dict[str, Any] = {}
+        owners = sorted({owner for owner, _, _ in windows})
+        if len(owners) > 1 and not self.db.is_sqlite:
+            names = {f"l{n}": owner for n, owner in enumerate(owners)}
+            await self.db.execute(
+                f"SELECT owner FROM usage_owners WHERE owner IN ({', '.join(':' + name for name in names)})"
+                " ORDER BY owner FOR UPDATE",
+                names,
+            )
         rows = []
         for n, ((owner, day, month), counts) in enumerate(windows.items()):
             values.update({f"o{n}": owner, f"d{n}": day, f"m{n}": month})
@@ -4617,8 +4627,8 @@ class Usage:
 
     async def next_round(self, call_id: str, spent: Spent, hold: Hold) -> None:
         """An answer's round ended and it calls the model again: the round settled, the next reserved
-        (not refused), in one transaction. A round found settled already (the sweep took the answer
-        for dead) reserves no next one: nothing would settle it."""
+        (not refused), in one transaction of its own (not to be called inside another). A round found
+        settled already (the sweep took the answer for dead) reserves no next one: nothing would settle it."""
 
         async def body() -> None:
             if await self._settle([(call_id, spent, COMPLETE, False)]):
@@ -4674,7 +4684,8 @@ class Usage:
 
     async def record(self, hold: Hold, spent: Spent, outcome: str) -> None:
         """A call recorded once it is done (a title): its row, settled, and its owner's windows (its
-        row made if it has none), in one transaction. Never refused: reserved unenforced, then settled."""
+        row made if it has none), in one transaction of its own (not to be called inside another). Never
+        refused: reserved unenforced, then settled."""
 
         async def body() -> None:
             await self.admit(hold, enforce=False)
@@ -6700,13 +6711,12 @@ def answer_cost(answer: Answer, prices: Prices | None) -> Cost | None:
 
 
 def shown_usage(usage: dict | None) -> dict | None:
-    """A usage as an answer's `end` event, reply and message show it: the three counts, and
-    `reasoning_tokens` and `cached_tokens` when the model service reported them."""
+    """A usage as an answer's `end` event and reply show it: the counts the model service reported
+    (sane_usage) but cache_creation_tokens, which the ledger alone keeps (a stored message has no column
+    for it)."""
     if usage is None:
         return None
-    return {k: usage.get(k) for k in USAGE_FIELDS} | {
-        k: usage[k] for k in ("reasoning_tokens", "cached_tokens") if usage.get(k) is not None
-    }
+    return {k: v for k, v in usage.items() if k != "cache_creation_tokens"}
 
 
 def record_answer(metrics: Metrics, answer: Answer) -> None:
@@ -10094,7 +10104,8 @@ def stamp(moment: datetime) -> str:
 
 
 def query_time(request: Request, name: str) -> datetime | None:
-    """`from`/`to`: a UTC date (YYYY-MM-DD: its midnight) or an RFC 3339 time; None when absent."""
+    """`from`/`to` in UTC: a date (YYYY-MM-DD: its midnight) or an RFC 3339 time (to the microsecond,
+    within the years 1 to 9999); None when absent."""
     raw = request.query_params.get(name) or None
     if raw is None:
         return None
@@ -10105,32 +10116,37 @@ def query_time(request: Request, name: str) -> datetime | None:
         if match is not None:
             day, clock, fraction, offset = match.groups()
             offset = "+00:00" if offset in ("Z", "z") else offset
-            return datetime.fromisoformat(f"{day}T{clock}.{(fraction or '0')[:6]:0<6}{offset}")
-    except ValueError:
+            moment = datetime.fromisoformat(f"{day}T{clock}.{(fraction or '0')[:6]:0<6}{offset}")
+            return moment.astimezone(timezone.utc)
+    except (ValueError, OverflowError):
         pass
     raise invalid(f"'{name}' must be a UTC date (2026-12-01) or an RFC 3339 time (2026-12-01T08:00:00Z).")
 
 
+def month_of(moment: datetime) -> datetime:
+    """The first instant of the UTC month `moment` is in."""
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+
+
 def usage_range(request: Request) -> tuple[str, str]:
-    """The report's [from, to) as the ledger's times: the current UTC month by default (by this process's
-    clock: a range asked for, not a limit's window), at most USAGE_MAX_DAYS days."""
+    """The report's [from, to) as the ledger's times, at most USAGE_MAX_DAYS days. Neither given: the
+    current UTC month (by this process's clock: a range to read, not a limit's window); `from` alone:
+    to the end of the current month, or 366 days; `to` alone: from the first of its month."""
     start, end = query_time(request, "from"), query_time(request, "to")
-    if start is None or end is None:
-        month = datetime.now(timezone.utc).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        following = (month + timedelta(days=32)).replace(day=1)
-        if start is None and end is None:
-            start, end = month, following
-        elif start is None:
-            assert end is not None
-            start = max(end - timedelta(days=USAGE_MAX_DAYS), datetime.min.replace(tzinfo=timezone.utc))
-            start = min(start, (end - timedelta(days=1)).replace(day=1, hour=0, minute=0, second=0, microsecond=0))
-        else:
-            end = min(start + timedelta(days=USAGE_MAX_DAYS), max(following, start + timedelta(days=1)))
+    try:
+        following = (month_of(datetime.now(timezone.utc)) + timedelta(days=32)).replace(day=1)
+        if start is None:
+            start = month_of(following - timedelta(days=1) if end is None else end - timedelta(microseconds=1))
+        if end is None:
+            end = min(start + timedelta(days=USAGE_MAX_DAYS), following) if start < following else following
+        shown = stamp(start), stamp(end)
+    except OverflowError:  # past the year 9999, or before the year 1
+        raise invalid("'from' and 'to' must be within the years 1 to 9999.") from None
     if not start < end:
-        raise invalid("'from' must be before 'to' ('to' is not included).")
+        raise invalid("'from' must be before 'to' ('to' is not included; alone, it is the next month's first).")
     if end - start > timedelta(days=USAGE_MAX_DAYS):
         raise invalid(f"A report covers at most {USAGE_MAX_DAYS} days: ask for a shorter range of 'from' to 'to'.")
-    return stamp(start), stamp(end)
+    return shown
 
 
 def wants_csv(request: Request) -> bool:
@@ -10180,7 +10196,7 @@ async def usage_report(request: Request) -> Response:
     (group_by=user), with their totals and one row per group, a page at a time; JSON or CSV."""
     st = state(request)
     query = request.query_params
-    group_by = query.get("group_by") or "day"
+    group_by = query.get("group_by", "day")
     if group_by not in USAGE_GROUPS:  # (the Usage section's groupings)
         raise invalid(f"'group_by' must be one of {', '.join(USAGE_GROUPS)}.")
     as_csv = wants_csv(request)

@@ -180,14 +180,14 @@ def api_routes(app):
     for route in app.routes:
         if isinstance(route, Route) and route.path.startswith("/api/"):
             for method in sorted(route.methods - {"HEAD"}):
-                yield method, route.path.replace("{session_id}", "s1")
+                yield method, route.path.replace("{session_id}", "s1").replace("{user:path}", "alice")
 
 
 def test_token_guards_every_api_route(make_service):
     service = make_service(CHATSVC_API_TOKEN="tok-secret-123")
     with LiveServer(service.settings) as live, live.client() as client:
         routes = list(api_routes(live.app))
-        assert len(routes) == 20
+        assert len(routes) == 25
         for method, path in routes:
             for auth in ({}, {"headers": {"Authorization": "Bearer nope"}}, {"params": {"access_token": "nope"}}):
                 r = client.request(method, path, json={"message": "x"} if method == "POST" else None, **auth)

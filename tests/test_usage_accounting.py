@@ -512,3 +512,31 @@ def find_messages(exported: dict) -> list[dict]:
     if isinstance(exported.get("messages"), list):
         return exported["messages"]
     return next(find_messages(v) for v in exported.values() if isinstance(v, dict) and find_messages(v) is not None)
+
+
+def test_a_final_write_retried_after_storage_failed_settles_its_call_once(make_service, fake):
+    """The settlement is in the final write's transaction: a failure rolls both back, the retry writes both."""
+    service = make_service(CHATSVC_PRICES=PRICED, CHATSVC_STORAGE_TIMEOUT="0.3")
+    fake.push(Reply.answer(["fine"], usage=dashscope_usage(40, 4)))
+    with service.client() as client:
+        usage = client.app.state.relay.store.usage
+        settle, failures = usage.settle, []
+
+        async def failing(*args, **kw):
+            if len(failures) < 3:
+                failures.append(args)
+                raise chatsvc.StorageUnavailable("The database is unreachable (test).")
+            await settle(*args, **kw)
+
+        usage.settle = failing
+        r = client.post(f"{API}/chat/s1", json={"message": "hi"})
+        assert r.status_code == 503 and r.json()["code"] == "storage_failed", r.text
+        assert service.rows("SELECT status FROM messages WHERE role = 'assistant'") == [{"status": "streaming"}]
+        wait_for(lambda: calls(service)[0]["state"] == "settled", 15)
+        message = messages_of(client)[1]
+    assert len(failures) == 3 and message["status"] == "complete"
+    cost = micros((40, "0.8"), (4, "2"))
+    assert message["cost"] == cost / 1e6
+    [call] = calls(service)
+    settled_as(call, outcome="complete", source="reported", total_tokens=44, cost_micros=cost)
+    ledger_agrees(service)

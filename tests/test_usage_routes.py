@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from fake_dashscope import Reply
@@ -202,7 +203,11 @@ def test_the_admin_routes_need_the_admin_token_and_it_passes_where_the_api_token
         ({"from": "2026-12-02", "to": "2026-12-01"}, "'from' must be before 'to'"),
         ({"from": "2026-12-01", "to": "2026-12-01"}, "'from' must be before 'to'"),
         ({"from": "2025-01-01", "to": "2026-01-03"}, "at most 366 days"),
+        ({"from": "9999-12-31T23:59:59.9999Z"}, "within the years 1 to 9999"),
+        ({"to": "0001-01-01"}, "within the years 1 to 9999"),
+        ({"from": "9000-01-01"}, "'from' must be before 'to'"),  # alone, 'to' is the next month's first
         ({"group_by": "week"}, "'group_by' must be one of day, model, conversation, purpose, user"),
+        ({"group_by": ""}, "'group_by' must be one of"),
         ({"format": "xml"}, "'format' must be json or csv"),
         ({"limit": "0"}, "'limit' must be a whole number from 1 to 1000"),
         ({"limit": "1001"}, "'limit' must be a whole number from 1 to 1000"),
@@ -325,7 +330,7 @@ def test_concurrent_answers_refuses_while_one_runs(make_service, fake):
         running = threading.Thread(target=lambda: answered(client, "s1"))
         running.start()
         try:
-            wait_for(lambda: service.rows("SELECT count(*) AS n FROM messages WHERE status = 'streaming'")[0]["n"])
+            wait_for(lambda: len(fake.requests) == 1)  # the running answer's model call is made
             body = refused(client, service, fake, "s2")
             assert body["limit"] == "concurrent_answers" and body["size"] == 1 and body["used"] == 1
             assert body["resets_at"] is None and body["retry_after"] == 1
@@ -504,6 +509,22 @@ def test_a_report_counts_answers_tokens_and_costs(make_service, fake):
         assert (empty["from"], empty["to"]) == ("2020-01-01T00:00:00.000Z", "2020-02-01T00:00:00.000Z")
         shifted = report(client, **{"from": "2020-01-01T08:00:00.0001+08:00", "to": "2020-01-02"})
         assert shifted["from"] == "2020-01-01T00:00:00.001Z"
+        assert report(client, to="2020-02-15")["from"] == "2020-02-01T00:00:00.000Z"  # `to` alone: its month
+        alone = report(client, **{"from": "2020-01-01"})  # `from` alone: 366 days at most
+        assert alone["to"] == "2021-01-01T00:00:00.000Z" and alone["totals"]["calls"] == 0
+
+
+def test_a_priced_answer_fits_the_openapi_document(make_service, fake):
+    doc = json.loads((Path(__file__).resolve().parent.parent / "docs" / "openapi.json").read_text())
+    schemas = doc["components"]["schemas"]
+    with make_service(CHATSVC_PRICES=PRICES).client() as client:
+        reply = answered(client, "s1")
+        assert (reply["cost"], reply["currency"]) == (0.039, "CNY")
+        assert set(reply) <= set(schemas["ChatResponse"]["properties"])
+        messages = client.get(f"{CONV}/s1/messages").json()["messages"]
+        assert messages[-1]["cost"] == 0.039
+        for message in messages:
+            assert set(message) <= set(schemas["Message"]["properties"])
 
 
 def test_without_prices_a_report_has_no_cost(client, fake):

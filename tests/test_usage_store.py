@@ -175,9 +175,9 @@ def test_each_budget_refuses_at_its_edge_and_admits_one_below(database):
             ("tokens_per_month", {"month_tokens": 4999}, {"month_tokens": 5000}, 5000, 5000, first),
             ("tokens_per_month", {"month_tokens": 4000, "month_reserved": 999}, {"month_reserved": 1000}, 5000, 5000,
              first),
-            ("cost_per_month", {"month_cost": 4_999_999}, {"month_cost": 5_000_000}, "5", "5", first),
+            ("cost_per_month", {"month_cost": 4_999_999}, {"month_cost": 5_000_000}, 5_000_000, 5_000_000, first),
             ("cost_per_month", {"month_cost": 0, "month_reserved_cost": 4_999_999},
-             {"month_reserved_cost": 5_000_000}, "5", "5", first),
+             {"month_reserved_cost": 5_000_000}, 5_000_000, 5_000_000, first),
         ]  # fmt: skip
         for kind, below, at, size, used, resets in cases:
             empty = dict.fromkeys(("day_tokens", "day_reserved", "month_tokens", "month_reserved", "month_cost",
@@ -209,7 +209,7 @@ def test_each_budget_refuses_at_its_edge_and_admits_one_below(database):
             "You have spent 5.25001 of your 5 CNY for this month (UTC), 0.00001 CNY of it held by calls still"
             f" running; the limit resets at {refusal.resets_at}."
         )
-        assert (refusal.size, refusal.used) == ("5", "5.25001")
+        assert (refusal.size, refusal.used) == (5_000_000, 5_250_010)  # micros (the API shows money)
 
     run(database, body, limits, FlatPrices())
 
@@ -376,7 +376,7 @@ def test_the_sweep_settles_what_its_answers_held_with_an_estimate(database):
         async with store.db.transaction():
             await store.usage.settle_swept(answers)
         out = chatsvc.estimate_tokens(chatsvc.answer_output(answers[0]["content"], "Look it up.", steps))
-        assert out == chatsvc.estimate_tokens('It is sunny in Hangzhou.Look it up.lookup{"city": "杭州"}')
+        assert out == chatsvc.estimate_tokens('It is sunny in Hangzhou.Look it up.{"city": "杭州"}')
         c = await call(store, second.call_id)
         names = ("state", "outcome", "source", "prompt_tokens", "completion_tokens", "total_tokens")
         assert [c[name] for name in names] == ["settled", "interrupted", "estimated", 300, out - 12, 300 + out - 12]
@@ -581,6 +581,7 @@ def test_reports_group_and_page(database):
         totals, groups, cursor = await u.report("alice", start, end, "none", 10, None)
         expected = sums(alice)
         assert totals == expected | {"calls": 5, "answers": 3} and groups == [] and cursor is None
+        assert list(totals) == list(chatsvc.USAGE_FIELDS_REPORTED)
         _, groups, cursor = await u.report("alice", start, end, "day", 10, None)
         assert cursor is None
         assert groups == [
