@@ -388,8 +388,10 @@ def test_a_switch_during_an_answer_leaves_the_answer_where_it_is(live, fake, ser
         reader, start = running_answer(live, fake, regenerate=first["message_id"])
         body = client.patch(f"{CONV}/s1", json={"current_message_id": first["message_id"]}).json()
         assert body["current_message_id"] == first["message_id"] and body["generating"] is True
-        threading.Thread(target=lambda: client.post(f"{API}/chat/s1/stop")).start()
+        stop = threading.Thread(target=lambda: client.post(f"{API}/chat/s1/stop"))
+        stop.start()
         reader.until_end()
+        stop.join()  # its response comes once the answer is stored: the client must outlive it
         conv = client.get(f"{CONV}/s1").json()
         assert conv["current_message_id"] == first["message_id"]
         assert conv["messages"][-1]["sibling_ids"] == [first["message_id"], start["data"]["message_id"]]
