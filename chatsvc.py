@@ -137,28 +137,27 @@ def _csv(value: str) -> tuple[str, ...]:
 
 
 MAX_LIMIT = 2**53 - 1  # the largest limit (tokens, answers; a cost's micros): a JSON number any client reads exactly
+# The largest cost limit, in units of the currency: below 2**30 every amount of 6 places is a JSON number a
+# client reads back as that amount (a double's step there is under a micro), and its micros fit MAX_LIMIT.
+MAX_COST = 1_000_000_000
 
 
 def _limit(value: str, kind: type) -> Any:
-    """A limit's size: a whole number (or, for a cost, a decimal of at most 6 places) of at least 0;
-    0 refuses every answer."""
+    """A limit's size: a whole number (or, for a cost, a decimal of at most 6 places) of at least 0,
+    written in plain ASCII digits (no sign, exponent, `_` or other script's digits); 0 refuses every
+    answer."""
     value = value.strip()
     if kind is int:
         if not re.fullmatch(r"[0-9]{1,16}", value) or int(value) > MAX_LIMIT:
             raise ValueError(f"must be a whole number from 0 to {MAX_LIMIT} (0 refuses every answer)")
         return int(value)
-    try:
-        number = Decimal(value)
-    except ArithmeticError:
-        number = Decimal("NaN")
-    if (
-        not number.is_finite()
-        or number < 0
-        or number * MICROS > MAX_LIMIT
-        or number != number.quantize(Decimal("0.000001"))
-    ):
-        raise ValueError("must be an amount of at least 0 with at most 6 decimal places (0 refuses every answer)")
-    return number
+    # matched before Decimal reads it: Decimal also takes 1e999999999, 5_000, -0 and other scripts' digits
+    if not re.fullmatch(r"[0-9]{1,10}(\.[0-9]{1,6})?", value) or Decimal(value) > MAX_COST:
+        raise ValueError(
+            f"must be an amount of at least 0 (at most {MAX_COST}) with at most 6 decimal places, in plain digits"
+            " (such as 25 or 12.5; 0 refuses every answer)"
+        )
+    return Decimal(value)
 
 
 def _flag(value: str) -> bool:
@@ -335,7 +334,7 @@ class Settings:
     limit_cost_per_month: Decimal | None = setting(  # noqa: RUF009 (Decimal is immutable)
         "CHATSVC_LIMIT_COST_PER_MONTH",
         None,
-        "cost an owner may spend per UTC month, in CHATSVC_PRICES' currency (needs it)",
+        "cost an owner may spend per UTC month, in CHATSVC_PRICES' currency (which must price every model)",
         cast=lambda v: _limit(v, Decimal),
     )
     limit_answers_per_minute: int | None = setting(
@@ -390,6 +389,16 @@ class Settings:
             raise ValueError(
                 "CHATSVC_LIMIT_COST_PER_MONTH: a cost limit needs prices to count costs with; set CHATSVC_PRICES."
             )
+        if settings.limit_cost_per_month is not None and settings.unpriced_models():
+            raise ValueError(
+                f"CHATSVC_LIMIT_COST_PER_MONTH: a cost limit cannot hold for {settings.unpriced_models()}, which"
+                " CHATSVC_PRICES has no price for (its calls would cost nothing against the limit); price each there"
+                " (a pattern such as 'qwen-*' prices every model it matches), or stop calling it."
+            )
+        for env, token in (("CHATSVC_API_TOKEN", settings.api_token), ("CHATSVC_ADMIN_TOKEN", settings.admin_token)):
+            if token is not None and token != token.strip():
+                # a presented token is read without them (`Authorization: Bearer <token>`): it could never match
+                raise ValueError(f"{env}: must not start or end with whitespace (a request's token is read without).")
         if settings.admin_token is not None and settings.admin_token == settings.api_token:
             raise ValueError(
                 "CHATSVC_ADMIN_TOKEN: must differ from CHATSVC_API_TOKEN, which every client holds (with the same"
@@ -415,6 +424,23 @@ class Settings:
     @property
     def models(self) -> tuple[str, ...]:
         return (self.chat_model, *self.allowed_models)
+
+    def unpriced_models(self) -> str:
+        """The models the service may call that CHATSVC_PRICES has no price for, each with the setting
+        that names it ('qwen-turbo (CHATSVC_ALLOWED_MODELS), ...'; '' when every one has a price)."""
+        called = [
+            (self.chat_model, "CHAT_MODEL"),
+            *((model, "CHATSVC_ALLOWED_MODELS") for model in self.allowed_models),
+            *([(self.title_model, "CHATSVC_TITLE_MODEL")] if self.title_model and self.titles == "model" else []),
+            *([(self.vision_model, "CHATSVC_VISION_MODEL")] if self.vision_model else []),
+        ]
+        unpriced: dict[str, list[str]] = {}
+        for model, env in called:
+            if self.prices is None or not self.prices.priced(model):
+                envs = unpriced.setdefault(model, [])
+                if env not in envs:  # a model CHATSVC_ALLOWED_MODELS names twice
+                    envs.append(env)
+        return ", ".join(f"{model} ({', '.join(envs)})" for model, envs in unpriced.items())
 
     def sees(self, model: str) -> bool:
         """Whether `model` takes images (CHATSVC_VISION_MODELS; a pattern's trailing `*` matches any rest)."""
@@ -661,6 +687,10 @@ class Prices:
                 tiers.append(_rate(tier, at, above))
             rates[name] = tuple(tiers)
         return cls(currency.strip(), rates)
+
+    def priced(self, model: str) -> bool:
+        """Whether the table has a price for `model` (by its name, or a pattern that matches it)."""
+        return model in self.models or any(p.endswith("*") and model.startswith(p[:-1]) for p in self.models)
 
     def rate(self, model: str, prompt_tokens: int) -> Rate | None:
         """The rate of a call of `model` with this many prompt tokens; None: the model has no price."""
@@ -10062,7 +10092,7 @@ def carries_admin_token(request: Request) -> bool:
     value = request.headers.get("authorization", "")
     if token is None or value[:7].lower() != "bearer ":
         return False
-    return hmac.compare_digest(value[7:].strip().encode(), token.encode())
+    return hmac.compare_digest(value[7:].encode("latin-1").strip(), token.encode())  # as TokenAuth reads it
 
 
 def require_admin(request: Request, what: str | None = None) -> None:
@@ -10191,6 +10221,20 @@ def csv_name(when: str) -> str:
     return when.replace(":", "").replace("-", "").replace(".000Z", "Z")
 
 
+def usage_cursor(request: Request, group_by: str) -> str | None:
+    """The last key of the previous page (None: the first page). A cursor holds its grouping and the key,
+    so that it is never empty, even after the owner '' (an empty `cursor=` is no cursor at all: a 422)."""
+    cursor = request.query_params.get("cursor")
+    if cursor is None:
+        return None
+    if cursor == "":
+        raise invalid("'cursor' is empty: leave it out for the first page, or send the previous page's next_cursor.")
+    grouping, key = decode_cursor(cursor, 2)
+    if grouping != group_by:
+        raise invalid(f"'cursor' is the cursor of another report (group_by={group_by} needs its own).")
+    return key
+
+
 async def usage_report(request: Request) -> Response:
     """GET /api/v1/usage: the calls in [from, to) of the caller, or (admin) of `user` or of everyone
     (group_by=user), with their totals and one row per group, a page at a time; JSON or CSV."""
@@ -10202,8 +10246,7 @@ async def usage_report(request: Request) -> Response:
     as_csv = wants_csv(request)
     start, end = usage_range(request)
     limit = query_int(request, "limit", USAGE_PAGE, 1, USAGE_PAGE)
-    cursor = query.get("cursor") or None
-    after = None if cursor is None else decode_cursor(cursor, 1)[0]  # the last key of the previous page
+    after = usage_cursor(request, group_by)
     user = query.get("user")
     if group_by == "user":
         require_admin(request, "A report of every user (group_by=user)")
@@ -10216,7 +10259,7 @@ async def usage_report(request: Request) -> Response:
     else:
         owner = owner_of(request)
     totals, groups, last = await st.store.usage.report(owner, start, end, group_by, limit, after)
-    next_cursor = None if last is None else encode_cursor(last)
+    next_cursor = None if last is None else encode_cursor(group_by, last)
     prices: Prices | None = st.settings.prices
     currency = prices.currency if prices is not None else None
     if as_csv:
@@ -10285,16 +10328,21 @@ def parse_limits(body: dict) -> dict:
         if value is None:
             limits[kind] = None
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        # an int stays an int (JSON's 1 followed by 400 zeros is one: as a float it overflows)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            number = None
+        elif isinstance(value, int):
+            number = value * MICROS if kind == "cost_per_month" else value
+        elif not math.isfinite(value):
             number = None
         elif kind == "cost_per_month":
-            amount = Decimal(repr(value))
-            number = int(amount * MICROS) if amount * MICROS == int(amount * MICROS) else None
+            micros = Decimal(repr(value)) * MICROS  # the number as written (repr: the shortest that reads back)
+            number = int(micros) if micros == int(micros) else None
         else:
-            number = int(value) if float(value).is_integer() else None
-        if number is None or not 0 <= number <= MAX_LIMIT:
+            number = int(value) if value.is_integer() else None
+        if number is None or not 0 <= number <= (MAX_COST * MICROS if kind == "cost_per_month" else MAX_LIMIT):
             rule = (
-                "an amount of at least 0 with at most 6 decimal places"
+                f"an amount from 0 to {MAX_COST} with at most 6 decimal places"
                 if kind == "cost_per_month"
                 else f"a whole number from 0 to {MAX_LIMIT}"
             )
@@ -10320,6 +10368,11 @@ async def put_user_limits(request: Request) -> Response:
     limits = parse_limits(await read_json(request, s))
     if limits.get("cost_per_month") is not None and s.prices is None:
         raise invalid("'cost_per_month' needs prices to count costs with, and this service has none (CHATSVC_PRICES).")
+    if limits.get("cost_per_month") is not None and s.unpriced_models():
+        raise invalid(
+            f"'cost_per_month' cannot hold for {s.unpriced_models()}, which CHATSVC_PRICES has no price for (its"
+            " calls would cost nothing against the limit)."
+        )
     await st.store.usage.set_limits(owner, limits)
     log.info("admin limits owner=%s set=%s", json.dumps(owner), ",".join(sorted(limits)) or "-")
     return JSONResponse(present_limits(owner, await st.store.usage.owner_limits(owner), s))

@@ -83,3 +83,32 @@ def test_schemathesis_finds_no_5xx_and_no_nonconforming_response(tmp_path, fake,
             "--checks", "all", "--exclude-checks", "positive_data_acceptance,allow_header_conformance",
             "--include-operation-id", "importConversation", "--phases", "examples,coverage,fuzzing", seconds=45,
         )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_schemathesis_with_the_admin_token_prices_and_limits(tmp_path, fake, make_service):
+    """The usage and admin operations as an admin calls them: with CHATSVC_ADMIN_TOKEN carried, prices and
+    global limits configured (without them, as above, the admin routes answer 404 and a cost limit a 422)."""
+    fake.default = Reply.answer(["fuzzed", " answer"])
+    admin = "tok-do-not-log"  # tests/support.py fails the run if a log line holds it
+    service = make_service(
+        CHATSVC_ADMIN_TOKEN=admin,
+        CHATSVC_PRICES=json.dumps({"currency": "CNY", "models": {"qwen-plus": {"input": 1000, "output": 1000}}}),
+        CHATSVC_LIMIT_COST_PER_MONTH="100",
+        CHATSVC_LIMIT_TOKENS_PER_DAY="1000000",
+        CHATSVC_MAX_BODY_BYTES="65536",
+    )
+    with LiveServer(service.settings) as live:
+        command = [
+            sys.executable, "-m", "schemathesis.cli", "--config-file",
+            str(Path(__file__).parent / "schemathesis.toml"), "run", f"{live.url}/openapi.json",
+            "--max-examples", "60", "--seed", "1", "--workers", "1", "--request-timeout", "10",
+            "--max-time", "90", "--suppress-health-check", "all",
+            "--report", "junit", "--report-dir", str(tmp_path),
+            "-H", f"Authorization: Bearer {admin}",
+            "--checks", "all", "--exclude-checks", "ensure_resource_availability,use_after_free",
+            "--include-tag", "usage", "--include-tag", "admin",
+        ]  # fmt: skip
+        run = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        print(run.stdout[-3000:])
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
