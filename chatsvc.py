@@ -10197,7 +10197,7 @@ async def usage_report(request: Request) -> Response:
     (group_by=user), with their totals and one row per group, a page at a time; JSON or CSV."""
     st = state(request)
     query = request.query_params
-    group_by = query.get("group_by") or "day"
+    group_by = query.get("group_by", "day")
     if group_by not in USAGE_GROUPS:  # (the Usage section's groupings)
         raise invalid(f"'group_by' must be one of {', '.join(USAGE_GROUPS)}.")
     as_csv = wants_csv(request)

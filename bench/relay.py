@@ -36,7 +36,9 @@ CHATSVC_USER_HEADER: every answer has the one owner '', so all the clients' admi
 update the same row (the contended case). Each chatsvc has a database of its own: a second SQLite file,
 or with --database the PostgreSQL database named by --limits-database (two processes on one PostgreSQL
 database would be replicas, each mirroring the other's answers). A last line sets limits against no
-limits: chatsvc's CPU per chunk and the time to first chunk (p50).
+limits: chatsvc's CPU per chunk and the time to first chunk (p50); with --rounds N each scenario is
+read N times through each of them, alternately (each in turn first), and that line gives the medians and each round's
+difference (the noise to judge a difference by).
 """
 
 from __future__ import annotations
@@ -304,24 +306,34 @@ def run(args: argparse.Namespace) -> None:
                                          "-r", "200", "--nonblocking"], stdout=subprocess.DEVNULL)  # fmt: skip
             time.sleep(1)
         rows = []
+        pairs: dict[str, list[tuple[dict, dict]]] = {}  # --limits: each round's (chatsvc, limits) figures
+
+        def measure(target: str, key: str, params: dict) -> dict:
+            pid = pids.get(target, server.pid)
+            reset_peak_rss(pid)
+            pg0 = postgres_cpu_seconds() if args.database else None
+            cpu0, own0 = cpu_seconds(pid), own_cpu()
+            result, wall = asyncio.run(run_scenario(target, ports, tag=key, **params))
+            cpu = cpu_seconds(pid) - cpu0
+            return dict(result=result, wall=wall, cpu=cpu, own=own_cpu() - own0, rss=rss_mb(pid),
+                        pg=postgres_cpu_seconds() - pg0 if pg0 is not None else None)  # fmt: skip
+
         for key, title, answers, clients, chunks, pause, listeners in scenarios:
             params = dict(answers=answers, clients=clients, chunks=chunks, pause=pause, listeners=listeners)
             figures = {}
             targets = ("chatsvc",) if listeners else ("direct", "chatsvc")
             for target in targets + (("limits",) if limited else ()):
-                pid = pids.get(target, server.pid)
-                reset_peak_rss(pid)
-                pg0 = postgres_cpu_seconds() if args.database else None
-                cpu0, own0 = cpu_seconds(pid), own_cpu()
-                result, wall = asyncio.run(run_scenario(target, ports, tag=key, **params))
-                cpu = cpu_seconds(pid) - cpu0
-                figures[target] = dict(result=result, wall=wall, cpu=cpu, own=own_cpu() - own0,
-                                       rss=rss_mb(pid),
-                                       pg=postgres_cpu_seconds() - pg0 if pg0 is not None else None)  # fmt: skip
+                figures[target] = measure(target, key, params)
             rows.append((key, title, figures))
             report_row(key, title, figures)
+            if limited:  # more rounds, alternately: the (limits) row's medians
+                pairs[key] = [(figures["chatsvc"], figures["limits"])]
+                for n in range(1, args.rounds):  # each in turn first: what one leaves (a vacuum) falls on both
+                    order = ("limits", "chatsvc") if n % 2 else ("chatsvc", "limits")
+                    measured = {t: measure(t, f"{key}{n}", params) for t in order}
+                    pairs[key].append((measured["chatsvc"], measured["limits"]))
         if limited:
-            limits_row(rows)
+            limits_row(pairs)
         if profiler:
             profiler.send_signal(2)
             profiler.wait(30)
@@ -371,17 +383,25 @@ def report_row(key: str, title: str, figures: dict) -> None:
         print(line, flush=True)
 
 
-def limits_row(rows: list) -> None:
-    """--limits: each scenario's chatsvc with every limit set against the one without, side by side."""
-    print("\n(limits) every limit set against none, per scenario (positive: the limits cost more):")
-    for key, _, figures in rows:
-        plain, limited = figures["chatsvc"], figures["limits"]
-        cpu = [f["cpu"] / max(f["result"].chunks, 1) * 1e6 for f in (plain, limited)]
-        ttfc = [pct(f["result"].ttfc, 0.5) * 1000 for f in (plain, limited)]
-        per_answer = [f["cpu"] / max(len(f["result"].ttfc), 1) * 1e6 for f in (plain, limited)]
-        print(f"  ({key}) chatsvc cpu {cpu[0]:6.1f} -> {cpu[1]:6.1f} us/chunk ({(cpu[1] / cpu[0] - 1) * 100:+.1f} %,"
-              f" {per_answer[1] - per_answer[0]:+.0f} us/answer)"
-              f"  ttfc p50 {ttfc[0]:7.2f} -> {ttfc[1]:7.2f} ms ({ttfc[1] - ttfc[0]:+.2f} ms)", flush=True)  # fmt: skip
+def limits_row(pairs: dict[str, list[tuple[dict, dict]]]) -> None:
+    """--limits: each scenario's chatsvc with every limit set against the one without: the medians of
+    the rounds (--rounds, read alternately), and each round's difference, to see the noise by."""
+    print(f"\n(limits) every limit set against none, per scenario, median of {len(next(iter(pairs.values())))}"
+          " round(s) (positive: the limits cost more):")  # fmt: skip
+    for key, rounds in pairs.items():
+        cpu = [[f["cpu"] / max(f["result"].chunks, 1) * 1e6 for f in pair] for pair in rounds]
+        per_answer = [[f["cpu"] / max(len(f["result"].ttfc), 1) * 1e6 for f in pair] for pair in rounds]
+        ttfc = [[pct(f["result"].ttfc, 0.5) * 1000 for f in pair] for pair in rounds]
+        plain_cpu, limited_cpu = (statistics.median(r[i] for r in cpu) for i in (0, 1))
+        plain_ttfc, limited_ttfc = (statistics.median(r[i] for r in ttfc) for i in (0, 1))
+        added_answer = statistics.median(r[1] for r in per_answer) - statistics.median(r[0] for r in per_answer)
+        print(f"  ({key}) chatsvc cpu {plain_cpu:6.1f} -> {limited_cpu:6.1f} us/chunk"
+              f" ({(limited_cpu / plain_cpu - 1) * 100:+.1f} %, {added_answer:+.0f} us/answer)"
+              f"  ttfc p50 {plain_ttfc:7.2f} -> {limited_ttfc:7.2f} ms ({limited_ttfc - plain_ttfc:+.2f} ms)",
+              flush=True)  # fmt: skip
+        if len(rounds) > 1:
+            print(f"      each round: cpu {', '.join(f'{(b / a - 1) * 100:+.1f} %' for a, b in cpu)};"
+                  f" ttfc p50 {', '.join(f'{b - a:+.2f} ms' for a, b in ttfc)}", flush=True)  # fmt: skip
 
 
 def leak_row(ports: dict, pid: int, q: int) -> None:
@@ -620,5 +640,6 @@ if __name__ == "__main__":
     parser.add_argument("--database", metavar="URL", help="chatsvc's DATABASE_URL, e.g. an empty PostgreSQL database")
     parser.add_argument("--limits", action="store_true", help="also through a chatsvc with every limit set (issue 24)")
     parser.add_argument("--limits-database", metavar="URL", help="--limits with --database: the limited chatsvc's")
+    parser.add_argument("--rounds", type=int, default=1, help="--limits: rounds of each scenario through both")
     parser.add_argument("--profile", metavar="FILE", help="record chatsvc with py-spy (collapsed stacks) into FILE")
     run(parser.parse_args())

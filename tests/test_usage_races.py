@@ -168,6 +168,7 @@ def check_books(service: Service, owner: str, reported: list[dict]) -> None:
     row = owner_row(service, owner)
     total = sum(c["total_tokens"] for c in calls)
     assert row["day_tokens"] == row["month_tokens"] == total, (row, total)
+    assert row["month_cost"] == sum(c["cost_micros"] or 0 for c in calls), (row, calls)
     assert row["day_reserved"] == row["month_reserved"] == row["running"] == 0, row
     assert all(c["day"] == row["day"] and c["month"] == row["month"] for c in calls), (calls, row)
     stored = service.rows("SELECT id, role, status FROM messages WHERE owner = ? ORDER BY id", owner)
@@ -246,24 +247,40 @@ def make_cluster(postgres_database, fake, tmp_path):
         assert "Traceback" not in server.log(), server.log()
 
 
-@pytest.mark.parametrize("trial", [1, 2, 3])
-def test_of_fifty_clients_on_two_replicas_one_gets_the_last_answer_of_a_budget(make_cluster, fake, trial):
-    # 1000 tokens a day: an answer holds its prompt's estimate and 4096 while it runs, so once one
-    # answer is admitted the budget holds no room for another until it settles
-    service, servers = make_cluster(CHATSVC_LIMIT_TOKENS_PER_DAY=str(LIMIT))
+# per million tokens: the warm-up answer costs 22 x 0.8 + 17 x 2 = 51.6 -> 52 micros, the last one
+# 22 x 0.8 + 1000 x 2 = 2017.6 -> 2018; a budget of 0.002 CNY then has room for exactly the last one
+PRICES = '{"currency": "CNY", "models": {"qwen-plus": {"input": 0.8, "output": 2}}}'
+BUDGETS = {  # limit -> (its setting's value, its size as a refusal shows it, the settings it needs)
+    "tokens_per_day": (str(LIMIT), LIMIT, {}),
+    "tokens_per_month": (str(LIMIT), LIMIT, {}),
+    "cost_per_month": ("0.002", 0.002, {"CHATSVC_PRICES": PRICES}),
+}
+
+
+@pytest.mark.parametrize(
+    "limit, trial", [("tokens_per_day", 1), ("tokens_per_day", 2), ("tokens_per_day", 3), ("tokens_per_month", 1),
+                     ("cost_per_month", 1)]
+)  # fmt: skip
+def test_of_fifty_clients_on_two_replicas_one_gets_the_last_answer_of_a_budget(make_cluster, fake, limit, trial):
+    # 1000 tokens: an answer holds its prompt's estimate and 4096 (at their prices, for a cost) while
+    # it runs, so once one answer is admitted the budget holds no room for another until it settles
+    value, size, settings = BUDGETS[limit]
+    service, servers = make_cluster(**{f"CHATSVC_LIMIT_{limit.upper()}": value}, **settings)
     owner = f"racer-{trial}"
-    one_answer(servers[0], owner, "warm")  # spent before the race: 39 of 1000
+    one_answer(servers[0], owner, "warm")  # spent before the race: 39 tokens of 1000, 52 micros of 2000
     assert owner_row(service, owner)["day_tokens"] == REPORTED["total_tokens"]
     calls_before = len(fake.requests)
     fake.default = last_answer()
     outcomes = race(servers, owner, f"t{trial}")
     winners = admitted(outcomes)
     assert len(winners) == 1, [(o.status, o.body) for o in outcomes]
-    check_refusals(outcomes, "quota_exceeded", "tokens_per_day", LIMIT)
+    check_refusals(outcomes, "quota_exceeded", limit, size)
     assert ended(winners[0])["full_text"] == "the last answer"
     assert len(fake.requests) - calls_before == 1  # the model was called for the admitted answer only
     wait_for(lambda: settled(service, owner, 2), 30)
     check_books(service, owner, [REPORTED, LAST])
+    if settings:
+        assert [c["cost_micros"] for c in calls_of(service, owner)] == [52, 2018]
     # the other owners' budgets are their own
     one_answer(servers[1], f"bystander-{trial}", "b")
 

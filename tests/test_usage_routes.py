@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 from fake_dashscope import Reply
@@ -206,6 +207,7 @@ def test_the_admin_routes_need_the_admin_token_and_it_passes_where_the_api_token
         ({"to": "0001-01-01"}, "within the years 1 to 9999"),
         ({"from": "9000-01-01"}, "'from' must be before 'to'"),  # alone, 'to' is the next month's first
         ({"group_by": "week"}, "'group_by' must be one of day, model, conversation, purpose, user"),
+        ({"group_by": ""}, "'group_by' must be one of"),
         ({"format": "xml"}, "'format' must be json or csv"),
         ({"limit": "0"}, "'limit' must be a whole number from 1 to 1000"),
         ({"limit": "1001"}, "'limit' must be a whole number from 1 to 1000"),
@@ -510,6 +512,19 @@ def test_a_report_counts_answers_tokens_and_costs(make_service, fake):
         assert report(client, to="2020-02-15")["from"] == "2020-02-01T00:00:00.000Z"  # `to` alone: its month
         alone = report(client, **{"from": "2020-01-01"})  # `from` alone: 366 days at most
         assert alone["to"] == "2021-01-01T00:00:00.000Z" and alone["totals"]["calls"] == 0
+
+
+def test_a_priced_answer_fits_the_openapi_document(make_service, fake):
+    doc = json.loads((Path(__file__).resolve().parent.parent / "docs" / "openapi.json").read_text())
+    schemas = doc["components"]["schemas"]
+    with make_service(CHATSVC_PRICES=PRICES).client() as client:
+        reply = answered(client, "s1")
+        assert (reply["cost"], reply["currency"]) == (0.039, "CNY")
+        assert set(reply) <= set(schemas["ChatResponse"]["properties"])
+        messages = client.get(f"{CONV}/s1/messages").json()["messages"]
+        assert messages[-1]["cost"] == 0.039
+        for message in messages:
+            assert set(message) <= set(schemas["Message"]["properties"])
 
 
 def test_without_prices_a_report_has_no_cost(client, fake):
