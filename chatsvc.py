@@ -5705,8 +5705,9 @@ class ToolCallAccumulator:
             call.arguments[:] = [json.dumps(arguments, ensure_ascii=False)]
 
     def text(self) -> str:
-        """Every name and argument gathered so far, as one text (what the model wrote: its estimate)."""
-        return "".join(call.name + "".join(call.arguments) for call in self._calls)
+        """Every call's arguments gathered so far, as one text (what the model wrote of them: the
+        estimate of a round that reported no usage counts them, as the sweep's does, answer_output)."""
+        return "".join("".join(call.arguments) for call in self._calls)
 
     def calls(self) -> list[ToolCall]:
         """The round's calls that have a name, in index order (arrival order within an index). A call
