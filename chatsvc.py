@@ -6701,13 +6701,17 @@ class Answer:
 
     def final_state(self, prices: Prices | None) -> FinalState:
         """What the store keeps of it once it ends: with its last round's row settled, and the rows of
-        the rounds before it not known to be settled (each round accounted here, once)."""
+        the rounds before it not known to be settled (each round accounted here, once). Its `usage`
+        is kept only when every round that reached the model reported one (the ledger keeps each
+        round's own): one round's usage is not the answer's."""
         error = self.error
         spent, carried = None, []
         if self.round is not None:
             spent = round_spent(self, prices)
             self.used.append(spent)
             carried, self.carried, self.round = self.carried, [], None
+        if any(used.source is Source.ESTIMATED for used in self.used):
+            self.usage = None
         cost = answer_cost(self, prices)
         return FinalState(
             self.status,

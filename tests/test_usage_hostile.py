@@ -14,7 +14,7 @@ from fake_dashscope import Reply, dashscope_usage
 from live import SSEReader
 from procs import ServerProcess
 from support import EMPTY_POSTGRES, Service, pg, wait_for
-from test_usage_accounting import PRICED, WEATHER, calls, ledger_agrees
+from test_usage_accounting import PRICED, WEATHER, calls, ledger_agrees, micros
 
 import chatsvc
 from chatsvc import FinalState, Hold, Purpose, Source, Spent, Turn
@@ -305,3 +305,37 @@ def test_the_sweep_puts_the_cost_of_all_its_rounds_on_the_message(database):
         assert (row["prompt_tokens"], row["total_tokens"]) == (None, None)  # not reported
 
     run(database, body, prices=chatsvc.Prices.parse(PRICED))
+
+
+# ── an answer's usage: every round's, or none ────────────────────────────────────────
+
+
+def test_an_answer_usage_is_not_one_round_of_two(make_service, fake):
+    """A round that reported no usage (its use estimated in the ledger): the answer shows no usage
+    rather than the other round's as if it were the whole; its cost counts both rounds."""
+    service = make_service(CHATSVC_PRICES=PRICED)
+    fake.push(
+        Reply.tool_calls([("nosuch", {})], usage=dashscope_usage(100, 10)),
+        Reply.answer(["a long enough final answer"], usage=False),  # complete, but no usage chunk
+    )
+    with service.client() as client:
+        body = client.post(f"{API}/chat/s1", json={"message": "go", "tools": [WEATHER]}).json()
+        message = client.get(f"{API}/context/conversations/s1/messages").json()["messages"][1]
+    first, second = calls(service)
+    assert (first["source"], second["source"]) == ("reported", "estimated")
+    assert body["cost"] == (first["cost_micros"] + second["cost_micros"]) / 1e6
+    assert "usage" not in body or body["usage"] is None, body
+    assert message.get("usage") is None, message
+    ledger_agrees(service)
+
+
+def test_an_answer_of_two_reported_rounds_shows_both(make_service, fake):
+    service = make_service(CHATSVC_PRICES=PRICED)
+    fake.push(
+        Reply.tool_calls([("nosuch", {})], usage=dashscope_usage(100, 10)),
+        Reply.answer(["fine"], usage=dashscope_usage(200, 3)),
+    )
+    with service.client() as client:
+        body = client.post(f"{API}/chat/s1", json={"message": "go", "tools": [WEATHER]}).json()
+    assert body["usage"] == {"prompt_tokens": 300, "completion_tokens": 13, "total_tokens": 313}
+    assert body["cost"] == micros((300, "0.8"), (13, "2")) / 1e6
