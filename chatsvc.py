@@ -4336,6 +4336,16 @@ def answer_output(content: str | None, reasoning: str | None, steps: str | None)
     return "".join(parts)
 
 
+ZERO_LIMIT_RETRY = 86400.0  # a refusal by a limit of 0 (no window frees it): Retry-After, a day
+_ZERO_LIMITS = {  # a limit of 0, in a sentence
+    "tokens_per_day": "0 tokens per day",
+    "tokens_per_month": "0 tokens per month",
+    "cost_per_month": "a cost of 0 per month",
+    "answers_per_minute": "0 answers per minute",
+    "concurrent_answers": "0 answers at once",
+}
+
+
 def _bucket_fill(bucket: float | None, bucket_at: float | None, now: float, size: int) -> float:
     """answers_per_minute's bucket now: what it held, refilled `size` per 60 s since, up to `size`."""
     if bucket is None:
@@ -4520,7 +4530,8 @@ class Usage:
             f" {w['month_tokens']} + {w['month_reserved']} AS month_used, {w['month_reserved']} AS month_held,"
             f" {w['month_cost']} + {w['month_reserved_cost']} AS cost_used,"
             f" {w['month_reserved_cost']} AS cost_held, running, bucket, bucket_at,"
-            f" {', '.join(f'{e(kind)} AS {kind}' for kind in LIMIT_KINDS)} FROM usage_owners WHERE owner = :owner",
+            f" {', '.join(f'{e(kind)} AS {kind}, limit_{kind}' for kind in LIMIT_KINDS)}"
+            " FROM usage_owners WHERE owner = :owner",
             self._values(owner=owner),
             role=WRITE,
         )
@@ -4537,6 +4548,8 @@ class Usage:
             size = row[kind]
             if size is None or used < size:
                 continue
+            if size == 0:  # no answer ever starts under it: until the window's reset, which changes nothing
+                return self._zero(row, kind, used, _rfc3339(reset), max(1.0, (reset - now).total_seconds()))
             if kind == "cost_per_month":
                 currency = f" {self.prices.currency}" if self.prices else ""
                 amounts, shown_size, shown_used = f"{amount(used)} of your {amount(size)}{currency}", size, used
@@ -4563,10 +4576,7 @@ class Usage:
             fill = _bucket_fill(row["bucket"], row["bucket_at"], row["now"], size)
             if fill < 1:
                 if size == 0:
-                    return OverLimit(
-                        "rate_limited", "Your limit is 0 answers per minute: no answer can start.",
-                        "answers_per_minute", 0, 0, None, 60.0,
-                    )  # fmt: skip
+                    return self._zero(row, "answers_per_minute", 0, None, ZERO_LIMIT_RETRY)
                 wait = (1 - fill) * 60 / size
                 resets_at = (now + timedelta(seconds=wait)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
                 return OverLimit(
@@ -4580,6 +4590,8 @@ class Usage:
                     wait,
                 )
         size = row["concurrent_answers"]
+        if size == 0:
+            return self._zero(row, "concurrent_answers", row["running"], None, ZERO_LIMIT_RETRY)
         if size is not None and row["running"] >= size:
             return OverLimit(
                 "rate_limited",
@@ -4592,6 +4604,26 @@ class Usage:
                 1.0,
             )
         return None
+
+    def _zero(self, row: dict, kind: str, used: int, resets_at: str | None, retry_after: float) -> OverLimit:
+        """The refusal of a limit of 0: no answer can start under it, however long the client waits
+        (Retry-After: `retry_after`, long); it names what sets the limit (an admin's for this owner,
+        else the setting)."""
+        where = (
+            "an admin set it for you (PUT /api/v1/admin/users/{user}/limits)"
+            if row[f"limit_{kind}"] is not None
+            else f"CHATSVC_LIMIT_{kind.upper()} sets it for everyone (an admin can set another for you:"
+            " PUT /api/v1/admin/users/{user}/limits)"
+        )
+        return OverLimit(
+            "rate_limited" if kind in ("answers_per_minute", "concurrent_answers") else "quota_exceeded",
+            f"Your limit is {_ZERO_LIMITS[kind]}: no answer can start under it, now or later; {where}.",
+            kind,
+            0,
+            used,
+            resets_at,
+            retry_after,
+        )
 
     # ── settlement ──
 

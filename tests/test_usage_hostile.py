@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from datetime import datetime, timezone
 
 import httpx2 as httpx
 import pytest
@@ -339,3 +340,42 @@ def test_an_answer_of_two_reported_rounds_shows_both(make_service, fake):
         body = client.post(f"{API}/chat/s1", json={"message": "go", "tools": [WEATHER]}).json()
     assert body["usage"] == {"prompt_tokens": 300, "completion_tokens": 13, "total_tokens": 313}
     assert body["cost"] == micros((300, "0.8"), (13, "2")) / 1e6
+
+
+# ── a limit of 0: no answer can start under it, and the refusal says so ──────────────
+
+
+@pytest.mark.parametrize("own", [False, True], ids=["global", "admin"])
+@pytest.mark.parametrize("kind", chatsvc.LIMIT_KINDS)
+def test_a_limit_of_zero_does_not_ask_to_retry_soon(database, kind, own):
+    """A limit of 0 refuses for good: the refusal names what sets it, and its Retry-After is long
+    (a budget's: its window's reset; a rate's: a day), never 'in a second' or 'when one ends'."""
+
+    async def body(store):
+        if own:
+            await store.usage.set_limits("alice", {kind: 0})
+        with pytest.raises(chatsvc.OverLimit) as caught:
+            await store.tree.begin_turn(new_turn())
+        refusal = caught.value
+        assert (refusal.limit, refusal.size, refusal.used) == (kind, 0, 0)
+        assert "no answer can start under it" in refusal.detail, refusal.detail
+        assert "when one of them ends" not in refusal.detail and "resets at" not in refusal.detail
+        assert "PUT /api/v1/admin/users/{user}/limits" in refusal.detail
+        assert (f"CHATSVC_LIMIT_{kind.upper()}" in refusal.detail) is not own, refusal.detail
+        if kind in ("answers_per_minute", "concurrent_answers"):
+            assert (refusal.resets_at, refusal.retry_after) == (None, 86400)
+        else:
+            reset = datetime.fromisoformat(refusal.resets_at.replace("Z", "+00:00"))
+            left = (reset - datetime.now(timezone.utc)).total_seconds()
+            assert abs(refusal.retry_after - max(left, 1)) < 5
+        assert (await books(store))[1] == []
+
+    run(database, body, limits=chatsvc.Limits() if own else chatsvc.Limits(**{kind: 0}))
+
+
+def test_a_concurrent_limit_of_zero_is_a_429_with_a_long_retry_after(make_service, fake):
+    service = make_service(CHATSVC_LIMIT_CONCURRENT_ANSWERS="0")
+    with service.client() as client:
+        r = client.post(f"{API}/chat/s1", json={"message": "hi"})
+    assert (r.status_code, r.headers["Retry-After"], r.json()["code"]) == (429, "86400", "rate_limited")
+    assert "CHATSVC_LIMIT_CONCURRENT_ANSWERS" in r.json()["detail"] and fake.requests == []
