@@ -8300,6 +8300,7 @@ class Heartbeat:
 # "." and ".." are excluded: browsers and proxies normalise them out of URLs.
 SESSION_ID = re.compile(r"(?!\.+$)[A-Za-z0-9._-]{1,128}")
 _SESSION_ID_RULE = "1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-' (not only dots)"
+MAX_MAX_TOKENS = 2**31 - 1  # a request's max_tokens, at most (what models take; a hold stays a BIGINT)
 
 
 MESSAGE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -8633,8 +8634,8 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
     max_tokens = options["max_tokens"]
     if isinstance(max_tokens, float) and max_tokens.is_integer():  # 100.0 is a whole number in JSON
         options["max_tokens"] = max_tokens = int(max_tokens)
-    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-        raise invalid("'max_tokens' must be a whole number of at least 1.")
+    if max_tokens is not None and (type(max_tokens) is not int or not 1 <= max_tokens <= MAX_MAX_TOKENS):
+        raise invalid(f"'max_tokens' must be a whole number from 1 to {MAX_MAX_TOKENS}.")
     if options["enable_thinking"] is not None and not isinstance(options["enable_thinking"], bool):
         raise invalid("'enable_thinking' must be true or false.")
     return ChatRequest(

@@ -379,3 +379,18 @@ def test_a_concurrent_limit_of_zero_is_a_429_with_a_long_retry_after(make_servic
         r = client.post(f"{API}/chat/s1", json={"message": "hi"})
     assert (r.status_code, r.headers["Retry-After"], r.json()["code"]) == (429, "86400", "rate_limited")
     assert "CHATSVC_LIMIT_CONCURRENT_ANSWERS" in r.json()["detail"] and fake.requests == []
+
+
+# ── max_tokens: a whole number a model takes ────────────────────────────────────────
+
+
+@pytest.mark.parametrize("max_tokens", [2**31, 2**63, 10**30, 1e30])
+def test_a_huge_max_tokens_is_a_422(make_service, fake, max_tokens):
+    """A max_tokens past what any model takes overflowed the ledger's reservation (a BIGINT): a 5xx."""
+    service = make_service(CHATSVC_LIMIT_TOKENS_PER_DAY="1000000")
+    with service.client() as client:
+        r = client.post(f"{API}/chat/s1", json={"message": "hi", "max_tokens": max_tokens})
+        ok = client.post(f"{API}/chat/s2", json={"message": "hi", "max_tokens": 2**31 - 1})
+    assert (r.status_code, r.json()["code"]) == (422, "invalid_request"), r.text
+    assert r.json()["detail"] == "'max_tokens' must be a whole number from 1 to 2147483647."
+    assert ok.status_code == 200 and fake.requests[-1].body["max_tokens"] == 2**31 - 1
