@@ -7706,7 +7706,8 @@ def _emphasis_removed(match: re.Match) -> str:
 async def write_title(relay: Relay, answer: Answer) -> None:
     """Ask the model for the conversation's title and store it (and what it cost), through the same
     upstream client, retries and timeouts as an answer. A failure leaves the first-line title. The
-    call is recorded in the ledger once done (purpose title: reserved nothing, never refused)."""
+    call is recorded in the ledger once done, however it ended (purpose title: reserved nothing,
+    never refused): cut by a shutdown, it is `interrupted`, estimated from what it received."""
     s = relay.settings
     model = s.title_model or s.chat_model
     conversation = f"User: {(answer.title_question or '')[:2000]}\n\nAssistant: {answer.full_text[:2000]}"
@@ -7731,26 +7732,44 @@ async def write_title(relay: Relay, answer: Answer) -> None:
             usage, received = delta.usage or usage, True
 
     try:
-        with anyio.fail_after(s.upstream_total_timeout):
-            await retried(s, relay.metrics, "title", call, lambda: bool(text))
-    except UpstreamError as exc:
-        status, code = "failed", exc.code
-    except TimeoutError:
-        status, code = "failed", "upstream_timeout"
-    title = clean_title("".join(text)) if status == "ok" else None
-    if status == "ok" and title is None:
-        status = "empty"
+        try:
+            with anyio.fail_after(s.upstream_total_timeout):
+                await retried(s, relay.metrics, "title", call, lambda: bool(text))
+        except UpstreamError as exc:
+            status, code = "failed", exc.code
+        except TimeoutError:
+            status, code = "failed", "upstream_timeout"
+        except asyncio.CancelledError:  # the service stops: the call is recorded all the same (finally)
+            status, code = "interrupted", "interrupted"
+            raise
+        title = clean_title("".join(text)) if status == "ok" else None
+        if status == "ok" and title is None:
+            status = "empty"
+        try:
+            key = (answer.owner, answer.session_id)
+            if not await relay.store.conversations.set_model_title(*key, answer.message_id, title, usage):
+                # a client named it meanwhile (kept), or the answer it was made from is gone (its text too)
+                status = "kept" if await relay.store.tree.message(*key, answer.message_id) else "gone"
+        except StorageUnavailable as exc:
+            status, code = "unstored", "storage_unavailable"
+            log.warning("title of session %s not stored: %s", answer.session_id, exc.detail)
+    finally:  # however it ended, the call made is recorded, to its end (a shutdown cancels this task)
+        outcome = {"failed": FAILED, "interrupted": INTERRUPTED}.get(status, COMPLETE)
+        used = call_spent(hold, usage, "".join(text) if received else None, s.prices, thinking=False)
+        recorded = asyncio.ensure_future(record_title(relay, answer, model, hold, used, outcome, status, code))
+        try:
+            await asyncio.shield(recorded)
+        except asyncio.CancelledError:
+            await asyncio.wait([recorded])
+            raise
+
+
+async def record_title(
+    relay: Relay, answer: Answer, model: str, hold: Hold, used: Spent, outcome: str, status: str, code: str
+) -> None:
+    """A title call, done: into the ledger (never refused), the metrics and the log."""
     try:
-        key = (answer.owner, answer.session_id)
-        if not await relay.store.conversations.set_model_title(*key, answer.message_id, title, usage):
-            # a client named it meanwhile (kept), or the answer it was made from is gone (its text too)
-            status = "kept" if await relay.store.tree.message(*key, answer.message_id) else "gone"
-    except StorageUnavailable as exc:
-        status, code = "unstored", "storage_unavailable"
-        log.warning("title of session %s not stored: %s", answer.session_id, exc.detail)
-    used = call_spent(hold, usage, "".join(text) if received else None, s.prices, thinking=False)
-    try:
-        await relay.store.usage.record(hold, used, FAILED if status == "failed" else COMPLETE)
+        await relay.store.usage.record(hold, used, outcome)
     except StorageUnavailable as exc:
         log.warning("title of session %s not recorded in the ledger: %s", answer.session_id, exc.detail)
     except Exception:

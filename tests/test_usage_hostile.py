@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from datetime import datetime, timezone
 
 import httpx2 as httpx
 import pytest
 from fake_dashscope import Reply, dashscope_usage
-from live import SSEReader
+from live import LiveServer, SSEReader
 from procs import ServerProcess
 from support import EMPTY_POSTGRES, Service, pg, wait_for
 from test_usage_accounting import PRICED, WEATHER, calls, ledger_agrees, micros
@@ -394,3 +395,24 @@ def test_a_huge_max_tokens_is_a_422(make_service, fake, max_tokens):
     assert (r.status_code, r.json()["code"]) == (422, "invalid_request"), r.text
     assert r.json()["detail"] == "'max_tokens' must be a whole number from 1 to 2147483647."
     assert ok.status_code == 200 and fake.requests[-1].body["max_tokens"] == 2**31 - 1
+
+
+# ── a title cut by shutdown ──────────────────────────────────────────────────────────
+
+
+def test_a_title_cut_by_shutdown_is_still_recorded(make_service, fake):
+    """The title's upstream call was made and streamed, then the service stopped: it is in the ledger,
+    interrupted, estimated from what it received."""
+    service = make_service(CHATSVC_TITLES="model", CHATSVC_SHUTDOWN_GRACE="0")
+    fake.push(Reply.answer(["Once"]), Reply.answer(["A ", "Story ", "Title"], stall_at=2, stall=30))
+    with LiveServer(service.settings) as live, live.client() as client:
+        assert client.post(f"{API}/chat/s1", json={"message": "tell me a story"}).status_code == 200
+        wait_for(lambda: len(fake.requests) == 2)  # the title call is under way and has streamed a chunk
+        time.sleep(0.3)
+    # the server stopped mid-title
+    answer, title = calls(service)
+    assert (answer["purpose"], title["purpose"], title["state"], title["outcome"]) == (
+        "answer", "title", "settled", "interrupted",
+    )  # fmt: skip
+    assert (title["source"], title["completion_tokens"]) == ("estimated", chatsvc.estimate_tokens("A "))
+    ledger_agrees(service)
