@@ -6708,6 +6708,7 @@ class Answer:
     images: int = 0  # images the model was shown
     files: int = 0  # files the new message carries
     vision_switch: bool = False  # CHATSVC_VISION_MODEL answers instead of the conversation's model
+    reserve_sent: bool = False  # chatsvc sent max_tokens = CHATSVC_RESERVE_OUTPUT_TOKENS (a budget applies)
     retries: int = 0
     first_token_at: float | None = None
     request_id: str | None = None
@@ -7216,9 +7217,10 @@ class Relay:
                 if self.replicas is None or not await self.replicas.recover():
                     raise
                 limits = await self.store.tree.begin_turn(turn)
-            if limits is not None and limits.budgets and payload.get("max_tokens") is None:
+            reserve = limits is not None and limits.budgets and payload.get("max_tokens") is None
+            if reserve:
                 payload["max_tokens"] = self.settings.reserve_output_tokens
-            return self._start(turn, payload, offer)
+            return self._start(turn, payload, offer, reserve)
         finally:
             self._claiming.discard(turn.answer_id)
 
@@ -7232,9 +7234,10 @@ class Relay:
         cost = s.prices.hold(model, prompt, output, thinking) if s.prices is not None else 0
         return Hold(new_message_id(), owner, session_id, message_id, purpose, model, prompt, output, cost)
 
-    def _start(self, turn: Turn, payload: dict, offer: Offer | None) -> Answer:
+    def _start(self, turn: Turn, payload: dict, offer: Offer | None, reserve: bool = False) -> Answer:
         owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
         answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id, offered=offer is not None)
+        answer.reserve_sent = reserve
         if turn.hold is not None:
             answer.call_id, answer.round = turn.hold.call_id, Round(turn.hold)
         if turn.title and self.settings.titles == "model":  # its first answer names the conversation
@@ -7280,7 +7283,7 @@ class Relay:
                 raise UpstreamError(502, "upstream_error", EMPTY_ANSWER.format(answer.finish_reason))
             answer.status = COMPLETE
         except UpstreamError as exc:
-            answer.status, answer.error = FAILED, exc
+            answer.status, answer.error = FAILED, self._reserve_named(answer, exc)
         except asyncio.CancelledError:
             if answer.stopped_for is StopReason.TIMEOUT:
                 answer.status = FAILED
@@ -7305,6 +7308,23 @@ class Relay:
                 answer.move(Phase.RUNNING)
             answer.move(Phase.FINISHING)
             await asyncio.shield(self._finish(answer))
+
+    def _reserve_named(self, answer: Answer, error: UpstreamError) -> UpstreamError:
+        """The model service found the conversation too long for the model's context, and chatsvc sent
+        the max_tokens it was asked for by no one (a token or cost limit's reserve): the refusal says so."""
+        if error.code != "context_too_long" or not answer.reserve_sent:
+            return error
+        reserve = self.settings.reserve_output_tokens
+        return UpstreamError(
+            error.status,
+            error.code,
+            f"chatsvc sent max_tokens = {reserve:,} (CHATSVC_RESERVE_OUTPUT_TOKENS: a token or cost limit applies, and"
+            " the request set none), and the model's context cannot hold it after the conversation: the context"
+            " budget (CHATSVC_MAX_CONTEXT_TOKENS) plus CHATSVC_RESERVE_OUTPUT_TOKENS must fit the model's context"
+            " (lower either; or send a smaller max_tokens). " + error.detail,
+            error.retryable,
+            error.retry_after,
+        )
 
     async def _model_round(self, answer: Answer, body: dict) -> list[ToolCall]:
         """One model call, relayed into the answer (retried while it has said nothing), under

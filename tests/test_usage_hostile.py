@@ -416,3 +416,45 @@ def test_a_title_cut_by_shutdown_is_still_recorded(make_service, fake):
     )  # fmt: skip
     assert (title["source"], title["completion_tokens"]) == ("estimated", chatsvc.estimate_tokens("A "))
     ledger_agrees(service)
+
+
+# ── a budget's max_tokens and a small model's context ────────────────────────────────
+
+
+def vllm(max_model_len: int):
+    """A vLLM-like server: it refuses (400) a request whose prompt plus max_tokens exceeds its context,
+    as vLLM's serving layer does; without max_tokens it answers (it writes up to the context's end)."""
+
+    def reply(seen):
+        prompt = chatsvc.sent_tokens(seen.body)  # stands in for the server's own count
+        wanted = seen.body.get("max_tokens")
+        if wanted is not None and prompt + wanted > max_model_len:
+            return Reply.json(400, {"error": {"message": (
+                f"This model's maximum context length is {max_model_len} tokens. However, you requested"
+                f" {wanted} output tokens and your prompt contains at least {prompt} input tokens, for a total"
+                f" of at least {prompt + wanted} tokens. Please reduce the length of the input prompt or the"
+                " number of requested output tokens."), "type": "BadRequestError", "param": "input_tokens",
+                "code": 400}})  # fmt: skip
+        return Reply.answer(["fine"])
+
+    return reply
+
+
+@pytest.mark.parametrize("budget", [None, "100000000"])
+@pytest.mark.parametrize("max_tokens", [None, 4096])
+def test_a_budget_s_own_max_tokens_is_named_when_the_context_cannot_hold_it(make_service, fake, budget, max_tokens):
+    """A budget sends max_tokens = CHATSVC_RESERVE_OUTPUT_TOKENS to every answer without one: a model
+    with an 8K context then refuses a turn of 4K tokens, which answered before. The refusal names the
+    setting (the context budget plus the reserve must fit the model), not only the context budget."""
+    service = make_service(CHATSVC_LIMIT_TOKENS_PER_MONTH=budget)
+    fake.default = vllm(8192)
+    with service.client() as client:
+        body = {"message": "word " * 3600} | ({} if max_tokens is None else {"max_tokens": max_tokens})
+        r = client.post(f"{API}/chat/s1", json=body)
+    if budget is None and max_tokens is None:
+        assert r.status_code == 200, r.text
+        return
+    assert (r.status_code, r.json()["code"]) == (422, "context_too_long"), r.text
+    named = "CHATSVC_RESERVE_OUTPUT_TOKENS" in r.json()["detail"]
+    assert named is (max_tokens is None), r.json()["detail"]  # a max_tokens the request set is its own
+    assert "CHATSVC_MAX_CONTEXT_TOKENS" in r.json()["detail"]
