@@ -694,14 +694,14 @@ class Prices:
         micros = (spent.prompt_tokens - cached) * rate.input + cached * rate.cached_input
         return math.ceil(micros + spent.completion_tokens * output)
 
-    def hold(self, model: str, prompt_tokens: int, output_tokens: int, thinking: bool) -> int:
-        """What a call about to be made holds against a cost limit, in micros (0: the model has no price)."""
+    def hold(self, model: str, prompt_tokens: int, output_tokens: int) -> int:
+        """What a call about to be made holds against a cost limit, in micros (0: the model has no price).
+        Its output at the higher of `output` and `output_thinking`: a hold errs high, and whether a call
+        thinks is known only once it has (a model may think by default, or think only)."""
         rate = self.rate(model, prompt_tokens)
         if rate is None:
             return 0
-        return math.ceil(
-            prompt_tokens * rate.input + output_tokens * (rate.output_thinking if thinking else rate.output)
-        )
+        return math.ceil(prompt_tokens * rate.input + output_tokens * max(rate.output, rate.output_thinking))
 
 
 _RATE_FIELDS = ("input", "output", "output_thinking", "cached_input")
@@ -7227,11 +7227,10 @@ class Relay:
     def hold(self, owner: str, session_id: str, message_id: str | None, purpose: Purpose, body: dict) -> Hold:
         """What a model call about to be made with request `body` holds (a new ledger row): the
         estimate of what it sends, what it may write (its max_tokens, else CHATSVC_RESERVE_OUTPUT_TOKENS)
-        and their price (at the thinking rate when the request asks the model to think)."""
+        and their price (Prices.hold: the output at the higher of its rates, thinking or not)."""
         s, model = self.settings, body["model"]
         prompt, output = sent_tokens(body), body.get("max_tokens") or s.reserve_output_tokens
-        thinking = body.get("enable_thinking") is True
-        cost = s.prices.hold(model, prompt, output, thinking) if s.prices is not None else 0
+        cost = s.prices.hold(model, prompt, output) if s.prices is not None else 0
         return Hold(new_message_id(), owner, session_id, message_id, purpose, model, prompt, output, cost)
 
     def _start(self, turn: Turn, payload: dict, offer: Offer | None, reserve: bool = False) -> Answer:

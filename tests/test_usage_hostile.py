@@ -458,3 +458,21 @@ def test_a_budget_s_own_max_tokens_is_named_when_the_context_cannot_hold_it(make
     named = "CHATSVC_RESERVE_OUTPUT_TOKENS" in r.json()["detail"]
     assert named is (max_tokens is None), r.json()["detail"]  # a max_tokens the request set is its own
     assert "CHATSVC_MAX_CONTEXT_TOKENS" in r.json()["detail"]
+
+
+# ── a cost hold errs high ────────────────────────────────────────────────────────────
+
+
+@pytest.mark.parametrize("thinking", [None, False])
+def test_a_cost_hold_prices_the_output_at_the_thinking_rate(make_service, fake, thinking):
+    """A model may think though the request did not ask it to (by default, or always): the hold prices
+    its output at the higher rate, so an answer that thinks never costs more than it held."""
+    service = make_service(CHATSVC_PRICES=PRICED, CHATSVC_LIMIT_COST_PER_MONTH="100")
+    fake.push(Reply.answer(["fine"], reasoning=["so"], usage=dashscope_usage(40, 4)))
+    request = {"message": "hi"} | ({} if thinking is None else {"enable_thinking": thinking})
+    with service.client() as client:
+        assert client.post(f"{API}/chat/s1", json=request).status_code == 200
+    [call] = calls(service)
+    prompt = chatsvc.sent_tokens(fake.requests[0].body)
+    assert call["reserved_cost"] == micros((prompt, "0.8"), (4096, "8"))
+    assert call["cost_micros"] == micros((40, "0.8"), (4, "8"))  # it thought: all its output at 8
