@@ -4745,7 +4745,9 @@ class Usage:
             values,
         )
 
-    async def next_round(self, call_id: str, spent: Spent, hold: Hold, carried: list[tuple[str, Spent]] = ()) -> None:
+    async def next_round(
+        self, call_id: str, spent: Spent, hold: Hold, carried: Iterable[tuple[str, Spent]] = ()
+    ) -> None:
         """An answer's round ended and it calls the model again: the round settled, the next reserved
         (not refused), in one transaction of its own (not to be called inside another). `carried`: the
         rounds before it whose rows are not known to be settled (a write between two rounds failed, or
