@@ -724,14 +724,14 @@ class Prices:
         micros = (spent.prompt_tokens - cached) * rate.input + cached * rate.cached_input
         return math.ceil(micros + spent.completion_tokens * output)
 
-    def hold(self, model: str, prompt_tokens: int, output_tokens: int, thinking: bool) -> int:
-        """What a call about to be made holds against a cost limit, in micros (0: the model has no price)."""
+    def hold(self, model: str, prompt_tokens: int, output_tokens: int) -> int:
+        """What a call about to be made holds against a cost limit, in micros (0: the model has no price).
+        Its output at the higher of `output` and `output_thinking`: a hold errs high, and whether a call
+        thinks is known only once it has (a model may think by default, or think only)."""
         rate = self.rate(model, prompt_tokens)
         if rate is None:
             return 0
-        return math.ceil(
-            prompt_tokens * rate.input + output_tokens * (rate.output_thinking if thinking else rate.output)
-        )
+        return math.ceil(prompt_tokens * rate.input + output_tokens * max(rate.output, rate.output_thinking))
 
 
 _RATE_FIELDS = ("input", "output", "output_thinking", "cached_input")
@@ -1766,8 +1766,8 @@ class Conversations:
     """Conversations' rows: their settings and titles, with their messages' counts. Every query is
     scoped to an owner (CHATSVC_USER_HEADER's value, '' without it)."""
 
-    def __init__(self, db: Database):
-        self.db = db
+    def __init__(self, db: Database, usage: Usage):
+        self.db, self.usage = db, usage
 
     async def get(self, owner: str, session_id: str) -> dict | None:
         row = await self.db.fetch_one(
@@ -1842,12 +1842,23 @@ class Conversations:
 
     async def delete(self, owner: str, session_id: str) -> bool:
         """Delete the conversation and its messages; the files they carried get another retention
-        period (`files_unreferenced`), bumped under the conversation's lock, before the cascade."""
+        period (`files_unreferenced`), bumped under the conversation's lock, before the cascade. An
+        answer still `streaming` in it (another replica's, or one its process lost) has its calls still
+        reserved settled first, as the sweep settles them (Usage.settle_swept; its row locked first, as
+        its own final write locks it): no reservation outlives its answer."""
         values = {"owner": owner, "sid": session_id, "now": utcnow()}
+        swept: list[tuple[str, str, Spent]] = []
 
         async def delete() -> bool:
             if await self.lock(owner, session_id) is None:
                 return False
+            running = await self.db.fetch_all(
+                "SELECT id, content, reasoning_content, tool_steps FROM messages WHERE owner = :owner"
+                " AND session_id = :sid AND status = 'streaming'" + ("" if self.db.is_sqlite else " FOR UPDATE"),
+                values,
+                role=WRITE,
+            )
+            swept[:] = await self.usage.settle_swept(running) if running else []
             await self.db.execute(
                 files_unreferenced("SELECT id FROM messages WHERE owner = :owner AND session_id = :sid"), values
             )
@@ -1858,7 +1869,10 @@ class Conversations:
             )
             return row is not None
 
-        return await self.db.atomically(delete)
+        deleted = await self.db.atomically(delete)
+        for _, model, spent in swept:
+            self.db.metrics.spent(model, spent)
+        return deleted
 
     async def lock(self, owner: str, session_id: str) -> dict | None:
         """Inside a transaction: the conversation's row (None if there is none), locked until the
@@ -4018,6 +4032,9 @@ class FinalState:
     steps: str | None = None  # the JSON text of all its tool steps (None: it has none)
     call_id: str | None = None  # its last model call's usage_calls row, settled with this write
     spent: Spent | None = None  # ... with what that call used
+    # the rounds before it whose rows are not known to be settled (a write between two rounds failed,
+    # or went unconfirmed), each its row and what it used: settled with it (Usage.settle_answer)
+    carried: list[tuple[str, Spent]] = field(default_factory=list)
     cost: Cost | None = None  # what all its calls cost (None: no prices, or its model has none)
 
 
@@ -4051,8 +4068,10 @@ class AnswerRows:
         old (all of them, for None), by the clock that wrote it (PostgreSQL: the server's): the process
         producing them is gone. They become `interrupted`, keeping their text, and their calls still
         reserved in the ledger are settled with an estimate from that text, in the same transaction
-        (Usage.settle_swept): no reservation outlives its answer. This process's `own` answers are
-        never among them. Each row: id, owner, session_id, content, reasoning_content, tool_steps."""
+        (Usage.settle_swept): no reservation outlives its answer; with prices, each stored message gets
+        what all its calls cost. This process's `own` answers are never among them. Each row: id,
+        owner, session_id, content, reasoning_content, tool_steps, and `spent`: what its calls settled
+        now used, [(model, Spent)], for the metrics (count_swept)."""
         where, values = "", {"now": utcnow(), "end_seq": INTERRUPTED_SEQ, "detail": INTERRUPTED_DETAIL}
         if stale_after is not None:
             where = f" AND updated_at < {':stale' if self.db.is_sqlite else PG_STALE}"
@@ -4069,11 +4088,30 @@ class AnswerRows:
                 values,
                 role=WRITE,
             )
-            if rows:
-                await self.usage.settle_swept(rows)
-            return rows
+            if not rows:
+                return rows
+            spent: dict[str, list[tuple[str, Spent]]] = {}
+            for answer_id, model, used in await self.usage.settle_swept(rows):
+                spent.setdefault(answer_id, []).append((model, used))
+            await self._write_costs(await self.usage.costs([row["id"] for row in rows]))
+            return [{**row, "spent": spent.get(row["id"], [])} for row in rows]
 
         return await self.db.atomically(sweep)
+
+    async def _write_costs(self, costs: dict[str, Cost]) -> None:
+        """Inside the sweep's transaction: each answer's cost on its message (500 a statement)."""
+        items = list(costs.items())
+        for start in range(0, len(items), 500):
+            values: dict[str, Any] = {}
+            rows = []
+            for n, (answer_id, cost) in enumerate(items[start : start + 500]):
+                values.update({f"i{n}": answer_id, f"c{n}": cost.micros, f"u{n}": cost.currency})
+                rows.append(f"(CAST(:i{n} AS TEXT), CAST(:c{n} AS BIGINT), CAST(:u{n} AS TEXT))")
+            await self.db.execute(
+                f"WITH v (v_id, v_cost, v_currency) AS (VALUES {', '.join(rows)}) UPDATE messages SET"
+                " cost_micros = v_cost, currency = v_currency FROM v WHERE id = v_id",
+                values,
+            )
 
     async def checkpoint(self, checkpoints: list[Checkpoint]) -> None:
         """The running answers' texts so far, in one round trip (the background connection on SQLite).
@@ -4102,9 +4140,12 @@ class AnswerRows:
             )
 
     async def finish(self, answer_id: str, final: FinalState) -> bool:
-        """The answer's final state, written once, whatever ended it, and its last call settled in the
-        ledger (`final.call_id`), in one transaction. False if the answer is no longer `streaming`:
-        another process took it for dead and stored its verdict, which stands (and settled its calls)."""
+        """The answer's final state, written once, whatever ended it, and its calls still reserved
+        settled in the ledger (`final.call_id` and `final.carried`: Usage.settle_answer), in one
+        transaction. False if the answer is no longer `streaming`: another process took it for dead
+        and stored its verdict, which stands (and settled its calls), or its conversation was deleted
+        (which settled them too); its calls are settled all the same, those still reserved (none,
+        unless a round was reserved after that: they are the answer's to settle)."""
         usage = final.usage or {}
         update = (
             "UPDATE messages SET content = :content, reasoning_content = :reasoning, status = :status,"
@@ -4136,8 +4177,13 @@ class AnswerRows:
 
         async def write() -> bool:
             row = await self.db.fetch_one(update, values, role=WRITE)
-            if row is not None and final.call_id is not None and final.spent is not None:
-                await self.usage.settle(final.call_id, final.spent, final.status, ends_answer=True)
+            if final.call_id is not None and final.spent is not None:
+                await self.usage.settle_answer(
+                    {"id": answer_id, "content": final.content, "reasoning_content": final.reasoning,
+                     "tool_steps": final.steps},
+                    [*final.carried, (final.call_id, final.spent)],
+                    final.status,
+                )  # fmt: skip
             return row is not None
 
         return await self.db.atomically(write)
@@ -4320,11 +4366,40 @@ def answer_output(content: str | None, reasoning: str | None, steps: str | None)
     return "".join(parts)
 
 
+ZERO_LIMIT_RETRY = 86400.0  # a refusal by a limit of 0 (no window frees it): Retry-After, a day
+_ZERO_LIMITS = {  # a limit of 0, in a sentence
+    "tokens_per_day": "0 tokens per day",
+    "tokens_per_month": "0 tokens per month",
+    "cost_per_month": "a cost of 0 per month",
+    "answers_per_minute": "0 answers per minute",
+    "concurrent_answers": "0 answers at once",
+}
+
+
 def _bucket_fill(bucket: float | None, bucket_at: float | None, now: float, size: int) -> float:
     """answers_per_minute's bucket now: what it held, refilled `size` per 60 s since, up to `size`."""
     if bucket is None:
         return float(size)
     return min(float(size), bucket + max(0.0, now - (bucket_at if bucket_at is not None else now)) * size / 60.0)
+
+
+def _round_plan(rounds: list[tuple[str, Spent]], states: dict[str, str]) -> list[tuple[str, Spent]]:
+    """An answer's rounds (each its row and what it used, in order) as the settlements of its rows
+    still reserved (`states`: each row's state; a row absent is not there): a round whose row is not
+    there goes with the row before it, or with none when that one is settled already (Usage.settle_rounds)."""
+    plan: list[list] = []
+    into: list | None = None  # the row the next round without one goes with
+    for call_id, spent in rounds:
+        state = states.get(call_id)
+        if state is None:
+            if into is not None:
+                into[1] = added_spent(into[1], spent)
+        elif state == "reserved":
+            into = [call_id, spent]
+            plan.append(into)
+        else:
+            into = None
+    return [(call_id, spent) for call_id, spent in plan]
 
 
 class Usage:
@@ -4485,7 +4560,8 @@ class Usage:
             f" {w['month_tokens']} + {w['month_reserved']} AS month_used, {w['month_reserved']} AS month_held,"
             f" {w['month_cost']} + {w['month_reserved_cost']} AS cost_used,"
             f" {w['month_reserved_cost']} AS cost_held, running, bucket, bucket_at,"
-            f" {', '.join(f'{e(kind)} AS {kind}' for kind in LIMIT_KINDS)} FROM usage_owners WHERE owner = :owner",
+            f" {', '.join(f'{e(kind)} AS {kind}, limit_{kind}' for kind in LIMIT_KINDS)}"
+            " FROM usage_owners WHERE owner = :owner",
             self._values(owner=owner),
             role=WRITE,
         )
@@ -4502,6 +4578,8 @@ class Usage:
             size = row[kind]
             if size is None or used < size:
                 continue
+            if size == 0:  # no answer ever starts under it: until the window's reset, which changes nothing
+                return self._zero(row, kind, used, _rfc3339(reset), max(1.0, (reset - now).total_seconds()))
             if kind == "cost_per_month":
                 currency = f" {self.prices.currency}" if self.prices else ""
                 amounts, shown_size, shown_used = f"{amount(used)} of your {amount(size)}{currency}", size, used
@@ -4528,10 +4606,7 @@ class Usage:
             fill = _bucket_fill(row["bucket"], row["bucket_at"], row["now"], size)
             if fill < 1:
                 if size == 0:
-                    return OverLimit(
-                        "rate_limited", "Your limit is 0 answers per minute: no answer can start.",
-                        "answers_per_minute", 0, 0, None, 60.0,
-                    )  # fmt: skip
+                    return self._zero(row, "answers_per_minute", 0, None, ZERO_LIMIT_RETRY)
                 wait = (1 - fill) * 60 / size
                 resets_at = (now + timedelta(seconds=wait)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
                 return OverLimit(
@@ -4545,6 +4620,8 @@ class Usage:
                     wait,
                 )
         size = row["concurrent_answers"]
+        if size == 0:
+            return self._zero(row, "concurrent_answers", row["running"], None, ZERO_LIMIT_RETRY)
         if size is not None and row["running"] >= size:
             return OverLimit(
                 "rate_limited",
@@ -4558,6 +4635,26 @@ class Usage:
             )
         return None
 
+    def _zero(self, row: dict, kind: str, used: int, resets_at: str | None, retry_after: float) -> OverLimit:
+        """The refusal of a limit of 0: no answer can start under it, however long the client waits
+        (Retry-After: `retry_after`, long); it names what sets the limit (an admin's for this owner,
+        else the setting)."""
+        where = (
+            "an admin set it for you (PUT /api/v1/admin/users/{user}/limits)"
+            if row[f"limit_{kind}"] is not None
+            else f"CHATSVC_LIMIT_{kind.upper()} sets it for everyone (an admin can set another for you:"
+            " PUT /api/v1/admin/users/{user}/limits)"
+        )
+        return OverLimit(
+            "rate_limited" if kind in ("answers_per_minute", "concurrent_answers") else "quota_exceeded",
+            f"Your limit is {_ZERO_LIMITS[kind]}: no answer can start under it, now or later; {where}.",
+            kind,
+            0,
+            used,
+            resets_at,
+            retry_after,
+        )
+
     # ── settlement ──
 
     async def settle(self, call_id: str, spent: Spent, outcome: str, ends_answer: bool) -> None:
@@ -4567,11 +4664,32 @@ class Usage:
         already settled (the sweep took its answer for dead) is left as it is."""
         await self._settle([(call_id, spent, outcome, ends_answer)])
 
-    async def _settle(self, calls: list[tuple[str, Spent, str, bool]]) -> int:
-        """Settle these calls (id, what it used, outcome, whether its answer ends), those still reserved:
-        two statements however many; how many were settled."""
+    async def _settle(self, calls: list[tuple[str, Spent, str, bool]]) -> list[dict]:
+        """Settle these calls (id, what it used, outcome, whether its answer ends), those still reserved,
+        and their owners' rows; the rows settled (id, message_id, model)."""
+        windows: dict[tuple[str, str, str], list[int]] = {}
+        settled = await self._settle_calls(calls, windows)
+        if windows:
+            await self._add_to_owners(windows)
+        return settled
+
+    async def _settle_calls(
+        self, calls: list[tuple[str, Spent, str, bool]], windows: dict[tuple[str, str, str], list[int]]
+    ) -> list[dict]:
+        """The calls' rows (id, what it used, outcome, whether its answer ends), those still reserved,
+        settled (a statement per 500); what each owner's window gets is added to `windows` ([tokens,
+        tokens held, cost, cost held, answers ended]) for _add_to_owners. The rows settled (id,
+        message_id, model)."""
+        settled: list[dict] = []
+        for start in range(0, len(calls), 500):
+            settled += await self._settle_batch(calls[start : start + 500], windows)
+        return settled
+
+    async def _settle_batch(
+        self, calls: list[tuple[str, Spent, str, bool]], windows: dict[tuple[str, str, str], list[int]]
+    ) -> list[dict]:
         if not calls:
-            return 0
+            return []
         values: dict[str, Any] = {"now": utcnow()}
         rows = []
         for n, (call_id, spent, outcome, _) in enumerate(calls):
@@ -4596,37 +4714,39 @@ class Usage:
             f"WITH v ({names}) AS (VALUES {', '.join(rows)}) UPDATE usage_calls SET state = 'settled',"
             f" {', '.join(f'{name} = v_{name}' for name, _ in _SETTLED)}, settled_at = {self._now}"
             " FROM v WHERE id = v_id AND state = 'reserved'"
-            " RETURNING id, owner, day, month, reserved_tokens, reserved_cost, total_tokens, cost_micros",
+            " RETURNING id, message_id, model, owner, day, month, reserved_tokens, reserved_cost, total_tokens,"
+            " cost_micros",
             values,
             role=WRITE,
         )
         ends = {call_id for call_id, _, _, end in calls if end}
-        windows: dict[tuple[str, str, str], list[int]] = {}
         for row in settled:
             counts = windows.setdefault((row["owner"], row["day"], row["month"]), [0, 0, 0, 0, 0])
             for i, value in enumerate((row["total_tokens"], row["reserved_tokens"], row["cost_micros"],
                                        row["reserved_cost"], row["id"] in ends)):  # fmt: skip
                 counts[i] += int(value or 0)
-        if windows:
-            await self._add_to_owners(windows)
-        return len(settled)
+        return settled
 
     async def _add_to_owners(self, windows: dict[tuple[str, str, str], list[int]]) -> None:
         """Owners' rows, for calls settled in these windows (owner, day, month): [tokens, tokens held,
         cost, cost held, answers ended]. Tokens and cost count in a window only while it is still the
         row's; what was held there is given back (never below 0). PostgreSQL: several owners' rows
-        are locked in the order of their names first (two sweeps never wait for each other in a cycle)."""
-        values: dict[str, Any] = {}
+        are all locked first, in the order of their names (two sweeps never wait for each other in a
+        cycle), then written 500 windows a statement."""
         owners = sorted({owner for owner, _, _ in windows})
         if len(owners) > 1 and not self.db.is_sqlite:
-            names = {f"l{n}": owner for n, owner in enumerate(owners)}
-            await self.db.execute(
-                f"SELECT owner FROM usage_owners WHERE owner IN ({', '.join(':' + name for name in names)})"
-                " ORDER BY owner FOR UPDATE",
-                names,
-            )
+            for names, values in _id_batches(owners):  # batches in order: the locks are taken in one order
+                await self.db.execute(
+                    f"SELECT owner FROM usage_owners WHERE owner IN ({names}) ORDER BY owner FOR UPDATE", values
+                )
+        items = list(windows.items())
+        for start in range(0, len(items), 500):
+            await self._add_windows(items[start : start + 500])
+
+    async def _add_windows(self, items: list[tuple[tuple[str, str, str], list[int]]]) -> None:
+        values: dict[str, Any] = {}
         rows = []
-        for n, ((owner, day, month), counts) in enumerate(windows.items()):
+        for n, ((owner, day, month), counts) in enumerate(items):
             values.update({f"o{n}": owner, f"d{n}": day, f"m{n}": month})
             values.update((f"c{n}_{i}", count) for i, count in enumerate(counts))
             counts_sql = ", ".join(f"CAST(:c{n}_{i} AS BIGINT)" for i in range(len(counts)))
@@ -4655,62 +4775,158 @@ class Usage:
             values,
         )
 
-    async def next_round(self, call_id: str, spent: Spent, hold: Hold) -> None:
+    async def next_round(
+        self, call_id: str, spent: Spent, hold: Hold, carried: Iterable[tuple[str, Spent]] = ()
+    ) -> None:
         """An answer's round ended and it calls the model again: the round settled, the next reserved
-        (not refused), in one transaction of its own (not to be called inside another). A round found
-        settled already (the sweep took the answer for dead) reserves no next one: nothing would settle it."""
+        (not refused), in one transaction of its own (not to be called inside another). `carried`: the
+        rounds before it whose rows are not known to be settled (a write between two rounds failed, or
+        its commit went unconfirmed), each its row and what it used, settled first (settle_rounds).
+        Rows all found settled already (the sweep took the answer for dead) reserve no next round:
+        nothing would settle it."""
 
         async def body() -> None:
-            if await self._settle([(call_id, spent, COMPLETE, False)]):
+            if await self.settle_rounds([*carried, (call_id, spent)], COMPLETE, ends_answer=False):
                 await self.admit(hold, enforce=False)
 
         await self.db.atomically(body)
 
-    async def settle_swept(self, answers: list[dict]) -> None:
-        """Inside the sweep's transaction: the calls still reserved of these answers (rows with `id`,
-        `content`, `reasoning_content`, and `tool_steps` if read), just stored as interrupted, settled
-        with an estimate from their stored text; their running answers given back.
+    async def settle_rounds(self, rounds: list[tuple[str, Spent]], outcome: str, ends_answer: bool) -> int:
+        """Inside the caller's transaction: an answer's rounds, in order, each its row and what it used,
+        those still reserved settled (the last with `outcome`, the others complete; `ends_answer`: the
+        answer ends, and gives back its running answer); how many rows were settled. A round whose row is
+        not there (its reservation was rolled back with a failed write between two rounds) is settled
+        with the row before it; a row settled already (by the write between two rounds, committed
+        though its caller saw it fail; or by the sweep) is left as it is, with the rounds after it whose
+        row is not there (the sweep's estimate counted them)."""
+        states: dict[str, str] = {}
+        for names, ids in _id_batches(list(dict.fromkeys(call_id for call_id, _ in rounds))):
+            rows = await self.db.fetch_all(f"SELECT id, state FROM usage_calls WHERE id IN ({names})", ids, role=WRITE)
+            states.update((row["id"], row["state"]) for row in rows)
+        plan = _round_plan(rounds, states)
+        last = len(plan) - 1
+        return len(await self._settle([(call_id, spent, outcome if n == last else COMPLETE, ends_answer and n == last)
+                                       for n, (call_id, spent) in enumerate(plan)]))  # fmt: skip
 
-        The estimate: the prompt the call reserved (its estimate, written at admission), and the
-        answer's stored output (text, reasoning, tool calls' arguments: estimate_tokens, which errs
-        high) less what its earlier rounds were counted; `estimated`. An answer that stored nothing:
-        `none`, 0 tokens (the model sent nothing before the process was gone)."""
-        by_id = {answer["id"]: answer for answer in answers}
+    async def settle_answer(self, answer: dict, rounds: list[tuple[str, Spent]], outcome: str) -> None:
+        """Inside the answer's final write (whether or not its row was still there to write): every call
+        of the answer still reserved is settled and its running answer given back. Its `rounds` as
+        settle_rounds settles them (the last with `outcome`); any other call of it still reserved
+        (none, unless its rounds were lost track of) as the sweep estimates an earlier round: its
+        prompt's estimate. `answer`: id, content, reasoning_content, tool_steps, as it ends. A call
+        settled already is left as it is: the sweep, or a deleted conversation, took the answer and
+        settled its calls (their writes lock its row first, as this one's does)."""
+        calls = await self._calls_of([answer["id"]])
+        plan = _round_plan(rounds, {call["id"]: call["state"] for call in calls})
+        planned = {call_id for call_id, _ in plan}
+        others = [call for call in calls if call["state"] == "reserved" and call["id"] not in planned]
+        settlements = [(call_id, spent, COMPLETE, False) for call_id, spent in plan]
+        stored = bool(answer_output(answer.get("content"), answer.get("reasoning_content"), answer.get("tool_steps")))
+        settlements += [(call["id"], self._swept_spent(call, 0, stored, False), outcome, False) for call in others]
+        if settlements:  # the answer holds its running answer while any of its calls is reserved: given back once
+            at = len(plan) - 1 if plan else 0
+            call_id, spent, _, _ = settlements[at]
+            settlements[at] = (call_id, spent, outcome, True)
+            await self._settle(settlements)
+
+    async def _calls_of(self, answer_ids: list[str]) -> list[dict]:
+        """The answers' calls (id, message_id, state, model, prompt_tokens, completion_tokens), in id order."""
         calls: list[dict] = []
-        for names, ids in _id_batches(list(by_id)):
+        for names, ids in _id_batches(answer_ids):
             calls += await self.db.fetch_all(
                 "SELECT id, message_id, state, model, prompt_tokens, completion_tokens FROM usage_calls"
                 f" WHERE message_id IN ({names})",
                 ids,
                 role=WRITE,
             )
-        earlier: dict[str, int] = {}
-        reserved: dict[str, list[dict]] = {}
-        for call in sorted(calls, key=lambda c: c["id"]):
-            if call["state"] == "settled":
-                earlier[call["message_id"]] = earlier.get(call["message_id"], 0) + (call["completion_tokens"] or 0)
-            else:
-                reserved.setdefault(call["message_id"], []).append(call)
-        settlements = []
-        for answer_id, rounds in reserved.items():
-            answer = by_id[answer_id]
-            output = answer_output(answer.get("content"), answer.get("reasoning_content"), answer.get("tool_steps"))
-            stored = bool(output or answer.get("tool_steps"))
-            completion = max(estimate_tokens(output) - earlier.get(answer_id, 0), 0) if output else 0
-            for n, call in enumerate(rounds):  # one, unless a round was reserved twice
-                last = n == len(rounds) - 1
-                if stored:
-                    prompt = call["prompt_tokens"] or 0
-                    spent = Spent(Source.ESTIMATED, prompt, completion if last else 0)
-                    spent.total_tokens = spent.prompt_tokens + spent.completion_tokens
-                    if self.prices is not None:
-                        spent.cost = self.prices.cost(call["model"], spent, bool(answer.get("reasoning_content")))
-                        spent.currency = self.prices.currency
+        return sorted(calls, key=lambda call: call["id"])
+
+    def _swept_spent(self, call: dict, completion: int, stored: bool, thinking: bool) -> Spent:
+        """A reserved call's estimate when its answer ended without its usage: the prompt it reserved
+        (its estimate) and `completion`, `estimated`; `none` with 0 tokens if the answer stored nothing."""
+        if stored:
+            prompt = call["prompt_tokens"] or 0
+            spent = Spent(Source.ESTIMATED, prompt, completion, prompt + completion)
+        else:
+            spent = Spent(Source.NONE)
+        if self.prices is not None:
+            spent.cost = self.prices.cost(call["model"], spent, thinking)
+            spent.currency = self.prices.currency
+        return spent
+
+    async def settle_swept(self, answers: list[dict]) -> list[tuple[str, str, Spent]]:
+        """Inside the sweep's transaction (or a conversation's deletion): the calls still reserved of
+        these answers (rows with `id`, `content`, `reasoning_content`, and `tool_steps` if read), just
+        stored as interrupted (or about to be deleted), settled with an estimate from their stored
+        text; their running answers given back. What was settled, for the metrics: (answer id, model,
+        what it used) a call.
+
+        The estimate: the prompt the call reserved (its estimate, written at admission), and the
+        answer's stored output (text, reasoning, tool calls' arguments: estimate_tokens, which errs
+        high) less what its earlier rounds were counted; `estimated`. An answer that stored nothing:
+        `none`, 0 tokens (the model sent nothing before the process was gone).
+
+        The calls are read again until none of them is reserved: a producer still alive (its heartbeat
+        late) may commit its next round meanwhile (PostgreSQL: its round settled and the next reserved
+        at once; this read then waited for the first, and reads the second only in a later statement).
+        The owners' rows are written last, all locked in one order first (_add_to_owners): every write
+        of this transaction to a call comes before its owners', as in the answers' own writes."""
+        by_id = {answer["id"]: answer for answer in answers}
+        windows: dict[tuple[str, str, str], list[int]] = {}
+        swept: list[tuple[str, str, Spent]] = []
+        ended: set[str] = set()  # the answers whose running answer was given back
+        for _ in range(100):
+            earlier: dict[str, int] = {}
+            reserved: dict[str, list[dict]] = {}
+            for call in await self._calls_of(list(by_id)):
+                if call["state"] == "settled":
+                    earlier[call["message_id"]] = earlier.get(call["message_id"], 0) + (call["completion_tokens"] or 0)
                 else:
-                    spent = Spent(Source.NONE)
-                settlements.append((call["id"], spent, INTERRUPTED, n == 0))
-        for start in range(0, len(settlements), 500):
-            await self._settle(settlements[start : start + 500])
+                    reserved.setdefault(call["message_id"], []).append(call)
+            if not reserved:
+                break
+            settlements, spent_of, ends = [], {}, set()
+            for answer_id, rounds in reserved.items():
+                answer = by_id[answer_id]
+                output = answer_output(answer.get("content"), answer.get("reasoning_content"), answer.get("tool_steps"))
+                stored = bool(output or answer.get("tool_steps"))
+                completion = max(estimate_tokens(output) - earlier.get(answer_id, 0), 0) if output else 0
+                thinking = bool(answer.get("reasoning_content"))
+                for n, call in enumerate(rounds):  # one, unless a round was reserved twice
+                    last = n == len(rounds) - 1
+                    spent_of[call["id"]] = self._swept_spent(call, completion if last else 0, stored, thinking)
+                    if n == 0 and answer_id not in ended:
+                        ends.add(call["id"])
+                    settlements.append((call["id"], spent_of[call["id"]], INTERRUPTED, call["id"] in ends))
+            for row in await self._settle_calls(settlements, windows):
+                swept.append((row["message_id"], row["model"], spent_of[row["id"]]))
+                if row["id"] in ends:
+                    ended.add(row["message_id"])
+        else:
+            log.error("the sweep found calls of %d answer(s) still reserved after 100 reads", len(by_id))
+        if windows:
+            await self._add_to_owners(windows)
+        return swept
+
+    async def costs(self, answer_ids: list[str]) -> dict[str, Cost]:
+        """What each of these answers' calls cost together, of those whose every call is settled with
+        a cost in one currency (none without prices)."""
+        if self.prices is None:
+            return {}
+        costs: dict[str, Cost] = {}
+        for names, ids in _id_batches(answer_ids):
+            rows = await self.db.fetch_all(
+                "SELECT message_id, CAST(SUM(cost_micros) AS BIGINT) AS cost, MIN(currency) AS currency,"
+                " MAX(currency) AS other, COUNT(*) AS calls, COUNT(cost_micros) AS priced,"
+                " SUM(CASE WHEN state = 'reserved' THEN 1 ELSE 0 END) AS running FROM usage_calls"
+                f" WHERE message_id IN ({names}) GROUP BY message_id",
+                ids,
+                role=WRITE,
+            )
+            for row in rows:
+                if row["calls"] == row["priced"] and not row["running"] and row["currency"] == row["other"]:
+                    costs[row["message_id"]] = Cost(row["cost"], row["currency"])
+        return costs
 
     async def record(self, hold: Hold, spent: Spent, outcome: str) -> None:
         """A call recorded once it is done (a title): its row, settled, and its owner's windows (its
@@ -4881,7 +5097,7 @@ class Store:
     ):
         self.db = Database(url, exclusive, metrics)
         self.usage = Usage(self.db, limits, prices)
-        self.conversations = Conversations(self.db)
+        self.conversations = Conversations(self.db, self.usage)
         self.search = Search(self.db)
         self.tree = Tree(self.db, self.conversations, self.usage)
         self.files = Files(self.db)
@@ -6496,14 +6712,16 @@ class Answer:
     finish_reason: str | None = None
     usage: dict | None = None  # as the model service reported it (sane_usage, rounds added); None: it reported none
     # What its model calls used (docs/design/usage.md 2.3): each is a row of the ledger, reserved before
-    # the call; `call_id` is the row the running round is settled into (the one begin_turn reserved,
-    # then each next_round's), `round` what the running round holds and has received, `used` what
-    # each ended round used, and `carried` what ended rounds used whose row could not be settled then
-    # (the database failed): the running round's row is settled with it added.
+    # the call; `call_id` is the running round's row (the one begin_turn reserved, then each
+    # next_round's), `round` what the running round holds and has received, `used` what each ended
+    # round used, and `carried` the ended rounds whose row is not known to be settled (the write
+    # between two rounds failed, or its commit went unconfirmed), each its row and what it used: the
+    # ledger settles them with the next write (Usage.settle_rounds: a row that is not there goes with
+    # the one before it).
     call_id: str | None = None
     round: Round | None = None
     used: list[Spent] = field(default_factory=list)
-    carried: Spent | None = None
+    carried: list[tuple[str, Spent]] = field(default_factory=list)
     error: Refusal | None = None  # why it failed, or was not stored
     final: bytes | None = None  # its `end` or `error` event, once sent
     steps: list[dict] = field(default_factory=list)  # its tool_call and tool_result events, as stored
@@ -6522,6 +6740,7 @@ class Answer:
     images: int = 0  # images the model was shown
     files: int = 0  # files the new message carries
     vision_switch: bool = False  # CHATSVC_VISION_MODEL answers instead of the conversation's model
+    reserve_sent: bool = False  # chatsvc sent max_tokens = CHATSVC_RESERVE_OUTPUT_TOKENS (a budget applies)
     retries: int = 0
     first_token_at: float | None = None
     request_id: str | None = None
@@ -6546,14 +6765,18 @@ class Answer:
         return json.dumps(self.steps, ensure_ascii=False, separators=(",", ":")) if self.steps else None
 
     def final_state(self, prices: Prices | None) -> FinalState:
-        """What the store keeps of it once it ends: with its last round's row settled (the round
-        accounted here, once)."""
+        """What the store keeps of it once it ends: with its last round's row settled, and the rows of
+        the rounds before it not known to be settled (each round accounted here, once). Its `usage`
+        is kept only when every round that reached the model reported one (the ledger keeps each
+        round's own): one round's usage is not the answer's."""
         error = self.error
-        spent = None
+        spent, carried = None, []
         if self.round is not None:
-            last = round_spent(self, prices)
-            self.used.append(last)
-            spent, self.carried, self.round = added_spent(self.carried, last), None, None
+            spent = round_spent(self, prices)
+            self.used.append(spent)
+            carried, self.carried, self.round = self.carried, [], None
+        if any(used.source is Source.ESTIMATED for used in self.used):
+            self.usage = None
         cost = answer_cost(self, prices)
         return FinalState(
             self.status,
@@ -6567,6 +6790,7 @@ class Answer:
             steps=self.stored_steps(),
             call_id=self.call_id if spent is not None else None,
             spent=spent,
+            carried=carried,
             cost=cost,
         )
 
@@ -6793,6 +7017,13 @@ def record_answer(metrics: Metrics, answer: Answer) -> None:
     )
 
 
+def count_swept(metrics: Metrics, row: dict) -> None:
+    """An answer the sweep interrupted (AnswerRows.recover_interrupted's row): what its calls settled
+    then used, into the metrics (its tokens as estimated, and their cost)."""
+    for model, used in row.get("spent", ()):
+        metrics.spent(model, used)
+
+
 def added_usage(one: dict | None, other: dict | None) -> dict | None:
     """Two rounds' usage, as one (an answer's tool rounds are one answer): each count summed."""
     if one is None or other is None:
@@ -6980,6 +7211,7 @@ class Relay:
         if self.replicas is None:  # SQLite: this process alone serves the file, so none is running
             for row in await self.store.answers.recover_interrupted(None):
                 log.warning("answer %s was cut by the last stop: stored as interrupted", row["id"])
+                count_swept(self.metrics, row)
         else:
             await self.replicas.open()
         self.spawn(self._checkpoints())
@@ -7017,25 +7249,26 @@ class Relay:
                 if self.replicas is None or not await self.replicas.recover():
                     raise
                 limits = await self.store.tree.begin_turn(turn)
-            if limits is not None and limits.budgets and payload.get("max_tokens") is None:
+            reserve = limits is not None and limits.budgets and payload.get("max_tokens") is None
+            if reserve:
                 payload["max_tokens"] = self.settings.reserve_output_tokens
-            return self._start(turn, payload, offer)
+            return self._start(turn, payload, offer, reserve)
         finally:
             self._claiming.discard(turn.answer_id)
 
     def hold(self, owner: str, session_id: str, message_id: str | None, purpose: Purpose, body: dict) -> Hold:
         """What a model call about to be made with request `body` holds (a new ledger row): the
         estimate of what it sends, what it may write (its max_tokens, else CHATSVC_RESERVE_OUTPUT_TOKENS)
-        and their price (at the thinking rate when the request asks the model to think)."""
+        and their price (Prices.hold: the output at the higher of its rates, thinking or not)."""
         s, model = self.settings, body["model"]
         prompt, output = sent_tokens(body), body.get("max_tokens") or s.reserve_output_tokens
-        thinking = body.get("enable_thinking") is True
-        cost = s.prices.hold(model, prompt, output, thinking) if s.prices is not None else 0
+        cost = s.prices.hold(model, prompt, output) if s.prices is not None else 0
         return Hold(new_message_id(), owner, session_id, message_id, purpose, model, prompt, output, cost)
 
-    def _start(self, turn: Turn, payload: dict, offer: Offer | None) -> Answer:
+    def _start(self, turn: Turn, payload: dict, offer: Offer | None, reserve: bool = False) -> Answer:
         owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
         answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id, offered=offer is not None)
+        answer.reserve_sent = reserve
         if turn.hold is not None:
             answer.call_id, answer.round = turn.hold.call_id, Round(turn.hold)
         if turn.title and self.settings.titles == "model":  # its first answer names the conversation
@@ -7081,7 +7314,7 @@ class Relay:
                 raise UpstreamError(502, "upstream_error", EMPTY_ANSWER.format(answer.finish_reason))
             answer.status = COMPLETE
         except UpstreamError as exc:
-            answer.status, answer.error = FAILED, exc
+            answer.status, answer.error = FAILED, self._reserve_named(answer, exc)
         except asyncio.CancelledError:
             if answer.stopped_for is StopReason.TIMEOUT:
                 answer.status = FAILED
@@ -7106,6 +7339,23 @@ class Relay:
                 answer.move(Phase.RUNNING)
             answer.move(Phase.FINISHING)
             await asyncio.shield(self._finish(answer))
+
+    def _reserve_named(self, answer: Answer, error: UpstreamError) -> UpstreamError:
+        """The model service found the conversation too long for the model's context, and chatsvc sent
+        the max_tokens it was asked for by no one (a token or cost limit's reserve): the refusal says so."""
+        if error.code != "context_too_long" or not answer.reserve_sent:
+            return error
+        reserve = self.settings.reserve_output_tokens
+        return UpstreamError(
+            error.status,
+            error.code,
+            f"chatsvc sent max_tokens = {reserve:,} (CHATSVC_RESERVE_OUTPUT_TOKENS: a token or cost limit applies, and"
+            " the request set none), and the model's context cannot hold it after the conversation: the context"
+            " budget (CHATSVC_MAX_CONTEXT_TOKENS) plus CHATSVC_RESERVE_OUTPUT_TOKENS must fit the model's context"
+            " (lower either; or send a smaller max_tokens). " + error.detail,
+            error.retryable,
+            error.retry_after,
+        )
 
     async def _model_round(self, answer: Answer, body: dict) -> list[ToolCall]:
         """One model call, relayed into the answer (retried while it has said nothing), under
@@ -7149,8 +7399,10 @@ class Relay:
         """Between two model rounds: the ended round's row settled with what it used and the next
         round's reserved (Usage.next_round, never refused). The write is seen to its end even when the
         answer is stopped meanwhile (then the stop goes on), so that the answer knows which row its
-        end settles. A database failure loses nothing: the ended round's use is carried, and settled
-        with the row the answer still holds (the next round's call is then accounted in it too)."""
+        end settles. A database failure loses nothing: the ended round and its row are carried, and
+        settled by the next write, which finds out what the failed one did (Usage.settle_rounds: rolled
+        back, the next round's row is not there, and its use goes with the ended round's row; committed
+        though it seemed to fail, the ended round's row is settled and the next one's reserved)."""
         ended, prices = answer.round, self.settings.prices
         if ended is None:
             return
@@ -7158,9 +7410,9 @@ class Relay:
         answer.used.append(used)
         hold = self.hold(answer.owner, answer.session_id, answer.message_id, Purpose.TOOL_ROUND, body)
         answer.round = Round(hold, len(answer.text), len(answer.reasoning))
-        written = asyncio.ensure_future(
-            self.store.usage.next_round(answer.call_id, added_spent(answer.carried, used), hold)
-        )
+        ended_id, carried = answer.call_id, answer.carried
+        answer.call_id = hold.call_id  # its row, once the write commits (else the ledger finds it missing)
+        written = asyncio.ensure_future(self.store.usage.next_round(ended_id, used, hold, carried))
         stopped: asyncio.CancelledError | None = None
         try:
             await asyncio.shield(written)
@@ -7171,7 +7423,7 @@ class Relay:
             pass
         fault = None if written.cancelled() else written.exception()
         if not written.cancelled() and fault is None:
-            answer.call_id, answer.carried = hold.call_id, None
+            answer.carried = []
         else:
             if fault is not None and not isinstance(fault, StorageUnavailable):
                 log.error("answer %s: the ledger failed between its rounds", answer.message_id, exc_info=fault)
@@ -7180,7 +7432,7 @@ class Relay:
                 answer.message_id,
                 fault.detail if isinstance(fault, StorageUnavailable) else "see above",
             )
-            answer.carried = added_spent(answer.carried, used)
+            answer.carried = [*carried, (ended_id, used)]
         if stopped is not None:
             raise stopped
 
@@ -7505,7 +7757,8 @@ def _emphasis_removed(match: re.Match) -> str:
 async def write_title(relay: Relay, answer: Answer) -> None:
     """Ask the model for the conversation's title and store it (and what it cost), through the same
     upstream client, retries and timeouts as an answer. A failure leaves the first-line title. The
-    call is recorded in the ledger once done (purpose title: reserved nothing, never refused)."""
+    call is recorded in the ledger once done, however it ended (purpose title: reserved nothing,
+    never refused): cut by a shutdown, it is `interrupted`, estimated from what it received."""
     s = relay.settings
     model = s.title_model or s.chat_model
     conversation = f"User: {(answer.title_question or '')[:2000]}\n\nAssistant: {answer.full_text[:2000]}"
@@ -7530,26 +7783,44 @@ async def write_title(relay: Relay, answer: Answer) -> None:
             usage, received = delta.usage or usage, True
 
     try:
-        with anyio.fail_after(s.upstream_total_timeout):
-            await retried(s, relay.metrics, "title", call, lambda: bool(text))
-    except UpstreamError as exc:
-        status, code = "failed", exc.code
-    except TimeoutError:
-        status, code = "failed", "upstream_timeout"
-    title = clean_title("".join(text)) if status == "ok" else None
-    if status == "ok" and title is None:
-        status = "empty"
+        try:
+            with anyio.fail_after(s.upstream_total_timeout):
+                await retried(s, relay.metrics, "title", call, lambda: bool(text))
+        except UpstreamError as exc:
+            status, code = "failed", exc.code
+        except TimeoutError:
+            status, code = "failed", "upstream_timeout"
+        except asyncio.CancelledError:  # the service stops: the call is recorded all the same (finally)
+            status, code = "interrupted", "interrupted"
+            raise
+        title = clean_title("".join(text)) if status == "ok" else None
+        if status == "ok" and title is None:
+            status = "empty"
+        try:
+            key = (answer.owner, answer.session_id)
+            if not await relay.store.conversations.set_model_title(*key, answer.message_id, title, usage):
+                # a client named it meanwhile (kept), or the answer it was made from is gone (its text too)
+                status = "kept" if await relay.store.tree.message(*key, answer.message_id) else "gone"
+        except StorageUnavailable as exc:
+            status, code = "unstored", "storage_unavailable"
+            log.warning("title of session %s not stored: %s", answer.session_id, exc.detail)
+    finally:  # however it ended, the call made is recorded, to its end (a shutdown cancels this task)
+        outcome = {"failed": FAILED, "interrupted": INTERRUPTED}.get(status, COMPLETE)
+        used = call_spent(hold, usage, "".join(text) if received else None, s.prices, thinking=False)
+        recorded = asyncio.ensure_future(record_title(relay, answer, model, hold, used, outcome, status, code))
+        try:
+            await asyncio.shield(recorded)
+        except asyncio.CancelledError:
+            await asyncio.wait([recorded])
+            raise
+
+
+async def record_title(
+    relay: Relay, answer: Answer, model: str, hold: Hold, used: Spent, outcome: str, status: str, code: str
+) -> None:
+    """A title call, done: into the ledger (never refused), the metrics and the log."""
     try:
-        key = (answer.owner, answer.session_id)
-        if not await relay.store.conversations.set_model_title(*key, answer.message_id, title, usage):
-            # a client named it meanwhile (kept), or the answer it was made from is gone (its text too)
-            status = "kept" if await relay.store.tree.message(*key, answer.message_id) else "gone"
-    except StorageUnavailable as exc:
-        status, code = "unstored", "storage_unavailable"
-        log.warning("title of session %s not stored: %s", answer.session_id, exc.detail)
-    used = call_spent(hold, usage, "".join(text) if received else None, s.prices, thinking=False)
-    try:
-        await relay.store.usage.record(hold, used, FAILED if status == "failed" else COMPLETE)
+        await relay.store.usage.record(hold, used, outcome)
     except StorageUnavailable as exc:
         log.warning("title of session %s not recorded in the ledger: %s", answer.session_id, exc.detail)
     except Exception:
@@ -7800,6 +8071,7 @@ class Replicas:
         rows = await self.store.answers.recover_interrupted(self.settings.heartbeat_stale, self.relay.own_ids())
         for row in rows:
             log.warning("answer %s lost its process (no heartbeat): stored as interrupted", row["id"])
+            count_swept(self.relay.metrics, row)
         if rows:
             self.ended(rows)
         return len(rows)
@@ -8098,6 +8370,7 @@ class Heartbeat:
 # "." and ".." are excluded: browsers and proxies normalise them out of URLs.
 SESSION_ID = re.compile(r"(?!\.+$)[A-Za-z0-9._-]{1,128}")
 _SESSION_ID_RULE = "1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-' (not only dots)"
+MAX_MAX_TOKENS = 2**31 - 1  # a request's max_tokens, at most (what models take; a hold stays a BIGINT)
 
 
 MESSAGE_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -8431,8 +8704,8 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
     max_tokens = options["max_tokens"]
     if isinstance(max_tokens, float) and max_tokens.is_integer():  # 100.0 is a whole number in JSON
         options["max_tokens"] = max_tokens = int(max_tokens)
-    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-        raise invalid("'max_tokens' must be a whole number of at least 1.")
+    if max_tokens is not None and (type(max_tokens) is not int or not 1 <= max_tokens <= MAX_MAX_TOKENS):
+        raise invalid(f"'max_tokens' must be a whole number from 1 to {MAX_MAX_TOKENS}.")
     if options["enable_thinking"] is not None and not isinstance(options["enable_thinking"], bool):
         raise invalid("'enable_thinking' must be true or false.")
     return ChatRequest(

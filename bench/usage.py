@@ -294,7 +294,7 @@ class Bench:
         prices = self.store.usage.prices
         return chatsvc.Hold(call_id, owner, "bench", chatsvc.new_message_id(), chatsvc.Purpose.ANSWER, "qwen-plus",
                             prompt_tokens=500, output_tokens=4096,
-                            cost=prices.hold("qwen-plus", 500, 4096, False) if prices else 0)  # fmt: skip
+                            cost=prices.hold("qwen-plus", 500, 4096) if prices else 0)  # fmt: skip
 
     async def run(self, owners: dict[str, str], month: tuple[str, str], calls_in_month: dict[str, int]) -> None:
         usage, db = self.store.usage, self.store.db

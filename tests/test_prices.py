@@ -121,16 +121,17 @@ def test_patterns_match_the_rest_the_longest_first_and_the_exact_name_wins(price
 
 def test_a_model_without_a_price_costs_none_and_holds_nothing(prices, caplog):
     assert prices.cost("deepseek-r1", reported(10, 10), thinking=False) is None
-    assert prices.hold("deepseek-r1", 10, 10, thinking=False) == 0
+    assert prices.hold("deepseek-r1", 10, 10) == 0
     assert "deepseek-r1 has no price" in caplog.text
 
 
 def test_what_a_call_holds(prices):
-    # 1000 prompt x 0.8 + 4096 output x 2
-    assert prices.hold("qwen-plus", 1000, 4096, thinking=False) == 800 + 8192
-    assert prices.hold("qwen-plus", 1000, 4096, thinking=True) == 800 + 4096 * 8
-    assert prices.hold("qwen-flash", 3, 1, thinking=False) == 2  # 0.45 + 1.5 = 1.95
-    assert prices.hold("qwen-plus", 131073, 10, thinking=False) == math_ceil(131073 * Decimal("2.4") + 200)
+    # 1000 prompt x 0.8 + 4096 output at the higher of output (2) and output_thinking (8): whether a call
+    # thinks is known only once it has, and a hold errs high
+    assert prices.hold("qwen-plus", 1000, 4096) == 800 + 4096 * 8
+    assert prices.hold("qwen-flash", 3, 1) == 2  # 0.45 + 1.5 = 1.95
+    assert prices.hold("qwen-plus", 131073, 10) == math_ceil(131073 * Decimal("2.4") + 240)
+    assert prices.hold("qwen-plus", 262145, 10) == math_ceil(262145 * Decimal("4.8") + 480)
 
 
 def test_money_is_shown_to_six_places():

@@ -520,7 +520,7 @@ def test_a_final_write_retried_after_storage_failed_settles_its_call_once(make_s
     fake.push(Reply.answer(["fine"], usage=dashscope_usage(40, 4)))
     with service.client() as client:
         usage = client.app.state.relay.store.usage
-        settle, failures = usage.settle, []
+        settle, failures = usage.settle_answer, []
 
         async def failing(*args, **kw):
             if len(failures) < 3:
@@ -528,7 +528,7 @@ def test_a_final_write_retried_after_storage_failed_settles_its_call_once(make_s
                 raise chatsvc.StorageUnavailable("The database is unreachable (test).")
             await settle(*args, **kw)
 
-        usage.settle = failing
+        usage.settle_answer = failing
         r = client.post(f"{API}/chat/s1", json={"message": "hi"})
         assert r.status_code == 503 and r.json()["code"] == "storage_failed", r.text
         assert service.rows("SELECT status FROM messages WHERE role = 'assistant'") == [{"status": "streaming"}]
