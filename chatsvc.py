@@ -1449,10 +1449,30 @@ class Database:
                 finally:
                     _in_transaction.reset(token)
             return
-        async with self._pool.connection(), self._pool.transaction():
+        # A fault at BEGIN or COMMIT (a connection the server dropped) is a storage fault like any
+        # statement's; a rollback that fails after the body raised gives way to the body's exception.
+        stack = contextlib.AsyncExitStack()
+        try:
+            await stack.enter_async_context(self._pool.connection())
+            await stack.enter_async_context(self._pool.transaction())
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await stack.aclose()
+            self._failed(exc, WRITE)
+        try:
             if schema:
                 await self.execute("SELECT pg_advisory_xact_lock(7468372)")
             yield
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await stack.__aexit__(*sys.exc_info())
+            raise
+        try:
+            await stack.aclose()
+        except Refusal:
+            raise
+        except Exception as exc:
+            self._failed(exc, WRITE)
 
     async def atomically(self, body: Callable[[], Awaitable[T]]) -> T:
         """`body` as one transaction; run again when PostgreSQL cancelled it to break a deadlock (it
