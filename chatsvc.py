@@ -4229,6 +4229,8 @@ class Purpose(str, Enum):
     ANSWER = "answer"  # an answer's first model round
     TOOL_ROUND = "tool_round"  # each later round of an answer that called tools
     TITLE = "title"  # a conversation's title
+    CONTINUATION = "continuation"  # a model round that continues an answer's stored text (partial mode)
+    SUMMARY = "summary"  # a rolling summary of the part of a branch that no longer fits the context
 
 
 class Source(str, Enum):

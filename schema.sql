@@ -229,3 +229,27 @@ ALTER TABLE messages ADD COLUMN cached_tokens BIGINT;
 ALTER TABLE messages ADD COLUMN cost_micros BIGINT;
 
 ALTER TABLE messages ADD COLUMN currency TEXT;
+
+-- step 7: continued answers, summaries, answers from the web
+-- A summary stands for the messages of a branch from first_id up to message_id, the newest it
+-- covers (where it ends): every branch through that message shares it, a branch that forks before
+-- does not. It is written by the model in the background once a branch outgrows the context's
+-- budget; a rolling summary covers what the one before it on the branch did plus what followed.
+-- covered: how many messages it stands for; tokens: its text's estimate. Summaries never change a
+-- message; a context clear makes the ones before it unused (and deletes them).
+CREATE TABLE summaries (message_id TEXT PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE, owner TEXT NOT NULL DEFAULT '', session_id TEXT NOT NULL, first_id TEXT NOT NULL, content TEXT NOT NULL, covered INTEGER NOT NULL, tokens INTEGER NOT NULL, model TEXT NOT NULL, created_at TEXT NOT NULL, FOREIGN KEY (owner, session_id) REFERENCES conversations (owner, session_id) ON DELETE CASCADE);
+
+CREATE INDEX summaries_by_session ON summaries (owner, session_id, message_id);
+
+-- an answer continued after it ended short: how many times (its text, usage and cost are the parts' sums)
+ALTER TABLE messages ADD COLUMN continued INTEGER NOT NULL DEFAULT 0;
+
+-- an answer from the web: its sources as JSON ([{"index", "title", "url", "site"}]), and how many searches it made
+ALTER TABLE messages ADD COLUMN sources TEXT;
+
+ALTER TABLE messages ADD COLUMN searches INTEGER;
+
+ALTER TABLE usage_calls ADD COLUMN searches INTEGER;
+
+-- a conversation's web search: NULL off, else its search options as JSON ({} for the defaults)
+ALTER TABLE conversations ADD COLUMN web_search TEXT;

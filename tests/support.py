@@ -87,8 +87,8 @@ def postgres_database():
 # Empties the run's PostgreSQL database for a test (what a CASCADE leaves, the functions and types, is
 # made again by the schema's CREATE OR REPLACE and IF NOT EXISTS).
 EMPTY_POSTGRES = (
-    "DROP TABLE IF EXISTS usage_calls, usage_owners, message_files, file_chunks, files, messages, conversations,"
-    " schema_versions CASCADE"
+    "DROP TABLE IF EXISTS summaries, usage_calls, usage_owners, message_files, file_chunks, files, messages,"
+    " conversations, schema_versions CASCADE"
 )
 
 
