@@ -356,6 +356,20 @@ class Settings:
         " limit applies",
         cast=lambda v: _int_between(v, 1, 1_000_000),
     )
+    web_search: str = setting(
+        "CHATSVC_WEB_SEARCH",
+        "off",
+        "off, allowed (a request's or conversation's web_search turns DashScope's web search on) or always"
+        " (every turn searches); each search costs money",
+        cast=lambda v: _choice(v.lower(), WEB_SEARCH_MODES, "CHATSVC_WEB_SEARCH"),
+    )
+    dashscope_native_url: str | None = setting(
+        "CHATSVC_DASHSCOPE_NATIVE_URL",
+        None,
+        "DashScope's native generation endpoint, which searched turns use (derived from a DASHSCOPE_BASE_URL"
+        " ending in /compatible-mode/v1)",
+        cast=lambda v: v.rstrip("/"),
+    )
     ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
     shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 10.0, "s running answers get after SIGTERM")
     host: str = setting("HOST", "0.0.0.0", "address to listen on")
@@ -404,6 +418,13 @@ class Settings:
                 "CHATSVC_ADMIN_TOKEN: must differ from CHATSVC_API_TOKEN, which every client holds (with the same"
                 " token every client could read everyone's usage and change their limits)."
             )
+        if settings.web_search != "off" and settings.native_url is None:
+            raise ValueError(
+                f"CHATSVC_WEB_SEARCH={settings.web_search}: web search with sources uses DashScope's native endpoint,"
+                " which cannot be derived from a DASHSCOPE_BASE_URL that does not end in /compatible-mode/v1; set"
+                " CHATSVC_DASHSCOPE_NATIVE_URL (e.g. https://dashscope.aliyuncs.com/api/v1/services/aigc/text-generation"
+                "/generation), or CHATSVC_WEB_SEARCH=off."
+            )
         if settings.vision_model and not settings.sees(settings.vision_model):
             raise ValueError(
                 f"CHATSVC_VISION_MODEL={settings.vision_model!r}: not a model CHATSVC_VISION_MODELS names as seeing"
@@ -447,12 +468,27 @@ class Settings:
         return any(model.startswith(p[:-1]) if p.endswith("*") else model == p for p in self.vision_models)
 
     @property
+    def native_url(self) -> str | None:
+        """DashScope's native generation endpoint (searched turns): CHATSVC_DASHSCOPE_NATIVE_URL, else
+        DASHSCOPE_BASE_URL's host with /api/v1/services/aigc/text-generation/generation in place of
+        /compatible-mode/v1; None when neither says it."""
+        if self.dashscope_native_url:
+            return self.dashscope_native_url
+        base = self.dashscope_base_url
+        if base.endswith(COMPATIBLE_PATH):
+            return base[: -len(COMPATIBLE_PATH)] + NATIVE_PATH
+        return None
+
+    @property
     def heartbeat_stale(self) -> float:
         """How old a heartbeat is when its process is taken for gone."""
         return HEARTBEAT_MISSES * self.heartbeat_seconds
 
 
 HEARTBEAT_MISSES = 3
+WEB_SEARCH_MODES = ("off", "allowed", "always")
+COMPATIBLE_PATH = "/compatible-mode/v1"  # DashScope's OpenAI-compatible endpoint, under its host
+NATIVE_PATH = "/api/v1/services/aigc/text-generation/generation"  # ... and its native one (searched turns)
 
 
 def _positive(value: float) -> float:
@@ -1761,6 +1797,7 @@ async def _next_step(db: Database, steps: list[SchemaStep], upgrade: bool) -> Sc
 _CONVERSATION_COLUMNS = """
        c.session_id, c.title, c.system_prompt, c.model, c.context_start, c.current_message_id,
        c.title_prompt_tokens, c.title_completion_tokens, c.title_total_tokens, c.created_at, c.updated_at,
+       c.web_search,
        (SELECT COUNT(*) FROM messages m
          WHERE m.owner = c.owner AND m.session_id = c.session_id) AS message_count,
        (SELECT COUNT(*) FROM messages m
@@ -2013,7 +2050,7 @@ MESSAGE_PAGE_BYTES = 1_048_576  # GET .../messages: a page's messages stop at th
 _MESSAGE_COLUMNS = (
     "id, parent_id, role, content, reasoning_content, status, model, finish_reason, error_code,"
     " error_message, prompt_tokens, completion_tokens, total_tokens, last_seq, created_at, tool_steps, tool_results,"
-    " reasoning_tokens, cached_tokens, cost_micros, currency"
+    " reasoning_tokens, cached_tokens, cost_micros, currency, sources, searches"
 )
 _MESSAGE_COLUMN_NAMES = tuple(_MESSAGE_COLUMNS.split(", "))
 _M_COLUMNS = ", ".join("m." + name for name in _MESSAGE_COLUMN_NAMES)
@@ -2102,6 +2139,7 @@ class Turn:
     tool_results: str | None = None
     files: list[str] = field(default_factory=list)  # the new user message's file ids, in order
     hold: Hold | None = None  # the answer's first model call, admitted against its owner's limits in begin_turn
+    search: dict | None = None  # its web search's options (None: it does not search): WebSearch.of_turn
 
 
 class Tree:
@@ -2136,7 +2174,7 @@ class Tree:
             " UNION ALL SELECT m.id, m.parent_id, m.role, m.content, m.status, m.finish_reason, m.tool_steps,"
             " m.tool_results, p.depth + 1, p.context_start"
             " FROM path p JOIN messages m ON m.id = p.parent_id WHERE p.depth < :limit AND m.id > p.context_start)"
-            " SELECT c.system_prompt, c.model, c.title, c.current_message_id, c.context_start,"
+            " SELECT c.system_prompt, c.model, c.title, c.current_message_id, c.context_start, c.web_search,"
             " (SELECT MAX(x.id) FROM messages x WHERE x.owner = :owner AND x.session_id = :sid) AS last_id,"
             " p.id, p.role, p.content, p.status, p.finish_reason, p.tool_steps, p.tool_results,"
             " EXISTS (SELECT 1 FROM message_files f WHERE f.message_id = p.id) AS has_files"
@@ -4056,6 +4094,8 @@ class FinalState:
     # or went unconfirmed), each its row and what it used: settled with it (Usage.settle_answer)
     carried: list[tuple[str, Spent]] = field(default_factory=list)
     cost: Cost | None = None  # what all its calls cost (None: no prices, or its model has none)
+    sources: str | None = None  # a searched answer's sources, as JSON (None: none came)
+    searches: int | None = None  # ... and its searches, when reported
 
 
 class AnswerRows:
@@ -4172,7 +4212,8 @@ class AnswerRows:
             " finish_reason = :finish_reason, error_code = :error_code, error_message = :error_message,"
             " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens, total_tokens = :total_tokens,"
             " reasoning_tokens = :reasoning_tokens, cached_tokens = :cached_tokens, cost_micros = :cost,"
-            f" currency = :currency, last_seq = :last_seq, tool_steps = :steps, updated_at = {self.db.heartbeat_now}"
+            f" currency = :currency, last_seq = :last_seq, tool_steps = :steps, sources = :sources,"
+            f" searches = :searches, updated_at = {self.db.heartbeat_now}"
             " WHERE id = :id AND status = 'streaming' RETURNING id"
         )
         values = {
@@ -4191,6 +4232,8 @@ class AnswerRows:
             "currency": final.cost.currency if final.cost else None,
             "last_seq": final.last_seq,
             "steps": storable_json(final.steps),
+            "sources": final.sources,
+            "searches": final.searches,
             "now": utcnow(),
             "id": answer_id,
         }
@@ -4301,13 +4344,14 @@ class Spent:
     cache_creation_tokens: int | None = None  # within prompt_tokens
     cost: int | None = None  # micros; None: no prices, or the model has none
     currency: str | None = None
+    searches: int | None = None  # web searches, when reported (not priced: docs/CONTRACT.md, "Answers from the web")
 
 
 # What each settled call adds to its owner's row: the ledger's columns, as the VALUES of a settlement
 _SETTLED = (
     ("outcome", "TEXT"), ("source", "TEXT"), ("prompt_tokens", "BIGINT"), ("completion_tokens", "BIGINT"),
     ("total_tokens", "BIGINT"), ("reasoning_tokens", "BIGINT"), ("cached_tokens", "BIGINT"),
-    ("cache_creation_tokens", "BIGINT"), ("cost_micros", "BIGINT"), ("currency", "TEXT"),
+    ("cache_creation_tokens", "BIGINT"), ("cost_micros", "BIGINT"), ("currency", "TEXT"), ("searches", "INTEGER"),
 )  # fmt: skip
 
 # A report's groups: the key each groups the calls by (created_at is RFC 3339 UTC text: its first ten
@@ -4727,6 +4771,7 @@ class Usage:
                 "cache_creation_tokens": spent.cache_creation_tokens,
                 "cost_micros": spent.cost,
                 "currency": spent.currency if spent.cost is not None else None,
+                "searches": spent.searches,
             }
             values.update((f"{name}{n}", value) for name, value in row.items())
             columns = [("id", "TEXT"), *_SETTLED]
@@ -5330,7 +5375,20 @@ async def plan_turn(
         turn.tool_results = json.dumps(results, ensure_ascii=False, separators=(",", ":"))
     if new_question:
         turn.files = [row.id for row in new_files]
+    turn.search = turn_search(settings, chat.web_search, conversation and conversation["web_search"])
     return turn, messages, seen != model
+
+
+def turn_search(settings: Settings, asked: dict | bool | None, stored: str | None) -> dict | None:
+    """The search options of a turn (None: it does not search): CHATSVC_WEB_SEARCH=off, never; else the
+    request's `web_search` (false: none), else the conversation's, else, when `always`, the defaults."""
+    if settings.web_search == "off" or asked is False:
+        return None
+    if isinstance(asked, dict):
+        return asked
+    if stored is not None:
+        return json.loads(stored)
+    return {} if settings.web_search == "always" else None
 
 
 async def turn_files(store: Store, owner: str, file_ids: list[str] | None, question_id: str) -> list[FileRow]:
@@ -5799,6 +5857,7 @@ class SSEDecoder:
         self._tail = b""  # an unfinished line
         self._data: list[bytes] = []  # data lines of the event being read
         self._after_cr = False  # the last read ended in \r: a leading \n is its other half
+        self.status = 200  # the last `:HTTP_STATUS/NNN` line (DashScope's native endpoint sends one per event)
 
     def feed(self, chunk: bytes) -> list[str]:
         if self._after_cr and chunk.startswith(b"\n"):
@@ -5816,7 +5875,9 @@ class SSEDecoder:
             elif line.startswith(b"data:"):
                 value = line[5:]
                 self._data.append(value[1:] if value.startswith(b" ") else value)
-            # comment lines (":...") and other fields are ignored
+            elif line.startswith(b":HTTP_STATUS/") and line[13:].isdigit():  # DashScope's native stream
+                self.status = int(line[13:])
+            # other comment lines (":...") and other fields are ignored
         return events
 
 
@@ -5829,6 +5890,8 @@ class Delta:
     finish_reason: str | None = None
     usage: dict | None = None
     tool_calls: list[dict] | None = None  # the raw `delta.tool_calls` entries, for a ToolCallAccumulator
+    sources: list[dict] | None = None  # a searched turn's sources (native endpoint: its first frame)
+    searches: int | None = None  # ... and the searches it made so far (usage.plugins.search.count)
 
 
 def parse_chunk(data: str) -> Delta:
@@ -6013,20 +6076,26 @@ EMPTY_RESPONSE = (
 )
 
 
-async def stream_completion(client: httpx.AsyncClient, settings: Settings, payload: dict) -> AsyncIterator[Delta]:
+async def stream_completion(
+    client: httpx.AsyncClient, settings: Settings, payload: dict, search: dict | None = None
+) -> AsyncIterator[Delta]:
     """One streaming Chat Completions call. Yields deltas; raises UpstreamError for every failure,
-    a stream that ends without a finish_reason included."""
+    a stream that ends without a finish_reason included. With `search` (a searched turn's options),
+    the same call is made to DashScope's native endpoint (native_body), whose frames parse_native
+    reads into the same deltas, its sources and search count with them."""
     # identity: the raw body is the event stream (no decoder layer per read; proxies may ignore it, see below)
     headers = {
         "Authorization": f"Bearer {settings.dashscope_api_key}",
         "Accept": "text/event-stream",
         "Accept-Encoding": "identity",
     }
+    url, parse = settings.dashscope_base_url + "/chat/completions", parse_chunk
+    if search is not None:
+        url, payload = settings.native_url or "", native_body(payload, search)
+        headers["X-DashScope-SSE"] = "enable"
     finished, events, done = False, 0, False
     try:
-        async with client.stream(
-            "POST", settings.dashscope_base_url + "/chat/completions", json=payload, headers=headers
-        ) as response:
+        async with client.stream("POST", url, json=payload, headers=headers) as response:
             if response.status_code != 200:
                 body = await response.aread()
                 try:  # `{"error": {...}}`; older vLLM sends the error object itself
@@ -6034,8 +6103,12 @@ async def stream_completion(client: httpx.AsyncClient, settings: Settings, paylo
                     error = error.get("error", error)
                 except (ValueError, AttributeError):
                     error = {"message": body[:200].decode("utf-8", "replace")}
+                if search is not None:
+                    error = native_error(error)
                 raise upstream_error(response.status_code, error, _retry_after(response.headers))
             decoder = SSEDecoder()
+            if search is not None:
+                parse = functools.partial(parse_native, decoder)
             chunks = response.aiter_bytes() if "content-encoding" in response.headers else response.aiter_raw()
             async for raw in chunks:
                 for data in decoder.feed(raw):
@@ -6043,7 +6116,7 @@ async def stream_completion(client: httpx.AsyncClient, settings: Settings, paylo
                         done = True
                         break
                     events += 1
-                    delta = parse_chunk(data)
+                    delta = parse(data)
                     finished = finished or delta.finish_reason is not None
                     yield delta
                 else:
@@ -6086,6 +6159,105 @@ async def stream_completion(client: httpx.AsyncClient, settings: Settings, paylo
         raise UpstreamError(502, "upstream_error", EMPTY_RESPONSE)
     if not finished:  # [DONE] or the body's end without a finish_reason: the answer is cut off
         raise UpstreamError(502, "upstream_error", CUT_SHORT, retryable=True)
+
+
+# DashScope's native endpoint (POST …/api/v1/services/aigc/text-generation/generation, header
+# X-DashScope-SSE: enable), for searched turns only: the compatible endpoint returns no sources
+# (docs/CONTRACT.md, "Answers from the web"). The request holds the messages under `input` and every
+# option under `parameters`; each event is `id:N`, `event:result`, `:HTTP_STATUS/200` and `data:` one
+# JSON object: `output.choices[0].message` (content, reasoning_content, tool_calls: incremental with
+# incremental_output), `finish_reason` the string "null" until the last, `output.search_info
+# .search_results` (index, title, url, site_name, icon) in the first, and `usage` as running totals
+# (input_tokens, output_tokens, total_tokens, plugins.search.count). No [DONE]: the body ends. An error is
+# `{"code", "message", "request_id"}` (the HTTP status, or mid-stream `:HTTP_STATUS/NNN`).
+NATIVE_OPTIONS = (
+    "temperature", "top_p", "max_tokens", "enable_thinking", "tools", "tool_choice", "parallel_tool_calls",
+)  # fmt: skip
+# DashScope's native error codes, as the compatible endpoint's that upstream_error keys on
+_NATIVE_CODES = {"DataInspectionFailed": "data_inspection_failed", "data_inspection_failed": "data_inspection_failed"}
+MAX_SOURCES = 100  # a searched answer's sources, at most (the rest are dropped)
+SOURCE_CHARS = 2000  # a source's title, url or site, at most
+
+
+def native_body(payload: dict, search: dict) -> dict:
+    """A Chat Completions body as DashScope's native endpoint takes it: the same model and messages,
+    the same options (NATIVE_OPTIONS), and the search (its sources always asked for)."""
+    parameters: dict[str, Any] = {"result_format": "message", "incremental_output": True}
+    parameters.update((name, payload[name]) for name in NATIVE_OPTIONS if name in payload)
+    parameters["enable_search"] = True
+    parameters["search_options"] = {"enable_source": True, **search}
+    return {"model": payload["model"], "input": {"messages": payload["messages"]}, "parameters": parameters}
+
+
+def parse_native(decoder: SSEDecoder, data: str) -> Delta:
+    """One event of DashScope's native stream, as the delta parse_chunk would make of the same."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        raise UpstreamError(502, "upstream_error", "The model service sent a stream event that is not JSON.") from None
+    if not isinstance(obj, dict):
+        raise UpstreamError(502, "upstream_error", "The model service sent a stream event that is not an object.")
+    output = obj.get("output")
+    if not isinstance(output, dict):  # an error in place of an event: {"code", "message", "request_id"}
+        raise upstream_error(decoder.status if decoder.status >= 400 else 500, native_error(obj))
+    usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+    delta = Delta(usage=sane_usage(native_usage(usage)))
+    plugins = usage.get("plugins")
+    search = plugins.get("search") if isinstance(plugins, dict) else None
+    count = search.get("count") if isinstance(search, dict) else None
+    if type(count) is int and 0 <= count <= MAX_TOKENS_STORED:
+        delta.searches = count
+    info = output.get("search_info")
+    if isinstance(info, dict) and isinstance(info.get("search_results"), list):
+        delta.sources = web_sources(info["search_results"])
+    for choice in output.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        m = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        delta.content += m.get("content") if isinstance(m.get("content"), str) else ""
+        delta.reasoning += m.get("reasoning_content") if isinstance(m.get("reasoning_content"), str) else ""
+        finish = choice.get("finish_reason")
+        if finish and finish != "null":  # "null", the string, until the last event
+            delta.finish_reason = str(finish)
+        if calls := m.get("tool_calls"):
+            delta.tool_calls = _tool_call_entries(calls, delta.tool_calls)
+    if "\\u0000" in data or "\\ud" in data or "\\uD" in data:
+        delta.content = _UNSTORABLE.sub("\ufffd", delta.content)
+        delta.reasoning = _UNSTORABLE.sub("\ufffd", delta.reasoning)
+    return delta
+
+
+def native_error(body: Any) -> dict:
+    """A native error body as upstream_error takes one (the compatible endpoint's codes where they differ)."""
+    error = body if isinstance(body, dict) else {}
+    code = error.get("code")
+    return {**error, "code": _NATIVE_CODES.get(str(code), code)}
+
+
+def native_usage(usage: dict) -> dict:
+    """A native usage's counts under the Chat Completions names sane_usage reads."""
+    return {
+        "prompt_tokens": usage.get("input_tokens"),
+        "completion_tokens": usage.get("output_tokens"),
+        "total_tokens": usage.get("total_tokens"),
+        "completion_tokens_details": usage.get("output_tokens_details"),
+        "prompt_tokens_details": usage.get("prompt_tokens_details"),
+    }
+
+
+def web_sources(results: list) -> list[dict]:
+    """A search's results as the API shows them: `[{"index", "title", "url", "site"}]` (the icon is
+    not kept: chatsvc never fetches it); an entry without an integer index or a URL is dropped."""
+    sources = []
+    for entry in results[:MAX_SOURCES]:
+        if not isinstance(entry, dict) or type(entry.get("index")) is not int or not isinstance(entry.get("url"), str):
+            continue
+        text = {name: entry.get(key) if isinstance(entry.get(key), str) else "" for name, key in
+                (("title", "title"), ("url", "url"), ("site", "site_name"))}  # fmt: skip
+        sources.append(
+            {"index": entry["index"], **{k: _UNSTORABLE.sub("\ufffd", v[:SOURCE_CHARS]) for k, v in text.items()}}
+        )
+    return sources
 
 
 def backoff(attempt: int, retry_after: float | None = None) -> float:
@@ -6643,6 +6815,7 @@ def final_event(
     error: Refusal | None,
     tool_calls: list[dict] | None = None,
     cost: Cost | None = None,
+    sources: list[dict] | None = None,
 ) -> tuple[str, dict]:
     """The `end` or `error` event that closes an answer (also rebuilt from a stored message). An
     answer that waits for the app's own tools (finish_reason `tool_calls`) lists their calls; its
@@ -6654,6 +6827,8 @@ def final_event(
             end["tool_calls"] = tool_calls
         if usage is not None:
             end["usage"] = shown_usage(usage)
+        if sources is not None:  # a searched answer's (docs/CONTRACT.md, "Answers from the web")
+            end["sources"] = sources
         return "end", end if cost is None else {**end, **cost.shown()}
     return "error", {
         "message": error.detail if error else "The answer failed.",
@@ -6674,7 +6849,7 @@ def stored_final_event(row: dict) -> bytes:
     calls = pending_tool_calls(json.loads(row["tool_steps"])) if row["tool_steps"] else None
     type_, data = final_event(
         row["id"], row["status"], row["content"], row["finish_reason"], row_usage(row, True), stored_error(row), calls,
-        row_cost(row),
+        row_cost(row), stored_json(row.get("sources")),
     )  # fmt: skip
     return sse_event(event_id(row["id"], row["last_seq"]), {"type": type_, "data": data})
 
@@ -6748,6 +6923,8 @@ class Answer:
     final: bytes | None = None  # its `end` or `error` event, once sent
     steps: list[dict] = field(default_factory=list)  # its tool_call and tool_result events, as stored
     pending_calls: list[dict] | None = None  # the app's own tools' calls it ended waiting for
+    search: dict | None = None  # its web search's options (None: it does not search)
+    sources: list[dict] | None = None  # the sources its search found (its `sources` event's)
     final_seq: int | None = None  # ... and that event's sequence number
     delivered: bool = False  # a channel listener has received it (the Registry's replay rule 3)
     # This process's own answers (a replica's mirror has none of these):
@@ -6814,7 +6991,15 @@ class Answer:
             spent=spent,
             carried=carried,
             cost=cost,
+            sources=json_column(self.sources),
+            searches=self.searches,
         )
+
+    @property
+    def searches(self) -> int | None:
+        """The web searches its rounds made, when any reported a count."""
+        counts = [used.searches for used in self.used if used.searches is not None]
+        return sum(counts) if counts else None
 
     def move(self, to: Phase) -> None:
         """Into phase `to`, which MOVES must allow from the answer's phase."""
@@ -6917,11 +7102,12 @@ class Round:
     chunks: bool = False  # the model service sent at least one chunk
     usage: dict | None = None  # what the model service reported for it (sane_usage)
     gathered: ToolCallAccumulator | None = None  # the tool calls it wrote
+    searches: int | None = None  # the web searches it made, when reported (usage.plugins.search.count)
 
     def attempt(self, answer: Answer, gathered: ToolCallAccumulator) -> None:
         """A new attempt at the call starts: only the last one is counted."""
         self.text_at, self.reasoning_at = len(answer.text), len(answer.reasoning)
-        self.chunks, self.usage, self.gathered = False, None, gathered
+        self.chunks, self.usage, self.gathered, self.searches = False, None, gathered, None
 
 
 def call_spent(hold: Hold, usage: dict | None, written: str | None, prices: Prices | None, thinking: bool) -> Spent:
@@ -6952,7 +7138,9 @@ def round_spent(answer: Answer, prices: Prices | None) -> Spent:
     assert r is not None
     reasoning = "".join(answer.reasoning[r.reasoning_at :])
     written = "".join(answer.text[r.text_at :]) + reasoning + (r.gathered.text() if r.gathered else "")
-    return call_spent(r.hold, r.usage, written if r.chunks else None, prices, thinking=bool(reasoning))
+    used = call_spent(r.hold, r.usage, written if r.chunks else None, prices, thinking=bool(reasoning))
+    used.searches = r.searches
+    return used
 
 
 def added_spent(one: Spent | None, other: Spent) -> Spent:
@@ -6977,6 +7165,7 @@ def added_spent(one: Spent | None, other: Spent) -> Spent:
         add(one.cache_creation_tokens, other.cache_creation_tokens),
         one.cost + other.cost if both else None,
         one.currency if both else None,
+        add(one.searches, other.searches),
     )
 
 
@@ -7290,7 +7479,7 @@ class Relay:
     def _start(self, turn: Turn, payload: dict, offer: Offer | None, reserve: bool = False) -> Answer:
         owner, session_id, message_id, model = turn.owner, turn.session_id, turn.answer_id, turn.model
         answer = Answer(owner, session_id, message_id, model, parent_id=turn.question_id, offered=offer is not None)
-        answer.reserve_sent = reserve
+        answer.reserve_sent, answer.search = reserve, turn.search
         if turn.hold is not None:
             answer.call_id, answer.round = turn.hold.call_id, Round(turn.hold)
         if turn.title and self.settings.titles == "model":  # its first answer names the conversation
@@ -7391,10 +7580,12 @@ class Relay:
             gathered, answer.usage = ToolCallAccumulator(), None  # a retried attempt's usage is not counted
             if answer.round is not None:
                 answer.round.attempt(answer, gathered)
-            async with contextlib.aclosing(stream_completion(self.client, s, body)) as deltas:
+            async with contextlib.aclosing(stream_completion(self.client, s, body, answer.search)) as deltas:
                 async for delta in deltas:
                     if answer.round is not None:
                         answer.round.chunks = True
+                    if answer.search is not None:
+                        self._searched(answer, delta)
                     if not self._relay(answer, delta):
                         return  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here, its calls dropped
                     gathered.feed(delta)
@@ -7535,6 +7726,15 @@ class Relay:
                 before = step["text"]
         return answer.full_text[before : first["text"]]
 
+    def _searched(self, answer: Answer, delta: Delta) -> None:
+        """A searched round's delta: its sources, the first time they come, into the log as a `sources`
+        event (before the text the delta carries); its search count so far into the round."""
+        if delta.sources is not None and answer.sources is None:
+            answer.sources = delta.sources
+            answer.emit("sources", {"sources": delta.sources})
+        if delta.searches is not None and answer.round is not None:
+            answer.round.searches = delta.searches
+
     def _relay(self, answer: Answer, delta: Delta) -> bool:
         """One delta into the answer's log; False once the answer is as long as it may be."""
         if answer.first_token_at is None and (delta.content or delta.reasoning):
@@ -7623,6 +7823,7 @@ class Relay:
                 answer.error,
                 answer.pending_calls,
                 final.cost,
+                answer.sources,
             )
         )
         answer.end()
@@ -8559,6 +8760,8 @@ class ChatRequest:
     tool_choice: Any = None
     tool_results: list[dict] | None = None
     files: list[str] = field(default_factory=list)  # the new message's files, by id, in order
+    # its web search: absent (the conversation's setting decides), False (none), or the options (dict)
+    web_search: dict | bool | None = None
 
 
 CHAT_FIELDS = (
@@ -8576,6 +8779,7 @@ CHAT_FIELDS = (
     "tool_choice",
     "server_tools",
     "tool_results",
+    "web_search",
 )
 MAX_CLIENT_TOOLS = 128  # a request's own tools, at most
 FUNCTION_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # the model API's rule for a function's name
@@ -8740,7 +8944,69 @@ def parse_chat(settings: Settings, body: dict) -> ChatRequest:
         tool_choice=parse_tool_choice(body),
         tool_results=tool_results,
         files=files,
+        web_search=parse_web_search(settings, body, "web_search"),
     )
+
+
+# A request's or conversation's `web_search`: true (DashScope's defaults) or an object of these
+# search_options (DashScope's names and values; enable_source is chatsvc's: always true).
+SEARCH_STRATEGIES = ("turbo", "max", "agent", "agent_max")
+SEARCH_FRESHNESS = (7, 30, 180, 365)
+CITATION_FORMATS = ("[<number>]", "[ref_<number>]")
+MAX_ASSIGNED_SITES = 25
+
+
+def parse_web_search(settings: Settings, body: dict, name: str) -> dict | bool | None:
+    """`web_search` as given: None (absent or null), False, or the search options (true: {}). Asking
+    for a search while CHATSVC_WEB_SEARCH=off is 422 web_search_disabled; turning it off while it is
+    `always` is 422 invalid_request."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if value is False:
+        if settings.web_search == "always":
+            raise invalid(f"'{name}' cannot be false: CHATSVC_WEB_SEARCH=always makes every turn search the web.")
+        return False
+    if value is not True and not isinstance(value, dict):
+        raise invalid(f"'{name}' must be true, false, or an object of search options ({', '.join(SEARCH_OPTIONS)}).")
+    if settings.web_search == "off":
+        raise ApiError(
+            422,
+            "web_search_disabled",
+            f"'{name}' asks for a web search, which this service does not make: set CHATSVC_WEB_SEARCH=allowed"
+            " (or always) to turn it on, or leave 'web_search' out.",
+        )
+    if value is True:
+        return {}
+    unknown = [key for key in value if key not in SEARCH_OPTIONS]
+    if unknown:
+        raise invalid(f"'{name}.{unknown[0][:40]}' is not a search option; use {', '.join(SEARCH_OPTIONS)}.")
+    for key, check in SEARCH_OPTIONS.items():
+        if key in value and not check(value[key]):
+            raise invalid(f"'{name}.{key}' must be {SEARCH_RULES[key]}.")
+    return dict(value)
+
+
+SEARCH_OPTIONS: dict[str, Callable[[Any], bool]] = {
+    "forced_search": lambda v: isinstance(v, bool),
+    "search_strategy": lambda v: v in SEARCH_STRATEGIES,
+    "freshness": lambda v: type(v) is int and v in SEARCH_FRESHNESS,
+    "assigned_site_list": lambda v: (
+        isinstance(v, list)
+        and len(v) <= MAX_ASSIGNED_SITES
+        and all(isinstance(site, str) and 0 < len(site) <= 253 for site in v)
+    ),
+    "enable_citation": lambda v: isinstance(v, bool),
+    "citation_format": lambda v: v in CITATION_FORMATS,
+}
+SEARCH_RULES = {
+    "forced_search": "true or false",
+    "search_strategy": " or ".join(SEARCH_STRATEGIES),
+    "freshness": "a number of days: 7, 30, 180 or 365",
+    "assigned_site_list": f"a list of at most {MAX_ASSIGNED_SITES} site names (strings)",
+    "enable_citation": "true or false",
+    "citation_format": '"[<number>]" or "[ref_<number>]"',
+}
 
 
 # ── Conversation files: the JSON export, and an import read back field by field ────────
@@ -9553,6 +9819,7 @@ def present_conversation(settings: Settings, row: dict) -> dict:
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
         "current_message_id": row["current_message_id"],
+        "web_search": stored_json(row["web_search"]),
         "title_usage": {name: row[f"title_{name}"] for name in USAGE_FIELDS}
         if row["title_total_tokens"] is not None or row["title_prompt_tokens"] is not None
         else None,
@@ -9612,6 +9879,8 @@ def present_message(
         "error": {"code": row["error_code"], "message": row["error_message"]} if row["error_code"] else None,
         "usage": usage,
         **(cost.shown() if cost is not None else {}),
+        **({"sources": json.loads(row["sources"])} if row.get("sources") is not None else {}),
+        **({"searches": row["searches"]} if row.get("searches") is not None else {}),
         "created_at": row["created_at"],
     }
 
@@ -9793,8 +10062,11 @@ async def update_conversation(request: Request) -> Response:
     st = state(request)
     key = conversation_key(request)
     body = await read_json(request, st.settings)
-    check_fields(body, ("title", "system_prompt", "model", "current_message_id"))
+    check_fields(body, ("title", "system_prompt", "model", "current_message_id", "web_search"))
     changes: dict[str, Any] = {}
+    if "web_search" in body:  # null or false: the conversation does not search (unless CHATSVC_WEB_SEARCH=always)
+        search = parse_web_search(st.settings, body, "web_search")
+        changes["web_search"] = json_column(search) if isinstance(search, dict) else None
     if "title" in body:
         changes["title"] = optional_text(body, "title", 200)
         changes["title_source"] = "client" if changes["title"] is not None else None
@@ -10742,6 +11014,8 @@ async def chat(request: Request) -> Response:
         reply["steps"] = [{"type": step["type"], "data": step["data"]} for step in answer.steps]
     if answer.usage is not None:  # when reported
         reply["usage"] = shown_usage(answer.usage)
+    if answer.sources is not None:  # a searched answer's
+        reply["sources"] = answer.sources
     cost = answer_cost(answer, state(request).settings.prices)
     return JSONResponse(reply if cost is None else {**reply, **cost.shown()})
 

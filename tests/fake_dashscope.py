@@ -251,6 +251,52 @@ class Reply:
         return cls(status=status, pieces=[json.dumps(body).encode()])
 
 
+# DashScope's native endpoint (POST /api/v1/services/aigc/text-generation/generation with
+# X-DashScope-SSE: enable), in the shapes of its documented example (web search, incremental_output):
+# `id:N`, `event:result`, `:HTTP_STATUS/200`, `data:` one object; the first with search_info and "",
+# finish_reason the string "null" until the last, usage running totals, no [DONE].
+NATIVE_PATH = "/api/v1/services/aigc/text-generation/generation"
+SEARCH_RESULTS = [
+    {"site_name": "百家号", "icon": "https://baijiahao.baidu.com/favicon.ico", "index": 1,
+     "title": "全年高温日数可能创新高,杭州何时能“熄火”?", "url": "https://baijiahao.baidu.com/s?id=1843390963791748953"},
+    {"site_name": "eastday", "icon": "https://img.alicdn.com/x.ico", "index": 2,
+     "title": "杭州天气预报杭州2025年09月17日天气", "url": "https://tianqi.eastday.com/tianqi/hangzhou/20250917.html"},
+]  # fmt: skip
+
+
+def native_frame(n: int, body: dict, status: int = 200) -> bytes:
+    data = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    return f"id:{n}\nevent:result\n:HTTP_STATUS/{status}\ndata:{data}\n\n".encode()
+
+
+def native_events(
+    chunks: list[str], *, results=SEARCH_RESULTS, searches: int | None = 1, finish="stop", input_tokens=2940
+) -> list[bytes]:
+    """A searched answer's frames: the first carries the search results and no text; each chunk's
+    usage is the running total; the last has the finish_reason."""
+    plugins = {"plugins": {"search": {"count": searches}}} if searches is not None else {}
+
+    def usage(out: int) -> dict:
+        return {"total_tokens": input_tokens + out, "output_tokens": out, "input_tokens": input_tokens, **plugins}
+
+    frames = []
+    first = {"choices": [{"message": {"content": "", "role": "assistant"}, "finish_reason": "null"}]}
+    if results is not None:
+        first["search_info"] = {"search_results": results}
+    frames.append({"output": first, "usage": {}, "request_id": "fake-native"})
+    for k, chunk in enumerate(chunks, 1):
+        last = k == len(chunks)
+        choice = {"message": {"content": chunk, "role": "assistant"}, "finish_reason": finish if last else "null"}
+        frames.append({"output": {"choices": [choice]}, "usage": usage(k), "request_id": "fake-native"})
+    return [native_frame(n, body) for n, body in enumerate(frames, 1)]
+
+
+def native_error(status: int, code: str, message: str) -> Reply:
+    """A native error body: `{"code", "message", "request_id"}` with the HTTP status."""
+    body = json.dumps({"code": code, "message": message, "request_id": "fake-native"}).encode()
+    return Reply(status=status, pieces=[body])
+
+
 _CALL_IDS = itertools.count(1)  # the fake's call ids, unique in a test run
 
 

@@ -1,0 +1,230 @@
+"""Answers from the web (docs/CONTRACT.md, "Answers from the web"): CHATSVC_WEB_SEARCH, a request's
+and a conversation's `web_search`, the call to DashScope's native endpoint (its body, byte for byte as
+JSON), the `sources` event before the text, the stored sources and search counts, and its errors."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from fake_dashscope import NATIVE_PATH, Reply, native_error, native_events, native_frame
+from live import LiveServer, SSEReader, parse_events
+from support import wait_for
+
+import chatsvc
+
+API = "/api/v1"
+SOURCES = [
+    {"index": 1, "title": "全年高温日数可能创新高,杭州何时能“熄火”?", "url": "https://baijiahao.baidu.com/s?id=1843390963791748953",
+     "site": "百家号"},
+    {"index": 2, "title": "杭州天气预报杭州2025年09月17日天气", "url": "https://tianqi.eastday.com/tianqi/hangzhou/20250917.html",
+     "site": "eastday"},
+]  # fmt: skip
+SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
+
+
+def searched(chunks=("Hot [1]", " today [ref_2]."), **kw) -> Reply:
+    return Reply.of_events(native_events(list(chunks), **kw))
+
+
+def test_off_refuses_a_request_or_conversation_that_asks(client, fake):
+    r = client.post(f"{API}/chat/s1", json={"message": "hi", "web_search": True})
+    assert r.status_code == 422 and r.json()["code"] == "web_search_disabled"
+    assert "CHATSVC_WEB_SEARCH=allowed" in r.json()["detail"]
+    client.post(f"{API}/context/conversations", json={"session_id": "s2"})
+    r = client.patch(f"{API}/context/conversations/s2", json={"web_search": {"forced_search": True}})
+    assert r.status_code == 422 and r.json()["code"] == "web_search_disabled"
+    assert fake.requests == []
+    r = client.post(f"{API}/chat/s1", json={"message": "hi", "web_search": False})  # asks for nothing
+    assert r.status_code == 200 and "sources" not in r.json()
+    assert fake.requests[0].path == "/compatible-mode/v1/chat/completions"
+
+
+def test_a_searched_stream_sends_sources_before_the_text_and_stores_them(make_service, fake):
+    service = make_service(CHATSVC_WEB_SEARCH="allowed")
+    fake.push(searched())
+    with service.client() as client:
+        options = {"forced_search": True, "enable_citation": True, "citation_format": "[ref_<number>]"}
+        r = client.post(
+            f"{API}/chat/s1/stream", json={"message": "weather?", "web_search": options, "temperature": 0.5}
+        )
+        events = parse_events(r.content)
+        assert [e["type"] for e in events] == ["start", "sources", "chunk", "chunk", "end"]
+        mid = events[0]["data"]["message_id"]
+        assert [e["id"] for e in events] == [f"{mid}:{n}" for n in range(5)]
+        assert events[1]["data"] == {"sources": SOURCES}
+        end = events[-1]["data"]
+        assert end["full_text"] == "Hot [1] today [ref_2]."  # citation marks stay as the model wrote them
+        assert end["sources"] == SOURCES
+        assert end["usage"] == {"prompt_tokens": 2940, "completion_tokens": 2, "total_tokens": 2942}
+        seen = fake.requests[0]
+        assert seen.path == NATIVE_PATH
+        assert seen.headers["x-dashscope-sse"] == "enable" and seen.headers["accept"] == "text/event-stream"
+        assert seen.headers["authorization"] == "Bearer sk-test-key"
+        assert seen.body == {
+            "model": "qwen-plus",
+            "input": {"messages": [SYSTEM, {"role": "user", "content": "weather?"}]},
+            "parameters": {
+                "result_format": "message",
+                "incremental_output": True,
+                "temperature": 0.5,
+                "enable_search": True,
+                "search_options": {"enable_source": True, **options},
+            },
+        }
+        row = service.rows("SELECT sources, searches, status FROM messages WHERE id = ?", mid)[0]
+        assert json.loads(row["sources"]) == SOURCES and row["searches"] == 1 and row["status"] == "complete"
+        calls = service.rows("SELECT searches, prompt_tokens, purpose FROM usage_calls WHERE message_id = ?", mid)
+        assert calls == [{"searches": 1, "prompt_tokens": 2940, "purpose": "answer"}]
+        shown = client.get(f"{API}/context/conversations/s1").json()["messages"][-1]
+        assert shown["sources"] == SOURCES and shown["searches"] == 1
+        # the plain reply carries them too
+        fake.push(searched(["Again."], searches=2))
+        reply = client.post(f"{API}/chat/s1", json={"message": "more", "web_search": True}).json()
+        assert reply["sources"] == SOURCES and reply["response"] == "Again."
+        assert fake.requests[1].body["parameters"]["search_options"] == {"enable_source": True}
+
+
+def test_a_turn_without_search_sends_the_same_body_as_before(make_service, fake):
+    bodies = []
+    for mode in ("off", "allowed"):
+        service = make_service(CHATSVC_WEB_SEARCH=mode)
+        fake.reset()
+        with service.client() as client:
+            r = client.post(f"{API}/chat/s{mode}/stream", json={"message": "hi", "max_tokens": 7})
+            types = [e["type"] for e in parse_events(r.content)]
+            assert types[0] == "start" and types[-1] == "end" and "sources" not in types
+            assert all("sources" not in e["data"] for e in parse_events(r.content))
+        assert fake.requests[0].path == "/compatible-mode/v1/chat/completions"
+        bodies.append(fake.requests[0].body)
+    assert (
+        bodies[0]
+        == bodies[1]
+        == {
+            "model": "qwen-plus",
+            "messages": [SYSTEM, {"role": "user", "content": "hi"}],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": 7,
+        }
+    )
+
+
+def test_the_conversation_setting_and_the_request_that_overrides_it(make_service, fake):
+    service = make_service(CHATSVC_WEB_SEARCH="allowed")
+    with service.client() as client:
+        client.post(f"{API}/context/conversations", json={"session_id": "s1"})
+        r = client.patch(f"{API}/context/conversations/s1", json={"web_search": {"freshness": 7}})
+        assert r.status_code == 200 and r.json()["web_search"] == {"freshness": 7}
+        assert client.get(f"{API}/context/conversations/s1").json()["web_search"] == {"freshness": 7}
+        fake.push(searched(), Reply.answer(["plain"]), searched(["x"]))
+        assert client.post(f"{API}/chat/s1", json={"message": "a"}).json()["sources"] == SOURCES
+        assert fake.requests[0].body["parameters"]["search_options"] == {"enable_source": True, "freshness": 7}
+        plain = client.post(f"{API}/chat/s1", json={"message": "b", "web_search": False}).json()
+        assert "sources" not in plain and fake.requests[1].path.endswith("/chat/completions")
+        client.post(f"{API}/chat/s1", json={"message": "c", "web_search": {"search_strategy": "max"}})
+        assert fake.requests[2].body["parameters"]["search_options"] == {
+            "enable_source": True,
+            "search_strategy": "max",
+        }
+        r = client.patch(f"{API}/context/conversations/s1", json={"web_search": None})
+        assert r.json()["web_search"] is None
+        fake.push(Reply.answer(["plain"]))
+        client.post(f"{API}/chat/s1", json={"message": "d"})
+        assert fake.requests[3].path.endswith("/chat/completions")
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        ({"forced_search": "yes"}, "web_search.forced_search"),
+        ({"search_strategy": "pro"}, "web_search.search_strategy"),
+        ({"freshness": 8}, "web_search.freshness"),
+        ({"assigned_site_list": ["a"] * 26}, "web_search.assigned_site_list"),
+        ({"citation_format": "<1>"}, "web_search.citation_format"),
+        ({"enable_source": False}, "web_search.enable_source"),
+        ("yes", "'web_search'"),
+    ],
+)
+def test_invalid_search_options_are_refused_by_name(make_service, fake, value, named):
+    service = make_service(CHATSVC_WEB_SEARCH="allowed")
+    with service.client() as client:
+        r = client.post(f"{API}/chat/s1", json={"message": "hi", "web_search": value})
+    assert r.status_code == 422 and r.json()["code"] == "invalid_request" and named in r.json()["detail"]
+    assert fake.requests == []
+
+
+def test_always_searches_every_turn(make_service, fake):
+    service = make_service(CHATSVC_WEB_SEARCH="always")
+    fake.push(searched(), searched())
+    with service.client() as client:
+        client.post(f"{API}/chat/s1", json={"message": "a"})
+        client.post(f"{API}/chat/s1", json={"message": "b", "web_search": {"forced_search": True}})
+        r = client.post(f"{API}/chat/s1", json={"message": "c", "web_search": False})
+        assert r.status_code == 422 and "CHATSVC_WEB_SEARCH=always" in r.json()["detail"]
+    assert [s.path for s in fake.requests] == [NATIVE_PATH, NATIVE_PATH]
+    assert fake.requests[0].body["parameters"]["search_options"] == {"enable_source": True}
+    assert fake.requests[1].body["parameters"]["search_options"] == {"enable_source": True, "forced_search": True}
+
+
+def test_native_errors_map_to_the_same_refusals(make_service, fake):
+    service = make_service(CHATSVC_WEB_SEARCH="allowed")
+    fake.push(
+        native_error(400, "InvalidParameter", "Range of input length should be [1, 6000]"),
+        native_error(401, "InvalidApiKey", "Invalid API-key provided."),
+        native_error(400, "DataInspectionFailed", "Input data may contain inappropriate content."),
+        Reply.of_events(
+            [
+                *native_events(["part"], finish="null")[:2],
+                native_frame(3, {"code": "InternalError", "message": "boom", "request_id": "r"}, status=500),
+            ]
+        ),
+    )
+    with service.client() as client:
+        got = [client.post(f"{API}/chat/s1", json={"message": "hi", "web_search": True}) for _ in range(4)]
+    assert [(r.status_code, r.json()["code"]) for r in got] == [
+        (422, "context_too_long"),
+        (502, "upstream_auth"),
+        (422, "content_filtered"),
+        (502, "upstream_error"),
+    ]
+    assert "Range of input length" in got[0].json()["detail"] and got[3].json()["partial_text"] == "part"
+    row = service.rows("SELECT status, content, sources FROM messages WHERE role = 'assistant' ORDER BY id")[-1]
+    assert row["status"] == "failed" and row["content"] == "part" and json.loads(row["sources"]) == SOURCES
+
+
+def test_resume_replays_the_sources_and_a_stop_keeps_them(make_service, fake):
+    service = make_service(CHATSVC_WEB_SEARCH="allowed")
+    hold = threading.Event()
+    fake.push(Reply.of_events(native_events(["one", " two", " three"]), hold=hold, hold_at=2))
+    with LiveServer(service.settings) as live, live.client() as client:
+        reader = SSEReader(client, "POST", f"{API}/chat/s1/stream", json={"message": "q", "web_search": True})
+        start, sources, chunk = reader.next_event(), reader.next_event(), reader.next_event()
+        assert (sources["type"], chunk["type"]) == ("sources", "chunk")
+        again = live.reader("GET", f"{API}/chat/s1/stream", headers={"Last-Event-ID": start["id"]})
+        assert again.next_event() == sources and again.next_event() == chunk
+        with live.client() as other:
+            assert other.post(f"{API}/chat/s1/stop").json()["stopped"] is True
+        end = reader.until_end()[-1]
+        assert end["type"] == "end" and end["data"]["finish_reason"] == "stopped"
+        assert end["data"]["sources"] == SOURCES
+        assert again.until_end()[-1] == end
+        hold.set()
+        reader.close(), again.close()
+    mid = start["data"]["message_id"]
+    row = service.rows("SELECT status, content, sources FROM messages WHERE id = ?", mid)[0]
+    assert row["status"] == "stopped" and row["content"] == "one" and json.loads(row["sources"]) == SOURCES
+    wait_for(lambda: service.rows("SELECT 1 FROM usage_calls WHERE message_id = ? AND state = 'settled'", mid))
+
+
+def test_web_search_needs_a_native_endpoint_at_start(fake):
+    env = {"DASHSCOPE_BASE_URL": "http://127.0.0.1:8080/v1", "CHATSVC_WEB_SEARCH": "allowed"}
+    with pytest.raises(ValueError, match="CHATSVC_DASHSCOPE_NATIVE_URL") as caught:
+        chatsvc.Settings.from_env(env, env_file=None)
+    assert "CHATSVC_WEB_SEARCH=off" in str(caught.value)
+    given = chatsvc.Settings.from_env({**env, "CHATSVC_DASHSCOPE_NATIVE_URL": "http://x/gen/"}, env_file=None)
+    assert given.native_url == "http://x/gen"
+    derived = chatsvc.Settings.from_env({"CHATSVC_WEB_SEARCH": "always"}, env_file=None)
+    assert derived.native_url == "https://dashscope.aliyuncs.com/api/v1/services/aigc/text-generation/generation"
+    assert chatsvc.Settings.from_env({"DASHSCOPE_BASE_URL": "http://127.0.0.1:8080/v1"}, env_file=None)  # off: fine
