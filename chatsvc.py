@@ -11146,6 +11146,9 @@ def openapi_document(settings: Settings) -> bytes:
     for name in ("ChatRequest", "ConversationCreate", "ConversationPatch"):
         schemas[name]["properties"]["model"]["enum"] = [*settings.models, None]
     schemas["ConversationFile"]["properties"]["conversation"]["properties"]["model"]["enum"] = [*settings.models, None]
+    if settings.web_search == "off":  # a request that asks is refused (web_search_disabled)
+        for name in ("ChatRequest", "ConversationPatch"):
+            schemas[name]["properties"]["web_search"]["enum"] = [False, None]
     return json.dumps(doc, ensure_ascii=False).encode()
 
 

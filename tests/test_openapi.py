@@ -35,6 +35,8 @@ def test_the_document_is_served(client):
     for name in ("ChatRequest", "ConversationCreate", "ConversationPatch"):
         assert served["components"]["schemas"][name]["properties"]["model"].pop("enum") == ["qwen-plus", None]
     schemas = served["components"]["schemas"]
+    for name in ("ChatRequest", "ConversationPatch"):  # CHATSVC_WEB_SEARCH=off: asking is refused
+        assert schemas[name]["properties"]["web_search"].pop("enum") == [False, None]
     file_model = schemas["ConversationFile"]["properties"]["conversation"]["properties"]["model"]
     assert file_model["enum"] == ["qwen-plus", None]
     file_model["enum"] = None  # as docs/openapi.json has it
