@@ -2468,7 +2468,7 @@ COPY_CHUNK_CHARS = 1_000_000
 STAGED_OWNER = "\x01staged"
 
 _INTEGER_COLUMNS = frozenset(
-    {"prompt_tokens", "completion_tokens", "total_tokens", "last_seq", "reasoning_tokens", "cached_tokens"}
+    {"prompt_tokens", "completion_tokens", "total_tokens", "last_seq", "reasoning_tokens", "cached_tokens", "searches"}
 )
 _BIGINT_COLUMNS = frozenset({"cost_micros"})
 _TOOL_COLUMNS = ("tool_steps", "tool_results")  # JSON text, counted with the text
