@@ -371,7 +371,7 @@ class Settings:
         cast=lambda v: v.rstrip("/"),
     )
     ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
-    shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 10.0, "s running answers get after SIGTERM")
+    shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 8.0, "s running answers get after SIGTERM")
     host: str = setting("HOST", "0.0.0.0", "address to listen on")
     port: int = setting("PORT", 8000, "port to listen on")
     log_level: str = setting("LOG_LEVEL", "info", "debug, info, warning or error", cast=lambda v: v.lower())
@@ -11669,20 +11669,133 @@ def __getattr__(name: str) -> Any:
 # ── CLI: the chatsvc command, and the server it runs ───────────────────────────────────
 
 
+def masked_url(url: str) -> str:
+    """A URL as a message may show it: a password in it replaced by ***."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.partition("@") if "@" in rest.split("/", 1)[0] else ("", "", rest)
+    if ":" in userinfo:
+        userinfo = userinfo.split(":", 1)[0] + ":***"
+    return f"{scheme}{sep}{userinfo}{at}{host}"
+
+
+SQLITE_URL_EXAMPLE = "sqlite+aiosqlite:///./chatsvc.db"
+POSTGRES_URL_EXAMPLE = "postgresql://user:password@host:5432/chatsvc"
+
+
+def database_url_problem(url: str) -> str | None:
+    """What keeps DATABASE_URL from being used, before anything connects, as one sentence naming the
+    setting, its value (its password masked), the cause and what to do; None when it looks usable.
+    A SQLite file's folder is checked too: it must exist and be writable (the file, its -wal and
+    -journal files and its .lock are made there)."""
+    shown = f"DATABASE_URL={masked_url(url)!r}"
+    parsed = DatabaseURL(url)
+    if "://" not in url or not parsed.scheme:
+        return (
+            f"{shown} is not a database URL: set it to a SQLite file ({SQLITE_URL_EXAMPLE}) or a PostgreSQL"
+            f" database ({POSTGRES_URL_EXAMPLE})."
+        )
+    if parsed.dialect not in ("sqlite", "postgresql", "postgres") or parsed.driver not in ("", "aiosqlite", "asyncpg"):
+        return (
+            f"{shown}: chatsvc does not support {parsed.scheme!r} databases, only SQLite ({SQLITE_URL_EXAMPLE})"
+            f" and PostgreSQL ({POSTGRES_URL_EXAMPLE}): change DATABASE_URL."
+        )
+    if parsed.dialect != "sqlite":
+        try:
+            import asyncpg  # noqa: F401
+        except ImportError:
+            return (
+                f"{shown} is a PostgreSQL database, but its driver (asyncpg) is not installed: install chatsvc"
+                " with its postgres extra (pip install 'chatsvc[postgres]'), or use a SQLite DATABASE_URL."
+            )
+        return None
+    database = parsed.database
+    if not database or database == ":memory:":
+        return None
+    path = Path(database).absolute()
+    folder = path.parent
+    if not folder.is_dir():
+        return (
+            f"{shown}: the folder {folder} for its SQLite file does not exist: create it (mkdir -p {folder})"
+            " or point DATABASE_URL at a file in a folder that does."
+        )
+    writable = os.access(folder, os.W_OK | os.X_OK) and (not path.exists() or os.access(path, os.R_OK | os.W_OK))
+    if not writable:
+        where = folder if not path.exists() or not os.access(folder, os.W_OK) else path
+        if os.getuid() == 0:  # not a matter of owners: a read-only file system, or an immutable folder
+            return (
+                f"{shown}: {where} cannot be written (a read-only file system or folder), and SQLite writes the"
+                " database and its journal there: make it writable, or point DATABASE_URL elsewhere."
+            )
+        return (
+            f"{shown}: {where} is not writable by this process (uid {os.getuid()}), and SQLite writes the"
+            f" database and its journal there: make it writable for uid {os.getuid()} (in a container,"
+            f" `chown {os.getuid()}:{os.getgid()}` the host folder mounted there, or run the container"
+            " with --user set to the folder's owner), or point DATABASE_URL elsewhere."
+        )
+    return None
+
+
+def not_made_yet(url: str) -> bool:
+    """A SQLite database whose file does not exist yet (the server makes it at its first start)."""
+    path = Database(url).sqlite_path
+    return bool(path) and not os.path.exists(path)
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """The address the server is to listen on, tried before anything else starts: in use (another
+    server), or not this machine's. A moment later another process may still take it; then uvicorn
+    says so in its own words."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"HOST={host!r} is not an address of this machine ({exc.strerror}): set HOST to 0.0.0.0 or 127.0.0.1."
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return (
+                    f"PORT={port} on HOST={host!r} is already in use (another chatsvc or another server listens"
+                    " there): stop that server, or set PORT to a free port."
+                )
+            return f"PORT={port} on HOST={host!r} cannot be listened on ({exc.strerror}): set HOST or PORT."
+    return None
+
+
+def page_addresses(settings: Settings) -> list[str]:
+    """Where a person opens the pages this configuration serves (for the start's log)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    base = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+    return [
+        *([f"the playground at {base}/"] if settings.playground else []),
+        *([f"the API docs at {base}/docs"] if settings.docs else []),
+    ]
+
+
 async def check(settings: Settings, upstream: bool) -> list[str]:
     """What keeps this configuration from working, as sentences; empty when all is well."""
     problems = []
     if not settings.dashscope_api_key:
         problems.append("DASHSCOPE_API_KEY is not set: chat requests would answer 503 not_configured.")
-    store = Store(settings.database_url)
-    try:
-        await asyncio.wait_for(store.open(upgrade=False), timeout=10)
-        await store.db.ping()
-    except Exception as exc:
-        problems.append(f"The database at DATABASE_URL cannot be used: {type(exc).__name__}: {exc}")
-    finally:
-        with contextlib.suppress(Exception):
-            await store.close()
+    if problem := database_url_problem(settings.database_url):
+        problems.append(problem)
+    elif not_made_yet(settings.database_url):
+        pass  # nothing to open (and none made here): the server creates the file at its first start
+    else:
+        store = Store(settings.database_url)
+        try:
+            await asyncio.wait_for(store.open(upgrade=False), timeout=10)
+            await store.db.ping()
+        except Exception as exc:
+            shown = masked_url(settings.database_url)
+            problems.append(f"The database at DATABASE_URL={shown!r} cannot be used: {type(exc).__name__}: {exc}")
+        finally:
+            with contextlib.suppress(Exception):
+                await store.close()
     if settings.mcp_servers:
         problems += await check_tools(settings)
     if upstream and settings.dashscope_api_key:
@@ -11752,10 +11865,17 @@ def main(argv: list[str] | None = None) -> int:
             checked = ", ".join(done) + (" and model service" if args.check_upstream else "")
             print(f"chatsvc: {checked} OK ({settings.dashscope_base_url}, model {settings.chat_model})")
         return 1 if problems else 0
+    # Setup mistakes, each refused in one sentence before anything starts (exit 2: the configuration).
+    for problem in (database_url_problem(settings.database_url), port_problem(settings.host, settings.port)):
+        if problem:
+            print(f"chatsvc: {problem}", file=sys.stderr)
+            return 2
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     log.addHandler(handler)
     log.setLevel(settings.log_level.upper())
+    if not settings.dashscope_api_key:
+        log.warning("DASHSCOPE_API_KEY is not set: chat requests answer 503 not_configured until it is set")
     raise_open_file_limit()
     # uvicorn re-raises SIGTERM/SIGINT once it has shut down; a no-op handler there makes a clean
     # shutdown exit 0, which is what container runtimes and supervisors expect.
@@ -11774,8 +11894,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatsvc: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        print(f"chatsvc: the database at DATABASE_URL cannot be used: {type(exc).__name__}: {exc}", file=sys.stderr)
+        shown = masked_url(settings.database_url)
+        print(
+            f"chatsvc: the database at DATABASE_URL={shown!r} cannot be used: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+        )
         return 1
+    if addresses := page_addresses(settings):
+        log.info("chatsvc %s: %s", __version__, ", ".join(addresses))
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -61,7 +61,7 @@ def build_context(root: Path) -> list[str]:
 
 
 def copy_lines(dockerfile: Path) -> list[tuple[list[str], str]]:
-    """(sources, destination) of each COPY of the first stage that copies from the context."""
+    """(sources, destination) of each COPY, in any stage, that copies from the context (not --from)."""
     text = re.sub(r"\\\n", " ", dockerfile.read_text())
     copies, stage = [], 0
     for line in text.splitlines():
@@ -70,7 +70,7 @@ def copy_lines(dockerfile: Path) -> list[tuple[list[str], str]]:
             continue
         if words[0].upper() == "FROM":
             stage += 1
-        if stage == 1 and words[0].upper() == "COPY" and not any(w.startswith("--from") for w in words):
+        if stage >= 1 and words[0].upper() == "COPY" and not any(w.startswith("--from") for w in words):
             args = [w for w in words[1:] if not w.startswith("--")]
             copies.append((args[:-1], args[-1]))
     return copies
