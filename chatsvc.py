@@ -7057,7 +7057,7 @@ class Answer:
 
     async def events(self, start: int = 0) -> AsyncIterator[bytes]:
         """The log from `start` on, live, as byte batches of at most BATCH_EVENTS events."""
-        position = start
+        position = start if type(self.log) is list else max(start, self.log.first)  # an EventLog starts later
         while True:
             wake = self._wake
             if position < len(self.log):
@@ -7386,11 +7386,13 @@ class Registry:
                 answer = await asyncio.wait_for(self.next_after(key, previous), REPLAY_WAIT) or previous
             except asyncio.TimeoutError:
                 answer = previous
+            position = answer.base
         while True:  # 4. then every later answer, live
             if answer is None:
-                answer, position = await self.next_after(key, previous), 0
+                answer = await self.next_after(key, previous)
                 if answer is None:  # the service is shutting down: EventSource reconnects elsewhere
                     return
+                position = answer.base  # a continuation: from its own `start`
             answer.delivered = True
             async for batch in answer.events(position):
                 yield batch

@@ -236,10 +236,15 @@ def test_stream_wire_and_resumes(live, fake, service):
     old_last = int(old_end["id"].rsplit(":", 1)[1])
     assert answer_row(service)["last_seq"] == old_last
     fake.push(Reply.answer(["B1 ", "B2"], usage=U2))
+    first = live.reader("GET", f"{API}/chat/s1/stream")  # the stopped answer, which no listener had, replayed
+    assert first.until_end()[-1] == old_end
+    waiting = live.reader("GET", f"{API}/chat/s1/stream")  # then a listener waiting for the next answer
+    wait_for(lambda: live.listeners("s1") == 2)
     with live.client() as client:
         r = client.post(f"{API}/chat/s1/stream", json={"continue": mid})
     assert r.status_code == 200
     events = parse_events(r.content)
+    assert waiting.until_end() == events  # from the continuation's start, as the POST stream
     seqs = [int(e["id"].rsplit(":", 1)[1]) for e in events]
     assert seqs == list(range(old_last + 1, old_last + 1 + len(events)))
     assert events[0]["type"] == "start" and events[0]["data"]["continues"] == {"message_id": mid, "chars": 6}
@@ -313,3 +318,37 @@ def test_concurrent_continues_one_409(live, fake, service):
         t.join(10)
     assert sorted(results) == [200, 409]
     assert answer_row(service)["continued"] == 1
+
+
+# ── replicas (PostgreSQL, real processes) ──────────────────────────────────────────────
+
+from test_replicas import channel_listeners, cluster, slow  # noqa: E402, F401  (the cluster fixture)
+
+
+@pytest.mark.slow
+def test_killed_answer_continued_on_another_replica_and_followed_on_a_third(cluster, fake):  # noqa: F811
+    service, a, b, replica = cluster
+    fake.push(slow(400))
+    poster = SSEReader(b.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
+    for _ in range(5):
+        poster.next_event()
+    b.kill()  # SIGKILL: a finds its heartbeat gone and stores the answer interrupted
+    mid = poster.events[0]["data"]["message_id"]
+    wait_for(lambda: service.rows("SELECT status FROM messages WHERE role = 'assistant'")[0]["status"] == "interrupted")
+    stored = service.rows("SELECT content, last_seq FROM messages WHERE role = 'assistant'")[0]
+    assert stored["last_seq"] == chatsvc.INTERRUPTED_SEQ and stored["content"].startswith("w0 ")
+    c = replica()
+    c.start()
+    listener = SSEReader(c.client(), "GET", f"{API}/chat/s1/stream")
+    wait_for(lambda: channel_listeners(c) == 1, 30)
+    fake.push(Reply.answer(["and ", "more"], pause=0.02, usage=U2))
+    with a.client() as client:
+        posted = SSEReader(client, "POST", f"{API}/chat/s1/stream", json={"continue": mid}).until_end()
+    heard = listener.until_end()
+    assert heard == posted  # the same ids, types and data on the replica that followed it
+    assert posted[0]["id"] == f"{mid}:{chatsvc.INTERRUPTED_SEQ + 1}"
+    assert posted[0]["data"]["continues"] == {"message_id": mid, "chars": len(stored["content"])}
+    assert posted[-1]["data"]["full_text"] == stored["content"] + "and more"
+    row = service.rows("SELECT content, status, continued FROM messages WHERE role = 'assistant'")[0]
+    assert row == {"content": stored["content"] + "and more", "status": "complete", "continued": 1}
+    listener.close()
