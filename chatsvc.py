@@ -179,6 +179,9 @@ _CASTS: dict[str, Callable[[str], Any]] = {
 }
 
 
+CONTINUE_STYLES = ("partial", "continue_final_message", "prefill", "off")  # CHATSVC_CONTINUE_STYLE
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the service reads from its environment (or `.env`), read once at start."""
@@ -204,6 +207,13 @@ class Settings:
         cast=lambda v: _choice(v.lower(), ("model", "first-line", "off"), "CHATSVC_TITLES"),
     )
     title_model: str | None = setting("CHATSVC_TITLE_MODEL", None, "the model that writes titles (CHAT_MODEL if unset)")
+    continue_style: str = setting(
+        "CHATSVC_CONTINUE_STYLE",
+        "partial",
+        'how the model is asked to continue a stored answer ({"continue": id}): partial (DashScope\'s partial'
+        " mode), continue_final_message (vLLM), prefill (llama.cpp, Ollama: a trailing assistant message) or off",
+        cast=lambda v: _choice(v.lower(), CONTINUE_STYLES, "CHATSVC_CONTINUE_STYLE"),
+    )
     max_import_bytes: int = setting("CHATSVC_MAX_IMPORT_BYTES", 64 * 1024 * 1024, "largest conversation to import")
     max_context_messages: int = setting("CHATSVC_MAX_CONTEXT_MESSAGES", 20, "history messages sent to the model")
     max_context_tokens: int = setting("CHATSVC_MAX_CONTEXT_TOKENS", 6000, "estimated tokens sent to the model")
@@ -925,6 +935,13 @@ class OverLimit(Refusal):
         self.limit, self.size, self.used, self.resets_at = limit, size, used, resets_at
 
 
+class NotContinuable(Refusal):
+    """`continue` names an answer whose text cannot be continued (it is whole, empty, waits for tool
+    results, or has replies)."""
+
+    code = "not_continuable"
+
+
 class SearchBusy(Refusal):
     """SQLite: other searches held the search connection for a whole budget: this one never started."""
 
@@ -935,6 +952,7 @@ class SearchBusy(Refusal):
 HTTP_STATUS = {
     "not_found": 404,
     "conversation_busy": 409,
+    "not_continuable": 409,
     "context_too_long": 422,
     "search_too_costly": 422,
     "search_busy": 503,
@@ -2050,7 +2068,7 @@ MESSAGE_PAGE_BYTES = 1_048_576  # GET .../messages: a page's messages stop at th
 _MESSAGE_COLUMNS = (
     "id, parent_id, role, content, reasoning_content, status, model, finish_reason, error_code,"
     " error_message, prompt_tokens, completion_tokens, total_tokens, last_seq, created_at, tool_steps, tool_results,"
-    " reasoning_tokens, cached_tokens, cost_micros, currency, sources, searches"
+    " reasoning_tokens, cached_tokens, cost_micros, currency, sources, searches, continued"
 )
 _MESSAGE_COLUMN_NAMES = tuple(_MESSAGE_COLUMNS.split(", "))
 _M_COLUMNS = ", ".join("m." + name for name in _MESSAGE_COLUMN_NAMES)
@@ -2318,6 +2336,52 @@ class Tree:
                 await self._attach_files(turn)
             return await self.usage.admit(turn.hold) if turn.hold is not None else None
 
+    async def begin_continuation(self, cont: Continuation) -> Limits | None:
+        """The answer `cont` continues goes back to `streaming` (its text as it is, `continued` + 1,
+        `last_seq` past every event id it had: its continuation's events come after) and becomes the
+        current leaf, if it is still as it was read (its status and last event, no replies); then, with
+        `cont.hold`, its model call is admitted (Usage.admit). All or nothing, as begin_turn: a refusal
+        leaves the answer as it was. Another answer of the conversation `streaming`, or a concurrent
+        continuation of this one: ConversationBusy."""
+        async with self.db.transaction():
+            values = {
+                "owner": cont.owner,
+                "sid": cont.session_id,
+                "id": cont.answer_id,
+                "status": cont.status,
+                "old_seq": cont.old_seq,
+                "seq": cont.base + 1,  # the row holds what the continuation's `start` says
+                "model": cont.model,
+                "now": utcnow(),
+            }
+            if await self.conversations.lock(cont.owner, cont.session_id) is None:
+                raise message_not_found(cont.session_id, cont.answer_id)
+            try:
+                row = await self.db.fetch_one(
+                    "UPDATE messages SET status = 'streaming', continued = continued + 1, last_seq = :seq,"
+                    " finish_reason = NULL, error_code = NULL, error_message = NULL, model = :model,"
+                    f" updated_at = {self.db.heartbeat_now} WHERE id = :id AND owner = :owner AND session_id = :sid"
+                    " AND status = :status AND COALESCE(last_seq, -1) = :old_seq"
+                    " AND NOT EXISTS (SELECT 1 FROM messages c WHERE c.parent_id = :id) RETURNING id",
+                    values,
+                    role=WRITE,
+                )
+            except Exception as exc:
+                if _violation(exc) == "unique":
+                    raise busy(cont.session_id) from None
+                raise
+            if row is None:  # continued, replied to or deleted since it was read
+                raise ConversationBusy(
+                    f"Answer '{cont.answer_id}' changed while it was being continued (another request continued it,"
+                    " or wrote after it); reload the conversation and try again."
+                )
+            await self.db.execute(
+                "UPDATE conversations SET current_message_id = :id, updated_at = :now"
+                " WHERE owner = :owner AND session_id = :sid",
+                values,
+            )
+            return await self.usage.admit(cont.hold) if cont.hold is not None else None
+
     async def _attach_files(self, turn: Turn) -> None:
         """Inside begin_turn's transaction: the new user message's files (`message_files`), each the
         owner's and ready, and their `last_used_at` bumped (the collector's clock). A file deleted or
@@ -2468,9 +2532,9 @@ COPY_CHUNK_CHARS = 1_000_000
 STAGED_OWNER = "\x01staged"
 
 _INTEGER_COLUMNS = frozenset(
-    {"prompt_tokens", "completion_tokens", "total_tokens", "last_seq", "reasoning_tokens", "cached_tokens", "searches"}
+    {"prompt_tokens", "completion_tokens", "total_tokens", "reasoning_tokens", "cached_tokens", "searches", "continued"}
 )
-_BIGINT_COLUMNS = frozenset({"cost_micros"})
+_BIGINT_COLUMNS = frozenset({"cost_micros", "last_seq"})  # last_seq: a continued answer's ids go past 2**31
 _TOOL_COLUMNS = ("tool_steps", "tool_results")  # JSON text, counted with the text
 
 
@@ -4057,7 +4121,8 @@ HEARTBEAT_SQL = (
 )
 
 # The id of the final event of an answer interrupted because its process was gone (`last_seq`): no
-# event that process sent has it, so a reader that resumes after any of them is sent this end.
+# event that process sent has it, so a reader that resumes after any of them is sent this end. A
+# continued answer's: its checkpoint's seq plus this (its ids went on past its earlier parts').
 INTERRUPTED_SEQ = 2**31 - 1
 INTERRUPTED_DETAIL = "The service stopped before this answer was finished."
 
@@ -4143,7 +4208,8 @@ class AnswerRows:
         async def sweep() -> list[dict]:
             rows = await self.db.fetch_all(
                 "UPDATE messages SET status = 'interrupted', error_code = 'interrupted', error_message = :detail,"
-                f" last_seq = :end_seq, updated_at = {self.db.heartbeat_now} WHERE status = 'streaming'{where}"
+                " last_seq = CASE WHEN continued > 0 THEN COALESCE(last_seq, 0) + :end_seq ELSE :end_seq END,"
+                f" updated_at = {self.db.heartbeat_now} WHERE status = 'streaming'{where}"
                 " RETURNING id, owner, session_id, content, reasoning_content, tool_steps",
                 values,
                 role=WRITE,
@@ -4212,8 +4278,8 @@ class AnswerRows:
             " finish_reason = :finish_reason, error_code = :error_code, error_message = :error_message,"
             " prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens, total_tokens = :total_tokens,"
             " reasoning_tokens = :reasoning_tokens, cached_tokens = :cached_tokens, cost_micros = :cost,"
-            f" currency = :currency, last_seq = :last_seq, tool_steps = :steps, sources = :sources,"
-            f" searches = :searches, updated_at = {self.db.heartbeat_now}"
+            f" currency = :currency, last_seq = :last_seq, tool_steps = :steps, sources = COALESCE(:sources, sources),"
+            f" searches = COALESCE(:searches, searches), updated_at = {self.db.heartbeat_now}"
             " WHERE id = :id AND status = 'streaming' RETURNING id"
         )
         values = {
@@ -4574,7 +4640,7 @@ class Usage:
         UPDATE re-reads its WHERE on the row its winner left, so of racing admissions only those the
         budget still holds pass); a first admission inserts the row first, a refusal reads it again
         to say which limit."""
-        answer = enforce and hold.purpose is Purpose.ANSWER
+        answer = enforce and (hold.purpose is Purpose.ANSWER or hold.purpose is Purpose.CONTINUATION)
         values = self._values(
             owner=hold.owner, tokens=hold.prompt_tokens + hold.output_tokens, cost=hold.cost,
         )  # fmt: skip
@@ -5389,6 +5455,105 @@ def turn_search(settings: Settings, asked: dict | bool | None, stored: str | Non
     if stored is not None:
         return json.loads(stored)
     return {} if settings.web_search == "always" else None
+
+
+@dataclass
+class Continuation:
+    """A turn that continues a stored answer (`{"continue": id}`): the answer as it was read, which
+    begin_continuation takes back to `streaming` if it is still so. Its new events come after every
+    id the answer had (`base`: its `start`'s; the answer's last event, its earlier end, was `old_seq`)."""
+
+    owner: str
+    session_id: str
+    answer_id: str
+    model: str
+    question_id: str | None  # the user message it answers
+    status: str  # as it was: stopped, interrupted, failed or complete (length)
+    old_seq: int  # its last_seq as read (-1: none stored)
+    old_final: bytes  # its end as a reader got it (stored_final_event): what its id `old_seq` carried
+    text: str
+    reasoning: str | None
+    steps: list[dict]
+    usage: dict | None  # the earlier parts' usage (None: not known), to which the continuation's adds
+    cost_micros: int | None
+    currency: str | None
+    hold: Hold | None = None
+    sources: list[dict] | None = None  # an answer from the web's: kept, and said again by the whole's end
+
+    @property
+    def base(self) -> int:
+        return self.old_seq + 1
+
+
+def not_continuable(row: dict) -> str | None:
+    """Why this stored answer cannot be continued (None: it can): CONTRACT.md, "Continuing an answer"."""
+    status, reason = row["status"], row["finish_reason"]
+    if status == STREAMING:
+        return None  # the conversation's answer slot says it (409 conversation_busy)
+    if reason in (TOOL_CALLS, TOOL_ROUNDS):
+        return "it waits for tool results (answer its calls with 'tool_results')"
+    if status == COMPLETE and reason != "length":
+        return "it is complete (only an answer cut at max_tokens, finish_reason 'length', goes on)"
+    if not row["content"]:
+        return "it has no text to continue (regenerate it instead)"
+    if status not in (COMPLETE, STOPPED, INTERRUPTED, FAILED):
+        return f"it is {status}"
+    return None
+
+
+async def plan_continuation(
+    store: Store, settings: Settings, key: tuple[str, str], chat: ChatRequest
+) -> tuple[Continuation, list[dict], bool]:
+    """The answer a `continue` goes on with, and what the model is sent: the context of a regeneration
+    of that answer (its question and the history before it), then its stored text as the last message,
+    as CHATSVC_CONTINUE_STYLE asks (continue_payload). Refused: 404 when it is not an answer of the
+    conversation, 409 not_continuable when its text cannot go on."""
+    owner, session_id = key
+    assert chat.continue_id is not None
+    row = await store.tree.message(owner, session_id, chat.continue_id)
+    if row is None or row["role"] != "assistant" or row["tool_results"] is not None:
+        raise NotFound(f"Conversation '{session_id}' has no answer '{chat.continue_id}' ('continue' names an answer).")
+    if row["status"] == STREAMING:
+        raise busy(session_id)
+    why = not_continuable(row)
+    if why is None and await store.tree.siblings(owner, session_id, {row["id"]}):
+        why = "it has replies (continuing it would change the text later turns answered; regenerate or edit instead)"
+    if why is not None:
+        raise NotContinuable(f"Answer '{row['id']}' cannot be continued: {why}.")
+    regeneration = ChatRequest(None, chat.model or row["model"], chat.options, regenerate=row["id"])
+    turn, messages, switched = await plan_turn(store, settings, key, regeneration)
+    cont = Continuation(
+        owner,
+        session_id,
+        row["id"],
+        turn.model,
+        row["parent_id"],
+        row["status"],
+        -1 if row["last_seq"] is None else row["last_seq"],
+        stored_final_event(row),
+        row["content"],
+        row["reasoning_content"],
+        json.loads(row["tool_steps"]) if row["tool_steps"] else [],
+        row_usage(row),
+        row["cost_micros"],
+        row["currency"],
+        sources=stored_json(row.get("sources")),
+    )
+    return cont, messages, switched
+
+
+def continue_payload(style: str, payload: dict, text: str) -> dict:
+    """The model request that continues `text` (CHATSVC_CONTINUE_STYLE): `partial`, DashScope's partial
+    mode (the text as the last message, an assistant's with `"partial": true`; the model service sends
+    only what follows it); `continue_final_message`, vLLM's (the last message left open, no generation
+    prompt); `prefill`, a trailing assistant message, which llama.cpp's server and Ollama continue."""
+    last: dict[str, Any] = {"role": "assistant", "content": text}
+    if style == "partial":
+        last["partial"] = True
+    body = {**payload, "messages": [*payload["messages"], last]}
+    if style == "continue_final_message":
+        body.update(continue_final_message=True, add_generation_prompt=False)
+    return body
 
 
 async def turn_files(store: Store, owner: str, file_ids: list[str] | None, question_id: str) -> list[FileRow]:
@@ -6888,6 +7053,29 @@ class StopReason(Enum):
     TAKEN = "taken"  # another process took it for dead (its verdict is read back)
 
 
+class EventLog(list):
+    """A continued answer's event log: its events numbered from `first` (the ids before it are its
+    earlier parts'), so that its length is the next event's seq, as an answer's log's is. Slices and
+    indexes are by seq; an answer that is not continued has a plain list (nothing on its path)."""
+
+    def __init__(self, first: int):
+        super().__init__()
+        self.first = first
+
+    def __len__(self) -> int:
+        return self.first + super().__len__()
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __getitem__(self, at: Any) -> Any:
+        if isinstance(at, slice):
+            start = max(0, (at.start or 0) - self.first)
+            stop = None if at.stop is None else max(0, at.stop - self.first)
+            return super().__getitem__(slice(start, stop))
+        return super().__getitem__(at - self.first)
+
+
 @dataclass(eq=False)
 class Answer:
     """One answer: its event log, which its readers follow, and what it has said so far."""
@@ -6944,6 +7132,8 @@ class Answer:
     first_token_at: float | None = None
     request_id: str | None = None
     on_event: Callable[[Answer, bytes, bool], None] | None = None  # to the other replicas
+    base: int = 0  # its `start`'s seq: past 0 for a continuation (whose log is an EventLog)
+    continued: Continuation | None = None  # the stored answer it continues (its earlier parts)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -6975,6 +7165,8 @@ class Answer:
             self.used.append(spent)
             carried, self.carried, self.round = self.carried, [], None
         if any(used.source is Source.ESTIMATED for used in self.used):
+            self.usage = None
+        if self.continued is not None and self.continued.usage is None:  # its earlier parts' is not known
             self.usage = None
         cost = answer_cost(self, prices)
         return FinalState(
@@ -7052,7 +7244,7 @@ class Answer:
 
     async def events(self, start: int = 0) -> AsyncIterator[bytes]:
         """The log from `start` on, live, as byte batches of at most BATCH_EVENTS events."""
-        position = start
+        position = start if type(self.log) is list else max(start, self.log.first)  # an EventLog starts later
         while True:
             wake = self._wake
             if position < len(self.log):
@@ -7173,7 +7365,12 @@ def answer_cost(answer: Answer, prices: Prices | None) -> Cost | None:
     """What the answer's ended rounds cost together; None without prices, or for a model without one."""
     if prices is None or not answer.used or any(spent.cost is None for spent in answer.used):
         return None
-    return Cost(sum(spent.cost for spent in answer.used), prices.currency)
+    micros = sum(spent.cost for spent in answer.used)
+    if answer.continued is not None:  # with its earlier parts' (unknown: unknown)
+        if answer.continued.cost_micros is None or answer.continued.currency != prices.currency:
+            return None
+        micros += answer.continued.cost_micros
+    return Cost(micros, prices.currency)
 
 
 def shown_usage(usage: dict | None) -> dict | None:
@@ -7368,8 +7565,9 @@ class Registry:
                         previous = None  # a newer answer than the one named: deliver it whole
                 elif row and self.follow is not None:  # another replica's, unheard of here: follow it
                     answer, position = self.follow(*key, message_id), seq + 1
-        elif key in self._running:  # 2. the running answer, from its start
+        elif key in self._running:  # 2. the running answer, from its start (a continuation's: its own)
             answer = self._running[key]
+            position = answer.base
         elif (
             previous is not None
             and not previous.delivered
@@ -7379,11 +7577,13 @@ class Registry:
                 answer = await asyncio.wait_for(self.next_after(key, previous), REPLAY_WAIT) or previous
             except asyncio.TimeoutError:
                 answer = previous
+            position = answer.base
         while True:  # 4. then every later answer, live
             if answer is None:
-                answer, position = await self.next_after(key, previous), 0
+                answer = await self.next_after(key, previous)
                 if answer is None:  # the service is shutting down: EventSource reconnects elsewhere
                     return
+                position = answer.base  # a continuation: from its own `start`
             answer.delivered = True
             async for batch in answer.events(position):
                 yield batch
@@ -7466,6 +7666,53 @@ class Relay:
             return self._start(turn, payload, offer, reserve)
         finally:
             self._claiming.discard(turn.answer_id)
+
+    async def continue_answer(self, cont: Continuation, payload: dict) -> Answer:
+        """Continue a stored answer (CONTRACT.md, "Continuing an answer"): its row goes back to
+        `streaming` with its model call admitted as an answer's (Purpose.CONTINUATION; refused:
+        nothing changes), then it runs as any answer, its text, reasoning, steps and usage starting
+        from what is stored, its events numbered after every id it had."""
+        cont.hold = self.hold(cont.owner, cont.session_id, cont.answer_id, Purpose.CONTINUATION, payload)
+        self._claiming.add(cont.answer_id)
+        try:
+            try:
+                limits = await self.store.tree.begin_continuation(cont)
+            except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
+                if self.replicas is None or not await self.replicas.recover():
+                    raise
+                limits = await self.store.tree.begin_continuation(cont)
+            reserve = limits is not None and limits.budgets and payload.get("max_tokens") is None
+            if reserve:
+                payload["max_tokens"] = self.settings.reserve_output_tokens
+            answer = Answer(cont.owner, cont.session_id, cont.answer_id, cont.model, parent_id=cont.question_id)
+            answer.log, answer.base, answer.continued = EventLog(max(cont.old_seq, 0)), cont.base, cont
+            if cont.old_seq >= 0:  # its earlier end, at the id it had: a reader that missed it gets the text whole
+                answer.log.append(cont.old_final)
+            answer.text, answer.text_chars = [cont.text], len(cont.text)
+            if cont.reasoning:
+                answer.reasoning, answer.reasoning_chars = [cont.reasoning], len(cont.reasoning)
+            answer.steps, answer.saved_steps, answer.usage = cont.steps, len(cont.steps), cont.usage
+            answer.sources = cont.sources
+            answer.reserve_sent = reserve
+            answer.call_id, answer.round = cont.hold.call_id, Round(cont.hold)
+            answer.task = asyncio.create_task(self._run(answer, payload, None), name=f"answer {answer.message_id}")
+            if self.replicas is not None:
+                answer.on_event = self.replicas.publish
+            answer.emit(
+                "start",
+                {
+                    "session_id": answer.session_id,
+                    "message_id": answer.message_id,
+                    "model": answer.model,
+                    "parent_id": answer.parent_id,
+                    "continues": {"message_id": answer.message_id, "chars": len(cont.text)},
+                },
+            )
+            answer.saved_seq = len(answer.log)  # the row holds what `start` says
+            self.registry.register(answer)
+            return answer
+        finally:
+            self._claiming.discard(cont.answer_id)
 
     def hold(self, owner: str, session_id: str, message_id: str | None, purpose: Purpose, body: dict) -> Hold:
         """What a model call about to be made with request `body` holds (a new ledger row): the
@@ -8352,10 +8599,14 @@ class Replicas:
                 won.set_result(True)
             return
         mirror = self.registry.find(note.message_id)
+        if mirror is not None and mirror.done.is_set() and (note.seq or 0) > (mirror.final_seq or len(mirror.log)):
+            mirror = None  # continued since it ended here: the continuation is followed anew
         if mirror is None:
             if self.registry.closed:
                 return
             mirror = Mirror(note.owner, note.session_id, note.message_id, model="")
+            if note.seq and note.event[:400].find('"continues":{') > 0:  # a continuation's start: its ids go on
+                mirror.log, mirror.base = EventLog(note.seq), note.seq
             self.registry.register(mirror)
         if isinstance(mirror, Mirror) and mirror.phase is Phase.FOLLOWING:
             mirror.heard_at = time.monotonic()
@@ -8762,6 +9013,7 @@ class ChatRequest:
     files: list[str] = field(default_factory=list)  # the new message's files, by id, in order
     # its web search: absent (the conversation's setting decides), False (none), or the options (dict)
     web_search: dict | bool | None = None
+    continue_id: str | None = None  # `continue`: the model goes on with this stored answer's text (a turn of its own)
 
 
 CHAT_FIELDS = (
@@ -8779,6 +9031,19 @@ CHAT_FIELDS = (
     "tool_choice",
     "server_tools",
     "tool_results",
+    "web_search",
+    "continue",
+)
+# what `continue` cannot go with: it is a turn of its own, on a stored answer
+CONTINUE_EXCLUSIVE = (
+    "message",
+    "files",
+    "parent_id",
+    "edit",
+    "regenerate",
+    "tool_results",
+    "tools",
+    "tool_choice",
     "web_search",
 )
 MAX_CLIENT_TOOLS = 128  # a request's own tools, at most
@@ -8893,6 +9158,8 @@ def parse_files(settings: Settings, body: dict) -> list[str]:
 
 def parse_chat(settings: Settings, body: dict) -> ChatRequest:
     check_fields(body, CHAT_FIELDS)
+    if body.get("continue") is not None:
+        return parse_continue(settings, body)
     places = {name: message_id_field(body, name) for name in ("parent_id", "edit", "regenerate")}
     if sum(value is not None for value in places.values()) > 1:
         raise invalid("At most one of 'parent_id', 'edit' and 'regenerate' may be given.")
@@ -9009,6 +9276,37 @@ SEARCH_RULES = {
 }
 
 
+def parse_continue(settings: Settings, body: dict) -> ChatRequest:
+    """`{"continue": "<answer id>"}`: the model goes on with that answer's stored text (CONTRACT.md,
+    "Continuing an answer"); model options as for any turn, thinking off (the model service's partial
+    mode cannot think)."""
+    answer_id = message_id_field(body, "continue")
+    given = [name for name in CONTINUE_EXCLUSIVE if body.get(name) is not None]
+    if given:
+        raise invalid(
+            "'continue' goes on with a stored answer and is a turn of its own: leave out"
+            f" {', '.join(repr(n) for n in given)}."
+        )
+    if settings.continue_style == "off":
+        raise ApiError(
+            422,
+            "continue_unsupported",
+            "This service does not continue answers (CHATSVC_CONTINUE_STYLE=off): set it to partial (DashScope),"
+            " continue_final_message (vLLM) or prefill (llama.cpp, Ollama) to allow 'continue'.",
+        )
+    if body.get("enable_thinking") is True:
+        raise invalid(
+            "'enable_thinking' must be false or left out with 'continue': a model continues a text without"
+            " thinking (DashScope's partial mode refuses thinking)."
+        )
+    chat = parse_chat(
+        settings, {k: v for k, v in body.items() if k not in ("continue", "enable_thinking")} | {"message": "-"}
+    )
+    chat.message, chat.continue_id = None, answer_id
+    chat.options["enable_thinking"] = False
+    return chat
+
+
 # ── Conversation files: the JSON export, and an import read back field by field ────────
 # GET .../export writes a conversation and every message of its tree as one JSON file, which POST
 # .../import reads back into a new conversation. The import checks every field before anything is
@@ -9054,6 +9352,7 @@ FILE_MESSAGE_FIELDS = (
     "tool_steps",
     "tool_results",
     "files",
+    "continued",
 )
 FILE_ENTRY_FIELDS = ("key", "name", "media_type", "sha256", "size", "data")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -9095,6 +9394,8 @@ def exported_message(row: dict, context_start: str, files: list[str] | None = No
     }
     if files:
         message["files"] = files
+    if row.get("continued"):
+        message["continued"] = row["continued"]
     return message
 
 
@@ -9419,8 +9720,11 @@ def imported_message(
     if not isinstance(m.get("in_context", True), bool):
         bad_field(f"{path}.in_context", "must be true or false.")
     last_seq = m.get("last_seq")
-    if last_seq is not None and (type(last_seq) is not int or not 0 <= last_seq <= MAX_TOKENS_STORED):
-        bad_field(f"{path}.last_seq", f"must be a whole number from 0 to {MAX_TOKENS_STORED}, or null.")
+    if last_seq is not None and (type(last_seq) is not int or not 0 <= last_seq <= MAX_LIMIT):
+        bad_field(f"{path}.last_seq", f"must be a whole number from 0 to {MAX_LIMIT}, or null.")
+    continued = m.get("continued", 0)
+    if type(continued) is not int or not 0 <= continued <= MAX_TOKENS_STORED or (continued and role != "assistant"):
+        bad_field(f"{path}.continued", f"must be a whole number from 0 to {MAX_TOKENS_STORED} (0 for a user message).")
     content = field_text(m.get("content"), f"{path}.content", settings.max_answer_chars, optional=False)
     reasoning = field_text(m.get("reasoning_content"), f"{path}.reasoning_content", settings.max_answer_chars)
     steps = imported_steps(settings, m.get("tool_steps"), path, role, last_seq, content or "", reasoning or "")
@@ -9447,6 +9751,7 @@ def imported_message(
         "tool_steps": json_column(steps),
         "tool_results": json_column(results),
         "files": carried,
+        "continued": continued,
     }
     seen[message_id] = role
     if role == "assistant" and finish_reason == "tool_calls":
@@ -9881,6 +10186,7 @@ def present_message(
         **(cost.shown() if cost is not None else {}),
         **({"sources": json.loads(row["sources"])} if row.get("sources") is not None else {}),
         **({"searches": row["searches"]} if row.get("searches") is not None else {}),
+        **({"continued": row["continued"]} if row.get("continued") else {}),
         "created_at": row["created_at"],
     }
 
@@ -10976,6 +11282,8 @@ async def start_answer(request: Request) -> Answer:
     chat = parse_chat(s, await read_json(request, s))
     if not s.dashscope_api_key:
         raise not_configured()
+    if chat.continue_id is not None:
+        return await start_continuation(request, chat)
     offer = make_offer(relay.toolbox, chat)
     relay.check_free(key)
     turn, messages, switched = await plan_turn(st.store, s, key, chat)
@@ -10990,6 +11298,27 @@ async def start_answer(request: Request) -> Answer:
     relay.metrics.context_images.observe(answer.images)
     if switched:
         relay.metrics.vision_switches.inc()
+    return answer
+
+
+async def start_continuation(request: Request, chat: ChatRequest) -> Answer:
+    """`{"continue": id}`: the answer goes on from its stored text (CONTRACT.md, "Continuing an answer")."""
+    st = state(request)
+    s: Settings = st.settings
+    relay: Relay = st.relay
+    key = conversation_key(request)
+    relay.check_free(key)
+    cont, messages, switched = await plan_continuation(st.store, s, key, chat)
+    payload = {"model": cont.model, "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+    try:
+        answer = await relay.continue_answer(
+            cont, continue_payload(s.continue_style, {**payload, **chat.options}, cont.text)
+        )
+    except OverLimit as exc:
+        relay.metrics.limit_refusals.labels(exc.limit).inc()
+        raise
+    answer.request_id = request.scope.get("request_id")
+    answer.images, answer.vision_switch = image_parts(messages), switched
     return answer
 
 
@@ -11061,7 +11390,7 @@ async def chat_stream(request: Request) -> Response:
 
     async def body() -> AsyncIterator[bytes]:
         yield RETRY
-        async for batch in answer.events():
+        async for batch in answer.events(answer.base):  # a continuation's: from its `start`
             yield batch
 
     return event_stream(request, body())

@@ -244,6 +244,11 @@ CREATE INDEX summaries_by_session ON summaries (owner, session_id, message_id);
 -- an answer continued after it ended short: how many times (its text, usage and cost are the parts' sums)
 ALTER TABLE messages ADD COLUMN continued INTEGER NOT NULL DEFAULT 0;
 
+-- a continued answer's event ids go on after its earlier parts' (an interrupted part's end is 2**31 - 1):
+-- last_seq is a 64-bit number (SQLite's INTEGER already is)
+-- postgresql only
+ALTER TABLE messages ALTER COLUMN last_seq TYPE BIGINT;
+
 -- an answer from the web: its sources as JSON ([{"index", "title", "url", "site"}]), and how many searches it made
 ALTER TABLE messages ADD COLUMN sources TEXT;
 

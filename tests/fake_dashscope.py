@@ -440,6 +440,26 @@ def image_refusal(body: dict | None, vision_models: tuple[str, ...]) -> Reply | 
     return None
 
 
+def partial_refusal(body: dict) -> Reply | None:
+    """DashScope's partial mode (help.aliyun.com/zh/model-studio/partial-mode): the prefix is the last
+    message, an assistant's with `"partial": true`, and thinking is off ("思考模式不支持前缀续写"). A
+    request that has `partial` otherwise is refused as DashScope refuses a bad parameter (400
+    invalid_parameter_error; the messages are invented, the real ones were not found). The reply to a
+    good one holds only what follows the prefix (the test's pushed reply)."""
+    messages = body.get("messages") or []
+    marked = [n for n, m in enumerate(messages) if isinstance(m, dict) and "partial" in m]
+    if not marked:
+        return None
+    last = messages[-1]
+    if marked != [len(messages) - 1] or last.get("role") != "assistant" or last.get("partial") is not True:
+        return Reply.error(400, "invalid_parameter_error", "partial is only allowed on the last assistant message.")
+    if not isinstance(last.get("content"), str) or not last["content"]:
+        return Reply.error(400, "invalid_parameter_error", "The partial message's content must be a non-empty text.")
+    if body.get("enable_thinking") is not False:
+        return Reply.error(400, "invalid_parameter_error", "Partial mode does not support thinking mode.")
+    return None
+
+
 class FakeDashScope:
     def __init__(self) -> None:
         self.vision_models: tuple[str, ...] = VISION_MODELS  # a request with images to another model: 400
@@ -546,6 +566,8 @@ class FakeDashScope:
                 self.requests.append(Seen(method, path, headers, body, self.loop.time()))
                 seen = self.requests[-1]
                 reply = image_refusal(body, self.vision_models) if isinstance(body, dict) else None
+                if reply is None and isinstance(body, dict):
+                    reply = partial_refusal(body)
                 if reply is None:  # a refused request takes none of the replies queued
                     reply = self.replies.popleft() if self.replies else self.default
                     reply = reply(seen) if callable(reply) else reply

@@ -335,7 +335,7 @@ R = "messages[2].tool_results"
         (changed(message(1, tool_steps={"a": 1})), f"{S}: must be a list or null."),
         (changed(message(0, tool_steps=[])), "messages[0].tool_steps: must be null: only an answer has tool steps."),
         (changed(message(1, last_seq=None)), "messages[1].last_seq: must be a whole number above each tool step's"),
-        (changed(message(1, last_seq="9")), "messages[1].last_seq: must be a whole number from 0 to 2147483647"),
+        (changed(message(1, last_seq="9")), "messages[1].last_seq: must be a whole number from 0 to 9007199254740991"),
         (changed(message(1, last_seq=-1)), "messages[1].last_seq: must be a whole number from 0"),
         (changed(lambda m: m[1]["tool_steps"].__setitem__(0, "x")), f"{S}[0]: must be an object."),
         (changed(step(0, extra=1)), f"{S}[0].extra: unknown field"),

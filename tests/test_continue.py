@@ -1,0 +1,354 @@
+"""Continuing an answer that did not finish (`{"continue": "<answer id>"}`): CONTRACT.md, "Continuing an
+answer". On SQLite and PostgreSQL, against the fake DashScope, which checks partial mode's shape."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+from fake_dashscope import Reply
+from live import LiveServer, SSEReader, parse_events
+from support import wait_for
+
+import chatsvc
+
+API = "/api/v1"
+U1 = {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
+U2 = {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23}
+
+
+@pytest.fixture
+def live(service):
+    with LiveServer(service.settings) as server:
+        yield server
+
+
+def answer_row(service) -> dict:
+    return service.rows(
+        "SELECT id, content, status, finish_reason, continued, last_seq, prompt_tokens, completion_tokens,"
+        " total_tokens, error_code FROM messages WHERE role = 'assistant'"
+    )[0]
+
+
+def cut_at_length(client, fake) -> dict:
+    """A first answer cut at max_tokens (finish_reason "length")."""
+    fake.push(Reply.answer(["Once ", "upon ", "a "], finish="length", usage=U1))
+    r = client.post(f"{API}/chat/s1", json={"message": "tell a story", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["finish_reason"] == "length"
+    return r.json()
+
+
+def test_continue_a_length_answer_sends_partial_mode_and_sums_the_row(client, fake, service):
+    first = cut_at_length(client, fake)
+    before = answer_row(service)
+    fake.push(Reply.answer(["time ", "there was."], usage=U2))
+    r = client.post(f"{API}/chat/s1", json={"continue": first["message_id"]})
+    assert r.status_code == 200, r.text
+    assert r.json()["response"] == "Once upon a time there was."
+    assert r.json()["message_id"] == first["message_id"] and r.json()["finish_reason"] == "stop"
+    assert r.json()["usage"] == {"prompt_tokens": 30, "completion_tokens": 7, "total_tokens": 37}
+    # the upstream body, byte for byte: the regeneration's context, then the text as a partial message
+    sent = fake.requests[-1].body
+    assert sent == {
+        "model": "qwen-plus",
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "tell a story"},
+            {"role": "assistant", "content": "Once upon a ", "partial": True},
+        ],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "enable_thinking": False,
+    }
+    row = answer_row(service)
+    assert row["id"] == first["message_id"] and row["content"] == "Once upon a time there was."
+    assert (row["status"], row["finish_reason"], row["continued"]) == ("complete", "stop", 1)
+    assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (30, 7, 37)
+    assert row["last_seq"] > before["last_seq"]
+    calls = service.rows("SELECT purpose, state, prompt_tokens, completion_tokens FROM usage_calls ORDER BY id")
+    assert calls == [
+        {"purpose": "answer", "state": "settled", "prompt_tokens": 10, "completion_tokens": 4},
+        {"purpose": "continuation", "state": "settled", "prompt_tokens": 20, "completion_tokens": 3},
+    ]
+    shown = client.get(f"{API}/context/conversations/s1").json()["messages"]
+    assert shown[1]["continued"] == 1 and shown[1]["content"] == "Once upon a time there was."
+    assert "continued" not in shown[0]
+    # and its export keeps the count, which an import reads back
+    exported = client.get(f"{API}/context/conversations/s1/export").json()
+    assert exported["messages"][1]["continued"] == 1 and "continued" not in exported["messages"][0]
+    exported["conversation"]["session_id"] = "s2"
+    assert client.post(f"{API}/context/conversations/import", json=exported).status_code in (200, 201)
+    assert service.rows("SELECT continued FROM messages WHERE session_id = 's2' AND role = 'assistant'") == [
+        {"continued": 1}
+    ]
+
+
+def test_the_fake_refuses_a_partial_request_with_thinking_on(client, fake):
+    """The fake checks what DashScope checks (so the test above can fail): thinking on is refused."""
+    import httpx2 as httpx
+
+    body = {
+        "model": "qwen-plus",
+        "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "partial": True}],
+        "stream": True,
+    }
+    r = httpx.post(fake.url + "/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_parameter_error"
+    r = httpx.post(fake.url + "/chat/completions", json={**body, "enable_thinking": False})
+    assert r.status_code == 200
+
+
+def test_vllm_style_sends_continue_final_message(make_service, fake):
+    service = make_service(CHATSVC_CONTINUE_STYLE="continue_final_message")
+    with service.client() as client:
+        first = cut_at_length(client, fake)
+        fake.push(Reply.answer(["time."], usage=U2))
+        r = client.post(f"{API}/chat/s1", json={"continue": first["message_id"], "temperature": 0.5})
+        assert r.status_code == 200 and r.json()["response"] == "Once upon a time."
+    sent = fake.requests[-1].body
+    assert sent["messages"][-1] == {"role": "assistant", "content": "Once upon a "}
+    assert sent["continue_final_message"] is True and sent["add_generation_prompt"] is False
+    assert sent["temperature"] == 0.5 and "partial" not in json.dumps(sent["messages"])
+
+
+def test_continue_style_off_refuses(make_service, fake):
+    service = make_service(CHATSVC_CONTINUE_STYLE="off")
+    with service.client() as client:
+        first = cut_at_length(client, fake)
+        r = client.post(f"{API}/chat/s1", json={"continue": first["message_id"]})
+    assert r.status_code == 422 and r.json()["code"] == "continue_unsupported"
+    assert "CHATSVC_CONTINUE_STYLE" in r.json()["detail"]
+
+
+def test_refusals(client, fake, service):
+    fake.push(Reply.answer(["whole."], usage=U1))
+    whole = client.post(f"{API}/chat/s1", json={"message": "q1"}).json()
+    question = service.rows("SELECT id FROM messages WHERE role = 'user'")[0]["id"]
+    n = len(fake.requests)
+    r = client.post(f"{API}/chat/s1", json={"continue": whole["message_id"]})
+    assert r.status_code == 409 and r.json()["code"] == "not_continuable" and "it is complete" in r.json()["detail"]
+    r = client.post(f"{API}/chat/s1", json={"continue": whole["message_id"], "message": "x"})
+    assert r.status_code == 422 and r.json()["code"] == "invalid_request" and "'message'" in r.json()["detail"]
+    r = client.post(f"{API}/chat/s1", json={"continue": whole["message_id"], "regenerate": whole["message_id"]})
+    assert r.status_code == 422 and "'regenerate'" in r.json()["detail"]
+    r = client.post(f"{API}/chat/s1", json={"continue": whole["message_id"], "enable_thinking": True})
+    assert r.status_code == 422 and "enable_thinking" in r.json()["detail"]
+    r = client.post(f"{API}/chat/s1", json={"continue": "nope"})
+    assert r.status_code == 404
+    r = client.post(f"{API}/chat/s1", json={"continue": question})
+    assert r.status_code == 404 and "'continue' names an answer" in r.json()["detail"]
+    r = client.post(f"{API}/chat/s2", json={"continue": whole["message_id"]})  # another conversation's
+    assert r.status_code == 404
+    # an answer cut at length, with a reply after it: refused (its text was answered)
+    fake.push(Reply.answer(["cut"], finish="length", usage=U1), Reply.answer(["next"], usage=U1))
+    cut = client.post(f"{API}/chat/s1", json={"message": "q2"}).json()
+    client.post(f"{API}/chat/s1", json={"message": "q3"})
+    n = len(fake.requests)
+    r = client.post(f"{API}/chat/s1", json={"continue": cut["message_id"]})
+    assert r.status_code == 409 and "it has replies" in r.json()["detail"]
+    # an answer that waits for tool results
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    fake.push(Reply.tool_calls([("lookup", {"q": 1})]))
+    waiting = client.post(f"{API}/chat/s1", json={"message": "q4", "tools": tools}).json()
+    n = len(fake.requests)
+    r = client.post(f"{API}/chat/s1", json={"continue": waiting["message_id"]})
+    assert r.status_code == 409 and "waits for tool results" in r.json()["detail"]
+    # a failed answer with no text
+    fake.push(Reply.error(400, "invalid_parameter_error", "bad"))
+    failed = client.post(f"{API}/chat/s1", json={"message": "q5"})
+    failed_id = failed.json()["message_id"]
+    r = client.post(f"{API}/chat/s1", json={"continue": failed_id})
+    assert r.status_code == 409 and "no text to continue" in r.json()["detail"]
+    assert len(fake.requests) == n + 1  # only the failed one reached the model
+    rows = service.rows("SELECT continued FROM messages WHERE continued > 0")
+    assert rows == []
+
+
+def test_over_limit_continue_changes_nothing(make_service, fake):
+    service = make_service(CHATSVC_LIMIT_ANSWERS_PER_MINUTE="1")
+    with service.client() as client:
+        first = cut_at_length(client, fake)
+        before = answer_row(service)
+        r = client.post(f"{API}/chat/s1", json={"continue": first["message_id"]})
+        assert r.status_code == 429
+    assert answer_row(service) == before
+    assert [c["purpose"] for c in service.rows("SELECT purpose FROM usage_calls")] == ["answer"]
+
+
+def test_failed_mid_stream_keeps_its_text_and_continues(client, fake, service):
+    fake.push(Reply.answer(["Half ", "way"], done=False, finish=None, usage=False, cut=True))
+    r = client.post(f"{API}/chat/s1", json={"message": "q"})
+    assert r.status_code >= 500 and r.json()["partial_text"] == "Half way"
+    mid = r.json()["message_id"]
+    assert answer_row(service)["status"] == "failed"
+    fake.push(Reply.answer([" there."], usage=U2))
+    r = client.post(f"{API}/chat/s1", json={"continue": mid})
+    assert r.status_code == 200 and r.json()["response"] == "Half way there."
+    row = answer_row(service)
+    assert (row["status"], row["error_code"], row["continued"]) == ("complete", None, 1)
+    assert fake.requests[-1].body["messages"][-1] == {"role": "assistant", "content": "Half way", "partial": True}
+    # its first part's usage was not known: the sum is not either
+    assert row["total_tokens"] is None
+
+
+def test_interrupted_answer_continues_with_ids_past_its_end(make_service, fake):
+    service = make_service()
+    with service.client() as client:
+        first = cut_at_length(client, fake)
+    mid = first["message_id"]
+    # as a crash leaves it: `streaming`, its heartbeat old; the next start sweeps it to interrupted
+    service.rows("UPDATE messages SET status = 'streaming', updated_at = '2000-01-01T00:00:00Z' WHERE id = ?", mid)
+    with LiveServer(service.settings) as live:
+        wait_for(lambda: answer_row(service)["status"] == "interrupted")
+        assert answer_row(service)["last_seq"] == chatsvc.INTERRUPTED_SEQ
+        fake.push(Reply.answer(["time."], usage=U2))
+        with live.client() as c:
+            r = c.post(f"{API}/chat/s1/stream", json={"continue": mid})
+        events = parse_events(r.content)
+        assert events[0]["type"] == "start" and events[0]["id"] == f"{mid}:{chatsvc.INTERRUPTED_SEQ + 1}"
+        assert events[0]["data"]["continues"] == {"message_id": mid, "chars": len("Once upon a ")}
+        assert [e["data"]["content"] for e in events if e["type"] == "chunk"] == ["time."]
+        assert events[-1]["type"] == "end" and events[-1]["data"]["full_text"] == "Once upon a time."
+    row = answer_row(service)
+    assert row["status"] == "complete" and row["last_seq"] == int(events[-1]["id"].rsplit(":", 1)[1])
+
+
+def stopped_answer(live, fake, service) -> tuple[str, list]:
+    """An answer stopped after two chunks; its events as its stream sent them."""
+    hold = threading.Event()
+    fake.push(Reply.answer(["A1 ", "A2 ", "A3 "], hold=hold, hold_at=3, usage=U1))
+    with live.client() as client:
+        reader = SSEReader(client, "POST", f"{API}/chat/s1/stream", json={"message": "q"})
+        seen = [reader.next_event() for _ in range(3)]  # start, A1, A2
+        with live.client() as other:
+            assert other.post(f"{API}/chat/s1/stop").json()["stopped"] is True
+        hold.set()
+        seen += reader.until_end()
+        reader.close()
+    return seen[0]["data"]["message_id"], seen
+
+
+def test_stream_wire_and_resumes(live, fake, service):
+    mid, old = stopped_answer(live, fake, service)
+    old_end = old[-1]
+    assert old_end["type"] == "end" and old_end["data"]["full_text"] == "A1 A2 "
+    old_last = int(old_end["id"].rsplit(":", 1)[1])
+    assert answer_row(service)["last_seq"] == old_last
+    fake.push(Reply.answer(["B1 ", "B2"], usage=U2))
+    first = live.reader("GET", f"{API}/chat/s1/stream")  # the stopped answer, which no listener had, replayed
+    assert first.until_end()[-1] == old_end
+    waiting = live.reader("GET", f"{API}/chat/s1/stream")  # then a listener waiting for the next answer
+    wait_for(lambda: live.listeners("s1") == 2)
+    with live.client() as client:
+        r = client.post(f"{API}/chat/s1/stream", json={"continue": mid})
+    assert r.status_code == 200
+    events = parse_events(r.content)
+    assert waiting.until_end() == events  # from the continuation's start, as the POST stream
+    seqs = [int(e["id"].rsplit(":", 1)[1]) for e in events]
+    assert seqs == list(range(old_last + 1, old_last + 1 + len(events)))
+    assert events[0]["type"] == "start" and events[0]["data"]["continues"] == {"message_id": mid, "chars": 6}
+    assert events[0]["data"]["message_id"] == mid
+    assert [e["data"]["content"] for e in events if e["type"] == "chunk"] == ["B1 ", "B2"]
+    assert events[-1]["data"]["full_text"] == "A1 A2 B1 B2"
+    assert "usage" not in events[-1]["data"]  # the stopped part's usage was never reported: the sum is not known
+    # a reader that saw the old part up to its first chunk: its end (the whole stored text) and the new part
+    with live.client() as client:
+        resumed = SSEReader(client, "GET", f"{API}/chat/s1/stream", headers={"Last-Event-ID": old[1]["id"]})
+        got = [resumed.next_event() for _ in range(len(events) + 1)]
+        resumed.close()
+    assert got[0] == old_end and got[1:] == events
+    # a reader that saw the old end: only the new part
+    with live.client() as client:
+        resumed = SSEReader(client, "GET", f"{API}/chat/s1/stream", headers={"Last-Event-ID": old_end["id"]})
+        assert [resumed.next_event() for _ in range(len(events))] == events
+        resumed.close()
+    # one that saw the new part's first chunk: the rest of it
+    with live.client() as client:
+        resumed = SSEReader(client, "GET", f"{API}/chat/s1/stream", headers={"Last-Event-ID": events[1]["id"]})
+        assert resumed.until_end() == events[2:]
+        resumed.close()
+
+
+def test_stop_mid_continuation_then_continue_again(live, fake, service):
+    mid, _ = stopped_answer(live, fake, service)
+    hold = threading.Event()
+    fake.push(Reply.answer(["B1 ", "B2 ", "B3"], hold=hold, hold_at=3, usage=U2))
+    with live.client() as client:
+        reader = SSEReader(client, "POST", f"{API}/chat/s1/stream", json={"continue": mid})
+        seen = [reader.next_event() for _ in range(3)]  # start, B1, B2
+        # one answer at a time: a second continue (or any turn) meanwhile is refused
+        with live.client() as other:
+            r = other.post(f"{API}/chat/s1", json={"continue": mid})
+            assert r.status_code == 409 and r.json()["code"] == "conversation_busy"
+            assert other.post(f"{API}/chat/s1/stop").json() == {"session_id": "s1", "stopped": True, "message_id": mid}
+        hold.set()
+        seen += reader.until_end()
+        reader.close()
+    assert seen[-1]["type"] == "end" and seen[-1]["data"]["full_text"] == "A1 A2 B1 B2 "
+    row = answer_row(service)
+    assert (row["content"], row["status"], row["continued"]) == ("A1 A2 B1 B2 ", "stopped", 1)
+    fake.push(Reply.answer(["C"], usage=U2))
+    with live.client() as client:
+        r = client.post(f"{API}/chat/s1", json={"continue": mid})
+    assert r.status_code == 200 and r.json()["response"] == "A1 A2 B1 B2 C"
+    row = answer_row(service)
+    assert (row["status"], row["continued"]) == ("complete", 2)
+    assert fake.requests[-1].body["messages"][-1]["content"] == "A1 A2 B1 B2 "
+    purposes = [c["purpose"] for c in service.rows("SELECT purpose FROM usage_calls ORDER BY id")]
+    assert purposes == ["answer", "continuation", "continuation"]
+
+
+def test_concurrent_continues_one_409(live, fake, service):
+    mid, _ = stopped_answer(live, fake, service)
+    hold = threading.Event()
+    fake.default = Reply.answer(["B"], hold=hold, hold_at=1, usage=U2)
+    results: list[int] = []
+
+    def post():
+        with live.client() as c:
+            results.append(c.post(f"{API}/chat/s1", json={"continue": mid}).status_code)
+
+    threads = [threading.Thread(target=post) for _ in range(2)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: 409 in results)
+    hold.set()
+    for t in threads:
+        t.join(10)
+    assert sorted(results) == [200, 409]
+    assert answer_row(service)["continued"] == 1
+
+
+# ── replicas (PostgreSQL, real processes) ──────────────────────────────────────────────
+
+from test_replicas import channel_listeners, cluster, slow  # noqa: E402, F401  (the cluster fixture)
+
+
+@pytest.mark.slow
+def test_killed_answer_continued_on_another_replica_and_followed_on_a_third(cluster, fake):  # noqa: F811
+    service, a, b, replica = cluster
+    fake.push(slow(400))
+    poster = SSEReader(b.client(), "POST", f"{API}/chat/s1/stream", json={"message": "hi"})
+    for _ in range(5):
+        poster.next_event()
+    b.kill()  # SIGKILL: a finds its heartbeat gone and stores the answer interrupted
+    mid = poster.events[0]["data"]["message_id"]
+    wait_for(lambda: service.rows("SELECT status FROM messages WHERE role = 'assistant'")[0]["status"] == "interrupted")
+    stored = service.rows("SELECT content, last_seq FROM messages WHERE role = 'assistant'")[0]
+    assert stored["last_seq"] == chatsvc.INTERRUPTED_SEQ and stored["content"].startswith("w0 ")
+    c = replica()
+    c.start()
+    listener = SSEReader(c.client(), "GET", f"{API}/chat/s1/stream")
+    wait_for(lambda: channel_listeners(c) == 1, 30)
+    fake.push(Reply.answer(["and ", "more"], pause=0.02, usage=U2))
+    with a.client() as client:
+        posted = SSEReader(client, "POST", f"{API}/chat/s1/stream", json={"continue": mid}).until_end()
+    heard = listener.until_end()
+    assert heard == posted  # the same ids, types and data on the replica that followed it
+    assert posted[0]["id"] == f"{mid}:{chatsvc.INTERRUPTED_SEQ + 1}"
+    assert posted[0]["data"]["continues"] == {"message_id": mid, "chars": len(stored["content"])}
+    assert posted[-1]["data"]["full_text"] == stored["content"] + "and more"
+    row = service.rows("SELECT content, status, continued FROM messages WHERE role = 'assistant'")[0]
+    assert row == {"content": stored["content"] + "and more", "status": "complete", "continued": 1}
+    listener.close()
