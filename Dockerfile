@@ -18,26 +18,36 @@ RUN python3 -m venv /opt/chatsvc \
     && python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extra = p['optional-dependencies']; print('\n'.join(p['dependencies'] + extra['postgres'] + extra['mcp']))" > requirements.txt \
     && /opt/chatsvc/bin/pip install --no-cache-dir --disable-pip-version-check --progress-bar off -r requirements.txt \
     && /opt/chatsvc/bin/pip uninstall -y pip \
-    && /opt/chatsvc/bin/python -c "import sys; open(f'/opt/chatsvc/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages/chatsvc-app.pth', 'w').write('/opt/chatsvc-app\n')"
-# Of swagger-ui-py's files (24.5 MB: editor bundles, source maps) only what /docs serves stays
-# (chatsvc.DOCS_FILES, read below once chatsvc is there; its LICENSE kept).
+    && /opt/chatsvc/bin/python -c "import sys; open(f'/opt/chatsvc/lib/python{sys.version_info[0]}.{sys.version_info[1]}/site-packages/chatsvc-app.pth', 'w').write('/opt/chatsvc-app\n')" \
+    && /opt/chatsvc/bin/python -c "import importlib.util, pathlib; d = pathlib.Path(next(iter(importlib.util.find_spec('swagger_ui').submodule_search_locations))) / 'static'; keep = {'LICENSE', 'favicon-32x32.png', 'swagger-ui-bundle.js', 'swagger-ui.css'}; [p.unlink() for p in d.iterdir() if p.name not in keep]" \
+    && find /opt/chatsvc -name __pycache__ -prune -exec rm -rf {} +
+# Of swagger-ui-py's files (24.5 MB: editor bundles, source maps) only what /docs serves stays:
+# chatsvc.DOCS_FILES and the LICENSE (.ci/container's check compares the two). Pruned here, not
+# after chatsvc is copied, so that this stage's /opt/chatsvc is the same from one build to the
+# next and the runtime stage's COPY of it is reused from the cache, not a new 190 MB layer.
 
 # chatsvc itself: its one module and data files, into a folder of their own (/opt/chatsvc-app, on
-# the environment's path through a .pth file).
-FROM deps AS build
+# the environment's path through a .pth file). The build backend (pyproject's [build-system]) is
+# installed before the source is copied: an edit to chatsvc.py reuses that layer too, and the
+# install of chatsvc itself needs no index (--no-index).
+FROM ${PYTHON_IMAGE} AS build
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_CERT
+WORKDIR /src
+COPY pyproject.toml ./
+# hadolint ignore=DL3013
+RUN python3 -m venv /tmp/pip \
+    && python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']))" > build-requirements.txt \
+    && /tmp/pip/bin/pip install --no-cache-dir --disable-pip-version-check --progress-bar off -r build-requirements.txt
 COPY README.md chatsvc.py schema.sql ./
 COPY docs/openapi.json docs/
 COPY playground/ playground/
-# hadolint ignore=DL3013
-RUN python3 -m venv /tmp/pip && /tmp/pip/bin/pip install --no-cache-dir --disable-pip-version-check --progress-bar off \
-        --no-deps --target /opt/chatsvc-app . \
+RUN /tmp/pip/bin/pip install --no-cache-dir --disable-pip-version-check --progress-bar off \
+        --no-index --no-deps --no-build-isolation --target /opt/chatsvc-app . \
     && sed -i '1s|.*|#!/opt/chatsvc/bin/python|' /opt/chatsvc-app/bin/chatsvc \
-    && /opt/chatsvc/bin/python -c "import chatsvc; d = chatsvc.swagger_ui_assets(); keep = chatsvc.DOCS_FILES | {'LICENSE'}; [p.unlink() for p in d.iterdir() if p.name not in keep]" \
-    && find /opt/chatsvc /opt/chatsvc-app -name __pycache__ -prune -exec rm -rf {} +
+    && find /opt/chatsvc-app -name __pycache__ -prune -exec rm -rf {} +
 
 # Runtime: the environment and chatsvc, nothing else; a non-root user; the database on a volume.
 FROM ${PYTHON_IMAGE}
@@ -49,7 +59,7 @@ RUN apt-get update && apt-get install -y --no-install-recommends tini && rm -rf 
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin chatsvc \
     && mkdir -p /data /app && chown 10001:10001 /data
-COPY --from=build /opt/chatsvc /opt/chatsvc
+COPY --from=deps /opt/chatsvc /opt/chatsvc
 COPY --from=build /opt/chatsvc-app /opt/chatsvc-app
 ENV PATH=/opt/chatsvc-app/bin:/opt/chatsvc/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 USER 10001:10001
