@@ -10910,6 +10910,17 @@ async def readyz(request: Request) -> Response:
     return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
 
 
+async def list_models(request: Request) -> Response:
+    """The models a chat may name (CHAT_MODEL first, the default, then CHATSVC_ALLOWED_MODELS), and
+    whether a model service key is configured (without one every chat answers 503 not_configured:
+    the playground says so before a send). Nothing is read from the database or the model service."""
+    settings = state(request).settings
+    models = [{"id": model, "default": model == settings.chat_model} for model in dict.fromkeys(settings.models)]
+    return JSONResponse(
+        {"models": models, "default": settings.chat_model, "configured": bool(settings.dashscope_api_key)}
+    )
+
+
 # ── Pages: the playground (/) and the API docs (/docs), for a person with a browser ────
 # Static files only, served by chatsvc itself (a sidecar often has no internet): the playground
 # from its folder (playground/, shipped in the wheel), Swagger UI from the swagger-ui-py package.
@@ -11300,6 +11311,7 @@ def app_routes(settings: Settings) -> list[Route | Mount]:
         Route("/openapi.json", openapi),
         *([Route("/metrics", prometheus_metrics, methods=["GET"])] if settings.metrics else []),
         *page_routes(settings),
+        Route(f"{api}/models", list_models, methods=["GET"]),
         Route(f"{api}/context/conversations", list_conversations, methods=["GET"]),
         Route(f"{api}/context/conversations", create_conversation, methods=["POST"]),
         Route(f"{api}/context/conversations/import", import_conversation, methods=["POST"]),
