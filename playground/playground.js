@@ -63,7 +63,7 @@ async function api(method, path, body) {
 const conversationPath = (id) => `/context/conversations/${encodeURIComponent(id)}`;
 
 // ── Markdown: answers (and their reasoning) rendered by marked, sanitized by DOMPurify ──
-// No HTML from a message runs: marked's output goes through DOMPurify (HTML only: no SVG or MathML,
+// No HTML from a message runs: its HTML is shown as text, and marked's output goes through DOMPurify (HTML only: no SVG or MathML,
 // no style, no forms, no images, which would load from wherever a message points), links open in a
 // new tab without an opener or a Referer. Code blocks are highlighted (highlight.js's common build)
 // and get a copy button. While an answer streams, its text is rendered at most once per animation
@@ -84,8 +84,14 @@ DOMPurify.addHook('afterSanitizeAttributes', (node) => {
     }
 });
 
+// HTML written in a message is shown as the text it is (a chat's answer often talks about HTML):
+// marked escapes it, so the sanitizer sees only marked's own markup (and a browser is never asked to
+// parse a message's event handlers, which Chrome reports as policy violations even in a parsed copy).
+const escapeHtml = (text) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+const renderer = new marked.Marked({gfm: true, breaks: false, async: false, renderer: {html: ({text}) => escapeHtml(text)}});
+
 function markdown(text) {
-    const html = marked.parse(text, {gfm: true, breaks: false, async: false});
+    const html = renderer.parse(text);
     const fragment = DOMPurify.sanitize(html, {...PURIFY, RETURN_DOM_FRAGMENT: true});
     for (const code of fragment.querySelectorAll('pre > code')) {
         const language = [...code.classList].find((c) => c.startsWith('language-'))?.slice(9);
