@@ -667,6 +667,7 @@ function showConversation(conversation, {at = null} = {}) {
     if (found) {
         autoFollow = false;
         found.classList.add('found');
+        focusOn = found; // (kept in view while the messages around it are rendered)
         found.scrollIntoView({block: 'center'});
         showJump();
     } else {
@@ -814,6 +815,7 @@ async function continueAnswer(item, message) {
 
 // ── Scrolling: the view follows a streaming answer unless the reader scrolled up ──
 let autoFollow = true;
+let focusOn = null; // a search's match, shown in the middle until the reader scrolls
 const scroller = () => $('#messages');
 const atBottom = () => {
     const list = scroller();
@@ -821,12 +823,15 @@ const atBottom = () => {
 };
 function toLatest() {
     autoFollow = true;
+    focusOn = null;
     const list = scroller();
     list.scrollTop = list.scrollHeight;
     showJump();
 }
 function followLatest() {
-    if (autoFollow) {
+    if (focusOn?.isConnected) {
+        focusOn.scrollIntoView({block: 'center'});
+    } else if (autoFollow) {
         const list = scroller();
         list.scrollTop = list.scrollHeight;
     }
@@ -1219,13 +1224,15 @@ $('#messages').addEventListener('scroll', () => {
     if (atBottom()) autoFollow = true;
     showJump();
 });
-// Scrolling up (wheel, touch, keys) while an answer streams stops the view following it.
-for (const kind of ['wheel', 'touchmove', 'keydown']) {
-    $('#messages').addEventListener(kind, () => setTimeout(() => {
-        autoFollow = atBottom();
-        showJump();
-    }), {passive: true});
+// Scrolling up (wheel, keys, touch) while an answer streams stops the view following it.
+function leaveLatest() {
+    autoFollow = false;
+    focusOn = null;
+    showJump();
 }
+$('#messages').addEventListener('wheel', (event) => event.deltaY < 0 && leaveLatest(), {passive: true});
+$('#messages').addEventListener('keydown', (event) => ['ArrowUp', 'PageUp', 'Home'].includes(event.key) && leaveLatest());
+$('#messages').addEventListener('touchmove', () => setTimeout(() => (atBottom() ? null : leaveLatest())), {passive: true});
 $('#jump').addEventListener('click', toLatest);
 // A phone-wide screen folds the conversation list behind a button.
 $('#nav-toggle').addEventListener('click', () => {
