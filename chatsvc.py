@@ -10866,13 +10866,49 @@ EXCEPTION_HANDLERS = {
 
 
 def openapi_document(settings: Settings) -> bytes:
-    """docs/openapi.json, with the models this configuration accepts filled in."""
+    """docs/openapi.json as this configuration serves it: the models it accepts, this release's version,
+    and the tokens it needs (`openapi_security`), so that /docs shows a lock only where one is needed."""
     doc = json.loads(data_file("docs/openapi.json", "chatsvc_openapi.json").read_bytes())
+    doc["info"]["version"] = __version__
     schemas = doc["components"]["schemas"]
     for name in ("ChatRequest", "ConversationCreate", "ConversationPatch"):
         schemas[name]["properties"]["model"]["enum"] = [*settings.models, None]
     schemas["ConversationFile"]["properties"]["conversation"]["properties"]["model"]["enum"] = [*settings.models, None]
+    openapi_security(doc, settings)
     return json.dumps(doc, ensure_ascii=False).encode()
+
+
+# The admin routes' note when CHATSVC_ADMIN_TOKEN is not set (they answer 404 then: `require_admin`).
+NO_ADMIN_TOKEN_NOTE = "**Not enabled here**: this service has no CHATSVC_ADMIN_TOKEN, so this route answers 404."
+
+
+def openapi_security(doc: dict[str, Any], settings: Settings) -> None:
+    """The security requirements the service enforces, in place of the file's "token optional" ones:
+    without CHATSVC_API_TOKEN no /api/ operation needs a token (no scheme, no lock); with it, each
+    needs the bearer token (the event channel also takes ?access_token=, for EventSource), and the
+    operations outside /api/ none. The admin operations need CHATSVC_ADMIN_TOKEN where it is set;
+    where not, they say they answer 404 (and need what any /api/ operation needs)."""
+    schemes = doc["components"]["securitySchemes"]
+    doc.pop("security", None)
+    if settings.api_token:
+        doc["security"] = [{"bearer": []}]
+    else:
+        schemes.pop("bearer"), schemes.pop("accessToken")
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            if not path.startswith("/api/"):
+                if settings.api_token:
+                    operation["security"] = []
+            elif operation.get("security") == [{"adminToken": []}]:
+                if settings.admin_token is None:
+                    del operation["security"]
+                    operation["description"] = f"{NO_ADMIN_TOKEN_NOTE} {operation.get('description', '')}".strip()
+            elif settings.api_token and (method, path) == ("get", "/api/v1/chat/{session_id}/stream"):
+                operation["security"] = [{"bearer": []}, {"accessToken": []}]
+    if settings.admin_token is None:
+        schemes.pop("adminToken")
+    if not schemes:
+        del doc["components"]["securitySchemes"]
 
 
 async def openapi(request: Request) -> Response:
@@ -11015,6 +11051,11 @@ async def docs_script(request: Request) -> Response:
     return Response(DOCS_SCRIPT, media_type="text/javascript; charset=utf-8", headers=PAGE_HEADERS)
 
 
+# The contract the document's description links to (relatively, so behind a prefix too): the
+# served page cannot reach the repository, so chatsvc serves the file, as text (Markdown to read).
+CONTRACT_NAME = "CONTRACT.md"
+
+
 def page_routes(settings: Settings) -> list[Route | Mount]:
     """The pages this configuration serves (CHATSVC_PLAYGROUND, CHATSVC_DOCS); their files found once."""
     routes: list[Route | Mount] = []
@@ -11030,7 +11071,16 @@ def page_routes(settings: Settings) -> list[Route | Mount]:
             Route(f"/{DOCS_SCRIPT_NAME}", docs_script, methods=["GET"]),
             Mount("", PageFiles(swagger_ui_assets(), only=DOCS_FILES)),
         ]
-        routes += [Route("/docs", docs_page, methods=["GET"]), Mount("/docs/static", routes=assets)]
+        contract = data_file(f"docs/{CONTRACT_NAME}", "chatsvc_contract.md").read_bytes()
+
+        async def contract_page(request: Request) -> Response:
+            return Response(contract, media_type="text/plain; charset=utf-8", headers=PAGE_HEADERS)
+
+        routes += [
+            Route("/docs", docs_page, methods=["GET"]),
+            Route(f"/docs/{CONTRACT_NAME}", contract_page, methods=["GET"]),
+            Mount("/docs/static", routes=assets),
+        ]
     return routes
 
 
