@@ -42,7 +42,7 @@ RUN python3 -m venv /tmp/pip \
     && python3 -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']))" > build-requirements.txt \
     && /tmp/pip/bin/pip install --no-cache-dir --disable-pip-version-check --progress-bar off -r build-requirements.txt
 COPY README.md chatsvc.py schema.sql ./
-COPY docs/openapi.json docs/
+COPY docs/openapi.json docs/CONTRACT.md docs/
 COPY playground/ playground/
 RUN /tmp/pip/bin/pip install --no-cache-dir --disable-pip-version-check --progress-bar off \
         --no-index --no-deps --no-build-isolation --target /opt/chatsvc-app . \

@@ -11469,8 +11469,10 @@ EXCEPTION_HANDLERS = {
 
 
 def openapi_document(settings: Settings) -> bytes:
-    """docs/openapi.json, with the models this configuration accepts filled in."""
+    """docs/openapi.json as this configuration serves it: the models it accepts, this release's version,
+    and the tokens it needs (`openapi_security`), so that /docs shows a lock only where one is needed."""
     doc = json.loads(data_file("docs/openapi.json", "chatsvc_openapi.json").read_bytes())
+    doc["info"]["version"] = __version__
     schemas = doc["components"]["schemas"]
     for name in ("ChatRequest", "ConversationCreate", "ConversationPatch"):
         schemas[name]["properties"]["model"]["enum"] = [*settings.models, None]
@@ -11478,7 +11480,41 @@ def openapi_document(settings: Settings) -> bytes:
     if settings.web_search == "off":  # a request that asks is refused (web_search_disabled)
         for name in ("ChatRequest", "ConversationPatch"):
             schemas[name]["properties"]["web_search"]["enum"] = [False, None]
+    openapi_security(doc, settings)
     return json.dumps(doc, ensure_ascii=False).encode()
+
+
+# The admin routes' note when CHATSVC_ADMIN_TOKEN is not set (they answer 404 then: `require_admin`).
+NO_ADMIN_TOKEN_NOTE = "**Not enabled here**: this service has no CHATSVC_ADMIN_TOKEN, so this route answers 404."
+
+
+def openapi_security(doc: dict[str, Any], settings: Settings) -> None:
+    """The security requirements the service enforces, in place of the file's "token optional" ones:
+    without CHATSVC_API_TOKEN no /api/ operation needs a token (no scheme, no lock); with it, each
+    needs the bearer token (the event channel also takes ?access_token=, for EventSource), and the
+    operations outside /api/ none. The admin operations need CHATSVC_ADMIN_TOKEN where it is set;
+    where not, they say they answer 404 (and need what any /api/ operation needs)."""
+    schemes = doc["components"]["securitySchemes"]
+    doc.pop("security", None)
+    if settings.api_token:
+        doc["security"] = [{"bearer": []}]
+    else:
+        schemes.pop("bearer"), schemes.pop("accessToken")
+    for path, operations in doc["paths"].items():
+        for method, operation in operations.items():
+            if not path.startswith("/api/"):
+                if settings.api_token:
+                    operation["security"] = []
+            elif operation.get("security") == [{"adminToken": []}]:
+                if settings.admin_token is None:
+                    del operation["security"]
+                    operation["description"] = f"{NO_ADMIN_TOKEN_NOTE} {operation.get('description', '')}".strip()
+            elif settings.api_token and (method, path) == ("get", "/api/v1/chat/{session_id}/stream"):
+                operation["security"] = [{"bearer": []}, {"accessToken": []}]
+    if settings.admin_token is None:
+        schemes.pop("adminToken")
+    if not schemes:
+        del doc["components"]["securitySchemes"]
 
 
 async def openapi(request: Request) -> Response:
@@ -11514,6 +11550,17 @@ async def readyz(request: Request) -> Response:
         return JSONResponse({"status": "ready"})
     body = {"status": "unavailable", "detail": detail, "code": "storage_unavailable"}
     return JSONResponse(body, status_code=503, headers={"Retry-After": "2"})
+
+
+async def list_models(request: Request) -> Response:
+    """The models a chat may name (CHAT_MODEL first, the default, then CHATSVC_ALLOWED_MODELS), and
+    whether a model service key is configured (without one every chat answers 503 not_configured:
+    the playground says so before a send). Nothing is read from the database or the model service."""
+    settings = state(request).settings
+    models = [{"id": model, "default": model == settings.chat_model} for model in dict.fromkeys(settings.models)]
+    return JSONResponse(
+        {"models": models, "default": settings.chat_model, "configured": bool(settings.dashscope_api_key)}
+    )
 
 
 # ── Pages: the playground (/) and the API docs (/docs), for a person with a browser ────
@@ -11610,6 +11657,11 @@ async def docs_script(request: Request) -> Response:
     return Response(DOCS_SCRIPT, media_type="text/javascript; charset=utf-8", headers=PAGE_HEADERS)
 
 
+# The contract the document's description links to (relatively, so behind a prefix too): the
+# served page cannot reach the repository, so chatsvc serves the file, as text (Markdown to read).
+CONTRACT_NAME = "CONTRACT.md"
+
+
 def page_routes(settings: Settings) -> list[Route | Mount]:
     """The pages this configuration serves (CHATSVC_PLAYGROUND, CHATSVC_DOCS); their files found once."""
     routes: list[Route | Mount] = []
@@ -11625,7 +11677,16 @@ def page_routes(settings: Settings) -> list[Route | Mount]:
             Route(f"/{DOCS_SCRIPT_NAME}", docs_script, methods=["GET"]),
             Mount("", PageFiles(swagger_ui_assets(), only=DOCS_FILES)),
         ]
-        routes += [Route("/docs", docs_page, methods=["GET"]), Mount("/docs/static", routes=assets)]
+        contract = data_file(f"docs/{CONTRACT_NAME}", "chatsvc_contract.md").read_bytes()
+
+        async def contract_page(request: Request) -> Response:
+            return Response(contract, media_type="text/plain; charset=utf-8", headers=PAGE_HEADERS)
+
+        routes += [
+            Route("/docs", docs_page, methods=["GET"]),
+            Route(f"/docs/{CONTRACT_NAME}", contract_page, methods=["GET"]),
+            Mount("/docs/static", routes=assets),
+        ]
     return routes
 
 
@@ -11906,6 +11967,7 @@ def app_routes(settings: Settings) -> list[Route | Mount]:
         Route("/openapi.json", openapi),
         *([Route("/metrics", prometheus_metrics, methods=["GET"])] if settings.metrics else []),
         *page_routes(settings),
+        Route(f"{api}/models", list_models, methods=["GET"]),
         Route(f"{api}/context/conversations", list_conversations, methods=["GET"]),
         Route(f"{api}/context/conversations", create_conversation, methods=["POST"]),
         Route(f"{api}/context/conversations/import", import_conversation, methods=["POST"]),

@@ -62,6 +62,91 @@ async function api(method, path, body) {
 
 const conversationPath = (id) => `/context/conversations/${encodeURIComponent(id)}`;
 
+// ── Markdown: answers (and their reasoning) rendered by marked, sanitized by DOMPurify ──
+// No HTML from a message runs: its HTML is shown as text, and marked's output goes through DOMPurify (HTML only: no SVG or MathML,
+// no style, no forms, no images, which would load from wherever a message points), links open in a
+// new tab without an opener or a Referer. Code blocks are highlighted (highlight.js's common build)
+// and get a copy button. While an answer streams, its text is rendered at most once per animation
+// frame into a detached node that replaces the old one in one step (no flicker, no half-drawn frame).
+const PURIFY = {
+    USE_PROFILES: {html: true},
+    FORBID_TAGS: ['style', 'form', 'input', 'button', 'textarea', 'select', 'img', 'video', 'audio', 'source', 'picture'],
+    FORBID_ATTR: ['style', 'srcset', 'action', 'formaction'],
+};
+DOMPurify.addHook('afterSanitizeAttributes', (node) => {
+    if (node.tagName === 'A') {
+        if (node.hasAttribute('href')) {
+            node.setAttribute('target', '_blank');
+            node.setAttribute('rel', 'noopener noreferrer');
+        } else {
+            node.removeAttribute('target');
+        }
+    }
+});
+
+// HTML written in a message is shown as the text it is (a chat's answer often talks about HTML):
+// marked escapes it, so the sanitizer sees only marked's own markup (and a browser is never asked to
+// parse a message's event handlers, which Chrome reports as policy violations even in a parsed copy).
+const escapeHtml = (text) => text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+const renderer = new marked.Marked({gfm: true, breaks: false, async: false, renderer: {html: ({text}) => escapeHtml(text)}});
+
+function markdown(text) {
+    const html = renderer.parse(text);
+    const fragment = DOMPurify.sanitize(html, {...PURIFY, RETURN_DOM_FRAGMENT: true});
+    for (const code of fragment.querySelectorAll('pre > code')) {
+        const language = [...code.classList].find((c) => c.startsWith('language-'))?.slice(9);
+        const source = code.textContent;
+        try {
+            const result = language && hljs.getLanguage(language) ? hljs.highlight(source, {language}) : hljs.highlightAuto(source);
+            // highlight.js escapes the code it is given; its spans are sanitized again all the same
+            code.replaceChildren(DOMPurify.sanitize(result.value, {...PURIFY, RETURN_DOM_FRAGMENT: true}));
+            code.classList.add('hljs');
+        } catch {
+            // (shown as plain text)
+        }
+        const pre = code.parentElement;
+        const block = document.createElement('div');
+        block.className = 'code-block';
+        const copy = document.createElement('button');
+        copy.type = 'button';
+        copy.className = 'copy';
+        copy.textContent = 'Copy';
+        copy.setAttribute('aria-label', 'Copy code');
+        copy.addEventListener('click', () => copyText(source, copy));
+        pre.replaceWith(block);
+        block.append(copy, pre);
+        pre.tabIndex = 0; // a wide block scrolls sideways: reachable by keyboard
+    }
+    return fragment;
+}
+
+async function copyText(text, button) {
+    try {
+        await navigator.clipboard.writeText(text);
+        button.textContent = 'Copied';
+    } catch {
+        button.textContent = 'Copy failed';
+    }
+    setTimeout(() => (button.textContent = 'Copy'), 1500);
+}
+
+// Render `text` into `element` (at most once a frame while chunks arrive).
+function renderInto(element, text) {
+    element.dataset.source = text;
+    if (element.pendingFrame) return;
+    element.pendingFrame = requestAnimationFrame(() => {
+        element.pendingFrame = 0;
+        const source = element.dataset.source;
+        if (source === element.dataset.rendered) return;
+        element.dataset.rendered = source;
+        const node = document.createElement('div');
+        node.className = 'markdown';
+        node.append(markdown(source));
+        element.replaceChildren(node);
+        followLatest();
+    });
+}
+
 // ── Files: uploads from the composer, and the files of messages ──
 // A file's bytes never change under its id, so a message's image is fetched once (with the page's
 // token, which an <img src> could not carry) and shown from a blob: URL; a file this page uploaded
@@ -288,7 +373,7 @@ function setBusy(value) {
     $('#send').disabled = value;
     $('#stop').disabled = !value;
     // (a version button at the first or last version stays disabled)
-    document.querySelectorAll('.edit, .regenerate, .send-results, .versions button').forEach((b) => (b.disabled = value || 'edge' in b.dataset));
+    document.querySelectorAll('.edit, .regenerate, .continue, .fork, .delete-message, .send-results, .versions button').forEach((b) => (b.disabled = value || 'edge' in b.dataset));
 }
 
 async function loadConversations() {
@@ -309,17 +394,35 @@ async function loadConversations() {
         button.className = 'conversation';
         button.textContent = conversation.title || conversation.session_id;
         if (conversation.session_id === current) button.setAttribute('aria-current', 'true');
-        button.addEventListener('click', () => open(conversation.session_id));
+        const at = conversation.match?.message_id || null;
+        button.addEventListener('click', () => open(conversation.session_id, {at}));
         item.append(button);
         if (conversation.match?.snippet) {
             const snippet = document.createElement('p');
             snippet.className = 'snippet';
-            snippet.textContent = conversation.match.snippet;
+            snippet.append(...highlighted(conversation.match.snippet, q));
             item.append(snippet);
         }
         list.append(item);
     }
     $('#no-conversations').hidden = page.conversations.length > 0;
+}
+
+// A search snippet with each occurrence of the query in <mark> (text nodes only: nothing is parsed).
+function highlighted(snippet, query) {
+    const parts = [];
+    const lower = snippet.toLowerCase();
+    const needle = query.toLowerCase();
+    let from = 0;
+    for (let at = needle ? lower.indexOf(needle) : -1; at >= 0; at = lower.indexOf(needle, from)) {
+        if (at > from) parts.push(snippet.slice(from, at));
+        const mark = document.createElement('mark');
+        mark.textContent = snippet.slice(at, at + needle.length);
+        parts.push(mark);
+        from = at + needle.length;
+    }
+    if (from < snippet.length) parts.push(snippet.slice(from));
+    return parts;
 }
 
 // The app's own tools (the `tools` of a request), as OpenAI's function format in JSON; none when empty.
@@ -369,15 +472,98 @@ function messageItem(message, {leaf = false} = {}) {
         const regenerate = item.querySelector('.regenerate');
         regenerate.hidden = false;
         regenerate.addEventListener('click', () => answerAgain({regenerate: message.id}));
+        if (canContinue(message)) {
+            const more = item.querySelector('.continue');
+            more.hidden = false;
+            more.addEventListener('click', () => continueAnswer(item, message));
+        }
     }
+    if (message.id && message.status !== 'streaming') {
+        const fork = item.querySelector('.fork');
+        fork.hidden = false;
+        fork.addEventListener('click', () => forkFrom(message.id));
+        const remove = item.querySelector('.delete-message');
+        remove.hidden = false;
+        remove.setAttribute('aria-label', `Delete this message${message.role === 'user' ? ' and its answers' : ''}`);
+        remove.addEventListener('click', () => deleteMessage(message.id));
+    }
+    showMeta(item, message);
+    showSources(item, message.sources);
     return item;
 }
 
+// An answer that ended early with text (stopped, interrupted, failed) or at the length limit can be
+// continued (issue 25: the stream route with {"continue": <answer id>}); absent fields: no button.
+function canContinue(message) {
+    if (!message.content) return false;
+    if (['stopped', 'interrupted', 'failed'].includes(message.status)) return true;
+    return message.status === 'complete' && message.finish_reason === 'length';
+}
+
+// Small print under the role: when, and for an answer its model and tokens (in full on hover).
+function showMeta(item, message) {
+    const meta = item.querySelector('.meta');
+    const parts = [];
+    const titles = [];
+    if (message.created_at) {
+        const when = new Date(message.created_at);
+        if (!Number.isNaN(when.getTime())) {
+            parts.push(when.toLocaleTimeString([], {hour: '2-digit', minute: '2-digit'}));
+            titles.push(when.toLocaleString());
+        }
+    }
+    if (message.role === 'assistant' && message.model) parts.push(message.model);
+    const usage = message.usage;
+    if (message.role === 'assistant' && usage && typeof usage.total_tokens === 'number') {
+        parts.push(`${usage.total_tokens} tokens`);
+        titles.push(`${usage.prompt_tokens ?? '?'} tokens in, ${usage.completion_tokens ?? '?'} out`);
+    }
+    meta.textContent = parts.join(' · ');
+    meta.title = titles.join('; ');
+}
+
+// Numbered links to the pages an answer drew on (issue 25's web search: `sources` on a stored
+// message, in the `sources` event and in `end`); nothing when there are none.
+function showSources(item, sources) {
+    const list = item.querySelector('.sources');
+    if (!list) return;
+    const valid = Array.isArray(sources) ? sources.filter((s) => s && typeof s.url === 'string') : [];
+    list.replaceChildren(...valid.map((source, k) => {
+        const entry = document.createElement('li');
+        entry.value = Number.isInteger(source.index) ? source.index : k + 1;
+        const link = document.createElement('a');
+        let safe = false;
+        try {
+            safe = ['http:', 'https:'].includes(new URL(source.url).protocol);
+        } catch {
+            safe = false;
+        }
+        if (safe) {
+            link.href = source.url;
+            link.target = '_blank';
+            link.rel = 'noopener noreferrer';
+        }
+        link.textContent = source.title || source.url;
+        entry.append(link);
+        if (source.site) entry.append(` · ${source.site}`);
+        return entry;
+    }));
+    list.hidden = valid.length === 0;
+}
+
+// A user's message is shown as the text it is (what was typed); an answer and its reasoning as Markdown.
 function showText(item, content, reasoning) {
-    item.querySelector('.content').textContent = content;
+    const element = item.querySelector('.content');
+    item.dataset.text = content;
+    if (item.classList.contains('user')) {
+        element.textContent = content;
+    } else {
+        renderInto(element, content);
+    }
     const details = item.querySelector('.reasoning');
     details.hidden = !reasoning;
-    details.querySelector('.reasoning-text').textContent = reasoning;
+    if (reasoning) renderInto(details.querySelector('.reasoning-text'), reasoning);
+    followLatest();
 }
 
 // A tool call folded under the answer like its reasoning: a <details> with the call's name, its
@@ -468,22 +654,202 @@ function showState(item, message) {
     item.dataset.status = message.status || '';
 }
 
-function showConversation(conversation) {
+function showConversation(conversation, {at = null} = {}) {
     $('#title').textContent = conversation ? conversation.title || conversation.session_id : 'New conversation';
     $('#delete-conversation').hidden = !conversation;
     const messages = conversation ? conversation.messages : [];
     $('#messages').replaceChildren(...messages.map((m, k) => messageItem(m, {leaf: k === messages.length - 1})));
+    showSettings(conversation);
+    showSummary(conversation?.summary);
+    showEmpty();
     setBusy(busy);
-    $('#messages').lastElementChild?.scrollIntoView({block: 'end'});
+    const found = at && $('#messages').querySelector(`li[data-id="${CSS.escape(at)}"]`);
+    if (found) {
+        autoFollow = false;
+        found.classList.add('found');
+        focusOn = found; // (kept in view while the messages around it are rendered)
+        found.scrollIntoView({block: 'center'});
+        showJump();
+    } else {
+        toLatest();
+    }
+}
+
+// A conversation's summary (issue 25): its earlier messages summarised, folded above them.
+function showSummary(summary) {
+    const note = $('#summary-note');
+    const content = summary && typeof summary.content === 'string' ? summary.content : '';
+    note.hidden = !content;
+    if (content) renderInto(note.querySelector('.summary-text'), content);
+}
+
+// The first screen: what this is, the model in use, example prompts, and (before any send) what
+// to do when the service has no model key.
+let models = null; // GET /api/v1/models, once
+function showEmpty() {
+    const empty = !$('#messages').children.length && !current;
+    $('#empty').hidden = !empty;
+    if (!models) return;
+    $('#empty-model').textContent = models.default;
+    $('#no-key').hidden = models.configured !== false;
+}
+
+async function loadModels() {
+    try {
+        models = await api('GET', '/models');
+    } catch {
+        return; // (an older service: no picker, no warning)
+    }
+    const picker = $('#setting-model');
+    picker.replaceChildren(...models.models.map((model) => {
+        const option = document.createElement('option');
+        option.value = model.id;
+        option.textContent = model.default ? `${model.id} (default)` : model.id;
+        return option;
+    }));
+    showEmpty();
+}
+
+// ── The open conversation's settings: title, model, system prompt; export ──
+let shown = null; // the open conversation as last read
+function showSettings(conversation) {
+    shown = conversation;
+    $('#settings').hidden = !conversation;
+    if (!conversation) return;
+    $('#setting-title').value = conversation.title || '';
+    $('#setting-prompt').value = conversation.system_prompt || '';
+    const picker = $('#setting-model');
+    const model = conversation.model || models?.default || '';
+    if (model && ![...picker.options].some((o) => o.value === model)) {
+        const option = document.createElement('option');
+        option.value = option.textContent = model;
+        picker.append(option);
+    }
+    picker.value = model;
+}
+
+async function saveSettings() {
+    if (!current || !shown) return;
+    const body = {
+        title: $('#setting-title').value.trim() || null,
+        system_prompt: $('#setting-prompt').value.trim() ? $('#setting-prompt').value : null,
+        model: $('#setting-model').value || null,
+    };
+    try {
+        await api('PATCH', conversationPath(current), body);
+    } catch (error) {
+        notice(error.message);
+        return;
+    }
+    notice('');
+    await open(current, {keepNotice: true});
+    $('#settings').open = true;
+}
+
+async function exportConversation(markdown) {
+    if (!current) return;
+    const response = await fetch(`${API}${conversationPath(current)}/export${markdown ? '?format=markdown' : ''}`).catch(() => null);
+    if (!response || !response.ok) {
+        const error = response ? await response.json().catch(() => ({})) : {};
+        notice(error.detail || 'The service could not be reached.');
+        return;
+    }
+    const url = URL.createObjectURL(await response.blob());
+    const link = document.createElement('a');
+    link.href = url;
+    link.download = `${current}.${markdown ? 'md' : 'json'}`;
+    link.hidden = true;
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+}
+
+async function importConversation(file) {
+    const response = await fetch(`${API}/context/conversations/import`, {
+        method: 'POST', headers: {'Content-Type': 'application/json'}, body: file,
+    }).catch(() => null);
+    const data = response ? await response.json().catch(() => ({})) : {};
+    if (!response || !response.ok) {
+        notice(data.detail || 'The service could not be reached.');
+        return;
+    }
+    await open(data.session_id);
+}
+
+async function forkFrom(messageId) {
+    if (busy || !current) return;
+    let fork;
+    try {
+        fork = await api('POST', conversationPath(current) + '/fork', {message_id: messageId});
+    } catch (error) {
+        notice(error.message);
+        return;
+    }
+    await open(fork.session_id);
+}
+
+async function deleteMessage(messageId) {
+    if (busy || !current || !confirm('Delete this message and everything after it on every branch?')) return;
+    try {
+        await api('DELETE', `${conversationPath(current)}/messages/${encodeURIComponent(messageId)}`);
+    } catch (error) {
+        notice(error.message);
+        return;
+    }
+    await open(current, {keepNotice: true});
+}
+
+// Continue an answer (issue 25): its chunks are appended to the text it has.
+let continuing = null; // {id, text}: the answer being continued and its text before
+async function continueAnswer(item, message) {
+    if (busy || !current) return;
+    continuing = {id: message.id, text: message.content || ''};
+    notice('');
+    const refused = await post({continue: message.id});
+    if (refused) {
+        continuing = null;
+        notice(refused);
+    }
+}
+
+// ── Scrolling: the view follows a streaming answer unless the reader scrolled up ──
+let autoFollow = true;
+let focusOn = null; // a search's match, shown in the middle until the reader scrolls
+const scroller = () => $('#messages');
+const atBottom = () => {
+    const list = scroller();
+    return list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+};
+function toLatest() {
+    autoFollow = true;
+    focusOn = null;
+    const list = scroller();
+    list.scrollTop = list.scrollHeight;
+    showJump();
+}
+function followLatest() {
+    if (focusOn?.isConnected) {
+        focusOn.scrollIntoView({block: 'center'});
+    } else if (autoFollow) {
+        const list = scroller();
+        list.scrollTop = list.scrollHeight;
+    }
+    showJump();
+}
+function showJump() {
+    $('#jump').hidden = autoFollow || atBottom();
 }
 
 // Open a conversation; an answer still being written is followed on its channel to the end
 // (after a reload too: the answer belongs to the server, not to the page that asked for it).
-async function open(id, {list = true, keepNotice = false} = {}) {
+async function open(id, {list = true, keepNotice = false, at = null} = {}) {
     stopFollowing();
     current = id;
     history.replaceState(null, '', id ? '#' + encodeURIComponent(id) : location.pathname);
     if (!keepNotice) notice('');
+    document.body.classList.remove('nav-open');
+    $('#nav-toggle').setAttribute('aria-expanded', 'false');
     if (!id) {
         setBusy(false);
         showConversation(null);
@@ -497,7 +863,7 @@ async function open(id, {list = true, keepNotice = false} = {}) {
         }
         if (current !== id) return;
         setBusy(conversation.generating);
-        showConversation(conversation);
+        showConversation(conversation, {at});
         if (conversation.generating) follow(id, {running: true});
     }
     if (list) await loadConversations();
@@ -538,8 +904,17 @@ function follow(id, {running = false} = {}) {
                 $('#messages').append(item);
             }
             text = reasoning = '';
-            showText(item, '', '');
-            item.querySelector('.steps').replaceChildren();
+            if (continuing && continuing.id === data.message_id) {
+                // a continuation: its chunks follow the text the answer has (`start` may say how long it is)
+                const at = Number.isInteger(data.offset) ? data.offset : Number.isInteger(data.length) ? data.length : null;
+                text = at === null ? continuing.text : continuing.text.slice(0, at);
+                item.querySelector('.continue').hidden = true;
+                item.dataset.status = 'streaming';
+                item.querySelector('.state').textContent = 'Writing…';
+            } else {
+                item.querySelector('.steps').replaceChildren();
+            }
+            showText(item, text, '');
         } else if (item && (type === 'tool_call' || type === 'tool_result')) {
             showStep(item, type, data);
         } else if (item && type === 'reasoning') {
@@ -548,7 +923,10 @@ function follow(id, {running = false} = {}) {
         } else if (item && type === 'chunk') {
             text += data.content;
             showText(item, text, reasoning);
+        } else if (item && type === 'sources') {
+            showSources(item, data.sources);
         } else if (type === 'end' || type === 'error') {
+            continuing = null;
             if (type === 'error') notice(data.message);
             stopFollowing();
             setBusy(false);
@@ -594,6 +972,8 @@ async function send(text, files = []) {
     if (tools || files.length) {
         // ChatClient sends only the message: with files or the app's tools the page posts itself (as answerAgain)
         $('#messages').append(question);
+        showEmpty();
+        toLatest();
         const body = {message: text, ...(tools ? {tools} : {})};
         if (files.length) body.files = files.map((f) => f.id);
         const refused = await post(body);
@@ -610,7 +990,8 @@ async function send(text, files = []) {
     }
     const item = messageItem({role: 'assistant', status: 'streaming'});
     $('#messages').append(question, item);
-    item.scrollIntoView({block: 'end'});
+    showEmpty();
+    toLatest();
     let reasoning = '';
     let done = false;
     const finish = (message) => {
@@ -633,9 +1014,11 @@ async function send(text, files = []) {
         const {type, data} = JSON.parse(event.data);
         if (type === 'reasoning' && !done) {
             reasoning += data.content;
-            showText(item, item.querySelector('.content').textContent, reasoning);
+            showText(item, item.dataset.text || '', reasoning);
         } else if ((type === 'tool_call' || type === 'tool_result') && !done) {
             showStep(item, type, data); // (the server's tools of an answer to a plain message)
+        } else if (type === 'sources' && !done) {
+            showSources(item, data.sources);
         }
     });
     try {
@@ -829,6 +1212,68 @@ $('#forget-token').addEventListener('click', () => {
     $('#forget-token').hidden = true;
     open(current);
 });
+
+// Esc stops the answer being written (from anywhere on the page, unless a dialog-like field handles it).
+document.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape' && busy && !event.isComposing) {
+        event.preventDefault();
+        stop();
+    }
+});
+$('#messages').addEventListener('scroll', () => {
+    if (atBottom()) autoFollow = true;
+    showJump();
+});
+// Scrolling up (wheel, keys, touch) while an answer streams stops the view following it.
+function leaveLatest() {
+    autoFollow = false;
+    focusOn = null;
+    showJump();
+}
+$('#messages').addEventListener('wheel', (event) => event.deltaY < 0 && leaveLatest(), {passive: true});
+$('#messages').addEventListener('keydown', (event) => ['ArrowUp', 'PageUp', 'Home'].includes(event.key) && leaveLatest());
+$('#messages').addEventListener('touchmove', () => setTimeout(() => (atBottom() ? null : leaveLatest())), {passive: true});
+$('#jump').addEventListener('click', toLatest);
+// A phone-wide screen folds the conversation list behind a button.
+$('#nav-toggle').addEventListener('click', () => {
+    const opened = document.body.classList.toggle('nav-open');
+    $('#nav-toggle').setAttribute('aria-expanded', String(opened));
+});
+// Dark mode: the system's (prefers-color-scheme) until the toggle picks one, remembered here.
+const THEME_KEY = 'chatsvc.playground.theme';
+const systemDark = window.matchMedia('(prefers-color-scheme: dark)');
+function applyTheme() {
+    const dark = (localStorage.getItem(THEME_KEY) || (systemDark.matches ? 'dark' : 'light')) === 'dark';
+    document.documentElement.dataset.theme = dark ? 'dark' : 'light';
+    $('#code-dark').disabled = !dark;
+    $('#code-light').disabled = dark;
+    $('#theme').setAttribute('aria-pressed', String(dark));
+}
+$('#theme').addEventListener('click', () => {
+    localStorage.setItem(THEME_KEY, document.documentElement.dataset.theme === 'dark' ? 'light' : 'dark');
+    applyTheme();
+});
+systemDark.addEventListener('change', applyTheme);
+applyTheme();
+$('#settings-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    saveSettings();
+});
+$('#export-json').addEventListener('click', () => exportConversation(false));
+$('#export-markdown').addEventListener('click', () => exportConversation(true));
+$('#import-button').addEventListener('click', () => $('#import').click());
+$('#import').addEventListener('change', (event) => {
+    const [file] = event.target.files;
+    event.target.value = '';
+    if (file) importConversation(file);
+});
+// An example prompt on the first screen: sent as it is.
+document.querySelectorAll('#examples .example').forEach((button) => button.addEventListener('click', () => {
+    if (busy) return;
+    $('#message').value = button.textContent;
+    $('#composer').requestSubmit();
+}));
+loadModels();
 
 // The address names the open conversation (#<session_id>): a link or a reload opens it. Only a
 // valid session id (chatsvc's rule) does: anything else in a link (`#other/stop?`, `#../x`) would

@@ -32,6 +32,18 @@ def test_the_document_is_served(client):
     r = client.get("/openapi.json")
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     served = r.json()
+    # the release's version, as the file has it (bump both together)
+    assert served["info"]["version"] == chatsvc.__version__ == DOC["info"]["version"]
+    # without CHATSVC_API_TOKEN nor CHATSVC_ADMIN_TOKEN, no operation needs a token: no scheme, no lock
+    assert "security" not in served and "securitySchemes" not in served["components"]
+    assert [op for ops in served["paths"].values() for op in ops.values() if op.get("security")] == []
+    served["security"], served["components"]["securitySchemes"] = DOC["security"], DOC["components"]["securitySchemes"]
+    for path, ops in DOC["paths"].items():
+        for method, op in ops.items():
+            if "security" in op:  # the admin operations, which say they are not enabled here
+                description = served["paths"][path][method]["description"]
+                assert description.startswith("**Not enabled here**: this service has no CHATSVC_ADMIN_TOKEN")
+                served["paths"][path][method] = op
     for name in ("ChatRequest", "ConversationCreate", "ConversationPatch"):
         assert served["components"]["schemas"][name]["properties"]["model"].pop("enum") == ["qwen-plus", None]
     schemas = served["components"]["schemas"]
@@ -41,6 +53,115 @@ def test_the_document_is_served(client):
     assert file_model["enum"] == ["qwen-plus", None]
     file_model["enum"] = None  # as docs/openapi.json has it
     assert served == DOC
+
+
+def locks(document: dict) -> dict[tuple[str, str], list]:
+    """Each operation's security requirement as Swagger UI reads it (its own, else the document's)."""
+    default = document.get("security", [])
+    return {(m, p): op.get("security", default) for p, ops in document["paths"].items() for m, op in ops.items()}
+
+
+API_OPERATIONS = {(m, p) for p, ops in DOC["paths"].items() for m in ops if p.startswith("/api/")}
+ADMIN_OPERATIONS = {(m, p) for p, ops in DOC["paths"].items() for m, op in ops.items() if "security" in op}
+CHANNEL = ("get", "/api/v1/chat/{session_id}/stream")
+
+
+@pytest.mark.parametrize("api_token", [None, "tok-secret-123"])
+@pytest.mark.parametrize("admin_token", [None, "tok-do-not-log"])
+def test_the_locks_say_which_token_each_operation_needs(make_service, api_token, admin_token):
+    """/docs shows a lock where the service needs a token, and only there: the served document's
+    security requirements follow CHATSVC_API_TOKEN and CHATSVC_ADMIN_TOKEN."""
+    service = make_service(CHATSVC_API_TOKEN=api_token, CHATSVC_ADMIN_TOKEN=admin_token)
+    with service.client() as client:
+        served = client.get("/openapi.json").json()
+    bearer = [{"bearer": []}] if api_token else []
+    expected = {operation: [] for operation in locks(DOC)}
+    expected.update({operation: bearer for operation in API_OPERATIONS})
+    if api_token:
+        expected[CHANNEL] = [{"bearer": []}, {"accessToken": []}]
+    if admin_token:
+        expected.update({operation: [{"adminToken": []}] for operation in ADMIN_OPERATIONS})
+    assert ADMIN_OPERATIONS and locks(served) == expected
+    schemes = served["components"].get("securitySchemes", {})
+    wanted = ({"bearer", "accessToken"} if api_token else set()) | ({"adminToken"} if admin_token else set())
+    assert set(schemes) == wanted
+    for method, path in ADMIN_OPERATIONS:
+        assert ("Not enabled here" in served["paths"][path][method].get("description", "")) is (admin_token is None)
+    # what the document says is what the service does: an operation without a lock answers without a token
+    with service.client() as client:
+        assert client.get("/api/v1/context/conversations").status_code == (401 if api_token else 200)
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/api/v1/admin/users/alice/limits").status_code == (401 if admin_token or api_token else 404)
+
+
+def example_of(media: dict):
+    """The example Swagger UI's "Try it out" fills in: the media type's, or the first of its examples."""
+    if "example" in media:
+        return media["example"]
+    return next(iter(media["examples"].values()))["value"] if "examples" in media else None
+
+
+ADMIN = "tok-do-not-log"
+
+
+def test_every_operation_s_example_works(make_service, fake):
+    """What "Try it out" sends on first use, sent to the service (fake model): every request body's
+    example and every parameter's is accepted (2xx; 404 only for an id in the path that no
+    conversation, message or file has)."""
+    fake.default = Reply.answer(["Hello", "!"])
+    service = make_service(
+        CHATSVC_ADMIN_TOKEN=ADMIN,
+        CHATSVC_PRICES=json.dumps({"currency": "CNY", "models": {"qwen-plus": {"input": 1000, "output": 1000}}}),
+        CHATSVC_LIMIT_COST_PER_MONTH="100",
+    )
+    with service.client() as client:
+        document = client.get("/openapi.json").json()
+        operations = [(m, p, op) for p, ops in document["paths"].items() for m, op in ops.items()]
+        bodies = {op["operationId"]: op["requestBody"]["content"] for _, _, op in operations if "requestBody" in op}
+        # each has an example (the multipart upload's file is picked in the page: its text/plain one has)
+        assert [name for name, content in bodies.items() if not any(map(example_of, content.values()))] == []
+        chat = document["paths"]["/api/v1/chat/{session_id}"]["post"]
+        assert example_of(chat["requestBody"]["content"]["application/json"]) == {"message": "Hello"}
+        # the chat first (its example's session_id is the one every path example names: the chat makes it),
+        # the deletions last, the conversation's own the very last
+        conversation = "/api/v1/context/conversations/{session_id}"
+        operations.sort(key=lambda o: (o[1] != "/api/v1/chat/{session_id}", o[0] == "delete", o[1] == conversation))
+        tried = 0
+        for method, path, op in operations:
+            if (method, path) == CHANNEL:
+                continue  # the event channel never ends by design (test_streaming.py)
+            params = {x["name"]: x for x in op.get("parameters", [])}
+            url = path.format(**{n: x["example"] for n, x in params.items() if x["in"] == "path"})
+            query = {n: x["example"] for n, x in params.items() if x["in"] == "query" and "example" in x}
+            headers = {"Authorization": f"Bearer {ADMIN}"} if op.get("security") else {}
+            kwargs: dict = {}
+            if "requestBody" in op:
+                content_type, media = next((t, m) for t, m in op["requestBody"]["content"].items() if example_of(m))
+                body = example_of(media)
+                if op["operationId"] == "forkConversation":  # a message of the conversation the chat made
+                    made = client.get(url.removesuffix("/fork") + "/messages").json()["messages"]
+                    body = {**body, "message_id": made[0]["id"]}
+                headers["Content-Type"] = content_type
+                kwargs["content"] = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+            r = client.request(method.upper(), url, params=query, headers=headers, **kwargs)
+            ids_in_path = {"message_id", "file_id"} & {n for n, x in params.items() if x["in"] == "path"}
+            ok = r.status_code < 400 or (r.status_code == 404 and ids_in_path and "not_found" in r.json()["code"])
+            assert ok, (method, path, r.status_code, r.text[:500])
+            if tried == 0:  # the chat: its question and the answer are stored, in the conversation of the examples
+                rows = service.rows("SELECT role, content FROM messages ORDER BY role DESC")
+                assert rows == [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hello!"}]
+                assert service.rows("SELECT session_id FROM conversations") == [{"session_id": "demo"}]
+            tried += 1
+        assert tried == len(operations) - 1
+
+
+def test_the_contract_the_description_links_to_is_served(client):
+    """The document's description links to docs/CONTRACT.md, relatively: from /docs that is
+    /docs/CONTRACT.md, which chatsvc serves (the page cannot reach the repository)."""
+    assert "[docs/CONTRACT.md](docs/CONTRACT.md)" in DOC["info"]["description"]
+    r = client.get("/docs/CONTRACT.md")
+    assert r.status_code == 200 and r.headers["content-type"] == "text/plain; charset=utf-8"
+    assert r.content == (Path(__file__).resolve().parent.parent / "docs" / "CONTRACT.md").read_bytes()
 
 
 @pytest.mark.slow

@@ -145,3 +145,39 @@ def test_the_docs_serve_only_the_swagger_ui_files_the_page_uses(client, name):
         assert r.status_code == 404
     assert client.get(f"/docs/static/{name}").json()["code"] == "not_found"
     assert client.get(f"/docs/static/./{name}").status_code == 404
+
+
+def test_the_models_route_lists_the_allowed_models_and_says_whether_a_key_is_set(make_service):
+    """GET /api/v1/models: the playground's model picker, and its warning before a send without a key."""
+    with make_service(CHAT_MODEL="qwen-plus", CHATSVC_ALLOWED_MODELS="qwen-turbo,qwen-max").client() as client:
+        r = client.get("/api/v1/models")
+        assert r.status_code == 200, r.text
+        assert r.json() == {
+            "models": [
+                {"id": "qwen-plus", "default": True},
+                {"id": "qwen-turbo", "default": False},
+                {"id": "qwen-max", "default": False},
+            ],
+            "default": "qwen-plus",
+            "configured": True,
+        }
+    with make_service(DASHSCOPE_API_KEY=None, CHAT_MODEL="qwen-plus").client() as client:
+        r = client.get("/api/v1/models")
+        only = [{"id": "qwen-plus", "default": True}]
+        assert r.json() == {"models": only, "default": "qwen-plus", "configured": False}
+        sent = client.post("/api/v1/chat/c1", json={"message": "Hello"})
+        assert sent.status_code == 503 and sent.json()["code"] == "not_configured"  # what `configured` foretells
+    with make_service(CHATSVC_API_TOKEN="t").client() as client:
+        refused = client.get("/api/v1/models")
+        assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
+        assert client.get("/api/v1/models", headers={"Authorization": "Bearer t"}).status_code == 200
+
+
+def test_the_vendored_libraries_are_served_with_their_licences_noted():
+    """The Markdown renderer, the sanitizer and the highlighter are files of the playground, each named
+    with its version and licence in playground/vendor/README.md, each licence text next to it."""
+    notes = (PLAYGROUND / "vendor" / "README.md").read_text()
+    for name, licence in [("marked.umd.js", "marked.LICENSE"), ("purify.min.js", "dompurify.LICENSE"),
+                          ("highlight.min.js", "highlight.LICENSE")]:  # fmt: skip
+        assert name in notes and licence in notes
+        assert (PLAYGROUND / "vendor" / licence).stat().st_size > 500

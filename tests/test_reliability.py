@@ -187,7 +187,7 @@ def test_token_guards_every_api_route(make_service):
     service = make_service(CHATSVC_API_TOKEN="tok-secret-123")
     with LiveServer(service.settings) as live, live.client() as client:
         routes = list(api_routes(live.app))
-        assert len(routes) == 25
+        assert len(routes) == 26
         for method, path in routes:
             for auth in ({}, {"headers": {"Authorization": "Bearer nope"}}, {"params": {"access_token": "nope"}}):
                 r = client.request(method, path, json={"message": "x"} if method == "POST" else None, **auth)

@@ -98,8 +98,11 @@ def test_send_shows_the_chunks_as_they_arrive_and_the_answer_is_stored(playgroun
     playground.send("Tell me a story")
     expect(playground.last_answer().locator(".content")).to_have_text("Once upon a time.", timeout=WAIT)
     playground.wait_idle()
-    seen = [t for t in playground.page.evaluate("window.seen") if t]
-    assert seen == ["Once ", "Once upon ", "Once upon a time."]  # each chunk drawn as it arrived
+    seen = []  # (rendered as Markdown: a paragraph, without its trailing space)
+    for text in playground.page.evaluate("window.seen"):
+        if text.strip() and (not seen or seen[-1] != text.strip()):
+            seen.append(text.strip())
+    assert seen == ["Once", "Once upon", "Once upon a time."]  # each chunk drawn as it arrived
     rows = playground.rows("SELECT role, content, status FROM messages ORDER BY created_at, role DESC")
     assert [(r["role"], r["content"], r["status"]) for r in rows] == [
         ("user", "Tell me a story", "complete"), ("assistant", "Once upon a time.", "complete")]  # fmt: skip
@@ -286,7 +289,7 @@ def test_an_address_that_is_no_session_id_opens_no_conversation(browser, service
         expect(p.page).to_have_url(f"{p.live.url}/#{session_id}")  # the bad address was cleared
         api = {(method, urlsplit(url).path) for method, url in p.requests if urlsplit(url).path.startswith(API)}
         conversation = f"{API}/context/conversations/{session_id}"
-        allowed = {("GET", f"{API}/context/conversations"), ("GET", conversation),
+        allowed = {("GET", f"{API}/context/conversations"), ("GET", conversation), ("GET", f"{API}/models"),
                    ("GET", f"{API}/chat/{session_id}/stream"), ("POST", f"{API}/chat/{session_id}/stream")}  # fmt: skip
         assert api <= allowed, api - allowed
         assert ("POST", f"{API}/chat/{session_id}/stream") in api
@@ -329,20 +332,27 @@ def test_accessibility_and_a_screenshot(playground, fake):
     expect(reasoning.locator(".reasoning-text")).to_be_hidden()  # folded
     reasoning.locator("summary").click()
     expect(reasoning.locator(".reasoning-text")).to_have_text("Simple sum")
-    results = Axe().run(playground.page, options={"runOnly": ["wcag2a", "wcag2aa", "wcag21aa", "best-practice"]})
-    assert results.violations_count == 0, results.generate_report()
-    passed = {rule["id"] for rule in results.response["passes"]}
-    assert {"label", "button-name", "color-contrast", "region", "landmark-one-main"} <= passed, passed  # they ran
+    for theme in ("light", "dark"):  # both themes: the toggle switches the page's colours
+        if playground.page.evaluate("document.documentElement.dataset.theme") != theme:
+            playground.page.click("#theme")
+        expect(playground.page.locator(f"html[data-theme='{theme}']")).to_have_count(1)
+        results = Axe().run(playground.page, options={"runOnly": ["wcag2a", "wcag2aa", "wcag21aa", "best-practice"]})
+        assert results.violations_count == 0, f"{theme}: {results.generate_report()}"
+        passed = {rule["id"] for rule in results.response["passes"]}
+        assert {"label", "button-name", "color-contrast", "region", "landmark-one-main"} <= passed, passed  # they ran
+    playground.page.click("#theme")  # (back to light for the rest)
     # the keyboard reaches every control in reading order: the conversations, the messages' tools, the composer
     playground.page.reload()
     expect(playground.last_answer().locator(".position")).to_have_text("2/2", timeout=WAIT)
     order = []
-    for _ in range(11):
+    for _ in range(19):
         playground.page.keyboard.press("Tab")
         order.append(playground.page.evaluate("(e => e.id || e.getAttribute('aria-label') || e.textContent.trim())"
                                               "(document.activeElement)"))  # fmt: skip
-    assert order == ["API docs", "new-conversation", "search", "What is 2 + 2?", "delete-conversation", "Edit",
-                     "Reasoning", "Previous version", "Regenerate", "message", "send"], order  # fmt: skip
+    assert order == ["API docs", "theme", "new-conversation", "search", "What is 2 + 2?", "import-button",
+                     "delete-conversation", "Conversation settings and export", "messages", "Edit", "Fork from here",
+                     "Delete this message and its answers", "Reasoning", "Previous version", "Regenerate",
+                     "Fork from here", "Delete this message", "message", "send"], order  # fmt: skip
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shot = ARTIFACTS / f"playground-{'sqlite' if playground.service.is_sqlite else 'postgresql'}.png"
     playground.page.screenshot(path=str(shot), full_page=True)
