@@ -5864,9 +5864,9 @@ def upstream_error(status: int, error: Any, retry_after: float | None = None) ->
         return UpstreamError(
             422,
             "context_too_long",
-            "The conversation is longer than the model's context: set CHATSVC_MAX_CONTEXT_TOKENS below the"
-            " model's context size (leaving room for the answer) so that fewer old messages are sent, or clear"
-            " the conversation's context. " + where,
+            "The conversation is longer than the model's context: set CHATSVC_CONTEXT_WINDOW to the model's"
+            " context size in tokens (or CHATSVC_MAX_CONTEXT_TOKENS below it, leaving room for the answer) so that"
+            " fewer old messages are sent, or clear the conversation's context. " + where,
         )
     if status in (401, 403) or code == "Arrearage":  # key, permission or billing: retrying cannot help
         return UpstreamError(
@@ -10155,10 +10155,32 @@ async def get_conversation(request: Request) -> Response:
     limit = query_int(request, "limit", 50, 1, 500)
     row = await conversation_or_404(request, key)
     messages = await st.store.tree.branch(*key, limit, chars=MESSAGE_PAGE_BYTES)
-    parts = page_parts(await present_messages(request, key, messages, row["context_start"]))  # as a page ends
-    conversation = json_bytes(present_conversation(st.settings, row))
+    presented = await present_messages(request, key, messages, row["context_start"])
+    summary = await branch_summary(request, key, row["current_message_id"], presented)
+    parts = page_parts(presented)  # as a page ends
+    shown = present_conversation(st.settings, row)
+    if summary is not None:
+        shown["summary"] = summary
+    conversation = json_bytes(shown)
     body = conversation[:-1] + b',"messages":[' + b",".join(parts[::-1]) + b"]}"  # each message encoded once
     return Response(body, media_type="application/json")
+
+
+async def branch_summary(
+    request: Request, key: tuple[str, str], leaf: str | None, presented: list[dict]
+) -> dict | None:
+    """The current branch's newest summary as presented (None: none, or summaries are off); the
+    presented messages of the branch it covers get `summarized: true`."""
+    st = state(request)
+    if st.settings.summaries != "on":
+        return None
+    row = await st.store.summaries.on_branch(*key, leaf, 4 * st.settings.max_context_messages + 4)
+    if row is None:
+        return None
+    for message in presented:
+        if row["first_id"] <= message["id"] <= row["message_id"]:
+            message["summarized"] = True
+    return {name: row[name] for name in ("message_id", "first_id", "covered", "content", "created_at")}
 
 
 async def list_messages(request: Request) -> Response:
@@ -10177,7 +10199,10 @@ async def list_messages(request: Request) -> Response:
         rows = await st.store.tree.messages(*key, limit + 1, after=cursor, before=before, chars=MESSAGE_PAGE_BYTES)
     else:
         rows = await st.store.tree.branch(*key, limit + 1, before or cursor, chars=MESSAGE_PAGE_BYTES)
-    parts = page_parts(await present_messages(request, key, rows[:limit], row["context_start"], siblings=not tree))
+    presented = await present_messages(request, key, rows[:limit], row["context_start"], siblings=not tree)
+    if not tree:
+        await branch_summary(request, key, row["current_message_id"], presented)
+    parts = page_parts(presented)
     more = bool(rows) and len(parts) < rows[0]["candidates"]
     next_cursor = json_bytes(rows[len(parts) - 1]["id"] if more else None)
     body = b'{"messages":[' + b",".join(parts if tree else parts[::-1]) + b'],"next_cursor":' + next_cursor + b"}"
