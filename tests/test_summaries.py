@@ -74,7 +74,7 @@ def history(questions: list[str]) -> list[tuple[str, str]]:
 
 @pytest.fixture
 def long_service(make_service):
-    return make_service(CHATSVC_MAX_CONTEXT_MESSAGES="6")
+    return make_service(CHATSVC_SUMMARIES="on", CHATSVC_MAX_CONTEXT_MESSAGES="6")
 
 
 def test_a_long_branch_is_summarised_and_the_summary_sent_then_rolled(long_service, fake):
@@ -224,7 +224,7 @@ def test_a_first_token_never_waits_for_a_summary(long_service, fake):
 
 
 def test_over_its_owners_limit_no_summary_is_made(make_service, fake, caplog):
-    service = make_service(CHATSVC_MAX_CONTEXT_MESSAGES="6", CHATSVC_LIMIT_TOKENS_PER_DAY="40")
+    service = make_service(CHATSVC_SUMMARIES="on", CHATSVC_MAX_CONTEXT_MESSAGES="6", CHATSVC_LIMIT_TOKENS_PER_DAY="40")
     replies(fake)
     with caplog.at_level(logging.INFO, logger="chatsvc"), service.client() as client:
         for q in turns(4):
@@ -263,7 +263,7 @@ def test_the_context_window_setting_is_read_and_checked():
 @pytest.mark.parametrize("server", ["dashscope", "llama-server", "openai", "vllm", "litellm"])
 def test_a_refusal_for_length_is_422_and_the_window_prevents_it(make_service, fake, server):
     fake.window, fake.overflow_server = 2048, server
-    service = make_service(CHATSVC_MAX_CONTEXT_TOKENS="50000")
+    service = make_service(CHATSVC_SUMMARIES="on", CHATSVC_MAX_CONTEXT_TOKENS="50000")
     long = "word " * 1200  # ~1,500 tokens a message: two turns pass the fake's 2,048
     with service.client() as client:
         replies(fake)
