@@ -32,6 +32,7 @@ The module reads top to bottom in the order data flows, one concept to a section
     Registry                     where readers find answers, and a channel reader's events
     Relay                        this process's answers, from admission to their end
     Titles                       a conversation's name, written by the model
+    Summaries                    what a long branch said before the context's newest messages, by the model
     Bus                          the notifications between replicas (PostgreSQL LISTEN/NOTIFY)
     Replicas                     answers followed across processes on PostgreSQL, and the heartbeat
     HTTP: request parsing        a request's body, query and path, checked
@@ -216,7 +217,29 @@ class Settings:
     )
     max_import_bytes: int = setting("CHATSVC_MAX_IMPORT_BYTES", 64 * 1024 * 1024, "largest conversation to import")
     max_context_messages: int = setting("CHATSVC_MAX_CONTEXT_MESSAGES", 20, "history messages sent to the model")
-    max_context_tokens: int = setting("CHATSVC_MAX_CONTEXT_TOKENS", 6000, "estimated tokens sent to the model")
+    max_context_tokens: int | None = setting(
+        "CHATSVC_MAX_CONTEXT_TOKENS",
+        None,
+        "estimated tokens sent to the model (6000 unless CHATSVC_CONTEXT_WINDOW is set; then at most the"
+        " window's budget)",
+        cast=lambda v: _int_between(v, 1, MAX_LIMIT),
+    )
+    context_window: ContextWindow | None = setting(  # noqa: RUF009 (a frozen dataclass)
+        "CHATSVC_CONTEXT_WINDOW",
+        None,
+        "tokens of the model's real context window: N, or per model 'qwen-plus=131072,qwen-turbo*=1000000,8192'"
+        " (a trailing * matches any rest; a bare N for the others); the context budget follows it",
+        cast=lambda v: ContextWindow.parse(v),
+    )
+    summaries: str = setting(
+        "CHATSVC_SUMMARIES",
+        "on",
+        "on (a branch that outgrows the context budget is summarised by the model, in the background) or off",
+        cast=lambda v: _choice(v.lower(), ("on", "off"), "CHATSVC_SUMMARIES"),
+    )
+    summary_model: str | None = setting(
+        "CHATSVC_SUMMARY_MODEL", None, "the model that writes summaries (unset: CHATSVC_TITLE_MODEL, else CHAT_MODEL)"
+    )
     max_message_chars: int = setting("CHATSVC_MAX_MESSAGE_CHARS", 32000, "longest message a user may send")
     max_body_bytes: int = setting("CHATSVC_MAX_BODY_BYTES", 262144, "largest request body")
     max_answer_chars: int = setting(
@@ -473,6 +496,25 @@ class Settings:
                     envs.append(env)
         return ", ".join(f"{model} ({', '.join(envs)})" for model, envs in unpriced.items())
 
+    def context_budget(self, model: str, output: int | None) -> int:
+        """The context budget, in estimated tokens, of a request to `model` that may write `output`
+        tokens (its max_tokens; None: CHATSVC_RESERVE_OUTPUT_TOKENS). Without CHATSVC_CONTEXT_WINDOW:
+        CHATSVC_MAX_CONTEXT_TOKENS (6000 unset), as always. With it: the window less the output's
+        allowance and a margin of 1/16 of the window for the estimator, and at most
+        CHATSVC_MAX_CONTEXT_TOKENS when that is set too. At least 1 (a refusal then says why)."""
+        window = self.context_window.of(model) if self.context_window is not None else None
+        if window is None:
+            return self.max_context_tokens or DEFAULT_CONTEXT_TOKENS
+        room = window - (output or self.reserve_output_tokens) - window // 16
+        if self.max_context_tokens is not None:
+            room = min(room, self.max_context_tokens)
+        return max(room, 1)
+
+    @property
+    def summarizer(self) -> str:
+        """The model that writes summaries."""
+        return self.summary_model or self.title_model or self.chat_model
+
     def sees(self, model: str) -> bool:
         """Whether `model` takes images (CHATSVC_VISION_MODELS; a pattern's trailing `*` matches any rest)."""
         return any(model.startswith(p[:-1]) if p.endswith("*") else model == p for p in self.vision_models)
@@ -499,6 +541,47 @@ HEARTBEAT_MISSES = 3
 WEB_SEARCH_MODES = ("off", "allowed", "always")
 COMPATIBLE_PATH = "/compatible-mode/v1"  # DashScope's OpenAI-compatible endpoint, under its host
 NATIVE_PATH = "/api/v1/services/aigc/text-generation/generation"  # ... and its native one (searched turns)
+DEFAULT_CONTEXT_TOKENS = 6000  # the context budget without CHATSVC_MAX_CONTEXT_TOKENS nor CHATSVC_CONTEXT_WINDOW
+
+
+@dataclass(frozen=True)
+class ContextWindow:
+    """CHATSVC_CONTEXT_WINDOW: the models' real context windows, in tokens: per model (a pattern's
+    trailing `*` matches any rest; the first that matches counts), and for the others (None: unknown)."""
+
+    models: tuple[tuple[str, int], ...] = ()
+    default: int | None = None
+
+    @classmethod
+    def parse(cls, value: str) -> ContextWindow:
+        models: list[tuple[str, int]] = []
+        default = None
+        for entry in _csv(value):
+            name, equals, size = entry.rpartition("=")
+            name = name.strip()
+            try:
+                tokens = int(size.strip())
+            except ValueError:
+                raise ValueError(f"{entry!r} is not a whole number of tokens nor model=tokens") from None
+            if not 256 <= tokens <= 100_000_000:
+                raise ValueError(f"{entry!r}: a context window must be between 256 and 100000000 tokens")
+            if not equals:
+                if default is not None:
+                    raise ValueError("give one bare number (the window of the models not named), not two")
+                default = tokens
+            elif not name or "*" in name[:-1]:
+                raise ValueError(f"{entry!r}: name a model, with at most a trailing * (qwen-turbo*=1000000)")
+            else:
+                models.append((name, tokens))
+        if not models and default is None:
+            raise ValueError("give a number of tokens, or model=tokens entries")
+        return cls(tuple(models), default)
+
+    def of(self, model: str) -> int | None:
+        for pattern, tokens in self.models:
+            if model.startswith(pattern[:-1]) if pattern.endswith("*") else model == pattern:
+                return tokens
+        return self.default
 
 
 def _positive(value: float) -> float:
@@ -1121,6 +1204,8 @@ class Metrics:
                           " outcome (ok, or the error code)", ["purpose", "outcome"], registry=r)  # fmt: skip
         self.retries = c("chatsvc_upstream_retries", "Calls to the model service made again", ["purpose"], registry=r)
         self.rate_limited = c("chatsvc_upstream_rate_limited", "429 answers of the model service", registry=r)
+        self.summaries = c("chatsvc_summaries", "Summaries asked of the model, by outcome (made, exists, failed,"
+                           " over_limit, gone, unstored)", ["outcome"], registry=r)  # fmt: skip
         self.running = g("chatsvc_running_answers", "Answers this process is producing", registry=r)
         self.listeners = g("chatsvc_channel_listeners", "EventSource channels open (GET .../stream)", registry=r)
         self.streams = g("chatsvc_open_streams", "Event streams open (POST .../stream and channels)", registry=r)
@@ -2171,7 +2256,13 @@ class Tree:
         self.db, self.conversations, self.usage = db, conversations, usage
 
     async def chat_context(
-        self, owner: str, session_id: str, limit: int, start: str | None = None, current: bool = True
+        self,
+        owner: str,
+        session_id: str,
+        limit: int,
+        start: str | None = None,
+        current: bool = True,
+        summaries: bool = False,
     ) -> tuple[dict | None, list[dict]]:
         """What a chat needs, in one read: the conversation's settings (None if it is new), with
         `last_id`, the largest id it holds (its context start included: the new turn's ids go above
@@ -2180,7 +2271,13 @@ class Tree:
         messages since the context start. It reads only that path, so its cost does not grow with the
         conversation's size or the path's depth (bench/relay.py, scenario f). Each message of the path:
         id, role, content, status, finish_reason, tool_steps and tool_results (JSON text or None), and
-        has_files: whether it carries files (read with Files.of_messages only then)."""
+        has_files: whether it carries files (read with Files.of_messages only then). `summaries`: each
+        also has `summary`, the text of the summary that ends at it (None: none does), and
+        `summary_first`, the first message that summary covers."""
+        summary = (
+            ", s.content AS summary, s.first_id AS summary_first, s.covered AS summary_covered" if summaries else ""
+        )  # only when summaries are on: the query is as it always was otherwise
+        joined = " LEFT JOIN summaries s ON s.message_id = p.id" if summaries else ""
         rows = await self.db.fetch_all(
             "WITH RECURSIVE path (id, parent_id, role, content, status, finish_reason, tool_steps, tool_results,"
             " depth, context_start) AS ("
@@ -2195,8 +2292,8 @@ class Tree:
             " SELECT c.system_prompt, c.model, c.title, c.current_message_id, c.context_start, c.web_search,"
             " (SELECT MAX(x.id) FROM messages x WHERE x.owner = :owner AND x.session_id = :sid) AS last_id,"
             " p.id, p.role, p.content, p.status, p.finish_reason, p.tool_steps, p.tool_results,"
-            " EXISTS (SELECT 1 FROM message_files f WHERE f.message_id = p.id) AS has_files"
-            " FROM conversations c LEFT JOIN path p ON 1 = 1 WHERE c.owner = :owner AND c.session_id = :sid"
+            f" EXISTS (SELECT 1 FROM message_files f WHERE f.message_id = p.id) AS has_files{summary}"
+            f" FROM conversations c LEFT JOIN path p ON 1 = 1{joined} WHERE c.owner = :owner AND c.session_id = :sid"
             " ORDER BY p.depth",
             {"owner": owner, "sid": session_id, "limit": limit, "start": start, "current": current},
         )
@@ -2502,6 +2599,11 @@ class Tree:
                 values,
                 role=WRITE,
             )
+            if row:  # the summaries before the new start are of no context any more
+                await self.db.execute(
+                    f"DELETE FROM summaries WHERE {where} AND message_id <= :start",
+                    {**values, "start": row["context_start"]},
+                )
             if row and purge:
                 values["marker"] = row["context_start"]
                 await self.db.execute(
@@ -5218,7 +5320,7 @@ class Usage:
 class Store:
     """What the rest of the module holds: the database (`db`) and the rooms that read and write it,
     `conversations`, `search`, `tree` (a conversation's messages), `copies` (forks and imports), `files`
-    (the files owners upload) and `answers` (answers' rows while they are written)."""
+    (the files owners upload), `answers` (answers' rows while they are written) and `summaries`."""
 
     def __init__(
         self,
@@ -5236,6 +5338,7 @@ class Store:
         self.files = Files(self.db)
         self.copies = Copies(self.db, self.files)
         self.answers = AnswerRows(self.db, self.usage)
+        self.summaries = SummaryRows(self.db)
 
     async def open(self, upgrade: bool = True) -> None:
         """Connect, and bring the schema up to date (`upgrade`), or only check that this release can
@@ -5385,8 +5488,14 @@ async def plan_turn(
             if target["parent_tool_results"] is not None:
                 results = json.loads(target["parent_tool_results"])
             start = target["grandparent_id"]
+    summarizing = settings.summaries == "on"
     conversation, history = await store.tree.chat_context(
-        owner, session_id, 2 * settings.max_context_messages + 2, start, current=target_id is None
+        owner,
+        session_id,
+        2 * settings.max_context_messages + 2,
+        start,
+        current=target_id is None,
+        summaries=summarizing,
     )
     if target_id is None:
         start = conversation and conversation["current_message_id"]
@@ -5409,6 +5518,9 @@ async def plan_turn(
         assert question is not None
         new = question
         new_files = await turn_files(store, owner, chat.files if new_question else None, question_id)
+    summary = None
+    if summarizing:  # the newest summary on the path stands for it and everything before
+        history, summary = summarized_history(history)
     user_ids = [row["id"] for row in history if row["has_files"]]
     history_files = await store.files.of_messages(owner, user_ids) if user_ids else {}
     messages = build_context(
@@ -5416,10 +5528,11 @@ async def plan_turn(
         history,
         new,
         settings.max_context_messages,
-        settings.max_context_tokens,
+        settings.context_budget(model, chat.options.get("max_tokens")),
         history_files,
         new_files,
         settings.max_context_images,
+        summary,
     )
     await attach_files(store.files, messages)
     seen = model
@@ -5779,6 +5892,27 @@ def message_cost(messages: list[dict]) -> int:
     return cost
 
 
+def summarized_history(history_newest_first: list[dict]) -> tuple[list[dict], str | None]:
+    """A path's messages after its newest summary, and that summary's text (None: the path has none)."""
+    for at, row in enumerate(history_newest_first):
+        if row.get("summary") is not None:
+            return history_newest_first[:at], row["summary"]
+    return history_newest_first, None
+
+
+SUMMARY_OPEN = "<summary of the earlier conversation>"
+SUMMARY_CLOSE = "</summary of the earlier conversation>"
+
+
+def with_summary(system_prompt: str, summary: str | None) -> str:
+    """The system prompt with the summary of what the context no longer holds after it, as a
+    delimited section (one system message: some chat templates refuse a second one)."""
+    if summary is None:
+        return system_prompt
+    inside = summary.replace(SUMMARY_CLOSE, SUMMARY_CLOSE.replace("</", "<\\/"))
+    return f"{system_prompt}\n\n{SUMMARY_OPEN}\n{inside}\n{SUMMARY_CLOSE}"
+
+
 def build_context(
     system_prompt: str,
     history_newest_first: list[dict],
@@ -5788,6 +5922,7 @@ def build_context(
     files: dict[str, list[FileRow]] | None = None,
     new_files: Collection[FileRow] = (),
     max_images: int = 0,
+    summary: str | None = None,
 ) -> list[dict]:
     """System prompt, then the newest usable history within both budgets (in order), then the new
     turn: the user's message, or the app's tool results (`new`: [{"tool_call_id", "content"}], sent
@@ -5800,7 +5935,11 @@ def build_context(
     message's. A user message with files has a FilesTurn as its content (attach_files reads what it
     shows); its documents always go with it, its images while `max_images` allows, counted from the
     new message back (the new message's always: more than `max_images` in it is a refusal). The new
-    message is never cut: if it does not fit alone, the turn is refused."""
+    message is never cut: if it does not fit alone, the turn is refused.
+
+    `summary`: the text of the summary that stands for the history before `history_newest_first`,
+    sent inside the system message (with_summary)."""
+    system_prompt = with_summary(system_prompt, summary)
     results_turn = not isinstance(new, str)
     files = files or {}
     if isinstance(new, str):
@@ -5841,18 +5980,7 @@ def build_context(
             f"The message is too long for the model's context budget ({max_tokens} tokens, about "
             f"{new_cost} needed for the message alone). Shorten it."
         )
-    usable: list[dict] = []  # newest first
-    skip_question = False
-    for row in history_newest_first:
-        if row["role"] == "assistant" and (
-            row["status"] in (FAILED, STREAMING) or not (row["content"] or row["tool_steps"])
-        ):
-            skip_question = True  # drop the answer and the turn that led to it
-            continue
-        if row["role"] == "user" and skip_question:
-            skip_question = False
-            continue
-        usable.append(row)
+    usable = usable_history(history_newest_first)
     fresh = {r["tool_call_id"]: r["content"] for r in new} if not isinstance(new, str) else {}
     answered = fresh  # the app's results for the calls of the next older answer
     picked: list[list[dict]] = []
@@ -5959,9 +6087,9 @@ def upstream_error(status: int, error: Any, retry_after: float | None = None) ->
         return UpstreamError(
             422,
             "context_too_long",
-            "The conversation is longer than the model's context: set CHATSVC_MAX_CONTEXT_TOKENS below the"
-            " model's context size (leaving room for the answer) so that fewer old messages are sent, or clear"
-            " the conversation's context. " + where,
+            "The conversation is longer than the model's context: set CHATSVC_CONTEXT_WINDOW to the model's"
+            " context size in tokens (or CHATSVC_MAX_CONTEXT_TOKENS below it, leaving room for the answer) so that"
+            " fewer old messages are sent, or clear the conversation's context. " + where,
         )
     if status in (401, 403) or code == "Arrearage":  # key, permission or billing: retrying cannot help
         return UpstreamError(
@@ -7086,6 +7214,7 @@ class Answer:
     model: str
     parent_id: str | None = None  # the user message it answers
     title_question: str | None = None  # the question, when its end should title the conversation
+    context: tuple[int, int, int] | None = None  # summaries on: its context's budget, estimated tokens, messages
     started: float = field(default_factory=time.monotonic)
     log: list[bytes] = field(default_factory=list)
     text: list[str] = field(default_factory=list)
@@ -7617,6 +7746,7 @@ class Relay:
         if self.replicas is not None:
             self.registry.follow = self.replicas.follow
         self.draining = False  # shutting down: no new answers
+        self.summarizer = Summarizer(self)
 
     async def open(self) -> None:
         if self.replicas is None:  # SQLite: this process alone serves the file, so none is running
@@ -8080,6 +8210,8 @@ class Relay:
             self.registry.forget_later(answer)
         if stored and answer.status == COMPLETE and answer.title_question is not None:
             self.spawn(write_title(self, answer))
+        if stored and answer.context is not None and answer.status in (COMPLETE, STOPPED):
+            self.summarizer.after(answer)
 
     async def _store_final(self, answer: Answer, final: FinalState, within: float | None) -> bool | None:
         """finish_answer, retried with backoff while the database fails; None once `within` s have
@@ -8308,6 +8440,269 @@ async def record_title(
         used.completion_tokens,
         "-" if used.cost is None else money(used.cost),
     )
+
+
+# ── Summaries: what a long branch said before the context's newest messages, written by the model
+# Once an answer ends (complete or stopped) and its branch no longer fits the context's budget (its
+# estimated tokens past SUMMARY_AT of the budget, or more messages than CHATSVC_MAX_CONTEXT_MESSAGES),
+# the summary model (CHATSVC_SUMMARY_MODEL) is asked, in the background, for a summary of the part
+# that falls out: the branch's newest summary (rolling) and the messages after it up to a cut chosen so
+# that the newest part kept whole is at most SUMMARY_KEEP of the budget. The summary is stored attached
+# to the newest message it covers (every branch through it shares it); build_context sends it inside
+# the system message, then the newest messages after it that fit. A summary that fails, is refused or
+# is over its owner's limit is not made: the context stays the newest messages that fit.
+
+SUMMARY_PROMPT = (
+    "You keep the memory of a conversation between a user and an assistant that can no longer see its"
+    " older part. Summarise the conversation below (with the earlier summary, if one is given, which it"
+    " continues) so that the assistant can go on from it: keep every fact, name, number, date, decision,"
+    " preference, instruction and open question, and what each side said they would do. Write in the"
+    " language the conversation is written in, as plain prose or short lists, without a preamble."
+)
+SUMMARY_AT = 0.8  # a branch whose next context would pass this share of the budget is summarised
+SUMMARY_KEEP = 0.6  # the newest part kept whole after a summary: at most this share of the budget and messages
+SUMMARY_SHARE = 4  # a summary is at most 1/4 of the budget (its max_tokens)
+
+
+class SummaryRows:
+    """The summaries table: a summary added once per message (the first one stored wins), the
+    newest one on a branch, and what a context clear leaves out."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+    async def add(
+        self, key: tuple[str, str], message_id: str, first_id: str, content: str, covered: int, model: str
+    ) -> bool | None:
+        """Store a summary ending at `message_id`: True; False: one is there already (another replica's,
+        kept); None: the message is gone, or a context clear left it out meanwhile (nothing stored)."""
+        values = {
+            "owner": key[0],
+            "sid": key[1],
+            "mid": message_id,
+            "first": first_id,
+            "content": content,
+            "covered": covered,
+            "tokens": estimate_tokens(content),
+            "model": model,
+            "now": utcnow(),
+        }
+        row = await self.db.fetch_one(
+            "INSERT INTO summaries (message_id, owner, session_id, first_id, content, covered, tokens, model,"
+            " created_at) SELECT m.id, m.owner, m.session_id, :first, :content, :covered, :tokens, :model, :now"
+            " FROM messages m JOIN conversations c ON c.owner = m.owner AND c.session_id = m.session_id"
+            " WHERE m.id = :mid AND m.owner = :owner AND m.session_id = :sid AND :first > c.context_start"
+            " ON CONFLICT (message_id) DO NOTHING RETURNING message_id",
+            values,
+            role=WRITE,
+        )
+        if row is not None:
+            return True
+        there = await self.db.fetch_one("SELECT 1 AS x FROM summaries WHERE message_id = :mid", {"mid": message_id})
+        return False if there is not None else None
+
+    async def on_branch(self, owner: str, session_id: str, leaf: str | None, limit: int) -> dict | None:
+        """The newest summary on the path from `leaf` up (at most `limit` messages up, after the
+        context's start): message_id, first_id, covered, content, created_at; None: none."""
+        if leaf is None:
+            return None
+        return await self.db.fetch_one(
+            "WITH RECURSIVE path (id, parent_id, depth) AS ("
+            " SELECT m.id, m.parent_id, 1 FROM messages m WHERE m.id = :leaf AND m.owner = :owner"
+            " AND m.session_id = :sid"
+            " UNION ALL SELECT m.id, m.parent_id, p.depth + 1 FROM path p JOIN messages m ON m.id = p.parent_id"
+            " WHERE p.depth < :limit)"
+            " SELECT s.message_id, s.first_id, s.covered, s.content, s.created_at FROM path p"
+            " JOIN summaries s ON s.message_id = p.id JOIN conversations c ON c.owner = s.owner"
+            " AND c.session_id = s.session_id WHERE s.message_id > c.context_start ORDER BY s.message_id DESC LIMIT 1",
+            {"owner": owner, "sid": session_id, "leaf": leaf, "limit": limit},
+        )
+
+
+def usable_history(history_newest_first: list[dict]) -> list[dict]:
+    """The messages of a path the model is sent: failed turns and empty answers are left out, with
+    the turn that led to them."""
+    usable: list[dict] = []  # newest first
+    skip_question = False
+    for row in history_newest_first:
+        if row["role"] == "assistant" and (
+            row["status"] in (FAILED, STREAMING) or not (row["content"] or row["tool_steps"])
+        ):
+            skip_question = True  # drop the answer and the turn that led to it
+            continue
+        if row["role"] == "user" and skip_question:
+            skip_question = False
+            continue
+        usable.append(row)
+    return usable
+
+
+def transcript_lines(row: dict, files: list[FileRow]) -> str:
+    """A message as the summary model reads it: who said it, its text, its files' names, and its tool
+    calls and results as text."""
+    if row["role"] == "user":
+        if row["tool_results"]:
+            results = json.loads(row["tool_results"])
+            return "\n".join(f"Tool result ({r['tool_call_id']}): {r['content']}" for r in results)
+        named = f" [files: {', '.join(f.name for f in files)}]" if files else ""
+        return f"User:{named} {row['content']}"
+    lines = []
+    for message in answer_messages(row, {}):
+        if message["role"] == "tool":
+            lines.append(f"Tool result ({message['tool_call_id']}): {message['content']}")
+            continue
+        if message["content"]:
+            lines.append(f"Assistant: {message['content']}")
+        for call in message.get("tool_calls", ()):
+            function = call["function"]
+            lines.append(f"Assistant called {function['name']}({function['arguments']}) as {call['id']}")
+    return "\n".join(lines)
+
+
+class Summarizer:
+    """The relay's summaries: after an answer, whether its branch needs one, and the background task
+    that writes it (one at a time per conversation in this process; across replicas the table's key
+    keeps one)."""
+
+    def __init__(self, relay: Relay):
+        self.relay = relay
+        self._busy: set[tuple[str, str]] = set()
+
+    def needed(self, answer: Answer) -> bool:
+        """Whether the answer's branch, with it, would not fit the next context."""
+        assert answer.context is not None
+        budget, cost, count = answer.context
+        cost += estimate_tokens(answer.full_text)
+        return cost > SUMMARY_AT * budget or count + 1 > self.relay.settings.max_context_messages
+
+    def after(self, answer: Answer) -> None:
+        """An answer has ended and is stored: its branch is summarised in the background if it needs it."""
+        if answer.key in self._busy or not self.needed(answer):
+            return
+        self._busy.add(answer.key)
+        self.relay.spawn(self._write(answer))
+
+    async def _write(self, answer: Answer) -> None:
+        try:
+            outcome, cause = await self.write(answer)
+        except StorageUnavailable as exc:
+            outcome, cause = "unstored", exc.detail
+        except Exception as exc:
+            log.exception("summary of session %s failed", answer.session_id)
+            outcome, cause = "failed", type(exc).__name__
+        finally:
+            self._busy.discard(answer.key)
+        self.relay.metrics.summaries.labels(outcome).inc()
+        if outcome in ("failed", "unstored"):
+            log.warning("no summary of session %s at %s: %s", answer.session_id, answer.message_id, cause)
+        elif outcome == "over_limit":
+            log.info("no summary of session %s: %s", answer.session_id, cause)
+
+    def plan(self, answer: Answer, rows: list[dict]) -> tuple[dict | None, list[dict], list[dict]] | None:
+        """The branch's newest summary (None: none), the messages the new one covers after it (oldest
+        first) and the usable ones among them; None when there is nothing to cut."""
+        assert answer.context is not None
+        budget, s = answer.context[0], self.relay.settings
+        previous = next((row for row in rows if row.get("summary") is not None), None)
+        after = rows[: rows.index(previous)] if previous is not None else rows
+        usable = usable_history(after)
+        keep_tokens, keep_count, kept = SUMMARY_KEEP * budget, SUMMARY_KEEP * s.max_context_messages, 0
+        for row in usable:
+            keep_tokens -= estimate_tokens(transcript_lines(row, []))
+            if keep_tokens < 0 or kept + 1 > keep_count:
+                break
+            kept += 1
+        while kept and (usable[kept - 1]["role"] != "user" or usable[kept - 1]["tool_results"]):
+            kept -= 1  # the kept part starts with a user's message
+        if kept == len(usable):
+            return None
+        end = usable[kept]["id"]  # the newest message the summary covers
+        covered = [row for row in reversed(after) if row["id"] <= end]
+        return previous, covered, [row for row in reversed(usable[kept:])]
+
+    async def write(self, answer: Answer) -> tuple[str, str]:
+        """Ask for the summary, record the call, store what it wrote; the outcome and its cause."""
+        relay, s = self.relay, self.relay.settings
+        assert answer.context is not None
+        budget = answer.context[0]
+        _, rows = await relay.store.tree.chat_context(
+            answer.owner,
+            answer.session_id,
+            4 * s.max_context_messages + 4,
+            answer.message_id,
+            current=False,
+            summaries=True,
+        )
+        planned = self.plan(answer, rows)
+        if planned is None:
+            return "gone", "nothing to summarise"
+        previous, covered, usable = planned
+        with_files = [row["id"] for row in usable if row["has_files"]]
+        files = await relay.store.files.of_messages(answer.owner, with_files) if with_files else {}
+        transcript = "\n\n".join(transcript_lines(row, files.get(row["id"], [])) for row in usable)
+        said = f"Earlier summary:\n{previous['summary']}\n\n" if previous is not None else ""
+        model = s.summarizer
+        payload = {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": SUMMARY_PROMPT},
+                {"role": "user", "content": f"{said}Conversation:\n{transcript}"},
+            ],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "enable_thinking": False,
+            "max_tokens": max(64, budget // SUMMARY_SHARE),
+        }
+        hold = relay.hold(answer.owner, answer.session_id, None, Purpose.SUMMARY, payload)
+        try:
+            await relay.store.db.atomically(lambda: relay.store.usage.admit(hold))
+        except OverLimit as exc:
+            return "over_limit", exc.detail
+        text: list[str] = []
+        usage, received, outcome, cause = None, False, COMPLETE, ""
+
+        async def call() -> None:
+            nonlocal usage, received
+            text.clear()
+            usage, received = None, False  # only the last attempt is counted
+            async for delta in stream_completion(relay.client, s, payload):
+                text.append(delta.content)
+                usage, received = delta.usage or usage, True
+
+        try:
+            try:
+                with anyio.fail_after(s.upstream_total_timeout):
+                    await retried(s, relay.metrics, "summary", call, lambda: bool(text))
+            except UpstreamError as exc:
+                outcome, cause = FAILED, f"{exc.code}: {exc.detail}"
+            except TimeoutError:
+                outcome, cause = FAILED, f"upstream_timeout: no summary within {s.upstream_total_timeout:g} s"
+            except asyncio.CancelledError:
+                outcome, cause = INTERRUPTED, "the service stopped"
+                raise
+        finally:
+            used = call_spent(hold, usage, "".join(text) if received else None, s.prices, thinking=False)
+            settled = asyncio.ensure_future(
+                relay.store.db.atomically(lambda: relay.store.usage.settle(hold.call_id, used, outcome, False))
+            )
+            try:
+                await asyncio.shield(settled)
+            except asyncio.CancelledError:
+                await asyncio.wait([settled])
+                raise
+            relay.metrics.spent(model, used, "summary_")
+        if outcome != COMPLETE:
+            return "failed", cause
+        content = _THINKING.sub("", "".join(text)).strip()
+        if not content:
+            return "failed", "the summary model wrote nothing"
+        first = previous["summary_first"] if previous is not None else covered[0]["id"]
+        count = (previous["summary_covered"] if previous is not None else 0) + len(covered)
+        key = (answer.owner, answer.session_id)
+        stored = await relay.store.summaries.add(key, covered[-1]["id"], first, content, count, model)
+        if stored is None:
+            return "gone", "its messages were deleted or cleared meanwhile"
+        return ("made" if stored else "exists"), ""
 
 
 # ── Bus: the notifications between replicas (PostgreSQL LISTEN/NOTIFY) ─────────────────
@@ -10335,10 +10730,32 @@ async def get_conversation(request: Request) -> Response:
     limit = query_int(request, "limit", 50, 1, 500)
     row = await conversation_or_404(request, key)
     messages = await st.store.tree.branch(*key, limit, chars=MESSAGE_PAGE_BYTES)
-    parts = page_parts(await present_messages(request, key, messages, row["context_start"]))  # as a page ends
-    conversation = json_bytes(present_conversation(st.settings, row))
+    presented = await present_messages(request, key, messages, row["context_start"])
+    summary = await branch_summary(request, key, row["current_message_id"], presented)
+    parts = page_parts(presented)  # as a page ends
+    shown = present_conversation(st.settings, row)
+    if summary is not None:
+        shown["summary"] = summary
+    conversation = json_bytes(shown)
     body = conversation[:-1] + b',"messages":[' + b",".join(parts[::-1]) + b"]}"  # each message encoded once
     return Response(body, media_type="application/json")
+
+
+async def branch_summary(
+    request: Request, key: tuple[str, str], leaf: str | None, presented: list[dict]
+) -> dict | None:
+    """The current branch's newest summary as presented (None: none, or summaries are off); the
+    presented messages of the branch it covers get `summarized: true`."""
+    st = state(request)
+    if st.settings.summaries != "on":
+        return None
+    row = await st.store.summaries.on_branch(*key, leaf, 4 * st.settings.max_context_messages + 4)
+    if row is None:
+        return None
+    for message in presented:
+        if row["first_id"] <= message["id"] <= row["message_id"]:
+            message["summarized"] = True
+    return {name: row[name] for name in ("message_id", "first_id", "covered", "content", "created_at")}
 
 
 async def list_messages(request: Request) -> Response:
@@ -10357,7 +10774,10 @@ async def list_messages(request: Request) -> Response:
         rows = await st.store.tree.messages(*key, limit + 1, after=cursor, before=before, chars=MESSAGE_PAGE_BYTES)
     else:
         rows = await st.store.tree.branch(*key, limit + 1, before or cursor, chars=MESSAGE_PAGE_BYTES)
-    parts = page_parts(await present_messages(request, key, rows[:limit], row["context_start"], siblings=not tree))
+    presented = await present_messages(request, key, rows[:limit], row["context_start"], siblings=not tree)
+    if not tree:
+        await branch_summary(request, key, row["current_message_id"], presented)
+    parts = page_parts(presented)
     more = bool(rows) and len(parts) < rows[0]["candidates"]
     next_cursor = json_bytes(rows[len(parts) - 1]["id"] if more else None)
     body = b'{"messages":[' + b",".join(parts if tree else parts[::-1]) + b'],"next_cursor":' + next_cursor + b"}"
@@ -11294,6 +11714,9 @@ async def start_answer(request: Request) -> Answer:
         relay.metrics.limit_refusals.labels(exc.limit).inc()
         raise
     answer.request_id = request.scope.get("request_id")
+    if s.summaries == "on":  # what the summarizer weighs once it ends
+        budget = s.context_budget(turn.model, chat.options.get("max_tokens"))
+        answer.context = (budget, message_cost(messages), len(messages) - 1)
     answer.images, answer.files, answer.vision_switch = image_parts(messages), len(turn.files), switched
     relay.metrics.context_images.observe(answer.images)
     if switched:

@@ -463,6 +463,10 @@ def partial_refusal(body: dict) -> Reply | None:
 class FakeDashScope:
     def __init__(self) -> None:
         self.vision_models: tuple[str, ...] = VISION_MODELS  # a request with images to another model: 400
+        # a model context window: a request whose text (about 4 characters a token) is longer is refused
+        # with the `overflow_server`'s documented body (one of overflow_replies' names)
+        self.window: int | None = None
+        self.overflow_server = "dashscope"
         self.replies: deque[Reply] = deque()
         self.default: Reply | Callable[[Seen], Reply] = Reply.transcript("stream_usage.sse")  # or made per request
         self.requests: list[Seen] = []
@@ -532,6 +536,7 @@ class FakeDashScope:
 
     def reset(self) -> None:
         self.vision_models = VISION_MODELS
+        self.window, self.overflow_server = None, "dashscope"
         self.replies.clear()
         self.requests.clear()
         self.connections = 0
@@ -568,6 +573,10 @@ class FakeDashScope:
                 reply = image_refusal(body, self.vision_models) if isinstance(body, dict) else None
                 if reply is None and isinstance(body, dict):
                     reply = partial_refusal(body)
+                if reply is None and self.window is not None and isinstance(body, dict):
+                    tokens = len(json.dumps(body.get("messages"), ensure_ascii=False)) // 4
+                    if tokens > self.window:
+                        reply = overflow_replies(tokens, self.window)[self.overflow_server]
                 if reply is None:  # a refused request takes none of the replies queued
                     reply = self.replies.popleft() if self.replies else self.default
                     reply = reply(seen) if callable(reply) else reply

@@ -117,6 +117,8 @@ class Service:
             # the model's titles are one more upstream request after a conversation's first answer:
             # tests/test_titles.py asks for them; every other test counts the requests it makes
             "CHATSVC_TITLES": "first-line",
+            # likewise a summary, once a branch outgrows the context: tests/test_summaries.py turns them on
+            "CHATSVC_SUMMARIES": "off",
             **env,
         }
         self.env = {k: v for k, v in self.env.items() if v is not None}
