@@ -12483,13 +12483,44 @@ def __getattr__(name: str) -> Any:
 # ── CLI: the chatsvc command, and the server it runs ───────────────────────────────────
 
 
-def masked_url(url: str) -> str:
-    """A URL as a message may show it: a password in it replaced by ***."""
+_SECRET_QUERY = re.compile(r"([?&;][^=&#]*password=)([^&#]*)", re.IGNORECASE)  # password=, sslpassword=
+
+
+def _split_userinfo(url: str) -> tuple[str, str, str]:
+    """(scheme://, user info, the rest from its '@'): the user info runs to the LAST '@' (a password
+    pasted with a raw '@', '/' or '?' in it still counts as one); a URL without an authority
+    (sqlite:///path) has none."""
     scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.partition("@") if "@" in rest.split("/", 1)[0] else ("", "", rest)
+    at = rest.rfind("@")
+    if not sep or at < 0 or rest.startswith("/"):
+        return scheme + sep, "", rest
+    return scheme + sep, rest[:at], rest[at:]
+
+
+def masked_url(url: str) -> str:
+    """A URL as a message may show it: a password in it (its user info, or a `password=` /
+    `sslpassword=` query value) replaced by ***."""
+    start, userinfo, rest = _split_userinfo(_SECRET_QUERY.sub(r"\1***", url))
     if ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
-    return f"{scheme}{sep}{userinfo}{at}{host}"
+    return f"{start}{userinfo}{rest}"
+
+
+def url_passwords(url: str) -> list[str]:
+    """The password texts in a URL, raw and percent-decoded, with their pieces between the characters a
+    URL parser splits at (its error may quote one; pieces under 3 characters are left), longest first."""
+    _, userinfo, _ = _split_userinfo(_SECRET_QUERY.sub("", url))
+    found = [m[2] for m in _SECRET_QUERY.finditer(url)] + ([userinfo.split(":", 1)[1]] if ":" in userinfo else [])
+    texts = {t for raw in found for t in (raw, unquote_plus(raw)) if t}
+    texts |= {piece for t in texts for piece in re.split(r"[/@:?#&%]", t) if len(piece) >= 3}
+    return sorted(texts, key=len, reverse=True)
+
+
+def scrubbed(text: str, url: str) -> str:
+    """`text` (an error's words, which may quote the URL or part of it) without the URL's password."""
+    for secret in url_passwords(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 SQLITE_URL_EXAMPLE = "sqlite+aiosqlite:///./chatsvc.db"
@@ -12606,7 +12637,8 @@ async def check(settings: Settings, upstream: bool) -> list[str]:
             await store.db.ping()
         except Exception as exc:
             shown = masked_url(settings.database_url)
-            problems.append(f"The database at DATABASE_URL={shown!r} cannot be used: {type(exc).__name__}: {exc}")
+            said = scrubbed(f"{type(exc).__name__}: {exc}", settings.database_url)
+            problems.append(f"The database at DATABASE_URL={shown!r} cannot be used: {said}")
         finally:
             with contextlib.suppress(Exception):
                 await store.close()
@@ -12672,8 +12704,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check or args.check_upstream:
         problems = asyncio.run(check(settings, upstream=args.check_upstream))
-        for problem in problems:
-            print(f"chatsvc: {problem}", file=sys.stderr)
+        for problem in problems:  # any sentence quoting an error: without the database's password
+            print(f"chatsvc: {scrubbed(problem, settings.database_url)}", file=sys.stderr)
         if not problems:
             done = ["configuration", "database", *(["MCP servers"] if settings.mcp_servers else [])]
             checked = ", ".join(done) + (" and model service" if args.check_upstream else "")
@@ -12700,19 +12732,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             hold_sqlite_file(store.db.sqlite_path)
         except SQLiteFileInUse as exc:
-            print(f"chatsvc: {exc}", file=sys.stderr)
+            print(f"chatsvc: {scrubbed(str(exc), settings.database_url)}", file=sys.stderr)
             return 2
     try:  # a database this release cannot use is refused here in one sentence too; else it is upgraded now
         asyncio.run(open_and_close(store))
     except SchemaError as exc:
-        print(f"chatsvc: {exc}", file=sys.stderr)
+        print(f"chatsvc: {scrubbed(str(exc), settings.database_url)}", file=sys.stderr)
         return 2
     except Exception as exc:
         shown = masked_url(settings.database_url)
-        print(
-            f"chatsvc: the database at DATABASE_URL={shown!r} cannot be used: {type(exc).__name__}: {exc}",
-            file=sys.stderr,
-        )
+        said = scrubbed(f"{type(exc).__name__}: {exc}", settings.database_url)
+        print(f"chatsvc: the database at DATABASE_URL={shown!r} cannot be used: {said}", file=sys.stderr)
         return 1
     if addresses := page_addresses(settings):
         log.info("chatsvc %s: %s", __version__, ", ".join(addresses))
