@@ -406,7 +406,7 @@ class Settings:
     ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
     shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 8.0, "s running answers get after SIGTERM")
     host: str = setting("HOST", "0.0.0.0", "address to listen on")
-    port: int = setting("PORT", 8000, "port to listen on")
+    port: int = setting("PORT", 8000, "port to listen on (0 to 65535; 0: any free port)", cast=lambda v: _port(v))
     log_level: str = setting("LOG_LEVEL", "info", "debug, info, warning or error", cast=lambda v: v.lower())
 
     @classmethod
@@ -588,6 +588,14 @@ def _positive(value: float) -> float:
     if not value > 0 or math.isinf(value):
         raise ValueError("not a positive number of seconds")
     return value
+
+
+def _port(value: str) -> int:
+    """A TCP port: 0 to 65535 in plain digits (the socket layer would take 70000 as 70000 % 65536, and
+    blame a negative one on the host)."""
+    if not re.fullmatch(r"[0-9]{1,5}", value.strip()) or int(value) > 65535:
+        raise ValueError("must be a port number from 0 to 65535 (0: any free port); set PORT to one")
+    return int(value)
 
 
 def _int_between(value: str, low: int, high: int) -> int:
@@ -12594,7 +12602,7 @@ def port_problem(host: str, port: int) -> str | None:
 
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
+    except socket.gaierror as exc:  # PORT is a number from 0 to 65535 (Settings): this is HOST's
         return f"HOST={host!r} is not an address of this machine ({exc.strerror}): set HOST to 0.0.0.0 or 127.0.0.1."
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as sock:
