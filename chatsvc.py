@@ -12619,10 +12619,25 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
+def local_base(settings: Settings, port: int) -> str:
+    """http://host:port as a client on this machine reaches the server (0.0.0.0 / :: listen everywhere)."""
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+async def chatsvc_answers(settings: Settings) -> bool:
+    """Whether a chatsvc answers at HOST / PORT (`chatsvc --check` beside its own server: `docker exec`)."""
+    try:
+        async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
+            reply = await client.get(f"{local_base(settings, settings.port)}/healthz")
+        return reply.status_code == 200 and reply.json() == {"status": "ok"}
+    except (httpx.HTTPError, ValueError, OSError):
+        return False
+
+
 def page_addresses(settings: Settings) -> list[str]:
     """Where a person opens the pages this configuration serves (for the start's log)."""
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    base = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+    base = local_base(settings, settings.port)
     return [
         *([f"the playground at {base}/"] if settings.playground else []),
         *([f"the API docs at {base}/docs"] if settings.docs else []),
@@ -12634,6 +12649,9 @@ async def check(settings: Settings, upstream: bool) -> list[str]:
     problems = []
     if not settings.dashscope_api_key:
         problems.append("DASHSCOPE_API_KEY is not set: chat requests would answer 503 not_configured.")
+    # a PORT in use, as the start refuses it; unless a chatsvc answers there (the server this checks)
+    if (problem := port_problem(settings.host, settings.port)) and not await chatsvc_answers(settings):
+        problems.append(problem)
     if problem := database_url_problem(settings.database_url):
         problems.append(problem)
     elif not_made_yet(settings.database_url):
