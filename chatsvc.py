@@ -1493,7 +1493,7 @@ class Database:
         self._statement_seconds = {
             role: self.metrics.statements.labels(role) for role in (READ, WRITE, BACKGROUND, SEARCH)
         }
-        self.is_sqlite = url.startswith("sqlite")
+        self.is_sqlite = DatabaseURL(url).dialect == "sqlite"  # as database_url_problem: its scheme lowercased
         self.dialect = "sqlite" if self.is_sqlite else "postgresql"
         self.exclusive = exclusive  # SQLite: this process serves the file (see hold_sqlite_file)
         if self.is_sqlite:
