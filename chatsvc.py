@@ -12635,9 +12635,10 @@ async def chatsvc_answers(settings: Settings) -> bool:
         return False
 
 
-def page_addresses(settings: Settings) -> list[str]:
-    """Where a person opens the pages this configuration serves (for the start's log)."""
-    base = local_base(settings, settings.port)
+def page_addresses(settings: Settings, port: int) -> list[str]:
+    """Where a person opens the pages this configuration serves (for the start's log), on the port the
+    server listens on (PORT, or the one PORT=0 gave it)."""
+    base = local_base(settings, port)
     return [
         *([f"the playground at {base}/"] if settings.playground else []),
         *([f"the API docs at {base}/docs"] if settings.docs else []),
@@ -12770,9 +12771,7 @@ def main(argv: list[str] | None = None) -> int:
         said = scrubbed(f"{type(exc).__name__}: {exc}", settings.database_url)
         print(f"chatsvc: the database at DATABASE_URL={shown!r} cannot be used: {said}", file=sys.stderr)
         return 1
-    if addresses := page_addresses(settings):
-        log.info("chatsvc %s: %s", __version__, ", ".join(addresses))
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -12780,7 +12779,10 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=5,  # after the drain (see drain_on_sigterm), what is left goes
         http=header_deadline(settings.read_timeout),
     )
-    return 0
+    server = listening_server(config, settings)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 3  # as uvicorn.run: 3, it did not start (uvicorn said why)
 
 
 async def open_and_close(store: Store) -> None:
@@ -12788,6 +12790,22 @@ async def open_and_close(store: Store) -> None:
         await store.open()
     finally:
         await store.close()
+
+
+def listening_server(config: Any, settings: Settings) -> Any:
+    """uvicorn's server, which logs the pages' addresses once it listens: on the port it was given
+    (PORT=0: any free one, which only then is known)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            listeners = [sock for server in getattr(self, "servers", []) for sock in server.sockets or ()]
+            if listeners and not self.should_exit:
+                if addresses := page_addresses(settings, listeners[0].getsockname()[1]):
+                    log.info("chatsvc %s: %s", __version__, ", ".join(addresses))
+
+    return Server(config)
 
 
 def header_deadline(seconds: float) -> Any:

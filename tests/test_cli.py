@@ -160,13 +160,8 @@ def test_the_start_names_the_pages_and_warns_without_a_key(tmp_path):
     env.pop("DATABASE_URL", None)
     code = "import sys, chatsvc; sys.exit(chatsvc.main())"
     server = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    log = ""
     try:
-        deadline = time.monotonic() + 60
-        while "Application startup complete" not in log:
-            assert time.monotonic() < deadline and server.poll() is None, log
-            if select.select([server.stderr], [], [], 1)[0]:
-                log += server.stderr.readline()
+        log = read_log_until(server, "the API docs at")  # once it listens
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
