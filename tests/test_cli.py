@@ -264,12 +264,13 @@ def test_an_uppercase_scheme_is_sqlite_too(tmp_path):
 
 
 def read_log_until(server: subprocess.Popen, text: str, seconds: float = 60) -> str:
-    log, deadline = "", time.monotonic() + seconds
-    while text not in log:
-        assert time.monotonic() < deadline and server.poll() is None, log
+    # os.read, not readline: lines already in the pipe object's buffer are not seen by select
+    log, deadline = b"", time.monotonic() + seconds
+    while text.encode() not in log:
+        assert time.monotonic() < deadline and server.poll() is None, log.decode()
         if select.select([server.stderr], [], [], 1)[0]:
-            log += server.stderr.readline()
-    return log
+            log += os.read(server.stderr.fileno(), 65536)
+    return log.decode()
 
 
 def test_port_zero_start_log_names_the_port_it_listens_on(tmp_path):
