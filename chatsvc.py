@@ -406,7 +406,7 @@ class Settings:
     ping_seconds: float = setting("CHATSVC_PING_SECONDS", 15.0, "s between keep-alive comments on streams")
     shutdown_grace: float = setting("CHATSVC_SHUTDOWN_GRACE", 8.0, "s running answers get after SIGTERM")
     host: str = setting("HOST", "0.0.0.0", "address to listen on")
-    port: int = setting("PORT", 8000, "port to listen on")
+    port: int = setting("PORT", 8000, "port to listen on (0 to 65535; 0: any free port)", cast=lambda v: _port(v))
     log_level: str = setting("LOG_LEVEL", "info", "debug, info, warning or error", cast=lambda v: v.lower())
 
     @classmethod
@@ -588,6 +588,14 @@ def _positive(value: float) -> float:
     if not value > 0 or math.isinf(value):
         raise ValueError("not a positive number of seconds")
     return value
+
+
+def _port(value: str) -> int:
+    """A TCP port: 0 to 65535 in plain digits (the socket layer would take 70000 as 70000 % 65536, and
+    blame a negative one on the host)."""
+    if not re.fullmatch(r"[0-9]{1,5}", value.strip()) or int(value) > 65535:
+        raise ValueError("must be a port number from 0 to 65535 (0: any free port); set PORT to one")
+    return int(value)
 
 
 def _int_between(value: str, low: int, high: int) -> int:
@@ -1485,7 +1493,7 @@ class Database:
         self._statement_seconds = {
             role: self.metrics.statements.labels(role) for role in (READ, WRITE, BACKGROUND, SEARCH)
         }
-        self.is_sqlite = url.startswith("sqlite")
+        self.is_sqlite = DatabaseURL(url).dialect == "sqlite"  # as database_url_problem: its scheme lowercased
         self.dialect = "sqlite" if self.is_sqlite else "postgresql"
         self.exclusive = exclusive  # SQLite: this process serves the file (see hold_sqlite_file)
         if self.is_sqlite:
@@ -12483,13 +12491,44 @@ def __getattr__(name: str) -> Any:
 # ── CLI: the chatsvc command, and the server it runs ───────────────────────────────────
 
 
-def masked_url(url: str) -> str:
-    """A URL as a message may show it: a password in it replaced by ***."""
+_SECRET_QUERY = re.compile(r"([?&;][^=&#]*password=)([^&#]*)", re.IGNORECASE)  # password=, sslpassword=
+
+
+def _split_userinfo(url: str) -> tuple[str, str, str]:
+    """(scheme://, user info, the rest from its '@'): the user info runs to the LAST '@' (a password
+    pasted with a raw '@', '/' or '?' in it still counts as one); a URL without an authority
+    (sqlite:///path) has none."""
     scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.partition("@") if "@" in rest.split("/", 1)[0] else ("", "", rest)
+    at = rest.rfind("@")
+    if not sep or at < 0 or rest.startswith("/"):
+        return scheme + sep, "", rest
+    return scheme + sep, rest[:at], rest[at:]
+
+
+def masked_url(url: str) -> str:
+    """A URL as a message may show it: a password in it (its user info, or a `password=` /
+    `sslpassword=` query value) replaced by ***."""
+    start, userinfo, rest = _split_userinfo(_SECRET_QUERY.sub(r"\1***", url))
     if ":" in userinfo:
         userinfo = userinfo.split(":", 1)[0] + ":***"
-    return f"{scheme}{sep}{userinfo}{at}{host}"
+    return f"{start}{userinfo}{rest}"
+
+
+def url_passwords(url: str) -> list[str]:
+    """The password texts in a URL, raw and percent-decoded, with their pieces between the characters a
+    URL parser splits at (its error may quote one; pieces under 3 characters are left), longest first."""
+    _, userinfo, _ = _split_userinfo(_SECRET_QUERY.sub("", url))
+    found = [m[2] for m in _SECRET_QUERY.finditer(url)] + ([userinfo.split(":", 1)[1]] if ":" in userinfo else [])
+    texts = {t for raw in found for t in (raw, unquote_plus(raw)) if t}
+    texts |= {piece for t in texts for piece in re.split(r"[/@:?#&%]", t) if len(piece) >= 3}
+    return sorted(texts, key=len, reverse=True)
+
+
+def scrubbed(text: str, url: str) -> str:
+    """`text` (an error's words, which may quote the URL or part of it) without the URL's password."""
+    for secret in url_passwords(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 SQLITE_URL_EXAMPLE = "sqlite+aiosqlite:///./chatsvc.db"
@@ -12563,7 +12602,7 @@ def port_problem(host: str, port: int) -> str | None:
 
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
+    except socket.gaierror as exc:  # PORT is a number from 0 to 65535 (Settings): this is HOST's
         return f"HOST={host!r} is not an address of this machine ({exc.strerror}): set HOST to 0.0.0.0 or 127.0.0.1."
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as sock:
@@ -12580,10 +12619,26 @@ def port_problem(host: str, port: int) -> str | None:
     return None
 
 
-def page_addresses(settings: Settings) -> list[str]:
-    """Where a person opens the pages this configuration serves (for the start's log)."""
+def local_base(settings: Settings, port: int) -> str:
+    """http://host:port as a client on this machine reaches the server (0.0.0.0 / :: listen everywhere)."""
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    base = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+async def chatsvc_answers(settings: Settings) -> bool:
+    """Whether a chatsvc answers at HOST / PORT (`chatsvc --check` beside its own server: `docker exec`)."""
+    try:
+        async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
+            reply = await client.get(f"{local_base(settings, settings.port)}/healthz")
+        return reply.status_code == 200 and reply.json() == {"status": "ok"}
+    except (httpx.HTTPError, ValueError, OSError):
+        return False
+
+
+def page_addresses(settings: Settings, port: int) -> list[str]:
+    """Where a person opens the pages this configuration serves (for the start's log), on the port the
+    server listens on (PORT, or the one PORT=0 gave it)."""
+    base = local_base(settings, port)
     return [
         *([f"the playground at {base}/"] if settings.playground else []),
         *([f"the API docs at {base}/docs"] if settings.docs else []),
@@ -12595,6 +12650,9 @@ async def check(settings: Settings, upstream: bool) -> list[str]:
     problems = []
     if not settings.dashscope_api_key:
         problems.append("DASHSCOPE_API_KEY is not set: chat requests would answer 503 not_configured.")
+    # a PORT in use, as the start refuses it; unless a chatsvc answers there (the server this checks)
+    if (problem := port_problem(settings.host, settings.port)) and not await chatsvc_answers(settings):
+        problems.append(problem)
     if problem := database_url_problem(settings.database_url):
         problems.append(problem)
     elif not_made_yet(settings.database_url):
@@ -12606,7 +12664,8 @@ async def check(settings: Settings, upstream: bool) -> list[str]:
             await store.db.ping()
         except Exception as exc:
             shown = masked_url(settings.database_url)
-            problems.append(f"The database at DATABASE_URL={shown!r} cannot be used: {type(exc).__name__}: {exc}")
+            said = scrubbed(f"{type(exc).__name__}: {exc}", settings.database_url)
+            problems.append(f"The database at DATABASE_URL={shown!r} cannot be used: {said}")
         finally:
             with contextlib.suppress(Exception):
                 await store.close()
@@ -12672,8 +12731,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.check or args.check_upstream:
         problems = asyncio.run(check(settings, upstream=args.check_upstream))
-        for problem in problems:
-            print(f"chatsvc: {problem}", file=sys.stderr)
+        for problem in problems:  # any sentence quoting an error: without the database's password
+            print(f"chatsvc: {scrubbed(problem, settings.database_url)}", file=sys.stderr)
         if not problems:
             done = ["configuration", "database", *(["MCP servers"] if settings.mcp_servers else [])]
             checked = ", ".join(done) + (" and model service" if args.check_upstream else "")
@@ -12700,23 +12759,19 @@ def main(argv: list[str] | None = None) -> int:
         try:
             hold_sqlite_file(store.db.sqlite_path)
         except SQLiteFileInUse as exc:
-            print(f"chatsvc: {exc}", file=sys.stderr)
+            print(f"chatsvc: {scrubbed(str(exc), settings.database_url)}", file=sys.stderr)
             return 2
     try:  # a database this release cannot use is refused here in one sentence too; else it is upgraded now
         asyncio.run(open_and_close(store))
     except SchemaError as exc:
-        print(f"chatsvc: {exc}", file=sys.stderr)
+        print(f"chatsvc: {scrubbed(str(exc), settings.database_url)}", file=sys.stderr)
         return 2
     except Exception as exc:
         shown = masked_url(settings.database_url)
-        print(
-            f"chatsvc: the database at DATABASE_URL={shown!r} cannot be used: {type(exc).__name__}: {exc}",
-            file=sys.stderr,
-        )
+        said = scrubbed(f"{type(exc).__name__}: {exc}", settings.database_url)
+        print(f"chatsvc: the database at DATABASE_URL={shown!r} cannot be used: {said}", file=sys.stderr)
         return 1
-    if addresses := page_addresses(settings):
-        log.info("chatsvc %s: %s", __version__, ", ".join(addresses))
-    uvicorn.run(
+    config = uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
@@ -12724,7 +12779,10 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=5,  # after the drain (see drain_on_sigterm), what is left goes
         http=header_deadline(settings.read_timeout),
     )
-    return 0
+    server = listening_server(config, settings)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else 3  # as uvicorn.run: 3, it did not start (uvicorn said why)
 
 
 async def open_and_close(store: Store) -> None:
@@ -12732,6 +12790,22 @@ async def open_and_close(store: Store) -> None:
         await store.open()
     finally:
         await store.close()
+
+
+def listening_server(config: Any, settings: Settings) -> Any:
+    """uvicorn's server, which logs the pages' addresses once it listens: on the port it was given
+    (PORT=0: any free one, which only then is known)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            listeners = [sock for server in getattr(self, "servers", []) for sock in server.sockets or ()]
+            if listeners and not self.should_exit:
+                if addresses := page_addresses(settings, listeners[0].getsockname()[1]):
+                    log.info("chatsvc %s: %s", __version__, ", ".join(addresses))
+
+    return Server(config)
 
 
 def header_deadline(seconds: float) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import socket
@@ -14,13 +15,22 @@ import pytest
 from fake_dashscope import Reply
 from procs import ROOT
 
+import chatsvc as chatsvc_module
 
-def chatsvc(*args: str, env: dict[str, str], cwd) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+
+def chatsvc(*args: str, env: dict[str, str], cwd, timeout: float = 60) -> subprocess.CompletedProcess:
+    # PORT=0 (any free port) unless a test names one: --check also checks the port, and 8000 may be taken here
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PORT": "0", **env}
     full_env = {k: v for k, v in full_env.items() if v is not None}
     code = "import sys, chatsvc; sys.exit(chatsvc.main())"
     return subprocess.run([sys.executable, "-c", code, *args], env=full_env, cwd=cwd, capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once closed: connection refused
 
 
 def test_help_lists_options_and_configuration(tmp_path):
@@ -150,13 +160,8 @@ def test_the_start_names_the_pages_and_warns_without_a_key(tmp_path):
     env.pop("DATABASE_URL", None)
     code = "import sys, chatsvc; sys.exit(chatsvc.main())"
     server = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
-    log = ""
     try:
-        deadline = time.monotonic() + 60
-        while "Application startup complete" not in log:
-            assert time.monotonic() < deadline and server.poll() is None, log
-            if select.select([server.stderr], [], [], 1)[0]:
-                log += server.stderr.readline()
+        log = read_log_until(server, "the API docs at")  # once it listens
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=30)
@@ -164,3 +169,122 @@ def test_the_start_names_the_pages_and_warns_without_a_key(tmp_path):
         f"the playground at http://127.0.0.1:{port}/" in log and f"the API docs at http://127.0.0.1:{port}/docs" in log
     )
     assert "WARNING chatsvc DASHSCOPE_API_KEY is not set" in log
+
+
+@pytest.mark.parametrize(
+    "password, url",
+    [
+        # an unencoded '@' in the password (users paste these): the part after the first '@' was shown
+        ("p@ssword9", "postgresql://chat:p@ssword9@127.0.0.1:{port}/chat"),
+        # an unencoded '/' in the password: nothing was masked, and the URL parser's error quoted it
+        ("hunter/22", "postgresql://chat:hunter/22@127.0.0.1:{port}/chat"),
+        # libpq / asyncpg's documented ?password= query parameter: shown as is
+        ("hunter23", "postgresql://chat@127.0.0.1:{port}/chat?password=hunter23"),
+        ("hunter%2F24", "postgresql://chat@127.0.0.1:{port}/chat?sslmode=disable&PassWord=hunter%2F24"),
+    ],
+)
+@pytest.mark.parametrize("check", [True, False])
+def test_a_password_is_never_printed(tmp_path, password, url, check):
+    url = url.format(port=closed_port())
+    out = chatsvc(*(["--check"] if check else []), env={"DATABASE_URL": url, "DASHSCOPE_API_KEY": "sk-x"}, cwd=tmp_path)
+    assert out.returncode == 1 and "DATABASE_URL=" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    decoded = password.replace("%2F", "/")
+    secret_parts = {password, decoded} | {p for p in re.split("[@/%]", password) if len(p) >= 3}
+    for part in secret_parts:
+        assert part not in out.stderr + out.stdout, (part, out.stderr)
+
+
+def test_masked_url():
+    assert chatsvc_module.masked_url("postgresql://chat:p@ss/w?rd@db:5432/chat") == "postgresql://chat:***@db:5432/chat"
+    assert chatsvc_module.masked_url("postgres://chat@db/chat?password=x%40y&sslmode=require") == (
+        "postgres://chat@db/chat?password=***&sslmode=require"
+    )
+    assert chatsvc_module.masked_url("sqlite+aiosqlite:///data/a@b:c.db") == "sqlite+aiosqlite:///data/a@b:c.db"
+    said = "ValueError: Port could not be cast to integer value as 'p'; p@ss/w?rd or p%40ss%2Fw%3Frd"
+    url = "postgresql://chat:p%40ss%2Fw%3Frd@db/chat"
+    assert (
+        chatsvc_module.scrubbed(said, url) == "ValueError: Port could not be cast to integer value as 'p'; *** or ***"
+    )
+
+
+def test_check_names_a_port_in_use_as_the_contract_says(tmp_path):
+    """CONTRACT.md / README: `chatsvc --check` names the same setup mistakes (a PORT in use) with exit 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {"HOST": "127.0.0.1", "PORT": str(port), "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path}/c.db"}
+        out = chatsvc("--check", env={**env, "DASHSCOPE_API_KEY": "sk-x"}, cwd=tmp_path)
+    refused(out, 1, f"PORT={port} on HOST='127.0.0.1' is already in use")
+
+
+def test_check_beside_its_own_server_passes(service, tmp_path):
+    """`docker exec chatsvc chatsvc --check`: the port is in use by the chatsvc that check runs beside."""
+    port = closed_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **service.env, "HOST": "127.0.0.1", "PORT": str(port)}
+    server = subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"], env=env,
+                              cwd=tmp_path, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        read_log_until(server, "the API docs at")
+        out = chatsvc("--check", env={**service.env, "HOST": "127.0.0.1", "PORT": str(port)}, cwd=tmp_path)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr
+
+
+@pytest.mark.parametrize("port", ["70000", "65536", "-1", "99999999999999999999", "80a"])
+def test_a_port_out_of_range_is_a_clear_configuration_error(tmp_path, port):
+    """PORT=70000 was accepted (the server listened on 70000 % 65536 = 4464 while its log said 70000);
+    PORT=-1 was blamed on HOST; a huge PORT was a traceback with exit 1."""
+    env = {
+        "HOST": "127.0.0.1",
+        "PORT": port,
+        "DATABASE_URL": "sqlite+aiosqlite:///:memory:",
+        "DASHSCOPE_API_KEY": "sk-x",
+    }
+    for args in ((), ("--check",)):
+        try:
+            out = chatsvc(*args, env=env, cwd=tmp_path, timeout=20)
+        except subprocess.TimeoutExpired as exc:  # it started
+            pytest.fail(f"PORT={port} started a server: {exc.stderr}")
+        refused(out, 2, f"bad configuration: PORT={port!r}", "0 to 65535")
+        assert "HOST" not in out.stderr, out.stderr
+
+
+def test_an_uppercase_scheme_is_sqlite_too(tmp_path):
+    """URL schemes are case-insensitive (RFC 3986): database_url_problem took SQLITE+aiosqlite:// as SQLite,
+    Database.is_sqlite (url.startswith('sqlite')) then took it for PostgreSQL."""
+    for scheme in ("SQLITE+aiosqlite", "sqlite+aiosqlite", "SQLite"):
+        url = f"{scheme}:///{tmp_path}/x.db"
+        assert chatsvc_module.Database(url).is_sqlite and chatsvc_module.Database(url).dialect == "sqlite"
+        out = chatsvc("--check", env={"DATABASE_URL": url, "DASHSCOPE_API_KEY": "sk-x"}, cwd=tmp_path)
+        assert out.returncode == 0 and "OK" in out.stdout, out.stderr
+    assert not chatsvc_module.Database("POSTGRESQL://u:p@h/d").is_sqlite
+
+
+def read_log_until(server: subprocess.Popen, text: str, seconds: float = 60) -> str:
+    # os.read, not readline: lines already in the pipe object's buffer are not seen by select
+    log, deadline = b"", time.monotonic() + seconds
+    while text.encode() not in log:
+        assert time.monotonic() < deadline and server.poll() is None, log.decode()
+        if select.select([server.stderr], [], [], 1)[0]:
+            log += os.read(server.stderr.fileno(), 65536)
+    return log.decode()
+
+
+def test_port_zero_start_log_names_the_port_it_listens_on(tmp_path):
+    """PORT=0 (any free port) started, but the start's log told a person to open http://127.0.0.1:0/."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HOST": "127.0.0.1", "PORT": "0",
+           "DATABASE_URL": "sqlite+aiosqlite:///:memory:", "DASHSCOPE_API_KEY": "sk-x"}  # fmt: skip
+    code = "import sys, chatsvc; sys.exit(chatsvc.main())"
+    server = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    try:
+        log = read_log_until(server, "the API docs at")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.communicate(timeout=30)
+    assert ":0/" not in log, log
+    port = int(re.search(r"the playground at http://127\.0\.0\.1:(\d+)/,", log)[1])
+    assert port and f"the API docs at http://127.0.0.1:{port}/docs" in log, log
+    assert f"Uvicorn running on http://127.0.0.1:{port}" in log, log

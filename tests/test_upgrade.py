@@ -205,12 +205,12 @@ def test_replicas_starting_together_on_an_old_database_upgrade_it_once(postgres_
 
 def test_check_does_not_upgrade_and_names_a_database_too_new(v1_database, fake, tmp_path):
     service = Service(v1_database, fake)
-    out = run_chatsvc("--check", env=service.env, cwd=tmp_path)
+    out = run_chatsvc("--check", env={**service.env, "PORT": "0"}, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     columns = message_columns(service)
     assert "parent_id" not in columns  # --check looks, the start upgrades
     with service.client():
         pass
     service.rows("INSERT INTO schema_versions (version, applied_at, release) VALUES (99, 'later', '9.0')")
-    out = run_chatsvc("--check", env=service.env, cwd=tmp_path)
+    out = run_chatsvc("--check", env={**service.env, "PORT": "0"}, cwd=tmp_path)
     assert out.returncode == 1 and "schema version 99, newer than this chatsvc" in out.stderr, out.stderr
