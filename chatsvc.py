@@ -6502,7 +6502,9 @@ def parse_native(decoder: SSEDecoder, data: str) -> Delta:
         delta.searches = count
     info = output.get("search_info")
     if isinstance(info, dict) and isinstance(info.get("search_results"), list):
-        delta.sources = web_sources(info["search_results"])
+        # [] (frames that carry none, or a search that found nothing) is no sources: the first list
+        # with a usable source is the search's
+        delta.sources = web_sources(info["search_results"]) or None
     for choice in output.get("choices") or ():
         if not isinstance(choice, dict):
             continue

@@ -8,7 +8,7 @@ import json
 import threading
 
 import pytest
-from fake_dashscope import NATIVE_PATH, Reply, native_error, native_events, native_frame
+from fake_dashscope import NATIVE_PATH, SEARCH_RESULTS, Reply, native_error, native_events, native_frame
 from live import LiveServer, SSEReader, parse_events
 from support import wait_for
 
@@ -228,3 +228,39 @@ def test_web_search_needs_a_native_endpoint_at_start(fake):
     derived = chatsvc.Settings.from_env({"CHATSVC_WEB_SEARCH": "always"}, env_file=None)
     assert derived.native_url == "https://dashscope.aliyuncs.com/api/v1/services/aigc/text-generation/generation"
     assert chatsvc.Settings.from_env({"DASHSCOPE_BASE_URL": "http://127.0.0.1:8080/v1"}, env_file=None)  # off: fine
+
+
+# ── fixes after review (each was a reviewer's reproduction)
+
+
+def test_a_search_without_results_sends_no_sources_event(make_service, fake):
+    """CONTRACT: "A search that returned no results sends no `sources` event": [] is no sources."""
+    service = make_service(CHATSVC_WEB_SEARCH="allowed")
+    fake.push(searched(["Plain."], results=[]))
+    with service.client() as client:
+        events = parse_events(client.post(f"{API}/chat/s1/stream", json={"message": "q", "web_search": True}).content)
+        assert [e["type"] for e in events] == ["start", "chunk", "end"]
+        assert "sources" not in events[-1]["data"]
+        shown = client.get(f"{API}/context/conversations/s1").json()["messages"][-1]
+    assert "sources" not in shown
+    mid = events[0]["data"]["message_id"]
+    assert service.rows("SELECT sources FROM messages WHERE id = ?", mid)[0]["sources"] is None
+
+
+def test_an_empty_first_search_info_does_not_hide_later_results(make_service, fake):
+    """DashScope sends `[]` on frames that carry none: the first NON-empty list is the search's."""
+    service = make_service(CHATSVC_WEB_SEARCH="allowed")
+    frames = native_events(["Hot [1]."], results=[])
+    late = {
+        "output": {
+            "choices": [{"message": {"content": "", "role": "assistant"}, "finish_reason": "null"}],
+            "search_info": {"search_results": SEARCH_RESULTS},
+        },
+        "usage": {},
+        "request_id": "x",
+    }
+    fake.push(Reply.of_events([frames[0], native_frame(9, late), *frames[1:]]))
+    with service.client() as client:
+        events = parse_events(client.post(f"{API}/chat/s1/stream", json={"message": "q", "web_search": True}).content)
+    assert [e["type"] for e in events] == ["start", "sources", "chunk", "end"]
+    assert events[1]["data"] == {"sources": SOURCES} and events[-1]["data"]["sources"] == SOURCES
