@@ -7954,6 +7954,7 @@ class Relay:
         s = self.settings
         calls: list[ToolCall] = []
         said_before = answer.text_chars + answer.reasoning_chars
+        heard_sources = answer.sources is not None
 
         async def call() -> None:
             gathered, answer.usage = ToolCallAccumulator(), None  # a retried attempt's usage is not counted
@@ -7971,7 +7972,10 @@ class Relay:
             calls[:] = gathered.calls()
 
         def said() -> bool:  # retried only while nothing of this round has reached a reader
-            return answer.text_chars + answer.reasoning_chars > said_before
+            # a `sources` event counts: a new attempt searches again and its text may cite other pages
+            return answer.text_chars + answer.reasoning_chars > said_before or (
+                answer.sources is not None and not heard_sources
+            )
 
         def counted() -> None:
             answer.retries += 1

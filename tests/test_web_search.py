@@ -264,3 +264,19 @@ def test_an_empty_first_search_info_does_not_hide_later_results(make_service, fa
         events = parse_events(client.post(f"{API}/chat/s1/stream", json={"message": "q", "web_search": True}).content)
     assert [e["type"] for e in events] == ["start", "sources", "chunk", "end"]
     assert events[1]["data"] == {"sources": SOURCES} and events[-1]["data"]["sources"] == SOURCES
+
+
+def test_a_call_that_sent_its_sources_is_not_retried(make_service, fake):
+    """The first attempt sends its sources (no text yet) and the connection drops. A new attempt would
+    search again and its text could cite other pages than those shown and stored: once the sources
+    were sent, the call has said something and is not retried; the stored sources are those sent."""
+    service = make_service(CHATSVC_WEB_SEARCH="allowed", CHATSVC_UPSTREAM_RETRIES="1")
+    fake.push(Reply.of_events(native_events(["never"])[:1], cut=True), searched(["See [1]."]))
+    with service.client() as client:
+        events = parse_events(client.post(f"{API}/chat/s1/stream", json={"message": "q", "web_search": True}).content)
+    assert len(fake.requests) == 1  # not retried
+    assert [e["type"] for e in events] == ["start", "sources", "error"]
+    assert events[1]["data"] == {"sources": SOURCES} and events[-1]["data"]["code"] == "upstream_error"
+    mid = events[0]["data"]["message_id"]
+    row = service.rows("SELECT sources, status FROM messages WHERE id = ?", mid)[0]
+    assert json.loads(row["sources"]) == SOURCES and row["status"] == "failed"
