@@ -7886,7 +7886,9 @@ class Relay:
                 body = payload if offer is None else {**payload, "messages": messages, **offer.payload(last)}
                 if round_ > 1:
                     await self._next_round(answer, body)
-                calls = await self._model_round(answer, body)
+                # a searched answer searches in its first round only (docs/CONTRACT.md, "Answers from the
+                # web"): its sources are those its text cites; later rounds go to the compatible endpoint
+                calls = await self._model_round(answer, body, answer.search if round_ == 1 else None)
                 if not calls or offer is None:
                     break
                 if last:  # the model called tools though told not to: kept, not run
@@ -7947,10 +7949,10 @@ class Relay:
             error.retry_after,
         )
 
-    async def _model_round(self, answer: Answer, body: dict) -> list[ToolCall]:
+    async def _model_round(self, answer: Answer, body: dict, search: dict | None = None) -> list[ToolCall]:
         """One model call, relayed into the answer (retried while it has said nothing), under
         CHATSVC_UPSTREAM_TOTAL_TIMEOUT; the tools it called. A round cut at CHATSVC_MAX_ANSWER_CHARS
-        called none."""
+        called none. `search`: the round searches the web with these options (DashScope's native endpoint)."""
         s = self.settings
         calls: list[ToolCall] = []
         said_before = answer.text_chars + answer.reasoning_chars
@@ -7960,11 +7962,11 @@ class Relay:
             gathered, answer.usage = ToolCallAccumulator(), None  # a retried attempt's usage is not counted
             if answer.round is not None:
                 answer.round.attempt(answer, gathered)
-            async with contextlib.aclosing(stream_completion(self.client, s, body, answer.search)) as deltas:
+            async with contextlib.aclosing(stream_completion(self.client, s, body, search)) as deltas:
                 async for delta in deltas:
                     if answer.round is not None:
                         answer.round.chunks = True
-                    if answer.search is not None:
+                    if search is not None:
                         self._searched(answer, delta)
                     if not self._relay(answer, delta):
                         return  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here, its calls dropped

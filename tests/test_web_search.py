@@ -280,3 +280,33 @@ def test_a_call_that_sent_its_sources_is_not_retried(make_service, fake):
     mid = events[0]["data"]["message_id"]
     row = service.rows("SELECT sources, status FROM messages WHERE id = ?", mid)[0]
     assert json.loads(row["sources"]) == SOURCES and row["status"] == "failed"
+
+
+def test_a_searched_answer_with_tool_rounds_searches_in_its_first_round_only(make_service, fake):
+    """Round 1 searches (its sources shown) and calls a tool; round 2 goes to the compatible endpoint
+    without a search, so its "[1]" cites round 1's sources and no second search is paid for."""
+    service = make_service(CHATSVC_WEB_SEARCH="allowed")
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "nope", "arguments": "{}"}}
+    usage = {"input_tokens": 100, "output_tokens": 5, "total_tokens": 105, "plugins": {"search": {"count": 1}}}
+    calling = {
+        "output": {
+            "choices": [
+                {"message": {"content": "", "role": "assistant", "tool_calls": [call]}, "finish_reason": "tool_calls"}
+            ]
+        },
+        "usage": usage,
+        "request_id": "x",
+    }
+    fake.push(Reply.of_events([native_events([])[0], native_frame(2, calling)]), Reply.answer(["Per [1]."]))
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    with service.client() as client:
+        r = client.post(f"{API}/chat/s1", json={"message": "q", "web_search": True, "tools": tools})
+        body = r.json()
+    assert r.status_code == 200, body
+    assert [q.path for q in fake.requests] == [NATIVE_PATH, "/compatible-mode/v1/chat/completions"]
+    second = fake.requests[1].body
+    assert "enable_search" not in second and "parameters" not in second and second["tools"] == tools
+    assert second["messages"][-2]["tool_calls"][0]["id"] == "call_1" and second["messages"][-1]["role"] == "tool"
+    assert body["response"] == "Per [1]." and body["sources"] == SOURCES
+    row = service.rows("SELECT sources, searches FROM messages WHERE id = ?", body["message_id"])[0]
+    assert json.loads(row["sources"]) == SOURCES and row["searches"] == 1
