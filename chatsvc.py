@@ -8113,12 +8113,17 @@ class Relay:
 
     def _searched(self, answer: Answer, delta: Delta) -> None:
         """A searched round's delta: its sources, the first time they come, into the log as a `sources`
-        event (before the text the delta carries); its search count so far into the round."""
+        event (before the text the delta carries); its search count so far into the round (at least 1
+        once the sources came: a round stopped before its first usage searched all the same)."""
         if delta.sources is not None and answer.sources is None:
             answer.sources = delta.sources
             answer.emit("sources", {"sources": delta.sources})
-        if delta.searches is not None and answer.round is not None:
+        if answer.round is None:
+            return
+        if delta.searches is not None:
             answer.round.searches = delta.searches
+        if answer.sources is not None and not answer.round.searches:  # it searched, though no count came (yet)
+            answer.round.searches = 1
 
     def _relay(self, answer: Answer, delta: Delta) -> bool:
         """One delta into the answer's log; False once the answer is as long as it may be."""

@@ -310,3 +310,28 @@ def test_a_searched_answer_with_tool_rounds_searches_in_its_first_round_only(mak
     assert body["response"] == "Per [1]." and body["sources"] == SOURCES
     row = service.rows("SELECT sources, searches FROM messages WHERE id = ?", body["message_id"])[0]
     assert json.loads(row["sources"]) == SOURCES and row["searches"] == 1
+
+
+def test_a_stop_after_the_sources_counts_the_search(make_service, fake):
+    """The search ran (its sources were shown and stored), then the answer was stopped before the first
+    frame with a usage: the ledger and the message count that search."""
+    service = make_service(CHATSVC_WEB_SEARCH="allowed")
+    hold = threading.Event()
+    fake.push(Reply.of_events(native_events(["one", " two"]), hold=hold, hold_at=1))
+    try:
+        with LiveServer(service.settings) as live, live.client() as client:
+            reader = SSEReader(client, "POST", f"{API}/chat/s1/stream", json={"message": "q", "web_search": True})
+            start, sources = reader.next_event(), reader.next_event()
+            assert sources["type"] == "sources"
+            with live.client() as other:
+                assert other.post(f"{API}/chat/s1/stop").json()["stopped"] is True
+            assert reader.until_end()[-1]["data"]["finish_reason"] == "stopped"
+            reader.close()
+    finally:
+        hold.set()
+    mid = start["data"]["message_id"]
+    wait_for(lambda: service.rows("SELECT 1 FROM usage_calls WHERE message_id = ? AND state = 'settled'", mid))
+    row = service.rows("SELECT sources, searches FROM messages WHERE id = ?", mid)[0]
+    call = service.rows("SELECT searches FROM usage_calls WHERE message_id = ?", mid)[0]
+    assert json.loads(row["sources"]) == SOURCES
+    assert call["searches"] == 1 and row["searches"] == 1, (call, row)
