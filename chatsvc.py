@@ -6470,6 +6470,7 @@ NATIVE_OPTIONS = (
 _NATIVE_CODES = {"DataInspectionFailed": "data_inspection_failed", "data_inspection_failed": "data_inspection_failed"}
 MAX_SOURCES = 100  # a searched answer's sources, at most (the rest are dropped)
 SOURCE_CHARS = 2000  # a source's title, url or site, at most
+WEB_URL = re.compile(r"https?://[^\s/?#]", re.I | re.ASCII)  # a source's URL: http(s) with a host
 
 
 def native_body(payload: dict, search: dict) -> dict:
@@ -6542,10 +6543,13 @@ def native_usage(usage: dict) -> dict:
 
 def web_sources(results: list) -> list[dict]:
     """A search's results as the API shows them: `[{"index", "title", "url", "site"}]` (the icon is
-    not kept: chatsvc never fetches it); an entry without an integer index or a URL is dropped."""
+    not kept: chatsvc never fetches it); an entry without an integer index or an http(s) URL is dropped
+    (a `javascript:` or `data:` link would reach every client that renders `<a href>`)."""
     sources = []
     for entry in results[:MAX_SOURCES]:
         if not isinstance(entry, dict) or type(entry.get("index")) is not int or not isinstance(entry.get("url"), str):
+            continue
+        if not WEB_URL.match(entry["url"]):
             continue
         text = {name: entry.get(key) if isinstance(entry.get(key), str) else "" for name, key in
                 (("title", "title"), ("url", "url"), ("site", "site_name"))}  # fmt: skip

@@ -335,3 +335,19 @@ def test_a_stop_after_the_sources_counts_the_search(make_service, fake):
     call = service.rows("SELECT searches FROM usage_calls WHERE message_id = ?", mid)[0]
     assert json.loads(row["sources"]) == SOURCES
     assert call["searches"] == 1 and row["searches"] == 1, (call, row)
+
+
+def test_sources_are_limited_to_web_links(make_service, fake):
+    """A source whose url is javascript:/data: (or no http(s) URL with a host) is dropped: an app that
+    renders `<a href=url>` is not handed a script."""
+    service = make_service(CHATSVC_WEB_SEARCH="allowed")
+    bad = [
+        {"index": 1, "title": "x", "url": "javascript:alert(document.cookie)", "site_name": "s"},
+        {"index": 2, "title": "y", "url": "data:text/html,<script>alert(1)</script>", "site_name": "s"},
+        {"index": 3, "title": "z", "url": "https:/no-host", "site_name": "s"},
+        {"index": 4, "title": "Fine", "url": "HTTPS://ok.example/a", "site_name": "ok"},
+    ]
+    fake.push(searched(["x"], results=bad))
+    with service.client() as client:
+        r = client.post(f"{API}/chat/s1", json={"message": "q", "web_search": True}).json()
+    assert r["sources"] == [{"index": 4, "title": "Fine", "url": "HTTPS://ok.example/a", "site": "ok"}]
