@@ -4240,6 +4240,7 @@ class Checkpoint:
     # the JSON text of all its tool steps so far; None: unchanged since the last checkpoint (the
     # stored tool_steps stay as they are)
     steps: str | None = None
+    sources: str | None = None  # its sources as JSON, once they came (None: none yet, or stored already)
 
 
 @dataclass
@@ -4347,22 +4348,25 @@ class AnswerRows:
         server's clock, as it writes the row)."""
         sql = (
             "UPDATE messages SET content = $1, reasoning_content = $2, last_seq = $3,"
-            " tool_steps = COALESCE($4, tool_steps), updated_at = {} WHERE id = {} AND status = 'streaming'"
+            " tool_steps = COALESCE($4, tool_steps), sources = COALESCE($5, sources), updated_at = {}"
+            " WHERE id = {} AND status = 'streaming'"
         )
         if self.db.is_sqlite:
 
             def rows() -> list[tuple]:
                 now = utcnow()
                 return [
-                    (cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), now, cp.answer_id) for cp in checkpoints
+                    (cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), cp.sources, now, cp.answer_id)
+                    for cp in checkpoints
                 ]
 
-            await self.db.execute_many(sql.format("$5", "$6"), rows, BACKGROUND)
+            await self.db.execute_many(sql.format("$6", "$7"), rows, BACKGROUND)
         else:
             await self.db.execute_many(
-                sql.format(PG_NOW, "$5"),
+                sql.format(PG_NOW, "$6"),
                 lambda: [
-                    (cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), cp.answer_id) for cp in checkpoints
+                    (cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), cp.sources, cp.answer_id)
+                    for cp in checkpoints
                 ],
                 BACKGROUND,
             )
@@ -6468,8 +6472,8 @@ NATIVE_OPTIONS = (
 )  # fmt: skip
 # DashScope's native error codes, as the compatible endpoint's that upstream_error keys on
 _NATIVE_CODES = {"DataInspectionFailed": "data_inspection_failed", "data_inspection_failed": "data_inspection_failed"}
-MAX_SOURCES = 100  # a searched answer's sources, at most (the rest are dropped)
-SOURCE_CHARS = 2000  # a source's title, url or site, at most
+MAX_SOURCES = 20  # a searched answer's sources, at most (the rest are dropped)
+SOURCE_CHARS = {"title": 300, "url": 2000, "site": 200}  # a source's title, url and site, at most
 WEB_URL = re.compile(r"https?://[^\s/?#]", re.I | re.ASCII)  # a source's URL: http(s) with a host
 
 
@@ -6554,7 +6558,7 @@ def web_sources(results: list) -> list[dict]:
         text = {name: entry.get(key) if isinstance(entry.get(key), str) else "" for name, key in
                 (("title", "title"), ("url", "url"), ("site", "site_name"))}  # fmt: skip
         sources.append(
-            {"index": entry["index"], **{k: _UNSTORABLE.sub("\ufffd", v[:SOURCE_CHARS]) for k, v in text.items()}}
+            {"index": entry["index"], **{k: _UNSTORABLE.sub("\ufffd", v[: SOURCE_CHARS[k]]) for k, v in text.items()}}
         )
     return sources
 
@@ -7255,6 +7259,7 @@ class Answer:
     stopped_for: StopReason | None = None  # why the task was cancelled
     saved_seq: int = 0  # events the stored checkpoint covers
     saved_steps: int = 0  # steps the stored checkpoint holds
+    saved_sources: bool = False  # the stored checkpoint holds its sources (a replica's catch-up re-sends them)
     rounds: int = 0  # model rounds that called tools
     calls: int = 0  # tool calls made
     tool_seconds: float = 0.0  # time spent running tool rounds
@@ -8167,6 +8172,7 @@ class Relay:
                     a.full_reasoning,
                     len(a.log),
                     steps=a.stored_steps() if len(a.steps) > a.saved_steps else None,
+                    sources=json_column(a.sources) if not a.saved_sources else None,
                 )
                 for a in due
             ]
@@ -8183,6 +8189,7 @@ class Relay:
                 continue
             for answer, checkpoint, count in zip(due, batch, counts, strict=True):
                 answer.saved_seq, answer.saved_steps = checkpoint.seq, count
+                answer.saved_sources = answer.saved_sources or checkpoint.sources is not None
 
     def checkpoint_soon(self) -> None:
         """A step was made: the checkpoint writer stores it now (within one write, not one interval)."""
@@ -9033,6 +9040,8 @@ class Replicas:
             pass  # had it
         elif note.seq == len(mirror.log) and note.event:
             mirror.text_chars, mirror.reasoning_chars = note.text_chars, note.reasoning_chars
+            if mirror.sources is None and note.event.find('\ndata: {"type":"sources"', 0, 200) > 0:
+                mirror.sources = []  # heard: a catch-up does not send them again
             mirror.append(note.event.encode(), final=note.kind is Kind.FINAL)
             if note.kind is Kind.FINAL:
                 mirror.status = note.status
@@ -9093,23 +9102,33 @@ class Replicas:
         if covered <= len(mirror.log):
             return
         content, reasoning = row["content"] or "", row["reasoning_content"] or ""
+        # a searched answer's sources not heard (too long to notify, or joined after them): sent before
+        # the text of the first event filled (a continuation's were sent by the answer it continues)
+        sources = stored_json(row.get("sources")) if mirror.sources is None and not mirror.base else None
+        if sources is not None:
+            mirror.sources = sources
         steps = json.loads(row["tool_steps"]) if row["tool_steps"] else []
         for step in steps:  # the text said before each step, in one event just before it; then the step
             if len(mirror.log) <= step["seq"] < covered:
-                self._fill_text(mirror, step["seq"] - 1, content[: step["text"]], reasoning[: step["reasoning"]])
+                at = step["seq"] - 1
+                if self._fill_text(mirror, at, content[: step["text"]], reasoning[: step["reasoning"]], sources):
+                    sources = None
                 mirror.log.extend([b""] * (step["seq"] - len(mirror.log)))
                 mirror.append(
                     sse_event(event_id(mirror.message_id, step["seq"]), {"type": step["type"], "data": step["data"]})
                 )
-        self._fill_text(mirror, covered - 1, content, reasoning)
+        self._fill_text(mirror, covered - 1, content, reasoning, sources)
 
     @staticmethod
-    def _fill_text(mirror: Mirror, seq: int, content: str, reasoning: str) -> None:
-        """The text a mirror lacks up to event `seq`, as one event with that id (empty places before it)."""
+    def _fill_text(mirror: Mirror, seq: int, content: str, reasoning: str, sources: list | None = None) -> bool:
+        """The text a mirror lacks up to event `seq`, as one event with that id (empty places before it),
+        after a `sources` event with `sources`; False if the mirror has that event already."""
         if seq < len(mirror.log):
-            return
+            return False
         last_id = event_id(mirror.message_id, seq)
         missing = b""
+        if sources is not None:
+            missing += sse_event(last_id, {"type": "sources", "data": {"sources": sources}})
         if reasoning[mirror.reasoning_chars :]:
             missing += delta_event(last_id, "reasoning", reasoning[mirror.reasoning_chars :])
         if content[mirror.text_chars :]:
@@ -9117,6 +9136,7 @@ class Replicas:
         mirror.text_chars, mirror.reasoning_chars = len(content), len(reasoning)
         mirror.log.extend([b""] * (seq - len(mirror.log)))
         mirror.append(missing)
+        return True
 
     async def _end_from_store(self, mirror: Mirror, row: dict | None = None) -> None:
         if row is None:

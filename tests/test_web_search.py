@@ -351,3 +351,68 @@ def test_sources_are_limited_to_web_links(make_service, fake):
     with service.client() as client:
         r = client.post(f"{API}/chat/s1", json={"message": "q", "web_search": True}).json()
     assert r["sources"] == [{"index": 4, "title": "Fine", "url": "HTTPS://ok.example/a", "site": "ok"}]
+
+
+def test_sources_are_bounded_and_stored_at_the_checkpoint(make_service, fake):
+    """At most 20 sources, each title <= 300 characters, site <= 200, url <= 2000; the checkpoint
+    stores them once they came (a replica that catches up from it sends them again), before the end."""
+    service = make_service(CHATSVC_WEB_SEARCH="allowed", CHATSVC_CHECKPOINT_SECONDS="0.05")
+    results = [
+        {"index": i, "title": "标" * 400, "url": f"https://e.example/{'p' * 2100}", "site_name": "s" * 300}
+        for i in range(1, 26)
+    ]
+    hold = threading.Event()
+    fake.push(Reply.of_events(native_events(["one", " two"], results=results), hold=hold, hold_at=2))
+    try:
+        with LiveServer(service.settings) as live, live.client() as client:
+            reader = SSEReader(client, "POST", f"{API}/chat/s1/stream", json={"message": "q", "web_search": True})
+            start, sources = reader.next_event(), reader.next_event()
+            mid = start["data"]["message_id"]
+            shown = sources["data"]["sources"]
+            assert [s["index"] for s in shown] == list(range(1, 21))
+            assert all(len(s["title"]) == 300 and len(s["site"]) == 200 and len(s["url"]) == 2000 for s in shown)
+            row = wait_for(
+                lambda: service.rows("SELECT sources, status FROM messages WHERE id = ? AND sources IS NOT NULL", mid)
+            )
+            assert row[0]["status"] == "streaming" and json.loads(row[0]["sources"]) == shown
+            hold.set()
+            assert reader.until_end()[-1]["data"]["sources"] == shown
+            reader.close()
+    finally:
+        hold.set()
+
+
+@pytest.mark.slow
+def test_a_mirror_hears_a_large_sources_event(postgres_database, fake, tmp_path):
+    """Replicas: a reader on replica A follows an answer running on B. Its sources event (20 results
+    with long URLs: > 7,900 bytes, too long for one NOTIFY) reaches A's reader through the checkpoint."""
+    pytest.importorskip("asyncpg")
+    from procs import ServerProcess
+    from support import EMPTY_POSTGRES, Service, pg
+    from test_replicas import channel_listeners, start_together
+
+    pg(postgres_database, EMPTY_POSTGRES)
+    service = Service(postgres_database, fake, CHATSVC_HEARTBEAT_SECONDS="0.3", CHATSVC_CHECKPOINT_SECONDS="0.1",
+                      CHATSVC_UPSTREAM_IDLE_TIMEOUT="30", CHATSVC_WEB_SEARCH="allowed")  # fmt: skip
+    a, b = ServerProcess(service.env, tmp_path), ServerProcess(service.env, tmp_path)
+    start_together(a, b)
+    try:
+        results = [
+            {"index": i, "title": f"页面标题 {i} " * 5, "url": f"https://example.com/{'p' * 300}/{i}", "site_name": "e"}
+            for i in range(1, 21)
+        ]
+        fake.push(Reply.of_events(native_events([f"w{i} " for i in range(20)], results=results), pause=0.02))
+        listener = SSEReader(a.client(), "GET", f"{API}/chat/s1/stream")
+        wait_for(lambda: channel_listeners(a) == 1, 30)
+        poster = SSEReader(b.client(), "POST", f"{API}/chat/s1/stream", json={"message": "q", "web_search": True})
+        posted = poster.until_end()
+        heard = listener.until_end()
+        assert [e["type"] for e in posted][:2] == ["start", "sources"]
+        assert len(json.dumps(posted[1]["data"], ensure_ascii=False).encode()) > 7900
+        assert [e["type"] for e in heard][:2] == ["start", "sources"], [e["type"] for e in heard][:4]
+        assert heard[1]["data"] == posted[1]["data"]
+        assert "".join(e["data"]["content"] for e in heard if e["type"] == "chunk") == posted[-1]["data"]["full_text"]
+        assert heard[-1] == posted[-1]
+        listener.close(), poster.close()
+    finally:
+        a.stop(), b.stop()
