@@ -416,3 +416,58 @@ def test_a_mirror_hears_a_large_sources_event(postgres_database, fake, tmp_path)
         listener.close(), poster.close()
     finally:
         a.stop(), b.stop()
+
+
+def test_a_stored_setting_is_shown_as_null_while_search_is_off(make_service, fake):
+    """CONTRACT: with `off` "a conversation's stored setting is ignored": its GET shows null, and it
+    comes back once search is allowed again."""
+    on = make_service(CHATSVC_WEB_SEARCH="allowed")
+    with on.client() as client:
+        client.post(f"{API}/context/conversations", json={"session_id": "s1"})
+        assert client.patch(f"{API}/context/conversations/s1", json={"web_search": {"freshness": 7}}).status_code == 200
+    off = make_service(CHATSVC_WEB_SEARCH="off")
+    fake.push(Reply.answer(["plain"]))
+    with off.client() as client:
+        assert client.get(f"{API}/context/conversations/s1").json()["web_search"] is None
+        listed = client.get(f"{API}/context/conversations").json()
+        assert all(c["web_search"] is None for c in listed["conversations"])
+        client.post(f"{API}/chat/s1", json={"message": "a"})
+    assert fake.requests[-1].path.endswith("/chat/completions")  # it did not search
+    with make_service(CHATSVC_WEB_SEARCH="allowed").client() as client:
+        assert client.get(f"{API}/context/conversations/s1").json()["web_search"] == {"freshness": 7}
+
+
+def test_export_then_import_keeps_an_answers_sources_and_the_conversations_setting(make_service, fake):
+    """GET .../export is what POST .../import takes: the answer's sources and searches and the
+    conversation's web_search come back; a file without them (and a bad source) as before/refused."""
+    service = make_service(CHATSVC_WEB_SEARCH="allowed")
+    fake.push(searched(["Hot [1]."]))
+    with service.client() as client:
+        client.post(f"{API}/context/conversations", json={"session_id": "s1"})
+        client.patch(f"{API}/context/conversations/s1", json={"web_search": {"freshness": 7}})
+        client.post(f"{API}/chat/s1", json={"message": "q"})
+        doc = client.get(f"{API}/context/conversations/s1/export").json()
+        assert doc["version"] == 3 and doc["conversation"]["web_search"] == {"freshness": 7}
+        assert doc["messages"][-1]["sources"] == SOURCES and doc["messages"][-1]["searches"] == 1
+        assert "sources" not in doc["messages"][0] and "searches" not in doc["messages"][0]
+        r = client.post(f"{API}/context/conversations/import", json=doc)
+        assert r.status_code in (200, 201), r.json()
+        copy = client.get(f"{API}/context/conversations/{r.json()['session_id']}").json()
+        assert copy["web_search"] == {"freshness": 7}
+        assert copy["messages"][-1]["sources"] == SOURCES and copy["messages"][-1]["searches"] == 1
+        row = service.rows("SELECT sources, searches FROM messages WHERE session_id = ? AND role = 'assistant'",
+                           r.json()["session_id"])[0]  # fmt: skip
+        assert json.loads(row["sources"]) == SOURCES and row["searches"] == 1
+        bad = json.loads(json.dumps(doc))
+        bad["messages"][-1]["sources"][0]["url"] = "javascript:alert(1)"
+        r = client.post(f"{API}/context/conversations/import", json=bad)
+        assert r.status_code == 422 and "messages[1].sources[0].url" in r.json()["detail"], r.json()
+        bad = json.loads(json.dumps(doc))
+        bad["conversation"]["web_search"] = {"freshness": 8}
+        r = client.post(f"{API}/context/conversations/import", json=bad)
+        assert r.status_code == 422 and "conversation.web_search.freshness" in r.json()["detail"], r.json()
+        plain = json.loads(json.dumps(doc))
+        del plain["conversation"]["web_search"], plain["messages"][-1]["sources"], plain["messages"][-1]["searches"]
+        r = client.post(f"{API}/context/conversations/import", json=plain)
+        copy = client.get(f"{API}/context/conversations/{r.json()['session_id']}").json()
+        assert copy["web_search"] is None and "sources" not in copy["messages"][-1]
