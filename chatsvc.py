@@ -5559,6 +5559,18 @@ async def plan_turn(
     if new_question:
         turn.files = [row.id for row in new_files]
     turn.search = turn_search(settings, chat.web_search, conversation and conversation["web_search"])
+    if turn.search is not None and image_parts(messages):  # the native endpoint takes text parts only
+        raise ApiError(
+            422,
+            "web_search_unsupported",
+            "This turn searches the web, and a searched turn goes to DashScope's native text-generation"
+            " endpoint, which takes no images; this conversation's context holds images. "
+            + (
+                "Send the question in a conversation without images (CHATSVC_WEB_SEARCH=always searches every turn)."
+                if settings.web_search == "always"
+                else 'Send "web_search": false for this turn, or ask in a conversation without images.'
+            ),
+        )
     return turn, messages, seen != model
 
 

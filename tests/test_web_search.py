@@ -471,3 +471,23 @@ def test_export_then_import_keeps_an_answers_sources_and_the_conversations_setti
         r = client.post(f"{API}/context/conversations/import", json=plain)
         copy = client.get(f"{API}/context/conversations/{r.json()['session_id']}").json()
         assert copy["web_search"] is None and "sources" not in copy["messages"][-1]
+
+
+def test_a_searched_turn_with_images_in_its_context_is_refused_clearly(make_service, fake):
+    """DashScope's native text-generation endpoint takes no image parts: a searched turn whose context
+    holds images is 422 web_search_unsupported (nothing sent, nothing stored), not an upstream 400."""
+    from test_file_context import image
+
+    service = make_service(CHATSVC_WEB_SEARCH="allowed", CHATSVC_VISION_MODEL="qwen3-vl-plus")
+    with service.client() as client:
+        red = image(client, "red.png")
+        r = client.post(f"{API}/chat/s1", json={"message": "What is it?", "files": [red], "web_search": True})
+        assert r.status_code == 422 and r.json()["code"] == "web_search_unsupported", r.json()
+        assert "images" in r.json()["detail"] and '"web_search": false' in r.json()["detail"]
+        assert fake.requests == [] and service.rows("SELECT id FROM messages") == []
+        fake.push(Reply.answer(["A red square."]))
+        r = client.post(f"{API}/chat/s1", json={"message": "What is it?", "files": [red], "web_search": False})
+        assert r.status_code == 200 and "sources" not in r.json()
+        r = client.post(f"{API}/chat/s1", json={"message": "And now?", "web_search": True})  # the image is in context
+        assert r.status_code == 422 and r.json()["code"] == "web_search_unsupported"
+    assert [q.path for q in fake.requests] == ["/compatible-mode/v1/chat/completions"]
