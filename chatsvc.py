@@ -2759,6 +2759,7 @@ class Copies:
             "title_source": "client" if file.title is not None else None,
             "system_prompt": file.system_prompt,
             "model": file.model,
+            "web_search": file.web_search,
         }
         outside = {row["id"] for row in file.messages if not row["in_context"]}
         current = file.current_message_id or (file.messages[-1]["id"] if file.messages else None)
@@ -2870,10 +2871,10 @@ class Copies:
         while True:
             created = await self.db.fetch_one(
                 "INSERT INTO conversations (owner, session_id, title, title_source, system_prompt, model,"
-                " context_start, current_message_id, created_at, updated_at)"
-                " VALUES (:owner, :sid, :title, :title_source, :system_prompt, :model, :start, :leaf, :now, :now)"
-                " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
-                {**head, "owner": owner, "sid": session_id},
+                " context_start, current_message_id, created_at, updated_at, web_search)"
+                " VALUES (:owner, :sid, :title, :title_source, :system_prompt, :model, :start, :leaf, :now, :now,"
+                " :web_search) ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
+                {"web_search": None, **head, "owner": owner, "sid": session_id},
                 role=WRITE,
             )
             if created is not None:
@@ -9100,20 +9101,10 @@ class Replicas:
         await self._end_from_store(mirror)
 
     def _fill(self, mirror: Mirror, row: dict, covered: int) -> None:
-        """Events len(log)..covered-1 as empty places plus one event with the text they carried. A
-        continuation joined late (its `start` unheard): its log starts at that one event (an EventLog; its
-        ids go on past its earlier parts', from 2**31 after an interrupted one), or just before the steps
-        that end what the checkpoint covers; it has no `start` here (its base is not stored)."""
+        """Events len(log)..covered-1 as empty places plus one event with the text they carried."""
         if not mirror.log:
             mirror.model = row["model"] or ""
             mirror.parent_id = row["parent_id"]
-            if row.get("continued"):
-                first, steps = covered - 1, json.loads(row["tool_steps"]) if row["tool_steps"] else []
-                for step in reversed(steps):  # the steps just before `covered`, each an event of its own
-                    if step["seq"] == first:
-                        first -= 1
-                mirror.log, mirror.base = EventLog(max(first, 0)), max(first, 0)
-        if not mirror.log:
             data = {
                 "session_id": mirror.session_id,
                 "message_id": mirror.message_id,
@@ -9770,6 +9761,8 @@ EXPORT_FORMAT, EXPORT_VERSION = "chatsvc.conversation", 3
 # Version 1: no tool fields (its messages have none). Version 2: each message's last_seq, tool_steps and
 # tool_results. Version 3: the files the messages carry, their bytes in the file as base64 (top-level
 # `files`, each keyed "f1", "f2", … in the order of first use) and each message's `files` (their keys).
+# Written only when set, so a file without them is as before: an answer's `continued`, `sources` and
+# `searches`, and the conversation's `web_search` (docs/CONTRACT.md, "Answers from the web").
 # An older chatsvc refuses a newer file rather than lose what it cannot keep.
 IMPORT_VERSIONS = (1, 2, 3)
 IMPORT_MAX_MESSAGES = 100_000
@@ -9788,6 +9781,7 @@ FILE_CONVERSATION_FIELDS = (
     "created_at",
     "updated_at",
     "current_message_id",
+    "web_search",
 )
 FILE_MESSAGE_FIELDS = (
     "id",
@@ -9807,6 +9801,8 @@ FILE_MESSAGE_FIELDS = (
     "tool_results",
     "files",
     "continued",
+    "sources",
+    "searches",
 )
 FILE_ENTRY_FIELDS = ("key", "name", "media_type", "sha256", "size", "data")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -9850,6 +9846,10 @@ def exported_message(row: dict, context_start: str, files: list[str] | None = No
         message["files"] = files
     if row.get("continued"):
         message["continued"] = row["continued"]
+    if row.get("sources") is not None:  # an answer from the web's (docs/CONTRACT.md, "Answers from the web")
+        message["sources"] = stored_json(row["sources"])
+    if row.get("searches") is not None:
+        message["searches"] = row["searches"]
     return message
 
 
@@ -9904,7 +9904,10 @@ def export_file(conversation: dict, messages: list[dict], files: dict[str, list[
             "format": EXPORT_FORMAT,
             "version": EXPORT_VERSION,
             "exported_at": utcnow(),
-            "conversation": {name: conversation[name] for name in FILE_CONVERSATION_FIELDS},
+            "conversation": {
+                **{name: conversation[name] for name in FILE_CONVERSATION_FIELDS if name != "web_search"},
+                **({"web_search": stored_json(conversation["web_search"])} if conversation.get("web_search") else {}),
+            },
             "messages": exported,
             "files": [],
         }
@@ -9940,6 +9943,7 @@ class ImportedConversation:
     current_message_id: str | None
     messages: list[dict]  # the messages' rows, with the file's ids; each row's "files": the keys it carries
     files: list[ImportedFile] = field(default_factory=list)
+    web_search: str | None = None  # the conversation's search options, as JSON
 
 
 @dataclass
@@ -10060,7 +10064,43 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
         current,
         rows,
         files,
+        json_column(imported_web_search(conv.get("web_search"))),
     )
+
+
+def imported_web_search(value: Any) -> dict | None:
+    """A conversation's `web_search` (null or its search options), kept even while CHATSVC_WEB_SEARCH=off
+    (then inactive, as a stored one is)."""
+    if value is None:
+        return None
+    path = "conversation.web_search"
+    field_object(value, path, tuple(SEARCH_OPTIONS))
+    for key, check in SEARCH_OPTIONS.items():
+        if key in value and not check(value[key]):
+            bad_field(f"{path}.{key}", f"must be {SEARCH_RULES[key]}.")
+    return dict(value)
+
+
+SOURCE_FIELDS = ("index", "title", "url", "site")
+
+
+def imported_sources(value: Any, path: str, role: str) -> list[dict] | None:
+    """An answer's `sources` as the export writes them: at most MAX_SOURCES, each an index and its
+    title, http(s) url and site, as web_sources keeps them."""
+    if value is None:
+        return None
+    path = f"{path}.sources"
+    if role != "assistant" or not isinstance(value, list) or not 0 < len(value) <= MAX_SOURCES:
+        bad_field(path, f"must be absent, or an answer's list of 1 to {MAX_SOURCES} sources.")
+    for n, source in enumerate(value):
+        field_object(source, f"{path}[{n}]", SOURCE_FIELDS)
+        if type(source.get("index")) is not int or not 0 <= source["index"] <= MAX_TOKENS_STORED:
+            bad_field(f"{path}[{n}].index", "must be a whole number.")
+        for name in ("title", "url", "site"):
+            field_text(source.get(name), f"{path}[{n}].{name}", SOURCE_CHARS[name], optional=False)
+        if not WEB_URL.match(source["url"]):
+            bad_field(f"{path}[{n}].url", "must be an http:// or https:// URL.")
+    return [{name: source[name] for name in SOURCE_FIELDS} for source in value]
 
 
 # Files one import brings: each is examined and written in transactions of its own, and a thousand
@@ -10179,6 +10219,12 @@ def imported_message(
     continued = m.get("continued", 0)
     if type(continued) is not int or not 0 <= continued <= MAX_TOKENS_STORED or (continued and role != "assistant"):
         bad_field(f"{path}.continued", f"must be a whole number from 0 to {MAX_TOKENS_STORED} (0 for a user message).")
+    searches = m.get("searches")
+    if searches is not None and (
+        type(searches) is not int or not 0 <= searches <= MAX_TOKENS_STORED or role != "assistant"
+    ):
+        bad_field(f"{path}.searches", f"must be absent, or an answer's whole number from 0 to {MAX_TOKENS_STORED}.")
+    sources = imported_sources(m.get("sources"), path, role)
     content = field_text(m.get("content"), f"{path}.content", settings.max_answer_chars, optional=False)
     reasoning = field_text(m.get("reasoning_content"), f"{path}.reasoning_content", settings.max_answer_chars)
     steps = imported_steps(settings, m.get("tool_steps"), path, role, last_seq, content or "", reasoning or "")
@@ -10206,6 +10252,8 @@ def imported_message(
         "tool_results": json_column(results),
         "files": carried,
         "continued": continued,
+        "sources": json_column(sources),
+        "searches": searches,
     }
     seen[message_id] = role
     if role == "assistant" and finish_reason == "tool_calls":
@@ -10578,7 +10626,8 @@ def present_conversation(settings: Settings, row: dict) -> dict:
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
         "current_message_id": row["current_message_id"],
-        "web_search": stored_json(row["web_search"]),
+        # while CHATSVC_WEB_SEARCH=off a stored setting is inactive: shown as null (kept for when it is on)
+        "web_search": stored_json(row["web_search"]) if settings.web_search != "off" else None,
         "title_usage": {name: row[f"title_{name}"] for name in USAGE_FIELDS}
         if row["title_total_tokens"] is not None or row["title_prompt_tokens"] is not None
         else None,
