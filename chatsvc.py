@@ -2767,6 +2767,7 @@ class Copies:
             "title_source": "client" if file.title is not None else None,
             "system_prompt": file.system_prompt,
             "model": file.model,
+            "web_search": file.web_search,
         }
         outside = {row["id"] for row in file.messages if not row["in_context"]}
         current = file.current_message_id or (file.messages[-1]["id"] if file.messages else None)
@@ -2878,10 +2879,10 @@ class Copies:
         while True:
             created = await self.db.fetch_one(
                 "INSERT INTO conversations (owner, session_id, title, title_source, system_prompt, model,"
-                " context_start, current_message_id, created_at, updated_at)"
-                " VALUES (:owner, :sid, :title, :title_source, :system_prompt, :model, :start, :leaf, :now, :now)"
-                " ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
-                {**head, "owner": owner, "sid": session_id},
+                " context_start, current_message_id, created_at, updated_at, web_search)"
+                " VALUES (:owner, :sid, :title, :title_source, :system_prompt, :model, :start, :leaf, :now, :now,"
+                " :web_search) ON CONFLICT (owner, session_id) DO NOTHING RETURNING session_id",
+                {"web_search": None, **head, "owner": owner, "sid": session_id},
                 role=WRITE,
             )
             if created is not None:
@@ -4248,6 +4249,7 @@ class Checkpoint:
     # the JSON text of all its tool steps so far; None: unchanged since the last checkpoint (the
     # stored tool_steps stay as they are)
     steps: str | None = None
+    sources: str | None = None  # its sources as JSON, once they came (None: none yet, or stored already)
 
 
 @dataclass
@@ -4355,22 +4357,25 @@ class AnswerRows:
         server's clock, as it writes the row)."""
         sql = (
             "UPDATE messages SET content = $1, reasoning_content = $2, last_seq = $3,"
-            " tool_steps = COALESCE($4, tool_steps), updated_at = {} WHERE id = {} AND status = 'streaming'"
+            " tool_steps = COALESCE($4, tool_steps), sources = COALESCE($5, sources), updated_at = {}"
+            " WHERE id = {} AND status = 'streaming'"
         )
         if self.db.is_sqlite:
 
             def rows() -> list[tuple]:
                 now = utcnow()
                 return [
-                    (cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), now, cp.answer_id) for cp in checkpoints
+                    (cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), cp.sources, now, cp.answer_id)
+                    for cp in checkpoints
                 ]
 
-            await self.db.execute_many(sql.format("$5", "$6"), rows, BACKGROUND)
+            await self.db.execute_many(sql.format("$6", "$7"), rows, BACKGROUND)
         else:
             await self.db.execute_many(
-                sql.format(PG_NOW, "$5"),
+                sql.format(PG_NOW, "$6"),
                 lambda: [
-                    (cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), cp.answer_id) for cp in checkpoints
+                    (cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), cp.sources, cp.answer_id)
+                    for cp in checkpoints
                 ],
                 BACKGROUND,
             )
@@ -5563,6 +5568,18 @@ async def plan_turn(
     if new_question:
         turn.files = [row.id for row in new_files]
     turn.search = turn_search(settings, chat.web_search, conversation and conversation["web_search"])
+    if turn.search is not None and image_parts(messages):  # the native endpoint takes text parts only
+        raise ApiError(
+            422,
+            "web_search_unsupported",
+            "This turn searches the web, and a searched turn goes to DashScope's native text-generation"
+            " endpoint, which takes no images; this conversation's context holds images. "
+            + (
+                "Send the question in a conversation without images (CHATSVC_WEB_SEARCH=always searches every turn)."
+                if settings.web_search == "always"
+                else 'Send "web_search": false for this turn, or ask in a conversation without images.'
+            ),
+        )
     return turn, messages, seen != model
 
 
@@ -6476,8 +6493,9 @@ NATIVE_OPTIONS = (
 )  # fmt: skip
 # DashScope's native error codes, as the compatible endpoint's that upstream_error keys on
 _NATIVE_CODES = {"DataInspectionFailed": "data_inspection_failed", "data_inspection_failed": "data_inspection_failed"}
-MAX_SOURCES = 100  # a searched answer's sources, at most (the rest are dropped)
-SOURCE_CHARS = 2000  # a source's title, url or site, at most
+MAX_SOURCES = 20  # a searched answer's sources, at most (the rest are dropped)
+SOURCE_CHARS = {"title": 300, "url": 2000, "site": 200}  # a source's title, url and site, at most
+WEB_URL = re.compile(r"https?://[^\s/?#]", re.I | re.ASCII)  # a source's URL: http(s) with a host
 
 
 def native_body(payload: dict, search: dict) -> dict:
@@ -6510,7 +6528,9 @@ def parse_native(decoder: SSEDecoder, data: str) -> Delta:
         delta.searches = count
     info = output.get("search_info")
     if isinstance(info, dict) and isinstance(info.get("search_results"), list):
-        delta.sources = web_sources(info["search_results"])
+        # [] (frames that carry none, or a search that found nothing) is no sources: the first list
+        # with a usable source is the search's
+        delta.sources = web_sources(info["search_results"]) or None
     for choice in output.get("choices") or ():
         if not isinstance(choice, dict):
             continue
@@ -6548,15 +6568,18 @@ def native_usage(usage: dict) -> dict:
 
 def web_sources(results: list) -> list[dict]:
     """A search's results as the API shows them: `[{"index", "title", "url", "site"}]` (the icon is
-    not kept: chatsvc never fetches it); an entry without an integer index or a URL is dropped."""
+    not kept: chatsvc never fetches it); an entry without an integer index or an http(s) URL is dropped
+    (a `javascript:` or `data:` link would reach every client that renders `<a href>`)."""
     sources = []
     for entry in results[:MAX_SOURCES]:
         if not isinstance(entry, dict) or type(entry.get("index")) is not int or not isinstance(entry.get("url"), str):
             continue
+        if not WEB_URL.match(entry["url"]):
+            continue
         text = {name: entry.get(key) if isinstance(entry.get(key), str) else "" for name, key in
                 (("title", "title"), ("url", "url"), ("site", "site_name"))}  # fmt: skip
         sources.append(
-            {"index": entry["index"], **{k: _UNSTORABLE.sub("\ufffd", v[:SOURCE_CHARS]) for k, v in text.items()}}
+            {"index": entry["index"], **{k: _UNSTORABLE.sub("\ufffd", v[: SOURCE_CHARS[k]]) for k, v in text.items()}}
         )
     return sources
 
@@ -7257,6 +7280,7 @@ class Answer:
     stopped_for: StopReason | None = None  # why the task was cancelled
     saved_seq: int = 0  # events the stored checkpoint covers
     saved_steps: int = 0  # steps the stored checkpoint holds
+    saved_sources: bool = False  # the stored checkpoint holds its sources (a replica's catch-up re-sends them)
     rounds: int = 0  # model rounds that called tools
     calls: int = 0  # tool calls made
     tool_seconds: float = 0.0  # time spent running tool rounds
@@ -7892,7 +7916,9 @@ class Relay:
                 body = payload if offer is None else {**payload, "messages": messages, **offer.payload(last)}
                 if round_ > 1:
                     await self._next_round(answer, body)
-                calls = await self._model_round(answer, body)
+                # a searched answer searches in its first round only (docs/CONTRACT.md, "Answers from the
+                # web"): its sources are those its text cites; later rounds go to the compatible endpoint
+                calls = await self._model_round(answer, body, answer.search if round_ == 1 else None)
                 if not calls or offer is None:
                     break
                 if last:  # the model called tools though told not to: kept, not run
@@ -7953,23 +7979,24 @@ class Relay:
             error.retry_after,
         )
 
-    async def _model_round(self, answer: Answer, body: dict) -> list[ToolCall]:
+    async def _model_round(self, answer: Answer, body: dict, search: dict | None = None) -> list[ToolCall]:
         """One model call, relayed into the answer (retried while it has said nothing), under
         CHATSVC_UPSTREAM_TOTAL_TIMEOUT; the tools it called. A round cut at CHATSVC_MAX_ANSWER_CHARS
-        called none."""
+        called none. `search`: the round searches the web with these options (DashScope's native endpoint)."""
         s = self.settings
         calls: list[ToolCall] = []
         said_before = answer.text_chars + answer.reasoning_chars
+        heard_sources = answer.sources is not None
 
         async def call() -> None:
             gathered, answer.usage = ToolCallAccumulator(), None  # a retried attempt's usage is not counted
             if answer.round is not None:
                 answer.round.attempt(answer, gathered)
-            async with contextlib.aclosing(stream_completion(self.client, s, body, answer.search)) as deltas:
+            async with contextlib.aclosing(stream_completion(self.client, s, body, search)) as deltas:
                 async for delta in deltas:
                     if answer.round is not None:
                         answer.round.chunks = True
-                    if answer.search is not None:
+                    if search is not None:
                         self._searched(answer, delta)
                     if not self._relay(answer, delta):
                         return  # CHATSVC_MAX_ANSWER_CHARS: the upstream call is closed here, its calls dropped
@@ -7977,7 +8004,10 @@ class Relay:
             calls[:] = gathered.calls()
 
         def said() -> bool:  # retried only while nothing of this round has reached a reader
-            return answer.text_chars + answer.reasoning_chars > said_before
+            # a `sources` event counts: a new attempt searches again and its text may cite other pages
+            return answer.text_chars + answer.reasoning_chars > said_before or (
+                answer.sources is not None and not heard_sources
+            )
 
         def counted() -> None:
             answer.retries += 1
@@ -8113,12 +8143,17 @@ class Relay:
 
     def _searched(self, answer: Answer, delta: Delta) -> None:
         """A searched round's delta: its sources, the first time they come, into the log as a `sources`
-        event (before the text the delta carries); its search count so far into the round."""
+        event (before the text the delta carries); its search count so far into the round (at least 1
+        once the sources came: a round stopped before its first usage searched all the same)."""
         if delta.sources is not None and answer.sources is None:
             answer.sources = delta.sources
             answer.emit("sources", {"sources": delta.sources})
-        if delta.searches is not None and answer.round is not None:
+        if answer.round is None:
+            return
+        if delta.searches is not None:
             answer.round.searches = delta.searches
+        if answer.sources is not None and not answer.round.searches:  # it searched, though no count came (yet)
+            answer.round.searches = 1
 
     def _relay(self, answer: Answer, delta: Delta) -> bool:
         """One delta into the answer's log; False once the answer is as long as it may be."""
@@ -8158,6 +8193,7 @@ class Relay:
                     a.full_reasoning,
                     len(a.log),
                     steps=a.stored_steps() if len(a.steps) > a.saved_steps else None,
+                    sources=json_column(a.sources) if not a.saved_sources else None,
                 )
                 for a in due
             ]
@@ -8174,6 +8210,7 @@ class Relay:
                 continue
             for answer, checkpoint, count in zip(due, batch, counts, strict=True):
                 answer.saved_seq, answer.saved_steps = checkpoint.seq, count
+                answer.saved_sources = answer.saved_sources or checkpoint.sources is not None
 
     def checkpoint_soon(self) -> None:
         """A step was made: the checkpoint writer stores it now (within one write, not one interval)."""
@@ -9024,6 +9061,8 @@ class Replicas:
             pass  # had it
         elif note.seq == len(mirror.log) and note.event:
             mirror.text_chars, mirror.reasoning_chars = note.text_chars, note.reasoning_chars
+            if mirror.sources is None and note.event.find('\ndata: {"type":"sources"', 0, 200) > 0:
+                mirror.sources = []  # heard: a catch-up does not send them again
             mirror.append(note.event.encode(), final=note.kind is Kind.FINAL)
             if note.kind is Kind.FINAL:
                 mirror.status = note.status
@@ -9084,23 +9123,33 @@ class Replicas:
         if covered <= len(mirror.log):
             return
         content, reasoning = row["content"] or "", row["reasoning_content"] or ""
+        # a searched answer's sources not heard (too long to notify, or joined after them): sent before
+        # the text of the first event filled (a continuation's were sent by the answer it continues)
+        sources = stored_json(row.get("sources")) if mirror.sources is None and not mirror.base else None
+        if sources is not None:
+            mirror.sources = sources
         steps = json.loads(row["tool_steps"]) if row["tool_steps"] else []
         for step in steps:  # the text said before each step, in one event just before it; then the step
             if len(mirror.log) <= step["seq"] < covered:
-                self._fill_text(mirror, step["seq"] - 1, content[: step["text"]], reasoning[: step["reasoning"]])
+                at = step["seq"] - 1
+                if self._fill_text(mirror, at, content[: step["text"]], reasoning[: step["reasoning"]], sources):
+                    sources = None
                 mirror.log.extend([b""] * (step["seq"] - len(mirror.log)))
                 mirror.append(
                     sse_event(event_id(mirror.message_id, step["seq"]), {"type": step["type"], "data": step["data"]})
                 )
-        self._fill_text(mirror, covered - 1, content, reasoning)
+        self._fill_text(mirror, covered - 1, content, reasoning, sources)
 
     @staticmethod
-    def _fill_text(mirror: Mirror, seq: int, content: str, reasoning: str) -> None:
-        """The text a mirror lacks up to event `seq`, as one event with that id (empty places before it)."""
+    def _fill_text(mirror: Mirror, seq: int, content: str, reasoning: str, sources: list | None = None) -> bool:
+        """The text a mirror lacks up to event `seq`, as one event with that id (empty places before it),
+        after a `sources` event with `sources`; False if the mirror has that event already."""
         if seq < len(mirror.log):
-            return
+            return False
         last_id = event_id(mirror.message_id, seq)
         missing = b""
+        if sources is not None:
+            missing += sse_event(last_id, {"type": "sources", "data": {"sources": sources}})
         if reasoning[mirror.reasoning_chars :]:
             missing += delta_event(last_id, "reasoning", reasoning[mirror.reasoning_chars :])
         if content[mirror.text_chars :]:
@@ -9108,6 +9157,7 @@ class Replicas:
         mirror.text_chars, mirror.reasoning_chars = len(content), len(reasoning)
         mirror.log.extend([b""] * (seq - len(mirror.log)))
         mirror.append(missing)
+        return True
 
     async def _end_from_store(self, mirror: Mirror, row: dict | None = None) -> None:
         if row is None:
@@ -9719,6 +9769,8 @@ EXPORT_FORMAT, EXPORT_VERSION = "chatsvc.conversation", 3
 # Version 1: no tool fields (its messages have none). Version 2: each message's last_seq, tool_steps and
 # tool_results. Version 3: the files the messages carry, their bytes in the file as base64 (top-level
 # `files`, each keyed "f1", "f2", … in the order of first use) and each message's `files` (their keys).
+# Written only when set, so a file without them is as before: an answer's `continued`, `sources` and
+# `searches`, and the conversation's `web_search` (docs/CONTRACT.md, "Answers from the web").
 # An older chatsvc refuses a newer file rather than lose what it cannot keep.
 IMPORT_VERSIONS = (1, 2, 3)
 IMPORT_MAX_MESSAGES = 100_000
@@ -9737,6 +9789,7 @@ FILE_CONVERSATION_FIELDS = (
     "created_at",
     "updated_at",
     "current_message_id",
+    "web_search",
 )
 FILE_MESSAGE_FIELDS = (
     "id",
@@ -9756,6 +9809,8 @@ FILE_MESSAGE_FIELDS = (
     "tool_results",
     "files",
     "continued",
+    "sources",
+    "searches",
 )
 FILE_ENTRY_FIELDS = ("key", "name", "media_type", "sha256", "size", "data")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}", re.ASCII)
@@ -9799,6 +9854,10 @@ def exported_message(row: dict, context_start: str, files: list[str] | None = No
         message["files"] = files
     if row.get("continued"):
         message["continued"] = row["continued"]
+    if row.get("sources") is not None:  # an answer from the web's (docs/CONTRACT.md, "Answers from the web")
+        message["sources"] = stored_json(row["sources"])
+    if row.get("searches") is not None:
+        message["searches"] = row["searches"]
     return message
 
 
@@ -9853,7 +9912,10 @@ def export_file(conversation: dict, messages: list[dict], files: dict[str, list[
             "format": EXPORT_FORMAT,
             "version": EXPORT_VERSION,
             "exported_at": utcnow(),
-            "conversation": {name: conversation[name] for name in FILE_CONVERSATION_FIELDS},
+            "conversation": {
+                **{name: conversation[name] for name in FILE_CONVERSATION_FIELDS if name != "web_search"},
+                **({"web_search": stored_json(conversation["web_search"])} if conversation.get("web_search") else {}),
+            },
             "messages": exported,
             "files": [],
         }
@@ -9889,6 +9951,7 @@ class ImportedConversation:
     current_message_id: str | None
     messages: list[dict]  # the messages' rows, with the file's ids; each row's "files": the keys it carries
     files: list[ImportedFile] = field(default_factory=list)
+    web_search: str | None = None  # the conversation's search options, as JSON
 
 
 @dataclass
@@ -10009,7 +10072,43 @@ def parse_import(settings: Settings, body: dict) -> ImportedConversation:
         current,
         rows,
         files,
+        json_column(imported_web_search(conv.get("web_search"))),
     )
+
+
+def imported_web_search(value: Any) -> dict | None:
+    """A conversation's `web_search` (null or its search options), kept even while CHATSVC_WEB_SEARCH=off
+    (then inactive, as a stored one is)."""
+    if value is None:
+        return None
+    path = "conversation.web_search"
+    field_object(value, path, tuple(SEARCH_OPTIONS))
+    for key, check in SEARCH_OPTIONS.items():
+        if key in value and not check(value[key]):
+            bad_field(f"{path}.{key}", f"must be {SEARCH_RULES[key]}.")
+    return dict(value)
+
+
+SOURCE_FIELDS = ("index", "title", "url", "site")
+
+
+def imported_sources(value: Any, path: str, role: str) -> list[dict] | None:
+    """An answer's `sources` as the export writes them: at most MAX_SOURCES, each an index and its
+    title, http(s) url and site, as web_sources keeps them."""
+    if value is None:
+        return None
+    path = f"{path}.sources"
+    if role != "assistant" or not isinstance(value, list) or not 0 < len(value) <= MAX_SOURCES:
+        bad_field(path, f"must be absent, or an answer's list of 1 to {MAX_SOURCES} sources.")
+    for n, source in enumerate(value):
+        field_object(source, f"{path}[{n}]", SOURCE_FIELDS)
+        if type(source.get("index")) is not int or not 0 <= source["index"] <= MAX_TOKENS_STORED:
+            bad_field(f"{path}[{n}].index", "must be a whole number.")
+        for name in ("title", "url", "site"):
+            field_text(source.get(name), f"{path}[{n}].{name}", SOURCE_CHARS[name], optional=False)
+        if not WEB_URL.match(source["url"]):
+            bad_field(f"{path}[{n}].url", "must be an http:// or https:// URL.")
+    return [{name: source[name] for name in SOURCE_FIELDS} for source in value]
 
 
 # Files one import brings: each is examined and written in transactions of its own, and a thousand
@@ -10128,6 +10227,12 @@ def imported_message(
     continued = m.get("continued", 0)
     if type(continued) is not int or not 0 <= continued <= MAX_TOKENS_STORED or (continued and role != "assistant"):
         bad_field(f"{path}.continued", f"must be a whole number from 0 to {MAX_TOKENS_STORED} (0 for a user message).")
+    searches = m.get("searches")
+    if searches is not None and (
+        type(searches) is not int or not 0 <= searches <= MAX_TOKENS_STORED or role != "assistant"
+    ):
+        bad_field(f"{path}.searches", f"must be absent, or an answer's whole number from 0 to {MAX_TOKENS_STORED}.")
+    sources = imported_sources(m.get("sources"), path, role)
     content = field_text(m.get("content"), f"{path}.content", settings.max_answer_chars, optional=False)
     reasoning = field_text(m.get("reasoning_content"), f"{path}.reasoning_content", settings.max_answer_chars)
     steps = imported_steps(settings, m.get("tool_steps"), path, role, last_seq, content or "", reasoning or "")
@@ -10155,6 +10260,8 @@ def imported_message(
         "tool_results": json_column(results),
         "files": carried,
         "continued": continued,
+        "sources": json_column(sources),
+        "searches": searches,
     }
     seen[message_id] = role
     if role == "assistant" and finish_reason == "tool_calls":
@@ -10527,7 +10634,8 @@ def present_conversation(settings: Settings, row: dict) -> dict:
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
         "current_message_id": row["current_message_id"],
-        "web_search": stored_json(row["web_search"]),
+        # while CHATSVC_WEB_SEARCH=off a stored setting is inactive: shown as null (kept for when it is on)
+        "web_search": stored_json(row["web_search"]) if settings.web_search != "off" else None,
         "title_usage": {name: row[f"title_{name}"] for name in USAGE_FIELDS}
         if row["title_total_tokens"] is not None or row["title_prompt_tokens"] is not None
         else None,
