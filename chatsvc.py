@@ -10626,6 +10626,9 @@ def markdown_document(conversation: dict, branch: list[dict], files: dict[str, l
 
 
 def present_conversation(settings: Settings, row: dict) -> dict:
+    # web_search only when set and in force: while CHATSVC_WEB_SEARCH=off a stored setting is inactive
+    # (kept, shown again once search is allowed); a conversation without one is shown as before it existed
+    search = stored_json(row["web_search"]) if settings.web_search != "off" else None
     return {
         "session_id": row["session_id"],
         "title": row["title"],
@@ -10634,8 +10637,7 @@ def present_conversation(settings: Settings, row: dict) -> dict:
         "created_at": row["created_at"],
         "updated_at": row["updated_at"],
         "current_message_id": row["current_message_id"],
-        # while CHATSVC_WEB_SEARCH=off a stored setting is inactive: shown as null (kept for when it is on)
-        "web_search": stored_json(row["web_search"]) if settings.web_search != "off" else None,
+        **({"web_search": search} if search is not None else {}),
         "title_usage": {name: row[f"title_{name}"] for name in USAGE_FIELDS}
         if row["title_total_tokens"] is not None or row["title_prompt_tokens"] is not None
         else None,
