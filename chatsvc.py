@@ -7634,7 +7634,8 @@ class Registry:
         asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, answer)
 
     def _forget(self, answer: Answer) -> None:
-        self._recent.pop(answer.message_id, None)
+        if self._recent.get(answer.message_id) is answer:  # not a continuation of it that runs now
+            del self._recent[answer.message_id]
         if self._latest.get(answer.key) is answer:
             del self._latest[answer.key]
 
@@ -7680,6 +7681,9 @@ class Registry:
         if resume is not None:  # 1. after the last event the client saw
             message_id, seq = resume
             answer = self._recent.get(message_id)
+            running = self._running.get(key)
+            if answer is None and running is not None and running.message_id == message_id:
+                answer = running  # the running one is never followed as another replica's (a mirror of itself)
             if answer is not None and answer.key == key:
                 position = seq + 1
                 if answer.done.is_set() and position >= len(answer.log) and seq != answer.final_seq and answer.final:

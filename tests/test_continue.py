@@ -320,6 +320,56 @@ def test_concurrent_continues_one_409(live, fake, service):
     assert answer_row(service)["continued"] == 1
 
 
+def test_an_earlier_parts_forget_timer_leaves_the_running_continuation():
+    """Registry: the timer that forgets the earlier part (its CHATSVC_REPLAY_SECONDS after it ended)
+    forgets that part only, not the continuation registered since under the same id."""
+    registry = chatsvc.Registry(None, None)
+    old = chatsvc.Answer("", "s1", "m1", model="qwen-plus")
+    registry.register(old)
+    registry.end(old)
+    new = chatsvc.Answer("", "s1", "m1", model="qwen-plus")
+    registry.register(new)
+    registry._forget(old)
+    assert registry.find("m1") is new and registry.running(("", "s1")) is new
+    registry.end(new)
+    registry._forget(new)
+    assert registry.find("m1") is None
+
+
+def test_resume_mid_continuation_after_the_earlier_parts_replay_window(make_service, fake):
+    """A reader resuming mid-continuation once the earlier part's replay window has passed gets the rest
+    of it, from this replica's own answer (on PostgreSQL: never a mirror of itself, so stop still stops it)."""
+    service = make_service(CHATSVC_REPLAY_SECONDS="0.2")
+    with LiveServer(service.settings) as live:
+        registry = live.relay.registry
+        forgotten: list = []
+        forget = registry._forget
+        registry._forget = lambda answer: (forget(answer), forgotten.append(answer))
+        fake.push(Reply.answer(["Once ", "upon "], finish="length", usage=U1))
+        with live.client() as c:
+            mid = c.post(f"{API}/chat/s1", json={"message": "story", "max_tokens": 2}).json()["message_id"]
+        old = registry.find(mid)
+        hold = threading.Event()
+        fake.push(Reply.answer(["a ", "time ", "there."], hold=hold, hold_at=3, usage=U2))
+        with live.client() as c:
+            poster = SSEReader(c, "POST", f"{API}/chat/s1/stream", json={"continue": mid})
+            seen = [poster.next_event() for _ in range(3)]  # start, "a ", "time "
+            wait_for(lambda: old in forgotten)  # the earlier part's replay window passed while it runs
+            resumed = live.reader("GET", f"{API}/chat/s1/stream", headers={"Last-Event-ID": seen[1]["id"]})
+            assert resumed.next_event() == seen[2]
+            assert not isinstance(registry.running(("", "s1")), chatsvc.Mirror)
+            with live.client() as other:
+                stopped = other.post(f"{API}/chat/s1/stop").json()
+            assert stopped == {"session_id": "s1", "stopped": True, "message_id": mid}
+            hold.set()
+            rest = poster.until_end()
+            poster.close()
+        assert resumed.until_end() == rest
+    assert rest[-1]["type"] == "end" and rest[-1]["data"]["full_text"] == "Once upon a time "
+    row = answer_row(service)
+    assert (row["content"], row["status"], row["continued"]) == ("Once upon a time ", "stopped", 1)
+
+
 # ── replicas (PostgreSQL, real processes) ──────────────────────────────────────────────
 
 from test_replicas import channel_listeners, cluster, slow  # noqa: E402, F401  (the cluster fixture)
