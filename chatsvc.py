@@ -9066,10 +9066,20 @@ class Replicas:
         await self._end_from_store(mirror)
 
     def _fill(self, mirror: Mirror, row: dict, covered: int) -> None:
-        """Events len(log)..covered-1 as empty places plus one event with the text they carried."""
+        """Events len(log)..covered-1 as empty places plus one event with the text they carried. A
+        continuation joined late (its `start` unheard): its log starts at that one event (an EventLog; its
+        ids go on past its earlier parts', from 2**31 after an interrupted one), or just before the steps
+        that end what the checkpoint covers; it has no `start` here (its base is not stored)."""
         if not mirror.log:
             mirror.model = row["model"] or ""
             mirror.parent_id = row["parent_id"]
+            if row.get("continued"):
+                first, steps = covered - 1, json.loads(row["tool_steps"]) if row["tool_steps"] else []
+                for step in reversed(steps):  # the steps just before `covered`, each an event of its own
+                    if step["seq"] == first:
+                        first -= 1
+                mirror.log, mirror.base = EventLog(max(first, 0)), max(first, 0)
+        if not mirror.log:
             data = {
                 "session_id": mirror.session_id,
                 "message_id": mirror.message_id,

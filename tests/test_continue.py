@@ -4,6 +4,8 @@ answer". On SQLite and PostgreSQL, against the fake DashScope, which checks part
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -370,6 +372,32 @@ def test_resume_mid_continuation_after_the_earlier_parts_replay_window(make_serv
     assert (row["content"], row["status"], row["continued"]) == ("Once upon a time ", "stopped", 1)
 
 
+def test_a_mirror_joining_a_continuation_late_starts_its_log_at_the_checkpoint():
+    """Replicas._fill: a mirror that catches up with a running continuation from the checkpoint (its ids
+    past 2**31 after an interrupted part) holds the events from there, not an empty place per id before
+    it (2**31 of them: 16 GiB). Run in a child capped at 2 GiB of address space, so that the bug is a
+    MemoryError there, not the machine's memory."""
+    code = """
+import json, resource, sys, chatsvc
+resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+mirror = chatsvc.Mirror("", "s1", "m1", model="")
+seq = chatsvc.INTERRUPTED_SEQ + 5
+row = {"model": "qwen-plus", "parent_id": "q1", "content": "Once upon a time", "reasoning_content": None,
+       "tool_steps": None, "last_seq": seq, "continued": 1}
+chatsvc.Replicas._fill(chatsvc.Replicas, mirror, row, seq)
+print(json.dumps([len(mirror.log), mirror.base, b"".join(mirror.log[mirror.base:]).decode()]))
+"""
+    root = chatsvc.__file__.rsplit("/", 1)[0]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert done.returncode == 0, done.stderr[-800:]
+    length, base, raw = json.loads(done.stdout)
+    assert length == chatsvc.INTERRUPTED_SEQ + 5 and base == chatsvc.INTERRUPTED_SEQ + 4
+    events = parse_events(raw.encode())
+    assert [(e["id"], e["type"], e["data"]) for e in events] == [
+        (f"m1:{chatsvc.INTERRUPTED_SEQ + 4}", "chunk", {"content": "Once upon a time"})
+    ]
+
+
 # ── replicas (PostgreSQL, real processes) ──────────────────────────────────────────────
 
 from test_replicas import channel_listeners, cluster, slow  # noqa: E402, F401  (the cluster fixture)
@@ -402,3 +430,48 @@ def test_killed_answer_continued_on_another_replica_and_followed_on_a_third(clus
     row = service.rows("SELECT content, status, continued FROM messages WHERE role = 'assistant'")[0]
     assert row == {"content": stored["content"] + "and more", "status": "complete", "continued": 1}
     listener.close()
+
+
+@pytest.mark.slow
+def test_a_third_replica_resumes_a_continuation_past_2_31(cluster, fake, monkeypatch):  # noqa: F811
+    """A replica that joins a continuation of an interrupted answer (ids past 2**31) late, from its
+    checkpoint, for a reader resuming there: its address space capped at 3 GiB, so that padding the
+    log to 2**31 places would be a MemoryError in its log rather than the machine's memory."""
+    import resource
+
+    import procs
+
+    service, a, _, replica = cluster
+    with a.client() as c:
+        fake.push(Reply.answer(["Once ", "upon "], finish="length", usage=U1))
+        mid = c.post(f"{API}/chat/s1", json={"message": "story", "max_tokens": 2}).json()["message_id"]
+    # as a crash leaves it: `streaming`, its heartbeat old; the sweep stores it interrupted
+    service.rows("UPDATE messages SET status = 'streaming', updated_at = '2000-01-01T00:00:00Z' WHERE id = ?", mid)
+    wait_for(lambda: answer_row(service)["status"] == "interrupted")
+    fake.push(Reply.answer([f"w{i} " for i in range(100)], pause=0.05, usage=U2))
+    with a.client() as c:
+        poster = SSEReader(c, "POST", f"{API}/chat/s1/stream", json={"continue": mid})
+        seen = [poster.next_event() for _ in range(4)]
+        assert int(seen[0]["id"].rsplit(":", 1)[1]) == chatsvc.INTERRUPTED_SEQ + 1
+        last = int(seen[-1]["id"].rsplit(":", 1)[1])
+        wait_for(lambda: answer_row(service)["last_seq"] > last)  # a checkpoint past the ids seen
+        cap = 3 * 2**30
+        popen = procs.subprocess.Popen
+        monkeypatch.setattr(
+            procs.subprocess,
+            "Popen",
+            lambda *args, **kw: popen(
+                *args, **kw, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+            ),
+        )
+        third = replica().start()
+        monkeypatch.setattr(procs.subprocess, "Popen", popen)
+        with third.client() as tc:
+            resumed = SSEReader(tc, "GET", f"{API}/chat/s1/stream", headers={"Last-Event-ID": seen[2]["id"]})
+            got = resumed.until_end()
+        posted = seen + poster.until_end()
+    assert "MemoryError" not in third.log(), third.log()[-2000:]
+    assert got[-1] == posted[-1] and got[-1]["type"] == "end"
+    # from the checkpoint: one event with the whole text it holds, then the live events after it
+    assert got[0]["type"] == "chunk" and "".join(e["data"]["content"] for e in got[:-1]) == got[-1]["data"]["full_text"]
+    assert got[1:] == posted[posted.index(got[1]) :]
