@@ -2435,7 +2435,8 @@ class Tree:
 
     async def begin_continuation(self, cont: Continuation) -> Limits | None:
         """The answer `cont` continues goes back to `streaming` (its text as it is, `continued` + 1,
-        `last_seq` past every event id it had: its continuation's events come after) and becomes the
+        `last_seq` past every event id it had: its continuation's events come after; its token counts
+        unknown until its final write sums the parts', so that a crash leaves none) and becomes the
         current leaf, if it is still as it was read (its status and last event, no replies); then, with
         `cont.hold`, its model call is admitted (Usage.admit). All or nothing, as begin_turn: a refusal
         leaves the answer as it was. Another answer of the conversation `streaming`, or a concurrent
@@ -2457,6 +2458,8 @@ class Tree:
                 row = await self.db.fetch_one(
                     "UPDATE messages SET status = 'streaming', continued = continued + 1, last_seq = :seq,"
                     " finish_reason = NULL, error_code = NULL, error_message = NULL, model = :model,"
+                    " prompt_tokens = NULL, completion_tokens = NULL, total_tokens = NULL, reasoning_tokens = NULL,"
+                    " cached_tokens = NULL,"  # not known until its last write sums the parts (a crash: never)
                     f" updated_at = {self.db.heartbeat_now} WHERE id = :id AND owner = :owner AND session_id = :sid"
                     " AND status = :status AND COALESCE(last_seq, -1) = :old_seq"
                     " AND NOT EXISTS (SELECT 1 FROM messages c WHERE c.parent_id = :id) RETURNING id",

@@ -18,6 +18,7 @@ import chatsvc
 API = "/api/v1"
 U1 = {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
 U2 = {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23}
+U3 = {"prompt_tokens": 30, "completion_tokens": 5, "total_tokens": 35}
 
 
 @pytest.fixture
@@ -475,3 +476,49 @@ def test_a_third_replica_resumes_a_continuation_past_2_31(cluster, fake, monkeyp
     # from the checkpoint: one event with the whole text it holds, then the live events after it
     assert got[0]["type"] == "chunk" and "".join(e["data"]["content"] for e in got[:-1]) == got[-1]["data"]["full_text"]
     assert got[1:] == posted[posted.index(got[1]) :]
+
+
+@pytest.mark.slow
+def test_crash_mid_continuation_leaves_no_token_sum_and_continues(service, fake, tmp_path):
+    """SIGKILL mid-continuation: the message keeps the text checkpointed, and its token counts are not
+    known (the crashed part's were never reported), while its cost is what the ledger holds (its calls
+    settled by the sweep with an estimate); continued again, the sum is still not known."""
+    from procs import ServerProcess
+
+    env = {**service.env, "CHATSVC_CHECKPOINT_SECONDS": "0.1", "CHATSVC_HEARTBEAT_SECONDS": "0.2"}
+    server = ServerProcess(env, tmp_path).start()
+    with server.client() as c:
+        fake.push(Reply.answer(["Once ", "upon "], finish="length", usage=U1))
+        mid = c.post(f"{API}/chat/s1", json={"message": "story", "max_tokens": 2}).json()["message_id"]
+        assert answer_row(service)["total_tokens"] == 14
+        fake.push(Reply.answer([f"w{i} " for i in range(400)], pause=0.03, usage=U2))
+        reader = SSEReader(c, "POST", f"{API}/chat/s1/stream", json={"continue": mid})
+        for _ in range(6):
+            reader.next_event()
+        wait_for(lambda: answer_row(service)["content"].startswith("Once upon w0 w1 w2 w3 "))  # checkpointed
+        server.kill()
+    server = ServerProcess(env, tmp_path).start()
+    try:
+        wait_for(lambda: answer_row(service)["status"] == "interrupted")
+        row = answer_row(service)
+        assert row["content"].startswith("Once upon w0 w1 w2 w3 ") and row["continued"] == 1
+        assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (None, None, None)
+        calls = service.rows("SELECT purpose, state, source FROM usage_calls ORDER BY id")
+        assert [(c["purpose"], c["state"], c["source"]) for c in calls] == [
+            ("answer", "settled", "reported"),
+            ("continuation", "settled", "estimated"),
+        ]
+        costs = service.rows("SELECT cost_micros FROM usage_calls")
+        stored = service.rows("SELECT cost_micros FROM messages WHERE role = 'assistant'")[0]["cost_micros"]
+        assert stored == (None if None in [c["cost_micros"] for c in costs] else sum(c["cost_micros"] for c in costs))
+        fake.push(Reply.answer(["end."], usage=U3))
+        with server.client() as c:
+            r = c.post(f"{API}/chat/s1", json={"continue": mid})
+            shown = c.get(f"{API}/context/conversations/s1").json()["messages"][1]
+        assert r.status_code == 200 and r.json()["response"].endswith("end.")
+        assert "usage" not in r.json(), r.json()  # not parts 1 and 3 only
+        assert shown.get("usage") is None, shown
+        row = answer_row(service)
+        assert (row["status"], row["continued"], row["total_tokens"]) == ("complete", 2, None)
+    finally:
+        server.stop()
