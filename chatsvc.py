@@ -5660,13 +5660,17 @@ async def plan_continuation(
 
 def continue_payload(style: str, payload: dict, text: str) -> dict:
     """The model request that continues `text` (CHATSVC_CONTINUE_STYLE): `partial`, DashScope's partial
-    mode (the text as the last message, an assistant's with `"partial": true`; the model service sends
-    only what follows it); `continue_final_message`, vLLM's (the last message left open, no generation
-    prompt); `prefill`, a trailing assistant message, which llama.cpp's server and Ollama continue."""
+    mode (the text as the last message, an assistant's with `"partial": true`, and `enable_thinking`
+    false, which it requires; the model service sends only what follows it); `continue_final_message`,
+    vLLM's (the last message left open, no generation prompt); `prefill`, a trailing assistant message,
+    which llama.cpp's server and Ollama continue. The request's own options (a given `enable_thinking`
+    false among them) go as for any turn."""
     last: dict[str, Any] = {"role": "assistant", "content": text}
     if style == "partial":
         last["partial"] = True
     body = {**payload, "messages": [*payload["messages"], last]}
+    if style == "partial":
+        body["enable_thinking"] = False  # partial mode refuses thinking
     if style == "continue_final_message":
         body.update(continue_final_message=True, add_generation_prompt=False)
     return body
@@ -9690,8 +9694,8 @@ SEARCH_RULES = {
 
 def parse_continue(settings: Settings, body: dict) -> ChatRequest:
     """`{"continue": "<answer id>"}`: the model goes on with that answer's stored text (CONTRACT.md,
-    "Continuing an answer"); model options as for any turn, thinking off (the model service's partial
-    mode cannot think)."""
+    "Continuing an answer"); model options as for any turn (thinking cannot be asked for: a model
+    continues a text without it, and DashScope's partial mode refuses it)."""
     answer_id = message_id_field(body, "continue")
     given = [name for name in CONTINUE_EXCLUSIVE if body.get(name) is not None]
     if given:
@@ -9711,11 +9715,8 @@ def parse_continue(settings: Settings, body: dict) -> ChatRequest:
             "'enable_thinking' must be false or left out with 'continue': a model continues a text without"
             " thinking (DashScope's partial mode refuses thinking)."
         )
-    chat = parse_chat(
-        settings, {k: v for k, v in body.items() if k not in ("continue", "enable_thinking")} | {"message": "-"}
-    )
-    chat.message, chat.continue_id = None, answer_id
-    chat.options["enable_thinking"] = False
+    chat = parse_chat(settings, {k: v for k, v in body.items() if k != "continue"} | {"message": "-"})
+    chat.message, chat.continue_id = None, answer_id  # its own enable_thinking false is a model option, as for any turn
     return chat
 
 

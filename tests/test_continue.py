@@ -115,6 +115,40 @@ def test_vllm_style_sends_continue_final_message(make_service, fake):
     assert sent["temperature"] == 0.5 and "partial" not in json.dumps(sent["messages"])
 
 
+@pytest.mark.parametrize(
+    ("style", "last", "extra"),
+    [
+        ("partial", {"partial": True}, {"enable_thinking": False}),
+        ("continue_final_message", {}, {"continue_final_message": True, "add_generation_prompt": False}),
+        ("prefill", {}, {}),
+    ],
+)
+@pytest.mark.parametrize("asked", [{}, {"enable_thinking": False}])
+def test_each_styles_exact_body(make_service, fake, style, last, extra, asked):
+    """Only partial mode, which requires it, is sent enable_thinking false; the other styles' bodies are
+    the request's own options (its own enable_thinking false passed on, as for any turn)."""
+    service = make_service(CHATSVC_CONTINUE_STYLE=style)
+    with service.client() as client:
+        first = cut_at_length(client, fake)
+        fake.push(Reply.answer(["time."], usage=U2))
+        r = client.post(f"{API}/chat/s1", json={"continue": first["message_id"], **asked})
+        assert r.status_code == 200 and r.json()["response"] == "Once upon a time."
+    assert json.dumps(fake.requests[-1].body) == json.dumps(
+        {
+            "model": "qwen-plus",
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "tell a story"},
+                {"role": "assistant", "content": "Once upon a ", **last},
+            ],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **asked,
+            **extra,
+        }
+    )
+
+
 def test_continue_style_off_refuses(make_service, fake):
     service = make_service(CHATSVC_CONTINUE_STYLE="off")
     with service.client() as client:
