@@ -5632,6 +5632,8 @@ async def plan_continuation(
     if row["status"] == STREAMING:
         raise busy(session_id)
     why = not_continuable(row)
+    if why is None and len(row["content"]) + len(row["reasoning_content"] or "") >= settings.max_answer_chars:
+        why = "it is as long as an answer may be (CHATSVC_MAX_ANSWER_CHARS)"
     if why is None and await store.tree.siblings(owner, session_id, {row["id"]}):
         why = "it has replies (continuing it would change the text later turns answered; regenerate or edit instead)"
     if why is not None:

@@ -202,6 +202,25 @@ def test_refusals(client, fake, service):
     assert rows == []
 
 
+def test_an_answer_as_long_as_an_answer_may_be_is_not_continued(make_service, fake):
+    """An answer cut at CHATSVC_MAX_ANSWER_CHARS (text and reasoning) can add nothing: 409, no model call,
+    nothing billed, the message unchanged."""
+    service = make_service(CHATSVC_MAX_ANSWER_CHARS="12")
+    with service.client() as client:
+        fake.push(Reply.answer(["Once ", "upon ", "a time"], usage=U1))
+        first = client.post(f"{API}/chat/s1", json={"message": "tell a story"}).json()
+        assert (first["response"], first["finish_reason"]) == ("Once upon a ", "length")
+        before, sent = answer_row(service), len(fake.requests)
+        r = client.post(f"{API}/chat/s1", json={"continue": first["message_id"]})
+    assert r.status_code == 409 and r.json() == {
+        "detail": f"Answer '{first['message_id']}' cannot be continued: it is as long as an answer may be"
+        " (CHATSVC_MAX_ANSWER_CHARS).",
+        "code": "not_continuable",
+    }
+    assert len(fake.requests) == sent and answer_row(service) == before
+    assert [c["purpose"] for c in service.rows("SELECT purpose FROM usage_calls")] == ["answer"]
+
+
 def test_over_limit_continue_changes_nothing(make_service, fake):
     service = make_service(CHATSVC_LIMIT_ANSWERS_PER_MINUTE="1")
     with service.client() as client:
