@@ -221,6 +221,36 @@ def test_an_answer_as_long_as_an_answer_may_be_is_not_continued(make_service, fa
     assert [c["purpose"] for c in service.rows("SELECT purpose FROM usage_calls")] == ["answer"]
 
 
+def test_an_answer_from_the_web_keeps_its_sources_when_continued(make_service, fake):
+    """An answer from the web (its `sources` stored) cut at length, continued: the continuation does not
+    search (the compatible endpoint, partial mode), and the whole's `end` and stored row keep its sources
+    and search count; `web_search` with `continue` is refused by name."""
+    from fake_dashscope import NATIVE_PATH, native_events
+    from test_web_search import SOURCES
+
+    service = make_service(CHATSVC_WEB_SEARCH="allowed")
+    with service.client() as client:
+        fake.push(Reply.of_events(native_events(["Hot [1]", " today"], finish="length")))
+        first = client.post(f"{API}/chat/s1", json={"message": "weather?", "web_search": True}).json()
+        assert (first["finish_reason"], first["sources"]) == ("length", SOURCES)
+        mid = first["message_id"]
+        r = client.post(f"{API}/chat/s1", json={"continue": mid, "web_search": True})
+        assert r.status_code == 422 and r.json()["code"] == "invalid_request" and "'web_search'" in r.json()["detail"]
+        fake.push(Reply.answer([" [ref_2]."], usage=U2))
+        r = client.post(f"{API}/chat/s1/stream", json={"continue": mid})
+    assert fake.requests[-1].path != NATIVE_PATH and "enable_search" not in json.dumps(fake.requests[-1].body)
+    events = parse_events(r.content)
+    assert [e["type"] for e in events] == ["start", "chunk", "end"]
+    assert events[-1]["data"]["full_text"] == "Hot [1] today [ref_2]." and events[-1]["data"]["sources"] == SOURCES
+    row = service.rows("SELECT content, sources, searches, continued FROM messages WHERE role = 'assistant'")[0]
+    assert (row["content"], json.loads(row["sources"]), row["searches"], row["continued"]) == (
+        "Hot [1] today [ref_2].",
+        SOURCES,
+        1,
+        1,
+    )
+
+
 def test_over_limit_continue_changes_nothing(make_service, fake):
     service = make_service(CHATSVC_LIMIT_ANSWERS_PER_MINUTE="1")
     with service.client() as client:
