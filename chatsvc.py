@@ -2443,7 +2443,8 @@ class Tree:
 
     async def begin_continuation(self, cont: Continuation) -> Limits | None:
         """The answer `cont` continues goes back to `streaming` (its text as it is, `continued` + 1,
-        `last_seq` past every event id it had: its continuation's events come after) and becomes the
+        `last_seq` past every event id it had: its continuation's events come after; its token counts
+        unknown until its final write sums the parts', so that a crash leaves none) and becomes the
         current leaf, if it is still as it was read (its status and last event, no replies); then, with
         `cont.hold`, its model call is admitted (Usage.admit). All or nothing, as begin_turn: a refusal
         leaves the answer as it was. Another answer of the conversation `streaming`, or a concurrent
@@ -2465,6 +2466,8 @@ class Tree:
                 row = await self.db.fetch_one(
                     "UPDATE messages SET status = 'streaming', continued = continued + 1, last_seq = :seq,"
                     " finish_reason = NULL, error_code = NULL, error_message = NULL, model = :model,"
+                    " prompt_tokens = NULL, completion_tokens = NULL, total_tokens = NULL, reasoning_tokens = NULL,"
+                    " cached_tokens = NULL,"  # not known until its last write sums the parts (a crash: never)
                     f" updated_at = {self.db.heartbeat_now} WHERE id = :id AND owner = :owner AND session_id = :sid"
                     " AND status = :status AND COALESCE(last_seq, -1) = :old_seq"
                     " AND NOT EXISTS (SELECT 1 FROM messages c WHERE c.parent_id = :id) RETURNING id",
@@ -5654,6 +5657,8 @@ async def plan_continuation(
     if row["status"] == STREAMING:
         raise busy(session_id)
     why = not_continuable(row)
+    if why is None and len(row["content"]) + len(row["reasoning_content"] or "") >= settings.max_answer_chars:
+        why = "it is as long as an answer may be (CHATSVC_MAX_ANSWER_CHARS)"
     if why is None and await store.tree.siblings(owner, session_id, {row["id"]}):
         why = "it has replies (continuing it would change the text later turns answered; regenerate or edit instead)"
     if why is not None:
@@ -5682,13 +5687,17 @@ async def plan_continuation(
 
 def continue_payload(style: str, payload: dict, text: str) -> dict:
     """The model request that continues `text` (CHATSVC_CONTINUE_STYLE): `partial`, DashScope's partial
-    mode (the text as the last message, an assistant's with `"partial": true`; the model service sends
-    only what follows it); `continue_final_message`, vLLM's (the last message left open, no generation
-    prompt); `prefill`, a trailing assistant message, which llama.cpp's server and Ollama continue."""
+    mode (the text as the last message, an assistant's with `"partial": true`, and `enable_thinking`
+    false, which it requires; the model service sends only what follows it); `continue_final_message`,
+    vLLM's (the last message left open, no generation prompt); `prefill`, a trailing assistant message,
+    which llama.cpp's server and Ollama continue. The request's own options (a given `enable_thinking`
+    false among them) go as for any turn."""
     last: dict[str, Any] = {"role": "assistant", "content": text}
     if style == "partial":
         last["partial"] = True
     body = {**payload, "messages": [*payload["messages"], last]}
+    if style == "partial":
+        body["enable_thinking"] = False  # partial mode refuses thinking
     if style == "continue_final_message":
         body.update(continue_final_message=True, add_generation_prompt=False)
     return body
@@ -7666,7 +7675,8 @@ class Registry:
         asyncio.get_running_loop().call_later(self.settings.replay_seconds, self._forget, answer)
 
     def _forget(self, answer: Answer) -> None:
-        self._recent.pop(answer.message_id, None)
+        if self._recent.get(answer.message_id) is answer:  # not a continuation of it that runs now
+            del self._recent[answer.message_id]
         if self._latest.get(answer.key) is answer:
             del self._latest[answer.key]
 
@@ -7712,6 +7722,9 @@ class Registry:
         if resume is not None:  # 1. after the last event the client saw
             message_id, seq = resume
             answer = self._recent.get(message_id)
+            running = self._running.get(key)
+            if answer is None and running is not None and running.message_id == message_id:
+                answer = running  # the running one is never followed as another replica's (a mirror of itself)
             if answer is not None and answer.key == key:
                 position = seq + 1
                 if answer.done.is_set() and position >= len(answer.log) and seq != answer.final_seq and answer.final:
@@ -9109,10 +9122,20 @@ class Replicas:
         await self._end_from_store(mirror)
 
     def _fill(self, mirror: Mirror, row: dict, covered: int) -> None:
-        """Events len(log)..covered-1 as empty places plus one event with the text they carried."""
+        """Events len(log)..covered-1 as empty places plus one event with the text they carried. A
+        continuation joined late (its `start` unheard): its log starts at that one event (an EventLog; its
+        ids go on past its earlier parts', from 2**31 after an interrupted one), or just before the steps
+        that end what the checkpoint covers; it has no `start` here (its base is not stored)."""
         if not mirror.log:
             mirror.model = row["model"] or ""
             mirror.parent_id = row["parent_id"]
+            if row.get("continued"):
+                first, steps = covered - 1, json.loads(row["tool_steps"]) if row["tool_steps"] else []
+                for step in reversed(steps):  # the steps just before `covered`, each an event of its own
+                    if step["seq"] == first:
+                        first -= 1
+                mirror.log, mirror.base = EventLog(max(first, 0)), max(first, 0)
+        if not mirror.log:
             data = {
                 "session_id": mirror.session_id,
                 "message_id": mirror.message_id,
@@ -9731,8 +9754,8 @@ SEARCH_RULES = {
 
 def parse_continue(settings: Settings, body: dict) -> ChatRequest:
     """`{"continue": "<answer id>"}`: the model goes on with that answer's stored text (CONTRACT.md,
-    "Continuing an answer"); model options as for any turn, thinking off (the model service's partial
-    mode cannot think)."""
+    "Continuing an answer"); model options as for any turn (thinking cannot be asked for: a model
+    continues a text without it, and DashScope's partial mode refuses it)."""
     answer_id = message_id_field(body, "continue")
     given = [name for name in CONTINUE_EXCLUSIVE if body.get(name) is not None]
     if given:
@@ -9752,11 +9775,8 @@ def parse_continue(settings: Settings, body: dict) -> ChatRequest:
             "'enable_thinking' must be false or left out with 'continue': a model continues a text without"
             " thinking (DashScope's partial mode refuses thinking)."
         )
-    chat = parse_chat(
-        settings, {k: v for k, v in body.items() if k not in ("continue", "enable_thinking")} | {"message": "-"}
-    )
-    chat.message, chat.continue_id = None, answer_id
-    chat.options["enable_thinking"] = False
+    chat = parse_chat(settings, {k: v for k, v in body.items() if k != "continue"} | {"message": "-"})
+    chat.message, chat.continue_id = None, answer_id  # its own enable_thinking false is a model option, as for any turn
     return chat
 
 

@@ -4,6 +4,8 @@ answer". On SQLite and PostgreSQL, against the fake DashScope, which checks part
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -16,6 +18,7 @@ import chatsvc
 API = "/api/v1"
 U1 = {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14}
 U2 = {"prompt_tokens": 20, "completion_tokens": 3, "total_tokens": 23}
+U3 = {"prompt_tokens": 30, "completion_tokens": 5, "total_tokens": 35}
 
 
 @pytest.fixture
@@ -112,6 +115,40 @@ def test_vllm_style_sends_continue_final_message(make_service, fake):
     assert sent["temperature"] == 0.5 and "partial" not in json.dumps(sent["messages"])
 
 
+@pytest.mark.parametrize(
+    ("style", "last", "extra"),
+    [
+        ("partial", {"partial": True}, {"enable_thinking": False}),
+        ("continue_final_message", {}, {"continue_final_message": True, "add_generation_prompt": False}),
+        ("prefill", {}, {}),
+    ],
+)
+@pytest.mark.parametrize("asked", [{}, {"enable_thinking": False}])
+def test_each_styles_exact_body(make_service, fake, style, last, extra, asked):
+    """Only partial mode, which requires it, is sent enable_thinking false; the other styles' bodies are
+    the request's own options (its own enable_thinking false passed on, as for any turn)."""
+    service = make_service(CHATSVC_CONTINUE_STYLE=style)
+    with service.client() as client:
+        first = cut_at_length(client, fake)
+        fake.push(Reply.answer(["time."], usage=U2))
+        r = client.post(f"{API}/chat/s1", json={"continue": first["message_id"], **asked})
+        assert r.status_code == 200 and r.json()["response"] == "Once upon a time."
+    assert json.dumps(fake.requests[-1].body) == json.dumps(
+        {
+            "model": "qwen-plus",
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "tell a story"},
+                {"role": "assistant", "content": "Once upon a ", **last},
+            ],
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **asked,
+            **extra,
+        }
+    )
+
+
 def test_continue_style_off_refuses(make_service, fake):
     service = make_service(CHATSVC_CONTINUE_STYLE="off")
     with service.client() as client:
@@ -163,6 +200,55 @@ def test_refusals(client, fake, service):
     assert len(fake.requests) == n + 1  # only the failed one reached the model
     rows = service.rows("SELECT continued FROM messages WHERE continued > 0")
     assert rows == []
+
+
+def test_an_answer_as_long_as_an_answer_may_be_is_not_continued(make_service, fake):
+    """An answer cut at CHATSVC_MAX_ANSWER_CHARS (text and reasoning) can add nothing: 409, no model call,
+    nothing billed, the message unchanged."""
+    service = make_service(CHATSVC_MAX_ANSWER_CHARS="12")
+    with service.client() as client:
+        fake.push(Reply.answer(["Once ", "upon ", "a time"], usage=U1))
+        first = client.post(f"{API}/chat/s1", json={"message": "tell a story"}).json()
+        assert (first["response"], first["finish_reason"]) == ("Once upon a ", "length")
+        before, sent = answer_row(service), len(fake.requests)
+        r = client.post(f"{API}/chat/s1", json={"continue": first["message_id"]})
+    assert r.status_code == 409 and r.json() == {
+        "detail": f"Answer '{first['message_id']}' cannot be continued: it is as long as an answer may be"
+        " (CHATSVC_MAX_ANSWER_CHARS).",
+        "code": "not_continuable",
+    }
+    assert len(fake.requests) == sent and answer_row(service) == before
+    assert [c["purpose"] for c in service.rows("SELECT purpose FROM usage_calls")] == ["answer"]
+
+
+def test_an_answer_from_the_web_keeps_its_sources_when_continued(make_service, fake):
+    """An answer from the web (its `sources` stored) cut at length, continued: the continuation does not
+    search (the compatible endpoint, partial mode), and the whole's `end` and stored row keep its sources
+    and search count; `web_search` with `continue` is refused by name."""
+    from fake_dashscope import NATIVE_PATH, native_events
+    from test_web_search import SOURCES
+
+    service = make_service(CHATSVC_WEB_SEARCH="allowed")
+    with service.client() as client:
+        fake.push(Reply.of_events(native_events(["Hot [1]", " today"], finish="length")))
+        first = client.post(f"{API}/chat/s1", json={"message": "weather?", "web_search": True}).json()
+        assert (first["finish_reason"], first["sources"]) == ("length", SOURCES)
+        mid = first["message_id"]
+        r = client.post(f"{API}/chat/s1", json={"continue": mid, "web_search": True})
+        assert r.status_code == 422 and r.json()["code"] == "invalid_request" and "'web_search'" in r.json()["detail"]
+        fake.push(Reply.answer([" [ref_2]."], usage=U2))
+        r = client.post(f"{API}/chat/s1/stream", json={"continue": mid})
+    assert fake.requests[-1].path != NATIVE_PATH and "enable_search" not in json.dumps(fake.requests[-1].body)
+    events = parse_events(r.content)
+    assert [e["type"] for e in events] == ["start", "chunk", "end"]
+    assert events[-1]["data"]["full_text"] == "Hot [1] today [ref_2]." and events[-1]["data"]["sources"] == SOURCES
+    row = service.rows("SELECT content, sources, searches, continued FROM messages WHERE role = 'assistant'")[0]
+    assert (row["content"], json.loads(row["sources"]), row["searches"], row["continued"]) == (
+        "Hot [1] today [ref_2].",
+        SOURCES,
+        1,
+        1,
+    )
 
 
 def test_over_limit_continue_changes_nothing(make_service, fake):
@@ -320,6 +406,82 @@ def test_concurrent_continues_one_409(live, fake, service):
     assert answer_row(service)["continued"] == 1
 
 
+def test_an_earlier_parts_forget_timer_leaves_the_running_continuation():
+    """Registry: the timer that forgets the earlier part (its CHATSVC_REPLAY_SECONDS after it ended)
+    forgets that part only, not the continuation registered since under the same id."""
+    registry = chatsvc.Registry(None, None)
+    old = chatsvc.Answer("", "s1", "m1", model="qwen-plus")
+    registry.register(old)
+    registry.end(old)
+    new = chatsvc.Answer("", "s1", "m1", model="qwen-plus")
+    registry.register(new)
+    registry._forget(old)
+    assert registry.find("m1") is new and registry.running(("", "s1")) is new
+    registry.end(new)
+    registry._forget(new)
+    assert registry.find("m1") is None
+
+
+def test_resume_mid_continuation_after_the_earlier_parts_replay_window(make_service, fake):
+    """A reader resuming mid-continuation once the earlier part's replay window has passed gets the rest
+    of it, from this replica's own answer (on PostgreSQL: never a mirror of itself, so stop still stops it)."""
+    service = make_service(CHATSVC_REPLAY_SECONDS="0.2")
+    with LiveServer(service.settings) as live:
+        registry = live.relay.registry
+        forgotten: list = []
+        forget = registry._forget
+        registry._forget = lambda answer: (forget(answer), forgotten.append(answer))
+        fake.push(Reply.answer(["Once ", "upon "], finish="length", usage=U1))
+        with live.client() as c:
+            mid = c.post(f"{API}/chat/s1", json={"message": "story", "max_tokens": 2}).json()["message_id"]
+        old = registry.find(mid)
+        hold = threading.Event()
+        fake.push(Reply.answer(["a ", "time ", "there."], hold=hold, hold_at=3, usage=U2))
+        with live.client() as c:
+            poster = SSEReader(c, "POST", f"{API}/chat/s1/stream", json={"continue": mid})
+            seen = [poster.next_event() for _ in range(3)]  # start, "a ", "time "
+            wait_for(lambda: old in forgotten)  # the earlier part's replay window passed while it runs
+            resumed = live.reader("GET", f"{API}/chat/s1/stream", headers={"Last-Event-ID": seen[1]["id"]})
+            assert resumed.next_event() == seen[2]
+            assert not isinstance(registry.running(("", "s1")), chatsvc.Mirror)
+            with live.client() as other:
+                stopped = other.post(f"{API}/chat/s1/stop").json()
+            assert stopped == {"session_id": "s1", "stopped": True, "message_id": mid}
+            hold.set()
+            rest = poster.until_end()
+            poster.close()
+        assert resumed.until_end() == rest
+    assert rest[-1]["type"] == "end" and rest[-1]["data"]["full_text"] == "Once upon a time "
+    row = answer_row(service)
+    assert (row["content"], row["status"], row["continued"]) == ("Once upon a time ", "stopped", 1)
+
+
+def test_a_mirror_joining_a_continuation_late_starts_its_log_at_the_checkpoint():
+    """Replicas._fill: a mirror that catches up with a running continuation from the checkpoint (its ids
+    past 2**31 after an interrupted part) holds the events from there, not an empty place per id before
+    it (2**31 of them: 16 GiB). Run in a child capped at 2 GiB of address space, so that the bug is a
+    MemoryError there, not the machine's memory."""
+    code = """
+import json, resource, sys, chatsvc
+resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))
+mirror = chatsvc.Mirror("", "s1", "m1", model="")
+seq = chatsvc.INTERRUPTED_SEQ + 5
+row = {"model": "qwen-plus", "parent_id": "q1", "content": "Once upon a time", "reasoning_content": None,
+       "tool_steps": None, "last_seq": seq, "continued": 1}
+chatsvc.Replicas._fill(chatsvc.Replicas, mirror, row, seq)
+print(json.dumps([len(mirror.log), mirror.base, b"".join(mirror.log[mirror.base:]).decode()]))
+"""
+    root = chatsvc.__file__.rsplit("/", 1)[0]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120)
+    assert done.returncode == 0, done.stderr[-800:]
+    length, base, raw = json.loads(done.stdout)
+    assert length == chatsvc.INTERRUPTED_SEQ + 5 and base == chatsvc.INTERRUPTED_SEQ + 4
+    events = parse_events(raw.encode())
+    assert [(e["id"], e["type"], e["data"]) for e in events] == [
+        (f"m1:{chatsvc.INTERRUPTED_SEQ + 4}", "chunk", {"content": "Once upon a time"})
+    ]
+
+
 # ── replicas (PostgreSQL, real processes) ──────────────────────────────────────────────
 
 from test_replicas import channel_listeners, cluster, slow  # noqa: E402, F401  (the cluster fixture)
@@ -352,3 +514,94 @@ def test_killed_answer_continued_on_another_replica_and_followed_on_a_third(clus
     row = service.rows("SELECT content, status, continued FROM messages WHERE role = 'assistant'")[0]
     assert row == {"content": stored["content"] + "and more", "status": "complete", "continued": 1}
     listener.close()
+
+
+@pytest.mark.slow
+def test_a_third_replica_resumes_a_continuation_past_2_31(cluster, fake, monkeypatch):  # noqa: F811
+    """A replica that joins a continuation of an interrupted answer (ids past 2**31) late, from its
+    checkpoint, for a reader resuming there: its address space capped at 3 GiB, so that padding the
+    log to 2**31 places would be a MemoryError in its log rather than the machine's memory."""
+    import resource
+
+    import procs
+
+    service, a, _, replica = cluster
+    with a.client() as c:
+        fake.push(Reply.answer(["Once ", "upon "], finish="length", usage=U1))
+        mid = c.post(f"{API}/chat/s1", json={"message": "story", "max_tokens": 2}).json()["message_id"]
+    # as a crash leaves it: `streaming`, its heartbeat old; the sweep stores it interrupted
+    service.rows("UPDATE messages SET status = 'streaming', updated_at = '2000-01-01T00:00:00Z' WHERE id = ?", mid)
+    wait_for(lambda: answer_row(service)["status"] == "interrupted")
+    fake.push(Reply.answer([f"w{i} " for i in range(100)], pause=0.05, usage=U2))
+    with a.client() as c:
+        poster = SSEReader(c, "POST", f"{API}/chat/s1/stream", json={"continue": mid})
+        seen = [poster.next_event() for _ in range(4)]
+        assert int(seen[0]["id"].rsplit(":", 1)[1]) == chatsvc.INTERRUPTED_SEQ + 1
+        last = int(seen[-1]["id"].rsplit(":", 1)[1])
+        wait_for(lambda: answer_row(service)["last_seq"] > last)  # a checkpoint past the ids seen
+        cap = 3 * 2**30
+        popen = procs.subprocess.Popen
+        monkeypatch.setattr(
+            procs.subprocess,
+            "Popen",
+            lambda *args, **kw: popen(
+                *args, **kw, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+            ),
+        )
+        third = replica().start()
+        monkeypatch.setattr(procs.subprocess, "Popen", popen)
+        with third.client() as tc:
+            resumed = SSEReader(tc, "GET", f"{API}/chat/s1/stream", headers={"Last-Event-ID": seen[2]["id"]})
+            got = resumed.until_end()
+        posted = seen + poster.until_end()
+    assert "MemoryError" not in third.log(), third.log()[-2000:]
+    assert got[-1] == posted[-1] and got[-1]["type"] == "end"
+    # from the checkpoint: one event with the whole text it holds, then the live events after it
+    assert got[0]["type"] == "chunk" and "".join(e["data"]["content"] for e in got[:-1]) == got[-1]["data"]["full_text"]
+    assert got[1:] == posted[posted.index(got[1]) :]
+
+
+@pytest.mark.slow
+def test_crash_mid_continuation_leaves_no_token_sum_and_continues(service, fake, tmp_path):
+    """SIGKILL mid-continuation: the message keeps the text checkpointed, and its token counts are not
+    known (the crashed part's were never reported), while its cost is what the ledger holds (its calls
+    settled by the sweep with an estimate); continued again, the sum is still not known."""
+    from procs import ServerProcess
+
+    env = {**service.env, "CHATSVC_CHECKPOINT_SECONDS": "0.1", "CHATSVC_HEARTBEAT_SECONDS": "0.2"}
+    server = ServerProcess(env, tmp_path).start()
+    with server.client() as c:
+        fake.push(Reply.answer(["Once ", "upon "], finish="length", usage=U1))
+        mid = c.post(f"{API}/chat/s1", json={"message": "story", "max_tokens": 2}).json()["message_id"]
+        assert answer_row(service)["total_tokens"] == 14
+        fake.push(Reply.answer([f"w{i} " for i in range(400)], pause=0.03, usage=U2))
+        reader = SSEReader(c, "POST", f"{API}/chat/s1/stream", json={"continue": mid})
+        for _ in range(6):
+            reader.next_event()
+        wait_for(lambda: answer_row(service)["content"].startswith("Once upon w0 w1 w2 w3 "))  # checkpointed
+        server.kill()
+    server = ServerProcess(env, tmp_path).start()
+    try:
+        wait_for(lambda: answer_row(service)["status"] == "interrupted")
+        row = answer_row(service)
+        assert row["content"].startswith("Once upon w0 w1 w2 w3 ") and row["continued"] == 1
+        assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (None, None, None)
+        calls = service.rows("SELECT purpose, state, source FROM usage_calls ORDER BY id")
+        assert [(c["purpose"], c["state"], c["source"]) for c in calls] == [
+            ("answer", "settled", "reported"),
+            ("continuation", "settled", "estimated"),
+        ]
+        costs = service.rows("SELECT cost_micros FROM usage_calls")
+        stored = service.rows("SELECT cost_micros FROM messages WHERE role = 'assistant'")[0]["cost_micros"]
+        assert stored == (None if None in [c["cost_micros"] for c in costs] else sum(c["cost_micros"] for c in costs))
+        fake.push(Reply.answer(["end."], usage=U3))
+        with server.client() as c:
+            r = c.post(f"{API}/chat/s1", json={"continue": mid})
+            shown = c.get(f"{API}/context/conversations/s1").json()["messages"][1]
+        assert r.status_code == 200 and r.json()["response"].endswith("end.")
+        assert "usage" not in r.json(), r.json()  # not parts 1 and 3 only
+        assert shown.get("usage") is None, shown
+        row = answer_row(service)
+        assert (row["status"], row["continued"], row["total_tokens"]) == ("complete", 2, None)
+    finally:
+        server.stop()
