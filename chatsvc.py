@@ -8488,7 +8488,8 @@ SUMMARY_PROMPT = (
     " language the conversation is written in, as plain prose or short lists, without a preamble."
 )
 SUMMARY_AT = 0.8  # a branch whose next context would pass this share of the budget is summarised
-SUMMARY_KEEP = 0.6  # the newest part kept whole after a summary: at most this share of the budget and messages
+SUMMARY_KEEP = 0.5  # the next context after a summary (it and the newest part kept whole): at most this share of
+# the budget, and the part kept at most this share of CHATSVC_MAX_CONTEXT_MESSAGES
 SUMMARY_SHARE = 4  # a summary is at most 1/4 of the budget (its max_tokens)
 
 
@@ -8639,7 +8640,10 @@ class Summarizer:
         previous = next((row for row in rows if row.get("summary") is not None), None)
         after = rows[: rows.index(previous)] if previous is not None else rows
         usable = usable_history(after)
-        keep_tokens, keep_count, kept = SUMMARY_KEEP * budget, SUMMARY_KEEP * s.max_context_messages, 0
+        # the next context holds the new summary too: counted at the size of the one it rolls (a first one
+        # at half its bound), so that several turns fit before the branch passes SUMMARY_AT again
+        summary_size = estimate_tokens(previous["summary"]) if previous is not None else budget // SUMMARY_SHARE // 2
+        keep_tokens, keep_count, kept = SUMMARY_KEEP * budget - summary_size, SUMMARY_KEEP * s.max_context_messages, 0
         for row in usable:
             keep_tokens -= estimate_tokens(transcript_lines(row, []))
             if keep_tokens < 0 or kept + 1 > keep_count:
