@@ -8680,9 +8680,26 @@ class Summarizer:
         previous, covered, usable = planned
         with_files = [row["id"] for row in usable if row["has_files"]]
         files = await relay.store.files.of_messages(answer.owner, with_files) if with_files else {}
-        transcript = "\n\n".join(transcript_lines(row, files.get(row["id"], [])) for row in usable)
         said = f"Earlier summary:\n{previous['summary']}\n\n" if previous is not None else ""
         model = s.summarizer
+        # the request fits the summary model's own budget: what does not (summaries failed a while, or the
+        # summary model's window is smaller) is left to the next summary, which rolls this one on
+        room = s.context_budget(model, max(64, budget // SUMMARY_SHARE)) - estimate_tokens(SUMMARY_PROMPT + said) - 20
+        lines: list[str] = []
+        for row in usable:
+            line = transcript_lines(row, files.get(row["id"], []))
+            room -= estimate_tokens(line) + 1
+            if room < 0:
+                if not lines:  # one message larger than the room: its beginning
+                    line = line[: max(0, len(line) * (estimate_tokens(line) + room) // estimate_tokens(line))]
+                    lines.append(line + " [...]")
+                break
+            lines.append(line)
+        while len(lines) > 1 and is_question(usable[len(lines) - 1]):
+            lines.pop()  # it ends with an answer: the next context starts with a user's message
+        if len(lines) < len(usable):
+            covered = [row for row in covered if row["id"] <= usable[len(lines) - 1]["id"]]
+        transcript = "\n\n".join(lines)
         payload = {
             "model": model,
             "messages": [

@@ -335,3 +335,35 @@ def test_an_answer_waiting_for_tool_results_is_never_summarised_away(make_servic
         assert r.status_code == 200 and r.json()["response"] == "Sunny.", r.text
         sent = chats(fake)[-1].body["messages"]
         assert [m["role"] for m in sent[-2:]] == ["assistant", "tool"] and sent[-2]["tool_calls"], sent
+
+
+def test_a_summary_request_fits_the_summary_models_window_after_summaries_failed_a_while(make_service, fake):
+    """Summaries failed for some turns (the branch grew past the context); once the model answers again,
+    the summary's own request must fit the window, else it is refused for length on every turn after."""
+    fake.window = 2048
+    service = make_service(CHATSVC_SUMMARIES="on", CHATSVC_CONTEXT_WINDOW="2048", CHATSVC_RESERVE_OUTPUT_TOKENS="512",
+                           CHATSVC_MAX_CONTEXT_MESSAGES="200")  # fmt: skip
+    broken = threading.Event()
+    broken.set()
+    made = iter(f"SUMMARY-{n}" for n in range(1, 100))
+
+    def reply(seen) -> Reply:
+        if is_summary(seen):
+            return Reply.error(500, "InternalError", "down") if broken.is_set() else Reply.answer([next(made)])
+        return Reply.answer(["answer " + "word " * 120])
+
+    fake.default = reply
+    with service.client() as client:
+        for n in range(12):
+            say(client, f"q{n} " + "word " * 120)
+            wait_for(lambda: not service.rows("SELECT 1 FROM usage_calls WHERE state = 'reserved'"))
+        assert service.rows("SELECT * FROM summaries") == [] and summary_requests(fake)
+        broken.clear()
+        say(client, "q12 " + "word " * 120)
+        row = wait_for(lambda: service.rows("SELECT content, covered FROM summaries"))[0]
+        assert row["content"] == "SUMMARY-1"
+        last = summary_requests(fake)[-1]
+        assert last.body["messages"][1]["content"].startswith("Conversation:\nUser: q0 ")
+        say(client, "q13")
+        sent = chats(fake)[-1].body["messages"]
+        assert "SUMMARY-1" in sent[0]["content"] and sent[-1]["content"] == "q13"
