@@ -458,6 +458,20 @@ class Settings:
                 " CHATSVC_DASHSCOPE_NATIVE_URL (e.g. https://dashscope.aliyuncs.com/api/v1/services/aigc/text-generation"
                 "/generation), or CHATSVC_WEB_SEARCH=off."
             )
+        if settings.context_window is not None:
+            windows = [(f" (for {name})" if name else "", tokens) for name, tokens in settings.context_window.models]
+            if settings.context_window.default is not None:
+                windows.append(("", settings.context_window.default))
+            for named, tokens in windows:
+                most = tokens - tokens // 16 - tokens // CONTEXT_ROOM_SHARE  # the largest allowance it takes
+                if settings.reserve_output_tokens > most:
+                    raise ValueError(
+                        f"CHATSVC_CONTEXT_WINDOW: a window of {tokens} tokens{named} leaves less than 1/"
+                        f"{CONTEXT_ROOM_SHARE} of it for the conversation once CHATSVC_RESERVE_OUTPUT_TOKENS"
+                        f" ({settings.reserve_output_tokens}) are kept for the answer; set"
+                        f" CHATSVC_RESERVE_OUTPUT_TOKENS to at most {most} (a quarter of the window is usual),"
+                        " or check the window's size."
+                    )
         if settings.vision_model and not settings.sees(settings.vision_model):
             raise ValueError(
                 f"CHATSVC_VISION_MODEL={settings.vision_model!r}: not a model CHATSVC_VISION_MODELS names as seeing"
@@ -505,10 +519,15 @@ class Settings:
         window = self.context_window.of(model) if self.context_window is not None else None
         if window is None:
             return self.max_context_tokens or DEFAULT_CONTEXT_TOKENS
-        room = window - (output or self.reserve_output_tokens) - window // 16
+        room = self.window_room(window, output)
         if self.max_context_tokens is not None:
             room = min(room, self.max_context_tokens)
         return max(room, 1)
+
+    def window_room(self, window: int, output: int | None) -> int:
+        """What a window of `window` tokens leaves for the context (may be 0 or less): the window less
+        the output's allowance and the estimator's margin (1/16 of the window)."""
+        return window - (output or self.reserve_output_tokens) - window // 16
 
     @property
     def summarizer(self) -> str:
@@ -542,6 +561,7 @@ WEB_SEARCH_MODES = ("off", "allowed", "always")
 COMPATIBLE_PATH = "/compatible-mode/v1"  # DashScope's OpenAI-compatible endpoint, under its host
 NATIVE_PATH = "/api/v1/services/aigc/text-generation/generation"  # ... and its native one (searched turns)
 DEFAULT_CONTEXT_TOKENS = 6000  # the context budget without CHATSVC_MAX_CONTEXT_TOKENS nor CHATSVC_CONTEXT_WINDOW
+CONTEXT_ROOM_SHARE = 8  # a window must leave at least 1/8 of itself for the context after the output's allowance
 
 
 @dataclass(frozen=True)
@@ -5534,6 +5554,14 @@ async def plan_turn(
         assert question is not None
         new = question
         new_files = await turn_files(store, owner, chat.files if new_question else None, question_id)
+    window = settings.context_window.of(model) if settings.context_window is not None else None
+    asked = chat.options.get("max_tokens")
+    if window is not None and asked is not None and settings.window_room(window, asked) < window // CONTEXT_ROOM_SHARE:
+        raise ContextTooLong(
+            f"'max_tokens' ({asked}) leaves too little of {model}'s context window ({window} tokens,"
+            f" CHATSVC_CONTEXT_WINDOW) for the conversation: ask for at most"
+            f" {window - window // 16 - window // CONTEXT_ROOM_SHARE} tokens."
+        )
     summary = None
     if summarizing:  # the newest summary on the path stands for it and everything before
         history, summary = summarized_history(history)
@@ -8518,7 +8546,8 @@ SUMMARY_PROMPT = (
     " language the conversation is written in, as plain prose or short lists, without a preamble."
 )
 SUMMARY_AT = 0.8  # a branch whose next context would pass this share of the budget is summarised
-SUMMARY_KEEP = 0.6  # the newest part kept whole after a summary: at most this share of the budget and messages
+SUMMARY_KEEP = 0.5  # the next context after a summary (it and the newest part kept whole): at most this share of
+# the budget, and the part kept at most this share of CHATSVC_MAX_CONTEXT_MESSAGES
 SUMMARY_SHARE = 4  # a summary is at most 1/4 of the budget (its max_tokens)
 
 
@@ -8595,6 +8624,11 @@ def usable_history(history_newest_first: list[dict]) -> list[dict]:
     return usable
 
 
+def is_question(row: dict) -> bool:
+    """Whether a message of a path is a user's own (not the app's tool results)."""
+    return row["role"] == "user" and not row["tool_results"]
+
+
 def transcript_lines(row: dict, files: list[FileRow]) -> str:
     """A message as the summary model reads it: who said it, its text, its files' names, and its tool
     calls and results as text."""
@@ -8664,7 +8698,10 @@ class Summarizer:
         previous = next((row for row in rows if row.get("summary") is not None), None)
         after = rows[: rows.index(previous)] if previous is not None else rows
         usable = usable_history(after)
-        keep_tokens, keep_count, kept = SUMMARY_KEEP * budget, SUMMARY_KEEP * s.max_context_messages, 0
+        # the next context holds the new summary too: counted at the size of the one it rolls (a first one
+        # at half its bound), so that several turns fit before the branch passes SUMMARY_AT again
+        summary_size = estimate_tokens(previous["summary"]) if previous is not None else budget // SUMMARY_SHARE // 2
+        keep_tokens, keep_count, kept = SUMMARY_KEEP * budget - summary_size, SUMMARY_KEEP * s.max_context_messages, 0
         for row in usable:
             keep_tokens -= estimate_tokens(transcript_lines(row, []))
             if keep_tokens < 0 or kept + 1 > keep_count:
@@ -8672,6 +8709,10 @@ class Summarizer:
             kept += 1
         while kept and (usable[kept - 1]["role"] != "user" or usable[kept - 1]["tool_results"]):
             kept -= 1  # the kept part starts with a user's message
+        if usable and usable[0]["role"] == "assistant" and usable[0]["finish_reason"] in (TOOL_CALLS, TOOL_ROUNDS):
+            # an answer waiting for the app's tool results stays, with the turn it answers: its results'
+            # turn is sent after its calls (a tool message without them is refused by model servers)
+            kept = max(kept, next((n + 1 for n, row in enumerate(usable) if is_question(row)), len(usable)))
         if kept == len(usable):
             return None
         end = usable[kept]["id"]  # the newest message the summary covers
@@ -8697,9 +8738,26 @@ class Summarizer:
         previous, covered, usable = planned
         with_files = [row["id"] for row in usable if row["has_files"]]
         files = await relay.store.files.of_messages(answer.owner, with_files) if with_files else {}
-        transcript = "\n\n".join(transcript_lines(row, files.get(row["id"], [])) for row in usable)
         said = f"Earlier summary:\n{previous['summary']}\n\n" if previous is not None else ""
         model = s.summarizer
+        # the request fits the summary model's own budget: what does not (summaries failed a while, or the
+        # summary model's window is smaller) is left to the next summary, which rolls this one on
+        room = s.context_budget(model, max(64, budget // SUMMARY_SHARE)) - estimate_tokens(SUMMARY_PROMPT + said) - 20
+        lines: list[str] = []
+        for row in usable:
+            line = transcript_lines(row, files.get(row["id"], []))
+            room -= estimate_tokens(line) + 1
+            if room < 0:
+                if not lines:  # one message larger than the room: its beginning
+                    line = line[: max(0, len(line) * (estimate_tokens(line) + room) // estimate_tokens(line))]
+                    lines.append(line + " [...]")
+                break
+            lines.append(line)
+        while len(lines) > 1 and is_question(usable[len(lines) - 1]):
+            lines.pop()  # it ends with an answer: the next context starts with a user's message
+        if len(lines) < len(usable):
+            covered = [row for row in covered if row["id"] <= usable[len(lines) - 1]["id"]]
+        transcript = "\n\n".join(lines)
         payload = {
             "model": model,
             "messages": [

@@ -273,8 +273,97 @@ def test_a_refusal_for_length_is_422_and_the_window_prevents_it(make_service, fa
         assert "CHATSVC_CONTEXT_WINDOW" in r.json()["detail"]
         row = service.rows("SELECT status, error_code FROM messages WHERE role = 'assistant' ORDER BY id DESC")[0]
         assert row == {"status": "failed", "error_code": "context_too_long"}
-    fixed = make_service(CHATSVC_CONTEXT_WINDOW="2048", CHATSVC_SUMMARIES="off")
+    fixed = make_service(CHATSVC_CONTEXT_WINDOW="2048", CHATSVC_RESERVE_OUTPUT_TOKENS="512", CHATSVC_SUMMARIES="off")
     with fixed.client() as client:
         r = client.post(f"{API}/chat/s1", json={"message": long, "max_tokens": 100})
         assert r.status_code == 200, r.text  # the window's budget sends only what fits
     assert overflow_replies()  # the bodies the fake sends are those tests/test_model_servers.py checks
+
+
+# ── found in review (fix-sum) ─────────────────────────────────────────────────────────
+
+
+def test_a_window_the_output_allowance_fills_is_a_setup_error_and_a_too_large_max_tokens_a_422(make_service, fake):
+    # llama.cpp's 2,048-token window with the default CHATSVC_RESERVE_OUTPUT_TOKENS (4,096): no room at all
+    for window in ("2048", "qwen-plus=2048,131072", "qwen-plus=131072,4096"):
+        with pytest.raises(ValueError, match="CHATSVC_CONTEXT_WINDOW") as error:
+            chatsvc.Settings.from_env({"CHATSVC_CONTEXT_WINDOW": window}, env_file=None)
+        assert "CHATSVC_RESERVE_OUTPUT_TOKENS" in str(error.value)
+    read = chatsvc.Settings.from_env(
+        {"CHATSVC_CONTEXT_WINDOW": "2048", "CHATSVC_RESERVE_OUTPUT_TOKENS": "512"}, env_file=None
+    )
+    assert read.context_budget("qwen-plus", None) == 2048 - 512 - 128
+    service = make_service(CHATSVC_CONTEXT_WINDOW="4096", CHATSVC_RESERVE_OUTPUT_TOKENS="1024")
+    replies(fake)
+    with service.client() as client:
+        r = client.post(f"{API}/chat/s1", json={"message": "hi", "max_tokens": 4000})
+        assert r.status_code == 422 and r.json()["code"] == "context_too_long", r.text
+        detail = r.json()["detail"]
+        assert "'max_tokens'" in detail and "4000" in detail and "CHATSVC_CONTEXT_WINDOW" in detail, detail
+        assert fake.requests == []
+        assert say(client, "hi", max_tokens=1000)["response"] == "answer to hi"
+
+
+def test_an_answer_waiting_for_tool_results_is_never_summarised_away(make_service, fake):
+    """An answer that called the app's tool and is over the kept share alone: the summary must not
+    cover it, else the turn of its results is sent tool messages without the calls they answer."""
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    service = make_service(CHATSVC_SUMMARIES="on", CHATSVC_MAX_CONTEXT_TOKENS="1000")
+    made = iter(f"SUMMARY-{n}" for n in range(1, 100))
+    call = Reply.tool_calls([("get_weather", {"city": "Hangzhou"})], content=["Let me look it up. " + "word " * 700])
+
+    def reply(seen) -> Reply:
+        if is_summary(seen):
+            return Reply.answer([next(made)])
+        if seen.body["messages"][-1]["role"] == "tool":
+            return Reply.answer(["Sunny."])
+        if seen.body["messages"][-1]["content"] == "weather?":
+            return call
+        return Reply.answer([f"answer to {seen.body['messages'][-1]['content']}"])
+
+    fake.default = reply
+    with service.client() as client:
+        say(client, "q1")
+        waiting = say(client, "weather?", tools=[weather])
+        assert waiting["finish_reason"] == "tool_calls"
+        # the branch is over the trigger; whatever is summarised, it is not the answer that waits
+        wait_for(lambda: service.rows("SELECT * FROM usage_calls WHERE purpose = 'summary' AND state = 'settled'"))
+        covering = service.rows("SELECT message_id FROM summaries WHERE message_id >= ?", waiting["message_id"])
+        assert covering == []
+        results = [{"tool_call_id": call.calls[0]["id"], "content": "sunny"}]
+        r = client.post(f"{API}/chat/s1", json={"tool_results": results, "tools": [weather]})
+        assert r.status_code == 200 and r.json()["response"] == "Sunny.", r.text
+        sent = chats(fake)[-1].body["messages"]
+        assert [m["role"] for m in sent[-2:]] == ["assistant", "tool"] and sent[-2]["tool_calls"], sent
+
+
+def test_a_summary_request_fits_the_summary_models_window_after_summaries_failed_a_while(make_service, fake):
+    """Summaries failed for some turns (the branch grew past the context); once the model answers again,
+    the summary's own request must fit the window, else it is refused for length on every turn after."""
+    fake.window = 2048
+    service = make_service(CHATSVC_SUMMARIES="on", CHATSVC_CONTEXT_WINDOW="2048", CHATSVC_RESERVE_OUTPUT_TOKENS="512",
+                           CHATSVC_MAX_CONTEXT_MESSAGES="200")  # fmt: skip
+    broken = threading.Event()
+    broken.set()
+    made = iter(f"SUMMARY-{n}" for n in range(1, 100))
+
+    def reply(seen) -> Reply:
+        if is_summary(seen):
+            return Reply.error(500, "InternalError", "down") if broken.is_set() else Reply.answer([next(made)])
+        return Reply.answer(["answer " + "word " * 120])
+
+    fake.default = reply
+    with service.client() as client:
+        for n in range(12):
+            say(client, f"q{n} " + "word " * 120)
+            wait_for(lambda: not service.rows("SELECT 1 FROM usage_calls WHERE state = 'reserved'"))
+        assert service.rows("SELECT * FROM summaries") == [] and summary_requests(fake)
+        broken.clear()
+        say(client, "q12 " + "word " * 120)
+        row = wait_for(lambda: service.rows("SELECT content, covered FROM summaries"))[0]
+        assert row["content"] == "SUMMARY-1"
+        last = summary_requests(fake)[-1]
+        assert last.body["messages"][1]["content"].startswith("Conversation:\nUser: q0 ")
+        say(client, "q13")
+        sent = chats(fake)[-1].body["messages"]
+        assert "SUMMARY-1" in sent[0]["content"] and sent[-1]["content"] == "q13"
