@@ -1622,9 +1622,11 @@ class Database:
         try:
             await stack.enter_async_context(self._pool.connection())
             await stack.enter_async_context(self._pool.transaction())
-        except Exception as exc:
+        except BaseException as exc:  # a cancellation too: the connection goes back to the pool, rolled back
             with contextlib.suppress(Exception):
-                await stack.aclose()
+                await stack.__aexit__(type(exc), exc, exc.__traceback__)
+            if not isinstance(exc, Exception):
+                raise
             self._failed(exc, WRITE)
         try:
             if schema:
