@@ -12176,11 +12176,13 @@ async def readyz(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     """The models a chat may name (CHAT_MODEL first, the default, then CHATSVC_ALLOWED_MODELS), and
     whether a model service key is configured (without one every chat answers 503 not_configured:
-    the playground says so before a send). Nothing is read from the database or the model service."""
+    the playground says so before a send), and CHATSVC_WEB_SEARCH (the playground offers a search
+    only when a turn may ask for one). Nothing is read from the database or the model service."""
     settings = state(request).settings
     models = [{"id": model, "default": model == settings.chat_model} for model in dict.fromkeys(settings.models)]
+    configured = bool(settings.dashscope_api_key)
     return JSONResponse(
-        {"models": models, "default": settings.chat_model, "configured": bool(settings.dashscope_api_key)}
+        {"models": models, "default": settings.chat_model, "configured": configured, "web_search": settings.web_search}
     )
 
 

@@ -472,7 +472,7 @@ function messageItem(message, {leaf = false} = {}) {
         const regenerate = item.querySelector('.regenerate');
         regenerate.hidden = false;
         regenerate.addEventListener('click', () => answerAgain({regenerate: message.id}));
-        if (canContinue(message)) {
+        if (canContinue(message, leaf)) {
             const more = item.querySelector('.continue');
             more.hidden = false;
             more.addEventListener('click', () => continueAnswer(item, message));
@@ -489,13 +489,16 @@ function messageItem(message, {leaf = false} = {}) {
     }
     showMeta(item, message);
     showSources(item, message.sources);
+    if (message.summarized) item.classList.add('summarized'); // (the summary above stands for it)
     return item;
 }
 
 // An answer that ended early with text (stopped, interrupted, failed) or at the length limit can be
-// continued (issue 25: the stream route with {"continue": <answer id>}); absent fields: no button.
-function canContinue(message) {
-    if (!message.content) return false;
+// continued (CONTRACT "Continuing an answer": the stream route with {"continue": <answer id>}), when it
+// is its branch's last message (one with replies is refused) and waits for no tool results.
+function canContinue(message, leaf) {
+    if (!leaf || !message.content) return false;
+    if (['tool_calls', 'tool_rounds'].includes(message.finish_reason)) return false;
     if (['stopped', 'interrupted', 'failed'].includes(message.status)) return true;
     return message.status === 'complete' && message.finish_reason === 'length';
 }
@@ -555,6 +558,7 @@ function showSources(item, sources) {
 function showText(item, content, reasoning) {
     const element = item.querySelector('.content');
     item.dataset.text = content;
+    item.dataset.reasoning = reasoning;
     if (item.classList.contains('user')) {
         element.textContent = content;
     } else {
@@ -680,7 +684,10 @@ function showSummary(summary) {
     const note = $('#summary-note');
     const content = summary && typeof summary.content === 'string' ? summary.content : '';
     note.hidden = !content;
-    if (content) renderInto(note.querySelector('.summary-text'), content);
+    if (!content) return;
+    const covered = Number.isInteger(summary.covered) ? ` (${summary.covered} messages)` : '';
+    note.querySelector('summary').textContent = `Earlier messages summarised${covered}`;
+    renderInto(note.querySelector('.summary-text'), content);
 }
 
 // The first screen: what this is, the model in use, example prompts, and (before any send) what
@@ -692,7 +699,11 @@ function showEmpty() {
     if (!models) return;
     $('#empty-model').textContent = models.default;
     $('#no-key').hidden = models.configured !== false;
+    $('#web-search-choice').hidden = models.web_search !== 'allowed'; // (always: every turn searches anyway)
 }
+
+// "Search the web" for the next messages (CHATSVC_WEB_SEARCH=allowed): `"web_search": true` on each.
+const searchTheWeb = () => !$('#web-search-choice').hidden && $('#web-search').checked;
 
 async function loadModels() {
     try {
@@ -904,17 +915,20 @@ function follow(id, {running = false} = {}) {
                 $('#messages').append(item);
             }
             text = reasoning = '';
-            if (continuing && continuing.id === data.message_id) {
-                // a continuation: its chunks follow the text the answer has (`start` may say how long it is)
-                const at = Number.isInteger(data.offset) ? data.offset : Number.isInteger(data.length) ? data.length : null;
-                text = at === null ? continuing.text : continuing.text.slice(0, at);
+            if (data.continues) {
+                // a continuation (this page's, another tab's, or one running at a reload): its chunks
+                // follow the stored text it goes on from, the first `continues.chars` of the answer's text
+                const before = continuing && continuing.id === data.message_id ? continuing.text : item.dataset.text || '';
+                const at = Number.isInteger(data.continues.chars) ? data.continues.chars : before.length;
+                text = before.slice(0, at);
+                reasoning = item.querySelector('.reasoning').hidden ? '' : item.dataset.reasoning || '';
                 item.querySelector('.continue').hidden = true;
                 item.dataset.status = 'streaming';
                 item.querySelector('.state').textContent = 'Writing…';
             } else {
                 item.querySelector('.steps').replaceChildren();
             }
-            showText(item, text, '');
+            showText(item, text, reasoning);
         } else if (item && (type === 'tool_call' || type === 'tool_result')) {
             showStep(item, type, data);
         } else if (item && type === 'reasoning') {
@@ -969,12 +983,13 @@ async function send(text, files = []) {
     notice('');
     setBusy(true);
     const question = messageItem({role: 'user', content: text, files, status: 'complete'});
-    if (tools || files.length) {
-        // ChatClient sends only the message: with files or the app's tools the page posts itself (as answerAgain)
+    const search = searchTheWeb();
+    if (tools || files.length || search) {
+        // ChatClient sends only the message: with files, the app's tools or a search the page posts itself (as answerAgain)
         $('#messages').append(question);
         showEmpty();
         toLatest();
-        const body = {message: text, ...(tools ? {tools} : {})};
+        const body = {message: text, ...(tools ? {tools} : {}), ...(search ? {web_search: true} : {})};
         if (files.length) body.files = files.map((f) => f.id);
         const refused = await post(body);
         if (refused) {

@@ -160,13 +160,16 @@ def test_the_models_route_lists_the_allowed_models_and_says_whether_a_key_is_set
             ],
             "default": "qwen-plus",
             "configured": True,
+            "web_search": "off",
         }
     with make_service(DASHSCOPE_API_KEY=None, CHAT_MODEL="qwen-plus").client() as client:
         r = client.get("/api/v1/models")
         only = [{"id": "qwen-plus", "default": True}]
-        assert r.json() == {"models": only, "default": "qwen-plus", "configured": False}
+        assert r.json() == {"models": only, "default": "qwen-plus", "configured": False, "web_search": "off"}
         sent = client.post("/api/v1/chat/c1", json={"message": "Hello"})
         assert sent.status_code == 503 and sent.json()["code"] == "not_configured"  # what `configured` foretells
+    with make_service(CHATSVC_WEB_SEARCH="allowed").client() as client:
+        assert client.get("/api/v1/models").json()["web_search"] == "allowed"  # the playground's "Search the web"
     with make_service(CHATSVC_API_TOKEN="t").client() as client:
         refused = client.get("/api/v1/models")
         assert refused.status_code == 401 and refused.json()["code"] == "unauthorized"
