@@ -7859,18 +7859,25 @@ class Relay:
         turn.hold = turn.hold or self.hold(turn.owner, turn.session_id, turn.answer_id, Purpose.ANSWER, first)
         self._claiming.add(turn.answer_id)
         try:
-            try:
-                limits = await self.store.tree.begin_turn(turn)
-            except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
-                if self.replicas is None or not await self.replicas.recover():
-                    raise
-                limits = await self.store.tree.begin_turn(turn)
-            reserve = limits is not None and limits.budgets and payload.get("max_tokens") is None
-            if reserve:
-                payload["max_tokens"] = self.settings.reserve_output_tokens
+            reserve = await self._claim(lambda: self.store.tree.begin_turn(turn), payload)
             return self._start(turn, payload, offer, reserve)
         finally:
             self._claiming.discard(turn.answer_id)
+
+    async def _claim(self, begin: Callable[[], Awaitable[Limits | None]], payload: dict) -> bool:
+        """The conversation's answer slot taken by `begin` (a turn's or a continuation's transaction,
+        which admits its model call); whether `payload` was given CHATSVC_RESERVE_OUTPUT_TOKENS as its
+        max_tokens (a token or cost limit applies and it named none)."""
+        try:
+            limits = await begin()
+        except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
+            if self.replicas is None or not await self.replicas.recover():
+                raise
+            limits = await begin()
+        reserve = limits is not None and limits.budgets and payload.get("max_tokens") is None
+        if reserve:
+            payload["max_tokens"] = self.settings.reserve_output_tokens
+        return reserve
 
     async def continue_answer(self, cont: Continuation, payload: dict) -> Answer:
         """Continue a stored answer (CONTRACT.md, "Continuing an answer"): its row goes back to
@@ -7880,15 +7887,7 @@ class Relay:
         cont.hold = self.hold(cont.owner, cont.session_id, cont.answer_id, Purpose.CONTINUATION, payload)
         self._claiming.add(cont.answer_id)
         try:
-            try:
-                limits = await self.store.tree.begin_continuation(cont)
-            except ConversationBusy:  # with replicas: unless the answer holding it has lost its process just now
-                if self.replicas is None or not await self.replicas.recover():
-                    raise
-                limits = await self.store.tree.begin_continuation(cont)
-            reserve = limits is not None and limits.budgets and payload.get("max_tokens") is None
-            if reserve:
-                payload["max_tokens"] = self.settings.reserve_output_tokens
+            reserve = await self._claim(lambda: self.store.tree.begin_continuation(cont), payload)
             answer = Answer(cont.owner, cont.session_id, cont.answer_id, cont.model, parent_id=cont.question_id)
             answer.log, answer.base, answer.continued = EventLog(max(cont.old_seq, 0)), cont.base, cont
             if cont.old_seq >= 0:  # its earlier end, at the id it had: a reader that missed it gets the text whole
