@@ -1498,6 +1498,9 @@ PG_STALE = _PG_TIME.format("clock_timestamp() - make_interval(secs => :stale)") 
 _in_transaction: contextvars.ContextVar[Any] = contextvars.ContextVar("in_transaction", default=None)
 
 
+POOL_CLOSE_SECONDS = 5.0  # the longest the database's pool waits at shutdown for a connection still in use
+
+
 class Database:
     """The database's connections and the statements the rooms run on them (`fetch_all`, `fetch_one`,
     `execute`). A write is one atomic statement, or several in `transaction()`, which on SQLite takes
@@ -1585,8 +1588,12 @@ class Database:
             with contextlib.suppress(Exception):
                 await self._conns.pop().__aexit__(None, None, None)
         self._raw = {}
-        with contextlib.suppress(Exception):
-            await self._pool.disconnect()
+        try:  # PostgreSQL's pool waits for its connections to come back; one that never does is closed
+            await asyncio.wait_for(self._pool.disconnect(), POOL_CLOSE_SECONDS)
+        except TimeoutError:  # (asyncpg closes the rest of the pool when its wait is cut short)
+            log.warning("a database connection was still in use %g s into the shutdown: closed", POOL_CLOSE_SECONDS)
+        except Exception:
+            pass
         if self._release is not None:
             self._release()
             self._release = None
@@ -8904,7 +8911,7 @@ class Bus:
 
     async def open(self) -> None:
         self._connections = [await self._connect(), await self._connect()]  # held from `databases`' pool
-        await self._listen()
+        await self._listen(self._connections[0])
         self._task = asyncio.create_task(self._publish_loop())
 
     async def _connect(self) -> Any:
@@ -8917,10 +8924,17 @@ class Bus:
 
         return await asyncio.create_task(acquire())
 
-    async def _listen(self) -> None:
-        raw = self._connections[0].raw_connection
+    async def _listen(self, conn: Any) -> None:
+        raw = conn.raw_connection
         await raw.add_listener(CHANNEL, self._received)
         raw.add_termination_listener(self._listener_lost)
+
+    @staticmethod
+    async def _release(conn: Any) -> None:
+        """A connection back to the pool, whatever state it is in: one kept from it would hold the
+        pool's close (at shutdown) for ever."""
+        with contextlib.suppress(Exception):
+            await conn.__aexit__(None, None, None)
 
     def _listener_lost(self, raw: Any) -> None:
         if self._task is not None and not self._task.done():
@@ -8930,16 +8944,19 @@ class Bus:
     async def _reconnect(self, index: int) -> None:
         """A lost connection (a database restart, a failover) is replaced, once a second, until it is.
         What the listener missed meanwhile, mirrors take from the store (gaps, and the heartbeat)."""
-        with contextlib.suppress(Exception):
-            await self._connections[index].__aexit__(None, None, None)
+        await self._release(self._connections[index])
         while True:
+            conn = None
             try:
-                self._connections[index] = await self._connect()
+                conn = await self._connect()
                 if index == 0:
-                    await self._listen()
+                    await self._listen(conn)
+                self._connections[index] = conn
                 log.info("reconnected to the other replicas")
                 return
-            except Exception as exc:
+            except Exception as exc:  # a connection taken but not listening goes back, or the pool's close waits for it
+                if conn is not None:
+                    await self._release(conn)
                 log.warning("cannot reach the database for the other replicas yet (%s)", type(exc).__name__)
                 await asyncio.sleep(1)
 
@@ -8955,8 +8972,7 @@ class Bus:
                 self._connections[0].raw_connection.remove_termination_listener(self._listener_lost)
                 await self._connections[0].raw_connection.remove_listener(CHANNEL, self._received)
         while self._connections:
-            with contextlib.suppress(Exception):
-                await self._connections.pop().__aexit__(None, None, None)
+            await self._release(self._connections.pop())
 
     def publish(self, note: Notification) -> None:
         self._pending.append(note.encode())

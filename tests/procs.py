@@ -64,13 +64,16 @@ class ServerProcess:
         finally:
             self._log.close()
 
-    def stop(self) -> None:
+    def stop(self) -> bool:
+        """SIGTERM, then SIGKILL after 20 s; whether it exited by itself (False: it had to be killed)."""
         if self.proc is not None and self.proc.poll() is None:
             self.signal(signal.SIGTERM)
             try:
                 self.wait(20)
             except subprocess.TimeoutExpired:
                 self.kill()
+                return False
+        return True
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

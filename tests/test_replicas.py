@@ -52,10 +52,10 @@ def cluster(postgres_database, fake, tmp_path):
     a, b = replica(), replica()
     start_together(a, b)
     yield service, a, b, replica
-    for server in servers:
-        server.stop()
+    exited = [server.stop() for server in servers]  # on SIGTERM, by itself: nothing it holds keeps it up
     for server in servers:
         assert "Traceback" not in server.log(), server.log()
+    assert all(exited), [server.log()[-3000:] for server in servers]
 
 
 def channel_listeners(server: ServerProcess) -> float:
