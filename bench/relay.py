@@ -332,6 +332,7 @@ def run(args: argparse.Namespace) -> None:
                     order = ("limits", "chatsvc") if n % 2 else ("chatsvc", "limits")
                     measured = {t: measure(t, f"{key}{n}", params) for t in order}
                     pairs[key].append((measured["chatsvc"], measured["limits"]))
+        fit_row(rows)
         if limited:
             limits_row(pairs)
         if profiler:
@@ -368,7 +369,10 @@ def report_row(key: str, title: str, figures: dict) -> None:
         if r.delay:
             line += f"  delay/chunk p50 {pct(r.delay, 0.5) * 1000:.2f} ms p99 {pct(r.delay, 0.99) * 1000:.2f} ms"
         if target != "direct":
-            line += f"  chatsvc cpu {f['cpu'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk  peak rss {f['rss']:6.1f} MB"
+            line += (
+                f"  chatsvc cpu {f['cpu'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk"
+                f" {f['cpu'] / max(len(r.ttfc), 1) * 1e6:6.0f} us/answer  peak rss {f['rss']:6.1f} MB"
+            )
             if f["pg"] is not None:
                 line += f"  postgres cpu {f['pg'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk"
             if direct:
@@ -381,6 +385,29 @@ def report_row(key: str, title: str, figures: dict) -> None:
         if r.errors:
             line += f"  ERRORS {len(r.errors)}: {r.errors[:2]}"
         print(line, flush=True)
+
+
+FIT_PAIRS = (("a", "t"), ("b", "t"), ("a", "b"))  # the first pair run: (a) and (t) are one client each
+
+
+def fit_row(rows: list) -> None:
+    """chatsvc's CPU split into a fixed cost per answer and a cost per chunk: the line through two
+    scenarios' CPU per answer against their chunks per answer (cpu/answer = fixed + chunks x per_chunk)."""
+    per_answer = {}
+    for key, _, figures in rows:
+        f = figures.get("chatsvc")
+        if f is not None and f["result"].ttfc and key in "abt":
+            answers = len(f["result"].ttfc)
+            per_answer[key] = (f["result"].chunks / answers, f["cpu"] / answers)
+    pair = next((p for p in FIT_PAIRS if all(k in per_answer for k in p)), None)
+    if pair is None:
+        return
+    (n1, c1), (n2, c2) = per_answer[pair[0]], per_answer[pair[1]]
+    per_chunk = (c1 - c2) / (n1 - n2)
+    fixed = c2 - n2 * per_chunk
+    print(f"\n(fit) chatsvc cpu: {fixed * 1e6:7.0f} us per answer (fixed) + {per_chunk * 1e6:6.1f} us per chunk"
+          f"  (the line through ({pair[0]}) and ({pair[1]}): {c1 * 1e6:.0f} us/answer at {n1:.0f} chunks,"
+          f" {c2 * 1e6:.0f} us/answer at {n2:.0f})", flush=True)  # fmt: skip
 
 
 def limits_row(pairs: dict[str, list[tuple[dict, dict]]]) -> None:
