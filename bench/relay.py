@@ -9,6 +9,7 @@ upstream in ONE run: the same load generator reads the fake DashScope directly (
     python bench/relay.py --only s   # the database stalls for 5 s mid-answer: the longest gap a reader sees
     python bench/relay.py --only tw  # what a tool round costs: (w) against (t), in the same sitting
     python bench/relay.py --only bt --limits  # (b) and (t) with every limit on, against the same without
+    python bench/relay.py --only abcd --litellm /work/litellm-venv/bin/python  # also through LiteLLM's proxy
 
 Reports chunks/s, time to first chunk, added delay per chunk (paced answers carry the fake's send
 time in each chunk: arrival minus send time, through chatsvc against directly), chatsvc's CPU time
@@ -39,6 +40,25 @@ database would be replicas, each mirroring the other's answers). A last line set
 limits: chatsvc's CPU per chunk and the time to first chunk (p50); with --rounds N each scenario is
 read N times through each of them, alternately (each in turn first), and that line gives the medians and each round's
 difference (the noise to judge a difference by).
+
+--litellm PYTHON: LiteLLM's proxy as a peer, read in the same run. PYTHON is a python that has
+litellm[proxy], in a venv of its own (never chatsvc's):
+
+    python3 -m venv /work/litellm-venv && /work/litellm-venv/bin/pip install 'litellm[proxy]==1.108.7'
+    PYTHONPATH=. CHATSVC_TITLES=first-line python bench/relay.py --only abcd --litellm /work/litellm-venv/bin/python
+
+The bench starts `PYTHON -m litellm.proxy.proxy_cli` on a free port, one uvicorn worker, with a config
+written to its temp workdir (LITELLM_CONFIG below: model `qwen-plus` is `openai/qwen-plus` at the fake's
+/compatible-mode/v1), no database, no master key (LiteLLM refuses to start without one unless told
+`dangerously_permit_weak_or_unset_master_key`), no callbacks, no model-info refresh (a GET of the
+fake's /v1/models at start and every 300 s), telemetry off and the model cost map read from the
+package (LITELLM_ENV: no fetch from GitHub at start), its log at WARNING into litellm.log in the
+workdir. Once /health/liveliness answers, one answer is read through it (a check, and its lazy
+imports done before any measure). Each scenario but (e) is then read through it right after chatsvc
+(target `litellm`): the same OpenAI request as direct, on its /v1/chat/completions, every answer's
+text checked as direct's. Its CPU is that of its process and all its children, its peak RSS their
+sum. A last line per scenario sets chatsvc's CPU per chunk against LiteLLM's. LiteLLM writes no
+database and keeps no replay log here: it does less per answer than chatsvc, which stores each one.
 """
 
 from __future__ import annotations
@@ -88,6 +108,51 @@ LIMITS = {
 # --limits: the prices both chatsvc processes get (the cost limit needs prices), per million tokens
 PRICES = {"currency": "CNY", "models": {"qwen-plus": {"input": 0.8, "output": 2, "output_thinking": 8,
                                                       "cached_input": 0.2}}}  # fmt: skip
+
+
+# --litellm: its proxy's environment, and its config (JSON is YAML) with the fake's base URL for {base}
+LITELLM_ENV = {
+    "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # the cost map in the package, no fetch from GitHub at start
+    "LITELLM_TELEMETRY_DISABLED": "true",
+    "LITELLM_LOG": "WARNING",  # chatsvc's LOG_LEVEL here; uvicorn's access log too
+    "LITELLM_DONT_SHOW_FEEDBACK_BOX": "true",
+    "JSON_LOGS": "False",
+}
+LITELLM_CONFIG = {
+    "model_list": [{"model_name": "qwen-plus",
+                    "litellm_params": {"model": "openai/qwen-plus", "api_base": "{base}", "api_key": "sk-bench"}}],
+    "litellm_settings": {"drop_params": True, "callbacks": [], "success_callback": [], "failure_callback": []},
+    # no master key; no GET <api_base>/v1/models at start and every 300 s (its model-info refresh)
+    "general_settings": {"dangerously_permit_weak_or_unset_master_key": True, "disable_spend_logs": True,
+                         "disable_model_info_refresh": True},
+}  # fmt: skip
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants, alive now."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """The CPU time of a process and its descendants (--litellm: its CLI may run uvicorn as a child)."""
+    total = 0.0
+    for each in process_tree(pid):
+        try:
+            total += cpu_seconds(each)
+        except OSError:
+            continue
+    return total
 
 
 def postgres_cpu_seconds() -> float:
@@ -208,7 +273,7 @@ async def run_scenario(target: str, ports: dict, answers: int, clients: int, chu
     # with the MCP server of (w) configured, only (w) offers its tools: the rest ask as without it
     offer = {"server_tools": bool(tool_rounds)} if "mcp" in ports else {}
     queue = list(range(answers))
-    via = target != "direct"  # "chatsvc", or "limits": the chatsvc with every limit set (--limits)
+    via = target in ("chatsvc", "limits")  # "limits": the chatsvc with every limit set (--limits)
 
     async def client_loop() -> None:
         while queue:
@@ -225,6 +290,9 @@ async def run_scenario(target: str, ports: dict, answers: int, clients: int, chu
                     result.errors.append(f"listener of {sid} missed chunks")
             else:
                 body = {"model": "qwen-plus", "stream": True, "messages": [{"role": "user", "content": message}]}
+                if target == "litellm":  # --litellm: its proxy, asked as the fake is
+                    await read_answer(ports["litellm"], "/v1/chat/completions", body, chunks, pause, False, result)
+                    continue
                 await read_answer(ports["fake"], "/compatible-mode/v1/chat/completions", body, chunks, pause, False,
                                   result)  # fmt: skip
 
@@ -277,6 +345,9 @@ def run(args: argparse.Namespace) -> None:
     server = subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"], env=env,
                               cwd=workdir)  # fmt: skip
     pids = {"chatsvc": server.pid}
+    litellm = start_litellm(args.litellm, fake_port, workdir, ports) if args.litellm else None
+    if litellm:
+        pids["litellm"] = litellm.pid
     limited = None
     if limited_env:
         limited = subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"],
@@ -286,6 +357,8 @@ def run(args: argparse.Namespace) -> None:
         wait_ready(port)
         if limited:
             wait_ready(ports["limits"])
+        if litellm:
+            wait_litellm(litellm, ports["litellm"], workdir)
         if mcp:
             wait_mcp_up(port)
             if limited:
@@ -310,6 +383,8 @@ def run(args: argparse.Namespace) -> None:
 
         def measure(target: str, key: str, params: dict) -> dict:
             pid = pids.get(target, server.pid)
+            if target == "litellm":  # its process tree: CPU and peak RSS summed
+                return measure_tree(target, key, params, pid)
             reset_peak_rss(pid)
             pg0 = postgres_cpu_seconds() if args.database else None
             cpu0, own0 = cpu_seconds(pid), own_cpu()
@@ -318,10 +393,19 @@ def run(args: argparse.Namespace) -> None:
             return dict(result=result, wall=wall, cpu=cpu, own=own_cpu() - own0, rss=rss_mb(pid),
                         pg=postgres_cpu_seconds() - pg0 if pg0 is not None else None)  # fmt: skip
 
+        def measure_tree(target: str, key: str, params: dict, pid: int) -> dict:
+            for each in process_tree(pid):
+                reset_peak_rss(each)
+            cpu0, own0 = tree_cpu_seconds(pid), own_cpu()
+            result, wall = asyncio.run(run_scenario(target, ports, tag=key, **params))
+            cpu = tree_cpu_seconds(pid) - cpu0
+            rss = sum(rss_mb(each) for each in process_tree(pid))
+            return dict(result=result, wall=wall, cpu=cpu, own=own_cpu() - own0, rss=rss, pg=None)
+
         for key, title, answers, clients, chunks, pause, listeners in scenarios:
             params = dict(answers=answers, clients=clients, chunks=chunks, pause=pause, listeners=listeners)
             figures = {}
-            targets = ("chatsvc",) if listeners else ("direct", "chatsvc")
+            targets = ("chatsvc",) if listeners else ("direct", "chatsvc") + (("litellm",) if litellm else ())
             for target in targets + (("limits",) if limited else ()):
                 figures[target] = measure(target, key, params)
             rows.append((key, title, figures))
@@ -335,6 +419,8 @@ def run(args: argparse.Namespace) -> None:
         fit_row(rows)
         if limited:
             limits_row(pairs)
+        if litellm:
+            litellm_row(rows)
         if profiler:
             profiler.send_signal(2)
             profiler.wait(30)
@@ -351,6 +437,8 @@ def run(args: argparse.Namespace) -> None:
             if process:
                 process.terminate()
                 process.wait(30)
+        if litellm:
+            stop_tree(litellm)
         fake.terminate()
         fake.wait(10)
         if mcp:
@@ -369,8 +457,9 @@ def report_row(key: str, title: str, figures: dict) -> None:
         if r.delay:
             line += f"  delay/chunk p50 {pct(r.delay, 0.5) * 1000:.2f} ms p99 {pct(r.delay, 0.99) * 1000:.2f} ms"
         if target != "direct":
+            process = "litellm" if target == "litellm" else "chatsvc"
             line += (
-                f"  chatsvc cpu {f['cpu'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk"
+                f"  {process} cpu {f['cpu'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk"
                 f" {f['cpu'] / max(len(r.ttfc), 1) * 1e6:6.0f} us/answer  peak rss {f['rss']:6.1f} MB"
             )
             if f["pg"] is not None:
@@ -429,6 +518,75 @@ def limits_row(pairs: dict[str, list[tuple[dict, dict]]]) -> None:
         if len(rounds) > 1:
             print(f"      each round: cpu {', '.join(f'{(b / a - 1) * 100:+.1f} %' for a, b in cpu)};"
                   f" ttfc p50 {', '.join(f'{b - a:+.2f} ms' for a, b in ttfc)}", flush=True)  # fmt: skip
+
+
+def litellm_row(rows: list) -> None:
+    """--litellm: chatsvc's CPU per chunk against LiteLLM's proxy's, per scenario both were read in."""
+    print("\n(litellm) chatsvc against LiteLLM's proxy, CPU per chunk (its process tree):")
+    for key, _, figures in rows:
+        if "litellm" not in figures:
+            continue
+        ours, theirs = (figures[t]["cpu"] / max(figures[t]["result"].chunks, 1) * 1e6 for t in ("chatsvc", "litellm"))
+        times = f"{theirs / ours:.1f}" if ours else "inf"
+        print(f"  ({key}) chatsvc cpu/chunk is {times} times below LiteLLM's"
+              f" ({ours:.1f} against {theirs:.1f} us/chunk)", flush=True)  # fmt: skip
+
+
+def start_litellm(python: str, fake_port: int, workdir: Path, ports: dict) -> subprocess.Popen:
+    """--litellm: LiteLLM's proxy on a free port (ports["litellm"]), one worker, its log in the workdir."""
+    config = json.dumps(LITELLM_CONFIG).replace("{base}", f"http://127.0.0.1:{fake_port}/compatible-mode/v1")
+    (workdir / "litellm.yaml").write_text(config)
+    ports["litellm"] = free_port()
+    log = open(workdir / "litellm.log", "ab")  # the child writes it until the end
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LITELLM_", "PYTHON"))} | LITELLM_ENV
+    command = [python, "-m", "litellm.proxy.proxy_cli", "--config", str(workdir / "litellm.yaml"),
+               "--host", "127.0.0.1", "--port", str(ports["litellm"]), "--num_workers", "1"]  # fmt: skip
+    return subprocess.Popen(command, env=env, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def wait_litellm(proc: subprocess.Popen, port: int, workdir: Path) -> None:
+    """Until LiteLLM's proxy is live, then one answer through it (5 chunks, checked as the bench does)."""
+    deadline = time.monotonic() + 120
+
+    async def live() -> int:
+        response = await request("127.0.0.1", port, "GET", "/health/liveliness")
+        await response.read()
+        return response.status
+
+    while True:
+        if proc.poll() is not None:
+            tail = (workdir / "litellm.log").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"LiteLLM's proxy exited ({proc.returncode}):\n{tail}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"LiteLLM's proxy did not start: see {workdir / 'litellm.log'}")
+        try:
+            if asyncio.run(live()) == 200:
+                break
+        except (OSError, IndexError, ValueError):
+            pass
+        time.sleep(0.2)
+    result = Result()
+    body = {"model": "qwen-plus", "stream": True, "messages": [{"role": "user", "content": "bench 5 0"}]}
+    asyncio.run(read_answer(port, "/v1/chat/completions", body, 5, 0, False, result))
+    if result.errors:
+        raise RuntimeError(f"LiteLLM's proxy answered wrong: {result.errors}; see {workdir / 'litellm.log'}")
+
+
+def stop_tree(proc: subprocess.Popen) -> None:
+    """SIGTERM, and SIGKILL to what is left of its tree after 30 s."""
+    tree = process_tree(proc.pid)
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+    for pid in tree[1:]:
+        try:
+            os.kill(pid, 9)
+        except OSError:
+            pass
 
 
 def leak_row(ports: dict, pid: int, q: int) -> None:
@@ -668,5 +826,6 @@ if __name__ == "__main__":
     parser.add_argument("--limits", action="store_true", help="also through a chatsvc with every limit set (issue 24)")
     parser.add_argument("--limits-database", metavar="URL", help="--limits with --database: the limited chatsvc's")
     parser.add_argument("--rounds", type=int, default=1, help="--limits: rounds of each scenario through both")
+    parser.add_argument("--litellm", metavar="PYTHON", help="also through LiteLLM's proxy, run by this python")
     parser.add_argument("--profile", metavar="FILE", help="record chatsvc with py-spy (collapsed stacks) into FILE")
     run(parser.parse_args())
