@@ -1498,7 +1498,7 @@ PG_STALE = _PG_TIME.format("clock_timestamp() - make_interval(secs => :stale)") 
 _in_transaction: contextvars.ContextVar[Any] = contextvars.ContextVar("in_transaction", default=None)
 
 
-POOL_CLOSE_SECONDS = 5.0  # the longest the database's pool waits at shutdown for a connection still in use
+POOL_CLOSE_SECONDS = 1.0  # at shutdown, after the drain: the longest the pool waits for a connection still in use
 
 
 class Database:

@@ -319,8 +319,9 @@ def run(args: argparse.Namespace) -> None:
            "DATABASE_URL": args.database or f"sqlite+aiosqlite:///{workdir}/bench.db", "PYTHONPATH": str(ROOT),
            "CHATSVC_REPLAY_SECONDS": "2",
            # every answer here starts a conversation: the model's title would be a second upstream
-           # request each, which the fake cannot answer in its bench mode; this measures the relay
-           "CHATSVC_TITLES": "first-line"}  # fmt: skip
+           # request each; and a long stamped answer ((c), (d)) passes the summary's threshold of the
+           # default budget, a third. This measures the relay: bench/summaries.py measures summaries.
+           "CHATSVC_TITLES": "first-line", "CHATSVC_SUMMARIES": "off"}  # fmt: skip
     if args.database:  # PostgreSQL: an empty database of its own; (f) needs SQLite's prepared history
         args.only = args.only.replace("f", "")
     else:

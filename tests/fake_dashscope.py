@@ -643,6 +643,9 @@ class FakeDashScope:
         return True
 
 
+BENCH = re.compile(r"bench (\d+) ([0-9.]+)( stamp)?")
+
+
 def bench_reply(seen: Seen) -> Reply:
     """For benchmarks: the user's message "bench <chunks> <pause seconds> [stamp]" (its last line) sets the answer:
     chunks "t0 ", "t1 ", ... or, with "stamp", "t0@<send time in ns> ", ... A request that offers a
@@ -655,7 +658,10 @@ def bench_reply(seen: Seen) -> Reply:
     question = next(m["content"] for m in reversed(messages) if m["role"] == "user")
     if isinstance(question, list):  # a message with images: its text part
         question = next((part["text"] for part in question if part["type"] == "text"), "")
-    _, chunks, pause, *stamp = question.splitlines()[-1].split()  # after the documents a message carries
+    order = BENCH.fullmatch(question.splitlines()[-1] if question else "")  # after the documents a message carries
+    if order is None:  # not a bench's answer (a title, a summary): a short one
+        return Reply.answer(["ok"], usage={"total_tokens": 1})
+    chunks, pause, stamp = order.groups()
     form = "t{}@T " if stamp else "t{} "
     return Reply.answer([form.format(i) for i in range(int(chunks))], pause=float(pause), usage={"total_tokens": 1},
                         stamp=bool(stamp))  # fmt: skip
