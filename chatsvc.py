@@ -1671,10 +1671,7 @@ class Database:
             if self._raw:  # SQLite takes the same `:name` parameters natively
                 rows = await self._sqlite(sql, values or {}, role)
             else:
-                if values:  # SQLAlchemy's text() refuses a value the statement does not name
-                    names = _parameters(sql)
-                    values = {name: value for name, value in values.items() if name in names}
-                rows = [dict(row._mapping) for row in await self._pool.fetch_all(sql, values)]
+                rows = await self._postgres(sql, values or {})
         except Exception as exc:
             self._failed(exc, role)
         finally:
@@ -1732,6 +1729,20 @@ class Database:
     async def _sqlite(self, sql: str, values: dict[str, Any], role: str) -> list[dict]:
         async with self._sqlite_connection(role) as conn:
             return [dict(row) for row in await conn.execute_fetchall(sql, values)]
+
+    async def _postgres(self, sql: str, values: dict[str, Any]) -> list[dict]:
+        """PostgreSQL: the statement on this task's connection (in a transaction: the transaction's),
+        its `:name` parameters numbered once per statement text (_numbered) and its values passed to
+        asyncpg as they are. That is what `databases` sends too, after compiling the text with
+        SQLAlchemy on every call, which cost more than the round trip (bench/relay.py --database);
+        a value of another type than these (which SQLAlchemy would convert) still goes that way."""
+        numbered, names = _numbered(sql)
+        if all(type(values.get(name, _MISSING)) in _PLAIN_VALUES for name in names):
+            async with self._pool.connection() as conn:
+                return [dict(row) for row in await conn.raw_connection.fetch(numbered, *(values[n] for n in names))]
+        names_ = _parameters(sql)  # SQLAlchemy's text() refuses a value the statement does not name
+        values = {name: value for name, value in values.items() if name in names_}
+        return [dict(row._mapping) for row in await self._pool.fetch_all(sql, values)]
 
     def _failed(self, exc: Exception, role: str) -> NoReturn:
         # a violation, or a statement PostgreSQL stopped at its own statement_timeout (only a search has
@@ -1809,6 +1820,20 @@ class Database:
 @functools.lru_cache(maxsize=256)
 def _parameters(sql: str) -> frozenset[str]:
     return frozenset(re.findall(r"(?<![:\w]):(\w+)", sql))
+
+
+_BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")  # a `:name` parameter as SQLAlchemy's text() reads one
+_PLAIN_VALUES = frozenset({str, int, float, bool, bytes, type(None)})  # what SQLAlchemy passes on unchanged
+_MISSING = object()
+
+
+@functools.lru_cache(maxsize=1024)
+def _numbered(sql: str) -> tuple[str, tuple[str, ...]]:
+    """PostgreSQL: `sql` with its `:name` parameters as `$1`, `$2` ... (a name used twice, one number),
+    and the names in that order."""
+    names: dict[str, str] = {}
+    numbered = _BIND.sub(lambda m: names.setdefault(m[1], f"${len(names) + 1}"), sql)
+    return numbered, tuple(names)
 
 
 def _id_batches(ids: list[str], size: int = 500) -> Iterator[tuple[str, dict[str, str]]]:

@@ -28,6 +28,14 @@ reports, against (t) run in the same sitting (t is run with w): chatsvc's CPU pe
 round trip is the mean of direct requests to the fake shaped as a tool round and the MCP call the
 mean of `echo` calls made with the mcp SDK's client from this process.
 
+--replicas N, with --database (PostgreSQL): N chatsvc processes on the one database, replicas of one
+service; answer i is read through replica i % N (its own answer: each replica's CPU and peak RSS are
+summed on the chatsvc row, and every replica also follows the others' answers on the bus). Against
+the same run without it, it says what a second process on the same machine buys:
+
+    python bench/relay.py --only bcd --database postgresql://postgres@127.0.0.1/bench1
+    python bench/relay.py --only bcd --database postgresql://postgres@127.0.0.1/bench2 --replicas 2
+
 --limits (issue 24): a second chatsvc runs beside the first, the same in every setting but with every
 per-owner limit set (CHATSVC_LIMIT_*, high enough never to refuse: LIMITS below), and each scenario is
 read through it too, right after the first (target `limits`). Both have the same CHATSVC_PRICES (the
@@ -281,10 +289,12 @@ async def run_scenario(target: str, ports: dict, answers: int, clients: int, chu
             message = f"bench {chunks} {pause}" + (" stamp" if pause else "")
             if via:
                 sid = f"{tag}-{i}-{time.monotonic_ns()}"
-                listener = asyncio.ensure_future(listen_once(ports[target], sid)) if listeners else None
+                replicas = ports.get("replicas") if target == "chatsvc" else None  # --replicas: answer i on i % N
+                port = replicas[i % len(replicas)] if replicas else ports[target]
+                listener = asyncio.ensure_future(listen_once(port, sid)) if listeners else None
                 if listener:
                     await asyncio.sleep(0)  # let it connect first
-                await read_answer(ports[target], f"/api/v1/chat/{sid}/stream", {"message": message, **offer}, chunks,
+                await read_answer(port, f"/api/v1/chat/{sid}/stream", {"message": message, **offer}, chunks,
                                   pause, True, result, tool_rounds)  # fmt: skip
                 if listener and await asyncio.wait_for(listener, 30) != chunks:
                     result.errors.append(f"listener of {sid} missed chunks")
@@ -309,6 +319,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run(args: argparse.Namespace) -> None:
+    if args.replicas > 1 and not args.database:
+        raise SystemExit("--replicas needs --database: one SQLite file serves one process.")
     workdir = Path(tempfile.mkdtemp(prefix="chatsvc-bench-"))
     fake = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_dashscope.py")], stdout=subprocess.PIPE,
                             text=True)  # fmt: skip
@@ -346,6 +358,11 @@ def run(args: argparse.Namespace) -> None:
     server = subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"], env=env,
                               cwd=workdir)  # fmt: skip
     pids = {"chatsvc": server.pid}
+    others = []  # --replicas: the other chatsvc processes, on the same PostgreSQL database
+    for _ in range(args.replicas - 1):
+        ports.setdefault("replicas", [port]).append(free_port())
+        others.append(subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"],
+                                       env={**env, "PORT": str(ports["replicas"][-1])}, cwd=workdir))  # fmt: skip
     litellm = start_litellm(args.litellm, fake_port, workdir, ports) if args.litellm else None
     if litellm:
         pids["litellm"] = litellm.pid
@@ -356,6 +373,8 @@ def run(args: argparse.Namespace) -> None:
         pids["limits"] = limited.pid
     try:
         wait_ready(port)
+        for other_port in ports.get("replicas", [])[1:]:
+            wait_ready(other_port)
         if limited:
             wait_ready(ports["limits"])
         if litellm:
@@ -386,12 +405,14 @@ def run(args: argparse.Namespace) -> None:
             pid = pids.get(target, server.pid)
             if target == "litellm":  # its process tree: CPU and peak RSS summed
                 return measure_tree(target, key, params, pid)
-            reset_peak_rss(pid)
+            group = [pid, *(other.pid for other in others)] if target == "chatsvc" else [pid]  # --replicas: all
+            for each in group:
+                reset_peak_rss(each)
             pg0 = postgres_cpu_seconds() if args.database else None
-            cpu0, own0 = cpu_seconds(pid), own_cpu()
+            cpu0, own0 = sum(map(cpu_seconds, group)), own_cpu()
             result, wall = asyncio.run(run_scenario(target, ports, tag=key, **params))
-            cpu = cpu_seconds(pid) - cpu0
-            return dict(result=result, wall=wall, cpu=cpu, own=own_cpu() - own0, rss=rss_mb(pid),
+            cpu = sum(map(cpu_seconds, group)) - cpu0
+            return dict(result=result, wall=wall, cpu=cpu, own=own_cpu() - own0, rss=sum(map(rss_mb, group)),
                         pg=postgres_cpu_seconds() - pg0 if pg0 is not None else None)  # fmt: skip
 
         def measure_tree(target: str, key: str, params: dict, pid: int) -> dict:
@@ -434,7 +455,7 @@ def run(args: argparse.Namespace) -> None:
         if mcp:
             tools_row(ports, server.pid, mcp.proc.pid, next(f for k, _, f in rows if k == "t")["chatsvc"], q)
     finally:
-        for process in (server, limited):
+        for process in (server, limited, *others):
             if process:
                 process.terminate()
                 process.wait(30)
@@ -824,6 +845,12 @@ if __name__ == "__main__":
     parser.add_argument("--depth", type=int, default=1_000, help="the deep path's length in (f)")
     parser.add_argument("--only", default="abcdefgstw", help="the scenarios to run, e.g. --only bd")
     parser.add_argument("--database", metavar="URL", help="chatsvc's DATABASE_URL, e.g. an empty PostgreSQL database")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="with --database: this many chatsvc processes on it, answer i read through replica i %% N",
+    )
     parser.add_argument("--limits", action="store_true", help="also through a chatsvc with every limit set (issue 24)")
     parser.add_argument("--limits-database", metavar="URL", help="--limits with --database: the limited chatsvc's")
     parser.add_argument("--rounds", type=int, default=1, help="--limits: rounds of each scenario through both")
