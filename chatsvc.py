@@ -8976,14 +8976,15 @@ class Bus:
                 conn = await self._connect()
                 if index == 0:
                     await self._listen(conn)
-                self._connections[index] = conn
+                self._connections[index], conn = conn, None
                 log.info("reconnected to the other replicas")
                 return
-            except Exception as exc:  # a connection taken but not listening goes back, or the pool's close waits for it
+            except Exception as exc:
+                log.warning("cannot reach the database for the other replicas yet (%s)", type(exc).__name__)
+            finally:  # one taken but not kept (it failed, or the bus closed) goes back, or the pool's close waits
                 if conn is not None:
                     await self._release(conn)
-                log.warning("cannot reach the database for the other replicas yet (%s)", type(exc).__name__)
-                await asyncio.sleep(1)
+            await asyncio.sleep(1)
 
     async def close(self) -> None:
         if self._task is not None:
