@@ -1566,27 +1566,39 @@ class Database:
         # In memory there is one database per connection.
         roles = (READ, WRITE, BACKGROUND, SEARCH) if self.sqlite_path else (READ,)
         for role in roles:
-            conn = await asyncio.create_task(self._acquire())  # a task of its own: `databases` keys connections by task
+            conn = await self.hold()
             self._conns.append(conn)
             self._raw[role] = conn.raw_connection
             self._raw[role].row_factory = sqlite3.Row
         for role in (WRITE, BACKGROUND, SEARCH):
             self._raw.setdefault(role, self._raw[READ])
 
-    async def _acquire(self) -> Any:
-        conn = self._pool.connection()
-        try:
-            await conn.__aenter__()
-        except Exception:
-            await asyncio.sleep(0.1)  # aiosqlite's thread reports its stop on this loop: let it, before it closes
-            raise
-        return conn
+    async def hold(self) -> Any:
+        """A connection of the pool, held by its caller until `let_go` whatever task uses it: taken in a
+        task of its own, since `databases` keys the connection it gives by the task that asks."""
+
+        async def acquire() -> Any:
+            conn = self._pool.connection()
+            try:
+                await conn.__aenter__()
+            except Exception:
+                await asyncio.sleep(0.1)  # aiosqlite's thread reports its stop on this loop: let it, before it closes
+                raise
+            return conn
+
+        return await asyncio.create_task(acquire())
+
+    @staticmethod
+    async def let_go(conn: Any) -> None:
+        """A held connection back to the pool, whatever state it is in (lost too): one never given back
+        holds the pool's close at shutdown."""
+        with contextlib.suppress(Exception):
+            await conn.__aexit__(None, None, None)
 
     async def close(self) -> None:
         # aiosqlite's threads are not daemons: a connection left open keeps the process alive.
         while self._conns:
-            with contextlib.suppress(Exception):
-                await self._conns.pop().__aexit__(None, None, None)
+            await self.let_go(self._conns.pop())
         self._raw = {}
         try:  # PostgreSQL's pool waits for its connections to come back; one that never does is closed
             await asyncio.wait_for(self._pool.disconnect(), POOL_CLOSE_SECONDS)
@@ -1740,8 +1752,7 @@ class Database:
         if all(type(values.get(name, _MISSING)) in _PLAIN_VALUES for name in names):
             async with self._pool.connection() as conn:
                 return [dict(row) for row in await conn.raw_connection.fetch(numbered, *(values[n] for n in names))]
-        names_ = _parameters(sql)  # SQLAlchemy's text() refuses a value the statement does not name
-        values = {name: value for name, value in values.items() if name in names_}
+        values = {name: values[name] for name in names if name in values}  # text() refuses a value it does not name
         return [dict(row._mapping) for row in await self._pool.fetch_all(sql, values)]
 
     def _failed(self, exc: Exception, role: str) -> NoReturn:
@@ -1815,11 +1826,6 @@ class Database:
             )
         else:  # a row lock on the messages: it waits for (and fails on) a lock that keeps writers out
             await self.execute("SELECT id FROM messages LIMIT 1 FOR UPDATE")
-
-
-@functools.lru_cache(maxsize=256)
-def _parameters(sql: str) -> frozenset[str]:
-    return frozenset(re.findall(r"(?<![:\w]):(\w+)", sql))
 
 
 _BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")  # a `:name` parameter as SQLAlchemy's text() reads one
@@ -8935,31 +8941,14 @@ class Bus:
         self._reconnecting: asyncio.Task | None = None
 
     async def open(self) -> None:
-        self._connections = [await self._connect(), await self._connect()]  # held from `databases`' pool
+        self._connections = [await self.store.db.hold(), await self.store.db.hold()]  # the bus's alone
         await self._listen(self._connections[0])
         self._task = asyncio.create_task(self._publish_loop())
-
-    async def _connect(self) -> Any:
-        """A connection of the pool for the bus alone: `databases` gives each task its own."""
-
-        async def acquire() -> Any:
-            conn = self.store.db.connection()
-            await conn.__aenter__()
-            return conn
-
-        return await asyncio.create_task(acquire())
 
     async def _listen(self, conn: Any) -> None:
         raw = conn.raw_connection
         await raw.add_listener(CHANNEL, self._received)
         raw.add_termination_listener(self._listener_lost)
-
-    @staticmethod
-    async def _release(conn: Any) -> None:
-        """A connection back to the pool, whatever state it is in: one kept from it would hold the
-        pool's close (at shutdown) for ever."""
-        with contextlib.suppress(Exception):
-            await conn.__aexit__(None, None, None)
 
     def _listener_lost(self, raw: Any) -> None:
         if self._task is not None and not self._task.done():
@@ -8969,11 +8958,11 @@ class Bus:
     async def _reconnect(self, index: int) -> None:
         """A lost connection (a database restart, a failover) is replaced, once a second, until it is.
         What the listener missed meanwhile, mirrors take from the store (gaps, and the heartbeat)."""
-        await self._release(self._connections[index])
+        await self.store.db.let_go(self._connections[index])
         while True:
             conn = None
             try:
-                conn = await self._connect()
+                conn = await self.store.db.hold()
                 if index == 0:
                     await self._listen(conn)
                 self._connections[index], conn = conn, None
@@ -8983,7 +8972,7 @@ class Bus:
                 log.warning("cannot reach the database for the other replicas yet (%s)", type(exc).__name__)
             finally:  # one taken but not kept (it failed, or the bus closed) goes back, or the pool's close waits
                 if conn is not None:
-                    await self._release(conn)
+                    await self.store.db.let_go(conn)
             await asyncio.sleep(1)
 
     async def close(self) -> None:
@@ -8998,7 +8987,7 @@ class Bus:
                 self._connections[0].raw_connection.remove_termination_listener(self._listener_lost)
                 await self._connections[0].raw_connection.remove_listener(CHANNEL, self._received)
         while self._connections:
-            await self._release(self._connections.pop())
+            await self.store.db.let_go(self._connections.pop())
 
     def publish(self, note: Notification) -> None:
         self._pending.append(note.encode())
