@@ -152,10 +152,10 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """The CPU time of a process and its descendants (--litellm: its CLI may run uvicorn as a child)."""
+def group_cpu_seconds(pids: list[int]) -> float:
+    """The CPU time of these processes (one that has exited meanwhile counts nothing)."""
     total = 0.0
-    for each in process_tree(pid):
+    for each in pids:
         try:
             total += cpu_seconds(each)
         except OSError:
@@ -401,28 +401,25 @@ def run(args: argparse.Namespace) -> None:
         rows = []
         pairs: dict[str, list[tuple[dict, dict]]] = {}  # --limits: each round's (chatsvc, limits) figures
 
+        def processes(target: str) -> list[int]:
+            """Whose CPU and peak RSS a target's row sums: every chatsvc replica (--replicas), LiteLLM's
+            process tree (its CLI may run uvicorn as a child); direct's row: chatsvc's, idle."""
+            if target == "chatsvc":
+                return [server.pid, *(other.pid for other in others)]
+            if target == "litellm":
+                return process_tree(pids["litellm"])
+            return [pids.get(target, server.pid)]
+
         def measure(target: str, key: str, params: dict) -> dict:
-            pid = pids.get(target, server.pid)
-            if target == "litellm":  # its process tree: CPU and peak RSS summed
-                return measure_tree(target, key, params, pid)
-            group = [pid, *(other.pid for other in others)] if target == "chatsvc" else [pid]  # --replicas: all
-            for each in group:
+            for each in processes(target):
                 reset_peak_rss(each)
-            pg0 = postgres_cpu_seconds() if args.database else None
-            cpu0, own0 = sum(map(cpu_seconds, group)), own_cpu()
+            pg0 = postgres_cpu_seconds() if args.database and target != "litellm" else None
+            cpu0, own0 = group_cpu_seconds(processes(target)), own_cpu()
             result, wall = asyncio.run(run_scenario(target, ports, tag=key, **params))
-            cpu = sum(map(cpu_seconds, group)) - cpu0
+            group = processes(target)
+            cpu = group_cpu_seconds(group) - cpu0
             return dict(result=result, wall=wall, cpu=cpu, own=own_cpu() - own0, rss=sum(map(rss_mb, group)),
                         pg=postgres_cpu_seconds() - pg0 if pg0 is not None else None)  # fmt: skip
-
-        def measure_tree(target: str, key: str, params: dict, pid: int) -> dict:
-            for each in process_tree(pid):
-                reset_peak_rss(each)
-            cpu0, own0 = tree_cpu_seconds(pid), own_cpu()
-            result, wall = asyncio.run(run_scenario(target, ports, tag=key, **params))
-            cpu = tree_cpu_seconds(pid) - cpu0
-            rss = sum(rss_mb(each) for each in process_tree(pid))
-            return dict(result=result, wall=wall, cpu=cpu, own=own_cpu() - own0, rss=rss, pg=None)
 
         for key, title, answers, clients, chunks, pause, listeners in scenarios:
             params = dict(answers=answers, clients=clients, chunks=chunks, pause=pause, listeners=listeners)
