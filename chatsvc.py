@@ -1842,10 +1842,10 @@ def _numbered(sql: str) -> tuple[str, tuple[str, ...]]:
     return numbered, tuple(names)
 
 
-def _id_batches(ids: list[str], size: int = 500) -> Iterator[tuple[str, dict[str, str]]]:
-    """`IN (...)` placeholders and their values, `size` ids at a time."""
+def _id_batches(ids: list[str], size: int = 500, name: str = "id") -> Iterator[tuple[str, dict[str, str]]]:
+    """`IN (...)` placeholders (:id0, :id1, ... or `name`'s) and their values, `size` ids at a time."""
     for start in range(0, len(ids), size):
-        values = {f"id{n}": value for n, value in enumerate(ids[start : start + size], start)}
+        values = {f"{name}{n}": value for n, value in enumerate(ids[start : start + size], start)}
         yield ", ".join(":" + name for name in values), values
 
 
@@ -4363,21 +4363,32 @@ class AnswerRows:
             found.update(row["id"] for row in rows)
         return found
 
-    async def recover_interrupted(self, stale_after: float | None, own: list[str] = ()) -> list[dict]:
+    async def heartbeats(self) -> dict[str, str]:
+        """Every `streaming` answer's heartbeat (`updated_at`), by id."""
+        rows = await self.db.fetch_all("SELECT id, updated_at FROM messages WHERE status = 'streaming'")
+        return {row["id"]: row["updated_at"] for row in rows}
+
+    async def recover_interrupted(
+        self, stale_after: float | None, own: list[str] = (), only: list[str] | None = None
+    ) -> list[dict]:
         """Answers still `streaming` whose heartbeat (`updated_at`) is more than `stale_after` seconds
         old (all of them, for None), by the clock that wrote it (PostgreSQL: the server's): the process
         producing them is gone. They become `interrupted`, keeping their text, and their calls still
         reserved in the ledger are settled with an estimate from that text, in the same transaction
         (Usage.settle_swept): no reservation outlives its answer; with prices, each stored message gets
-        what all its calls cost. This process's `own` answers are never among them. Each row: id,
-        owner, session_id, content, reasoning_content, tool_steps, and `spent`: what its calls settled
-        now used, [(model, Spent)], for the metrics (count_swept)."""
+        what all its calls cost. This process's `own` answers are never among them, and with `only`,
+        none but those. Each row: id, owner, session_id, content, reasoning_content, tool_steps, and
+        `spent`: what its calls settled now used, [(model, Spent)], for the metrics (count_swept)."""
         where, values = "", {"now": utcnow(), "end_seq": INTERRUPTED_SEQ, "detail": INTERRUPTED_DETAIL}
         if stale_after is not None:
             where = f" AND updated_at < {':stale' if self.db.is_sqlite else PG_STALE}"
             values["stale"] = utcnow(stale_after) if self.db.is_sqlite else float(stale_after)
         for names, ids in _id_batches(list(own), 100_000):
             where += f" AND id NOT IN ({names})"
+            values.update(ids)
+        if only is not None:  # a few (Replicas.recover's, 500 at a time)
+            names, ids = next(_id_batches(list(only), max(1, len(only)), "only"), ("NULL", {}))
+            where += f" AND id IN ({names})"
             values.update(ids)
 
         async def sweep() -> list[dict]:
@@ -9047,6 +9058,9 @@ class Replicas:
         self.bus = Bus(relay.store, self._on_notification)
         self.heartbeat: Heartbeat | None = None
         self._stops: dict[str, asyncio.Future] = {}  # this replica's stop requests, by token
+        # the other processes' `streaming` answers as this replica's last read saw them (recover):
+        # each one's heartbeat, and since when (time.monotonic()) this replica has seen that one
+        self._beats: dict[str, tuple[str, float]] = {}
 
     async def open(self) -> None:
         await self.bus.open()
@@ -9080,8 +9094,29 @@ class Replicas:
                 log.warning("heartbeat sweep failed", exc_info=True)
 
     async def recover(self) -> int:
-        """Interrupt the answers whose process stopped beating; how many there were."""
-        rows = await self.store.answers.recover_interrupted(self.settings.heartbeat_stale, self.relay.own_ids())
+        """Interrupt the answers whose process stopped beating; how many there were.
+
+        An answer is taken for dead once this replica has itself seen its heartbeat unchanged for
+        HEARTBEAT_MISSES intervals (by its own clock, between its reads) and the heartbeat is that old
+        by the database's clock too. Not by the database's clock alone: a new row's heartbeat is
+        written inside its turn's transaction, and the row is seen only once that commits, which under
+        load comes seconds later (the turn waits on the event loop and the pool at each statement): it
+        would be seen already stale, before its process could beat it once. So no process is judged
+        on time it could not beat in, and a replica that starts judges nothing before it has watched
+        for three intervals."""
+        stale, own = self.settings.heartbeat_stale, self.relay.own_ids()
+        beats = await self.store.answers.heartbeats()
+        now, mine = time.monotonic(), set(own)
+        watched = {}
+        for answer_id, beat in beats.items():
+            if answer_id not in mine:
+                seen = self._beats.get(answer_id)
+                watched[answer_id] = seen if seen is not None and seen[0] == beat else (beat, now)
+        self._beats = watched
+        due = [answer_id for answer_id, (_, since) in watched.items() if now - since >= stale]
+        rows = []
+        for start in range(0, len(due), 500):
+            rows += await self.store.answers.recover_interrupted(stale, own, due[start : start + 500])
         for row in rows:
             log.warning("answer %s lost its process (no heartbeat): stored as interrupted", row["id"])
             count_swept(self.relay.metrics, row)

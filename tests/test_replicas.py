@@ -289,6 +289,49 @@ def test_load_across_two_replicas_loses_and_duplicates_nothing(cluster, fake):
     assert wait_for(lambda: all(s.proc.poll() is None for s in (a, b)))
 
 
+def test_an_answer_committed_late_is_judged_only_on_time_its_process_could_beat_in(postgres_database, fake):
+    """A turn's row gets its heartbeat inside the turn's transaction and is seen only once that
+    commits: under load (CI's), seconds later. A sweep judging by the database's clock alone took such
+    an answer for dead before its process could beat it once (this run's load test, 1 in 4 under 3 CPU
+    burners). A replica takes an answer only after watching its heartbeat go unchanged for three
+    intervals itself."""
+    pg(postgres_database, EMPTY_POSTGRES)
+    service = Service(postgres_database, fake, CHATSVC_HEARTBEAT_SECONDS="1.5")  # 4.5 s without a beat: dead
+    with LiveServer(service.settings):
+        now = chatsvc.utcnow()
+        service.rows("INSERT INTO conversations (owner, session_id, created_at, updated_at) VALUES ('', 's1', ?, ?)",
+                     now, now)  # fmt: skip
+        # what another replica's turn commits after its transaction waited a minute: a heartbeat that old
+        service.rows(
+            "INSERT INTO messages (id, owner, session_id, role, content, status, created_at, updated_at)"
+            " VALUES ('late', '', 's1', 'assistant', 'so far', 'streaming', ?, ?)",
+            now, chatsvc.utcnow(60),
+        )  # fmt: skip
+
+        def beat() -> str:
+            [row] = pg(postgres_database, f"UPDATE messages SET updated_at = {chatsvc.PG_NOW} WHERE id = 'late'"
+                                          " AND status = 'streaming' RETURNING updated_at")  # fmt: skip
+            return row["updated_at"]
+
+        time.sleep(2.0)  # its process's first beat comes an interval after the commit (the sweeps ran meanwhile)
+        last = beat()
+        for _ in range(10):  # and it beats on, for longer than three intervals
+            time.sleep(0.5)
+            last = beat()
+        # its process is gone now: within three intervals and two sweeps, it is interrupted
+        assert wait_for(
+            lambda: service.rows("SELECT status FROM messages WHERE id = 'late'")[0]["status"] != "streaming", 20
+        )
+        [row] = pg(
+            postgres_database,
+            "SELECT status, content, EXTRACT(EPOCH FROM CAST(updated_at AS TIMESTAMP)"
+            " - CAST(CAST($1 AS TEXT) AS TIMESTAMP)) AS after FROM messages WHERE id = 'late'",
+            last,
+        )
+    assert row["status"] == "interrupted" and row["content"] == "so far"
+    assert row["after"] >= 4.5  # by the database's clock: never before three intervals without a beat
+
+
 def test_a_mirror_whose_final_event_was_lost_ends_from_the_store(postgres_database, fake):
     """A notification can be lost (a publisher or a listening connection failing): the heartbeat
     then finds the answer ended in the store and ends its mirror, so no listener waits forever."""
