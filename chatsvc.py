@@ -2484,6 +2484,7 @@ class Tree:
             )
             if turn.new_question:
                 rows = f"(:uid, :parent, :owner, :sid, 'user', :text, 'complete', NULL, :now, :now, :results), {rows}"
+            stamped = time.monotonic()  # the answer's heartbeat, written now, is seen once this commits
             try:
                 await self.db.execute(
                     "INSERT INTO messages (id, parent_id, owner, session_id, role, content, status, model,"
@@ -2499,7 +2500,9 @@ class Tree:
                 raise
             if turn.new_question and turn.files:
                 await self._attach_files(turn)
-            return await self.usage.admit(turn.hold) if turn.hold is not None else None
+            limits = await self.usage.admit(turn.hold) if turn.hold is not None else None
+            beat_in_time(self.db, stamped)
+            return limits
 
     async def begin_continuation(self, cont: Continuation) -> Limits | None:
         """The answer `cont` continues goes back to `streaming` (its text as it is, `continued` + 1,
@@ -2522,6 +2525,7 @@ class Tree:
             }
             if await self.conversations.lock(cont.owner, cont.session_id) is None:
                 raise message_not_found(cont.session_id, cont.answer_id)
+            stamped = time.monotonic()
             try:
                 row = await self.db.fetch_one(
                     "UPDATE messages SET status = 'streaming', continued = continued + 1, last_seq = :seq,"
@@ -2548,7 +2552,9 @@ class Tree:
                 " WHERE owner = :owner AND session_id = :sid",
                 values,
             )
-            return await self.usage.admit(cont.hold) if cont.hold is not None else None
+            limits = await self.usage.admit(cont.hold) if cont.hold is not None else None
+            beat_in_time(self.db, stamped)
+            return limits
 
     async def _attach_files(self, turn: Turn) -> None:
         """Inside begin_turn's transaction: the new user message's files (`message_files`), each the
@@ -4294,6 +4300,26 @@ HEARTBEAT_SQL = (
     " SELECT id FROM messages WHERE id = ANY($1::text[]) AND status = 'streaming'"
 )
 
+# A `streaming` row's heartbeat is written inside its turn's transaction and seen by the other processes
+# only once that commits. PostgreSQL: a turn whose transaction still runs TURN_STORE_SECONDS after it
+# wrote the heartbeat is rolled back (beat_in_time), and its COMMIT is bounded by the pool's
+# command_timeout (30 s): so a heartbeat older than DEAD_AT_SIGHT_SECONDS by the server's clock, the
+# first time a process sees it, belongs to a process gone (Replicas.recover). A younger one is judged
+# only on time its process could beat in: three intervals watched unchanged.
+TURN_STORE_SECONDS = 20.0
+DEAD_AT_SIGHT_SECONDS = 60.0
+
+
+def beat_in_time(db: Database, stamped: float) -> None:
+    """PostgreSQL, last in a turn's transaction that wrote an answer's heartbeat at `stamped`
+    (time.monotonic()): StorageUnavailable, which rolls it back, once TURN_STORE_SECONDS have passed."""
+    if not db.is_sqlite and time.monotonic() - stamped > TURN_STORE_SECONDS:
+        raise StorageUnavailable(
+            f"The database took more than {TURN_STORE_SECONDS:g} s to store this turn; nothing of it was kept."
+            " Try again in a moment."
+        )
+
+
 # The id of the final event of an answer interrupted because its process was gone (`last_seq`): no
 # event that process sent has it, so a reader that resumes after any of them is sent this end. A
 # continued answer's: its checkpoint's seq plus this (its ids went on past its earlier parts').
@@ -4363,10 +4389,16 @@ class AnswerRows:
             found.update(row["id"] for row in rows)
         return found
 
-    async def heartbeats(self) -> dict[str, str]:
-        """Every `streaming` answer's heartbeat (`updated_at`), by id."""
-        rows = await self.db.fetch_all("SELECT id, updated_at FROM messages WHERE status = 'streaming'")
-        return {row["id"]: row["updated_at"] for row in rows}
+    async def heartbeats(self, old: float) -> dict[str, tuple[str, bool]]:
+        """Every `streaming` answer's heartbeat (`updated_at`), by id, and whether it is more than `old`
+        seconds old by the clock that wrote it (PostgreSQL: the server's)."""
+        stale = ":stale" if self.db.is_sqlite else PG_STALE
+        rows = await self.db.fetch_all(
+            f"SELECT id, updated_at, CASE WHEN updated_at < {stale} THEN 1 ELSE 0 END AS old FROM messages"
+            " WHERE status = 'streaming'",
+            {"stale": utcnow(old) if self.db.is_sqlite else float(old)},
+        )
+        return {row["id"]: (row["updated_at"], bool(row["old"])) for row in rows}
 
     async def recover_interrupted(
         self, stale_after: float | None, own: list[str] = (), only: list[str] | None = None
@@ -9102,18 +9134,20 @@ class Replicas:
         written inside its turn's transaction, and the row is seen only once that commits, which under
         load comes seconds later (the turn waits on the event loop and the pool at each statement): it
         would be seen already stale, before its process could beat it once. So no process is judged
-        on time it could not beat in, and a replica that starts judges nothing before it has watched
-        for three intervals."""
+        on time it could not beat in; except that a heartbeat DEAD_AT_SIGHT_SECONDS old is dead when
+        first seen (no turn commits that late: beat_in_time), so a replica that starts interrupts at
+        once what a stop of every process left."""
         stale, own = self.settings.heartbeat_stale, self.relay.own_ids()
-        beats = await self.store.answers.heartbeats()
+        beats = await self.store.answers.heartbeats(DEAD_AT_SIGHT_SECONDS)
         now, mine = time.monotonic(), set(own)
-        watched = {}
-        for answer_id, beat in beats.items():
+        watched, due = {}, []
+        for answer_id, (beat, dead) in beats.items():
             if answer_id not in mine:
                 seen = self._beats.get(answer_id)
                 watched[answer_id] = seen if seen is not None and seen[0] == beat else (beat, now)
+                if dead or now - watched[answer_id][1] >= stale:
+                    due.append(answer_id)
         self._beats = watched
-        due = [answer_id for answer_id, (_, since) in watched.items() if now - since >= stale]
         rows = []
         for start in range(0, len(due), 500):
             rows += await self.store.answers.recover_interrupted(stale, own, due[start : start + 500])

@@ -301,11 +301,11 @@ def test_an_answer_committed_late_is_judged_only_on_time_its_process_could_beat_
         now = chatsvc.utcnow()
         service.rows("INSERT INTO conversations (owner, session_id, created_at, updated_at) VALUES ('', 's1', ?, ?)",
                      now, now)  # fmt: skip
-        # what another replica's turn commits after its transaction waited a minute: a heartbeat that old
+        # what another replica's turn commits after its transaction waited 15 s (under TURN_STORE_SECONDS)
         service.rows(
             "INSERT INTO messages (id, owner, session_id, role, content, status, created_at, updated_at)"
             " VALUES ('late', '', 's1', 'assistant', 'so far', 'streaming', ?, ?)",
-            now, chatsvc.utcnow(60),
+            now, chatsvc.utcnow(15),
         )  # fmt: skip
 
         def beat() -> str:
@@ -330,6 +330,24 @@ def test_an_answer_committed_late_is_judged_only_on_time_its_process_could_beat_
         )
     assert row["status"] == "interrupted" and row["content"] == "so far"
     assert row["after"] >= 4.5  # by the database's clock: never before three intervals without a beat
+
+
+def test_a_turn_that_cannot_commit_in_time_keeps_nothing(postgres_database, fake, monkeypatch):
+    """Why a heartbeat a minute old is dead when first seen: no turn commits its answer's row later
+    than TURN_STORE_SECONDS after writing its heartbeat (and its COMMIT is bounded by 30 s). One that
+    would is rolled back whole: 503, nothing stored, the conversation free."""
+    pg(postgres_database, EMPTY_POSTGRES)
+    service = Service(postgres_database, fake)
+    with service.client() as client:
+        monkeypatch.setattr(chatsvc, "TURN_STORE_SECONDS", -1.0)  # every turn is late
+        refused = client.post(f"{API}/chat/s1", json={"message": "hi"})
+        assert refused.status_code == 503 and refused.json()["code"] == "storage_unavailable"
+        assert "took more than -1 s to store this turn; nothing of it was kept" in refused.json()["detail"]
+        assert service.rows("SELECT id FROM messages") == [] and service.rows("SELECT id FROM usage_calls") == []
+        monkeypatch.setattr(chatsvc, "TURN_STORE_SECONDS", 20.0)
+        fake.push(Reply.answer(["fine"]))
+        assert client.post(f"{API}/chat/s1", json={"message": "hi"}).json()["response"] == "fine"
+    assert len(fake.requests) == 1  # the refused turn never reached the model
 
 
 def test_a_mirror_whose_final_event_was_lost_ends_from_the_store(postgres_database, fake):
