@@ -1374,6 +1374,7 @@ def pending_tool_calls(steps: list[dict]) -> list[dict]:
 # ── Database: its connections and their roles, transactions and faults ─────────────────
 
 SQLITE_BUSY_MS = 5000  # how long a statement waits for another process's write lock
+PG_COMMAND_SECONDS = 30  # PostgreSQL: the longest a statement (a COMMIT too) runs before it fails
 DEADLOCK_ATTEMPTS = 3  # a transaction PostgreSQL cancelled to break a deadlock runs again, up to this in all
 T = TypeVar("T")
 
@@ -1547,7 +1548,7 @@ class Database:
         if self.is_sqlite:
             options: dict[str, Any] = {"factory": _SQLiteConnection}
         else:  # a write that waits for a lock, or a statement the server never answers, fails in bounded time
-            options = {"server_settings": {"lock_timeout": str(SQLITE_BUSY_MS)}, "command_timeout": 30}
+            options = {"server_settings": {"lock_timeout": str(SQLITE_BUSY_MS)}, "command_timeout": PG_COMMAND_SECONDS}
         self._pool = databases.Database(url, **options)
         self._conns: list[Any] = []  # SQLite: the `databases` connections held open
         self._raw: dict[str, Any] = {}  # SQLite: READ / WRITE / BACKGROUND -> aiosqlite handle
@@ -4354,18 +4355,25 @@ HEARTBEAT_SQL = (
 
 # A `streaming` row's heartbeat is written inside its turn's transaction and seen by the other processes
 # only once that commits. PostgreSQL: a turn whose transaction still runs TURN_STORE_SECONDS after it
-# wrote the heartbeat is rolled back (beat_in_time), and its COMMIT is bounded by the pool's
-# command_timeout (30 s): so a heartbeat older than DEAD_AT_SIGHT_SECONDS by the server's clock, the
-# first time a process sees it, belongs to a process gone (Replicas.recover). A younger one is judged
-# only on time its process could beat in: three intervals watched unchanged.
-TURN_STORE_SECONDS = 20.0
-DEAD_AT_SIGHT_SECONDS = 60.0
+# wrote the heartbeat is rolled back (beat_in_time), and its COMMIT fails after PG_COMMAND_SECONDS; its
+# process beats it within an interval of the commit. So a heartbeat older than dead_at_sight() by the
+# server's clock belongs to a process gone, whenever a process reads it (Replicas.recover). A younger
+# one is judged only on time its process could beat in: three intervals watched unchanged.
+TURN_STORE_SECONDS = 10.0
+
+
+def dead_at_sight(heartbeat_seconds: float) -> float:
+    """The age past which a `streaming` answer's heartbeat cannot be a living process's (50 s by
+    default): a turn's body, its COMMIT, its first beat, and an interval more for the event loop."""
+    return TURN_STORE_SECONDS + PG_COMMAND_SECONDS + 2 * heartbeat_seconds
 
 
 def beat_in_time(db: Database, stamped: float) -> None:
     """PostgreSQL, last in a turn's transaction that wrote an answer's heartbeat at `stamped`
-    (time.monotonic()): StorageUnavailable, which rolls it back, once TURN_STORE_SECONDS have passed."""
+    (time.monotonic()): StorageUnavailable, which rolls it back, once TURN_STORE_SECONDS have passed
+    (a storage fault of the kind `timeout`)."""
     if not db.is_sqlite and time.monotonic() - stamped > TURN_STORE_SECONDS:
+        db.metrics.storage_faults.labels("timeout").inc()
         raise StorageUnavailable(
             f"The database took more than {TURN_STORE_SECONDS:g} s to store this turn; nothing of it was kept."
             " Try again in a moment."
@@ -9188,11 +9196,11 @@ class Replicas:
         written inside its turn's transaction, and the row is seen only once that commits, which under
         load comes seconds later (the turn waits on the event loop and the pool at each statement): it
         would be seen already stale, before its process could beat it once. So no process is judged
-        on time it could not beat in; except that a heartbeat DEAD_AT_SIGHT_SECONDS old is dead when
-        first seen (no turn commits that late: beat_in_time), so a replica that starts interrupts at
-        once what a stop of every process left."""
+        on time it could not beat in; except that a heartbeat older than dead_at_sight() is dead
+        whenever it is read (no turn commits that late: beat_in_time), so a replica that starts
+        interrupts at once what a stop of every process left that long ago."""
         stale, own = self.settings.heartbeat_stale, self.relay.own_ids()
-        beats = await self.store.answers.heartbeats(DEAD_AT_SIGHT_SECONDS)
+        beats = await self.store.answers.heartbeats(dead_at_sight(self.settings.heartbeat_seconds))
         now, mine = time.monotonic(), set(own)
         watched, due = {}, []
         for answer_id, (beat, dead) in beats.items():

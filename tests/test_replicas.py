@@ -301,7 +301,7 @@ def test_an_answer_committed_late_is_judged_only_on_time_its_process_could_beat_
         now = chatsvc.utcnow()
         service.rows("INSERT INTO conversations (owner, session_id, created_at, updated_at) VALUES ('', 's1', ?, ?)",
                      now, now)  # fmt: skip
-        # what another replica's turn commits after its transaction waited 15 s (under TURN_STORE_SECONDS)
+        # what another replica's turn commits after its transaction and COMMIT took 15 s (under dead_at_sight)
         service.rows(
             "INSERT INTO messages (id, owner, session_id, role, content, status, created_at, updated_at)"
             " VALUES ('late', '', 's1', 'assistant', 'so far', 'streaming', ?, ?)",
@@ -335,7 +335,7 @@ def test_an_answer_committed_late_is_judged_only_on_time_its_process_could_beat_
 def test_a_turn_that_cannot_commit_in_time_keeps_nothing(postgres_database, fake, monkeypatch):
     """Why a heartbeat a minute old is dead when first seen: no turn commits its answer's row later
     than TURN_STORE_SECONDS after writing its heartbeat (and its COMMIT is bounded by 30 s). One that
-    would is rolled back whole: 503, nothing stored, the conversation free."""
+    would is rolled back whole: 503, nothing stored, the conversation free; counted as a storage fault."""
     pg(postgres_database, EMPTY_POSTGRES)
     service = Service(postgres_database, fake)
     with service.client() as client:
@@ -344,7 +344,9 @@ def test_a_turn_that_cannot_commit_in_time_keeps_nothing(postgres_database, fake
         assert refused.status_code == 503 and refused.json()["code"] == "storage_unavailable"
         assert "took more than -1 s to store this turn; nothing of it was kept" in refused.json()["detail"]
         assert service.rows("SELECT id FROM messages") == [] and service.rows("SELECT id FROM usage_calls") == []
-        monkeypatch.setattr(chatsvc, "TURN_STORE_SECONDS", 20.0)
+        faults = client.get("/metrics").text
+        assert 'chatsvc_storage_faults_total{kind="timeout"} 1.0' in faults
+        monkeypatch.setattr(chatsvc, "TURN_STORE_SECONDS", 10.0)
         fake.push(Reply.answer(["fine"]))
         assert client.post(f"{API}/chat/s1", json={"message": "hi"}).json()["response"] == "fine"
     assert len(fake.requests) == 1  # the refused turn never reached the model
