@@ -1783,15 +1783,19 @@ class Database:
 
     async def _sqlite(self, sql: str, values: dict[str, Any], role: str) -> list[dict]:
         async with self._sqlite_connection(role) as conn:
-            if self._later and _in_transaction.get() is self:
-                sql, self._later = _Batch.of(self._later, sql), []
-            return [dict(row) for row in await conn.execute_fetchall(sql, values)]
+            return [dict(row) for row in await conn.execute_fetchall(self._with_later(sql), values)]
+
+    def _with_later(self, sql: str) -> str:
+        """`sql`, carrying this task's transaction's statements not sent yet (a _Batch), if it has any."""
+        if self._later and _in_transaction.get() is self:
+            sql, self._later = _Batch.of(self._later, sql), []
+        return sql
 
     async def _send_later(self, conn: Any) -> None:
         """This task's transaction's statements not sent yet, sent now (before one that cannot carry them)."""
         if self._later and _in_transaction.get() is self:
-            later, self._later = self._later, []
-            await conn.execute_fetchall(_Batch.of(later[:-1], later[-1][0]), later[-1][1])
+            sql, values = self._later.pop()
+            await conn.execute_fetchall(self._with_later(sql), values)
 
     async def _postgres(self, sql: str, values: dict[str, Any]) -> list[dict]:
         """PostgreSQL: the statement on this task's connection (in a transaction: the transaction's),
@@ -4449,14 +4453,21 @@ class AnswerRows:
             found.update(row["id"] for row in rows)
         return found
 
+    def _stale(self, seconds: float) -> tuple[str, Any]:
+        """The SQL of "a heartbeat more than `seconds` old", by the clock that wrote it (PostgreSQL: the
+        server's), and the value of its `:stale`."""
+        if self.db.is_sqlite:
+            return "updated_at < :stale", utcnow(seconds)
+        return f"updated_at < {PG_STALE}", float(seconds)
+
     async def heartbeats(self, old: float) -> dict[str, tuple[str, bool]]:
         """Every `streaming` answer's heartbeat (`updated_at`), by id, and whether it is more than `old`
-        seconds old by the clock that wrote it (PostgreSQL: the server's)."""
-        stale = ":stale" if self.db.is_sqlite else PG_STALE
+        seconds old (_stale)."""
+        stale, value = self._stale(old)
         rows = await self.db.fetch_all(
-            f"SELECT id, updated_at, CASE WHEN updated_at < {stale} THEN 1 ELSE 0 END AS old FROM messages"
+            f"SELECT id, updated_at, CASE WHEN {stale} THEN 1 ELSE 0 END AS old FROM messages"
             " WHERE status = 'streaming'",
-            {"stale": utcnow(old) if self.db.is_sqlite else float(old)},
+            {"stale": value},
         )
         return {row["id"]: (row["updated_at"], bool(row["old"])) for row in rows}
 
@@ -4473,13 +4484,15 @@ class AnswerRows:
         `spent`: what its calls settled now used, [(model, Spent)], for the metrics (count_swept)."""
         where, values = "", {"now": utcnow(), "end_seq": INTERRUPTED_SEQ, "detail": INTERRUPTED_DETAIL}
         if stale_after is not None:
-            where = f" AND updated_at < {':stale' if self.db.is_sqlite else PG_STALE}"
-            values["stale"] = utcnow(stale_after) if self.db.is_sqlite else float(stale_after)
+            stale, values["stale"] = self._stale(stale_after)
+            where = f" AND {stale}"
         for names, ids in _id_batches(list(own), 100_000):
             where += f" AND id NOT IN ({names})"
             values.update(ids)
         if only is not None:  # a few (Replicas.recover's, 500 at a time)
-            names, ids = next(_id_batches(list(only), max(1, len(only)), "only"), ("NULL", {}))
+            if not only:
+                return []
+            [(names, ids)] = _id_batches(list(only), len(only), "only")
             where += f" AND id IN ({names})"
             values.update(ids)
 
