@@ -65,6 +65,19 @@ def channel_listeners(server: ServerProcess) -> float:
     return next(float(line.split()[1]) for line in lines if line.startswith("chatsvc_channel_listeners "))
 
 
+def put_answer(service: Service, message_id: str, status: str, content: str, heartbeat: str, **columns) -> None:
+    """Conversation s1 with one answer, `message_id`, written as another process would leave it."""
+    now = chatsvc.utcnow()
+    service.rows("INSERT INTO conversations (owner, session_id, created_at, updated_at) VALUES ('', 's1', ?, ?)",
+                 now, now)  # fmt: skip
+    names = "".join(f", {name}" for name in columns)
+    service.rows(
+        f"INSERT INTO messages (id, owner, session_id, role, content, status, created_at, updated_at{names})"
+        f" VALUES (?, '', 's1', 'assistant', ?, ?, ?, ?{', ?' * len(columns)})",
+        message_id, content, status, now, heartbeat, *columns.values(),
+    )  # fmt: skip
+
+
 def chunk_text(events) -> str:
     return "".join(e["data"]["content"] for e in events if e["type"] == "chunk")
 
@@ -298,15 +311,8 @@ def test_an_answer_committed_late_is_judged_only_on_time_its_process_could_beat_
     pg(postgres_database, EMPTY_POSTGRES)
     service = Service(postgres_database, fake, CHATSVC_HEARTBEAT_SECONDS="1.5")  # 4.5 s without a beat: dead
     with LiveServer(service.settings):
-        now = chatsvc.utcnow()
-        service.rows("INSERT INTO conversations (owner, session_id, created_at, updated_at) VALUES ('', 's1', ?, ?)",
-                     now, now)  # fmt: skip
         # what another replica's turn commits after its transaction and COMMIT took 15 s (under dead_at_sight)
-        service.rows(
-            "INSERT INTO messages (id, owner, session_id, role, content, status, created_at, updated_at)"
-            " VALUES ('late', '', 's1', 'assistant', 'so far', 'streaming', ?, ?)",
-            now, chatsvc.utcnow(15),
-        )  # fmt: skip
+        put_answer(service, "late", "streaming", "so far", chatsvc.utcnow(15))
 
         def beat() -> str:
             [row] = pg(postgres_database, f"UPDATE messages SET updated_at = {chatsvc.PG_NOW} WHERE id = 'late'"
@@ -360,14 +366,7 @@ def test_a_mirror_whose_final_event_was_lost_ends_from_the_store(postgres_databa
     with LiveServer(service.settings) as live:
         relay = live.relay
         loop = next(iter(relay._tasks)).get_loop()
-        now = chatsvc.utcnow()
-        service.rows("INSERT INTO conversations (owner, session_id, created_at, updated_at) VALUES ('', 's1', ?, ?)",
-                     now, now)  # fmt: skip
-        service.rows(
-            "INSERT INTO messages (id, owner, session_id, role, content, status, finish_reason, last_seq,"
-            " created_at, updated_at) VALUES ('m1', '', 's1', 'assistant', 'all of it', 'complete', 'stop', 2, ?, ?)",
-            now, now,
-        )  # fmt: skip
+        put_answer(service, "m1", "complete", "all of it", chatsvc.utcnow(), finish_reason="stop", last_seq=2)
         listener = live.reader("GET", f"{API}/chat/s1/stream")
         wait_for(lambda: live.listeners("s1"))
         start = chatsvc.sse_event("m1:0", {"type": "start", "data": {"session_id": "s1", "message_id": "m1"}})
