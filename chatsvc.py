@@ -2541,12 +2541,17 @@ class Tree:
             if turn.new_question:
                 rows = f"(:uid, :parent, :owner, :sid, 'user', :text, 'complete', NULL, :now, :now, :results), {rows}"
             stamped = time.monotonic()  # the answer's heartbeat, written now, is seen once this commits
+            # SQLite: the messages go with the admission's first statement (one hop less), which raises
+            # their violation: the admission's own statements raise none (no key of theirs can clash)
+            with_admission = turn.hold is not None and not (turn.new_question and turn.files)
             try:
                 await self.db.execute(
                     "INSERT INTO messages (id, parent_id, owner, session_id, role, content, status, model,"
                     f" created_at, updated_at, tool_results) VALUES {rows}",
                     values,
+                    later=with_admission,
                 )
+                limits = await self.usage.admit(turn.hold) if with_admission else None
             except Exception as exc:
                 kind = _violation(exc)
                 if kind == "unique":
@@ -2554,9 +2559,10 @@ class Tree:
                 if kind == "foreign_key":  # the message it follows was deleted meanwhile
                     raise message_not_found(turn.session_id, turn.parent_id or turn.question_id) from None
                 raise
-            if turn.new_question and turn.files:
-                await self._attach_files(turn)
-            limits = await self.usage.admit(turn.hold) if turn.hold is not None else None
+            if not with_admission:
+                if turn.new_question and turn.files:
+                    await self._attach_files(turn)
+                limits = await self.usage.admit(turn.hold) if turn.hold is not None else None
             beat_in_time(self.db, stamped)
             return limits
 

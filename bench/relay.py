@@ -10,6 +10,7 @@ upstream in ONE run: the same load generator reads the fake DashScope directly (
     python bench/relay.py --only tw  # what a tool round costs: (w) against (t), in the same sitting
     python bench/relay.py --only bt --limits  # (b) and (t) with every limit on, against the same without
     python bench/relay.py --only abcd --litellm /work/litellm-venv/bin/python  # also through LiteLLM's proxy
+    python bench/relay.py --only abcdt --floor  # also through the floor: chatsvc's stack and nothing else
 
 Reports chunks/s, time to first chunk, added delay per chunk (paced answers carry the fake's send
 time in each chunk: arrival minus send time, through chatsvc against directly), chatsvc's CPU time
@@ -67,6 +68,14 @@ imports done before any measure). Each scenario but (e) is then read through it 
 text checked as direct's. Its CPU is that of its process and all its children, its peak RSS their
 sum. A last line per scenario sets chatsvc's CPU per chunk against LiteLLM's. LiteLLM writes no
 database and keeps no replay log here: it does less per answer than chatsvc, which stores each one.
+
+--floor: bench/floor.py as another target, read right after chatsvc in every scenario but (e): the
+least a relay on chatsvc's own stack costs (uvicorn, Starlette, sse-starlette and httpx2, as chatsvc
+runs them; no database, no middleware, nothing stored), answering on chatsvc's route with chatsvc's
+events, so the same reader checks every answer's text. The (fit) line is then drawn for the floor too,
+and a last line says what chatsvc adds above it: its fixed CPU per answer and its CPU per chunk, and
+its added time to first chunk, each minus the floor's. That is the part of the cost that is chatsvc's
+own to cut; the floor's is the libraries', which the design card fixes.
 """
 
 from __future__ import annotations
@@ -281,7 +290,7 @@ async def run_scenario(target: str, ports: dict, answers: int, clients: int, chu
     # with the MCP server of (w) configured, only (w) offers its tools: the rest ask as without it
     offer = {"server_tools": bool(tool_rounds)} if "mcp" in ports else {}
     queue = list(range(answers))
-    via = target in ("chatsvc", "limits")  # "limits": the chatsvc with every limit set (--limits)
+    via = target in ("chatsvc", "limits", "floor")  # "limits": --limits; "floor": --floor, chatsvc's events
 
     async def client_loop() -> None:
         while queue:
@@ -363,6 +372,12 @@ def run(args: argparse.Namespace) -> None:
         ports.setdefault("replicas", [port]).append(free_port())
         others.append(subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"],
                                        env={**env, "PORT": str(ports["replicas"][-1])}, cwd=workdir))  # fmt: skip
+    floor = None
+    if args.floor:  # --floor: the card's stack alone, on a port of its own
+        ports["floor"] = free_port()
+        floor = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor.py"), str(ports["floor"])], env=env,
+                                 cwd=workdir)  # fmt: skip
+        pids["floor"] = floor.pid
     litellm = start_litellm(args.litellm, fake_port, workdir, ports) if args.litellm else None
     if litellm:
         pids["litellm"] = litellm.pid
@@ -377,6 +392,8 @@ def run(args: argparse.Namespace) -> None:
             wait_ready(other_port)
         if limited:
             wait_ready(ports["limits"])
+        if floor:
+            wait_ready(ports["floor"])
         if litellm:
             wait_litellm(litellm, ports["litellm"], workdir)
         if mcp:
@@ -424,7 +441,11 @@ def run(args: argparse.Namespace) -> None:
         for key, title, answers, clients, chunks, pause, listeners in scenarios:
             params = dict(answers=answers, clients=clients, chunks=chunks, pause=pause, listeners=listeners)
             figures = {}
-            targets = ("chatsvc",) if listeners else ("direct", "chatsvc") + (("litellm",) if litellm else ())
+            targets = (
+                ("chatsvc",)
+                if listeners
+                else ("direct", "chatsvc") + (("floor",) if floor else ()) + (("litellm",) if litellm else ())
+            )
             for target in targets + (("limits",) if limited else ()):
                 figures[target] = measure(target, key, params)
             rows.append((key, title, figures))
@@ -436,6 +457,9 @@ def run(args: argparse.Namespace) -> None:
                     measured = {t: measure(t, f"{key}{n}", params) for t in order}
                     pairs[key].append((measured["chatsvc"], measured["limits"]))
         fit_row(rows)
+        if floor:
+            fit_row(rows, "floor")
+            floor_row(rows)
         if limited:
             limits_row(pairs)
         if litellm:
@@ -452,7 +476,7 @@ def run(args: argparse.Namespace) -> None:
         if mcp:
             tools_row(ports, server.pid, mcp.proc.pid, next(f for k, _, f in rows if k == "t")["chatsvc"], q)
     finally:
-        for process in (server, limited, *others):
+        for process in (server, limited, floor, *others):
             if process:
                 process.terminate()
                 process.wait(30)
@@ -476,7 +500,7 @@ def report_row(key: str, title: str, figures: dict) -> None:
         if r.delay:
             line += f"  delay/chunk p50 {pct(r.delay, 0.5) * 1000:.2f} ms p99 {pct(r.delay, 0.99) * 1000:.2f} ms"
         if target != "direct":
-            process = "litellm" if target == "litellm" else "chatsvc"
+            process = target if target in ("litellm", "floor") else "chatsvc"
             line += (
                 f"  {process} cpu {f['cpu'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk"
                 f" {f['cpu'] / max(len(r.ttfc), 1) * 1e6:6.0f} us/answer  peak rss {f['rss']:6.1f} MB"
@@ -498,24 +522,49 @@ def report_row(key: str, title: str, figures: dict) -> None:
 FIT_PAIRS = (("a", "t"), ("b", "t"), ("a", "b"))  # the first pair run: (a) and (t) are one client each
 
 
-def fit_row(rows: list) -> None:
-    """chatsvc's CPU split into a fixed cost per answer and a cost per chunk: the line through two
-    scenarios' CPU per answer against their chunks per answer (cpu/answer = fixed + chunks x per_chunk)."""
+def fit(rows: list, target: str = "chatsvc") -> tuple[float, float, str] | None:
+    """A target's CPU split into a fixed cost per answer and a cost per chunk: the line through two
+    scenarios' CPU per answer against their chunks per answer (cpu/answer = fixed + chunks x per_chunk);
+    (fixed, per chunk, how it was drawn), in seconds, or None without two of (a), (b), (t)."""
     per_answer = {}
     for key, _, figures in rows:
-        f = figures.get("chatsvc")
+        f = figures.get(target)
         if f is not None and f["result"].ttfc and key in "abt":
             answers = len(f["result"].ttfc)
             per_answer[key] = (f["result"].chunks / answers, f["cpu"] / answers)
     pair = next((p for p in FIT_PAIRS if all(k in per_answer for k in p)), None)
     if pair is None:
-        return
+        return None
     (n1, c1), (n2, c2) = per_answer[pair[0]], per_answer[pair[1]]
     per_chunk = (c1 - c2) / (n1 - n2)
-    fixed = c2 - n2 * per_chunk
-    print(f"\n(fit) chatsvc cpu: {fixed * 1e6:7.0f} us per answer (fixed) + {per_chunk * 1e6:6.1f} us per chunk"
-          f"  (the line through ({pair[0]}) and ({pair[1]}): {c1 * 1e6:.0f} us/answer at {n1:.0f} chunks,"
-          f" {c2 * 1e6:.0f} us/answer at {n2:.0f})", flush=True)  # fmt: skip
+    how = (f"the line through ({pair[0]}) and ({pair[1]}): {c1 * 1e6:.0f} us/answer at {n1:.0f} chunks,"
+           f" {c2 * 1e6:.0f} us/answer at {n2:.0f}")  # fmt: skip
+    return c2 - n2 * per_chunk, per_chunk, how
+
+
+def fit_row(rows: list, target: str = "chatsvc") -> None:
+    if line := fit(rows, target):
+        fixed, per_chunk, how = line
+        print(f"\n(fit) {target} cpu: {fixed * 1e6:7.0f} us per answer (fixed) + {per_chunk * 1e6:6.1f} us per chunk"
+              f"  ({how})", flush=True)  # fmt: skip
+
+
+def floor_row(rows: list) -> None:
+    """--floor: what chatsvc adds above the floor (its stack alone): CPU per answer and per chunk (the
+    fits' difference), and per scenario its CPU per chunk and its time to first chunk p50, each minus
+    the floor's."""
+    print("\n(floor) chatsvc above the floor, its stack alone (bench/floor.py):")
+    ours, theirs = fit(rows), fit(rows, "floor")
+    if ours and theirs:
+        print(f"  (fit) chatsvc adds {(ours[0] - theirs[0]) * 1e6:.0f} us per answer (fixed) and"
+              f" {(ours[1] - theirs[1]) * 1e6:.1f} us per chunk", flush=True)  # fmt: skip
+    for key, _, figures in rows:
+        if "floor" not in figures:
+            continue
+        cpu = [figures[t]["cpu"] / max(figures[t]["result"].chunks, 1) * 1e6 for t in ("chatsvc", "floor")]
+        ttfc = [pct(figures[t]["result"].ttfc, 0.5) * 1000 for t in ("chatsvc", "floor")]
+        print(f"  ({key}) cpu/chunk {cpu[0]:.1f} against {cpu[1]:.1f} us ({cpu[0] - cpu[1]:+.1f});"
+              f" ttfc p50 {ttfc[0]:.2f} against {ttfc[1]:.2f} ms ({ttfc[0] - ttfc[1]:+.2f})", flush=True)  # fmt: skip
 
 
 def limits_row(pairs: dict[str, list[tuple[dict, dict]]]) -> None:
@@ -852,5 +901,8 @@ if __name__ == "__main__":
     parser.add_argument("--limits-database", metavar="URL", help="--limits with --database: the limited chatsvc's")
     parser.add_argument("--rounds", type=int, default=1, help="--limits: rounds of each scenario through both")
     parser.add_argument("--litellm", metavar="PYTHON", help="also through LiteLLM's proxy, run by this python")
+    parser.add_argument("--floor", action="store_true",
+                        help="also through bench/floor.py: chatsvc's stack (uvicorn, Starlette, sse-starlette,"
+                        " httpx2) with nothing of chatsvc's own")  # fmt: skip
     parser.add_argument("--profile", metavar="FILE", help="record chatsvc with py-spy (collapsed stacks) into FILE")
     run(parser.parse_args())

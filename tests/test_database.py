@@ -117,9 +117,10 @@ def test_a_batch_reaching_a_connection_that_does_not_know_it_is_refused_not_cut_
         sqlite3.connect(":memory:").execute(batch)
 
 
-def test_a_turn_and_its_end_on_sqlite_reach_the_write_thread_in_seven_hops(tmp_path, fake):
+def test_a_turn_and_its_end_on_sqlite_reach_the_write_thread_in_six_hops(tmp_path, fake):
     """What the `later` writes buy: a turn's transaction was six hops (BEGIN, the conversation, the
-    messages, the owner's usage, the call's row, COMMIT) and its end six: now three and four."""
+    messages, the owner's usage, the call's row, COMMIT) and its end six: now two (BEGIN, the
+    conversation, the messages and the owner's usage; the call's row and COMMIT) and four."""
     from support import Service
 
     service = Service(f"sqlite+aiosqlite:///{tmp_path / 'chatsvc.db'}", fake)
@@ -130,7 +131,7 @@ def test_a_turn_and_its_end_on_sqlite_reach_the_write_thread_in_seven_hops(tmp_p
         with Hops(client.app.state.store.db._raw[chatsvc.WRITE]) as hops:
             reply = client.post(f"{API}/chat/s1", json={"message": "hi"})
         assert reply.status_code == 200 and reply.json()["response"] == "a b"
-        assert hops.count == 7
+        assert hops.count == 6
         [row] = service.rows("SELECT content, status FROM messages WHERE session_id = 's1' AND role = 'assistant'")
         assert row == {"content": "a b", "status": "complete"}
         [call] = service.rows("SELECT state FROM usage_calls WHERE session_id = 's1'")
