@@ -83,6 +83,31 @@ def test_a_later_write_that_fails_takes_its_whole_transaction_with_it(database):
     on(database, body)
 
 
+def test_a_later_statements_rows_are_there_once_the_statement_after_it_has_run(database):
+    """fetch_later: a write whose rows are wanted, sent with the next statement (SQLite) or at once."""
+
+    async def body(db: chatsvc.Database) -> None:
+        await db.execute("INSERT INTO later_t (n) VALUES (1)")
+        async with db.transaction():
+            took = await db.fetch_later("UPDATE later_t SET n = n + 10 WHERE n = :n RETURNING n", {"n": 1})
+            missed = await db.fetch_later("UPDATE later_t SET n = n + 10 WHERE n = :n RETURNING n", {"n": 5})
+            seen = await db.fetch_all("SELECT n FROM later_t")  # it carries both, in order
+            assert took.rows == [{"n": 11}] and missed.rows == [] and seen == [{"n": 11}]
+            last = await db.fetch_later("DELETE FROM later_t WHERE n = :n RETURNING n", {"n": 11})
+        assert last.rows == [{"n": 11}]  # sent with the COMMIT
+        assert await db.fetch_all("SELECT n FROM later_t") == []
+        await db.execute("INSERT INTO later_t (n) VALUES (7)")
+        with pytest.raises(Exception) as failed:
+            async with db.transaction():
+                await db.fetch_later("INSERT INTO later_t (n) VALUES (7) RETURNING n", {})
+                await db.fetch_all("SELECT n FROM later_t")
+        assert chatsvc._violation(failed.value) == "unique"  # raised by the statement after, as it is
+        outside = await db.fetch_later("UPDATE later_t SET n = 8 RETURNING n", {})  # no transaction: at once
+        assert outside.rows == [{"n": 8}]
+
+    on(database, body)
+
+
 def test_a_transaction_that_raises_sends_none_of_its_later_writes(database):
     async def body(db: chatsvc.Database) -> None:
         with pytest.raises(KeyError):
@@ -117,10 +142,12 @@ def test_a_batch_reaching_a_connection_that_does_not_know_it_is_refused_not_cut_
         sqlite3.connect(":memory:").execute(batch)
 
 
-def test_a_turn_and_its_end_on_sqlite_reach_the_write_thread_in_six_hops(tmp_path, fake):
+def test_a_turn_and_its_end_on_sqlite_reach_the_write_thread_in_five_hops(tmp_path, fake):
     """What the `later` writes buy: a turn's transaction was six hops (BEGIN, the conversation, the
     messages, the owner's usage, the call's row, COMMIT) and its end six: now two (BEGIN, the
-    conversation, the messages and the owner's usage; the call's row and COMMIT) and four."""
+    conversation, the messages and the owner's usage; the call's row and COMMIT) and three (BEGIN,
+    the answer's final row and the calls it settles; their settlement; the owners' windows and
+    COMMIT)."""
     from support import Service
 
     service = Service(f"sqlite+aiosqlite:///{tmp_path / 'chatsvc.db'}", fake)
@@ -131,7 +158,7 @@ def test_a_turn_and_its_end_on_sqlite_reach_the_write_thread_in_six_hops(tmp_pat
         with Hops(client.app.state.store.db._raw[chatsvc.WRITE]) as hops:
             reply = client.post(f"{API}/chat/s1", json={"message": "hi"})
         assert reply.status_code == 200 and reply.json()["response"] == "a b"
-        assert hops.count == 6
+        assert hops.count == 5
         [row] = service.rows("SELECT content, status FROM messages WHERE session_id = 's1' AND role = 'assistant'")
         assert row == {"content": "a b", "status": "complete"}
         [call] = service.rows("SELECT state FROM usage_calls WHERE session_id = 's1'")
