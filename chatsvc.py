@@ -1746,7 +1746,8 @@ class Database:
     ) -> None:
         """A statement whose rows are not wanted. `later`: in a SQLite transaction, it is sent with the
         transaction's next statement, or its COMMIT, which raises its failure: for a write whose
-        failure needs no handling of its own (its caller's try around it would not see it)."""
+        failure needs no handling of its own, or whose caller's try also holds the statement after it
+        (a try around it alone would not see it)."""
         if later and self._raw and _in_transaction.get() is self:
             self._later.append((sql, values or {}))
             return
@@ -2567,7 +2568,8 @@ class Tree:
                 rows = f"(:uid, :parent, :owner, :sid, 'user', :text, 'complete', NULL, :now, :now, :results), {rows}"
             stamped = time.monotonic()  # the answer's heartbeat, written now, is seen once this commits
             # SQLite: the messages go with the admission's first statement (one hop less), which raises
-            # their violation: the admission's own statements raise none (no key of theirs can clash)
+            # their violation: the admission's own statements raise none (usage_owners' INSERT does
+            # nothing on a conflict; neither table has a foreign key: one would need its own try here)
             with_admission = turn.hold is not None and not (turn.new_question and turn.files)
             try:
                 await self.db.execute(
@@ -4641,7 +4643,9 @@ class AnswerRows:
                 )  # fmt: skip
             return written
 
-        return bool((await self.db.atomically(write)).rows)
+        written = await self.db.atomically(write)
+        assert written.rows is not None, "the COMMIT carries the final row at the latest"
+        return bool(written.rows)
 
     async def get(self, answer_id: str) -> dict | None:
         """An answer by id alone: its producer reads back the verdict another process stored."""
