@@ -1001,6 +1001,10 @@ class StorageUnavailable(Refusal):
         super().__init__(detail, retry_after=retry_after)
 
 
+class _GroupFault(StorageUnavailable):
+    """Database.together: a write another body of the group left for later failed: the group is undone."""
+
+
 class Deadlock(StorageUnavailable):
     """PostgreSQL cancelled this transaction to break a lock cycle with another one: nothing of it was
     written, and running it again is safe (see `Database.atomically`)."""
@@ -1390,6 +1394,16 @@ class Later:
         self.rows: list[dict] | None = None
 
 
+@dataclass(eq=False)
+class _Member:
+    """A body waiting in a group (Database.together), and where its outcome goes."""
+
+    body: Callable[[], Awaitable[Any]]
+    future: asyncio.Future
+    started: bool = False
+    left: bool = False  # its caller was cancelled before it started
+
+
 class _Batch(str):
     """SQLite: several statements sent to a connection's thread at once (Database.execute's `later`):
     `before`, [(sql, values[, Later])] in order (a Later gets its statement's rows), then `last` with
@@ -1398,6 +1412,8 @@ class _Batch(str):
 
     before: list[tuple]
     last: str
+    failed_at = -1  # the index in `before` of the statement that raised (set on the connection's thread)
+    theirs = 0  # Database.together: `before` up to here is what the bodies before the running one left
 
     @classmethod
     def of(cls, before: list[tuple], last: str) -> _Batch:
@@ -1413,8 +1429,12 @@ class _SQLiteConnection(sqlite3.Connection):
 
     def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
         if isinstance(sql, _Batch):
-            for statement, values, *rows in sql.before:
-                cursor = super().execute(statement, values)
+            for n, (statement, values, *rows) in enumerate(sql.before):
+                try:
+                    cursor = super().execute(statement, values)
+                except BaseException:
+                    sql.failed_at = n
+                    raise
                 if rows:  # a Later: the statement's rows, read on this thread before the next statement
                     rows[0].rows = [dict(row) for row in cursor.fetchall()]
             sql = sql.last
@@ -1567,6 +1587,9 @@ class Database:
         self._write_lock = asyncio.Lock()  # SQLite: a transaction holds the write connection
         # SQLite: the transaction's statements not sent yet (its BEGIN, `later` writes): with its next one
         self._later: list[tuple] = []  # SQLite: (sql, values[, Later]) to send with the next statement
+        self._forming: list[_Member] | None = None  # SQLite: the group that bodies arriving now join (together)
+        self._body_start: tuple | None = None  # SQLite: the running group body's SAVEPOINT, in _later until sent
+        self._groups: set[asyncio.Task] = set()
         self._search_lock = asyncio.Lock()  # SQLite: one search at a time on the search connection
         self.fault: str | None = None
 
@@ -1721,6 +1744,92 @@ class Database:
                 await asyncio.sleep(0.05 * attempt)  # the other transaction, which goes on, ends first
         raise AssertionError("unreachable")
 
+    async def together(self, body: Callable[[], Awaitable[T]]) -> T:
+        """`body` as one transaction, all or nothing, as `transaction` runs it; on SQLite, with the
+        bodies that wait for the write connection at the same time (group commit). They run one after
+        another in their order of arrival, on the group's task, in one transaction, each inside a
+        SAVEPOINT of its own: what one raises undoes its own writes only and is raised to its caller;
+        the others are committed at once, and a COMMIT that fails fails them all. A body's statements
+        travel with what the bodies before it left for later, in one hop, so 20 turns that arrive while
+        another is stored cost 20 hops and one COMMIT, not 40 hops and 20 hand-offs of the connection,
+        each a pass of the event loop. A fault that undoes more than one body's writes (one another
+        body left for later fails; SQLite rolled the transaction back) fails the whole group, nothing
+        of it kept. A caller cancelled before its body starts is left out; after, it waits for the
+        group's outcome, then is cancelled (its writes may be kept, as those of a transaction whose
+        COMMIT was sent are)."""
+        if not self.is_sqlite:
+            async with self.transaction():
+                return await body()
+        member = _Member(body, asyncio.get_running_loop().create_future())
+        if self._forming is None:
+            self._forming = []
+            task = asyncio.get_running_loop().create_task(self._group(self._forming))
+            self._groups.add(task)
+            task.add_done_callback(self._groups.discard)
+        self._forming.append(member)
+        try:
+            return await asyncio.shield(member.future)
+        except asyncio.CancelledError:
+            if not member.started:
+                member.left = True
+                raise
+            with contextlib.suppress(Exception):
+                await asyncio.shield(member.future)
+            raise
+
+    async def _group(self, group: list[_Member]) -> None:
+        """The group's transaction (together), once it has the write connection: no body joins after."""
+        try:
+            async with self._write_lock:
+                if self._forming is group:
+                    self._forming = None
+                await self._group_transaction(group)
+        except BaseException as exc:  # cancelled (the service stops) or the transaction failed: all of it undone
+            fault = exc if isinstance(exc, Exception) else StorageUnavailable("The service stopped; nothing was kept.")
+            for member in group:
+                if not member.future.done():
+                    member.future.set_exception(fault)
+            if not isinstance(exc, Exception):
+                raise
+
+    async def _group_transaction(self, group: list[_Member]) -> None:
+        token = _in_transaction.set(self)
+        self._later = [("BEGIN IMMEDIATE", {})]
+        kept: list[tuple[_Member, Any]] = []
+        try:
+            for n, member in enumerate(group):
+                if member.left:
+                    continue
+                member.started = True
+                self._body_start = (f"SAVEPOINT together_{n}", {})
+                self._later.append(self._body_start)
+                try:
+                    result = await member.body()
+                except Exception as exc:
+                    if isinstance(exc, _GroupFault) or not self._raw[WRITE].in_transaction:
+                        raise  # not its own writes alone: the whole group's
+                    unsent = [n for n, item in enumerate(self._later) if item is self._body_start]
+                    if unsent:  # it sent nothing: what it left is dropped
+                        del self._later[unsent[0] :]
+                    else:
+                        self._later = [(f"ROLLBACK TO together_{n}", {}), (f"RELEASE together_{n}", {})]
+                    member.future.set_exception(exc)
+                    continue
+                self._later.append((f"RELEASE together_{n}", {}))
+                kept.append((member, result))
+            self._body_start = None
+            await self.execute("COMMIT")
+        except BaseException:
+            self._later = []
+            with contextlib.suppress(Exception):  # (none to roll back if its BEGIN was never sent)
+                await self._raw[WRITE].execute("ROLLBACK")
+            raise
+        finally:
+            self._later, self._body_start = [], None
+            _in_transaction.reset(token)
+        for member, result in kept:
+            member.future.set_result(result)
+
     async def fetch_all(self, sql: str, values: dict[str, Any] | None = None, role: str = READ) -> list[dict]:
         """The statement's rows, on the connection of `role` (SQLite; PostgreSQL: the pool's)."""
         started = time.perf_counter()
@@ -1807,12 +1916,24 @@ class Database:
 
     async def _sqlite(self, sql: str, values: dict[str, Any], role: str) -> list[dict]:
         async with self._sqlite_connection(role) as conn:
-            return [dict(row) for row in await conn.execute_fetchall(self._with_later(sql), values)]
+            sql = self._with_later(sql)
+            try:
+                return [dict(row) for row in await conn.execute_fetchall(sql, values)]
+            except Exception as exc:
+                if isinstance(sql, _Batch) and 0 <= sql.failed_at < sql.theirs:  # another group body's write
+                    self.metrics.storage_faults.labels(fault_kind(exc)).inc()
+                    raise _GroupFault(
+                        "A turn stored together with this one could not be written; nothing of either was kept."
+                        " Try again in a moment."
+                    ) from exc
+                raise
 
     def _with_later(self, sql: str) -> str:
         """`sql`, carrying this task's transaction's statements not sent yet (a _Batch), if it has any."""
         if self._later and _in_transaction.get() is self:
-            sql, self._later = _Batch.of(self._later, sql), []
+            batch = _Batch.of(self._later, sql)
+            batch.theirs = next((n for n, item in enumerate(self._later) if item is self._body_start), 0)
+            sql, self._later = batch, []
         return sql
 
     async def _send_later(self, conn: Any) -> None:
@@ -1837,6 +1958,8 @@ class Database:
         return [dict(row._mapping) for row in await self._pool.fetch_all(sql, values)]
 
     def _failed(self, exc: Exception, role: str) -> NoReturn:
+        if isinstance(exc, _GroupFault):  # counted where its cause was met
+            raise exc
         # a violation, or a statement PostgreSQL stopped at its own statement_timeout (only a search has
         # one: its budget), says nothing of the database's health: raised as it is, not counted
         if _violation(exc) or type(exc).__name__ == "QueryCanceledError":
@@ -2537,61 +2660,63 @@ class Tree:
         (None: no hold).
 
         The partial unique index over `streaming` answers makes a second concurrent turn fail
-        here, before anything of it is stored."""
+        here, before anything of it is stored. On SQLite, turns that arrive while another is stored
+        are stored together (Database.together), each all or nothing as alone."""
         # PostgreSQL: the pool's connection first, so that the new row's heartbeat is when it is written
-        async with self.db.transaction():
-            values = {
-                "owner": turn.owner,
-                "sid": turn.session_id,
-                "now": utcnow(),
-                "aid": turn.answer_id,
-                "uid": turn.question_id,
-                "text": turn.question,
-                "parent": turn.parent_id,
-                "model": turn.model,
-                "results": storable_json(turn.tool_results),
-            }
+        return await self.db.together(lambda: self._turn(turn))
+
+    async def _turn(self, turn: Turn) -> Limits | None:
+        """begin_turn's transaction."""
+        values = {
+            "owner": turn.owner,
+            "sid": turn.session_id,
+            "now": utcnow(),
+            "aid": turn.answer_id,
+            "uid": turn.question_id,
+            "text": turn.question,
+            "parent": turn.parent_id,
+            "model": turn.model,
+            "results": storable_json(turn.tool_results),
+        }
+        await self.db.execute(
+            "INSERT INTO conversations (owner, session_id, title, title_source, current_message_id, created_at,"
+            " updated_at) VALUES (:owner, :sid, :title, :source, :aid, :now, :now)"
+            " ON CONFLICT (owner, session_id) DO UPDATE SET updated_at = excluded.updated_at,"
+            " title = COALESCE(conversations.title, excluded.title), title_source = CASE WHEN"
+            " conversations.title IS NULL THEN excluded.title_source ELSE conversations.title_source END,"
+            " current_message_id = excluded.current_message_id",
+            {**values, "title": turn.title, "source": "first_line" if turn.title else None},
+            later=True,  # with the messages' INSERT: its failure is a storage fault, not a violation
+        )
+        rows = f"(:aid, :uid, :owner, :sid, 'assistant', '', 'streaming', :model, :now, {self.db.heartbeat_now}, NULL)"
+        if turn.new_question:
+            rows = f"(:uid, :parent, :owner, :sid, 'user', :text, 'complete', NULL, :now, :now, :results), {rows}"
+        stamped = time.monotonic()  # the answer's heartbeat, written now, is seen once this commits
+        # SQLite: the messages go with the admission's first statement (one hop less), which raises
+        # their violation: the admission's own statements raise none (usage_owners' INSERT does
+        # nothing on a conflict; neither table has a foreign key: one would need its own try here)
+        with_admission = turn.hold is not None and not (turn.new_question and turn.files)
+        try:
             await self.db.execute(
-                "INSERT INTO conversations (owner, session_id, title, title_source, current_message_id, created_at,"
-                " updated_at) VALUES (:owner, :sid, :title, :source, :aid, :now, :now)"
-                " ON CONFLICT (owner, session_id) DO UPDATE SET updated_at = excluded.updated_at,"
-                " title = COALESCE(conversations.title, excluded.title), title_source = CASE WHEN"
-                " conversations.title IS NULL THEN excluded.title_source ELSE conversations.title_source END,"
-                " current_message_id = excluded.current_message_id",
-                {**values, "title": turn.title, "source": "first_line" if turn.title else None},
-                later=True,  # with the messages' INSERT: its failure is a storage fault, not a violation
+                "INSERT INTO messages (id, parent_id, owner, session_id, role, content, status, model,"
+                f" created_at, updated_at, tool_results) VALUES {rows}",
+                values,
+                later=with_admission,
             )
-            rows = (
-                f"(:aid, :uid, :owner, :sid, 'assistant', '', 'streaming', :model, :now, {self.db.heartbeat_now}, NULL)"
-            )
-            if turn.new_question:
-                rows = f"(:uid, :parent, :owner, :sid, 'user', :text, 'complete', NULL, :now, :now, :results), {rows}"
-            stamped = time.monotonic()  # the answer's heartbeat, written now, is seen once this commits
-            # SQLite: the messages go with the admission's first statement (one hop less), which raises
-            # their violation: the admission's own statements raise none (usage_owners' INSERT does
-            # nothing on a conflict; neither table has a foreign key: one would need its own try here)
-            with_admission = turn.hold is not None and not (turn.new_question and turn.files)
-            try:
-                await self.db.execute(
-                    "INSERT INTO messages (id, parent_id, owner, session_id, role, content, status, model,"
-                    f" created_at, updated_at, tool_results) VALUES {rows}",
-                    values,
-                    later=with_admission,
-                )
-                limits = await self.usage.admit(turn.hold) if with_admission else None
-            except Exception as exc:
-                kind = _violation(exc)
-                if kind == "unique":
-                    raise busy(turn.session_id) from None
-                if kind == "foreign_key":  # the message it follows was deleted meanwhile
-                    raise message_not_found(turn.session_id, turn.parent_id or turn.question_id) from None
-                raise
-            if not with_admission:
-                if turn.new_question and turn.files:
-                    await self._attach_files(turn)
-                limits = await self.usage.admit(turn.hold) if turn.hold is not None else None
-            beat_in_time(self.db, stamped)
-            return limits
+            limits = await self.usage.admit(turn.hold) if with_admission else None
+        except Exception as exc:
+            kind = _violation(exc)
+            if kind == "unique":
+                raise busy(turn.session_id) from None
+            if kind == "foreign_key":  # the message it follows was deleted meanwhile
+                raise message_not_found(turn.session_id, turn.parent_id or turn.question_id) from None
+            raise
+        if not with_admission:
+            if turn.new_question and turn.files:
+                await self._attach_files(turn)
+            limits = await self.usage.admit(turn.hold) if turn.hold is not None else None
+        beat_in_time(self.db, stamped)
+        return limits
 
     async def begin_continuation(self, cont: Continuation) -> Limits | None:
         """The answer `cont` continues goes back to `streaming` (its text as it is, `continued` + 1,

@@ -163,3 +163,152 @@ def test_a_turn_and_its_end_on_sqlite_reach_the_write_thread_in_five_hops(tmp_pa
         assert row == {"content": "a b", "status": "complete"}
         [call] = service.rows("SELECT state FROM usage_calls WHERE session_id = 's1'")
         assert call == {"state": "settled"}
+
+
+async def _gathered_behind_a_transaction(db: chatsvc.Database, bodies: list) -> list:
+    """Each of `bodies` through db.together, all arriving while another transaction holds the write
+    connection (on SQLite they form one group); their outcomes, results or exceptions, in order."""
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with db.transaction():
+            await db.execute("INSERT INTO later_t (n) VALUES (0)")
+            holding.set()
+            await release.wait()
+
+    holder = asyncio.ensure_future(hold())
+    await holding.wait()
+    waiting = [asyncio.ensure_future(db.together(body)) for body in bodies]
+    await asyncio.sleep(0.05)  # every one of them has joined
+    release.set()
+    await holder
+    return await asyncio.gather(*waiting, return_exceptions=True)
+
+
+def test_bodies_that_arrive_together_are_each_all_or_nothing_and_share_one_commit(database):
+    """Database.together: a body's refusal undoes its own writes only, whether it had sent some or none;
+    the others are kept. On SQLite the four are one group: one BEGIN, one COMMIT, a hop each."""
+
+    def insert(*numbers, refuse=None, early=False):
+        async def body():
+            if early:
+                raise chatsvc.ConversationBusy("refused before it wrote anything")
+            for n in numbers:
+                await db_of[0].execute("INSERT INTO later_t (n) VALUES (:n)", {"n": n}, later=True)
+            await db_of[0].fetch_all("SELECT n FROM later_t WHERE n = :n", {"n": numbers[0]})
+            if refuse:
+                raise chatsvc.ConversationBusy(refuse)
+            return numbers
+
+        return body
+
+    db_of = []
+
+    async def body(db: chatsvc.Database) -> None:
+        db_of.append(db)
+        counted = Hops(db._raw[chatsvc.WRITE]) if db.is_sqlite else None
+        outcomes = await _gathered_behind_a_transaction(
+            db, [insert(1, 2), insert(3, refuse="its own refusal"), insert(4, early=True), insert(5, 6)]
+        )
+        if counted:
+            counted.__exit__()
+            # the holder's two (its INSERT, its COMMIT); the group's four: a hop for each body that sent
+            # a statement (its SAVEPOINT and its later writes went with it), and one COMMIT
+            assert counted.count == 2 + 4
+        assert outcomes[0] == (1, 2) and outcomes[3] == (5, 6)
+        assert isinstance(outcomes[1], chatsvc.ConversationBusy) and str(outcomes[1]) == "its own refusal"
+        assert isinstance(outcomes[2], chatsvc.ConversationBusy)
+        stored = [row["n"] for row in await db.fetch_all("SELECT n FROM later_t ORDER BY n")]
+        assert stored == [0, 1, 2, 5, 6]
+
+    on(database, body)
+
+
+def test_a_write_one_body_left_for_later_that_fails_undoes_the_whole_group(tmp_path):
+    """SQLite: body A's later write travels with body B's first statement; its failure is not B's:
+    the group is undone (503 for both), not B alone."""
+    database = f"sqlite+aiosqlite:///{tmp_path / 'group.db'}"
+
+    async def body(db: chatsvc.Database) -> None:
+        await db.execute("INSERT INTO later_t (n) VALUES (7)")
+
+        async def a():
+            await db.execute("INSERT INTO later_t (n) VALUES (1)")
+            await db.execute("INSERT INTO later_t (n) VALUES (7)", later=True)  # taken: fails in B's hop
+
+        async def b():
+            try:
+                await db.execute("INSERT INTO later_t (n) VALUES (2)")
+            except Exception as exc:  # as a body that reads a violation as its own refusal would
+                if chatsvc._violation(exc):
+                    raise chatsvc.ConversationBusy("B's own, it thinks") from None
+                raise
+
+        outcomes = await _gathered_behind_a_transaction(db, [a, b])
+        assert all(isinstance(outcome, chatsvc.StorageUnavailable) for outcome in outcomes), outcomes
+        assert "nothing of either was kept" in str(outcomes[1])
+        assert [row["n"] for row in await db.fetch_all("SELECT n FROM later_t ORDER BY n")] == [0, 7]
+        async with db.transaction():  # the write connection is free, and no transaction is left open
+            await db.execute("INSERT INTO later_t (n) VALUES (3)")
+        assert [row["n"] for row in await db.fetch_all("SELECT n FROM later_t ORDER BY n")] == [0, 3, 7]
+
+    on(database, body)
+
+
+def test_a_caller_cancelled_before_its_body_starts_is_left_out_of_its_group(tmp_path):
+    database = f"sqlite+aiosqlite:///{tmp_path / 'group.db'}"
+
+    async def body(db: chatsvc.Database) -> None:
+        holding, release = asyncio.Event(), asyncio.Event()
+
+        async def hold() -> None:
+            async with db.transaction():
+                await db.execute("INSERT INTO later_t (n) VALUES (0)")
+                holding.set()
+                await release.wait()
+
+        holder = asyncio.ensure_future(hold())
+        await holding.wait()
+        first = asyncio.ensure_future(db.together(lambda: db.execute("INSERT INTO later_t (n) VALUES (1)")))
+        left = asyncio.ensure_future(db.together(lambda: db.execute("INSERT INTO later_t (n) VALUES (2)")))
+        await asyncio.sleep(0.05)
+        left.cancel()
+        release.set()
+        await holder
+        await first
+        with pytest.raises(asyncio.CancelledError):
+            await left
+        assert [row["n"] for row in await db.fetch_all("SELECT n FROM later_t ORDER BY n")] == [0, 1]
+
+    on(database, body)
+
+
+def test_turns_that_arrive_together_are_each_stored_whole_and_a_second_on_one_conversation_is_409(service, fake):
+    """Thirty turns at once through a live server (on SQLite, stored in groups): each new conversation's
+    answer is stored complete with its question and its settled call; of two turns on one conversation
+    exactly one is answered and the other is 409 conversation_busy, leaving nothing of itself."""
+    import httpx2 as httpx
+    from live import LiveServer
+
+    async def chat(client, sid: str):
+        return await client.post(f"{API}/chat/{sid}", json={"message": "hello"})
+
+    async def all_at_once(url: str):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            return await asyncio.gather(*(chat(client, f"g{i}") for i in range(28)), chat(client, "same"),
+                                        chat(client, "same"))  # fmt: skip
+
+    fake.push(*[Reply.answer(["t0 ", "t1 ", "t2 "], pause=0.05) for _ in range(29)])  # the 409 calls no model
+    with LiveServer(service.settings) as server:
+        replies = asyncio.run(all_at_once(server.url))
+    assert [r.status_code for r in replies[:28]] == [200] * 28
+    assert all(r.json()["response"] == "t0 t1 t2 " for r in replies[:28])
+    same = sorted(r.status_code for r in replies[28:])
+    assert same == [200, 409], [r.text for r in replies[28:]]
+    assert next(r for r in replies[28:] if r.status_code == 409).json()["code"] == "conversation_busy"
+    rows = service.rows("SELECT session_id, role, content, status FROM messages ORDER BY session_id, role")
+    assert len(rows) == 29 * 2  # a question and its answer for each conversation answered, nothing else
+    assert {(r["role"], r["status"]) for r in rows} == {("user", "complete"), ("assistant", "complete")}
+    assert all(r["content"] == "t0 t1 t2 " for r in rows if r["role"] == "assistant")
+    calls = service.rows("SELECT state FROM usage_calls")
+    assert [c["state"] for c in calls] == ["settled"] * 29
