@@ -1394,6 +1394,9 @@ class Later:
         self.rows: list[dict] | None = None
 
 
+_BEGIN = ("BEGIN IMMEDIATE", {})  # SQLite: a write transaction's first statement, sent with its second
+
+
 @dataclass(eq=False)
 class _Member:
     """A body waiting in a group (Database.together), and where its outcome goes."""
@@ -1689,7 +1692,7 @@ class Database:
         if self.is_sqlite:
             async with self._write_lock:
                 token = _in_transaction.set(self)
-                self._later = [("BEGIN IMMEDIATE", {})]
+                self._later = [_BEGIN]
                 try:
                     try:
                         yield
@@ -1744,8 +1747,9 @@ class Database:
                 await asyncio.sleep(0.05 * attempt)  # the other transaction, which goes on, ends first
         raise AssertionError("unreachable")
 
-    async def together(self, body: Callable[[], Awaitable[T]]) -> T:
-        """`body` as one transaction, all or nothing, as `transaction` runs it; on SQLite, with the
+    async def together(self, body: Callable[[], Awaitable[T]], again_on_deadlock: bool = False) -> T:
+        """`body` as one transaction, all or nothing, as `transaction` runs it (`again_on_deadlock`:
+        as `atomically` runs it, on PostgreSQL, where deadlocks happen); on SQLite, with the
         bodies that wait for the write connection at the same time (group commit). They run one after
         another in their order of arrival, on the group's task, in one transaction, each inside a
         SAVEPOINT of its own: what one raises undoes its own writes only and is raised to its caller;
@@ -1758,6 +1762,8 @@ class Database:
         group's outcome, then is cancelled (its writes may be kept, as those of a transaction whose
         COMMIT was sent are)."""
         if not self.is_sqlite:
+            if again_on_deadlock:
+                return await self.atomically(body)
             async with self.transaction():
                 return await body()
         member = _Member(body, asyncio.get_running_loop().create_future())
@@ -1794,7 +1800,7 @@ class Database:
 
     async def _group_transaction(self, group: list[_Member]) -> None:
         token = _in_transaction.set(self)
-        self._later = [("BEGIN IMMEDIATE", {})]
+        self._later = [_BEGIN]
         kept: list[tuple[_Member, Any]] = []
         try:
             for n, member in enumerate(group):
@@ -1920,7 +1926,8 @@ class Database:
             try:
                 return [dict(row) for row in await conn.execute_fetchall(sql, values)]
             except Exception as exc:
-                if isinstance(sql, _Batch) and 0 <= sql.failed_at < sql.theirs:  # another group body's write
+                failed = sql.before[sql.failed_at] if isinstance(sql, _Batch) and sql.failed_at >= 0 else None
+                if failed is not None and failed is not _BEGIN and sql.failed_at < sql.theirs:  # another body's
                     self.metrics.storage_faults.labels(fault_kind(exc)).inc()
                     raise _GroupFault(
                         "A turn stored together with this one could not be written; nothing of either was kept."
@@ -4768,7 +4775,7 @@ class AnswerRows:
                 )  # fmt: skip
             return written
 
-        written = await self.db.atomically(write)
+        written = await self.db.together(write, again_on_deadlock=True)  # SQLite: with the ends arriving with it
         assert written.rows is not None, "the COMMIT carries the final row at the latest"
         return bool(written.rows)
 
