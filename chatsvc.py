@@ -1749,8 +1749,9 @@ class Database:
 
     async def together(self, body: Callable[[], Awaitable[T]], again_on_deadlock: bool = False) -> T:
         """`body` as one transaction, all or nothing, as `transaction` runs it (`again_on_deadlock`:
-        as `atomically` runs it, on PostgreSQL, where deadlocks happen); on SQLite, with the
-        bodies that wait for the write connection at the same time (group commit). They run one after
+        as `atomically` runs it, on PostgreSQL, where deadlocks happen). On SQLite, a body that finds the
+        write connection free runs so, on its caller's task; those that then wait for the connection
+        together share one transaction (group commit). They run one after
         another in their order of arrival, on the group's task, in one transaction, each inside a
         SAVEPOINT of its own: what one raises undoes its own writes only and is raised to its caller;
         the others are committed at once, and a COMMIT that fails fails them all. A body's statements
@@ -1764,6 +1765,9 @@ class Database:
         if not self.is_sqlite:
             if again_on_deadlock:
                 return await self.atomically(body)
+            async with self.transaction():
+                return await body()
+        if self._forming is None and not self._write_lock.locked():  # alone: as a transaction, without a task
             async with self.transaction():
                 return await body()
         member = _Member(body, asyncio.get_running_loop().create_future())
