@@ -1416,7 +1416,7 @@ class _Batch(str):
     before: list[tuple]
     last: str
     failed_at = -1  # the index in `before` of the statement that raised (set on the connection's thread)
-    theirs = 0  # Database.together: `before` up to here is what the bodies before the running one left
+    theirs = -1  # Database.together: the running body's SAVEPOINT in `before` (what comes before is others')
 
     @classmethod
     def of(cls, before: list[tuple], last: str) -> _Batch:
@@ -1435,11 +1435,11 @@ class _SQLiteConnection(sqlite3.Connection):
             for n, (statement, values, *rows) in enumerate(sql.before):
                 try:
                     cursor = super().execute(statement, values)
+                    if rows:  # a Later: the statement's rows, read on this thread before the next statement
+                        rows[0].rows = [dict(row) for row in cursor.fetchall()]
                 except BaseException:
                     sql.failed_at = n
                     raise
-                if rows:  # a Later: the statement's rows, read on this thread before the next statement
-                    rows[0].rows = [dict(row) for row in cursor.fetchall()]
             sql = sql.last
         return super().execute(sql, parameters)
 
@@ -1592,6 +1592,7 @@ class Database:
         self._later: list[tuple] = []  # SQLite: (sql, values[, Later]) to send with the next statement
         self._forming: list[_Member] | None = None  # SQLite: the group that bodies arriving now join (together)
         self._body_start: tuple | None = None  # SQLite: the running group body's SAVEPOINT, in _later until sent
+        self._group_fault: _GroupFault | None = None  # SQLite: a fault beyond the running body, once met
         self._groups: set[asyncio.Task] = set()
         self._search_lock = asyncio.Lock()  # SQLite: one search at a time on the search connection
         self.fault: str | None = None
@@ -1661,6 +1662,11 @@ class Database:
             await conn.__aexit__(None, None, None)
 
     async def close(self) -> None:
+        if self._groups:  # SQLite: groups still storing (together) end first, or are undone after 5 s
+            _, late = await asyncio.wait(set(self._groups), timeout=5)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         # aiosqlite's threads are not daemons: a connection left open keeps the process alive.
         while self._conns:
             await self.let_go(self._conns.pop())
@@ -1797,14 +1803,17 @@ class Database:
         except BaseException as exc:  # cancelled (the service stops) or the transaction failed: all of it undone
             fault = exc if isinstance(exc, Exception) else StorageUnavailable("The service stopped; nothing was kept.")
             for member in group:
-                if not member.future.done():
+                if not member.future.done() and not member.left:
                     member.future.set_exception(fault)
             if not isinstance(exc, Exception):
                 raise
+        finally:
+            if self._forming is group:  # (cancelled before it had the connection) no one joins it now
+                self._forming = None
 
     async def _group_transaction(self, group: list[_Member]) -> None:
         token = _in_transaction.set(self)
-        self._later = [_BEGIN]
+        self._later, self._group_fault = [_BEGIN], None
         kept: list[tuple[_Member, Any]] = []
         try:
             for n, member in enumerate(group):
@@ -1815,9 +1824,12 @@ class Database:
                 self._later.append(self._body_start)
                 try:
                     result = await member.body()
+                    if self._group_fault:  # it caught a fault beyond its own writes: still the group's
+                        raise self._group_fault
                 except Exception as exc:
-                    if isinstance(exc, _GroupFault) or not self._raw[WRITE].in_transaction:
-                        raise  # not its own writes alone: the whole group's
+                    begun = not (self._later and self._later[0] is _BEGIN)
+                    if self._group_fault or (begun and not self._raw[WRITE].in_transaction):
+                        raise  # not its own writes alone: the whole group's (SQLite rolled it all back)
                     unsent = [n for n, item in enumerate(self._later) if item is self._body_start]
                     if unsent:  # it sent nothing: what it left is dropped
                         del self._later[unsent[0] :]
@@ -1835,7 +1847,7 @@ class Database:
                 await self._raw[WRITE].execute("ROLLBACK")
             raise
         finally:
-            self._later, self._body_start = [], None
+            self._later, self._body_start, self._group_fault = [], None, None
             _in_transaction.reset(token)
         for member, result in kept:
             member.future.set_result(result)
@@ -1931,19 +1943,20 @@ class Database:
                 return [dict(row) for row in await conn.execute_fetchall(sql, values)]
             except Exception as exc:
                 failed = sql.before[sql.failed_at] if isinstance(sql, _Batch) and sql.failed_at >= 0 else None
-                if failed is not None and failed is not _BEGIN and sql.failed_at < sql.theirs:  # another body's
+                if failed is not None and failed is not _BEGIN and sql.failed_at <= sql.theirs:  # not the body's
                     self.metrics.storage_faults.labels(fault_kind(exc)).inc()
-                    raise _GroupFault(
+                    self._group_fault = _GroupFault(
                         "A turn stored together with this one could not be written; nothing of either was kept."
                         " Try again in a moment."
-                    ) from exc
+                    )
+                    raise self._group_fault from exc
                 raise
 
     def _with_later(self, sql: str) -> str:
         """`sql`, carrying this task's transaction's statements not sent yet (a _Batch), if it has any."""
         if self._later and _in_transaction.get() is self:
             batch = _Batch.of(self._later, sql)
-            batch.theirs = next((n for n, item in enumerate(self._later) if item is self._body_start), 0)
+            batch.theirs = next((n for n, item in enumerate(self._later) if item is self._body_start), -1)
             sql, self._later = batch, []
         return sql
 

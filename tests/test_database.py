@@ -5,6 +5,7 @@ each, where every statement was one)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 
 import pytest
@@ -208,16 +209,23 @@ def test_bodies_that_arrive_together_are_each_all_or_nothing_and_share_one_commi
         db_of.append(db)
         counted = Hops(db._raw[chatsvc.WRITE]) if db.is_sqlite else None
         outcomes = await _gathered_behind_a_transaction(
-            db, [insert(1, 2), insert(3, refuse="its own refusal"), insert(4, early=True), insert(5, 6)]
-        )
+            db,
+            [
+                insert(8, early=True),
+                insert(1, 2),
+                insert(3, refuse="its own refusal"),
+                insert(4, early=True),
+                insert(5, 6),
+            ],
+        )  # the first refuses before the group's BEGIN is sent: its own refusal still, not the group's
         if counted:
             counted.__exit__()
             # the holder's two (its INSERT, its COMMIT); the group's four: a hop for each body that sent
             # a statement (its SAVEPOINT and its later writes went with it), and one COMMIT
             assert counted.count == 2 + 4
-        assert outcomes[0] == (1, 2) and outcomes[3] == (5, 6)
-        assert isinstance(outcomes[1], chatsvc.ConversationBusy) and str(outcomes[1]) == "its own refusal"
-        assert isinstance(outcomes[2], chatsvc.ConversationBusy)
+        assert outcomes[1] == (1, 2) and outcomes[4] == (5, 6)
+        assert isinstance(outcomes[2], chatsvc.ConversationBusy) and str(outcomes[2]) == "its own refusal"
+        assert all(isinstance(outcomes[n], chatsvc.ConversationBusy) for n in (0, 3))
         stored = [row["n"] for row in await db.fetch_all("SELECT n FROM later_t ORDER BY n")]
         assert stored == [0, 1, 2, 5, 6]
 
@@ -312,3 +320,27 @@ def test_turns_that_arrive_together_are_each_stored_whole_and_a_second_on_one_co
     assert all(r["content"] == "t0 t1 t2 " for r in rows if r["role"] == "assistant")
     calls = service.rows("SELECT state FROM usage_calls")
     assert [c["state"] for c in calls] == ["settled"] * 29
+
+
+def test_a_body_that_swallows_a_fault_beyond_its_own_writes_does_not_keep_the_group(tmp_path):
+    """SQLite: body B catches every exception of its statement; the failure it caught was body A's
+    later write: the group is undone all the same, and both are told."""
+    database = f"sqlite+aiosqlite:///{tmp_path / 'group.db'}"
+
+    async def body(db: chatsvc.Database) -> None:
+        await db.execute("INSERT INTO later_t (n) VALUES (7)")
+
+        async def a():
+            await db.execute("INSERT INTO later_t (n) VALUES (1)")
+            await db.execute("INSERT INTO later_t (n) VALUES (7)", later=True)
+
+        async def b():
+            with contextlib.suppress(Exception):
+                await db.execute("INSERT INTO later_t (n) VALUES (2)")
+            return "went on"
+
+        outcomes = await _gathered_behind_a_transaction(db, [a, b])
+        assert all(isinstance(outcome, chatsvc.StorageUnavailable) for outcome in outcomes), outcomes
+        assert [row["n"] for row in await db.fetch_all("SELECT n FROM later_t ORDER BY n")] == [0, 7]
+
+    on(database, body)
