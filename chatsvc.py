@@ -1696,21 +1696,8 @@ class Database:
         them or its COMMIT, in one hop to the write connection's thread each (~60 µs of CPU a hop: a
         turn was 6 hops, now 2)."""
         if self.is_sqlite:
-            async with self._write_lock:
-                token = _in_transaction.set(self)
-                self._later = [_BEGIN]
-                try:
-                    try:
-                        yield
-                        await self.execute("COMMIT")
-                    except BaseException:
-                        self._later = []
-                        with contextlib.suppress(Exception):  # (none to roll back if its BEGIN was never sent)
-                            await self._raw[WRITE].execute("ROLLBACK")
-                        raise
-                finally:
-                    self._later = []
-                    _in_transaction.reset(token)
+            async with self._write_lock, self._sqlite_transaction():
+                yield
             return
         # A fault at BEGIN or COMMIT (a connection the server dropped) is a storage fault like any
         # statement's; a rollback that fails after the body raised gives way to the body's exception.
@@ -1738,6 +1725,25 @@ class Database:
             raise
         except Exception as exc:
             self._failed(exc, WRITE)
+
+    @contextlib.asynccontextmanager
+    async def _sqlite_transaction(self) -> AsyncIterator[None]:
+        """SQLite, with the write connection held: its BEGIN (sent with the first statement), then its
+        COMMIT, or a ROLLBACK of whatever was sent if the body raises."""
+        token = _in_transaction.set(self)
+        self._later = [_BEGIN]
+        try:
+            try:
+                yield
+                await self.execute("COMMIT")
+            except BaseException:
+                self._later = []
+                with contextlib.suppress(Exception):  # (none to roll back if its BEGIN was never sent)
+                    await self._raw[WRITE].execute("ROLLBACK")
+                raise
+        finally:
+            self._later = []
+            _in_transaction.reset(token)
 
     async def atomically(self, body: Callable[[], Awaitable[T]]) -> T:
         """`body` as one transaction; run again when PostgreSQL cancelled it to break a deadlock (it
@@ -1812,45 +1818,42 @@ class Database:
                 self._forming = None
 
     async def _group_transaction(self, group: list[_Member]) -> None:
-        token = _in_transaction.set(self)
-        self._later, self._group_fault = [_BEGIN], None
         kept: list[tuple[_Member, Any]] = []
         try:
-            for n, member in enumerate(group):
-                if member.left:
-                    continue
-                member.started = True
-                self._body_start = (f"SAVEPOINT together_{n}", {})
-                self._later.append(self._body_start)
-                try:
-                    result = await member.body()
-                    if self._group_fault:  # it caught a fault beyond its own writes: still the group's
-                        raise self._group_fault
-                except Exception as exc:
-                    begun = not (self._later and self._later[0] is _BEGIN)
-                    if self._group_fault or (begun and not self._raw[WRITE].in_transaction):
-                        raise  # not its own writes alone: the whole group's (SQLite rolled it all back)
-                    unsent = [n for n, item in enumerate(self._later) if item is self._body_start]
-                    if unsent:  # it sent nothing: what it left is dropped
-                        del self._later[unsent[0] :]
-                    else:
-                        self._later = [(f"ROLLBACK TO together_{n}", {}), (f"RELEASE together_{n}", {})]
-                    member.future.set_exception(exc)
-                    continue
-                self._later.append((f"RELEASE together_{n}", {}))
-                kept.append((member, result))
-            self._body_start = None
-            await self.execute("COMMIT")
-        except BaseException:
-            self._later = []
-            with contextlib.suppress(Exception):  # (none to roll back if its BEGIN was never sent)
-                await self._raw[WRITE].execute("ROLLBACK")
-            raise
+            async with self._sqlite_transaction():
+                await self._group_bodies(group, kept)
         finally:
-            self._later, self._body_start, self._group_fault = [], None, None
-            _in_transaction.reset(token)
+            self._body_start, self._group_fault = None, None
         for member, result in kept:
             member.future.set_result(result)
+
+    async def _group_bodies(self, group: list[_Member], kept: list[tuple[_Member, Any]]) -> None:
+        """Inside the group's transaction: each member's body in its SAVEPOINT, in order; those kept
+        (and their results) added to `kept`."""
+        for n, member in enumerate(group):
+            if member.left:
+                continue
+            member.started = True
+            self._body_start = (f"SAVEPOINT together_{n}", {})
+            self._later.append(self._body_start)
+            try:
+                result = await member.body()
+                if self._group_fault:  # it caught a fault beyond its own writes: still the group's
+                    raise self._group_fault
+            except Exception as exc:
+                begun = not (self._later and self._later[0] is _BEGIN)
+                if self._group_fault or (begun and not self._raw[WRITE].in_transaction):
+                    raise  # not its own writes alone: the whole group's (SQLite rolled it all back)
+                unsent = [i for i, item in enumerate(self._later) if item is self._body_start]
+                if unsent:  # it sent nothing: what it left is dropped
+                    del self._later[unsent[0] :]
+                else:
+                    self._later = [(f"ROLLBACK TO together_{n}", {}), (f"RELEASE together_{n}", {})]
+                member.future.set_exception(exc)
+                continue
+            self._later.append((f"RELEASE together_{n}", {}))
+            kept.append((member, result))
+        self._body_start = None
 
     async def fetch_all(self, sql: str, values: dict[str, Any] | None = None, role: str = READ) -> list[dict]:
         """The statement's rows, on the connection of `role` (SQLite; PostgreSQL: the pool's)."""

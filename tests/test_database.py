@@ -166,9 +166,9 @@ def test_a_turn_and_its_end_on_sqlite_reach_the_write_thread_in_five_hops(tmp_pa
         assert call == {"state": "settled"}
 
 
-async def _gathered_behind_a_transaction(db: chatsvc.Database, bodies: list) -> list:
-    """Each of `bodies` through db.together, all arriving while another transaction holds the write
-    connection (on SQLite they form one group); their outcomes, results or exceptions, in order."""
+@contextlib.asynccontextmanager
+async def _held(db: chatsvc.Database):
+    """Another transaction (it stores 0) holds the write connection until the block ends."""
     holding, release = asyncio.Event(), asyncio.Event()
 
     async def hold() -> None:
@@ -179,10 +179,19 @@ async def _gathered_behind_a_transaction(db: chatsvc.Database, bodies: list) -> 
 
     holder = asyncio.ensure_future(hold())
     await holding.wait()
-    waiting = [asyncio.ensure_future(db.together(body)) for body in bodies]
-    await asyncio.sleep(0.05)  # every one of them has joined
-    release.set()
-    await holder
+    try:
+        yield
+    finally:
+        release.set()
+        await holder
+
+
+async def _gathered_behind_a_transaction(db: chatsvc.Database, bodies: list) -> list:
+    """Each of `bodies` through db.together, all arriving while another transaction holds the write
+    connection (on SQLite they form one group); their outcomes, results or exceptions, in order."""
+    async with _held(db):
+        waiting = [asyncio.ensure_future(db.together(body)) for body in bodies]
+        await asyncio.sleep(0.05)  # every one of them has joined
     return await asyncio.gather(*waiting, return_exceptions=True)
 
 
@@ -267,22 +276,11 @@ def test_a_caller_cancelled_before_its_body_starts_is_left_out_of_its_group(tmp_
     database = f"sqlite+aiosqlite:///{tmp_path / 'group.db'}"
 
     async def body(db: chatsvc.Database) -> None:
-        holding, release = asyncio.Event(), asyncio.Event()
-
-        async def hold() -> None:
-            async with db.transaction():
-                await db.execute("INSERT INTO later_t (n) VALUES (0)")
-                holding.set()
-                await release.wait()
-
-        holder = asyncio.ensure_future(hold())
-        await holding.wait()
-        first = asyncio.ensure_future(db.together(lambda: db.execute("INSERT INTO later_t (n) VALUES (1)")))
-        left = asyncio.ensure_future(db.together(lambda: db.execute("INSERT INTO later_t (n) VALUES (2)")))
-        await asyncio.sleep(0.05)
-        left.cancel()
-        release.set()
-        await holder
+        async with _held(db):
+            first = asyncio.ensure_future(db.together(lambda: db.execute("INSERT INTO later_t (n) VALUES (1)")))
+            left = asyncio.ensure_future(db.together(lambda: db.execute("INSERT INTO later_t (n) VALUES (2)")))
+            await asyncio.sleep(0.05)
+            left.cancel()
         await first
         with pytest.raises(asyncio.CancelledError):
             await left
