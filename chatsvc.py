@@ -1763,10 +1763,10 @@ class Database:
         """`body` as one transaction, all or nothing, as `transaction` runs it (`again_on_deadlock`:
         as `atomically` runs it, on PostgreSQL, where deadlocks happen). On SQLite, a body that finds the
         write connection free runs so, on its caller's task; those that then wait for the connection
-        together share one transaction (group commit). They run one after
-        another in their order of arrival, on the group's task, in one transaction, each inside a
-        SAVEPOINT of its own: what one raises undoes its own writes only and is raised to its caller;
-        the others are committed at once, and a COMMIT that fails fails them all. A body's statements
+        together share one transaction (group commit). They run one after another in their order of
+        arrival, on the group's task, each inside a SAVEPOINT of its own: what one raises undoes its own
+        writes only and is raised to its caller; the others are committed at once, and a COMMIT that
+        fails fails them all. A body's statements
         travel with what the bodies before it left for later, in one hop, so 20 turns that arrive while
         another is stored cost 20 hops and one COMMIT, not 40 hops and 20 hand-offs of the connection,
         each a pass of the event loop. A fault that undoes more than one body's writes (one another
@@ -1774,12 +1774,9 @@ class Database:
         of it kept. A caller cancelled before its body starts is left out; after, it waits for the
         group's outcome, then is cancelled (its writes may be kept, as those of a transaction whose
         COMMIT was sent are)."""
-        if not self.is_sqlite:
-            if again_on_deadlock:
-                return await self.atomically(body)
-            async with self.transaction():
-                return await body()
-        if self._forming is None and not self._write_lock.locked():  # alone: as a transaction, without a task
+        if again_on_deadlock and not self.is_sqlite:
+            return await self.atomically(body)
+        if not self.is_sqlite or (self._forming is None and not self._write_lock.locked()):  # SQLite: alone
             async with self.transaction():
                 return await body()
         member = _Member(body, asyncio.get_running_loop().create_future())
@@ -1906,7 +1903,7 @@ class Database:
         try:
             if self._raw:
                 async with self._sqlite_connection(role) as conn:
-                    await self._send_later(conn)
+                    await self._send_later()
                     await conn.executemany(sql, rows())
             else:
                 async with self._pool.connection() as conn:
@@ -1959,17 +1956,19 @@ class Database:
         """`sql`, carrying this task's transaction's statements not sent yet (a _Batch), if it has any."""
         if self._later and _in_transaction.get() is self:
             batch = _Batch.of(self._later, sql)
-            batch.theirs = next((n for n, item in enumerate(self._later) if item is self._body_start), -1)
+            if self._body_start is not None:  # in a group (together)
+                batch.theirs = next((n for n, item in enumerate(self._later) if item is self._body_start), -1)
             sql, self._later = batch, []
         return sql
 
-    async def _send_later(self, conn: Any) -> None:
-        """This task's transaction's statements not sent yet, sent now (before one that cannot carry them)."""
+    async def _send_later(self) -> None:
+        """This task's transaction's statements not sent yet, sent now (before one that cannot carry
+        them): the last carries the others, as any statement would."""
         if self._later and _in_transaction.get() is self:
             sql, values, *later = self._later.pop()
-            rows = await conn.execute_fetchall(self._with_later(sql), values)
+            rows = await self._sqlite(sql, values, WRITE)
             if later:
-                later[0].rows = [dict(row) for row in rows]
+                later[0].rows = rows
 
     async def _postgres(self, sql: str, values: dict[str, Any]) -> list[dict]:
         """PostgreSQL: the statement on this task's connection (in a transaction: the transaction's),

@@ -197,38 +197,34 @@ async def _gathered_behind_a_transaction(db: chatsvc.Database, bodies: list) -> 
 
 def test_bodies_that_arrive_together_are_each_all_or_nothing_and_share_one_commit(database):
     """Database.together: a body's refusal undoes its own writes only, whether it had sent some or none;
-    the others are kept. On SQLite the four are one group: one BEGIN, one COMMIT, a hop each."""
-
-    def insert(*numbers, refuse=None, early=False):
-        async def body():
-            if early:
-                raise chatsvc.ConversationBusy("refused before it wrote anything")
-            for n in numbers:
-                await db_of[0].execute("INSERT INTO later_t (n) VALUES (:n)", {"n": n}, later=True)
-            await db_of[0].fetch_all("SELECT n FROM later_t WHERE n = :n", {"n": numbers[0]})
-            if refuse:
-                raise chatsvc.ConversationBusy(refuse)
-            return numbers
-
-        return body
-
-    db_of = []
+    the others are kept. On SQLite the five are one group: one BEGIN, one COMMIT, a hop each."""
 
     async def body(db: chatsvc.Database) -> None:
-        db_of.append(db)
-        counted = Hops(db._raw[chatsvc.WRITE]) if db.is_sqlite else None
-        outcomes = await _gathered_behind_a_transaction(
-            db,
-            [
-                insert(8, early=True),
-                insert(1, 2),
-                insert(3, refuse="its own refusal"),
-                insert(4, early=True),
-                insert(5, 6),
-            ],
-        )  # the first refuses before the group's BEGIN is sent: its own refusal still, not the group's
+        def insert(*numbers, refuse=None, early=False):
+            async def body():
+                if early:
+                    raise chatsvc.ConversationBusy("refused before it wrote anything")
+                for n in numbers:
+                    await db.execute("INSERT INTO later_t (n) VALUES (:n)", {"n": n}, later=True)
+                await db.fetch_all("SELECT n FROM later_t WHERE n = :n", {"n": numbers[0]})
+                if refuse:
+                    raise chatsvc.ConversationBusy(refuse)
+                return numbers
+
+            return body
+
+        with Hops(db._raw[chatsvc.WRITE]) if db.is_sqlite else contextlib.nullcontext() as counted:
+            outcomes = await _gathered_behind_a_transaction(
+                db,
+                [
+                    insert(8, early=True),
+                    insert(1, 2),
+                    insert(3, refuse="its own refusal"),
+                    insert(4, early=True),
+                    insert(5, 6),
+                ],
+            )  # the first refuses before the group's BEGIN is sent: its own refusal still, not the group's
         if counted:
-            counted.__exit__()
             # the holder's two (its INSERT, its COMMIT); the group's four: a hop for each body that sent
             # a statement (its SAVEPOINT and its later writes went with it), and one COMMIT
             assert counted.count == 2 + 4
