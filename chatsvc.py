@@ -1963,12 +1963,10 @@ class Database:
 
     async def _send_later(self) -> None:
         """This task's transaction's statements not sent yet, sent now (before one that cannot carry
-        them): the last carries the others, as any statement would."""
+        them), carried by a statement that does nothing: all of them in the batch, where a failure is
+        told apart (a Later's rows, a group's others' writes) as with any statement's."""
         if self._later and _in_transaction.get() is self:
-            sql, values, *later = self._later.pop()
-            rows = await self._sqlite(sql, values, WRITE)
-            if later:
-                later[0].rows = rows
+            await self._sqlite("SELECT 1", {}, WRITE)
 
     async def _postgres(self, sql: str, values: dict[str, Any]) -> list[dict]:
         """PostgreSQL: the statement on this task's connection (in a transaction: the transaction's),
