@@ -302,12 +302,21 @@ def test_turns_that_arrive_together_are_each_stored_whole_and_a_second_on_one_co
 
     async def all_at_once(url: str):
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            return await asyncio.gather(*(chat(client, f"g{i}") for i in range(28)), chat(client, "same"),
-                                        chat(client, "same"))  # fmt: skip
+            replies = await asyncio.gather(*(chat(client, f"g{i}") for i in range(28)), chat(client, "same"),
+                                           chat(client, "same"))  # fmt: skip
+            return replies, (await client.get("/metrics")).text
 
     fake.push(*[Reply.answer(["t0 ", "t1 ", "t2 "], pause=0.05) for _ in range(29)])  # the 409 calls no model
     with LiveServer(service.settings) as server:
-        replies = asyncio.run(all_at_once(server.url))
+        replies, metrics = asyncio.run(all_at_once(server.url))
+    bodies, groups = _grouped(metrics)
+    if service.is_sqlite:  # groups formed (a body alone is no group), and none held more than GROUP_BODIES
+        assert (
+            bodies > groups > 0
+            and f'chatsvc_db_group_bodies_bucket{{le="{chatsvc.GROUP_BODIES}.0"}} {groups}' in metrics
+        )
+    else:  # PostgreSQL: every turn its own transaction
+        assert (bodies, groups) == (0, 0)
     assert [r.status_code for r in replies[:28]] == [200] * 28
     assert all(r.json()["response"] == "t0 t1 t2 " for r in replies[:28])
     same = sorted(r.status_code for r in replies[28:])
@@ -319,6 +328,98 @@ def test_turns_that_arrive_together_are_each_stored_whole_and_a_second_on_one_co
     assert all(r["content"] == "t0 t1 t2 " for r in rows if r["role"] == "assistant")
     calls = service.rows("SELECT state FROM usage_calls")
     assert [c["state"] for c in calls] == ["settled"] * 29
+
+
+def _sample(metrics: str, name: str, labels: str = "") -> str:
+    """One sample's value, as /metrics shows it."""
+    wanted = f"{name}{{{labels}}}" if labels else name
+    return next(line.rsplit(" ", 1)[1] for line in metrics.splitlines() if line.rsplit(" ", 1)[0] == wanted)
+
+
+def _grouped(metrics: str) -> tuple[float, float]:
+    """From /metrics: the bodies stored in groups (SQLite's group commit), and the groups."""
+    return float(_sample(metrics, "chatsvc_db_group_bodies_sum")), float(
+        _sample(metrics, "chatsvc_db_group_bodies_count")
+    )
+
+
+def test_continuations_that_arrive_together_each_go_on_once_and_a_second_on_one_answer_is_409(service, fake):
+    """Twelve answers cut at max_tokens, continued at once, one of them twice: each goes on exactly
+    once, its text the two parts', its calls settled; the second continue of one answer is 409
+    conversation_busy and leaves it as its continuation made it. On SQLite, another process holds the
+    write lock while they arrive: the first waits for it, the others are stored in groups behind it."""
+    import threading
+    import time
+
+    import httpx2 as httpx
+    from live import LiveServer, parse_events
+    from support import wait_for
+
+    async def continue_all(url: str, answers: dict[str, str]):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            go = [client.post(f"{API}/chat/{sid}", json={"continue": mid}) for sid, mid in answers.items()]
+            return await asyncio.gather(*go, client.post(f"{API}/chat/c0", json={"continue": answers["c0"]}))
+
+    with LiveServer(service.settings) as server, server.client() as client:
+        answers = {}
+        for i in range(12):
+            fake.push(Reply.answer(["cut "], finish="length"))
+            reply = client.post(f"{API}/chat/c{i}/stream", json={"message": "go on"})
+            answers[f"c{i}"] = parse_events(reply.content)[0]["data"]["message_id"]
+        asked = len(fake.requests)
+        hold = threading.Event()  # the continuations' answers wait: their ends are not grouped with their starts
+        fake.push(*[Reply.answer(["on"], hold=hold, hold_at=1) for _ in range(12)])  # the 409 calls no model
+        blocker = sqlite3.connect(service.url.split("///", 1)[1], isolation_level=None) if service.is_sqlite else None
+        if blocker:
+            blocker.execute("BEGIN IMMEDIATE")  # chatsvc's next write waits in SQLite's busy handler (5 s)
+        replies: list = []
+        sent = threading.Thread(target=lambda: replies.extend(asyncio.run(continue_all(server.url, answers))))
+        sent.start()
+        if blocker:
+            time.sleep(1.5)  # all thirteen have reached the write connection's queue
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        wait_for(lambda: len(fake.requests) == asked + 12, timeout=20)
+        metrics = client.get("/metrics").text
+        hold.set()
+        sent.join(30)
+    statuses = [r.status_code for r in replies]
+    assert statuses[1:12] == [200] * 11 and sorted(statuses[::12]) == [200, 409], [r.text for r in replies]
+    assert next(r for r in replies if r.status_code == 409).json()["code"] == "conversation_busy"
+    assert all(r.json()["response"] == "cut on" for r in replies if r.status_code == 200)
+    rows = service.rows("SELECT content, status, continued FROM messages WHERE role = 'assistant'")
+    assert rows == [{"content": "cut on", "status": "complete", "continued": 1}] * 12
+    calls = service.rows("SELECT purpose, state FROM usage_calls ORDER BY purpose")
+    assert (
+        calls
+        == [{"purpose": "answer", "state": "settled"}] * 12 + [{"purpose": "continuation", "state": "settled"}] * 12
+    )
+    bodies, groups = _grouped(metrics)
+    if service.is_sqlite:  # the twelve behind the first: a full group, and the rest
+        full = groups - float(_sample(metrics, "chatsvc_db_group_bodies_bucket", f'le="{chatsvc.GROUP_BUCKETS[-2]}.0"'))
+        assert bodies == 12 and groups == 2 and full == 1, metrics
+    else:
+        assert (bodies, groups) == (0, 0)
+
+
+def test_a_group_holds_at_most_group_bodies_and_the_rest_form_the_next(tmp_path):
+    """SQLite: GROUP_BODIES + 2 bodies arriving behind a held transaction are two groups, the first
+    of GROUP_BODIES; all of them are kept."""
+    database = f"sqlite+aiosqlite:///{tmp_path / 'group.db'}"
+    size = chatsvc.GROUP_BODIES
+
+    async def body(db: chatsvc.Database) -> None:
+        def insert(n):
+            return lambda: db.execute("INSERT INTO later_t (n) VALUES (:n)", {"n": n})
+
+        await _gathered_behind_a_transaction(db, [insert(n) for n in range(1, size + 3)])
+        registry = db.metrics.registry
+        assert registry.get_sample_value("chatsvc_db_group_bodies_count") == 2
+        assert registry.get_sample_value("chatsvc_db_group_bodies_bucket", {"le": "2.0"}) == 1
+        assert registry.get_sample_value("chatsvc_db_group_bodies_sum") == size + 2
+        assert [row["n"] for row in await db.fetch_all("SELECT n FROM later_t ORDER BY n")] == list(range(size + 3))
+
+    on(database, body)
 
 
 def test_a_body_that_swallows_a_fault_beyond_its_own_writes_does_not_keep_the_group(tmp_path):
