@@ -288,3 +288,24 @@ def test_port_zero_start_log_names_the_port_it_listens_on(tmp_path):
     port = int(re.search(r"the playground at http://127\.0\.0\.1:(\d+)/,", log)[1])
     assert port and f"the API docs at http://127.0.0.1:{port}/docs" in log, log
     assert f"Uvicorn running on http://127.0.0.1:{port}" in log, log
+
+
+def test_the_commands_app_sets_what_it_holds_aside_from_the_collector_and_a_tests_app_does_not(tmp_path):
+    """create_app(own_process=True), as the chatsvc command makes it: once started, what the process
+    holds is frozen out of the cyclic collector (gc.freeze), so a full collection walks only what the
+    answers made since; an app made without it (as tests make many) freezes nothing."""
+    code = (
+        "import gc, sys, chatsvc\n"
+        "from starlette.testclient import TestClient\n"
+        "app = chatsvc.create_app(chatsvc.Settings.from_env(), own_process=sys.argv[1] == 'own')\n"
+        "with TestClient(app) as client:\n"
+        "    assert client.get('/healthz').status_code == 200\n"
+        "    print(gc.get_freeze_count())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'gc.db'}"}
+    frozen = {}
+    for how in ("own", "test"):
+        out = subprocess.run([sys.executable, "-c", code, how], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        frozen[how] = int(out.stdout.split()[-1])
+    assert frozen["test"] == 0 and frozen["own"] > 10_000, frozen

@@ -313,6 +313,45 @@ def test_a_call_settled_after_its_window_ended_counts_in_none(database):
     run(database, body)
 
 
+def test_one_window_is_added_as_the_statement_for_many_adds_it(database):
+    """Usage._add_windows: an answer's end (one owner, one window) is a plain UPDATE; what it leaves in
+    the owner's row is what the statement for many windows leaves, whether the window is still the
+    row's day and month or not, and when more is given back than is held (never below 0)."""
+    import itertools
+
+    cases = list(itertools.product((True, False), (True, False), (0, 7), (0, 3, 200), (0, 1)))
+
+    async def body(store):
+        usage = store.usage
+        today = await clock(store)
+        for n, (same_day, same_month, reserved, held, ends) in enumerate(cases):
+            names = (f"one{n}", f"many{n}")
+            day = today["day"] if same_day else "2000-01-01"
+            month = today["month"] if same_month else "2000-01"
+            for name in names:
+                async with store.db.transaction():
+                    await usage.admit(hold(owner=name), enforce=False)
+                await set_row(store, name, day_tokens=5, day_reserved=reserved, month_tokens=6, month_reserved=reserved,
+                              month_cost=4, month_reserved_cost=reserved, running=1)  # fmt: skip
+            counts = [11, held, 13, held, ends]
+            async with store.db.transaction():
+                await usage._add_windows([((names[0], day, month), list(counts))])  # the plain statement
+            async with store.db.transaction():  # the statement for many: with an owner it does not change
+                await usage._add_windows([((names[1], day, month), list(counts)), (("nobody", day, month), counts)])
+            one, many = await owner(store, names[0]), await owner(store, names[1])
+            assert {**one, "owner": None} == {**many, "owner": None}, (n, one, many)
+            kept = same_day, same_month
+            assert (one["day_tokens"], one["month_tokens"], one["month_cost"]) == (
+                16 if kept[0] else 5,
+                17 if kept[1] else 6,
+                17 if kept[1] else 4,
+            )
+            assert one["day_reserved"] == (max(reserved - held, 0) if kept[0] else reserved)
+            assert one["running"] == 1 - ends
+
+    run(database, body)
+
+
 def test_unenforced_rounds_reserve_past_every_limit(database):
     limits = Limits(tokens_per_day=100, tokens_per_month=100, cost_per_month=1, answers_per_minute=1,
                     concurrent_answers=1)  # fmt: skip
