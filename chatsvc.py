@@ -1386,7 +1386,7 @@ SQLITE_BUSY_MS = 5000  # how long a statement waits for another process's write 
 PG_COMMAND_SECONDS = 30  # PostgreSQL: the longest a statement (a COMMIT too) runs before it fails
 # SQLite: the most bodies one group commit runs (Database.together); the rest form the next group. Each
 # body's caller waits for its group's COMMIT: at 200 turns arriving together, groups of 8 started half
-# of the answers 0.5 s sooner than one group of 199 (bench/relay.py --only c), and cost no throughput
+# of the answers 0.15-0.5 s sooner than groups of any size (bench/relay.py --only c), and cost no throughput
 GROUP_BODIES = 8
 DEADLOCK_ATTEMPTS = 3  # a transaction PostgreSQL cancelled to break a deadlock runs again, up to this in all
 T = TypeVar("T")
@@ -12828,11 +12828,14 @@ class RequestMetrics:
         route = scope.get("route")
         if type(route) is Route and scope.get("root_path", "") == arrived["root_path"]:
             return route.path_format
+        partial = None  # as the router chooses: the first route of this path and method, else of this path
         for route in self.routes:
             match, _ = route.matches(arrived)
-            if match is not Match.NONE:
+            if match is Match.FULL:
                 return route.path_format
-        return "unmatched"
+            if match is Match.PARTIAL and partial is None:
+                partial = route.path_format
+        return partial or "unmatched"
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -346,10 +346,9 @@ def _grouped(metrics: str) -> tuple[float, float]:
 def test_continuations_that_arrive_together_each_go_on_once_and_a_second_on_one_answer_is_409(service, fake):
     """Twelve answers cut at max_tokens, continued at once, one of them twice: each goes on exactly
     once, its text the two parts', its calls settled; the second continue of one answer is 409
-    conversation_busy and leaves it as its continuation made it. On SQLite, another process holds the
-    write lock while they arrive: the first waits for it, the others are stored in groups behind it."""
+    conversation_busy and leaves it as its continuation made it. On SQLite, a transaction holds the
+    write connection while they arrive: all thirteen are stored in groups behind it."""
     import threading
-    import time
 
     import httpx2 as httpx
     from live import LiveServer, parse_events
@@ -369,16 +368,22 @@ def test_continuations_that_arrive_together_each_go_on_once_and_a_second_on_one_
         asked = len(fake.requests)
         hold = threading.Event()  # the continuations' answers wait: their ends are not grouped with their starts
         fake.push(*[Reply.answer(["on"], hold=hold, hold_at=1) for _ in range(12)])  # the 409 calls no model
-        blocker = sqlite3.connect(service.url.split("///", 1)[1], isolation_level=None) if service.is_sqlite else None
-        if blocker:
-            blocker.execute("BEGIN IMMEDIATE")  # chatsvc's next write waits in SQLite's busy handler (5 s)
+        db, release = server.relay.store.db, threading.Event()
+        if service.is_sqlite:  # a transaction holds the write connection until all thirteen wait for it
+
+            async def held() -> None:
+                async with db.transaction():
+                    await asyncio.to_thread(release.wait, 30)
+
+            holder = asyncio.run_coroutine_threadsafe(held(), server.server.servers[0].get_loop())
+            wait_for(lambda: db._write_lock.locked())
         replies: list = []
         sent = threading.Thread(target=lambda: replies.extend(asyncio.run(continue_all(server.url, answers))))
         sent.start()
-        if blocker:
-            time.sleep(1.5)  # all thirteen have reached the write connection's queue
-            blocker.execute("ROLLBACK")
-            blocker.close()
+        if service.is_sqlite:  # GROUP_BODIES in the first group, the rest in the second
+            wait_for(lambda: db._forming is not None and len(db._forming) == 13 - chatsvc.GROUP_BODIES, timeout=20)
+            release.set()
+            holder.result(10)
         wait_for(lambda: len(fake.requests) == asked + 12, timeout=20)
         metrics = client.get("/metrics").text
         hold.set()
@@ -395,9 +400,9 @@ def test_continuations_that_arrive_together_each_go_on_once_and_a_second_on_one_
         == [{"purpose": "answer", "state": "settled"}] * 12 + [{"purpose": "continuation", "state": "settled"}] * 12
     )
     bodies, groups = _grouped(metrics)
-    if service.is_sqlite:  # the twelve behind the first: a full group, and the rest
+    if service.is_sqlite:  # a full group, and the rest
         full = groups - float(_sample(metrics, "chatsvc_db_group_bodies_bucket", f'le="{chatsvc.GROUP_BUCKETS[-2]}.0"'))
-        assert bodies == 12 and groups == 2 and full == 1, metrics
+        assert bodies == 13 and groups == 2 and full == 1, metrics
     else:
         assert (bodies, groups) == (0, 0)
 

@@ -146,6 +146,24 @@ def test_the_pages_files_are_counted_under_their_mount(client):
                 and ("route", "unmatched") in labels]  # fmt: skip
 
 
+def test_a_request_counts_under_the_route_the_router_chose_whether_or_not_it_got_there(make_service):
+    """GET .../conversations/import is the path of a POST-only route and a GET of {session_id}: the
+    router takes the route of its path and method, and so does the count, for the request the router
+    answered and for the one refused before it (401), one series; a method no route of the path has
+    (405) counts under the path's first route."""
+    service = make_service(CHATSVC_API_TOKEN="t0ken")
+    auth = {"Authorization": "Bearer t0ken"}
+    with service.client() as client:
+        assert client.get(f"{API}/context/conversations/import", headers=auth).status_code == 404
+        assert client.get(f"{API}/context/conversations/import").status_code == 401
+        assert client.put(f"{API}/context/conversations/import", headers=auth).status_code == 405
+        m = scrape(client)
+    requests, routed = "chatsvc_http_requests_total", f"{API}/context/conversations/{{session_id}}"
+    assert value(m, requests, route=routed, method="GET", status="404") == 1
+    assert value(m, requests, route=routed, method="GET", status="401") == 1
+    assert value(m, requests, route=f"{API}/context/conversations/import", method="PUT", status="405") == 1
+
+
 def test_file_uploads_are_counted_by_kind_and_outcome(client):
     """Uploads by kind and outcome (a refusal: kind unknown, its code), the bytes received, the
     examination's time (not for a dedup hit: nothing is examined), the file routes under their
