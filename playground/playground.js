@@ -670,6 +670,7 @@ function showConversation(conversation, {at = null} = {}) {
     const found = at && $('#messages').querySelector(`li[data-id="${CSS.escape(at)}"]`);
     if (found) {
         autoFollow = false;
+        leftTop = -1;
         found.classList.add('found');
         focusOn = found; // (kept in view while the messages around it are rendered)
         found.scrollIntoView({block: 'center'});
@@ -827,6 +828,9 @@ async function continueAnswer(item, message) {
 // ── Scrolling: the view follows a streaming answer unless the reader scrolled up ──
 let autoFollow = true;
 let focusOn = null; // a search's match, shown in the middle until the reader scrolls
+// Where the list was when the reader scrolled up: only the reader's own scrolling back below it follows
+// again, not a scroll event of the view's own still on its way (it fires a frame after the scroll).
+let leftTop = -1;
 const scroller = () => $('#messages');
 const atBottom = () => {
     const list = scroller();
@@ -835,6 +839,7 @@ const atBottom = () => {
 function toLatest() {
     autoFollow = true;
     focusOn = null;
+    leftTop = -1;
     const list = scroller();
     list.scrollTop = list.scrollHeight;
     showJump();
@@ -1236,13 +1241,14 @@ document.addEventListener('keydown', (event) => {
     }
 });
 $('#messages').addEventListener('scroll', () => {
-    if (atBottom()) autoFollow = true;
+    if (atBottom() && scroller().scrollTop > leftTop) autoFollow = true;
     showJump();
 });
 // Scrolling up (wheel, keys, touch) while an answer streams stops the view following it.
 function leaveLatest() {
     autoFollow = false;
     focusOn = null;
+    leftTop = scroller().scrollTop;
     showJump();
 }
 $('#messages').addEventListener('wheel', (event) => event.deltaY < 0 && leaveLatest(), {passive: true});

@@ -62,6 +62,29 @@ def test_a_long_answer_streams_with_the_composer_in_view_following_until_scrolle
     expect(answer.locator(".continue")).to_be_visible()  # (issue 25's Continue, offered on a stopped answer)
 
 
+def test_a_scroll_event_still_on_its_way_when_the_reader_scrolls_up_does_not_bring_following_back(playground, fake):
+    """The view's own scroll to the end fires its scroll event a frame later; a reader whose wheel
+    turns up before that frame (a busy machine's slow frames) has left the answer all the same: the
+    late event, at the end still, does not follow again, and "Jump to latest" comes as text arrives."""
+    page = playground.page
+    fake.push(Reply.answer([f"Paragraph {i}, a line of a long answer.\n\n" for i in range(400)], pause=0.03))
+    playground.send("write a lot")
+    answer = playground.last_answer()
+    expect(answer.locator(".content")).to_contain_text("Paragraph 40,", timeout=WAIT)
+    assert scrolled_to_end(page)
+    page.evaluate(
+        """() => { const list = document.querySelector('#messages');
+        list.scrollTop = list.scrollHeight - list.clientHeight - 20;  // the view's own: its event comes later
+        list.dispatchEvent(new WheelEvent('wheel', {deltaY: -100}));  // the reader's wheel, before that event
+        }"""
+    )
+    expect(page.locator("#jump")).to_be_visible(timeout=WAIT)
+    expect(answer.locator(".content")).to_contain_text("Paragraph 120,", timeout=WAIT)
+    assert not scrolled_to_end(page)
+    page.keyboard.press("Escape")
+    expect(answer.locator(".state")).to_have_text("Stopped.", timeout=WAIT)
+
+
 def test_meta_shows_time_model_and_tokens(playground, fake):
     fake.push(Reply.answer(["Hi", " there"], usage={"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}))
     playground.send("hello")
