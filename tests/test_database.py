@@ -11,6 +11,7 @@ import sqlite3
 import pytest
 from fake_dashscope import Reply
 from support import pg
+from test_metrics import samples_of, value
 
 import chatsvc
 
@@ -311,10 +312,8 @@ def test_turns_that_arrive_together_are_each_stored_whole_and_a_second_on_one_co
         replies, metrics = asyncio.run(all_at_once(server.url))
     bodies, groups = _grouped(metrics)
     if service.is_sqlite:  # groups formed (a body alone is no group), and none held more than GROUP_BODIES
-        assert (
-            bodies > groups > 0
-            and f'chatsvc_db_group_bodies_bucket{{le="{chatsvc.GROUP_BODIES}.0"}} {groups}' in metrics
-        )
+        at_most = value(samples_of(metrics), "chatsvc_db_group_bodies_bucket", le=f"{chatsvc.GROUP_BODIES}.0")
+        assert bodies > groups > 0 and at_most == groups, metrics
     else:  # PostgreSQL: every turn its own transaction
         assert (bodies, groups) == (0, 0)
     assert [r.status_code for r in replies[:28]] == [200] * 28
@@ -330,17 +329,11 @@ def test_turns_that_arrive_together_are_each_stored_whole_and_a_second_on_one_co
     assert [c["state"] for c in calls] == ["settled"] * 29
 
 
-def _sample(metrics: str, name: str, labels: str = "") -> str:
-    """One sample's value, as /metrics shows it."""
-    wanted = f"{name}{{{labels}}}" if labels else name
-    return next(line.rsplit(" ", 1)[1] for line in metrics.splitlines() if line.rsplit(" ", 1)[0] == wanted)
-
-
 def _grouped(metrics: str) -> tuple[float, float]:
     """From /metrics: the bodies stored in groups (SQLite's group commit), and the groups."""
-    return float(_sample(metrics, "chatsvc_db_group_bodies_sum")), float(
-        _sample(metrics, "chatsvc_db_group_bodies_count")
-    )
+    samples = samples_of(metrics)
+    assert ("chatsvc_db_group_bodies_count", ()) in samples, metrics
+    return value(samples, "chatsvc_db_group_bodies_sum"), value(samples, "chatsvc_db_group_bodies_count")
 
 
 def test_continuations_that_arrive_together_each_go_on_once_and_a_second_on_one_answer_is_409(service, fake):
@@ -401,7 +394,9 @@ def test_continuations_that_arrive_together_each_go_on_once_and_a_second_on_one_
     )
     bodies, groups = _grouped(metrics)
     if service.is_sqlite:  # a full group, and the rest
-        full = groups - float(_sample(metrics, "chatsvc_db_group_bodies_bucket", f'le="{chatsvc.GROUP_BUCKETS[-2]}.0"'))
+        full = groups - value(
+            samples_of(metrics), "chatsvc_db_group_bodies_bucket", le=f"{chatsvc.GROUP_BUCKETS[-2]}.0"
+        )
         assert bodies == 13 and groups == 2 and full == 1, metrics
     else:
         assert (bodies, groups) == (0, 0)

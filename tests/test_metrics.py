@@ -18,8 +18,13 @@ def scrape(client) -> dict[tuple[str, tuple], float]:
     r = client.get("/metrics")
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/plain")
+    return samples_of(r.text)
+
+
+def samples_of(exposition: str) -> dict[tuple[str, tuple], float]:
+    """Each sample of a /metrics exposition by its name and labels, as a scraper parses it."""
     samples = {}
-    for family in text_string_to_metric_families(r.text):
+    for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
             samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return samples
