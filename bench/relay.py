@@ -11,6 +11,7 @@ upstream in ONE run: the same load generator reads the fake DashScope directly (
     python bench/relay.py --only bt --limits  # (b) and (t) with every limit on, against the same without
     python bench/relay.py --only abcd --litellm /work/litellm-venv/bin/python  # also through LiteLLM's proxy
     python bench/relay.py --only abcdt --floor  # also through the floor: chatsvc's stack and nothing else
+    python bench/relay.py --only bt --against ../base --rounds 8  # a change against its base, before -> now
 
 Reports chunks/s, time to first chunk, added delay per chunk (paced answers carry the fake's send
 time in each chunk: arrival minus send time, through chatsvc against directly), chatsvc's CPU time
@@ -76,6 +77,22 @@ events, so the same reader checks every answer's text. The (fit) line is then dr
 and a last line says what chatsvc adds above it: its fixed CPU per answer and its CPU per chunk, and
 its added time to first chunk, each minus the floor's. That is the part of the cost that is chatsvc's
 own to cut; the floor's is the libraries', which the design card fixes.
+
+--against DIR: a change's before and after in one sitting. DIR is another checkout of chatsvc (the
+change's base: `git worktree add ../base HEAD~1`, or `git archive BASE | tar -x -C ../base`); its
+chatsvc.py runs beside this checkout's (target `before`: the same settings, its own port and
+database, a second SQLite file or with --database the PostgreSQL database --against-database names)
+and each scenario is read through both, each in turn first, --rounds times. A last block gives per
+scenario the medians, before -> now: CPU per answer and per chunk, time to first chunk p50 (paced:
+added delay p99), the (fit) line's fixed CPU per answer drawn for each round, and each round's
+difference. On a busy 2-core machine one round's CPU per answer differs by up to 20 % between two
+processes, and the two places are not equal: the same code against itself gave (t) medians of +2.1 %,
++10.4 % (8 rounds), +2.7 %, +6.3 % and +10.5 % (5 rounds), "now" dearer each time. 350 us of CPU
+added to every turn (a tenth of (t)'s answer) gave -8.8 %, -6.5 % (7 rounds) and -16.7 % (8 rounds),
+and (t)'s time to first chunk, steadier (one client, wall time), -0.41, -0.38 and -0.66 ms, against
++0.06 to +0.37 ms for the same code. So: 8 rounds or more, (t)'s time to first chunk read beside the
+CPU, and for a verdict the run made from both checkouts, each against the other: what the change
+costs shows with opposite signs, what the places cost with the same.
 """
 
 from __future__ import annotations
@@ -93,6 +110,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -290,7 +308,7 @@ async def run_scenario(target: str, ports: dict, answers: int, clients: int, chu
     # with the MCP server of (w) configured, only (w) offers its tools: the rest ask as without it
     offer = {"server_tools": bool(tool_rounds)} if "mcp" in ports else {}
     queue = list(range(answers))
-    via = target in ("chatsvc", "limits", "floor")  # "limits": --limits; "floor": --floor, chatsvc's events
+    via = target in ("chatsvc", "limits", "floor", "before")  # --limits, --floor (chatsvc's events), --against
 
     async def client_loop() -> None:
         while queue:
@@ -364,6 +382,19 @@ def run(args: argparse.Namespace) -> None:
         mcp = McpProcess.http(workdir)
         env["CHATSVC_MCP_SERVERS"] = json.dumps({"mcpServers": {"bench": mcp.entry()}})
         ports["mcp"] = mcp.url
+    before_env = None
+    if args.against and args.limits:
+        raise SystemExit("--against and --limits pair chatsvc with another each: one at a time.")
+    if args.against:  # the same settings (MCP's too), the code of another checkout, its own database and port
+        if args.database and not args.against_database:
+            raise SystemExit("--against with --database needs --against-database: another empty PostgreSQL database.")
+        if not (Path(args.against) / "chatsvc.py").is_file():
+            raise SystemExit(f"--against {args.against}: no chatsvc.py there (a checkout, e.g. git worktree add).")
+        ports["before"] = free_port()
+        before_env = {**env, "PORT": str(ports["before"]), "PYTHONPATH": str(Path(args.against).resolve()),
+                      "DATABASE_URL": args.against_database or f"sqlite+aiosqlite:///{workdir}/before.db"}  # fmt: skip
+        if not args.database:
+            prepare_history(before_env["DATABASE_URL"], args.history, args.depth)
     server = subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"], env=env,
                               cwd=workdir)  # fmt: skip
     pids = {"chatsvc": server.pid}
@@ -372,6 +403,11 @@ def run(args: argparse.Namespace) -> None:
         ports.setdefault("replicas", [port]).append(free_port())
         others.append(subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"],
                                        env={**env, "PORT": str(ports["replicas"][-1])}, cwd=workdir))  # fmt: skip
+    before = None
+    if before_env:
+        before = subprocess.Popen([sys.executable, "-c", "import sys, chatsvc; sys.exit(chatsvc.main())"],
+                                  env=before_env, cwd=workdir)  # fmt: skip
+        pids["before"] = before.pid
     floor = None
     if args.floor:  # --floor: the card's stack alone, on a port of its own
         ports["floor"] = free_port()
@@ -392,6 +428,8 @@ def run(args: argparse.Namespace) -> None:
             wait_ready(other_port)
         if limited:
             wait_ready(ports["limits"])
+        if before:
+            wait_ready(ports["before"])
         if floor:
             wait_ready(ports["floor"])
         if litellm:
@@ -400,6 +438,8 @@ def run(args: argparse.Namespace) -> None:
             wait_mcp_up(port)
             if limited:
                 wait_mcp_up(ports["limits"])
+            if before:
+                wait_mcp_up(ports["before"])
         q = 10 if args.quick else 1
         scenarios = [  # key, title, answers, concurrent clients, chunks, pause, GET listener per answer
             ("a", "1 client, 20 answers x 1000 chunks, no pause", 20 // q or 1, 1, 1000, 0, False),
@@ -407,7 +447,7 @@ def run(args: argparse.Namespace) -> None:
             ("c", "200 concurrent x 300 chunks, 20 ms apart", 200 // q, 200 // q, 300, 0.02, False),
             ("d", "20 concurrent x 300 chunks, 20 ms apart", 20, 20, 300, 0.02, False),
             ("e", "(b) plus a GET channel listener on every answer", 500 // q, 50, 100, 0, True),
-            ("t", "time to first chunk at low load: 1 client, 100 answers x 5 chunks", 100 // q, 1, 5, 0, False),
+            ("t", "time to first chunk at low load: 1 client, 500 answers x 5 chunks", 500 // q, 1, 5, 0, False),
         ]
         scenarios = [s for s in scenarios if s[0] in args.only]
         profiler = None
@@ -416,7 +456,8 @@ def run(args: argparse.Namespace) -> None:
                                          "-r", "200", "--nonblocking"], stdout=subprocess.DEVNULL)  # fmt: skip
             time.sleep(1)
         rows = []
-        pairs: dict[str, list[tuple[dict, dict]]] = {}  # --limits: each round's (chatsvc, limits) figures
+        # --limits, --against: each round's figures, (chatsvc, limits) and (before, chatsvc)
+        pairs: dict[str, list[tuple[dict, dict]]] = {}
 
         def processes(target: str) -> list[int]:
             """Whose CPU and peak RSS a target's row sums: every chatsvc replica (--replicas), LiteLLM's
@@ -446,22 +487,26 @@ def run(args: argparse.Namespace) -> None:
                 if listeners
                 else ("direct", "chatsvc") + (("floor",) if floor else ()) + (("litellm",) if litellm else ())
             )
-            for target in targets + (("limits",) if limited else ()):
+            second = ("limits",) if limited else ("before",) if before else ()
+            paired = ("chatsvc", "limits") if limited else ("before", "chatsvc") if before else ()
+            for target in targets + second:
                 figures[target] = measure(target, key, params)
             rows.append((key, title, figures))
             report_row(key, title, figures)
-            if limited:  # more rounds, alternately: the (limits) row's medians
-                pairs[key] = [(figures["chatsvc"], figures["limits"])]
+            if paired:  # more rounds, alternately: the (limits) or (against) row's medians
+                pairs[key] = [(figures[paired[0]], figures[paired[1]])]
                 for n in range(1, args.rounds):  # each in turn first: what one leaves (a vacuum) falls on both
-                    order = ("limits", "chatsvc") if n % 2 else ("chatsvc", "limits")
+                    order = (second[0], "chatsvc") if n % 2 else ("chatsvc", second[0])
                     measured = {t: measure(t, f"{key}{n}", params) for t in order}
-                    pairs[key].append((measured["chatsvc"], measured["limits"]))
+                    pairs[key].append((measured[paired[0]], measured[paired[1]]))
         fit_row(rows)
         if floor:
             fit_row(rows, "floor")
             floor_row(rows)
         if limited:
             limits_row(pairs)
+        if before:
+            against_row(pairs, args.against)
         if litellm:
             litellm_row(rows)
         if profiler:
@@ -476,7 +521,7 @@ def run(args: argparse.Namespace) -> None:
         if mcp:
             tools_row(ports, server.pid, mcp.proc.pid, next(f for k, _, f in rows if k == "t")["chatsvc"], q)
     finally:
-        for process in (server, limited, floor, *others):
+        for process in (server, limited, before, floor, *others):
             if process:
                 process.terminate()
                 process.wait(30)
@@ -500,7 +545,7 @@ def report_row(key: str, title: str, figures: dict) -> None:
         if r.delay:
             line += f"  delay/chunk p50 {pct(r.delay, 0.5) * 1000:.2f} ms p99 {pct(r.delay, 0.99) * 1000:.2f} ms"
         if target != "direct":
-            process = target if target in ("litellm", "floor") else "chatsvc"
+            process = target if target in ("litellm", "floor", "before") else "chatsvc"
             line += (
                 f"  {process} cpu {f['cpu'] / max(r.chunks, 1) * 1e6:6.1f} us/chunk"
                 f" {f['cpu'] / max(len(r.ttfc), 1) * 1e6:6.0f} us/answer  peak rss {f['rss']:6.1f} MB"
@@ -586,6 +631,60 @@ def limits_row(pairs: dict[str, list[tuple[dict, dict]]]) -> None:
         if len(rounds) > 1:
             print(f"      each round: cpu {', '.join(f'{(b / a - 1) * 100:+.1f} %' for a, b in cpu)};"
                   f" ttfc p50 {', '.join(f'{b - a:+.2f} ms' for a, b in ttfc)}", flush=True)  # fmt: skip
+
+
+def against_row(pairs: dict[str, list[tuple[dict, dict]]], checkout: str) -> None:
+    """--against: this checkout's chatsvc against the other's, per scenario, median of the rounds (read
+    alternately, each in turn first): CPU per answer and per chunk, time to first chunk p50 and, paced,
+    the added delay p99; then the fixed CPU per answer (the (fit) line, drawn for each round on both);
+    and each round's difference, the noise to judge a difference by."""
+    rounds = len(next(iter(pairs.values())))
+    print(f"\n(against) before ({checkout}) -> now (this checkout), median of {rounds} round(s) read"
+          " alternately (positive: now costs more):")  # fmt: skip
+
+    def median_of(figure: Callable[[dict], float], key: str) -> tuple[float, float, list[float]]:
+        each = [(figure(before), figure(now)) for before, now in pairs[key]]
+        return statistics.median(b for b, _ in each), statistics.median(n for _, n in each), [n - b for b, n in each]
+
+    def per_chunk(f: dict) -> float:
+        return f["cpu"] / max(f["result"].chunks, 1) * 1e6
+
+    def per_answer(f: dict) -> float:
+        return f["cpu"] / max(len(f["result"].ttfc), 1) * 1e6
+
+    def ttfc(f: dict) -> float:
+        return pct(f["result"].ttfc, 0.5) * 1000
+
+    def delay(f: dict) -> float:
+        return pct(f["result"].delay, 0.99) * 1000
+
+    for key in pairs:
+        (b_answer, n_answer, d_answer), (b_chunk, n_chunk, _) = median_of(per_answer, key), median_of(per_chunk, key)
+        b_ttfc, n_ttfc, d_ttfc = median_of(ttfc, key)
+        change = (n_answer / b_answer - 1) * 100
+        line = (f"  ({key}) cpu {b_answer:7.0f} -> {n_answer:7.0f} us/answer ({change:+.1f} %),"
+                f" {b_chunk:6.1f} -> {n_chunk:6.1f} us/chunk; ttfc p50 {b_ttfc:7.2f} -> {n_ttfc:7.2f} ms"
+                f" ({n_ttfc - b_ttfc:+.2f})")  # fmt: skip
+        if pairs[key][0][0]["result"].delay:
+            b_delay, n_delay, _ = median_of(delay, key)
+            line += f"; delay/chunk p99 {b_delay:.2f} -> {n_delay:.2f} ms"
+        print(line, flush=True)
+        if rounds > 1:
+            print(f"      each round: cpu {', '.join(f'{d:+.0f}' for d in d_answer)} us/answer;"
+                  f" ttfc p50 {', '.join(f'{d:+.2f}' for d in d_ttfc)} ms", flush=True)  # fmt: skip
+    fits = []
+    for n in range(rounds):
+        rows = [(key, "", {"before": each[n][0], "chatsvc": each[n][1]}) for key, each in pairs.items()]
+        line, old = fit(rows), fit(rows, "before")
+        if line and old:
+            fits.append((old[0] * 1e6, line[0] * 1e6, old[1] * 1e6, line[1] * 1e6))
+    if fits:
+        b_fixed, n_fixed = statistics.median(f[0] for f in fits), statistics.median(f[1] for f in fits)
+        b_chunk, n_chunk = statistics.median(f[2] for f in fits), statistics.median(f[3] for f in fits)
+        change = (n_fixed / b_fixed - 1) * 100
+        print(f"  (fit) fixed cpu {b_fixed:.0f} -> {n_fixed:.0f} us per answer ({change:+.1f} %),"
+              f" {b_chunk:.1f} -> {n_chunk:.1f} us per chunk; each round: fixed"
+              f" {', '.join(f'{f[1] - f[0]:+.0f}' for f in fits)} us", flush=True)  # fmt: skip
 
 
 def litellm_row(rows: list) -> None:
@@ -899,7 +998,14 @@ if __name__ == "__main__":
     )
     parser.add_argument("--limits", action="store_true", help="also through a chatsvc with every limit set (issue 24)")
     parser.add_argument("--limits-database", metavar="URL", help="--limits with --database: the limited chatsvc's")
-    parser.add_argument("--rounds", type=int, default=1, help="--limits: rounds of each scenario through both")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="--limits, --against: rounds of each scenario through both")  # fmt: skip
+    parser.add_argument(
+        "--against",
+        metavar="DIR",
+        help="also through the chatsvc of another checkout (the change's base): before -> now",
+    )
+    parser.add_argument("--against-database", metavar="URL", help="--against with --database: the other's")
     parser.add_argument("--litellm", metavar="PYTHON", help="also through LiteLLM's proxy, run by this python")
     parser.add_argument("--floor", action="store_true",
                         help="also through bench/floor.py: chatsvc's stack (uvicorn, Starlette, sse-starlette,"
