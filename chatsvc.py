@@ -5027,6 +5027,9 @@ def _round_plan(rounds: list[tuple[str, Spent]], states: dict[str, str]) -> list
     return [(call_id, spent) for call_id, spent in plan]
 
 
+_CALL_COLUMNS = "id, message_id, state, model, prompt_tokens, completion_tokens"  # a call as _calls_of reads it
+
+
 class Usage:
     """The ledger and the owners' rows (`store.usage`). Admission and settlement run inside the
     transaction their caller holds (begin_turn's, an answer's final write, the sweep's), so a refused
@@ -5468,13 +5471,34 @@ class Usage:
         (none, unless its rounds were lost track of) as the sweep estimates an earlier round: its
         prompt's estimate. `answer`: id, content, reasoning_content, tool_steps, as it ends. A call
         settled already is left as it is: the sweep, or a deleted conversation, took the answer and
-        settled its calls (their writes lock its row first, as this one's does)."""
+        settled its calls (their writes lock its row first, as this one's does).
+
+        An answer of one round (none carried), the common case, needs no read first: its row is settled
+        as it stands (one no longer reserved is left), and its other calls still reserved are read in
+        the statement before, sent with it (SQLite: the end's transaction is 2 hops, not 3)."""
+        stored = bool(answer_output(answer.get("content"), answer.get("reasoning_content"), answer.get("tool_steps")))
+        if len(rounds) == 1:
+            [(call_id, spent)] = rounds
+            others = await self.db.fetch_later(
+                f"SELECT {_CALL_COLUMNS} FROM usage_calls WHERE message_id = :answer AND state = 'reserved'"
+                " AND id != :call ORDER BY id",
+                {"answer": answer["id"], "call": call_id},
+            )
+            windows: dict[tuple[str, str, str], list[int]] = {}
+            ended = await self._settle_calls([(call_id, spent, outcome, True)], windows)
+            assert others.rows is not None, "read in the settlement's hop, before it"
+            rest = [(call["id"], self._swept_spent(call, 0, stored, False), outcome, not ended and n == 0)
+                    for n, call in enumerate(others.rows)]  # fmt: skip
+            if rest:  # (none, unless its rounds were lost track of)
+                await self._settle_calls(rest, windows)
+            if windows:
+                await self._add_to_owners(windows)
+            return
         calls = await self._calls_of([answer["id"]])
         plan = _round_plan(rounds, {call["id"]: call["state"] for call in calls})
         planned = {call_id for call_id, _ in plan}
         others = [call for call in calls if call["state"] == "reserved" and call["id"] not in planned]
         settlements = [(call_id, spent, COMPLETE, False) for call_id, spent in plan]
-        stored = bool(answer_output(answer.get("content"), answer.get("reasoning_content"), answer.get("tool_steps")))
         settlements += [(call["id"], self._swept_spent(call, 0, stored, False), outcome, False) for call in others]
         if settlements:  # the answer holds its running answer while any of its calls is reserved: given back once
             at = len(plan) - 1 if plan else 0
@@ -5487,8 +5511,7 @@ class Usage:
         calls: list[dict] = []
         for names, ids in _id_batches(answer_ids):
             calls += await self.db.fetch_all(
-                "SELECT id, message_id, state, model, prompt_tokens, completion_tokens FROM usage_calls"
-                f" WHERE message_id IN ({names})",
+                f"SELECT {_CALL_COLUMNS} FROM usage_calls WHERE message_id IN ({names})",
                 ids,
                 role=WRITE,
             )

@@ -144,12 +144,12 @@ def test_a_batch_reaching_a_connection_that_does_not_know_it_is_refused_not_cut_
         sqlite3.connect(":memory:").execute(batch)
 
 
-def test_a_turn_and_its_end_on_sqlite_reach_the_write_thread_in_five_hops(tmp_path, fake):
+def test_a_turn_and_its_end_on_sqlite_reach_the_write_thread_in_four_hops(tmp_path, fake):
     """What the `later` writes buy: a turn's transaction was six hops (BEGIN, the conversation, the
     messages, the owner's usage, the call's row, COMMIT) and its end six: now two (BEGIN, the
-    conversation, the messages and the owner's usage; the call's row and COMMIT) and three (BEGIN,
-    the answer's final row and the calls it settles; their settlement; the owners' windows and
-    COMMIT)."""
+    conversation, the messages and the owner's usage; the call's row and COMMIT) and two (BEGIN, the
+    answer's final row, the read of its other calls still reserved and its call's settlement; the
+    owners' windows and COMMIT). Its end was three while its calls were read before they were settled."""
     from support import Service
 
     service = Service(f"sqlite+aiosqlite:///{tmp_path / 'chatsvc.db'}", fake)
@@ -160,7 +160,7 @@ def test_a_turn_and_its_end_on_sqlite_reach_the_write_thread_in_five_hops(tmp_pa
         with Hops(client.app.state.store.db._raw[chatsvc.WRITE]) as hops:
             reply = client.post(f"{API}/chat/s1", json={"message": "hi"})
         assert reply.status_code == 200 and reply.json()["response"] == "a b"
-        assert hops.count == 5
+        assert hops.count == 4
         [row] = service.rows("SELECT content, status FROM messages WHERE session_id = 's1' AND role = 'assistant'")
         assert row == {"content": "a b", "status": "complete"}
         [call] = service.rows("SELECT state FROM usage_calls WHERE session_id = 's1'")

@@ -154,6 +154,48 @@ async def _nothing():
     return []
 
 
+@pytest.mark.parametrize("own", ["reserved", "settled already"])
+def test_an_answer_of_one_round_settles_its_other_calls_still_reserved_and_gives_its_answer_back_once(database, own):
+    """An answer of one round (none carried) is settled without a read before it (the end's two hops
+    on SQLite): a call of the answer still reserved that its round does not name (lost track of) is
+    read in the same hop and settled with it, as the sweep estimates it; its running answer is given
+    back once, by its own round's row, or by the other's when its own was settled already. A second
+    answer stays running, so a running answer given back twice, or not at all, shows."""
+
+    async def body(store):
+        turn, running = new_turn(), new_turn(session="s2")
+        await store.tree.begin_turn(turn)
+        await store.tree.begin_turn(running)
+        usage = store.answers.usage
+        if own == "reserved":  # a reserved row of the answer's that no round names, and what it holds
+            lost = chatsvc.new_message_id()
+            await store.db.execute(
+                "INSERT INTO usage_calls (id, owner, session_id, message_id, purpose, model, state, prompt_tokens,"
+                " reserved_tokens, reserved_cost, day, month, created_at) SELECT :lost, owner, session_id, message_id,"
+                " purpose, model, state, prompt_tokens, reserved_tokens, reserved_cost, day, month, created_at"
+                " FROM usage_calls WHERE id = :id",
+                {"lost": lost, "id": turn.hold.call_id},
+            )
+            await store.db.execute(
+                "UPDATE usage_owners SET day_reserved = day_reserved + 150, month_reserved = month_reserved + 150"
+                " WHERE owner = 'alice'"
+            )
+        else:  # its round settled and the next reserved, then the answer ends naming the first round
+            nxt = Hold(chatsvc.new_message_id(), "alice", "s", turn.answer_id, Purpose.ANSWER, "qwen-plus", 100, 50)
+            await usage.next_round(turn.hold.call_id, reported(100, 20), nxt)
+            lost = nxt.call_id
+        assert await store.answers.finish(turn.answer_id, final(turn.hold.call_id, reported(100, 20)))
+        row, reserved, _ = await books(store)
+        assert reserved == [{"id": running.hold.call_id, "message_id": running.answer_id}]
+        assert (row["running"], row["day_reserved"], row["day_tokens"]) == (1, 150, 220)
+        [other] = await store.db.fetch_all("SELECT * FROM usage_calls WHERE id = :id", {"id": lost})
+        assert (other["state"], other["outcome"], other["source"], other["total_tokens"]) == (
+            "settled", "complete", "estimated", 100,
+        )  # fmt: skip
+
+    run(database, body)
+
+
 @pytest.mark.slow
 def test_delete_after_a_replica_died_mid_answer_gives_the_reservation_back(postgres_database, fake, tmp_path):
     """A replica killed mid-answer, its conversation deleted on the survivor before the sweep took the
