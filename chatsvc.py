@@ -1906,22 +1906,6 @@ class Database:
             later.rows = await self.fetch_all(sql, values, WRITE)
         return later
 
-    async def execute_many(self, sql: str, rows: Callable[[], list[tuple]], role: str) -> None:
-        """One statement with numbered parameters ($1), run for each of `rows()`, made once there is a
-        connection, in one round trip (the connection of `role` on SQLite, where sqlite3 reads $1 as
-        the first parameter too; PostgreSQL: asyncpg pipelines the rows)."""
-        try:
-            if self._raw:
-                async with self._sqlite_connection(role) as conn:
-                    await self._send_later()
-                    await conn.executemany(sql, rows())
-            else:
-                async with self._pool.connection() as conn:
-                    await conn.raw_connection.executemany(sql, rows())
-        except Exception as exc:
-            self._failed(exc, role)
-        self.fault = None
-
     async def execute_numbered(self, sql: str, *args: Any) -> None:
         """PostgreSQL: a write with numbered parameters ($1), on this task's asyncpg connection (in a
         transaction: the transaction's)."""
@@ -1970,13 +1954,6 @@ class Database:
                 batch.theirs = next((n for n, item in enumerate(self._later) if item is self._body_start), -1)
             sql, self._later = batch, []
         return sql
-
-    async def _send_later(self) -> None:
-        """This task's transaction's statements not sent yet, sent now (before one that cannot carry
-        them), carried by a statement that does nothing: all of them in the batch, where a failure is
-        told apart (a Later's rows, a group's others' writes) as with any statement's."""
-        if self._later and _in_transaction.get() is self:
-            await self._sqlite("SELECT 1", {}, WRITE)
 
     async def _postgres(self, sql: str, values: dict[str, Any]) -> list[dict]:
         """PostgreSQL: the statement on this task's connection (in a transaction: the transaction's),
@@ -2786,7 +2763,7 @@ class Tree:
                 " cached_tokens = NULL,"  # not known until its last write sums the parts (a crash: never)
                 f" updated_at = {self.db.heartbeat_now} WHERE id = :id AND owner = :owner AND session_id = :sid"
                 " AND status = :status AND COALESCE(last_seq, -1) = :old_seq"
-                " AND NOT EXISTS (SELECT 1 FROM messages c WHERE c.parent_id = :id) RETURNING id",
+                " AND NOT EXISTS (SELECT 1 FROM messages c WHERE c.parent_id = :id) RETURNING id, continued",
                 values,
                 role=WRITE,
             )
@@ -2799,6 +2776,7 @@ class Tree:
                 f"Answer '{cont.answer_id}' changed while it was being continued (another request continued it,"
                 " or wrote after it); reload the conversation and try again."
             )
+        cont.generation = row["continued"]
         await self.db.execute(
             "UPDATE conversations SET current_message_id = :id, updated_at = :now"
             " WHERE owner = :owner AND session_id = :sid",
@@ -4547,10 +4525,15 @@ class Examiner:
 # moves `updated_at` itself, or its end, or another process's verdict). Waiting would hold the beat
 # past HEARTBEAT_MISSES intervals, and the checkpoint's batch, one transaction locking its rows in
 # another order, made a cycle with it that PostgreSQL broke only after its deadlock_timeout (1 s).
+# Each row is beaten only while it is its producer's: `streaming` with the generation it writes
+# ($2, by position; NULL while its row is being claimed, not known yet: any).
+_VOUCHED = (
+    "FROM messages m JOIN unnest($1::text[], $2::int[]) AS own (id, generation) ON m.id = own.id"
+    " WHERE m.status = 'streaming' AND (own.generation IS NULL OR m.continued = own.generation)"
+)
 HEARTBEAT_SQL = (
-    f"WITH beat AS (UPDATE messages SET updated_at = {PG_NOW} WHERE id IN (SELECT id FROM messages WHERE"
-    " id = ANY($1::text[]) AND status = 'streaming' FOR UPDATE SKIP LOCKED) RETURNING id)"
-    " SELECT id FROM messages WHERE id = ANY($1::text[]) AND status = 'streaming'"
+    f"WITH beat AS (UPDATE messages SET updated_at = {PG_NOW} WHERE id IN (SELECT m.id {_VOUCHED}"
+    f" FOR UPDATE OF m SKIP LOCKED) RETURNING id) SELECT m.id {_VOUCHED}"
 )
 
 # A `streaming` row's heartbeat is written inside its turn's transaction and seen by the other processes
@@ -4599,6 +4582,7 @@ class Checkpoint:
     # stored tool_steps stay as they are)
     steps: str | None = None
     sources: str | None = None  # its sources as JSON, once they came (None: none yet, or stored already)
+    generation: int = 0  # its producer's: the row's `continued` while that producer writes it (Answer.generation)
 
 
 @dataclass
@@ -4622,11 +4606,17 @@ class FinalState:
     cost: Cost | None = None  # what all its calls cost (None: no prices, or its model has none)
     sources: str | None = None  # a searched answer's sources, as JSON (None: none came)
     searches: int | None = None  # ... and its searches, when reported
+    generation: int = 0  # its producer's (Checkpoint.generation)
 
 
 class AnswerRows:
     """Answers' rows while they are written: which are `streaming`, their checkpoints, their final
-    state, and the verdict on those whose process is gone."""
+    state, and the verdict on those whose process is gone.
+
+    A row is written by one producer at a time, named by the row's `continued` count (its
+    generation): the answer's own (0), then each continuation's. A producer's checkpoints, heartbeat
+    and final write touch the row only while it is `streaming` with its generation: one that another
+    process took for dead, whose answer was then continued, no longer writes over the continuation."""
 
     def __init__(self, db: Database, usage: Usage):
         self.db, self.usage = db, usage
@@ -4726,42 +4716,43 @@ class AnswerRows:
                 values,
             )
 
-    async def checkpoint(self, checkpoints: list[Checkpoint]) -> None:
-        """The running answers' texts so far, in one round trip (the background connection on SQLite).
-        A row's heartbeat is when it is written: the time once there is a connection (PostgreSQL: the
-        server's clock, as it writes the row)."""
-        sql = (
-            "UPDATE messages SET content = $1, reasoning_content = $2, last_seq = $3,"
-            " tool_steps = COALESCE($4, tool_steps), sources = COALESCE($5, sources), updated_at = {}"
-            " WHERE id = {} AND status = 'streaming'"
-        )
-        if self.db.is_sqlite:
-
-            def rows() -> list[tuple]:
-                now = utcnow()
-                return [
-                    (cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), cp.sources, now, cp.answer_id)
-                    for cp in checkpoints
-                ]
-
-            await self.db.execute_many(sql.format("$6", "$7"), rows, BACKGROUND)
-        else:
-            await self.db.execute_many(
-                sql.format(PG_NOW, "$6"),
-                lambda: [
-                    (cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), cp.sources, cp.answer_id)
-                    for cp in checkpoints
-                ],
-                BACKGROUND,
+    async def checkpoint(self, checkpoints: list[Checkpoint]) -> set[str]:
+        """The running answers' texts so far, in one statement (500 a statement; the background
+        connection on SQLite), each row only while it is still its producer's (`streaming`, with its
+        generation); the ids of the rows it wrote. A row's heartbeat is when it is written (PostgreSQL:
+        the server's clock, as it writes the row)."""
+        written: set[str] = set()
+        for start in range(0, len(checkpoints), 500):
+            values: dict[str, Any] = {"now": utcnow()}
+            rows = []
+            for n, cp in enumerate(checkpoints[start : start + 500]):
+                row = (cp.answer_id, cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), cp.sources,
+                       cp.generation)  # fmt: skip
+                values.update((f"{name}{n}", value) for name, value in zip("icrqtsg", row, strict=True))
+                rows.append(
+                    f"(CAST(:i{n} AS TEXT), CAST(:c{n} AS TEXT), CAST(:r{n} AS TEXT), CAST(:q{n} AS BIGINT),"
+                    f" CAST(:t{n} AS TEXT), CAST(:s{n} AS TEXT), CAST(:g{n} AS INTEGER))"
+                )
+            found = await self.db.fetch_all(
+                f"WITH v (v_id, v_content, v_reasoning, v_seq, v_steps, v_sources, v_generation) AS"
+                f" (VALUES {', '.join(rows)}) UPDATE messages SET content = v_content, reasoning_content = v_reasoning,"
+                " last_seq = v_seq, tool_steps = COALESCE(v_steps, tool_steps), sources = COALESCE(v_sources, sources),"
+                f" updated_at = {self.db.heartbeat_now} FROM v WHERE id = v_id AND status = 'streaming'"
+                " AND continued = v_generation RETURNING id",
+                values,
+                role=BACKGROUND,
             )
+            written.update(row["id"] for row in found)
+        return written
 
     async def finish(self, answer_id: str, final: FinalState) -> bool:
         """The answer's final state, written once, whatever ended it, and its calls still reserved
         settled in the ledger (`final.call_id` and `final.carried`: Usage.settle_answer), in one
-        transaction. False if the answer is no longer `streaming`: another process took it for dead
-        and stored its verdict, which stands (and settled its calls), or its conversation was deleted
-        (which settled them too); its calls are settled all the same, those still reserved (none,
-        unless a round was reserved after that: they are the answer's to settle)."""
+        transaction. False if the answer is no longer `streaming` with `final.generation`: another
+        process took it for dead and stored its verdict, which stands (and settled its calls), and the
+        answer may have been continued since; or its conversation was deleted (which settled them too).
+        Its own rounds are settled all the same, those still reserved (none, unless a round was reserved
+        after that: they are its own to settle); the answer's other calls are then not its own."""
         usage = final.usage or {}
         update = (
             "UPDATE messages SET content = :content, reasoning_content = :reasoning, status = :status,"
@@ -4770,7 +4761,7 @@ class AnswerRows:
             " reasoning_tokens = :reasoning_tokens, cached_tokens = :cached_tokens, cost_micros = :cost,"
             f" currency = :currency, last_seq = :last_seq, tool_steps = :steps, sources = COALESCE(:sources, sources),"
             f" searches = COALESCE(:searches, searches), updated_at = {self.db.heartbeat_now}"
-            " WHERE id = :id AND status = 'streaming' RETURNING id"
+            " WHERE id = :id AND status = 'streaming' AND continued = :generation RETURNING id"
         )
         values = {
             "content": final.content,
@@ -4792,6 +4783,7 @@ class AnswerRows:
             "searches": final.searches,
             "now": utcnow(),
             "id": answer_id,
+            "generation": final.generation,
         }
 
         async def write() -> Later:
@@ -4803,6 +4795,7 @@ class AnswerRows:
                      "tool_steps": final.steps},
                     [*final.carried, (final.call_id, final.spent)],
                     final.status,
+                    written,
                 )  # fmt: skip
             return written
 
@@ -5028,6 +5021,12 @@ def _round_plan(rounds: list[tuple[str, Spent]], states: dict[str, str]) -> list
 
 
 _CALL_COLUMNS = "id, message_id, state, model, prompt_tokens, completion_tokens"  # a call as _calls_of reads it
+
+
+def _wrote(written: Later | None) -> bool:
+    """Usage.settle_answer: whether the answer's final row was written (None: not told, as written)."""
+    assert written is None or written.rows is not None, "the final row is sent before the settlement's statements"
+    return written is None or bool(written.rows)
 
 
 class Usage:
@@ -5464,7 +5463,9 @@ class Usage:
         return len(await self._settle([(call_id, spent, outcome if n == last else COMPLETE, ends_answer and n == last)
                                        for n, (call_id, spent) in enumerate(plan)]))  # fmt: skip
 
-    async def settle_answer(self, answer: dict, rounds: list[tuple[str, Spent]], outcome: str) -> None:
+    async def settle_answer(
+        self, answer: dict, rounds: list[tuple[str, Spent]], outcome: str, written: Later | None = None
+    ) -> None:
         """Inside the answer's final write (whether or not its row was still there to write): every call
         of the answer still reserved is settled and its running answer given back. Its `rounds` as
         settle_rounds settles them (the last with `outcome`); any other call of it still reserved
@@ -5472,6 +5473,10 @@ class Usage:
         prompt's estimate. `answer`: id, content, reasoning_content, tool_steps, as it ends. A call
         settled already is left as it is: the sweep, or a deleted conversation, took the answer and
         settled its calls (their writes lock its row first, as this one's does).
+
+        `written`: the answer's final row as this write wrote it (AnswerRows.finish, sent before). When it
+        wrote nothing, the answer was taken by another process, and may have been continued since: its
+        calls still reserved that its rounds do not name are the continuation's, and are left to it.
 
         An answer of one round (none carried), the common case, needs no read first: its row is settled
         as it stands (one no longer reserved is left), and its other calls still reserved are read in
@@ -5488,7 +5493,7 @@ class Usage:
             ended = await self._settle_calls([(call_id, spent, outcome, True)], windows)
             assert others.rows is not None, "read in the settlement's hop, before it"
             rest = [(call["id"], self._swept_spent(call, 0, stored, False), outcome, not ended and n == 0)
-                    for n, call in enumerate(others.rows)]  # fmt: skip
+                    for n, call in enumerate(others.rows if _wrote(written) else ())]  # fmt: skip
             if rest:  # (none, unless its rounds were lost track of)
                 await self._settle_calls(rest, windows)
             if windows:
@@ -5498,6 +5503,7 @@ class Usage:
         plan = _round_plan(rounds, {call["id"]: call["state"] for call in calls})
         planned = {call_id for call_id, _ in plan}
         others = [call for call in calls if call["state"] == "reserved" and call["id"] not in planned]
+        others = others if _wrote(written) else []
         settlements = [(call_id, spent, COMPLETE, False) for call_id, spent in plan]
         settlements += [(call["id"], self._swept_spent(call, 0, stored, False), outcome, False) for call in others]
         if settlements:  # the answer holds its running answer while any of its calls is reserved: given back once
@@ -6053,6 +6059,7 @@ class Continuation:
     currency: str | None
     hold: Hold | None = None
     sources: list[dict] | None = None  # an answer from the web's: kept, and said again by the whole's end
+    generation: int = 0  # the row's `continued` once begin_continuation took it back: its producer's (AnswerRows)
 
     @property
     def base(self) -> int:
@@ -7721,6 +7728,7 @@ class Answer:
     task: asyncio.Task | None = None
     stopped_for: StopReason | None = None  # why the task was cancelled
     saved_seq: int = 0  # events the stored checkpoint covers
+    saved_chars: tuple[int, int] = (0, 0)  # ... and the text and reasoning it holds, in characters
     saved_steps: int = 0  # steps the stored checkpoint holds
     saved_sources: bool = False  # the stored checkpoint holds its sources (a replica's catch-up re-sends them)
     rounds: int = 0  # model rounds that called tools
@@ -7743,6 +7751,11 @@ class Answer:
     @property
     def key(self) -> tuple[str, str]:
         return self.owner, self.session_id
+
+    @property
+    def generation(self) -> int:
+        """Which producer of its row it is: the row's `continued` count while it writes it (AnswerRows)."""
+        return self.continued.generation if self.continued is not None else 0
 
     @property
     def full_text(self) -> str:
@@ -7788,6 +7801,7 @@ class Answer:
             cost=cost,
             sources=json_column(self.sources),
             searches=self.searches,
+            generation=self.generation,
         )
 
     @property
@@ -8316,6 +8330,7 @@ class Relay:
                 },
             )
             answer.saved_seq = len(answer.log)  # the row holds what `start` says
+            answer.saved_chars = (len(cont.text), len(cont.reasoning or ""))
             self.registry.register(answer)
             return answer
         finally:
@@ -8639,12 +8654,13 @@ class Relay:
                     len(a.log),
                     steps=a.stored_steps() if len(a.steps) > a.saved_steps else None,
                     sources=json_column(a.sources) if not a.saved_sources else None,
+                    generation=a.generation,
                 )
                 for a in due
             ]
             counts = [len(a.steps) for a in due]
             try:
-                await self.store.answers.checkpoint(batch)
+                written = await self.store.answers.checkpoint(batch)
             except StorageUnavailable as exc:
                 log.warning(
                     "checkpoint of %d answer(s) failed, tried again in %g s: %s",
@@ -8654,7 +8670,10 @@ class Relay:
                 )
                 continue
             for answer, checkpoint, count in zip(due, batch, counts, strict=True):
+                if answer.message_id not in written:  # no longer its producer's (taken, deleted): it stops soon
+                    continue
                 answer.saved_seq, answer.saved_steps = checkpoint.seq, count
+                answer.saved_chars = (len(checkpoint.content), len(checkpoint.reasoning or ""))
                 answer.saved_sources = answer.saved_sources or checkpoint.sources is not None
 
     def checkpoint_soon(self) -> None:
@@ -8669,6 +8688,10 @@ class Relay:
         stored = await self._store_final(answer, final, self.settings.storage_timeout)
         if stored is False:  # another process took it for dead: its verdict stands, and is what readers get
             row = await self._verdict(answer)
+            if row is not None and row["continued"] != answer.generation:  # and continued it since: its verdict
+                row = {**row, "status": INTERRUPTED, "error_code": "interrupted", "error_message": INTERRUPTED_DETAIL,
+                       "content": answer.full_text[: answer.saved_chars[0]],
+                       "reasoning_content": (answer.full_reasoning or "")[: answer.saved_chars[1]]}  # fmt: skip
             if row is not None:
                 answer.status, answer.error = row["status"], stored_error(row)
                 answer.text, answer.reasoning = [row["content"]], [row["reasoning_content"] or ""]
@@ -8783,17 +8806,23 @@ class Relay:
 
     def own_ids(self) -> list[str]:
         """The answers this process vouches for: running, ended and not stored yet, or being claimed."""
-        running = [a.message_id for a in self.registry.running_answers() if a.phase in PRODUCING]
-        return running + [a.message_id for a in list(self._unstored.values())] + list(self._claiming)
+        return list(self.vouched())
+
+    def vouched(self) -> dict[str, int | None]:
+        """own_ids, each with the generation of its row it writes (Answer.generation; None: being claimed)."""
+        running = [a for a in self.registry.running_answers() if a.phase in PRODUCING]
+        own: dict[str, int | None] = {a.message_id: a.generation for a in [*running, *self._unstored.values()]}
+        return {**own, **dict.fromkeys(self._claiming)}
 
     def claiming(self) -> set[str]:
         """The answers whose `streaming` row is being written: it may not be committed yet."""
         return set(self._claiming)
 
-    def taken(self, ids: set[str]) -> None:
-        """The heartbeat found these rows no longer `streaming`: another process took them for dead."""
+    def taken(self, ids: dict[str, int | None]) -> None:
+        """The heartbeat found these rows no longer `streaming` with these generations: another process
+        took them for dead (an answer of another generation here since, a continuation, is not stopped)."""
         for answer in self.registry.running_answers():
-            if answer.message_id in ids and answer.cancel(StopReason.TAKEN):
+            if ids.get(answer.message_id, -1) == answer.generation and answer.cancel(StopReason.TAKEN):
                 log.warning("answer %s was taken for dead by another process; it stops here", answer.message_id)
 
 
@@ -9732,7 +9761,8 @@ class Heartbeat:
     """PostgreSQL: this process's answers are marked alive every CHATSVC_HEARTBEAT_SECONDS from a
     thread of its own, on a connection of its own, so the heartbeat never queues behind the work it
     vouches for (a busy event loop, a busy pool). It beats only while the event loop still turns.
-    Rows it finds no longer `streaming` were taken by another process: their producers are told."""
+    Rows it finds no longer `streaming` with their producer's generation were taken by another
+    process (and may have been continued since): their producers are told."""
 
     def __init__(self, relay: Relay, loop: asyncio.AbstractEventLoop):
         self.relay, self.loop = relay, loop
@@ -9765,7 +9795,8 @@ class Heartbeat:
     async def _beat(self) -> None:
         import asyncpg
 
-        ids = self.relay.own_ids()
+        own = self.relay.vouched()
+        ids = list(own)
         # Read after the ids: an answer no longer claiming here has its row committed before the UPDATE.
         claiming = self.relay.claiming()
         if not ids or time.monotonic() - self.loop_tick > self.stalled_after:
@@ -9782,7 +9813,7 @@ class Heartbeat:
                     timeout=10,
                     command_timeout=max(1.0, self.relay.settings.heartbeat_stale),
                 )
-            rows = await self._conn.fetch(HEARTBEAT_SQL, ids)
+            rows = await self._conn.fetch(HEARTBEAT_SQL, ids, [own[i] for i in ids])
         except Exception as exc:
             log.warning("heartbeat failed (%s); trying again", type(exc).__name__)
             if self._conn is not None:
@@ -9791,7 +9822,8 @@ class Heartbeat:
             return
         # A claimed row may not be committed yet: missing, it is not taken (its answer starts after the commit,
         # and this beat's word would reach it then and stop it for nothing).
-        taken = set(ids) - claiming - {row["id"] for row in rows}
+        beaten = {row["id"] for row in rows}
+        taken = {i: own[i] for i in ids if i not in claiming and i not in beaten}
         if taken:
             self.loop.call_soon_threadsafe(self.relay.taken, taken)
 

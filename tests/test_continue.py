@@ -609,3 +609,94 @@ def test_crash_mid_continuation_leaves_no_token_sum_and_continues(service, fake,
         assert (row["status"], row["continued"], row["total_tokens"]) == ("complete", 2, None)
     finally:
         server.stop()
+
+
+def test_a_producer_taken_for_dead_writes_nothing_over_the_continuation(database):
+    """A replica's answer is taken for dead (its heartbeat late: a stall, a partition), and the user
+    continues it elsewhere. When the first producer comes back, its checkpoint, its heartbeat and its
+    final write no longer match the row: it is `streaming` again, but with the continuation's
+    generation (`continued`). So the continuation's text, its reservation and its running answer
+    stay as they are; the first producer learns it was taken; the continuation then ends as any."""
+    from support import pg
+    from test_usage_hostile_answers import books, final, new_turn, reported, run
+
+    from chatsvc import Checkpoint, Continuation, Hold, Purpose
+
+    async def body(store):
+        turn = new_turn()
+        await store.tree.begin_turn(turn)
+        await store.answers.checkpoint([Checkpoint(turn.answer_id, "part one", None, 3)])
+        [swept] = await store.answers.recover_interrupted(None)  # as another replica's sweep takes it
+        assert swept["content"] == "part one"
+        hold = Hold(chatsvc.new_message_id(), "alice", "s", turn.answer_id, Purpose.CONTINUATION, "qwen-plus", 100, 50)
+        cont = Continuation("alice", "s", turn.answer_id, "qwen-plus", turn.question_id, "interrupted",
+                            chatsvc.INTERRUPTED_SEQ, b"", "part one", None, [], None, None, None,
+                            hold=hold)  # fmt: skip
+        await store.tree.begin_continuation(cont)
+        assert cont.generation == 1
+
+        async def row() -> dict:
+            return await store.db.fetch_one(
+                "SELECT content, status, continued, last_seq FROM messages WHERE id = :id", {"id": turn.answer_id}
+            )
+
+        continuing = await row()
+        assert (continuing["status"], continuing["continued"]) == ("streaming", 1)
+        if not store.db.is_sqlite:  # the first producer's heartbeat finds it taken; the continuation's beats
+            assert pg(database, chatsvc.HEARTBEAT_SQL, [turn.answer_id], [0]) == []
+            assert pg(database, chatsvc.HEARTBEAT_SQL, [turn.answer_id], [1]) == [{"id": turn.answer_id}]
+            assert pg(database, chatsvc.HEARTBEAT_SQL, [turn.answer_id], [None]) == [{"id": turn.answer_id}]
+        # the first producer, back: its checkpoint and its final write match nothing
+        await store.answers.checkpoint([Checkpoint(turn.answer_id, "part one, then the old producer", None, 9)])
+        assert not await store.answers.finish(turn.answer_id, final(turn.hold.call_id, reported(100, 20)))
+        assert await row() == continuing
+        owner, reserved, streaming = await books(store)
+        assert reserved == [{"id": hold.call_id, "message_id": turn.answer_id}]  # the continuation's, still held
+        assert owner["running"] == 1 and streaming == [{"id": turn.answer_id}]
+        # the continuation writes and ends as any answer
+        await store.answers.checkpoint([Checkpoint(turn.answer_id, "part one, part two", None, 5, generation=1)])
+        assert (await row())["content"] == "part one, part two"
+        done = final(hold.call_id, reported(100, 20))
+        done.content, done.generation = "part one, part two.", 1
+        assert await store.answers.finish(turn.answer_id, done)
+        assert (await row())["status"] == "complete"
+        owner, reserved, streaming = await books(store)
+        assert (reserved, streaming, owner["running"], owner["day_reserved"]) == ([], [], 0, 0)
+
+    run(database, body)
+
+
+def test_readers_of_a_producer_taken_and_continued_elsewhere_are_told_what_the_store_holds(make_service, fake):
+    """The same race through a running service: its answer is taken for dead and continued by another
+    process (done here in the database, as that process would) while the model stalls. When the model
+    goes on, the producer's writes change nothing of the continuation, and its readers are told the
+    verdict on its part, as stored then: interrupted, with the text of its last checkpoint, which the
+    continuation's row begins with, not the text its checkpoints after the take tried to write. On
+    PostgreSQL its heartbeat finds it taken and stops it first."""
+    service = make_service(CHATSVC_CHECKPOINT_SECONDS="0.1", CHATSVC_HEARTBEAT_SECONDS="0.2")
+    hold = threading.Event()
+    # paced: after the take, its checkpoints run (and match nothing) before it ends
+    fake.push(Reply.answer(["a ", "b ", "c ", "d "], hold=hold, hold_at=3, usage=U1, pause=0.3))
+    with LiveServer(service.settings) as live, live.client() as client:
+        reader = SSEReader(client, "POST", f"{API}/chat/s1/stream", json={"message": "q"})
+        mid = reader.next_event()["data"]["message_id"]
+        chunks = []
+        while len(chunks) < 2:
+            event = reader.next_event()
+            chunks += [event["data"]["content"]] if event["type"] == "chunk" else []
+        assert chunks == ["a ", "b "]
+        wait_for(lambda: answer_row(service)["content"] == "a b ")
+        service.rows(
+            "UPDATE messages SET status = 'interrupted', error_code = 'interrupted', last_seq = ? WHERE id = ?",
+            chatsvc.INTERRUPTED_SEQ, mid,
+        )  # fmt: skip
+        service.rows(
+            "UPDATE messages SET status = 'streaming', continued = 1, content = 'a b (continued)' WHERE id = ?", mid
+        )
+        continued = answer_row(service)
+        hold.set()
+        end = reader.until_end()[-1]
+        reader.close()
+    assert end["type"] == "error" and end["data"]["code"] == "interrupted", end
+    assert end["data"]["partial_text"] == "a b "
+    assert answer_row(service) == continued

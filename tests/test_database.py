@@ -238,11 +238,9 @@ def test_bodies_that_arrive_together_are_each_all_or_nothing_and_share_one_commi
     on(database, body)
 
 
-@pytest.mark.parametrize("first", ["execute", "execute_many"])
-def test_a_write_one_body_left_for_later_that_fails_undoes_the_whole_group(tmp_path, first):
-    """SQLite: body A's later write travels with body B's first statement (a statement, or the pending
-    statements sent ahead of an execute_many); its failure is not B's: the group is undone (503 for
-    both), not B alone."""
+def test_a_write_one_body_left_for_later_that_fails_undoes_the_whole_group(tmp_path):
+    """SQLite: body A's later write travels with body B's first statement; its failure is not B's: the
+    group is undone (503 for both), not B alone."""
     database = f"sqlite+aiosqlite:///{tmp_path / 'group.db'}"
 
     async def body(db: chatsvc.Database) -> None:
@@ -254,10 +252,7 @@ def test_a_write_one_body_left_for_later_that_fails_undoes_the_whole_group(tmp_p
 
         async def b():
             try:
-                if first == "execute":
-                    await db.execute("INSERT INTO later_t (n) VALUES (2)")
-                else:
-                    await db.execute_many("INSERT INTO later_t (n) VALUES ($1)", lambda: [(2,)], chatsvc.WRITE)
+                await db.execute("INSERT INTO later_t (n) VALUES (2)")
             except Exception as exc:  # as a body that reads a violation as its own refusal would
                 if chatsvc._violation(exc):
                     raise chatsvc.ConversationBusy("B's own, it thinks") from None

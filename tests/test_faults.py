@@ -14,6 +14,7 @@ import itertools
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -339,6 +340,32 @@ def test_an_answer_whose_row_is_still_being_written_is_not_taken_for_dead(postgr
         time.sleep(0.5)  # and several beats more
         loop.call_soon_threadsafe(relay._claiming.clear)
     assert told == []
+
+
+def test_the_heartbeats_word_stops_only_the_generation_it_names(fake, tmp_path):
+    """What the heartbeat vouches for names each answer's generation (its row's `continued` count;
+    None while its row is being claimed), and its word that a row was taken stops only the answer of
+    that generation: one continued here since (another generation of the same row) goes on."""
+    service = Service(f"sqlite+aiosqlite:///{tmp_path / 'chatsvc.db'}", fake)
+    hold = threading.Event()
+    fake.push(Reply.answer(["a ", "b "], hold=hold, hold_at=2))
+    with LiveServer(service.settings) as live, live.client() as client:
+        relay = live.relay
+        loop = next(iter(relay._tasks)).get_loop()
+        reader = SSEReader(client, "POST", "/api/v1/chat/s1/stream", json={"message": "q"})
+        mid = reader.next_event()["data"]["message_id"]
+        assert relay.vouched() == {mid: 0}
+        loop.call_soon_threadsafe(relay._claiming.add, "being-claimed")
+        assert wait_for(lambda: relay.vouched() == {mid: 0, "being-claimed": None})
+        loop.call_soon_threadsafe(relay.taken, {mid: 1})  # another generation's row: not this answer's
+        time.sleep(0.3)
+        assert relay.registry.running(("", "s1")).phase in chatsvc.PRODUCING
+        loop.call_soon_threadsafe(relay.taken, {mid: 0})
+        wait_for(lambda: relay.registry.running(("", "s1")) is None or relay.registry.running(("", "s1")).done.is_set())
+        hold.set()
+        end = reader.until_end()[-1]
+        reader.close()
+    assert end["type"] == "error", end
 
 
 HOLD_POSTGRES_ROW_LOCK = """
