@@ -1909,14 +1909,22 @@ class Database:
     async def execute_numbered(self, sql: str, *args: Any) -> None:
         """PostgreSQL: a write with numbered parameters ($1), on this task's asyncpg connection (in a
         transaction: the transaction's)."""
+        await self.fetch_numbered(sql, *args)
+
+    async def fetch_numbered(self, sql: str, *args: Any, role: str = WRITE) -> list[dict]:
+        """PostgreSQL: a write's rows, with numbered parameters ($1: arrays too, for a statement whose
+        text is the same whatever the number of rows), on this task's asyncpg connection (in a
+        transaction: the transaction's)."""
         async with self._pool.connection() as conn:
             started = time.perf_counter()
             try:
-                await conn.raw_connection.execute(sql, *args)
+                rows = [dict(row) for row in await conn.raw_connection.fetch(sql, *args)]
             except Exception as exc:
-                self._failed(exc, WRITE)
+                self._failed(exc, role)
             finally:
-                self._statement_seconds[WRITE].observe(time.perf_counter() - started)
+                self._statement_seconds[role].observe(time.perf_counter() - started)
+        self.fault = None
+        return rows
 
     @contextlib.asynccontextmanager
     async def _sqlite_connection(self, role: str) -> AsyncIterator[Any]:
@@ -4525,6 +4533,24 @@ class Examiner:
 # moves `updated_at` itself, or its end, or another process's verdict). Waiting would hold the beat
 # past HEARTBEAT_MISSES intervals, and the checkpoint's batch, one transaction locking its rows in
 # another order, made a cycle with it that PostgreSQL broke only after its deadlock_timeout (1 s).
+# AnswerRows.checkpoint: each answer's row (id, content, reasoning, seq, steps, sources, generation),
+# written while it is its producer's; its steps and sources only when given (None: as they are).
+_CHECKPOINT_SET = (
+    "SET content = v_content, reasoning_content = v_reasoning, last_seq = v_seq,"
+    " tool_steps = COALESCE(v_steps, tool_steps), sources = COALESCE(v_sources, sources), updated_at = {now}"
+    " FROM v WHERE id = v_id AND status = 'streaming' AND continued = v_generation RETURNING id"
+)
+_CHECKPOINT_SQLITE = (
+    "WITH v (v_id, v_content, v_reasoning, v_seq, v_steps, v_sources, v_generation) AS (SELECT value ->> 0,"
+    " value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6 FROM json_each(:rows))"
+    " UPDATE messages " + _CHECKPOINT_SET.format(now=":now")
+)
+_CHECKPOINT_POSTGRES = (
+    "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],"
+    " $7::int[]) AS r (v_id, v_content, v_reasoning, v_seq, v_steps, v_sources, v_generation))"
+    " UPDATE messages " + _CHECKPOINT_SET.format(now=PG_NOW)
+)
+
 # Each row is beaten only while it is its producer's: `streaming` with the generation it writes
 # ($2, by position; NULL while its row is being claimed, not known yet: any).
 _VOUCHED = (
@@ -4717,33 +4743,22 @@ class AnswerRows:
             )
 
     async def checkpoint(self, checkpoints: list[Checkpoint]) -> set[str]:
-        """The running answers' texts so far, in one statement (500 a statement; the background
-        connection on SQLite), each row only while it is still its producer's (`streaming`, with its
-        generation); the ids of the rows it wrote. A row's heartbeat is when it is written (PostgreSQL:
-        the server's clock, as it writes the row)."""
-        written: set[str] = set()
-        for start in range(0, len(checkpoints), 500):
-            values: dict[str, Any] = {"now": utcnow()}
-            rows = []
-            for n, cp in enumerate(checkpoints[start : start + 500]):
-                row = (cp.answer_id, cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), cp.sources,
-                       cp.generation)  # fmt: skip
-                values.update((f"{name}{n}", value) for name, value in zip("icrqtsg", row, strict=True))
-                rows.append(
-                    f"(CAST(:i{n} AS TEXT), CAST(:c{n} AS TEXT), CAST(:r{n} AS TEXT), CAST(:q{n} AS BIGINT),"
-                    f" CAST(:t{n} AS TEXT), CAST(:s{n} AS TEXT), CAST(:g{n} AS INTEGER))"
-                )
-            found = await self.db.fetch_all(
-                f"WITH v (v_id, v_content, v_reasoning, v_seq, v_steps, v_sources, v_generation) AS"
-                f" (VALUES {', '.join(rows)}) UPDATE messages SET content = v_content, reasoning_content = v_reasoning,"
-                " last_seq = v_seq, tool_steps = COALESCE(v_steps, tool_steps), sources = COALESCE(v_sources, sources),"
-                f" updated_at = {self.db.heartbeat_now} FROM v WHERE id = v_id AND status = 'streaming'"
-                " AND continued = v_generation RETURNING id",
-                values,
-                role=BACKGROUND,
-            )
-            written.update(row["id"] for row in found)
-        return written
+        """The running answers' texts so far, in one statement (the background connection on SQLite),
+        each row only while it is still its producer's (`streaming`, with its generation); the ids of
+        the rows it wrote. The statement's text is the same for any number of answers (its rows are
+        one parameter: a JSON array on SQLite, arrays on PostgreSQL), so it is prepared once. A row's
+        heartbeat is when it is written (PostgreSQL: the server's clock, as it writes the row)."""
+        if not checkpoints:
+            return set()
+        rows = [(cp.answer_id, cp.content, cp.reasoning, cp.seq, storable_json(cp.steps), cp.sources, cp.generation)
+                for cp in checkpoints]  # fmt: skip
+        if self.db.is_sqlite:
+            values = {"rows": json.dumps(rows, ensure_ascii=False), "now": utcnow()}
+            written = await self.db.fetch_all(_CHECKPOINT_SQLITE, values, role=BACKGROUND)
+        else:
+            columns = [list(column) for column in zip(*rows, strict=True)]
+            written = await self.db.fetch_numbered(_CHECKPOINT_POSTGRES, *columns, role=BACKGROUND)
+        return {row["id"] for row in written}
 
     async def finish(self, answer_id: str, final: FinalState) -> bool:
         """The answer's final state, written once, whatever ended it, and its calls still reserved

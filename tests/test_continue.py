@@ -625,8 +625,16 @@ def test_a_producer_taken_for_dead_writes_nothing_over_the_continuation(database
     async def body(store):
         turn = new_turn()
         await store.tree.begin_turn(turn)
-        await store.answers.checkpoint([Checkpoint(turn.answer_id, "part one", None, 3)])
-        [swept] = await store.answers.recover_interrupted(None)  # as another replica's sweep takes it
+        other = new_turn(owner="bob", session="s2")  # another answer, checkpointed in the same statement
+        await store.tree.begin_turn(other)
+        written = await store.answers.checkpoint(
+            [Checkpoint(turn.answer_id, "part one", None, 3), Checkpoint(other.answer_id, 'ü, 中文, "q"', "r", 2)]
+        )
+        assert written == {turn.answer_id, other.answer_id}
+        assert (await store.db.fetch_one(
+            "SELECT content, reasoning_content, last_seq FROM messages WHERE id = :id", {"id": other.answer_id}
+        )) == {"content": "ü, 中文, \"q\"", "reasoning_content": "r", "last_seq": 2}  # fmt: skip
+        [swept] = await store.answers.recover_interrupted(None, only=[turn.answer_id])  # as another replica's sweep
         assert swept["content"] == "part one"
         hold = Hold(chatsvc.new_message_id(), "alice", "s", turn.answer_id, Purpose.CONTINUATION, "qwen-plus", 100, 50)
         cont = Continuation("alice", "s", turn.answer_id, "qwen-plus", turn.question_id, "interrupted",
@@ -647,14 +655,16 @@ def test_a_producer_taken_for_dead_writes_nothing_over_the_continuation(database
             assert pg(database, chatsvc.HEARTBEAT_SQL, [turn.answer_id], [1]) == [{"id": turn.answer_id}]
             assert pg(database, chatsvc.HEARTBEAT_SQL, [turn.answer_id], [None]) == [{"id": turn.answer_id}]
         # the first producer, back: its checkpoint and its final write match nothing
-        await store.answers.checkpoint([Checkpoint(turn.answer_id, "part one, then the old producer", None, 9)])
+        late = [Checkpoint(turn.answer_id, "part one, then the old producer", None, 9)]
+        assert await store.answers.checkpoint(late) == set()
         assert not await store.answers.finish(turn.answer_id, final(turn.hold.call_id, reported(100, 20)))
         assert await row() == continuing
         owner, reserved, streaming = await books(store)
         assert reserved == [{"id": hold.call_id, "message_id": turn.answer_id}]  # the continuation's, still held
         assert owner["running"] == 1 and streaming == [{"id": turn.answer_id}]
         # the continuation writes and ends as any answer
-        await store.answers.checkpoint([Checkpoint(turn.answer_id, "part one, part two", None, 5, generation=1)])
+        now = [Checkpoint(turn.answer_id, "part one, part two", None, 5, generation=1)]
+        assert await store.answers.checkpoint(now) == {turn.answer_id}
         assert (await row())["content"] == "part one, part two"
         done = final(hold.call_id, reported(100, 20))
         done.content, done.generation = "part one, part two.", 1
