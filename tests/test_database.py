@@ -439,3 +439,25 @@ def test_a_body_that_swallows_a_fault_beyond_its_own_writes_does_not_keep_the_gr
         assert [row["n"] for row in await db.fetch_all("SELECT n FROM later_t ORDER BY n")] == [0, 7]
 
     on(database, body)
+
+
+def test_fetch_each_runs_a_statement_for_each_values_in_one_hop_and_stops_at_a_failure(tmp_path):
+    """SQLite: each statement is a transaction of its own, and each Later gets its rows; a failure is
+    raised, the statements before it kept (their Laters have rows), those after it not run (None)."""
+    database = f"sqlite+aiosqlite:///{tmp_path / 'each.db'}"
+
+    async def body(db: chatsvc.Database) -> None:
+        await db.execute("INSERT INTO later_t (n) VALUES (2)")
+        sql = "INSERT INTO later_t (n) VALUES (:n) RETURNING n"
+        each = [({"n": n}, chatsvc.Later()) for n in (1, 3)]
+        with Hops(db._raw[chatsvc.BACKGROUND]) as hops:
+            await db.fetch_each(sql, each, chatsvc.BACKGROUND)
+        assert hops.count == 1 and [later.rows for _, later in each] == [[{"n": 1}], [{"n": 3}]]
+        each = [({"n": n}, chatsvc.Later()) for n in (4, 2, 5)]
+        with pytest.raises(Exception) as failed:
+            await db.fetch_each(sql, each, chatsvc.BACKGROUND)
+        assert chatsvc._violation(failed.value) == "unique", failed.value
+        assert [later.rows for _, later in each] == [[{"n": 4}], None, None]
+        assert [row["n"] for row in await db.fetch_all("SELECT n FROM later_t ORDER BY n")] == [1, 2, 3, 4]
+
+    on(database, body)
