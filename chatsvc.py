@@ -4541,21 +4541,6 @@ class Examiner:
 # moves `updated_at` itself, or its end, or another process's verdict). Waiting would hold the beat
 # past HEARTBEAT_MISSES intervals, and the checkpoint's batch, one transaction locking its rows in
 # another order, made a cycle with it that PostgreSQL broke only after its deadlock_timeout (1 s).
-# AnswerRows.checkpoint: an answer's row (id, content, reasoning, seq, steps, sources, generation),
-# written while it is its producer's; its steps and sources only when given (None: as they are).
-_CHECKPOINT_SQLITE = (
-    "UPDATE messages SET content = :content, reasoning_content = :reasoning, last_seq = :seq,"
-    " tool_steps = COALESCE(:steps, tool_steps), sources = COALESCE(:sources, sources), updated_at = :now"
-    " WHERE id = :id AND status = 'streaming' AND continued = :generation RETURNING id"
-)
-_CHECKPOINT_POSTGRES = (
-    "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],"
-    " $7::int[]) AS r (v_id, v_content, v_reasoning, v_seq, v_steps, v_sources, v_generation))"
-    " UPDATE messages SET content = v_content, reasoning_content = v_reasoning, last_seq = v_seq,"
-    " tool_steps = COALESCE(v_steps, tool_steps), sources = COALESCE(v_sources, sources),"
-    f" updated_at = {PG_NOW} FROM v WHERE id = v_id AND status = 'streaming' AND continued = v_generation RETURNING id"
-)
-
 # Each row is beaten only while it is its producer's: `streaming` with the generation it writes
 # ($2, by position; NULL while its row is being claimed, not known yet: any).
 _VOUCHED = (
@@ -4638,6 +4623,22 @@ class FinalState:
     sources: str | None = None  # a searched answer's sources, as JSON (None: none came)
     searches: int | None = None  # ... and its searches, when reported
     generation: int = 0  # its producer's (Checkpoint.generation)
+
+
+# AnswerRows.checkpoint: an answer's row (id, content, reasoning, seq, steps, sources, generation),
+# written while it is its producer's; its steps and sources only when given (None: as they are).
+_CHECKPOINT_SQLITE = (
+    "UPDATE messages SET content = :content, reasoning_content = :reasoning, last_seq = :seq,"
+    " tool_steps = COALESCE(:steps, tool_steps), sources = COALESCE(:sources, sources), updated_at = :now"
+    " WHERE id = :id AND status = 'streaming' AND continued = :generation RETURNING id"
+)
+_CHECKPOINT_POSTGRES = (
+    "WITH v AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[],"
+    " $7::int[]) AS r (v_id, v_content, v_reasoning, v_seq, v_steps, v_sources, v_generation))"
+    " UPDATE messages SET content = v_content, reasoning_content = v_reasoning, last_seq = v_seq,"
+    " tool_steps = COALESCE(v_steps, tool_steps), sources = COALESCE(v_sources, sources),"
+    f" updated_at = {PG_NOW} FROM v WHERE id = v_id AND status = 'streaming' AND continued = v_generation RETURNING id"
+)
 
 
 class AnswerRows:
@@ -5045,10 +5046,11 @@ def _round_plan(rounds: list[tuple[str, Spent]], states: dict[str, str]) -> list
 _CALL_COLUMNS = "id, message_id, state, model, prompt_tokens, completion_tokens"  # a call as _calls_of reads it
 
 
-def _wrote(written: Later | None) -> bool:
-    """Usage.settle_answer: whether the answer's final row was written (None: not told, as written)."""
-    assert written is None or written.rows is not None, "the final row is sent before the settlement's statements"
-    return written is None or bool(written.rows)
+def _wrote(written: Later) -> bool:
+    """Usage.settle_answer: whether the answer's final row was written (it was sent before the statement
+    just run, or with it)."""
+    assert written.rows is not None, "the final row is sent before the settlement's statements"
+    return bool(written.rows)
 
 
 class Usage:
@@ -5485,9 +5487,7 @@ class Usage:
         return len(await self._settle([(call_id, spent, outcome if n == last else COMPLETE, ends_answer and n == last)
                                        for n, (call_id, spent) in enumerate(plan)]))  # fmt: skip
 
-    async def settle_answer(
-        self, answer: dict, rounds: list[tuple[str, Spent]], outcome: str, written: Later | None = None
-    ) -> None:
+    async def settle_answer(self, answer: dict, rounds: list[tuple[str, Spent]], outcome: str, written: Later) -> None:
         """Inside the answer's final write (whether or not its row was still there to write): every call
         of the answer still reserved is settled and its running answer given back. Its `rounds` as
         settle_rounds settles them (the last with `outcome`); any other call of it still reserved

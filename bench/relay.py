@@ -612,15 +612,29 @@ def floor_row(rows: list) -> None:
               f" ttfc p50 {ttfc[0]:.2f} against {ttfc[1]:.2f} ms ({ttfc[0] - ttfc[1]:+.2f})", flush=True)  # fmt: skip
 
 
+def cpu_per_chunk(f: dict) -> float:
+    """A target's figures (measure): its CPU per chunk, in us."""
+    return f["cpu"] / max(f["result"].chunks, 1) * 1e6
+
+
+def cpu_per_answer(f: dict) -> float:
+    return f["cpu"] / max(len(f["result"].ttfc), 1) * 1e6
+
+
+def ttfc_p50(f: dict) -> float:
+    """... its time to first chunk p50, in ms."""
+    return pct(f["result"].ttfc, 0.5) * 1000
+
+
 def limits_row(pairs: dict[str, list[tuple[dict, dict]]]) -> None:
     """--limits: each scenario's chatsvc with every limit set against the one without: the medians of
     the rounds (--rounds, read alternately), and each round's difference, to see the noise by."""
     print(f"\n(limits) every limit set against none, per scenario, median of {len(next(iter(pairs.values())))}"
           " round(s) (positive: the limits cost more):")  # fmt: skip
     for key, rounds in pairs.items():
-        cpu = [[f["cpu"] / max(f["result"].chunks, 1) * 1e6 for f in pair] for pair in rounds]
-        per_answer = [[f["cpu"] / max(len(f["result"].ttfc), 1) * 1e6 for f in pair] for pair in rounds]
-        ttfc = [[pct(f["result"].ttfc, 0.5) * 1000 for f in pair] for pair in rounds]
+        cpu = [[cpu_per_chunk(f) for f in pair] for pair in rounds]
+        per_answer = [[cpu_per_answer(f) for f in pair] for pair in rounds]
+        ttfc = [[ttfc_p50(f) for f in pair] for pair in rounds]
         plain_cpu, limited_cpu = (statistics.median(r[i] for r in cpu) for i in (0, 1))
         plain_ttfc, limited_ttfc = (statistics.median(r[i] for r in ttfc) for i in (0, 1))
         added_answer = statistics.median(r[1] for r in per_answer) - statistics.median(r[0] for r in per_answer)
@@ -646,21 +660,15 @@ def against_row(pairs: dict[str, list[tuple[dict, dict]]], checkout: str) -> Non
         each = [(figure(before), figure(now)) for before, now in pairs[key]]
         return statistics.median(b for b, _ in each), statistics.median(n for _, n in each), [n - b for b, n in each]
 
-    def per_chunk(f: dict) -> float:
-        return f["cpu"] / max(f["result"].chunks, 1) * 1e6
-
-    def per_answer(f: dict) -> float:
-        return f["cpu"] / max(len(f["result"].ttfc), 1) * 1e6
-
-    def ttfc(f: dict) -> float:
-        return pct(f["result"].ttfc, 0.5) * 1000
-
     def delay(f: dict) -> float:
         return pct(f["result"].delay, 0.99) * 1000
 
     for key in pairs:
-        (b_answer, n_answer, d_answer), (b_chunk, n_chunk, _) = median_of(per_answer, key), median_of(per_chunk, key)
-        b_ttfc, n_ttfc, d_ttfc = median_of(ttfc, key)
+        (b_answer, n_answer, d_answer), (b_chunk, n_chunk, _) = (
+            median_of(cpu_per_answer, key),
+            median_of(cpu_per_chunk, key),
+        )
+        b_ttfc, n_ttfc, d_ttfc = median_of(ttfc_p50, key)
         change = (n_answer / b_answer - 1) * 100
         line = (f"  ({key}) cpu {b_answer:7.0f} -> {n_answer:7.0f} us/answer ({change:+.1f} %),"
                 f" {b_chunk:6.1f} -> {n_chunk:6.1f} us/chunk; ttfc p50 {b_ttfc:7.2f} -> {n_ttfc:7.2f} ms"
